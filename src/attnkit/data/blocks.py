@@ -1,0 +1,66 @@
+"""Tokenise documents into one token stream and cut it into fixed-length blocks.
+
+Documents are encoded separately and joined with the end-of-text token (GPT-2's convention),
+so a block may span a document boundary, as in GPT-2 training. Blocks do not overlap; every
+token is in exactly one block; the last block may be shorter than ``block_size``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from attnkit.errors import UserError
+
+
+def encode_documents(tokenizer, documents: Sequence[str], separator_id: int | None = None) -> torch.Tensor:
+    """1-D int64 tensor: doc_0 SEP doc_1 SEP ... doc_n (SEP defaults to the tokenizer's EOS, if any)."""
+    if separator_id is None:
+        separator_id = getattr(tokenizer, "eos_token_id", None)
+    docs = [d for d in documents if d.strip()]
+    if not docs:
+        raise UserError("the corpus split has no text")
+    ids: list[int] = []
+    # Batch encoding is ~10x faster than a loop for fast tokenizers; no special tokens added.
+    for n, doc_ids in enumerate(tokenizer(docs, add_special_tokens=False)["input_ids"]):
+        if n and separator_id is not None:
+            ids.append(separator_id)
+        ids.extend(doc_ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_blocks(ids: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    """Non-overlapping blocks of ``block_size`` tokens; a last shorter block keeps the remainder.
+
+    A remainder of one token is dropped: it has nothing to predict from.
+    """
+    if block_size < 2:
+        raise UserError(f"block size must be at least 2, got {block_size}")
+    blocks = list(ids.split(block_size))
+    if blocks and blocks[-1].numel() < 2:
+        blocks.pop()
+    return blocks
+
+
+def batched_blocks(blocks: Sequence[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Stack consecutive blocks of equal length into (B, T) batches (the short last block goes alone)."""
+    batch: list[torch.Tensor] = []
+    for b in blocks:
+        if batch and b.numel() != batch[0].numel():
+            yield torch.stack(batch)
+            batch = []
+        batch.append(b)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
+def random_blocks(ids: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A (B, T) batch of contiguous windows at random offsets (training: every offset is a sample)."""
+    if ids.numel() <= block_size:
+        raise UserError(f"need more than {block_size} tokens, got {ids.numel()}")
+    starts = torch.randint(0, ids.numel() - block_size + 1, (batch_size,), generator=generator)
+    return torch.stack([ids[s : s + block_size] for s in starts.tolist()])

@@ -1,0 +1,184 @@
+"""Streamed per-head statistics: running sums over batch and query rows, never an n x n map.
+
+``HeadStatsAccumulator.update`` takes one chunk of rows of one attention call and folds it into
+per-head sums; ``summary()`` turns the sums into per-head means and extremes. Everything here
+is a pure function of the tensors it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnkit.metrics import rows as R
+
+SPIKE_THRESHOLD = 0.95  # a row whose largest weight exceeds this is one-hot for practical purposes
+
+_SUMS = (
+    "entropy", "entropy_sq", "normalized_entropy", "effective_keys", "max_attention", "spike",
+    "row_std", "max_over_uniform", "sink_mass", "uniform_share", "diagonal_mass",
+    "mean_distance", "logit_range", "log10_curvature",
+)
+
+
+@dataclass
+class RowChunk:
+    """One chunk of query rows of one attention call, already softmaxed.
+
+    logits: (B, H, R, K) float32, pre-softmax, -inf where masked
+    probs: (B, H, R, K) float32
+    allowed: bool, broadcastable to (B, H, R, K)
+    query_positions: (R,) key index each query row sits at
+    row_valid: (B, R) bool, False for padding queries
+    query_norm: (B, H, R); key_norm_max: (B, H); scale: the softmax scale
+    qk_absmax: (B, H, R) largest |q.k| before scaling over visible keys (overflow check)
+    """
+
+    logits: Tensor
+    probs: Tensor
+    allowed: Tensor
+    query_positions: Tensor
+    row_valid: Tensor
+    query_norm: Tensor
+    key_norm_max: Tensor
+    scale: float
+    qk_absmax: Tensor
+
+
+class HeadStatsAccumulator:
+    """Running per-head sums for one layer."""
+
+    def __init__(self, num_heads: int, device: torch.device | str = "cpu") -> None:
+        self.num_heads = num_heads
+        z = lambda: torch.zeros(num_heads, dtype=torch.float64, device=device)  # noqa: E731
+        self.sums = {k: z() for k in _SUMS}
+        self.rows = z()  # rows with >= 2 visible keys and finite logits
+        self.total_rows = z()  # all real query rows
+        self.nonfinite_rows = z()
+        self.nonfinite_logits = z()
+        self.logit_max = torch.full((num_heads,), -math.inf, dtype=torch.float64, device=device)
+        self.logit_min = torch.full((num_heads,), math.inf, dtype=torch.float64, device=device)
+        self.qk_absmax = torch.zeros(num_heads, dtype=torch.float64, device=device)
+        self.log10_curvature_max = torch.full((num_heads,), -math.inf, dtype=torch.float64, device=device)
+        self.sampled_rows_of: int | None = None  # set when rows are a sample: rows available per sequence
+
+    def update(self, c: RowChunk) -> None:
+        shape = c.probs.shape
+        allowed = c.allowed.expand(shape)
+        n_visible = R.visible_keys(allowed, shape)  # (B, H, R)
+        real = c.row_valid[:, None, :].expand(shape[:-1]) & (n_visible >= 1)
+
+        visible_logits = torch.where(allowed, c.logits, 0.0)
+        finite_row = torch.isfinite(visible_logits).all(-1) & torch.isfinite(c.probs).all(-1)
+        nonfinite_count = (~torch.isfinite(visible_logits)).sum(-1)
+        self.total_rows += real.sum((0, 2)).double()
+        self.nonfinite_rows += (real & ~finite_row).sum((0, 2)).double()
+        self.nonfinite_logits += (nonfinite_count * real).sum((0, 2)).double()
+
+        use = real & finite_row & (n_visible >= 2)
+        w = use.double()
+        self.rows += w.sum((0, 2))
+        if not bool(use.any()):
+            self._update_extremes(c, real & finite_row, allowed)
+            return
+
+        probs = torch.where(use[..., None], c.probs, 0.0)
+        logits = torch.where(use[..., None], c.logits, 0.0)
+        n = n_visible.clamp_min(1)
+        entropy = R.entropy(probs)
+        lmax, lmin = R.logit_max(logits, allowed), R.logit_min(logits, allowed)
+        logit_range = torch.where(use, lmax - lmin, 0.0)
+        max_p = R.max_probability(probs)
+        values = {
+            "entropy": entropy,
+            "entropy_sq": entropy * entropy,
+            "normalized_entropy": R.normalized_entropy(entropy, n),
+            "effective_keys": R.effective_keys(entropy),
+            "max_attention": max_p,
+            "spike": (max_p > SPIKE_THRESHOLD).to(probs.dtype),
+            "row_std": R.std_over_visible(probs, allowed, n),
+            "max_over_uniform": max_p * n,
+            "sink_mass": R.sink_mass(probs, allowed),
+            "uniform_share": 1.0 / n.to(probs.dtype),
+            "diagonal_mass": R.diagonal_mass(probs, c.query_positions),
+            "mean_distance": R.mean_distance(probs, c.query_positions),
+            "logit_range": logit_range,
+            "log10_curvature": R.log10_curvature(
+                c.query_norm, c.key_norm_max[..., None], c.scale, logit_range
+            ),
+        }
+        for key, v in values.items():
+            self.sums[key] += torch.where(use, v, 0.0).double().sum((0, 2))
+        curv = torch.where(use, values["log10_curvature"], -math.inf)
+        self.log10_curvature_max = torch.maximum(self.log10_curvature_max, curv.double().amax((0, 2)))
+        self._update_extremes(c, real & finite_row, allowed)
+
+    def _update_extremes(self, c: RowChunk, rows: Tensor, allowed: Tensor) -> None:
+        # Extremes include rows with a single visible key and rows that went non-finite in
+        # the probabilities: an overflowing logit must show up here.
+        real = c.row_valid[:, None, :].expand(rows.shape)
+        lmax = torch.where(real, R.logit_max(c.logits, allowed), -math.inf)
+        lmin = torch.where(real, R.logit_min(c.logits, allowed), math.inf)
+        finite_max = torch.where(torch.isfinite(lmax) | (lmax == math.inf), lmax, -math.inf)
+        self.logit_max = torch.maximum(self.logit_max, finite_max.double().amax((0, 2)))
+        self.logit_min = torch.minimum(self.logit_min, torch.nan_to_num(lmin, nan=math.inf).double().amin((0, 2)))
+        qk = torch.where(real, torch.nan_to_num(c.qk_absmax, nan=math.inf), 0.0)
+        self.qk_absmax = torch.maximum(self.qk_absmax, qk.double().amax((0, 2)))
+
+    def merge(self, other: "HeadStatsAccumulator") -> None:
+        """Fold another accumulator (another batch, another process) into this one."""
+        for k in _SUMS:
+            self.sums[k] += other.sums[k]
+        for k in ("rows", "total_rows", "nonfinite_rows", "nonfinite_logits"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.logit_max = torch.maximum(self.logit_max, other.logit_max)
+        self.logit_min = torch.minimum(self.logit_min, other.logit_min)
+        self.qk_absmax = torch.maximum(self.qk_absmax, other.qk_absmax)
+        self.log10_curvature_max = torch.maximum(self.log10_curvature_max, other.log10_curvature_max)
+
+    def summary(self) -> list[dict[str, float]]:
+        """Per-head means (over rows that see >= 2 keys) and extremes, as plain floats."""
+        rows = self.rows.clamp_min(1)
+        out = []
+        for h in range(self.num_heads):
+            mean = {k: float(self.sums[k][h] / rows[h]) for k in _SUMS}
+            n = float(self.rows[h])
+            var = max(mean["entropy_sq"] - mean["entropy"] ** 2, 0.0)
+            stats = {
+                "entropy": mean["entropy"],
+                "entropy_std": math.sqrt(var),
+                "normalized_entropy": mean["normalized_entropy"],
+                "effective_keys": mean["effective_keys"],
+                "max_attention": mean["max_attention"],
+                "spike_fraction": mean["spike"],
+                "row_std": mean["row_std"],
+                "max_over_uniform": mean["max_over_uniform"],
+                "sink_mass": mean["sink_mass"],
+                "sink_uniform_share": mean["uniform_share"],
+                "sink_ratio": mean["sink_mass"] / max(mean["uniform_share"], 1e-12),
+                "diagonal_mass": mean["diagonal_mass"],
+                "mean_distance": mean["mean_distance"],
+                "logit_max": float(self.logit_max[h]),
+                "logit_min": float(self.logit_min[h]),
+                "logit_range": mean["logit_range"],
+                "qk_absmax": float(self.qk_absmax[h]),
+                "log10_curvature": mean["log10_curvature"],
+                "log10_curvature_max": float(self.log10_curvature_max[h]),
+                "rows": n,
+                "nonfinite_rows": float(self.nonfinite_rows[h]),
+                "nonfinite_logits": float(self.nonfinite_logits[h]),
+            }
+            if n == 0:
+                for k in ("entropy", "entropy_std", "normalized_entropy", "effective_keys", "max_attention",
+                          "spike_fraction", "row_std", "max_over_uniform", "sink_mass", "sink_uniform_share",
+                          "sink_ratio", "diagonal_mass", "mean_distance", "logit_range", "log10_curvature"):
+                    stats[k] = math.nan
+            if self.sampled_rows_of is not None and n > 1:
+                # Standard error of the mean entropy when rows are a random sample (std / sqrt(n));
+                # conservative, since it ignores the finite-population correction.
+                stats["entropy_stderr"] = math.sqrt(var / n)
+            out.append(stats)
+        return out

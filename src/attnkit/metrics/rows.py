@@ -1,0 +1,90 @@
+"""Per-row attention statistics: pure functions of tensors, no model knowledge.
+
+Shapes: ``probs`` and ``logits`` are ``(B, H, R, K)`` for R query rows over K keys; ``allowed``
+is a bool tensor broadcastable to that shape (True = the row may see the key). Masked logits
+are ``-inf`` and masked probabilities exactly 0. Every function returns ``(B, H, R)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def visible_keys(allowed: Tensor, shape: torch.Size) -> Tensor:
+    """Number of keys each row can see (causal rows see fewer)."""
+    return allowed.expand(shape).sum(-1)
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """Shannon entropy in nats; 0 log 0 = 0."""
+    return -torch.special.xlogy(probs, probs).sum(-1)
+
+
+def normalized_entropy(row_entropy: Tensor, n_visible: Tensor) -> Tensor:
+    """H / ln(n_visible): 1 = uniform over what the row can see, 0 = one key. NaN where n_visible < 2."""
+    log_n = torch.log(n_visible.to(row_entropy.dtype))
+    return torch.where(n_visible >= 2, row_entropy / log_n.clamp_min(1e-12), torch.nan)
+
+
+def effective_keys(row_entropy: Tensor) -> Tensor:
+    """exp(H): the number of keys a uniform row with the same entropy would spread over."""
+    return torch.exp(row_entropy)
+
+
+def max_probability(probs: Tensor) -> Tensor:
+    return probs.amax(-1)
+
+
+def std_over_visible(probs: Tensor, allowed: Tensor, n_visible: Tensor) -> Tensor:
+    """Standard deviation of a row's weights over the keys it can see (population std)."""
+    n = n_visible.clamp_min(1).to(probs.dtype)
+    mean = 1.0 / n  # rows sum to one
+    sq = (probs * probs).sum(-1) / n
+    return (sq - mean * mean).clamp_min(0).sqrt()
+
+
+def logit_max(logits: Tensor, allowed: Tensor) -> Tensor:
+    return logits.masked_fill(~allowed, -math.inf).amax(-1)
+
+
+def logit_min(logits: Tensor, allowed: Tensor) -> Tensor:
+    return logits.masked_fill(~allowed, math.inf).amin(-1)
+
+
+def first_visible_index(allowed: Tensor, shape: torch.Size) -> Tensor:
+    """Index of the first key a row can see: the sink position (0 unless left-padded)."""
+    return allowed.expand(shape).to(torch.uint8).argmax(-1)
+
+
+def sink_mass(probs: Tensor, allowed: Tensor) -> Tensor:
+    """Probability on the first visible key."""
+    first = first_visible_index(allowed, probs.shape)
+    return probs.gather(-1, first.unsqueeze(-1)).squeeze(-1)
+
+
+def diagonal_mass(probs: Tensor, query_positions: Tensor) -> Tensor:
+    """Probability a row puts on its own position. ``query_positions`` (R,) are key indices of the queries."""
+    idx = query_positions.view(1, 1, -1, 1).expand(*probs.shape[:-1], 1)
+    return probs.gather(-1, idx.clamp_max(probs.shape[-1] - 1)).squeeze(-1)
+
+
+def mean_distance(probs: Tensor, query_positions: Tensor) -> Tensor:
+    """Expected |query position - key position| under the row's distribution."""
+    keys = torch.arange(probs.shape[-1], device=probs.device, dtype=probs.dtype)
+    dist = (query_positions.to(probs.dtype).view(-1, 1) - keys.view(1, -1)).abs()  # (R, K)
+    return (probs * dist).sum(-1)
+
+
+def log10_curvature(query_norm: Tensor, key_norm_max: Tensor, scale: float, logit_range: Tensor) -> Tensor:
+    """Seed 001's curvature estimate, kappa = (|q| |k| / sqrt(d)) * exp(2 * logit spread), as log10.
+
+    The seed writes the spread as ||QK^T||_inf / sqrt(d); softmax is invariant to a shift of
+    the row, so the row's logit range (max - min over visible keys) is the part that matters.
+    It is computed from the real logits, not from log(p). Reported in log10 because it is
+    exponential in the logits and overflows float32 past a range of ~44.
+    """
+    prefactor = (query_norm * key_norm_max * scale).clamp_min(1e-30)
+    return torch.log10(prefactor) + 2.0 * logit_range / math.log(10.0)

