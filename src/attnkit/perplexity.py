@@ -51,7 +51,8 @@ def evaluate_perplexity(
     try:
         for batch in batched_blocks(blocks, batch_size):
             batch = batch.to(device)
-            logits = model(input_ids=batch).logits[:, :-1].float()
+            # An all-ones mask: blocks are never padded (it also silences HF's padding warning).
+            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[:, :-1].float()
             # Sum in float64: 10^5 tokens of float32 sums lose the last digit the card reports.
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
             total += float(nll.double())

@@ -23,7 +23,7 @@ def encode_documents(tokenizer, documents: Sequence[str], separator_id: int | No
         raise UserError("the corpus split has no text")
     ids: list[int] = []
     # Batch encoding is ~10x faster than a loop for fast tokenizers; no special tokens added.
-    for n, doc_ids in enumerate(tokenizer(docs, add_special_tokens=False)["input_ids"]):
+    for n, doc_ids in enumerate(tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]):
         if n and separator_id is not None:
             ids.append(separator_id)
         ids.extend(doc_ids)

@@ -59,6 +59,7 @@ class HeadStatsAccumulator:
         self.total_rows = z()  # all real query rows
         self.nonfinite_rows = z()
         self.nonfinite_logits = z()
+        self.nan_logits = z()
         self.logit_max = torch.full((num_heads,), -math.inf, dtype=torch.float64, device=device)
         self.logit_min = torch.full((num_heads,), math.inf, dtype=torch.float64, device=device)
         self.qk_absmax = torch.zeros(num_heads, dtype=torch.float64, device=device)
@@ -77,6 +78,7 @@ class HeadStatsAccumulator:
         self.total_rows += real.sum((0, 2)).double()
         self.nonfinite_rows += (real & ~finite_row).sum((0, 2)).double()
         self.nonfinite_logits += (nonfinite_count * real).sum((0, 2)).double()
+        self.nan_logits += (torch.isnan(visible_logits).sum(-1) * real).sum((0, 2)).double()
 
         use = real & finite_row & (n_visible >= 2)
         w = use.double()
@@ -124,15 +126,15 @@ class HeadStatsAccumulator:
         lmin = torch.where(real, R.logit_min(c.logits, allowed), math.inf)
         finite_max = torch.where(torch.isfinite(lmax) | (lmax == math.inf), lmax, -math.inf)
         self.logit_max = torch.maximum(self.logit_max, finite_max.double().amax((0, 2)))
-        self.logit_min = torch.minimum(self.logit_min, torch.nan_to_num(lmin, nan=math.inf).double().amin((0, 2)))
-        qk = torch.where(real, torch.nan_to_num(c.qk_absmax, nan=math.inf), 0.0)
+        self.logit_min = torch.minimum(self.logit_min, torch.nan_to_num(lmin, nan=math.inf, posinf=math.inf, neginf=-math.inf).double().amin((0, 2)))
+        qk = torch.where(real, torch.nan_to_num(c.qk_absmax, nan=0.0, posinf=math.inf), 0.0)  # NaN is counted apart
         self.qk_absmax = torch.maximum(self.qk_absmax, qk.double().amax((0, 2)))
 
     def merge(self, other: "HeadStatsAccumulator") -> None:
         """Fold another accumulator (another batch, another process) into this one."""
         for k in _SUMS:
             self.sums[k] += other.sums[k]
-        for k in ("rows", "total_rows", "nonfinite_rows", "nonfinite_logits"):
+        for k in ("rows", "total_rows", "nonfinite_rows", "nonfinite_logits", "nan_logits"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.logit_max = torch.maximum(self.logit_max, other.logit_max)
         self.logit_min = torch.minimum(self.logit_min, other.logit_min)
@@ -170,6 +172,7 @@ class HeadStatsAccumulator:
                 "rows": n,
                 "nonfinite_rows": float(self.nonfinite_rows[h]),
                 "nonfinite_logits": float(self.nonfinite_logits[h]),
+                "nan_logits": float(self.nan_logits[h]),
             }
             if n == 0:
                 for k in ("entropy", "entropy_std", "normalized_entropy", "effective_keys", "max_attention",

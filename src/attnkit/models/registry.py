@@ -63,7 +63,7 @@ def _looks_like_path(name: str) -> bool:
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a built-in name, a local HF directory or a hub id, in eval mode."""
@@ -94,9 +94,8 @@ def load_model(
     is_causal_lm = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
     auto = AutoModelForCausalLM if is_causal_lm else AutoModel
     try:
-        model = auto.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-        )
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"cannot load the model weights from {path}: {_first_line(e)}") from e
     model.eval()

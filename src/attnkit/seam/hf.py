@@ -125,9 +125,12 @@ def install(model: nn.Module, session: AttentionSession) -> Callable[[], None] |
 
     try:
         model.set_attn_implementation(NAME)
-        for m in model.modules():
-            _SESSIONS[m] = session
+    except ValueError:
+        restore()  # transformers says this architecture has no pluggable attention (Mamba, ...)
+        return None
     except BaseException:
         restore()
         raise
+    for m in model.modules():
+        _SESSIONS[m] = session
     return restore

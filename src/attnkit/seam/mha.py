@@ -8,6 +8,7 @@ it is switched off for the session (``torch.backends.mha``) and switched back af
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -68,6 +69,8 @@ def _mha_forward(
     finally:
         if capture is not None:
             session.observers.remove(capture)
+    if capture is not None:
+        capture.fill_unobserved(call)
     out = out.permute(2, 0, 1, 3).reshape(L, N, E)
     out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
     if mha.batch_first and not unbatched:
@@ -87,6 +90,7 @@ class _WeightsCapture:
 
     def __init__(self, N: int, H: int, L: int, S: int) -> None:
         self.weights = torch.zeros(N, H, L, S)
+        self.seen: set[int] = set()
 
     def start_forward(self) -> None:
         pass
@@ -96,6 +100,21 @@ class _WeightsCapture:
         w = self.weights[:, idx]
         w[:, :, chunk.rows] = chunk.stats.probs.detach().cpu()
         self.weights[:, idx] = w
+        self.seen.update(chunk.head_ids)
+
+    def fill_unobserved(self, call: AttentionCall) -> None:
+        """Heads outside the session's selection keep their learned probabilities: compute those."""
+        missing = [h for h in range(self.weights.shape[1]) if h not in self.seen]
+        if not missing:
+            return
+        idx = torch.tensor(missing, device=call.query.device)
+        logits = torch.matmul(call.query[:, idx], call.key[:, idx].transpose(-1, -2)).float() * call.scale
+        allowed = call.allowed if call.allowed.shape[1] == 1 else call.allowed[:, idx]
+        if call.bias is not None:
+            logits = logits + (call.bias if call.bias.shape[1] == 1 else call.bias[:, idx]).float()
+        logits = logits.masked_fill(~allowed, -math.inf)
+        probs = torch.where(allowed.any(-1, keepdim=True), torch.softmax(logits, -1), 0.0)
+        self.weights[:, idx.cpu()] = probs.detach().cpu()
 
 
 def _masks(attn_mask, key_padding_mask, is_causal, N, H, L, S, device):

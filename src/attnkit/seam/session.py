@@ -130,6 +130,9 @@ class AttentionSession:
         allowed_full = call.allowed
         if allowed_full is None and call.extra.get("is_causal", False):
             allowed_full = causal_allowed(Q, K, device)
+        bias_full = call.bias
+        if q_src.shape[1] != H:  # only the observed heads' logits: per-head masks follow them
+            allowed_full, bias_full = _heads_of(allowed_full, head_index), _heads_of(bias_full, head_index)
         row_valid_full = self._row_valid(B, Q, device)
         key_norm_max = k_src.float().norm(dim=-1).amax(-1)  # (B, h)
         out = torch.empty(B, H, Q, call.value.shape[-1], dtype=call.value.dtype, device=device) if computes_output else None
@@ -147,8 +150,8 @@ class AttentionSession:
                 modded = mod(logits, positions)
                 logits = modded if all_heads or not computes_output else _on_heads(logits, modded, head_index)
             allowed = _rows_of(allowed_full, r, logits.shape)
-            if call.bias is not None:
-                logits = logits + _rows_of(call.bias, r, logits.shape).float()
+            if bias_full is not None:
+                logits = logits + _rows_of(bias_full, r, logits.shape).float()
             logits = logits.masked_fill(~allowed, -math.inf)
             probs = torch.softmax(logits, dim=-1)
             probs = torch.where(allowed.any(-1, keepdim=True), probs, 0.0)  # rows that see nothing
@@ -194,6 +197,11 @@ def _rows_of(t: Tensor | None, rows: Tensor, shape: torch.Size) -> Tensor:
     if t is None:
         return torch.ones(1, 1, 1, shape[-1], dtype=torch.bool, device=rows.device)
     return t if t.shape[-2] == 1 else t[:, :, rows]
+
+
+def _heads_of(t: Tensor | None, head_index: Tensor) -> Tensor | None:
+    """The given heads of a (B|1, H|1, Q|1, K) mask or bias; unchanged when it is shared by all heads."""
+    return t if t is None or t.shape[1] == 1 else t[:, head_index]
 
 
 def _on_heads(base: Tensor, changed: Tensor, head_index: Tensor) -> Tensor:

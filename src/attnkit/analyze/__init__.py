@@ -1,0 +1,6 @@
+"""analyze: per-head attention statistics from the real logits, and diagnoses with suggestions."""
+
+from attnkit.analyze.diagnose import DETECTORS, Issue, diagnose
+from attnkit.analyze.run import SCHEMA_VERSION, Analysis, analyze, tokenize
+
+__all__ = ["DETECTORS", "SCHEMA_VERSION", "Analysis", "Issue", "analyze", "diagnose", "tokenize"]

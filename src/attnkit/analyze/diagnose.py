@@ -1,0 +1,255 @@
+"""Diagnoses: per-head statistics in, issues with a measured value, a threshold and a fix out.
+
+Each detector is a plain function of one head's statistics (and the run's context) that
+returns an ``Issue`` or None; ``DETECTORS`` is the registry. The thresholds and why they sit
+where they do:
+
+entropy_collapse   mean row entropy < 0.5 nats (seed 001) and mean largest weight > 0.8: the
+                   row behaves like fewer than e^0.5 = 1.65 keys. Its softmax Jacobian,
+                   diag(p) - pp^T, then has entries of order p(1-p) < 0.16, and gradient reaches
+                   almost no key (Zhai et al. 2023, "attention entropy collapse"). Heads that
+                   concentrate on their own or the previous position are positional heads, often
+                   by design: reported as info. Concentration on the first token is an
+                   attention sink, reported as such instead.
+uniform_attention  largest weight < 1.25 x the uniform share 1/n and normalised entropy > 0.98:
+                   the head averages its context (seed 000's collapse; seed 002's row_std ~ 0.024).
+                   A trained head with any preference beats 1.25 x easily; a head whose query
+                   or key projection is dead sits at exactly 1.0.
+attention_spike    >= 25 % of rows put > 95 % on a single key while the head is not collapsed on
+                   average: sharp, brittle rows whose gradients vanish for the other keys.
+attention_sink     >= 30 % of the mass on the first visible key and >= 5 x its uniform share.
+                   Common and usually benign in trained LMs (Xiao et al. 2023); it matters when
+                   the first token is evicted from a KV cache or a sliding window.
+overflow_risk      the largest |q.k| before scaling against the dtype in use: error when it
+                   reached the largest finite value (65,504 in fp16), warning within 16 x (4 bits)
+                   of it. In fp16, logits above ln(65504) = 11.09 overflow an exp that does not
+                   subtract the row maximum (a warning for hand-written kernels; PyTorch's and
+                   transformers' softmax subtract it). For fp32/bf16 runs, heads that would
+                   not survive fp16 are reported as info.
+nonfinite          NaN/Inf logits: names the first layer (in call order) where they appear, the
+                   logits that led there, and whether QK^T overflowed or NaN arrived from below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from attnkit.analyze.mitigations import Mitigation
+from attnkit.metrics.numeric import exp_overflow_threshold, max_finite
+
+SEVERITIES = ("info", "warning", "error")
+
+ENTROPY_COLLAPSE_NATS = 0.5
+ENTROPY_COLLAPSE_MAX_ATTENTION = 0.8
+SATURATED_LOGIT_RANGE = 20.0
+UNIFORM_MAX_OVER_UNIFORM = 1.25
+UNIFORM_NORMALIZED_ENTROPY = 0.98
+SPIKE_FRACTION = 0.25
+SINK_MASS = 0.3
+SINK_RATIO = 5.0
+OVERFLOW_HEADROOM = 16.0
+FP16_MAX = 65504.0
+FP16_EXP_LIMIT = math.log(FP16_MAX)  # 11.09
+
+
+@dataclass
+class Issue:
+    type: str
+    severity: str
+    layer: int | None
+    head: int | None
+    value: float
+    threshold: float
+    message: str
+    suggestion: str
+    mitigations: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def where(self) -> str:
+        if self.layer is None:
+            return "model"
+        return f"layer {self.layer}" if self.head is None else f"head {self.head} of layer {self.layer}"
+
+
+@dataclass
+class Context:
+    dtype: torch.dtype
+    mitigations: list[Mitigation]
+
+
+Detector = Callable[[dict, Context], "Issue | None"]
+
+
+def _where(h: dict) -> str:
+    return f"head {h['head']} of layer {h['layer']}"
+
+
+def _pattern(h: dict) -> str | None:
+    if h["diagonal_mass"] >= 0.8:
+        return "self"
+    if 0.8 <= h["mean_distance"] <= 1.2 and h["max_attention"] >= 0.8:
+        return "previous"
+    return None
+
+
+def entropy_collapse(h: dict, ctx: Context) -> Issue | None:
+    if not (h["entropy"] < ENTROPY_COLLAPSE_NATS and h["max_attention"] > ENTROPY_COLLAPSE_MAX_ATTENTION):
+        return None
+    if h["sink_mass"] >= 0.8:
+        return None  # an attention sink; attention_sink says it
+    pattern = _pattern(h)
+    saturated = h["logit_range"] > SATURATED_LOGIT_RANGE
+    if pattern:
+        target = "its own position" if pattern == "self" else "the previous token"
+        return Issue(
+            "entropy_collapse", "info", h["layer"], h["head"], h["entropy"], ENTROPY_COLLAPSE_NATS,
+            f"{_where(h)} attends almost only to {target} (entropy {h['entropy']:.2f} nats, "
+            f"largest weight {h['max_attention']:.2f}): a positional head",
+            "usually by design; if it was not meant to be positional, check its query/key projections",
+        )
+    return Issue(
+        "entropy_collapse", "warning", h["layer"], h["head"], h["entropy"],
+        ENTROPY_COLLAPSE_NATS,
+        f"{_where(h)} is collapsing to one token: entropy {h['entropy']:.2f} nats "
+        f"(≈{h['effective_keys']:.2f} keys), largest weight {h['max_attention']:.2f}, "
+        f"logits span {h['logit_range']:.1f}",
+        "lower the logit scale for this head (temperature > 1 or soft-capping via attnkit's score mods), "
+        "add QK-norm, an entropy regulariser or attention dropout; "
+        + ("the logits are saturated (range > 20), so the other keys get no gradient" if saturated
+           else "watch whether it sharpens further during training"),
+    )
+
+
+def uniform_attention(h: dict, ctx: Context) -> Issue | None:
+    if not (h["max_over_uniform"] < UNIFORM_MAX_OVER_UNIFORM and h["normalized_entropy"] > UNIFORM_NORMALIZED_ENTROPY):
+        return None
+    return Issue(
+        "uniform_attention", "warning", h["layer"], h["head"], h["max_over_uniform"], UNIFORM_MAX_OVER_UNIFORM,
+        f"{_where(h)} attends uniformly: its largest weight is {h['max_over_uniform']:.3f} × 1/n "
+        f"(normalised entropy {h['normalized_entropy']:.3f}, logits span {h['logit_range']:.3f})",
+        "the head only averages its context: check that its query/key weights are not zero or frozen and "
+        "receive gradient, that the logit scale is not too small (temperature < 1), or use gated attention "
+        "(attnkit.gating); run `attnkit validate` to see whether ablating it changes the loss",
+    )
+
+
+def attention_spike(h: dict, ctx: Context) -> Issue | None:
+    # Written as "not (...)" so NaN statistics (a head with no finite row) never fire.
+    if not (h["spike_fraction"] >= SPIKE_FRACTION and h["entropy"] >= ENTROPY_COLLAPSE_NATS):
+        return None
+    return Issue(
+        "attention_spike", "warning", h["layer"], h["head"], h["spike_fraction"], SPIKE_FRACTION,
+        f"{_where(h)} spikes: in {100 * h['spike_fraction']:.0f}% of rows one key takes > 95% "
+        f"(logits up to {h['logit_max']:.1f})",
+        "nearly one-hot rows pass no gradient to the other keys; soft-cap or clamp the logits, or add "
+        "attention dropout",
+    )
+
+
+def attention_sink(h: dict, ctx: Context) -> Issue | None:
+    if not (h["sink_mass"] >= SINK_MASS and h["sink_ratio"] >= SINK_RATIO):
+        return None
+    return Issue(
+        "attention_sink", "info", h["layer"], h["head"], h["sink_mass"], SINK_MASS,
+        f"{_where(h)} is an attention sink: {100 * h['sink_mass']:.0f}% of its mass on the first token, "
+        f"{h['sink_ratio']:.1f}× its uniform share",
+        "usually benign (a 'no-op' head); keep the first token when truncating or windowing the KV cache "
+        "(StreamingLLM), or give the model an explicit sink token / gated attention if it is unwanted",
+    )
+
+
+def overflow_risk(h: dict, ctx: Context) -> Issue | None:
+    dtype_max = max_finite(ctx.dtype)
+    qk, lmax = h["qk_absmax"], h["logit_max"]
+    name = str(ctx.dtype).replace("torch.", "")
+    if qk >= dtype_max:
+        return Issue(
+            "overflow_risk", "error", h["layer"], h["head"], qk, dtype_max,
+            f"{_where(h)}: QK^T overflowed {name} (max finite {dtype_max:.4g})",
+            "compute attention scores in float32 (upcast q and k), scale queries before the product, "
+            "or add QK-norm / soft-capping",
+        )
+    if qk > dtype_max / OVERFLOW_HEADROOM:
+        return Issue(
+            "overflow_risk", "warning", h["layer"], h["head"], qk, dtype_max / OVERFLOW_HEADROOM,
+            f"{_where(h)}: |QK^T| reaches {qk:.4g}, within {dtype_max / qk:.1f}× of {name}'s max {dtype_max:.4g}",
+            "little headroom: longer inputs or further training will overflow; upcast scores to float32 or add QK-norm",
+        )
+    exp_limit = exp_overflow_threshold(ctx.dtype)
+    if ctx.dtype == torch.float16 and lmax > exp_limit:
+        return Issue(
+            "overflow_risk", "warning", h["layer"], h["head"], lmax, exp_limit,
+            f"{_where(h)}: logits reach {lmax:.1f} and fp16 exp overflows at {exp_limit:.1f}",
+            "safe only with a max-subtracting softmax (PyTorch's is); a hand-written kernel must subtract the "
+            "row max or compute the softmax in float32",
+        )
+    if ctx.dtype != torch.float16 and qk > FP16_MAX / OVERFLOW_HEADROOM:
+        return Issue(
+            "overflow_risk", "info", h["layer"], h["head"], qk, FP16_MAX / OVERFLOW_HEADROOM,
+            f"{_where(h)}: |QK^T| reaches {qk:.4g}; in fp16 (max 65,504) this head would overflow or come within 4 bits",
+            "keep this model's attention scores in float32 or bf16 if you move to fp16",
+        )
+    return None
+
+
+DETECTORS: dict[str, Detector] = {
+    "entropy_collapse": entropy_collapse,
+    "uniform_attention": uniform_attention,
+    "attention_spike": attention_spike,
+    "attention_sink": attention_sink,
+    "overflow_risk": overflow_risk,
+}
+
+
+def nonfinite(heads: list[dict], call_order: list[int]) -> Issue | None:
+    """The first layer (in the order calls ran) whose logits went NaN/Inf, and what led there."""
+    bad = {(h["layer"], h["head"]): h for h in heads if h["nonfinite_rows"] > 0}
+    if not bad:
+        return None
+    order = call_order + sorted({layer for layer, _ in bad} - set(call_order))
+    first = next(layer for layer in order if any(k[0] == layer for k in bad))
+    in_layer = [h for (layer, _), h in sorted(bad.items()) if layer == first]
+    worst = max(in_layer, key=lambda h: h["nonfinite_logits"])
+    before = [h for h in heads if h["layer"] == order[order.index(first) - 1]] if order.index(first) > 0 else []
+    qk = max(h["qk_absmax"] for h in in_layer)
+    nan = sum(h["nan_logits"] for h in in_layer)
+    lmax = max(h["logit_max"] for h in in_layer)
+    trail = f"; logits in layer {before[0]['layer']} reached {max(h['logit_max'] for h in before):.1f}" if before else ""
+    heads_txt = ", ".join(str(h["head"]) for h in in_layer)
+    if nan == 0 or math.isinf(qk):
+        cause = f"QK^T overflow: |QK^T| reached {qk:.4g} and logits {lmax:.1f}"
+        fix = "compute attention scores in float32, clamp or soft-cap the logits, or add QK-norm"
+    else:
+        cause = f"NaN arrives in the queries/keys ({int(nan)} NaN logits)"
+        fix = "NaN comes from below this layer: check the weights (NaN/Inf parameters) and the previous layers' outputs"
+    return Issue(
+        "nonfinite", "error", first, worst["head"], worst["nonfinite_logits"], 0.0,
+        f"non-finite attention first appears in layer {first} (heads {heads_txt}): {cause}{trail}",
+        fix,
+    )
+
+
+def diagnose(heads: list[dict], dtype: torch.dtype, mitigations: list[Mitigation], call_order: list[int]) -> list[Issue]:
+    """All issues for the heads of one analysis, most severe first."""
+    ctx = Context(dtype=dtype, mitigations=mitigations)
+    issues: list[Issue] = []
+    first_bad = nonfinite(heads, call_order)
+    if first_bad:
+        issues.append(first_bad)
+    for h in heads:
+        # Heads with no finite row have NaN means; every detector compares so that NaN never fires.
+        for detect in DETECTORS.values():
+            issue = detect(h, ctx)
+            if issue is not None:
+                issue.mitigations = [m.detail for m in mitigations if issue.type in m.addresses]
+                issues.append(issue)
+    rank = {s: i for i, s in enumerate(SEVERITIES)}
+    issues.sort(key=lambda i: (-rank[i.severity], i.layer if i.layer is not None else -1, i.head or 0))
+    return issues

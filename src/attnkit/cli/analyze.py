@@ -1,0 +1,66 @@
+"""``attnkit analyze``: per-head statistics and diagnoses for a model on some text."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from attnkit.cli.common import DTYPES, add_model_argument, parse_int_list, read_text
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="per-head attention statistics and diagnoses",
+                       description="Run a model on text and report, per layer and head, entropy, concentration, "
+                       "sinks, spikes and overflow margins from the real pre-softmax logits, with diagnoses.")
+    add_model_argument(p)
+    p.add_argument("--text", help="text to analyse (default: a built-in English passage)")
+    p.add_argument("--text-file", help="file with the text to analyse")
+    p.add_argument("--max-length", type=int, help="truncate the input to this many tokens")
+    p.add_argument("--layers", help="layers to observe, e.g. 0,2-3 (others run on SDPA)")
+    p.add_argument("--heads", help="heads to observe in each selected layer, e.g. 0-3")
+    p.add_argument("--sample-rows", type=int, help="statistics on this many random query rows per layer (long inputs)")
+    p.add_argument("--json", metavar="PATH", help="write the JSON report to PATH, or - for stdout")
+    p.add_argument("--plot", metavar="PNG", help="write the layer x head heatmap to this PNG")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from attnkit.analyze.default_text import DEFAULT_TEXT
+    from attnkit.analyze.run import analyze, max_positions, tokenize
+    from attnkit.errors import UserError
+    from attnkit.models.registry import load_model
+
+    text = read_text(args.text, args.text_file)
+    layers = parse_int_list(args.layers, "layers")
+    heads = parse_int_list(args.heads, "heads")
+    if args.max_length is not None and args.max_length < 1:
+        raise UserError("--max-length must be at least 1")
+    if args.sample_rows is not None and args.sample_rows < 1:
+        raise UserError("--sample-rows must be at least 1")
+    console = Console(stderr=args.json == "-")
+    with console.status(f"loading {args.model}"):
+        loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
+    if loaded.tokenizer is None:
+        raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
+    model = loaded.model
+    inputs = tokenize(loaded.tokenizer, text if text is not None else DEFAULT_TEXT, args.max_length,
+                      max_positions(model), truncate_silently=text is None)
+    with console.status("running the model through the seam"):
+        try:
+            result = analyze(model, inputs, name=args.model, layers=layers, heads=heads, sample_rows=args.sample_rows)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+    from attnkit.report.console import render_analysis
+
+    render_analysis(result, console)
+    if args.json:
+        from attnkit.report.io import write_json
+
+        write_json(result.to_json(), args.json)
+    if args.plot:
+        from attnkit.report.plots import save_entropy_heatmap
+
+        save_entropy_heatmap(result, args.plot)
+        console.print(f"heatmap written to {args.plot}")
+    return 0

@@ -1,0 +1,64 @@
+"""Arguments and loading shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from attnkit.errors import UserError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    from attnkit.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
+
+    names = ", ".join(BUILTIN_MODELS)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"built-in name ({names}), local Hugging Face directory, or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to run the model in")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+
+
+def read_text(text: str | None, text_file: str | None) -> str | None:
+    if text is not None and text_file is not None:
+        raise UserError("give --text or --text-file, not both")
+    if text_file is None:
+        return text
+    path = Path(text_file)
+    if not path.exists():
+        raise UserError(f"text file {text_file} does not exist")
+    if path.is_dir():
+        raise UserError(f"{text_file} is a directory; give a text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{text_file} is not UTF-8 text") from e
+
+
+def parse_int_list(spec: str | None, what: str) -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]."""
+    if spec is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError as e:
+        raise UserError(f"cannot read {what} '{spec}': use numbers like 0,2,5-7") from e
+    if any(x < 0 for x in out):
+        raise UserError(f"{what} are numbered from 0")
+    return out
+
+
+def offline_by_default() -> None:
+    """No hub is reachable on most machines attnkit runs on: fail fast instead of retrying a network."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -1,0 +1,121 @@
+"""``attnkit perplexity [MODEL] --dataset ...``: evaluate a causal language model on a corpus split.
+
+Perplexity is exp(mean next-token negative log-likelihood) over every predicted token of
+non-overlapping fixed-length blocks (see ``attnkit.perplexity``), the definition the reference
+model's card uses, so ``attnkit perplexity reference --split test`` reproduces the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from attnkit.errors import UserError
+
+DEFAULT_BLOCK_SIZE = 256
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from attnkit.data.corpus import DEFAULT_CORPUS
+    from attnkit.models.registry import DEFAULT_MODEL
+
+    p = subparsers.add_parser(
+        "perplexity",
+        help="perplexity of a causal language model on a corpus split",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"built-in name, local HF directory or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--dataset",
+        default=DEFAULT_CORPUS,
+        help="'kjv' (built-in, offline), a local .txt file or folder (files named *train*/*valid*/*test* are splits), "
+        f"or a Hugging Face dataset NAME[:CONFIG] such as wikitext:wikitext-2-raw-v1 (default: {DEFAULT_CORPUS})",
+    )
+    p.add_argument("--split", default=None, help="split to evaluate (default: test, or the only split of a local file)")
+    p.add_argument("--text-column", default="text", help="text column of a Hugging Face dataset (default: text)")
+    p.add_argument("--block-size", type=int, default=None, help=f"tokens a block (default: {DEFAULT_BLOCK_SIZE} or the model's context if shorter)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks a forward pass (default: 8)")
+    p.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N blocks")
+    p.add_argument("--json", metavar="PATH|-", default=None, help="also write the result as JSON to PATH, or to stdout with '-'")
+    return p
+
+
+def _context_length(config) -> int | None:
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from attnkit.data import encode_documents, load_corpus, split_blocks
+    from attnkit.models.registry import load_model
+    from attnkit.perplexity import evaluate_perplexity
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_blocks is not None and args.max_blocks < 1:
+        raise UserError(f"--max-blocks must be at least 1, got {args.max_blocks}")
+    to_stdout = args.json == "-"
+    err = Console(stderr=True)
+    out = err if to_stdout else Console()
+
+    loaded = load_model(args.model)
+    if loaded.kind != "causal-lm":
+        raise UserError(f"'{args.model}' is not a causal language model; perplexity needs one (e.g. 'reference')")
+    if loaded.tokenizer is None:
+        raise UserError(f"'{args.model}' has no tokenizer")
+    context = _context_length(loaded.model.config)
+    block_size = args.block_size or min(DEFAULT_BLOCK_SIZE, context or DEFAULT_BLOCK_SIZE)
+    if context is not None and block_size > context:
+        raise UserError(f"--block-size {block_size} is longer than the model's context of {context} tokens")
+
+    corpus = load_corpus(args.dataset, text_column=args.text_column)
+    split = args.split
+    if split is None:
+        split = "test" if "test" in corpus.splits else (next(iter(corpus.splits)) if len(corpus.splits) == 1 else None)
+    documents = corpus.split(split)
+    blocks = split_blocks(encode_documents(loaded.tokenizer, documents), block_size)
+    if args.max_blocks is not None:
+        blocks = blocks[: args.max_blocks]
+    if not blocks:
+        raise UserError(f"split '{split}' of '{args.dataset}' has fewer than 2 tokens")
+
+    columns = [TextColumn("[bold]perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"), TimeElapsedColumn(), TimeRemainingColumn()]
+    t0 = time.time()
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("eval", total=len(blocks))
+        result = evaluate_perplexity(loaded.model, blocks, args.batch_size, on_batch=lambda n: progress.advance(task, n))
+    seconds = time.time() - t0
+
+    record = {
+        "model": args.model,
+        "dataset": corpus.name,
+        "split": split,
+        "block_size": block_size,
+        **result.to_dict(),
+        "seconds": round(seconds, 2),
+    }
+    out.print(
+        f"[bold]{args.model}[/bold] on {corpus.name} [{split}]: perplexity [bold]{result.perplexity:.2f}[/bold] "
+        f"(mean NLL {result.nll:.4f} nats over {result.tokens:,} predicted tokens in {result.blocks:,} blocks "
+        f"of {block_size}; {seconds:.1f} s)"
+    )
+    if args.json:
+        text = json.dumps(record, indent=1)
+        if to_stdout:
+            sys.stdout.write(text + "\n")
+        else:
+            try:
+                with open(args.json, "w") as f:
+                    f.write(text + "\n")
+            except OSError as e:
+                raise UserError(f"cannot write {args.json}: {e.strerror}") from e
+    return 0

@@ -1,0 +1,98 @@
+"""The shipped reference model: HF format, loads offline, has learnt the corpus and real heads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.data import encode_documents, load_corpus, split_blocks
+from attnkit.perplexity import evaluate_perplexity, unigram_perplexity
+
+MODEL_DIR = Path(attnkit.__file__).parent / "models" / "reference"
+RESULTS = json.loads((MODEL_DIR / "eval_results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def streams(loaded):
+    _, tokenizer = loaded
+    splits = load_corpus("kjv").splits
+    return {name: encode_documents(tokenizer, docs) for name, docs in splits.items()}
+
+
+def test_files_are_hf_format_and_small():
+    names = {p.name for p in MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # safetensors only
+    assert (MODEL_DIR / "model.safetensors").stat().st_size < 25 * 2**20
+
+
+def test_loads_offline_as_gpt2(loaded):
+    model, tokenizer = loaded
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.decode(tokenizer("In the beginning God created")["input_ids"]) == "In the beginning God created"
+
+
+def test_builtin_name_resolves():
+    from attnkit.models.registry import load_model
+
+    m = load_model("reference")
+    assert m.kind == "causal-lm" and type(m.model).__name__ == "GPT2LMHeadModel"
+
+
+def test_beats_unigram_by_a_wide_margin(loaded, streams):
+    model, tokenizer = loaded
+    blocks = split_blocks(streams["test"], 256)[:4]
+    ppl = evaluate_perplexity(model, blocks).perplexity
+    unigram = unigram_perplexity(streams["train"], blocks, len(tokenizer)).perplexity
+    assert ppl * 5 < unigram
+    # ... and matches the card's number for the same slice.
+    assert ppl == pytest.approx(RESULTS["perplexity"]["test_first_4_blocks"]["perplexity"], rel=1e-3)
+
+
+def test_card_perplexities_reproduce(loaded, streams):
+    """The whole test split, as the card reports it (about 50k tokens, a few seconds)."""
+    model, _ = loaded
+    result = evaluate_perplexity(model, split_blocks(streams["test"], RESULTS["block_size"]))
+    assert result.tokens == RESULTS["perplexity"]["test"]["tokens"]
+    assert result.perplexity == pytest.approx(RESULTS["perplexity"]["test"]["perplexity"], rel=1e-3)
+    card = (MODEL_DIR / "README.md").read_text()
+    assert f"{RESULTS['perplexity']['test']['perplexity']:.2f}" in card
+    assert f"{RESULTS['unigram_perplexity']['test']['perplexity']:.2f}" in card
+
+
+def test_training_never_saw_the_test_split(streams):
+    training = json.loads((MODEL_DIR / "training.json").read_text())
+    assert training["train_tokens"] == streams["train"].numel()  # trained on the train stream alone
+    assert RESULTS["splits"]["test"]["tokens"] == streams["test"].numel()
+
+
+def test_heads_have_real_roles(loaded, streams):
+    """Measured afresh through the seam: a previous-token head, an induction head, in-context copying."""
+    from attnkit.analyze.heads import measure_head_roles
+
+    model, tokenizer = loaded
+    text = torch.stack(split_blocks(streams["test"], 256)[:2])
+    roles = measure_head_roles(model, text, len(tokenizer), exclude={tokenizer.eos_token_id}, repeat_length=48, batch=4)
+    assert len(roles.heads) == model.config.n_layer * model.config.n_head
+    assert roles.best("previous_token").previous_token > 0.4
+    assert roles.best("induction").induction > 0.2
+    assert roles.copy_gain > 1.0  # the second copy of a random sequence is much easier than the first
+    # Uniform attention over ~128 keys would score ~0.01 on every role.
+    assert roles.best("sink").sink > 0.2
