@@ -42,6 +42,11 @@ from attnkit.analyze.mitigations import Mitigation
 from attnkit.metrics.numeric import exp_overflow_threshold, max_finite
 
 SEVERITIES = ("info", "warning", "error")
+# One letter per issue type, for the layer x head grids of the console and the plots.
+ISSUE_LETTERS = {
+    "nonfinite": "N", "overflow_risk": "O", "entropy_collapse": "C", "uniform_attention": "U",
+    "attention_spike": "P", "attention_sink": "S",
+}
 
 ENTROPY_COLLAPSE_NATS = 0.5
 ENTROPY_COLLAPSE_MAX_ATTENTION = 0.8

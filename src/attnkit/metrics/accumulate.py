@@ -56,6 +56,7 @@ class HeadStatsAccumulator:
         z = lambda: torch.zeros(num_heads, dtype=torch.float64, device=device)  # noqa: E731
         self.sums = {k: z() for k in _SUMS}
         self.rows = z()  # rows with >= 2 visible keys and finite logits
+        self.positions = z()  # query positions those rows sit at, one per chunk row whatever the batch
         self.total_rows = z()  # all real query rows
         self.nonfinite_rows = z()
         self.nonfinite_logits = z()
@@ -83,6 +84,7 @@ class HeadStatsAccumulator:
         use = real & finite_row & (n_visible >= 2)
         w = use.double()
         self.rows += w.sum((0, 2))
+        self.positions += use.any(0).sum(-1).double()
         if not bool(use.any()):
             self._update_extremes(c, real & finite_row, allowed)
             return
@@ -134,12 +136,14 @@ class HeadStatsAccumulator:
         """Fold another accumulator (another batch, another process) into this one."""
         for k in _SUMS:
             self.sums[k] += other.sums[k]
-        for k in ("rows", "total_rows", "nonfinite_rows", "nonfinite_logits", "nan_logits"):
+        for k in ("rows", "positions", "total_rows", "nonfinite_rows", "nonfinite_logits", "nan_logits"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.logit_max = torch.maximum(self.logit_max, other.logit_max)
         self.logit_min = torch.minimum(self.logit_min, other.logit_min)
         self.qk_absmax = torch.maximum(self.qk_absmax, other.qk_absmax)
         self.log10_curvature_max = torch.maximum(self.log10_curvature_max, other.log10_curvature_max)
+        if self.sampled_rows_of is None:  # sampled rows on either side make the merged means a sample
+            self.sampled_rows_of = other.sampled_rows_of
 
     def summary(self) -> list[dict[str, float]]:
         """Per-head means (over rows that see >= 2 keys) and extremes, as plain floats."""
@@ -180,8 +184,10 @@ class HeadStatsAccumulator:
                           "sink_ratio", "diagonal_mass", "mean_distance", "logit_range", "log10_curvature"):
                     stats[k] = math.nan
             if self.sampled_rows_of is not None and n > 1:
-                # Standard error of the mean entropy when rows are a random sample (std / sqrt(n));
-                # conservative, since it ignores the finite-population correction.
-                stats["entropy_stderr"] = math.sqrt(var / n)
+                # Standard error of the mean entropy when query positions are a random sample:
+                # std / sqrt(positions). The sampled positions are shared by every sequence of the
+                # batch and rows at one position are strongly correlated, so positions, not rows,
+                # are the sample size. Conservative: no finite-population correction.
+                stats["entropy_stderr"] = math.sqrt(var / max(float(self.positions[h]), 1.0))
             out.append(stats)
         return out

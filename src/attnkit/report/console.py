@@ -6,13 +6,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from attnkit.analyze.diagnose import ISSUE_LETTERS
 from attnkit.analyze.run import Analysis
 
-# One letter per issue type in the grid; severity sets the colour.
-ISSUE_LETTERS = {
-    "nonfinite": "N", "overflow_risk": "O", "entropy_collapse": "C", "uniform_attention": "U",
-    "attention_spike": "P", "attention_sink": "S",
-}
 SEVERITY_STYLE = {"error": "bold white on red", "warning": "black on yellow", "info": "cyan"}
 
 

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 
+from attnkit.analyze.diagnose import ISSUE_LETTERS
 from attnkit.analyze.run import Analysis
 from attnkit.report.io import write_atomic
 
@@ -26,13 +27,17 @@ def entropy_heatmap_png(a: Analysis, metric: str = "normalized_entropy") -> byte
     for issue in a.issues:
         if issue.layer in layers and issue.head is not None:
             color = {"error": "red", "warning": "orange", "info": "white"}[issue.severity]
-            ax.text(issue.head, layers.index(issue.layer), issue.type.split("_")[0][0].upper(),
+            ax.text(issue.head, layers.index(issue.layer), ISSUE_LETTERS[issue.type],
                     ha="center", va="center", color=color, fontsize=9, fontweight="bold")
     ax.set_xticks(range(num_heads))
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(f"{a.model}: {metric.replace('_', ' ')}")
+    used = sorted({i.type for i in a.issues if i.head is not None})
+    if used:
+        legend = "   ".join(f"{ISSUE_LETTERS[t]} {t.replace('_', ' ')}" for t in used)
+        fig.text(0.01, 0.01, legend + "   (red error, orange warning, white info)", fontsize=7)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     buf = io.BytesIO()
