@@ -15,6 +15,7 @@ from attnkit.errors import UserError
 COMMANDS = {
     "analyze": "attnkit.cli.analyze",
     "perplexity": "attnkit.cli.perplexity",
+    "validate": "attnkit.cli.validate",
 }
 
 

@@ -1,0 +1,92 @@
+"""``attnkit validate``: seed 002's nine-section attention validation report, with an ablation for any model.
+
+Exit status: 0 when no check is critical, 1 when at least one is (the ❌ lines of the report),
+2 for user errors (bad model path, empty text, ...), as everywhere in attnkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    from attnkit.cli.common import add_model_argument
+    from attnkit.validate.context import Options
+
+    d = Options()
+    p = sub.add_parser(
+        "validate", help="is attention correct, interpretable, significant and helping? (9 sections, ablation)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_argument(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", help="text to validate on")
+    src.add_argument("--text-file", help="file with the text to validate on")
+    src.add_argument("--dataset", help="corpus: 'kjv', a local .txt file or folder, or a Hugging Face dataset "
+                     "NAME[:CONFIG] (default: the kjv test split when Debian's bible-kjv-text is installed, "
+                     "else a built-in passage)")
+    p.add_argument("--split", help="split of --dataset (default: test, or its only split)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
+    p.add_argument("--sequences", type=int, default=d.sequences,
+                   help=f"sequences whose attention maps are analysed (default: {d.sequences})")
+    p.add_argument("--ablation-blocks", type=int, default=d.ablation_blocks,
+                   help=f"held-out blocks the ablation evaluates (default: {d.ablation_blocks})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"blocks per forward (default: {d.batch_size})")
+    p.add_argument("--json", metavar="PATH", help="write the JSON report to PATH, or - for stdout")
+    p.add_argument("--html", metavar="PATH", help="write the self-contained HTML report to PATH")
+    p.set_defaults(run=run)
+
+
+def _documents(args) -> tuple[list[str] | None, str | None]:
+    from attnkit.cli.common import read_text
+    from attnkit.errors import UserError
+
+    if args.split is not None and args.dataset is None:
+        raise UserError("--split goes with --dataset")
+    if args.dataset is not None:
+        from attnkit.data import load_corpus
+
+        corpus = load_corpus(args.dataset)
+        docs = corpus.split(args.split)
+        split = args.split or ("test" if "test" in corpus.splits else next(iter(corpus.splits)))
+        return docs, f"{corpus.name} [{split}]"
+    text = read_text(args.text, args.text_file)
+    if text is None:
+        return None, None
+    if not text.strip():
+        raise UserError("the text is empty; give --text, --text-file or --dataset with some words in it")
+    return [text], (args.text_file or "--text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from attnkit.cli.common import DTYPES
+    from attnkit.errors import UserError
+    from attnkit.models.registry import load_model
+    from attnkit.validate import Options, validate
+
+    console = Console(stderr=args.json == "-")
+    opts = Options(seq_len=args.seq_len, sequences=args.sequences, ablation_blocks=args.ablation_blocks,
+                   batch_size=args.batch_size)
+    documents, source = _documents(args)
+    with console.status(f"loading {args.model}"):
+        loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
+    if loaded.tokenizer is None:
+        raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
+    with console.status("validating") as status:
+        report = validate(loaded.model, loaded.tokenizer, documents, name=args.model, kind=loaded.kind, options=opts,
+                          data_source=source, on_section=lambda key: status.update(f"validating: {key.replace('_', ' ')}"))
+    from attnkit.validate.report_console import render_report
+
+    render_report(report, console)
+    if args.json:
+        from attnkit.report.io import write_json
+
+        write_json(report.to_json(), args.json)
+    if args.html:
+        from attnkit.report.io import write_atomic
+        from attnkit.validate.report_html import render_html
+
+        write_atomic(args.html, render_html(report))
+        console.print(f"HTML report written to {args.html}", highlight=False)
+    return report.exit_status

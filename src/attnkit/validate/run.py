@@ -1,0 +1,128 @@
+"""``validate``: the nine-section attention validation report of seed 002, for any model the seam reaches.
+
+    from attnkit.validate import validate
+    report = validate(model, tokenizer, ["some held-out text ..."], name="my-model")
+    report.summary["critical"], report.conclusion.title, report.to_json()["ablation"]
+
+One forward through the seam captures attention maps (every layer, every head) and hidden
+states on ``options.sequences`` blocks of ``options.seq_len`` tokens; sections 1-7 read those;
+section 8 runs a backward pass and section 9 the ablation on ``options.ablation_blocks`` blocks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from attnkit.analyze.run import max_positions
+from attnkit.errors import UserError
+from attnkit.validate.capture import Captured, build_blocks, capture
+from attnkit.validate.context import Context, Options
+from attnkit.validate.sections import SECTIONS
+from attnkit.validate.summary import Conclusion, conclude, counts, exit_status
+from attnkit.validate.types import Section, jsonable
+
+SCHEMA_VERSION = "1.0"
+
+
+@dataclass
+class ValidationReport:
+    model: str
+    kind: str
+    data_source: str
+    options: Options
+    captured: Captured
+    sections: list[Section]
+    summary: dict
+    conclusion: Conclusion
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def exit_status(self) -> int:
+        return exit_status(self.summary)
+
+    def section(self, key: str) -> Section:
+        return next(s for s in self.sections if s.key == key)
+
+    def to_json(self) -> dict:
+        abl = self.section("ablation").figures.get("variants", {}) if any(s.key == "ablation" for s in self.sections) else {}
+        return jsonable({
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "kind": self.kind,
+            "data": {"source": self.data_source, "sequences": int(self.captured.input_ids.shape[0]),
+                     "seq_len": int(self.captured.input_ids.shape[1])},
+            "options": vars(self.options),
+            "sections": [s.to_json() for s in self.sections],
+            "ablation": abl,
+            "summary": {**self.summary, "conclusion": self.conclusion.to_json()},
+            "exit_status": self.exit_status,
+            "seconds": self.seconds,
+        })
+
+
+def infer_kind(model: nn.Module) -> str:
+    name = type(model).__name__
+    return "causal-lm" if name.endswith(("ForCausalLM", "LMHeadModel")) else "encoder"
+
+
+def default_documents() -> tuple[list[str], str]:
+    """The KJV test split when Debian's ``bible`` is installed, else the built-in passage."""
+    if shutil.which("bible"):
+        from attnkit.data import load_corpus
+
+        return load_corpus("kjv").split("test"), "kjv [test]"
+    from attnkit.analyze.default_text import DEFAULT_TEXT
+
+    return [DEFAULT_TEXT], "built-in passage"
+
+
+def validate(
+    model: nn.Module,
+    tokenizer,
+    documents: list[str] | None = None,
+    *,
+    name: str = "model",
+    kind: str | None = None,
+    options: Options | None = None,
+    data_source: str | None = None,
+    on_section: Callable[[str], None] | None = None,
+) -> ValidationReport:
+    """Run the nine sections on ``model``; the model is left as found."""
+    options = options or Options()
+    kind = kind or infer_kind(model)
+    if documents is None:
+        documents, source = default_documents()
+        data_source = data_source or source
+    data_source = data_source or "given text"
+    if options.seq_len < 4:
+        raise UserError(f"--seq-len must be at least 4, got {options.seq_len}")
+    limit = max_positions(model)
+    if limit is not None and options.seq_len > limit:
+        raise UserError(f"--seq-len {options.seq_len} is more than the model takes ({limit} positions)")
+    for what, value in (("--sequences", options.sequences), ("--ablation-blocks", options.ablation_blocks),
+                        ("--batch-size", options.batch_size)):
+        if value < 1:
+            raise UserError(f"{what} must be at least 1, got {value}")
+    blocks = build_blocks(tokenizer, documents, options.seq_len, max(options.sequences, options.ablation_blocks))
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    captured = capture(model, tokenizer, blocks[: options.sequences])
+    seconds["capture"] = time.perf_counter() - t0
+    ctx = Context(model=model, tokenizer=tokenizer, name=name, kind=kind, captured=captured,
+                  ablation_ids=blocks[: options.ablation_blocks], data_source=data_source, options=options)
+    sections = []
+    for key, fn in SECTIONS:
+        if on_section is not None:
+            on_section(key)
+        t = time.perf_counter()
+        sections.append(fn(ctx))
+        seconds[key] = time.perf_counter() - t
+    summary = counts(sections)
+    return ValidationReport(model=name, kind=kind, data_source=data_source, options=options, captured=captured,
+                            sections=sections, summary=summary, conclusion=conclude(sections, options),
+                            seconds={k: round(v, 3) for k, v in seconds.items()})

@@ -1,0 +1,125 @@
+"""[3/9] Token-level patterns, with the model's own tokenizer.
+
+- Repetition: for rows that see both, the mean weight per earlier/other occurrence of the
+  query's own token (same id, not itself) against the mean weight per other visible key.
+- Special tokens and punctuation: mean weight per special-or-punctuation key against per regular
+  key. "Special" is the tokenizer's own list (``all_special_ids``: [CLS], [SEP], <|endoftext|>,
+  ...); punctuation is any token whose text is only punctuation or symbols.
+- Special-token heads: heads whose mean mass on the tokenizer's special tokens is at least 0.5
+  (BERT-family models are known to park attention on [CLS]/[SEP]); the same for punctuation.
+Every ratio is 1.0 for uniform attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnkit.validate.context import Context
+from attnkit.validate.positional import per_key_means
+from attnkit.validate.stats import nanmean
+from attnkit.validate.types import INFO, OK, Section
+
+ATTRACT = 1.1
+MOST_MASS = 0.5
+
+
+def _ratio_msg(a: float, b: float) -> tuple[float, str]:
+    r = a / b if b > 0 else math.inf
+    return r, f"{r:.2f}x"
+
+
+def tokens(ctx: Context) -> Section:
+    sec = Section("tokens", "Token-Level Patterns")
+    cap = ctx.captured
+    ids = cap.input_ids  # (B, T)
+    B, T = ids.shape
+    same = ids[:, :, None] == ids[:, None, :]  # (B, Q, K), query i vs key j
+    not_self = ~torch.eye(T, dtype=torch.bool)[None]
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    punct = torch.zeros_like(ids, dtype=torch.bool)
+    for i in cap.special_ids:
+        special |= ids == i
+    for i in cap.punctuation_ids:
+        punct |= ids == i
+    marked = (special | punct)[:, None, None, :]  # (B, 1, 1, K)
+
+    same_m, diff_m, mark_m, reg_m = [], [], [], []
+    head_special, head_punct, labels = [], [], []
+    for lv in cap.layers:
+        p, a = lv.probs, lv.allowed
+        s = per_key_means(p, a, (same & not_self)[:, None])
+        d = per_key_means(p, a, (~same & not_self)[:, None])
+        both = ~(torch.isnan(s) | torch.isnan(d))
+        same_m.append(s[both])
+        diff_m.append(d[both])
+        mk = per_key_means(p, a, marked)
+        rg = per_key_means(p, a, ~marked)
+        both = ~(torch.isnan(mk) | torch.isnan(rg))
+        mark_m.append(mk[both])
+        reg_m.append(rg[both])
+        seen = lv.n_visible > 0
+        sp_mass = (p * special[:, None, None, :]).sum(-1)  # (B, H, Q)
+        pu_mass = (p * punct[:, None, None, :]).sum(-1)
+        for h in range(lv.num_heads):
+            head_special.append(float(sp_mass[:, h][seen[:, h]].mean()) if seen[:, h].any() else math.nan)
+            head_punct.append(float(pu_mass[:, h][seen[:, h]].mean()) if seen[:, h].any() else math.nan)
+            labels.append((lv.layer, h))
+
+    # repetition
+    sm, dm = (nanmean(torch.cat(same_m)), nanmean(torch.cat(diff_m))) if same_m else (math.nan, math.nan)
+    if math.isnan(sm):
+        sec.add("repetition", INFO, "No repeated tokens in the sample: repetition test skipped")
+        rep_ratio = math.nan
+    else:
+        rep_ratio, rs = _ratio_msg(sm, dm)
+        msg = f"(same: {sm:.4f}, diff: {dm:.4f}, ratio: {rs})"
+        if rep_ratio >= ATTRACT:
+            sec.add("repetition", OK, f"Repeated tokens attract {msg}", same=sm, diff=dm, ratio=rep_ratio)
+        else:
+            sec.add("repetition", INFO, f"Repeated tokens do not attract more than others {msg}", same=sm, diff=dm, ratio=rep_ratio)
+
+    # special tokens + punctuation against regular tokens
+    km, rm = (nanmean(torch.cat(mark_m)), nanmean(torch.cat(reg_m))) if mark_m else (math.nan, math.nan)
+    names = sorted(cap.special_names.values())
+    kinds = "special token" + (f" ({', '.join(names)})" if names else "") + " / punctuation"
+    if math.isnan(km):
+        sec.add("special_attention", INFO, "No special tokens or punctuation in the sample")
+        sp_ratio = math.nan
+    else:
+        sp_ratio, rs = _ratio_msg(km, rm)
+        sec.add("special_attention", OK if sp_ratio >= 1.5 else INFO,
+                f"{kinds[0].upper() + kinds[1:]} attention: {km:.4f} vs regular: {rm:.4f} (ratio: {rs})",
+                special=km, regular=rm, ratio=sp_ratio)
+
+    # heads that park most of their mass on special tokens / punctuation
+    total = len(labels)
+    special_heads = sorted(((v, l, h) for (l, h), v in zip(labels, head_special) if v >= MOST_MASS), reverse=True)
+    punct_heads = sorted(((v, l, h) for (l, h), v in zip(labels, head_punct) if v >= MOST_MASS), reverse=True)
+    share = float(special.float().mean())
+    if cap.special_ids:
+        if special_heads:
+            top = ", ".join(f"L{l}H{h} {v:.2f}" for v, l, h in special_heads[:8])
+            sec.add("special_heads", OK,
+                    f"{len(special_heads)}/{total} heads put most of their mass (≥ {MOST_MASS:g}) on special tokens "
+                    f"{'/'.join(names)} (they are {share:.1%} of the tokens): {top}{' …' if len(special_heads) > 8 else ''}",
+                    count=len(special_heads), heads=[{"layer": l, "head": h, "mass": v} for v, l, h in special_heads])
+        else:
+            best = max(head_special) if head_special else math.nan
+            sec.add("special_heads", INFO, f"No head puts most of its mass on special tokens {'/'.join(names)} "
+                    f"(largest mean mass: {best:.2f}; they are {share:.1%} of the tokens)", count=0, heads=[])
+    else:
+        sec.add("special_heads", INFO, "The sample has no special tokens of the tokenizer (it adds none to plain text)",
+                count=0, heads=[])
+    if punct_heads:
+        top = ", ".join(f"L{l}H{h} {v:.2f}" for v, l, h in punct_heads[:8])
+        sec.notes.append(f"Heads with most of their mass on punctuation: {len(punct_heads)}/{total} — {top}")
+    sec.figures.update(
+        repetition_ratio=rep_ratio, special_ratio=sp_ratio, special_tokens=names,
+        special_token_share=share, punctuation_share=float(punct.float().mean()),
+        special_heads=[{"layer": l, "head": h, "mass": v} for v, l, h in special_heads],
+        punctuation_heads=[{"layer": l, "head": h, "mass": v} for v, l, h in punct_heads],
+        head_special_mass=[{"layer": l, "head": h, "mass": v} for (l, h), v in zip(labels, head_special)],
+    )
+    return sec
