@@ -1,7 +1,7 @@
 """Time and peak memory of a forward with full attention statistics, against the usual ways.
 
 Configurations, all on the same randomly initialised GPT-2-shaped model (no hub), batch 1,
-fp32, ``torch.no_grad()``:
+fp32, ``torch.no_grad()``, no KV cache (``use_cache=False``):
 
   sdpa            plain Hugging Face forward, ``attn_implementation="sdpa"`` (the baseline)
   eager           Hugging Face ``attn_implementation="eager"``, ``output_attentions=True``
@@ -9,16 +9,19 @@ fp32, ``torch.no_grad()``:
   attnkit-all     ``attnkit.analyze(model, inputs)``: statistics of every row, head and layer
   attnkit-sampled ``attnkit.analyze(model, inputs, sample_rows=S)``: S random query rows per call
 
-Method. Every (configuration, length) runs in a fresh Python process, so one configuration's
-allocator state cannot leak into another's. In that process: build the model, make the input,
-run one warm-up forward, then ``--repeats`` measured forwards. Time is the median wall time of
-the measured forwards. Peak memory: before each measured forward the kernel's peak-RSS counter
-is reset (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and the current RSS is read; the
-forward's peak is ``VmHWM - VmRSS`` after it, i.e. everything the forward allocated and touched
-on top of the model and the input, including what it returns (the attention maps of ``eager``,
-the cache of TransformerLens). The table reports the median of those peaks. Outputs are
-dropped before the next forward. Configurations that share a length are measured in one run
-of this script, so their ratios compare.
+Method. Every (configuration, length) runs in two fresh Python processes, one for time and one
+for memory, so one configuration's allocator state cannot leak into another's. Each builds the
+model, makes the input and runs one warm-up forward. Time: the median wall time of
+``--repeats`` forwards (default allocator). Memory: the process runs with glibc's mmap threshold
+fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), so every large
+allocation is its own mapping, unmapped when freed, and RSS follows live memory; before each of
+``--mem-repeats`` forwards ``gc.collect()`` and ``malloc_trim(0)`` hand freed pages back, the
+kernel's peak-RSS counter is reset (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and the
+current RSS is read; the forward's peak is ``VmHWM - VmRSS`` after it: everything the forward
+allocated and touched on top of the model and the input, including what it returns (the logits,
+the attention maps of ``eager``, the cache of TransformerLens). The largest of those peaks is
+reported. ``tracemalloc`` would not see torch's allocations, hence RSS. All configurations of a
+table are measured in one run of this script, so their ratios compare.
 
 TransformerLens is not a dependency of attnkit: ``pip install "transformer-lens==3.9.*"``
 (it installs beside torch 2.13 and transformers 5 without changing them).
@@ -52,6 +55,16 @@ MARK_END = "<!-- bench_analyze:end -->"
 def _status() -> dict[str, int]:
     text = Path("/proc/self/status").read_text()
     return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the kernel (glibc)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_peak() -> None:
@@ -91,49 +104,66 @@ def worker(args: argparse.Namespace) -> None:
         model = _hf_model(config, args.layers, args.vocab, args.n_ctx)
     ids = torch.randint(0, args.vocab, (1, length))
 
+    # No KV cache anywhere: it is not part of the job, and it would pad every HF baseline's memory.
     if config == "sdpa":
-        forward = lambda: model(input_ids=ids)  # noqa: E731
+        forward = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
     elif config == "eager":
-        forward = lambda: model(input_ids=ids, output_attentions=True)  # noqa: E731
+        forward = lambda: model(input_ids=ids, use_cache=False, output_attentions=True)  # noqa: E731
     elif config == "transformerlens":
         forward = lambda: model.run_with_cache(ids)  # noqa: E731
     else:
         from attnkit.analyze.run import analyze
 
         rows = args.sample_rows if config == "attnkit-sampled" else None
-        forward = lambda: analyze(model, {"input_ids": ids}, sample_rows=rows)  # noqa: E731
+        forward = lambda: analyze(model, {"input_ids": ids, "use_cache": False}, sample_rows=rows)  # noqa: E731
 
     times, peaks = [], []
     with torch.no_grad():
         out = forward()  # warm-up
         del out
-        for _ in range(args.repeats):
-            gc.collect()
-            _reset_peak()
-            base = _status()["VmRSS"]
-            t0 = time.perf_counter()
-            out = forward()
-            times.append(time.perf_counter() - t0)
-            peaks.append(_status()["VmHWM"] - base)
-            del out
+        if args.part == "time":
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                out = forward()
+                times.append(time.perf_counter() - t0)
+                del out
+        else:  # glibc was started with a fixed mmap threshold (see measure): RSS follows live memory
+            for _ in range(args.mem_repeats):
+                gc.collect()
+                _trim()
+                _reset_peak()
+                base = _status()["VmRSS"]
+                out = forward()
+                peaks.append(_status()["VmHWM"] - base)
+                del out
     print("RESULT " + json.dumps({"config": config, "length": length, "layers": args.layers,
                                   "times": times, "peaks": peaks, "threads": torch.get_num_threads()}))
 
 
 # ---------------------------------------------------------------------------- driver side
 def measure(config: str, length: int, layers: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", config, "--length", str(length), "--layers", str(layers),
-           "--repeats", str(args.repeats), "--vocab", str(args.vocab), "--n-ctx", str(args.n_ctx),
-           "--sample-rows", str(args.sample_rows)]
+    """Time in one fresh process, peak memory in another."""
+    base = [sys.executable, __file__, "--worker", config, "--length", str(length), "--layers", str(layers),
+            "--repeats", str(args.repeats), "--mem-repeats", str(args.mem_repeats), "--vocab", str(args.vocab),
+            "--n-ctx", str(args.n_ctx), "--sample-rows", str(args.sample_rows)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            r["time"] = statistics.median(r["times"])
-            r["peak"] = statistics.median(r["peaks"])
-            return r
-    raise RuntimeError(f"{config} at {length} tokens failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    # For memory, glibc serves every allocation of 128 KiB or more with its own mmap and unmaps it
+    # when freed (a fixed threshold, not raised after frees): RSS then follows live memory.
+    mem_env = dict(env, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    out = {}
+    for part, e in (("time", env), ("mem", mem_env)):
+        proc = subprocess.run(base + ["--part", part], capture_output=True, text=True, env=e)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if not lines:
+            raise RuntimeError(f"{config} at {length} tokens ({part}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        r = json.loads(lines[-1][len("RESULT "):])
+        if part == "time":
+            out = r
+        else:
+            out["peaks"] = r["peaks"]
+    out["time"] = statistics.median(out["times"])
+    out["peak"] = max(out["peaks"])
+    return out
 
 
 def _mib(b: float) -> str:
@@ -180,7 +210,7 @@ def table_markdown(results: list[dict], lengths: list[int], configs: list[str]) 
             ratio = f" ({r['time'] / base['time']:.2f}×)" if base else ""
             cells.append(f"{r['time']:.3f}{ratio}")
         out.append(f"| {c} | " + " | ".join(cells) + " |")
-    out += ["", "**Peak memory** above model + input (median MiB; × SDPA)", "", head, sep]
+    out += ["", "**Peak memory** above model + input (MiB; × SDPA)", "", head, sep]
     for c in configs:
         cells = []
         for n in lengths:
@@ -226,6 +256,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=50257, help="vocabulary (GPT-2: 50257)")
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5, help="measured forwards after one warm-up")
+    p.add_argument("--mem-repeats", type=int, default=2, help="forwards whose peak memory is read (the largest is kept)")
     p.add_argument("--sample-rows", type=int, default=64)
     p.add_argument("--layer-check", type=int, nargs="*", default=[2, 8],
                    help="also measure attnkit-all and eager at --layer-check-length with these layer counts")
@@ -235,6 +266,7 @@ def main() -> None:
     # worker mode
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=("time", "mem"), default="time", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -266,6 +298,10 @@ def main() -> None:
                 print(f"layer check {c:>12} {L:>2} layers {n} tok: {r['time']:.3f} s  {_mib(r['peak'])} MiB", flush=True)
 
     finished = _dt.datetime.now()
+    targets = target_lines(results, layer_rows, args)
+    for line in targets:
+        print(line)
+    load_after = os.getloadavg()[0]
     if args.no_write:
         return
     cmd = "python bench/bench_analyze.py " + " ".join(sys.argv[1:])
@@ -280,16 +316,19 @@ def main() -> None:
         f"- torch {v['torch']}, transformers {v['transformers']}, transformer-lens {v['transformer-lens']}, "
         f"Python {v['python']}",
         f"- model: {title}; `attnkit-sampled` = {args.sample_rows} query rows per attention call",
-        f"- {args.repeats} measured forwards after one warm-up, each configuration and length in a fresh process",
-        f"- other load: {contention}",
+        f"- time: median of {args.repeats} forwards after one warm-up; memory: largest peak of {args.mem_repeats} "
+        "forwards after one warm-up, in a second process with a fixed mmap threshold (see the script's docstring)",
+        f"- other load: {contention}; load average after the run {load_after:.2f}",
         "",
         table_markdown(results, args.lengths, args.configs),
     ]
     if layer_rows:
-        lines += ["", f"**Memory against depth** at {args.layer_check_length} tokens (median MiB above model + input; time s)",
+        lines += ["", f"**Memory against depth** at {args.layer_check_length} tokens (MiB above model + input; median time s)",
                   "", "| configuration | layers | time s | peak MiB |", "|---|---:|---:|---:|"]
         for r in layer_rows:
             lines.append(f"| {r['config']} | {r['layers']} | {r['time']:.3f} | {_mib(r['peak'])} |")
+    if targets:
+        lines += ["", "**Targets** (issue 2)", ""] + [f"- {t}" for t in targets]
     lines += ["", "<details><summary>raw measurements (JSON)</summary>", "", "```json",
               json.dumps({"results": results, "layer_check": layer_rows}, indent=None)[:200000], "```", "</details>",
               MARK_END]
@@ -304,6 +343,30 @@ def main() -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
     print(f"wrote {path}")
+
+
+def target_lines(results: list[dict], layer_rows: list[dict], args: argparse.Namespace) -> list[str]:
+    """The issue's targets, met or missed, with the numbers."""
+    by = {(r["config"], r["length"]): r for r in results}
+    out = []
+    for n in (1024, 2048):
+        base, s = by.get(("sdpa", n)), by.get(("attnkit-sampled", n))
+        if base and s:
+            t, m = s["time"] / base["time"], s["peak"] / base["peak"]
+            out.append(f"sampled rows ({args.sample_rows}) at {n} tokens: time {t:.2f}× SDPA (target ≤ 1.2×: "
+                       f"{'met' if t <= 1.2 else 'MISSED'}), peak memory {m:.2f}× (target ≤ 1.5×: {'met' if m <= 1.5 else 'MISSED'})")
+    a, e = by.get(("attnkit-all", 2048)), by.get(("eager", 2048))
+    if a and e:
+        out.append(f"all rows at 2048 tokens: {a['time']:.2f} s against eager's {e['time']:.2f} s "
+                   f"(target: no slower than eager: {'met' if a['time'] <= e['time'] else 'MISSED'})")
+    rows = sorted((r for r in layer_rows if r["config"] == "attnkit-all"), key=lambda r: r["layers"])
+    if len(rows) >= 2:
+        lo, hi = rows[0], rows[-1]
+        grow = hi["peak"] / lo["peak"]
+        out.append(f"all rows, memory against depth at {lo['length']} tokens: {_mib(lo['peak'])} MiB with {lo['layers']} "
+                   f"layers, {_mib(hi['peak'])} MiB with {hi['layers']} ({grow:.2f}×; target: does not grow with "
+                   f"the number of layers: {'met' if grow <= 1.1 else 'MISSED'})")
+    return out
 
 
 def _total_ram() -> str:

@@ -161,7 +161,9 @@ def render_card(results: dict, training: dict) -> str:
         f"- Tokens seen: {training['tokens_seen']:,} ({training['tokens_seen'] / training['train_tokens']:.1f} "
         "passes over the train split).",
         f"- Training time: {training['train_seconds'] / 60:.1f} min ({training['total_seconds'] / 60:.1f} min "
-        f"end to end) on {training['machine']['cpu_threads']} CPU threads, torch {training['machine']['torch']}.",
+        f"end to end) wall clock on {training['machine']['cpu_threads']} CPU threads, torch {training['machine']['torch']}"
+        + (f"; {training['train_cpu_seconds'] / 60:.1f} min of CPU time (the wall time includes waiting for a CPU "
+           "shared with other jobs)." if "train_cpu_seconds" in training else "."),
         "- Validation loss during training (first "
         f"{cfg['eval_blocks']} validation blocks): "
         + ", ".join(f"step {e['step']}: {e['val_loss']:.3f}" for e in val_log)
@@ -216,11 +218,18 @@ def render_card(results: dict, training: dict) -> str:
             v = _fmt(h[r])
             cells.append(f"**{v}**" if best[r] == {"layer": h["layer"], "head": h["head"]} else v)
         lines.append(f"| {h['layer']} | {h['head']} | {' | '.join(cells)} | {_role_of(h)} |")
+    chance = heads["chance"]
+    lines.append(f"| uniform | attention | {_fmt(chance['previous_token'])} | {_fmt(chance['induction'])} | {_fmt(chance['sink'])} | (chance level) |")
     lines += [""]
     for r in ("previous_token", "induction", "sink"):
         b = best[r]
         score = next(h[r] for h in heads["heads"] if h["layer"] == b["layer"] and h["head"] == b["head"])
-        lines.append(f"- Best {ROLE_NAMES[r]} head: layer {b['layer']}, head {b['head']} ({_fmt(score)}).")
+        verdict = (
+            "clears the threshold" if score >= ROLE_THRESHOLDS[r]
+            else f"below the {ROLE_THRESHOLDS[r]} threshold: no head has this role yet "
+            f"({score / chance[r]:.1f}x uniform attention's {_fmt(chance[r])})"
+        )
+        lines.append(f"- Best {ROLE_NAMES[r]} head: layer {b['layer']}, head {b['head']} ({_fmt(score)}), {verdict}.")
     sample = results["sample"]
     lines += [
         "",

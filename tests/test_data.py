@@ -207,3 +207,24 @@ def test_random_blocks_are_seeded_windows():
     b = random_blocks(ids, 64, 4, torch.Generator().manual_seed(0))
     assert a.shape == (4, 64) and torch.equal(a, b)
     assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 63, dtype=torch.long))  # contiguous text
+
+
+def test_unreachable_hub_fails_fast_without_calling_datasets(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from attnkit.data import corpus
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(corpus, "_hub_unreachable", lambda: "hub.example is not reachable: test")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset must not be called"))
+    with pytest.raises(UserError, match=r"hub.example is not reachable.*--dataset \./wiki\.test\.raw"):
+        load_corpus("wikitext:wikitext-2-raw-v1")
+
+
+def test_hub_probe_reports_an_unresolvable_endpoint(monkeypatch):
+    pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    from attnkit.data import corpus
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://attnkit-no-such-host.invalid")
+    assert "attnkit-no-such-host.invalid is not reachable" in corpus._hub_unreachable(timeout=2.0)

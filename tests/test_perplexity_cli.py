@@ -41,12 +41,31 @@ def test_defaults_are_reference_on_kjv_test(capsys):
 
 def test_local_text_file(tmp_path, capsys):
     f = tmp_path / "psalm.txt"
-    f.write_text("The LORD is my shepherd; I shall not want.\nHe maketh me to lie down in green pastures.\n" * 20)
+    text = "The LORD is my shepherd; I shall not want.\nHe maketh me to lie down in green pastures.\n" * 20
+    f.write_text(text)
     assert _run(["reference", "--dataset", str(f), "--block-size", "64", "--json", "-"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["split"] == "all" and got["block_size"] == 64
-    # Repeated familiar text: far below the model's ~test-split perplexity.
-    assert 1.0 < got["perplexity"] < RESULTS["perplexity"]["test"]["perplexity"]
+    # Independent reference: the model's own loss on the same non-overlapping 64-token blocks.
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(attnkit.__file__).parent / "models" / "reference"
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor(tok(text)["input_ids"])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 64):
+            block = ids[start : start + 64][None]
+            if block.shape[1] < 2:
+                continue
+            n = block.shape[1] - 1
+            total += model(input_ids=block, labels=block).loss.item() * n
+            count += n
+    assert got["tokens"] == count
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ class HeadRoles:
     second_half_loss: float  # ... and on the second copy: much lower means in-context copying
     repeat_length: int
     text_tokens: int
+    chance: dict[str, float]  # each score under uniform causal attention: what "no role" looks like
 
     @property
     def copy_gain(self) -> float:
@@ -61,7 +62,8 @@ class HeadRoles:
 
 def _capture(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, list[int]], torch.Tensor]:
     capture = MapCapture()
-    with torch.inference_mode(), attach(model, observers=[capture]):
+    # no_grad, not inference_mode: the seam reads tensor version counters, which inference tensors lack.
+    with torch.no_grad(), attach(model, observers=[capture]):
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
     return capture.maps, capture.head_ids, logits
 
@@ -93,9 +95,11 @@ def measure_head_roles(
     try:
         maps, head_ids, _ = _capture(model, text_ids)
         scores: dict[tuple[int, int], dict[str, float]] = {}
+        T = text_ids.size(1)
+        q = torch.arange(2, T)
+        # Uniform causal attention gives query i a weight of 1 / (i + 1) on every key.
+        chance = {"previous_token": float((1.0 / (q + 1)).mean()), "sink": float((1.0 / (q + 1)).mean())}
         for layer, p in maps.items():  # p: (B, H, Q, K)
-            T = p.size(-1)
-            q = torch.arange(2, T)
             prev = p[:, :, q, q - 1].mean(dim=(0, 2))
             sink = p[:, :, q, 0].mean(dim=(0, 2))
             for i, h in enumerate(head_ids[layer]):
@@ -107,6 +111,7 @@ def measure_head_roles(
         # Query at 1 + L + j (second copy of r_j) should look at 2 + j (what followed r_j the first time).
         q = torch.arange(1 + L, 1 + 2 * L)
         k = q - L + 1
+        chance["induction"] = float((1.0 / (q + 1)).mean())
         for layer, p in maps.items():
             ind = p[:, :, q, k].mean(dim=(0, 2))
             for i, h in enumerate(head_ids[layer]):
@@ -120,4 +125,4 @@ def measure_head_roles(
         model.train(was_training)
     heads = [HeadScore(layer=l, head=h, induction=s.get("induction", float("nan")), previous_token=s["previous_token"], sink=s["sink"])
              for (l, h), s in sorted(scores.items())]
-    return HeadRoles(heads, first_half, second_half, L, int(text_ids.numel()))
+    return HeadRoles(heads, first_half, second_half, L, int(text_ids.numel()), chance)

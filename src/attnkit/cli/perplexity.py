@@ -40,6 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="blocks a forward pass (default: 8)")
     p.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N blocks")
     p.add_argument("--json", metavar="PATH|-", default=None, help="also write the result as JSON to PATH, or to stdout with '-'")
+    p.set_defaults(run=run)  # attnkit.cli.main dispatches through args.run
     return p
 
 
@@ -53,6 +54,7 @@ def _context_length(config) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from attnkit.data import encode_documents, load_corpus, split_blocks
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 2),
     }
     out.print(
-        f"[bold]{args.model}[/bold] on {corpus.name} [{split}]: perplexity [bold]{result.perplexity:.2f}[/bold] "
+        f"[bold]{escape(args.model)}[/bold] on {escape(corpus.name)} \\[{escape(split)}]: perplexity [bold]{result.perplexity:.2f}[/bold] "
         f"(mean NLL {result.nll:.4f} nats over {result.tokens:,} predicted tokens in {result.blocks:,} blocks "
         f"of {block_size}; {seconds:.1f} s)"
     )

@@ -108,8 +108,9 @@ def load_hf_corpus(name: str, config: str | None = None, text_column: str = "tex
     rather than separated by end-of-text tokens. ``kwargs`` go to ``datasets.load_dataset``
     (e.g. ``data_files=`` for the ``text`` builder on local files).
     """
+    full = f"{name}:{config}" if config else name
     hint = (
-        f"cannot load dataset '{name}'{':' + config if config else ''} from a Hugging Face hub"
+        f"cannot load dataset '{full}' from a Hugging Face hub"
         " ({why}). Without a hub, pass a local text file or folder instead, e.g. --dataset ./wiki.test.raw"
         " or a folder with wiki.train.raw / wiki.valid.raw / wiki.test.raw, or use the built-in 'kjv'"
     )
@@ -117,6 +118,11 @@ def load_hf_corpus(name: str, config: str | None = None, text_column: str = "tex
         import datasets
     except ImportError as e:
         raise UserError(hint.format(why="the 'datasets' package is not installed: pip install 'attnkit[data]'")) from e
+    if "data_files" not in kwargs and not datasets.config.HF_HUB_OFFLINE:
+        # Fail in seconds rather than after huggingface_hub's ~30 s of retries.
+        reason = _hub_unreachable()
+        if reason:
+            raise UserError(hint.format(why=reason))
     try:
         dd = datasets.load_dataset(name, config, **kwargs)
     except Exception as e:  # noqa: BLE001 - datasets raises many types for "not reachable / not found"
@@ -128,7 +134,23 @@ def load_hf_corpus(name: str, config: str | None = None, text_column: str = "tex
         if text_column not in ds.column_names:
             raise UserError(f"dataset '{name}' split '{split}' has no column '{text_column}' (it has {ds.column_names})")
         splits[_normal_split(split)] = ["\n".join(line.rstrip("\n") for line in ds[text_column])]
-    return Corpus(f"{name}:{config}" if config else name, splits, f"Hugging Face dataset {name}")
+    return Corpus(full, splits, f"Hugging Face dataset {full}")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to the hub endpoint (``HF_ENDPOINT``) opens, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} is not reachable: {e.strerror or type(e).__name__}"
+    return None
 
 
 def _normal_split(split: str) -> str:

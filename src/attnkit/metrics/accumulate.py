@@ -35,6 +35,9 @@ class RowChunk:
     row_valid: (B, R) bool, False for padding queries
     query_norm: (B, H, R); key_norm_max: (B, H); scale: the softmax scale
     qk_absmax: (B, H, R) largest |q.k| before scaling over visible keys (overflow check)
+    logit_max / logit_min: optional (B, H, R), the largest / smallest logit over visible keys
+        (-inf / +inf for rows that see nothing, NaN where a visible logit is NaN), for a
+        producer that has them already; they must equal ``rows.logit_extremes(logits, allowed)``
     """
 
     logits: Tensor
@@ -46,6 +49,8 @@ class RowChunk:
     key_norm_max: Tensor
     scale: float
     qk_absmax: Tensor
+    logit_max: Tensor | None = None
+    logit_min: Tensor | None = None
 
 
 class HeadStatsAccumulator:
@@ -68,34 +73,48 @@ class HeadStatsAccumulator:
         self.sampled_rows_of: int | None = None  # set when rows are a sample: rows available per sequence
 
     def update(self, c: RowChunk) -> None:
+        # One pass per reduction over the (B, H, R, K) chunk and no masked copies of it: the
+        # row extremes come from one fused min/max, the finiteness of a row from reductions
+        # that are needed anyway (a NaN or inf shows in them), and the exact per-key counts of
+        # non-finite logits are only taken when some real row may hold one. Rows that do not
+        # count are not zeroed first: every statistic is row-local and they are dropped below.
         shape = c.probs.shape
-        allowed = c.allowed.expand(shape)
+        allowed = c.allowed
+        probs, logits = c.probs, c.logits
         n_visible = R.visible_keys(allowed, shape)  # (B, H, R)
         real = c.row_valid[:, None, :].expand(shape[:-1]) & (n_visible >= 1)
 
-        visible_logits = torch.where(allowed, c.logits, 0.0)
-        finite_row = torch.isfinite(visible_logits).all(-1) & torch.isfinite(c.probs).all(-1)
-        nonfinite_count = (~torch.isfinite(visible_logits)).sum(-1)
+        if c.logit_max is not None and c.logit_min is not None:
+            lmax, lmin = c.logit_max, c.logit_min
+        else:
+            lmax, lmin = R.logit_extremes(logits, allowed)  # over visible keys; NaN propagates
+        max_p = R.max_probability(probs)  # NaN / +inf in a row shows here ...
+        sum_sq = R.sum_sq(probs)  # ... and -inf here
+        maybe_nonfinite = ~(torch.isfinite(lmax) & torch.isfinite(lmin) & torch.isfinite(max_p) & torch.isfinite(sum_sq))
         self.total_rows += real.sum((0, 2)).double()
-        self.nonfinite_rows += (real & ~finite_row).sum((0, 2)).double()
-        self.nonfinite_logits += (nonfinite_count * real).sum((0, 2)).double()
-        self.nan_logits += (torch.isnan(visible_logits).sum(-1) * real).sum((0, 2)).double()
+        if bool((real & maybe_nonfinite).any()):
+            visible_logits = torch.where(allowed, logits, 0.0)
+            finite_logits = torch.isfinite(visible_logits)
+            finite_row = finite_logits.all(-1) & torch.isfinite(probs).all(-1)
+            nonfinite_count = (~finite_logits).sum(-1)
+            self.nonfinite_rows += (real & ~finite_row).sum((0, 2)).double()
+            self.nonfinite_logits += (nonfinite_count * real).sum((0, 2)).double()
+            self.nan_logits += (torch.isnan(visible_logits).sum(-1) * real).sum((0, 2)).double()
+            ok = real & finite_row
+        else:  # every real row is finite: nothing to count
+            ok = real
 
-        use = real & finite_row & (n_visible >= 2)
+        use = ok & (n_visible >= 2)
         w = use.double()
         self.rows += w.sum((0, 2))
         self.positions += use.any(0).sum(-1).double()
         if not bool(use.any()):
-            self._update_extremes(c, real & finite_row, allowed)
+            self._update_extremes(c, ok, allowed, lmax, lmin)
             return
 
-        probs = torch.where(use[..., None], c.probs, 0.0)
-        logits = torch.where(use[..., None], c.logits, 0.0)
         n = n_visible.clamp_min(1)
         entropy = R.entropy(probs)
-        lmax, lmin = R.logit_max(logits, allowed), R.logit_min(logits, allowed)
         logit_range = torch.where(use, lmax - lmin, 0.0)
-        max_p = R.max_probability(probs)
         values = {
             "entropy": entropy,
             "entropy_sq": entropy * entropy,
@@ -103,7 +122,7 @@ class HeadStatsAccumulator:
             "effective_keys": R.effective_keys(entropy),
             "max_attention": max_p,
             "spike": (max_p > SPIKE_THRESHOLD).to(probs.dtype),
-            "row_std": R.std_over_visible(probs, allowed, n),
+            "row_std": R.std_from_sum_sq(sum_sq, n),
             "max_over_uniform": max_p * n,
             "sink_mass": R.sink_mass(probs, allowed),
             "uniform_share": 1.0 / n.to(probs.dtype),
@@ -114,18 +133,23 @@ class HeadStatsAccumulator:
                 c.query_norm, c.key_norm_max[..., None], c.scale, logit_range
             ),
         }
-        for key, v in values.items():
-            self.sums[key] += torch.where(use, v, 0.0).double().sum((0, 2))
+        totals = torch.where(use, torch.stack([values[k].double() for k in _SUMS]), 0.0).sum((1, 3))
+        for i, key in enumerate(_SUMS):
+            self.sums[key] += totals[i]
         curv = torch.where(use, values["log10_curvature"], -math.inf)
         self.log10_curvature_max = torch.maximum(self.log10_curvature_max, curv.double().amax((0, 2)))
-        self._update_extremes(c, real & finite_row, allowed)
+        self._update_extremes(c, ok, allowed, lmax, lmin)
 
-    def _update_extremes(self, c: RowChunk, rows: Tensor, allowed: Tensor) -> None:
+    def _update_extremes(
+        self, c: RowChunk, rows: Tensor, allowed: Tensor, row_max: Tensor | None = None, row_min: Tensor | None = None
+    ) -> None:
         # Extremes include rows with a single visible key and rows that went non-finite in
         # the probabilities: an overflowing logit must show up here.
         real = c.row_valid[:, None, :].expand(rows.shape)
-        lmax = torch.where(real, R.logit_max(c.logits, allowed), -math.inf)
-        lmin = torch.where(real, R.logit_min(c.logits, allowed), math.inf)
+        if row_max is None or row_min is None:
+            row_max, row_min = R.logit_extremes(c.logits, allowed)
+        lmax = torch.where(real, row_max, -math.inf)
+        lmin = torch.where(real, row_min, math.inf)
         finite_max = torch.where(torch.isfinite(lmax) | (lmax == math.inf), lmax, -math.inf)
         self.logit_max = torch.maximum(self.logit_max, finite_max.double().amax((0, 2)))
         self.logit_min = torch.minimum(self.logit_min, torch.nan_to_num(lmin, nan=math.inf, posinf=math.inf, neginf=-math.inf).double().amin((0, 2)))

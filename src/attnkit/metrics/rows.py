@@ -15,6 +15,8 @@ from torch import Tensor
 
 def visible_keys(allowed: Tensor, shape: torch.Size) -> Tensor:
     """Number of keys each row can see (causal rows see fewer)."""
+    if allowed.shape[-1] == shape[-1]:  # count on the mask as given, then broadcast: no (B, H, R, K) pass
+        return allowed.sum(-1).expand(shape[:-1]).contiguous()
     return allowed.expand(shape).sum(-1)
 
 
@@ -40,9 +42,19 @@ def max_probability(probs: Tensor) -> Tensor:
 
 def std_over_visible(probs: Tensor, allowed: Tensor, n_visible: Tensor) -> Tensor:
     """Standard deviation of a row's weights over the keys it can see (population std)."""
-    n = n_visible.clamp_min(1).to(probs.dtype)
-    mean = 1.0 / n  # rows sum to one
-    sq = (probs * probs).sum(-1) / n
+    return std_from_sum_sq(sum_sq(probs), n_visible)
+
+
+def sum_sq(probs: Tensor) -> Tensor:
+    """Sum of squared weights of each row."""
+    return (probs * probs).sum(-1)
+
+
+def std_from_sum_sq(row_sum_sq: Tensor, n_visible: Tensor) -> Tensor:
+    """``std_over_visible`` from a row's sum of squared weights (rows sum to one)."""
+    n = n_visible.clamp_min(1).to(row_sum_sq.dtype)
+    mean = 1.0 / n
+    sq = row_sum_sq / n
     return (sq - mean * mean).clamp_min(0).sqrt()
 
 
@@ -54,8 +66,29 @@ def logit_min(logits: Tensor, allowed: Tensor) -> Tensor:
     return logits.masked_fill(~allowed, math.inf).amin(-1)
 
 
+def logit_extremes(logits: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logit_max, logit_min)`` in one pass over the row, with the same values (NaN propagates).
+
+    Masked keys are filled with the row's first visible logit, which changes neither extreme;
+    rows that see nothing get -inf / +inf as ``logit_max`` / ``logit_min`` do.
+    """
+    shape = logits.shape
+    if bool(allowed.all()):
+        return logits.amax(-1), logits.amin(-1)
+    first = first_visible_index(allowed, shape).unsqueeze(-1)
+    filled = torch.where(allowed, logits, logits.gather(-1, first))
+    hi, lo = filled.amax(-1), filled.amin(-1)  # (two plain reductions beat one aminmax on CPU)
+    blind = ~allowed.any(-1)
+    if bool(blind.any()):
+        blind = blind.expand(shape[:-1])
+        hi, lo = hi.masked_fill(blind, -math.inf), lo.masked_fill(blind, math.inf)
+    return hi, lo
+
+
 def first_visible_index(allowed: Tensor, shape: torch.Size) -> Tensor:
     """Index of the first key a row can see: the sink position (0 unless left-padded)."""
+    if allowed.shape[-1] == shape[-1]:  # on the mask as given, then broadcast
+        return allowed.to(torch.uint8).argmax(-1).expand(shape[:-1]).contiguous()
     return allowed.expand(shape).to(torch.uint8).argmax(-1)
 
 

@@ -18,6 +18,8 @@ class StatsCollector(Observer):
     in the last forward, which is where a non-finite value first appears.
     """
 
+    accepts_key_prefix = True  # statistics are over visible keys: the rest may be left out
+
     def __init__(self) -> None:
         self.layers: dict[int, HeadStatsAccumulator] = {}
         self.head_ids: dict[int, list[int]] = {}

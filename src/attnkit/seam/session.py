@@ -10,13 +10,15 @@ to the observers, and computes the output itself when anything changed the proba
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.metrics import rows as rows_lib
 from attnkit.metrics.accumulate import RowChunk
+from attnkit.seam.mask_cache import LastMaskCache
 from attnkit.seam.call import AttentionCall, ObservedChunk, causal_allowed
 
 # A score modifier maps logits (B, H, R, K) float32 to logits, given the rows' key positions (R,).
@@ -27,7 +29,15 @@ Pattern = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class Observer:
-    """Sees every chunk of every observed call. Subclasses override ``observe``."""
+    """Sees every chunk of every observed call. Subclasses override ``observe``.
+
+    ``accepts_key_prefix``: True when the observer is content with chunks cut to a prefix of
+    the keys that holds every key the chunk's rows can see and each row's own position (so
+    ``probs.shape[-1]`` may be less than the call's key length). When every observer says so
+    and nothing is changed, the session skips the keys a causal row cannot see.
+    """
+
+    accepts_key_prefix = False
 
     def start_forward(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -59,7 +69,7 @@ class AttentionSession:
         heads: Sequence[int] | dict[int, Sequence[int]] | None = None,
         sample_rows: int | None = None,
         seed: int = 0,
-        chunk_elements: int = 1 << 23,
+        chunk_elements: int = 1 << 21,
     ) -> None:
         self.observers = list(observers)
         self.score_mods = list(score_mods)
@@ -72,6 +82,7 @@ class AttentionSession:
         self.query_mask: Tensor | None = None
         self.layers_seen: list[int] = []
         self._layer_of_module: dict[int, int] = {}
+        self._key_need_cache = LastMaskCache()
 
     # ------------------------------------------------------------------ selection
     def layer_of(self, module: torch.nn.Module) -> int:
@@ -128,7 +139,8 @@ class AttentionSession:
             sampled = True
 
         allowed_full = call.allowed
-        if allowed_full is None and call.extra.get("is_causal", False):
+        causal_built = allowed_full is None and call.extra.get("is_causal", False)
+        if causal_built:
             allowed_full = causal_allowed(Q, K, device)
         bias_full = call.bias
         if q_src.shape[1] != H:  # only the observed heads' logits: per-head masks follow them
@@ -136,25 +148,52 @@ class AttentionSession:
         row_valid_full = self._row_valid(B, Q, device)
         key_norm_max = k_src.float().norm(dim=-1).amax(-1)  # (B, h)
         out = torch.empty(B, H, Q, call.value.shape[-1], dtype=call.value.dtype, device=device) if computes_output else None
-        chunk = max(1, self.chunk_elements // max(1, B * q_src.shape[1] * K))
+        # Observers that only read statistics get the keys a chunk's rows can see, not all K.
+        prefix = (
+            not computes_output and allowed_full is not None and bool(self.observers)
+            and all(getattr(obs, "accepts_key_prefix", False) for obs in self.observers)
+        )
+        need = None
+        if prefix:
+            need = (rows + (K - Q) + 1) if causal_built else self._key_need(allowed_full, Q, K)[rows]
 
-        for start in range(0, rows.numel(), chunk):
-            r = rows[start : start + chunk]
+        # Logits are raw * scale and nothing else: their extremes follow from raw's.
+        plain = call.softcap is None and not self.score_mods and bias_full is None and call.scale > 0
+
+        for r, k_len in self._chunks(rows, need, B * q_src.shape[1], K):
             q = q_src[:, :, r]  # (B, h, R, D)
-            raw = torch.matmul(q, k_src.transpose(-1, -2))  # in the model's dtype: fp16 overflow shows
-            logits = raw.float() * call.scale
+            k_part = k_src if k_len == K else k_src[:, :, :k_len]
+            raw = torch.matmul(q, k_part.transpose(-1, -2))  # in the model's dtype: fp16 overflow shows
+            allowed = _rows_of(allowed_full, r, raw.shape)
+            if allowed.shape[-1] != k_len:
+                allowed = allowed[..., :k_len]
+            all_visible = bool(allowed.all())
+            qk_absmax = row_max = row_min = None
+            if self.observers and plain:
+                # Extremes of raw over visible keys give |q.k| max and, as logits = raw * scale
+                # with scale > 0 and rounding monotone, the logits' extremes exactly.
+                raw_max, raw_min = rows_lib.logit_extremes(raw, allowed)
+                qk_absmax = torch.maximum(raw_max, -raw_min).float().clamp_min(0.0).abs()
+                row_max, row_min = raw_max.float().mul_(call.scale), raw_min.float().mul_(call.scale)
+            elif self.observers:
+                qk_absmax = _visible_absmax(raw, allowed, all_visible)
+            logits = raw.float().mul_(call.scale)  # raw is not needed again: scaled in place when float32
+            del raw
             if call.softcap is not None:
                 logits = call.softcap * torch.tanh(logits / call.softcap)
             positions = r + (K - Q)
             for mod in self.score_mods:
                 modded = mod(logits, positions)
                 logits = modded if all_heads or not computes_output else _on_heads(logits, modded, head_index)
-            allowed = _rows_of(allowed_full, r, logits.shape)
             if bias_full is not None:
-                logits = logits + _rows_of(bias_full, r, logits.shape).float()
-            logits = logits.masked_fill(~allowed, -math.inf)
+                bias = _rows_of(bias_full, r, logits.shape)
+                logits = logits + (bias if bias.shape[-1] == k_len else bias[..., :k_len]).float()
+            if not all_visible:
+                logits = torch.where(allowed, logits, -math.inf)
             probs = torch.softmax(logits, dim=-1)
-            probs = torch.where(allowed.any(-1, keepdim=True), probs, 0.0)  # rows that see nothing
+            sees = allowed.any(-1, keepdim=True)
+            if not bool(sees.all()):
+                probs = torch.where(sees, probs, 0.0)  # rows that see nothing
             if self.pattern is not None:
                 replaced = self.pattern(allowed, positions, probs)
                 probs = replaced if all_heads else _on_heads(probs, replaced, head_index)
@@ -162,7 +201,6 @@ class AttentionSession:
             if self.observers:
                 sel = slice(None) if (all_heads or not computes_output) else head_index
                 obs_allowed = allowed if allowed.shape[1] == 1 else allowed[:, sel]
-                vis_raw = raw.float().abs().masked_fill(~allowed, 0.0)
                 stats = RowChunk(
                     logits=logits[:, sel],
                     probs=probs[:, sel],
@@ -172,7 +210,9 @@ class AttentionSession:
                     query_norm=q.float().norm(dim=-1)[:, sel],
                     key_norm_max=key_norm_max[:, sel],
                     scale=call.scale,
-                    qk_absmax=vis_raw.amax(-1)[:, sel],
+                    qk_absmax=qk_absmax[:, sel],
+                    logit_max=None if row_max is None else row_max[:, sel],
+                    logit_min=None if row_min is None else row_min[:, sel],
                 )
                 observed = ObservedChunk(call=call, layer=call.layer, head_ids=heads, rows=r, sampled=sampled, stats=stats)
                 for obs in self.observers:
@@ -184,6 +224,46 @@ class AttentionSession:
         if out is not None:
             return out
         return sdpa()
+
+    def _chunks(self, rows: Tensor, need: Tensor | None, per_row: int, K: int) -> Iterator[tuple[Tensor, int]]:
+        """Consecutive groups of ``rows`` with the key prefix each group needs (K without ``need``),
+        about ``chunk_elements`` logits a group."""
+        budget = self.chunk_elements
+        if need is None:
+            step = max(1, budget // max(1, per_row * K))
+            for start in range(0, rows.numel(), step):
+                yield rows[start : start + step], K
+            return
+        need_of = need.tolist()
+        n, start = len(need_of), 0
+        while start < n:
+            end, k_len = start + 1, need_of[start]
+            while end < n:
+                k_next = max(k_len, need_of[end])
+                if (end - start + 1) * k_next * per_row > budget:
+                    break
+                k_len, end = k_next, end + 1
+            yield rows[start:end], k_len
+            start = end
+
+    def _key_need(self, allowed: Tensor, Q: int, K: int) -> Tensor:
+        """(Q,) for each query row, the key prefix that holds every key it sees and its own position.
+
+        Models pass one mask to every layer, so the answer is kept for the last mask seen.
+        """
+        cached = self._key_need_cache.get(allowed, (Q, K))
+        if cached is not None:
+            return cached
+        original = allowed
+        if allowed.dim() < 4:
+            allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
+        seen = allowed.any(1) if allowed.shape[1] > 1 else allowed[:, 0]  # (B|1, Q|1, K)
+        seen = seen.any(0) if seen.shape[0] > 1 else seen[0]  # (Q|1, K)
+        last = torch.where(seen, torch.arange(1, K + 1, device=allowed.device, dtype=torch.int32), 0).amax(-1)
+        own = torch.arange(Q, device=allowed.device) + (K - Q) + 1
+        need = torch.maximum(last.to(own.dtype).expand(Q), own).clamp_max(K).cpu()
+        self._key_need_cache.put(original, need, (Q, K))
+        return need
 
     def _row_valid(self, B: int, Q: int, device: torch.device) -> Tensor:
         qm = self.query_mask
@@ -202,6 +282,13 @@ def _rows_of(t: Tensor | None, rows: Tensor, shape: torch.Size) -> Tensor:
 def _heads_of(t: Tensor | None, head_index: Tensor) -> Tensor | None:
     """The given heads of a (B|1, H|1, Q|1, K) mask or bias; unchanged when it is shared by all heads."""
     return t if t is None or t.shape[1] == 1 else t[:, head_index]
+
+
+def _visible_absmax(raw: Tensor, allowed: Tensor, all_visible: bool) -> Tensor:
+    """(B, H, R) largest |q.k| over visible keys, float32: NaN if a visible one is NaN, 0 for rows that see nothing."""
+    if not all_visible:
+        raw = torch.where(allowed, raw, 0.0)
+    return torch.maximum(raw.amax(-1), -raw.amin(-1)).float().abs()
 
 
 def _on_heads(base: Tensor, changed: Tensor, head_index: Tensor) -> Tensor:
