@@ -199,28 +199,19 @@ def table_markdown(results: list[dict], lengths: list[int], configs: list[str]) 
     by = {(r["config"], r["length"]): r for r in results}
     head = "| configuration | " + " | ".join(f"{n} tok" for n in lengths) + " |"
     sep = "|---|" + "---:|" * len(lengths)
-    out = ["**Time** (median seconds; × SDPA)", "", head, sep]
-    for c in configs:
-        cells = []
-        for n in lengths:
-            r, base = by.get((c, n)), by.get(("sdpa", n))
-            if r is None:
-                cells.append("–")
-                continue
-            ratio = f" ({r['time'] / base['time']:.2f}×)" if base else ""
-            cells.append(f"{r['time']:.3f}{ratio}")
-        out.append(f"| {c} | " + " | ".join(cells) + " |")
-    out += ["", "**Peak memory** above model + input (MiB; × SDPA)", "", head, sep]
-    for c in configs:
-        cells = []
-        for n in lengths:
-            r, base = by.get((c, n)), by.get(("sdpa", n))
-            if r is None:
-                cells.append("–")
-                continue
-            ratio = f" ({r['peak'] / base['peak']:.2f}×)" if base else ""
-            cells.append(f"{_mib(r['peak'])}{ratio}")
-        out.append(f"| {c} | " + " | ".join(cells) + " |")
+    def table(title: str, key: str, fmt) -> list[str]:
+        rows = [title, "", head, sep]
+        for c in configs:
+            cells = []
+            for n in lengths:
+                r, base = by.get((c, n)), by.get(("sdpa", n))
+                ratio = f" ({r[key] / base[key]:.2f}×)" if r and base else ""
+                cells.append(f"{fmt(r[key])}{ratio}" if r else "–")
+            rows.append(f"| {c} | " + " | ".join(cells) + " |")
+        return rows
+
+    out = table("**Time** (median seconds; × SDPA)", "time", lambda t: f"{t:.3f}")
+    out += [""] + table("**Peak memory** above model + input (MiB; × SDPA)", "peak", _mib)
     return "\n".join(out)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from attnkit.analyze.diagnose import Issue, diagnose
 from attnkit.analyze.mitigations import Mitigation, find_mitigations
 from attnkit.errors import UserError
-from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, attach
+from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, observe_forward
 
 SCHEMA_VERSION = "1.0"
 
@@ -110,18 +110,7 @@ def analyze(
     mask = inputs.get("attention_mask")
     if mask is not None:
         session.query_mask = mask.bool()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), attach(model, session):
-            session.start_forward()
-            model(**inputs)
-    except (IndexError, RuntimeError) as e:
-        if "index out of range" in str(e):
-            raise UserError(f"the input does not fit the model: {e}") from e
-        raise
-    finally:
-        model.train(was_training)
+    observe_forward(model, session, **inputs)
     if not collector.layers:
         if layers is not None:
             raise UserError(f"none of the selected layers {sorted(layers)} ran; the model has layers {sorted(set(session.layers_seen))}")

@@ -9,7 +9,7 @@
     capture.maps[0]          # (B, H, Q, K) probabilities of layer 0
 """
 
-from attnkit.seam.attach import ADAPTERS, NoAttentionError, attach
+from attnkit.seam.attach import ADAPTERS, NoAttentionError, attach, observe_forward
 from attnkit.seam.call import AttentionCall, ObservedChunk
 from attnkit.seam.observers import MapCapture, StatsCollector
 from attnkit.seam.patterns import PATTERNS
@@ -19,5 +19,5 @@ from attnkit.seam.session import AttentionSession, Observer
 
 __all__ = [
     "ADAPTERS", "AttentionCall", "AttentionSession", "MapCapture", "NoAttentionError", "ObservedChunk",
-    "Observer", "PATTERNS", "SCORE_MODS", "StatsCollector", "attach", "attention",
+    "Observer", "PATTERNS", "SCORE_MODS", "StatsCollector", "attach", "attention", "observe_forward",
 ]

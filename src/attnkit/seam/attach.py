@@ -48,3 +48,26 @@ def attach(model: nn.Module, session: AttentionSession | None = None, **session_
     finally:
         for restore in reversed(restores):
             restore()
+
+
+def observe_forward(model: nn.Module, session: AttentionSession, **inputs):
+    """One forward of ``model`` through ``session``, in eval mode without gradients.
+
+    The model is left as it was found (training mode included), also when the forward raises;
+    an input the model cannot embed (a token id past the vocabulary, a position past the
+    table) becomes a ``UserError``.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), attach(model, session):
+            session.start_forward()
+            return model(**inputs)
+    except (IndexError, RuntimeError) as e:
+        if "index out of range" in str(e):
+            raise UserError(f"the input does not fit the model: {e}") from e
+        raise
+    finally:
+        model.train(was_training)

@@ -60,18 +60,21 @@ class StatsCollector(Observer):
 class MapCapture(Observer):
     """Keeps the full attention probabilities: ``maps[layer]`` is (B, H_observed, Q, K) float32.
 
-    This is the n x n memory attnkit otherwise avoids; use it for a few layers or short inputs.
-    A second forward replaces the maps of the first.
+    With ``keep_logits`` also the pre-softmax logits, with ``keep_allowed`` the bool mask of
+    keys each row could see. This is the n x n memory attnkit otherwise avoids; use it for a few
+    layers or short inputs. A second forward replaces the maps of the first.
     """
 
-    def __init__(self, keep_logits: bool = False) -> None:
+    def __init__(self, keep_logits: bool = False, keep_allowed: bool = False) -> None:
         self.keep_logits = keep_logits
+        self.keep_allowed = keep_allowed
         self.maps: dict[int, Tensor] = {}
         self.logits: dict[int, Tensor] = {}
+        self.allowed: dict[int, Tensor] = {}
         self.head_ids: dict[int, list[int]] = {}
 
     def start_forward(self) -> None:
-        self.maps, self.logits = {}, {}
+        self.maps, self.logits, self.allowed = {}, {}, {}
 
     def observe(self, chunk: ObservedChunk) -> None:
         s, layer = chunk.stats, chunk.layer
@@ -81,7 +84,12 @@ class MapCapture(Observer):
             self.maps[layer] = torch.full((B, h, Q, K), torch.nan)
             if self.keep_logits:
                 self.logits[layer] = torch.full((B, h, Q, K), torch.nan)
+            if self.keep_allowed:
+                self.allowed[layer] = torch.zeros((B, h, Q, K), dtype=torch.bool)
             self.head_ids[layer] = list(chunk.head_ids)
-        self.maps[layer][:, :, chunk.rows.cpu()] = s.probs.detach().float().cpu()
+        rows = chunk.rows.cpu()
+        self.maps[layer][:, :, rows] = s.probs.detach().float().cpu()
         if self.keep_logits:
-            self.logits[layer][:, :, chunk.rows.cpu()] = s.logits.detach().float().cpu()
+            self.logits[layer][:, :, rows] = s.logits.detach().float().cpu()
+        if self.keep_allowed:
+            self.allowed[layer][:, :, rows] = s.allowed.detach().cpu().expand(B, h, len(rows), K)

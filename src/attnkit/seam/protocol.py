@@ -26,7 +26,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from attnkit.seam.call import AttentionCall, causal_allowed, expand_kv, split_mask

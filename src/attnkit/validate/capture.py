@@ -1,8 +1,8 @@
 """Run the model once through the seam and keep what the sections look at.
 
 The sections never touch the model's modules: this module asks the seam for the attention
-probabilities of every layer and the mask each row was given (``MaskedMapCapture``, an
-observer), and asks the model itself for its hidden states (``output_hidden_states=True``).
+probabilities of every layer and the mask each row was given (``MapCapture`` with
+``keep_allowed``), and asks the model itself for its hidden states (``output_hidden_states=True``).
 Everything n × n is kept here on purpose: validate works on a modest sample (a few sequences of
 ~128 tokens).
 """
@@ -18,29 +18,7 @@ from torch import Tensor, nn
 
 from attnkit.errors import UserError
 from attnkit.metrics import rows as R
-from attnkit.seam import AttentionSession, NoAttentionError, ObservedChunk, Observer, attach
-
-
-class MaskedMapCapture(Observer):
-    """Full probabilities and the allowed-key mask of each layer: (B, H, Q, K) float32 / bool."""
-
-    def __init__(self) -> None:
-        self.maps: dict[int, Tensor] = {}
-        self.allowed: dict[int, Tensor] = {}
-
-    def start_forward(self) -> None:
-        self.maps, self.allowed = {}, {}
-
-    def observe(self, chunk: ObservedChunk) -> None:
-        s, layer = chunk.stats, chunk.layer
-        B, h, _, K = s.probs.shape
-        Q = chunk.call.query_length
-        if layer not in self.maps or self.maps[layer].shape != (B, h, Q, K):
-            self.maps[layer] = torch.full((B, h, Q, K), torch.nan)
-            self.allowed[layer] = torch.zeros((B, h, Q, K), dtype=torch.bool)
-        rows = chunk.rows.cpu()
-        self.maps[layer][:, :, rows] = s.probs.detach().float().cpu()
-        self.allowed[layer][:, :, rows] = s.allowed.detach().cpu().expand(B, h, len(rows), K)
+from attnkit.seam import AttentionSession, MapCapture, NoAttentionError, observe_forward
 
 
 @dataclass
@@ -145,22 +123,11 @@ def token_classes(tokenizer, ids: Tensor) -> tuple[list[list[str]], set[int], di
 @torch.no_grad()
 def capture(model: nn.Module, tokenizer, input_ids: Tensor) -> Captured:
     """One forward of ``model`` on ``input_ids`` with every layer's attention kept; the model is left as found."""
-    observer = MaskedMapCapture()
+    observer = MapCapture(keep_allowed=True)
     session = AttentionSession(observers=[observer])
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    try:
-        with attach(model, session):
-            session.start_forward()
-            out = model(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
-                        output_hidden_states=True)
-    except (IndexError, RuntimeError) as e:
-        if "index out of range" in str(e):
-            raise UserError(f"the input does not fit the model: {e}") from e
-        raise
-    finally:
-        model.train(was_training)
+    out = observe_forward(model, session, input_ids=input_ids.to(device),
+                          attention_mask=torch.ones_like(input_ids).to(device), output_hidden_states=True)
     if not observer.maps:
         raise NoAttentionError(f"{type(model).__name__} ran no attention call attnkit could see")
     hidden = getattr(out, "hidden_states", None)
