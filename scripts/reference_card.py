@@ -1,6 +1,10 @@
 """Measure a trained reference model and write its model card (README.md) and eval_results.json.
 
-Called by ``train_reference.py`` after training; on its own: ``python scripts/reference_card.py [DIR]``.
+Called by ``train_reference.py`` after training; on its own:
+
+    python scripts/reference_card.py [DIR]                         # re-measure DIR (default: the shipped model)
+    python scripts/reference_card.py [DIR] --reproduction RUN_DIR  # also record a second training run's test perplexity
+
 Every number in the card comes from a measurement made here or from training.json.
 """
 
@@ -8,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -16,13 +19,18 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = REPO / "src" / "attnkit" / "models" / "reference"
-EVAL_BLOCK_SIZE = 256
+MAX_EVAL_BLOCK_SIZE = 256  # blocks are the model's context, up to this
 EVAL_BATCH_SIZE = 8
 SLICE_BLOCKS = 4  # the slice the test-suite re-evaluates through the CLI
 HEAD_TEXT_BLOCKS = 8  # test blocks of natural text for previous-token and sink scores
-# A head "has" a role when its score clears these; chance levels on 256-token text are ~0.01-0.02.
+# A head "has" a role when its score clears these; chance levels on 128-256-token text are ~0.01-0.04.
 ROLE_THRESHOLDS = {"previous_token": 0.4, "induction": 0.3, "sink": 0.5}
 ROLE_NAMES = {"previous_token": "previous-token", "induction": "induction", "sink": "first-token sink"}
+
+
+def repeat_length(block_size: int) -> int:
+    """Length of the random sequence the induction score repeats: [first] + r + r must fit the context."""
+    return min(64, (block_size - 1) // 2)
 
 
 def measure(model_dir: Path) -> dict:
@@ -36,6 +44,7 @@ def measure(model_dir: Path) -> dict:
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    block_size = min(MAX_EVAL_BLOCK_SIZE, model.config.n_positions)
     corpus = load_corpus("kjv")
     chapters = load_chapters()
 
@@ -56,13 +65,13 @@ def measure(model_dir: Path) -> dict:
     single = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1 for w in set(words)}
     splits["test"]["single_token_word_share"] = round(sum(single[w] for w in words) / len(words), 3)
 
-    results: dict = {"splits": splits, "block_size": EVAL_BLOCK_SIZE, "perplexity": {}, "unigram_perplexity": {}}
+    results: dict = {"splits": splits, "block_size": block_size, "perplexity": {}, "unigram_perplexity": {}}
     t0 = time.time()
     for name in ("validation", "test"):
-        blocks = split_blocks(ids[name], EVAL_BLOCK_SIZE)
+        blocks = split_blocks(ids[name], block_size)
         results["perplexity"][name] = evaluate_perplexity(model, blocks, EVAL_BATCH_SIZE).to_dict()
         results["unigram_perplexity"][name] = unigram_perplexity(ids["train"], blocks, len(tokenizer)).to_dict()
-    test_blocks = split_blocks(ids["test"], EVAL_BLOCK_SIZE)
+    test_blocks = split_blocks(ids["test"], block_size)
     results["perplexity"][f"test_first_{SLICE_BLOCKS}_blocks"] = evaluate_perplexity(
         model, test_blocks[:SLICE_BLOCKS], EVAL_BATCH_SIZE
     ).to_dict()
@@ -72,9 +81,8 @@ def measure(model_dir: Path) -> dict:
     results["eval_seconds"] = round(time.time() - t0, 1)
 
     eot = tokenizer.eos_token_id
-    roles = measure_head_roles(
-        model, torch.stack(test_blocks[:HEAD_TEXT_BLOCKS]), len(tokenizer), exclude={eot}, seed=0
-    )
+    roles = measure_head_roles(model, torch.stack(test_blocks[:HEAD_TEXT_BLOCKS]), len(tokenizer), exclude={eot},
+                               repeat_length=repeat_length(block_size), seed=0)
     results["heads"] = roles.to_dict()
 
     prompt = "And God said"
@@ -158,16 +166,29 @@ def render_card(results: dict, training: dict) -> str:
         f"batch {cfg['batch_size']} x {cfg['block_size']} tokens at random offsets of the train stream, "
         f"learning rate {cfg['lr']:g} after {cfg['warmup_steps']} warmup steps, cosine decay to {cfg['min_lr']:g}, "
         f"gradient clip {cfg['grad_clip']}, dropout {cfg['dropout']} (none on attention), seed {cfg['seed']}.",
+        (f"- Position table initialised to sinusoids of amplitude {cfg['position_amplitude']:g} (Vaswani et al., 2017) and "
+         "then learnt, without weight decay: GPT-2's random initialisation leaves position *i* and *i*-1 unrelated, "
+         "which delays previous-token heads."
+         if cfg.get("position_init", "learned") == "sinusoidal" else "- Position table: GPT-2's random initialisation, learnt."),
         f"- Tokens seen: {training['tokens_seen']:,} ({training['tokens_seen'] / training['train_tokens']:.1f} "
         "passes over the train split).",
         f"- Training time: {training['train_seconds'] / 60:.1f} min ({training['total_seconds'] / 60:.1f} min "
-        f"end to end) wall clock on {training['machine']['cpu_threads']} CPU threads, torch {training['machine']['torch']}"
+        f"end to end) wall clock on {training['machine']['cpu_threads']} CPU thread{'s' if training['machine']['cpu_threads'] != 1 else ''}, torch {training['machine']['torch']}"
         + (f"; {training['train_cpu_seconds'] / 60:.1f} min of CPU time (the wall time includes waiting for a CPU "
            "shared with other jobs)." if "train_cpu_seconds" in training else "."),
         "- Validation loss during training (first "
         f"{cfg['eval_blocks']} validation blocks): "
         + ", ".join(f"step {e['step']}: {e['val_loss']:.3f}" for e in val_log)
         + ".",
+        *([
+            "- Heads forming during training (best head's score on 2 validation blocks and a 32-token repeated "
+            "random sequence; copy gain = first-copy loss - second-copy loss, nats):",
+            "",
+            "| step | previous-token | induction | sink | copy gain |",
+            "|---:|---:|---:|---:|---:|",
+            *(f"| {e['step']:,} | {e['best_previous_token']:.2f} | {e['best_induction']:.2f} | {e['best_sink']:.2f} | "
+              f"{e['copy_gain']:.2f} |" for e in val_log if "best_sink" in e),
+        ] if any("best_sink" in e for e in val_log) else []),
         "",
         "## Evaluation",
         "",
@@ -252,14 +273,54 @@ def render_card(results: dict, training: dict) -> str:
         "draws the same batches; on other hardware floating-point order differs, so the weights differ slightly.",
         "",
     ]
+    rep = results.get("reproduction")
+    if rep:
+        change = rep["test_perplexity"] / ppl["test"]["perplexity"] - 1
+        lines += [
+            f"A second run of the same command ({rep['train_seconds'] / 60:.1f} min of training) reached test perplexity "
+            f"{_fmt(rep['test_perplexity'])} against this model's {_fmt(ppl['test']['perplexity'])} ({change:+.2%}); "
+            f"its best previous-token / induction heads scored {_fmt(rep['best_previous_token'])} / {_fmt(rep['best_induction'])}"
+            + ("; its weights are bit-identical to these." if rep.get("identical_weights") else "; its weights differ from these."),
+            "",
+        ]
     return "\n".join(lines)
 
 
-def write_card(model_dir: Path) -> dict:
+def measure_reproduction(run_dir: Path, model_dir: Path, block_size: int) -> dict:
+    """A second training run's test perplexity and best heads, measured the same way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attnkit.analyze.heads import measure_head_roles
+    from attnkit.data import encode_documents, load_corpus, split_blocks
+    from attnkit.perplexity import evaluate_perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    test_blocks = split_blocks(encode_documents(tokenizer, load_corpus("kjv").splits["test"]), block_size)
+    roles = measure_head_roles(model, torch.stack(test_blocks[:HEAD_TEXT_BLOCKS]), len(tokenizer),
+                               exclude={tokenizer.eos_token_id}, repeat_length=repeat_length(block_size), seed=0)
+    training = json.loads((run_dir / "training.json").read_text())
+    from safetensors.torch import load_file
+
+    mine, theirs = load_file(model_dir / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    identical = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    return {
+        "run": run_dir.name,
+        "identical_weights": identical,
+        "train_seconds": training["train_seconds"],
+        "test_perplexity": evaluate_perplexity(model, test_blocks, EVAL_BATCH_SIZE).perplexity,
+        "best_previous_token": roles.best("previous_token").previous_token,
+        "best_induction": roles.best("induction").induction,
+    }
+
+
+def write_card(model_dir: Path, reproduction: Path | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir = Path(model_dir)
     training = json.loads((model_dir / "training.json").read_text())
     results = measure(model_dir)
+    if reproduction is not None:
+        results["reproduction"] = measure_reproduction(Path(reproduction), model_dir, results["block_size"])
     (model_dir / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
     (model_dir / "README.md").write_text(render_card(results, training))
     print(f"wrote {model_dir / 'README.md'}: test perplexity {results['perplexity']['test']['perplexity']:.2f} "
@@ -268,4 +329,10 @@ def write_card(model_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    write_card(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_DIR)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", nargs="?", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--reproduction", type=Path, help="a second run of train_reference.py to compare against")
+    args = parser.parse_args()
+    write_card(args.model_dir, args.reproduction)

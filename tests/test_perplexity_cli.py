@@ -28,9 +28,10 @@ def test_reproduces_card_slice(tmp_path):
     assert _run(["reference", "--dataset", "kjv", "--split", "test", "--max-blocks", "4", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     want = RESULTS["perplexity"]["test_first_4_blocks"]
-    assert got["blocks"] == 4 and got["tokens"] == want["tokens"] == 4 * 255
+    block = RESULTS["block_size"]
+    assert got["blocks"] == 4 and got["tokens"] == want["tokens"] == 4 * (block - 1)
     assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
-    assert got["split"] == "test" and got["block_size"] == 256
+    assert got["split"] == "test" and got["block_size"] == block
 
 
 def test_defaults_are_reference_on_kjv_test(capsys):

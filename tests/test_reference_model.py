@@ -58,7 +58,7 @@ def test_builtin_name_resolves():
 
 def test_beats_unigram_by_a_wide_margin(loaded, streams):
     model, tokenizer = loaded
-    blocks = split_blocks(streams["test"], 256)[:4]
+    blocks = split_blocks(streams["test"], RESULTS["block_size"])[:4]
     ppl = evaluate_perplexity(model, blocks).perplexity
     unigram = unigram_perplexity(streams["train"], blocks, len(tokenizer)).perplexity
     assert ppl * 5 < unigram
@@ -88,7 +88,7 @@ def roles(loaded, streams):
     from attnkit.analyze.heads import measure_head_roles
 
     model, tokenizer = loaded
-    text = torch.stack(split_blocks(streams["test"], 256)[:2])
+    text = torch.stack(split_blocks(streams["test"], RESULTS["block_size"])[:2])
     return measure_head_roles(model, text, len(tokenizer), exclude={tokenizer.eos_token_id}, repeat_length=48, batch=4)
 
 
@@ -103,11 +103,36 @@ def test_head_scores_cover_every_head(loaded, roles):
     assert len(RESULTS["heads"]["heads"]) == len(roles.heads)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped 1,500-step model has not formed specialised heads yet (card: best previous-token 0.05)")
-def test_heads_have_real_roles(roles):
-    """Measured afresh through the seam: a previous-token head, an induction head, in-context copying."""
-    assert roles.best("previous_token").previous_token > 0.4
+def test_a_previous_token_head_formed(roles):
+    """Measured afresh through the seam on other text than the card's: the card's previous-token head."""
+    best = roles.best("previous_token")
+    assert best.previous_token > 0.3 and best.previous_token > 10 * roles.chance["previous_token"]
+    card_best = RESULTS["heads"]["best"]["previous_token"]
+    assert (best.layer, best.head) == (card_best["layer"], card_best["head"])
+    # One specialised head, not a model-wide shift: most heads stay far below it.
+    others = sorted(h.previous_token for h in roles.heads)[:-1]
+    assert others[-1] < best.previous_token / 2
+
+
+@pytest.mark.xfail(strict=True, reason="10M tokens of training formed a previous-token head but no induction head, "
+                   "no in-context copying and no first-token sink (model card)")
+def test_induction_head_and_sink_formed(roles):
     assert roles.best("induction").induction > 0.2
     assert roles.copy_gain > 1.0  # the second copy of a random sequence is much easier than the first
-    # Uniform attention over ~128 keys would score ~0.01 on every role.
     assert roles.best("sink").sink > 0.2
+
+
+def test_analyze_with_no_argument_runs_on_the_reference_model_offline():
+    """The README's first command, minus the install: ``attnkit analyze`` with nothing to find."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "attnkit.cli.main", "analyze", "--json", "-"], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    assert doc["model"] == "reference"
+    assert {(h["layer"], h["head"]) for h in doc["heads"]} == {
+        (l, h) for l in range(config["n_layer"]) for h in range(config["n_head"])}
+    assert doc["tokens"] == config["n_positions"]  # the built-in passage fills the context

@@ -50,3 +50,21 @@ def test_reference_report_is_healthy(report):
     cfg = json.loads((REFERENCE_DIR / "config.json").read_text())
     width = cfg["n_embd"]  # GPT-2's fused c_attn: the query and key columns and their biases, every layer
     assert report.section("gradients").figures["parameters"] == cfg["n_layer"] * 2 * width * (width + 1)
+
+
+def test_per_head_classification_finds_the_sharp_heads(report):
+    """Independent reference: the model card's head roles, measured by measure_head_roles on other text.
+
+    A head that the card names previous-token puts much of each row on a single key, so [5/9]
+    must call it sharp; heads the card finds no role for must not all be sharp.
+    """
+    import json
+
+    card = json.loads((REFERENCE_DIR / "eval_results.json").read_text())["heads"]
+    named = {f"L{h['layer']}H{h['head']}" for h in card["heads"] if h["previous_token"] >= 0.4}
+    assert named, "the card names no previous-token head"
+    sharp = set(report.section("heads").figures["sharp"])
+    assert named <= sharp
+    assert len(sharp) < len(card["heads"])
+    check = {c.name: c for c in report.section("heads").checks}["sharp_heads"]
+    assert check.status == "ok" and all(name in check.message for name in named)

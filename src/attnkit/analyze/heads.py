@@ -90,6 +90,12 @@ def measure_head_roles(
     exclude: set[int] | None = None,
 ) -> HeadRoles:
     """Score every head of ``model`` on ``text_ids`` (B, T) of natural text and on repeated random tokens."""
+    from attnkit.analyze.run import max_positions
+
+    context = max_positions(model)
+    if context is not None and 1 + 2 * repeat_length > context:
+        raise ValueError(f"repeat_length {repeat_length} gives {1 + 2 * repeat_length} tokens; the model takes "
+                         f"{context}: use at most {(context - 1) // 2}")
     was_training = model.training
     model.eval()
     try:
