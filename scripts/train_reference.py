@@ -1,8 +1,9 @@
 """Train attnkit's reference model: a small GPT-2 on the King James Bible, on CPU.
 
-    python scripts/train_reference.py                      # ~40 min on one core; writes src/attnkit/models/reference/
+    python scripts/train_reference.py                      # ~35 min on one CPU thread; writes src/attnkit/models/reference/
     python scripts/train_reference.py --out runs/ref2      # reproduce elsewhere without touching the shipped model
     python scripts/train_reference.py --card-only          # re-measure and rewrite the model card only
+    python scripts/reference_card.py --reproduction runs/ref2   # ... and record the second run in it
 
 Steps: (1) train a byte-level BPE tokenizer on the train split, (2) train a GPT2LMHeadModel on
 random 128-token windows of the train stream with AdamW and a warmup + cosine schedule,
