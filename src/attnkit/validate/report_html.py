@@ -225,7 +225,8 @@ def _render(report: ValidationReport) -> str:
     for k, sec in enumerate(report.sections, 1):
         parts.append(f"<h2 id='{_e(sec.key)}'>[{k}/{n}] {_e(sec.title)}</h2>")
         if sec.notes:
-            parts.append("<pre>" + _e("\n".join(sec.notes)) + "</pre>")
+            # Notes carry the console's ❌, which needs an emoji font the page cannot count on.
+            parts.append("<pre>" + _e("\n".join(sec.notes).replace("❌", SYMBOLS[CRITICAL])) + "</pre>")
         parts.append("<ul class='checks'>" + "".join(
             f"<li class='{c.status}'><span class='sym' style='color:{COLORS[c.status]}'>{SYMBOLS[c.status]}</span>{_e(c.message)}</li>"
             for c in sec.checks) + "</ul>")
