@@ -23,8 +23,9 @@ def render_analysis(a: Analysis, console: Console) -> None:
         if issue.layer is not None and issue.head is not None:
             by_head.setdefault((issue.layer, issue.head), []).append(issue)
     num_heads = max(h["head"] for h in a.heads) + 1
-    table = Table(title="normalised entropy per head (1 = uniform, 0 = one key); letters mark issues",
-                  show_lines=False, header_style="bold")
+    # A caption line, not a table title: rich wraps titles to the table's width (4 heads = 4 lines).
+    console.print("normalised entropy per head (1 = uniform, 0 = one key); letters mark issues")
+    table = Table(show_lines=False, header_style="bold")
     table.add_column("layer", justify="right")
     for head in range(num_heads):
         table.add_column(str(head), justify="center")
