@@ -55,8 +55,8 @@ class TrainConfig:
     position_amplitude: float = 0.05
     dropout: float = 0.0  # a few passes over the train split: too few to overfit, and dropout slows head formation
     # Optimisation. Small steps (batch x context tokens): induction heads appear after about
-    # 10^5.7 * sqrt(batch * context) tokens (Aoyama et al., 2025), so fewer tokens a step means
-    # they form after fewer tokens in all.
+    # 10^5.7 * sqrt(batch * context) tokens (Aoyama et al., 2025), so fewer tokens a step should
+    # mean fewer tokens in all (~8M here). They had not formed by 10.2M tokens (model card).
     steps: int = 40_000
     batch_size: int = 2
     lr: float = 1.5e-3
@@ -130,13 +130,22 @@ def sinusoids(positions: int, dim: int) -> torch.Tensor:
     return table
 
 
+def _sinusoidal_positions(wpe: torch.Tensor, cfg: TrainConfig) -> None:
+    with torch.no_grad():
+        wpe.copy_(cfg.position_amplitude * sinusoids(*wpe.shape))
+
+
+def _learned_positions(wpe: torch.Tensor, cfg: TrainConfig) -> None:
+    """GPT-2's own N(0, 0.02) initialisation, already applied by the model."""
+
+
+POSITION_INITS = {"sinusoidal": _sinusoidal_positions, "learned": _learned_positions}
+
+
 def init_positions(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    wpe = model.transformer.wpe.weight  # (T, C)
-    if cfg.position_init == "sinusoidal":
-        with torch.no_grad():
-            wpe.copy_(cfg.position_amplitude * sinusoids(*wpe.shape))
-    elif cfg.position_init != "learned":
-        raise SystemExit(f"--position-init must be 'sinusoidal' or 'learned', not {cfg.position_init!r}")
+    if cfg.position_init not in POSITION_INITS:
+        raise SystemExit(f"--position-init must be one of {sorted(POSITION_INITS)}, not {cfg.position_init!r}")
+    POSITION_INITS[cfg.position_init](model.transformer.wpe.weight, cfg)  # (T, C)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
