@@ -29,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "attnkit" / "models" / "reference"
 EOT = "<|endoftext|>"
+LOG_EVERY = 100  # steps between entries of training.json's loss log (every step made it 3 MB)
 
 
 @dataclass
@@ -241,7 +242,8 @@ def train(out: Path, cfg: TrainConfig) -> None:
                     f"best previous-token {entry['best_previous_token']:.2f}, induction {entry['best_induction']:.2f}, "
                     f"sink {entry['best_sink']:.2f}, copy gain {entry['copy_gain']:.2f} nats"
                 )
-            log.append(entry)
+            if (step + 1) % LOG_EVERY == 0 or "val_loss" in entry:
+                log.append(entry)
             progress.update(task, advance=1, loss=running)
     train_seconds = time.time() - t_train
     # CPU time tells an unshared machine's wall time (about cpu / threads) when others share the cores.
