@@ -183,20 +183,22 @@ def _ablation_table(report: ValidationReport) -> str:
     variants = fig.get("variants", {})
     if not variants:
         return ""
+    # Per metric: the number columns, and the bar's width in px (the worst variant is 200 px).
     if fig.get("metric") == "loss":
         worst = max(v["loss"] for v in variants.values()) or 1.0
-        rows = "".join(
-            f"<tr><td class='k'>{_e(name)}</td><td>{v['loss']:.4f}</td><td>{v['perplexity']:.2f}</td>"
-            f"<td>{v.get('delta_loss', 0.0):+.4f}</td><td class='k'><span class='bar' style='width:{200 * v['loss'] / worst:.0f}px'>"
-            f"</span></td><td class='k'>{_e(v['pattern'])}</td></tr>" for name, v in variants.items())
-        return ("<table><tr><th>variant</th><th>loss</th><th>perplexity</th><th>Δloss</th><th></th><th>pattern</th></tr>"
-                + rows + "</table>")
+        columns = [("loss", lambda v: f"{v['loss']:.4f}"), ("perplexity", lambda v: f"{v['perplexity']:.2f}"),
+                   ("Δloss", lambda v: f"{v.get('delta_loss', 0.0):+.4f}")]
+        bar = lambda v: 200 * v["loss"] / worst  # noqa: E731
+    else:
+        columns = [("token cosine", lambda v: f"{v['token_cosine']:.4f}"),
+                   ("pooled cosine", lambda v: f"{v['pooled_cosine']:.4f}")]
+        bar = lambda v: 200 * max(v["pooled_cosine"], 0)  # noqa: E731
+    header = "<tr><th>variant</th>" + "".join(f"<th>{name}</th>" for name, _ in columns) + "<th></th><th>pattern</th></tr>"
     rows = "".join(
-        f"<tr><td class='k'>{_e(name)}</td><td>{v['token_cosine']:.4f}</td><td>{v['pooled_cosine']:.4f}</td>"
-        f"<td class='k'><span class='bar' style='width:{200 * max(v['pooled_cosine'], 0):.0f}px'></span></td>"
-        f"<td class='k'>{_e(v['pattern'])}</td></tr>" for name, v in variants.items())
-    return ("<table><tr><th>variant</th><th>token cosine</th><th>pooled cosine</th><th></th><th>pattern</th></tr>"
-            + rows + "</table>")
+        f"<tr><td class='k'>{_e(name)}</td>" + "".join(f"<td>{cell(v)}</td>" for _, cell in columns)
+        + f"<td class='k'><span class='bar' style='width:{bar(v):.0f}px'></span></td><td class='k'>{_e(v['pattern'])}</td></tr>"
+        for name, v in variants.items())
+    return f"<table>{header}{rows}</table>"
 
 
 def render_html(report: ValidationReport) -> str:
