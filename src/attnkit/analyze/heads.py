@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from attnkit.seam import attach
-from attnkit.seam.observers import MapCapture
+from attnkit.seam import AttentionSession, MapCapture, observe_forward
 
 ROLES = ("previous_token", "induction", "sink")
 
@@ -62,10 +61,10 @@ class HeadRoles:
 
 def _capture(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, list[int]], torch.Tensor]:
     capture = MapCapture()
-    # no_grad, not inference_mode: the seam reads tensor version counters, which inference tensors lack.
-    with torch.no_grad(), attach(model, observers=[capture]):
-        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
-    return capture.maps, capture.head_ids, logits
+    # observe_forward: eval mode and no_grad (not inference_mode: the seam reads tensor version
+    # counters), the model's training mode restored also when the forward raises.
+    out = observe_forward(model, AttentionSession([capture]), input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    return capture.maps, capture.head_ids, out.logits
 
 
 def repeated_random_tokens(
@@ -96,39 +95,34 @@ def measure_head_roles(
     if context is not None and 1 + 2 * repeat_length > context:
         raise ValueError(f"repeat_length {repeat_length} gives {1 + 2 * repeat_length} tokens; the model takes "
                          f"{context}: use at most {(context - 1) // 2}")
-    was_training = model.training
-    model.eval()
-    try:
-        maps, head_ids, _ = _capture(model, text_ids)
-        scores: dict[tuple[int, int], dict[str, float]] = {}
-        T = text_ids.size(1)
-        q = torch.arange(2, T)
-        # Uniform causal attention gives query i a weight of 1 / (i + 1) on every key.
-        chance = {"previous_token": float((1.0 / (q + 1)).mean()), "sink": float((1.0 / (q + 1)).mean())}
-        for layer, p in maps.items():  # p: (B, H, Q, K)
-            prev = p[:, :, q, q - 1].mean(dim=(0, 2))
-            sink = p[:, :, q, 0].mean(dim=(0, 2))
-            for i, h in enumerate(head_ids[layer]):
-                scores[(layer, h)] = {"previous_token": float(prev[i]), "sink": float(sink[i])}
+    maps, head_ids, _ = _capture(model, text_ids)
+    scores: dict[tuple[int, int], dict[str, float]] = {}
+    T = text_ids.size(1)
+    q = torch.arange(2, T)
+    # Uniform causal attention gives query i a weight of 1 / (i + 1) on every key.
+    chance = {"previous_token": float((1.0 / (q + 1)).mean()), "sink": float((1.0 / (q + 1)).mean())}
+    for layer, p in maps.items():  # p: (B, H, Q, K)
+        prev = p[:, :, q, q - 1].mean(dim=(0, 2))
+        sink = p[:, :, q, 0].mean(dim=(0, 2))
+        for i, h in enumerate(head_ids[layer]):
+            scores[(layer, h)] = {"previous_token": float(prev[i]), "sink": float(sink[i])}
 
-        L = repeat_length
-        ids = repeated_random_tokens(vocab_size, L, batch, first_token, seed, exclude)
-        maps, head_ids, logits = _capture(model, ids)
-        # Query at 1 + L + j (second copy of r_j) should look at 2 + j (what followed r_j the first time).
-        q = torch.arange(1 + L, 1 + 2 * L)
-        k = q - L + 1
-        chance["induction"] = float((1.0 / (q + 1)).mean())
-        for layer, p in maps.items():
-            ind = p[:, :, q, k].mean(dim=(0, 2))
-            for i, h in enumerate(head_ids[layer]):
-                scores.setdefault((layer, h), {"previous_token": float("nan"), "sink": float("nan")})["induction"] = float(ind[i])
+    L = repeat_length
+    ids = repeated_random_tokens(vocab_size, L, batch, first_token, seed, exclude)
+    maps, head_ids, logits = _capture(model, ids)
+    # Query at 1 + L + j (second copy of r_j) should look at 2 + j (what followed r_j the first time).
+    q = torch.arange(1 + L, 1 + 2 * L)
+    k = q - L + 1
+    chance["induction"] = float((1.0 / (q + 1)).mean())
+    for layer, p in maps.items():
+        ind = p[:, :, q, k].mean(dim=(0, 2))
+        for i, h in enumerate(head_ids[layer]):
+            scores.setdefault((layer, h), {"previous_token": float("nan"), "sink": float("nan")})["induction"] = float(ind[i])
 
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")  # (B, 2L)
-        # nll[:, t] predicts token t + 1: first copy is tokens 2..L (t = 1..L-1), second copy tokens L+2..2L.
-        first_half = float(nll[:, 1:L].mean())
-        second_half = float(nll[:, L + 1 :].mean())
-    finally:
-        model.train(was_training)
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")  # (B, 2L)
+    # nll[:, t] predicts token t + 1: first copy is tokens 2..L (t = 1..L-1), second copy tokens L+2..2L.
+    first_half = float(nll[:, 1:L].mean())
+    second_half = float(nll[:, L + 1 :].mean())
     heads = [HeadScore(layer=l, head=h, induction=s.get("induction", float("nan")), previous_token=s["previous_token"], sink=s["sink"])
              for (l, h), s in sorted(scores.items())]
     return HeadRoles(heads, first_half, second_half, L, int(text_ids.numel()), chance)
