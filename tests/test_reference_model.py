@@ -104,7 +104,7 @@ def test_head_scores_cover_every_head(loaded, roles):
 
 
 def test_a_previous_token_head_formed(roles):
-    """Measured afresh through the seam on other text than the card's: the card's previous-token head."""
+    """Measured afresh through the seam (on 2 of the card's 8 test blocks): the card's previous-token head."""
     best = roles.best("previous_token")
     assert best.previous_token > 0.3 and best.previous_token > 10 * roles.chance["previous_token"]
     card_best = RESULTS["heads"]["best"]["previous_token"]

@@ -53,7 +53,7 @@ def test_reference_report_is_healthy(report):
 
 
 def test_per_head_classification_finds_the_sharp_heads(report):
-    """Independent reference: the model card's head roles, measured by measure_head_roles on other text.
+    """Independent reference: the model card's head roles, measured by measure_head_roles (attention on i-1, not entropy).
 
     A head that the card names previous-token puts much of each row on a single key, so [5/9]
     must call it sharp; heads the card finds no role for must not all be sharp.
