@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import lzma
 import re
+import shutil
 
 import pytest
 import torch
@@ -48,7 +50,7 @@ def test_kjv_split_is_by_chapter_and_disjoint():
 
 def test_kjv_split_is_deterministic():
     first = bible.kjv_splits()
-    bible.load_chapters.cache_clear()  # re-run `bible` and re-parse
+    bible.load_chapters.cache_clear()  # read and parse the text again
     second = bible.kjv_splits()
     assert first == second
     assert [bible.chapter_split(k) for k in range(40)] == [bible.chapter_split(k) for k in range(40)]
@@ -71,7 +73,43 @@ def test_kjv_text_has_no_verse_references():
         assert not any(ref.search(d) for d in docs)
 
 
-def test_missing_bible_command_says_how_to_install(monkeypatch):
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv-text is not installed (bible command)")
+def test_shipped_text_gives_the_same_verses_and_splits_as_debian():
+    shipped = bible.chapters_from_text(bible.read_shipped_text())
+    debian = bible.chapters_from_text(bible.run_bible())
+    assert len(shipped) == len(debian) == 1189
+    assert shipped == debian  # every chapter: book, number, verses, hence every split
+    assert [c.split for c in shipped] == [c.split for c in debian]
+
+
+def test_the_corpus_is_read_from_the_shipped_text_first():
+    assert bible.SHIPPED_TEXT.is_file()
+    assert bible.kjv_source() == "shipped"
+    assert bible.kjv_available()
+
+
+def test_debian_bible_is_the_fallback_when_the_shipped_text_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(bible, "SHIPPED_TEXT", tmp_path / "absent.txt.xz")
+    calls = []
+    monkeypatch.setattr(bible, "run_bible", lambda: calls.append(1) or "Ge1:1 In the beginning\n")
+    assert bible.kjv_source() == "bible-kjv-text"
+    assert bible.raw_text() == "Ge1:1 In the beginning\n" and calls == [1]
+
+
+def test_a_damaged_shipped_text_is_refused(tmp_path):
+    good = lzma.decompress(bible.SHIPPED_TEXT.read_bytes())
+    altered = tmp_path / "kjv.txt.xz"
+    altered.write_bytes(lzma.compress(good.replace(b"In the beginning", b"In the beginnin_", 1)))
+    with pytest.raises(UserError, match="damaged"):
+        bible.read_shipped_text(altered)
+    truncated = tmp_path / "short.txt.xz"
+    truncated.write_bytes(bible.SHIPPED_TEXT.read_bytes()[:1000])
+    with pytest.raises(UserError, match="cannot be read"):
+        bible.read_shipped_text(truncated)
+
+
+def test_missing_text_and_bible_command_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(bible, "SHIPPED_TEXT", tmp_path / "absent.txt.xz")
     monkeypatch.setattr(bible.shutil, "which", lambda name: None)
     bible.load_chapters.cache_clear()
     try:

@@ -1,7 +1,5 @@
 """validate on attnkit's reference model (GPT-2 trained on the KJV): learned attention clearly beats uniform and local."""
 
-import shutil
-
 import pytest
 
 from validate_helpers import REFERENCE_DIR, TEXT
@@ -16,7 +14,9 @@ def report():
     from attnkit.validate import Options, validate
 
     loaded = load_model("reference")
-    if shutil.which("bible"):
+    from attnkit.data.bible import kjv_available
+
+    if kjv_available():  # shipped with attnkit; Debian's bible-kjv-text as fallback
         from attnkit.data import load_corpus
 
         docs, source = load_corpus("kjv").split("test"), "kjv [test]"

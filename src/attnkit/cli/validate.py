@@ -22,8 +22,7 @@ def add_parser(sub) -> None:
     src.add_argument("--text", help="text to validate on")
     src.add_argument("--text-file", help="file with the text to validate on")
     src.add_argument("--dataset", help="corpus: 'kjv', a local .txt file or folder, or a Hugging Face dataset "
-                     "NAME[:CONFIG] (default: the kjv test split when Debian's bible-kjv-text is installed, "
-                     "else a built-in passage)")
+                     "NAME[:CONFIG] (default: the kjv test split)")
     p.add_argument("--split", help="split of --dataset (default: test, or its only split)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
     p.add_argument("--sequences", type=int, default=d.sequences,

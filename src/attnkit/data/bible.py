@@ -1,8 +1,11 @@
-"""The King James Bible as an offline English corpus (Debian's ``bible-kjv-text``).
+"""The King James Bible as an offline English corpus, shipped with attnkit.
 
-It is the one sizeable English text that installs from a package registry on a machine with no
-hub access: ``apt-get install bible-kjv-text`` and then ``bible -f gen1:1-rev22:21`` prints all
-31,102 verses, one a line, each prefixed by a reference such as ``Ge1:1``.
+The text (public domain) is the output of Debian's ``bible-kjv-text`` 4.38,
+``bible -f gen1:1-rev22:21``: all 31,102 verses, one a line, each prefixed by a reference such
+as ``Ge1:1``. It ships xz-compressed in ``kjv.txt.xz`` (0.98 MB; 4.4 MB unpacked) so that the
+``kjv`` corpus, the reference model's reproduction and the tests work on every OS. When that
+file is missing (a stripped install), Debian's ``bible`` command is used instead; a test checks
+that both give the same verses and splits.
 
 Documents are chapters (1,189 of them), verses joined by newlines, references removed. The
 split is by whole chapters so that no held-out verse has its neighbours in the training data:
@@ -13,11 +16,14 @@ over every part of the book, so each split has law, history, poetry, prophecy an
 
 from __future__ import annotations
 
+import hashlib
+import lzma
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from attnkit.errors import UserError
 
@@ -27,6 +33,9 @@ HOLDOUT_PERIOD = 20  # one chapter in 20 to validation, one in 20 to test
 VALIDATION_SLOT = 9
 TEST_SLOT = 19
 EXPECTED_VERSES = 31_102
+SHIPPED_TEXT = Path(__file__).with_name("kjv.txt.xz")
+# sha256 of the unpacked shipped text: a damaged file is refused rather than moving the split.
+SHIPPED_SHA256 = "cd45f0c9cedab8e4439bd6486c8952c77cc8b0ecc5d1f6ae3513f2039f47229d"
 
 _VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
 
@@ -65,9 +74,39 @@ def chapter_split(index: int) -> str:
     return "train"
 
 
-def _run_bible() -> str:
+def kjv_available() -> bool:
+    """True when the text can be had without error: the shipped file or Debian's ``bible`` command."""
+    return SHIPPED_TEXT.is_file() or shutil.which(BIBLE_COMMAND[0]) is not None
+
+
+def kjv_source() -> str:
+    """Where ``load_chapters`` reads the text from: ``"shipped"`` or ``"bible-kjv-text"``."""
+    return "shipped" if SHIPPED_TEXT.is_file() else "bible-kjv-text"
+
+
+def read_shipped_text(path: Path = SHIPPED_TEXT) -> str:
+    """The shipped ``bible -f`` output, checked against its sha256."""
+    try:
+        data = lzma.decompress(path.read_bytes())
+    except (OSError, lzma.LZMAError) as e:
+        raise UserError(f"the shipped King James text {path} cannot be read ({e}); reinstall attnkit") from e
+    if hashlib.sha256(data).hexdigest() != SHIPPED_SHA256:
+        raise UserError(f"the shipped King James text {path} is damaged (checksum mismatch); reinstall attnkit")
+    return data.decode("utf-8")
+
+
+def raw_text() -> str:
+    """The ``bible -f`` text: the shipped copy, else Debian's ``bible`` command."""
+    return read_shipped_text() if SHIPPED_TEXT.is_file() else run_bible()
+
+
+def run_bible() -> str:
+    """The output of Debian's ``bible -f gen1:1-rev22:21``."""
     if shutil.which(BIBLE_COMMAND[0]) is None:
-        raise UserError(f"the 'kjv' corpus needs the 'bible' command from bible-kjv-text; {INSTALL_HINT}")
+        raise UserError(
+            f"the 'kjv' corpus text is missing: neither the shipped {SHIPPED_TEXT.name} nor the 'bible' command "
+            f"from bible-kjv-text is there; reinstall attnkit or {INSTALL_HINT}"
+        )
     try:
         done = subprocess.run(BIBLE_COMMAND, capture_output=True, text=True, check=True, timeout=120)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
@@ -91,10 +130,15 @@ def parse_verses(raw: str) -> list[Verse]:
 @lru_cache(maxsize=1)
 def load_chapters() -> tuple[Chapter, ...]:
     """All 1,189 chapters in canonical order (cached: the text never changes)."""
-    verses = parse_verses(_run_bible())
+    return chapters_from_text(raw_text())
+
+
+def chapters_from_text(raw: str) -> tuple[Chapter, ...]:
+    """Chapters in canonical order from ``bible -f`` text (shipped or Debian's)."""
+    verses = parse_verses(raw)
     if len(verses) != EXPECTED_VERSES:
         # A different edition would silently move the split; refuse rather than drift.
-        raise UserError(f"expected {EXPECTED_VERSES} KJV verses from bible-kjv-text, got {len(verses)}")
+        raise UserError(f"expected {EXPECTED_VERSES} KJV verses, got {len(verses)}")
     chapters: list[Chapter] = []
     current: list[str] = []
     key: tuple[str, int] | None = None

@@ -20,7 +20,7 @@ from typing import Any
 from attnkit.errors import UserError
 
 BUILTIN_CORPORA: dict[str, str] = {
-    "kjv": "King James Bible from Debian's bible-kjv-text, split by chapter 90/5/5 (train/validation/test)",
+    "kjv": "King James Bible (shipped with attnkit; Debian's bible-kjv-text as fallback), split by chapter 90/5/5 (train/validation/test)",
 }
 DEFAULT_CORPUS = "kjv"
 TEXT_SUFFIXES = (".txt", ".raw", ".text")

@@ -11,7 +11,6 @@ section 8 runs a backward pass and section 9 the ablation on ``options.ablation_
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,8 +70,10 @@ def infer_kind(model: nn.Module) -> str:
 
 
 def default_documents() -> tuple[list[str], str]:
-    """The KJV test split when Debian's ``bible`` is installed, else the built-in passage."""
-    if shutil.which("bible"):
+    """The KJV test split (shipped with attnkit, or Debian's ``bible``), else the built-in passage."""
+    from attnkit.data.bible import kjv_available
+
+    if kjv_available():
         from attnkit.data import load_corpus
 
         return load_corpus("kjv").split("test"), "kjv [test]"
