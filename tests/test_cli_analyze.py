@@ -29,7 +29,7 @@ def test_analyze_minilm_writes_schema(tmp_path, capsys):
         assert {"layer", "head", "type", "severity", "value", "suggestion", "threshold"} <= set(issue)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "normalised entropy per head" in printed
+    assert "Normalised entropy per head" in printed and "Heads across, layers down" in printed
 
 
 def test_json_to_stdout_is_pure_json(capsys):
