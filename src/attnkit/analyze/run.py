@@ -13,6 +13,7 @@ from attnkit.errors import UserError
 from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, observe_forward
 
 SCHEMA_VERSION = "1.0"
+MIN_TOKENS = 2  # fewest tokens analyze accepts: below this no attention row has a choice to make
 
 
 @dataclass
@@ -88,6 +89,12 @@ def tokenize(tokenizer, text: str, max_length: int | None, model_max: int | None
                 f"pass --max-length {model_max} to analyse the first {model_max} tokens"
             )
         enc = {k: v[:, :limit] for k, v in enc.items()}
+    kept = enc["input_ids"].shape[1]
+    if kept < MIN_TOKENS:
+        # One token is one row seeing one key: every statistic would be NaN and every check silent.
+        cut = f" after --max-length {max_length}" if max_length is not None and kept < n else ""
+        raise UserError(f"the input is {kept} token{'s' if kept != 1 else ''}{cut}; attention statistics need "
+                        f"at least {MIN_TOKENS} tokens (a query must see two keys), so give a longer text")
     return dict(enc)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
-from attnkit.cli.common import DTYPES, add_model_argument, parse_int_list, read_text
+from attnkit.cli.common import DTYPES, add_model_argument, check_outputs, check_positive, parse_int_list, read_text
 
 
 def add_parser(sub) -> None:
@@ -34,12 +35,11 @@ def run(args: argparse.Namespace) -> int:
     text = read_text(args.text, args.text_file)
     layers = parse_int_list(args.layers, "layers")
     heads = parse_int_list(args.heads, "heads")
-    if args.max_length is not None and args.max_length < 1:
-        raise UserError("--max-length must be at least 1")
-    if args.sample_rows is not None and args.sample_rows < 1:
-        raise UserError("--sample-rows must be at least 1")
+    check_positive(args.max_length, "--max-length")
+    check_positive(args.sample_rows, "--sample-rows")
+    check_outputs(json=args.json, plot=args.plot)  # before the run, not after it
     console = Console(stderr=args.json == "-")
-    with console.status(f"loading {args.model}"):
+    with console.status(f"loading {escape(args.model)}"):
         loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
@@ -62,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
         from attnkit.report.plots import save_entropy_heatmap
 
         save_entropy_heatmap(result, args.plot)
-        console.print(f"heatmap written to {args.plot}")
+        console.print(f"heatmap written to {escape(args.plot)}", highlight=False)
     return 0

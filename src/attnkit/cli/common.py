@@ -49,14 +49,44 @@ def parse_int_list(spec: str | None, what: str) -> list[int] | None:
             part = part.strip()
             if "-" in part:
                 a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
+                first, last = int(a), int(b)
+                if last < first:
+                    raise UserError(f"{what} range '{part}' runs backwards; write it low-high, e.g. {last}-{first}")
+                out.extend(range(first, last + 1))
             elif part:
                 out.append(int(part))
     except ValueError as e:
-        raise UserError(f"cannot read {what} '{spec}': use numbers like 0,2,5-7") from e
+        raise UserError(f"cannot read {what} '{spec}': use numbers from 0 like 0,2,5-7") from e
+    if not out:
+        raise UserError(f"cannot read {what} '{spec}': use numbers from 0 like 0,2,5-7")
     if any(x < 0 for x in out):
         raise UserError(f"{what} are numbered from 0")
     return out
+
+
+def check_outputs(**targets: str | None) -> None:
+    """Refuse report paths that cannot be written, before a run that may take minutes.
+
+    ``targets`` maps an option name (``json``, ``html``, ``plot``) to its path; ``-`` (stdout)
+    is only meaningful for ``json``.
+    """
+    from attnkit.report.io import check_writable
+
+    for option, target in targets.items():
+        if target is None or (target == "-" and option == "json"):
+            continue
+        check_writable(target, f"--{option}")
+    plot = targets.get("plot")
+    if plot is not None:
+        suffix = Path(plot).suffix.lower()
+        if suffix != ".png":
+            raise UserError(f"--plot writes a PNG image; give a path ending in .png, not {plot}")
+
+
+def check_positive(value: int | None, option: str, minimum: int = 1) -> None:
+    """``None`` means "not given"; anything given must be at least ``minimum`` (0 is not "default")."""
+    if value is not None and value < minimum:
+        raise UserError(f"{option} must be at least {minimum}, got {value}")
 
 
 def offline_by_default() -> None:

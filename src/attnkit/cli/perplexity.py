@@ -61,10 +61,13 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.models.registry import load_model
     from attnkit.perplexity import evaluate_perplexity
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_blocks is not None and args.max_blocks < 1:
-        raise UserError(f"--max-blocks must be at least 1, got {args.max_blocks}")
+    from attnkit.cli.common import check_outputs, check_positive
+
+    check_positive(args.batch_size, "--batch-size")
+    check_positive(args.max_blocks, "--max-blocks")
+    # 0 is not "the default": a block needs 2 tokens, one to predict from and one to predict.
+    check_positive(args.block_size, "--block-size", minimum=2)
+    check_outputs(json=args.json)  # before the run, not after it
     to_stdout = args.json == "-"
     err = Console(stderr=True)
     out = err if to_stdout else Console()
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if loaded.tokenizer is None:
         raise UserError(f"'{args.model}' has no tokenizer")
     context = _context_length(loaded.model.config)
-    block_size = args.block_size or min(DEFAULT_BLOCK_SIZE, context or DEFAULT_BLOCK_SIZE)
+    block_size = args.block_size if args.block_size is not None else min(DEFAULT_BLOCK_SIZE, context or DEFAULT_BLOCK_SIZE)
     if context is not None and block_size > context:
         raise UserError(f"--block-size {block_size} is longer than the model's context of {context} tokens")
 
@@ -115,9 +118,7 @@ def run(args: argparse.Namespace) -> int:
         if to_stdout:
             sys.stdout.write(text + "\n")
         else:
-            try:
-                with open(args.json, "w") as f:
-                    f.write(text + "\n")
-            except OSError as e:
-                raise UserError(f"cannot write {args.json}: {e.strerror}") from e
+            from attnkit.report.io import write_atomic
+
+            write_atomic(args.json, text + "\n")
     return 0

@@ -64,11 +64,16 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.models.registry import load_model
     from attnkit.validate import Options, validate
 
+    from rich.markup import escape
+
+    from attnkit.cli.common import check_outputs
+
+    check_outputs(json=args.json, html=args.html)  # before the run, not after it
     console = Console(stderr=args.json == "-")
     opts = Options(seq_len=args.seq_len, sequences=args.sequences, ablation_blocks=args.ablation_blocks,
                    batch_size=args.batch_size)
     documents, source = _documents(args)
-    with console.status(f"loading {args.model}"):
+    with console.status(f"loading {escape(args.model)}"):
         loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
@@ -87,5 +92,5 @@ def run(args: argparse.Namespace) -> int:
         from attnkit.validate.report_html import render_html
 
         write_atomic(args.html, render_html(report))
-        console.print(f"HTML report written to {args.html}", highlight=False)
+        console.print(f"HTML report written to {escape(args.html)}", highlight=False)
     return report.exit_status

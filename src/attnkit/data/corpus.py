@@ -139,18 +139,9 @@ def load_hf_corpus(name: str, config: str | None = None, text_column: str = "tex
 
 def _hub_unreachable(timeout: float = 3.0) -> str | None:
     """None when a TCP connection to the hub endpoint (``HF_ENDPOINT``) opens, else why not."""
-    import socket
-    from urllib.parse import urlparse
+    from attnkit.hub import probe_endpoint
 
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        return f"{host} is not reachable: {e.strerror or type(e).__name__}"
-    return None
+    return probe_endpoint(timeout)
 
 
 def _normal_split(split: str) -> str:
