@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from attnkit.metrics import rows as R
+from attnkit.metrics.fused import RowStats
 
 SPIKE_THRESHOLD = 0.95  # a row whose largest weight exceeds this is one-hot for practical purposes
 
@@ -73,11 +74,11 @@ class HeadStatsAccumulator:
         self.sampled_rows_of: int | None = None  # set when rows are a sample: rows available per sequence
 
     def update(self, c: RowChunk) -> None:
+        """Fold a chunk given with its probabilities (the reference path; see ``update_rows``)."""
         # One pass per reduction over the (B, H, R, K) chunk and no masked copies of it: the
         # row extremes come from one fused min/max, the finiteness of a row from reductions
         # that are needed anyway (a NaN or inf shows in them), and the exact per-key counts of
-        # non-finite logits are only taken when some real row may hold one. Rows that do not
-        # count are not zeroed first: every statistic is row-local and they are dropped below.
+        # non-finite logits are only taken when some real row may hold one.
         shape = c.probs.shape
         allowed = c.allowed
         probs, logits = c.probs, c.logits
@@ -91,17 +92,43 @@ class HeadStatsAccumulator:
         max_p = R.max_probability(probs)  # NaN / +inf in a row shows here ...
         sum_sq = R.sum_sq(probs)  # ... and -inf here
         maybe_nonfinite = ~(torch.isfinite(lmax) & torch.isfinite(lmin) & torch.isfinite(max_p) & torch.isfinite(sum_sq))
-        self.total_rows += real.sum((0, 2)).double()
+        nonfinite = nans = finite = None
         if bool((real & maybe_nonfinite).any()):
             visible_logits = torch.where(allowed, logits, 0.0)
             finite_logits = torch.isfinite(visible_logits)
-            finite_row = finite_logits.all(-1) & torch.isfinite(probs).all(-1)
-            nonfinite_count = (~finite_logits).sum(-1)
+            finite = finite_logits.all(-1) & torch.isfinite(probs).all(-1)
+            nonfinite = (~finite_logits).sum(-1)
+            nans = torch.isnan(visible_logits).sum(-1)
+        stats = RowStats(
+            n_visible=n_visible, logit_max=lmax, logit_min=lmin,
+            entropy=R.entropy(probs), max_prob=max_p, sum_sq=sum_sq,
+            sink_mass=R.sink_mass(probs, allowed),
+            diagonal_mass=R.diagonal_mass(probs, c.query_positions),
+            mean_distance=R.mean_distance(probs, c.query_positions),
+            nonfinite_logits=nonfinite, nan_logits=nans, finite=finite,
+        )
+        self.update_rows(stats, c.row_valid, c.query_norm, c.key_norm_max, c.scale, c.qk_absmax)
+
+    def update_rows(
+        self, s: RowStats, row_valid: Tensor, query_norm: Tensor, key_norm_max: Tensor, scale: float,
+        qk_absmax: Tensor,
+    ) -> None:
+        """Fold per-row statistics of one chunk (``RowStats``, e.g. from ``fused.row_stats``).
+
+        row_valid: (B, R) bool, False for padding queries; query_norm, qk_absmax: (B, H, R);
+        key_norm_max: (B, H); scale: the softmax scale. Rows that do not count are not zeroed
+        first: every statistic is row-local and they are dropped below.
+        """
+        n_visible, lmax, lmin, max_p = s.n_visible, s.logit_max, s.logit_min, s.max_prob
+        real = row_valid[:, None, :].expand(n_visible.shape) & (n_visible >= 1)
+        self.total_rows += real.sum((0, 2)).double()
+        if s.nonfinite_logits is not None:
+            finite_row = s.finite if s.finite is not None else s.nonfinite_logits == 0
             self.nonfinite_rows += (real & ~finite_row).sum((0, 2)).double()
-            self.nonfinite_logits += (nonfinite_count * real).sum((0, 2)).double()
-            self.nan_logits += (torch.isnan(visible_logits).sum(-1) * real).sum((0, 2)).double()
+            self.nonfinite_logits += (s.nonfinite_logits * real).sum((0, 2)).double()
+            self.nan_logits += (s.nan_logits * real).sum((0, 2)).double()
             ok = real & finite_row
-        else:  # every real row is finite: nothing to count
+        else:  # the producer found every real row finite: nothing to count
             ok = real
 
         use = ok & (n_visible >= 2)
@@ -109,11 +136,11 @@ class HeadStatsAccumulator:
         self.rows += w.sum((0, 2))
         self.positions += use.any(0).sum(-1).double()
         if not bool(use.any()):
-            self._update_extremes(c, ok, allowed, lmax, lmin)
+            self._update_extremes(row_valid, lmax, lmin, qk_absmax)
             return
 
         n = n_visible.clamp_min(1)
-        entropy = R.entropy(probs)
+        entropy = s.entropy
         logit_range = torch.where(use, lmax - lmin, 0.0)
         values = {
             "entropy": entropy,
@@ -121,39 +148,33 @@ class HeadStatsAccumulator:
             "normalized_entropy": R.normalized_entropy(entropy, n),
             "effective_keys": R.effective_keys(entropy),
             "max_attention": max_p,
-            "spike": (max_p > SPIKE_THRESHOLD).to(probs.dtype),
-            "row_std": R.std_from_sum_sq(sum_sq, n),
+            "spike": (max_p > SPIKE_THRESHOLD).to(max_p.dtype),
+            "row_std": R.std_from_sum_sq(s.sum_sq, n),
             "max_over_uniform": max_p * n,
-            "sink_mass": R.sink_mass(probs, allowed),
-            "uniform_share": 1.0 / n.to(probs.dtype),
-            "diagonal_mass": R.diagonal_mass(probs, c.query_positions),
-            "mean_distance": R.mean_distance(probs, c.query_positions),
+            "sink_mass": s.sink_mass,
+            "uniform_share": 1.0 / n.to(max_p.dtype),
+            "diagonal_mass": s.diagonal_mass,
+            "mean_distance": s.mean_distance,
             "logit_range": logit_range,
-            "log10_curvature": R.log10_curvature(
-                c.query_norm, c.key_norm_max[..., None], c.scale, logit_range
-            ),
+            "log10_curvature": R.log10_curvature(query_norm, key_norm_max[..., None], scale, logit_range),
         }
         totals = torch.where(use, torch.stack([values[k].double() for k in _SUMS]), 0.0).sum((1, 3))
         for i, key in enumerate(_SUMS):
             self.sums[key] += totals[i]
         curv = torch.where(use, values["log10_curvature"], -math.inf)
         self.log10_curvature_max = torch.maximum(self.log10_curvature_max, curv.double().amax((0, 2)))
-        self._update_extremes(c, ok, allowed, lmax, lmin)
+        self._update_extremes(row_valid, lmax, lmin, qk_absmax)
 
-    def _update_extremes(
-        self, c: RowChunk, rows: Tensor, allowed: Tensor, row_max: Tensor | None = None, row_min: Tensor | None = None
-    ) -> None:
+    def _update_extremes(self, row_valid: Tensor, row_max: Tensor, row_min: Tensor, qk_absmax: Tensor) -> None:
         # Extremes include rows with a single visible key and rows that went non-finite in
         # the probabilities: an overflowing logit must show up here.
-        real = c.row_valid[:, None, :].expand(rows.shape)
-        if row_max is None or row_min is None:
-            row_max, row_min = R.logit_extremes(c.logits, allowed)
+        real = row_valid[:, None, :].expand(row_max.shape)
         lmax = torch.where(real, row_max, -math.inf)
         lmin = torch.where(real, row_min, math.inf)
         finite_max = torch.where(torch.isfinite(lmax) | (lmax == math.inf), lmax, -math.inf)
         self.logit_max = torch.maximum(self.logit_max, finite_max.double().amax((0, 2)))
         self.logit_min = torch.minimum(self.logit_min, torch.nan_to_num(lmin, nan=math.inf, posinf=math.inf, neginf=-math.inf).double().amin((0, 2)))
-        qk = torch.where(real, torch.nan_to_num(c.qk_absmax, nan=0.0, posinf=math.inf), 0.0)  # NaN is counted apart
+        qk = torch.where(real, torch.nan_to_num(qk_absmax, nan=0.0, posinf=math.inf), 0.0)  # NaN is counted apart
         self.qk_absmax = torch.maximum(self.qk_absmax, qk.double().amax((0, 2)))
 
     def merge(self, other: "HeadStatsAccumulator") -> None:

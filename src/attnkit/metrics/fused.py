@@ -1,0 +1,215 @@
+"""Per-row attention statistics in one fused pass over the raw scores, without probabilities.
+
+``HeadStatsAccumulator.update`` reads a chunk's probabilities; computing those costs a softmax
+(an exp, a division and a (B, H, R, K) copy) and then a dozen passes more for entropy, max,
+sum of squares and the rest. Everything it needs is a function of per-row sums over the
+logits s of the visible keys, with m the row's largest logit and e = exp(s - m):
+
+    Z = sum e                    A = sum e * (m - s)      S2 = sum e^2
+    D = sum e * |i - j|          e at the first visible key and at the row's own key
+
+    entropy H = log Z + A / Z    (= -sum p log p with p = e / Z; both terms are >= 0,
+                                   so nothing cancels, unlike logsumexp - sum p s)
+    max p = 1 / Z                sum p^2 = S2 / Z^2        mean distance = D / Z
+    sink mass = e_first / Z      diagonal mass = e_own / Z
+
+``row_sums`` computes these in two passes over each row (its max and min, then the sums), reading
+the raw scores q.k as the matmul left them (any float dtype: the logits s = float(raw) * scale are
+never written out). Which keys a row sees is given as one interval [lo, hi) per row, which is
+what causal masks, padding and sliding windows are; ``mask_intervals`` turns a bool mask into
+intervals, or says it is not made of them. Under ``torch.compile`` (inductor's C++ backend)
+the passes fuse into one loop nest per row that stays in L1; without it the same function runs
+eagerly, slower, with the same values. Pure tensor functions, no model knowledge.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RowStats:
+    """What ``HeadStatsAccumulator`` needs of each row of a chunk; every field (B, H, R).
+
+    n_visible: keys the row sees (int64)
+    logit_max / logit_min: over visible keys, float32; NaN if a visible logit is NaN,
+        -inf / +inf for a row that sees nothing
+    entropy, max_prob, sum_sq, sink_mass, diagonal_mass, mean_distance: of the row's softmax
+        (meaningless, and never used, for rows that are not finite or see fewer than 2 keys)
+    nonfinite_logits / nan_logits: counts over visible keys; None when the producer found
+        every row finite
+    finite: bool, the row's logits and probabilities are all finite; None = nonfinite_logits == 0
+    """
+
+    n_visible: Tensor
+    logit_max: Tensor
+    logit_min: Tensor
+    entropy: Tensor
+    max_prob: Tensor
+    sum_sq: Tensor
+    sink_mass: Tensor
+    diagonal_mass: Tensor
+    mean_distance: Tensor
+    nonfinite_logits: Tensor | None = None
+    nan_logits: Tensor | None = None
+    finite: Tensor | None = None
+
+
+# ---------------------------------------------------------------------------- the kernel
+def _row_sums(raw: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+    """Per-row sums over keys j in [lo, hi) of s = float(raw) * scale.
+
+    raw: (N, K) any float dtype; scale: (1,) float32; lo, hi, pos: (N,) float32 (exact integers:
+    key positions are far below 2^24). Returns ten (N,) float32 tensors: max, min, Z, A, S2, D,
+    e at pos, e at lo, and the counts of non-finite and of NaN visible logits.
+    """
+    j = torch.arange(raw.shape[-1], device=raw.device, dtype=torch.float32)  # (K,)
+    lo_, hi_, pos_ = lo[:, None], hi[:, None], pos[:, None]
+    vis = (j >= lo_) & (j < hi_)  # (N, K), from indices: no mask is read
+    s = raw.float() * scale  # fused into the loops below: never materialised
+    # Pass 1: extremes and non-finite counts. max/min propagate NaN in eager mode but need not in
+    # the compiled kernel; the NaN count below restores the eager answer in ``row_stats``.
+    hi_s = torch.where(vis, s, -math.inf).amax(-1)
+    lo_s = torch.where(vis, s, math.inf).amin(-1)
+    nonfinite = (vis & ~torch.isfinite(s)).float().sum(-1)
+    nans = (vis & torch.isnan(s)).float().sum(-1)
+    # Pass 2: every sum over e = exp(s - m) in one loop. Masked keys contribute exact zeros; the
+    # where() around each product keeps a blind row's exp(+inf) * 0 from making NaN.
+    d = s - hi_s[:, None]  # <= 0 on visible keys of a finite row
+    e = torch.where(vis, torch.exp(d), 0.0)
+    z = e.sum(-1)
+    a = torch.where(vis, e * -d, 0.0).sum(-1)
+    s2 = (e * e).sum(-1)
+    dist = (pos_ - j).abs()  # |i - j|, (N, K) from indices
+    md = (e * dist).sum(-1)
+    e_own = torch.where(j == pos_, e, 0.0).sum(-1)  # a gather, written as a masked sum so it fuses
+    e_first = torch.where(j == lo_, e, 0.0).sum(-1)
+    return hi_s, lo_s, z, a, s2, md, e_own, e_first, nonfinite, nans
+
+
+# Compiled lazily, once per process; ``compile_seconds`` says what the first compile cost.
+_compiled = None
+_compile_failed: str | None = None
+_lock = threading.Lock()
+compile_seconds: float | None = None
+
+# Calls with fewer logits than this run eagerly: compiling (seconds, once per process; a warm
+# inductor cache makes it faster) would cost more than it saves on small models.
+COMPILE_MIN_LOGITS = 1 << 22
+
+
+def compile_mode() -> str:
+    """``ATTNKIT_COMPILE``: "auto" (default: compile for large calls), "1" always, "0" never."""
+    mode = os.environ.get("ATTNKIT_COMPILE", "auto").strip().lower()
+    return {"": "auto", "true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}.get(mode, mode)
+
+
+def _kernel(raw: Tensor, work: int):
+    """The compiled ``_row_sums`` when compiling is wanted, works here, and pays; else the eager one."""
+    global _compiled, _compile_failed
+    mode = compile_mode()
+    if mode == "0" or _compile_failed is not None or raw.device.type != "cpu":
+        return _row_sums
+    if mode == "auto" and work < COMPILE_MIN_LOGITS:
+        return _row_sums
+    # Sizes 0 and 1 are specialised by dynamo: a one-row or one-key chunk would compile again.
+    if raw.shape[0] < 2 or raw.shape[1] < 2 or torch.compiler.is_compiling():
+        return _row_sums
+    if _compiled is None:
+        with _lock:
+            if _compiled is None and _compile_failed is None:
+                try:
+                    _compiled = torch.compile(_row_sums, dynamic=True, fullgraph=True)
+                except Exception as exc:  # noqa: BLE001 - no compiler here: stay eager
+                    _fail(exc)
+    return _compiled if _compiled is not None else _row_sums
+
+
+def _fail(exc: BaseException) -> None:
+    global _compile_failed, _compiled
+    _compile_failed, _compiled = f"{type(exc).__name__}: {exc}", None
+    warnings.warn(f"attnkit: compiled statistics unavailable ({_compile_failed}); using the eager kernel",
+                  RuntimeWarning, stacklevel=3)
+
+
+def row_sums(raw: Tensor, scale: float | Tensor, lo: Tensor, hi: Tensor, pos: Tensor,
+             work: int | None = None) -> tuple[Tensor, ...]:
+    """``_row_sums``, compiled when that pays (``work``: logits in the whole call, for the choice)."""
+    global compile_seconds
+    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=raw.device).reshape(1)
+    args = (raw, scale_t, lo, hi, pos)
+    fn = _kernel(raw, raw.numel() if work is None else work)
+    if fn is _row_sums:
+        return _row_sums(*args)
+    first = compile_seconds is None
+    t0 = time.perf_counter()
+    try:
+        out = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler: fall back for good
+        _fail(exc)
+        return _row_sums(*args)
+    if first:
+        compile_seconds = time.perf_counter() - t0
+    return out
+
+
+def row_stats(raw: Tensor, scale: float | Tensor, lo: Tensor, hi: Tensor, pos: Tensor,
+              work: int | None = None) -> RowStats:
+    """Per-row statistics of a chunk of raw scores.
+
+    raw: (B, H, R, K) q.k before scaling (any float dtype), or logits with scale 1.0;
+    lo, hi: (B|1, H|1, R) int or float, the row sees keys lo <= j < hi; pos: (R,) the key
+    position of each query row (for the diagonal and distances).
+    """
+    B, H, R, K = raw.shape
+    shape = (B, H, R)
+    flat = raw.reshape(B * H * R, K)  # a view: matmul output is contiguous
+    f = lambda t: t.to(torch.float32).expand(shape).reshape(-1)  # noqa: E731 - (N,) per row
+    lo_f, hi_f = f(lo), f(hi)
+    pos_f = f(pos.view(1, 1, R))
+    mx, mn, z, a, s2, md, e_own, e_first, nonfinite, nans = row_sums(flat, scale, lo_f, hi_f, pos_f, work)
+    has_nan = nans > 0
+    mx = torch.where(has_nan, math.nan, mx)  # as eager amax/amin: NaN propagates
+    mn = torch.where(has_nan, math.nan, mn)
+    inv_z = 1.0 / z
+    v = lambda t: t.view(shape)  # noqa: E731
+    return RowStats(
+        n_visible=v((hi_f - lo_f).clamp_min(0).to(torch.int64)),
+        logit_max=v(mx), logit_min=v(mn),
+        entropy=v(torch.log(z) + a * inv_z),
+        max_prob=v(inv_z),  # e = 1 at the max
+        sum_sq=v(s2 * inv_z * inv_z),
+        sink_mass=v(e_first * inv_z),
+        diagonal_mass=v(e_own * inv_z),
+        mean_distance=v(md * inv_z),
+        nonfinite_logits=v(nonfinite), nan_logits=v(nans),
+    )
+
+
+# ---------------------------------------------------------------------------- masks as intervals
+def mask_intervals(allowed: Tensor) -> tuple[Tensor, Tensor] | None:
+    """A bool mask (..., Q, K) as per-row key intervals: (lo, hi), each (..., Q) int64, with
+    ``allowed[..., i, j] == (lo[i] <= j < hi[i])``; None when some row's keys are not contiguous.
+
+    Rows that see nothing get lo = hi = 0. One pass of a few reductions over the mask (not over
+    the logits: a mask is shared by heads and layers).
+    """
+    K = allowed.shape[-1]
+    j = torch.arange(K, device=allowed.device)
+    count = allowed.sum(-1)
+    lo = torch.where(allowed, j, K).amin(-1)
+    hi = torch.where(allowed, j + 1, 0).amax(-1)
+    blind = count == 0
+    lo = torch.where(blind, 0, lo)
+    hi = torch.where(blind, 0, hi)
+    if not bool((hi - lo == count).all()):
+        return None
+    return lo, hi
