@@ -92,8 +92,14 @@ def validate(
     options: Options | None = None,
     data_source: str | None = None,
     on_section: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int, str], None] | None = None,
 ) -> ValidationReport:
-    """Run the nine sections on ``model``; the model is left as found."""
+    """Run the nine sections on ``model``; the model is left as found.
+
+    ``on_section(key)`` is called before each section; ``on_progress(done, total, key)`` before
+    each step, the capture of the attention maps (key ``"capture"``) included, and once more
+    with ``done == total`` (key ``"done"``) at the end: enough for a progress bar.
+    """
     options = options or Options()
     kind = kind or infer_kind(model)
     if documents is None:
@@ -111,18 +117,25 @@ def validate(
             raise UserError(f"{what} must be at least 1, got {value}")
     blocks = build_blocks(tokenizer, documents, options.seq_len, max(options.sequences, options.ablation_blocks))
     seconds: dict[str, float] = {}
+    total_steps = 1 + len(SECTIONS)
+    if on_progress is not None:
+        on_progress(0, total_steps, "capture")
     t0 = time.perf_counter()
     captured = capture(model, tokenizer, blocks[: options.sequences])
     seconds["capture"] = time.perf_counter() - t0
     ctx = Context(model=model, tokenizer=tokenizer, name=name, kind=kind, captured=captured,
                   ablation_ids=blocks[: options.ablation_blocks], data_source=data_source, options=options)
     sections = []
-    for key, fn in SECTIONS:
+    for step, (key, fn) in enumerate(SECTIONS, 1):
         if on_section is not None:
             on_section(key)
+        if on_progress is not None:
+            on_progress(step, total_steps, key)
         t = time.perf_counter()
         sections.append(fn(ctx))
         seconds[key] = time.perf_counter() - t
+    if on_progress is not None:
+        on_progress(total_steps, total_steps, "done")
     summary = counts(sections)
     return ValidationReport(model=name, kind=kind, data_source=data_source, options=options, captured=captured,
                             sections=sections, summary=summary, conclusion=conclude(sections, options),
