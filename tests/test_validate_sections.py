@@ -36,7 +36,11 @@ def test_t_test_uses_effective_sample_size():
 
 def test_uniform_replaced_model_is_reported_uniform(tok):
     model = tiny_gpt2(tok, zero_qk=True)  # eager attention, uniform by construction: no seam involved
-    report = validate(model, tok, [TEXT], name="uniform-gpt2", options=OPTS)
+    # 9 ablation blocks of 32 (279 predicted tokens): enough for the ablation to give a verdict
+    # (Options.min_ablation_tokens); the same text and size with 4 blocks is inconclusive, see below.
+    opts = Options(seq_len=32, sequences=2, ablation_blocks=9)
+    report = validate(model, tok, [TEXT] * 3, name="uniform-gpt2", options=opts)
+    assert report.section("ablation").figures["evidence"]["ablation_tokens"] == 9 * 31
     heads = report.section("heads").figures
     assert heads["counts"]["uniform"] == heads["total"] == 8
     stats = {c.name: c for c in report.section("statistics").checks}

@@ -27,6 +27,15 @@ class Options:
     diversity_high: float = 0.3  # seed 002 section 7: "beliefs diverse (mu_dist > 0.3)"
     ablation_margin: float = 0.05  # nats of loss (about 5 % perplexity) that count as "clearly better"
     output_change_margin: float = 0.01  # encoders: 1 - cosine below this counts as "no change"
+    # Evidence minimums (see attnkit.validate.summary.apply_evidence): below them a warning or
+    # critical verdict becomes "inconclusive" (ℹ) and the conclusion says so.
+    # A head's mean H/H_max over n rows has a standard error of up to 0.5/sqrt(n): 0.09 at 32
+    # rows, as wide as the band between "uniform" (0.9) and "nearly uniform" (0.98).
+    min_rows: int = 32  # query rows per head that see >= 2 keys, for sections 2-7
+    # Ablation: on the reference model the per-token loss difference (uniform - learned) has a
+    # std of 2.25 nats (KJV test, 4,064 tokens), so 256 predicted tokens put the standard error of
+    # the loss difference at about 0.14 nats; 4 tokens (two words of text) at 1.1 nats.
+    min_ablation_tokens: int = 256  # predicted (LM) or output (encoder) tokens, for section 9
     seed: int = 0
 
 

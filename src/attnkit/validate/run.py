@@ -22,7 +22,7 @@ from attnkit.errors import UserError
 from attnkit.validate.capture import Captured, build_blocks, capture
 from attnkit.validate.context import Context, Options
 from attnkit.validate.sections import SECTIONS
-from attnkit.validate.summary import Conclusion, conclude, counts, exit_status
+from attnkit.validate.summary import Conclusion, apply_evidence, conclude, counts, exit_status, measure_evidence
 from attnkit.validate.types import Section, jsonable
 
 SCHEMA_VERSION = "1.0"
@@ -136,6 +136,8 @@ def validate(
         seconds[key] = time.perf_counter() - t
     if on_progress is not None:
         on_progress(total_steps, total_steps, "done")
+    # Sample sizes stated in every statistical section; too little data cannot give a ❌ or ⚠.
+    apply_evidence(sections, measure_evidence(captured, ctx.ablation_ids, ctx.causal_lm, options))
     summary = counts(sections)
     return ValidationReport(model=name, kind=kind, data_source=data_source, options=options, captured=captured,
                             sections=sections, summary=summary, conclusion=conclude(sections, options),

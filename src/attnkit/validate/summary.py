@@ -27,6 +27,14 @@ Rules, first match wins:
 6. ``looks_uniform`` and hidden diversity > 0.4 → Scenario 3, "Architectural limitation".
 7. otherwise → "Attention is correct but may not be learning meaningful patterns" (seed's text).
 
+Evidence: every section that judges attention statistically (2-7) rests on the query rows
+that see at least two keys, counted per head (``Options.min_rows``, 32); the ablation (9) on
+its predicted tokens (``Options.min_ablation_tokens``, 256). Below a minimum the section's ⚠ and
+❌ verdicts become ℹ "inconclusive" with the sample size (a ✓ stays: a difference found in few
+rows is still found), and a conclusion other than "incorrect" or "healthy" becomes
+"inconclusive": two words of text cannot show that attention is uniform. Sanity (1) and
+gradient flow (8) are exact checks, not estimates, and are never relaxed.
+
 Exit status of ``attnkit validate``: 0 without critical findings, 1 with at least one (2 stays
 reserved for user errors).
 """
@@ -39,6 +47,79 @@ from dataclasses import dataclass, field
 from attnkit.validate.types import CRITICAL, INFO, OK, WARN, Section
 
 SCENARIO3_DIVERSITY = 0.4  # seed 002, Scenario 3: "High belief diversity (mu_dist > 0.4)"
+ROW_SECTIONS = ("positional", "tokens", "statistics", "heads", "query_variation", "diversity")
+TOKEN_SECTIONS = ("ablation",)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """How much data the verdicts rest on, and the documented minimums (``Options``)."""
+
+    rows: int  # query rows per head that see >= 2 keys, over all captured sequences
+    sequences: int
+    seq_len: int
+    ablation_tokens: int  # predicted tokens (LM) or output tokens (encoder) of the ablation
+    min_rows: int
+    min_ablation_tokens: int
+
+    @property
+    def rows_enough(self) -> bool:
+        return self.rows >= self.min_rows
+
+    @property
+    def ablation_enough(self) -> bool:
+        return self.ablation_tokens >= self.min_ablation_tokens
+
+    def rows_text(self) -> str:
+        return (f"{self.rows:,} query rows per head that see ≥ 2 keys ({self.sequences} × {self.seq_len} tokens; "
+                f"minimum {self.min_rows})")
+
+    def tokens_text(self) -> str:
+        return f"{self.ablation_tokens:,} tokens (minimum {self.min_ablation_tokens})"
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "sequences": self.sequences, "seq_len": self.seq_len,
+                "ablation_tokens": self.ablation_tokens, "min_rows": self.min_rows,
+                "min_ablation_tokens": self.min_ablation_tokens,
+                "rows_enough": self.rows_enough, "ablation_enough": self.ablation_enough}
+
+
+def measure_evidence(captured, ablation_ids, causal_lm: bool, options) -> Evidence:
+    """Count the rows the attention sections use and the tokens the ablation predicts."""
+    first = captured.layers[0] if captured.layers else None
+    # Every head of a layer sees the same mask here (validate passes no padding); head 0 stands for all.
+    rows = int((first.n_visible[:, 0] >= 2).sum()) if first is not None else 0
+    n, t = (int(x) for x in ablation_ids.shape)
+    tokens = n * (t - 1) if causal_lm else n * t
+    return Evidence(rows=rows, sequences=int(captured.input_ids.shape[0]), seq_len=int(captured.input_ids.shape[1]),
+                    ablation_tokens=tokens, min_rows=options.min_rows, min_ablation_tokens=options.min_ablation_tokens)
+
+
+def apply_evidence(sections: list[Section], evidence: Evidence) -> None:
+    """State each section's sample size; below the minimum, ⚠/❌ verdicts become ℹ "inconclusive"."""
+    for sec in sections:
+        if sec.key in ROW_SECTIONS:
+            enough, basis, what = evidence.rows_enough, evidence.rows_text(), f"{evidence.rows} rows per head"
+            needed = f"{evidence.min_rows}"
+        elif sec.key in TOKEN_SECTIONS:
+            enough, basis, what = evidence.ablation_enough, evidence.tokens_text(), f"{evidence.ablation_tokens} tokens"
+            needed = f"{evidence.min_ablation_tokens}"
+        else:
+            continue
+        sec.notes.append(f"Evidence: {basis}" + ("" if enough else " — too few: warnings and failures are inconclusive"))
+        sec.figures["evidence"] = evidence.to_json()
+        if enough:
+            continue
+        for check in sec.checks:
+            if check.status in (WARN, CRITICAL):
+                check.figures["inconclusive"] = True
+                check.figures["status_with_enough_evidence"] = check.status
+                check.status = INFO
+                check.message = f"Inconclusive on {what} (fewer than {needed}): {check.message}"
+        if sec.key == "ablation" and sec.figures.get("attention_matters") is False:
+            # Too few tokens to say that attention does not help: the conclusion must not lean on it.
+            sec.figures["attention_matters_measured"] = False
+            sec.figures["attention_matters"] = None
 
 
 @dataclass
@@ -64,6 +145,8 @@ def counts(sections: list[Section]) -> dict:
         "passed": sum(c.status == OK for c in tests),
         "warnings": sum(c.status == WARN for c in tests),
         "critical": len(critical),
+        # ⚠/❌ verdicts withheld for want of data (see apply_evidence); they count as ℹ, not as tests
+        "inconclusive": sum(bool(c.figures.get("inconclusive")) for c in checks),
         "critical_findings": [{"section": s.title, "check": c.name, "message": c.message} for s, c in critical],
     }
 
@@ -92,10 +175,20 @@ def conclude(sections: list[Section], options) -> Conclusion:
         ablation_says = "The ablation confirms it: replacing attention by uniform makes no difference."
     elif matters:
         ablation_says = "The ablation shows the model relies on it: uniform attention is clearly worse."
+    evidence = _fig(by_key, "statistics", "evidence", None)
+    signals["evidence"] = evidence
     if incorrect:
         return Conclusion("incorrect", "❌ Attention is computed incorrectly.", [
             "A sanity check failed (rows that are not distributions, attention to future positions in a",
             "causal model, or NaN weights). Fix this first: nothing else in the report can be trusted."], signals)
+    if evidence is not None and not evidence["rows_enough"] and not (not looks_uniform and matters):
+        return Conclusion("inconclusive_sample", "ℹ Inconclusive: too little text to judge attention.", [
+            f"The statistical sections rest on {evidence['rows']} query rows per head "
+            f"({evidence['sequences']} × {evidence['seq_len']} tokens) and the ablation on "
+            f"{evidence['ablation_tokens']} tokens; verdicts need at least {evidence['min_rows']} rows and "
+            f"{evidence['min_ablation_tokens']} tokens.",
+            "Give more text (--text-file, --dataset; the default is the KJV test split) before reading "
+            "uniformity or usefulness into this."], signals)
     if not looks_uniform and helps:
         return Conclusion("healthy", "✓ Attention is learning meaningful patterns.", [
             f"Heads: {signals['sharp_heads']} sharp, {total - signals['sharp_heads'] - signals['uniform_heads']} medium, "
