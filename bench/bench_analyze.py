@@ -4,30 +4,41 @@ Configurations, all on the same randomly initialised GPT-2-shaped model (no hub)
 fp32, ``torch.no_grad()``, no KV cache (``use_cache=False``):
 
   sdpa            plain Hugging Face forward, ``attn_implementation="sdpa"`` (the baseline)
-  eager           Hugging Face ``attn_implementation="eager"``, ``output_attentions=True``
-  transformerlens TransformerLens ``HookedTransformer.run_with_cache`` (same shape)
+  eager           Hugging Face eager attention, ``output_attentions=True`` (keeps every n x n map)
+  transformerlens TransformerLens ``HookedTransformer.run_with_cache`` (same shape), if installed
   attnkit-all     ``attnkit.analyze(model, inputs)``: statistics of every row, head and layer
   attnkit-sampled ``attnkit.analyze(model, inputs, sample_rows=S)``: S random query rows per call
 
-Method. Every (configuration, length) runs in two fresh Python processes, one for time and one
-for memory, so one configuration's allocator state cannot leak into another's. Each builds the
-model, makes the input and runs one warm-up forward. Time: the median wall time of
-``--repeats`` forwards (default allocator). Memory: the process runs with glibc's mmap threshold
+Time, in one process with interleaved rounds. The machine is shared, and its load changes
+by the minute: configurations measured one after another in separate processes see different
+machines, so their ratios are not trustworthy. Here every configuration runs once per round, in
+the order given (sdpa, eager, ..., sdpa, eager, ...), on one model object (eager switches its
+attention implementation for its forward and back), after one warm-up round; ``gc.collect()``
+runs before each timed forward, outside the timing. Each configuration's time is the median over
+rounds, and its ratio to SDPA is the median over rounds of (its time / SDPA's time in the same
+round): load that comes and goes hits both sides of a ratio alike. The warm-up round includes
+what happens once per process (``torch.compile`` of attnkit's statistics kernel at large
+calls): it is reported apart, with the kernel's compile time.
+
+Memory, in fresh processes (one per configuration and length): allocator state and what a
+previous configuration left behind cannot leak in. The process runs with glibc's mmap threshold
 fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), so every large
-allocation is its own mapping, unmapped when freed, and RSS follows live memory; before each of
-``--mem-repeats`` forwards ``gc.collect()`` and ``malloc_trim(0)`` hand freed pages back, the
-kernel's peak-RSS counter is reset (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and the
-current RSS is read; the forward's peak is ``VmHWM - VmRSS`` after it: everything the forward
-allocated and touched on top of the model and the input, including what it returns (the logits,
-the attention maps of ``eager``, the cache of TransformerLens). The largest of those peaks is
-reported. ``tracemalloc`` would not see torch's allocations, hence RSS. All configurations of a
-table are measured in one run of this script, so their ratios compare.
+allocation is its own mapping, unmapped when freed, and RSS follows live memory; after one
+warm-up forward, before each of ``--mem-repeats`` forwards ``gc.collect()`` and
+``malloc_trim(0)`` hand freed pages back, the kernel's peak-RSS counter is reset
+(``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and the current RSS is read; the forward's
+peak is ``VmHWM - VmRSS`` after it: everything the forward allocated and touched on top of the
+model and the input, including what it returns (the logits, the maps of ``eager``, the cache of
+TransformerLens). The largest of those peaks is reported. Memory does not depend on the load,
+so separate processes are right for it. ``tracemalloc`` would not see torch's allocations, and
+torch's own memory profiler covers CUDA, not CPU, allocations; hence RSS.
 
 TransformerLens is not a dependency of attnkit: ``pip install "transformer-lens==3.9.*"``
-(it installs beside torch 2.13 and transformers 5 without changing them).
+(it installs beside torch 2.13 and transformers 5 without changing them); without it that
+configuration is left out, and the results say so.
 
-    python bench/bench_analyze.py                       # the full table, writes BENCHMARKS.md
-    python bench/bench_analyze.py --lengths 128 256 --repeats 2 --no-write   # a quick look
+    python bench/bench_analyze.py                                  # 1024 and 2048 tokens, writes BENCHMARKS.md
+    python bench/bench_analyze.py --lengths 128 256 --rounds 3 --no-write --no-memory   # a quick look
 """
 
 from __future__ import annotations
@@ -51,7 +62,129 @@ MARK_START = "<!-- bench_analyze:start -->"
 MARK_END = "<!-- bench_analyze:end -->"
 
 
-# ---------------------------------------------------------------------------- worker side
+# ---------------------------------------------------------------------------- models and forwards
+def _hf_model(n_layer: int, vocab: int, n_ctx: int):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=n_layer, n_head=12, n_embd=768, n_positions=n_ctx, vocab_size=vocab)
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def _tl_model(n_layer: int, vocab: int, n_ctx: int):
+    import warnings
+
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=n_layer, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=vocab, n_ctx=n_ctx,
+        act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard", device="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return HookedTransformer(cfg).eval()
+
+
+def has_transformerlens() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_lens") is not None
+
+
+def forwards(configs: list[str], n_layer: int, args: argparse.Namespace, models: dict | None = None) -> dict:
+    """{config: f(ids)} on one shared HF model (and a TransformerLens model when asked for)."""
+    models = models if models is not None else {}
+    if "hf" not in models and any(c != "transformerlens" for c in configs):
+        models["hf"] = _hf_model(n_layer, args.vocab, args.n_ctx)
+    if "transformerlens" in configs and "tl" not in models:
+        models["tl"] = _tl_model(n_layer, args.vocab, args.n_ctx)
+    hf = models.get("hf")
+
+    def eager(ids):
+        # The same weights as sdpa's: switch the implementation for this forward only.
+        hf.set_attn_implementation("eager")
+        try:
+            return hf(input_ids=ids, use_cache=False, output_attentions=True)
+        finally:
+            hf.set_attn_implementation("sdpa")
+
+    def attnkit(rows):
+        from attnkit.analyze.run import analyze
+
+        return lambda ids: analyze(hf, {"input_ids": ids, "use_cache": False}, sample_rows=rows)
+
+    table = {
+        "sdpa": lambda ids: hf(input_ids=ids, use_cache=False),
+        "eager": eager,
+        "transformerlens": lambda ids: models["tl"].run_with_cache(ids),
+        "attnkit-all": attnkit(None),
+        "attnkit-sampled": attnkit(args.sample_rows),
+    }
+    return {c: table[c] for c in configs}
+
+
+# ---------------------------------------------------------------------------- time: interleaved rounds
+def _other_load() -> list[str]:
+    """Processes other than this one using a noticeable share of a CPU right now."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    seen = []
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 3)
+        if len(parts) < 4 or int(parts[0]) == os.getpid() or parts[3].startswith("ps "):
+            continue
+        if float(parts[1]) < 20:
+            break
+        seen.append(f"{parts[3][:70]} ({parts[1]} % CPU)")
+    return seen[:4]
+
+
+def time_interleaved(lengths: list[int], configs: list[str], args: argparse.Namespace) -> dict:
+    import torch
+
+    from attnkit.metrics import fused
+
+    fns = forwards(configs, args.layers, args)
+    out = {"lengths": {}, "load": [], "threads": torch.get_num_threads()}
+    for n in lengths:
+        ids = torch.randint(0, args.vocab, (1, n), generator=torch.Generator().manual_seed(n))
+        times = {c: [] for c in configs}
+        warm = {}
+        with torch.no_grad():
+            for c in configs:  # warm-up round: compiles, caches, first-touch of buffers
+                t0 = time.perf_counter()
+                fns[c](ids)
+                warm[c] = time.perf_counter() - t0
+            for rnd in range(args.rounds):
+                out["load"].append(os.getloadavg()[0])
+                for c in configs:
+                    gc.collect()
+                    t0 = time.perf_counter()
+                    res = fns[c](ids)
+                    times[c].append(time.perf_counter() - t0)
+                    del res
+                line = "  ".join(f"{c} {times[c][-1]:.2f}" for c in configs)
+                print(f"{n} tok round {rnd + 1}/{args.rounds}: {line}  (load {os.getloadavg()[0]:.2f})", flush=True)
+        base = times.get("sdpa")
+        out["lengths"][n] = {
+            c: {
+                "times": times[c], "time": statistics.median(times[c]), "warmup": warm[c],
+                "ratio": statistics.median(t / b for t, b in zip(times[c], base)) if base else None,
+                "ratio_spread": (min(t / b for t, b in zip(times[c], base)), max(t / b for t, b in zip(times[c], base))) if base else None,
+            }
+            for c in configs
+        }
+    out["compile_seconds"] = fused.compile_seconds
+    out["compile_failed"] = fused._compile_failed
+    return out
+
+
+# ---------------------------------------------------------------------------- memory: fresh processes
 def _status() -> dict[str, int]:
     text = Path("/proc/self/status").read_text()
     return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
@@ -71,101 +204,44 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _hf_model(config: str, n_layer: int, vocab: int, n_ctx: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(n_layer=n_layer, n_head=12, n_embd=768, n_positions=n_ctx, vocab_size=vocab)
-    impl = "eager" if config == "eager" else "sdpa"
-    return GPT2LMHeadModel._from_config(cfg, attn_implementation=impl).eval()
-
-
-def _tl_model(n_layer: int, vocab: int, n_ctx: int):
-    import warnings
-
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=n_layer, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=vocab, n_ctx=n_ctx,
-        act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard", device="cpu",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return HookedTransformer(cfg).eval()
-
-
-def worker(args: argparse.Namespace) -> None:
+def memory_worker(args: argparse.Namespace) -> None:
     import torch
 
-    torch.manual_seed(0)
-    config, length = args.worker, args.length
-    if config == "transformerlens":
-        model = _tl_model(args.layers, args.vocab, args.n_ctx)
-    else:
-        model = _hf_model(config, args.layers, args.vocab, args.n_ctx)
-    ids = torch.randint(0, args.vocab, (1, length))
-
-    # No KV cache anywhere: it is not part of the job, and it would pad every HF baseline's memory.
-    if config == "sdpa":
-        forward = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
-    elif config == "eager":
-        forward = lambda: model(input_ids=ids, use_cache=False, output_attentions=True)  # noqa: E731
-    elif config == "transformerlens":
-        forward = lambda: model.run_with_cache(ids)  # noqa: E731
-    else:
-        from attnkit.analyze.run import analyze
-
-        rows = args.sample_rows if config == "attnkit-sampled" else None
-        forward = lambda: analyze(model, {"input_ids": ids, "use_cache": False}, sample_rows=rows)  # noqa: E731
-
-    times, peaks = [], []
+    fn = forwards([args.worker], args.layers, args)[args.worker]
+    ids = torch.randint(0, args.vocab, (1, args.length), generator=torch.Generator().manual_seed(args.length))
+    peaks = []
     with torch.no_grad():
-        out = forward()  # warm-up
-        del out
-        if args.part == "time":
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                out = forward()
-                times.append(time.perf_counter() - t0)
-                del out
-        else:  # glibc was started with a fixed mmap threshold (see measure): RSS follows live memory
-            for _ in range(args.mem_repeats):
-                gc.collect()
-                _trim()
-                _reset_peak()
-                base = _status()["VmRSS"]
-                out = forward()
-                peaks.append(_status()["VmHWM"] - base)
-                del out
-    print("RESULT " + json.dumps({"config": config, "length": length, "layers": args.layers,
-                                  "times": times, "peaks": peaks, "threads": torch.get_num_threads()}))
+        del_out = fn(ids)  # warm-up
+        del del_out
+        for _ in range(args.mem_repeats):  # glibc was started with a fixed mmap threshold: RSS follows live memory
+            gc.collect()
+            _trim()
+            _reset_peak()
+            base = _status()["VmRSS"]
+            res = fn(ids)
+            peaks.append(_status()["VmHWM"] - base)
+            del res
+    print("RESULT " + json.dumps({"config": args.worker, "length": args.length, "layers": args.layers, "peaks": peaks}))
 
 
-# ---------------------------------------------------------------------------- driver side
-def measure(config: str, length: int, layers: int, args: argparse.Namespace) -> dict:
-    """Time in one fresh process, peak memory in another."""
-    base = [sys.executable, __file__, "--worker", config, "--length", str(length), "--layers", str(layers),
-            "--repeats", str(args.repeats), "--mem-repeats", str(args.mem_repeats), "--vocab", str(args.vocab),
-            "--n-ctx", str(args.n_ctx), "--sample-rows", str(args.sample_rows)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
-    # For memory, glibc serves every allocation of 128 KiB or more with its own mmap and unmaps it
-    # when freed (a fixed threshold, not raised after frees): RSS then follows live memory.
-    mem_env = dict(env, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    out = {}
-    for part, e in (("time", env), ("mem", mem_env)):
-        proc = subprocess.run(base + ["--part", part], capture_output=True, text=True, env=e)
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if not lines:
-            raise RuntimeError(f"{config} at {length} tokens ({part}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        r = json.loads(lines[-1][len("RESULT "):])
-        if part == "time":
-            out = r
-        else:
-            out["peaks"] = r["peaks"]
-    out["time"] = statistics.median(out["times"])
-    out["peak"] = max(out["peaks"])
-    return out
+def measure_memory(config: str, length: int, layers: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", config, "--length", str(length), "--layers", str(layers),
+           "--mem-repeats", str(args.mem_repeats), "--vocab", str(args.vocab), "--n-ctx", str(args.n_ctx),
+           "--sample-rows", str(args.sample_rows)]
+    # glibc serves every allocation of 128 KiB or more with its own mmap and unmaps it when freed
+    # (a fixed threshold, not raised after frees): RSS then follows live memory.
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error",
+               MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"{config} at {length} tokens (memory) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    r = json.loads(lines[-1][len("RESULT "):])
+    r["peak"] = max(r["peaks"])
+    return r
 
 
+# ---------------------------------------------------------------------------- report
 def _mib(b: float) -> str:
     return f"{b / 2**20:,.0f}"
 
@@ -184,173 +260,56 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _contention() -> str:
+def _total_ram() -> str:
     try:
-        out = subprocess.run(["pgrep", "-af", "train_reference"], capture_output=True, text=True).stdout.strip()
-    except FileNotFoundError:
-        return "unknown"
-    lines = [x for x in out.splitlines() if "pgrep" not in x]
-    load = os.getloadavg()
-    return ("none seen" if not lines else f"another process was running: {lines[0][:80]}") + \
-        f"; load average before the run {load[0]:.2f}"
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        return f"{kb / 2**20:.0f} GiB"
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
-def table_markdown(results: list[dict], lengths: list[int], configs: list[str]) -> str:
-    by = {(r["config"], r["length"]): r for r in results}
+def time_table(timing: dict, lengths: list[int], configs: list[str]) -> list[str]:
     head = "| configuration | " + " | ".join(f"{n} tok" for n in lengths) + " |"
-    sep = "|---|" + "---:|" * len(lengths)
-    def table(title: str, key: str, fmt) -> list[str]:
-        rows = [title, "", head, sep]
-        for c in configs:
-            cells = []
-            for n in lengths:
-                r, base = by.get((c, n)), by.get(("sdpa", n))
-                ratio = f" ({r[key] / base[key]:.2f}×)" if r and base else ""
-                cells.append(f"{fmt(r[key])}{ratio}" if r else "–")
-            rows.append(f"| {c} | " + " | ".join(cells) + " |")
-        return rows
-
-    out = table("**Time** (median seconds; × SDPA)", "time", lambda t: f"{t:.3f}")
-    out += [""] + table("**Peak memory** above model + input (MiB; × SDPA)", "peak", _mib)
-    return "\n".join(out)
-
-
-def print_rich(results: list[dict], lengths: list[int], configs: list[str], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    by = {(r["config"], r["length"]): r for r in results}
-    t = Table(title=title)
-    t.add_column("configuration")
-    for n in lengths:
-        t.add_column(f"{n} tok time s (×)", justify="right")
-        t.add_column(f"{n} tok MiB (×)", justify="right")
+    rows = ["**Time** (median seconds over rounds; in brackets the median over rounds of the time / SDPA's "
+            "time in the same round, then the smallest and largest such ratio)", "", head, "|---|" + "---:|" * len(lengths)]
     for c in configs:
         cells = []
         for n in lengths:
-            r, base = by.get((c, n)), by.get(("sdpa", n))
+            r = timing["lengths"][n][c]
+            lo, hi = r["ratio_spread"]
+            cells.append(f"{r['time']:.3f} (**{r['ratio']:.2f}×**; {lo:.2f}–{hi:.2f})")
+        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def memory_table(mem: dict, lengths: list[int], configs: list[str]) -> list[str]:
+    head = "| configuration | " + " | ".join(f"{n} tok" for n in lengths) + " |"
+    rows = ["**Peak memory** above model + input (MiB; × SDPA), fresh process each", "", head, "|---|" + "---:|" * len(lengths)]
+    for c in configs:
+        cells = []
+        for n in lengths:
+            r, base = mem.get((c, n)), mem.get(("sdpa", n))
             if r is None:
-                cells += ["–", "–"]
+                cells.append("–")
                 continue
-            tr = f" ({r['time'] / base['time']:.2f})" if base else ""
-            mr = f" ({r['peak'] / base['peak']:.2f})" if base else ""
-            cells += [f"{r['time']:.3f}{tr}", f"{_mib(r['peak'])}{mr}"]
-        t.add_row(c, *cells)
-    Console().print(t)
+            ratio = f" ({r['peak'] / base['peak']:.2f}×)" if base else ""
+            cells.append(f"{_mib(r['peak'])}{ratio}")
+        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    p.add_argument("--layers", type=int, default=12, help="transformer blocks (GPT-2 small: 12)")
-    p.add_argument("--vocab", type=int, default=50257, help="vocabulary (GPT-2: 50257)")
-    p.add_argument("--n-ctx", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=5, help="measured forwards after one warm-up")
-    p.add_argument("--mem-repeats", type=int, default=2, help="forwards whose peak memory is read (the largest is kept)")
-    p.add_argument("--sample-rows", type=int, default=64)
-    p.add_argument("--layer-check", type=int, nargs="*", default=[2, 8],
-                   help="also measure attnkit-all and eager at --layer-check-length with these layer counts")
-    p.add_argument("--layer-check-length", type=int, default=1024)
-    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    p.add_argument("--no-write", action="store_true")
-    # worker mode
-    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--part", choices=("time", "mem"), default="time", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        worker(args)
-        return
-
-    contention = _contention()
-    started = _dt.datetime.now()
-    results = []
-    for n in args.lengths:
-        for c in args.configs:
-            r = measure(c, n, args.layers, args)
-            results.append(r)
-            print(f"{c:>16} {n:>5} tok: {r['time']:.3f} s  {_mib(r['peak'])} MiB  "
-                  f"(times {', '.join(f'{x:.3f}' for x in r['times'])})", flush=True)
-    title = f"GPT-2 shape, {args.layers} layers × 12 heads × 768, vocab {args.vocab}, batch 1, fp32"
-    print_rich(results, args.lengths, args.configs, title)
-
-    layer_rows = []
-    if args.layer_check:
-        n = args.layer_check_length
-        counts = sorted(set(args.layer_check) | {args.layers})
-        for c in ("sdpa", "eager", "attnkit-all"):
-            for L in counts:
-                if L == args.layers and any(r["config"] == c and r["length"] == n for r in results):
-                    r = next(r for r in results if r["config"] == c and r["length"] == n)
-                else:
-                    r = measure(c, n, L, args)
-                layer_rows.append(r)
-                print(f"layer check {c:>12} {L:>2} layers {n} tok: {r['time']:.3f} s  {_mib(r['peak'])} MiB", flush=True)
-
-    finished = _dt.datetime.now()
-    targets = target_lines(results, layer_rows, args)
-    for line in targets:
-        print(line)
-    load_after = os.getloadavg()[0]
-    if args.no_write:
-        return
-    cmd = "python bench/bench_analyze.py " + " ".join(sys.argv[1:])
-    v = _versions()
-    lines = [
-        MARK_START,
-        f"### Results ({started:%Y-%m-%d %H:%M}–{finished:%H:%M})",
-        "",
-        f"- command: `{cmd.strip()}`",
-        f"- machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-        f"{_total_ram()} RAM, no GPU; torch threads {results[0]['threads']}",
-        f"- torch {v['torch']}, transformers {v['transformers']}, transformer-lens {v['transformer-lens']}, "
-        f"Python {v['python']}",
-        f"- model: {title}; `attnkit-sampled` = {args.sample_rows} query rows per attention call",
-        f"- time: median of {args.repeats} forwards after one warm-up; memory: largest peak of {args.mem_repeats} "
-        "forwards after one warm-up, in a second process with a fixed mmap threshold (see the script's docstring)",
-        f"- other load: {contention}; load average after the run {load_after:.2f}",
-        "",
-        table_markdown(results, args.lengths, args.configs),
-    ]
-    if layer_rows:
-        lines += ["", f"**Memory against depth** at {args.layer_check_length} tokens (MiB above model + input; median time s)",
-                  "", "| configuration | layers | time s | peak MiB |", "|---|---:|---:|---:|"]
-        for r in layer_rows:
-            lines.append(f"| {r['config']} | {r['layers']} | {r['time']:.3f} | {_mib(r['peak'])} |")
-    if targets:
-        lines += ["", "**Targets** (issue 2)", ""] + [f"- {t}" for t in targets]
-    lines += ["", "<details><summary>raw measurements (JSON)</summary>", "", "```json",
-              json.dumps({"results": results, "layer_check": layer_rows}, indent=None)[:200000], "```", "</details>",
-              MARK_END]
-    block = "\n".join(lines)
-    path = Path(args.out)
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + MARK_START + "\n" + MARK_END + "\n"
-    if MARK_START in text and MARK_END in text:
-        pre, rest = text.split(MARK_START, 1)
-        post = rest.split(MARK_END, 1)[1]
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-    print(f"wrote {path}")
-
-
-def target_lines(results: list[dict], layer_rows: list[dict], args: argparse.Namespace) -> list[str]:
-    """The issue's targets, met or missed, with the numbers."""
-    by = {(r["config"], r["length"]): r for r in results}
+def target_lines(timing: dict, mem: dict, depth: list[dict], args: argparse.Namespace) -> list[str]:
+    """Issue 8's targets, met or missed, with the numbers."""
     out = []
-    for n in (1024, 2048):
-        base, s = by.get(("sdpa", n)), by.get(("attnkit-sampled", n))
-        if base and s:
-            t, m = s["time"] / base["time"], s["peak"] / base["peak"]
-            out.append(f"sampled rows ({args.sample_rows}) at {n} tokens: time {t:.2f}× SDPA (target ≤ 1.2×: "
-                       f"{'met' if t <= 1.2 else 'MISSED'}), peak memory {m:.2f}× (target ≤ 1.5×: {'met' if m <= 1.5 else 'MISSED'})")
-    a, e = by.get(("attnkit-all", 2048)), by.get(("eager", 2048))
-    if a and e:
-        out.append(f"all rows at 2048 tokens: {a['time']:.2f} s against eager's {e['time']:.2f} s "
-                   f"(target: no slower than eager: {'met' if a['time'] <= e['time'] else 'MISSED'})")
-    rows = sorted((r for r in layer_rows if r["config"] == "attnkit-all"), key=lambda r: r["layers"])
+    L = timing["lengths"] if timing else {}
+    if 2048 in L and "attnkit-all" in L[2048]:
+        t = L[2048]["attnkit-all"]["ratio"]
+        out.append(f"all rows at 2048 tokens: time {t:.2f}× SDPA (target ≤ 1.3×: {'met' if t <= 1.3 else 'MISSED'})")
+    if 2048 in L and "attnkit-sampled" in L[2048]:
+        t = L[2048]["attnkit-sampled"]["ratio"]
+        out.append(f"sampled rows ({args.sample_rows}) at 2048 tokens: time {t:.2f}× SDPA (target ≤ 1.1×: "
+                   f"{'met' if t <= 1.1 else 'MISSED'})")
+    rows = sorted((r for r in depth if r["config"] == "attnkit-all"), key=lambda r: r["layers"])
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
         grow = hi["peak"] / lo["peak"]
@@ -360,12 +319,118 @@ def target_lines(results: list[dict], layer_rows: list[dict], args: argparse.Nam
     return out
 
 
-def _total_ram() -> str:
-    try:
-        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-        return f"{kb / 2**20:.0f} GiB"
-    except Exception:  # noqa: BLE001
-        return "?"
+def write_block(path: Path, block: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + MARK_START + "\n" + MARK_END + "\n"
+    if MARK_START in text and MARK_END in text:
+        pre, rest = text.split(MARK_START, 1)
+        post = rest.split(MARK_END, 1)[1]
+        text = pre + block + post
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS,
+                   help="in the order each round runs them; sdpa is always included (ratios are to it)")
+    p.add_argument("--layers", type=int, default=12, help="transformer blocks (GPT-2 small: 12)")
+    p.add_argument("--vocab", type=int, default=50257, help="vocabulary (GPT-2: 50257)")
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds after one warm-up round")
+    p.add_argument("--mem-repeats", type=int, default=2, help="forwards whose peak memory is read (the largest is kept)")
+    p.add_argument("--sample-rows", type=int, default=64)
+    p.add_argument("--no-memory", action="store_true", help="time only")
+    p.add_argument("--depth-check", type=int, nargs="*", default=[2, 8],
+                   help="also measure peak memory of sdpa, eager and attnkit-all with these layer counts")
+    p.add_argument("--depth-check-length", type=int, default=1024)
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--no-write", action="store_true")
+    # memory worker mode
+    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        memory_worker(args)
+        return
+
+    configs = list(dict.fromkeys(["sdpa"] + args.configs))
+    notes = []
+    if "transformerlens" in configs and not has_transformerlens():
+        configs.remove("transformerlens")
+        notes.append("TransformerLens is not installed here: its configuration is left out")
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load_before, others_before = os.getloadavg(), _other_load()
+
+    timing = time_interleaved(args.lengths, configs, args)
+    others_after = _other_load()
+    mem, depth = {}, []
+    if not args.no_memory:
+        for n in args.lengths:
+            for c in configs:
+                mem[(c, n)] = r = measure_memory(c, n, args.layers, args)
+                print(f"memory {c:>16} {n:>5} tok: {_mib(r['peak'])} MiB", flush=True)
+        for c in ("sdpa", "eager", "attnkit-all"):
+            for L in sorted(set(args.depth_check) | {args.layers}) if args.depth_check else []:
+                n = args.depth_check_length
+                r = mem.get((c, n)) if L == args.layers else None
+                r = r or measure_memory(c, n, L, args)
+                depth.append(r)
+                print(f"memory {c:>12} {L:>2} layers {n} tok: {_mib(r['peak'])} MiB", flush=True)
+    finished = _dt.datetime.now(_dt.timezone.utc)
+    load_after = os.getloadavg()
+
+    targets = target_lines(timing, mem, depth, args)
+    for line in time_table(timing, args.lengths, configs):
+        print(line)
+    for line in targets:
+        print(line)
+    if args.no_write:
+        return
+
+    v = _versions()
+    loads = timing["load"]
+    cmd = "python bench/bench_analyze.py " + " ".join(sys.argv[1:])
+    title = f"GPT-2 shape, {args.layers} layers × 12 heads × 768, vocab {args.vocab}, batch 1, fp32, `torch.no_grad()`"
+    compile_note = (f"attnkit's statistics kernel compiled once in the process in {timing['compile_seconds']:.1f} s "
+                    "(inside the warm-up round, not in the timed rounds)" if timing["compile_seconds"] is not None
+                    else f"attnkit's statistics kernel ran eagerly ({timing['compile_failed'] or 'calls below the compile threshold'})")
+    lines = [
+        MARK_START,
+        f"### Results ({started:%Y-%m-%d %H:%M}–{finished:%H:%M} UTC)",
+        "",
+        f"- command: `{cmd.strip()}`",
+        f"- machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"{_total_ram()} RAM, no GPU; torch threads {timing['threads']}",
+        f"- torch {v['torch']}, transformers {v['transformers']}, transformer-lens {v['transformer-lens']}, "
+        f"Python {v['python']}",
+        f"- model: {title}; `attnkit-sampled` = {args.sample_rows} query rows per attention call",
+        f"- time: {args.rounds} interleaved rounds in one process after one warm-up round, order "
+        f"{', '.join(configs)}; memory: largest peak of {args.mem_repeats} forwards after one warm-up, a fresh process "
+        "per configuration and length, fixed mmap threshold (see the script's docstring)",
+        f"- load average (1 min): {load_before[0]:.2f} before, {min(loads):.2f}–{max(loads):.2f} during the timed rounds, "
+        f"{load_after[0]:.2f} after",
+        f"- other load seen: {'; '.join(others_before) or 'none above 20 % CPU'} (start); "
+        f"{'; '.join(others_after) or 'none above 20 % CPU'} (end of timing)",
+        f"- {compile_note}; warm-up forwards (s): "
+        + ", ".join(f"{c} {timing['lengths'][n][c]['warmup']:.2f} at {n}" for n in args.lengths for c in configs if c.startswith("attnkit")),
+    ] + [f"- {x}" for x in notes] + ["", *time_table(timing, args.lengths, configs)]
+    if mem:
+        lines += ["", *memory_table(mem, args.lengths, configs)]
+    if depth:
+        lines += ["", f"**Memory against depth** at {args.depth_check_length} tokens (MiB above model + input)", "",
+                  "| configuration | layers | peak MiB |", "|---|---:|---:|"]
+        lines += [f"| {r['config']} | {r['layers']} | {_mib(r['peak'])} |" for r in depth]
+    if targets:
+        lines += ["", "**Targets** (issue 8)", ""] + [f"- {t}" for t in targets]
+    raw = {"timing": {str(n): d for n, d in timing["lengths"].items()}, "load_during": loads,
+           "compile_seconds": timing["compile_seconds"],
+           "memory": [dict(r) for r in mem.values()], "depth": depth}
+    lines += ["", "<details><summary>raw measurements (JSON)</summary>", "", "```json",
+              json.dumps(raw, indent=None), "```", "</details>", MARK_END]
+    write_block(Path(args.out), "\n".join(lines))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
