@@ -5,6 +5,7 @@ import math
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from attnkit.cli.main import main
@@ -99,8 +100,10 @@ def test_html_is_self_contained_and_escapes_token_text(tiny_run):
     _, doc, html_path = tiny_run
     page = html_path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
-    for k in range(1, 10):
-        assert f"[{k}/9]" in page
+    for k, key in enumerate(["sanity", "positional", "tokens", "statistics", "heads", "query_variation", "diversity",
+                             "gradients", "ablation"], 1):
+        assert f"<section class='sec' id='{key}'><h2><span class='num'>{k}</span>" in page
+    assert f"JSON report <code>{html_path.parent / 'report.json'}</code>" in page  # the footer names the JSON written
     assert "<script" not in page.lower()  # the token <script>alert(1)</script> is escaped, and attnkit adds no script
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert page.count("data:image/png;base64,") >= 3  # entropy grid + attention maps
@@ -115,8 +118,11 @@ def _chromium():
 def test_html_renders_in_headless_chromium(tiny_run, tmp_path):
     _, _, html_path = tiny_run
     shot = tmp_path / "shot.png"
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,2000", html_path.resolve().as_uri()],
+    profile = tmp_path / "chromium-profile"  # a fresh profile: no state shared with other runs
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1200,2000",
+                    html_path.resolve().as_uri()],
                    capture_output=True, timeout=120, check=False)
     assert shot.exists() and shot.stat().st_size > 10_000
     from matplotlib.image import imread
@@ -127,3 +133,13 @@ def test_html_renders_in_headless_chromium(tiny_run, tmp_path):
     assert gray.std() > 0.05  # not blank: text, tables and figures
     assert (gray < 0.3).mean() > 0.005  # some dark ink (text)
     assert len({tuple(p) for p in (pixels[::40, ::40, :3] * 255).astype(int).reshape(-1, 3).tolist()}) > 20
+    # The verdict box at the top is framed in green (no critical finding) or red (some): its colour is drawn.
+    top = (pixels[:400, :, :3] * 255).round().astype(int)
+    frame = (26, 127, 55) if doc_is_good(tiny_run) else (207, 34, 46)
+    assert (abs(top - np.array(frame)).sum(-1) < 30).sum() > 500
+    # Figures are laid out below the fold, not collapsed: the lower half has ink too.
+    assert (gray[1000:] < 0.5).mean() > 0.002
+
+
+def doc_is_good(tiny_run) -> bool:
+    return tiny_run[1]["summary"]["critical"] == 0

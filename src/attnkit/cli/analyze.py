@@ -16,11 +16,11 @@ def add_parser(sub) -> None:
                        "sinks, spikes and overflow margins from the real pre-softmax logits, with diagnoses.")
     add_model_argument(p)
     p.add_argument("--text", help="text to analyse (default: a built-in English passage)")
-    p.add_argument("--text-file", help="file with the text to analyse")
-    p.add_argument("--max-length", type=int, help="truncate the input to this many tokens")
-    p.add_argument("--layers", help="layers to observe, e.g. 0,2-3 (others run on SDPA)")
-    p.add_argument("--heads", help="heads to observe in each selected layer, e.g. 0-3")
-    p.add_argument("--sample-rows", type=int, help="statistics on this many random query rows per layer (long inputs)")
+    p.add_argument("--text-file", metavar="FILE", help="file with the text to analyse")
+    p.add_argument("--max-length", type=int, metavar="N", help="truncate the input to this many tokens")
+    p.add_argument("--layers", metavar="LIST", help="layers to observe, e.g. 0,2-3 (others run on SDPA)")
+    p.add_argument("--heads", metavar="LIST", help="heads to observe in each selected layer, e.g. 0-3")
+    p.add_argument("--sample-rows", type=int, metavar="N", help="statistics on this many random query rows per layer (long inputs)")
     p.add_argument("--json", metavar="PATH", help="write the JSON report to PATH, or - for stdout")
     p.add_argument("--plot", metavar="PNG", help="write the layer x head heatmap to this PNG")
     p.set_defaults(run=run)
@@ -39,21 +39,23 @@ def run(args: argparse.Namespace) -> int:
     check_positive(args.sample_rows, "--sample-rows")
     check_outputs(json=args.json, plot=args.plot)  # before the run, not after it
     console = Console(stderr=args.json == "-")
-    with console.status(f"loading {escape(args.model)}"):
+    from attnkit.report.progress import stderr_status
+
+    with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
         loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
     model = loaded.model
     inputs = tokenize(loaded.tokenizer, text if text is not None else DEFAULT_TEXT, args.max_length,
                       max_positions(model), truncate_silently=text is None)
-    with console.status("running the model through the seam"):
+    with stderr_status("running the model through the seam"):
         try:
             result = analyze(model, inputs, name=args.model, layers=layers, heads=heads, sample_rows=args.sample_rows)
         except ValueError as e:
             raise UserError(str(e)) from e
     from attnkit.report.console import render_analysis
 
-    render_analysis(result, console)
+    render_analysis(result, console, given_json=args.json is not None)
     if args.json:
         from attnkit.report.io import write_json
 

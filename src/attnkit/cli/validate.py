@@ -8,6 +8,33 @@ from __future__ import annotations
 
 import argparse
 
+# What ``attnkit validate --help`` says: plain text laid out for a terminal (the module docstring
+# above is for developers).
+HELP_DESCRIPTION = """\
+Check whether a model's attention is correct, interpretable, significant and
+useful, in nine sections:
+
+  1 sanity checks       rows sum to 1; no weight on future positions
+  2 positional          local heads; weight on a token's own and the first token
+  3 token patterns      repeated tokens, special tokens and punctuation
+  4 statistical tests   which heads differ significantly from uniform attention
+  5 per-head analysis   sharp, medium and uniform heads; attention maps (HTML)
+  6 query variation     do different tokens attend differently?
+  7 diversity           hidden-state diversity against attention non-uniformity
+  8 gradient flow       do the query/key parameters get a gradient?
+  9 ablation            held-out loss with attention replaced by uniform,
+                        local-window and first-token patterns: does it help?
+
+Exit status: 0 no critical finding, 1 at least one critical finding (marked ✗),
+2 a usage error (bad model path, empty text, ...).
+"""
+HELP_EPILOG = """\
+examples:
+  attnkit validate reference --html report.html
+  attnkit validate minilm --text "The cat sat on the mat." --json report.json
+  attnkit validate ./my-model --dataset notes.txt --json - > report.json
+"""
+
 
 def add_parser(sub) -> None:
     from attnkit.cli.common import add_model_argument
@@ -16,20 +43,20 @@ def add_parser(sub) -> None:
     d = Options()
     p = sub.add_parser(
         "validate", help="is attention correct, interpretable, significant and helping? (9 sections, ablation)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=HELP_DESCRIPTION, epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_argument(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", help="text to validate on")
-    src.add_argument("--text-file", help="file with the text to validate on")
-    src.add_argument("--dataset", help="corpus: 'kjv', a local .txt file or folder, or a Hugging Face dataset "
+    src.add_argument("--text", metavar="TEXT", help="text to validate on")
+    src.add_argument("--text-file", metavar="FILE", help="file with the text to validate on")
+    src.add_argument("--dataset", metavar="CORPUS", help="corpus: 'kjv', a local .txt file or folder, or a Hugging Face dataset "
                      "NAME[:CONFIG] (default: the kjv test split)")
-    p.add_argument("--split", help="split of --dataset (default: test, or its only split)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
-    p.add_argument("--sequences", type=int, default=d.sequences,
+    p.add_argument("--split", metavar="NAME", help="split of --dataset (default: test, or its only split)")
+    p.add_argument("--seq-len", type=int, metavar="N", default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
+    p.add_argument("--sequences", type=int, metavar="N", default=d.sequences,
                    help=f"sequences whose attention maps are analysed (default: {d.sequences})")
-    p.add_argument("--ablation-blocks", type=int, default=d.ablation_blocks,
+    p.add_argument("--ablation-blocks", type=int, metavar="N", default=d.ablation_blocks,
                    help=f"held-out blocks the ablation evaluates (default: {d.ablation_blocks})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"blocks per forward (default: {d.batch_size})")
+    p.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size, help=f"blocks per forward (default: {d.batch_size})")
     p.add_argument("--json", metavar="PATH", help="write the JSON report to PATH, or - for stdout")
     p.add_argument("--html", metavar="PATH", help="write the self-contained HTML report to PATH")
     p.set_defaults(run=run)
@@ -73,13 +100,17 @@ def run(args: argparse.Namespace) -> int:
     opts = Options(seq_len=args.seq_len, sequences=args.sequences, ablation_blocks=args.ablation_blocks,
                    batch_size=args.batch_size)
     documents, source = _documents(args)
-    with console.status(f"loading {escape(args.model)}"):
+    from attnkit.report.progress import stderr_status
+
+    with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
         loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
-    with console.status("validating") as status:
+    from attnkit.report.progress import VALIDATE_STEPS, step_progress
+
+    with step_progress("validating", VALIDATE_STEPS) as progress:  # on stderr, erased when done
         report = validate(loaded.model, loaded.tokenizer, documents, name=args.model, kind=loaded.kind, options=opts,
-                          data_source=source, on_section=lambda key: status.update(f"validating: {key.replace('_', ' ')}"))
+                          data_source=source, on_progress=progress)
     from attnkit.validate.report_console import render_report
 
     render_report(report, console)
@@ -91,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
         from attnkit.report.io import write_atomic
         from attnkit.validate.report_html import render_html
 
-        write_atomic(args.html, render_html(report))
+        write_atomic(args.html, render_html(report, json_path=args.json))  # the footer says where the JSON went
         console.print(f"HTML report written to {escape(args.html)}", highlight=False)
     return report.exit_status
