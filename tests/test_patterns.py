@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from attnkit.seam import PATTERNS, SCORE_MODS, MapCapture, attach
-from attnkit.seam.patterns import local_window
+from attnkit.mods import PATTERNS, SCORE_MODS, local_pattern
+from attnkit.seam import MapCapture, Site, attach
 from conftest import _ids, gpt2
 
 E, H, D = 32, 4, 8
@@ -25,7 +25,7 @@ def _inv_counts(counts: torch.Tensor) -> torch.Tensor:
 
 def _pattern_maps(model, ids, pattern):
     cap = MapCapture()
-    with torch.no_grad(), attach(model, observers=[cap], pattern=pattern):
+    with torch.no_grad(), attach(model, taps=[cap], **pattern):
         out = model(ids)
     return cap, out
 
@@ -45,7 +45,7 @@ def test_uniform_respects_padding():
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, :3] = 0
     cap = MapCapture()
-    with torch.no_grad(), attach(model, observers=[cap], pattern=PATTERNS["uniform"]):
+    with torch.no_grad(), attach(model, taps=[cap], **PATTERNS["uniform"]):
         model(ids, attention_mask=mask)
     got = cap.maps[0][1]  # (H, Q, K), left-padded sequence
     for i in range(3, 8):
@@ -72,7 +72,7 @@ def test_uniform_output_equals_eager_model_with_zero_qk():
     with torch.no_grad():
         ref = twin(ids, output_attentions=True)
         learned = model(ids).logits
-        with attach(model, pattern=PATTERNS["uniform"]):
+        with attach(model, **PATTERNS["uniform"]):
             got = model(ids).logits
     # the reference really is uniform attention, and the pattern really changed the model
     torch.testing.assert_close(ref.attentions[1][0, 0, 3, :4], torch.full((4,), 0.25), atol=1e-7, rtol=0)
@@ -93,7 +93,7 @@ def test_uniform_on_selected_heads_only():
     try:
         with torch.no_grad():
             model(ids)  # learned
-            with attach(model, observers=[cap], pattern=PATTERNS["uniform"], layers=[0], heads=[1]):
+            with attach(model, taps=[cap], **PATTERNS["uniform"], layers=[0], heads=[1]):
                 model(ids)
     finally:
         for hk in hooks:
@@ -105,7 +105,7 @@ def test_uniform_on_selected_heads_only():
     torch.testing.assert_close(patched[:, :, others], learned[:, :, others], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(patched[:, :, 1], running_mean[:, :, 1], atol=1e-6, rtol=1e-6)
     assert (learned[:, :, 1] - running_mean[:, :, 1]).abs().amax() > 1e-2
-    assert cap.head_ids == {0: [1]}
+    assert cap.head_ids == {Site(0): [1]}
     assert torch.equal(cap.maps[0][0, 0, 4, :5], torch.full((5,), 0.2))
 
 
@@ -114,7 +114,7 @@ def test_uniform_on_selected_heads_only():
 def test_local_window_respects_window_and_causal_mask(window):
     n = 12
     model, ids = gpt2(), _ids(1, n)
-    pattern = PATTERNS["local"] if window == 5 else local_window(window)
+    pattern = PATTERNS["local"] if window == 5 else local_pattern(window)
     cap, _ = _pattern_maps(model, ids, pattern)
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
@@ -138,7 +138,7 @@ def test_first_token_with_left_padding_uses_first_visible_key():
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, :2] = 0
     cap = MapCapture()
-    with torch.no_grad(), attach(model, observers=[cap], pattern=PATTERNS["first_token"]):
+    with torch.no_grad(), attach(model, taps=[cap], **PATTERNS["first_token"]):
         model(ids, attention_mask=mask)
     got = cap.maps[0][1, :, 2:]  # real rows of the padded sequence
     assert torch.equal(got[..., 2], torch.ones(4, 6))
@@ -170,9 +170,9 @@ def test_temperature_two_equals_softmax_of_halved_logits():
     plain = MapCapture(keep_logits=True)
     hot = MapCapture()
     with torch.no_grad():
-        with attach(model, observers=[plain]):
+        with attach(model, taps=[plain]):
             model(ids)
-        with attach(model, observers=[hot], score_mods=[SCORE_MODS["temperature"](2.0)]):
+        with attach(model, taps=[hot], score_mods=[SCORE_MODS["temperature"](2.0)]):
             model(ids)
     # layer 0 sees the same input in both runs: probs = softmax(logits / 2) of the plain run
     want = torch.softmax(plain.logits[0] / 2, dim=-1)
@@ -187,7 +187,7 @@ def test_temperature_two_equals_eager_model_with_halved_queries():
     with torch.no_grad():
         ref = twin(ids, output_attentions=True)
         cap = MapCapture()
-        with attach(model, observers=[cap], score_mods=[SCORE_MODS["temperature"](2.0)]):
+        with attach(model, taps=[cap], score_mods=[SCORE_MODS["temperature"](2.0)]):
             got = model(ids).logits
     for layer in (0, 1):
         torch.testing.assert_close(cap.maps[layer], ref.attentions[layer], atol=1e-5, rtol=0)
@@ -199,11 +199,11 @@ def test_temperature_on_one_layer_leaves_the_others():
     plain = MapCapture(keep_logits=True)
     hot = MapCapture()
     with torch.no_grad():
-        with attach(model, observers=[plain], layers=[1]):
+        with attach(model, taps=[plain], layers=[1]):
             model(ids)
-        with attach(model, observers=[hot], layers=[1], score_mods=[SCORE_MODS["temperature"](2.0)]):
+        with attach(model, taps=[hot], layers=[1], score_mods=[SCORE_MODS["temperature"](2.0)]):
             model(ids)
-    assert list(hot.maps) == [1]
+    assert list(hot.maps) == [Site(1)]
     torch.testing.assert_close(hot.maps[1], torch.softmax(plain.logits[1] / 2, -1), atol=1e-6, rtol=0)
 
 
@@ -213,11 +213,11 @@ def test_soft_cap_and_clamp_bound_the_logits():
     capped = MapCapture(keep_logits=True)
     clamped = MapCapture(keep_logits=True)
     with torch.no_grad():
-        with attach(model, observers=[plain], layers=[0]):
+        with attach(model, taps=[plain], layers=[0]):
             model(ids)
-        with attach(model, observers=[capped], layers=[0], score_mods=[SCORE_MODS["soft_cap"](1.0)]):
+        with attach(model, taps=[capped], layers=[0], score_mods=[SCORE_MODS["soft_cap"](1.0)]):
             model(ids)
-        with attach(model, observers=[clamped], layers=[0], score_mods=[SCORE_MODS["clamp"](0.5)]):
+        with attach(model, taps=[clamped], layers=[0], score_mods=[SCORE_MODS["clamp"](0.5)]):
             model(ids)
     visible = _causal(10)
     base = plain.logits[0][..., visible]

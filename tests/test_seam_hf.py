@@ -18,7 +18,7 @@ ATOL = 1e-5
 
 def _observe(model, inputs: dict, **attach_kwargs):
     cap = MapCapture()
-    with torch.no_grad(), attach(model, observers=[cap], **attach_kwargs):
+    with torch.no_grad(), attach(model, taps=[cap], **attach_kwargs):
         out = model(**inputs)
     return cap, out
 
@@ -37,7 +37,7 @@ def test_gpt2_probs_equal_eager(ids):
     model = gpt2()
     ref = _eager(model, {"input_ids": ids})
     cap, _ = _observe(model, {"input_ids": ids})
-    assert sorted(cap.maps) == [0, 1]
+    assert sorted(site.layer for site in cap.maps) == [0, 1]
     for layer, want in enumerate(ref.attentions):
         got = cap.maps[layer]
         assert got.shape == want.shape == (2, 4, 10, 10)
@@ -58,7 +58,7 @@ def test_gpt2_keep_logits_are_scaled_qk_with_minus_inf_on_future(ids):
     handle = model.transformer.h[0].attn.c_attn.register_forward_hook(grab)
     cap = MapCapture(keep_logits=True)
     try:
-        with torch.no_grad(), attach(model, observers=[cap], layers=[0]):
+        with torch.no_grad(), attach(model, taps=[cap], layers=[0]):
             model(ids)
     finally:
         handle.remove()
@@ -152,9 +152,9 @@ def test_observation_does_not_change_outputs(factory):
     inputs = {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():
         plain = model(**inputs)
-        with attach(model, observers=[MapCapture(), StatsCollector()]):
+        with attach(model, taps=[MapCapture(), StatsCollector()]):
             seen = model(**inputs)
-        with attach(model, observers=[StatsCollector()], heads=[1, 3], sample_rows=4):
+        with attach(model, taps=[StatsCollector()], heads=[1, 3], sample_rows=4):
             sampled = model(**inputs)
     name = "last_hidden_state" if factory is bert else "logits"
     a, b, c = getattr(plain, name), getattr(seen, name), getattr(sampled, name)
@@ -168,7 +168,7 @@ def test_layer_selection_captures_only_that_layer(ids):
     model = gpt2(layers=3)
     ref = _eager(model, {"input_ids": ids})
     cap, _ = _observe(model, {"input_ids": ids}, layers=[1])
-    assert list(cap.maps) == [1]
+    assert [site.layer for site in cap.maps] == [1]
     torch.testing.assert_close(cap.maps[1], ref.attentions[1], atol=ATOL, rtol=0)
 
 
@@ -177,20 +177,20 @@ def test_head_selection_captures_only_those_heads(ids):
     ref = _eager(model, {"input_ids": ids})
     cap, _ = _observe(model, {"input_ids": ids}, heads=[0, 2])
     stats = StatsCollector()
-    with torch.no_grad(), attach(model, observers=[stats], heads={1: [3]}):
+    with torch.no_grad(), attach(model, taps=[stats], heads={1: [3]}):
         model(ids)
     for layer in (0, 1):
         assert cap.head_ids[layer] == [0, 2]
         assert cap.maps[layer].shape == (2, 2, 10, 10)
         torch.testing.assert_close(cap.maps[layer], ref.attentions[layer][:, [0, 2]], atol=ATOL, rtol=0)
     # dict form: only head 3 of layer 1; layer 0 keeps all its heads
-    assert stats.head_ids == {0: [0, 1, 2, 3], 1: [3]}
+    assert {site.layer: h for site, h in stats.head_ids.items()} == {0: [0, 1, 2, 3], 1: [3]}
     assert [(h["layer"], h["head"]) for h in stats.heads()] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 3)]
 
 
 def test_head_selection_out_of_range_is_an_error(ids):
     model = gpt2()
     with pytest.raises(ValueError, match="no head 7"):
-        with torch.no_grad(), attach(model, observers=[MapCapture()], heads=[7]):
+        with torch.no_grad(), attach(model, taps=[MapCapture()], heads=[7]):
             model(ids)
     assert model.config._attn_implementation == "eager"

@@ -16,7 +16,7 @@ def test_statistics_equal_under_inference_mode_and_no_grad():
     results = []
     for context in (torch.no_grad, torch.inference_mode):
         stats = StatsCollector()
-        with context(), attach(model, observers=[stats]) as session:
+        with context(), attach(model, taps=[stats]) as session:
             session.query_mask = mask.bool()
             for _ in range(2):  # the second forward hits the per-mask caches
                 model(input_ids=ids, attention_mask=mask)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from attnkit.seam import PATTERNS, MapCapture, StatsCollector, attach
+from attnkit.mods import PATTERNS
+from attnkit.seam import MapCapture, StatsCollector, attach
 from conftest import causal_block, encoder, mha
 
 N, L, E = 2, 6, 16
@@ -47,7 +48,7 @@ def test_probs_equal_need_weights(masks):
     kw = {k: table[v] for k, v in masks.items()}
     out_ref, w_ref = _ref_weights(m, x, **kw)
     cap = MapCapture()
-    with torch.no_grad(), attach(m, observers=[cap]):
+    with torch.no_grad(), attach(m, taps=[cap]):
         out, w = m(x, x, x, need_weights=True, average_attn_weights=False, **kw)
         out_fast, w_none = m(x, x, x, need_weights=False, **kw)
         _, w_avg = m(x, x, x, need_weights=True, **kw)
@@ -70,7 +71,7 @@ def test_sequence_first_and_unbatched_layouts():
     x = _x().transpose(0, 1)  # (L, N, E)
     out_ref, w_ref = _ref_weights(m, x, attn_mask=causal_block(L))
     cap = MapCapture()
-    with torch.no_grad(), attach(m, observers=[cap]):
+    with torch.no_grad(), attach(m, taps=[cap]):
         out, w = m(x, x, x, attn_mask=causal_block(L), need_weights=True, average_attn_weights=False)
         out1, w1 = m(x[:, 0], x[:, 0], x[:, 0], attn_mask=causal_block(L), need_weights=True,
                      average_attn_weights=False)
@@ -85,7 +86,7 @@ def test_need_weights_with_head_selection_returns_every_head():
     m, x = mha(), _x()
     _, w_ref = _ref_weights(m, x, attn_mask=causal_block(L))
     cap = MapCapture()
-    with torch.no_grad(), attach(m, observers=[cap], heads=[0, 2]):
+    with torch.no_grad(), attach(m, taps=[cap], heads=[0, 2]):
         _, w = m(x, x, x, attn_mask=causal_block(L), need_weights=True, average_attn_weights=False)
     torch.testing.assert_close(cap.maps[0], w_ref[:, [0, 2]], atol=1e-5, rtol=0)
     torch.testing.assert_close(w, w_ref, atol=1e-5, rtol=0)
@@ -99,7 +100,7 @@ def test_head_selection_with_per_head_mask():
     mask3[:, torch.arange(L), torch.arange(L)] = False  # every row sees at least itself
     _, w_ref = _ref_weights(m, x, attn_mask=mask3)
     cap = MapCapture()
-    with torch.no_grad(), attach(m, observers=[cap], heads=[1, 3]):
+    with torch.no_grad(), attach(m, taps=[cap], heads=[1, 3]):
         m(x, x, x, attn_mask=mask3, need_weights=False)
     torch.testing.assert_close(cap.maps[0], w_ref[:, [1, 3]], atol=1e-5, rtol=0)
     assert torch.all(cap.maps[0][mask3.view(N, 4, L, L)[:, [1, 3]]] == 0)
@@ -143,10 +144,10 @@ def test_transformer_encoder_eval_no_grad_causal_and_padding():
     with torch.no_grad():
         plain = enc(x, mask=causal, src_key_padding_mask=kpm, is_causal=True)  # fast path allowed
     cap = MapCapture()
-    with torch.no_grad(), attach(enc, observers=[cap]):
+    with torch.no_grad(), attach(enc, taps=[cap]):
         assert torch.backends.mha.get_fastpath_enabled() is False
         out = enc(x, mask=causal, src_key_padding_mask=kpm, is_causal=True)
-    assert sorted(cap.maps) == [0, 1], "both layers' attention must be seen despite the fast path"
+    assert sorted(site.layer for site in cap.maps) == [0, 1], "both layers' attention must be seen despite the fast path"
     for layer in (0, 1):
         got = cap.maps[layer]
         torch.testing.assert_close(got, ref_maps[layer], atol=1e-5, rtol=0)
@@ -164,9 +165,9 @@ def test_single_encoder_layer_and_pattern_changes_output():
     with torch.no_grad():
         plain = lyr(x)
         cap = MapCapture()
-        with attach(lyr, observers=[cap]):
+        with attach(lyr, taps=[cap]):
             same = lyr(x)
-        with attach(lyr, pattern=PATTERNS["uniform"]):
+        with attach(lyr, **PATTERNS["uniform"]):
             uni = lyr(x)
     torch.testing.assert_close(same, plain, atol=1e-5, rtol=1e-5)
     assert cap.maps[0].shape == (N, 4, L, L)
@@ -176,7 +177,7 @@ def test_single_encoder_layer_and_pattern_changes_output():
 def test_layer_numbers_follow_module_order():
     enc = encoder(layers=3)
     stats = StatsCollector()
-    with torch.no_grad(), attach(enc, observers=[stats], layers=[2]):
+    with torch.no_grad(), attach(enc, taps=[stats], layers=[2]):
         enc(_x())
-    assert list(stats.layers) == [2]
+    assert [site.layer for site in stats.layers] == [2]
     assert stats.heads()[0]["rows"] == N * L

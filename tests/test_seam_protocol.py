@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnkit.seam import PATTERNS, MapCapture, StatsCollector, attach, attention
+from attnkit.mods import PATTERNS
+from attnkit.seam import MapCapture, Site, StatsCollector, attach, attention
 from conftest import reference_probs
 
 B, T, C, NH = 2, 7, 16, 4
@@ -89,11 +90,11 @@ def test_inside_a_session_probs_are_causal_softmax_of_qk():
     with torch.no_grad():
         plain = model(x)
         cap = MapCapture()
-        with attach(model, observers=[cap]):
+        with attach(model, taps=[cap]):
             seen = model(x)
     torch.testing.assert_close(seen, plain, atol=1e-5, rtol=1e-5)
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
-    assert sorted(cap.maps) == [0, 1], "modules without layer_idx are numbered in call order"
+    assert sorted(site.layer for site in cap.maps) == [0, 1], "modules without layer_idx are numbered in call order"
     for layer, blk in enumerate(model.blocks):
         q, k, _ = blk.last_qkv
         want = reference_probs(q, k, causal)
@@ -110,7 +111,7 @@ def test_grouped_kv_heads_and_bool_mask():
     with torch.no_grad():
         plain = model(x, attn_mask=pad)
         cap = MapCapture()
-        with attach(model, observers=[cap]):
+        with attach(model, taps=[cap]):
             seen = model(x, attn_mask=pad)
     torch.testing.assert_close(seen, plain, atol=1e-5, rtol=1e-5)
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
@@ -127,15 +128,15 @@ def test_layer_idx_is_used_when_present_and_pattern_replaces_output():
     x = _x()
     stats = StatsCollector()
     with torch.no_grad():
-        with attach(blk, observers=[stats]):
+        with attach(blk, taps=[stats]):
             blk(x)
-        with attach(blk, pattern=PATTERNS["uniform"]):
+        with attach(blk, **PATTERNS["uniform"]):
             y = blk(x)
         _, _, v = blk.last_qkv
         # uniform causal attention = running mean of the values
         mean_v = v.cumsum(2) / torch.arange(1, T + 1).view(1, 1, T, 1)
         want = blk.proj(mean_v.transpose(1, 2).reshape(B, T, C))
-    assert list(stats.layers) == [7]
+    assert list(stats.layers) == [Site(7)]
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
     # the session is gone after the block: plain SDPA again
     with torch.no_grad():

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from attnkit.errors import UserError
-from attnkit.seam import MapCapture, NoAttentionError, Observer, attach
+from attnkit.seam import MapCapture, NoAttentionError, Tap, attach
 from conftest import _ids, encoder, gpt2, llama, mha
 
 
-class Boom(Observer):
+class Boom(Tap):
     def observe(self, chunk):
         raise RuntimeError("observer failed")
 
@@ -34,12 +34,12 @@ def test_hf_attn_implementation_restored(impl, how):
     ids = _ids(1, 6)
     observers = [Boom()] if how == "observer_raises" else [MapCapture()]
     if how == "normal":
-        with torch.no_grad(), attach(model, observers=observers):
+        with torch.no_grad(), attach(model, taps=observers):
             assert model.config._attn_implementation == "attnkit"
             model(ids)
     else:
         with pytest.raises((RuntimeError, IndexError, ValueError)):
-            with torch.no_grad(), attach(model, observers=observers):
+            with torch.no_grad(), attach(model, taps=observers):
                 if how == "bad_input":
                     model(torch.tensor([[10_000]]))  # id beyond the vocabulary
                 elif how == "body_raises":
@@ -64,7 +64,7 @@ def test_hf_sessions_detached_after_block():
     cap = MapCapture()
     ids = _ids(1, 6)
     with torch.no_grad():
-        with attach(model, observers=[cap]):
+        with attach(model, taps=[cap]):
             model(ids)
         cap.maps.clear()
         plain = model(ids).logits
@@ -80,7 +80,7 @@ def test_hf_sessions_detached_after_block():
 def test_llama_restored_after_error():
     model = llama("sdpa").train()
     with pytest.raises(RuntimeError):
-        with attach(model, observers=[Boom()]):
+        with attach(model, taps=[Boom()]):
             model(_ids(1, 5))
     assert model.config._attn_implementation == "sdpa"
     assert model.training and all(m.training for m in model.modules())
@@ -98,13 +98,13 @@ def test_mha_forward_fastpath_and_mode_restored(fastpath, how):
     try:
         observers = [Boom()] if how == "observer_raises" else [MapCapture()]
         if how == "normal":
-            with torch.no_grad(), attach(enc, observers=observers):
+            with torch.no_grad(), attach(enc, taps=observers):
                 assert all(state[0] for state in _mha_state(enc)), "the adapter wraps every MultiheadAttention"
                 assert torch.backends.mha.get_fastpath_enabled() is False
                 enc(x)
         else:
             with pytest.raises((RuntimeError, AssertionError)):
-                with torch.no_grad(), attach(enc, observers=observers):
+                with torch.no_grad(), attach(enc, taps=observers):
                     enc(x if how == "observer_raises" else torch.randn(2, 5, 7))  # wrong width
         assert torch.backends.mha.get_fastpath_enabled() is fastpath
     finally:
@@ -123,7 +123,7 @@ def test_mha_own_instance_forward_is_put_back():
 
     m.forward = own_forward
     x = torch.randn(1, 3, 16)
-    with torch.no_grad(), attach(m, observers=[MapCapture()]):
+    with torch.no_grad(), attach(m, taps=[MapCapture()]):
         assert m.__dict__["forward"] is not own_forward
         m(x, x, x)
     assert m.__dict__["forward"] is own_forward
@@ -134,7 +134,7 @@ def test_mha_own_instance_forward_is_put_back():
 def test_no_attention_is_a_user_error():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(NoAttentionError) as info:
-        with attach(model, observers=[MapCapture()]):
+        with attach(model, taps=[MapCapture()]):
             pass
     assert isinstance(info.value, UserError)
     assert "Sequential" in str(info.value)
@@ -157,12 +157,12 @@ def test_mixed_model_hf_and_mha_restored_together():
 
     model = Both()
     cap = MapCapture()
-    with torch.no_grad(), attach(model, observers=[cap]):
+    with torch.no_grad(), attach(model, taps=[cap]):
         model(_ids(1, 4))
     assert model.lm.config._attn_implementation == "sdpa"
     assert "forward" not in model.extra.__dict__
     with pytest.raises(RuntimeError):
-        with torch.no_grad(), attach(model, observers=[Boom()]):
+        with torch.no_grad(), attach(model, taps=[Boom()]):
             model(_ids(1, 4))
     assert model.lm.config._attn_implementation == "sdpa"
     assert "forward" not in model.extra.__dict__

@@ -64,7 +64,10 @@ def _capture(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[dict[int,
     # observe_forward: eval mode and no_grad (not inference_mode: the seam reads tensor version
     # counters), the model's training mode restored also when the forward raises.
     out = observe_forward(model, AttentionSession([capture]), input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-    return capture.maps, capture.head_ids, out.logits
+    # Keyed by layer number: role scores are for single-stack language models.
+    maps = {site.layer: p for site, p in capture.maps.items()}
+    head_ids = {site.layer: h for site, h in capture.head_ids.items()}
+    return maps, head_ids, out.logits
 
 
 def repeated_random_tokens(

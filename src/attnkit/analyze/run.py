@@ -12,7 +12,7 @@ from attnkit.analyze.mitigations import Mitigation, find_mitigations
 from attnkit.errors import UserError
 from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, observe_forward
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: heads carry "stack" and "kind" beside "layer"
 MIN_TOKENS = 2  # fewest tokens analyze accepts: below this no attention row has a choice to make
 
 
@@ -113,16 +113,17 @@ def analyze(
     The model is left as it was found (training mode, attention implementation).
     """
     collector = StatsCollector()
-    session = AttentionSession(observers=[collector], layers=layers, heads=heads, sample_rows=sample_rows, seed=seed)
+    session = AttentionSession(taps=[collector], layers=layers, heads=heads, sample_rows=sample_rows, seed=seed)
     mask = inputs.get("attention_mask")
     if mask is not None:
         session.query_mask = mask.bool()
     observe_forward(model, session, **inputs)
     if not collector.layers:
         if layers is not None:
-            raise UserError(f"none of the selected layers {sorted(layers)} ran; the model has layers {sorted(set(session.layers_seen))}")
+            raise UserError(f"none of the selected layers {sorted(layers)} ran; the model has layers {sorted({site.layer for site in session.sites_seen})}")
         raise NoAttentionError(f"{type(model).__name__} ran no attention call attnkit could see")
     dtype = next(iter(collector.dtypes.values()))
+    call_order = [site.layer for site in collector.call_order]
     config = getattr(model, "config", None)
     mitigations = find_mitigations(config) if config is not None else []
     head_stats = collector.heads()
@@ -133,8 +134,8 @@ def analyze(
         tokens=int(ids.shape[1]) if ids is not None else 0,
         batch=int(ids.shape[0]) if ids is not None else 0,
         heads=head_stats,
-        issues=diagnose(head_stats, dtype, mitigations, collector.call_order),
+        issues=diagnose(head_stats, dtype, mitigations, call_order),
         mitigations=mitigations,
-        call_order=collector.call_order,
+        call_order=call_order,
         sample_rows=sample_rows if collector.sampled else None,
     )

@@ -1,23 +1,32 @@
-"""The seam: every attention call, whatever the model, observed, overridden or replaced here.
+"""The seam: every attention call, whatever the model, observed, modified or replaced here.
 
     from attnkit.seam import attach
-    from attnkit.seam.observers import MapCapture, StatsCollector
+    from attnkit.taps import MapCapture, StatsCollector
+    from attnkit.mods import PATTERNS, soft_cap
 
     capture = MapCapture()
-    with attach(model, observers=[capture]):
+    with attach(model, taps=[capture]):
         model(input_ids)
-    capture.maps[0]          # (B, H, Q, K) probabilities of layer 0
+    capture.maps[Site(0)]    # (B, H, Q, K) probabilities of layer 0
+
+    with attach(model, **PATTERNS["uniform"], layers=[3], heads=[5]):
+        model(input_ids)     # head 5 of layer 3 attends uniformly
+
+A call goes plan → kernel → taps (``session.py``); adapters (``adapters/``) reach the calls of
+Hugging Face models, ``nn.MultiheadAttention`` and hand-written modules (``attention``).
 """
 
-from attnkit.seam.attach import ADAPTERS, NoAttentionError, attach, observe_forward
-from attnkit.seam.call import AttentionCall, ObservedChunk
-from attnkit.seam.observers import MapCapture, StatsCollector
-from attnkit.seam.patterns import PATTERNS
-from attnkit.seam.protocol import attention
-from attnkit.seam.score_mods import SCORE_MODS
-from attnkit.seam.session import AttentionSession, Observer
+from attnkit.seam.adapters import ADAPTERS
+from attnkit.seam.adapters.protocol import attention
+from attnkit.seam.attach import NoAttentionError, attach, observe_forward, unwrap
+from attnkit.seam.call import AttentionCall, build_call
+from attnkit.seam.plan import Mods, Plan
+from attnkit.seam.session import AttentionSession, run_call
+from attnkit.seam.sites import Site
+from attnkit.taps import MapCapture, ObservedChunk, StatsCollector, Tap
 
 __all__ = [
-    "ADAPTERS", "AttentionCall", "AttentionSession", "MapCapture", "NoAttentionError", "ObservedChunk",
-    "Observer", "PATTERNS", "SCORE_MODS", "StatsCollector", "attach", "attention", "observe_forward",
+    "ADAPTERS", "AttentionCall", "AttentionSession", "MapCapture", "Mods", "NoAttentionError", "ObservedChunk",
+    "Plan", "Site", "StatsCollector", "Tap", "attach", "attention", "build_call", "observe_forward", "run_call",
+    "unwrap",
 ]

@@ -1,4 +1,11 @@
-"""``attach``: put a session between a model and its attention calls, and take it away again."""
+"""``attach``: put a session between a model and its attention calls, and take it away again.
+
+Sessions stack: attaching a second session to a model (nested, or alongside from elsewhere)
+adds it to the calls' sessions; leaving a ``with`` block removes exactly its own session and
+undoes its own install, and the model is switched back when the last one leaves. A model
+wrapped in ``DistributedDataParallel``, ``torch.compile``, FSDP or any module of the user's
+is searched through: every attention inside is reached.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +15,29 @@ from contextlib import contextmanager
 from torch import nn
 
 from attnkit.errors import UserError
-from attnkit.seam import hf, mha, protocol
-from attnkit.seam.session import AttentionSession
-
-# Each adapter installs itself on the attention sites it recognises and returns a function
-# that undoes exactly what it did, or None when the model has no site of its kind.
-ADAPTERS: dict[str, Callable[[nn.Module, AttentionSession], Callable[[], None] | None]] = {
-    "huggingface": hf.install,
-    "multihead_attention": mha.install,
-    "protocol": protocol.install,
-}
+from attnkit.seam.adapters import ADAPTERS
+from attnkit.seam.session import _ATTACHED, AttentionSession, Attachment
+from attnkit.seam.sites import SiteTable
 
 
 class NoAttentionError(UserError):
     """The model has no attention attnkit can reach."""
+
+
+_WRAPPERS = ("module", "_orig_mod", "_fsdp_wrapped_module")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / ``torch.compile`` / FSDP wrappers (names read as the user wrote them)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for attr in _WRAPPERS:
+            inner = model.__dict__.get("_modules", {}).get(attr)
+            if isinstance(inner, nn.Module) and len(model._modules) == 1:
+                model = inner
+                break
+    return model
 
 
 @contextmanager
@@ -30,22 +46,45 @@ def attach(model: nn.Module, session: AttentionSession | None = None, **session_
 
     Either pass a session or the keyword arguments of ``AttentionSession``. On leaving the
     block (also through an exception) the model is exactly as it was: attention
-    implementation, forward methods, backend flags.
+    implementation, forward methods, backend flags, hooks.
     """
     session = session or AttentionSession(**session_kwargs)
+    root = unwrap(model)
+    found = {name: adapter.find(root) for name, adapter in ADAPTERS.items()}
+    modules = [m for ms in found.values() for m in ms]
+    if not modules:
+        raise NoAttentionError(
+            f"{type(root).__name__} has no attention attnkit can reach: no Hugging Face attention "
+            "interface, no nn.MultiheadAttention, no module marked is_attnkit_attention"
+        )
+    existing = next((_ATTACHED[m].sites for m in modules if m in _ATTACHED), None)
+    sites = existing or SiteTable(root, modules)
     restores: list[Callable[[], None]] = []
+    joined: list[nn.Module] = []
+    hook = None
     try:
-        for install in ADAPTERS.values():
-            restore = install(model, session)
-            if restore is not None:
-                restores.append(restore)
-        if not restores:
-            raise NoAttentionError(
-                f"{type(model).__name__} has no attention attnkit can reach: no Hugging Face attention "
-                "interface, no nn.MultiheadAttention, no module marked is_attnkit_attention"
-            )
+        for name, adapter in ADAPTERS.items():
+            if found[name]:
+                restores.append(adapter.install(root, found[name]))
+        for m in modules:
+            _ATTACHED.setdefault(m, Attachment([], sites)).sessions.append(session)
+            joined.append(m)
+
+        def start_forward(_module, _args) -> None:
+            sites.start_forward()
+            session.start_forward()
+
+        hook = model.register_forward_pre_hook(start_forward)
         yield session
     finally:
+        if hook is not None:
+            hook.remove()
+        for m in joined:
+            attachment = _ATTACHED[m]
+            mine = max(i for i, s in enumerate(attachment.sessions) if s is session)
+            del attachment.sessions[mine]
+            if not attachment.sessions:
+                del _ATTACHED[m]
         for restore in reversed(restores):
             restore()
 
@@ -63,7 +102,6 @@ def observe_forward(model: nn.Module, session: AttentionSession, **inputs):
     model.eval()
     try:
         with torch.no_grad(), attach(model, session):
-            session.start_forward()
             return model(**inputs)
     except (IndexError, RuntimeError) as e:
         if "index out of range" in str(e):

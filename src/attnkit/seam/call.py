@@ -1,13 +1,23 @@
-"""What every attention call is, whatever the model: query, key, value, a mask and a scale."""
+"""What every attention call is, whatever the model: query, key, value, a mask and a scale.
+
+Adapters build an ``AttentionCall`` with ``build_call`` (the one builder: grouped-query heads
+expanded, masks split into what a row may see and what is added to its scores) and hand it to
+the session. Nothing else in attnkit knows how a model spells its attention.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from attnkit.metrics.accumulate import RowChunk
+from attnkit.seam.sites import Site
+
+# The model's own attention kernel for this call, given the softmax scale to use: SDPA, flash or
+# eager exactly as the model would have run it. A temperature folds into its scale.
+NativeKernel = Callable[[float], Tensor]
 
 
 @dataclass
@@ -15,22 +25,34 @@ class AttentionCall:
     """One call of an attention function, in a common layout.
 
     query: (B, H, Q, D); key/value: (B, H, K, D) with grouped-query heads already expanded.
-    allowed: bool, broadcastable to (B, H, Q, K), True where a query may see a key; None = all.
-    bias: float additive scores beyond masking (ALiBi, float masks), finite where allowed; or None.
+    allowed: bool, broadcastable to (B, H, Q, K), True where a query may see a key; None = all
+        (or, with ``is_causal``, the causal pattern, built on demand by ``allowed_or_causal``).
+    bias: float additive scores beyond masking (ALiBi, relative position bias, float masks),
+        finite where allowed, broadcastable to (B, H, Q, K); or None.
+    softcap: the model's own logit soft-cap (Gemma 2): cap * tanh(logits / cap), before the bias.
+    sinks: (H,) learned sink logits (gpt-oss): a key without a value that joins every row's
+        softmax denominator; or None.
+    native: the model's own kernel for this call (see ``NativeKernel``), None when there is none.
     Queries sit at the last Q of the K key positions (a KV cache puts them at the end).
     """
 
     module: nn.Module
-    layer: int
+    site: Site
     query: Tensor
     key: Tensor
     value: Tensor
     scale: float
     allowed: Tensor | None = None
     bias: Tensor | None = None
+    is_causal: bool = False
     dropout: float = 0.0
     softcap: float | None = None
-    extra: dict = field(default_factory=dict)
+    sinks: Tensor | None = None
+    native: NativeKernel | None = None
+
+    @property
+    def layer(self) -> int:
+        return self.site.layer
 
     @property
     def num_heads(self) -> int:
@@ -44,17 +66,64 @@ class AttentionCall:
     def key_length(self) -> int:
         return self.key.shape[2]
 
+    @property
+    def dropout_p(self) -> float:
+        """The dropout probability in force: the module's, and only while it trains."""
+        return self.dropout if self.module.training else 0.0
 
-@dataclass
-class ObservedChunk:
-    """What observers see: a chunk of query rows of one call, for the observed heads only."""
+    def allowed_or_causal(self) -> Tensor | None:
+        """``allowed``, with the causal pattern materialised when the call only says ``is_causal``."""
+        if self.allowed is None and self.is_causal:
+            return causal_allowed(self.query_length, self.key_length, self.query.device)
+        return self.allowed
 
-    call: AttentionCall
-    layer: int
-    head_ids: list[int]  # which of the call's heads these are
-    rows: Tensor  # (R,) query row indices
-    sampled: bool  # True when rows are a random sample of the call's query rows
-    stats: RowChunk
+
+def build_call(
+    module: nn.Module,
+    site: Site,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    bias: Tensor | None = None,
+    sinks: Tensor | None = None,
+    native: NativeKernel | None = None,
+) -> AttentionCall:
+    """The ``AttentionCall`` of ``F.scaled_dot_product_attention``-style arguments.
+
+    mask: bool (True = attend) or float additive, broadcastable to (B, H, Q, K); key/value may
+    have fewer heads than query (grouped-query attention); ``is_causal`` together with a mask
+    means both apply; ``bias`` is added to the scores on top of the mask's own additive part.
+    """
+    groups = query.shape[1] // key.shape[1]
+    allowed, mask_bias = split_mask(mask)
+    if is_causal and allowed is not None:
+        allowed = allowed & causal_allowed(query.shape[2], key.shape[2], query.device)
+        is_causal = False
+    if bias is not None:
+        bias = bias if mask_bias is None else bias + mask_bias
+    else:
+        bias = mask_bias
+    return AttentionCall(
+        module=module,
+        site=site,
+        query=query,
+        key=expand_kv(key, groups),
+        value=expand_kv(value, groups),
+        scale=scale if scale is not None else query.shape[-1] ** -0.5,
+        allowed=allowed,
+        bias=bias,
+        is_causal=is_causal and query.shape[2] > 1,
+        dropout=dropout,
+        softcap=softcap,
+        sinks=sinks,
+        native=native,
+    )
 
 
 def split_mask(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -80,3 +149,13 @@ def causal_allowed(query_length: int, key_length: int, device: torch.device) -> 
 def expand_kv(t: Tensor, groups: int) -> Tensor:
     """(B, H_kv, K, D) -> (B, H_kv * groups, K, D), the grouped-query sharing made explicit."""
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def additive_mask(call: AttentionCall) -> Tensor | None:
+    """The call's mask and bias as one float additive mask for SDPA (-inf where not allowed)."""
+    allowed = call.allowed_or_causal()
+    if call.bias is None:
+        return allowed
+    if allowed is None:
+        return call.bias
+    return torch.where(allowed, call.bias, float("-inf"))

@@ -1,6 +1,6 @@
 """[9/9] Ablation: does learned attention beat fixed patterns? Through the seam, for any model.
 
-Every attention call of the model is overridden by a pattern from ``attnkit.seam.PATTERNS``
+Every attention call of the model is overridden by a pattern from ``attnkit.mods.PATTERNS``
 (no model edit, so nothing is ever skipped): ``uniform`` (β_ij = 1/n over visible keys),
 ``local`` (uniform over |i − j| ≤ w, w = 5 by default: seed 002's window) and
 ``first_token`` (all mass on the first visible key), against ``learned`` (the model as it
@@ -23,8 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.seam import PATTERNS, attach
-from attnkit.seam.patterns import local_window
+from attnkit.mods import PATTERNS, local_pattern
+from attnkit.seam import attach
 from attnkit.validate.context import Context
 from attnkit.validate.types import CRITICAL, INFO, OK, WARN, Section
 
@@ -38,14 +38,14 @@ DESCRIPTIONS = {
 
 
 def _pattern(variant: str, window: int):
-    return local_window(window) if variant == "local" else PATTERNS[variant]
+    return local_pattern(window) if variant == "local" else PATTERNS[variant]
 
 
 def _forward(model, batch, variant, window=5):
     mask = torch.ones_like(batch)
     if variant == "learned":
         return model(input_ids=batch, attention_mask=mask)
-    with attach(model, pattern=_pattern(variant, window)):
+    with attach(model, **_pattern(variant, window)):
         return model(input_ids=batch, attention_mask=mask)
 
 

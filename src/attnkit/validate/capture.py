@@ -124,7 +124,7 @@ def token_classes(tokenizer, ids: Tensor) -> tuple[list[list[str]], set[int], di
 def capture(model: nn.Module, tokenizer, input_ids: Tensor) -> Captured:
     """One forward of ``model`` on ``input_ids`` with every layer's attention kept; the model is left as found."""
     observer = MapCapture(keep_allowed=True)
-    session = AttentionSession(observers=[observer])
+    session = AttentionSession(taps=[observer])
     device = next(model.parameters()).device
     out = observe_forward(model, session, input_ids=input_ids.to(device),
                           attention_mask=torch.ones_like(input_ids).to(device), output_hidden_states=True)
@@ -134,7 +134,7 @@ def capture(model: nn.Module, tokenizer, input_ids: Tensor) -> Captured:
     if hidden is None and isinstance(out, tuple):
         hidden = next((x for x in out if isinstance(x, tuple)), None)
     hidden_states = [h.detach().float().cpu() for h in hidden] if hidden is not None else []
-    layers = [LayerView(layer, observer.maps[layer], observer.allowed[layer]) for layer in sorted(observer.maps)]
+    layers = [LayerView(site.layer, observer.maps[site], observer.allowed[site]) for site in sorted(observer.maps)]
     tokens, special, names, punct = token_classes(tokenizer, input_ids)
     return Captured(input_ids=input_ids.cpu(), tokens=tokens, layers=layers, hidden_states=hidden_states,
                     special_ids=special, special_names=names, punctuation_ids=punct)

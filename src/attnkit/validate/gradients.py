@@ -26,7 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.seam import PATTERNS, AttentionSession, ObservedChunk, Observer, attach
+from attnkit.mods import PATTERNS
+from attnkit.seam import AttentionCall, AttentionSession, Tap, attach
 from attnkit.validate.context import Context
 from attnkit.validate.types import CRITICAL, INFO, OK, WARN, Section
 
@@ -35,13 +36,17 @@ GRAD_SEQUENCES = 1
 NEGLIGIBLE = 1e-6  # a gradient norm below this fraction of the whole model's counts as none
 
 
-class _QKV(Observer):
-    def __init__(self) -> None:
-        self.calls: dict[int, tuple] = {}
+class _QKV(Tap):
+    """Keeps each site's live query, key and value (still in the autograd graph, on purpose)."""
 
-    def observe(self, chunk: ObservedChunk) -> None:
-        c = chunk.call
-        self.calls.setdefault(chunk.layer, (c.query, c.key, c.value))
+    wants_chunks = False
+    wants_call = True
+
+    def __init__(self) -> None:
+        self.calls: dict = {}
+
+    def on_call(self, call: AttentionCall) -> None:
+        self.calls.setdefault(call.site, (call.query, call.key, call.value))
 
 
 def _loss(model, ids: torch.Tensor, causal_lm: bool) -> torch.Tensor:
@@ -77,7 +82,7 @@ def gradients(ctx: Context) -> Section:
         model.eval()
         with torch.enable_grad():
             qkv = _QKV()
-            with attach(model, AttentionSession(observers=[qkv])):
+            with attach(model, AttentionSession(taps=[qkv])):
                 loss = _loss(model, ids, ctx.causal_lm)
             g_learned = _grads(loss, params, retain_graph=True)
             masks: list[torch.Tensor | None] = [None] * len(params)
@@ -98,10 +103,10 @@ def gradients(ctx: Context) -> Section:
                     # An element whose value-side product merely rounded to zero is isolated: drop it.
                     if m.any() and m.sum() * 2 >= feeds.sum():
                         masks[idx] = m if masks[idx] is None else masks[idx] | m
-                        layer_of[idx] = layer if layer_of[idx] is None else layer_of[idx]
+                        layer_of[idx] = layer.layer if layer_of[idx] is None else layer_of[idx]
                 del s_qk, s_v
             del loss, qkv
-            with attach(model, pattern=PATTERNS["uniform"]):
+            with attach(model, **PATTERNS["uniform"]):
                 loss_u = _loss(model, ids, ctx.causal_lm)
             g_uniform = _grads(loss_u, params)
             del loss_u

@@ -23,15 +23,13 @@ attention with ``attnkit.seam.attention(self, q, k, v, ...)`` where it would cal
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.seam.call import AttentionCall, causal_allowed, expand_kv, split_mask
-from attnkit.seam.session import AttentionSession, _plain_sdpa
-
-_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, AttentionSession]" = weakref.WeakKeyDictionary()
+from attnkit.seam.call import build_call
+from attnkit.seam.session import attachment_of, in_backward, run_call
 
 
 def attention(
@@ -48,40 +46,28 @@ def attention(
 
     query: (B, H, Q, D); key/value: (B, H_kv, K, D) with H a multiple of H_kv;
     attn_mask: bool (True = attend) or float additive, broadcastable to (B, H, Q, K).
-    Returns (B, H, Q, D).
+    ``dropout_p`` applies only while the module trains. Returns (B, H, Q, D).
     """
-    groups = query.shape[1] // key.shape[1]
-    allowed, bias = split_mask(attn_mask)
-    if is_causal:
-        causal = causal_allowed(query.shape[2], key.shape[2], query.device)
-        allowed = causal if allowed is None else allowed & causal
-    call = AttentionCall(
-        module=module,
-        layer=0,
-        query=query,
-        key=expand_kv(key, groups),
-        value=expand_kv(value, groups),
-        scale=scale if scale is not None else query.shape[-1] ** -0.5,
-        allowed=allowed,
-        bias=bias,
-        dropout=dropout_p,
-    )
-    session = _SESSIONS.get(module)
-    if session is None:
-        return _plain_sdpa(call)
-    call.layer = session.layer_of(module)
-    return session.run(call, lambda: _plain_sdpa(call))
+    attachment = attachment_of(module)
+    p = dropout_p if module.training else 0.0
+    if attachment is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                              dropout_p=p, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+
+    def native(scale_used: float) -> Tensor:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                              dropout_p=p, scale=scale_used, enable_gqa=query.shape[1] != key.shape[1])
+
+    recompute = in_backward()
+    site = attachment.sites.site_of(module, count=not recompute)
+    call = build_call(module, site, query, key, value, mask=attn_mask, scale=scale, is_causal=is_causal,
+                      dropout=dropout_p, native=native)
+    return run_call(call, attachment.sessions, recompute)
 
 
-def install(model: nn.Module, session: AttentionSession) -> Callable[[], None] | None:
-    sites = [m for m in model.modules() if getattr(type(m), "is_attnkit_attention", False)]
-    if not sites:
-        return None
-    for m in sites:
-        _SESSIONS[m] = session
+def find(root: nn.Module) -> list[nn.Module]:
+    return [m for m in root.modules() if getattr(type(m), "is_attnkit_attention", False)]
 
-    def restore() -> None:
-        for m in sites:
-            _SESSIONS.pop(m, None)
 
-    return restore
+def install(root: nn.Module, modules: list[nn.Module]) -> Callable[[], None]:
+    return lambda: None  # calls reach the seam through ``attention``: nothing to switch

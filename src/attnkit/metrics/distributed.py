@@ -1,0 +1,26 @@
+"""Streamed statistics across processes: one ``all_reduce`` per accumulator field.
+
+Sums and counts add up, extremes take the max (or min), so the reduced accumulator equals the
+one a single process would have built from every rank's rows.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from attnkit.metrics.accumulate import HeadStatsAccumulator
+
+_SUMMED = ("rows", "positions", "total_rows", "nonfinite_rows", "nonfinite_logits", "nan_logits")
+_MAXED = ("logit_max", "qk_absmax", "log10_curvature_max")
+_MINNED = ("logit_min",)
+
+
+def all_reduce_accumulator(acc: HeadStatsAccumulator, group=None) -> None:
+    for key in sorted(acc.sums):
+        dist.all_reduce(acc.sums[key], op=dist.ReduceOp.SUM, group=group)
+    for name in _SUMMED:
+        dist.all_reduce(getattr(acc, name), op=dist.ReduceOp.SUM, group=group)
+    for name in _MAXED:
+        dist.all_reduce(getattr(acc, name), op=dist.ReduceOp.MAX, group=group)
+    for name in _MINNED:
+        dist.all_reduce(getattr(acc, name), op=dist.ReduceOp.MIN, group=group)

@@ -1,0 +1,16 @@
+"""Adapters: how attnkit reaches a model's attention calls, one file per kind of model.
+
+Each adapter has ``find(root) -> [modules]`` (the attention modules it reaches) and
+``install(root, modules) -> restore`` (route their calls through the seam; ``restore`` undoes
+exactly that, and nested sessions share one install).
+"""
+
+from attnkit.seam.adapters import hf, mha, protocol
+
+ADAPTERS = {
+    "huggingface": hf,
+    "multihead_attention": mha,
+    "protocol": protocol,
+}
+
+__all__ = ["ADAPTERS"]

@@ -1,0 +1,194 @@
+"""Hugging Face transformers adapter: an ``AttentionInterface`` function plus its mask function.
+
+transformers (v5) looks the attention function up by ``config._attn_implementation``. attnkit
+registers one under the name ``attnkit`` and, just as important, a mask function under the same
+name in ``AttentionMaskInterface``: without it the custom name gets ``attention_mask=None`` and
+causal models silently lose their causal mask. The mask function builds exactly the mask the
+model's own implementation would have built (eager: float additive; SDPA: bool, or None where
+SDPA's ``is_causal`` covers it), so code outside attention that reads the mask sees what it
+always saw, and the model's own kernel (the ``native`` of each call) computes exactly what it
+computed before ``attach``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import weakref
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from attnkit.seam.call import build_call
+from attnkit.seam.session import attachment_of, in_backward, run_call
+
+NAME = "attnkit"
+# Implementations whose kernel and mask attnkit reproduces exactly; any other runs as SDPA.
+_REPRODUCED = ("eager", "sdpa")
+_ORIGINAL: dict[int, str] = {}  # id(config) -> the implementation it had before attach
+_SWITCHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()  # model -> [previous, count]
+_registered = False
+
+
+def _original(module: nn.Module) -> str:
+    config = getattr(module, "config", None)
+    name = _ORIGINAL.get(id(config), "sdpa") if config is not None else "sdpa"
+    return name if name in _REPRODUCED else "sdpa"
+
+
+def _native_function(module: nn.Module) -> Callable:
+    """The attention function the module would have called: its modeling file's own
+    ``eager_attention_forward`` for eager models, transformers' SDPA otherwise."""
+    if _original(module) == "eager":
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def attnkit_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    function = _native_function(module)
+
+    def native(scale: float) -> Tensor:  # (B, H, Q, D)
+        return function(module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs)[0].transpose(1, 2)
+
+    attachment = attachment_of(module)
+    if attachment is None:  # a model switched to "attnkit" outside a session behaves as before
+        return native(scaling if scaling is not None else query.shape[-1] ** -0.5).transpose(1, 2), None
+    recompute = in_backward()
+    site = attachment.sites.site_of(module, count=not recompute)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    call = build_call(
+        module, site, query, key, value,
+        mask=attention_mask,
+        scale=scaling,
+        # The rule transformers' SDPA path applies when no mask was built.
+        is_causal=attention_mask is None and bool(causal),
+        dropout=dropout,
+        softcap=kwargs.get("softcap"),
+        native=native,
+    )
+    out = run_call(call, attachment.sessions, recompute)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _mask_as_original(*args, config=None, **kwargs):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    name = _ORIGINAL.get(id(config), "sdpa") if config is not None else "sdpa"
+    name = name if name in _REPRODUCED else "sdpa"
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[name](*args, config=config, **kwargs)
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attnkit_attention)
+    AttentionMaskInterface.register(NAME, _mask_as_original)
+    _registered = True
+
+
+def _models(root: nn.Module) -> list[nn.Module]:
+    """The outermost transformers models inside ``root`` (itself, or wrapped by DDP, compile, ...)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for m in root.modules():
+        if id(m) in inside or not isinstance(m, PreTrainedModel):
+            continue
+        inside.update(id(sub) for sub in m.modules())
+        if m._can_set_attn_implementation():
+            found.append(m)
+    return found
+
+
+def _configs(model: nn.Module) -> list:
+    """Every config (top level, sub-configs, sub-models') whose attention implementation may change."""
+    from transformers import PreTrainedModel
+
+    seen: dict[int, object] = {}
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            stack = [m.config]
+            while stack:
+                cfg = stack.pop()
+                if id(cfg) in seen:
+                    continue
+                seen[id(cfg)] = cfg
+                for key in getattr(cfg, "sub_configs", {}) or {}:
+                    sub = getattr(cfg, key, None)
+                    if sub is not None:
+                        stack.append(sub)
+    return list(seen.values())
+
+
+_dispatches: dict[type, bool] = {}
+
+
+def _dispatches_attention(module: nn.Module) -> bool:
+    """Whether the module's forward calls transformers' attention interface (read from its source once per class)."""
+    cls = type(module)
+    if cls not in _dispatches:
+        try:
+            _dispatches[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _dispatches[cls] = False
+    return _dispatches[cls]
+
+
+def find(root: nn.Module) -> list[nn.Module]:
+    return [m for model in _models(root) for m in model.modules() if _dispatches_attention(m)]
+
+
+def install(root: nn.Module, modules: list[nn.Module]) -> Callable[[], None]:
+    """Switch every transformers model in ``root`` to attnkit's attention; the returned function
+    switches back. Nested sessions share one switch: the last one out restores."""
+    register()
+    switched: list[nn.Module] = []
+
+    def restore() -> None:
+        for model in switched:
+            entry = _SWITCHED[model]
+            entry[1] -= 1
+            if entry[1] == 0:
+                for cfg, value in entry[0]:
+                    cfg._attn_implementation_internal = value
+                    _ORIGINAL.pop(id(cfg), None)
+                del _SWITCHED[model]
+
+    try:
+        for model in _models(root):
+            if model in _SWITCHED:
+                _SWITCHED[model][1] += 1
+                switched.append(model)
+                continue
+            configs = _configs(model)
+            previous = [(cfg, cfg.__dict__.get("_attn_implementation_internal")) for cfg in configs]
+            for cfg in configs:
+                _ORIGINAL[id(cfg)] = cfg._attn_implementation
+            _SWITCHED[model] = [previous, 1]
+            switched.append(model)
+            model.set_attn_implementation(NAME)
+    except BaseException:
+        restore()
+        raise
+    return restore

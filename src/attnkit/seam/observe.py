@@ -1,0 +1,160 @@
+"""The observation pass: exact logits of a call, chunk by chunk of query rows, shown to taps.
+
+It runs under ``torch.no_grad`` on detached queries and keys, beside whatever kernel computed
+the output, with the same modifiers applied (``kernels.dense.chunk_logits``). Nothing n x n
+outlives a chunk unless a tap keeps it. When every chunk tap accepts a key prefix and the call
+is causal, a chunk only computes the keys its rows can see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from attnkit.kernels.dense import chunk_logits, rows_of
+from attnkit.metrics import rows as rows_lib
+from attnkit.seam.call import AttentionCall
+from attnkit.seam.mask_cache import LastMaskCache
+from attnkit.seam.plan import Mods
+from attnkit.taps import ObservedChunk, Tap
+
+_key_need_cache = LastMaskCache()
+
+
+@torch.no_grad()
+def observe_call(
+    call: AttentionCall,
+    mods: Mods,
+    taps: Sequence[Tap],
+    heads: list[int],
+    rows: Tensor,
+    sampled: bool,
+    query_mask: Tensor | None,
+    chunk_elements: int,
+) -> None:
+    """Show ``taps`` the logits of ``heads`` on query ``rows`` of ``call`` (with ``mods`` applied)."""
+    B, H, Q, _ = call.query.shape
+    K = call.key_length
+    device = call.query.device
+    all_heads = heads == list(range(H))
+    head_index = torch.tensor(heads, device=device)
+    # Modifiers see head numbers of the call: only when no modifier runs may the pass compute
+    # just the observed heads' logits.
+    narrow = not all_heads and not mods
+    q_src = call.query.detach() if not narrow else call.query.detach()[:, head_index]
+    k_src = call.key.detach() if not narrow else call.key.detach()[:, head_index]
+    allowed_full = call.allowed_or_causal()
+    bias_full = call.bias.detach() if call.bias is not None else None
+    sinks = call.sinks.detach() if call.sinks is not None else None
+    if narrow:
+        allowed_full, bias_full = _heads_of(allowed_full, head_index), _heads_of(bias_full, head_index)
+    row_valid_full = _row_valid(query_mask, B, Q, device)
+    key_norm_max = k_src.float().norm(dim=-1).amax(-1)  # (B, h)
+    need = None
+    if allowed_full is not None and all(t.accepts_key_prefix for t in taps):
+        if call.allowed is None and call.is_causal:
+            need = rows + (K - Q) + 1
+        else:  # mask modifiers only take keys away: the model's mask bounds what a row sees
+            need = _key_need(allowed_full, Q, K)[rows.cpu()].to(rows.device)
+    # Logits are raw * scale and nothing else: their extremes follow from raw's.
+    plain = call.softcap is None and not mods and bias_full is None and call.scale > 0
+    pick = slice(None) if narrow or all_heads else head_index
+
+    for r, k_len in _chunks(rows, need, B * q_src.shape[1], K, chunk_elements):
+        q = q_src[:, :, r]  # (B, h, R, D)
+        k_part = k_src if k_len == K else k_src[:, :, :k_len]
+        raw = torch.matmul(q, k_part.transpose(-1, -2))  # in the model's dtype: fp16 overflow shows
+        allowed = rows_of(allowed_full, r, k_len)
+        positions = r + (K - Q)
+        row_max = row_min = None
+        if plain:
+            # Extremes of raw over visible keys give |q.k| max and, as logits = raw * scale with
+            # scale > 0 and rounding monotone, the logits' extremes exactly.
+            visible = allowed if allowed is not None else torch.ones(1, 1, 1, k_len, dtype=torch.bool, device=device)
+            raw_max, raw_min = rows_lib.logit_extremes(raw, visible)
+            qk_absmax = torch.maximum(raw_max, -raw_min).float().clamp_min(0.0).abs()
+            row_max, row_min = raw_max.float().mul_(call.scale), raw_min.float().mul_(call.scale)
+        else:
+            qk_absmax = _visible_absmax(raw, allowed)
+        logits, allowed = chunk_logits(call, mods, q, k_part, positions, allowed, rows_of(bias_full, r, k_len), raw=raw)
+        del raw
+        chunk = ObservedChunk(
+            call=call,
+            site=call.site,
+            head_ids=heads,
+            rows=r,
+            sampled=sampled,
+            logits=logits[:, pick],
+            allowed=allowed if allowed.shape[1] == 1 else allowed[:, pick],
+            positions=positions,
+            row_valid=row_valid_full[:, r],
+            query_norm=q.float().norm(dim=-1)[:, pick],
+            key_norm_max=key_norm_max[:, pick],
+            qk_absmax=qk_absmax[:, pick],
+            logit_max=None if row_max is None else row_max[:, pick],
+            logit_min=None if row_min is None else row_min[:, pick],
+            sinks=None if sinks is None else sinks[head_index],
+        )
+        for tap in taps:
+            tap.observe(chunk)
+
+
+def _chunks(rows: Tensor, need: Tensor | None, per_row: int, K: int, budget: int) -> Iterator[tuple[Tensor, int]]:
+    """Consecutive groups of ``rows`` with the key prefix each group needs (K without ``need``),
+    about ``budget`` logits a group."""
+    if need is None:
+        step = max(1, budget // max(1, per_row * K))
+        for start in range(0, rows.numel(), step):
+            yield rows[start : start + step], K
+        return
+    need_of = need.tolist()
+    n, start = len(need_of), 0
+    while start < n:
+        end, k_len = start + 1, need_of[start]
+        while end < n:
+            k_next = max(k_len, need_of[end])
+            if (end - start + 1) * k_next * per_row > budget:
+                break
+            k_len, end = k_next, end + 1
+        yield rows[start:end], k_len
+        start = end
+
+
+def _key_need(allowed: Tensor, Q: int, K: int) -> Tensor:
+    """(Q,) for each query row, the key prefix that holds every key it sees and its own position.
+
+    Models pass one mask to every layer, so the answer is kept for the last mask seen.
+    """
+    cached = _key_need_cache.get(allowed, (Q, K))
+    if cached is not None:
+        return cached
+    original = allowed
+    if allowed.dim() < 4:
+        allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
+    seen = allowed.any(1) if allowed.shape[1] > 1 else allowed[:, 0]  # (B|1, Q|1, K)
+    seen = seen.any(0) if seen.shape[0] > 1 else seen[0]  # (Q|1, K)
+    last = torch.where(seen, torch.arange(1, K + 1, device=allowed.device, dtype=torch.int32), 0).amax(-1)
+    own = torch.arange(Q, device=allowed.device) + (K - Q) + 1
+    need = torch.maximum(last.to(own.dtype).expand(Q), own).clamp_max(K).cpu()
+    _key_need_cache.put(original, need, (Q, K))
+    return need
+
+
+def _row_valid(query_mask: Tensor | None, B: int, Q: int, device: torch.device) -> Tensor:
+    if query_mask is not None and query_mask.shape == (B, Q):
+        return query_mask.to(device=device, dtype=torch.bool)
+    return torch.ones(B, Q, dtype=torch.bool, device=device)
+
+
+def _heads_of(t: Tensor | None, head_index: Tensor) -> Tensor | None:
+    """The given heads of a (B|1, H|1, Q|1, K) mask or bias; unchanged when shared by all heads."""
+    return t if t is None or t.dim() < 4 or t.shape[1] == 1 else t[:, head_index]
+
+
+def _visible_absmax(raw: Tensor, allowed: Tensor | None) -> Tensor:
+    """(B, H, R) largest |q.k| over visible keys, float32: NaN if a visible one is NaN, 0 for rows that see nothing."""
+    if allowed is not None and not bool(allowed.all()):
+        raw = torch.where(allowed, raw, 0.0)
+    return torch.maximum(raw.amax(-1), -raw.amin(-1)).float().abs()
