@@ -86,6 +86,9 @@ class Arch:
     reported_layers: dict = field(default_factory=dict)
     # Attention calls the seam sees that eager output_attentions does not report (SigLIP's head).
     extra_sites: int = 0
+    # Eager reports the softmax without the learned sink (and rescales the output instead): the
+    # captured weights, which leave the sink its share, are compared after renormalising.
+    eager_weights_exclude_sink: bool = False
 
     def build(self, attn_implementation: str = "eager"):
         import transformers
@@ -158,9 +161,9 @@ def make_inputs(kind: str, cfg, **options) -> dict:
 
 
 def _a(name, category, config_class, model_class, config, inputs="text", note="", *, redraw=(), sites=None,
-       reported_layers=None, extra_sites=0, **input_options) -> Arch:
+       reported_layers=None, extra_sites=0, eager_weights_exclude_sink=False, **input_options) -> Arch:
     return Arch(name, category, config_class, model_class, config, inputs, note, input_options, tuple(redraw),
-                sites or {}, reported_layers or {}, extra_sites)
+                sites or {}, reported_layers or {}, extra_sites, eager_weights_exclude_sink)
 
 
 # --------------------------------------------------------------------------- the zoo
@@ -259,7 +262,8 @@ ZOO: list[Arch] = [
             layer_types=["sliding_attention", "full_attention"]),
        note="per-head sink logit passed as s_aux", redraw=("sinks",)),
     _a("granite_swa", "sinks", "GraniteSWAConfig", "GraniteSWAModel", dict(LLAMA_LIKE, sliding_window=4),
-       note="s_aux sink; its eager weights leave the sink out (the output is rescaled instead)", redraw=("sinks",)),
+       note="s_aux sink; its eager weights leave the sink out (the output is rescaled instead)", redraw=("sinks",),
+       eager_weights_exclude_sink=True),
     _a("mimo_v2_flash", "sinks", "MiMoV2FlashConfig", "MiMoV2FlashModel",
        dict(LLAMA_LIKE, head_dim=8, v_head_dim=8, sliding_window=4, n_routed_experts=4, num_experts_per_tok=2,
             moe_intermediate_size=16),
@@ -313,7 +317,8 @@ ZOO: list[Arch] = [
     _a("plbart", "encoder_decoder", "PLBartConfig", "PLBartModel", dict(BART_LIKE), "seq2seq"),
     _a("bigbird_pegasus", "encoder_decoder", "BigBirdPegasusConfig", "BigBirdPegasusModel",
        dict(BART_LIKE, attention_type="original_full"), "seq2seq",
-       note="eager-only model: its own full-attention encoder adds the mask to its scores"),
+       note="eager-only; its encoder's full attention is hand-written (does not dispatch) and adds the mask "
+       "to its own scores", sites={"encoder_attentions": None}),
     _a("nllb-moe", "moe", "NllbMoeConfig", "NllbMoeModel",
        dict(BART_LIKE, num_experts=4, expert_capacity=8, router_ignore_padding_tokens=False,
             sparse_step=1), "seq2seq",

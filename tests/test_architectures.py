@@ -127,6 +127,11 @@ def test_captured_probabilities_equal_eager_and_outputs_unchanged(arch: Arch):
         for layer, want in zip(layers, maps):
             got = captured[(stack, kind, layer)]
             assert got.shape == want.shape, f"{arch.name} {stack} {kind} layer {layer}: shape"
+            if arch.eager_weights_exclude_sink:
+                # The sink takes its share of every row (rows sum below one) ...
+                assert float(got.sum(-1).amax()) < 1 - 1e-3, f"{arch.name} layer {layer}: the sink took no mass"
+                # ... and the keys share the rest as eager's sink-free softmax says.
+                got = got / got.sum(-1, keepdim=True)
             torch.testing.assert_close(
                 got, want.float(), atol=PROB_ATOL, rtol=0,
                 msg=lambda m, s=stack, k=kind, lyr=layer: f"{arch.name} {s} {k} layer {lyr}: {m}",
@@ -162,3 +167,36 @@ def test_not_dispatched_is_refused(name: str):
     with pytest.raises(NoAttentionError, match="no attention attnkit can reach"):
         with attach(model, **{TAPS_KEYWORD: [MapCapture()]}):
             model(input_ids=ids)
+
+
+def test_large_finite_negative_mask_counts_as_masked_in_statistics():
+    """Swin's shifted-window block masks keys of other windows with -100 (MarkupLM and older
+    models use -10000): their weight is exp(-100) ~ 1e-44, nothing. Statistics must treat them
+    as masked, as they treat -inf: visible-key counts (normalised entropy) and logit extremes."""
+    from arch_zoo import by_name
+
+    try:
+        from attnkit.taps import StatsCollector
+    except ImportError:
+        from attnkit.seam import StatsCollector
+
+    arch = by_name("swin")
+    model, inputs = arch.build()
+    with torch.no_grad():
+        weights = model(**inputs, output_attentions=True).attentions[0].double()  # the shifted block's
+    stats = StatsCollector()
+    with torch.no_grad(), attach(model, **{TAPS_KEYWORD: [stats]}):
+        model(**inputs)
+    shifted = [h for h in stats.heads() if h["layer"] == 1]
+    assert len(shifted) == weights.shape[1]
+
+    visible = weights > 1e-30  # exp(-100) relative weights are ~1e-44: not seen
+    assert not bool(visible.all()), "the shifted block must mask some keys, or this test shows nothing"
+    n = visible.sum(-1)
+    entropy = -(torch.where(visible, weights * weights.clamp_min(1e-300).log(), 0.0)).sum(-1)
+    normalized = torch.where(n >= 2, entropy / n.double().log(), torch.nan)
+    for head in shifted:
+        want = float(normalized[:, head["head"]].nanmean())
+        assert head["normalized_entropy"] == pytest.approx(want, abs=1e-5)
+        # the -100 keys' logits (about -100 + the relative bias) are not a visible key's logit
+        assert head["logit_min"] > -50
