@@ -117,3 +117,23 @@ def test_legend_letters_are_one_case(page):
     text = _visible_text(page)
     assert "S sharp" in text and "M medium" in text and "U uniform" in text
     assert "m medium" not in text
+
+
+@pytest.fixture(scope="module")
+def uniform_page() -> str:
+    tok = tokenizer()
+    model = tiny_gpt2(tok, zero_qk=True)  # attention exactly uniform: critical findings, Scenario 2
+    return render_html(validate(model, tok, [TEXT + " " + TEXT], name="uniform", options=OPTIONS))
+
+
+def test_a_failing_page_is_framed_red_and_counts_per_status(uniform_page):
+    assert "<div class='verdict bad'>" in uniform_page
+    ablation = uniform_page[uniform_page.index("id='ablation'"):]
+    badge = _visible_text(re.search(r"<span class='badge'[^>]*>(.*?)</span>", ablation).group(1)).strip()
+    assert re.fullmatch(r"✗ 1 critical · ⚠ \d+ warnings?", badge), badge  # not "3 criticals" for 1 + 2
+
+
+def test_console_emoji_become_plain_glyphs(uniform_page):
+    # Headless browsers (and many desktops) have no emoji font: ❌ and the emoji selector of ⚠️ show as boxes.
+    assert "❌" not in uniform_page and "\ufe0f" not in uniform_page
+    assert "✗" in uniform_page and "⚠" in uniform_page

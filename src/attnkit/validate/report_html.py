@@ -63,7 +63,7 @@ h2 .num{color:var(--muted);font-weight:normal;min-width:1.2em}
 section.sec{border-top:1px solid var(--line);padding:22px 0 8px}
 .question{color:var(--muted);margin:2px 0 12px}
 .verdict{border:2px solid var(--line);border-radius:10px;padding:16px 20px;background:var(--soft);margin-bottom:18px}
-.verdict.good{border-color:#1a7f37} .verdict.bad{border-color:#cf222e}
+.verdict.good{border-color:#1a7f37} .verdict.bad{border-color:#cf222e} .verdict.unsure{border-color:#bf8700}
 .verdict .title{font-size:20px;font-weight:700;margin:0 0 6px} .verdict p{margin:4px 0}
 .counts{display:flex;gap:18px;margin:10px 0 0;font-weight:600}
 nav.toc{display:flex;flex-wrap:wrap;gap:6px 16px;margin:0 0 8px;font-size:14px}
@@ -91,7 +91,9 @@ code{font-family:ui-monospace,monospace;font-size:13px;background:var(--soft);pa
 
 
 def _e(text) -> str:
-    return html.escape(str(text), quote=True)
+    """Escaped for HTML, with the console's emoji swapped for glyphs every text font has."""
+    plain = str(text).replace("❌", SYMBOLS[CRITICAL]).replace("\ufe0f", "").replace("⚠  ", "⚠ ")
+    return html.escape(plain, quote=True)
 
 
 def _plt():
@@ -304,6 +306,9 @@ def _chosen_heads(report: ValidationReport) -> list[tuple[int, int, str]]:
     """(layer, head, why) for the maps: the sharpest heads, the strongest special-token head, the most uniform."""
     rows = report.section("heads").figures["per_head"]
     ranked = sorted((r for r in rows if not math.isnan(r["normalized_entropy"])), key=lambda r: r["normalized_entropy"])
+    if ranked and all(r["class"] == "uniform" for r in ranked):  # identical maps say nothing more: show one
+        r = ranked[0]
+        return [(r["layer"], r["head"], f"every head is uniform; the sharpest, H/ln n {r['normalized_entropy']:.2f}")]
     chosen = [(r["layer"], r["head"], f"{r['class']}, H/ln n {r['normalized_entropy']:.2f}") for r in ranked[:MAP_HEADS]]
     taken = {(c[0], c[1]) for c in chosen}
     special = report.section("tokens").figures.get("special_heads") or []
@@ -451,7 +456,8 @@ def _section_body(report: ValidationReport, sec: Section) -> list[str]:
             what = ("how much worse the model predicts the held-out text" if f.get("metric") == "loss"
                     else "how far the outputs move")
             out.append(_figure(src, "ablation", f"With attention replaced by each fixed pattern: {what}. "
-                               "Longer bars mean attention matters more."))
+                               "Longer bars mean attention matters more; a bar left of 0 means the pattern "
+                               "does better than the model's own attention."))
         out.append(_ablation_table(f))
         if f.get("blocks"):
             out.append(f"<p class='meta'>Held-out text: {_plural(f['blocks'], 'block')} of {f.get('block_tokens')} tokens "
@@ -465,9 +471,13 @@ def _section(report: ValidationReport, k: int, sec: Section) -> list[str]:
     if sec.key == "ablation" and sec.figures.get("metric") == "cosine":  # no language-model head: no loss
         question = "Does attention help? How far the outputs move with attention replaced by fixed patterns."
     worst = _worst(sec)
-    problems = sum(1 for c in sec.checks if c.status in (WARN, CRITICAL))
-    badge = f"{SYMBOLS[worst]} {STATUS_WORDS[worst]}" if worst in (WARN, CRITICAL) and problems == 1 else (
-        f"{SYMBOLS[worst]} {problems} {STATUS_WORDS[worst]}s" if worst in (WARN, CRITICAL) else f"{SYMBOLS[worst]} {STATUS_WORDS[worst]}")
+    critical = sum(1 for c in sec.checks if c.status == CRITICAL)
+    warned = sum(1 for c in sec.checks if c.status == WARN)
+    if critical or warned:  # "✗ 1 critical · ⚠ 2 warnings"
+        badge = " · ".join(part for part in (f"{SYMBOLS[CRITICAL]} {critical} critical" if critical else "",
+                                             f"{SYMBOLS[WARN]} {_plural(warned, 'warning')}" if warned else "") if part)
+    else:
+        badge = f"{SYMBOLS[worst]} {STATUS_WORDS[worst]}"
     out = [f"<section class='sec' id='{_e(sec.key)}'>",
            f"<h2><span class='num'>{k}</span>{_e(title)}<span class='badge' style='background:{COLORS[worst]}'>{_e(badge)}</span></h2>"]
     if question:
@@ -478,7 +488,7 @@ def _section(report: ValidationReport, k: int, sec: Section) -> list[str]:
     out.extend(_section_body(report, sec))
     if sec.notes:
         # The console's detail lines, folded: the figures above carry the same numbers.
-        notes = "".join(f"<li>{_e(n.strip().replace('❌', SYMBOLS[CRITICAL]))}</li>" for n in sec.notes if n.strip())
+        notes = "".join(f"<li>{_e(n.strip())}</li>" for n in sec.notes if n.strip())
         out.append(f"<details><summary>All detail lines of this section</summary><ul>{notes}</ul></details>")
     out.append("</section>")
     return out
@@ -504,17 +514,27 @@ def _footer(report: ValidationReport, json_path: str | None) -> str:
     return f"<footer>{made}{where}</footer>"
 
 
+GOOD_CONCLUSIONS = ("healthy", "scenario_1")
+BAD_CONCLUSIONS = ("incorrect", "scenario_3")
+
+
+def _verdict_class(report: ValidationReport) -> str:
+    """The verdict box's frame: green for a healthy conclusion, red for critical findings, amber for the rest."""
+    if report.summary["critical"] or report.conclusion.id in BAD_CONCLUSIONS:
+        return "bad"
+    return "good" if report.conclusion.id in GOOD_CONCLUSIONS else "unsure"
+
+
 def _render(report: ValidationReport, json_path: str | None) -> str:
     cap = report.captured
     s = report.summary
-    good = s["critical"] == 0
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              f"<title>Attention validation · {_e(report.model)}</title><style>{CSS}</style></head><body><main>",
              "<h1>Attention validation report</h1>",
              f"<p class='meta'>Model <b>{_e(report.model)}</b> ({_e(KIND_WORDS.get(report.kind, report.kind))}) · "
              f"{_plural(cap.input_ids.shape[0], 'sequence')} of {cap.seq_len} tokens from {_e(report.data_source)}</p>"]
-    parts.append(f"<div class='verdict {'good' if good else 'bad'}'><p class='title'>{_e(report.conclusion.title)}</p>"
+    parts.append(f"<div class='verdict {_verdict_class(report)}'><p class='title'>{_e(report.conclusion.title)}</p>"
                  + "".join(f"<p>{_e(x)}</p>" for x in report.conclusion.lines))
     parts.append(f"<div class='counts'><span style='color:{COLORS[OK]}'>✓ {s['passed']} of {s['tests']} tests passed</span>"
                  f"<span style='color:{COLORS[WARN]}'>⚠ {s['warnings']} warning{'s' if s['warnings'] != 1 else ''}</span>"
