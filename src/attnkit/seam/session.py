@@ -128,6 +128,7 @@ class Dispatch:
             out.register_hook(_grad_hook(call, grad_taps))
 
 
+@torch.compiler.disable  # attnkit's Python runs eagerly; torch.compile graph-breaks around it
 def run_call(call: AttentionCall, sessions: Sequence[AttentionSession], recompute: bool = False) -> Tensor:
     """The output (B, H, Q, Dv) of ``call`` through ``sessions`` (outermost first)."""
     dispatch = Dispatch(call, sessions, recompute)

@@ -17,6 +17,7 @@ import sys
 import weakref
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from attnkit.seam.call import build_call
@@ -48,6 +49,7 @@ def _native_function(module: nn.Module) -> Callable:
     return sdpa_attention_forward
 
 
+@torch.compiler.disable  # attnkit's Python runs eagerly; torch.compile graph-breaks around it
 def attnkit_attention(
     module: nn.Module,
     query: Tensor,
@@ -78,10 +80,22 @@ def attnkit_attention(
         is_causal=attention_mask is None and bool(causal),
         dropout=dropout,
         softcap=kwargs.get("softcap"),
+        # A relative position bias (T5, wav2vec2-conformer, Inkling) is added to the scores next
+        # to the mask, as the models' own eager functions and transformers' SDPA path add it.
+        bias=kwargs.get("position_bias"),
+        sinks=_learned_sinks(kwargs),
         native=native,
     )
     out = run_call(call, attachment.sessions, recompute)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _learned_sinks(kwargs: dict) -> Tensor | None:
+    """The call's learned sink logits: one per head as ``s_aux`` (gpt-oss, granite-SWA, MiMo-V2),
+    or one per head and query row as ``sinks`` (Inkling2, (B, H, Q, 1)). A sink joins each row's
+    softmax denominator and has no value."""
+    s_aux = kwargs.get("s_aux")
+    return s_aux if s_aux is not None else kwargs.get("sinks")
 
 
 def _mask_as_original(*args, config=None, **kwargs):

@@ -24,6 +24,7 @@ _PATCHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictiona
 _fastpath_saved: list[bool] = []
 
 
+@torch.compiler.disable  # attnkit's Python runs eagerly; torch.compile graph-breaks around it
 def _mha_forward(
     mha: nn.MultiheadAttention,
     query: Tensor,
@@ -69,9 +70,11 @@ def _mha_forward(
     call = build_call(mha, site, q, k, v, mask=mask, is_causal=is_causal and attn_mask is None, dropout=mha.dropout)
     dispatch = Dispatch(call, attachment.sessions, recompute)
 
-    if not dispatch.mods:  # nothing changes: the class forward computes the output, as ever
-        wants_out = any(t.wants_output or t.wants_grad_output for s, _ in dispatch.observers for t in s.taps)
-        dispatch.observe(call, dispatch.compute(call) if wants_out else None)
+    taps = [t for s, _ in dispatch.observers for t in s.taps]
+    # Nothing changes: the class forward computes the output, bit for bit as ever. Only a tap that
+    # wants the gradient of the per-head output needs attnkit to compute it (equal to rounding).
+    if not dispatch.mods and not any(t.wants_grad_output for t in taps):
+        dispatch.observe(call, dispatch.compute(call).detach() if any(t.wants_output for t in taps) else None)
         return class_forward()
 
     out = dispatch.compute(call)  # (N, H, L, D)
