@@ -271,7 +271,8 @@ ZOO: list[Arch] = [
     _a("inkling2_text", "sinks", "Inkling2TextConfig", "Inkling2TextModel",
        dict(LLAMA_LIKE, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
             sliding_window_size=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
-       note="per-token sink logits passed as sinks=, relative position bias"),
+       note="per-token sink logits passed as sinks=; attention over depth (block attention residuals) "
+       "dispatches too, unreported by eager", extra_sites=4),
     _a("inkling_text", "relative_bias", "InklingTextConfig", "InklingTextModel",
        dict(LLAMA_LIKE, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
             sliding_window_size=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,

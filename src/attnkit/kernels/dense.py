@@ -85,11 +85,12 @@ def chunk_logits(
 def softmax_rows(logits: Tensor, allowed: Tensor, sinks: Tensor | None) -> Tensor:
     """Softmax over each row's visible keys; rows that see nothing are all zero.
 
-    sinks: (h,) learned sink logits: a key without a value in every row's denominator.
+    sinks: learned sink logits, (B|1, h, R|1, 1) (one per head, or per head and row): a key
+    without a value in every row's denominator.
     """
     if sinks is not None:
         B, H, R, _ = logits.shape
-        sink = sinks.float().view(1, H, 1, 1).expand(B, H, R, 1)
+        sink = sinks.float().expand(B, H, R, 1)
         return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
     probs = torch.softmax(logits, dim=-1)
     sees = allowed.any(-1, keepdim=True)
@@ -117,14 +118,15 @@ def dense_attention(call: AttentionCall, mods: Mods, chunk_elements: int) -> Ten
         q = call.query[:, :, rows[0] : rows[-1] + 1]
         chunk_allowed = rows_of(allowed, rows, K)
         chunk_bias = rows_of(call.bias, rows, K)
+        chunk_sinks = rows_of(call.sinks, rows, 1)
         positions = rows + offset
         if keep_graph:
             out = checkpoint(
-                _chunk_output, call, mods, q, call.key, call.value, positions, chunk_allowed, chunk_bias, call.sinks,
+                _chunk_output, call, mods, q, call.key, call.value, positions, chunk_allowed, chunk_bias, chunk_sinks,
                 use_reentrant=False,
             )
         else:
-            out = _chunk_output(call, mods, q, call.key, call.value, positions, chunk_allowed, chunk_bias, call.sinks)
+            out = _chunk_output(call, mods, q, call.key, call.value, positions, chunk_allowed, chunk_bias, chunk_sinks)
         outs.append(out)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 

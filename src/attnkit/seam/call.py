@@ -30,8 +30,8 @@ class AttentionCall:
     bias: float additive scores beyond masking (ALiBi, relative position bias, float masks),
         finite where allowed, broadcastable to (B, H, Q, K); or None.
     softcap: the model's own logit soft-cap (Gemma 2): cap * tanh(logits / cap), before the bias.
-    sinks: (H,) learned sink logits (gpt-oss): a key without a value that joins every row's
-        softmax denominator; or None.
+    sinks: (B|1, H, Q|1, 1) learned sink logits, one per head (gpt-oss) or per head and query row
+        (Inkling2): a key without a value that joins every row's softmax denominator; or None.
     native: the model's own kernel for this call (see ``NativeKernel``), None when there is none.
     Queries sit at the last Q of the K key positions (a KV cache puts them at the end).
     """
@@ -109,6 +109,8 @@ def build_call(
         bias = bias if mask_bias is None else bias + mask_bias
     else:
         bias = mask_bias
+    if sinks is not None and sinks.dim() == 1:  # one logit per head: the same for every row
+        sinks = sinks.view(1, -1, 1, 1)
     return AttentionCall(
         module=module,
         site=site,
@@ -126,13 +128,20 @@ def build_call(
     )
 
 
+# An additive mask value at or below this hides the key: its weight is at most e^-50 ~ 2e-22 of
+# the row's (below float32's resolution of any sum of weights). Masks written with finite
+# negatives use -100 (Swin's shifted windows, CLAP), -1e4 (BERT-era extended masks) or -1e9,
+# plus a small relative position bias at times (Swin): they all land here, as -inf does.
+MASKED_BELOW = -50.0
+
+
 def split_mask(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """A model's mask (bool: True = attend, or float additive) as (allowed, bias)."""
     if mask is None:
         return None, None
     if mask.dtype == torch.bool:
         return mask, None
-    allowed = mask > torch.finfo(mask.dtype).min / 2
+    allowed = mask > MASKED_BELOW
     bias = torch.where(allowed, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
     if not bool(bias.any()):
         bias = None

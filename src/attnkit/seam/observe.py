@@ -95,7 +95,7 @@ def observe_call(
             qk_absmax=qk_absmax[:, pick],
             logit_max=None if row_max is None else row_max[:, pick],
             logit_min=None if row_min is None else row_min[:, pick],
-            sinks=None if sinks is None else sinks[head_index],
+            sinks=None if sinks is None else rows_of(sinks, r, 1)[:, head_index],
         )
         for tap in taps:
             tap.observe(chunk)

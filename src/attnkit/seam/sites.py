@@ -43,6 +43,17 @@ def stack_of(path: str) -> str:
     return ".".join(parts[:-1])
 
 
+def place_in_layer(path: str, stack_path: str) -> tuple[int | None, str]:
+    """(layer number, path inside the layer) of a module path below ``stack_path``:
+    ``layers.1.attention_input`` -> (1, "attention_input"); (None, path) without a layer number."""
+    rest = path[len(stack_path) + 1:] if stack_path else path
+    parts = rest.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return int(part), ".".join(p for p in parts[i + 1:] if not p.isdigit())
+    return None, rest
+
+
 def is_cross_attention(path: str, module: nn.Module) -> bool:
     if getattr(module, "is_cross_attention", False):
         return True
@@ -50,11 +61,12 @@ def is_cross_attention(path: str, module: nn.Module) -> bool:
     return any(name in lowered for name in _CROSS_NAMES)
 
 
-def _short_stacks(stacks: list[str]) -> dict[str, str]:
-    """Full stack paths -> short names: "" when there is one stack, else the last path part
-    that tells them apart (``model.encoder`` / ``model.decoder`` -> ``encoder`` / ``decoder``)."""
+def _short_stacks(stacks: list[str], keep_names: bool = False) -> dict[str, str]:
+    """Full stack paths -> short names: "" when there is one stack (unless ``keep_names``: an
+    encoder–decoder whose encoder does not dispatch still says "decoder"), else the last path
+    part that tells them apart (``model.encoder`` / ``model.decoder`` -> ``encoder`` / ``decoder``)."""
     unique = sorted(set(stacks))
-    if len(unique) <= 1:
+    if len(unique) <= 1 and not keep_names:
         return {s: "" for s in unique}
     short = {s: (s.split(".")[-1] if s else "model") for s in unique}
     if len(set(short.values())) < len(unique):  # last parts collide: keep the full paths
@@ -68,24 +80,38 @@ class SiteTable:
     Modules with an int ``layer_idx`` keep it. Modules without one, or whose ``layer_idx``
     collides inside their (stack, kind), are numbered by the order of their calls in the
     forward (reset by ``start_forward``), which also numbers a module called once per layer
-    (ALBERT) as that many layers.
+    (ALBERT) as that many layers. Modules without a ``layer_idx`` inside layers whose attention
+    has one (Inkling2's attention over depth, ``layers.1.attention_input``) form a stack of their
+    own, named by their place in the layer, with the layer number of their path.
+
+    A module called more than once per forward with the same ``layer_idx`` (HRM's recurrence
+    cycles) keeps one site: its calls share it.
     """
 
     def __init__(self, model: nn.Module, modules: list[nn.Module]) -> None:
         path_of = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
         paths = [path_of.get(id(m), type(m).__name__) for m in modules]
         stacks = [stack_of(p) for p in paths]
-        short = _short_stacks(stacks)
+        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        short = _short_stacks(stacks, keep_names=encoder_decoder)
         self._base: dict[int, tuple[int | None, str, str]] = {}
-        groups: dict[tuple[str, str], list[tuple[nn.Module, int | None]]] = {}
+        groups: dict[tuple[str, str], list[tuple[nn.Module, int | None, str, str]]] = {}
         for m, p, s in zip(modules, paths, stacks):
             kind = "cross" if is_cross_attention(p, m) else "self"
             idx = getattr(m, "layer_idx", None)
-            groups.setdefault((short[s], kind), []).append((m, idx if isinstance(idx, int) else None))
+            groups.setdefault((short[s], kind), []).append((m, idx if isinstance(idx, int) else None, p, s))
+        for (stack, kind), members in list(groups.items()):
+            numbered = [idx for _, idx, _, _ in members if idx is not None]
+            if numbered and len(numbered) < len(members) and len(set(numbered)) == len(numbered):
+                groups[(stack, kind)] = [member for member in members if member[1] is not None]
+                for m, _, p, s in (member for member in members if member[1] is None):
+                    layer, inside = place_in_layer(p, s)
+                    sub = f"{stack}.{inside}" if stack else inside
+                    groups.setdefault((sub, kind), []).append((m, layer, p, s))
         for (stack, kind), members in groups.items():
-            indices = [idx for _, idx in members]
+            indices = [idx for _, idx, _, _ in members]
             trusted = None not in indices and len(set(indices)) == len(indices)
-            for m, idx in members:
+            for m, idx, _, _ in members:
                 self._base[id(m)] = (idx if trusted else None, stack, kind)
         self._calls: dict[tuple[str, str], int] = {}
         self._last: dict[int, Site] = {}

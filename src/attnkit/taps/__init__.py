@@ -54,7 +54,7 @@ class ObservedChunk:
     qk_absmax: Tensor  # (B, h, R) largest |q.k| over visible keys, before scaling, in the model's dtype
     logit_max: Tensor | None = None  # (B, h, R) when the producer has them already
     logit_min: Tensor | None = None
-    sinks: Tensor | None = None  # (h,) learned sink logits of the observed heads
+    sinks: Tensor | None = None  # (B|1, h, R|1, 1) learned sink logits of the observed heads and rows
     _probs: Tensor | None = field(default=None, repr=False)
 
     @property
