@@ -120,17 +120,33 @@ def test_legend_letters_are_one_case(page):
 
 
 @pytest.fixture(scope="module")
-def uniform_page() -> str:
+def uniform_report():
     tok = tokenizer()
-    model = tiny_gpt2(tok, zero_qk=True)  # attention exactly uniform: critical findings, Scenario 2
-    return render_html(validate(model, tok, [TEXT + " " + TEXT], name="uniform", options=OPTIONS))
+    model = tiny_gpt2(tok, zero_qk=True)  # attention exactly uniform: critical findings (gradient flow is exact)
+    return validate(model, tok, [" ".join([TEXT] * 4)], name="uniform",
+                    options=Options(seq_len=32, sequences=2, ablation_blocks=9))
 
 
-def test_a_failing_page_is_framed_red_and_counts_per_status(uniform_page):
+@pytest.fixture(scope="module")
+def uniform_page(uniform_report) -> str:
+    return render_html(uniform_report)
+
+
+def _badge(page: str, key: str) -> str:
+    section = page[page.index(f"id='{key}'"):]
+    return _visible_text(re.search(r"<span class='badge'[^>]*>(.*?)</span>", section).group(1)).strip()
+
+
+def test_a_failing_page_is_framed_red_and_badges_count_per_status(uniform_report, uniform_page):
+    assert uniform_report.summary["critical"] > 0
     assert "<div class='verdict bad'>" in uniform_page
-    ablation = uniform_page[uniform_page.index("id='ablation'"):]
-    badge = _visible_text(re.search(r"<span class='badge'[^>]*>(.*?)</span>", ablation).group(1)).strip()
-    assert re.fullmatch(r"✗ 1 critical · ⚠ \d+ warnings?", badge), badge  # not "3 criticals" for 1 + 2
+    for sec in uniform_report.sections:
+        critical = sum(c.status == "critical" for c in sec.checks)
+        warned = sum(c.status == "warn" for c in sec.checks)
+        expected = " · ".join(p for p in (f"✗ {critical} critical" if critical else "",
+                                          f"⚠ {warned} warning{'s' if warned != 1 else ''}" if warned else "") if p)
+        if expected:  # "✗ 1 critical · ⚠ 2 warnings", never "3 criticals"
+            assert _badge(uniform_page, sec.key) == expected
 
 
 def test_console_emoji_become_plain_glyphs(uniform_page):
