@@ -86,6 +86,7 @@ figure img{max-width:100%;height:auto}
 details{margin:6px 0 10px;color:var(--muted)} details summary{cursor:pointer}
 details ul{margin:6px 0;padding-left:20px;font-size:14px}
 footer{border-top:1px solid var(--line);margin-top:24px;padding-top:10px;color:var(--muted);font-size:14px}
+@media (max-width:820px){main{padding:16px} .maps{grid-template-columns:1fr}}
 code{font-family:ui-monospace,monospace;font-size:13px;background:var(--soft);padding:1px 4px;border-radius:4px}
 """
 
