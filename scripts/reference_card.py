@@ -145,8 +145,9 @@ def render_card(results: dict, training: dict) -> str:
         "",
         "## Corpus and split",
         "",
-        "The King James Bible from Debian's `bible-kjv-text` (`bible -f gen1:1-rev22:21`, verse references "
-        "removed, one verse a line; public domain text). Split by whole chapters in canonical order: chapter "
+        "The King James Bible: the text of Debian's `bible-kjv-text` 4.38 (`bible -f gen1:1-rev22:21`), shipped "
+        "with attnkit as `src/attnkit/data/kjv.txt.xz` (verse references removed, one verse a line; public domain "
+        "text). Split by whole chapters in canonical order: chapter "
         "*k* (0-based) goes to validation when *k* mod 20 = 9, to test when *k* mod 20 = 19, to train otherwise, "
         "so every split samples every part of the book and no held-out chapter is seen in training. "
         "(Parallel passages, e.g. Kings/Chronicles or the gospels, do repeat across chapters; that is a "
@@ -265,7 +266,6 @@ def render_card(results: dict, training: dict) -> str:
         "## Reproduce",
         "",
         "```",
-        "apt-get install -y bible-kjv-text",
         "python scripts/train_reference.py --out runs/reference   # writes the model and this card there",
         "```",
         "",
