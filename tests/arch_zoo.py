@@ -413,6 +413,9 @@ NOT_DISPATCHED: dict[str, tuple[str, dict]] = {
     "mpt": ("MptConfig", dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)),
     "deberta-v2": ("DebertaV2Config", dict(BERT_LIKE)),
     "xglm": ("XGLMConfig", dict(vocab_size=VOCAB, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64)),
+    "sam_vision_model": ("SamVisionConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_dim=64,
+                                                 image_size=32, patch_size=8, output_channels=16, window_size=2,
+                                                 global_attn_indexes=[1], num_pos_feats=8)),
 }
 
 
@@ -426,4 +429,43 @@ SKIPPED: dict[str, str] = {
                "the softmax layer's",
     "vit_mae": "draws fresh random patch masking on every forward (not a seam matter)",
     "t5gemma2": "no tiny configuration: its default builds 26 layers per stack",
+}
+
+
+def _git_text():
+    """GIT on token ids only: its text layers are GitSelfAttention (hand-written eager), its
+    vision tower (not run without pixels) dispatches."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GitConfig(**BERT_LIKE, vision_config=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8))
+    model = transformers.GitModel._from_config(cfg, attn_implementation="eager").eval()
+    return model, make_inputs("text", model.config)
+
+
+def _sam_vision():
+    """SAM's vision encoder picks SamVisionAttention at construction (no AttentionInterface); the
+    full model's mask decoder dispatches."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.SamConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_dim=64, image_size=64,
+                           patch_size=8, output_channels=16, window_size=4, global_attn_indexes=[1],
+                           num_pos_feats=8),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32,
+                                 iou_head_hidden_dim=16),
+    )
+    model = transformers.SamModel._from_config(cfg, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(1)
+    return model, {"pixel_values": torch.randn(1, 3, 64, 64, generator=g),
+                   "input_points": torch.tensor([[[[10.0, 20.0]]]])}
+
+
+# Attention partly hand-written: (builder, a class attach must name as not seen).
+PARTLY_DISPATCHED = {
+    "git_text": (_git_text, "GitSelfAttention"),
+    "sam_vision": (_sam_vision, "SamVisionAttention"),
 }

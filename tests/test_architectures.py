@@ -16,6 +16,8 @@ so (``test_not_dispatched_is_refused``).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -45,16 +47,18 @@ DEFAULT_SITES = {
 }
 
 
-def capture_through_seam(model, inputs: dict) -> tuple[dict, object]:
+def capture_through_seam(model, inputs: dict) -> tuple[dict, object, list[str]]:
     """One forward under attach with a map capture: (maps keyed by (stack, kind, layer) in the
-    order of the calls, model output).
+    order of the calls, model output, warnings attach gave).
 
     The one place that spells the seam's API, so that a rename is a one-line change.
     """
     capture = MapCapture()
-    with torch.no_grad(), attach(model, **{TAPS_KEYWORD: [capture]}):
-        output = model(**inputs)
-    return {_site_key(key): m for key, m in capture.maps.items()}, output
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), attach(model, **{TAPS_KEYWORD: [capture]}):
+            output = model(**inputs)
+    return {_site_key(key): m for key, m in capture.maps.items()}, output, [str(w.message) for w in caught]
 
 
 def _site_key(key) -> tuple[str, str, int]:
@@ -112,7 +116,12 @@ def test_captured_probabilities_equal_eager_and_outputs_unchanged(arch: Arch):
     peak = max(float(m.max()) for maps in expected.values() for m in maps)
     assert peak > 0.5, f"{arch.name}: attention near uniform (largest weight {peak:.2f}): raise the init"
 
-    captured, attached = capture_through_seam(model, inputs)
+    captured, attached, warned = capture_through_seam(model, inputs)
+    unseen = [w for w in warned if "without transformers' AttentionInterface" in w]
+    if None in arch.sites.values():  # attention the seam cannot see must be named, not skipped silently
+        assert unseen, f"{arch.name}: attach did not say which attention it does not see"
+    else:
+        assert not unseen, f"{arch.name}: {unseen}"
 
     for (stack, kind), maps in expected.items():
         # Eager lists its maps in call order, as the capture does (hybrid stacks skip layers).
@@ -163,10 +172,12 @@ def test_not_dispatched_is_refused(name: str):
     from transformers import AutoModel
 
     model = AutoModel.from_config(cfg, attn_implementation="eager").eval()
-    ids = torch.randint(3, VOCAB, (1, 6))
+    inputs = {"input_ids": torch.randint(3, VOCAB, (1, 6))}
+    if model.main_input_name == "pixel_values":
+        inputs = {"pixel_values": torch.randn(1, 3, cfg.image_size, cfg.image_size)}
     with pytest.raises(NoAttentionError, match="no attention attnkit can reach"):
         with attach(model, **{TAPS_KEYWORD: [MapCapture()]}):
-            model(input_ids=ids)
+            model(**inputs)
 
 
 def test_large_finite_negative_mask_counts_as_masked_in_statistics():
@@ -200,3 +211,21 @@ def test_large_finite_negative_mask_counts_as_masked_in_statistics():
         assert head["normalized_entropy"] == pytest.approx(want, abs=1e-5)
         # the -100 keys' logits (about -100 + the relative bias) are not a visible key's logit
         assert head["logit_min"] > -50
+
+
+@pytest.mark.parametrize("name", ["git_text", "sam_vision"])
+def test_hand_written_attention_is_named_and_outputs_unchanged(name: str):
+    """Models whose attention is (partly) hand-written: attach says which classes it does not see,
+    and the model computes exactly what it computed before (GIT's text layers add the mask to
+    their own scores: they must get the float mask of their original eager implementation)."""
+    from arch_zoo import PARTLY_DISPATCHED
+
+    builder, unseen_class = PARTLY_DISPATCHED[name]
+    model, inputs = builder()
+    with torch.no_grad():
+        plain = model(**inputs)
+    with pytest.warns(UserWarning, match=unseen_class):
+        with torch.no_grad(), attach(model, **{TAPS_KEYWORD: [MapCapture()]}):
+            attached = model(**inputs)
+    for path, value in dict(_tensors(plain)).items():
+        torch.testing.assert_close(dict(_tensors(attached))[path], value, rtol=OUT_RTOL, atol=OUT_ATOL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -170,7 +171,35 @@ def _dispatches_attention(module: nn.Module) -> bool:
 
 
 def find(root: nn.Module) -> list[nn.Module]:
-    return [m for model in _models(root) for m in model.modules() if _dispatches_attention(m)]
+    found = []
+    for model in _models(root):
+        modules = [m for m in model.modules() if _dispatches_attention(m)]
+        unreached = _unreached_attention(model)
+        if modules and unreached:  # with no module at all, attach refuses the model outright
+            warnings.warn(
+                f"{type(model).__name__}: {', '.join(unreached)} compute attention without transformers' "
+                "AttentionInterface: attnkit does not see those calls (the rest of the model is observed)",
+                stacklevel=5,  # the caller's `with attach(...)` line
+            )
+        found.extend(modules)
+    return found
+
+
+def _unreached_attention(model: nn.Module) -> list[str]:
+    """Class names of modules named like attention (``...Attention``, ``...Attn``) that neither
+    dispatch nor hold a module that does (or an ``nn.MultiheadAttention``, or a protocol module):
+    hand-written attention such as LongT5's local encoder, BigBird-Pegasus' encoder, GIT's text
+    layers or SAM's vision encoder, which attnkit cannot see."""
+
+    def reached(m: nn.Module) -> bool:
+        return (_dispatches_attention(m) or isinstance(m, nn.MultiheadAttention)
+                or bool(getattr(m, "is_attnkit_attention", False)))
+
+    names = set()
+    for m in model.modules():
+        if type(m).__name__.lower().endswith(("attention", "attn")) and not any(reached(s) for s in m.modules()):
+            names.add(type(m).__name__)
+    return sorted(names)
 
 
 def install(root: nn.Module, modules: list[nn.Module]) -> Callable[[], None]:
