@@ -64,6 +64,8 @@ def _reference(raw, scale, lo, hi, pos):
         "nonfinite_logits": (~torch.isfinite(visible)).sum(-1), "nan_logits": torch.isnan(visible).sum(-1),
     }
     ref["logit_max"], ref["logit_min"] = R.logit_extremes(logits, allowed)
+    raw_max, raw_min = R.logit_extremes(raw.float(), allowed)
+    ref["qk_absmax"] = torch.maximum(raw_max, -raw_min).clamp_min(0.0)  # NaN where a visible one is; 0 if blind
     finite = (ref["nonfinite_logits"] == 0) & (ref["n_visible"] >= 1)
     return ref, finite, allowed, logits
 
@@ -75,6 +77,7 @@ def _check(got: fused.RowStats, ref: dict, finite, atol=2e-6):
     # Extremes over visible keys, NaN / +-inf included, on every row (blind rows: -inf / +inf).
     torch.testing.assert_close(got.logit_max, ref["logit_max"], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(got.logit_min, ref["logit_min"], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got.qk_absmax, ref["qk_absmax"], rtol=0, atol=0, equal_nan=True)
     for name in STAT_FIELDS:
         g, r = getattr(got, name)[finite].double(), ref[name][finite]
         torch.testing.assert_close(g, r, rtol=1e-5, atol=atol, msg=name)
@@ -142,7 +145,7 @@ def test_accumulator_from_fused_rows_equals_accumulator_from_probs(seed, monkeyp
     want = HeadStatsAccumulator(raw.shape[1])
     want.update(c)
     got = HeadStatsAccumulator(raw.shape[1])
-    got.update_rows(fused.row_stats(raw, scale, lo, hi, pos), row_valid, c.query_norm, c.key_norm_max, scale, c.qk_absmax)
+    got.update_rows(fused.row_stats(raw, scale, lo, hi, pos), row_valid, c.query_norm, c.key_norm_max, scale)
     w, g = want.summary(), got.summary()
     assert [h["nonfinite_rows"] for h in w] != [0, 0, 0]  # the planted rows reach the counts
     for hw, hg in zip(w, g):

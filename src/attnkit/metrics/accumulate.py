@@ -111,15 +111,16 @@ class HeadStatsAccumulator:
 
     def update_rows(
         self, s: RowStats, row_valid: Tensor, query_norm: Tensor, key_norm_max: Tensor, scale: float,
-        qk_absmax: Tensor,
+        qk_absmax: Tensor | None = None,
     ) -> None:
         """Fold per-row statistics of one chunk (``RowStats``, e.g. from ``fused.row_stats``).
 
         row_valid: (B, R) bool, False for padding queries; query_norm, qk_absmax: (B, H, R);
-        key_norm_max: (B, H); scale: the softmax scale. Rows that do not count are not zeroed
+        key_norm_max: (B, H); scale: the softmax scale; qk_absmax defaults to ``s.qk_absmax``. Rows that do not count are not zeroed
         first: every statistic is row-local and they are dropped below.
         """
         n_visible, lmax, lmin, max_p = s.n_visible, s.logit_max, s.logit_min, s.max_prob
+        qk_absmax = s.qk_absmax if qk_absmax is None else qk_absmax
         real = row_valid[:, None, :].expand(n_visible.shape) & (n_visible >= 1)
         self.total_rows += real.sum((0, 2)).double()
         if s.nonfinite_logits is not None:

@@ -61,29 +61,33 @@ class RowStats:
     nonfinite_logits: Tensor | None = None
     nan_logits: Tensor | None = None
     finite: Tensor | None = None
+    qk_absmax: Tensor | None = None  # largest |q.k| over visible keys, when the producer has it
 
 
 # ---------------------------------------------------------------------------- the kernel
 def _row_sums(raw: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
-    """Per-row sums over keys j in [lo, hi) of s = float(raw) * scale.
+    """Per-row sums over keys j in [lo, hi) of s = float(raw) * scale (scale > 0).
 
     raw: (N, K) any float dtype; scale: (1,) float32; lo, hi, pos: (N,) float32 (exact integers:
-    key positions are far below 2^24). Returns ten (N,) float32 tensors: max, min, Z, A, S2, D,
-    e at pos, e at lo, and the counts of non-finite and of NaN visible logits.
+    key positions are far below 2^24). Returns ten (N,) float32 tensors: max and min of
+    float(raw) (unscaled: |q.k| for the overflow check, and the logits' extremes exactly, as
+    rounding is monotone), Z, A, S2, D, e at pos, e at lo, and the counts of non-finite and of
+    NaN visible logits.
     """
     j = torch.arange(raw.shape[-1], device=raw.device, dtype=torch.float32)  # (K,)
     lo_, hi_, pos_ = lo[:, None], hi[:, None], pos[:, None]
     vis = (j >= lo_) & (j < hi_)  # (N, K), from indices: no mask is read
-    s = raw.float() * scale  # fused into the loops below: never materialised
+    x = raw.float()  # fused into the loops below: never materialised
     # Pass 1: extremes and non-finite counts. max/min propagate NaN in eager mode but need not in
     # the compiled kernel; the NaN count below restores the eager answer in ``row_stats``.
-    hi_s = torch.where(vis, s, -math.inf).amax(-1)
-    lo_s = torch.where(vis, s, math.inf).amin(-1)
-    nonfinite = (vis & ~torch.isfinite(s)).float().sum(-1)
-    nans = (vis & torch.isnan(s)).float().sum(-1)
+    x_max = torch.where(vis, x, -math.inf).amax(-1)
+    x_min = torch.where(vis, x, math.inf).amin(-1)
+    nonfinite = (vis & ~torch.isfinite(x)).float().sum(-1)
+    nans = (vis & torch.isnan(x)).float().sum(-1)
     # Pass 2: every sum over e = exp(s - m) in one loop. Masked keys contribute exact zeros; the
     # where() around each product keeps a blind row's exp(+inf) * 0 from making NaN.
-    d = s - hi_s[:, None]  # <= 0 on visible keys of a finite row
+    m = x_max * scale  # the row's largest logit, exactly float(raw_max) * scale
+    d = x * scale - m[:, None]  # <= 0 on visible keys of a finite row, 0 at the max
     e = torch.where(vis, torch.exp(d), 0.0)
     z = e.sum(-1)
     a = torch.where(vis, e * -d, 0.0).sum(-1)
@@ -92,7 +96,7 @@ def _row_sums(raw: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, pos: Tensor) -
     md = (e * dist).sum(-1)
     e_own = torch.where(j == pos_, e, 0.0).sum(-1)  # a gather, written as a masked sum so it fuses
     e_first = torch.where(j == lo_, e, 0.0).sum(-1)
-    return hi_s, lo_s, z, a, s2, md, e_own, e_first, nonfinite, nans
+    return x_max, x_min, z, a, s2, md, e_own, e_first, nonfinite, nans
 
 
 # Compiled lazily, once per process; ``compile_seconds`` says what the first compile cost.
@@ -140,7 +144,7 @@ def _fail(exc: BaseException) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
-def row_sums(raw: Tensor, scale: float | Tensor, lo: Tensor, hi: Tensor, pos: Tensor,
+def row_sums(raw: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor,
              work: int | None = None) -> tuple[Tensor, ...]:
     """``_row_sums``, compiled when that pays (``work``: logits in the whole call, for the choice)."""
     global compile_seconds
@@ -161,13 +165,13 @@ def row_sums(raw: Tensor, scale: float | Tensor, lo: Tensor, hi: Tensor, pos: Te
     return out
 
 
-def row_stats(raw: Tensor, scale: float | Tensor, lo: Tensor, hi: Tensor, pos: Tensor,
-              work: int | None = None) -> RowStats:
+def row_stats(raw: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor, work: int | None = None) -> RowStats:
     """Per-row statistics of a chunk of raw scores.
 
-    raw: (B, H, R, K) q.k before scaling (any float dtype), or logits with scale 1.0;
-    lo, hi: (B|1, H|1, R) int or float, the row sees keys lo <= j < hi; pos: (R,) the key
-    position of each query row (for the diagonal and distances).
+    raw: (B, H, R, K) q.k before scaling, in the model's dtype (or logits with scale 1.0);
+    scale > 0; lo, hi: broadcastable to (B, H, R), int or float, the row sees keys lo <= j < hi;
+    pos: (R,) the key position of each query row (for the diagonal and distances).
+    ``qk_absmax`` of the result is the largest |raw| over visible keys.
     """
     B, H, R, K = raw.shape
     shape = (B, H, R)
@@ -175,15 +179,15 @@ def row_stats(raw: Tensor, scale: float | Tensor, lo: Tensor, hi: Tensor, pos: T
     f = lambda t: t.to(torch.float32).expand(shape).reshape(-1)  # noqa: E731 - (N,) per row
     lo_f, hi_f = f(lo), f(hi)
     pos_f = f(pos.view(1, 1, R))
-    mx, mn, z, a, s2, md, e_own, e_first, nonfinite, nans = row_sums(flat, scale, lo_f, hi_f, pos_f, work)
+    x_max, x_min, z, a, s2, md, e_own, e_first, nonfinite, nans = row_sums(flat, scale, lo_f, hi_f, pos_f, work)
     has_nan = nans > 0
-    mx = torch.where(has_nan, math.nan, mx)  # as eager amax/amin: NaN propagates
-    mn = torch.where(has_nan, math.nan, mn)
+    x_max = torch.where(has_nan, math.nan, x_max)  # as eager amax/amin: NaN propagates
+    x_min = torch.where(has_nan, math.nan, x_min)
     inv_z = 1.0 / z
     v = lambda t: t.view(shape)  # noqa: E731
     return RowStats(
         n_visible=v((hi_f - lo_f).clamp_min(0).to(torch.int64)),
-        logit_max=v(mx), logit_min=v(mn),
+        logit_max=v(x_max * scale), logit_min=v(x_min * scale),
         entropy=v(torch.log(z) + a * inv_z),
         max_prob=v(inv_z),  # e = 1 at the max
         sum_sq=v(s2 * inv_z * inv_z),
@@ -191,6 +195,8 @@ def row_stats(raw: Tensor, scale: float | Tensor, lo: Tensor, hi: Tensor, pos: T
         diagonal_mass=v(e_own * inv_z),
         mean_distance=v(md * inv_z),
         nonfinite_logits=v(nonfinite), nan_logits=v(nans),
+        # Rows that see nothing: max(-inf, -inf) clamps to 0, as over no visible key.
+        qk_absmax=v(torch.maximum(x_max, -x_min).clamp_min(0.0).abs()),
     )
 
 
