@@ -38,7 +38,7 @@ def test_progress_goes_to_stderr_and_json_to_stdout_stays_pure(tiny_dir):
     proc = _cli("validate", str(tiny_dir), "--text", TEXT, *FAST, "--json", "-", force_terminal=True)
     assert proc.returncode in (0, 1), proc.stderr
     doc = json.loads(proc.stdout)  # nothing but the JSON document
-    assert doc["schema_version"] == "1.0"
+    assert doc["schema_version"] and doc["sections"]
     err = ANSI.sub("", proc.stderr)
     assert "validating: capturing attention maps" in err and "validating: ablation study" in err
     assert "10/10" in err  # the bar reached its end
