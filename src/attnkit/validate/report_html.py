@@ -144,84 +144,91 @@ def _worst(sec: Section) -> str:
 
 # ---------------------------------------------------------------- key figures under human labels
 
-Row = tuple[str, Callable[[dict], str]]
+Row = tuple[str, str]  # (what a person calls the figure, its value as shown)
+
+
+def _against_uniform(f: dict, key: str) -> str:
+    return f"{_num(f.get(key), '.4f')} (uniform {_num(f.get(key + '_uniform'), '.4f')})"
+
+
+def _percent(share) -> str:
+    return "–" if share is None else f"{100 * share:.1f} %"
 
 
 def _rows_sanity(f: dict) -> list[Row]:
-    rows = [("largest deviation of a row sum from 1", lambda f: _num(f.get("max_row_sum_error"), ".2e"))]
+    rows = [("largest deviation of a row sum from 1", _num(f.get("max_row_sum_error"), ".2e"))]
     if f.get("causal"):
-        rows.append(("largest weight on a future token", lambda f: _num(f.get("max_future_attention"), ".2e")))
+        rows.append(("largest weight on a future token", _num(f.get("max_future_attention"), ".2e")))
     return rows
 
 
 def _rows_positional(f: dict) -> list[Row]:
     return [
-        (f"mean weight on a key within {f.get('window')} positions", lambda f: _num(f.get("nearby"), ".4f")),
-        ("mean weight on a key further away", lambda f: _num(f.get("far"), ".4f")),
-        ("nearby / far", lambda f: _num(f.get("ratio"), ".2f") + "×"),
-        ("weight on the token's own position", lambda f: f"{_num(f.get('self_mass'), '.4f')} (uniform {_num(f.get('self_mass_uniform'), '.4f')})"),
-        ("weight on the first position", lambda f: f"{_num(f.get('sink_mass'), '.4f')} (uniform {_num(f.get('sink_mass_uniform'), '.4f')})"),
-        ("local heads", lambda f: f"{len(f.get('local_heads') or [])} of {len(f.get('head_ratio') or [])}"),
+        (f"mean weight on a key within {f.get('window')} positions", _num(f.get("nearby"), ".4f")),
+        ("mean weight on a key further away", _num(f.get("far"), ".4f")),
+        ("nearby / far", _num(f.get("ratio"), ".2f") + "×"),
+        ("weight on the token's own position", _against_uniform(f, "self_mass")),
+        ("weight on the first position", _against_uniform(f, "sink_mass")),
+        ("local heads", f"{len(f.get('local_heads') or [])} of {len(f.get('head_ratio') or [])}"),
     ]
 
 
 def _rows_tokens(f: dict) -> list[Row]:
     return [
-        ("weight on a repeat of the query's token / on other tokens", lambda f: _num(f.get("repetition_ratio"), ".2f") + "×"),
-        ("weight on special tokens and punctuation / on other tokens", lambda f: _num(f.get("special_ratio"), ".2f") + "×"),
-        ("special tokens in the sample", lambda f: _num(100 * (f.get("special_token_share") or 0.0), ".1f") + " %"),
-        ("punctuation in the sample", lambda f: _num(100 * (f.get("punctuation_share") or 0.0), ".1f") + " %"),
+        ("weight on a repeat of the query's token / on other tokens", _num(f.get("repetition_ratio"), ".2f") + "×"),
+        ("weight on special tokens and punctuation / on other tokens", _num(f.get("special_ratio"), ".2f") + "×"),
+        ("special tokens in the sample", _percent(f.get("special_token_share"))),
+        ("punctuation in the sample", _percent(f.get("punctuation_share"))),
     ]
 
 
 def _rows_statistics(f: dict) -> list[Row]:
     return [
-        ("heads significantly non-uniform", lambda f: f"{f.get('significant_heads')} of {f.get('heads_tested')}"),
-        ("mean normalised entropy H/ln n (1 = uniform, 0 = one key)", lambda f: _num(f.get("normalized_entropy"), ".3f")),
-        ("required margin of 1 − H/ln n over 0", lambda f: _num(f.get("margin"), "g")),
-        ("significance level (per head, Bonferroni)", lambda f: f"{_num(f.get('alpha'), 'g')} ({_num(f.get('bonferroni_threshold'), '.2g')})"),
+        ("heads significantly non-uniform", f"{f.get('significant_heads')} of {f.get('heads_tested')}"),
+        ("mean normalised entropy H/ln n (1 = uniform, 0 = one key)", _num(f.get("normalized_entropy"), ".3f")),
+        ("required margin of 1 − H/ln n over 0", _num(f.get("margin"), "g")),
+        ("significance level (per head, Bonferroni)",
+         f"{_num(f.get('alpha'), 'g')} ({_num(f.get('bonferroni_threshold'), '.2g')})"),
     ]
 
 
 def _rows_heads(f: dict) -> list[Row]:
     counts = f.get("counts") or {}
-    return [(f"{name} heads", (lambda f, name=name: f"{counts.get(name, 0)} of {f.get('total')}"))
-            for name in ("sharp", "medium", "uniform")]
+    return [(f"{name} heads", f"{counts.get(name, 0)} of {f.get('total')}") for name in ("sharp", "medium", "uniform")]
 
 
 def _rows_query_variation(f: dict) -> list[Row]:
     return [
-        ("mean L2 distance between two queries' rows (over shared keys)", lambda f: _num(f.get("mean"), ".4f")),
-        ("largest distance", lambda f: _num(f.get("max"), ".4f")),
-        ("between adjacent queries", lambda f: _num(f.get("adjacent"), ".4f")),
-        (f"between queries {f.get('distant_offset')} positions apart", lambda f: _num(f.get("distant"), ".4f")),
+        ("mean L2 distance between two queries' rows (over shared keys)", _num(f.get("mean"), ".4f")),
+        ("largest distance", _num(f.get("max"), ".4f")),
+        ("between adjacent queries", _num(f.get("adjacent"), ".4f")),
+        (f"between queries {f.get('distant_offset')} positions apart", _num(f.get("distant"), ".4f")),
     ]
 
 
 def _rows_diversity(f: dict) -> list[Row]:
     return [
-        ("hidden-state diversity (mean cosine distance)", lambda f: _num(f.get("hidden_diversity"), ".3f")),
-        ("attention non-uniformity 1 − H/ln n", lambda f: _num(f.get("attention_nonuniformity"), ".3f")),
-        ("attention row standard deviation", lambda f: _num(f.get("attention_row_std"), ".4f")),
-        ("correlation over queries of the two", lambda f: "r = " + _num(f.get("correlation"), ".3f")),
+        ("hidden-state diversity (mean cosine distance)", _num(f.get("hidden_diversity"), ".3f")),
+        ("attention non-uniformity 1 − H/ln n", _num(f.get("attention_nonuniformity"), ".3f")),
+        ("attention row standard deviation", _num(f.get("attention_row_std"), ".4f")),
+        ("correlation over queries of the two", "r = " + _num(f.get("correlation"), ".3f")),
     ]
 
 
 def _rows_gradients(f: dict) -> list[Row]:
     return [
-        ("query/key parameters found", lambda f: f"{f.get('parameters', 0):,} in {len(f.get('groups') or [])} groups"),
-        ("frozen groups", lambda f: _num(f.get("frozen_groups"))),
-        ("gradient norm of the whole model", lambda f: _num(f.get("total_grad_norm"), ".3g")),
+        ("query/key parameters found", f"{f.get('parameters') or 0:,} in {len(f.get('groups') or [])} groups"),
+        ("frozen groups", _num(f.get("frozen_groups"))),
+        ("gradient norm of the whole model", _num(f.get("total_grad_norm"), ".3g")),
     ]
 
 
+# Per section: its key figures under human labels (every figure, by its JSON name, is in --json).
 KEY_FIGURES: dict[str, Callable[[dict], list[Row]]] = {
     "sanity": _rows_sanity, "positional": _rows_positional, "tokens": _rows_tokens, "statistics": _rows_statistics,
     "heads": _rows_heads, "query_variation": _rows_query_variation, "diversity": _rows_diversity,
     "gradients": _rows_gradients,
 }
-
-
 # Figures that are sentences, not numbers: shown under the table.
 KEY_SENTENCES: dict[str, tuple[str, str]] = {"statistics": ("test", "Test: {}."), "gradients": ("method", "Found as {}.")}
 
@@ -230,18 +237,12 @@ def _key_figures(sec: Section) -> str:
     rows_for = KEY_FIGURES.get(sec.key)
     if rows_for is None or not sec.figures:
         return ""
-    sentence = ""
+    body = "".join(f"<tr><td>{_e(label)}</td><td class='v'>{_e(value)}</td></tr>" for label, value in rows_for(sec.figures))
+    out = f"<table class='kv'>{body}</table>" if body else ""
     if sec.key in KEY_SENTENCES and sec.figures.get(KEY_SENTENCES[sec.key][0]):
         name, template = KEY_SENTENCES[sec.key]
-        sentence = f"<p class='meta'>{_e(template.format(sec.figures[name]))}</p>"
-    body = []
-    for label, value in rows_for(sec.figures):
-        try:
-            shown = value(sec.figures)
-        except (TypeError, ValueError, KeyError):
-            continue  # a figure this run does not have
-        body.append(f"<tr><td>{_e(label)}</td><td class='v'>{_e(shown)}</td></tr>")
-    return ("<table class='kv'>" + "".join(body) + "</table>" if body else "") + sentence
+        out += f"<p class='meta'>{_e(template.format(sec.figures[name]))}</p>"
+    return out
 
 
 def _table(header: list[str], rows: list[list[str]], numeric: set[int]) -> str:
@@ -479,13 +480,14 @@ def _section(report: ValidationReport, k: int, sec: Section) -> list[str]:
                                              f"{SYMBOLS[WARN]} {_plural(warned, 'warning')}" if warned else "") if part)
     else:
         badge = f"{SYMBOLS[worst]} {STATUS_WORDS[worst]}"
+    badge_html = f"<span class='badge' style='background:{COLORS[worst]}'>{_e(badge)}</span>"
     out = [f"<section class='sec' id='{_e(sec.key)}'>",
-           f"<h2><span class='num'>{k}</span>{_e(title)}<span class='badge' style='background:{COLORS[worst]}'>{_e(badge)}</span></h2>"]
+           f"<h2><span class='num'>{k}</span>{_e(title)}{badge_html}</h2>"]
     if question:
         out.append(f"<p class='question'>{_e(question)}</p>")
     out.append("<ul class='checks'>" + "".join(
-        f"<li class='{c.status}'><span class='sym' style='color:{COLORS[c.status]}'>{SYMBOLS[c.status]}</span>{_e(c.message)}</li>"
-        for c in sec.checks) + "</ul>")
+        f"<li class='{c.status}'><span class='sym' style='color:{COLORS[c.status]}'>{SYMBOLS[c.status]}</span>"
+        f"{_e(c.message)}</li>" for c in sec.checks) + "</ul>")
     out.extend(_section_body(report, sec))
     if sec.notes:
         # The console's detail lines, folded: the figures above carry the same numbers.
