@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from attnkit.kernels import dense, flex, sdpa
-from attnkit.seam.call import AttentionCall
-from attnkit.seam.plan import Mods
+
+if TYPE_CHECKING:
+    from attnkit.seam.call import AttentionCall
+    from attnkit.seam.plan import Mods
 
 
 @dataclass(frozen=True)

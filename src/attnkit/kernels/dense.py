@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from attnkit.seam.call import AttentionCall
-from attnkit.seam.plan import Mods
+if TYPE_CHECKING:  # kernels are imported by the seam: no import back at run time
+    from attnkit.seam.call import AttentionCall
+    from attnkit.seam.plan import Mods
 
 
 def dense_supports(call: AttentionCall, mods: Mods, explicit: bool) -> bool:

@@ -9,11 +9,14 @@ Learned sinks are not expressible here: such calls go to the dense kernel.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from attnkit.seam.call import AttentionCall
-from attnkit.seam.plan import Mods
+if TYPE_CHECKING:
+    from attnkit.seam.call import AttentionCall
+    from attnkit.seam.plan import Mods
 
 
 def flex_supports(call: AttentionCall, mods: Mods, explicit: bool) -> bool:

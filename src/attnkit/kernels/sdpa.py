@@ -6,11 +6,15 @@ at SDPA's speed and memory. Anything else (soft-caps, patterns, masks) needs the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.seam.call import AttentionCall, additive_mask
-from attnkit.seam.plan import Mods
+if TYPE_CHECKING:
+    from attnkit.seam.call import AttentionCall
+    from attnkit.seam.plan import Mods
 
 
 def _foldable(call: AttentionCall, mods: Mods) -> bool:
@@ -42,3 +46,13 @@ def sdpa_attention(call: AttentionCall, mods: Mods, chunk_elements: int) -> Tens
         call.query, call.key, call.value, attn_mask=mask, is_causal=use_flag,
         dropout_p=call.dropout_p, scale=call.scale * (mods.scale_factor or 1.0),
     )
+
+
+def additive_mask(call: AttentionCall) -> Tensor | None:
+    """The call's mask and bias as one float additive mask for SDPA (-inf where not allowed)."""
+    allowed = call.allowed_or_causal()
+    if call.bias is None:
+        return allowed
+    if allowed is None:
+        return call.bias
+    return torch.where(allowed, call.bias, float("-inf"))

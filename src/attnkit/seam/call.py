@@ -158,13 +158,3 @@ def causal_allowed(query_length: int, key_length: int, device: torch.device) -> 
 def expand_kv(t: Tensor, groups: int) -> Tensor:
     """(B, H_kv, K, D) -> (B, H_kv * groups, K, D), the grouped-query sharing made explicit."""
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
-
-
-def additive_mask(call: AttentionCall) -> Tensor | None:
-    """The call's mask and bias as one float additive mask for SDPA (-inf where not allowed)."""
-    allowed = call.allowed_or_causal()
-    if call.bias is None:
-        return allowed
-    if allowed is None:
-        return call.bias
-    return torch.where(allowed, call.bias, float("-inf"))
