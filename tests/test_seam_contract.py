@@ -434,3 +434,24 @@ def test_session_state_stays_bounded_over_many_steps():
             model(ids)
     assert session.sites_seen == {Site(0), Site(1)} and session.forwards == 20
     assert len(stats.call_order) == 2 and len(stats.layers) == 2
+
+
+def test_fsdp_sharded_model_attaches(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model, ids = gpt2().train(), _ids(2, 9)
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        plain = model(ids).logits
+        stats = StatsCollector()
+        with attach(model, taps=[stats]):
+            out = model(ids).logits
+            out.square().mean().backward()
+        assert torch.equal(out, plain)
+        assert sorted(stats.layers) == [Site(0), Site(1)] and stats.heads()[0]["rows"] == 2 * 8
+    finally:
+        dist.destroy_process_group()
