@@ -238,3 +238,28 @@ def test_hand_written_attention_is_named_and_outputs_unchanged(name: str):
             attached = model(**inputs)
     for path, value in dict(_tensors(plain)).items():
         torch.testing.assert_close(dict(_tensors(attached))[path], value, rtol=OUT_RTOL, atol=OUT_ATOL)
+
+
+def test_multihead_attention_beside_hf_layers_is_its_own_site():
+    """SigLIP's pooling head is an nn.MultiheadAttention beside the HF encoder layers: its map is
+    captured under its own site (not over layer 0) and equals the module's own weights."""
+    from arch_zoo import by_name
+
+    model, inputs = by_name("siglip_vision_model").build()
+    head = model.head
+    seen = {}
+    handle = head.attention.register_forward_pre_hook(lambda m, args: seen.setdefault("args", args))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    query, key, value = seen["args"]
+    with torch.no_grad():
+        _, want = head.attention(query, key, value, need_weights=True, average_attn_weights=False)
+
+    captured, _, _ = capture_through_seam(model, inputs)
+    head_sites = [site for site in captured if site[0] != "encoder"]
+    assert len(head_sites) == 1, sorted(captured)
+    assert sorted(layer for stack, _, layer in captured if stack == "encoder") == [0, 1]
+    torch.testing.assert_close(captured[head_sites[0]], want, atol=PROB_ATOL, rtol=0)
