@@ -92,6 +92,8 @@ class Dispatch:
         self.observers: list[tuple[AttentionSession, list[int]]] = []
         self.chunk_elements = sessions[0].chunk_elements if sessions else 1 << 21
         for session in sessions:
+            if not recompute:
+                session.sites_seen.add(call.site)  # every site that ran, touched or not
             if not session.active or not session.plan.touches(call.site):
                 continue
             heads = session.plan.head_ids(call.site, H)
@@ -99,10 +101,8 @@ class Dispatch:
                 self.mods = self.mods + on_heads(session.plan.mods, heads, H, call.query.device)
                 if session.kernel != "auto":
                     self.kernel = session.kernel
-            if not recompute:
-                session.sites_seen.add(call.site)
-                if session.observing:
-                    self.observers.append((session, heads))
+            if not recompute and session.observing:
+                self.observers.append((session, heads))
 
     def compute(self, call: AttentionCall) -> Tensor:
         """The call's output (B, H, Q, Dv) from the chosen kernel."""
