@@ -1,0 +1,29 @@
+"""``attnkit monitor``: watch attention while a model trains, warn before it breaks, act on it.
+
+    from attnkit.monitor import AttentionMonitor, Policy
+    with AttentionMonitor(model, every=16, log_dir="runs/x", optimizer=opt, policy=Policy()) as monitor:
+        for step, batch in enumerate(loader):
+            ...
+            monitor.on_step(step, loss=loss)
+
+See ``monitor.py`` (observation and history), ``detectors.py`` (trends and thresholds),
+``interventions.py`` (QK-clip, soft-cap, temperature, LR, dropout, grad clip; the policy),
+``nonfinite.py`` (NaN/Inf tracer), ``emit.py`` (JSONL, CSV, console, TensorBoard, W&B),
+``integrations/`` (HF Trainer, Lightning) and ``report.py`` (figures from the JSONL).
+"""
+
+from attnkit.monitor.detectors import DETECTORS, Thresholds
+from attnkit.monitor.emit import EMITTERS, Emitter, StepRecord
+from attnkit.monitor.interventions import (
+    DEFAULT_RULES, INTERVENTIONS, AttentionDropout, GradClip, Policy, QKClip, ReduceLR, qk_clip_layout, soft_cap,
+    temperature,
+)
+from attnkit.monitor.issues import Diagnosis, Issue
+from attnkit.monitor.monitor import DEFAULT_EVERY, AttentionMonitor
+from attnkit.monitor.nonfinite import TraceResult, trace_nonfinite
+
+__all__ = [
+    "DEFAULT_EVERY", "DEFAULT_RULES", "DETECTORS", "EMITTERS", "INTERVENTIONS", "AttentionDropout", "AttentionMonitor",
+    "Diagnosis", "Emitter", "GradClip", "Issue", "Policy", "QKClip", "ReduceLR", "StepRecord", "Thresholds",
+    "TraceResult", "qk_clip_layout", "soft_cap", "temperature", "trace_nonfinite",
+]

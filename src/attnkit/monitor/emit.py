@@ -1,0 +1,213 @@
+"""One emit interface, many sinks: JSONL, CSV, the console, TensorBoard, Weights & Biases.
+
+The monitor hands every sink the same four things: ``start(meta)`` once, ``step(record)`` per
+observed step, ``issue(issue)`` per new warning, ``intervention(entry)`` per applied
+intervention, then ``close()``. A sink is a thin adapter over that; ``EMITTERS`` maps a name to a
+factory taking the run directory. Under ``torch.distributed`` the monitor emits on rank 0 only.
+
+JSONL (``monitor.jsonl``, one object per line, ``type`` in meta / step / issue / intervention)
+is what ``attnkit monitor report`` reads; it is appended and flushed line by line, so a running
+job can be reported on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+
+from attnkit.monitor.issues import Issue
+from attnkit.seam.sites import Site
+
+HEAD_METRICS = ("entropy", "logit_max", "sink_mass", "max_attention")
+
+
+def series_name(site: Site, head: int | None = None) -> str:
+    """``L2H5`` (``encoder.L2H5``, ``decoder.cross.L0H1`` for multi-stack models)."""
+    prefix = ".".join(p for p in (site.stack, "cross" if site.kind == "cross" else "") if p)
+    name = f"L{site.layer}" + ("" if head is None else f"H{head}")
+    return f"{prefix}.{name}" if prefix else name
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float | None
+    series: list[tuple[Site, int]]
+    metrics: dict[str, list[float]]  # HEAD_METRICS (+ others) -> one value per series
+    sites: list[Site]
+    grad_norm: list[float] | None  # per site, query/key parameters
+
+    def scalars(self) -> dict[str, float]:
+        """Flat ``metric/series`` -> value, as TensorBoard and W&B take them."""
+        out: dict[str, float] = {}
+        if self.loss is not None:
+            out["loss"] = self.loss
+        for metric in HEAD_METRICS:
+            for (site, head), v in zip(self.series, self.metrics[metric]):
+                out[f"{metric}/{series_name(site, head)}"] = v
+        if self.grad_norm is not None:
+            for site, v in zip(self.sites, self.grad_norm):
+                out[f"grad_norm/{series_name(site)}"] = v
+        return out
+
+
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+class Emitter:
+    def start(self, meta: dict) -> None:  # noqa: B027
+        pass
+
+    def step(self, record: StepRecord) -> None:  # noqa: B027
+        pass
+
+    def issue(self, issue: Issue) -> None:  # noqa: B027
+        pass
+
+    def intervention(self, entry: dict) -> None:  # noqa: B027
+        pass
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+
+class JSONLEmitter(Emitter):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def _write(self, obj: dict) -> None:
+        self.file.write(json.dumps(obj, default=_json_value, allow_nan=False) + "\n")
+        self.file.flush()
+
+    def start(self, meta: dict) -> None:
+        self._write({"type": "meta", **meta})
+
+    def step(self, r: StepRecord) -> None:
+        self._write({"type": "step", "step": r.step, "loss": _json_value(r.loss),
+                     "metrics": {k: [_json_value(float(v)) for v in vs] for k, vs in r.metrics.items()},
+                     "grad_norm": None if r.grad_norm is None else [_json_value(float(v)) for v in r.grad_norm]})
+
+    def issue(self, issue: Issue) -> None:
+        self._write({"type": "issue", **issue.to_dict()})
+
+    def intervention(self, entry: dict) -> None:
+        self._write({"type": "intervention", **{k: _json_value(v) for k, v in entry.items()}})
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class CSVEmitter(Emitter):
+    """Long format, one row per value: step, series, metric, value (loss and grad norms included)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.file = open(self.path, "a", encoding="utf-8", newline="")
+        self.writer = csv.writer(self.file)
+        if new:
+            self.writer.writerow(["step", "metric", "series", "value"])
+
+    def step(self, r: StepRecord) -> None:
+        for name, v in r.scalars().items():
+            metric, _, series = name.partition("/")
+            self.writer.writerow([r.step, metric, series, repr(float(v))])
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+class ConsoleEmitter(Emitter):
+    """Rich lines on stderr for warnings and interventions (text printed literally, never as markup)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+
+    def issue(self, issue: Issue) -> None:
+        line = Text(f"step {issue.step:>6} ", style="dim")
+        line.append(f"{'✗' if issue.severity == 'error' else '⚠'} {issue.type}", style=STYLE.get(issue.severity, ""))
+        line.append(f" {issue.where()}: {issue.message}")
+        self.console.print(line, soft_wrap=True)
+
+    def intervention(self, entry: dict) -> None:
+        line = Text(f"step {entry['step']:>6} ", style="dim")
+        line.append(f"→ {entry['action']}", style="bold green")
+        line.append(f" {entry.get('detail', '')} (because {entry.get('reason', '')})")
+        self.console.print(line, soft_wrap=True)
+
+
+class TensorBoardEmitter(Emitter):
+    """Per-head scalars (``attnkit/entropy/L0H1``, ...) to a ``SummaryWriter`` (given, e.g.
+    Lightning's ``logger.experiment``, or made on ``log_dir``); warnings and interventions as text."""
+
+    def __init__(self, log_dir: str | Path | None = None, writer=None, prefix: str = "attnkit") -> None:
+        if writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(log_dir))
+            self._own = True
+        else:
+            self._own = False
+        self.writer, self.prefix = writer, prefix
+
+    def step(self, r: StepRecord) -> None:
+        for name, v in r.scalars().items():
+            self.writer.add_scalar(f"{self.prefix}/{name}", float(v), r.step)
+
+    def issue(self, issue: Issue) -> None:
+        self.writer.add_text(f"{self.prefix}/issues", f"{issue.type} {issue.where()}: {issue.message}", issue.step)
+
+    def intervention(self, entry: dict) -> None:
+        self.writer.add_text(f"{self.prefix}/interventions", f"{entry['action']}: {entry.get('detail', '')}",
+                             entry["step"])
+
+    def close(self) -> None:
+        self.writer.flush()
+        if self._own:
+            self.writer.close()
+
+
+class WandbEmitter(Emitter):
+    """``wandb.log`` of the same scalars; ``mode="offline"`` writes a local run directory only."""
+
+    def __init__(self, log_dir: str | Path, mode: str = "offline", run=None, **init_kwargs) -> None:
+        import wandb
+
+        self._own = run is None
+        self.run = run or wandb.init(dir=str(log_dir), mode=mode, **init_kwargs)
+
+    def step(self, r: StepRecord) -> None:
+        self.run.log({f"attnkit/{k}": v for k, v in r.scalars().items()}, step=r.step)
+
+    def issue(self, issue: Issue) -> None:
+        self.run.log({"attnkit/issue": f"{issue.type} {issue.where()}: {issue.message}"}, step=issue.step)
+
+    def close(self) -> None:
+        if self._own:
+            self.run.finish()
+
+
+EMITTERS: dict[str, Callable[[Path], Emitter]] = {
+    "jsonl": lambda d: JSONLEmitter(d / "monitor.jsonl"),
+    "csv": lambda d: CSVEmitter(d / "monitor.csv"),
+    "console": lambda d: ConsoleEmitter(),
+    "tensorboard": lambda d: TensorBoardEmitter(d / "tensorboard"),
+    "wandb": lambda d: WandbEmitter(d),
+}

@@ -1,0 +1,71 @@
+"""Per-layer gradient norm of the attention's query/key parameters, read as autograd writes it.
+
+The parameters come from the layout module (``attnkit.seam.adapters.qk_weights``): for GPT-2's
+fused ``c_attn`` only its query and key columns count. A post-accumulate-grad hook on each of them
+reads the gradient the moment backward has finished writing it — on observed steps only — so it
+works whatever the loop does afterwards (``zero_grad(set_to_none=True)`` before ``on_step`` included)
+and never changes a gradient. With gradient accumulation it keeps the last (accumulated) value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from attnkit.errors import UserError
+from attnkit.seam.adapters.qk_weights import Piece, qk_layout
+from attnkit.seam.sites import Site
+
+
+class GradNorms:
+    def __init__(self, armed) -> None:
+        self.armed = armed  # () -> bool: is this step observed?
+        self.sites: dict[Site, list[nn.Parameter]] = {}
+        self._pieces: dict[int, list[tuple[Site, list[Piece]]]] = {}
+        self._sq: dict[tuple[Site, int], torch.Tensor] = {}
+        self._handles: list = []
+        self.unknown: list[str] = []  # module types whose layout is unknown (no grad norm for them)
+
+    def add(self, site: Site, module: nn.Module) -> None:
+        if site in self.sites:
+            return
+        try:
+            layout = qk_layout(module)
+        except UserError:
+            self.sites[site] = []
+            self.unknown.append(type(module).__name__)
+            return
+        self.sites[site] = layout.params()
+        for p in layout.params():
+            if not p.requires_grad:
+                continue
+            first = id(p) not in self._pieces
+            self._pieces.setdefault(id(p), []).append((site, layout.pieces_of(p)))
+            if first:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def _hook(self, p: torch.Tensor) -> None:
+        if not self.armed() or p.grad is None:
+            return
+        with torch.no_grad():
+            for site, pieces in self._pieces.get(id(p), ()):
+                self._sq[(site, id(p))] = sum(piece.of(p.grad).float().square().sum() for piece in pieces)
+
+    def collect(self, sites: list[Site]) -> list[float] | None:
+        """Per site, sqrt of the sum of squares gathered since the last collect (NaN where none)."""
+        if not self._sq:
+            return None
+        keys = list(self._sq)
+        values = torch.stack([self._sq[k] for k in keys]).tolist()
+        per_site: dict[Site, float] = {}
+        for (site, _), v in zip(keys, values):
+            per_site[site] = per_site.get(site, 0.0) + v
+        self._sq.clear()
+        return [math.sqrt(per_site[s]) if s in per_site else math.nan for s in sites]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

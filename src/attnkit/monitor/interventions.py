@@ -1,0 +1,232 @@
+"""Interventions that really change the run, and the policy that picks them.
+
+Each intervention is a small object with ``name``, ``reason`` and ``apply(monitor) -> detail``;
+``AttentionMonitor.apply`` runs it and logs step, action, detail and reason. ``INTERVENTIONS``
+maps a name to its class:
+
+- ``qk_clip``: MuonClip's QK-clip (Kimi K2): for every head whose max logit S > τ, γ = τ/S; its
+  W_q rows and its key head's W_k rows are rescaled so that its logits are multiplied by exactly γ
+  (γ_g = min over the heads sharing a key head, k rows × √γ_g, each query head's rows × γ_h/√γ_g;
+  without GQA that is √γ on both, as in MuonClip). Weights are found by the layout module
+  (``attnkit.seam.adapters.qk_weights``). Persistent: re-applied on every later observed step.
+- ``soft_cap`` / ``temperature``: a seam session with that score modifier on the chosen heads
+  for the rest of the run (a temperature folds into SDPA's scale; a soft-cap runs the dense kernel).
+- ``reduce_lr``: every param group's ``lr`` × factor (and the scheduler's ``base_lrs``, so a
+  schedule does not undo it).
+- ``attention_dropout``: the attention modules' own dropout probability set to p.
+- ``grad_clip``: an optimizer step pre-hook clipping the total gradient norm to ``max_norm``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from attnkit.errors import UserError
+from attnkit.monitor.emit import series_name
+from attnkit.monitor.issues import Diagnosis, Issue
+from attnkit.seam.adapters.qk_weights import QKLayout, qk_layout
+from attnkit.seam.sites import Site
+
+
+def qk_clip_layout(layout: QKLayout, max_logits: list[float], tau: float) -> dict[int, float]:
+    """Rescale one module's q/k weights so each head's logits are × min(1, τ/S_h); returns {head: γ}."""
+    if layout.qk_norm:
+        raise UserError("QK-clip rescales W_q/W_k, which this model's QK-norm cancels; use soft_cap instead")
+    gammas = [min(1.0, tau / s) if (math.isfinite(s) and s > tau) else 1.0 for s in max_logits]
+    clipped = {}
+    for g in range(layout.num_kv_heads):
+        group = layout.group(g)
+        gamma_g = min(gammas[h] for h in group)
+        if gamma_g >= 1.0:
+            continue
+        layout.scale_key(g, math.sqrt(gamma_g))
+        for h in group:
+            layout.scale_query(h, gammas[h] / math.sqrt(gamma_g))
+            if gammas[h] < 1.0:
+                clipped[h] = gammas[h]
+    return clipped
+
+
+@dataclass
+class QKClip:
+    tau: float = 100.0
+    reason: str = ""
+    name: str = "qk_clip"
+    persistent: bool = True
+
+    def apply(self, monitor) -> str:
+        detail = self._clip(monitor)
+        if self.persistent and self not in monitor.persistent:
+            monitor.persistent.append(self)
+        return detail or f"no head above τ={self.tau:g} now; re-applied on every observed step"
+
+    def reapply(self, monitor) -> None:
+        detail = self._clip(monitor)
+        if detail:
+            monitor.interventions.append({"step": monitor.step, "action": "qk_clip", "detail": detail,
+                                          "reason": "persistent QK-clip"})
+
+    def _clip(self, monitor) -> str:
+        if monitor.latest is None:
+            return ""
+        rec, done = monitor.latest, []
+        modules = monitor.modules()
+        for site in rec.sites:
+            if site not in modules:
+                continue
+            idx = [i for i, (s, _) in enumerate(rec.series) if s == site]
+            heads = [rec.series[i][1] for i in idx]
+            layout = qk_layout(modules[site])
+            logits = [math.nan] * layout.num_heads
+            for i, h in zip(idx, heads):
+                logits[h] = rec.metrics["logit_max"][i]
+            for h, gamma in qk_clip_layout(layout, logits, self.tau).items():
+                done.append(f"{series_name(site, h)} ×{gamma:.3f}")
+        return ("clipped " + ", ".join(done) + f" to τ={self.tau:g}") if done else ""
+
+
+@dataclass
+class ScoreModifier:
+    """A seam score modifier (soft-cap or temperature) on some heads for the rest of the run."""
+
+    kind: str = "soft_cap"  # "soft_cap" | "temperature"
+    value: float = 30.0
+    site: Site | None = None  # None: every layer
+    heads: list[int] | None = None
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    def apply(self, monitor) -> str:
+        from attnkit.mods import SCORE_MODS
+
+        mod = SCORE_MODS[self.kind](self.value)
+        layers = None if self.site is None else [self.site]
+        heads = None if self.heads is None or self.site is None else {self.site: self.heads}
+        monitor.attach_modifier(score_mods=[mod], layers=layers, heads=heads)
+        where = "every layer" if self.site is None else series_name(self.site) + (
+            f" heads {self.heads}" if self.heads else "")
+        return f"{self.kind}({self.value:g}) on {where} through the seam"
+
+
+def soft_cap(value: float = 30.0, site: Site | None = None, heads=None, reason: str = "") -> ScoreModifier:
+    return ScoreModifier("soft_cap", value, site, heads, reason)
+
+
+def temperature(value: float = 2.0, site: Site | None = None, heads=None, reason: str = "") -> ScoreModifier:
+    return ScoreModifier("temperature", value, site, heads, reason)
+
+
+def _optimizer(monitor, what: str):
+    if monitor.optimizer is None:
+        raise UserError(f"{what} needs the optimizer: AttentionMonitor(model, optimizer=...)")
+    return monitor.optimizer
+
+
+@dataclass
+class ReduceLR:
+    factor: float = 0.5
+    reason: str = ""
+    name: str = "reduce_lr"
+
+    def apply(self, monitor) -> str:
+        opt = _optimizer(monitor, "reduce_lr")
+        before = [g["lr"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["lr"] = g["lr"] * self.factor
+        if monitor.scheduler is not None and hasattr(monitor.scheduler, "base_lrs"):
+            monitor.scheduler.base_lrs = [lr * self.factor for lr in monitor.scheduler.base_lrs]
+        return f"lr {before[0]:.3g} → {opt.param_groups[0]['lr']:.3g} in {len(before)} group(s)"
+
+
+@dataclass
+class AttentionDropout:
+    p: float = 0.1
+    reason: str = ""
+    name: str = "attention_dropout"
+
+    def apply(self, monitor) -> str:
+        done, missing = 0, []
+        for module in monitor.modules().values():
+            setter = qk_layout(module).set_dropout
+            if setter is None:
+                missing.append(type(module).__name__)
+            else:
+                setter(self.p)
+                done += 1
+        return f"attention dropout p={self.p:g} on {done} module(s)" + (
+            f"; not settable on {', '.join(sorted(set(missing)))}" if missing else "")
+
+
+@dataclass
+class GradClip:
+    max_norm: float = 1.0
+    reason: str = ""
+    name: str = "grad_clip"
+    handle: object = field(default=None, repr=False)
+
+    def apply(self, monitor) -> str:
+        opt = _optimizer(monitor, "grad_clip")
+        params = [p for g in opt.param_groups for p in g["params"]]
+
+        def clip(_opt, _args, _kwargs) -> None:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_norm)
+
+        if self.handle is None:
+            self.handle = opt.register_step_pre_hook(clip)
+        return f"gradients clipped to total norm {self.max_norm:g} before every optimizer step"
+
+
+INTERVENTIONS: dict[str, Callable[..., object]] = {
+    "qk_clip": QKClip,
+    "soft_cap": soft_cap,
+    "temperature": temperature,
+    "reduce_lr": ReduceLR,
+    "attention_dropout": AttentionDropout,
+    "grad_clip": GradClip,
+}
+
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+@dataclass
+class Policy:
+    """Issue type -> intervention factory ``(issue) -> intervention``; each action at most once
+    (``once``), the most severe new issue first. ``DEFAULT_RULES``: logit growth or overflow → QK-clip
+    at τ; entropy collapse → attention dropout; loss or gradient spike → halve the learning rate."""
+
+    rules: dict[str, Callable[[Issue], object]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    once: bool = True
+    applied: set = field(default_factory=set)
+
+    def get_intervention(self, diagnosis: Diagnosis):
+        for issue in sorted(diagnosis.new or diagnosis.issues, key=lambda i: SEVERITY_ORDER.get(i.severity, 3)):
+            rule = self.rules.get(issue.type)
+            if rule is None:
+                continue
+            intervention = rule(issue)
+            if self.once and intervention.name in self.applied:
+                continue
+            self.applied.add(intervention.name)
+            intervention.reason = f"{issue.type} at {issue.where()} (step {issue.step}): {issue.message}"
+            return intervention
+        return None
+
+
+def qk_clip_rule(tau: float = 100.0) -> Callable[[Issue], object]:
+    return lambda issue: QKClip(tau)
+
+
+DEFAULT_RULES: dict[str, Callable[[Issue], object]] = {
+    "logit_growth": qk_clip_rule(100.0),
+    "overflow_risk": qk_clip_rule(100.0),
+    "entropy_collapse": lambda issue: AttentionDropout(0.1),
+    "loss_spike": lambda issue: ReduceLR(0.5),
+    "grad_spike": lambda issue: ReduceLR(0.5),
+}

@@ -1,0 +1,358 @@
+"""``AttentionMonitor``: per-head attention statistics of a training run, trends, warnings, interventions.
+
+    monitor = AttentionMonitor(model, every=16, log_dir="runs/x", optimizer=opt)
+    with monitor:
+        for step, batch in enumerate(loader):
+            loss = model(**batch).loss
+            loss.backward(); opt.step(); opt.zero_grad()
+            diagnosis = monitor.on_step(step, loss=loss)      # None on steps not observed
+            if diagnosis and diagnosis.has_issues():
+                intervention = monitor.get_intervention(diagnosis)
+                if intervention:
+                    monitor.apply(intervention)
+
+Design: the monitor observes **the training batch itself, during the real forward**, one step
+in ``every``: a seam session with a ``StatsCollector`` is attached for the whole run and
+switched on (``session.active``) only for observed steps, so the other steps pay one lookup per
+attention call. The statistics are computed in a separate no-grad pass from detached q/k: the
+loss and every gradient are bit for bit those of the unmonitored step (tested). On an observed
+step the gradient norms of each layer's query/key parameters are read by hooks as backward
+writes them. ``on_step(step, loss)`` must follow the step whose forward it reports on; the loss
+may be a tensor (read only at observed steps: no device sync on the others).
+
+History is a set of fixed-size ring buffers (``history`` observed steps, ``loss_history`` steps),
+so memory is flat over any run length. Every observed step goes to the emitters (JSONL always;
+console, CSV, TensorBoard, W&B by name); each (site, head, type) is warned about once.
+Under ``torch.distributed`` every rank must call ``on_step`` (statistics, losses and gradient
+norms are reduced across ranks there) and only rank 0 emits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from attnkit.errors import UserError
+from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends
+from attnkit.monitor.emit import EMITTERS, HEAD_METRICS, Emitter, JSONLEmitter, StepRecord, series_name
+from attnkit.monitor.grads import GradNorms
+from attnkit.monitor.history import Ring
+from attnkit.monitor.issues import Diagnosis, Issue
+from attnkit.seam import ADAPTERS, AttentionCall, AttentionSession, NoAttentionError, Site, StatsCollector, Tap, attach, unwrap
+
+DEFAULT_EVERY = 16  # observed steps cost ~1.3 unobserved ones on the reference model: <= 5% at 1 in 16 (BENCHMARKS.md)
+METRICS = (*HEAD_METRICS, "normalized_entropy", "nonfinite_logits")
+
+
+class _Sites(Tap):
+    """Sees each observed call live, to learn which module each site is (for weights and dropout)."""
+
+    wants_chunks = False
+    wants_call = True
+
+    def __init__(self, on_new) -> None:
+        self.modules: dict[Site, nn.Module] = {}
+        self.calls = 0
+        self.on_new = on_new
+
+    def on_call(self, call: AttentionCall) -> None:
+        self.calls += 1
+        if call.site not in self.modules:
+            self.modules[call.site] = call.module
+            self.on_new(call.site, call.module)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _check_log_dir(log_dir: Path) -> None:
+    if log_dir.exists() and not log_dir.is_dir():
+        raise UserError(f"log directory {log_dir} is a file")
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create log directory {log_dir}: {e.strerror or e}") from e
+    if not os.access(log_dir, os.W_OK | os.X_OK):
+        raise UserError(f"log directory {log_dir} is not writable")
+
+
+class AttentionMonitor:
+    """Watch a model's attention while it trains (see the module docstring).
+
+    every: observe one step in ``every`` (>= 1). log_dir: where JSONL (and CSV, TensorBoard, W&B)
+    go. emit: sink names in ``attnkit.monitor.emit.EMITTERS`` or ``Emitter`` objects; JSONL is
+    always added. optimizer / scheduler: needed only by interventions that change the learning
+    rate or clip gradients. policy: an object with ``get_intervention(diagnosis)``; when given,
+    its interventions are applied automatically on each observed step. thresholds / detectors:
+    see ``attnkit.monitor.detectors``. sample_rows: statistics on that many random query rows per
+    call (cheaper on long sequences). trace_nonfinite: on a non-finite loss or logits, re-run the
+    last batch observed and name the first site and head where NaN/Inf appear.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        every: int = DEFAULT_EVERY,
+        log_dir: str | os.PathLike = "runs/attnkit-monitor",
+        emit: tuple = ("console",),
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        policy: Any = None,
+        thresholds: Thresholds | None = None,
+        detectors: tuple[str, ...] | None = None,
+        history: int = 512,
+        loss_history: int = 1024,
+        sample_rows: int | None = None,
+        trace_nonfinite: bool = True,
+        meta: dict | None = None,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UserError(f"every must be a whole number of steps >= 1, got {every!r}")
+        if history < 2 or loss_history < 2:
+            raise UserError("history and loss_history must be at least 2")
+        root = unwrap(model)
+        if not any(adapter.find(root) for adapter in ADAPTERS.values()):
+            raise NoAttentionError(f"{type(root).__name__} has no attention attnkit can reach: nothing to monitor")
+        self.thresholds = thresholds or Thresholds()
+        names = tuple(detectors) if detectors is not None else tuple(DETECTORS)
+        unknown = [d for d in names if d not in DETECTORS]
+        if unknown:
+            raise UserError(f"unknown detector(s) {', '.join(unknown)}; known: {', '.join(DETECTORS)}")
+        self.detectors = [DETECTORS[d] for d in names]
+        for e in emit:
+            if isinstance(e, str) and e not in EMITTERS:
+                raise UserError(f"unknown emitter '{e}'; known: {', '.join(EMITTERS)}")
+        self.model, self.every, self.optimizer, self.scheduler, self.policy = model, every, optimizer, scheduler, policy
+        self.log_dir = Path(log_dir)
+        dist = _dist()
+        self.rank = dist.get_rank() if dist else 0
+        self.emitters: list[Emitter] = []
+        if self.rank == 0:
+            _check_log_dir(self.log_dir)
+            self.emitters = [JSONLEmitter(self.log_dir / "monitor.jsonl")]
+            self.emitters += [EMITTERS[e](self.log_dir) if isinstance(e, str) else e for e in emit if e != "jsonl"]
+        self.history_size, self.loss_history, self.sample_rows = history, loss_history, sample_rows
+        self.trace_nonfinite = trace_nonfinite
+        self.meta = dict(meta or {})
+        self.stats = StatsCollector()
+        self.grads = GradNorms(armed=lambda: self.session.active)
+        self.sites_tap = _Sites(self.grads.add)
+        self.session = AttentionSession(taps=[self.stats, self.sites_tap], sample_rows=sample_rows)
+        self.series: list[tuple[Site, int]] | None = None
+        self.sites: list[Site] = []
+        self.rings: dict[str, Ring] = {}
+        self.grad_ring: Ring | None = None
+        self.losses = Ring(loss_history, 1)
+        self._pending: list[tuple[int, Any]] = []
+        self.warned: set[tuple] = set()
+        self.interventions: list[dict] = []
+        self.persistent: list[Any] = []  # interventions re-applied on every observed step (QK-clip)
+        self.latest: StepRecord | None = None
+        self.last_inputs: tuple | None = None
+        self.traces: list = []
+        self._stack: ExitStack | None = None
+        self.step = -1
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> "AttentionMonitor":
+        if self._stack is not None:
+            return self
+        stack = ExitStack()
+        try:
+            stack.enter_context(attach(self.model, self.session))
+            if self.trace_nonfinite:
+                hook = self.model.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+                stack.callback(hook.remove)
+        except BaseException:
+            stack.close()
+            raise
+        stack.callback(self.grads.remove)
+        self._stack = stack
+        self.session.active = True
+        return self
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+        for e in self.emitters:
+            e.close()
+        self.emitters = []
+
+    def __enter__(self) -> "AttentionMonitor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _keep_inputs(self, _module, args, kwargs) -> None:
+        self.last_inputs = (args, kwargs)
+
+    def attach_modifier(self, **session_kwargs) -> AttentionSession:
+        """Attach another seam session (a soft-cap, a temperature) for the rest of the run."""
+        if self._stack is None:
+            raise RuntimeError("the monitor is not running")
+        return self._stack.enter_context(attach(self.model, **session_kwargs))
+
+    # ---------------------------------------------------------------- per step
+    def on_step(self, step: int, loss: Any = None) -> Diagnosis | None:
+        """Report the step just taken; returns its ``Diagnosis`` on observed steps, else None."""
+        if self._stack is None:
+            self.start()
+        self.step = step
+        if loss is not None:
+            self._pending.append((step, loss.detach() if isinstance(loss, torch.Tensor) else loss))
+            if len(self._pending) > self.loss_history:
+                self._pending = self._pending[-self.loss_history:]
+        observed = self.sites_tap.calls > 0
+        self.sites_tap.calls = 0
+        diagnosis = self._observe(step) if observed else None
+        self.session.active = (step + 1) % self.every == 0
+        return diagnosis
+
+    def _flush_losses(self) -> int:
+        if not self._pending:
+            return 0
+        steps = [s for s, _ in self._pending]
+        values = torch.tensor([float(v) if not isinstance(v, torch.Tensor) else math.nan for _, v in self._pending],
+                              dtype=torch.float64)
+        tensors = [(i, v) for i, (_, v) in enumerate(self._pending) if isinstance(v, torch.Tensor)]
+        if tensors:
+            values[[i for i, _ in tensors]] = torch.stack([v.float().reshape(()).cpu() for _, v in tensors]).double()
+        dist = _dist()
+        if dist:
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        for s, v in zip(steps, values.tolist()):
+            self.losses.append(s, [v])
+        self._pending = []
+        return len(steps)
+
+    def _observe(self, step: int) -> Diagnosis:
+        dist = _dist()
+        if dist:
+            self.stats.all_reduce()
+        heads = self.stats.heads()
+        if self.series is None:
+            self.series = [(Site(h["layer"], h["stack"], h["kind"]), h["head"]) for h in heads]
+            self.sites = sorted({s for s, _ in self.series})
+            self.rings = {m: Ring(self.history_size, len(self.series)) for m in METRICS}
+            self.grad_ring = Ring(self.history_size, len(self.sites))
+            for e in self.emitters:
+                e.start({"every": self.every, "series": [series_name(s, h) for s, h in self.series],
+                         "heads": [{"layer": s.layer, "stack": s.stack, "kind": s.kind, "head": h} for s, h in self.series],
+                         "sites": [series_name(s) for s in self.sites], "thresholds": vars(self.thresholds),
+                         **self.meta})
+        index = {k: i for i, k in enumerate(self.series)}
+        values = {m: np.full(len(self.series), np.nan) for m in METRICS}
+        for h in heads:
+            i = index.get((Site(h["layer"], h["stack"], h["kind"]), h["head"]))
+            if i is not None:
+                for m in METRICS:
+                    values[m][i] = h[m]
+        for m in METRICS:
+            self.rings[m].append(step, values[m])
+        grad = self.grads.collect(self.sites)
+        if grad is not None and dist:
+            t = torch.tensor(grad, dtype=torch.float64).square()
+            dist.all_reduce(t)
+            grad = (t / dist.get_world_size()).sqrt().tolist()
+        if grad is not None:
+            self.grad_ring.append(step, grad)
+        new_losses = self._flush_losses()
+        loss = float(self.losses.last(1)[1][0, 0]) if new_losses else None
+        record = StepRecord(step, loss, self.series, {m: values[m].tolist() for m in METRICS}, self.sites, grad)
+        self.latest = record
+        for e in self.emitters:
+            e.step(record)
+        diagnosis = self._diagnose(step, new_losses)
+        self.stats.reset()
+        if self.trace_nonfinite and (diagnosis.of_type("nonfinite") or (loss is not None and not math.isfinite(loss))):
+            self._trace(step)
+        for p in list(self.persistent):
+            p.reapply(self)
+        if self.policy is not None:
+            intervention = self.policy.get_intervention(diagnosis)
+            if intervention is not None:
+                self.apply(intervention, diagnosis)
+        return diagnosis
+
+    def _diagnose(self, step: int, new_losses: int) -> Diagnosis:
+        steps, _ = self.rings["entropy"].last()
+        gsteps, gvals = self.grad_ring.last()
+        trends = Trends(self.series, self.sites, steps, {m: r.last()[1] for m, r in self.rings.items()},
+                        gsteps, gvals, self.losses, new_losses, self.thresholds)
+        issues: list[Issue] = [i for d in self.detectors for i in d(trends)]
+        diagnosis = Diagnosis(step, issues)
+        for issue in issues:
+            if issue.key not in self.warned:
+                self.warned.add(issue.key)
+                diagnosis.new.append(issue)
+                for e in self.emitters:
+                    e.issue(issue)
+        return diagnosis
+
+    # ---------------------------------------------------------------- interventions
+    def get_intervention(self, diagnosis: Diagnosis):
+        """The policy's intervention for ``diagnosis`` (None without a policy or when it has none)."""
+        return None if self.policy is None else self.policy.get_intervention(diagnosis)
+
+    def apply(self, intervention, diagnosis: Diagnosis | None = None) -> dict:
+        """Apply an intervention now and log it (step, action, what it did, why)."""
+        detail = intervention.apply(self)
+        entry = {"step": self.step, "action": intervention.name, "detail": detail,
+                 "reason": getattr(intervention, "reason", "") or "requested"}
+        self.interventions.append(entry)
+        for e in self.emitters:
+            e.intervention(entry)
+        return entry
+
+    def emit_issue(self, issue: Issue) -> None:
+        for e in self.emitters:
+            e.issue(issue)
+
+    # ---------------------------------------------------------------- NaN/Inf
+    def _trace(self, step: int) -> None:
+        if self.last_inputs is None:
+            return
+        from attnkit.monitor.nonfinite import trace_nonfinite
+
+        args, kwargs = self.last_inputs
+        was_active = self.session.active
+        self.session.active = False
+        try:
+            result = trace_nonfinite(self.model, args, kwargs, step=step, monitor=self)
+        finally:
+            self.session.active = was_active
+        self.traces.append(result)
+        issue = result.issue()
+        if issue.key not in self.warned:
+            self.warned.add(issue.key)
+            self.emit_issue(issue)
+
+    # ---------------------------------------------------------------- queries
+    def modules(self) -> dict[Site, nn.Module]:
+        """The attention module of each site observed so far (from the seam's calls)."""
+        return dict(self.sites_tap.modules)
+
+    def last_value(self, metric: str, site: Site, head: int) -> float:
+        """The latest observed value of a head's metric (NaN if never observed)."""
+        if self.series is None or (site, head) not in self.series:
+            return math.nan
+        _, vals = self.rings[metric].last(1)
+        return float(vals[0, self.series.index((site, head))]) if len(vals) else math.nan
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the history: constant once the first step is observed."""
+        return sum(r.nbytes for r in self.rings.values()) + self.losses.nbytes + (
+            self.grad_ring.nbytes if self.grad_ring is not None else 0)

@@ -1,0 +1,212 @@
+"""Where a head's query and key weights live: the one place that knows each family's layout.
+
+The seam hands features attention *calls*; some features need the *weights* behind a call —
+QK-clip rescales head h's W_q rows (and its key head's W_k rows), the monitor takes the gradient
+norm of a layer's query/key parameters, an intervention sets attention dropout. They ask
+``qk_layout(module)`` with the attention module of a call (``AttentionCall.module``) and get a
+``QKLayout``: for each query head and each key head, the slices (``Piece``) of the parameters that
+produce it. Layouts, one small function each, in ``LAYOUTS``:
+
+- ``separate``: ``q_proj`` / ``k_proj`` Linears (Llama, Mistral, Qwen, Gemma, ...; GQA: fewer key heads)
+- ``bert``: ``query`` / ``key`` Linears (BERT, RoBERTa, MiniLM's ``BertSelfAttention``)
+- ``gpt2``: fused ``c_attn`` Conv1D, weight (in, 3·E), columns [q | k | v]
+- ``fused``: fused ``qkv_proj`` Linear, rows [q (H·d) | k (KV·d) | v (KV·d)] (Phi-3)
+- ``neox``: fused ``query_key_value`` Linear, rows per head [q | k | v] (GPT-NeoX, Pythia)
+- ``mha``: ``nn.MultiheadAttention`` (``in_proj_weight`` rows [q | k | v], or q/k_proj_weight)
+
+Rescaling a head's q pieces by a and its key head's k pieces by b scales that head's logits q·k by
+exactly a·b (RoPE is linear; biases are scaled with their rows) — unless the model normalises q and
+k after the projection (QK-norm), which ``qk_norm`` says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.errors import UserError
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``param.narrow(dim, start, length)``: a slice of a parameter that feeds one head."""
+
+    param: nn.Parameter
+    dim: int
+    start: int
+    length: int
+
+    def of(self, tensor: Tensor) -> Tensor:
+        """The same slice of ``tensor`` (the parameter itself, its ``.grad``, ...)."""
+        return tensor.narrow(self.dim, self.start, self.length)
+
+
+@dataclass
+class QKLayout:
+    """The query/key parameters of one attention module, by head."""
+
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_pieces: list[list[Piece]]  # per query head
+    k_pieces: list[list[Piece]]  # per key head
+    qk_norm: bool = False  # q and k are normalised after the projection: rescaling W_q/W_k does nothing
+    set_dropout: Callable[[float], None] | None = field(default=None, repr=False)
+
+    def kv_head(self, head: int) -> int:
+        """The key head that query head ``head`` reads (grouped-query attention)."""
+        return head // (self.num_heads // self.num_kv_heads)
+
+    def group(self, kv_head: int) -> list[int]:
+        """The query heads sharing key head ``kv_head``."""
+        size = self.num_heads // self.num_kv_heads
+        return list(range(kv_head * size, (kv_head + 1) * size))
+
+    def params(self) -> list[nn.Parameter]:
+        """Every parameter holding a query or key piece (each once)."""
+        seen: dict[int, nn.Parameter] = {}
+        for pieces in (*self.q_pieces, *self.k_pieces):
+            for p in pieces:
+                seen.setdefault(id(p.param), p.param)
+        return list(seen.values())
+
+    def pieces_of(self, param: nn.Parameter) -> list[Piece]:
+        return [p for pieces in (*self.q_pieces, *self.k_pieces) for p in pieces if p.param is param]
+
+    @torch.no_grad()
+    def scale_query(self, head: int, factor: float) -> None:
+        for p in self.q_pieces[head]:
+            p.of(p.param.data).mul_(factor)
+
+    @torch.no_grad()
+    def scale_key(self, kv_head: int, factor: float) -> None:
+        for p in self.k_pieces[kv_head]:
+            p.of(p.param.data).mul_(factor)
+
+
+def _rows(weight: nn.Parameter, bias: nn.Parameter | None, offset: int, size: int, weight_dim: int = 0) -> list[Piece]:
+    pieces = [Piece(weight, weight_dim, offset, size)]
+    if bias is not None:
+        pieces.append(Piece(bias, 0, offset, size))
+    return pieces
+
+
+def _dropout_setter(module: nn.Module, *names: str) -> Callable[[float], None] | None:
+    """Set attention dropout where the module keeps it: an ``nn.Dropout`` or a float attribute."""
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, nn.Dropout):
+            return lambda p, d=value: setattr(d, "p", float(p))
+        if isinstance(value, float) and not isinstance(value, bool):
+            return lambda p, n=name: setattr(module, n, float(p))
+    return None
+
+
+def _has_qk_norm(module: nn.Module) -> bool:
+    return any(isinstance(getattr(module, n, None), nn.Module) for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"))
+
+
+def _separate(module: nn.Module) -> QKLayout | None:
+    q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+    if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear)):
+        return None
+    d = getattr(module, "head_dim", None)
+    if not isinstance(d, int):
+        return None
+    H, KV = q.out_features // d, k.out_features // d
+    return QKLayout("separate", H, KV, d,
+                    [_rows(q.weight, q.bias, h * d, d) for h in range(H)],
+                    [_rows(k.weight, k.bias, g * d, d) for g in range(KV)],
+                    qk_norm=_has_qk_norm(module),
+                    set_dropout=_dropout_setter(module, "attention_dropout", "attn_dropout", "dropout"))
+
+
+def _bert(module: nn.Module) -> QKLayout | None:
+    q, k = getattr(module, "query", None), getattr(module, "key", None)
+    if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear)):
+        return None
+    H, d = module.num_attention_heads, module.attention_head_size
+    return QKLayout("bert", H, H, d,
+                    [_rows(q.weight, q.bias, h * d, d) for h in range(H)],
+                    [_rows(k.weight, k.bias, h * d, d) for h in range(H)],
+                    set_dropout=_dropout_setter(module, "dropout"))
+
+
+def _gpt2(module: nn.Module) -> QKLayout | None:
+    c_attn = getattr(module, "c_attn", None)
+    if c_attn is None or getattr(module, "is_cross_attention", False) or type(c_attn).__name__ != "Conv1D":
+        return None
+    H, d, E = module.num_heads, module.head_dim, module.embed_dim
+    w, b = c_attn.weight, c_attn.bias  # Conv1D: weight (in, out), out columns [q | k | v]
+    return QKLayout("gpt2", H, H, d,
+                    [_rows(w, b, h * d, d, weight_dim=1) for h in range(H)],
+                    [_rows(w, b, E + h * d, d, weight_dim=1) for h in range(H)],
+                    set_dropout=_dropout_setter(module, "attn_dropout"))
+
+
+def _fused(module: nn.Module) -> QKLayout | None:
+    qkv = getattr(module, "qkv_proj", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(getattr(module, "head_dim", None), int):
+        return None
+    d = module.head_dim
+    KV = getattr(module, "num_key_value_heads", None) or module.config.num_key_value_heads
+    H = qkv.out_features // d - 2 * KV
+    return QKLayout("fused", H, KV, d,
+                    [_rows(qkv.weight, qkv.bias, h * d, d) for h in range(H)],
+                    [_rows(qkv.weight, qkv.bias, H * d + g * d, d) for g in range(KV)],
+                    qk_norm=_has_qk_norm(module),
+                    set_dropout=_dropout_setter(module, "attention_dropout", "attn_dropout"))
+
+
+def _neox(module: nn.Module) -> QKLayout | None:
+    qkv = getattr(module, "query_key_value", None)
+    d = getattr(module, "head_size", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(d, int):
+        return None
+    H = qkv.out_features // (3 * d)
+    return QKLayout("neox", H, H, d,
+                    [_rows(qkv.weight, qkv.bias, h * 3 * d, d) for h in range(H)],
+                    [_rows(qkv.weight, qkv.bias, h * 3 * d + d, d) for h in range(H)],
+                    set_dropout=_dropout_setter(module, "attention_dropout"))
+
+
+def _mha(module: nn.Module) -> QKLayout | None:
+    if not isinstance(module, nn.MultiheadAttention):
+        return None
+    H, E = module.num_heads, module.embed_dim
+    d = E // H
+    b = module.in_proj_bias
+    if module.in_proj_weight is not None:
+        w = module.in_proj_weight
+        q = [_rows(w, b, h * d, d) for h in range(H)]
+        k = [_rows(w, b, E + h * d, d) for h in range(H)]
+    else:
+        q = [_rows(module.q_proj_weight, b, h * d, d) for h in range(H)]
+        k = [[Piece(module.k_proj_weight, 0, h * d, d)] + ([Piece(b, 0, E + h * d, d)] if b is not None else [])
+             for h in range(H)]
+    return QKLayout("mha", H, H, d, q, k, set_dropout=_dropout_setter(module, "dropout"))
+
+
+# name -> layout function; the first that recognises a module wins (most specific first)
+LAYOUTS: dict[str, Callable[[nn.Module], QKLayout | None]] = {
+    "mha": _mha,
+    "gpt2": _gpt2,
+    "neox": _neox,
+    "fused": _fused,
+    "separate": _separate,
+    "bert": _bert,
+}
+
+
+def qk_layout(module: nn.Module) -> QKLayout:
+    """The query/key layout of an attention module; a ``UserError`` naming it when none fits."""
+    for fn in LAYOUTS.values():
+        layout = fn(module)
+        if layout is not None:
+            return layout
+    raise UserError(f"attnkit does not know where {type(module).__name__} keeps its query/key weights "
+                    f"(known layouts: {', '.join(LAYOUTS)}); add one to attnkit.seam.adapters.qk_weights.LAYOUTS")
