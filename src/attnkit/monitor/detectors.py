@@ -198,7 +198,7 @@ def loss_spike(tr: Trends) -> list[Issue]:
         before = before[np.isfinite(before)]
         if not math.isfinite(loss):
             out.append(Issue("loss_spike", "error", int(steps[j]), float(loss), math.nan, f"loss is {loss}"))
-        elif len(before) >= 4 and loss >= np.median(before) + t.loss_spike_nats:
+        elif len(before) >= max(8, t.loss_window // 2) and loss >= np.median(before) + t.loss_spike_nats:
             med = float(np.median(before))
             out.append(Issue("loss_spike", "warning", int(steps[j]), float(loss), med + t.loss_spike_nats,
                              f"loss {loss:.3f} jumped {loss - med:.2f} nats above its recent median {med:.3f}"))

@@ -1,0 +1,217 @@
+"""Seed 001's experiments for ``attnkit monitor``: does it predict attention instabilities, and
+does its intervention rescue the runs that fail?
+
+Small GPT-2- and Llama-shaped models (and the Llama shape with QK-layernorm, i.e. Qwen3's
+attention) are trained on the KJV training split (the reference corpus, reference tokenizer)
+over a learning-rate sweep (Wortsman et al. 2023's small-scale proxy: AdamW β=(0.9, 0.95),
+ε=1e-8, linear warmup) and several seeds, each with an ``AttentionMonitor`` attached (no
+intervention). A run is **unstable** when its loss becomes non-finite or rises ≥ ``--spike``
+nats above its running minimum after warmup (the divergence step is the first such step).
+Predicted: an attention warning (``--predictors``: logit growth, overflow risk, entropy fall or
+collapse) was issued before the divergence step; lead time = divergence step − warning step. A
+false alarm: such a warning on a run that stayed stable. Every unstable run is then re-run with
+the same seed and the monitor's policy applied from its first warning (QK-clip of the heads at
+the max logit they had when warned, halving the LR on a loss spike), and counted rescued when
+the re-run stays stable.
+
+    python experiments/monitor_sweep.py --out runs/monitor_sweep          # ~45 min on 1 busy core
+    python experiments/monitor_sweep.py --out runs/quick --steps 60 --lrs 1e-2 --seeds 0 --archs gpt2
+
+Writes ``runs.jsonl`` (one line per run), ``summary.json`` and loss-curve figures to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from attnkit.data import encode_documents, load_corpus
+from attnkit.models.registry import resolve_model_path
+from attnkit.monitor import AttentionMonitor, Policy, QKClip, ReduceLR, Thresholds
+
+PREDICTORS = ("logit_growth", "overflow_risk", "entropy_fall", "entropy_collapse")
+
+
+def build_model(arch: str, seed: int, vocab: int, args) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    d, L, H, T = args.width, args.layers, args.heads, args.context
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=L, n_head=H, n_embd=d, n_positions=T, vocab_size=vocab, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
+    common = dict(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=L, num_attention_heads=H,
+                  num_key_value_heads=H // 2, max_position_embeddings=T, vocab_size=vocab, tie_word_embeddings=True)
+    if arch == "llama":
+        return LlamaForCausalLM._from_config(LlamaConfig(**common), attn_implementation="sdpa")
+    if arch == "llama_qknorm":
+        return Qwen3ForCausalLM._from_config(Qwen3Config(head_dim=d // H, **common), attn_implementation="sdpa")
+    raise ValueError(arch)
+
+
+def batches(ids: torch.Tensor, steps: int, batch: int, context: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        start = torch.randint(0, ids.numel() - context - 1, (batch,), generator=g)
+        yield torch.stack([ids[s:s + context] for s in start.tolist()])
+
+
+def rescue_policy(tau_floor: float) -> Policy:
+    """QK-clip at the warned head's own max logit, at most the danger threshold and never below
+    ``tau_floor``; LR halved on entropy collapse or a loss spike."""
+    rule = lambda issue: QKClip(max(min(issue.value, issue.threshold), tau_floor))  # noqa: E731
+    return Policy(rules={"logit_growth": rule, "overflow_risk": rule, "entropy_fall": lambda i: ReduceLR(0.5),
+                         "entropy_collapse": lambda i: ReduceLR(0.5), "loss_spike": lambda i: ReduceLR(0.5)})
+
+
+def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, out: Path, rescue: bool) -> dict:
+    model = build_model(arch, seed, vocab, args).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    name = f"{arch}_lr{lr:g}_s{seed}" + ("_rescue" if rescue else "")
+    monitor = AttentionMonitor(model, every=args.every, log_dir=out / name, emit=(), optimizer=opt, scheduler=sched,
+                               policy=rescue_policy(args.tau_floor) if rescue else None, thresholds=Thresholds(),
+                               meta={"arch": arch, "lr": lr, "seed": seed, "rescue": rescue})
+    losses, warnings, t0 = [], [], time.time()
+    with monitor:
+        for step, x in enumerate(batches(ids, args.steps, args.batch, args.context, seed)):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            d = monitor.on_step(step, loss=loss)
+            if d:
+                warnings += [{"type": i.type, "step": i.step, "where": i.where(), "value": i.value,
+                              "started": i.started, "projected_steps": i.projected_steps} for i in d.new]
+            if not math.isfinite(losses[-1]):
+                break
+    diverged = divergence_step(losses, args.warmup, args.spike)
+    first = min((w["step"] for w in warnings if w["type"] in PREDICTORS), default=None)
+    return {"name": name, "arch": arch, "lr": lr, "seed": seed, "rescue": rescue, "steps": len(losses),
+            "losses": losses, "diverged_at": diverged, "first_warning": first, "warnings": warnings[:200],
+            "interventions": monitor.interventions[:50], "seconds": time.time() - t0,
+            "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+
+def divergence_step(losses: list[float], warmup: int, spike: float) -> int | None:
+    best = math.inf
+    for step, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            return step
+        if step >= warmup and loss >= best + spike:
+            return step
+        best = min(best, loss)
+    return None
+
+
+def summarize(runs: list[dict]) -> dict:
+    base = [r for r in runs if not r["rescue"]]
+    unstable = [r for r in base if r["diverged_at"] is not None]
+    stable = [r for r in base if r["diverged_at"] is None]
+    predicted = [r for r in unstable if r["first_warning"] is not None and r["first_warning"] < r["diverged_at"]]
+    leads = sorted(r["diverged_at"] - r["first_warning"] for r in predicted)
+    false_alarms = [r for r in stable if r["first_warning"] is not None]
+    rescues = {r["name"].removesuffix("_rescue"): r for r in runs if r["rescue"]}
+    tried = [r for r in unstable if r["name"] in rescues and r["first_warning"] is not None]
+    rescued = [r for r in tried if rescues[r["name"]]["diverged_at"] is None]
+    return {
+        "runs": len(base), "unstable": len(unstable), "stable": len(stable),
+        "predicted": len(predicted), "predicted_fraction": len(predicted) / len(unstable) if unstable else None,
+        "median_lead_steps": leads[len(leads) // 2] if leads else None, "lead_steps": leads,
+        "false_alarms": len(false_alarms), "false_alarm_fraction": len(false_alarms) / len(stable) if stable else None,
+        "rescue_tried": len(tried), "rescued": len(rescued),
+        "rescued_fraction": len(rescued) / len(tried) if tried else None,
+        "table": [{"name": r["name"], "diverged_at": r["diverged_at"], "first_warning": r["first_warning"],
+                   "final_loss": r["final_loss"],
+                   "rescue_diverged_at": rescues[r["name"]]["diverged_at"] if r["name"] in rescues else "n/a",
+                   "rescue_final_loss": rescues[r["name"]]["final_loss"] if r["name"] in rescues else None}
+                  for r in base],
+    }
+
+
+def plot(runs: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [(r, next((x for x in runs if x["name"] == r["name"] + "_rescue"), None)) for r in runs if not r["rescue"]
+             and r["diverged_at"] is not None]
+    if not pairs:
+        return
+    cols = min(4, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, (r, rescue) in zip(axes.flat, pairs):
+        ax.plot(r["losses"], label="monitored only", lw=0.8)
+        if rescue:
+            ax.plot(rescue["losses"], label="with intervention", lw=0.8)
+        if r["first_warning"] is not None:
+            ax.axvline(r["first_warning"], color="orange", ls="--", lw=0.8, label="first warning")
+        ax.axvline(r["diverged_at"], color="red", ls=":", lw=0.8, label="diverged")
+        ax.set_title(r["name"], fontsize=8)
+        ax.set_ylim(0, 10)
+    axes.flat[0].legend(fontsize=6)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "loss_pairs.png", dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/monitor_sweep")
+    p.add_argument("--archs", default="gpt2,llama,llama_qknorm")
+    p.add_argument("--lrs", default="3e-3,1e-2,3e-2,1e-1,3e-1")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--every", type=int, default=4)
+    p.add_argument("--spike", type=float, default=1.0)
+    p.add_argument("--tau-floor", type=float, default=10.0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("reference"))
+    ids = encode_documents(tok, load_corpus("kjv").split("train"))
+    vocab = len(tok)
+    runs: list[dict] = []
+    log = open(out / "runs.jsonl", "w")
+    for arch in args.archs.split(","):
+        for lr in [float(x) for x in args.lrs.split(",")]:
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                for rescue in (False, True):
+                    if rescue and (runs[-1]["diverged_at"] is None or runs[-1]["first_warning"] is None):
+                        continue
+                    r = train(arch, lr, seed, ids, vocab, args, out, rescue)
+                    runs.append(r)
+                    log.write(json.dumps(r) + "\n")
+                    log.flush()
+                    print(f"{r['name']:32s} diverged_at={r['diverged_at']} first_warning={r['first_warning']} "
+                          f"final={r['final_loss']:.3f} {r['seconds']:.0f}s", flush=True)
+    summary = summarize(runs)
+    summary["args"] = vars(args)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(runs, out)
+    print(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
