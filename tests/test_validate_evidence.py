@@ -32,6 +32,7 @@ def test_two_words_are_inconclusive_not_critical(tmp_path, tok, capsys):
     assert doc["summary"]["conclusion"]["id"] == "inconclusive_sample"
     assert "Scenario 2" not in printed and "truly uniform" not in printed.split("CONCLUSION")[-1]
     assert "Inconclusive" in printed
+    assert f"Inconclusive (too little data): {doc['summary']['inconclusive']}" in printed  # in the summary too
     for sec in doc["sections"]:
         if sec["key"] in ROW_SECTIONS:
             assert sec["figures"]["evidence"]["rows"] == rows

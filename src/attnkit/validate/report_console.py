@@ -47,6 +47,8 @@ def render_report(report: ValidationReport, console: Console) -> None:
     _line(console, f"✓ Passed: {s['passed']}/{s['tests']} tests", "green")
     if s["warnings"]:
         _line(console, f"⚠️  Warnings: {s['warnings']}", "yellow")
+    if s.get("inconclusive"):  # verdicts withheld for want of data (attnkit.validate.summary.apply_evidence)
+        _line(console, f"ℹ  Inconclusive (too little data): {s['inconclusive']}", "cyan")
     _line(console, f"❌ Critical issues: {s['critical']}", "bold red" if s["critical"] else None)
     for f in s["critical_findings"]:
         _line(console, f"   - {f['section']}: {f['message']}")
