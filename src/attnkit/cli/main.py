@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from rich.console import Console
@@ -20,6 +21,7 @@ from attnkit.errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader closed
 
 # subcommand -> module exposing add_parser(subparsers) and run(args) -> int
 COMMANDS = {
@@ -86,7 +88,13 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except Exception as e:  # noqa: BLE001 - a broken install must not greet a user with a traceback either
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print_error(f"attnkit cannot start ({_one_line(e)}); reinstall it. Run with --debug for the traceback.")
+        return EXIT_INTERNAL_ERROR
     try:
         args = parser.parse_args(argv)
     except _ArgumentError as e:
@@ -105,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`attnkit ... | head`): nothing to report; keep Python from
+        # complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as e:  # noqa: BLE001 - the one place that keeps tracebacks from users
         if args.debug:
             raise
