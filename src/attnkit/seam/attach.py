@@ -53,9 +53,13 @@ def attach(model: nn.Module, session: AttentionSession | None = None, **session_
     found = {name: adapter.find(root) for name, adapter in ADAPTERS.items()}
     modules = [m for ms in found.values() for m in ms]
     if not modules:
+        from attnkit.seam.adapters.sdpa_function import unreachable_hint
+
+        hint = unreachable_hint(root)  # hand-written softmax attention, named with the one-line change
         raise NoAttentionError(
             f"{type(root).__name__} has no attention attnkit can reach: no Hugging Face attention "
-            "interface, no nn.MultiheadAttention, no module marked is_attnkit_attention"
+            "interface, no nn.MultiheadAttention, no module marked is_attnkit_attention, no call to "
+            "F.scaled_dot_product_attention" + (f"; {hint}" if hint else "")
         )
     existing = next((_ATTACHED[m].sites for m in modules if m in _ATTACHED), None)
     sites = existing or SiteTable(root, modules)

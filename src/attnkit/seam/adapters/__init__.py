@@ -5,12 +5,13 @@ Each adapter has ``find(root) -> [modules]`` (the attention modules it reaches) 
 exactly that, and nested sessions share one install).
 """
 
-from attnkit.seam.adapters import hf, mha, protocol
+from attnkit.seam.adapters import hf, mha, protocol, sdpa_function
 
 ADAPTERS = {
     "huggingface": hf,
     "multihead_attention": mha,
     "protocol": protocol,
+    "sdpa_function": sdpa_function,  # last: it leaves the modules above to their own adapters
 }
 
 __all__ = ["ADAPTERS"]
