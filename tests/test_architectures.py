@@ -110,6 +110,40 @@ def _reported_layers(arch: Arch, stack: str, kind: str) -> list[int] | None:
 def test_captured_probabilities_equal_eager_and_outputs_unchanged(arch: Arch):
     model, inputs = arch.build()
     reference, plain = eager_reference(model, inputs)
+    check_against_reference(arch, model, inputs, reference, plain)
+
+
+def _supports_sdpa(arch: Arch) -> bool:
+    import transformers
+
+    return bool(getattr(getattr(transformers, arch.model_class), "_supports_sdpa", False))
+
+
+SDPA_ZOO = [a for a in ZOO if _supports_sdpa(a)]
+
+
+@pytest.mark.parametrize("arch", SDPA_ZOO, ids=[a.name for a in SDPA_ZOO])
+def test_sdpa_models_captured_exactly_and_outputs_unchanged(arch: Arch):
+    """The same on a model that runs SDPA: its mask function answers with SDPA's (boolean, or
+    none where ``is_causal`` covers it) and its kernel is SDPA. The reference maps come from the
+    same weights switched to eager for one forward. Rows of padding queries are left out: a
+    padding token whose row sees no key (Llama 4's chunks) gets another value from SDPA than from
+    eager, which flows into its later layers; the eager test above checks those rows."""
+    model, inputs = arch.build(attn_implementation="sdpa")
+    with torch.no_grad():
+        plain = model(**inputs)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            reference = model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    check_against_reference(arch, model, inputs, reference, plain, real_queries_only=True)
+
+
+def check_against_reference(arch: Arch, model, inputs: dict, reference, plain, real_queries_only: bool = False) -> None:
+    """Captured maps equal ``reference``'s eager maps; outputs under attach equal ``plain``.
+    ``real_queries_only``: compare only the rows of non-padding queries."""
     expected = reference_maps(arch, reference)
     assert expected, f"{arch.name}: eager output_attentions returned no maps"
     # The comparison must be able to tell attention apart from uniform: some head is peaked.
@@ -150,6 +184,10 @@ def test_captured_probabilities_equal_eager_and_outputs_unchanged(arch: Arch):
                 uniform = torch.full_like(want[empty], 1.0 / want.shape[-1])
                 torch.testing.assert_close(want[empty], uniform, atol=1e-7, rtol=0)
                 want = torch.where(empty[..., None], 0.0, want)
+            padding = inputs.get("attention_mask")
+            if real_queries_only and padding is not None and padding.shape == want.shape[::2]:
+                real = padding.bool()[:, None, :, None]  # (B, 1, Q, 1)
+                got, want = torch.where(real, got, 0.0), torch.where(real, want, 0.0)
             torch.testing.assert_close(
                 got, want, atol=PROB_ATOL, rtol=0,
                 msg=lambda m, s=stack, k=kind, lyr=layer: f"{arch.name} {s} {k} layer {lyr}: {m}",
