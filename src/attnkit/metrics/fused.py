@@ -13,7 +13,7 @@ logits s of the visible keys, with m the row's largest logit and e = exp(s - m):
     max p = 1 / Z                sum p^2 = S2 / Z^2        mean distance = D / Z
     sink mass = e_first / Z      diagonal mass = e_own / Z
 
-``row_sums`` computes these in two passes over each row (its max and min, then the sums), reading
+``row_sums`` computes Z, A, S2, D in two passes over each row (its max and min, then the sums), reading
 the raw scores q.k as the matmul left them (any float dtype: the logits s = float(raw) * scale are
 never written out). Which keys a row sees is given as one interval [lo, hi) per row, which is
 what causal masks, padding and sliding windows are; ``mask_intervals`` turns a bool mask into
@@ -45,7 +45,7 @@ class RowStats:
     entropy, max_prob, sum_sq, sink_mass, diagonal_mass, mean_distance: of the row's softmax
         (meaningless, and never used, for rows that are not finite or see fewer than 2 keys)
     nonfinite_logits / nan_logits: counts over visible keys; None when the producer found
-        every row finite
+        every row finite (then no row is counted as non-finite)
     finite: bool, the row's logits and probabilities are all finite; None = nonfinite_logits == 0
     """
 
@@ -64,39 +64,71 @@ class RowStats:
     qk_absmax: Tensor | None = None  # largest |q.k| over visible keys, when the producer has it
 
 
+def cat_rows(parts: list[RowStats]) -> RowStats:
+    """Chunks of rows (along R) as one ``RowStats``; counts are zeros where a chunk had none."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name in RowStats.__dataclass_fields__:
+        values = [getattr(p, name) for p in parts]
+        if all(v is None for v in values):
+            out[name] = None
+            continue
+        if any(v is None for v in values):
+            if name == "finite":  # None = every row finite
+                values = [torch.ones_like(p.n_visible, dtype=torch.bool) if v is None else v for p, v in zip(parts, values)]
+            elif name in ("nonfinite_logits", "nan_logits"):
+                values = [torch.zeros_like(p.n_visible) if v is None else v for p, v in zip(parts, values)]
+            else:
+                raise ValueError(f"RowStats.{name} is missing from some chunks")
+        out[name] = torch.cat(values, -1)
+    return RowStats(**out)
+
+
 # ---------------------------------------------------------------------------- the kernel
 def _row_sums(raw: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
     """Per-row sums over keys j in [lo, hi) of s = float(raw) * scale (scale > 0).
 
     raw: (N, K) any float dtype; scale: (1,) float32; lo, hi, pos: (N,) float32 (exact integers:
-    key positions are far below 2^24). Returns ten (N,) float32 tensors: max and min of
-    float(raw) (unscaled: |q.k| for the overflow check, and the logits' extremes exactly, as
-    rounding is monotone), Z, A, S2, D, e at pos, e at lo, and the counts of non-finite and of
-    NaN visible logits.
+    key positions are far below 2^24). Returns six (N,) float32 tensors: max and min of
+    float(raw) over visible keys (unscaled: |q.k| for the overflow check, and the logits'
+    extremes exactly, as rounding is monotone), Z, A, S2 and D. A NaN or inf among the visible
+    scores shows in max, min or Z (exp of NaN is NaN), which ``row_stats`` checks; counting them
+    here would cost 40 % more per element, for rows that are almost never there.
     """
     j = torch.arange(raw.shape[-1], device=raw.device, dtype=torch.float32)  # (K,)
-    lo_, hi_, pos_ = lo[:, None], hi[:, None], pos[:, None]
-    vis = (j >= lo_) & (j < hi_)  # (N, K), from indices: no mask is read
+    vis = (j >= lo[:, None]) & (j < hi[:, None])  # (N, K), from indices: no mask is read
     x = raw.float()  # fused into the loops below: never materialised
-    # Pass 1: extremes and non-finite counts. max/min propagate NaN in eager mode but need not in
-    # the compiled kernel; the NaN count below restores the eager answer in ``row_stats``.
+    # Pass 1: the extremes.
     x_max = torch.where(vis, x, -math.inf).amax(-1)
     x_min = torch.where(vis, x, math.inf).amin(-1)
-    nonfinite = (vis & ~torch.isfinite(x)).float().sum(-1)
-    nans = (vis & torch.isnan(x)).float().sum(-1)
     # Pass 2: every sum over e = exp(s - m) in one loop. Masked keys contribute exact zeros; the
-    # where() around each product keeps a blind row's exp(+inf) * 0 from making NaN.
+    # where() around e * -d keeps a masked inf score (fp16 overflow) from making 0 * inf = NaN.
     m = x_max * scale  # the row's largest logit, exactly float(raw_max) * scale
     d = x * scale - m[:, None]  # <= 0 on visible keys of a finite row, 0 at the max
     e = torch.where(vis, torch.exp(d), 0.0)
     z = e.sum(-1)
     a = torch.where(vis, e * -d, 0.0).sum(-1)
     s2 = (e * e).sum(-1)
-    dist = (pos_ - j).abs()  # |i - j|, (N, K) from indices
-    md = (e * dist).sum(-1)
-    e_own = torch.where(j == pos_, e, 0.0).sum(-1)  # a gather, written as a masked sum so it fuses
-    e_first = torch.where(j == lo_, e, 0.0).sum(-1)
-    return x_max, x_min, z, a, s2, md, e_own, e_first, nonfinite, nans
+    md = (e * (pos[:, None] - j).abs()).sum(-1)  # |i - j| from indices
+    return x_max, x_min, z, a, s2, md
+
+
+def _e_at(flat: Tensor, col: Tensor, scale: float, m: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """exp(s - m) at one key per row (0 where the row does not see it): a gather, outside the
+    kernel, where two masked sums over every key would cost 20 % of it."""
+    idx = col.clamp(0, flat.shape[-1] - 1).long()[:, None]
+    s = flat.gather(-1, idx).squeeze(-1).float() * scale
+    return torch.where((col >= lo) & (col < hi), torch.exp(s - m), 0.0)
+
+
+def count_nonfinite(flat: Tensor, scale: float, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """(N,) counts of non-finite and of NaN logits float(raw) * scale over each row's visible keys
+    (eager; the scaling can overflow too)."""
+    j = torch.arange(flat.shape[-1], device=flat.device, dtype=torch.float32)
+    vis = (j >= lo[:, None]) & (j < hi[:, None])
+    s = flat.float() * scale
+    return (vis & ~torch.isfinite(s)).sum(-1), (vis & torch.isnan(s)).sum(-1)
 
 
 # Compiled lazily, once per process; ``compile_seconds`` says what the first compile cost.
@@ -179,14 +211,22 @@ def row_stats(raw: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor, wo
     f = lambda t: t.to(torch.float32).expand(shape).reshape(-1)  # noqa: E731 - (N,) per row
     lo_f, hi_f = f(lo), f(hi)
     pos_f = f(pos.view(1, 1, R))
-    x_max, x_min, z, a, s2, md, e_own, e_first, nonfinite, nans = row_sums(flat, scale, lo_f, hi_f, pos_f, work)
-    has_nan = nans > 0
-    x_max = torch.where(has_nan, math.nan, x_max)  # as eager amax/amin: NaN propagates
-    x_min = torch.where(has_nan, math.nan, x_min)
+    x_max, x_min, z, a, s2, md = row_sums(flat, scale, lo_f, hi_f, pos_f, work)
+    m = x_max * scale
+    e_own = _e_at(flat, pos_f, scale, m, lo_f, hi_f)
+    e_first = _e_at(flat, lo_f, scale, m, lo_f, hi_f)
+    n_visible = (hi_f - lo_f).clamp_min(0)
+    # A row that sees something and is not finite shows here (blind rows have max = -inf).
+    suspect = ~(torch.isfinite(x_max) & torch.isfinite(x_min) & torch.isfinite(z)) & (n_visible > 0)
+    nonfinite = nans = None
+    if bool(suspect.any()):  # rare: count exactly, and let NaN propagate into the extremes as amax does
+        nonfinite, nans = count_nonfinite(flat, scale, lo_f, hi_f)
+        x_max = torch.where(nans > 0, math.nan, x_max)
+        x_min = torch.where(nans > 0, math.nan, x_min)
     inv_z = 1.0 / z
-    v = lambda t: t.view(shape)  # noqa: E731
+    v = lambda t: None if t is None else t.view(shape)  # noqa: E731
     return RowStats(
-        n_visible=v((hi_f - lo_f).clamp_min(0).to(torch.int64)),
+        n_visible=v(n_visible.to(torch.int64)),
         logit_max=v(x_max * scale), logit_min=v(x_min * scale),
         entropy=v(torch.log(z) + a * inv_z),
         max_prob=v(inv_z),  # e = 1 at the max
@@ -209,10 +249,10 @@ def mask_intervals(allowed: Tensor) -> tuple[Tensor, Tensor] | None:
     the logits: a mask is shared by heads and layers).
     """
     K = allowed.shape[-1]
-    j = torch.arange(K, device=allowed.device)
-    count = allowed.sum(-1)
-    lo = torch.where(allowed, j, K).amin(-1)
-    hi = torch.where(allowed, j + 1, 0).amax(-1)
+    bytes_ = allowed.to(torch.uint8)  # one byte a key: no int64 (Q, K) temporaries
+    count = bytes_.sum(-1, dtype=torch.int16 if K < 2**15 else torch.int32).long()  # 10x a bool sum's speed
+    lo = bytes_.argmax(-1)  # the first True (argmax returns the first of equal maxima)
+    hi = K - bytes_.flip(-1).argmax(-1)  # one past the last True
     blind = count == 0
     lo = torch.where(blind, 0, lo)
     hi = torch.where(blind, 0, hi)

@@ -4,6 +4,11 @@ It runs under ``torch.no_grad`` on detached queries and keys, beside whatever ke
 the output, with the same modifiers applied (``kernels.dense.chunk_logits``). Nothing n x n
 outlives a chunk unless a tap keeps it. When every chunk tap accepts a key prefix and the call
 is causal, a chunk only computes the keys its rows can see.
+
+Taps that take per-row statistics (``observe_rows``, the statistics tap) get them from one fused
+pass over the raw scores q.k (``metrics.fused``) when the logits are plain raw * scale and the
+mask gives each row one interval of keys (causal, padding, sliding windows): no logits,
+probabilities or masks are written out for them. Other taps get ``ObservedChunk``s as before.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ import torch
 from torch import Tensor
 
 from attnkit.kernels.dense import chunk_logits, rows_of
+from attnkit.metrics import fused
 from attnkit.metrics import rows as rows_lib
 from attnkit.seam.call import AttentionCall
 from attnkit.seam.mask_cache import LastMaskCache
 from attnkit.seam.plan import Mods
 from attnkit.taps import ObservedChunk, Tap
+from attnkit.taps.stats import ObservedRows
 
 _key_need_cache = LastMaskCache()
+_interval_cache = LastMaskCache()
 
 
 @torch.no_grad()
@@ -61,13 +69,26 @@ def observe_call(
     # Logits are raw * scale and nothing else: their extremes follow from raw's.
     plain = call.softcap is None and not mods and bias_full is None and call.scale > 0
     pick = slice(None) if narrow or all_heads else head_index
+    intervals = _intervals(call, Q, K, head_index if narrow else None) if plain and sinks is None else None
+    row_taps = [t for t in taps if callable(getattr(t, "observe_rows", None))] if intervals is not None else []
+    chunk_taps = [t for t in taps if t not in row_taps]
+    work = B * q_src.shape[1] * rows.numel() * K  # logits of the call at most: compiled kernel or not
+    row_stats: list[fused.RowStats] = []
+    row_norms: list[Tensor] = []
 
     for r, k_len in _chunks(rows, need, B * q_src.shape[1], K, chunk_elements):
         q = q_src[:, :, r]  # (B, h, R, D)
         k_part = k_src if k_len == K else k_src[:, :, :k_len]
         raw = torch.matmul(q, k_part.transpose(-1, -2))  # in the model's dtype: fp16 overflow shows
-        allowed = rows_of(allowed_full, r, k_len)
         positions = r + (K - Q)
+        query_norm = q.float().norm(dim=-1)  # (B, h, R)
+        if row_taps:
+            lo, hi = (t if t.shape[-1] == 1 else t[..., r] for t in intervals)
+            row_stats.append(fused.row_stats(raw, call.scale, lo, hi, positions, work))
+            row_norms.append(query_norm)
+        if not chunk_taps:
+            continue
+        allowed = rows_of(allowed_full, r, k_len)
         row_max = row_min = None
         if plain:
             # Extremes of raw over visible keys give |q.k| max and, as logits = raw * scale with
@@ -90,15 +111,25 @@ def observe_call(
             allowed=allowed if allowed.shape[1] == 1 else allowed[:, pick],
             positions=positions,
             row_valid=row_valid_full[:, r],
-            query_norm=q.float().norm(dim=-1)[:, pick],
+            query_norm=query_norm[:, pick],
             key_norm_max=key_norm_max[:, pick],
             qk_absmax=qk_absmax[:, pick],
             logit_max=None if row_max is None else row_max[:, pick],
             logit_min=None if row_min is None else row_min[:, pick],
             sinks=None if sinks is None else rows_of(sinks, r, 1)[:, head_index],
         )
-        for tap in taps:
+        for tap in chunk_taps:
             tap.observe(chunk)
+    if row_stats:
+        # One fold per call, not per chunk: per-row statistics are (B, h, R) each, and the
+        # accumulator's ~40 small operations per fold were a tenth of the observation's cost.
+        rows_seen = ObservedRows(
+            call=call, site=call.site, head_ids=heads, rows=rows, sampled=sampled, positions=rows + (K - Q),
+            row_valid=row_valid_full[:, rows], query_norm=torch.cat(row_norms, -1), key_norm_max=key_norm_max,
+            stats=fused.cat_rows(row_stats),
+        )
+        for tap in row_taps:
+            tap.observe_rows(rows_seen)
 
 
 def _chunks(rows: Tensor, need: Tensor | None, per_row: int, K: int, budget: int) -> Iterator[tuple[Tensor, int]]:
@@ -140,6 +171,29 @@ def _key_need(allowed: Tensor, Q: int, K: int) -> Tensor:
     need = torch.maximum(last.to(own.dtype).expand(Q), own).clamp_max(K).cpu()
     _key_need_cache.put(original, need, (Q, K))
     return need
+
+
+def _intervals(call: AttentionCall, Q: int, K: int, head_index: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """The keys each query row sees as one interval [lo, hi): two (B|1, h|1, Q|1) int64 tensors,
+    or None when some row's keys are not contiguous. Kept for the last mask seen, as models pass
+    one mask to every layer."""
+    device = call.query.device
+    if call.allowed is None:
+        lo = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
+        if call.is_causal:  # query i sits at key K - Q + i and sees keys 0 .. K - Q + i
+            return lo, (torch.arange(Q, device=device) + (K - Q + 1)).view(1, 1, Q)
+        return lo, torch.full((1, 1, 1), K, dtype=torch.long, device=device)
+    mask = call.allowed
+    found = _interval_cache.get(mask, (Q, K))
+    if found is None:
+        m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        found = fused.mask_intervals(m4.expand(*m4.shape[:-1], K)) or ()
+        _interval_cache.put(mask, found, (Q, K))
+    if not found:
+        return None
+    if head_index is not None and found[0].shape[1] > 1:
+        return found[0][:, head_index], found[1][:, head_index]
+    return found
 
 
 def _row_valid(query_mask: Tensor | None, B: int, Q: int, device: torch.device) -> Tensor:

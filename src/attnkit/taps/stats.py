@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
 
 from attnkit.metrics.accumulate import HeadStatsAccumulator, RowChunk
+from attnkit.metrics.fused import RowStats
+from attnkit.seam.call import AttentionCall
 from attnkit.seam.sites import Site, SiteDict
 from attnkit.taps import ObservedChunk, Tap
+
+
+@dataclass
+class ObservedRows:
+    """A chunk of query rows of one call reduced to per-row statistics (``metrics.fused``), for
+    taps with an ``observe_rows`` method: what the observation pass hands them instead of an
+    ``ObservedChunk`` when the logits are plain raw * scale and each row sees one key interval."""
+
+    call: AttentionCall
+    site: Site
+    head_ids: list[int]
+    rows: Tensor  # (R,) query row indices in the call
+    sampled: bool
+    positions: Tensor  # (R,) each row's position among the keys
+    row_valid: Tensor  # (B, R) False for padding queries
+    query_norm: Tensor  # (B, h, R)
+    key_norm_max: Tensor  # (B, h)
+    stats: RowStats  # every field (B, h, R)
 
 
 class StatsCollector(Tap):
@@ -33,11 +56,11 @@ class StatsCollector(Tap):
     def start_forward(self) -> None:
         self.call_order = []
 
-    def observe(self, chunk: ObservedChunk) -> None:
+    def _accumulator(self, chunk: ObservedChunk | ObservedRows) -> HeadStatsAccumulator:
         site = chunk.site
         acc = self.layers.get(site)
         if acc is None:
-            acc = self.layers[site] = HeadStatsAccumulator(len(chunk.head_ids), device=chunk.logits.device)
+            acc = self.layers[site] = HeadStatsAccumulator(len(chunk.head_ids), device=chunk.call.query.device)
             self.head_ids[site] = list(chunk.head_ids)
             self.num_heads[site] = chunk.call.num_heads
             self.dtypes[site] = chunk.call.query.dtype
@@ -47,6 +70,15 @@ class StatsCollector(Tap):
             self.sampled = True
             acc.sampled_rows_of = chunk.call.query_length
         self.rows_per_call[site] = chunk.call.query_length
+        return acc
+
+    def observe_rows(self, rows: ObservedRows) -> None:
+        """The fast path: statistics computed in one fused pass over the raw scores."""
+        self._accumulator(rows).update_rows(rows.stats, rows.row_valid, rows.query_norm, rows.key_norm_max, rows.call.scale)
+
+    def observe(self, chunk: ObservedChunk) -> None:
+        """Chunks with modified logits, learned sinks or masks that are not key intervals."""
+        acc = self._accumulator(chunk)
         acc.update(RowChunk(
             logits=chunk.logits,
             probs=chunk.probs,
