@@ -6,15 +6,17 @@ attention) are trained on the KJV training split (the reference corpus, referenc
 over a learning-rate sweep (Wortsman et al. 2023's small-scale proxy: AdamW β=(0.9, 0.95),
 ε=1e-8, linear warmup) and several seeds, each with an ``AttentionMonitor`` attached (no
 intervention). A run is **unstable** when its loss becomes non-finite or rises ≥ ``--spike``
-nats above its running minimum after warmup (the divergence step is the first such step).
+nats above its running minimum after warmup (the divergence step is the first such step), or
+when it ends ≥ ``--degrade`` nats above the best final loss of its architecture in the sweep
+(stalled: its failure step is where its 20-step mean loss was lowest).
 Predicted: an attention warning (``--predictors``: logit growth, overflow risk, entropy fall or
 collapse) was issued before the divergence step; lead time = divergence step − warning step. A
-false alarm: such a warning on a run that stayed stable. Every unstable run is then re-run with
+false alarm: such a warning on a run that stayed stable. Every run with a warning is then re-run with
 the same seed and the monitor's policy applied from its first warning (QK-clip of the heads at
-the max logit they had when warned, halving the LR on a loss spike), and counted rescued when
-the re-run stays stable.
+the max logit they had when warned, halving the LR on entropy collapse or a loss spike); an
+unstable run is counted rescued when its re-run is stable by the same criteria.
 
-    python experiments/monitor_sweep.py --out runs/monitor_sweep          # ~45 min on 1 busy core
+    python experiments/monitor_sweep.py --out runs/monitor_sweep          # ~30 min on 1 busy core
     python experiments/monitor_sweep.py --out runs/quick --steps 60 --lrs 1e-2 --seeds 0 --archs gpt2
 
 Writes ``runs.jsonl`` (one line per run), ``summary.json`` and loss-curve figures to ``--out``.
@@ -112,16 +114,30 @@ def divergence_step(losses: list[float], warmup: int, spike: float) -> int | Non
     return None
 
 
-def summarize(runs: list[dict]) -> dict:
+def stall_step(losses: list[float], width: int = 20) -> int:
+    """Where a run stopped improving: the step of the lowest moving average of ``width`` losses."""
+    avg = [sum(losses[max(0, i - width + 1):i + 1]) / (i + 1 - max(0, i - width + 1)) for i in range(len(losses))]
+    return min(range(len(avg)), key=avg.__getitem__)
+
+
+def summarize(runs: list[dict], degrade: float) -> dict:
+    """A run **failed** when its loss diverged or spiked (``diverged_at``), or when it ended
+    ``degrade`` nats or more above the best final loss of its architecture in the sweep (a stalled
+    run: its failure step is where it stopped improving)."""
     base = [r for r in runs if not r["rescue"]]
-    unstable = [r for r in base if r["diverged_at"] is not None]
-    stable = [r for r in base if r["diverged_at"] is None]
-    predicted = [r for r in unstable if r["first_warning"] is not None and r["first_warning"] < r["diverged_at"]]
-    leads = sorted(r["diverged_at"] - r["first_warning"] for r in predicted)
+    best = {a: min(r["final_loss"] for r in base if r["arch"] == a) for a in {r["arch"] for r in base}}
+    for r in runs:
+        r["degraded"] = r["final_loss"] >= best[r["arch"]] + degrade
+        r["failed_at"] = r["diverged_at"] if r["diverged_at"] is not None else (
+            stall_step(r["losses"]) if r["degraded"] else None)
+    unstable = [r for r in base if r["failed_at"] is not None]
+    stable = [r for r in base if r["failed_at"] is None]
+    predicted = [r for r in unstable if r["first_warning"] is not None and r["first_warning"] < r["failed_at"]]
+    leads = sorted(r["failed_at"] - r["first_warning"] for r in predicted)
     false_alarms = [r for r in stable if r["first_warning"] is not None]
     rescues = {r["name"].removesuffix("_rescue"): r for r in runs if r["rescue"]}
     tried = [r for r in unstable if r["name"] in rescues and r["first_warning"] is not None]
-    rescued = [r for r in tried if rescues[r["name"]]["diverged_at"] is None]
+    rescued = [r for r in tried if rescues[r["name"]]["failed_at"] is None]
     return {
         "runs": len(base), "unstable": len(unstable), "stable": len(stable),
         "predicted": len(predicted), "predicted_fraction": len(predicted) / len(unstable) if unstable else None,
@@ -129,9 +145,11 @@ def summarize(runs: list[dict]) -> dict:
         "false_alarms": len(false_alarms), "false_alarm_fraction": len(false_alarms) / len(stable) if stable else None,
         "rescue_tried": len(tried), "rescued": len(rescued),
         "rescued_fraction": len(rescued) / len(tried) if tried else None,
-        "table": [{"name": r["name"], "diverged_at": r["diverged_at"], "first_warning": r["first_warning"],
-                   "final_loss": r["final_loss"],
-                   "rescue_diverged_at": rescues[r["name"]]["diverged_at"] if r["name"] in rescues else "n/a",
+        "best_final_loss": best,
+        "table": [{"name": r["name"], "failed_at": r["failed_at"], "diverged_at": r["diverged_at"],
+                   "first_warning": r["first_warning"], "final_loss": r["final_loss"],
+                   "warning_types": sorted({w["type"] for w in r["warnings"]}),
+                   "rescue_failed_at": rescues[r["name"]]["failed_at"] if r["name"] in rescues else "n/a",
                    "rescue_final_loss": rescues[r["name"]]["final_loss"] if r["name"] in rescues else None}
                   for r in base],
     }
@@ -144,7 +162,7 @@ def plot(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     pairs = [(r, next((x for x in runs if x["name"] == r["name"] + "_rescue"), None)) for r in runs if not r["rescue"]
-             and r["diverged_at"] is not None]
+             and r["failed_at"] is not None]
     if not pairs:
         return
     cols = min(4, len(pairs))
@@ -156,7 +174,7 @@ def plot(runs: list[dict], out: Path) -> None:
             ax.plot(rescue["losses"], label="with intervention", lw=0.8)
         if r["first_warning"] is not None:
             ax.axvline(r["first_warning"], color="orange", ls="--", lw=0.8, label="first warning")
-        ax.axvline(r["diverged_at"], color="red", ls=":", lw=0.8, label="diverged")
+        ax.axvline(r["failed_at"], color="red", ls=":", lw=0.8, label="failed")
         ax.set_title(r["name"], fontsize=8)
         ax.set_ylim(0, 10)
     axes.flat[0].legend(fontsize=6)
@@ -171,8 +189,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/monitor_sweep")
     p.add_argument("--archs", default="gpt2,llama,llama_qknorm")
     p.add_argument("--lrs", default="3e-3,1e-2,3e-2,1e-1,3e-1")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=64)
@@ -181,6 +199,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--spike", type=float, default=1.0)
+    p.add_argument("--degrade", type=float, default=0.5)
     p.add_argument("--tau-floor", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -198,15 +217,15 @@ def main() -> None:
         for lr in [float(x) for x in args.lrs.split(",")]:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 for rescue in (False, True):
-                    if rescue and (runs[-1]["diverged_at"] is None or runs[-1]["first_warning"] is None):
-                        continue
+                    if rescue and runs[-1]["first_warning"] is None:
+                        continue  # nothing to act on (a rescue of a run that turns out stable is not counted)
                     r = train(arch, lr, seed, ids, vocab, args, out, rescue)
                     runs.append(r)
                     log.write(json.dumps(r) + "\n")
                     log.flush()
                     print(f"{r['name']:32s} diverged_at={r['diverged_at']} first_warning={r['first_warning']} "
                           f"final={r['final_loss']:.3f} {r['seconds']:.0f}s", flush=True)
-    summary = summarize(runs)
+    summary = summarize(runs, args.degrade)
     summary["args"] = vars(args)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(runs, out)

@@ -14,7 +14,7 @@ a name to it; ``AttentionMonitor(detectors=[...])`` picks some. Thresholds and w
   across the model, not one head specialising.
 - ``entropy_collapse``: a head's mean entropy < 0.5 nats (seed 001's threshold).
 - ``sink_growth``: a head's first-key mass rose by ≥ ``sink_rise`` over the window to ≥ ``sink_mass``.
-- ``grad_spike``: a layer's query/key gradient norm ≥ ``grad_spike``× the median of the window before.
+- ``grad_spike``: a layer's query/key gradient norm ≥ ``grad_spike``× the largest of the window before.
 - ``loss_spike``: a step's loss ≥ the median of the ``loss_window`` steps before + ``loss_spike_nats``,
   or non-finite.
 - ``nonfinite``: NaN/Inf logits were observed in a head.
@@ -46,7 +46,7 @@ class Thresholds:
     entropy_collapse: float = 0.5
     sink_mass: float = 0.5
     sink_rise: float = 0.2
-    grad_spike: float = 10.0
+    grad_spike: float = 5.0  # x the largest norm of the window before (gradients grow from ~0 at init)
     loss_window: int = 32
     loss_spike_nats: float = 1.0
 
@@ -176,14 +176,14 @@ def grad_spike(tr: Trends) -> list[Issue]:
     t, g = tr.t, tr.grad_norm
     if len(g) < 5 or len(tr.grad_steps) == 0 or tr.grad_steps[-1] != tr.step:
         return []
-    before = np.nanmedian(g[-t.window - 1:-1], axis=0)
+    before = np.nanmax(g[-t.window - 1:-1], axis=0)
     out = []
     with np.errstate(invalid="ignore"):
         hits = (g[-1] >= t.grad_spike * before) | ~np.isfinite(g[-1])
     for i in np.flatnonzero(hits & np.isfinite(before)):
         out.append(Issue("grad_spike", "warning", tr.step, float(g[-1, i]), float(t.grad_spike * before[i]),
                          f"query/key gradient norm {g[-1, i]:.3g} is {g[-1, i] / max(before[i], 1e-30):.1f}× "
-                         f"its recent median {before[i]:.3g}", tr.sites[i]))
+                         f"its recent maximum {before[i]:.3g}", tr.sites[i]))
     return out
 
 

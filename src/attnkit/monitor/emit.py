@@ -5,7 +5,8 @@ observed step, ``issue(issue)`` per new warning, ``intervention(entry)`` per app
 intervention, then ``close()``. A sink is a thin adapter over that; ``EMITTERS`` maps a name to a
 factory taking the run directory. Under ``torch.distributed`` the monitor emits on rank 0 only.
 
-JSONL (``monitor.jsonl``, one object per line, ``type`` in meta / step / issue / intervention)
+JSONL (``monitor.jsonl``, one object per line, ``type`` in meta / step / issue / intervention;
+an issue's own type is its ``issue`` field)
 is what ``attnkit monitor report`` reads; it is appended and flushed line by line, so a running
 job can be reported on.
 """
@@ -100,7 +101,8 @@ class JSONLEmitter(Emitter):
                      "grad_norm": None if r.grad_norm is None else [_json_value(float(v)) for v in r.grad_norm]})
 
     def issue(self, issue: Issue) -> None:
-        self._write({"type": "issue", **issue.to_dict()})
+        d = issue.to_dict()
+        self._write({**d, "type": "issue", "issue": d["type"]})
 
     def intervention(self, entry: dict) -> None:
         self._write({"type": "intervention", **{k: _json_value(v) for k, v in entry.items()}})

@@ -73,7 +73,7 @@ class QKClip:
     def _clip(self, monitor) -> str:
         if monitor.latest is None:
             return ""
-        rec, done = monitor.latest, []
+        rec, done, normed = monitor.latest, [], []
         modules = monitor.modules()
         for site in rec.sites:
             if site not in modules:
@@ -81,12 +81,19 @@ class QKClip:
             idx = [i for i, (s, _) in enumerate(rec.series) if s == site]
             heads = [rec.series[i][1] for i in idx]
             layout = qk_layout(modules[site])
+            if layout.qk_norm:  # rescaling W_q/W_k before a QK-norm changes nothing
+                normed.append(series_name(site))
+                continue
             logits = [math.nan] * layout.num_heads
             for i, h in zip(idx, heads):
                 logits[h] = rec.metrics["logit_max"][i]
             for h, gamma in qk_clip_layout(layout, logits, self.tau).items():
                 done.append(f"{series_name(site, h)} ×{gamma:.3f}")
-        return ("clipped " + ", ".join(done) + f" to τ={self.tau:g}") if done else ""
+        text = ("clipped " + ", ".join(done) + f" to τ={self.tau:g}") if done else ""
+        if normed and not getattr(self, "_said_normed", False):
+            self._said_normed = True
+            text += ("; " if text else "") + f"not applicable to {', '.join(normed)} (QK-norm)"
+        return text
 
 
 @dataclass

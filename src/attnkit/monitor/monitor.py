@@ -86,6 +86,13 @@ def _check_log_dir(log_dir: Path) -> None:
         raise UserError(f"log directory {log_dir} is not writable")
 
 
+def check_every(every) -> int:
+    """``every`` as given, or a ``UserError`` before anything runs."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise UserError(f"every must be a whole number of steps >= 1, got {every!r}")
+    return every
+
+
 class AttentionMonitor:
     """Watch a model's attention while it trains (see the module docstring).
 
@@ -116,8 +123,7 @@ class AttentionMonitor:
         trace_nonfinite: bool = True,
         meta: dict | None = None,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise UserError(f"every must be a whole number of steps >= 1, got {every!r}")
+        check_every(every)
         if history < 2 or loss_history < 2:
             raise UserError("history and loss_history must be at least 2")
         root = unwrap(model)
@@ -211,14 +217,18 @@ class AttentionMonitor:
             self.start()
         self.step = step
         if loss is not None:
-            self._pending.append((step, loss.detach() if isinstance(loss, torch.Tensor) else loss))
-            if len(self._pending) > self.loss_history:
-                self._pending = self._pending[-self.loss_history:]
+            self.add_loss(step, loss)
         observed = self.sites_tap.calls > 0
         self.sites_tap.calls = 0
         diagnosis = self._observe(step) if observed else None
         self.session.active = (step + 1) % self.every == 0
         return diagnosis
+
+    def add_loss(self, step: int, loss: Any) -> None:
+        """A loss known only later (the HF Trainer logs it every ``logging_steps``)."""
+        self._pending.append((step, loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        if len(self._pending) > self.loss_history:
+            self._pending = self._pending[-self.loss_history:]
 
     def _flush_losses(self) -> int:
         if not self._pending:

@@ -1,0 +1,42 @@
+"""Hugging Face ``Trainer`` callback: per-head attention statistics of the training run.
+
+    from attnkit.monitor.integrations.hf_trainer import AttnkitCallback
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[AttnkitCallback(every=16, emit=("tensorboard",))])
+
+Keyword arguments are ``AttentionMonitor``'s; ``log_dir`` defaults to ``<logging_dir>/attnkit``
+(TensorBoard event files under its ``tensorboard/``). The Trainer's optimizer and scheduler are
+handed to the monitor (for interventions). The Trainer's logged loss (every ``logging_steps``)
+feeds the loss-spike detector. Steps are the Trainer's ``global_step``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from attnkit.monitor.monitor import AttentionMonitor, check_every
+
+
+class AttnkitCallback(TrainerCallback):
+    def __init__(self, **monitor_kwargs) -> None:
+        check_every(monitor_kwargs.get("every", 16))
+        self.kwargs = monitor_kwargs
+        self.monitor: AttentionMonitor | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        kw = dict(self.kwargs)
+        kw.setdefault("log_dir", Path(args.logging_dir or args.output_dir) / "attnkit")
+        self.monitor = AttentionMonitor(model, optimizer=optimizer, scheduler=lr_scheduler, **kw).start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.monitor is not None:
+            self.monitor.on_step(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.monitor is not None and logs and "loss" in logs:
+            self.monitor.add_loss(state.global_step, float(logs["loss"]))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.monitor is not None:
+            self.monitor.close()

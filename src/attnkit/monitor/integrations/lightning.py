@@ -1,0 +1,49 @@
+"""Lightning ``Callback``: per-head attention statistics of a ``LightningModule``'s training.
+
+    from attnkit.monitor.integrations.lightning import AttnkitLightningCallback
+    trainer = L.Trainer(callbacks=[AttnkitLightningCallback(every=16)], logger=TensorBoardLogger("logs"))
+
+Keyword arguments are ``AttentionMonitor``'s. When the trainer's logger is a TensorBoard logger
+the per-head scalars go to its own ``SummaryWriter`` (beside the module's metrics); ``log_dir``
+(JSONL) defaults to ``<trainer.log_dir>/attnkit``. The step's loss is read from the training
+step's output; steps are ``trainer.global_step``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from attnkit.monitor.emit import TensorBoardEmitter
+from attnkit.monitor.monitor import AttentionMonitor, check_every
+
+
+class AttnkitLightningCallback(pl.Callback):
+    def __init__(self, **monitor_kwargs) -> None:
+        check_every(monitor_kwargs.get("every", 16))
+        self.kwargs = monitor_kwargs
+        self.monitor: AttentionMonitor | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        kw = dict(self.kwargs)
+        emit = list(kw.pop("emit", ("console",)))
+        writer = getattr(trainer.logger, "experiment", None)
+        if writer is not None and hasattr(writer, "add_scalar"):
+            emit.append(TensorBoardEmitter(writer=writer))
+        kw.setdefault("log_dir", Path(trainer.log_dir or trainer.default_root_dir) / "attnkit")
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.monitor = AttentionMonitor(pl_module, optimizer=optimizer, emit=tuple(emit), **kw).start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.monitor is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.monitor.on_step(trainer.global_step, loss=loss)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
