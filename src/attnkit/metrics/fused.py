@@ -134,11 +134,13 @@ def count_nonfinite(flat: Tensor, scale: float, lo: Tensor, hi: Tensor) -> tuple
 # Compiled lazily, once per process; ``compile_seconds`` says what the first compile cost.
 _compiled = None
 _compile_failed: str | None = None
+_compiled_dtypes: set[torch.dtype] = set()  # dtypes of raw the compiled kernel has run on
 _lock = threading.Lock()
 compile_seconds: float | None = None
 
-# Calls with fewer logits than this run eagerly: compiling (seconds, once per process; a warm
-# inductor cache makes it faster) would cost more than it saves on small models.
+# Calls with fewer logits than this run eagerly until the kernel is compiled: compiling (seconds,
+# once per process; a warm inductor cache makes it faster) would cost more than it saves on
+# small models.
 COMPILE_MIN_LOGITS = 1 << 22
 
 
@@ -154,7 +156,8 @@ def _kernel(raw: Tensor, work: int):
     mode = compile_mode()
     if mode == "0" or _compile_failed is not None or raw.device.type != "cpu":
         return _row_sums
-    if mode == "auto" and work < COMPILE_MIN_LOGITS:
+    # Small calls use the compiled kernel only once it exists for this dtype (no compile for them).
+    if mode == "auto" and work < COMPILE_MIN_LOGITS and raw.dtype not in _compiled_dtypes:
         return _row_sums
     # Sizes 0 and 1 are specialised by dynamo: a one-row or one-key chunk would compile again.
     if raw.shape[0] < 2 or raw.shape[1] < 2 or torch.compiler.is_compiling():
@@ -194,6 +197,7 @@ def row_sums(raw: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor,
         return _row_sums(*args)
     if first:
         compile_seconds = time.perf_counter() - t0
+    _compiled_dtypes.add(raw.dtype)
     return out
 
 

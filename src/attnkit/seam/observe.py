@@ -53,25 +53,29 @@ def observe_call(
     narrow = not all_heads and not mods
     q_src = call.query.detach() if not narrow else call.query.detach()[:, head_index]
     k_src = call.key.detach() if not narrow else call.key.detach()[:, head_index]
-    allowed_full = call.allowed_or_causal()
     bias_full = call.bias.detach() if call.bias is not None else None
     sinks = call.sinks.detach() if call.sinks is not None else None
     if narrow:
-        allowed_full, bias_full = _heads_of(allowed_full, head_index), _heads_of(bias_full, head_index)
-    row_valid_full = _row_valid(query_mask, B, Q, device)
-    key_norm_max = k_src.float().norm(dim=-1).amax(-1)  # (B, h)
-    need = None
-    if allowed_full is not None and all(t.accepts_key_prefix for t in taps):
-        if call.allowed is None and call.is_causal:
-            need = rows + (K - Q) + 1
-        else:  # mask modifiers only take keys away: the model's mask bounds what a row sees
-            need = _key_need(allowed_full, Q, K)[rows.cpu()].to(rows.device)
+        bias_full = _heads_of(bias_full, head_index)
     # Logits are raw * scale and nothing else: their extremes follow from raw's.
     plain = call.softcap is None and not mods and bias_full is None and call.scale > 0
     pick = slice(None) if narrow or all_heads else head_index
     intervals = _intervals(call, Q, K, head_index if narrow else None) if plain and sinks is None else None
     row_taps = [t for t in taps if callable(getattr(t, "observe_rows", None))] if intervals is not None else []
     chunk_taps = [t for t in taps if t not in row_taps]
+    causal_only = call.allowed is None and call.is_causal
+    # The (Q, K) causal mask is only built for taps that read masks.
+    allowed_full = call.allowed_or_causal() if chunk_taps else call.allowed
+    if narrow:
+        allowed_full = _heads_of(allowed_full, head_index)
+    row_valid_full = _row_valid(query_mask, B, Q, device)
+    key_norm_max = k_src.float().norm(dim=-1).amax(-1)  # (B, h)
+    need = None
+    if (allowed_full is not None or causal_only) and all(t.accepts_key_prefix for t in taps):
+        if causal_only:
+            need = rows + (K - Q) + 1
+        else:  # mask modifiers only take keys away: the model's mask bounds what a row sees
+            need = _key_need(allowed_full, Q, K)[rows.cpu()].to(rows.device)
     work = B * q_src.shape[1] * rows.numel() * K  # logits of the call at most: compiled kernel or not
     row_stats: list[fused.RowStats] = []
     row_norms: list[Tensor] = []
