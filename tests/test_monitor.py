@@ -247,6 +247,7 @@ def test_interventions_have_their_effect(tmp_path):
         with attach(model, taps=[tap]):
             model(input_ids=x)
         assert tap.p == [0.25, 0.25]
+        monitor.on_step(1)  # that forward was observed too: report it before measuring
 
         def max_logit():
             model.zero_grad()
@@ -287,8 +288,10 @@ def test_policy_clips_a_growing_head(tmp_path):
 def test_nan_tracer_names_the_first_layer_and_head(tmp_path):
     model = gpt2()
     with torch.no_grad():  # layer 1, head 2: finite q and k whose dot product overflows to inf
-        model.transformer.h[1].attn.c_attn.weight[:, 16:24].fill_(1e19)
-        model.transformer.h[1].attn.c_attn.weight[:, 48:56].fill_(1e19)
+        w = model.transformer.h[1].attn.c_attn.weight
+        g = torch.Generator().manual_seed(0)
+        w[:, 16:24] = torch.randn(32, 8, generator=g) * 1e19
+        w[:, 48:56] = torch.randn(32, 8, generator=g) * 1e19
     with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=()) as monitor:
         x = batch(0)
         loss = model(input_ids=x, labels=x).loss
