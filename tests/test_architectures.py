@@ -8,10 +8,13 @@ learned sinks, hybrid, encoder, encoder-decoder, vision, audio):
 - the probabilities captured through the seam must equal every reference map (encoder,
   decoder and cross-attention each under their own site) to 1e-5;
 - the model's outputs under ``attach`` must equal its outputs without, bit for bit (attach
-  must never change what a model computes).
+  must never change what a model computes);
+- the same again on the models built for SDPA.
 
 Architectures that never reach ``AttentionInterface`` must be refused with a message that says
-so (``test_not_dispatched_is_refused``).
+so; hand-written attention inside a model that otherwise dispatches must be named in a warning
+(and the outputs stay unchanged). Focused tests: Swin's -100 masks in the statistics, SigLIP's
+``nn.MultiheadAttention`` head as a site of its own.
 """
 
 from __future__ import annotations
@@ -23,15 +26,7 @@ import torch
 
 from arch_zoo import NOT_DISPATCHED, VOCAB, ZOO, Arch
 from attnkit.seam import NoAttentionError, attach
-
-try:  # the seam's restructured API (taps keyed by Site) ...
-    from attnkit.taps import MapCapture
-
-    TAPS_KEYWORD = "taps"
-except ImportError:  # ... and the one before it
-    from attnkit.seam import MapCapture
-
-    TAPS_KEYWORD = "observers"
+from attnkit.taps import MapCapture, StatsCollector
 
 PROB_ATOL = 1e-5
 # Outputs: with nothing modified the seam runs each call on the model's own kernel (its eager
@@ -56,16 +51,10 @@ def capture_through_seam(model, inputs: dict) -> tuple[dict, object, list[str]]:
     capture = MapCapture()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torch.no_grad(), attach(model, **{TAPS_KEYWORD: [capture]}):
+        with torch.no_grad(), attach(model, taps=[capture]):
             output = model(**inputs)
-    return {_site_key(key): m for key, m in capture.maps.items()}, output, [str(w.message) for w in caught]
-
-
-def _site_key(key) -> tuple[str, str, int]:
-    """(stack, kind, layer) of a capture key: a ``Site`` (layer, stack, kind), or a bare layer int."""
-    if isinstance(key, int):
-        return ("", "self", key)
-    return (key.stack, key.kind, key.layer)
+    maps = {(site.stack, site.kind, site.layer): m for site, m in capture.maps.items()}
+    return maps, output, [str(w.message) for w in caught]
 
 
 def eager_reference(model, inputs: dict):
@@ -222,7 +211,7 @@ def test_not_dispatched_is_refused(name: str):
     if model.main_input_name == "pixel_values":
         inputs = {"pixel_values": torch.randn(1, 3, cfg.image_size, cfg.image_size)}
     with pytest.raises(NoAttentionError, match="no attention attnkit can reach"):
-        with attach(model, **{TAPS_KEYWORD: [MapCapture()]}):
+        with attach(model, taps=[MapCapture()]):
             model(**inputs)
 
 
@@ -232,17 +221,12 @@ def test_large_finite_negative_mask_counts_as_masked_in_statistics():
     as masked, as they treat -inf: visible-key counts (normalised entropy) and logit extremes."""
     from arch_zoo import by_name
 
-    try:
-        from attnkit.taps import StatsCollector
-    except ImportError:
-        from attnkit.seam import StatsCollector
-
     arch = by_name("swin")
     model, inputs = arch.build()
     with torch.no_grad():
         weights = model(**inputs, output_attentions=True).attentions[0].double()  # the shifted block's
     stats = StatsCollector()
-    with torch.no_grad(), attach(model, **{TAPS_KEYWORD: [stats]}):
+    with torch.no_grad(), attach(model, taps=[stats]):
         model(**inputs)
     shifted = [h for h in stats.heads() if h["layer"] == 1]
     assert len(shifted) == weights.shape[1]
@@ -271,7 +255,7 @@ def test_hand_written_attention_is_named_and_outputs_unchanged(name: str):
     with torch.no_grad():
         plain = model(**inputs)
     with pytest.warns(UserWarning, match=unseen_class):
-        with torch.no_grad(), attach(model, **{TAPS_KEYWORD: [MapCapture()]}):
+        with torch.no_grad(), attach(model, taps=[MapCapture()]):
             attached = model(**inputs)
     for path, value in dict(_tensors(plain)).items():
         torch.testing.assert_close(dict(_tensors(attached))[path], value, rtol=OUT_RTOL, atol=OUT_ATOL)
