@@ -12,7 +12,9 @@ How the candidates were chosen: every model type in ``transformers.models.auto``
 (466 in transformers 5.24), one or more per family and per attention feature (GQA/MQA, sliding
 window, soft-capping, MoE, learned sinks, relative position bias, hybrid linear/attention
 stacks, shared layers, encoder–decoder, vision, audio). ``SKIPPED`` lists what was left out on
-purpose and why; ``NOT_DISPATCHED`` the architectures that never reach ``AttentionInterface``.
+purpose and why; ``NOT_DISPATCHED`` the architectures that never reach ``AttentionInterface``;
+``PARTLY_DISPATCHED`` models with hand-written attention beside dispatching modules.
+``tests/arch_scan.py`` runs the same check over the whole registry with generic configs.
 """
 
 from __future__ import annotations
