@@ -1,0 +1,86 @@
+"""Verdicts: does attention stay numerically safe in a format, given a logit estimate?
+
+Three ways attention breaks in low precision, each with the estimate it reads:
+
+- ``qk_overflow`` (fp16): the largest |q.k| before scaling reaches 65,504 and QK^T holds inf
+  (then NaN after the softmax). Read from ``raw_absmax`` (soft-capping does not help: the cap comes
+  after QK^T).
+- ``rounding``: the largest logit, stored in the format, is off by half a spacing, and the softmax
+  turns that into a factor e^err on a weight; beyond ``DISTORTION_TOLERANCE`` (10 %) it is unsafe.
+  Read from ``model_max``.
+- ``exp_overflow`` (fp16, advice only): logits above ln 65,504 = 11.09 overflow exp() in a
+  softmax that does not subtract the row maximum. PyTorch's and transformers' softmax do, so it
+  never makes a verdict unsafe; hand-written kernels are warned.
+
+A verdict is ``unsafe`` when the expected figure crosses the limit, ``marginal`` when only the
+99 % quantile does, ``safe`` otherwise. A model that computes attention in fp32 whatever its
+dtype (``reorder_and_upcast_attn``) is judged as fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from attnkit.check.dtypes import DISTORTION_TOLERANCE, FORMATS, FloatFormat
+from attnkit.check.estimate import LogitEstimate
+
+SAFE, MARGINAL, UNSAFE = "safe", "marginal", "unsafe"
+_ORDER = {SAFE: 0, MARGINAL: 1, UNSAFE: 2}
+
+
+@dataclass
+class Finding:
+    kind: str  # "qk_overflow", "rounding", "exp_overflow"
+    status: str  # safe / marginal / unsafe, or "advice"
+    value: float  # the figure that was compared
+    limit: float  # what it was compared with
+    message: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Verdict:
+    dtype: str
+    status: str
+    findings: list[Finding] = field(default_factory=list)
+    distortion: float = 0.0  # expected largest relative change of a weight from rounding the largest logit
+    judged_as: str | None = None  # "fp32" when the model upcasts attention
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "status": self.status, "distortion": self.distortion,
+                "judged_as": self.judged_as, "findings": [f.to_dict() for f in self.findings]}
+
+
+def worst(statuses) -> str:
+    return max(statuses, key=lambda s: _ORDER[s], default=SAFE)
+
+
+def judge(est: LogitEstimate, dtype: str, upcast: bool = False, tolerance: float = DISTORTION_TOLERANCE) -> Verdict:
+    fmt: FloatFormat = FORMATS["fp32" if upcast else dtype]
+    findings: list[Finding] = []
+    # QK^T overflow: only where the format's range can be reached.
+    limit = fmt.max_finite
+    largest_raw = max(est.raw_absmax, est.model_max)
+    largest_raw_high = max(est.raw_absmax_high, est.model_max_high)
+    status = UNSAFE if largest_raw >= limit else MARGINAL if largest_raw_high >= limit else SAFE
+    if fmt.max_finite < 1e10:
+        findings.append(Finding("qk_overflow", status, largest_raw, limit,
+                                f"largest |q.k| before scaling ~ {largest_raw:,.0f} (99 %: {largest_raw_high:,.0f}) "
+                                f"against {fmt.name}'s largest value {limit:,.0f}"))
+    # Rounding of the largest logit.
+    distortion = fmt.distortion(est.model_max)
+    distortion_high = fmt.distortion(est.model_max_high)
+    tolerated = fmt.largest_tolerated_logit(tolerance)
+    status = UNSAFE if distortion > tolerance else MARGINAL if distortion_high > tolerance else SAFE
+    findings.append(Finding("rounding", status, est.model_max, tolerated,
+                            f"largest logit ~ {est.model_max:.3g} (99 %: {est.model_max_high:.3g}): in {fmt.name} it is off "
+                            f"by up to {fmt.half_spacing(est.model_max):.3g}, moving attention weights by up to "
+                            f"{100 * distortion:.3g} % (tolerance {100 * tolerance:.0f} %: logits below {tolerated:g})"))
+    if fmt.name == "fp16" and est.model_max > fmt.exp_overflow:
+        findings.append(Finding("exp_overflow", "advice", est.model_max, fmt.exp_overflow,
+                                f"logits ~ {est.model_max:.3g} exceed ln 65,504 = {fmt.exp_overflow:.2f}: a softmax "
+                                f"that does not subtract the row maximum overflows (PyTorch's does)"))
+    return Verdict(dtype, worst(f.status for f in findings if f.status != "advice"), findings, distortion,
+                   "fp32" if upcast and dtype != "fp32" else None)
