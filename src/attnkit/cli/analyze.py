@@ -7,7 +7,8 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
-from attnkit.cli.common import DTYPES, add_model_argument, check_outputs, check_positive, parse_int_list, read_text
+from attnkit.cli.common import (DTYPES, add_model_argument, check_outputs, check_positive, model_options,
+                                parse_int_list, read_text)
 
 
 def add_parser(sub) -> None:
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.report.progress import stderr_status
 
     with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
-        loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
+        loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
+                            **model_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
     model = loaded.model

@@ -18,9 +18,28 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 
     names = ", ".join(BUILTIN_MODELS)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"built-in name ({names}), local Hugging Face directory, or hub id (default: {DEFAULT_MODEL})")
+                   help=f"built-in name ({names}), local Hugging Face directory, hub id, or your own model as "
+                   f"module.path:factory (imported from the current directory or an installed package: that runs "
+                   f"its code) (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to run the model in")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+    own = p.add_argument_group("your own model (MODEL as module.path:factory)")
+    own.add_argument("--checkpoint", metavar="FILE",
+                     help="state dict to load: .safetensors, or .pt/.pth read with torch.load(weights_only=True) — "
+                     "tensors only, pickled code is never run ({'model': ...}, {'state_dict': ...}, 'module.' and "
+                     "'_orig_mod.' prefixes unwrapped)")
+    own.add_argument("--config", metavar="FILE",
+                     help="config passed to the factory: JSON, YAML, or a .py file exposing config/CONFIG/cfg/Config "
+                     "(FILE.py:NAME for another name); default: the checkpoint's own model_args/config, if any")
+    own.add_argument("--tokenizer", metavar="DIR|NAME|ids",
+                     help="Hugging Face tokenizer directory, built-in model name, or 'ids': the text is "
+                     "whitespace-separated token ids")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The ``load_model`` keywords for a MODEL of the user's own (None where not given)."""
+    return {"checkpoint": getattr(args, "checkpoint", None), "config": getattr(args, "config", None),
+            "tokenizer": getattr(args, "tokenizer", None)}
 
 
 def read_text(text: str | None, text_file: str | None) -> str | None:

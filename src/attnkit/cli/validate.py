@@ -86,7 +86,7 @@ def _documents(args) -> tuple[list[str] | None, str | None]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from attnkit.cli.common import DTYPES
+    from attnkit.cli.common import DTYPES, model_options
     from attnkit.errors import UserError
     from attnkit.models.registry import load_model
     from attnkit.validate import Options, validate
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.report.progress import stderr_status
 
     with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
-        loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
+        loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
+                            **model_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
     from attnkit.report.progress import VALIDATE_STEPS, step_progress

@@ -1,7 +1,8 @@
 """Resolve a MODEL argument to a loaded model and tokenizer.
 
-A MODEL is, in this order: a built-in name (see ``BUILTIN_MODELS``), a local Hugging Face
-directory, or a hub id (only when a hub is reachable). Every failure a user can cause becomes a
+A MODEL is, in this order: your own model as ``module.path:factory`` (``user_model.py``), a
+built-in name (see ``BUILTIN_MODELS``), a local Hugging Face directory, or a hub id (only when a
+hub is reachable). Every failure a user can cause becomes a
 ``UserError`` with one clear sentence.
 """
 
@@ -65,8 +66,21 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    checkpoint: str | None = None,
+    config: str | None = None,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
-    """Load a built-in name, a local HF directory or a hub id, in eval mode."""
+    """Load a built-in name, a local HF directory, a hub id, or your own model (``module.path:factory``
+    with ``checkpoint``, ``config`` and ``tokenizer``: see ``attnkit.models.user_model``), in eval mode."""
+    from attnkit.models.user_model import is_user_model_spec, load_user_model
+
+    if is_user_model_spec(name):
+        return load_user_model(name, checkpoint=checkpoint, config=config, tokenizer=tokenizer, dtype=dtype)
+    given = [option for option, value in (("--checkpoint", checkpoint), ("--config", config), ("--tokenizer", tokenizer))
+             if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with a MODEL of your own, "
+                        f"module.path:factory; '{name}' brings its own weights, config and tokenizer")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from safetensors import SafetensorError
