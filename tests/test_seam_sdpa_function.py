@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 import warnings
 
 import pytest
@@ -126,6 +127,35 @@ def test_a_parameterless_wrapper_stands_for_the_module_that_owns_the_projections
     q, k, v = (t.view(2, 5, 2, 8).transpose(1, 2) for t in model[0].qkv(x).split(16, 2))
     want, _ = attention64(q, k, v, causal(5))
     torch.testing.assert_close(capture.maps[0].double(), want, atol=5e-6, rtol=0)
+
+
+# A helper in another module of the user's code, called as ``ops.attention(q, k, v)``.
+attention_ops = types.ModuleType("attention_ops")
+exec("import torch.nn.functional as F\n"
+     "def attention(q, k, v):\n"
+     "    return F.scaled_dot_product_attention(q, k, v, is_causal=True)\n", attention_ops.__dict__)
+
+
+class OpsAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).split(8, -1)
+        return attention_ops.attention(q, k, v)
+
+
+def test_an_sdpa_call_in_another_user_module_s_function_is_found():
+    m = OpsAttention()
+    assert sdpa_function.find(m) == [m]
+    x = torch.randn(2, 5, 8)
+    capture = MapCapture()
+    with torch.no_grad(), attach(m, taps=[capture]):
+        m(x)
+    with torch.no_grad():
+        q, k, v = m.qkv(x).unsqueeze(1).split(8, -1)
+    torch.testing.assert_close(capture.maps[0].double(), attention64(q, k, v, causal(5))[0], atol=5e-6, rtol=0)
 
 
 def test_an_sdpa_call_in_a_module_level_helper_is_found():

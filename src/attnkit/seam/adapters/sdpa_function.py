@@ -90,24 +90,33 @@ def _functions_of_class(cls: type) -> list:
     return functions
 
 
+def _is_user_function(value) -> bool:
+    return isinstance(value, types.FunctionType) and value.__module__.split(".")[0] not in _LIBRARY_PACKAGES
+
+
 def _calls_sdpa(function, depth: int = _HELPER_DEPTH, seen: set | None = None) -> bool:
     """Whether ``function`` names SDPA (``F.scaled_dot_product_attention``, an imported alias of
-    it) or calls a module-level function of user code that does."""
+    it) or calls a function of user code that does: a module-level one (``attention(q, k, v)``)
+    or one of another user module it imported (``ops.attention(q, k, v)``)."""
     seen = set() if seen is None else seen
     if id(function) in seen:
         return False
     seen.add(id(function))
     namespace = getattr(function, "__globals__", {})
     for code in _code_objects(function):
+        # user modules this code names (``ops`` in ``ops.attention``): their functions are helpers too
+        user_modules = [v for v in (namespace.get(n) for n in code.co_names)
+                        if isinstance(v, types.ModuleType) and v.__name__.split(".")[0] not in _LIBRARY_PACKAGES]
         for name in code.co_names:
             if name == "scaled_dot_product_attention":
                 return True
             target = namespace.get(name)
             if target is _SDPA:
                 return True
-            if (depth > 0 and isinstance(target, types.FunctionType)
-                    and target.__module__.split(".")[0] not in _LIBRARY_PACKAGES
-                    and _calls_sdpa(target, depth - 1, seen)):
+            if depth == 0:
+                continue
+            helpers = [target] + [getattr(m, name, None) for m in user_modules]
+            if any(_is_user_function(h) and _calls_sdpa(h, depth - 1, seen) for h in helpers):
                 return True
     return False
 
