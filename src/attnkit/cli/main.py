@@ -26,8 +26,10 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whos
 # subcommand -> module exposing add_parser(subparsers) and run(args) -> int
 COMMANDS = {
     "analyze": "attnkit.cli.analyze",
+    "gate": "attnkit.cli.gate",
     "perplexity": "attnkit.cli.perplexity",
     "validate": "attnkit.cli.validate",
+    "check": "attnkit.cli.check",
 }
 
 

@@ -79,6 +79,17 @@ def read_gate_weights(directory: str | os.PathLike) -> dict:
         raise UserError(f"{path} is truncated or corrupted and cannot be read as safetensors ({first})") from None
 
 
+def load_gated(directory: str | os.PathLike, **load_kwargs):
+    """A directory ``attnkit gate`` wrote (the model + its gates): ``attnkit.models.registry.load_model``
+    of the directory, with the gates added back. Returns the ``LoadedModel``."""
+    from attnkit.models.registry import load_model
+
+    read_gate_config(directory)  # a clear error before the model loads
+    loaded = load_model(str(directory), **load_kwargs)
+    load_gates(loaded.model, directory)
+    return loaded
+
+
 def load_gates(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Add the gates saved in ``directory`` to ``model`` (in place; also returned)."""
     config = read_gate_config(directory)
