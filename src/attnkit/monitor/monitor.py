@@ -52,21 +52,27 @@ METRICS = (*HEAD_METRICS, "normalized_entropy", "nonfinite_logits")
 
 
 class _Sites(Tap):
-    """Sees each observed call live, to learn which module each site is (for weights and dropout)."""
+    """Learns which module each observed site is (for weights and dropout) from the observation
+    the statistics tap gets anyway (per-row statistics or chunks: nothing extra is computed)."""
 
-    wants_chunks = False
-    wants_call = True
+    accepts_key_prefix = True
 
     def __init__(self, on_new) -> None:
         self.modules: dict[Site, nn.Module] = {}
         self.calls = 0
         self.on_new = on_new
 
-    def on_call(self, call: AttentionCall) -> None:
+    def _seen(self, call: AttentionCall) -> None:
         self.calls += 1
         if call.site not in self.modules:
             self.modules[call.site] = call.module
             self.on_new(call.site, call.module)
+
+    def observe_rows(self, rows) -> None:
+        self._seen(rows.call)
+
+    def observe(self, chunk) -> None:
+        self._seen(chunk.call)
 
 
 def _dist():
