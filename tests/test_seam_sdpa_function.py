@@ -339,6 +339,25 @@ def test_observing_a_training_step_changes_nothing_bit_for_bit(dropout):
     assert not any(t.requires_grad or t.grad_fn is not None for t in keep.outputs + keep.grads)
 
 
+def test_vit_training_step_is_bit_for_bit_with_taps_attached():
+    torch.manual_seed(0)
+    vit = build_vit().train()
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    def step():
+        vit.zero_grad(set_to_none=True)
+        out = vit(images)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in vit.named_parameters()}
+
+    out_plain, grads_plain = step()
+    stats = StatsCollector()
+    with attach(vit, taps=[stats]):
+        out_seam, grads_seam = step()
+    assert torch.equal(out_seam, out_plain) and sorted(stats.layers) == [Site(0), Site(1)]
+    assert all(torch.equal(grads_seam[n], g) for n, g in grads_plain.items())
+
+
 def _softcapped_reference_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                enable_gqa=False):
     assert attn_mask is None and dropout_p == 0.0

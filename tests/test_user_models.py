@@ -118,6 +118,24 @@ def test_multihead_attention_model_from_a_saved_pt_with_token_ids(tmp_path, caps
     with torch.no_grad():
         assert torch.equal(loaded.model(input_ids=ids).logits, model(ids))
     assert loaded.kind == "causal-lm"  # read from the model itself: earlier outputs ignore a later token
+    # captured probabilities of the loaded model equal a float64 reference from its own projections
+    attn = loaded.model.module.blocks[0].attn
+    kept = {}
+
+    def keep_input(_module, args) -> None:
+        kept.setdefault("h", args[0].detach())
+
+    hook = attn.register_forward_pre_hook(keep_input)
+    capture = MapCapture()
+    with torch.no_grad(), attach(loaded.model, taps=[capture]):
+        loaded.model(input_ids=ids)
+    hook.remove()
+    q, k, _ = torch.nn.functional.linear(kept["h"].double(), attn.in_proj_weight.double(),
+                                         attn.in_proj_bias.double()).split(attn.embed_dim, -1)
+    q, k = (t.view(1, 10, attn.num_heads, -1).transpose(1, 2) for t in (q, k))
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)
+    want = logits.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), -math.inf).softmax(-1)
+    torch.testing.assert_close(capture.maps[0].double(), want, atol=5e-6, rtol=0)
     report = tmp_path / "mha.json"
     code = main(["analyze", "byo_models:build_mha", "--checkpoint", str(checkpoint), "--tokenizer", "ids",
                  "--text", "5 9 12 3 3 40 7 7 1 2", "--json", str(report)])
