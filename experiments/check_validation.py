@@ -222,7 +222,10 @@ def plot(out: Path, cases: list) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    for ax, dt, limit in ((axes[0], "fp16", 256.0), (axes[1], "bf16", 32.0)):
+    from attnkit.check.dtypes import FORMATS
+
+    for ax, dt in ((axes[0], "fp16"), (axes[1], "bf16")):
+        limit = FORMATS[dt].largest_tolerated_logit()
         sub = [c for c in cases if c["dtype"] == dt]
         for c in sub:
             o, p = c["observed"], c["predicted"]
@@ -237,7 +240,7 @@ def plot(out: Path, cases: list) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("predicted largest logit (attnkit check, from the config)")
         ax.set_ylabel("observed largest relative error of a weight vs fp32\n(50 = non-finite)")
-        ax.set_title(f"{dt}: dashed = rounding limit {limit:g}" + (", overflow past" if dt == "fp16" else ""), fontsize=9)
+        ax.set_title(f"{dt}: dashed = the check's rounding limit {limit:.3g}" + (", overflow past" if dt == "fp16" else ""), fontsize=9)
     fig.suptitle("red = observed unsafe, green = safe; X = prediction wrong", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "validation.png", dpi=120)
