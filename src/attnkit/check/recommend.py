@@ -58,7 +58,7 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
             ok, e = safe_with(shape, temperature=tau)
             if ok:
                 out.append(Recommendation("temperature", f"divide logits by a temperature of {tau:.3g} (largest logit "
-                                          f"{est.model_max_high:.3g} -> {e.model_max_high:.3g}, below {fmt.name}'s {tolerated:g})",
+                                          f"{est.model_max_high:.3g} -> {e.model_max_high:.3g}, below {fmt.name}'s {tolerated:.3g})",
                                           trigger, tau))
             cap = tolerated * 0.99
             if not shape.softcap or shape.softcap > cap:

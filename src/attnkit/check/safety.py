@@ -5,8 +5,8 @@ Three ways attention breaks in low precision, each with the estimate it reads:
 - ``qk_overflow`` (fp16): the largest |q.k| before scaling reaches 65,504 and QK^T holds inf
   (then NaN after the softmax). Read from ``raw_absmax`` (soft-capping does not help: the cap comes
   after QK^T).
-- ``rounding``: the largest logit, stored in the format, is off by half a spacing, and the softmax
-  turns that into a factor e^err on a weight; beyond ``DISTORTION_TOLERANCE`` (10 %) it is unsafe.
+- ``rounding``: the largest logit, computed in the format, is off by ~4 |L| 2^-s (``dtypes.py``), and
+  the softmax turns that into a factor e^err on a weight; beyond ``DISTORTION_TOLERANCE`` (10 %) it is unsafe.
   Read from ``model_max``.
 - ``exp_overflow`` (fp16, advice only): logits above ln 65,504 = 11.09 overflow exp() in a
   softmax that does not subtract the row maximum. PyTorch's and transformers' softmax do, so it
@@ -77,7 +77,7 @@ def judge(est: LogitEstimate, dtype: str, upcast: bool = False, tolerance: float
     findings.append(Finding("rounding", status, est.model_max, tolerated,
                             f"largest logit ~ {est.model_max:.3g} (99 %: {est.model_max_high:.3g}): in {fmt.name} it is off "
                             f"by up to {fmt.half_spacing(est.model_max):.3g}, moving attention weights by up to "
-                            f"{100 * distortion:.3g} % (tolerance {100 * tolerance:.0f} %: logits below {tolerated:g})"))
+                            f"{100 * distortion:.3g} % (tolerance {100 * tolerance:.0f} %: logits below {tolerated:.3g})"))
     if fmt.name == "fp16" and est.model_max > fmt.exp_overflow:
         findings.append(Finding("exp_overflow", "advice", est.model_max, fmt.exp_overflow,
                                 f"logits ~ {est.model_max:.3g} exceed ln 65,504 = {fmt.exp_overflow:.2f}: a softmax "
