@@ -107,7 +107,10 @@ def inputs_kind(model) -> tuple[str, dict]:
     name = model.main_input_name
     cfg = model.config
     if name == "input_ids":
-        return ("seq2seq" if cfg.is_encoder_decoder else "text"), {}
+        if cfg.is_encoder_decoder:
+            return "seq2seq", {}
+        # Hybrid caches (linear-attention first layers) cannot answer get_seq_length: no cache.
+        return "text", ({"use_cache": False} if hasattr(cfg, "use_cache") else {})
     if name == "pixel_values":
         size = getattr(cfg, "image_size", 32)
         return "pixels", {"size": size[0] if isinstance(size, (list, tuple)) else size}
