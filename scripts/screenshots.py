@@ -101,7 +101,7 @@ def analyze_screens(out: Path, tmp: Path) -> None:
 def validate_screens(out: Path, tmp: Path) -> None:
     from attnkit.models.registry import load_model
     from attnkit.validate import validate
-    from attnkit.validate.report_html import render_html
+    from attnkit.report.validate_html import render_html
 
     loaded = load_model("reference")
     report = validate(loaded.model, loaded.tokenizer, name="reference", kind=loaded.kind)

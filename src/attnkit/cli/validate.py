@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     with step_progress("validating", VALIDATE_STEPS) as progress:  # on stderr, erased when done
         report = validate(loaded.model, loaded.tokenizer, documents, name=args.model, kind=loaded.kind, options=opts,
                           data_source=source, on_progress=progress)
-    from attnkit.validate.report_console import render_report
+    from attnkit.report.validate_console import render_report
 
     render_report(report, console)
     if args.json:
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(report.to_json(), args.json)
     if args.html:
         from attnkit.report.io import write_atomic
-        from attnkit.validate.report_html import render_html
+        from attnkit.report.validate_html import render_html
 
         write_atomic(args.html, render_html(report, json_path=args.json))  # the footer says where the JSON went
         console.print(f"HTML report written to {escape(args.html)}", highlight=False)
