@@ -1,6 +1,7 @@
 """Models written the way their authors write them, for the "bring your own model" tests.
 
-- ``GPT``: nanoGPT's model.py (Karpathy), trimmed: the flash path calls
+- ``GPT``: nanoGPT's model.py (Karpathy), trimmed (no generate / optimizer helpers), with its
+  inference-time logits of the last position only when no targets are given; the flash path calls
   ``torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=..., is_causal=True)``;
   ``flash=False`` takes nanoGPT's hand-written path (``att = softmax(q @ k^T ...)``).
 - ``VisionTransformer``: a timm-style ViT (``F.scaled_dot_product_attention(q, k, v)``, no mask, fused qkv).
@@ -162,10 +163,16 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
-        loss = None
+
         if targets is not None:
+            # if we are given some desired targets also calculate the loss
+            logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            # inference-time mini-optimization: only forward the lm_head on the very last position
+            logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
+            loss = None
+
         return logits, loss
 
 

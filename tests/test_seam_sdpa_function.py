@@ -318,7 +318,7 @@ def _step(model, x, seed=0):
     """A training step's logits, loss and gradients (dropout drawn from a fixed seed)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    logits, _ = model(x)
+    logits, _ = model(x, x)  # with targets nanoGPT returns every position's logits
     loss = logits[:, :-1].square().mean()
     loss.backward()
     return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -388,7 +388,7 @@ class CheckpointedGPT(nn.Module):
         super().__init__()
         self.gpt, self.reentrant = gpt, reentrant
 
-    def forward(self, idx):
+    def forward(self, idx, targets=None):
         t = self.gpt.transformer
         x = t.wte(idx) + t.wpe(torch.arange(idx.shape[1]))
         for block in t.h:

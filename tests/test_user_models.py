@@ -71,7 +71,7 @@ def test_the_loaded_model_is_the_trained_one_and_the_seam_reaches_it(trained):
     assert loaded.model.config.n_positions == NANOGPT["block_size"]
     ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert torch.equal(loaded.model(input_ids=ids).logits, model(ids)[0])
+        assert torch.equal(loaded.model(input_ids=ids).logits, model(ids, ids)[0])
         capture = MapCapture()
         with attach(loaded.model, taps=[capture]):
             out = loaded.model(input_ids=ids, output_hidden_states=True)
@@ -106,6 +106,26 @@ def test_analyze_runs_with_the_checkpoint_s_own_config(trained, tmp_path, capsys
     assert code == 0, capsys.readouterr().err
     data = json.loads(report.read_text())
     assert data["num_layers"] == 2 and len(data["heads"]) == 2 * 4
+
+
+def test_perplexity_equals_the_model_s_own_loss_on_the_same_blocks(trained, tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from attnkit.data import encode_documents, load_corpus, split_blocks
+    from attnkit.models.user_model import load_tokenizer
+
+    model, checkpoint, _, _ = trained
+    report = tmp_path / "ppl.json"
+    code = main(["perplexity", "byo_models:build", "--checkpoint", str(checkpoint), "--tokenizer", "reference",
+                 "--block-size", "64", "--max-blocks", "4", "--json", str(report)])
+    assert code == 0, capsys.readouterr().err
+    got = json.loads(report.read_text())
+    blocks = split_blocks(encode_documents(load_tokenizer("reference"), load_corpus("kjv").split("test")), 64)[:4]
+    with torch.no_grad():  # nanoGPT's own forward and cross-entropy, block by block
+        nll = sum(float(F.cross_entropy(model(b[None, :-1], b[None, 1:])[0][0], b[1:], reduction="sum")) for b in blocks)
+    tokens = sum(b.numel() - 1 for b in blocks)
+    assert got["tokens"] == tokens
+    assert math.isclose(got["perplexity"], math.exp(nll / tokens), rel_tol=1e-4)
 
 
 def test_multihead_attention_model_from_a_saved_pt_with_token_ids(tmp_path, capsys):
@@ -157,7 +177,7 @@ def test_safetensors_yaml_and_python_configs(trained, tmp_path):
                              + "".join(f"    {k}: {type(v).__name__} = {v!r}\n" for k, v in NANOGPT.items()))
     ids = torch.randint(0, 1024, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        want = model(ids)[0]
+        want = model(ids, ids)[0]
         for config in (yaml_config, python_config, f"{python_config}:Config"):
             loaded = load_model("byo_models:build", checkpoint=str(weights), config=str(config), tokenizer="reference")
             assert torch.equal(loaded.model(input_ids=ids).logits, want), config

@@ -23,6 +23,11 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
                    f"its code) (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to run the model in")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+    add_own_model_options(p)
+
+
+def add_own_model_options(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, --config, --tokenizer: what a MODEL of the user's own (module.path:factory) needs."""
     own = p.add_argument_group("your own model (MODEL as module.path:factory)")
     own.add_argument("--checkpoint", metavar="FILE",
                      help="state dict to load: .safetensors, or .pt/.pth read with torch.load(weights_only=True) — "

@@ -27,7 +27,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"built-in name, local HF directory or hub id (default: {DEFAULT_MODEL})")
+    from attnkit.cli.common import add_own_model_options
+
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"built-in name, local HF directory, hub id, or your own model as module.path:factory "
+                   f"(imported: that runs its code) (default: {DEFAULT_MODEL})")
+    add_own_model_options(p)
     p.add_argument(
         "--dataset",
         default=DEFAULT_CORPUS,
@@ -72,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     out = err if to_stdout else Console()
 
-    loaded = load_model(args.model)
+    from attnkit.cli.common import model_options
+
+    loaded = load_model(args.model, **model_options(args))
     if loaded.kind != "causal-lm":
         raise UserError(f"'{args.model}' is not a causal language model; perplexity needs one (e.g. 'reference')")
     if loaded.tokenizer is None:

@@ -23,7 +23,10 @@
 
 The model is wrapped in ``UserModel``, which gives attnkit's features the calling convention
 they use for Hugging Face models (``model(input_ids=..., attention_mask=..., output_hidden_states=...)``
-returning ``.logits``, ``.hidden_states``) and a ``config`` with the number of positions.
+returning ``.logits``, ``.hidden_states``) and a ``config`` with the number of positions. The
+forward gets the token ids as its first argument (and ``attention_mask`` if it takes one); a
+model that returns only the last position's logits unless given targets (nanoGPT) is called with
+the ids as ``targets`` / ``labels``, its loss unused.
 """
 
 from __future__ import annotations
@@ -411,16 +414,30 @@ class UserModel(nn.Module):
         self.config = SimpleNamespace(n_positions=positions, user_config=user_config)
         parameters = inspect.signature(module.forward).parameters
         self._takes_attention_mask = "attention_mask" in parameters
+        # nanoGPT returns the last position's logits only, unless it is given targets: then it is
+        # called with the input ids as targets (its loss is not used), once that is seen to happen.
+        self._targets_keyword = next((k for k in ("targets", "labels") if k in parameters), None)
+        self._pass_targets = False
+
+    def _logits(self, input_ids: Tensor, kwargs: dict) -> Tensor:
+        if self._pass_targets:
+            return _logits_of(self.module(input_ids, **kwargs, **{self._targets_keyword: input_ids}), self.spec)
+        logits = _logits_of(self.module(input_ids, **kwargs), self.spec)
+        if (self._targets_keyword is not None and logits.dim() == 3 and logits.shape[1] == 1
+                and input_ids.shape[1] > 1):
+            self._pass_targets = True
+            return self._logits(input_ids, kwargs)
+        return logits
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, output_hidden_states: bool = False,
                 **_ignored) -> UserOutput:
         kwargs = {"attention_mask": attention_mask} if self._takes_attention_mask and attention_mask is not None else {}
         if not output_hidden_states:
-            return UserOutput(logits=_logits_of(self.module(input_ids, **kwargs), self.spec), hidden_states=None)
+            return UserOutput(logits=self._logits(input_ids, kwargs), hidden_states=None)
         hidden: list[Tensor] = []
         handles = [m.register_forward_pre_hook(_keep_input(hidden, input_ids.shape)) for m in _attention_modules(self.module)]
         try:
-            logits = _logits_of(self.module(input_ids, **kwargs), self.spec)
+            logits = self._logits(input_ids, kwargs)
         finally:
             for h in handles:
                 h.remove()
