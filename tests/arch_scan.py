@@ -67,7 +67,7 @@ SMALL = {
     "dropout": 0.0, "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.0, "kv_lora_rank": 16,
     "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8, "first_k_dense_replace": 1,
     "n_group": 1, "topk_group": 1, "pad_token_id": 0, "num_mel_bins": 16, "max_source_positions": 16,
-    "max_target_positions": 32,
+    "max_target_positions": 32, "initializer_factor": 2.0,
 }
 
 
