@@ -485,6 +485,18 @@ def test_nanogpt_hand_written_path_is_named_with_the_one_line_change():
     assert not torch.overrides._get_current_function_mode_stack()
 
 
+def test_timm_s_unfused_path_is_named_with_its_own_switch():
+    vit = build_vit().eval()
+    for block in vit.blocks:
+        block.attn.fused_attn = False
+    with pytest.raises(NoAttentionError) as info:
+        with torch.no_grad(), attach(vit, taps=[StatsCollector()]):
+            vit(torch.randn(1, 3, 16, 16))
+    message = str(info.value)
+    assert "blocks.0.attn (Attention" in message and "attn = attn.softmax(dim=-1)" in message
+    assert "`fused_attn = True`" in message
+
+
 class HandWrittenOnly(nn.Module):
     def __init__(self):
         super().__init__()

@@ -180,7 +180,7 @@ class HandWritten:
     cls: str
     where: str
     line: str
-    flash_flag_off: bool = False  # nanoGPT's ``self.flash = False``: the model has the SDPA path already
+    flag_off: str | None = None  # nanoGPT's ``self.flash = False`` (timm: ``fused_attn``): the SDPA path is there, switched off
 
 
 def _softmax_over_matmul(function) -> tuple[str, str] | None:
@@ -204,6 +204,15 @@ def _softmax_over_matmul(function) -> tuple[str, str] | None:
     return f"{filename}:{lineno}", linecache.getline(filename, lineno).strip()
 
 
+# Switches with which models choose their SDPA path over the hand-written one (nanoGPT, timm, others).
+_SDPA_FLAGS = ("flash", "fused_attn", "use_flash", "use_sdpa", "use_flash_attn")
+
+
+def _sdpa_flag_off(module: nn.Module) -> str | None:
+    """The name of the module's SDPA switch when it is off (``self.flash = False``), else None."""
+    return next((f for f in _SDPA_FLAGS if getattr(module, f, None) is False), None)
+
+
 def _hand_written_modules(root: nn.Module) -> list[HandWritten]:
     """Modules whose class computes softmax over a matrix product and never calls SDPA."""
     found = []
@@ -217,7 +226,7 @@ def _hand_written_modules(root: nn.Module) -> list[HandWritten]:
             hit = next((h for h in map(_softmax_over_matmul, _functions_of_class(klass)) if h), None)
             if hit:
                 found.append(HandWritten(path or type(root).__name__, cls.__name__, *hit,
-                                         flash_flag_off=getattr(m, "flash", None) is False))
+                                         flag_off=_sdpa_flag_off(m)))
                 break
     return found
 
@@ -233,8 +242,8 @@ def _describe(found: list[HandWritten], prefix: str) -> str:
     first = found[0]
     others = f" and {len(found) - 1} more like it" if len(found) > 1 else ""
     line = f": `{first.line}`" if first.line else ""
-    flag = (f"; its `flash` flag is off, and `flash = True` (nanoGPT's own switch) is that change"
-            if first.flash_flag_off else "")
+    flag = (f"; its `{first.flag_off}` flag is off, and `{first.flag_off} = True` (the model's own switch) is that change"
+            if first.flag_off else "")
     return (f"{prefix}{first.path} ({first.cls}, {first.where}{line}){others} computes softmax attention by "
             f"hand; {_ONE_LINE_CHANGE}{flag}")
 
@@ -414,7 +423,7 @@ def _pop(module: nn.Module) -> None:
         where, line = frame.hand_written_at
         _state.forward_hand_written.append(
             HandWritten(_PATHS.get(module, type(module).__name__), type(module).__name__, where, line,
-                        flash_flag_off=getattr(module, "flash", None) is False))
+                        flag_off=_sdpa_flag_off(module)))
 
 
 def _routed_forward(module: nn.Module, previous: Callable | None) -> Callable:
