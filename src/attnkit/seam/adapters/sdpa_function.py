@@ -140,7 +140,7 @@ def _foreign_modules(root: nn.Module) -> list[nn.Module]:
     found: list[nn.Module] = []
     with warnings.catch_warnings():  # their own find warns when attach runs it; once is enough
         warnings.simplefilter("ignore")
-        for name, adapter in ADAPTERS.items():
+        for adapter in ADAPTERS.values():
             if adapter is not sys.modules[__name__]:
                 found.extend(adapter.find(root))
     return found
@@ -153,17 +153,17 @@ def _has_parameters(module: nn.Module) -> bool:
 def find(root: nn.Module) -> list[nn.Module]:
     """The attention modules of ``root`` whose SDPA calls this adapter routes, in module order."""
     foreign = {id(m) for m in _foreign_modules(root)}
-    owner_of_inside: set[int] = set()  # modules inside a foreign module: left to that adapter
+    owned_by_others: set[int] = set()  # modules inside a foreign module: left to that adapter
     for m in root.modules():
         if id(m) in foreign:
-            owner_of_inside.update(id(sub) for sub in m.modules())
+            owned_by_others.update(id(sub) for sub in m.modules())
     chosen: set[int] = set()
     ancestors: list[tuple[str, nn.Module]] = []  # (path, module) from the root to the current module
     for path, m in root.named_modules():
         while ancestors and not (path.startswith(ancestors[-1][0] + ".") or ancestors[-1][0] == ""):
             ancestors.pop()
         ancestors.append((path, m))
-        if id(m) in owner_of_inside or _is_library_class(type(m)) or not class_calls_sdpa(type(m)):
+        if id(m) in owned_by_others or _is_library_class(type(m)) or not class_calls_sdpa(type(m)):
             continue
         # the nearest enclosing module with parameters (the module itself when it has them)
         owner = next((a for _, a in reversed(ancestors) if _has_parameters(a)), m)
