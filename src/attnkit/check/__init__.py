@@ -22,3 +22,16 @@ __all__ = [
     "DISTORTION_TOLERANCE", "FORMATS", "AttentionShape", "CheckReport", "FloatFormat", "HeadMoments", "LayerCheck",
     "LogitEstimate", "Verdict", "check", "estimate", "init_moments", "judge", "moments_from_weights", "read_shape",
 ]
+
+
+# ``attnkit.check(...)`` works as well as ``attnkit.check.check(...)``: the package itself is callable.
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    def __call__(self, *args, **kwargs) -> CheckReport:
+        return check(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 from attnkit.check.gaussian import expected_max, quantile_max
 from attnkit.check.shape import AttentionShape, LayerType
@@ -102,11 +103,17 @@ def _row_key_counts(seq_len: int, keys: int, causal: bool) -> list[tuple[int, in
 
 
 def mean_row_range(sigma: float, seq_len: int, keys: int, causal: bool) -> float:
+    return sigma * _unit_mean_row_range(seq_len, keys, causal)
+
+
+@lru_cache(maxsize=4096)
+def _unit_mean_row_range(seq_len: int, keys: int, causal: bool) -> float:
+    """Mean row range for sigma = 1 (the range is linear in sigma; sweeps ask for the same lengths often)."""
     counts = _row_key_counts(seq_len, keys, causal)
     total = sum(c for _, c in counts)
     if total == 0:
         return 0.0
-    return sigma * sum(2.0 * expected_max(m) * c for m, c in counts) / total
+    return sum(2.0 * expected_max(m) * c for m, c in counts) / total
 
 
 def init_moments(shape: AttentionShape, growth: float = 1.0) -> HeadMoments:
@@ -185,6 +192,8 @@ def estimate(
     keys = layer_type.keys_seen(seq_len)
     scale = shape.scale / temperature
     n = logits_per_head(seq_len, keys, shape.causal)
+    if moments is not None and shape.qk_norm:
+        moments = None  # QK-norm: q and k are normalised after W_q/W_k, so their scale does not matter
     if moments is None:
         one = init_moments(shape, growth)
         heads = [one] * (shape.num_heads * layer_type.count)
