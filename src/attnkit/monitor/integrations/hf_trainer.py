@@ -3,7 +3,8 @@
     from attnkit.monitor.integrations.hf_trainer import AttnkitCallback
     trainer = Trainer(model, args, train_dataset=ds, callbacks=[AttnkitCallback(every=16, emit=("tensorboard",))])
 
-Keyword arguments are ``AttentionMonitor``'s; ``log_dir`` defaults to ``<logging_dir>/attnkit``
+Keyword arguments are ``AttentionMonitor``'s; ``log_dir`` defaults to ``<output_dir>/attnkit``
+(``<logging_dir>/attnkit`` where the Trainer still has one)
 (TensorBoard event files under its ``tensorboard/``). The Trainer's optimizer and scheduler are
 handed to the monitor (for interventions). The Trainer's logged loss (every ``logging_steps``)
 feeds the loss-spike detector. Steps are the Trainer's ``global_step``.
@@ -26,7 +27,7 @@ class AttnkitCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         kw = dict(self.kwargs)
-        kw.setdefault("log_dir", Path(args.logging_dir or args.output_dir) / "attnkit")
+        kw.setdefault("log_dir", Path(getattr(args, "logging_dir", None) or args.output_dir) / "attnkit")
         self.monitor = AttentionMonitor(model, optimizer=optimizer, scheduler=lr_scheduler, **kw).start()
 
     def on_step_end(self, args, state, control, **kwargs):
