@@ -189,8 +189,8 @@ def main() -> int:
     train_models = torch.nonzero(zoo.seed < args.train_seeds).squeeze(1)
     eval_models = torch.nonzero(zoo.seed >= args.train_seeds).squeeze(1)
     pairs = sample_pairs(zoo, eval_models, 4 * args.eval_pairs, torch.Generator().manual_seed(123))
-    keep = sorted({(a, b): i for i, (a, b) in enumerate(zip(pairs.a.tolist(), pairs.b.tolist()))}.values())[:args.eval_pairs]
-    pairs = Pairs(pairs.a[keep], pairs.b[keep])  # distinct pairs: a repeated pair is not a duplicate output
+    keep = sorted({frozenset((a, b)): i for i, (a, b) in enumerate(zip(pairs.a.tolist(), pairs.b.tolist()))}.values())[:args.eval_pairs]
+    pairs = Pairs(pairs.a[keep], pairs.b[keep])  # distinct unordered pairs: (A, B) and (B, A) average alike
     x_eval = pairs.inputs(zoo)
     avg = (zoo.weights[pairs.a] + zoo.weights[pairs.b]) / 2
     baselines = {"model_a": float(pair_accuracy(zoo.weights[pairs.a], pairs, zoo, data).mean()),

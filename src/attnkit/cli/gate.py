@@ -24,7 +24,10 @@ def add_parser(sub) -> None:
                    help=f"built-in name ({', '.join(BUILTIN_MODELS)}), local Hugging Face directory, or hub id")
     p.add_argument("--kind", choices=list(GATE_KINDS), default="headwise",
                    help="headwise: one gate per head; elementwise: one per element; mlp: seed 000's per-head MLP")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (new or empty)")
+    p.add_argument("--out", metavar="DIR", help="directory to write (new or empty)")
+    p.add_argument("--stats", action="store_true",
+                   help="MODEL is a directory this command wrote: load it and print its gate statistics on --text")
+    p.add_argument("--text", help="text for --stats (default: a built-in English passage)")
     p.add_argument("--init-bias", type=float, default=0.0, metavar="B",
                    help="gate bias at initialisation (the output is rescaled by 1/sigmoid(B): still the same model)")
     p.add_argument("--layers", metavar="LIST", help="gate only these layers, e.g. 0,2-3 (default: all)")
@@ -40,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.errors import UserError
     from attnkit.models.registry import load_model
 
+    if args.stats:
+        return show_stats(args)
+    if args.out is None:
+        raise UserError("give --out DIR (where the gated model goes), or --stats to read a gated directory")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {args.out} exists and is {'not a directory' if not out.is_dir() else 'not empty'}; "
@@ -68,6 +75,35 @@ def run(args: argparse.Namespace) -> int:
     params = sum(p.numel() for g in gates for p in g.parameters())
     Console().print(f"{args.kind} gates on {len(gates)} layers ({params:,} parameters) written to {out}; "
                     f"max |output change| at initialisation {diff:.2e}", highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
+def show_stats(args: argparse.Namespace) -> int:
+    """Mean gate per head and share of gates below 0.1 of a gated directory, on some text."""
+    import torch
+    from rich.console import Console
+
+    from attnkit.analyze.default_text import DEFAULT_TEXT
+    from attnkit.analyze.run import max_positions, tokenize
+    from attnkit.edits import GateStats
+    from attnkit.edits.io import load_gated
+
+    loaded = load_gated(args.model)
+    if loaded.tokenizer is None:
+        from attnkit.errors import UserError
+
+        raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
+    inputs = tokenize(loaded.tokenizer, args.text or DEFAULT_TEXT, None, max_positions(loaded.model),
+                      truncate_silently=args.text is None)
+    with torch.no_grad(), GateStats(loaded.model) as gs:
+        loaded.model(**inputs)
+    console = Console()
+    s = gs.summary()
+    console.print(f"gates of {args.model}: mean {s['mean_gate']:.3f}, share below 0.1 {s['share_below_0_1']:.3f} "
+                  f"over {s['heads']} heads", highlight=False, markup=False, soft_wrap=True)
+    for h in gs.heads():
+        console.print(f"  layer {h['layer']} head {h['head']}: mean gate {h['mean_gate']:.3f}, "
+                      f"below 0.1 {h['share_below_0_1']:.3f}", highlight=False, markup=False)
     return 0
 
 
