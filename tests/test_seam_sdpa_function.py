@@ -6,6 +6,7 @@ Every reference here is the test's own float64 maths from the q, k, v and mask t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import types
@@ -568,3 +569,30 @@ def test_compiled_model_attaches():
             out = compiled(x)[0]
     assert torch.equal(out, plain)
     assert sorted(stats.layers) == [Site(0), Site(1)] and stats.heads()[0]["rows"] == 2 * 8
+
+
+# --------------------------------------------------------------------------- features on such models
+def test_the_training_monitor_observes_nanogpt_and_changes_nothing(tmp_path):
+    from attnkit.monitor.monitor import AttentionMonitor
+
+    def train(monitored: bool):
+        model = nanogpt().train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        monitor = AttentionMonitor(model, every=1, log_dir=tmp_path / "run", optimizer=optimizer) if monitored else None
+        with monitor if monitor is not None else contextlib.nullcontext():
+            for step in range(3):
+                x = ids(seed=step)
+                _, loss = model(x, x)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if monitor is not None:
+                    assert monitor.on_step(step, loss=loss) is not None
+        return model, monitor
+
+    plain, _ = train(False)
+    watched, monitor = train(True)
+    assert sorted(monitor.modules()) == [Site(0), Site(1)]
+    assert 0.0 < monitor.last_value("normalized_entropy", Site(0), 0) <= 1.0
+    for (name, p), q in zip(plain.named_parameters(), watched.parameters()):
+        assert torch.equal(p, q), name  # three monitored steps train exactly as unmonitored ones

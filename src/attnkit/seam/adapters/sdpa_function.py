@@ -291,7 +291,7 @@ class _SdpaMode(TorchFunctionMode):
     (the native SDPA call, the dense kernel, the observation pass) is not intercepted again.
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, _types, args=(), kwargs=None):
         kwargs = kwargs or {}
         frame = _state.stack[-1] if _state.stack else None
         if frame is None or frame.foreign:
