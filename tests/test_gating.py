@@ -224,3 +224,25 @@ def test_broken_gate_checkpoint_is_one_line_exit_2(gated_dir, damage, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert ("truncated or corrupted" in lines[0]) and ("gates.safetensors" in lines[0] or "gate_config.json" in lines[0])
+
+
+def test_analyze_reports_gate_statistics():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from attnkit.analyze.run import analyze
+    from attnkit.report.console import render_analysis
+
+    model, inputs = gpt2(), _input("gpt2")
+    plain = analyze(model, inputs)
+    assert "gates" not in plain.to_json()
+    add_gates(model, "headwise", init_bias=-1.0)
+    result = analyze(model, inputs)
+    doc = result.to_json()
+    assert len(doc["gates"]) == 8
+    assert all(g["mean_gate"] == pytest.approx(1 / (1 + math.exp(1.0)), abs=1e-6) for g in doc["gates"])
+    assert [h["normalized_entropy"] for h in doc["heads"]] == [h["normalized_entropy"] for h in plain.to_json()["heads"]]
+    buf = StringIO()
+    render_analysis(result, Console(file=buf, width=100))
+    assert "output gates (headwise, 8 heads): mean gate 0.269" in buf.getvalue()

@@ -28,6 +28,7 @@ class Analysis:
     call_order: list[int]
     sample_rows: int | None = None
     token_text: list[str] = field(default_factory=list)
+    gates: list[dict] = field(default_factory=list)  # attnkit.edits gates: mean gate / share below 0.1 per head
 
     @property
     def layers(self) -> list[int]:
@@ -46,6 +47,7 @@ class Analysis:
             "mitigations": [m.detail for m in self.mitigations],
             "heads": [_finite(h) for h in self.heads],
             "issues": [i.to_dict() for i in self.issues],
+            **({"gates": [_finite(g) for g in self.gates]} if self.gates else {}),  # only for a gated model
         }
 
 
@@ -117,7 +119,14 @@ def analyze(
     mask = inputs.get("attention_mask")
     if mask is not None:
         session.query_mask = mask.bool()
-    observe_forward(model, session, **inputs)
+    from attnkit.edits.gating import GateStats, find_gates
+
+    gate_stats = GateStats(model) if find_gates(model) else None
+    if gate_stats is None:
+        observe_forward(model, session, **inputs)
+    else:
+        with gate_stats:
+            observe_forward(model, session, **inputs)
     if not collector.layers:
         if layers is not None:
             raise UserError(f"none of the selected layers {sorted(layers)} ran; the model has layers {sorted({site.layer for site in session.sites_seen})}")
@@ -138,4 +147,5 @@ def analyze(
         mitigations=mitigations,
         call_order=call_order,
         sample_rows=sample_rows if collector.sampled else None,
+        gates=gate_stats.heads() if gate_stats is not None else [],
     )

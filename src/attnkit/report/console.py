@@ -165,6 +165,11 @@ def render_analysis(a: Analysis, console: Console, *, given_json: bool = False) 
     used = [t for t in ISSUE_LETTERS if any(i.type == t for found in by_head.values() for i in found)]
     if used:
         console.print(Text("letters: " + " · ".join(f"{ISSUE_LETTERS[t]} {t}" for t in used), style="dim"), highlight=False)
+    if a.gates:  # a model with attnkit.edits gates
+        mean = sum(g["mean_gate"] for g in a.gates) / len(a.gates)
+        low = sum(g["share_below_0_1"] for g in a.gates) / len(a.gates)
+        console.print(Text(f"output gates ({a.gates[0]['kind']}, {len(a.gates)} heads): mean gate {mean:.3f}, "
+                           f"share of gates below 0.1 {low:.3f}"), highlight=False)
 
     if not a.issues:
         console.print(Text("✓ no issues found", style="green"))
