@@ -59,6 +59,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--gate", default="mlp", help="gate kind (attnkit.edits.GATE_KINDS)")
     p.add_argument("--no-gated", action="store_true", help="ungated runs only (setting search)")
     p.add_argument("--recovery-epochs", type=int, default=15)
+    p.add_argument("--recovery-lr", type=float, help="learning rate after the collapsed checkpoint (default: --lr)")
     p.add_argument("--zoo", help="zoo cache file (default: OUT/zoo_CxS.safetensors)")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--zoo-seeds", type=int, default=12)
@@ -126,8 +127,9 @@ def _gates(model):
     return find_gates(model)
 
 
-def train(model, epochs: int, args, zoo, data, train_models, eval_ctx, seed: int, label: str, start_epoch: int = 0):
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+def train(model, epochs: int, args, zoo, data, train_models, eval_ctx, seed: int, label: str, start_epoch: int = 0,
+          lr: float | None = None):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr or args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(10_000 + seed)
     history = []
     if start_epoch == 0:
@@ -232,7 +234,8 @@ def main() -> int:
             torch.manual_seed(seed + 7)
             start = {"epoch": args.epochs, **evaluate(model, *eval_ctx)}
             results["recovery"][label] = [start] + train(model, args.recovery_epochs, args, zoo, data, train_models,
-                                                         eval_ctx, seed + 7, f"recovery {label}", start_epoch=args.epochs)
+                                                         eval_ctx, seed + 7, f"recovery {label}", start_epoch=args.epochs,
+                                                         lr=args.recovery_lr)
             _dump(results, out)
     results["seconds"] = time.time() - t_start
     _dump(results, out)
