@@ -224,3 +224,18 @@ def test_api_rejects_bad_values():
         attnkit.check(LLAMA, dtype="int8")
     with pytest.raises(UserError):
         attnkit.check({**LLAMA, "num_key_value_heads": 3})
+
+
+def test_unknown_hub_id_offline_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "cannot find" in _bad(tmp_path, capsys, ["no-such-org-xyz/no-such-model"])
+
+
+def test_layer_types_checked_separately():
+    """Sliding-window layers see fewer keys: a smaller row maximum than the full-attention layers."""
+    config = {**LLAMA, "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]}
+    report = attnkit.check(config, seq_len=4096, dtype="bf16", regions=False)
+    by_type = {c.estimate.layer_type: c.estimate for c in report.init}
+    assert set(by_type) == {"sliding_attention", "full_attention"}
+    assert by_type["sliding_attention"].keys_seen == 64 and by_type["full_attention"].keys_seen == 4096
+    assert by_type["sliding_attention"].row_max < by_type["full_attention"].row_max

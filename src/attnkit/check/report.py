@@ -51,9 +51,12 @@ def render_check(report: CheckReport, console: Console) -> None:
                   + ("causal" if s.causal else "bidirectional") + (", RoPE" if s.rope else ""), highlight=False)
     if report.mitigations:
         console.print("mitigations in the config: " + "; ".join(escape(m.detail) for m in report.mitigations), highlight=False)
+    from attnkit.check.dtypes import FORMATS
+
+    limits = {name: FORMATS[name].largest_tolerated_logit(report.tolerance) for name in ("bf16", "fp16")}
     console.print(f"verdicts: weights move by at most {100 * report.tolerance:.0f} % from rounding the largest logit "
-                  f"(bf16 holds logits < 6.1, fp16 < 48.8), |q.k| < 65,504 in fp16; 'growth' is the largest weight growth "
-                  f"X (logits x X^2) that stays safe", style="dim", highlight=False)
+                  f"(bf16 holds logits < {limits['bf16']:.3g}, fp16 < {limits['fp16']:.3g}), |q.k| < 65,504 in fp16; "
+                  f"'growth' is the largest weight growth X (logits x X^2) that stays safe", style="dim", highlight=False)
     _print_checks(console, "at initialisation (from the config: a fresh run of this architecture)", report.init)
     if report.weights:
         _print_checks(console, "from the model's own W_q/W_k (inputs taken as isotropic, unit variance)", report.weights)
@@ -145,10 +148,11 @@ def regions_png(report: CheckReport) -> bytes:
             if j == 0:
                 ax.set_ylabel(f"{dt}\nhead dimension")
             ax.set_title(f"{dt}, temperature {tau:g}", fontsize=10)
-    fig.suptitle(f"{report.model}: largest weight growth attention survives (logits x growth^2); "
-                 f"red < 1x = unsafe already", fontsize=10)
+    fig.suptitle(f"{report.model} at initialisation (from the config): the largest weight growth attention "
+                 f"survives (logits x growth^2); red < 1x = unsafe from the start", fontsize=10)
     fig.text(0.5, 0.005, f"{r.base}. Safe = |q.k| < 65,504 (fp16) and rounding moves weights < "
-             f"{100 * report.tolerance:.0f} %.", ha="center", fontsize=8)
+             f"{100 * report.tolerance:.0f} %. At 1/sqrt(d) the init logit std is hidden*std^2 whatever d; "
+             f"length enters as sqrt(2 ln n).", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
