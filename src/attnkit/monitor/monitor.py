@@ -48,7 +48,7 @@ from attnkit.monitor.issues import Diagnosis, Issue
 from attnkit.seam import ADAPTERS, AttentionCall, AttentionSession, NoAttentionError, Site, StatsCollector, Tap, attach, unwrap
 
 DEFAULT_EVERY = 16  # observed steps cost ~1.3 unobserved ones on the reference model: <= 5% at 1 in 16 (BENCHMARKS.md)
-METRICS = (*HEAD_METRICS, "normalized_entropy", "nonfinite_logits")
+METRICS = (*HEAD_METRICS, "normalized_entropy", "log10_curvature_max", "nonfinite_logits")
 
 
 class _Sites(Tap):

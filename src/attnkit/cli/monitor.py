@@ -1,0 +1,66 @@
+"""``attnkit monitor``: figures and a summary of a run written by ``AttentionMonitor``.
+
+    attnkit monitor report RUN_DIR [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from rich.console import Console
+from rich.text import Text
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("monitor", help="reports of a monitored training run",
+                       description="Reports of a training run watched by attnkit.monitor.AttentionMonitor.")
+    actions = p.add_subparsers(dest="monitor_command", metavar="ACTION")
+    r = actions.add_parser("report", help="figures and a summary from a run's monitor.jsonl",
+                           description="Per-head entropy heatmap over steps, max logit and curvature with warning "
+                           "and intervention steps marked (PNG), and a summary, from RUN_DIR/monitor.jsonl "
+                           "(a finished or running job).")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="the monitor's log_dir (holding monitor.jsonl)")
+    r.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR)")
+    r.set_defaults(run=run_report)
+    p.set_defaults(run=_need_action)
+
+
+def _need_action(args: argparse.Namespace) -> int:
+    from attnkit.errors import UserError
+
+    raise UserError("attnkit monitor needs an action: report RUN_DIR")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from attnkit.errors import UserError
+    from attnkit.monitor.report import read_run, save_figures
+
+    run = read_run(args.run_dir)
+    out = Path(args.out) if args.out else run.path
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    paths = save_figures(run, out)
+    console = Console(soft_wrap=True)  # paths and messages stay whole lines (and grep-able)
+    console.print(Text(f"{run.path}: {len(run.steps)} observed steps ({run.steps[0]}..{run.steps[-1]}), "
+                       f"{len(run.series)} heads", style="bold"))
+    if run.losses:
+        console.print(Text(f"loss {run.losses[0][1]:.4g} at step {run.losses[0][0]} → {run.losses[-1][1]:.4g} "
+                           f"at step {run.losses[-1][0]}"))
+    counts = Counter(i.get("issue", "?") for i in run.issues)
+    if counts:
+        console.print(Text("warnings: " + ", ".join(f"{k} ×{v}" for k, v in counts.most_common()), style="yellow"))
+        for issue in run.issues[:10]:
+            where = f"layer {issue['layer']} head {issue['head']}" if issue.get("layer") is not None else "model"
+            console.print(Text(f"  step {issue['step']:>6} {issue.get('issue')} {where}: {issue.get('message', '')}"))
+        if len(run.issues) > 10:
+            console.print(Text(f"  ... {len(run.issues) - 10} more in the JSONL"))
+    else:
+        console.print(Text("no warnings", style="green"))
+    for entry in run.interventions[:10]:
+        console.print(Text(f"  step {entry['step']:>6} → {entry['action']}: {entry.get('detail', '')}", style="green"))
+    for p in paths:
+        console.print(Text(f"wrote {p}"))
+    return 0

@@ -1,0 +1,67 @@
+"""``attnkit monitor report RUN_DIR``: figures from a run's JSONL; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from attnkit.cli.main import main
+from attnkit.monitor import AttentionMonitor, ReduceLR, Thresholds
+from attnkit.monitor.report import read_run
+
+V, T = 64, 16
+
+
+def _run(log_dir) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel._from_config(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=T, vocab_size=V),
+                                         attn_implementation="sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    t = Thresholds(entropy_collapse=10.0)  # every head "collapses": a warning to mark
+    with AttentionMonitor(model, every=2, log_dir=log_dir, emit=(), optimizer=opt, thresholds=t) as monitor:
+        for step in range(8):
+            x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(step))
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.on_step(step, loss=loss)
+            if step == 4:
+                monitor.apply(ReduceLR(0.5))
+
+
+def test_report_writes_pngs_from_the_jsonl(tmp_path, capsys):
+    _run(tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    assert run.steps == [0, 2, 4, 6] and run.metrics["entropy"].shape == (4, 4)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "monitor.jsonl").read_text().splitlines()
+             if '"type": "step"' in line]
+    assert run.metrics["entropy"][2].tolist() == steps[2]["metrics"]["entropy"]
+    assert {i["issue"] for i in run.issues} == {"entropy_collapse"} and run.interventions[0]["step"] == 4
+    assert main(["monitor", "report", str(tmp_path / "run"), "--out", str(tmp_path / "figs")]) == 0
+    for name in ("entropy_heatmap.png", "max_logit.png", "curvature.png"):
+        assert (tmp_path / "figs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "4 observed steps" in out and "entropy_collapse" in out and "reduce_lr" in out
+
+
+def test_report_of_a_running_job_skips_a_half_written_last_line(tmp_path):
+    _run(tmp_path)
+    with open(tmp_path / "monitor.jsonl", "a") as f:
+        f.write('{"type": "step", "step": 8, "metr')
+    assert read_run(tmp_path).steps == [0, 2, 4, 6]
+
+
+def test_bad_run_dirs_exit_2(tmp_path, capsys):
+    assert main(["monitor", "report", str(tmp_path / "missing")]) == 2
+    assert main(["monitor", "report", str(tmp_path)]) == 2  # no monitor.jsonl
+    (tmp_path / "monitor.jsonl").write_text('{"type": "meta"}\nnot json\n{"type": "meta"}\n')
+    assert main(["monitor", "report", str(tmp_path)]) == 2  # damaged in the middle
+    (tmp_path / "monitor.jsonl").write_text('{"type": "meta"}\n')
+    assert main(["monitor", "report", str(tmp_path)]) == 2  # no observed step yet
+    assert main(["monitor"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "no monitor.jsonl" in err and "damaged" in err and "Traceback" not in err
