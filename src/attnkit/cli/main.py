@@ -30,6 +30,7 @@ COMMANDS = {
     "perplexity": "attnkit.cli.perplexity",
     "validate": "attnkit.cli.validate",
     "check": "attnkit.cli.check",
+    "monitor": "attnkit.cli.monitor",
 }
 
 
