@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from attnkit.cli.main import main
+from attnkit.errors import UserError
 from attnkit.models.registry import load_model
 from attnkit.models.user_model import ConfigDict, UserModel
 from attnkit.seam import MapCapture, Site, attach
@@ -181,6 +182,14 @@ def test_safetensors_yaml_and_python_configs(trained, tmp_path):
         for config in (yaml_config, python_config, f"{python_config}:Config"):
             loaded = load_model("byo_models:build", checkpoint=str(weights), config=str(config), tokenizer="reference")
             assert torch.equal(loaded.model(input_ids=ids).logits, want), config
+        # the class itself, written for a dataclass config, takes the JSON config (keys read as attributes)
+        json_config = tmp_path / "cfg.json"
+        json_config.write_text(json.dumps({**NANOGPT, "bias": True, "flash": True}))  # GPTConfig's defaults, spelled out
+        loaded = load_model("byo_models:GPT", checkpoint=str(weights), config=str(json_config), tokenizer="reference")
+        assert torch.equal(loaded.model(input_ids=ids).logits, want)
+        json_config.write_text(json.dumps(NANOGPT))  # a raw dict has no dataclass defaults: named in one line
+        with pytest.raises(UserError, match="byo_models:GPT raised AttributeError: the config has no 'bias'"):
+            load_model("byo_models:GPT", checkpoint=str(weights), config=str(json_config), tokenizer="reference")
 
 
 def test_json_config_reads_as_keys_and_as_attributes():
@@ -204,6 +213,7 @@ def not_a_model(config=None):
     "factory missing", "module missing", "factory raises", "factory returns no module", "another model's checkpoint",
     "shape mismatch", "pickle refused", "config not JSON", "config not YAML", "config mapping missing",
     "checkpoint missing", "checkpoint garbage", "options with a built-in", "no tokenizer", "words for ids",
+    "class needs a config",
 ])
 def test_bad_input_is_one_line_and_exit_2(case, trained, tmp_path, capsys, monkeypatch):
     model, checkpoint, config, _ = trained
@@ -258,6 +268,10 @@ def test_bad_input_is_one_line_and_exit_2(case, trained, tmp_path, capsys, monke
         opts, expected = ["--checkpoint", str(checkpoint)], "needs --tokenizer"
     elif case == "words for ids":
         opts[-1], expected = "ids", "'and' is not one"
+    elif case == "class needs a config":
+        plain = tmp_path / "plain.pt"
+        torch.save(model.state_dict(), plain)  # weights alone: no model_args to build from
+        spec, opts[1], expected = "byo_models:GPT", str(plain), "byo_models:GPT needs a config (its parameter 'config')"
     code = main(["analyze", spec, *opts, *text])
     line = _one_line_error(capsys)
     assert code == 2, line

@@ -70,7 +70,7 @@ class ConfigDict(dict):
         try:
             return self[key]
         except KeyError:
-            raise AttributeError(key) from None
+            raise AttributeError(f"the config has no '{key}'") from None
 
     @classmethod
     def of(cls, value):
@@ -137,6 +137,14 @@ def _factory(spec: str):
 
 def _call_factory(factory, config, spec: str) -> nn.Module:
     if config is None:
+        try:
+            required = [p.name for p in inspect.signature(factory).parameters.values()
+                        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            required = []
+        if required:
+            raise UserError(f"{spec} needs a config (its parameter '{required[0]}'): give --config FILE "
+                            "(or a checkpoint that carries model_args)")
         model = _run_user_code(factory, spec)
     else:
         try:
