@@ -239,3 +239,10 @@ def test_layer_types_checked_separately():
     assert set(by_type) == {"sliding_attention", "full_attention"}
     assert by_type["sliding_attention"].keys_seen == 64 and by_type["full_attention"].keys_seen == 4096
     assert by_type["sliding_attention"].row_max < by_type["full_attention"].row_max
+
+
+def test_rope_frequency_note():
+    """Module.to(bf16) rounds RoPE's inv_freq: the check says so with the angle error at the length asked."""
+    notes = attnkit.check(LLAMA, seq_len=1024, dtype="bf16", regions=False).notes
+    assert any("inv_freq" in n and "4 rad" in n for n in notes)  # 1024 * 2^-8
+    assert not any("inv_freq" in n for n in attnkit.check(REFERENCE_CONFIG, seq_len=128, regions=False).notes)
