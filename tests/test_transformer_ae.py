@@ -120,3 +120,26 @@ def test_merging_objective_trains_and_beats_its_start():
     acc = pair_accuracy(pred, pairs, zoo, data)
     assert acc.shape == (8,) and acc.mean() > 0.3  # chance on five classes of ten is 0.1
     assert uniqueness(torch.stack([pred[0]] * 4)) == 0.0 and uniqueness(zoo.weights) == 1.0
+
+
+def test_attnkit_analyze_cli_flags_a_collapsed_checkpoint(tmp_path, capsys, monkeypatch):
+    """The command line on a checkpoint the collapse experiment writes (its save_checkpoint)."""
+    pytest.importorskip("attnkit.models.user_model")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("collapse_run", Path(__file__).parents[1] / "experiments/collapse/run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    run.save_checkpoint(collapsed_ae(), tmp_path, _x(4))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from attnkit.cli.main import main
+
+    report = tmp_path / "report.json"
+    assert main(["analyze", "attnkit.models.transformer_ae:probe", "--checkpoint", str(tmp_path / "analyzable.safetensors"),
+                 "--config", str(tmp_path / "probe_config.json"), "--tokenizer", "ids", "--text", "0 1 2 3",
+                 "--json", str(report)]) == 0
+    doc = json.loads(report.read_text())
+    assert {(i["layer"], i["head"]) for i in doc["issues"] if i["type"] == "uniform_attention"} == \
+        {(layer, head) for layer in range(2) for head in range(4)}

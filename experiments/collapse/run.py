@@ -172,14 +172,21 @@ def scale_qk(model: TransformerAE, gain: float) -> None:
             layout.scale_key(h, gain)
 
 
-def save_checkpoint(model: TransformerAE, directory: Path) -> None:
+def save_checkpoint(model: TransformerAE, directory: Path, pairs: torch.Tensor | None = None) -> None:
+    """model.safetensors + ae_config.json; with ``pairs``, also analyzable.safetensors + probe_config.json for
+    ``attnkit analyze attnkit.models.transformer_ae:probe`` (token id i = evaluation pair i)."""
     from dataclasses import asdict
 
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
     (directory / "ae_config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+    if pairs is not None:
+        save_file({**{f"ae.{k}": v for k, v in state.items()}, "pairs": pairs.contiguous()},
+                  str(directory / "analyzable.safetensors"))
+        (directory / "probe_config.json").write_text(json.dumps({**asdict(model.config), "num_pairs": len(pairs)}) + "\n")
 
 
 def main() -> int:
@@ -220,7 +227,7 @@ def main() -> int:
             results["runs"][label][str(seed)] = train(model, args.epochs, args, zoo, data, train_models, eval_ctx, seed, label)
             _dump(results, out)
             if label == "ungated" and seed == int(args.seeds.split(",")[0]):
-                save_checkpoint(model, out / "collapsed")
+                save_checkpoint(model, out / "collapsed", x_eval)
     if not args.no_gated and args.recovery_epochs > 0:
         from safetensors.torch import load_file
 

@@ -171,3 +171,28 @@ class TransformerAE(nn.Module):
 def build(config: dict | None = None) -> TransformerAE:
     """Factory for ``attnkit ... module:factory --config`` and for checkpoints' ``ae_config.json``."""
     return TransformerAE(AEConfig(**dict(config or {})))
+
+
+class AEProbe(nn.Module):
+    """A TransformerAE with fixed input pairs, for the command line: token id i runs pair i.
+
+        attnkit analyze attnkit.models.transformer_ae:probe --checkpoint DIR/analyzable.safetensors \\
+            --config DIR/ae_config.json --tokenizer ids --text "0 1 2 3"
+
+    input_ids (B, T) -> the AE on pairs[ids] (B*T, 2464) -> (B*T, 1232). The pairs travel in the
+    checkpoint (``pairs``), beside the AE's weights (``ae.*``)."""
+
+    def __init__(self, ae: TransformerAE, num_pairs: int):
+        super().__init__()
+        self.ae = ae
+        self.register_buffer("pairs", torch.zeros(num_pairs, 2 * CNN_PARAMS))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.ae(self.pairs[input_ids.reshape(-1) % self.pairs.shape[0]])
+
+
+def probe(config: dict | None = None) -> AEProbe:
+    """Factory for ``attnkit analyze``: ``config`` is an ``AEConfig`` as a dict plus ``num_pairs``."""
+    config = dict(config or {})
+    n = int(config.pop("num_pairs", 64))
+    return AEProbe(TransformerAE(AEConfig(**config)), n)
