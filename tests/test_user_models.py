@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -218,6 +219,9 @@ def not_a_model(config=None):
 def test_bad_input_is_one_line_and_exit_2(case, trained, tmp_path, capsys, monkeypatch):
     model, checkpoint, config, _ = trained
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI puts the current directory on the path
+    monkeypatch.setitem(sys.modules, "broken_models", None)  # imported afresh from this test's directory
+    del sys.modules["broken_models"]
     (tmp_path / "broken_models.py").write_text(BROKEN_MODULE)
     spec, opts, text = "byo_models:build", ["--checkpoint", str(checkpoint), "--tokenizer", "reference"], ["--text", "and God said"]
     if case == "factory missing":
