@@ -91,6 +91,9 @@ class Arch:
     # Eager reports the softmax without the learned sink (and rescales the output instead): the
     # captured weights, which leave the sink its share, are compared after renormalising.
     eager_weights_exclude_sink: bool = False
+    # Looped models: eager's one list holds every pass of every stack in call order; the capture
+    # is compared with it in call order (each pass a site of its own).
+    in_call_order: bool = False
 
     def build(self, attn_implementation: str = "eager"):
         import transformers
@@ -163,9 +166,10 @@ def make_inputs(kind: str, cfg, **options) -> dict:
 
 
 def _a(name, category, config_class, model_class, config, inputs="text", note="", *, redraw=(), sites=None,
-       reported_layers=None, extra_sites=0, eager_weights_exclude_sink=False, **input_options) -> Arch:
+       reported_layers=None, extra_sites=0, eager_weights_exclude_sink=False, in_call_order=False,
+       **input_options) -> Arch:
     return Arch(name, category, config_class, model_class, config, inputs, note, input_options, tuple(redraw),
-                sites or {}, reported_layers or {}, extra_sites, eager_weights_exclude_sink)
+                sites or {}, reported_layers or {}, extra_sites, eager_weights_exclude_sink, in_call_order)
 
 
 # --------------------------------------------------------------------------- the zoo
@@ -193,7 +197,16 @@ ZOO: list[Arch] = [
     _a("olmo", "decoder", "OlmoConfig", "OlmoModel", dict(MHA_DECODER)),
     _a("cohere", "decoder", "CohereConfig", "CohereModel", dict(LLAMA_LIKE)),
     _a("diffllama", "decoder", "DiffLlamaConfig", "DiffLlamaModel", dict(LLAMA_LIKE),
-       note="differential attention: two softmax maps per head, subtracted after the values"),
+       note="differential attention: each layer calls attention twice (same Q/K, two value halves); "
+       "the second call is a site of its own, pass 2, which eager does not report", extra_sites=2),
+    _a("hrm_text", "looped", "HrmTextConfig", "HrmTextModel",
+       dict(LLAMA_LIKE, num_key_value_heads=4, head_dim=8, num_hidden_layers=4, num_layers_per_stack=2),
+       note="hierarchical recurrence: each layer's attention runs once per cycle (16 calls, 4 modules)",
+       in_call_order=True, use_cache=False),
+    _a("dory", "looped", "DoryConfig", "DoryModel",
+       dict(LLAMA_LIKE, head_dim=8, num_hidden_layers=3, n_input_layers=1, n_recurrent_layers=1, n_output_layers=1,
+            n_recurrent_loops=2, sliding_window=4),
+       note="a recurrent middle layer run twice", in_call_order=True),
     # ---- grouped-query and multi-query attention
     _a("llama", "gqa", "LlamaConfig", "LlamaModel", dict(LLAMA_LIKE)),
     _a("qwen2", "gqa", "Qwen2Config", "Qwen2Model", dict(LLAMA_LIKE)),
@@ -452,8 +465,6 @@ NOT_DISPATCHED: dict[str, tuple[str, dict]] = {
 
 # Left out of ZOO, with the reason (README lists them too).
 SKIPPED: dict[str, str] = {
-    "hrm_text": "calls each layer's attention once per recurrence cycle with the same layer_idx: the seam "
-                "cannot tell the cycles apart (one site per module), so the cycles' maps overwrite each other",
     "markuplm": "attention stays near uniform at any initializer_range (0.16 max weight), so a capture "
                 "comparison would not mean anything; its -10000 mask is covered by Swin's -100",
     "minimax": "eager output_attentions reports the linear-attention layers' non-probability weights beside "

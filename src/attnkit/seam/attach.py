@@ -65,7 +65,7 @@ def attach(model: nn.Module, session: AttentionSession | None = None, **session_
     sites = existing or SiteTable(root, modules)
     restores: list[Callable[[], None]] = []
     joined: list[nn.Module] = []
-    hook = None
+    hook = end_hook = None
     try:
         for name, adapter in ADAPTERS.items():
             if found[name]:
@@ -78,11 +78,17 @@ def attach(model: nn.Module, session: AttentionSession | None = None, **session_
             sites.start_forward()
             session.start_forward()
 
+        def end_forward(_module, _args, _output) -> None:
+            sites.end_forward()  # a looped layer's passes are counted within one forward only
+
         hook = model.register_forward_pre_hook(start_forward)
+        end_hook = model.register_forward_hook(end_forward, always_call=True)
         yield session
     finally:
         if hook is not None:
             hook.remove()
+        if end_hook is not None:
+            end_hook.remove()
         for m in joined:
             attachment = _ATTACHED[m]
             mine = max(i for i, s in enumerate(attachment.sessions) if s is session)

@@ -84,8 +84,11 @@ class SiteTable:
     has one (Inkling2's attention over depth, ``layers.1.attention_input``) form a stack of their
     own, named by their place in the layer, with the layer number of their path.
 
-    A module called more than once per forward with the same ``layer_idx`` (HRM's recurrence
-    cycles) keeps one site: its calls share it.
+    A module with a ``layer_idx`` called again within one forward of the model (HRM's and Dory's
+    recurrence loops, a wrapper running the model twice) gets a site per pass: the second call of
+    layer 3 is ``Site(3, "pass 2")`` (``"decoder pass 2"`` in a named stack). Only calls inside the
+    model's own forward count (between ``start_forward`` and ``end_forward``): a sub-module called
+    on its own (``model.get_encoder()(...)``) keeps its plain site.
     """
 
     def __init__(self, model: nn.Module, modules: list[nn.Module]) -> None:
@@ -114,17 +117,29 @@ class SiteTable:
             for m, idx, _, _ in members:
                 self._base[id(m)] = (idx if trusted else None, stack, kind)
         self._calls: dict[tuple[str, str], int] = {}
+        self._passes: dict[int, int] = {}  # id(module) -> calls so far in this forward
+        self._in_forward = False
         self._last: dict[int, Site] = {}
 
     def start_forward(self) -> None:
-        self._calls = {}
+        self._calls, self._passes, self._in_forward = {}, {}, True
+
+    def end_forward(self) -> None:
+        self._in_forward = False
 
     def site_of(self, module: nn.Module, count: bool = True) -> Site:
         """The site of this call of ``module``. ``count=False`` (a gradient-checkpoint recompute)
         answers the site of the module's last call without advancing the call order."""
         layer, stack, kind = self._base.get(id(module), (None, "", "self"))
         if layer is not None:
-            return Site(layer, stack, kind)
+            if not count:
+                return self._last.get(id(module), Site(layer, stack, kind))
+            passes = self._passes.get(id(module), 0) if self._in_forward else 0
+            if self._in_forward:
+                self._passes[id(module)] = passes + 1
+            site = Site(layer, f"{stack} pass {passes + 1}".strip() if passes else stack, kind)
+            self._last[id(module)] = site
+            return site
         if not count:
             return self._last.get(id(module), Site(0, stack, kind))
         n = self._calls.get((stack, kind), 0)
