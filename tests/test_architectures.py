@@ -288,3 +288,31 @@ def test_multihead_attention_beside_hf_layers_is_its_own_site():
     assert len(head_sites) == 1, sorted(captured)
     assert sorted(layer for stack, _, layer in captured if stack == "encoder") == [0, 1]
     torch.testing.assert_close(captured[head_sites[0]], want, atol=PROB_ATOL, rtol=0)
+
+
+def test_repeated_calls_are_passes_only_inside_the_models_forward():
+    """A second call of a layer within one forward of the attached model is a pass of its own;
+    a sub-module called on its own, twice, keeps its plain sites (no forward brackets it)."""
+    from arch_zoo import by_name
+
+    model, inputs = by_name("bart").build()
+    encoder = model.get_encoder()
+    capture = MapCapture()
+    with torch.no_grad(), attach(model, taps=[capture]):
+        encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert sorted((s.stack, s.layer) for s in capture.maps) == [("encoder", 0), ("encoder", 1)]
+
+    class Twice(torch.nn.Module):  # a wrapper that runs the encoder twice in one forward
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw), self.inner(**kw)
+
+    twice = Twice(encoder)
+    capture = MapCapture()
+    with torch.no_grad(), attach(twice, taps=[capture]):
+        twice(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert [(s.stack, s.layer) for s in capture.maps] == [("", 0), ("", 1), ("pass 2", 0), ("pass 2", 1)]
