@@ -43,8 +43,6 @@ from arch_zoo import INIT, VOCAB, Arch  # noqa: E402
 
 # Why a "wrong" result is wrong, where that is understood.
 EXPLAINED = {
-    "hrm_text": "each layer's attention is called once per recurrence cycle with the same layer_idx: the "
-                "cycles share one site (statistics merge them, a map capture keeps the last)",
     "vit_mae": "draws fresh random patch masking on every forward: two forwards differ without attnkit",
     "pegasus_x": "eager output_attentions returns dicts (local/global), which the check cannot compare",
 }
