@@ -108,3 +108,20 @@ def test_mask_with_holes_falls_back_to_the_reference_path():
     res = _both(model, {"input_ids": _ids(1, n), "attention_mask": mask[None, None]})
     assert res["fused_calls"] == 0
     _assert_equal_heads(res["fused"], res["reference"])
+
+
+def test_chunks_on_worker_threads_equal_the_reference_and_restore_threads(monkeypatch):
+    import attnkit.seam.observe as observe
+
+    monkeypatch.setattr(observe, "FUSED_CHUNK_ELEMENTS", 64)  # many chunks: the thread pool runs
+    model, inputs = gpt2("sdpa"), _padded(n=20)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = _both(model, inputs, chunk_elements=64)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert res["fused_calls"] > 4 * 2  # several chunks a call, on both layers
+    assert observe._pool is not None
+    _assert_equal_heads(res["fused"], res["reference"])

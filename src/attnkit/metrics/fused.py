@@ -13,13 +13,16 @@ logits s of the visible keys, with m the row's largest logit and e = exp(s - m):
     max p = 1 / Z                sum p^2 = S2 / Z^2        mean distance = D / Z
     sink mass = e_first / Z      diagonal mass = e_own / Z
 
-``row_sums`` computes Z, A, S2, D in two passes over each row (its max and min, then the sums), reading
-the raw scores q.k as the matmul left them (any float dtype: the logits s = float(raw) * scale are
-never written out). Which keys a row sees is given as one interval [lo, hi) per row, which is
-what causal masks, padding and sliding windows are; ``mask_intervals`` turns a bool mask into
-intervals, or says it is not made of them. Under ``torch.compile`` (inductor's C++ backend)
-the passes fuse into one loop nest per row that stays in L1; without it the same function runs
-eagerly, slower, with the same values. Pure tensor functions, no model knowledge.
+``row_sums`` computes Z, A, S2, D in two passes over each row (its max and min, then the sums),
+reading the raw scores q.k as the matmul left them (any float dtype: the logits
+s = float(raw) * scale are never written out); the two single-key terms are gathers. Which keys
+a row sees is given as one interval [lo, hi) per row, which is what causal masks, padding and
+sliding windows are; ``mask_intervals`` turns a bool mask into intervals, or says it is not made
+of them. Under ``torch.compile`` (inductor's C++ backend) the passes fuse into one loop nest per
+row that stays in L1 (about 0.9 ns a score on one core here, against 0.6 for a bare ``exp``);
+without it the same function runs eagerly, slower, with the same values. Calls below
+``COMPILE_MIN_LOGITS`` stay eager until the kernel exists, as a compile costs seconds.
+Pure tensor functions, no model knowledge.
 """
 
 from __future__ import annotations
