@@ -17,6 +17,7 @@ the max logit they had when warned, halving the LR on entropy collapse or a loss
 unstable run is counted rescued when its re-run is stable by the same criteria.
 
     python experiments/monitor_sweep.py --out runs/monitor_sweep          # ~30 min on 1 busy core
+    python experiments/monitor_sweep.py --out runs/monitor_heldout --seeds 2,3 --horizon 1.0   # held-out seeds
     python experiments/monitor_sweep.py --out runs/quick --steps 60 --lrs 1e-2 --seeds 0 --archs gpt2
 
 Writes ``runs.jsonl`` (one line per run), ``summary.json`` and loss-curve figures to ``--out``.
@@ -78,7 +79,8 @@ def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     name = f"{arch}_lr{lr:g}_s{seed}" + ("_rescue" if rescue else "")
     monitor = AttentionMonitor(model, every=args.every, log_dir=out / name, emit=(), optimizer=opt, scheduler=sched,
-                               policy=rescue_policy(args.tau_floor) if rescue else None, thresholds=Thresholds(),
+                               policy=rescue_policy(args.tau_floor) if rescue else None,
+                               thresholds=Thresholds(horizon=args.horizon),
                                meta={"arch": arch, "lr": lr, "seed": seed, "rescue": rescue})
     losses, warnings, t0 = [], [], time.time()
     with monitor:
@@ -201,6 +203,9 @@ def main() -> None:
     p.add_argument("--spike", type=float, default=1.0)
     p.add_argument("--degrade", type=float, default=0.5)
     p.add_argument("--tau-floor", type=float, default=10.0)
+    p.add_argument("--horizon", type=float, default=Thresholds().horizon,
+                   help="logit_growth warns when the projected steps to the danger threshold are at most this many "
+                   "window spans (the held-out run uses 1.0, chosen on the first sweep)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
