@@ -149,11 +149,11 @@ def regions_png(report: CheckReport) -> bytes:
                 ax.set_ylabel(f"{dt}\nhead dimension")
             ax.set_title(f"{dt}, temperature {tau:g}", fontsize=10)
     fig.suptitle(f"{report.model} at initialisation (from the config): the largest weight growth attention "
-                 f"survives (logits x growth^2); red < 1x = unsafe from the start", fontsize=10)
+                 f"survives\n(logits x growth^2); red < 1x = unsafe from the start", fontsize=10)
     fig.text(0.5, 0.005, f"{r.base}. Safe = |q.k| < 65,504 (fp16) and rounding moves weights < "
-             f"{100 * report.tolerance:.0f} %. At 1/sqrt(d) the init logit std is hidden*std^2 whatever d; "
+             f"{100 * report.tolerance:.0f} %.\nAt 1/sqrt(d) the init logit std is hidden*std^2 whatever d; "
              f"length enters as sqrt(2 ln n).", ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
