@@ -149,6 +149,20 @@ def test_recommendations_carry_their_numbers():
     tau = changes["temperature"].value
     assert attnkit.check(BASE, seq_len=128, dtype="bf16", temperature=tau, regions=False).status == "safe"
     assert any(ch.isdigit() for ch in changes["temperature"].trigger)
+    # seed 001's use case 2 ("try more heads"): at 1/sqrt(d) narrower heads do not change the logit scale
+    assert "does not fix" in changes["heads"].message and "whatever d" in changes["heads"].message
+    std = changes["init_std"].value
+    assert attnkit.check({**BASE, "initializer_range": std}, seq_len=128, dtype="bf16", regions=False).status == "safe"
+
+
+def test_fp16_overflow_recommends_narrower_heads():
+    config = {**LLAMA, "initializer_range": 1.0}
+    report = attnkit.check(config, seq_len=128, dtype="fp16", weight_growth=4.0, regions=False)
+    overflow = next(f for f in report.init[0].verdicts["fp16"].findings if f.kind == "qk_overflow")
+    assert overflow.status == "unsafe" and overflow.value > 65504
+    heads = next(r for r in report.recommendations if r.change == "heads")
+    assert heads.value == 32.0 and "sqrt(64/32)" in heads.message
+    assert any(r.change == "dtype" for r in report.recommendations)
 
 
 def test_growth_multiplies_logits_by_its_square():

@@ -73,6 +73,15 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
                                           f"{shape.scale / est.temperature * shape.head_dim:.3g}*g^2 with learned gains g; the estimate "
                                           f"becomes {e.model_max:.3g}" + ("" if ok else " (not enough alone here)"), trigger))
             _shorter_sequence(out, shape, est, layer_type, moments, verdict, upcast, trigger)
+            _head_split(out, shape, est, layer_type, verdict, upcast, trigger)
+            if moments is None and not shape.qk_norm:
+                # logits scale with sigma^2: the init std that brings the 99 % logit under the limit
+                std = shape.init_std * math.sqrt(tolerated * 0.99 / est.model_max_high)
+                ok, e = safe_with(shape.with_changes(init_std=std))
+                if ok:
+                    out.append(Recommendation("init_std", f"initialise W_q/W_k with std {std:.3g} instead of "
+                                              f"{shape.init_std:g} (logits scale with std^2: largest {e.model_max_high:.3g}); "
+                                              f"training growth then starts from there", trigger, std))
         if finding.kind == "qk_overflow":
             if shape.head_dim >= 32:
                 for d in (shape.head_dim // 2, shape.head_dim // 4):
@@ -103,6 +112,29 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
             seen.add(r.change)
             unique.append(r)
     return unique
+
+
+def _head_split(out, shape, est, layer_type, verdict, upcast, trigger) -> None:
+    """What more, narrower heads would do (seed 001's use case 2: "try 32 heads or 256-dim")."""
+    d = shape.head_dim // 2
+    if d < 8 or shape.hidden_size % d:
+        return
+    changed = shape.with_changes(
+        head_dim=d, num_heads=shape.hidden_size // d, num_kv_heads=max(1, shape.num_kv_heads * 2),
+        scale=1 / math.sqrt(d) if shape.scale_source.startswith("1/sqrt(d)") else
+        1 / d if shape.scale_source.startswith("1/d") else shape.scale)
+    e = estimate(changed, est.seq_len, layer_type, est.temperature, est.growth)
+    base = estimate(shape, est.seq_len, layer_type, est.temperature, est.growth)  # both at init, like for like
+    ok = judge(e, verdict.dtype, upcast).status == SAFE
+    if shape.scale_source.startswith("1/sqrt(d)"):
+        why = (f"at 1/sqrt(d) the logit std at init is hidden*std^2 = {shape.hidden_size * shape.init_std ** 2:.3g} "
+               f"whatever d, so the largest logit only moves from {base.model_max:.3g} to {e.model_max:.3g} "
+               f"(more logits to take the maximum over)")
+    else:
+        why = f"with this scale rule the largest logit at init moves from {base.model_max:.3g} to {e.model_max:.3g}"
+    out.append(Recommendation("heads", f"{changed.num_heads} heads of {d} dims instead of {shape.num_heads} of "
+                              f"{shape.head_dim} " + ("would fix it: " if ok else "does not fix rounding: ") + why,
+                              trigger, float(d)))
 
 
 def _shorter_sequence(out, shape, est, layer_type, moments, verdict, upcast, trigger) -> None:
