@@ -5,6 +5,7 @@ and a broken gate checkpoint is one line and exit 2."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,24 +171,30 @@ def test_load_refuses_another_architecture(tmp_path):
     assert not find_gates(other)  # nothing half-loaded
 
 
-@pytest.fixture
-def gated_dir(tmp_path, monkeypatch):
-    """A directory `attnkit gate` wrote, from a tiny GPT-2 saved as a local HF model directory."""
-    from transformers import PreTrainedTokenizerFast
+@pytest.fixture(scope="module")
+def _gated_once(tmp_path_factory):
+    """A directory `attnkit gate` wrote, from the reference model saved as a local HF model directory."""
+    import os
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from attnkit.cli.main import main
     from attnkit.models.registry import load_model
 
     ref = load_model("reference")
-    src = tmp_path / "src"
+    src = tmp_path_factory.mktemp("src")
     ref.model.save_pretrained(src)
     ref.tokenizer.save_pretrained(src)
-    assert isinstance(ref.tokenizer, PreTrainedTokenizerFast) or ref.tokenizer is not None
-    from attnkit.cli.main import main
-
-    out = tmp_path / "gated"
+    out = tmp_path_factory.mktemp("gated") / "out"
     assert main(["gate", str(src), "--kind", "mlp", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def gated_dir(_gated_once, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return Path(shutil.copytree(_gated_once, tmp_path / "gated"))
 
 
 def test_cli_gate_writes_a_loadable_model(gated_dir, capsys):
