@@ -92,8 +92,12 @@ def test_init_estimate_matches_a_fresh_model(tokenizer):
     report = attnkit.check(LLAMA, seq_len=128, dtype="bf16", regions=False)
     est = report.init[0].estimate
     assert math.isclose(est.sigma_logit, 128 * 0.1**2, rel_tol=1e-9)
-    m = measure(_random_model(LLAMA), tokenizer, est, 128)
+    model = _random_model(LLAMA)
+    m = measure(model, tokenizer, est, 128)
     assert m.agrees, [c.to_dict() for c in m.comparisons]
+    # the same model handed over as an object: its weights' estimate is the init estimate (||W_q^T W_k||_F ~ sqrt(d) h sigma^2)
+    from_weights = attnkit.check(model, seq_len=128, dtype="bf16", regions=False).weights[0].estimate
+    assert math.isclose(from_weights.sigma_logit, est.sigma_logit, rel_tol=0.15)
     largest = next(c for c in m.comparisons if c.figure == "largest logit")
     assert 0.6 < largest.ratio < 1.5  # fresh weights: the isotropic-input model is nearly exact
 
