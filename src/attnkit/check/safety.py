@@ -75,8 +75,9 @@ def judge(est: LogitEstimate, dtype: str, upcast: bool = False, tolerance: float
     tolerated = fmt.largest_tolerated_logit(tolerance)
     status = UNSAFE if distortion > tolerance else MARGINAL if distortion_high > tolerance else SAFE
     findings.append(Finding("rounding", status, est.model_max, tolerated,
-                            f"largest logit ~ {est.model_max:.3g} (99 %: {est.model_max_high:.3g}): in {fmt.name} it is off "
-                            f"by up to {fmt.half_spacing(est.model_max):.3g}, moving attention weights by up to "
+                            f"largest logit ~ {est.model_max:.3g} (99 %: {est.model_max_high:.3g}): computed in {fmt.name} it "
+                            f"carries an error of ~{fmt.logit_error(est.model_max):.3g} (4 roundings of |L| 2^-{fmt.significant_bits}), "
+                            f"moving attention weights by up to "
                             f"{100 * distortion:.3g} % (tolerance {100 * tolerance:.0f} %: logits below {tolerated:.3g})"))
     if fmt.name == "fp16" and est.model_max > fmt.exp_overflow:
         findings.append(Finding("exp_overflow", "advice", est.model_max, fmt.exp_overflow,
