@@ -183,7 +183,7 @@ def plot(runs: list[dict], out: Path) -> None:
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "loss_pairs.png", dpi=110)
+    fig.savefig(out / "loss_pairs.png", dpi=80)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 skipped); ``save_figures(run, out_dir)`` writes, each whole or not at all:
 
 - ``entropy_heatmap.png``: per-head entropy (nats) over training, one row per layer·head;
-- ``max_logit.png``: each head's max logit (log scale) with warning steps (orange) and
+- ``max_logit.png``: each head's max logit (symmetric log scale) with warning steps (orange) and
   intervention steps (green) marked, and the danger threshold;
 - ``curvature.png``: seed 001's log10 κ (largest over rows) per head, same marks.
 """
@@ -138,8 +138,8 @@ def save_figures(run: Run, out_dir: str | Path) -> list[Path]:
         if danger:
             ax.axhline(danger, color="tab:red", lw=0.8, ls=":")
             legend.append(Line2D([], [], color="tab:red", ls=":", label=f"danger {danger:g}"))
-        if log and np.nanmin(values) > 0:
-            ax.set_yscale("log")
+        if log:  # symlog: max logits can be negative (a head that attends by avoidance)
+            ax.set_yscale("symlog", linthresh=1.0)
         _marks(ax, run)
         ax.set_xlabel("step")
         ax.set_title(title)
