@@ -14,6 +14,7 @@ says "unsafe" (primary rule; "marginal" counted as unsafe is reported as a secon
     python experiments/check_validation.py --out runs/check_validation
     python experiments/check_validation.py --out runs/check_validation --configs 4   # smoke run
     python experiments/check_validation.py --out runs/check_boundary --seed 2 --configs 60 --near-boundary
+    python experiments/check_validation.py --out runs/check_depth4 --seed 3 --configs 48 --near-boundary --layers 4
 
 Writes results.json (every case with its figures), summary.md (confusion tables, every miss and
 false alarm) and validation.png.
@@ -119,7 +120,7 @@ def measured_logits(model, ids) -> dict:
     return {"logit_max": max(h["logit_max"] for h in heads), "qk_absmax": max(h["qk_absmax"] for h in heads)}
 
 
-def draw_configs(n: int, seed: int, near_boundary: bool = False) -> list[dict]:
+def draw_configs(n: int, seed: int, near_boundary: bool = False, layers: int = 2) -> list[dict]:
     """``near_boundary``: instead of a growth drawn log-uniformly in 1..400x, one that puts the
     check's predicted largest logit log-uniformly in 1.5..200, the decade around both formats'
     limits (6.1 bf16, 48.8 fp16), where a wrong threshold shows."""
@@ -136,11 +137,11 @@ def draw_configs(n: int, seed: int, near_boundary: bool = False) -> list[dict]:
             from attnkit.check import check
 
             target = 10 ** rng.uniform(math.log10(1.5), math.log10(200.0))
-            at_one = check(make_config(family, hidden, head_dim, 2, seq_len), seq_len=seq_len, temperature=temperature,
+            at_one = check(make_config(family, hidden, head_dim, layers, seq_len), seq_len=seq_len, temperature=temperature,
                            regions=False).init[0].estimate.model_max
             growth = round(max(1.0, math.sqrt(target / at_one)), 2)
         configs.append({"id": i, "family": family, "hidden": hidden, "head_dim": head_dim, "heads": hidden // head_dim,
-                        "layers": 2, "seq_len": seq_len, "temperature": temperature, "growth": growth})
+                        "layers": layers, "seq_len": seq_len, "temperature": temperature, "growth": growth})
     return configs
 
 
@@ -160,6 +161,7 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--near-boundary", action="store_true", help="growths that put the predicted logit near the limits")
+    ap.add_argument("--layers", type=int, default=2, help="layers of every configuration (errors grow with depth)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from attnkit.check import DISTORTION_TOLERANCE, check
@@ -173,7 +175,7 @@ def main() -> None:
     text_ids = sample_ids(tokenizer, 256)
     cases = []
     start = time.time()
-    for cfg in draw_configs(args.configs, args.seed, args.near_boundary):
+    for cfg in draw_configs(args.configs, args.seed, args.near_boundary, args.layers):
         config = make_config(cfg["family"], cfg["hidden"], cfg["head_dim"], cfg["layers"], cfg["seq_len"])
         ids = text_ids[:, :cfg["seq_len"]]
         model = build_model(config, cfg["growth"], cfg["temperature"], seed=cfg["id"])
