@@ -137,9 +137,8 @@ def read_shape(config) -> AttentionShape:
     architectures = " ".join(_get(config, "architectures") or [])
     encoder_like = model_type in {"bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta",
                                   "albert", "mpnet", "vit", "clip_vision_model", "siglip_vision_model"}
-    causal = bool(is_decoder) or not encoder_like or "CausalLM" in architectures or "LMHead" in architectures
-    if encoder_like and not is_decoder and "CausalLM" not in architectures:
-        causal = False
+    # Encoders see both ways (more logits per row); everything else, and encoders used as decoders, is causal.
+    causal = not encoder_like or bool(is_decoder) or "CausalLM" in architectures
     notes = []
     if _get(config, "scale_attn_by_inverse_layer_idx"):
         notes.append("logits are scaled by 1/(layer+1): the estimate is for layer 0, the largest")
