@@ -9,7 +9,7 @@ makes inputs with padding wherever the family takes an attention mask.
 
 How the candidates were chosen: every model type in ``transformers.models.auto``'s
 ``MODEL_MAPPING_NAMES`` whose modeling file dispatches through ``ALL_ATTENTION_FUNCTIONS``
-(466 in transformers 5.24), one or more per family and per attention feature (GQA/MQA, sliding
+(465 in transformers 5.24), one or more per family and per attention feature (GQA/MQA, sliding
 window, soft-capping, MoE, learned sinks, relative position bias, hybrid linear/attention
 stacks, shared layers, encoder–decoder, vision, audio). ``SKIPPED`` lists what was left out on
 purpose and why; ``NOT_DISPATCHED`` the architectures that never reach ``AttentionInterface``;
