@@ -19,7 +19,8 @@ class Site(NamedTuple):
     """One attention of a model. ``layer`` is the model's own layer number."""
 
     layer: int
-    stack: str = ""  # "" for a model with one stack; else e.g. "encoder", "decoder", "vision"
+    stack: str = ""  # "" for a model with one stack; else e.g. "encoder", "decoder", "vision";
+    #                  a layer's second call within one forward adds " pass 2" ("pass 2" alone)
     kind: str = "self"  # "self" or "cross"
 
     def __str__(self) -> str:
