@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from attnkit.check import check
-    from attnkit.check.report import render_check, save_regions_png
+    from attnkit.report.check_console import render_check, save_regions_png
     from attnkit.errors import UserError
 
     if args.seq_len is not None and args.seq_len < 2:

@@ -1,4 +1,4 @@
-"""Rendering a ``CheckReport``: the console (rich) and the stability-region figure (PNG)."""
+"""Rendering ``attnkit check``'s ``CheckReport``: the console (rich) and the stability-region figure (PNG)."""
 
 from __future__ import annotations
 
