@@ -65,3 +65,22 @@ def test_bad_run_dirs_exit_2(tmp_path, capsys):
     assert main(["monitor"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "no monitor.jsonl" in err and "damaged" in err and "Traceback" not in err
+
+
+def test_trace_names_the_first_nonfinite_layer_and_head_of_a_saved_model(tmp_path, capsys):
+    from attnkit.models.registry import load_model
+
+    loaded = load_model("reference")
+    attn = loaded.model.transformer.h[2].attn
+    d, E = attn.head_dim, attn.embed_dim
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # layer 2 head 1: finite q and k whose dot product overflows
+        attn.c_attn.weight[:, d:2 * d] = torch.randn(E, d, generator=g) * 1e19
+        attn.c_attn.weight[:, E + d:E + 2 * d] = torch.randn(E, d, generator=g) * 1e19
+    loaded.model.save_pretrained(tmp_path / "broken")
+    loaded.tokenizer.save_pretrained(tmp_path / "broken")
+    assert main(["monitor", "trace", str(tmp_path / "broken"), "--text", "In the beginning God created"]) == 1
+    out = capsys.readouterr().out
+    assert "NaN/Inf first in layer 2 head 1" in out and "overflow" in out
+    assert main(["monitor", "trace", "reference", "--text", "In the beginning God created"]) == 0
+    assert main(["monitor", "trace", str(tmp_path / "missing")]) == 2

@@ -1,6 +1,7 @@
 """``attnkit monitor``: figures and a summary of a run written by ``AttentionMonitor``.
 
     attnkit monitor report RUN_DIR [--out DIR]
+    attnkit monitor trace [MODEL] [--text T | --text-file F]     # where NaN/Inf first appear
 """
 
 from __future__ import annotations
@@ -23,13 +24,23 @@ def add_parser(sub) -> None:
     r.add_argument("run_dir", metavar="RUN_DIR", help="the monitor's log_dir (holding monitor.jsonl)")
     r.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR)")
     r.set_defaults(run=run_report)
+    from attnkit.cli.common import add_model_argument
+
+    t = actions.add_parser("trace", help="name the first layer and head where NaN/Inf appear on some text",
+                           description="Run a (saved) model on text through the seam and name the first layer and "
+                           "head whose logits or query/key/value are non-finite, and any non-finite parameters. "
+                           "Exit 1 when something is non-finite.")
+    add_model_argument(t)
+    t.add_argument("--text", help="text to run (default: a built-in English passage)")
+    t.add_argument("--text-file", metavar="FILE", help="file with the text to run")
+    t.set_defaults(run=run_trace)
     p.set_defaults(run=_need_action)
 
 
 def _need_action(args: argparse.Namespace) -> int:
     from attnkit.errors import UserError
 
-    raise UserError("attnkit monitor needs an action: report RUN_DIR")
+    raise UserError("attnkit monitor needs an action: report RUN_DIR, or trace MODEL")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -64,3 +75,24 @@ def run_report(args: argparse.Namespace) -> int:
     for p in paths:
         console.print(Text(f"wrote {p}"))
     return 0
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    from attnkit.analyze.default_text import DEFAULT_TEXT
+    from attnkit.analyze.run import max_positions, tokenize
+    from attnkit.cli.common import DTYPES, model_options, read_text
+    from attnkit.errors import UserError
+    from attnkit.models.registry import load_model
+    from attnkit.monitor.nonfinite import trace_nonfinite
+
+    text = read_text(args.text, args.text_file)
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
+                        **model_options(args))
+    if loaded.tokenizer is None:
+        raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
+    inputs = tokenize(loaded.tokenizer, text if text is not None else DEFAULT_TEXT, None,
+                      max_positions(loaded.model), truncate_silently=text is None)
+    result = trace_nonfinite(loaded.model, (), dict(inputs))
+    bad = result.site is not None or not result.output_finite or bool(result.nonfinite_params)
+    Console(soft_wrap=True).print(Text(result.message, style="bold red" if bad else "green"))
+    return 1 if bad else 0
