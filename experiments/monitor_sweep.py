@@ -101,7 +101,7 @@ def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, 
     first = min((w["step"] for w in warnings if w["type"] in PREDICTORS), default=None)
     return {"name": name, "arch": arch, "lr": lr, "seed": seed, "rescue": rescue, "steps": len(losses),
             "losses": losses, "diverged_at": diverged, "first_warning": first, "warnings": warnings[:200],
-            "interventions": monitor.interventions[:50], "seconds": time.time() - t0,
+            "interventions": list(monitor.interventions)[:50], "seconds": time.time() - t0,
             "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 

@@ -66,9 +66,9 @@ class QKClip:
 
     def reapply(self, monitor) -> None:
         detail = self._clip(monitor)
-        if detail:
-            monitor.interventions.append({"step": monitor.step, "action": "qk_clip", "detail": detail,
-                                          "reason": "persistent QK-clip"})
+        if detail:  # to the JSONL only: a line on the console every observed step would drown the warnings
+            monitor.log_intervention({"step": monitor.step, "action": "qk_clip", "detail": detail,
+                                      "reason": "persistent QK-clip"}, quiet=True)
 
     def _clip(self, monitor) -> str:
         if monitor.latest is None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -167,11 +168,11 @@ class AttentionMonitor:
         self.losses = Ring(loss_history, 1)
         self._pending: list[tuple[int, Any]] = []
         self.warned: set[tuple] = set()
-        self.interventions: list[dict] = []
+        self.interventions: deque[dict] = deque(maxlen=1024)  # the latest (bounded, as all state)
         self.persistent: list[Any] = []  # interventions re-applied on every observed step (QK-clip)
         self.latest: StepRecord | None = None
         self.last_inputs: tuple | None = None
-        self.traces: list = []
+        self.traces: deque = deque(maxlen=16)
         self._stack: ExitStack | None = None
         self.step = -1
 
@@ -328,10 +329,15 @@ class AttentionMonitor:
         detail = intervention.apply(self)
         entry = {"step": self.step, "action": intervention.name, "detail": detail,
                  "reason": getattr(intervention, "reason", "") or "requested"}
+        self.log_intervention(entry)
+        return entry
+
+    def log_intervention(self, entry: dict, quiet: bool = False) -> None:
+        """Record an intervention; ``quiet``: to the JSONL only (repeated actions such as QK-clip)."""
         self.interventions.append(entry)
         for e in self.emitters:
-            e.intervention(entry)
-        return entry
+            if not quiet or isinstance(e, JSONLEmitter):
+                e.intervention(entry)
 
     def emit_issue(self, issue: Issue) -> None:
         for e in self.emitters:
