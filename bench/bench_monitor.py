@@ -52,7 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--block", type=int, default=None, help="steps per arm per round (default 2 x DEFAULT_EVERY)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
@@ -110,7 +110,7 @@ def main() -> None:
     lines = [
         MARK_START,
         f"### Results ({started:%Y-%m-%d %H:%M}–{_dt.datetime.now():%H:%M})", "",
-        f"- command: `python bench/bench_monitor.py" + (f" --rounds {args.rounds}" if args.rounds != 10 else "") + "`",
+        "- command: `python bench/bench_monitor.py" + (f" --rounds {args.rounds}" if args.rounds != 10 else "") + "`",
         f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU; torch threads {args.threads}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
         f"- model: attnkit's reference GPT-2 (4 × 4 × 128, vocab 1024), AdamW, batch {args.batch} × {T} tokens, fp32; "
