@@ -25,14 +25,17 @@ def gpt2(seed: int = 0):
 
 
 def _scalars(log_dir: Path) -> dict[str, list[int]]:
+    """Scalar tag -> steps, and image tags -> [] (read back from the event files)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags: dict[str, list[int]] = {}
     for events in log_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             tags.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+        for tag in acc.Tags()["images"]:
+            tags.setdefault(tag, [])
     return tags
 
 
@@ -53,6 +56,7 @@ def test_hf_trainer_run_writes_per_head_scalars_to_tensorboard(tmp_path):
     tags = _scalars(log_dir / "tensorboard")
     assert {f"attnkit/entropy/L{layer}H{head}" for layer in range(2) for head in range(2)} <= set(tags)
     assert "attnkit/logit_max/L1H1" in tags and "attnkit/grad_norm/L0" in tags
+    assert "attnkit/entropy_heatmap" in tags  # the heatmap image
     assert sorted(tags["attnkit/entropy/L0H0"]) == [1, 2, 4, 6]  # the first step, then 1 in 2
     steps = [json.loads(line)["step"] for line in (log_dir / "monitor.jsonl").read_text().splitlines()
              if '"type": "step"' in line]

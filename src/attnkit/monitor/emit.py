@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,9 +158,11 @@ class ConsoleEmitter(Emitter):
 
 class TensorBoardEmitter(Emitter):
     """Per-head scalars (``attnkit/entropy/L0H1``, ...) to a ``SummaryWriter`` (given, e.g.
-    Lightning's ``logger.experiment``, or made on ``log_dir``); warnings and interventions as text."""
+    Lightning's ``logger.experiment``, or made on ``log_dir``); warnings and interventions as text;
+    on close, the per-head entropy heatmap over the last ``heatmap_steps`` observed steps as an image."""
 
-    def __init__(self, log_dir: str | Path | None = None, writer=None, prefix: str = "attnkit") -> None:
+    def __init__(self, log_dir: str | Path | None = None, writer=None, prefix: str = "attnkit",
+                 heatmap_steps: int = 512) -> None:
         if writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -168,10 +171,35 @@ class TensorBoardEmitter(Emitter):
         else:
             self._own = False
         self.writer, self.prefix = writer, prefix
+        self._entropy: deque = deque(maxlen=heatmap_steps)  # (step, per-head entropy) for the heatmap image
+        self._series: list[str] = []
 
     def step(self, r: StepRecord) -> None:
         for name, v in r.scalars().items():
             self.writer.add_scalar(f"{self.prefix}/{name}", float(v), r.step)
+        self._series = [series_name(s, h) for s, h in r.series]
+        self._entropy.append((r.step, list(r.metrics["entropy"])))
+
+    def _heatmap(self) -> None:
+        """The per-head entropy heatmap over the last observed steps, as an image at the last step."""
+        if len(self._entropy) < 2:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [s for s, _ in self._entropy]
+        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.2 * len(self._series) + 1)))
+        im = ax.imshow([list(col) for col in zip(*(v for _, v in self._entropy))], aspect="auto", cmap="viridis",
+                       interpolation="nearest", extent=(steps[0], steps[-1], len(self._series) - 0.5, -0.5))
+        ax.set_yticks(range(len(self._series)), self._series, fontsize=6)
+        ax.set_xlabel("step")
+        ax.set_title("attention entropy per head (nats)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        self.writer.add_figure(f"{self.prefix}/entropy_heatmap", fig, steps[-1])
+        plt.close(fig)
 
     def issue(self, issue: Issue) -> None:
         self.writer.add_text(f"{self.prefix}/issues", f"{issue.type} {issue.where()}: {issue.message}", issue.step)
@@ -181,6 +209,7 @@ class TensorBoardEmitter(Emitter):
                              entry["step"])
 
     def close(self) -> None:
+        self._heatmap()
         self.writer.flush()
         if self._own:
             self.writer.close()
