@@ -60,8 +60,11 @@ def read_gate_config(directory: str | os.PathLike) -> dict:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{path} is not an attnkit gate config (format {FORMAT} expected)")
     kind = config.get("kind")
-    if kind not in GATE_KINDS or not isinstance(config.get("layers"), list):
+    if kind not in GATE_KINDS:
         raise UserError(f"{path} names gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
+    layers = config.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise UserError(f"{path} has no list of gated layers ('layers'); it is truncated or corrupted")
     return config
 
 
