@@ -18,6 +18,8 @@ unstable run is counted rescued when its re-run is stable by the same criteria.
 
     python experiments/monitor_sweep.py --out runs/monitor_sweep          # ~30 min on 1 busy core
     python experiments/monitor_sweep.py --out runs/monitor_heldout --seeds 2,3 --horizon 1.0   # held-out seeds
+    python experiments/monitor_sweep.py --out runs/monitor_temperature --archs gpt2,llama --lrs 3e-3 \
+        --temperatures 1,0.5,0.25,0.125 --horizon 1.0                          # temperature sweep
     python experiments/monitor_sweep.py --out runs/quick --steps 60 --lrs 1e-2 --seeds 0 --archs gpt2
 
 Writes ``runs.jsonl`` (one line per run), ``summary.json`` and loss-curve figures to ``--out``.
@@ -29,13 +31,16 @@ import argparse
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from attnkit.data import encode_documents, load_corpus
 from attnkit.models.registry import resolve_model_path
+from attnkit.mods import temperature
 from attnkit.monitor import AttentionMonitor, Policy, QKClip, ReduceLR, Thresholds
+from attnkit.seam import attach
 
 PREDICTORS = ("logit_growth", "overflow_risk", "entropy_fall", "entropy_collapse")
 
@@ -73,17 +78,20 @@ def rescue_policy(tau_floor: float) -> Policy:
                          "entropy_collapse": lambda i: ReduceLR(0.5), "loss_spike": lambda i: ReduceLR(0.5)})
 
 
-def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, out: Path, rescue: bool) -> dict:
+def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, out: Path, rescue: bool,
+          temp: float = 1.0) -> dict:
     model = build_model(arch, seed, vocab, args).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
-    name = f"{arch}_lr{lr:g}_s{seed}" + ("_rescue" if rescue else "")
+    name = f"{arch}_lr{lr:g}" + (f"_t{temp:g}" if temp != 1.0 else "") + f"_s{seed}" + ("_rescue" if rescue else "")
     monitor = AttentionMonitor(model, every=args.every, log_dir=out / name, emit=(), optimizer=opt, scheduler=sched,
                                policy=rescue_policy(args.tau_floor) if rescue else None,
                                thresholds=Thresholds(horizon=args.horizon),
                                meta={"arch": arch, "lr": lr, "seed": seed, "rescue": rescue})
     losses, warnings, t0 = [], [], time.time()
-    with monitor:
+    # An attention temperature (seed 001's experiment 1) through the seam: logits / temp in every head.
+    scaled = attach(model, score_mods=[temperature(temp)]) if temp != 1.0 else nullcontext()
+    with scaled, monitor:
         for step, x in enumerate(batches(ids, args.steps, args.batch, args.context, seed)):
             loss = model(input_ids=x, labels=x).loss
             loss.backward()
@@ -99,7 +107,8 @@ def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, 
                 break
     diverged = divergence_step(losses, args.warmup, args.spike)
     first = min((w["step"] for w in warnings if w["type"] in PREDICTORS), default=None)
-    return {"name": name, "arch": arch, "lr": lr, "seed": seed, "rescue": rescue, "steps": len(losses),
+    return {"name": name, "arch": arch, "lr": lr, "temperature": temp, "seed": seed, "rescue": rescue,
+            "steps": len(losses),
             "losses": losses, "diverged_at": diverged, "first_warning": first, "warnings": warnings[:200],
             "interventions": list(monitor.interventions)[:50], "seconds": time.time() - t0,
             "final_loss": sum(losses[-20:]) / len(losses[-20:])}
@@ -192,6 +201,7 @@ def main() -> None:
     p.add_argument("--archs", default="gpt2,llama,llama_qknorm")
     p.add_argument("--lrs", default="3e-3,1e-2,3e-2,1e-1,3e-1")
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--temperatures", default="1", help="attention temperatures (logits / t through the seam)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
@@ -220,11 +230,12 @@ def main() -> None:
     log = open(out / "runs.jsonl", "w")
     for arch in args.archs.split(","):
         for lr in [float(x) for x in args.lrs.split(",")]:
+          for temp in [float(x) for x in args.temperatures.split(",")]:  # noqa: E111
             for seed in [int(s) for s in args.seeds.split(",")]:
                 for rescue in (False, True):
                     if rescue and runs[-1]["first_warning"] is None:
                         continue  # nothing to act on (a rescue of a run that turns out stable is not counted)
-                    r = train(arch, lr, seed, ids, vocab, args, out, rescue)
+                    r = train(arch, lr, seed, ids, vocab, args, out, rescue, temp)
                     runs.append(r)
                     log.write(json.dumps(r) + "\n")
                     log.flush()
