@@ -166,7 +166,7 @@ class AttentionMonitor:
         self.rings: dict[str, Ring] = {}
         self.grad_ring: Ring | None = None
         self.losses = Ring(loss_history, 1)
-        self._pending: list[tuple[int, Any]] = []
+        self._pending: deque[tuple[int, Any]] = deque(maxlen=loss_history)  # losses not read yet
         self.warned: set[tuple] = set()
         self.interventions: deque[dict] = deque(maxlen=1024)  # the latest (bounded, as all state)
         self.persistent: list[Any] = []  # interventions re-applied on every observed step (QK-clip)
@@ -234,8 +234,6 @@ class AttentionMonitor:
     def add_loss(self, step: int, loss: Any) -> None:
         """A loss known only later (the HF Trainer logs it every ``logging_steps``)."""
         self._pending.append((step, loss.detach() if isinstance(loss, torch.Tensor) else loss))
-        if len(self._pending) > self.loss_history:
-            self._pending = self._pending[-self.loss_history:]
 
     def _flush_losses(self) -> int:
         if not self._pending:
@@ -252,7 +250,7 @@ class AttentionMonitor:
             values /= dist.get_world_size()
         for s, v in zip(steps, values.tolist()):
             self.losses.append(s, [v])
-        self._pending = []
+        self._pending.clear()
         return len(steps)
 
     def _observe(self, step: int) -> Diagnosis:
