@@ -243,7 +243,8 @@ class AttentionMonitor:
                               dtype=torch.float64)
         tensors = [(i, v) for i, (_, v) in enumerate(self._pending) if isinstance(v, torch.Tensor)]
         if tensors:
-            values[[i for i, _ in tensors]] = torch.stack([v.float().reshape(()).cpu() for _, v in tensors]).double()
+            # one transfer (one device sync) for all of them
+            values[[i for i, _ in tensors]] = torch.stack([v.float().reshape(()) for _, v in tensors]).cpu().double()
         dist = _dist()
         if dist:
             dist.all_reduce(values)
