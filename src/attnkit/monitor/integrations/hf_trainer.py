@@ -7,7 +7,8 @@ Keyword arguments are ``AttentionMonitor``'s; ``log_dir`` defaults to ``<output_
 (``<logging_dir>/attnkit`` where the Trainer still has one)
 (TensorBoard event files under its ``tensorboard/``). The Trainer's optimizer and scheduler are
 handed to the monitor (for interventions). The Trainer's logged loss (every ``logging_steps``)
-feeds the loss-spike detector. Steps are the Trainer's ``global_step``.
+feeds the loss-spike detector. Steps are the Trainer's ``global_step``; observation is off between
+steps, so evaluation forwards are never mixed into a training step's statistics.
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ class AttnkitCallback(TrainerCallback):
         kw = dict(self.kwargs)
         kw.setdefault("log_dir", Path(getattr(args, "logging_dir", None) or args.output_dir) / "attnkit")
         self.monitor = AttentionMonitor(model, optimizer=optimizer, scheduler=lr_scheduler, **kw).start()
+        self._next_active = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.monitor is not None:
+            self.monitor.session.active = self._next_active
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.monitor is not None:
             self.monitor.on_step(state.global_step)
+            # off between steps: evaluation forwards are not training steps and must not be counted
+            self._next_active, self.monitor.session.active = self.monitor.session.active, False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is not None and logs and "loss" in logs:
