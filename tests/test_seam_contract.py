@@ -455,3 +455,28 @@ def test_fsdp_sharded_model_attaches(tmp_path):
         assert sorted(stats.layers) == [Site(0), Site(1)] and stats.heads()[0]["rows"] == 2 * 8
     finally:
         dist.destroy_process_group()
+
+
+class KeepCalls(Tap):
+    """A tap that asks for the live call and records each one's site and query."""
+
+    wants_chunks = False
+    wants_call = True
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def on_call(self, call) -> None:
+        self.calls.append((call.site, call.query))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_call_taps_see_every_live_call(case):
+    model, inputs = _model(case), case.inputs()
+    keep = KeepCalls()
+    with attach(model, taps=[keep]):
+        loss = case.loss(model(**inputs))
+    assert sorted(site.layer for site, _ in keep.calls) == list(range(case.sites))
+    # live: the queries are in the graph of the loss (validate's gradient section relies on it)
+    grads = torch.autograd.grad(loss, [q for _, q in keep.calls], allow_unused=True)
+    assert all(g is not None for g in grads)

@@ -104,12 +104,15 @@ class Dispatch:
             if not recompute and session.observing:
                 self.observers.append((session, heads))
 
-    def compute(self, call: AttentionCall) -> Tensor:
-        """The call's output (B, H, Q, Dv) from the chosen kernel."""
+    def announce(self, call: AttentionCall) -> None:
+        """Show the live call to the taps that want it, before it runs."""
         for session, _ in self.observers:
             for tap in session.taps:
                 if tap.wants_call:
                     tap.on_call(call)
+
+    def compute(self, call: AttentionCall) -> Tensor:
+        """The call's output (B, H, Q, Dv) from the chosen kernel."""
         return kernels.choose(call, self.mods, self.kernel).run(call, self.mods, self.chunk_elements)
 
     def observe(self, call: AttentionCall, out: Tensor | None) -> None:
@@ -132,6 +135,7 @@ class Dispatch:
 def run_call(call: AttentionCall, sessions: Sequence[AttentionSession], recompute: bool = False) -> Tensor:
     """The output (B, H, Q, Dv) of ``call`` through ``sessions`` (outermost first)."""
     dispatch = Dispatch(call, sessions, recompute)
+    dispatch.announce(call)
     out = dispatch.compute(call)
     dispatch.observe(call, out)
     return out

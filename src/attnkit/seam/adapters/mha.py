@@ -69,11 +69,13 @@ def _mha_forward(
     mask = _mask(attn_mask, kpm, is_causal, N, H, L, S, q.device, q.dtype)
     call = build_call(mha, site, q, k, v, mask=mask, is_causal=is_causal and attn_mask is None, dropout=mha.dropout)
     dispatch = Dispatch(call, attachment.sessions, recompute)
+    dispatch.announce(call)
 
     taps = [t for s, _ in dispatch.observers for t in s.taps]
     # Nothing changes: the class forward computes the output, bit for bit as ever. Only a tap that
-    # wants the gradient of the per-head output needs attnkit to compute it (equal to rounding).
-    if not dispatch.mods and not any(t.wants_grad_output for t in taps):
+    # wants the gradient of the per-head output, or the live call whose tensors make the output,
+    # needs attnkit to compute it (equal to rounding).
+    if not dispatch.mods and not any(t.wants_grad_output or t.wants_call for t in taps):
         dispatch.observe(call, dispatch.compute(call).detach() if any(t.wants_output for t in taps) else None)
         return class_forward()
 
