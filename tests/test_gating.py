@@ -253,3 +253,27 @@ def test_analyze_reports_gate_statistics():
     buf = StringIO()
     render_analysis(result, Console(file=buf, width=100))
     assert "output gates (headwise, 8 heads): mean gate 0.269" in buf.getvalue()
+
+
+def test_every_command_loads_a_gated_directory_with_its_trained_gates(gated_dir, capsys):
+    import json
+
+    from attnkit.cli.main import main
+    from attnkit.models.registry import load_model
+
+    trained = load_model(str(gated_dir))
+    gates = find_gates(trained.model)
+    assert len(gates) == 4  # the registry adds the directory's gates itself
+    with torch.no_grad():
+        for g in gates:  # "train" the gates: move them away from their identity start
+            g.net.out.weight.normal_(0, 0.5)
+    save_gates(trained.model, gated_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    again = load_model(str(gated_dir))
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, trained.model(ids).logits)
+    capsys.readouterr()
+    assert main(["analyze", str(gated_dir), "--text", "In the beginning God created the heaven", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["gates"] and all(0.0 < g["mean_gate"] < 1.0 for g in doc["gates"])
+    assert any(abs(g["mean_gate"] - 0.5) > 1e-3 for g in doc["gates"])

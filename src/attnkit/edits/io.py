@@ -88,9 +88,7 @@ def load_gated(directory: str | os.PathLike, **load_kwargs):
     from attnkit.models.registry import load_model
 
     read_gate_config(directory)  # a clear error before the model loads
-    loaded = load_model(str(directory), **load_kwargs)
-    load_gates(loaded.model, directory)
-    return loaded
+    return load_model(str(directory), **load_kwargs)  # which adds the gates of a gated directory
 
 
 def load_gates(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

@@ -129,6 +129,10 @@ def load_model(
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"cannot load the model weights from {path}: {_first_line(e)}") from e
     model.eval()
+    if local.exists() and (local / "gate_config.json").exists():
+        from attnkit.edits.io import load_gates
+
+        load_gates(model, local)  # a directory `attnkit gate` wrote: the model and its trained gates
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub_kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
