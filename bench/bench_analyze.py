@@ -58,8 +58,11 @@ from pathlib import Path
 
 CONFIGS = ("sdpa", "eager", "transformerlens", "attnkit-all", "attnkit-sampled")
 ROOT = Path(__file__).resolve().parents[1]
-MARK_START = "<!-- bench_analyze:start -->"
-MARK_END = "<!-- bench_analyze:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rss  # noqa: E402
+from results import markers, write_block  # noqa: E402
+
+MARK_START, MARK_END = markers("bench_analyze")
 
 
 # ---------------------------------------------------------------------------- models and forwards
@@ -189,25 +192,6 @@ def time_interleaved(lengths: list[int], configs: list[str], args: argparse.Name
 
 
 # ---------------------------------------------------------------------------- memory: fresh processes
-def _status() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-
-
-def _trim() -> None:
-    """Hand freed heap pages back to the kernel (glibc)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def memory_worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -218,13 +202,7 @@ def memory_worker(args: argparse.Namespace) -> None:
         del_out = fn(ids)  # warm-up
         del del_out
         for _ in range(args.mem_repeats):  # glibc was started with a fixed mmap threshold: RSS follows live memory
-            gc.collect()
-            _trim()
-            _reset_peak()
-            base = _status()["VmRSS"]
-            res = fn(ids)
-            peaks.append(_status()["VmHWM"] - base)
-            del res
+            peaks.append(rss.peak_of(lambda: fn(ids)))
     print("RESULT " + json.dumps({"config": args.worker, "length": args.length, "layers": args.layers, "peaks": peaks}))
 
 
@@ -234,8 +212,7 @@ def measure_memory(config: str, length: int, layers: int, args: argparse.Namespa
            "--sample-rows", str(args.sample_rows)]
     # glibc serves every allocation of 128 KiB or more with its own mmap and unmaps it when freed
     # (a fixed threshold, not raised after frees): RSS then follows live memory.
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error",
-               MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", **rss.FIXED_MMAP_ENV)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if not lines:
@@ -323,17 +300,6 @@ def target_lines(timing: dict, mem: dict, depth: list[dict], args: argparse.Name
                    f"layers, {_mib(hi['peak'])} MiB with {hi['layers']} ({grow:.2f}×; target: does not grow with "
                    f"the number of layers: {'met' if grow <= 1.1 else 'MISSED'})")
     return out
-
-
-def write_block(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + MARK_START + "\n" + MARK_END + "\n"
-    if MARK_START in text and MARK_END in text:
-        pre, rest = text.split(MARK_START, 1)
-        post = rest.split(MARK_END, 1)[1]
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -443,7 +409,7 @@ def main() -> None:
            "memory": [dict(r) for r in mem.values()], "depth": depth}
     lines += ["", "<details><summary>raw measurements (JSON)</summary>", "", "```json",
               json.dumps(raw, indent=None), "```", "</details>", MARK_END]
-    write_block(Path(args.out), "\n".join(lines))
+    write_block(Path(args.out), "bench_analyze", "\n".join(lines))
     print(f"wrote {args.out}")
 
 

@@ -31,21 +31,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK_START = "<!-- bench_monitor:start -->"
-MARK_END = "<!-- bench_monitor:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import markers, write_block  # noqa: E402
+
+MARK_START, MARK_END = markers("bench_monitor")
 ARMS = ("plain", "monitored", "every-step")
-
-
-def write_block(path: Path, block: str) -> None:
-    text = path.read_text()
-    if MARK_START in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main() -> None:
@@ -131,7 +121,7 @@ def main() -> None:
     block_text = "\n".join(lines)
     print(block_text)
     if not args.no_write:
-        write_block(ROOT / "BENCHMARKS.md", block_text)
+        write_block(ROOT / "BENCHMARKS.md", "bench_monitor", block_text)
 
 
 if __name__ == "__main__":

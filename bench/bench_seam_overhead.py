@@ -19,12 +19,15 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK_START = "<!-- bench_seam_overhead:start -->"
-MARK_END = "<!-- bench_seam_overhead:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import markers, write_block  # noqa: E402
+
+MARK_START, MARK_END = markers("bench_seam_overhead")
 CONFIGS = ("plain", "inactive", "unobserved", "observed")
 
 
@@ -87,7 +90,7 @@ def main() -> None:
     every = 50
     mix = (ratio["observed"] + (every - 1) * ratio["unobserved"]) / every
     lines = [MARK_START, f"### Results ({_dt.datetime.now():%Y-%m-%d %H:%M})", "",
-             f"- command: `python bench/bench_seam_overhead.py"
+             "- command: `python bench/bench_seam_overhead.py"
              + "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                        if k != "no_write" and v != p.get_default(k)) + "`",
              f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, threads {args.threads}; "
@@ -103,16 +106,8 @@ def main() -> None:
     block = "\n".join(lines)
     print(block)
     if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text()
-        if MARK_START in text:
-            head, rest = text.split(MARK_START, 1)
-            text = head + block + rest.split(MARK_END, 1)[1]
-        else:
-            text = text.rstrip() + "\n\n## What an attached session costs in training (`bench/bench_seam_overhead.py`)\n\n" + block + "\n"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_block(ROOT / "BENCHMARKS.md", "bench_seam_overhead", block,
+                    "## What an attached session costs in training (`bench/bench_seam_overhead.py`)")
 
 
 if __name__ == "__main__":

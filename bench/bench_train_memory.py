@@ -35,11 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
+from results import markers, write_block  # noqa: E402
 
 CONFIGS = ("sdpa", "eager-softcap", "attnkit-softcap", "attnkit-nockpt")
 ROOT = Path(__file__).resolve().parents[1]
-MARK_START = "<!-- bench_train_memory:start -->"
-MARK_END = "<!-- bench_train_memory:end -->"
+MARK_START, MARK_END = markers("bench_train_memory")
 
 
 def build(args):
@@ -152,18 +152,6 @@ def time_interleaved(args) -> dict:
     return {"times": times, "median": {n: statistics.median(t) for n, t in times.items()}, "ratio": ratios}
 
 
-def write_block(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--length", type=int, default=1024)
@@ -209,7 +197,8 @@ def main() -> None:
     block = "\n".join(lines)
     print(block)
     if not args.no_write:
-        write_block(ROOT / "BENCHMARKS.md", block)
+        write_block(ROOT / "BENCHMARKS.md", "bench_train_memory", block,
+                    "## Training-step memory with a soft-cap through the seam (`bench/bench_train_memory.py`)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""Writing a benchmark's results into BENCHMARKS.md: each script owns one marked block.
+
+A block starts with ``<!-- NAME:start -->`` and ends with ``<!-- NAME:end -->``; a run replaces
+its own block and leaves the rest of the file alone. A block not there yet is appended, after its
+section heading when one is given. The file is written whole (a temporary file, then a rename).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_block(path: Path, name: str, block: str, heading: str | None = None) -> None:
+    """Put ``block`` (which begins and ends with ``markers(name)``) in place of the old one in ``path``."""
+    start, end = markers(name)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + (f"{heading}\n\n" if heading else "") + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
