@@ -316,3 +316,31 @@ def test_repeated_calls_are_passes_only_inside_the_models_forward():
     with torch.no_grad(), attach(twice, taps=[capture]):
         twice(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     assert [(s.stack, s.layer) for s in capture.maps] == [("", 0), ("", 1), ("pass 2", 0), ("pass 2", 1)]
+
+
+def test_sink_model_row_spread_is_measured_around_what_the_sink_leaves():
+    """gpt-oss: each row's weights over the keys sum below one (a learned sink takes the rest).
+    The statistics' row_std must be the population std of the captured weights over the visible
+    keys, computed here directly from MapCapture's maps — not one around 1/n."""
+    from arch_zoo import by_name
+
+    from attnkit.seam import MapCapture, StatsCollector, attach
+
+    model, inputs = by_name("gpt_oss").build()
+    stats, maps = StatsCollector(), MapCapture(keep_allowed=True)
+    with torch.no_grad(), attach(model, taps=[stats, maps]):
+        model(**inputs)
+    checked = 0
+    for head in stats.heads():
+        site = next(s for s in maps.maps if s.layer == head["layer"] and s.stack == head["stack"])
+        p, allowed = maps.maps[site][:, head["head"]], maps.allowed[site][:, head["head"]]  # (B, Q, K)
+        n = allowed.sum(-1)
+        use = n >= 2
+        mass = p.sum(-1)
+        assert bool((mass[use] < 1 - 1e-3).any()), "the sink must take a visible share of some rows"
+        mean = mass / n
+        var = (torch.where(allowed, p, 0.0).square().sum(-1) / n - mean.square()).clamp_min(0)
+        want = float(var.sqrt()[use].double().mean())
+        assert head["row_std"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+        checked += 1
+    assert checked > 0

@@ -39,6 +39,8 @@ class RowChunk:
     logit_max / logit_min: optional (B, H, R), the largest / smallest logit over visible keys
         (-inf / +inf for rows that see nothing, NaN where a visible logit is NaN), for a
         producer that has them already; they must equal ``rows.logit_extremes(logits, allowed)``
+    rows_sum_below_one: the model has learned sinks (gpt-oss): each row's weights over the keys
+        sum to what the sink leaves, and the spread of a row is measured around that mass
     """
 
     logits: Tensor
@@ -52,6 +54,7 @@ class RowChunk:
     qk_absmax: Tensor
     logit_max: Tensor | None = None
     logit_min: Tensor | None = None
+    rows_sum_below_one: bool = False  # a learned sink takes part of each row (gpt-oss)
 
 
 class HeadStatsAccumulator:
@@ -106,6 +109,7 @@ class HeadStatsAccumulator:
             diagonal_mass=R.diagonal_mass(probs, c.query_positions),
             mean_distance=R.mean_distance(probs, c.query_positions),
             nonfinite_logits=nonfinite, nan_logits=nans, finite=finite,
+            row_mass=probs.sum(-1) if c.rows_sum_below_one else None,
         )
         self.update_rows(stats, c.row_valid, c.query_norm, c.key_norm_max, c.scale, c.qk_absmax)
 
@@ -150,7 +154,7 @@ class HeadStatsAccumulator:
             "effective_keys": R.effective_keys(entropy),
             "max_attention": max_p,
             "spike": (max_p > SPIKE_THRESHOLD).to(max_p.dtype),
-            "row_std": R.std_from_sum_sq(s.sum_sq, n),
+            "row_std": R.std_from_sum_sq(s.sum_sq, n, s.row_mass),
             "max_over_uniform": max_p * n,
             "sink_mass": s.sink_mass,
             "uniform_share": 1.0 / n.to(max_p.dtype),

@@ -65,6 +65,7 @@ class RowStats:
     nan_logits: Tensor | None = None
     finite: Tensor | None = None
     qk_absmax: Tensor | None = None  # largest |q.k| over visible keys, when the producer has it
+    row_mass: Tensor | None = None  # the keys' share of the row when a learned sink takes the rest; None = 1
 
 
 def cat_rows(parts: list[RowStats]) -> RowStats:

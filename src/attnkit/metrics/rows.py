@@ -50,10 +50,11 @@ def sum_sq(probs: Tensor) -> Tensor:
     return (probs * probs).sum(-1)
 
 
-def std_from_sum_sq(row_sum_sq: Tensor, n_visible: Tensor) -> Tensor:
-    """``std_over_visible`` from a row's sum of squared weights (rows sum to one)."""
+def std_from_sum_sq(row_sum_sq: Tensor, n_visible: Tensor, row_mass: Tensor | None = None) -> Tensor:
+    """``std_over_visible`` from a row's sum of squared weights. The weights sum to one, or to
+    ``row_mass`` where a learned sink (a key without a value) takes the rest of the row."""
     n = n_visible.clamp_min(1).to(row_sum_sq.dtype)
-    mean = 1.0 / n
+    mean = (1.0 if row_mass is None else row_mass.to(row_sum_sq.dtype)) / n
     sq = row_sum_sq / n
     return (sq - mean * mean).clamp_min(0).sqrt()
 

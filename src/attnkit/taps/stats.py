@@ -91,6 +91,7 @@ class StatsCollector(Tap):
             qk_absmax=chunk.qk_absmax,
             logit_max=chunk.logit_max,
             logit_min=chunk.logit_min,
+            rows_sum_below_one=chunk.sinks is not None,
         ))
 
     def all_reduce(self, group=None) -> None:
