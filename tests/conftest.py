@@ -8,6 +8,8 @@ probabilities against a reference must be able to tell the difference.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import pytest
 import torch
@@ -128,3 +130,15 @@ def _fastpath_guard():
     after = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(before)
     assert after == before, "torch.backends.mha fast-path flag leaked out of a test"
+
+
+def cannot_create_in(directory: str) -> bool:
+    """True when no new file can be made in ``directory`` (a read-only place, whoever we are)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory)
+    except OSError:
+        return True
+    os.close(fd)
+    os.unlink(name)
+    return False
+

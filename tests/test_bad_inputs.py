@@ -14,11 +14,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import cannot_create_in
 
 import attnkit.models
 from attnkit.cli.main import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, main
@@ -70,17 +70,7 @@ def broken(tmp_path_factory) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def _cannot_create_in(directory: str) -> bool:
-    try:
-        fd, name = tempfile.mkstemp(dir=directory)
-    except OSError:
-        return True
-    os.close(fd)
-    os.unlink(name)
-    return False
-
-
-SYS_READ_ONLY = os.path.isdir("/sys") and _cannot_create_in("/sys")
+SYS_READ_ONLY = os.path.isdir("/sys") and cannot_create_in("/sys")
 
 T = ["--text", "In the beginning God created the heaven and the earth."]
 

@@ -2,10 +2,10 @@
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import cannot_create_in
 
 from attnkit.errors import UserError
 from attnkit.report import io as report_io
@@ -120,17 +120,7 @@ def test_read_only_file_and_directory_are_refused(tmp_path):
         os.chmod(ro_dir, 0o755)
 
 
-def _cannot_create_in(directory: str) -> bool:
-    try:
-        fd, name = tempfile.mkstemp(dir=directory)
-    except OSError:
-        return True
-    os.close(fd)
-    os.unlink(name)
-    return False
-
-
-@pytest.mark.skipif(not (os.path.isdir("/sys") and _cannot_create_in("/sys")), reason="needs a directory nobody may write (/sys)")
+@pytest.mark.skipif(not (os.path.isdir("/sys") and cannot_create_in("/sys")), reason="needs a directory nobody may write (/sys)")
 def test_a_directory_that_refuses_new_files_is_refused(tmp_path):
     # /sys refuses new files even to root (read-only or a pseudo filesystem): the probe must see it.
     with pytest.raises(UserError, match=r"--html /sys/report.html cannot be written"):
