@@ -203,7 +203,7 @@ def memory_worker(args: argparse.Namespace) -> None:
         del del_out
         for _ in range(args.mem_repeats):  # glibc was started with a fixed mmap threshold: RSS follows live memory
             peaks.append(rss.peak_of(lambda: fn(ids)))
-    print("RESULT " + json.dumps({"config": args.worker, "length": args.length, "layers": args.layers, "peaks": peaks}))
+    rss.report({"config": args.worker, "length": args.length, "layers": args.layers, "peaks": peaks})
 
 
 def measure_memory(config: str, length: int, layers: int, args: argparse.Namespace) -> dict:
@@ -212,12 +212,7 @@ def measure_memory(config: str, length: int, layers: int, args: argparse.Namespa
            "--sample-rows", str(args.sample_rows)]
     # glibc serves every allocation of 128 KiB or more with its own mmap and unmaps it when freed
     # (a fixed threshold, not raised after frees): RSS then follows live memory.
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", **rss.FIXED_MMAP_ENV)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"{config} at {length} tokens (memory) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = rss.run_fresh(cmd, f"{config} at {length} tokens (memory)")
     r["peak"] = max(r["peaks"])
     return r
 

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -120,19 +119,14 @@ def memory_worker(args) -> None:
     fn = steps(build(args), args)[args.worker]
     fn()  # warm-up: optimizer-free, but grads are allocated once here
     peaks = [rss.peak_of(fn) for _ in range(args.mem_repeats)]
-    print("RESULT " + json.dumps({"config": args.worker, "peaks": peaks}))
+    rss.report({"config": args.worker, "peaks": peaks})
 
 
 def measure_memory(config: str, args) -> int:
     cmd = [sys.executable, __file__, "--worker", config, "--length", str(args.length), "--layers", str(args.layers),
            "--vocab", str(args.vocab), "--cap", str(args.cap), "--mem-repeats", str(args.mem_repeats),
            "--threads", str(args.threads)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", **rss.FIXED_MMAP_ENV)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"{config} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return max(json.loads(lines[-1][7:])["peaks"])
+    return max(rss.run_fresh(cmd, f"{config} (memory)")["peaks"])
 
 
 def time_interleaved(args) -> dict:

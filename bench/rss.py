@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,3 +46,20 @@ def peak_of(step: Callable[[], object]) -> int:
     peak = status()["VmHWM"] - base
     del result
     return peak
+
+
+def report(result: dict) -> None:
+    """What a worker process prints for ``run_fresh`` to read."""
+    print("RESULT " + json.dumps(result))
+
+
+def run_fresh(cmd: list[str], what: str) -> dict:
+    """Run a worker (``cmd``, which ends by calling ``report``) in a fresh process with the fixed
+    mmap threshold, and return what it reported; its output in the error when it reports nothing."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", **FIXED_MMAP_ENV)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"{what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
