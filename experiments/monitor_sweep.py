@@ -216,6 +216,8 @@ def main() -> None:
     p.add_argument("--horizon", type=float, default=Thresholds().horizon,
                    help="logit_growth warns when the projected steps to the danger threshold are at most this many "
                    "window spans (the held-out run uses 1.0, chosen on the first sweep)")
+    p.add_argument("--no-rescue", action="store_true",
+                   help="base runs only (their traces can be re-scored offline; rescues run later)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,7 +234,7 @@ def main() -> None:
         for lr in [float(x) for x in args.lrs.split(",")]:
           for temp in [float(x) for x in args.temperatures.split(",")]:  # noqa: E111
             for seed in [int(s) for s in args.seeds.split(",")]:
-                for rescue in (False, True):
+                for rescue in (False,) if args.no_rescue else (False, True):
                     if rescue and runs[-1]["first_warning"] is None:
                         continue  # nothing to act on (a rescue of a run that turns out stable is not counted)
                     r = train(arch, lr, seed, ids, vocab, args, out, rescue, temp)
