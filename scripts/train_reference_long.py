@@ -1,0 +1,294 @@
+"""Train attnkit's ``reference-long`` model: a small Llama on the King James Bible, 1024-token context, on CPU.
+
+    python scripts/train_reference_long.py                       # ~55 min on one CPU thread; writes src/attnkit/models/reference_long/
+    python scripts/train_reference_long.py --out runs/rl_seed2 --seed 2 --no-card   # the reproduction run
+    python scripts/train_reference_long.py --card-only           # re-measure and rewrite the model card only
+    python scripts/reference_long_card.py --reproduction runs/rl_seed2    # ... and record the second run in it
+
+Steps: (1) take the tokenizer of ``reference`` (1,024 byte-level BPE symbols trained on the KJV
+train split), so both models are scored on the same tokens; (2) train a ``LlamaForCausalLM`` (RoPE,
+grouped-query attention, RMSNorm, SwiGLU) on 1024-token windows of the train stream, each opened
+by the ``<|endoftext|>`` token as a BOS, a share of them carrying a span repeated at a distance (so
+that copying across hundreds of tokens is worth learning); (3) save it in Hugging Face format
+(safetensors), with HF checkpoints every ``--checkpoint-every`` steps under ``runs/reference_long/``;
+(4) measure it (``scripts/reference_long_card.py``) and write the model card from those
+measurements. Everything is seeded; on the same machine and thread count a rerun gives the same
+weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "src" / "attnkit" / "models" / "reference_long"
+TOKENIZER_FROM = REPO / "src" / "attnkit" / "models" / "reference"
+EOT = "<|endoftext|>"
+LOG_EVERY = 100
+IGNORE = -100  # cross-entropy's ignore_index
+
+
+@dataclass
+class TrainConfig:
+    # Model: the reference model's width and depth (4 layers: two-layer circuits, previous-token
+    # head feeding an induction head, can form), Llama-shaped. 4 query heads of 32 dims sharing 2
+    # key/value heads (grouped-query attention, as in Llama 3 / Qwen / Mistral). SwiGLU width 384
+    # (3 x width, Llama's 8/3 rounded up to a multiple of 64).
+    hidden_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2
+    intermediate_size: int = 384
+    rope_theta: float = 10_000.0
+    context: int = 1024
+    # Copy windows: in this share of the training windows a span of copy_min..copy_max tokens is
+    # repeated later in the same window (at any distance that fits, so up to ~900 tokens), half of
+    # them natural text already in the window, half random tokens (whose first copy is not scored:
+    # it cannot be predicted). Natural KJV text repeats itself (refrains, genealogies, parallel
+    # passages) but rarely at 500+ tokens within one window; without such windows a long-context
+    # model has little reason to look further back than a few sentences.
+    copy_share: float = 0.2
+    copy_min: int = 16
+    copy_max: int = 128
+    copy_random_share: float = 0.5
+    # Optimisation: AdamW as in the reference model; 8,000 steps of 2 x 1024 tokens (16.4M tokens,
+    # ~13 passes over the 1.2M-token train split) fit one CPU thread in under an hour.
+    steps: int = 8_000
+    batch_size: int = 2
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 300
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    eval_blocks: int = 8
+    checkpoint_every: int = 1_000
+    seed: int = 1234
+    threads: int = 1
+
+
+def parse_args() -> tuple[argparse.Namespace, TrainConfig]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: the shipped model)")
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help="where intermediate HF checkpoints go (default: runs/<name of --out>)")
+    p.add_argument("--card-only", action="store_true", help="skip training; measure the model in --out and write its card")
+    p.add_argument("--no-card", action="store_true", help="train and save, but do not measure or write the card")
+    cfg = TrainConfig()
+    for name, value in asdict(cfg).items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = p.parse_args()
+    return args, TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def training_windows(train_ids: torch.Tensor, cfg: TrainConfig, bos: int, vocab: int,
+                     g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) inputs and labels: BOS + T-1 tokens at a random offset, some with a repeated span."""
+    T = cfg.context
+    starts = torch.randint(0, train_ids.numel() - T, (cfg.batch_size,), generator=g)
+    x = torch.stack([torch.cat([torch.tensor([bos]), train_ids[s : s + T - 1]]) for s in starts.tolist()])
+    labels = x.clone()
+    for b in range(cfg.batch_size):
+        if torch.rand((), generator=g) >= cfg.copy_share:
+            continue
+        L = int(torch.randint(cfg.copy_min, cfg.copy_max + 1, (), generator=g))
+        first = 1 + int(torch.randint(0, T - 2 * L - 1, (), generator=g))
+        second = int(torch.randint(first + L, T - L + 1, (), generator=g))  # distance second - first >= L
+        if torch.rand((), generator=g) < cfg.copy_random_share:
+            span = torch.randint(0, vocab, (L,), generator=g)
+            span[span == bos] = (bos + 1) % vocab
+            x[b, first : first + L] = span
+            labels[b, first : first + L] = IGNORE
+        x[b, second : second + L] = x[b, first : first + L]
+        labels[b, second : second + L] = x[b, second : second + L]
+    return x, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Decay matrices and the token table; RMSNorm gains are left alone.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def make_model(cfg: TrainConfig, vocab: int, eot: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=cfg.context,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=True,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+
+
+def periodic_check(model, val_blocks: list[torch.Tensor], vocab: int, eot: int) -> dict:
+    """Validation loss on a few 1024-token blocks and the heads forming (seam, 2 blocks)."""
+    from attnkit.analyze.heads import measure_head_roles
+    from attnkit.perplexity import evaluate_perplexity
+
+    val = evaluate_perplexity(model, val_blocks, batch_size=4)
+    roles = measure_head_roles(model, torch.stack(val_blocks[:2]), vocab, first_token=eot, exclude={eot},
+                               repeat_length=256, batch=2)
+    model.train()
+    return {
+        "val_loss": round(val.nll, 4),
+        "best_previous_token": round(roles.best("previous_token").previous_token, 3),
+        "best_induction": round(roles.best("induction").induction, 3),
+        "best_sink": round(roles.best("sink").sink, 3),
+        "copy_gain": round(roles.copy_gain, 3),
+    }
+
+
+def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import AutoTokenizer
+
+    from attnkit.data import encode_documents, load_corpus, split_blocks
+
+    console = Console()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_FROM)
+    tokenizer.model_max_length = cfg.context
+    tokenizer.save_pretrained(out)
+    corpus = load_corpus("kjv")
+    train_ids = encode_documents(tokenizer, corpus.splits["train"])
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    vocab = len(tokenizer)
+    # Validation blocks as the card scores them: BOS + 1023 tokens.
+    val_ids = encode_documents(tokenizer, corpus.splits["validation"])
+    val_blocks = [torch.cat([torch.tensor([eot]), b]) for b in split_blocks(val_ids, cfg.context - 1)
+                  if b.numel() == cfg.context - 1][: cfg.eval_blocks]
+    console.print(f"tokenizer: {vocab} symbols (reference's); train stream {train_ids.numel():,} tokens")
+
+    model = make_model(cfg, vocab, eot)
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    batches = torch.Generator().manual_seed(cfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    console.print(f"model: {n_params:,} parameters; {cfg.steps} steps x {cfg.batch_size} x {cfg.context} tokens")
+
+    log: list[dict] = []
+    t_train, cpu_train = time.time(), time.process_time()
+    columns = [
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("val {task.fields[val]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=cfg.steps, loss=float("nan"), val="-")
+        running = None
+        for step in range(cfg.steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, labels = training_windows(train_ids, cfg, eot, vocab, batches)
+            loss = model(input_ids=x, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            entry = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr}
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                entry.update(periodic_check(model, val_blocks, vocab, eot))
+                entry["seconds"] = round(time.time() - t_train, 1)
+                progress.update(task, val=f"{entry['val_loss']:.3f}")
+                progress.console.print(
+                    f"step {step + 1}: train loss {running:.3f}, val loss {entry['val_loss']:.3f}, "
+                    f"best previous-token {entry['best_previous_token']:.2f}, induction {entry['best_induction']:.2f}, "
+                    f"sink {entry['best_sink']:.2f}, copy gain {entry['copy_gain']:.2f} nats"
+                )
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(model, tokenizer, checkpoints / f"checkpoint-{step + 1}")
+            if (step + 1) % LOG_EVERY == 0 or "val_loss" in entry:
+                log.append(entry)
+            progress.update(task, advance=1, loss=running)
+    train_seconds = time.time() - t_train
+    cpu_seconds = time.process_time() - cpu_train  # tells an unshared machine's wall time when others share the cores
+
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    record = {
+        "config": asdict(cfg),
+        "parameters": n_params,
+        "train_tokens": train_ids.numel(),
+        "tokens_seen": cfg.steps * cfg.batch_size * cfg.context,
+        "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(cpu_seconds, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "machine": {"cpu_threads": cfg.threads, "platform": platform.platform(), "torch": torch.__version__},
+        "log": log,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    console.print(f"saved to {out} ({train_seconds / 60:.1f} min of training)")
+
+
+def save_checkpoint(model, tokenizer, path: Path) -> None:
+    """An HF checkpoint written whole or not at all (other work loads these while training runs)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def main() -> int:
+    args, cfg = parse_args()
+    checkpoints = args.checkpoints or REPO / "runs" / args.out.name
+    if not args.card_only:
+        train(args.out, checkpoints, cfg)
+    if not args.no_card:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from reference_long_card import write_card
+
+        write_card(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
