@@ -8,6 +8,11 @@ a name to it; ``AttentionMonitor(detectors=[...])`` picks some. Thresholds and w
   ``fit_r2``) that rose by ≥ ``growth_min``× and reaches ``logit_danger`` within ``horizon``
   window spans, from at least ``logit_floor`` (logits start near 0 and grow while a model learns): exponential growth, the precursor of divergence in Wortsman et al. 2023 and
   ViT-22B. ``logit_danger`` = 100 is MuonClip's τ (Kimi K2).
+- ``softmax_saturation``: the instability predictor. At least ``entropy_heads`` of all heads show
+  that logit growth (within ``saturation_horizon`` window spans) while at least ``entropy_heads``
+  of all heads lost ``entropy_drop`` of their entropy over the same window: the softmax of the
+  whole model saturating, not one head specialising. Calibrated on seeds 0-1 of the LR sweep
+  (``experiments/monitor_sweep.py``), judged on held-out seeds (README).
 - ``overflow_risk``: max logit ≥ ``logit_danger`` now.
 - ``entropy_fall``: a head's entropy fell by ≥ ``entropy_drop`` (relative) over the window while
   at least ``entropy_heads`` of all heads did the same: entropy collapse (Zhai et al. 2023)
@@ -41,6 +46,7 @@ class Thresholds:
     growth_min: float = 1.25
     fit_r2: float = 0.8
     horizon: float = 8.0  # projected steps to danger, in window spans
+    saturation_horizon: float = 2.0  # the same for softmax_saturation (chosen on the LR sweep's seeds 0-1)
     entropy_drop: float = 0.25
     entropy_heads: float = 0.5
     entropy_collapse: float = 0.5
@@ -83,20 +89,41 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return slope, r2
 
 
-def logit_growth(tr: Trends) -> list[Issue]:
+def _growth(tr: Trends, min_steps: int, horizon: float):
+    """Per series, over the last ``window`` observed steps: is log(max logit) a rising line (R² ≥
+    ``fit_r2``, risen ≥ ``growth_min``×, from ≥ ``logit_floor``) that reaches ``logit_danger``
+    within ``horizon`` window spans? Returns (hits, slope, projected steps, latest max logit) or
+    None when there are too few steps or a non-finite logit (the ``nonfinite`` detector's case)."""
     t = tr.t
     steps, logits = tr.steps[-t.window:], tr.metrics["logit_max"][-t.window:]
-    if len(steps) < max(4, t.window // 2) or not np.isfinite(logits).all():
-        return []
+    if len(steps) < min_steps or not np.isfinite(logits).all():
+        return None
     y = np.log(np.clip(logits, 1e-3, None))
     slope, r2 = _fit(steps.astype(float), y)
     span = float(steps[-1] - steps[0]) or 1.0
-    now = logits[-1]
     grew = y[-1] - y[0] >= math.log(t.growth_min)
     with np.errstate(divide="ignore", invalid="ignore"):
         projected = np.where(slope > 0, (math.log(t.logit_danger) - y[-1]) / slope, np.inf)
-    hits = ((slope > 0) & (r2 >= t.fit_r2) & grew & (projected <= t.horizon * span) & (now >= t.logit_floor)
-            & (now < t.logit_danger))
+    now = logits[-1]
+    hits = (slope > 0) & (r2 >= t.fit_r2) & grew & (projected <= horizon * span) & (now >= t.logit_floor)
+    return hits, slope, projected, now
+
+
+def _entropy_drop(tr: Trends, window: np.ndarray) -> np.ndarray:
+    """Relative fall of each head's entropy from the first to the last quarter of the window."""
+    q = max(1, len(window) // 4)
+    first, last = window[:q].mean(axis=0), window[-q:].mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.nan_to_num((first - last) / np.where(first > 0, first, np.nan))
+
+
+def logit_growth(tr: Trends) -> list[Issue]:
+    t = tr.t
+    g = _growth(tr, max(4, t.window // 2), t.horizon)
+    if g is None:
+        return []
+    hits, slope, projected, now = g
+    hits = hits & (now < t.logit_danger)
     out = []
     all_steps, all_logits = tr.steps, tr.metrics["logit_max"]
     for s in np.flatnonzero(hits):
@@ -107,6 +134,39 @@ def logit_growth(tr: Trends) -> list[Issue]:
             "logit_growth", "warning", tr.step, float(now[s]), t.logit_danger,
             f"max logit {now[s]:.1f} growing exponentially (doubling every {doubling:.0f} steps) since step {start}; "
             f"~{projected[s]:.0f} steps to {t.logit_danger:g}", site, head, start, float(projected[s])))
+    return out
+
+
+def softmax_saturation(tr: Trends) -> list[Issue]:
+    """Logit growth *and* entropy fall across the model at once: at least ``entropy_heads`` of all
+    heads have max logits growing exponentially toward ``logit_danger`` (within
+    ``saturation_horizon`` window spans) while at least ``entropy_heads`` of all heads lost
+    ``entropy_drop`` of their entropy over the same window — the softmax saturating, which is what
+    precedes the instability in ViT-22B and Wortsman et al. One head's logits growing is a head
+    specialising (it fired on half the healthy runs of the LR sweep); the whole model's, with
+    entropy going with them, is not. Needs a full window."""
+    t = tr.t
+    if len(tr.steps) < t.window:
+        return []
+    g = _growth(tr, t.window, t.saturation_horizon)
+    if g is None:
+        return []
+    growing, slope, projected, now = g
+    falling = _entropy_drop(tr, tr.metrics["entropy"][-t.window:]) >= t.entropy_drop
+    if growing.mean() < t.entropy_heads or falling.mean() < t.entropy_heads:
+        return []
+    both = growing & falling
+    ent = tr.metrics["entropy"][-1]
+    out = []
+    for s in np.flatnonzero(both if both.any() else growing):
+        site, head = tr.series[s]
+        start = int(tr.steps[int(np.nanargmin(tr.metrics["logit_max"][:, s]))])
+        out.append(Issue(
+            "softmax_saturation", "error", tr.step, float(now[s]), t.logit_danger,
+            f"{growing.sum()} of {len(growing)} heads' max logits growing exponentially and {falling.sum()} "
+            f"heads' entropy falling ≥{t.entropy_drop:.0%}: max logit {now[s]:.1f}, entropy {ent[s]:.2f} nats, "
+            f"since step {start}; ~{max(float(projected[s]), 0.0):.0f} steps to {t.logit_danger:g}",
+            site, head, start, max(float(projected[s]), 0.0)))
     return out
 
 
@@ -219,6 +279,7 @@ def nonfinite(tr: Trends) -> list[Issue]:
 
 DETECTORS: dict[str, Callable[[Trends], list[Issue]]] = {
     "logit_growth": logit_growth,
+    "softmax_saturation": softmax_saturation,
     "overflow_risk": overflow_risk,
     "entropy_fall": entropy_fall,
     "entropy_collapse": entropy_collapse,
