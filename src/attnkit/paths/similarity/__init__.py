@@ -1,0 +1,72 @@
+"""Cross-path similarity functions: a registry of small modules, one file each.
+
+A similarity maps the N paths' next-token distributions ``p`` of shape ``(..., N, V)`` to a score
+matrix ``S`` of shape ``(..., N, N)``; :func:`attnkit.paths.weights.path_weights` turns it into blend
+weights (temperature softmax over j != i, inactive paths masked). Every similarity is an
+``nn.Module`` (the parameter-free ones have no parameters), computes in float32 whatever the
+input dtype, and is safe for peaked, near-uniform and identical distributions.
+
+    >>> import torch
+    >>> from attnkit.paths.similarity import make_similarity
+    >>> sim = make_similarity("cosine")
+    >>> sim(torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
+    tensor([[1.0000, 0.6000],
+            [0.6000, 1.0000]])
+
+A new variant is one file with a module class and ``@register_similarity("name")``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from attnkit.errors import UserError
+
+SIMILARITIES: dict[str, type[nn.Module]] = {}
+
+
+def register_similarity(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make ``name`` available to :func:`make_similarity` and the decoder."""
+
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in SIMILARITIES and SIMILARITIES[name] is not cls:
+            raise ValueError(f"similarity {name!r} is already registered ({SIMILARITIES[name].__name__})")
+        SIMILARITIES[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+def list_similarities() -> list[str]:
+    return list(SIMILARITIES)
+
+
+def make_similarity(name: str | nn.Module, **kwargs) -> nn.Module:
+    """The similarity registered as ``name`` (a module is returned as it is).
+
+    Learnable variants need ``vocab_size`` (and take ``embedding``: the model's input embedding
+    matrix ``(V, d)`` as a frozen basis, so their parameters scale with d, not V).
+    """
+    if isinstance(name, nn.Module):
+        return name
+    if name not in SIMILARITIES:
+        raise UserError(f"unknown similarity {name!r}; choose one of {', '.join(SIMILARITIES)}")
+    try:
+        return SIMILARITIES[name](**kwargs)
+    except TypeError as e:
+        raise UserError(f"similarity {name!r}: {e}") from e
+
+
+# the built-in variants register themselves on import
+from attnkit.paths.similarity import (  # noqa: E402,F401
+    bahdanau,
+    bhattacharyya,
+    cosine,
+    jensen_shannon,
+    luong,
+    raw_dot,
+    scaled_dot,
+)

@@ -1,0 +1,41 @@
+"""Where the learnable similarities compare distributions: the vocabulary, or the model's embedding space.
+
+A learnable map on raw distributions costs V x r parameters per matrix (150k x 128 = 19.2M); the
+seed's full-rank Luong W would be V^2 = 22.5B. Projecting first through the model's own input
+embedding E (V, d) -- q = p E, the path's *expected* next embedding -- makes every learnable matrix
+d x r instead (2048 x 128 = 262k for a 3B Qwen), and E is borrowed, not copied: it is held outside
+the module's parameters and state dict (it belongs to the model) and used detached, as a fixed basis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from attnkit.errors import UserError
+
+
+class Basis(nn.Module):
+    """``p (..., N, V)`` -> ``(..., N, dim)``: identity on the vocabulary, or ``p @ E`` scaled to unit RMS."""
+
+    def __init__(self, vocab_size: int | None = None, embedding: torch.Tensor | nn.Embedding | None = None):
+        super().__init__()
+        if embedding is None and vocab_size is None:
+            raise UserError("a learnable similarity needs vocab_size, or the model's embedding to project through")
+        weight = embedding.weight if isinstance(embedding, nn.Embedding) else embedding
+        if weight is not None and (weight.dim() != 2 or (vocab_size is not None and weight.shape[0] != vocab_size)):
+            raise UserError(f"embedding must be (vocab_size, dim), got {tuple(weight.shape)} for vocab_size {vocab_size}")
+        self._borrowed = (weight,) if weight is not None else ()  # a tuple: not a registered parameter
+        self.vocab_size = int(weight.shape[0]) if weight is not None else int(vocab_size)
+        self.dim = int(weight.shape[1]) if weight is not None else self.vocab_size
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        if p.shape[-1] != self.vocab_size:
+            raise UserError(f"distributions over {p.shape[-1]} tokens given to a similarity built for {self.vocab_size}")
+        p = p.float()
+        if not self._borrowed:
+            return p  # (..., N, V)
+        e = self._borrowed[0].detach().float()  # (V, d)
+        # unit RMS: the learnable maps' initial scale does not depend on how the model scaled its embedding
+        e = e / e.pow(2).mean().sqrt().clamp_min(1e-12)
+        return p @ e  # (..., N, d)
