@@ -1,0 +1,85 @@
+"""The process group a training run is part of: one process, or ``torchrun`` with DDP.
+
+``torchrun`` sets RANK / WORLD_SIZE / MASTER_ADDR; ``init_from_env`` joins that group (gloo on
+the CPU, NCCL on CUDA) unless the caller already did. Gradients are averaged by torch's own
+``DistributedDataParallel``; attnkit only shards each global batch and averages logged numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    initialized_here: bool = False  # this run created the group and destroys it at the end
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_from_env() -> DistEnv:
+    """The group this process is in: an existing one, torchrun's (from the environment), or none."""
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return DistEnv()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), initialized_here=True)
+
+
+def wrap(module: nn.Module, env: DistEnv, find_unused_parameters: bool = False) -> nn.Module:
+    """``module`` in torch's DistributedDataParallel when there are several processes (else as is)."""
+    if not env.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, find_unused_parameters=find_unused_parameters)
+
+
+def shard(batch, env: DistEnv):
+    """This rank's share of a global batch: tensors (and tensors in dicts/tuples/lists) split on dim 0.
+
+    Equal shares, so the mean of the ranks' mean losses — what DDP's gradient averaging
+    computes — is the mean loss of the whole batch.
+    """
+    if not env.distributed:
+        return batch
+    if isinstance(batch, Tensor):
+        if batch.shape[0] % env.world_size:
+            raise ValueError(f"a global batch of {batch.shape[0]} does not split evenly over {env.world_size} processes")
+        return batch.chunk(env.world_size)[env.rank]
+    if isinstance(batch, dict):
+        return {k: shard(v, env) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(shard(v, env) for v in batch)
+    return batch
+
+
+def mean_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Logged numbers averaged over the ranks (each rank's are means over equal shares)."""
+    if not env.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
