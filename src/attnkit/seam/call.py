@@ -33,6 +33,8 @@ class AttentionCall:
     sinks: (B|1, H, Q|1, 1) learned sink logits, one per head (gpt-oss) or per head and query row
         (Inkling2): a key without a value that joins every row's softmax denominator; or None.
     native: the model's own kernel for this call (see ``NativeKernel``), None when there is none.
+    kv_groups: query heads per key/value head before the expansion (grouped-query attention; 1 = none):
+        ``key[:, ::kv_groups]`` are the model's own key heads.
     Queries sit at the last Q of the K key positions (a KV cache puts them at the end).
     """
 
@@ -49,6 +51,7 @@ class AttentionCall:
     softcap: float | None = None
     sinks: Tensor | None = None
     native: NativeKernel | None = None
+    kv_groups: int = 1
 
     @property
     def layer(self) -> int:
@@ -125,6 +128,7 @@ def build_call(
         softcap=softcap,
         sinks=sinks,
         native=native,
+        kv_groups=groups,
     )
 
 

@@ -1,0 +1,29 @@
+"""``attnkit.sparse``: block-sparse attention for pretrained models, training-free or with a learned gate.
+
+    from attnkit.sparse import SparseConfig, PATTERNS, make_gates, sparse_attention
+
+    cfg = SparseConfig(pattern="learned_gate", density=0.25, block_size=64)
+    gates = make_gates(model, cfg)               # None for training-free patterns
+    with sparse_attention(model, cfg, gates=gates) as handle:
+        out = model(input_ids=ids)               # block-sparse through the seam; model restored on exit
+        handle.density()                         # measured share of candidate key blocks kept
+        handle.gate_log_probs                    # {Site: (B, Hkv, nQb, nKb)} for a pooled-map loss
+
+Pieces: ``config`` (SparseConfig), ``blocks`` (block geometry, selection, pooling),
+``patterns/`` (the registry, a file each), ``gates`` (trainable gates beside the model),
+``block_attention`` (the portable gather kernel, with a backward), ``flex_block``
+(FlexAttention over the same selection), ``attention`` (the seam session and kernel entry).
+"""
+
+from attnkit.sparse.attention import SparseHandle, sparse_attention
+from attnkit.sparse.block_attention import block_sparse_attention, dense_reference
+from attnkit.sparse.blocks import BlockGeometry, BlockSelection, select_blocks
+from attnkit.sparse.config import SparseConfig
+from attnkit.sparse.gates import BlockGate, SparseGates, make_gates
+from attnkit.sparse.patterns import PATTERNS, BlockInputs, Pattern, register_pattern
+
+__all__ = [
+    "PATTERNS", "BlockGate", "BlockGeometry", "BlockInputs", "BlockSelection", "Pattern", "SparseConfig", "SparseGates",
+    "SparseHandle", "block_sparse_attention", "dense_reference", "make_gates", "register_pattern", "select_blocks",
+    "sparse_attention",
+]

@@ -1,0 +1,227 @@
+"""``sparse_attention``: block-sparse attention for a model, through the seam.
+
+    cfg = SparseConfig(pattern="moba", density=0.25)
+    with sparse_attention(model, cfg) as handle:
+        model(input_ids=ids).loss.backward()
+    handle.density()                     # the share of candidate key blocks kept, measured
+
+How it reaches the calls: a session (``attach``) whose mask modifier is a ``SparseSelector``
+and whose kernel is ``block_sparse``, an entry of attnkit's kernel registry. For each call the
+kernel asks the pattern for block scores (the learned gate: its site's ``BlockGate``), keeps the
+forced blocks and the best ones up to the density's budget (``blocks.select_blocks``), and runs
+FlexAttention or the portable gather kernel over them. The selector is also an ordinary
+FlexAttention ``mask_mod`` of the call's last selection, so taps attached to the same model see
+the probabilities of the blocks kept. On leaving the block (also through an exception) the
+model is exactly as it was: ``attach``'s contract.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.errors import UserError
+from attnkit.kernels import KERNELS, Kernel
+from attnkit.seam import AttentionSession, Site, attach
+from attnkit.seam.call import AttentionCall, causal_allowed
+from attnkit.seam.plan import Mods
+from attnkit.seam.session import in_backward
+from attnkit.sparse.block_attention import block_sparse_attention
+from attnkit.sparse.blocks import BlockGeometry, BlockSelection, select_blocks
+from attnkit.sparse.config import SparseConfig
+from attnkit.sparse.flex_block import flex_available, flex_block_attention
+from attnkit.sparse.gates import SparseGates
+from attnkit.sparse.patterns import BlockInputs, get_pattern
+
+KERNEL_NAME = "block_sparse"
+
+
+class SparseHandle:
+    """What ``sparse_attention`` yields: measurements of the calls seen, and this forward's gate scores.
+
+    gate_log_probs: {Site: (B, Hkv, nQb, nKb)} the gate's log-softmax over candidate key blocks
+        (-inf elsewhere) of this forward, with gradient (learned patterns; empty otherwise).
+    block_masks: {Site: (B, Hkv, nQb, nKb) bool} the blocks kept at each site in this forward.
+    kernels: how many calls ran on each kernel ("portable", "flex").
+    """
+
+    def __init__(self, cfg: SparseConfig, gates: SparseGates | None) -> None:
+        self.cfg, self.gates = cfg, gates
+        self.gate_log_probs: dict[Site, Tensor] = {}
+        self.block_masks: dict[Site, Tensor] = {}
+        self.kernels: Counter = Counter()
+        self._kept: Counter = Counter()
+        self._candidates: Counter = Counter()
+
+    def start_forward(self) -> None:
+        self.gate_log_probs, self.block_masks = {}, {}
+
+    def record(self, site: Site, sel: BlockSelection, kernel: str) -> None:
+        self._kept[site] += sel.kept_blocks()
+        self._candidates[site] += sel.candidate_blocks()
+        self.block_masks[site] = sel.block_mask()
+        if sel.log_probs is not None:
+            self.gate_log_probs[site] = sel.log_probs
+        self.kernels[kernel] += 1
+
+    def density(self, site: Site | None = None) -> float:
+        """Kept / candidate key blocks over every call seen (of ``site``, or of all sites)."""
+        kept = self._kept[site] if site is not None else sum(self._kept.values())
+        cand = self._candidates[site] if site is not None else sum(self._candidates.values())
+        return kept / cand if cand else float("nan")
+
+    def densities(self) -> dict[Site, float]:
+        return {s: self.density(s) for s in sorted(self._candidates)}
+
+    def reset(self) -> None:
+        self._kept.clear()
+        self._candidates.clear()
+        self.kernels.clear()
+
+
+class SparseSession(AttentionSession):
+    """An attention session whose calls run block-sparse; it tells its handle when a forward starts."""
+
+    def __init__(self, selector: "SparseSelector", handle: SparseHandle, layers=None, chunk_elements: int = 1 << 21) -> None:
+        super().__init__(mask_mods=[selector], kernel=KERNEL_NAME, layers=layers, chunk_elements=chunk_elements)
+        self.handle = handle
+
+    def start_forward(self) -> None:
+        super().start_forward()
+        self.handle.start_forward()
+
+
+class SparseSelector:
+    """The block selection of a session, as a FlexAttention ``mask_mod`` of the call's last selection.
+
+    ``run`` (the ``block_sparse`` kernel) selects the blocks of a call and computes its output;
+    ``__call__(b, h, q_idx, kv_idx)`` answers whether that key is in a kept block of that query.
+    """
+
+    def __init__(self, cfg: SparseConfig, gates: SparseGates | None, handle: SparseHandle) -> None:
+        self.cfg, self.gates, self.handle = cfg, gates, handle
+        self.pattern = get_pattern(cfg.pattern)
+        self._last: tuple[Tensor, BlockGeometry, int] | None = None
+        self.__name__ = f"sparse_{cfg.pattern}_{cfg.density:g}"
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        if self._last is None:
+            raise RuntimeError("the sparse selection is made by the block_sparse kernel; this call has none yet")
+        blocks, geo, groups = self._last
+        qb = (q_idx // geo.block_size - geo.first_block).clamp(0, geo.n_query_blocks - 1)
+        return blocks[b, h // groups, qb, kv_idx // geo.block_size]
+
+    def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor]:
+        """The call's selection and its per-KV-group key and value (B, Hkv, K, D)."""
+        groups = call.kv_groups
+        k, v = call.key[:, ::groups], call.value[:, ::groups]  # the model's own KV heads
+        geo = BlockGeometry(self.cfg.block_size, call.query_length, call.key_length, is_causal_call(call), call.query.device)
+        gate = None
+        if self.pattern.learned:
+            if self.gates is None:
+                raise UserError(f"the {self.cfg.pattern} pattern needs gates: make_gates(model, cfg)")
+            gate = self.gates[call.site]
+        # the gate learns from the model's queries and keys but does not push them
+        x = BlockInputs(call.query.detach(), k.detach(), geo, groups, gate)
+        forced = geo.forced(self.cfg.sink_blocks, self.cfg.local_blocks, self.cfg.keeps_sinks)
+        if gate is not None:
+            scores = self.pattern.score(x).float()
+            log_probs = torch.log_softmax(scores.masked_fill(~geo.candidates, float("-inf")), dim=-1)
+        else:
+            with torch.no_grad():
+                scores = self.pattern.score(x)
+            log_probs = None
+        scores = scores.expand(k.shape[0], k.shape[1], geo.n_query_blocks, geo.n_key_blocks)  # (B, Hkv, nQb, nKb)
+        sel = select_blocks(scores, geo, forced, self.cfg.density)
+        sel.log_probs = log_probs
+        return sel, k, v
+
+    def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
+        sel, k, v = self.select(call)
+        block_bias = None
+        if sel.log_probs is not None and self.cfg.gate_bias:
+            picked = torch.gather(sel.log_probs, -1, sel.indices)  # (B, Hkv, nQb, S)
+            block_bias = self.cfg.gate_bias * torch.where(sel.valid, picked, 0.0)
+        kernel = self._kernel(call, sel, others, block_bias)
+        allowed = call.allowed  # the causal triangle is applied inside the kernels
+        if kernel == "flex":
+            full_bias = None if block_bias is None else self.cfg.gate_bias * sel.log_probs
+            out = flex_block_attention(call.query, k, v, sel, scale=call.scale, block_log_probs=full_bias,
+                                       allowed=allowed, bias=call.bias, softcap=call.softcap)
+        else:
+            out = block_sparse_attention(
+                call.query, k, v, sel.indices, sel.valid, sel.geometry, scale=call.scale, block_bias=block_bias,
+                allowed=allowed, bias=call.bias, softcap=call.softcap, sinks=call.sinks, dropout_p=call.dropout_p,
+                mods=others, chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint,
+            )
+        self._last = (sel.block_mask(), sel.geometry, call.kv_groups)
+        if not in_backward():  # a checkpoint recompute is not a new call
+            self.handle.record(call.site, sel, kernel)
+        return out
+
+    def _kernel(self, call: AttentionCall, sel: BlockSelection, others: Mods, block_bias: Tensor | None) -> str:
+        """"flex" where FlexAttention runs this call, else "portable" (``SparseConfig.kernel``)."""
+        choice = self.cfg.kernel
+        if choice == "portable":
+            return "portable"
+        expressible = (flex_available() and sel.geometry.front == 0 and call.sinks is None and not call.dropout_p
+                       and not others)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (call.query, call.key, call.value, block_bias, call.bias))
+        on_cuda = call.query.device.type == "cuda"
+        if choice == "flex":
+            if not expressible or (needs_grad and not on_cuda):
+                raise UserError("FlexAttention cannot run this call (CPU with gradients, learned sinks, dropout, "
+                                "other modifiers, or queries not aligned to blocks); use kernel='portable' or 'auto'")
+            return "flex"
+        # auto: FlexAttention on CUDA, except where a gradient must reach the gate through its
+        # score modifier (captured-tensor gradients: left to the portable kernel, which is tested)
+        gate_grad = block_bias is not None and block_bias.requires_grad and torch.is_grad_enabled()
+        return "flex" if expressible and on_cuda and not gate_grad else "portable"
+
+
+def is_causal_call(call: AttentionCall) -> bool:
+    """Whether the call's mask hides every future key (then blocks after the query's are never candidates)."""
+    if call.is_causal:
+        return True
+    if call.allowed is None or call.query_length > call.key_length:
+        return False
+    allowed = call.allowed[..., : call.key_length]
+    if allowed.shape[-2] == 1 and call.query_length > 1:
+        return False
+    future = ~causal_allowed(call.query_length, call.key_length, allowed.device)
+    return not bool((allowed & future).any())
+
+
+def _supports(call: AttentionCall, mods: Mods, explicit: bool) -> bool:
+    return any(isinstance(m, SparseSelector) for m in mods.mask)
+
+
+def _run(call: AttentionCall, mods: Mods, chunk_elements: int) -> Tensor:
+    selector = next(m for m in mods.mask if isinstance(m, SparseSelector))
+    others = Mods(mods.score, tuple(m for m in mods.mask if m is not selector))
+    return selector.run(call, others, chunk_elements)
+
+
+KERNELS.setdefault(KERNEL_NAME, Kernel(KERNEL_NAME, _supports, _run))
+
+
+@contextmanager
+def sparse_attention(
+    model: nn.Module, cfg: SparseConfig, gates: SparseGates | None = None, layers: Sequence[int | Site] | None = None,
+) -> Iterator[SparseHandle]:
+    """Inside the ``with`` block every attention call of ``model`` (of ``layers``, if given) runs
+    block-sparse as ``cfg`` says; gradients reach the gates and whatever of the model requires
+    grad. The model is left exactly as found, also on an exception."""
+    pattern = get_pattern(cfg.pattern)
+    if pattern.learned and gates is None:
+        raise UserError(f"the {cfg.pattern} pattern needs gates: sparse_attention(model, cfg, gates=make_gates(model, cfg))")
+    handle = SparseHandle(cfg, gates)
+    selector = SparseSelector(cfg, gates, handle)
+    session = SparseSession(selector, handle, layers=layers, chunk_elements=cfg.chunk_elements)
+    with attach(model, session):
+        yield handle

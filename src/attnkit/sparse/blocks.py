@@ -1,0 +1,186 @@
+"""Blocks of one attention call: where they lie, what each query block may keep, and which it keeps.
+
+Tokens are cut into blocks of ``block_size`` by their *position among the keys*, for queries and
+keys alike, so query block i and key block i cover the same positions (a KV cache puts the
+queries at the end of the keys: the first query block may then start part-way, and is padded in
+front). The last block of each side is padded at the end. Padding never gets weight.
+
+    geo = BlockGeometry(block_size=64, query_length=T, key_length=T, causal=True)
+    sel = select_blocks(scores, geo, forced=geo.forced(1, 1, sinks=True), density=0.25)
+    sel.indices   # (B, Hkv, nQb, S) key-block numbers, the first sel.kept[..] of each row valid
+
+Every pattern hands ``select_blocks`` a score per (query block, key block): the same number of
+blocks is kept at a density whatever the pattern, the forced blocks (sinks, local) first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """The block layout of a call with ``query_length`` queries at the end of ``key_length`` keys."""
+
+    block_size: int
+    query_length: int
+    key_length: int
+    causal: bool = True
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def offset(self) -> int:
+        """Position among the keys of the first query (0 unless a KV cache precedes the queries)."""
+        return max(0, self.key_length - self.query_length) if self.causal else 0
+
+    @property
+    def front(self) -> int:
+        """Padding rows in front of the first query, so query blocks align with key blocks."""
+        return self.offset % self.block_size
+
+    @property
+    def first_block(self) -> int:
+        return self.offset // self.block_size
+
+    @property
+    def n_query_blocks(self) -> int:
+        return math.ceil((self.front + self.query_length) / self.block_size)
+
+    @property
+    def n_key_blocks(self) -> int:
+        return math.ceil(self.key_length / self.block_size)
+
+    @property
+    def padded_queries(self) -> int:
+        return self.n_query_blocks * self.block_size
+
+    @property
+    def padded_keys(self) -> int:
+        return self.n_key_blocks * self.block_size
+
+    @cached_property
+    def query_block_ids(self) -> Tensor:
+        """(nQb,) each query block's number in key-block numbering (its diagonal key block)."""
+        ids = torch.arange(self.n_query_blocks, device=self.device) + self.first_block
+        return ids.clamp(max=self.n_key_blocks - 1)
+
+    @cached_property
+    def candidates(self) -> Tensor:
+        """(nQb, nKb) bool: key blocks a query block may keep (no future block when causal)."""
+        kb = torch.arange(self.n_key_blocks, device=self.device)
+        if not self.causal:
+            return torch.ones(self.n_query_blocks, self.n_key_blocks, dtype=torch.bool, device=self.device)
+        return kb[None, :] <= self.query_block_ids[:, None]
+
+    def forced(self, sink_blocks: int, local_blocks: int, sinks: bool) -> Tensor:
+        """(nQb, nKb) bool: blocks always kept: the ``local_blocks`` ending at the query's own
+        block (around it, when not causal), and the first ``sink_blocks`` when ``sinks``."""
+        kb = torch.arange(self.n_key_blocks, device=self.device)[None, :]
+        qb = self.query_block_ids[:, None]
+        distance = qb - kb if self.causal else (qb - kb).abs()
+        keep = (distance >= 0) & (distance < local_blocks)
+        if sinks:
+            keep = keep | (kb < sink_blocks)
+        return keep & self.candidates
+
+    def budget(self, density: float, forced: Tensor) -> Tensor:
+        """(nQb,) long: blocks each query block keeps: ⌈density · candidates⌉, at least the forced
+        ones, at most the candidates. The same for every pattern at one density."""
+        n = self.candidates.sum(-1)
+        k = torch.ceil(n.double() * density - 1e-9).long()
+        return torch.minimum(torch.maximum(k, forced.sum(-1)), n).clamp(min=1)
+
+    def query_positions(self) -> Tensor:
+        """(nQb, bs) each padded query row's position among the keys."""
+        start = self.first_block * self.block_size
+        return (start + torch.arange(self.padded_queries, device=self.device)).view(self.n_query_blocks, self.block_size)
+
+
+@dataclass
+class BlockSelection:
+    """The key blocks each (batch, KV head, query block) keeps.
+
+    indices: (B, Hkv, nQb, S) long key-block numbers, S = the most any row keeps; slot s of a row
+        is used when ``valid`` (the first ``kept`` slots, forced blocks first, then by score).
+    valid: (B|1, Hkv|1, nQb, S) bool.
+    log_probs: (B, Hkv, nQb, nKb) the gate's log-probability of each key block (-inf where not a
+        candidate), for learned patterns; None otherwise.
+    """
+
+    indices: Tensor
+    valid: Tensor
+    geometry: BlockGeometry
+    log_probs: Tensor | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.indices.shape[-1]
+
+    def block_mask(self) -> Tensor:
+        """(B, Hkv, nQb, nKb) bool: True where the key block is kept."""
+        B, Hk, nQ, S = self.indices.shape
+        mask = torch.zeros(B, Hk, nQ, self.geometry.n_key_blocks, dtype=torch.bool, device=self.indices.device)
+        return mask.scatter_(-1, self.indices, self.valid.expand(B, Hk, nQ, S))
+
+    def kept_blocks(self) -> int:
+        """Kept (query block, key block) pairs, over batch and KV heads."""
+        B, Hk = self.indices.shape[:2]
+        return int(self.valid.expand(B, Hk, -1, -1).sum())
+
+    def candidate_blocks(self) -> int:
+        B, Hk = self.indices.shape[:2]
+        return int(self.geometry.candidates.sum()) * B * Hk
+
+
+def select_blocks(scores: Tensor, geo: BlockGeometry, forced: Tensor, density: float) -> BlockSelection:
+    """Keep, per row of ``scores`` (B, Hkv, nQb, nKb), the forced blocks and then the best-scored
+    candidates up to the row's budget. Ties go to the more recent block (so a constant score is
+    a sliding window), which also makes the choice deterministic."""
+    scores = scores.detach().float()
+    scores = scores.masked_fill(~geo.candidates, -math.inf).masked_fill(forced, math.inf)
+    scores = torch.nan_to_num(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
+    k = geo.budget(density, forced)  # (nQb,)
+    S = int(k.max())
+    nK = geo.n_key_blocks
+    # flip so that a stable descending sort puts the later of two equal blocks first
+    order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :S]
+    indices = (nK - 1) - order
+    valid = (torch.arange(S, device=scores.device)[None, :] < k[:, None])[None, None]  # (1, 1, nQb, S)
+    return BlockSelection(indices=indices, valid=valid, geometry=geo)
+
+
+# --- pooling: one vector (or three) per block ---------------------------------------------------
+
+def pooled_queries(q: Tensor, geo: BlockGeometry) -> Tensor:
+    """(B, H, nQb, D) mean query of each query block, over its real (unpadded) rows."""
+    B, H, Q, D = q.shape
+    bs = geo.block_size
+    padded = F.pad(q, (0, 0, geo.front, geo.padded_queries - geo.front - Q))
+    rows = torch.zeros(geo.padded_queries, device=q.device, dtype=q.dtype)
+    rows[geo.front: geo.front + Q] = 1
+    count = rows.view(-1, bs).sum(-1).clamp(min=1)  # (nQb,)
+    return padded.view(B, H, -1, bs, D).sum(3) / count[:, None]
+
+
+def pooled_keys(k: Tensor, geo: BlockGeometry) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, max, min) of each key block's real keys, each (B, Hkv, nKb, D)."""
+    B, H, K, D = k.shape
+    bs = geo.block_size
+    pad = geo.padded_keys - K
+    blocks = F.pad(k, (0, 0, 0, pad)).view(B, H, -1, bs, D)
+    count = torch.full((geo.n_key_blocks,), float(bs), device=k.device, dtype=k.dtype)
+    count[-1] = bs - pad
+    mean = blocks.sum(3) / count[:, None]
+    if pad:
+        real = (torch.arange(geo.padded_keys, device=k.device) < K).view(-1, bs)[None, None, :, :, None]
+        hi = blocks.masked_fill(~real, -math.inf).amax(3)
+        lo = blocks.masked_fill(~real, math.inf).amin(3)
+    else:
+        hi, lo = blocks.amax(3), blocks.amin(3)
+    return mean, hi, lo

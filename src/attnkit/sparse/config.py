@@ -1,0 +1,73 @@
+"""``SparseConfig``: which blocks each query block keeps, and how the kept blocks are computed.
+
+    cfg = SparseConfig(pattern="moba", density=0.25, block_size=64)
+
+Density is the knob: the share of a query block's candidate key blocks it keeps (the causal
+ones, for a causal model). Every pattern keeps the same number ``k`` of blocks at a density, so
+patterns compare at equal cost; a pattern only decides *which* blocks. Blocks a pattern always
+keeps (the local block, and for some the first "sink" blocks) count towards ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from attnkit.errors import UserError
+
+KERNEL_CHOICES = ("auto", "portable", "flex")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """pattern: a name in ``attnkit.sparse.PATTERNS``.
+    density: share of the candidate key blocks each query block keeps, in (0, 1]; 1.0 = dense.
+    block_size: tokens per query block and per key block.
+    sink_blocks: how many leading key blocks a sink-keeping pattern always keeps (StreamingLLM).
+    local_blocks: how many key blocks ending at the query's own block are always kept.
+    sinks: None = the pattern's own choice (see ``Pattern.sinks``); True / False to override.
+    kernel: "auto" (FlexAttention where it works, else the portable gather kernel), "portable", "flex".
+    checkpoint: recompute each query chunk in backward (only the chunk's inputs are kept), as the
+        seam's dense kernel does; False keeps the chunk's block logits (still O(T·k·block)).
+    chunk_elements: about how many attention scores one query chunk computes at once.
+    gate_dim: width of the learned gate's query/key projections.
+    gate_bias: weight of the gate's log-probability added to each kept block's scores, which
+        gives the gate a gradient from the model's loss (0 = selection only; see ``block_attention``).
+    """
+
+    pattern: str = "sinks_window"
+    density: float = 0.25
+    block_size: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    sinks: bool | None = None
+    kernel: str = "auto"
+    checkpoint: bool = True
+    chunk_elements: int = 1 << 21
+    gate_dim: int = 32
+    gate_bias: float = 1.0
+
+    def __post_init__(self) -> None:
+        from attnkit.sparse.patterns import PATTERNS
+
+        if self.pattern not in PATTERNS:
+            raise UserError(f"unknown sparse pattern '{self.pattern}' (known: {', '.join(PATTERNS)})")
+        if not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0 and math.isfinite(self.density)):
+            raise UserError(f"density must be in (0, 1], got {self.density!r}")
+        if int(self.block_size) != self.block_size or self.block_size < 1:
+            raise UserError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.sink_blocks < 0 or self.local_blocks < 1:
+            raise UserError("sink_blocks must be >= 0 and local_blocks >= 1")
+        if self.kernel not in KERNEL_CHOICES:
+            raise UserError(f"unknown sparse kernel '{self.kernel}' (known: {', '.join(KERNEL_CHOICES)})")
+        if self.chunk_elements < 1 or self.gate_dim < 1:
+            raise UserError("chunk_elements and gate_dim must be >= 1")
+
+    @property
+    def keeps_sinks(self) -> bool:
+        from attnkit.sparse.patterns import PATTERNS
+
+        return PATTERNS[self.pattern].sinks if self.sinks is None else bool(self.sinks)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

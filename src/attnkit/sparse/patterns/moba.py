@@ -1,0 +1,32 @@
+"""``moba``: training-free top-k key blocks by ⟨mean query of the query block, mean key of the key block⟩.
+
+MoBA (Lu et al. 2025) scores each key block by q·mean(K_block) and keeps the top-k, the current
+block always. Here the query is the query block's mean (one selection per query block, so the
+kept K/V blocks are gathered once per block) and the score is summed over the query heads of a
+KV group (the group shares its blocks).
+
+    >>> geo = BlockGeometry(block_size=2, query_length=6, key_length=6)
+    >>> q = torch.ones(1, 1, 6, 1); k = torch.tensor([5., 5., -1., -1., 0., 0.]).view(1, 1, 6, 1)
+    >>> x = BlockInputs(q, k, geo, groups=1)
+    >>> select_blocks(moba_score(x), geo, geo.forced(0, 1, sinks=False), 0.5).block_mask()[0, 0].int()
+    tensor([[1, 0, 0],
+            [1, 1, 0],
+            [1, 0, 1]], dtype=torch.int32)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit.sparse.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
+from attnkit.sparse.patterns import BlockInputs, Pattern
+
+
+def moba_score(x: BlockInputs) -> Tensor:
+    q = x.query_means.float().sum(2)  # (B, Hkv, nQb, D): the group's heads summed
+    k_mean = x.key_stats[0].float()  # (B, Hkv, nKb, D)
+    return torch.matmul(q, k_mean.transpose(-1, -2))  # (B, Hkv, nQb, nKb)
+
+
+PATTERN = Pattern("moba", moba_score, sinks=False)
