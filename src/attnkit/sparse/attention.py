@@ -68,6 +68,11 @@ class SparseHandle:
             self.gate_log_probs[site] = sel.log_probs
         self.kernels[kernel] += 1
 
+    @property
+    def kept_blocks(self) -> dict[Site, Tensor]:
+        """``block_masks`` by another name: {Site: (B, Hkv, nQb, nKb) bool} of the last forward."""
+        return self.block_masks
+
     def density(self, site: Site | None = None) -> float:
         """Kept / candidate key blocks over every call seen (of ``site``, or of all sites)."""
         kept = self._kept[site] if site is not None else sum(self._kept.values())
@@ -119,7 +124,8 @@ class SparseSelector:
         """The call's selection and its per-KV-group key and value (B, Hkv, K, D)."""
         groups = call.kv_groups
         k, v = call.key[:, ::groups], call.value[:, ::groups]  # the model's own KV heads
-        geo = BlockGeometry(self.cfg.block_size, call.query_length, call.key_length, is_causal_call(call), call.query.device)
+        causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
+        geo = BlockGeometry(self.cfg.block_size, call.query_length, call.key_length, causal, call.query.device)
         gate = None
         if self.pattern.learned:
             if self.gates is None:

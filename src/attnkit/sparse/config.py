@@ -26,6 +26,8 @@ class SparseConfig:
     sink_blocks: how many leading key blocks a sink-keeping pattern always keeps (StreamingLLM).
     local_blocks: how many key blocks ending at the query's own block are always kept.
     sinks: None = the pattern's own choice (see ``Pattern.sinks``); True / False to override.
+    causal: None = from each call (its causal flag, or a mask that hides every future key);
+        True / False to say so (False: every key block is a candidate, as in BERT/MiniLM).
     kernel: "auto" (FlexAttention where it works, else the portable gather kernel), "portable", "flex".
     checkpoint: recompute each query chunk in backward (only the chunk's inputs are kept), as the
         seam's dense kernel does; False keeps the chunk's block logits (still O(T·k·block)).
@@ -41,6 +43,7 @@ class SparseConfig:
     sink_blocks: int = 1
     local_blocks: int = 1
     sinks: bool | None = None
+    causal: bool | None = None
     kernel: str = "auto"
     checkpoint: bool = True
     chunk_elements: int = 1 << 21
@@ -71,3 +74,12 @@ class SparseConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "SparseConfig":
+        """The config of ``to_dict``; an unknown field or a bad value is a ``UserError``."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise UserError(f"unknown sparse config field(s): {', '.join(unknown)}")
+        return cls(**doc)
