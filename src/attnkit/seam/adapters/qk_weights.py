@@ -12,6 +12,9 @@ produce it. Layouts, one small function each, in ``LAYOUTS``:
 - ``gpt2``: fused ``c_attn`` Conv1D, weight (in, 3·E), columns [q | k | v]
 - ``fused``: fused ``qkv_proj`` Linear, rows [q (H·d) | k (KV·d) | v (KV·d)] (Phi-3)
 - ``neox``: fused ``query_key_value`` Linear, rows per head [q | k | v] (GPT-NeoX, Pythia)
+- ``nanogpt``: fused ``c_attn`` Linear (not GPT-2's Conv1D), rows [q | k | v], ``n_head`` (nanoGPT)
+- ``timm``: fused ``qkv`` Linear, rows [q | k | v], ``num_heads`` / ``head_dim`` (timm's ViT
+  ``Attention``; its ``q_norm``/``k_norm`` are ``nn.Identity`` unless ``qk_norm=True``)
 - ``mha``: ``nn.MultiheadAttention`` (``in_proj_weight`` rows [q | k | v], or q/k_proj_weight)
 
 Rescaling a head's q pieces by a and its key head's k pieces by b scales that head's logits q·k by
@@ -107,7 +110,9 @@ def _dropout_setter(module: nn.Module, *names: str) -> Callable[[float], None] |
 
 
 def _has_qk_norm(module: nn.Module) -> bool:
-    return any(isinstance(getattr(module, n, None), nn.Module) for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"))
+    # an nn.Identity in the slot (timm without qk_norm) normalises nothing
+    return any(isinstance(getattr(module, n, None), nn.Module) and not isinstance(getattr(module, n), nn.Identity)
+               for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"))
 
 
 def _separate(module: nn.Module) -> QKLayout | None:
@@ -174,6 +179,39 @@ def _neox(module: nn.Module) -> QKLayout | None:
                     set_dropout=_dropout_setter(module, "attention_dropout"))
 
 
+def _fused_rows(name: str, module: nn.Module, qkv: nn.Linear, H: int, d: int, set_dropout) -> QKLayout:
+    """One Linear whose output rows are [q (H·d) | k (H·d) | v (H·d)], head h at rows h·d."""
+    E = H * d
+    return QKLayout(name, H, H, d,
+                    [_rows(qkv.weight, qkv.bias, h * d, d) for h in range(H)],
+                    [_rows(qkv.weight, qkv.bias, E + h * d, d) for h in range(H)],
+                    qk_norm=_has_qk_norm(module), set_dropout=set_dropout)
+
+
+def _nanogpt(module: nn.Module) -> QKLayout | None:
+    c_attn, H = getattr(module, "c_attn", None), getattr(module, "n_head", None)
+    if not isinstance(c_attn, nn.Linear) or not isinstance(H, int) or c_attn.out_features % (3 * H):
+        return None
+    drop = getattr(module, "attn_dropout", None)
+
+    def set_dropout(p: float) -> None:
+        # the flash path passes the float ``self.dropout`` to SDPA, the slow path uses ``attn_dropout``
+        if isinstance(getattr(module, "dropout", None), float):
+            module.dropout = float(p)
+        if isinstance(drop, nn.Dropout):
+            drop.p = float(p)
+
+    return _fused_rows("nanogpt", module, c_attn, H, c_attn.out_features // (3 * H), set_dropout)
+
+
+def _timm(module: nn.Module) -> QKLayout | None:
+    qkv, H, d = getattr(module, "qkv", None), getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(H, int) or not isinstance(d, int) or qkv.out_features != 3 * H * d:
+        return None
+    # timm's fused path passes ``self.attn_drop.p`` to SDPA: setting the module's p is enough
+    return _fused_rows("timm", module, qkv, H, d, _dropout_setter(module, "attn_drop"))
+
+
 def _mha(module: nn.Module) -> QKLayout | None:
     if not isinstance(module, nn.MultiheadAttention):
         return None
@@ -196,6 +234,8 @@ LAYOUTS: dict[str, Callable[[nn.Module], QKLayout | None]] = {
     "mha": _mha,
     "gpt2": _gpt2,
     "neox": _neox,
+    "nanogpt": _nanogpt,
+    "timm": _timm,
     "fused": _fused,
     "separate": _separate,
     "bert": _bert,
