@@ -1,0 +1,287 @@
+"""Distil a sparse attention pattern from the dense model it replaces (``attnkit sparse train``).
+
+The base model is frozen; the teacher is the same model with its own dense attention, run under
+``no_grad``; the student is the model with block-sparse attention (``sparse_attention``) whose
+gates — and, with ``train_projections``, its attention modules' own projections — train. Loss:
+
+    KL(P_dense ‖ P_sparse) of the next-token distributions, averaged over positions
+    + map_weight · KL(pooled dense attention map ‖ gate)   (SeerAttention's target, ``targets.py``)
+
+The first term reaches the gate through the kernel's gate prior on kept blocks (see
+``block_attention``); the second teaches it about the blocks it did not keep. Data: random
+windows of ``seq_len`` tokens of a corpus split (the built-in KJV's train split by default),
+tokenised with the model's tokenizer. Training runs in ``attnkit.training`` (AdamW, warmup +
+cosine, clipping, checkpoints, exact resume, torchrun/DDP).
+
+Output directory::
+
+    gates.safetensors        the trained gates (SparseGates.state_dict())
+    projections.safetensors  with train_projections: the attention modules' trained parameters
+    sparse_config.json       {"sparse": SparseConfig, "distill": DistillSettings, "train": ..., "history": [...]}
+    checkpoints/             attnkit.training checkpoints (resume with --resume)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from attnkit.errors import UserError
+from attnkit.metrics.fidelity import distill_kl
+from attnkit.report.io import write_atomic
+from attnkit.seam import attach
+from attnkit.seam.sites import Site
+from attnkit.sparse.attention import sparse_attention
+from attnkit.sparse.config import SparseConfig
+from attnkit.sparse.gates import SparseGates, make_gates
+from attnkit.sparse.patterns import get_pattern
+from attnkit.sparse.targets import PooledMapTarget, map_loss
+from attnkit.taps import Tap
+from attnkit.training import StepOutput, TrainConfig, TrainResult, train
+
+CONFIG_FILE = "sparse_config.json"
+GATES_FILE = "gates.safetensors"
+PROJECTIONS_FILE = "projections.safetensors"
+
+
+@dataclass
+class DistillSettings:
+    """seq_len: tokens per training window; batch_size: windows per step (the global batch under
+    torchrun); map_weight: weight of the pooled-map loss (0: next-token KL only);
+    train_projections: also train the attention modules' own parameters; corpus / split: the data."""
+
+    seq_len: int = 1024
+    batch_size: int = 2
+    map_weight: float = 0.0
+    train_projections: bool = False
+    corpus: str = "kjv"
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise UserError(f"seq_len must be >= 2 and batch_size >= 1, got {self.seq_len} and {self.batch_size}")
+        if self.map_weight < 0:
+            raise UserError(f"the map-loss weight must be >= 0, got {self.map_weight}")
+
+
+class _Modules(Tap):
+    """Which module makes each site's attention call (one probe forward)."""
+
+    wants_call = True
+    wants_chunks = False
+
+    def __init__(self) -> None:
+        self.modules: dict[Site, nn.Module] = {}
+
+    def on_call(self, call) -> None:
+        self.modules[call.site] = call.module
+
+
+def attention_modules(model: nn.Module) -> dict[Site, nn.Module]:
+    """{site: the attention module of that call}, asked of the seam (a two-token probe, in eval mode)."""
+    from attnkit.seam import AttentionSession, observe_forward
+
+    tap = _Modules()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    observe_forward(model, AttentionSession(taps=[tap]), input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
+    return tap.modules
+
+
+@contextmanager
+def frozen(model: nn.Module, train_projections: bool = False) -> Iterator[list[nn.Parameter]]:
+    """The model in eval mode with no parameter requiring grad — except, with ``train_projections``,
+    its attention modules' parameters (yielded). Left exactly as found on exit, also on an error."""
+    was_training = model.training
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    trainable: list[nn.Parameter] = []
+    try:
+        model.eval()
+        for p, _ in saved:
+            p.requires_grad_(False)
+        if train_projections:
+            for module in attention_modules(model).values():
+                for p in module.parameters():
+                    p.requires_grad_(True)
+                    trainable.append(p)
+        yield trainable
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class Distiller(nn.Module):
+    """forward(ids (B, T)) -> (loss, metrics): the dense teacher, then the sparse student, on ``ids``.
+
+    ``student`` and ``gates`` are submodules, so DDP averages the gradients of whatever of them
+    trains (the gates; the attention projections with ``train_projections``). The teacher is kept
+    outside the module tree: it is the base model, frozen.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: SparseConfig, gates: SparseGates | None,
+                 settings: DistillSettings) -> None:
+        super().__init__()
+        self.student, self.gates, self.cfg, self.settings = student, gates, cfg, settings
+        self._teacher = [teacher]  # a list: not registered, not wrapped, not broadcast by DDP
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        pooled = PooledMapTarget(self.cfg.block_size) if self.settings.map_weight > 0 else None
+        with torch.no_grad(), (attach(self.teacher, taps=[pooled]) if pooled is not None else nullcontext()):
+            teacher_logits = self.teacher(input_ids=ids).logits  # (B, T, V)
+        with sparse_attention(self.student, self.cfg, gates=self.gates) as handle:
+            student_logits = self.student(input_ids=ids).logits
+        kl = distill_kl(teacher_logits, student_logits)
+        metrics = {"kl": kl.detach(), "density": torch.tensor(handle.density())}
+        loss = kl
+        if pooled is not None:
+            m = map_loss(handle.gate_log_probs, pooled)
+            metrics["map_kl"] = m.detach()
+            loss = loss + self.settings.map_weight * m
+        return loss, metrics
+
+
+def _step(module: nn.Module, ids: Tensor) -> StepOutput:
+    loss, metrics = module(ids)
+    return StepOutput(loss, metrics)
+
+
+def training_tokens(tokenizer, settings: DistillSettings) -> Tensor:
+    """The corpus split as one token stream (documents joined by the end-of-text token)."""
+    from attnkit.data import encode_documents, load_corpus
+
+    ids = encode_documents(tokenizer, load_corpus(settings.corpus).split(settings.split))
+    if ids.numel() <= settings.seq_len:
+        raise UserError(f"the {settings.corpus} {settings.split} split has {ids.numel()} tokens, "
+                        f"not more than --seq-len {settings.seq_len}")
+    return ids
+
+
+def check_length(model: nn.Module, seq_len: int) -> None:
+    """A sequence longer than a learned position table cannot be embedded: say so before training."""
+    config = getattr(model, "config", None)
+    table = getattr(config, "n_positions", None)
+    if table is None and getattr(config, "position_embedding_type", None) == "absolute":
+        table = getattr(config, "max_position_embeddings", None)
+    if table is not None and seq_len > table:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's {table} learned positions")
+
+
+def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSettings, train_cfg: TrainConfig,
+            out: str | Path, tokens: Tensor | None = None) -> TrainResult:
+    """Train ``cfg``'s gates on ``model`` (see the module doc); writes ``out``. The model is left as found."""
+    if not get_pattern(cfg.pattern).learned and not settings.train_projections:
+        raise UserError(f"the {cfg.pattern} pattern has nothing to train; use a learned pattern (learned_gate) "
+                        f"or --train-projections")
+    check_length(model, settings.seq_len)
+    out = Path(out)
+    device = next(model.parameters()).device
+    ids = (tokens if tokens is not None else training_tokens(tokenizer, settings)).to(device)
+    gates = _seeded_gates(model, cfg, train_cfg.seed)  # every run starts from the same gates
+    from attnkit.data import random_blocks
+
+    def batch_fn(step: int, generator: torch.Generator) -> Tensor:
+        return random_blocks(ids, settings.seq_len, settings.batch_size, generator).to(device)
+
+    train_cfg.meta = {"sparse": cfg.to_dict(), "distill": asdict(settings), **train_cfg.meta}
+    train_cfg.metric = "kl" if train_cfg.metric == "loss" else train_cfg.metric  # the bar shows the live KL
+    train_cfg.checkpoint_dir = train_cfg.checkpoint_dir or out / "checkpoints"
+    # Trained projections change the student: it is a copy, and the model (the teacher) stays as found.
+    student = copy.deepcopy(model) if settings.train_projections else model
+    with frozen(model), frozen(student, settings.train_projections) if student is not model else nullcontext():
+        distiller = Distiller(model, student, cfg, gates, settings)
+        result = train(distiller, _step, batch_fn, train_cfg)
+        if result.env.is_main:
+            save_trained(out, cfg, settings, train_cfg, result, gates, student if settings.train_projections else None)
+    return result
+
+
+def _seeded_gates(model: nn.Module, cfg: SparseConfig, seed: int) -> SparseGates | None:
+    """``make_gates`` with its random key projections drawn from ``seed`` (the caller's RNG untouched)."""
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return make_gates(model, cfg)
+    finally:
+        torch.set_rng_state(state)
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """safetensors written whole or not at all (a temporary file renamed into place)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_trained(out: Path, cfg: SparseConfig, settings: DistillSettings, train_cfg: TrainConfig,
+                 result: TrainResult, gates: SparseGates | None, model: nn.Module | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if gates is not None:
+        _save_tensors(gates.state_dict(), out / GATES_FILE)
+    if model is not None:
+        params = {f"{i}.{n}": p for i, (site, m) in enumerate(sorted(attention_modules(model).items()))
+                  for n, p in m.named_parameters()}
+        _save_tensors(params, out / PROJECTIONS_FILE)
+    doc = {"sparse": cfg.to_dict(), "distill": asdict(settings),
+           "train": {k: v for k, v in train_cfg.fingerprint().items() if k != "meta"},
+           "steps": result.steps, "world_size": result.env.world_size, "history": result.history}
+    write_atomic(out / CONFIG_FILE, json.dumps(doc, indent=1) + "\n")
+
+
+@dataclass
+class TrainedSparse:
+    cfg: SparseConfig
+    gates: SparseGates | None
+    info: dict
+
+
+def load_trained(model: nn.Module, directory: str | Path, density: float | None = None) -> TrainedSparse:
+    """The config and gates ``distill`` wrote to ``directory``, made for ``model`` (a density may be
+    given to run the trained gates at another density). With trained projections they are loaded
+    into ``model``'s attention modules: pass a copy to keep the base model."""
+    d = Path(directory)
+    if not (d / CONFIG_FILE).exists():
+        raise UserError(f"{directory} is not a directory that attnkit sparse train wrote (no {CONFIG_FILE})")
+    try:
+        info = json.loads((d / CONFIG_FILE).read_text())
+        fields = dict(info["sparse"])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{d / CONFIG_FILE} cannot be read ({e})") from e
+    if density is not None:
+        fields["density"] = density
+    cfg = SparseConfig(**fields)
+    gates = make_gates(model, cfg)
+    if gates is not None:
+        try:
+            state = load_file(str(d / GATES_FILE))
+            gates.load_state_dict(state)
+        except FileNotFoundError as e:
+            raise UserError(f"{directory} has no {GATES_FILE}") from e
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"the gates in {directory} do not fit this model ({str(e).splitlines()[0]})") from e
+    if (d / PROJECTIONS_FILE).exists():
+        state = load_file(str(d / PROJECTIONS_FILE))
+        with torch.no_grad():
+            for i, (site, m) in enumerate(sorted(attention_modules(model).items())):
+                for n, p in m.named_parameters():
+                    p.copy_(state[f"{i}.{n}"])
+    return TrainedSparse(cfg, gates, info)
