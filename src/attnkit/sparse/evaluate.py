@@ -1,0 +1,308 @@
+"""How much sparse attention costs a model in fidelity (``attnkit sparse eval``).
+
+For each sequence length, pattern and density, on held-out text (the built-in KJV's test split,
+cut into non-overlapping windows), against the same model with its own dense attention:
+
+- ``kl``: next-token KL(P_dense ‖ P_sparse), mean over positions (nats);
+- ``perplexity`` (and its ratio to dense), ``top1_accuracy`` (its ratio to dense: the seed's "95 %
+  of baseline accuracy") and ``top1_agreement`` (same most likely next token as dense);
+- ``prob_mse``: the attention-probability error of each sparse call against dense attention *on
+  the same queries and keys* (the error the pattern makes where it stands, not compounded through
+  the layers): for every query row and every key it may see, (p − p̃)², p̃ being the probability
+  the sparse kernel gives (zero on dropped blocks), averaged over all (row, allowed key) pairs of
+  every layer and head; split into the kept part and the dropped part, with the dropped mass
+  (``metrics.fidelity.ProbError``). Computed chunk by chunk of query rows: no T × T kept;
+- ``grad_cosine``: for each attention layer, the cosine between the gradient of the LM loss
+  (next-token cross-entropy on the window) with respect to that layer's attention parameters
+  (its q/k/v/o projections: every parameter of the attention module the seam reports for the
+  site) under dense and under sparse attention; ``grad_cosine_min`` over layers is what the
+  seed's "≥ 0.95 between dense and sparse attention layers" is checked on.
+
+On an encoder (MiniLM): the attention replaced with no fine-tuning, bidirectional (no causal
+restriction: a query block may keep any key block), and the cosine between the dense and sparse
+mean-pooled sentence embeddings of held-out passages (padding included).
+
+``TARGETS`` are the seed's fidelity targets; ``smallest_densities`` finds, per pattern and
+length, the smallest density at which each holds (at it and every larger density measured).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnkit.errors import UserError
+from attnkit.kernels.dense import chunk_logits, rows_of
+from attnkit.metrics.fidelity import (ProbError, cosine, mean_pool, next_token_kl, perplexity, restricted_softmax,
+                                      row_cosines, smallest_density, top1_accuracy, top1_agreement)
+from attnkit.seam import AttentionSession, attach
+from attnkit.seam.call import AttentionCall
+from attnkit.seam.plan import Mods
+from attnkit.seam.sites import Site
+from attnkit.sparse.attention import SparseHandle, sparse_attention
+from attnkit.sparse.config import SparseConfig
+from attnkit.sparse.gates import SparseGates
+from attnkit.taps import Tap
+
+SCHEMA = "attnkit.sparse.eval/1"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the seed's fidelity targets: ``metric`` of a result, and whether a value meets it."""
+
+    name: str
+    metric: str
+    holds: Callable[[float], bool]
+    text: str
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("prob_mse", "prob_mse", lambda v: v <= 1e-4, "attention-probability MSE <= 1e-4"),
+    Target("grad_cosine", "grad_cosine_min", lambda v: v >= 0.95, "gradient cosine >= 0.95 (every layer)"),
+    Target("kl", "kl", lambda v: v <= 1e-3, "next-token KL <= 0.001"),
+    Target("accuracy", "top1_accuracy_ratio", lambda v: v >= 0.95, ">= 95% of dense top-1 accuracy"),
+)}
+
+
+# --- the attention-probability error, measured on the sparse forward ---------------------------
+
+class ProbErrorTap(Tap):
+    """Beside a ``sparse_attention`` session: for each call, dense vs sparse probabilities on the
+    call's own queries and keys, chunk by chunk of query rows, summed into ``errors[site]``.
+
+    The sparse probabilities are the kernel's: softmax over the allowed keys of the kept blocks of
+    the logits plus the gate's prior (``gate_bias`` · log p of the block, learned patterns).
+    """
+
+    wants_call = True
+    wants_chunks = False
+    wants_output = True
+
+    def __init__(self, handle: SparseHandle, chunk_elements: int = 1 << 22) -> None:
+        self.handle = handle
+        self.chunk_elements = chunk_elements
+        self.errors: dict[Site, ProbError] = {}
+        self.query_mask: Tensor | None = None  # (B, Q) False for padding queries
+        self.check: Callable[[AttentionCall, Tensor, Tensor, Tensor], None] | None = None  # tests: (call, rows, p̃, out)
+
+    def on_output(self, call: AttentionCall, out: Tensor) -> None:
+        masks = self.handle.block_masks.get(call.site)
+        if masks is None:  # a call the sparse session did not touch
+            return
+        self.errors.setdefault(call.site, ProbError()).__iadd__(self.measure(call, masks, out))
+
+    @torch.no_grad()
+    def measure(self, call: AttentionCall, masks: Tensor, out: Tensor) -> ProbError:
+        q, k = call.query.detach(), call.key.detach()
+        B, H, Q, _ = q.shape
+        K = call.key_length
+        geo = self.handle_geometry(call)
+        bs, groups = geo.block_size, call.kv_groups
+        lp = self.handle.gate_log_probs.get(call.site)
+        gate_bias = self.handle.cfg.gate_bias if lp is not None else 0.0
+        head_group = torch.arange(H, device=q.device) // groups
+        key_block = torch.arange(K, device=q.device) // bs
+        err = ProbError()
+        step = max(1, self.chunk_elements // max(1, B * H * K))
+        for start in range(0, Q, step):
+            r = torch.arange(start, min(Q, start + step), device=q.device)
+            positions = r + (K - Q)
+            allowed = rows_of(call.allowed, r, K)
+            if call.is_causal or geo.causal:
+                causal = torch.arange(K, device=q.device)[None, :] <= positions[:, None]  # (R, K)
+                allowed = causal[None, None] if allowed is None else allowed & causal
+            bias = rows_of(call.bias, r, K)
+            logits, allowed = chunk_logits(call, Mods(), q[:, :, r], k, positions, allowed, bias)  # (B, H, R, K)
+            qb = (positions // bs - geo.first_block).clamp(0, geo.n_query_blocks - 1)
+            kept = masks[:, head_group][:, :, qb][..., key_block]  # (B, H, R, K)
+            sparse_logits = logits
+            if gate_bias:
+                prior = lp.detach()[:, head_group][:, :, qb][..., key_block]
+                sparse_logits = logits + gate_bias * torch.where(kept, prior, 0.0)
+            p = restricted_softmax(logits, allowed)
+            p_sparse = restricted_softmax(sparse_logits, allowed & kept)
+            row_valid = None
+            if self.query_mask is not None and self.query_mask.shape == (B, Q):
+                row_valid = self.query_mask[:, r]
+            err.add(p, p_sparse, kept, allowed, row_valid)
+            if self.check is not None:
+                self.check(call, r, p_sparse, out)
+        return err
+
+    def handle_geometry(self, call: AttentionCall):
+        from attnkit.sparse.attention import is_causal_call
+        from attnkit.sparse.blocks import BlockGeometry
+
+        return BlockGeometry(self.handle.cfg.block_size, call.query_length, call.key_length, is_causal_call(call),
+                             call.query.device)
+
+
+# --- gradients of the attention layers --------------------------------------------------------
+
+def attention_parameters(model: nn.Module) -> dict[Site, list[nn.Parameter]]:
+    from attnkit.sparse.distill import attention_modules
+
+    return {site: list(m.parameters()) for site, m in sorted(attention_modules(model).items())}
+
+
+def attention_gradients(model: nn.Module, ids: Tensor, params: dict[Site, list[nn.Parameter]],
+                        context=None, attention_mask: Tensor | None = None) -> dict[Site, Tensor]:
+    """{site: the flat gradient of the LM loss on ``ids`` w.r.t. that site's attention parameters},
+    with attention as ``context`` sets it (None: the model's own). Parameters that did not require
+    grad are switched on for the call and back off after; no ``.grad`` is written."""
+    flat = [p for ps in params.values() for p in ps]
+    flags = [p.requires_grad for p in flat]
+    try:
+        for p in flat:
+            p.requires_grad_(True)
+        with torch.enable_grad(), (context if context is not None else nullcontext()):
+            logits = model(input_ids=ids, attention_mask=attention_mask).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    finally:
+        for p, f in zip(flat, flags):
+            p.requires_grad_(f)
+    out, i = {}, 0
+    for site, ps in params.items():
+        gs = [g if g is not None else torch.zeros_like(p) for p, g in zip(ps, grads[i: i + len(ps)])]
+        out[site] = torch.cat([g.flatten() for g in gs])
+        i += len(ps)
+    return out
+
+
+# --- one evaluation -----------------------------------------------------------------------------
+
+@dataclass
+class Baseline:
+    """The dense model on one length's windows: logits kept for the comparisons."""
+
+    seq_len: int
+    ids: Tensor  # (N, T)
+    logits: list[Tensor]  # N × (1, T, V)
+    perplexity: float
+    top1_accuracy: float
+    grads: dict[Site, Tensor] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"seq_len": self.seq_len, "windows": int(self.ids.shape[0]), "tokens": int(self.ids.numel()),
+                "perplexity": self.perplexity, "top1_accuracy": self.top1_accuracy}
+
+
+def _cat_logits(logits: list[Tensor]) -> Tensor:
+    return torch.cat(logits, 0)
+
+
+@torch.no_grad()
+def dense_baseline(model: nn.Module, ids: Tensor, grad_windows: int = 1) -> Baseline:
+    logits = [model(input_ids=w[None]).logits.float() for w in ids]
+    all_logits = _cat_logits(logits)
+    base = Baseline(ids.shape[1], ids, logits, perplexity(all_logits, ids), top1_accuracy(all_logits, ids))
+    if grad_windows:
+        params = attention_parameters(model)
+        base.grads = attention_gradients(model, ids[:grad_windows], params)
+    return base
+
+
+def evaluate_pattern(model: nn.Module, cfg: SparseConfig, gates: SparseGates | None, base: Baseline,
+                     grad_windows: int = 1) -> dict:
+    """Every fidelity metric of ``cfg`` (with ``gates``) against the dense ``base`` (see the module doc)."""
+    errors: dict[Site, ProbError] = {}
+    logits: list[Tensor] = []
+    densities = []
+    with torch.no_grad():
+        for w in base.ids:
+            with sparse_attention(model, cfg, gates=gates) as handle:
+                tap = ProbErrorTap(handle)
+                with attach(model, AttentionSession(taps=[tap])):
+                    logits.append(model(input_ids=w[None]).logits.float())
+                densities.append(handle.density())
+            for site, e in tap.errors.items():
+                errors.setdefault(site, ProbError()).__iadd__(e)
+    sparse = _cat_logits(logits)
+    dense = _cat_logits(base.logits)
+    total = ProbError()
+    for e in errors.values():
+        total += e
+    acc = top1_accuracy(sparse, base.ids)
+    ppl = perplexity(sparse, base.ids)
+    result = {
+        "pattern": cfg.pattern, "density": cfg.density, "seq_len": base.seq_len, "block_size": cfg.block_size,
+        "measured_density": sum(densities) / len(densities),
+        "kl": float(next_token_kl(dense, sparse)),
+        "perplexity": ppl, "perplexity_ratio": ppl / base.perplexity,
+        "top1_accuracy": acc, "top1_accuracy_ratio": acc / base.top1_accuracy if base.top1_accuracy else float("nan"),
+        "top1_agreement": top1_agreement(dense, sparse),
+        **{f"prob_{k}": v for k, v in total.as_dict().items() if k not in ("entries", "rows")},
+        "prob_mse_by_layer": {str(s): e.mse for s, e in sorted(errors.items())},
+    }
+    if base.grads and grad_windows:
+        params = attention_parameters(model)
+        sparse_grads = attention_gradients(model, base.ids[:grad_windows], params,
+                                           sparse_attention(model, cfg, gates=gates))
+        cos = {str(s): cosine(base.grads[s], g) for s, g in sparse_grads.items()}
+        result.update(grad_cosine_min=min(cos.values()), grad_cosine_mean=sum(cos.values()) / len(cos),
+                      grad_cosine_by_layer=cos)
+    return result
+
+
+def smallest_densities(results: Sequence[dict], targets: dict[str, Target] = TARGETS) -> dict:
+    """{seq_len: {pattern: {target: smallest density meeting it, or None}}}."""
+    out: dict = {}
+    for r in results:
+        out.setdefault(str(r["seq_len"]), {}).setdefault(r["pattern"], {})
+    for length, by_pattern in out.items():
+        for pattern in by_pattern:
+            rows = [r for r in results if str(r["seq_len"]) == length and r["pattern"] == pattern]
+            for name, t in targets.items():
+                pts = [(r["density"], r[t.metric]) for r in rows if t.metric in r and not _nan(r[t.metric])]
+                by_pattern[pattern][name] = smallest_density(pts, t.holds) if pts else None
+    return out
+
+
+def _nan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+# --- encoders: sentence embeddings -------------------------------------------------------------
+
+@torch.no_grad()
+def embedding_fidelity(model: nn.Module, batch: dict, cfg: SparseConfig) -> dict:
+    """Cosine of dense vs sparse mean-pooled sentence embeddings of ``batch`` (tokenizer output,
+    padded), attention replaced with no fine-tuning."""
+    valid = batch["attention_mask"].bool()
+    dense = mean_pool(model(**batch).last_hidden_state.float(), valid)
+    with sparse_attention(model, cfg) as handle:
+        tap = ProbErrorTap(handle)
+        tap.query_mask = valid
+        with attach(model, AttentionSession(taps=[tap])):
+            sparse = mean_pool(model(**batch).last_hidden_state.float(), valid)
+        density = handle.density()
+    total = ProbError()
+    for e in tap.errors.values():
+        total += e
+    cos = row_cosines(dense, sparse)
+    return {"pattern": cfg.pattern, "density": cfg.density, "block_size": cfg.block_size,
+            "measured_density": density, "sentences": int(cos.numel()),
+            "tokens": int(valid.sum()), "embedding_cosine_mean": float(cos.mean()),
+            "embedding_cosine_min": float(cos.min()), "prob_mse": total.mse, "prob_dropped_mass": total.mean_dropped_mass}
+
+
+def eval_windows(tokenizer, seq_len: int, tokens: int, corpus: str = "kjv", split: str = "test",
+                 stream: Tensor | None = None) -> Tensor:
+    """(N, seq_len) non-overlapping windows from the start of the held-out split, N = tokens // seq_len (>= 1)."""
+    from attnkit.data import encode_documents, load_corpus
+
+    ids = stream if stream is not None else encode_documents(tokenizer, load_corpus(corpus).split(split))
+    n = max(1, tokens // seq_len)
+    if ids.numel() < n * seq_len:
+        n = ids.numel() // seq_len
+        if n < 1:
+            raise UserError(f"the {corpus} {split} split has {ids.numel()} tokens: fewer than one window of {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)
