@@ -81,13 +81,13 @@ def test_only_the_gates_train_and_the_model_is_left_as_found(tmp_path):
     assert mode_after is True and mode is True
     for n, (t, flag) in before.items():
         assert torch.equal(t, after[n][0]) and flag == after[n][1], n
-    gates = load_file(str(tmp_path / "gates.safetensors"))
+    gates = load_file(str(tmp_path / "sparse_gates.safetensors"))
     trained = load_trained(_llama(), tmp_path)
     assert trained.cfg == CFG
     for k, t in trained.gates.state_dict().items():
         assert torch.equal(t, gates[k])
     assert not torch.equal(gates["gates.0.q_weight"], torch.zeros_like(gates["gates.0.q_weight"]))  # it moved
-    info = json.loads((tmp_path / "sparse_config.json").read_text())
+    info = json.loads((tmp_path / "train_summary.json").read_text())
     assert info["steps"] == 6 and len(info["history"]) == 6 and "kl" in info["history"][0]
     assert result.history[-1]["step"] == 6
     assert load_trained(_llama(), tmp_path, density=0.8).cfg.density == 0.8
@@ -114,16 +114,16 @@ def test_interrupted_distillation_resumed_ends_with_the_same_gates_bit_for_bit(t
             distill(_llama(), None, CFG, SETTINGS, _train_cfg(), tmp_path / "run", tokens=TOKENS)
     finally:
         distill_mod._step = original
-    assert not (tmp_path / "run" / "gates.safetensors").exists()
+    assert not (tmp_path / "run" / "sparse_gates.safetensors").exists()
     torch.manual_seed(999)
     distill(_llama(), None, CFG, SETTINGS, _train_cfg(resume=True), tmp_path / "run", tokens=TOKENS)
-    a = load_file(str(tmp_path / "whole" / "gates.safetensors"))
-    b = load_file(str(tmp_path / "run" / "gates.safetensors"))
+    a = load_file(str(tmp_path / "whole" / "sparse_gates.safetensors"))
+    b = load_file(str(tmp_path / "run" / "sparse_gates.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ha = json.loads((tmp_path / "whole" / "sparse_config.json").read_text())["history"]
-    hb = json.loads((tmp_path / "run" / "sparse_config.json").read_text())["history"]
+    ha = json.loads((tmp_path / "whole" / "train_summary.json").read_text())["history"]
+    hb = json.loads((tmp_path / "run" / "train_summary.json").read_text())["history"]
     assert ha == hb
 
 

@@ -15,9 +15,9 @@ cosine, clipping, checkpoints, exact resume, torchrun/DDP).
 
 Output directory::
 
-    gates.safetensors        the trained gates (SparseGates.state_dict())
+    sparse_gates.safetensors + sparse_config.json   the trained gates (``attnkit.sparse.io.save_gates``)
     projections.safetensors  with train_projections: the attention modules' trained parameters
-    sparse_config.json       {"sparse": SparseConfig, "distill": DistillSettings, "train": ..., "history": [...]}
+    train_summary.json       {"sparse": SparseConfig, "distill": DistillSettings, "train": ..., "history": [...]}
     checkpoints/             attnkit.training checkpoints (resume with --resume)
 """
 
@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from attnkit.errors import UserError
@@ -49,8 +47,7 @@ from attnkit.sparse.targets import PooledMapTarget, map_loss
 from attnkit.taps import Tap
 from attnkit.training import StepOutput, TrainConfig, TrainResult, train
 
-CONFIG_FILE = "sparse_config.json"
-GATES_FILE = "gates.safetensors"
+SUMMARY_FILE = "train_summary.json"
 PROJECTIONS_FILE = "projections.safetensors"
 
 
@@ -220,23 +217,19 @@ def _seeded_gates(model: nn.Module, cfg: SparseConfig, seed: int) -> SparseGates
 
 
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """safetensors written whole or not at all (a temporary file renamed into place)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """safetensors written whole or not at all."""
+    from safetensors.torch import save
+
+    write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def save_trained(out: Path, cfg: SparseConfig, settings: DistillSettings, train_cfg: TrainConfig,
                  result: TrainResult, gates: SparseGates | None, model: nn.Module | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if gates is not None:
-        _save_tensors(gates.state_dict(), out / GATES_FILE)
+        from attnkit.sparse.io import save_gates
+
+        save_gates(gates, cfg, out)
     if model is not None:
         params = {f"{i}.{n}": p for i, (site, m) in enumerate(sorted(attention_modules(model).items()))
                   for n, p in m.named_parameters()}
@@ -244,7 +237,7 @@ def save_trained(out: Path, cfg: SparseConfig, settings: DistillSettings, train_
     doc = {"sparse": cfg.to_dict(), "distill": asdict(settings),
            "train": {k: v for k, v in train_cfg.fingerprint().items() if k != "meta"},
            "steps": result.steps, "world_size": result.env.world_size, "history": result.history}
-    write_atomic(out / CONFIG_FILE, json.dumps(doc, indent=1) + "\n")
+    write_atomic(out / SUMMARY_FILE, json.dumps(doc, indent=1) + "\n")
 
 
 @dataclass
@@ -258,26 +251,23 @@ def load_trained(model: nn.Module, directory: str | Path, density: float | None 
     """The config and gates ``distill`` wrote to ``directory``, made for ``model`` (a density may be
     given to run the trained gates at another density). With trained projections they are loaded
     into ``model``'s attention modules: pass a copy to keep the base model."""
+    from attnkit.sparse.io import WEIGHTS, load_gates
+
     d = Path(directory)
-    if not (d / CONFIG_FILE).exists():
-        raise UserError(f"{directory} is not a directory that attnkit sparse train wrote (no {CONFIG_FILE})")
+    if not (d / SUMMARY_FILE).exists():
+        raise UserError(f"{directory} is not a directory that attnkit sparse train wrote (no {SUMMARY_FILE})")
     try:
-        info = json.loads((d / CONFIG_FILE).read_text())
+        info = json.loads((d / SUMMARY_FILE).read_text())
         fields = dict(info["sparse"])
     except (ValueError, KeyError) as e:
-        raise UserError(f"{d / CONFIG_FILE} cannot be read ({e})") from e
+        raise UserError(f"{d / SUMMARY_FILE} cannot be read ({e})") from e
+    gates = None
+    if (d / WEIGHTS).exists():
+        gates, cfg = load_gates(model, d)
+        fields = cfg.to_dict()
     if density is not None:
         fields["density"] = density
-    cfg = SparseConfig(**fields)
-    gates = make_gates(model, cfg)
-    if gates is not None:
-        try:
-            state = load_file(str(d / GATES_FILE))
-            gates.load_state_dict(state)
-        except FileNotFoundError as e:
-            raise UserError(f"{directory} has no {GATES_FILE}") from e
-        except (RuntimeError, OSError) as e:
-            raise UserError(f"the gates in {directory} do not fit this model ({str(e).splitlines()[0]})") from e
+    cfg = SparseConfig.from_dict(fields)
     if (d / PROJECTIONS_FILE).exists():
         state = load_file(str(d / PROJECTIONS_FILE))
         with torch.no_grad():
