@@ -15,7 +15,7 @@ Pieces: ``config`` (SparseConfig), ``blocks`` (block geometry, selection, poolin
 (FlexAttention over the same selection), ``attention`` (the seam session and kernel entry).
 """
 
-from attnkit.sparse.attention import SparseHandle, sparse_attention
+from attnkit.sparse.attention import SparseHandle, choose_blocks, sparse_attention
 from attnkit.sparse.block_attention import block_sparse_attention, dense_reference
 from attnkit.sparse.blocks import BlockGeometry, BlockSelection, select_blocks
 from attnkit.sparse.config import SparseConfig
@@ -24,6 +24,6 @@ from attnkit.sparse.patterns import PATTERNS, BlockInputs, Pattern, register_pat
 
 __all__ = [
     "PATTERNS", "BlockGate", "BlockGeometry", "BlockInputs", "BlockSelection", "Pattern", "SparseConfig", "SparseGates",
-    "SparseHandle", "block_sparse_attention", "dense_reference", "make_gates", "register_pattern", "select_blocks",
+    "SparseHandle", "block_sparse_attention", "choose_blocks", "dense_reference", "make_gates", "register_pattern", "select_blocks",
     "sparse_attention",
 ]

@@ -124,27 +124,13 @@ class SparseSelector:
         """The call's selection and its per-KV-group key and value (B, Hkv, K, D)."""
         groups = call.kv_groups
         k, v = call.key[:, ::groups], call.value[:, ::groups]  # the model's own KV heads
-        causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
-        geo = BlockGeometry(self.cfg.block_size, call.query_length, call.key_length, causal, call.query.device)
         gate = None
         if self.pattern.learned:
             if self.gates is None:
                 raise UserError(f"the {self.cfg.pattern} pattern needs gates: make_gates(model, cfg)")
             gate = self.gates[call.site]
-        # the gate learns from the model's queries and keys but does not push them
-        x = BlockInputs(call.query.detach(), k.detach(), geo, groups, gate)
-        forced = geo.forced(self.cfg.sink_blocks, self.cfg.local_blocks, self.cfg.keeps_sinks)
-        if gate is not None:
-            scores = self.pattern.score(x).float()
-            log_probs = torch.log_softmax(scores.masked_fill(~geo.candidates, float("-inf")), dim=-1)
-        else:
-            with torch.no_grad():
-                scores = self.pattern.score(x)
-            log_probs = None
-        scores = scores.expand(k.shape[0], k.shape[1], geo.n_query_blocks, geo.n_key_blocks)  # (B, Hkv, nQb, nKb)
-        sel = select_blocks(scores, geo, forced, self.cfg.density)
-        sel.log_probs = log_probs
-        return sel, k, v
+        causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
+        return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal), k, v
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
         sel, k, v = self.select(call)
@@ -188,6 +174,29 @@ class SparseSelector:
         # score modifier (captured-tensor gradients: left to the portable kernel, which is tested)
         gate_grad = block_bias is not None and block_bias.requires_grad and torch.is_grad_enabled()
         return "flex" if expressible and on_cuda and not gate_grad else "portable"
+
+
+def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bool = True) -> BlockSelection:
+    """The key blocks ``cfg``'s pattern keeps for queries q (B, H, Q, D) at the end of keys
+    k (B, Hkv, K, D): forced blocks, then the best-scored up to the density's budget. A learned
+    pattern's ``gate`` (a ``BlockGate``) scores with gradient; its log-probabilities over the
+    candidate blocks come back in ``log_probs``. The gate sees q and k detached: it learns from
+    the model's queries and keys but does not push them."""
+    pattern = get_pattern(cfg.pattern)
+    geo = BlockGeometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
+    x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate)
+    forced = geo.forced(cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
+    log_probs = None
+    if pattern.learned:
+        scores = pattern.score(x).float()
+        log_probs = torch.log_softmax(scores.masked_fill(~geo.candidates, float("-inf")), dim=-1)
+    else:
+        with torch.no_grad():
+            scores = pattern.score(x)
+    scores = scores.expand(k.shape[0], k.shape[1], geo.n_query_blocks, geo.n_key_blocks)  # (B, Hkv, nQb, nKb)
+    sel = select_blocks(scores, geo, forced, cfg.density)
+    sel.log_probs = log_probs
+    return sel
 
 
 def is_causal_call(call: AttentionCall) -> bool:

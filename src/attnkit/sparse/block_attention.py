@@ -101,78 +101,110 @@ def block_sparse_attention(
     )
     tensors = (q, k, v, block_bias, bias, sinks)
     keep_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    per_block = B * H * bs * S * bs  # scores of one query block
-    step = max(1, chunk_elements // max(1, per_block))
     outs = []
-    for c0 in range(0, nQ, step):
-        c1 = min(nQ, c0 + step)
-        args = (qb[:, :, :, c0:c1], kb, vb, indices[:, :, c0:c1], valid[:, :, c0:c1],
-                None if block_bias is None else block_bias[:, :, c0:c1], bias, sinks)
+    for c0, c1, slots in _chunks(valid, B * H * bs * bs, chunk_elements):
+        args = (qb[:, :, :, c0:c1], kb, vb, indices[:, :, c0:c1, :slots], valid[:, :, c0:c1, :slots],
+                None if block_bias is None else block_bias[:, :, c0:c1, :slots], bias, sinks)
         if keep_graph and checkpoint:
             out = checkpointed(_chunk, c0, extras, *args, use_reentrant=False)
         else:
             out = _chunk(c0, extras, *args)
         outs.append(out)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # (B, Hkv, G, nQb, bs, Dv)
-    return out.reshape(B, H, geo.padded_queries, Dv)[:, :, geo.front: geo.front + Q]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, Hkv, nQb, G, bs, Dv)
+    return out.permute(0, 1, 3, 2, 4, 5).reshape(B, H, geo.padded_queries, Dv)[:, :, geo.front: geo.front + Q]
+
+
+def _chunks(valid: Tensor, per_slot: int, chunk_elements: int):
+    """(first block, end block, slots) of each query chunk: consecutive query blocks whose scores
+    (``per_slot`` per kept block and query block) fit ``chunk_elements``. A chunk computes only as
+    many slots as its rows use (valid slots come first): a causal row i keeps ~density·(i+1)
+    blocks, so early rows are not padded to the last row's count."""
+    used = valid.flatten(0, 1).sum(-1).amax(0).clamp(min=1).tolist()  # (nQb,) slots each query block uses
+    c0 = 0
+    while c0 < len(used):
+        c1, slots = c0 + 1, used[c0]
+        while c1 < len(used) and (c1 + 1 - c0) * max(slots, used[c1]) * per_slot <= chunk_elements:
+            slots = max(slots, used[c1])
+            c1 += 1
+        yield c0, c1, slots
+        c0 = c1
 
 
 def _chunk(
     c0: int, x: _Extras, q: Tensor, kb: Tensor, vb: Tensor, idx: Tensor, valid: Tensor,
     block_bias: Tensor | None, _bias: Tensor | None, _sinks: Tensor | None,
 ) -> Tensor:
-    """(B, Hkv, G, n, bs, Dv) output of ``n`` query blocks. (``_bias``/``_sinks`` are passed so
-    that a checkpoint sees them as inputs; ``x`` holds the views the chunk indexes.)"""
+    """(B, Hkv, n, G, bs, Dv) output of ``n`` query blocks. (``_bias``/``_sinks`` are passed so
+    that a checkpoint sees them as inputs; ``x`` holds the views the chunk indexes.)
+
+    Layout (B, Hkv, n, G, bs, S·bs): the G query heads of a KV group and the bs rows of a query
+    block share one matrix product with the group's gathered keys, and the scores stay contiguous.
+    """
     B, Hk, G, n, bs, D = q.shape
     S = idx.shape[-1]
     geo = x.geo
     K, Q = geo.key_length, geo.query_length
     H = Hk * G
+    Dv = vb.shape[-1]
     # gather the kept K/V blocks once per KV group: (B, Hkv, n, S·bs, D)
     flat = idx.reshape(B, Hk, n * S, 1, 1)
     kg = torch.gather(kb, 2, flat.expand(B, Hk, n * S, bs, D)).view(B, Hk, n, S * bs, D)
-    vg = torch.gather(vb, 2, flat.expand(B, Hk, n * S, bs, vb.shape[-1])).view(B, Hk, n, S * bs, vb.shape[-1])
+    vg = torch.gather(vb, 2, flat.expand(B, Hk, n * S, bs, Dv)).view(B, Hk, n, S * bs, Dv)
     compute = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.einsum("bhgqid,bhqjd->bhgqij", q, kg).to(compute) * x.scale  # (B, Hkv, G, n, bs, S·bs)
+    qg = q.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, n, G * bs, D)
+    if q.dtype == compute:  # fold the scale into the (small) queries rather than the scores
+        scores = torch.matmul(qg * x.scale, kg.transpose(-1, -2))
+    else:  # half precision: q·k in the model's dtype, as the dense kernel does
+        scores = torch.matmul(qg, kg.transpose(-1, -2)).to(compute).mul_(x.scale)
+    scores = scores.view(B, Hk, n, G, bs, S * bs)
     if x.softcap is not None:
         scores = x.softcap * torch.tanh(scores / x.softcap)
 
     # positions among the keys: of each query row (n, bs) and each gathered key (B, Hkv, n, S·bs)
     q_pos = geo.query_positions()[c0: c0 + n]
     k_pos = (idx[..., None] * bs + torch.arange(bs, device=idx.device)).reshape(B, Hk, n, S * bs)
-    row = q_pos - geo.offset  # the query's row in the call; outside [0, Q) = padding
-    keep = (valid[..., None].expand(B, Hk, n, S, bs).reshape(B, Hk, n, S * bs) & (k_pos < K))[:, :, None, :, None, :]
-    keep = keep & ((row >= 0) & (row < Q))[None, None, None, :, :, None]
+    # what a row may see, shared by the G heads: kept slot, a real key, not in the future.
+    # Padding query rows (outside the call) are left unmasked: they always see their own block,
+    # so they stay finite, and they are cut from the output.
+    keep = (valid[..., None].expand(B, Hk, n, S, bs).reshape(B, Hk, n, S * bs) & (k_pos < K))[:, :, :, None, None, :]
     if geo.causal:
-        keep = keep & (k_pos[:, :, None, :, None, :] <= q_pos[None, None, None, :, :, None])
-    # broadcast index grids (FlexAttention's b, h, q_idx, kv_idx) over (B, Hkv, G, n, bs, S·bs)
+        keep = keep & (k_pos[:, :, :, None, None, :] <= q_pos[None, None, :, None, :, None])
+    # broadcast index grids (FlexAttention's b, h, q_idx, kv_idx) over (B, Hkv, n, G, bs, S·bs)
     b_i = torch.arange(B, device=idx.device).view(B, 1, 1, 1, 1, 1)
-    h_i = torch.arange(H, device=idx.device).view(1, Hk, G, 1, 1, 1)
-    r_i = row.clamp(0, Q - 1).view(1, 1, 1, n, bs, 1)
-    k_i = k_pos.clamp(max=K - 1).view(B, Hk, 1, n, 1, S * bs)
+    h_i = torch.arange(H, device=idx.device).view(1, Hk, 1, G, 1, 1)
+    r_i = (q_pos - geo.offset).clamp(0, Q - 1).view(1, 1, n, 1, bs, 1)  # the query's row in the call
+    k_i = k_pos.clamp(max=K - 1).view(B, Hk, n, 1, 1, S * bs) if (x.allowed is not None or x.bias is not None
+                                                                  or x.mods is not None) else None
+    may_be_empty = x.allowed is not None
     if x.allowed is not None:
         keep = keep & x.allowed[b_i, h_i, r_i, k_i]
     if x.bias is not None:
         scores = scores + x.bias[b_i, h_i, r_i, k_i].to(compute)
-    if block_bias is not None:  # the gate's log-prob of each kept block, on all its scores
-        scores = (scores.view(B, Hk, G, n, bs, S, bs) + block_bias.to(compute).view(B, Hk, 1, n, 1, S, 1)).flatten(-2)
     if x.mods is not None:
-        q_i = q_pos.view(1, 1, 1, n, bs, 1)
+        q_i = q_pos.view(1, 1, n, 1, bs, 1)
         for mod in x.mods.score:
             scores = mod(scores, b_i, h_i, q_i, k_i)
         for mod in x.mods.mask:
             keep = keep & mod(b_i, h_i, q_i, k_i)
-    scores = scores.masked_fill(~keep, -math.inf)
+        may_be_empty = may_be_empty or bool(x.mods.mask)
+    if block_bias is not None:  # the gate's log-prob of each kept block, on all its scores
+        scores = (scores.view(B, Hk, n, G, bs, S, bs) + block_bias.to(compute).view(B, Hk, n, 1, 1, S, 1)).view_as(scores)
+    # In place where autograd keeps nothing of ``scores`` (matmul, add and scalar mul save their
+    # inputs, not their output); a user's modifier might, so then out of place.
+    scores = scores.masked_fill(~keep, -math.inf) if x.mods is not None else scores.masked_fill_(~keep, -math.inf)
     if x.sinks is not None:  # a key without a value in every row's denominator
-        sink = x.sinks[b_i[..., 0], h_i[..., 0], r_i[..., 0], 0].to(compute)  # (B, Hkv, G, n, bs)
-        probs = torch.softmax(torch.cat([scores, sink.expand(B, Hk, G, n, bs)[..., None]], dim=-1), dim=-1)[..., :-1]
-    else:
+        sink = x.sinks[b_i[..., 0], h_i[..., 0], r_i[..., 0], 0].to(compute)  # (B, Hkv, n, G, bs)
+        probs = torch.softmax(torch.cat([scores, sink.expand(B, Hk, n, G, bs)[..., None]], dim=-1), dim=-1)[..., :-1]
+    elif may_be_empty:
         sees = keep.any(-1, keepdim=True)
         probs = torch.softmax(torch.where(sees, scores, 0.0), dim=-1)
         probs = torch.where(sees, probs, 0.0)  # a row that sees nothing (all padding) is zero, not NaN
+    else:
+        probs = torch.softmax(scores, dim=-1)
     if x.dropout_p:
         probs = F.dropout(probs, p=x.dropout_p, training=True)
-    return torch.einsum("bhgqij,bhqjd->bhgqid", probs.to(vg.dtype), vg)
+    out = torch.matmul(probs.to(vg.dtype).view(B, Hk, n, G * bs, S * bs), vg)  # (B, Hkv, n, G·bs, Dv)
+    return out.view(B, Hk, n, G, bs, Dv)
 
 
 def dense_reference(

@@ -287,7 +287,7 @@ def embedding_fidelity(model: nn.Module, batch: dict, cfg: SparseConfig) -> dict
     total = ProbError()
     for e in tap.errors.values():
         total += e
-    cos = row_cosines(dense, sparse)
+    cos = row_cosines(dense, sparse)[valid.any(-1)]  # an all-padding sequence has no embedding to compare
     return {"pattern": cfg.pattern, "density": cfg.density, "block_size": cfg.block_size,
             "measured_density": density, "sentences": int(cos.numel()),
             "tokens": int(valid.sum()), "embedding_cosine_mean": float(cos.mean()),
@@ -306,3 +306,128 @@ def eval_windows(tokenizer, seq_len: int, tokens: int, corpus: str = "kjv", spli
         if n < 1:
             raise UserError(f"the {corpus} {split} split has {ids.numel()} tokens: fewer than one window of {seq_len}")
     return ids[: n * seq_len].view(n, seq_len)
+
+
+# --- the whole evaluation -----------------------------------------------------------------------
+
+@dataclass
+class EvalPlan:
+    """patterns × densities × seq_lens, on ``tokens`` held-out tokens per length (windows of the
+    length, from the start of the corpus split); ``gates``: directories ``attnkit sparse train``
+    wrote (their learned gates join as pattern ``learned_gate``, run at every density, the
+    directory trained at that density preferred). Encoders: ``sentences`` passages of at most
+    ``max_length`` tokens, batched by 8 with padding."""
+
+    patterns: list[str]
+    densities: list[float]
+    seq_lens: list[int]
+    block_size: int = 64
+    tokens: int = 8192
+    grad_windows: int = 1
+    corpus: str = "kjv"
+    split: str = "test"
+    gates: list[str] = field(default_factory=list)
+    sentences: int = 32
+    max_length: int = 256
+
+
+def _learned_for(model: nn.Module, plan: EvalPlan, density: float):
+    """(model to run, SparseConfig, gates, directory) of the trained gates to use at ``density``."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from attnkit.sparse.distill import PROJECTIONS_FILE, SUMMARY_FILE, load_trained
+
+    def trained_density(d: str) -> float:
+        try:
+            return float(json.loads((Path(d) / SUMMARY_FILE).read_text())["sparse"]["density"])
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--gates {d} is not a directory that attnkit sparse train wrote ({e})") from e
+
+    best = min(plan.gates, key=lambda d: (abs(trained_density(d) - density), d))
+    student = copy.deepcopy(model) if (Path(best) / PROJECTIONS_FILE).exists() else model
+    trained = load_trained(student, best, density=density)
+    if trained.cfg.block_size != plan.block_size:
+        raise UserError(f"the gates in {best} were trained with block size {trained.cfg.block_size}; "
+                        f"evaluate with --block-size {trained.cfg.block_size}")
+    return student, trained.cfg, trained.gates, best
+
+
+def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=None) -> dict:
+    """Every measurement of the module doc; ``progress(done, total, label)`` is told of each step."""
+    from dataclasses import asdict
+
+    update = progress or (lambda done, total, label: None)
+    doc = {"schema": SCHEMA, "kind": kind, "plan": asdict(plan),
+           "targets_defined": {name: t.text for name, t in TARGETS.items()}}
+    if kind == "encoder":
+        doc["embedding"] = run_embedding_eval(model, tokenizer, plan, update)
+        return doc
+    from attnkit.data import encode_documents, load_corpus
+
+    stream = encode_documents(tokenizer, load_corpus(plan.corpus).split(plan.split))
+    patterns = list(plan.patterns)
+    if "learned_gate" in patterns and not plan.gates:
+        raise UserError("the learned_gate pattern needs trained gates: give --gates DIR (what attnkit sparse train wrote)")
+    total = len(plan.seq_lens) * (1 + len(patterns) * len(plan.densities))
+    done, results, baselines = 0, [], []
+    device = next(model.parameters()).device
+    for seq_len in plan.seq_lens:
+        ids = eval_windows(tokenizer, seq_len, plan.tokens, plan.corpus, plan.split, stream=stream).to(device)
+        update(done, total, f"dense, {seq_len} tokens")
+        base = dense_baseline(model, ids, plan.grad_windows)
+        baselines.append(base.as_dict())
+        done += 1
+        for pattern in patterns:
+            for density in plan.densities:
+                update(done, total, f"{pattern} at {density:g}, {seq_len} tokens")
+                if pattern == "learned_gate":
+                    student, cfg, gates, source = _learned_for(model, plan, density)
+                else:
+                    student, cfg, gates, source = model, SparseConfig(pattern=pattern, density=density,
+                                                                      block_size=plan.block_size), None, None
+                r = evaluate_pattern(student, cfg, gates, base, plan.grad_windows)
+                if source is not None:
+                    r["gates"] = source
+                results.append(r)
+                done += 1
+        del base
+    update(done, total, "done")
+    doc.update(baselines=baselines, results=results, smallest_density=smallest_densities(results))
+    return doc
+
+
+def embedding_batches(tokenizer, plan: EvalPlan, device) -> list[dict]:
+    from attnkit.data import load_corpus
+
+    docs = [d for d in load_corpus(plan.corpus).split(plan.split) if d.strip()][: plan.sentences]
+    out = []
+    for i in range(0, len(docs), 8):
+        enc = tokenizer(docs[i: i + 8], truncation=True, max_length=plan.max_length, padding=True, return_tensors="pt")
+        out.append({k: v.to(device) for k, v in enc.items()})
+    return out
+
+
+def run_embedding_eval(model: nn.Module, tokenizer, plan: EvalPlan, update) -> list[dict]:
+    """Sentence-embedding cosine of every pattern and density (training-free: no gates on encoders)."""
+    device = next(model.parameters()).device
+    batches = embedding_batches(tokenizer, plan, device)
+    patterns = [p for p in plan.patterns if p != "learned_gate"]
+    rows, total, done = [], len(patterns) * len(plan.densities), 0
+    for pattern in patterns:
+        for density in plan.densities:
+            update(done, total, f"{pattern} at {density:g}")
+            cfg = SparseConfig(pattern=pattern, density=density, block_size=plan.block_size)
+            parts = [embedding_fidelity(model, b, cfg) for b in batches]
+            n = sum(p["sentences"] for p in parts)
+            rows.append({
+                "pattern": pattern, "density": density, "block_size": plan.block_size, "sentences": n,
+                "tokens": sum(p["tokens"] for p in parts),
+                "measured_density": sum(p["measured_density"] * p["sentences"] for p in parts) / n,
+                "embedding_cosine_mean": sum(p["embedding_cosine_mean"] * p["sentences"] for p in parts) / n,
+                "embedding_cosine_min": min(p["embedding_cosine_min"] for p in parts),
+                "prob_mse": sum(p["prob_mse"] * p["sentences"] for p in parts) / n,
+            })
+            done += 1
+    return rows

@@ -10,7 +10,7 @@ KV group (the group shares its blocks).
     >>> x = BlockInputs(q, k, geo, groups=1)
     >>> select_blocks(moba_score(x), geo, geo.forced(0, 1, sinks=False), 0.5).block_mask()[0, 0].int()
     tensor([[1, 0, 0],
-            [1, 1, 0],
+            [0, 1, 0],
             [1, 0, 1]], dtype=torch.int32)
 """
 

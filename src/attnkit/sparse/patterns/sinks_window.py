@@ -2,7 +2,7 @@
 
 Xiao et al. 2023: a window without the first tokens destroys perplexity (5158 vs 5.40 with 4
 sink tokens); keeping them restores it. At density d the budget ⌈d·(i+1)⌉ is the sinks plus the
-most recent blocks.
+most recent blocks (below: 2 of 4 blocks for the last query block, the sink and its own).
 
     >>> geo = BlockGeometry(block_size=2, query_length=8, key_length=8)
     >>> x = BlockInputs(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), geo, groups=1)
@@ -10,7 +10,7 @@ most recent blocks.
     tensor([[1, 0, 0, 0],
             [1, 1, 0, 0],
             [1, 0, 1, 0],
-            [1, 0, 1, 1]], dtype=torch.int32)
+            [1, 0, 0, 1]], dtype=torch.int32)
 """
 
 from __future__ import annotations
