@@ -5,6 +5,11 @@ fused ``c_attn`` only its query and key columns count. A post-accumulate-grad ho
 reads the gradient the moment backward has finished writing it — on observed steps only — so it
 works whatever the loop does afterwards (``zero_grad(set_to_none=True)`` before ``on_step`` included)
 and never changes a gradient. With gradient accumulation it keeps the last (accumulated) value.
+
+Under ``torch.distributed`` those hooks see each rank's *local* gradient (DDP averages the ranks'
+gradients after them), so the monitor, when it has the optimizer, reads the gradients instead in
+an optimizer step pre-hook (``read_now``): the averaged gradient the optimizer applies, the same
+on every rank and equal to one process's gradient on the whole batch.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class GradNorms:
         self._sq: dict[tuple[Site, int], torch.Tensor] = {}
         self._handles: list = []
         self.unknown: list[str] = []  # module types whose layout is unknown (no grad norm for them)
+        self.on_accumulate = True  # False: read only by read_now (the optimizer pre-hook, under DDP)
 
     def add(self, site: Site, module: nn.Module) -> None:
         if site in self.sites:
@@ -47,11 +53,23 @@ class GradNorms:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     def _hook(self, p: torch.Tensor) -> None:
-        if not self.armed() or p.grad is None:
+        if not self.on_accumulate or not self.armed() or p.grad is None:
             return
+        self._read(p)
+
+    def _read(self, p: torch.Tensor) -> None:
         with torch.no_grad():
             for site, pieces in self._pieces.get(id(p), ()):
                 self._sq[(site, id(p))] = sum(piece.of(p.grad).float().square().sum() for piece in pieces)
+
+    def read_now(self) -> None:
+        """Read every tracked parameter's current ``.grad`` (on observed steps only)."""
+        if not self.armed():
+            return
+        for params in self.sites.values():
+            for p in params:
+                if p.grad is not None:
+                    self._read(p)
 
     def collect(self, sites: list[Site]) -> list[float] | None:
         """Per site, sqrt of the sum of squares gathered since the last collect (NaN where none)."""

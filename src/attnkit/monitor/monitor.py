@@ -190,6 +190,11 @@ class AttentionMonitor:
             stack.close()
             raise
         stack.callback(self.grads.remove)
+        if _dist() and self.optimizer is not None:
+            # DDP averages gradients after the accumulate hooks: read the averaged ones at the step
+            self.grads.on_accumulate = False
+            hook = self.optimizer.register_step_pre_hook(lambda *_: self.grads.read_now())
+            stack.callback(hook.remove)
         self._stack = stack
         self.session.active = True
         return self
@@ -279,7 +284,8 @@ class AttentionMonitor:
         for m in METRICS:
             self.rings[m].append(step, values[m])
         grad = self.grads.collect(self.sites)
-        if grad is not None and dist:
+        if grad is not None and dist and self.grads.on_accumulate:
+            # local gradients (no optimizer to read the averaged ones at): their root mean square
             t = torch.tensor(grad, dtype=torch.float64).square()
             dist.all_reduce(t)
             grad = (t / dist.get_world_size()).sqrt().tolist()
