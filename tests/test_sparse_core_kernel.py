@@ -154,3 +154,39 @@ def test_no_saved_tensor_is_t_by_t_per_head(checkpoint):
     assert q.grad is not None and torch.isfinite(q.grad).all() and gate.grad is not None
     if checkpoint:  # only the chunks' inputs are kept: O(T · D) per head, nothing of T · S · block
         assert max(saved) <= B * H * T * D * 2
+
+
+def test_softcap_bias_and_sinks_against_the_seams_dense_kernel():
+    """The model's own soft-cap, an additive bias and learned sinks, checked against attnkit's
+    dense kernel restricted to the kept blocks (forward and gradients; that kernel's scores are
+    float32, hence the tolerance)."""
+    from torch import nn
+
+    from attnkit.kernels.dense import dense_attention
+    from attnkit.seam import Site, build_call
+    from attnkit.seam.plan import Mods
+
+    B, H, Hk, T, bs, D = 1, 4, 2, 14, 4, 3
+    sel, geo = _selection(B, Hk, T, bs, density=0.5)
+    q, k, v = _qkv(B, H, Hk, T, T, D)
+    g = torch.Generator().manual_seed(7)
+    bias = torch.randn(1, H, T, T, generator=g, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(H, generator=g, dtype=torch.float64, requires_grad=True)
+    blocks = sel.block_mask()
+
+    def keep(b, h, q_idx, kv_idx):
+        return blocks[b, h // (H // Hk), q_idx // bs, kv_idx // bs] & (kv_idx <= q_idx)
+
+    call = build_call(nn.Module(), Site(0), q, k, v, scale=0.7, softcap=2.0, bias=bias, sinks=sinks)
+    ref = dense_attention(call, Mods(mask=(keep,)), 1 << 20)
+    out = block_sparse_attention(q, k, v, sel.indices, sel.valid, geo, scale=0.7, softcap=2.0, bias=bias,
+                                 sinks=call.sinks)
+    assert torch.allclose(out, ref, atol=1e-6)
+    w = torch.randn_like(out)
+    ga = torch.autograd.grad((out * w).sum(), (q, k, v, bias, sinks))
+    gb = torch.autograd.grad((ref * w).sum(), (q, k, v, bias, sinks))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ga, gb))
+    assert all(g.abs().sum() > 0 for g in ga)
+    fn = lambda q, k, v, bias, s: block_sparse_attention(  # noqa: E731
+        q, k, v, sel.indices, sel.valid, geo, scale=0.7, softcap=2.0, bias=bias, sinks=s.view(1, -1, 1, 1))
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias, sinks))

@@ -128,7 +128,14 @@ class SparseSelector:
         if self.pattern.learned:
             if self.gates is None:
                 raise UserError(f"the {self.cfg.pattern} pattern needs gates: make_gates(model, cfg)")
+            if call.site not in self.gates:
+                raise UserError(f"no gate for {call.site}: the gates were made for another model "
+                                f"({', '.join(map(str, self.gates.sites))})")
             gate = self.gates[call.site]
+            shape = (k.shape[1], groups, k.shape[-1])
+            if (gate.num_kv_heads, gate.groups, gate.head_dim) != shape:
+                raise UserError(f"the gate of {call.site} was made for (KV heads, group size, head dim) "
+                                f"{(gate.num_kv_heads, gate.groups, gate.head_dim)}, the call has {shape}")
         causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
         return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal), k, v
 
