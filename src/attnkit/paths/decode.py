@@ -116,7 +116,7 @@ def _rollout(model: nn.Module, sim: nn.Module, input_ids: torch.Tensor, attentio
             break
         e = embed(x[:, None])[:, 0]  # (BN, D)
         inp = e
-        if bool(thinking.any()):
+        if bool((thinking.view(b, n).sum(-1) >= 2).any()):  # some group has two paths still thinking
             p = torch.softmax(logits, -1).view(b, n, -1)  # (B, N, V)
             s = sim(p)  # (B, N, N)
             a = path_weights(s, thinking.view(b, n), temperature)

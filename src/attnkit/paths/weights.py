@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from attnkit.errors import UserError
+from attnkit.paths.similarity import upcast
 
 
 def allowed_pairs(active: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def path_weights(sim: torch.Tensor, active: torch.Tensor | None = None, temperat
         raise UserError(f"similarity {tuple(sim.shape)} and active mask {tuple(active.shape)} do not match "
                         "(want (..., N, N) and (..., N))")
     ok = allowed_pairs(active)  # (..., N, N)
-    logits = (sim.float() / temperature).masked_fill(~ok, float("-inf"))
+    logits = (upcast(sim) / temperature).masked_fill(~ok, float("-inf"))
     # a row with no allowed entry would be softmax(-inf, ..., -inf) = NaN: give it finite logits, then zero it
     logits = torch.where(ok.any(-1, keepdim=True), logits, torch.zeros_like(logits))
     return torch.softmax(logits, dim=-1) * ok
@@ -73,11 +74,11 @@ def weight_stats(weights: torch.Tensor, sim: torch.Tensor, active: torch.Tensor 
         if n_rows == 0:
             nan = float("nan")
             return WeightStats(0, nan, nan, nan, nan, nan, nan)
-        a = weights.float()
+        a = upcast(weights)
         ent = -(torch.xlogy(a, a)).sum(-1)[rows]
         k = ok.sum(-1).clamp_min(1).float()  # partners per row
         var = (((a - 1.0 / k.unsqueeze(-1)) ** 2) * ok).sum(-1) / k  # rows sum to 1: mean weight 1/k
         var = var[rows]
-        s = sim.float()[ok]
+        s = upcast(sim)[ok]
         return WeightStats(n_rows, ent.mean().item(), a.amax(-1)[rows].mean().item(), var.mean().item(),
                            s.min().item(), s.max().item(), s.mean().item())

@@ -3,8 +3,8 @@
 A similarity maps the N paths' next-token distributions ``p`` of shape ``(..., N, V)`` to a score
 matrix ``S`` of shape ``(..., N, N)``; :func:`attnkit.paths.weights.path_weights` turns it into blend
 weights (temperature softmax over j != i, inactive paths masked). Every similarity is an
-``nn.Module`` (the parameter-free ones have no parameters), computes in float32 whatever the
-input dtype, and is safe for peaked, near-uniform and identical distributions.
+``nn.Module`` (the parameter-free ones have no parameters), computes in float32 at least (float64
+stays float64), and is safe for peaked, near-uniform and identical distributions.
 
     >>> import torch
     >>> from attnkit.paths.similarity import make_similarity
@@ -20,11 +20,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from attnkit.errors import UserError
 
 SIMILARITIES: dict[str, type[nn.Module]] = {}
+
+
+def upcast(p: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32 (products of small probabilities underflow there); float64 stays."""
+    return p if p.dtype in (torch.float32, torch.float64) else p.float()
 
 
 def register_similarity(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:

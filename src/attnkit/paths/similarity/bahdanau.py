@@ -30,14 +30,13 @@ class Bahdanau(nn.Module):
         self.basis = Basis(vocab_size, embedding)
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         d = self.basis.dim
-        # the vocabulary basis sees a distribution (entries sum to 1): unit-variance rows give W q = O(1)
-        scale = 1.0 if self.basis.dim == self.basis.vocab_size and not self.basis._borrowed else d**-0.5
+        # |q| <= ~1 in either basis (a distribution, or its expected unit-norm embedding): unit-variance W gives W q = O(1)
         self.w1 = nn.Linear(d, dim)  # its bias is the b above
         self.w2 = nn.Linear(d, dim, bias=False)
         self.v = nn.Parameter(torch.randn(dim, generator=g) / dim**0.5)
         with torch.no_grad():
-            self.w1.weight.copy_(torch.randn(dim, d, generator=g) * scale)
-            self.w2.weight.copy_(torch.randn(dim, d, generator=g) * scale)
+            self.w1.weight.copy_(torch.randn(dim, d, generator=g))
+            self.w2.weight.copy_(torch.randn(dim, d, generator=g))
             self.w1.bias.zero_()
 
     @staticmethod

@@ -13,10 +13,11 @@ import torch
 import torch.nn as nn
 
 from attnkit.errors import UserError
+from attnkit.paths.similarity import upcast
 
 
 class Basis(nn.Module):
-    """``p (..., N, V)`` -> ``(..., N, dim)``: identity on the vocabulary, or ``p @ E`` scaled to unit RMS."""
+    """``p (..., N, V)`` -> ``(..., N, dim)``: identity on the vocabulary, or ``p @ E`` with E's rows scaled to unit mean norm."""
 
     def __init__(self, vocab_size: int | None = None, embedding: torch.Tensor | nn.Embedding | None = None):
         super().__init__()
@@ -32,10 +33,11 @@ class Basis(nn.Module):
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         if p.shape[-1] != self.vocab_size:
             raise UserError(f"distributions over {p.shape[-1]} tokens given to a similarity built for {self.vocab_size}")
-        p = p.float()
+        p = upcast(p)
         if not self._borrowed:
             return p  # (..., N, V)
-        e = self._borrowed[0].detach().float()  # (V, d)
-        # unit RMS: the learnable maps' initial scale does not depend on how the model scaled its embedding
-        e = e / e.pow(2).mean().sqrt().clamp_min(1e-12)
+        e = self._borrowed[0].detach().to(p.dtype)  # (V, d)
+        # rows of unit mean norm: |q| <= ~1 as for a distribution on the vocabulary, so the learnable maps'
+        # initial scale does not depend on how the model scaled its embedding
+        e = e / e.pow(2).sum(-1).mean().sqrt().clamp_min(1e-12)
         return p @ e  # (..., N, d)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from attnkit.paths.similarity import register_similarity
+from attnkit.paths.similarity import register_similarity, upcast
 
 
 @register_similarity("bhattacharyya")
 class Bhattacharyya(nn.Module):
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        r = p.float().clamp_min(1e-30).sqrt()  # (..., N, V)
+        r = upcast(p).clamp_min(1e-30).sqrt()  # (..., N, V)
         return (r @ r.transpose(-1, -2)).clamp(max=1.0)  # (..., N, N); rounding can exceed 1 by an ulp

@@ -13,12 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attnkit.paths.similarity import register_similarity
+from attnkit.paths.similarity import register_similarity, upcast
 
 
 @register_similarity("cosine")
 class Cosine(nn.Module):
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         # |p|_2 >= 1/sqrt(V) for a distribution, so eps never decides unless p is all zeros
-        q = F.normalize(p.float(), dim=-1, eps=1e-12)  # (..., N, V)
+        q = F.normalize(upcast(p), dim=-1, eps=1e-12)  # (..., N, V)
         return q @ q.transpose(-1, -2)  # (..., N, N)

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn as nn
 
-from attnkit.paths.similarity import register_similarity
+from attnkit.paths.similarity import register_similarity, upcast
 
 _TINY = 1e-30  # far below any probability that matters, above float32's smallest normal (1.2e-38)
 
@@ -30,7 +30,7 @@ def _kl_to(p: torch.Tensor, logp: torch.Tensor, logm: torch.Tensor) -> torch.Ten
 @register_similarity("jensen_shannon")
 class JensenShannon(nn.Module):
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        p = p.float()
+        p = upcast(p)
         pi, pj = p.unsqueeze(-2), p.unsqueeze(-3)  # (..., N, 1, V), (..., 1, N, V)
         m = 0.5 * (pi + pj)  # (..., N, N, V)
         logm = m.clamp_min(_TINY).log()

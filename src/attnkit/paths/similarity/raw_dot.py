@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from attnkit.paths.similarity import register_similarity
+from attnkit.paths.similarity import register_similarity, upcast
 
 
 @register_similarity("raw_dot")
 class RawDot(nn.Module):
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        p = p.float()  # (..., N, V)
+        p = upcast(p)  # (..., N, V)
         return p @ p.transpose(-1, -2)  # (..., N, N)

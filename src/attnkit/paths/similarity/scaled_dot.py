@@ -16,11 +16,11 @@ import math
 import torch
 import torch.nn as nn
 
-from attnkit.paths.similarity import register_similarity
+from attnkit.paths.similarity import register_similarity, upcast
 
 
 @register_similarity("scaled_dot")
 class ScaledDot(nn.Module):
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        p = p.float()  # (..., N, V)
+        p = upcast(p)  # (..., N, V)
         return (p @ p.transpose(-1, -2)) / math.sqrt(p.shape[-1])  # (..., N, N)
