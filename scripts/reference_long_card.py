@@ -33,11 +33,14 @@ ROLE_THRESHOLDS = {"previous_token": 0.4, "induction": 0.3, "retrieval": 0.3, "s
 EVAL_BATCH = 4
 # Positions beyond training (2048, 4096): RoPE as trained (extrapolated) against two ways of
 # stretching it at evaluation time only, without training; "dynamic" leaves positions < 1024 untouched.
+# (transformers' dynamic NTK takes max_position_embeddings as the trained length; YaRN takes
+# original_max_position_embeddings and is static, so it also changes what happens below 1024.)
 ROPE_VARIANTS = {
     "default": {"rope_type": "default"},
     "dynamic_ntk": {"rope_type": "dynamic", "factor": 4.0},
-    "yarn_4": {"rope_type": "yarn", "factor": 4.0},
+    "yarn_4": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": CONTEXT},
 }
+MAX_POSITIONS = {"default": CONTEXT, "dynamic_ntk": CONTEXT, "yarn_4": 4 * CONTEXT}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,8 +171,8 @@ def with_rope(model_dir: Path, variant: str, length: int):
 
     config = AutoConfig.from_pretrained(model_dir)
     theta = config.rope_parameters["rope_theta"]
-    config.rope_parameters = {**ROPE_VARIANTS[variant], "rope_theta": theta, "original_max_position_embeddings": CONTEXT}
-    config.max_position_embeddings = max(length, CONTEXT)
+    config.rope_parameters = {**ROPE_VARIANTS[variant], "rope_theta": theta}
+    config.max_position_embeddings = MAX_POSITIONS[variant]
     return AutoModelForCausalLM.from_pretrained(model_dir, config=config, attn_implementation="sdpa").eval()
 
 
@@ -419,8 +422,9 @@ def render_card(r: dict, training: dict, repro: dict | None) -> str:
               f"{long['4096'][v]['by_position']['2048-4095']['nll']:.3f} |" for v in ROPE_VARIANTS),
             "",
             f"Shipped configuration: {r.get('shipped_rope', 'default')} RoPE with `max_position_embeddings` "
-            f"{r.get('shipped_max_positions', CONTEXT)} (chosen by the 4096-token test NLL; identical to the trained "
-            "model up to 1024 tokens when dynamic).",
+            f"{r.get('shipped_max_positions', CONTEXT)} (chosen by the 4096-token test NLL among the variants that "
+            "leave the model as trained up to 1024 tokens; attnkit takes up to that many tokens, transformers runs "
+            "longer inputs with the RoPE above).",
             "",
         ]
     if repro:
@@ -498,22 +502,20 @@ def write_card(model_dir: Path, reproduction: Path | None = None) -> dict:
 
 
 def choose_rope(model_dir: Path, r: dict) -> dict:
-    """Write the RoPE variant with the best 4096-token test NLL into the shipped config, if it leaves
-    1024-token results unchanged (dynamic or default); max positions 4096 either way."""
+    """Ship the RoPE variant with the best 4096-token test NLL among those that leave the model as
+    trained up to 1024 tokens (default or dynamic NTK); ``max_position_embeddings`` stays the trained
+    1024 (attnkit refuses longer inputs to the model; transformers runs them, stretched if dynamic)."""
     if "long" not in r:
         return {}
-    safe = [v for v in ROPE_VARIANTS if abs(r["long"]["1024"][v]["nll"] - r["long"]["1024"]["default"]["nll"]) < 1e-6]
-    best = min(safe, key=lambda v: r["long"]["4096"][v]["nll"])
+    same = [v for v in ROPE_VARIANTS if abs(r["long"]["1024"][v]["nll"] - r["long"]["1024"]["default"]["nll"]) < 1e-6]
+    best = min(same, key=lambda v: r["long"]["4096"][v]["nll"])
     config_path = model_dir / "config.json"
     config = json.loads(config_path.read_text())
     theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10_000.0))
-    params = {**ROPE_VARIANTS[best], "rope_theta": theta}
-    if best != "default":
-        params["original_max_position_embeddings"] = CONTEXT
-    config["rope_parameters"] = params
-    config["max_position_embeddings"] = 4096
+    config["rope_parameters"] = {**ROPE_VARIANTS[best], "rope_theta": theta}
+    config["max_position_embeddings"] = MAX_POSITIONS[best]
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return {"shipped_rope": best, "shipped_max_positions": 4096}
+    return {"shipped_rope": best, "shipped_max_positions": MAX_POSITIONS[best]}
 
 
 def main() -> int:
