@@ -31,6 +31,7 @@ COMMANDS = {
     "validate": "attnkit.cli.validate",
     "check": "attnkit.cli.check",
     "monitor": "attnkit.cli.monitor",
+    "sparse": "attnkit.cli.sparse",
 }
 
 
