@@ -4,7 +4,7 @@
     python experiments/paths/run.py --report-only         # table, significance and plots from results.json
 
 A character-level Llama (~100k parameters, from scratch) learns 2-digit addition with written-out
-column steps (task.py). Per seed: one short supervised warm-up, then from that same checkpoint one
+column steps (addition_task.py). Per seed: one short supervised warm-up, then from that same checkpoint one
 GRPO run per variant -- plain GRPO (λ = 0) and M3PO blending (λ, T) with each registered similarity --
 on the same problem batches with the same sampling seed, so variants are paired within a seed.
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import task  # noqa: E402
+import addition_task as task  # noqa: E402
 
 from attnkit.errors import UserError  # noqa: E402
 from attnkit.paths import blended_logprobs, generate_paths, list_similarities, make_similarity  # noqa: E402
