@@ -118,6 +118,19 @@ def training_windows(train_ids: torch.Tensor, cfg: TrainConfig, bos: int, vocab:
     return x, labels
 
 
+def with_bos(tokenizer):
+    """``reference``'s tokenizer, prepending ``<|endoftext|>`` as a BOS to every text (as Llama's
+    tokenizers do), so that attnkit's tools and any ``tokenizer(text)`` give the model what it was
+    trained on; ``add_special_tokens=False`` still gives the bare stream."""
+    from tokenizers import processors
+
+    bos = tokenizer.bos_token
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
@@ -192,7 +205,7 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
     checkpoints.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_FROM)
+    tokenizer = with_bos(AutoTokenizer.from_pretrained(TOKENIZER_FROM))
     tokenizer.model_max_length = cfg.context
     tokenizer.save_pretrained(out)
     corpus = load_corpus("kjv")
