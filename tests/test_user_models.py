@@ -105,9 +105,13 @@ def test_analyze_runs_with_the_checkpoint_s_own_config(trained, tmp_path, capsys
     report = tmp_path / "analyze.json"
     code = main(["analyze", "byo_models:build", "--checkpoint", str(checkpoint), "--tokenizer", "reference",
                  "--text", "In the beginning God created the heaven and the earth.", "--json", str(report)])
-    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr()
+    assert code == 0, out.err
     data = json.loads(report.read_text())
     assert data["num_layers"] == 2 and len(data["heads"]) == 2 * 4
+    # The commands it suggests next load the same model: they carry --checkpoint and --tokenizer.
+    suggested = [line.strip() for line in out.out.splitlines() if line.strip().startswith(("attnkit analyze byo", "attnkit validate "))]
+    assert suggested and all(f"--checkpoint {checkpoint}" in c and "--tokenizer reference" in c for c in suggested)
 
 
 def test_perplexity_equals_the_model_s_own_loss_on_the_same_blocks(trained, tmp_path, capsys):

@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
-from attnkit.cli.common import (DTYPES, add_model_argument, check_outputs, check_positive, model_options,
+from attnkit.cli.common import (DTYPES, add_model_argument, check_outputs, check_positive, model_flags, model_options,
                                 parse_int_list, read_text)
 
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(e)) from e
     from attnkit.report.console import render_analysis
 
-    render_analysis(result, console, given_json=args.json is not None)
+    render_analysis(result, console, given_json=args.json is not None, model_flags=model_flags(args))
     if args.json:
         from attnkit.report.io import write_json
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import os
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def model_options(args: argparse.Namespace) -> dict:
     """The ``load_model`` keywords for a MODEL of the user's own (None where not given)."""
     return {"checkpoint": getattr(args, "checkpoint", None), "config": getattr(args, "config", None),
             "tokenizer": getattr(args, "tokenizer", None)}
+
+
+def model_flags(args: argparse.Namespace) -> str:
+    """The own-model options as they were given, for commands the report suggests next."""
+    given = [(flag, value) for flag, value in (("--checkpoint", getattr(args, "checkpoint", None)),
+                                                ("--config", getattr(args, "config", None)),
+                                                ("--tokenizer", getattr(args, "tokenizer", None))) if value is not None]
+    return " ".join(f"{flag} {shlex.quote(value)}" for flag, value in given)
 
 
 def read_text(text: str | None, text_file: str | None) -> str | None:

@@ -123,9 +123,12 @@ def _issue_rows(a: Analysis) -> Table:
     return grid
 
 
-def _next_steps(a: Analysis, given_json: bool) -> list[tuple[str, str]]:
-    """(what it answers, the command) pairs; the worst head first when there is one to look at."""
-    model = shlex.quote(a.model)
+def _next_steps(a: Analysis, given_json: bool, model_flags: str = "") -> list[tuple[str, str]]:
+    """(what it answers, the command) pairs; the worst head first when there is one to look at.
+
+    ``model_flags``: the options that load the model (--checkpoint ... of a model of your own),
+    repeated in every command so that each runs as printed."""
+    model = shlex.quote(a.model) + (f" {model_flags}" if model_flags else "")
     steps = []
     worst = next((i for i in a.issues if i.severity != "info" and i.head is not None), None)
     if worst is not None:
@@ -138,8 +141,9 @@ def _next_steps(a: Analysis, given_json: bool) -> list[tuple[str, str]]:
     return steps
 
 
-def render_analysis(a: Analysis, console: Console, *, given_json: bool = False) -> None:
-    """Print ``a`` to ``console``; ``given_json`` leaves out the hint to write the JSON the user already asked for."""
+def render_analysis(a: Analysis, console: Console, *, given_json: bool = False, model_flags: str = "") -> None:
+    """Print ``a`` to ``console``; ``given_json`` leaves out the hint to write the JSON the user already asked for;
+    ``model_flags`` are repeated in the suggested commands."""
     dtype = str(a.dtype).replace("torch.", "")
     header = Text()
     header.append("attnkit analyze", style="bold")
@@ -182,6 +186,6 @@ def render_analysis(a: Analysis, console: Console, *, given_json: bool = False) 
 
     console.print()
     console.print(Text("Next steps", style="bold"))
-    for what, command in _next_steps(a, given_json):  # the question on one line, the command under it
+    for what, command in _next_steps(a, given_json, model_flags):  # the question on one line, the command under it
         console.print(Text("  " + what), highlight=False)
         console.print(Text("    " + command, style="bold cyan"), highlight=False, soft_wrap=True)
