@@ -39,10 +39,14 @@ import torch
 from attnkit.data import encode_documents, load_corpus
 from attnkit.models.registry import resolve_model_path
 from attnkit.mods import temperature
-from attnkit.monitor import AttentionMonitor, Policy, QKClip, ReduceLR, Thresholds
+from attnkit.monitor import AttentionMonitor, Chain, LRBackoff, Policy, QKClip, ReduceLR, Thresholds
+from attnkit.monitor.replay import first_step, replay
 from attnkit.seam import attach
 
-PREDICTORS = ("logit_growth", "overflow_risk", "entropy_fall", "entropy_collapse")
+# The warnings that count as a prediction. The first sweeps (seeds 0-3) used the per-head ones
+# (OLD_PREDICTORS); softmax_saturation was then designed on seeds 0-1's recorded traces.
+OLD_PREDICTORS = ("logit_growth", "overflow_risk", "entropy_fall", "entropy_collapse")
+PREDICTORS = ("softmax_saturation",)
 
 
 def build_model(arch: str, seed: int, vocab: int, args) -> torch.nn.Module:
@@ -70,12 +74,37 @@ def batches(ids: torch.Tensor, steps: int, batch: int, context: int, seed: int):
         yield torch.stack([ids[s:s + context] for s in start.tolist()])
 
 
-def rescue_policy(tau_floor: float) -> Policy:
-    """QK-clip at the warned head's own max logit, at most the danger threshold and never below
-    ``tau_floor``; LR halved on entropy collapse or a loss spike."""
-    rule = lambda issue: QKClip(max(min(issue.value, issue.threshold), tau_floor))  # noqa: E731
-    return Policy(rules={"logit_growth": rule, "overflow_risk": rule, "entropy_fall": lambda i: ReduceLR(0.5),
-                         "entropy_collapse": lambda i: ReduceLR(0.5), "loss_spike": lambda i: ReduceLR(0.5)})
+def _clip_at_warning(tau_floor: float):
+    """QK-clip at the warned head's own max logit, at most the danger threshold, never below tau_floor;
+    a negative tau_floor: at exactly -tau_floor (a τ fixed to the model's scale, not the warning's)."""
+    if tau_floor < 0:
+        return lambda issue: QKClip(-tau_floor)
+    return lambda issue: QKClip(max(min(issue.value, issue.threshold), tau_floor))
+
+
+def clip_halve(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
+    """The first sweeps' policy: QK-clip on a logit warning; the LR halved once on entropy fall or
+    collapse or a loss spike."""
+    clip = _clip_at_warning(tau_floor)
+    rules = {t: clip for t in ("logit_growth", "overflow_risk", "softmax_saturation")}
+    rules.update({t: (lambda i: ReduceLR(0.5)) for t in ("entropy_fall", "entropy_collapse", "loss_spike")})
+    return Policy(rules={t: r for t, r in rules.items() if t in predictors or t == "loss_spike"})
+
+
+def clip_backoff(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
+    """From the first prediction: QK-clip (as above) and an LR back-off that halves the rate now and
+    on every observed step where half the heads' max logits still grow 1.25x from where the clip
+    left them (QK-norm models: the back-off alone, QK-clip cannot act there)."""
+    clip = _clip_at_warning(tau_floor)
+    return Policy(rules={t: (lambda i: Chain((clip(i), LRBackoff()))) for t in predictors})
+
+
+def backoff(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
+    """The LR back-off alone (no QK-clip), to tell the two apart."""
+    return Policy(rules={t: (lambda i: LRBackoff()) for t in predictors})
+
+
+POLICIES = {"clip_halve": clip_halve, "clip_backoff": clip_backoff, "backoff": backoff}
 
 
 def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, out: Path, rescue: bool,
@@ -85,7 +114,7 @@ def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     name = f"{arch}_lr{lr:g}" + (f"_t{temp:g}" if temp != 1.0 else "") + f"_s{seed}" + ("_rescue" if rescue else "")
     monitor = AttentionMonitor(model, every=args.every, log_dir=out / name, emit=(), optimizer=opt, scheduler=sched,
-                               policy=rescue_policy(args.tau_floor) if rescue else None,
+                               policy=POLICIES[args.policy](args.tau_floor, args.predictors) if rescue else None,
                                thresholds=Thresholds(horizon=args.horizon),
                                meta={"arch": arch, "lr": lr, "seed": seed, "rescue": rescue})
     losses, warnings, t0 = [], [], time.time()
@@ -106,11 +135,12 @@ def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, 
             if not math.isfinite(losses[-1]):
                 break
     diverged = divergence_step(losses, args.warmup, args.spike)
-    first = min((w["step"] for w in warnings if w["type"] in PREDICTORS), default=None)
+    first = min((w["step"] for w in warnings if w["type"] in args.predictors), default=None)
     return {"name": name, "arch": arch, "lr": lr, "temperature": temp, "seed": seed, "rescue": rescue,
             "steps": len(losses),
             "losses": losses, "diverged_at": diverged, "first_warning": first, "warnings": warnings[:200],
-            "interventions": list(monitor.interventions)[:50], "seconds": time.time() - t0,
+            "interventions": list(monitor.interventions)[:200], "seconds": time.time() - t0,
+            "policy": args.policy if rescue else None, "predictors": list(args.predictors),
             "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
@@ -212,14 +242,23 @@ def main() -> None:
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--spike", type=float, default=1.0)
     p.add_argument("--degrade", type=float, default=0.5)
-    p.add_argument("--tau-floor", type=float, default=10.0)
+    p.add_argument("--tau-floor", type=float, default=10.0,
+                   help="QK-clip's τ: the warned head's max logit clamped to [this, 100]; negative: exactly -this")
     p.add_argument("--horizon", type=float, default=Thresholds().horizon,
                    help="logit_growth warns when the projected steps to the danger threshold are at most this many "
                    "window spans (the held-out run uses 1.0, chosen on the first sweep)")
+    p.add_argument("--predictors", default=",".join(PREDICTORS),
+                   help=f"warnings that count as a prediction (the first sweeps: {','.join(OLD_PREDICTORS)})")
+    p.add_argument("--policy", default="clip_backoff", choices=sorted(POLICIES),
+                   help="what the rescue re-runs apply from the first prediction (the first sweeps: clip_halve)")
+    p.add_argument("--rescue-from", default=None,
+                   help="a directory of finished base runs (runs.jsonl + traces): re-score their traces with "
+                   "--predictors offline and run only the rescues of the warned ones, into --out")
     p.add_argument("--no-rescue", action="store_true",
                    help="base runs only (their traces can be re-scored offline; rescues run later)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    args.predictors = tuple(args.predictors.split(","))
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,19 +269,36 @@ def main() -> None:
     vocab = len(tok)
     runs: list[dict] = []
     log = open(out / "runs.jsonl", "w")
-    for arch in args.archs.split(","):
-        for lr in [float(x) for x in args.lrs.split(",")]:
-          for temp in [float(x) for x in args.temperatures.split(",")]:  # noqa: E111
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                for rescue in (False,) if args.no_rescue else (False, True):
-                    if rescue and runs[-1]["first_warning"] is None:
-                        continue  # nothing to act on (a rescue of a run that turns out stable is not counted)
-                    r = train(arch, lr, seed, ids, vocab, args, out, rescue, temp)
-                    runs.append(r)
-                    log.write(json.dumps(r) + "\n")
-                    log.flush()
-                    print(f"{r['name']:32s} diverged_at={r['diverged_at']} first_warning={r['first_warning']} "
-                          f"final={r['final_loss']:.3f} {r['seconds']:.0f}s", flush=True)
+
+    def record(r: dict) -> None:
+        runs.append(r)
+        log.write(json.dumps(r) + "\n")
+        log.flush()
+        print(f"{r['name']:32s} diverged_at={r['diverged_at']} first_warning={r['first_warning']} "
+              f"final={r['final_loss']:.3f} {r['seconds']:.0f}s", flush=True)
+
+    if args.rescue_from:
+        src = Path(args.rescue_from)
+        for line in open(src / "runs.jsonl"):
+            r = json.loads(line)
+            if r["rescue"]:
+                continue
+            # the base run's warnings under --predictors, from its recorded trace
+            issues = replay(src / r["name"] / "monitor.jsonl", Thresholds(horizon=args.horizon), args.predictors)
+            r.update(first_warning=first_step(issues, args.predictors), predictors=list(args.predictors),
+                     warnings=[{"type": i.type, "step": i.step, "where": i.where(), "value": i.value} for i in issues])
+            record(r)
+            if r["first_warning"] is not None:
+                record(train(r["arch"], r["lr"], r["seed"], ids, vocab, args, out, True, r.get("temperature", 1.0)))
+    else:
+        for arch in args.archs.split(","):
+            for lr in [float(x) for x in args.lrs.split(",")]:
+                for temp in [float(x) for x in args.temperatures.split(",")]:
+                    for seed in [int(s) for s in args.seeds.split(",")]:
+                        for rescue in (False,) if args.no_rescue else (False, True):
+                            if rescue and runs[-1]["first_warning"] is None:
+                                continue  # nothing to act on (a rescue of a run that turns out stable is not counted)
+                            record(train(arch, lr, seed, ids, vocab, args, out, rescue, temp))
     summary = summarize(runs, args.degrade)
     summary["args"] = vars(args)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

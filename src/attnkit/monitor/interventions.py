@@ -15,6 +15,12 @@ maps a name to its class:
   schedule does not undo it).
 - ``attention_dropout``: the attention modules' own dropout probability set to p.
 - ``grad_clip``: an optimizer step pre-hook clipping the total gradient norm to ``max_norm``.
+- ``lr_backoff``: halve the LR now and again on every later observed step at which at least
+  ``share`` of the heads' max logits grew ≥ ``growth``× since the previous observed step (measured
+  from where a QK-clip left them): the optimizer is still driving the logits up, so the rate is
+  still too high for this model (Wortsman et al. 2023: the logit-growth instability is a
+  learning-rate sensitivity). Floored at ``min_fraction`` of the rate it started from.
+- ``chain``: several interventions applied together as one action.
 """
 
 from __future__ import annotations
@@ -143,13 +149,8 @@ class ReduceLR:
     name: str = "reduce_lr"
 
     def apply(self, monitor) -> str:
-        opt = _optimizer(monitor, "reduce_lr")
-        before = [g["lr"] for g in opt.param_groups]
-        for g in opt.param_groups:
-            g["lr"] = g["lr"] * self.factor
-        if monitor.scheduler is not None and hasattr(monitor.scheduler, "base_lrs"):
-            monitor.scheduler.base_lrs = [lr * self.factor for lr in monitor.scheduler.base_lrs]
-        return f"lr {before[0]:.3g} → {opt.param_groups[0]['lr']:.3g} in {len(before)} group(s)"
+        before, after = _reduce_lr(monitor, self.factor)
+        return f"lr {before:.3g} → {after:.3g} in {len(monitor.optimizer.param_groups)} group(s)"
 
 
 @dataclass
@@ -190,6 +191,92 @@ class GradClip:
         return f"gradients clipped to total norm {self.max_norm:g} before every optimizer step"
 
 
+def _reduce_lr(monitor, factor: float) -> tuple[float, float]:
+    """Every param group's lr (and the scheduler's base_lrs, so a schedule does not undo it) × factor."""
+    opt = _optimizer(monitor, "reduce_lr")
+    before = opt.param_groups[0]["lr"]
+    for g in opt.param_groups:
+        g["lr"] = g["lr"] * factor
+    if monitor.scheduler is not None and hasattr(monitor.scheduler, "base_lrs"):
+        monitor.scheduler.base_lrs = [lr * factor for lr in monitor.scheduler.base_lrs]
+    return before, opt.param_groups[0]["lr"]
+
+
+@dataclass
+class LRBackoff:
+    factor: float = 0.5
+    growth: float = 1.25  # per observed interval, from where the last clip left a head
+    share: float = 0.5  # of all heads
+    min_fraction: float = 1 / 64  # never below this fraction of the rate at the first application
+    reason: str = ""
+    name: str = "lr_backoff"
+    persistent: bool = True
+    _prev: list[float] | None = field(default=None, repr=False)
+    _scale: float = field(default=1.0, repr=False)
+
+    def apply(self, monitor) -> str:
+        detail = self._step(monitor, force=True)
+        if self not in monitor.persistent:
+            monitor.persistent.append(self)
+        return detail + f"; again on every observed step where ≥{self.share:.0%} of heads' max logits grow " \
+                        f"≥{self.growth:g}× (down to {self.min_fraction:g} of it)"
+
+    def reapply(self, monitor) -> None:
+        detail = self._step(monitor, force=False)
+        if detail:
+            monitor.log_intervention({"step": monitor.step, "action": self.name, "detail": detail,
+                                      "reason": "max logits still growing"})
+
+    def _after_clip(self, monitor, logits: list[float]) -> list[float]:
+        """Each head's max logit as the weights stand after this step's QK-clip (if one is active)."""
+        taus = [p.tau for p in monitor.persistent if isinstance(p, QKClip)]
+        if not taus:
+            return list(logits)
+        modules = monitor.modules()
+        out = []
+        for (site, _), s in zip(monitor.latest.series, logits):
+            clipped = site in modules and not qk_layout(modules[site]).qk_norm
+            out.append(min(s, min(taus)) if clipped and math.isfinite(s) else s)
+        return out
+
+    def _step(self, monitor, force: bool) -> str:
+        if monitor.latest is None:
+            return ""
+        logits = [float(v) for v in monitor.latest.metrics["logit_max"]]
+        grew = 0.0
+        if self._prev is not None:
+            pairs = [(now, before) for now, before in zip(logits, self._prev) if math.isfinite(now) and before > 0]
+            grew = sum(now >= self.growth * before for now, before in pairs) / max(len(pairs), 1)
+        self._prev = self._after_clip(monitor, logits)
+        if not force and grew < self.share:
+            return ""
+        if self._scale * self.factor < self.min_fraction:
+            return ""
+        self._scale *= self.factor
+        before, after = _reduce_lr(monitor, self.factor)
+        why = "" if force else f" ({grew:.0%} of heads' max logits grew ≥{self.growth:g}×)"
+        return f"lr {before:.3g} → {after:.3g}{why}"
+
+
+@dataclass
+class Chain:
+    """Several interventions as one action (each applied, details joined)."""
+
+    parts: tuple = ()
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return "+".join(p.name for p in self.parts)
+
+    def apply(self, monitor) -> str:
+        details = []
+        for p in self.parts:
+            p.reason = self.reason
+            details.append(p.apply(monitor))
+        return "; ".join(details)
+
+
 INTERVENTIONS: dict[str, Callable[..., object]] = {
     "qk_clip": QKClip,
     "soft_cap": soft_cap,
@@ -197,6 +284,8 @@ INTERVENTIONS: dict[str, Callable[..., object]] = {
     "reduce_lr": ReduceLR,
     "attention_dropout": AttentionDropout,
     "grad_clip": GradClip,
+    "lr_backoff": LRBackoff,
+    "chain": lambda *parts: Chain(tuple(parts)),
 }
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -231,6 +320,7 @@ def qk_clip_rule(tau: float = 100.0) -> Callable[[Issue], object]:
 
 
 DEFAULT_RULES: dict[str, Callable[[Issue], object]] = {
+    "softmax_saturation": qk_clip_rule(100.0),
     "logit_growth": qk_clip_rule(100.0),
     "overflow_risk": qk_clip_rule(100.0),
     "entropy_collapse": lambda issue: AttentionDropout(0.1),

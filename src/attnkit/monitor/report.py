@@ -1,7 +1,7 @@
 """Figures of a monitored run, from its JSONL (finished or still running).
 
 ``read_run(run_dir)`` parses ``monitor.jsonl`` (a half-written last line of a running job is
-skipped); ``save_figures(run, out_dir)`` writes, each whole or not at all:
+skipped; a log directory reused by several runs: the last one, from its meta line on); ``save_figures(run, out_dir)`` writes, each whole or not at all:
 
 - ``entropy_heatmap.png``: per-head entropy (nats) over training, one row per layer·head;
 - ``max_logit.png``: each head's max logit (symmetric log scale) with warning steps (orange) and
@@ -62,8 +62,9 @@ def read_run(run_dir: str | Path) -> Run:
                 continue  # a running job's half-written last line
             raise UserError(f"{jsonl} line {n + 1} is not JSON: the file is damaged") from None
         kind = obj.get("type")
-        if kind == "meta":
+        if kind == "meta":  # a new run in the same file: the figures are of the latest
             meta = obj
+            steps, rows, losses, issues, interventions = [], {}, [], [], []
         elif kind == "step":
             steps.append(int(obj["step"]))
             for m, vs in obj["metrics"].items():
