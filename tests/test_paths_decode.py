@@ -133,6 +133,20 @@ def test_finished_paths_do_not_influence_the_others():
 
 
 @pytest.mark.parametrize("name", ["luong", "bahdanau"])
+def test_detached_distributions_still_train_the_similarity(name):
+    m = tiny("llama")
+    sim = make_similarity(name, embedding=m.get_input_embeddings(), seed=0)
+    ids = torch.randint(5, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
+    out = generate_paths(m, ids, n_paths=3, similarity=sim, lam=0.3, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    kw = dict(n_paths=3, lam=0.3)
+    full = blended_logprobs(m, sim, ids, out.completion_ids, **kw)
+    det = blended_logprobs(m, sim, ids, out.completion_ids, detach_distributions=True, **kw)
+    torch.testing.assert_close(full.logprobs, det.logprobs)  # the same values, a shorter graph
+    det.logprobs.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sim.parameters())
+
+
+@pytest.mark.parametrize("name", ["luong", "bahdanau"])
 def test_learnable_similarity_gets_gradients_and_moves(name):
     m = tiny("llama")
     m.train()

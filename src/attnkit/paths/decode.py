@@ -86,7 +86,7 @@ def _cache_of(out) -> object:
 def _rollout(model: nn.Module, sim: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              choose: Callable[[torch.Tensor, int], torch.Tensor], *, n_paths: int, lam: float, temperature: float,
              think_end_id: int | None, eos_token_id: int | None, pad_token_id: int, max_new_tokens: int,
-             sample_temperature: float) -> PathsOutput:
+             sample_temperature: float, detach_distributions: bool = False) -> PathsOutput:
     b, plen = input_ids.shape
     n = n_paths
     ids = input_ids.repeat_interleave(n, 0)  # (BN, P)
@@ -118,6 +118,8 @@ def _rollout(model: nn.Module, sim: nn.Module, input_ids: torch.Tensor, attentio
         inp = e
         if bool((thinking.view(b, n).sum(-1) >= 2).any()):  # some group has two paths still thinking
             p = torch.softmax(logits, -1).view(b, n, -1)  # (B, N, V)
+            if detach_distributions:  # no graph through S(p): at V = 150k JSD would keep O(N^2 V) per step
+                p = p.detach()
             s = sim(p)  # (B, N, N)
             a = path_weights(s, thinking.view(b, n), temperature)
             inp = blend(e.view(b, n, -1), a, lam).view(b * n, -1)
@@ -178,12 +180,16 @@ def generate_paths(model: nn.Module, input_ids: torch.Tensor, *, n_paths: int = 
 def blended_logprobs(model: nn.Module, similarity: str | nn.Module, prompt_ids: torch.Tensor,
                      completion_ids: torch.Tensor, *, n_paths: int, lam: float = 0.1, temperature: float = 0.1,
                      think_end_id: int | None = None, eos_token_id: int | None = None, pad_token_id: int = 0,
-                     sample_temperature: float = 1.0, prompt_mask: torch.Tensor | None = None) -> PathsOutput:
+                     sample_temperature: float = 1.0, prompt_mask: torch.Tensor | None = None,
+                     detach_distributions: bool = False) -> PathsOutput:
     """Teacher-forced log-probs ``(B*N, T)`` of ``completion_ids`` under the blended policy, with gradients.
 
     ``prompt_ids (B, P)`` are the distinct prompts (each repeated ``n_paths`` times inside, as in
     decoding); ``completion_ids (B*N, T)`` come from :func:`generate_paths`. Runs in the model's current
     mode, with autograd as the caller has it (dropout, if the model has any, makes it differ from decoding).
+    ``detach_distributions=True`` stops the gradient from flowing through S(p) into the model's logits:
+    the blend weights then act as constants for the model (a learnable similarity still gets its
+    gradient through the blended inputs), and a parameter-free similarity keeps no autograd memory.
     """
     _check(model, prompt_ids, n_paths, temperature, lam, max(1, completion_ids.shape[-1]))
     if completion_ids.shape[0] != prompt_ids.shape[0] * n_paths:
@@ -192,4 +198,4 @@ def blended_logprobs(model: nn.Module, similarity: str | nn.Module, prompt_ids: 
     return _rollout(model, sim, prompt_ids, prompt_mask, lambda logits, t: completion_ids[:, t], n_paths=n_paths,
                     lam=lam, temperature=temperature, think_end_id=think_end_id, eos_token_id=eos_token_id,
                     pad_token_id=pad_token_id, max_new_tokens=completion_ids.shape[-1],
-                    sample_temperature=sample_temperature)
+                    sample_temperature=sample_temperature, detach_distributions=detach_distributions)
