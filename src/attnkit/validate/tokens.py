@@ -7,6 +7,10 @@
   ...); punctuation is any token whose text is only punctuation or symbols.
 - Special-token heads: heads whose mean mass on the tokenizer's special tokens is at least 0.5
   (BERT-family models are known to park attention on [CLS]/[SEP]); the same for punctuation.
+- Copying (induction, Olsson et al. 2022): for rows whose token occurred before, the mass on the
+  keys that *followed* an earlier occurrence (the token to copy next), per head; a head putting
+  at least 0.3 of such rows' mass there is an induction head. Attention to the repeated token
+  itself (above) is a duplicate-token head's pattern; this is the one in-context copying needs.
 Every ratio is 1.0 for uniform attention.
 """
 
@@ -23,6 +27,7 @@ from attnkit.validate.types import INFO, OK, Section
 
 ATTRACT = 1.1
 MOST_MASS = 0.5
+INDUCTION_MASS = 0.3  # mean mass on the next-after-earlier-occurrence keys (random text: about their share)
 
 
 def _ratio_msg(a: float, b: float) -> tuple[float, str]:
@@ -45,8 +50,14 @@ def tokens(ctx: Context) -> Section:
         punct |= ids == i
     marked = (special | punct)[:, None, None, :]  # (B, 1, 1, K)
 
+    # follows[b, i, j]: key j comes right after an earlier occurrence of query i's token (j - 1 < i, j != i).
+    follows = torch.zeros_like(same)
+    follows[:, :, 1:] = same[:, :, :-1] & (torch.arange(T - 1)[None, None, :] < torch.arange(T)[None, :, None])
+    follows &= not_self
+    copy_rows = follows.any(-1)  # (B, Q): rows with something to copy
+
     same_m, diff_m, mark_m, reg_m = [], [], [], []
-    head_special, head_punct, labels = [], [], []
+    head_special, head_punct, head_copy, labels = [], [], [], []
     for lv in cap.layers:
         p, a = lv.probs, lv.allowed
         s = per_key_means(p, a, (same & not_self)[:, None])
@@ -62,9 +73,12 @@ def tokens(ctx: Context) -> Section:
         seen = lv.n_visible > 0
         sp_mass = (p * special[:, None, None, :]).sum(-1)  # (B, H, Q)
         pu_mass = (p * punct[:, None, None, :]).sum(-1)
+        cp_mass = (p * (follows[:, None] & a)).sum(-1)  # (B, H, Q)
         for h in range(lv.num_heads):
             head_special.append(float(sp_mass[:, h][seen[:, h]].mean()) if seen[:, h].any() else math.nan)
             head_punct.append(float(pu_mass[:, h][seen[:, h]].mean()) if seen[:, h].any() else math.nan)
+            rows = seen[:, h] & copy_rows
+            head_copy.append(float(cp_mass[:, h][rows].mean()) if rows.any() else math.nan)
             labels.append((lv.layer, h))
 
     # repetition
@@ -112,6 +126,24 @@ def tokens(ctx: Context) -> Section:
     else:
         sec.add("special_heads", INFO, "The sample has no special tokens of the tokenizer (it adds none to plain text)",
                 count=0, heads=[])
+    # copying: heads that attend to what followed an earlier occurrence of the current token
+    copy_heads = sorted(((v, l, h) for (l, h), v in zip(labels, head_copy) if v >= INDUCTION_MASS), reverse=True)
+    n_copy_rows = int(copy_rows.sum())
+    if n_copy_rows == 0:
+        sec.add("induction_heads", INFO, "No token repeats in the sample: the copying (induction) test is skipped",
+                count=0, heads=[])
+    elif copy_heads:
+        top = ", ".join(f"L{l}H{h} {v:.2f}" for v, l, h in copy_heads[:8])
+        sec.add("induction_heads", OK,
+                f"{len(copy_heads)}/{total} heads copy (induction): on the {n_copy_rows} rows whose token occurred "
+                f"before, ≥ {INDUCTION_MASS:g} of their mass is on the token that followed it: {top}"
+                f"{' …' if len(copy_heads) > 8 else ''}",
+                count=len(copy_heads), heads=[{"layer": l, "head": h, "mass": v} for v, l, h in copy_heads])
+    else:
+        best = max((v for v in head_copy if not math.isnan(v)), default=math.nan)
+        sec.add("induction_heads", INFO,
+                f"No induction head: on the {n_copy_rows} rows whose token occurred before, no head puts "
+                f"{INDUCTION_MASS:g} of its mass on the token that followed (largest: {best:.2f})", count=0, heads=[])
     if punct_heads:
         top = ", ".join(f"L{l}H{h} {v:.2f}" for v, l, h in punct_heads[:8])
         sec.notes.append(f"Heads with most of their mass on punctuation: {len(punct_heads)}/{total} — {top}")
@@ -121,5 +153,7 @@ def tokens(ctx: Context) -> Section:
         special_heads=[{"layer": l, "head": h, "mass": v} for v, l, h in special_heads],
         punctuation_heads=[{"layer": l, "head": h, "mass": v} for v, l, h in punct_heads],
         head_special_mass=[{"layer": l, "head": h, "mass": v} for (l, h), v in zip(labels, head_special)],
+        induction_heads=[{"layer": l, "head": h, "mass": v} for v, l, h in copy_heads],
+        head_induction_mass=[{"layer": l, "head": h, "mass": v} for (l, h), v in zip(labels, head_copy)],
     )
     return sec
