@@ -287,6 +287,39 @@ def test_taps_see_the_sparse_probabilities():
     assert (probs[~token_blocks] == 0).all()
 
 
+def test_taps_see_the_trained_gates_reweighting():
+    """With a trained gate the kept blocks are reweighted by p_gate(block): the captured maps
+    are exactly the probabilities the output was computed from (maps @ V == output)."""
+    from attnkit.taps import MapCapture, Tap
+
+    class Calls(Tap):  # keeps each call's value and output
+        wants_call, wants_output, wants_chunks = True, True, False
+
+        def __init__(self):
+            self.values, self.outputs = {}, {}
+
+        def on_call(self, call):
+            self.values[call.site] = call.value
+
+        def on_output(self, call, out):
+            self.outputs[call.site] = out
+
+    model = build("llama")
+    x = inputs(pad=0)
+    cfg = SparseConfig(pattern="learned_gate", density=0.4, block_size=BS)
+    gates = make_gates(model, cfg)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.normal_(0, 0.5)
+    capture, calls = MapCapture(), Calls()
+    with torch.no_grad(), sparse_attention(model, cfg, gates=gates):
+        with attach(model, taps=[capture, calls]):
+            model(**x)
+    assert set(capture.maps) == {Site(0), Site(1)}
+    for site, probs in capture.maps.items():
+        assert torch.allclose(probs @ calls.values[site].float(), calls.outputs[site].float(), atol=1e-5)
+
+
 def test_learned_pattern_without_gates_is_a_user_error():
     model = build("llama")
     with pytest.raises(UserError, match="gates"):

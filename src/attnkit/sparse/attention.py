@@ -92,7 +92,8 @@ class SparseSession(AttentionSession):
     """An attention session whose calls run block-sparse; it tells its handle when a forward starts."""
 
     def __init__(self, selector: "SparseSelector", handle: SparseHandle, layers=None, chunk_elements: int = 1 << 21) -> None:
-        super().__init__(mask_mods=[selector], kernel=KERNEL_NAME, layers=layers, chunk_elements=chunk_elements)
+        super().__init__(mask_mods=[selector], score_mods=[selector.gate_bias], kernel=KERNEL_NAME, layers=layers,
+                         chunk_elements=chunk_elements)
         self.handle = handle
 
     def start_forward(self) -> None:
@@ -111,7 +112,9 @@ class SparseSelector:
         self.cfg, self.gates, self.handle = cfg, gates, handle
         self.pattern = get_pattern(cfg.pattern)
         self._last: tuple[Tensor, BlockGeometry, int] | None = None
+        self._last_bias: Tensor | None = None  # (B, Hkv, nQb, nKb) gate_bias · log p, detached
         self.__name__ = f"sparse_{cfg.pattern}_{cfg.density:g}"
+        self.gate_bias = GateBias(self)
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if self._last is None:
@@ -158,6 +161,7 @@ class SparseSelector:
                 mods=others, chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint,
             )
         self._last = (sel.block_mask(), sel.geometry, call.kv_groups)
+        self._last_bias = None if block_bias is None else (self.cfg.gate_bias * sel.log_probs).detach()
         if not in_backward():  # a checkpoint recompute is not a new call
             self.handle.record(call.site, sel, kernel)
         return out
@@ -181,6 +185,26 @@ class SparseSelector:
         # score modifier (captured-tensor gradients: left to the portable kernel, which is tested)
         gate_grad = block_bias is not None and block_bias.requires_grad and torch.is_grad_enabled()
         return "flex" if expressible and on_cuda and not gate_grad else "portable"
+
+
+class GateBias:
+    """The learned gate's term of the call's last selection as a FlexAttention ``score_mod``:
+    ``gate_bias · log p(block)`` on the scores of kept blocks (nothing for training-free patterns).
+    With ``SparseSelector`` as the mask, taps see exactly the probabilities the kernel used."""
+
+    def __init__(self, selector: SparseSelector) -> None:
+        self.selector = selector
+        self.__name__ = "sparse_gate_bias"
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        bias, last = self.selector._last_bias, self.selector._last
+        if bias is None or last is None:
+            return score
+        _, geo, groups = last
+        qb = (q_idx // geo.block_size - geo.first_block).clamp(0, geo.n_query_blocks - 1)
+        kb = (kv_idx // geo.block_size).clamp(max=geo.n_key_blocks - 1)
+        term = bias[b, h // groups, qb, kb]
+        return score + torch.where(torch.isfinite(term), term, 0.0)  # future blocks are masked anyway
 
 
 def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bool = True) -> BlockSelection:
@@ -225,7 +249,8 @@ def _supports(call: AttentionCall, mods: Mods, explicit: bool) -> bool:
 
 def _run(call: AttentionCall, mods: Mods, chunk_elements: int) -> Tensor:
     selector = next(m for m in mods.mask if isinstance(m, SparseSelector))
-    others = Mods(mods.score, tuple(m for m in mods.mask if m is not selector))
+    others = Mods(tuple(m for m in mods.score if m is not selector.gate_bias),
+                  tuple(m for m in mods.mask if m is not selector))
     return selector.run(call, others, chunk_elements)
 
 
