@@ -118,7 +118,7 @@ def _monitor_after_steps(tmp_path, logit_rows, lr=0.1, persistent=()):
 
 def test_lr_backoff_halves_now_and_while_the_logits_keep_growing(tmp_path):
     monitor, opt, sched = _monitor_after_steps(tmp_path, None)
-    backoff = LRBackoff()
+    backoff = LRBackoff(growth=1.25)
     n = len(monitor.latest.metrics["logit_max"])
     monitor.latest.metrics["logit_max"] = [10.0] * n
     monitor.apply(backoff)
@@ -136,6 +136,25 @@ def test_lr_backoff_halves_now_and_while_the_logits_keep_growing(tmp_path):
     actions = [json.loads(line)["action"] for line in (tmp_path / "monitor.jsonl").read_text().splitlines()
                if '"intervention"' in line]
     assert actions == ["lr_backoff"] * 6  # 1/64 = six halvings: 1 + 1 + 4 more
+
+
+def test_lr_backoff_default_rate_and_floor_come_from_the_detectors_thresholds(tmp_path):
+    monitor, opt, _ = _monitor_after_steps(tmp_path, None)
+    backoff = LRBackoff()
+    assert backoff._growth(monitor) == pytest.approx(1.25 ** (1 / 7))  # growth_min over a window of 8
+    n = len(monitor.latest.metrics["logit_max"])
+    monitor.latest.metrics["logit_max"] = [2.0] * n
+    backoff.apply(monitor)
+    monitor.latest.metrics["logit_max"] = [8.0] * n  # 4x, but below the floor 10: ordinary learning
+    backoff.reapply(monitor)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    monitor.latest.metrics["logit_max"] = [8.0 * 1.05] * n  # still below the floor
+    backoff.reapply(monitor)
+    monitor.latest.metrics["logit_max"] = [20.0] * n
+    backoff.reapply(monitor)  # from 8.4 (< floor): not counted
+    monitor.latest.metrics["logit_max"] = [20.0 * 1.05] * n  # 1.05x from 20 >= 1.03x
+    backoff.reapply(monitor)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
 
 
 def test_lr_backoff_measures_growth_from_where_the_clip_left_the_logits(tmp_path):

@@ -16,10 +16,12 @@ maps a name to its class:
 - ``attention_dropout``: the attention modules' own dropout probability set to p.
 - ``grad_clip``: an optimizer step pre-hook clipping the total gradient norm to ``max_norm``.
 - ``lr_backoff``: halve the LR now and again on every later observed step at which at least
-  ``share`` of the heads' max logits grew ≥ ``growth``× since the previous observed step (measured
-  from where a QK-clip left them): the optimizer is still driving the logits up, so the rate is
-  still too high for this model (Wortsman et al. 2023: the logit-growth instability is a
-  learning-rate sensitivity). Floored at ``min_fraction`` of the rate it started from.
+  ``share`` of all heads' max logits (those above the detectors' ``logit_floor``) grew ≥ ``growth``×
+  since the previous observed step, measured from where a QK-clip left them (default: the
+  detectors' ``growth_min`` per window, 1.25^(1/7) ≈ 1.03 per observation): the optimizer is
+  still driving the logits up, so the rate is still too high for this model (Wortsman et al. 2023:
+  the logit-growth instability is a learning-rate sensitivity). Floored at ``min_fraction`` of
+  the rate it started from.
 - ``chain``: several interventions applied together as one action.
 """
 
@@ -205,7 +207,7 @@ def _reduce_lr(monitor, factor: float) -> tuple[float, float]:
 @dataclass
 class LRBackoff:
     factor: float = 0.5
-    growth: float = 1.25  # per observed interval, from where the last clip left a head
+    growth: float | None = None  # per observed interval; None: the detectors' growth_min per window
     share: float = 0.5  # of all heads
     min_fraction: float = 1 / 64  # never below this fraction of the rate at the first application
     reason: str = ""
@@ -219,13 +221,22 @@ class LRBackoff:
         if self not in monitor.persistent:
             monitor.persistent.append(self)
         return detail + f"; again on every observed step where ≥{self.share:.0%} of heads' max logits grow " \
-                        f"≥{self.growth:g}× (down to {self.min_fraction:g} of it)"
+                        f"≥{self._growth(monitor):.3g}× (down to {self.min_fraction:g} of it)"
 
     def reapply(self, monitor) -> None:
         detail = self._step(monitor, force=False)
         if detail:
             monitor.log_intervention({"step": monitor.step, "action": self.name, "detail": detail,
                                       "reason": "max logits still growing"})
+
+    def _growth(self, monitor) -> float:
+        """Growth per observed interval that counts: by default the detectors' ``growth_min`` spread
+        over their window (1.25 per 8 observations = 1.028 per observation), i.e. logits that are still
+        growing at all at the rate the detectors call growth."""
+        if self.growth is not None:
+            return self.growth
+        t = monitor.thresholds
+        return t.growth_min ** (1.0 / max(t.window - 1, 1))
 
     def _after_clip(self, monitor, logits: list[float]) -> list[float]:
         """Each head's max logit as the weights stand after this step's QK-clip (if one is active)."""
@@ -243,18 +254,21 @@ class LRBackoff:
         if monitor.latest is None:
             return ""
         logits = [float(v) for v in monitor.latest.metrics["logit_max"]]
+        growth, floor = self._growth(monitor), monitor.thresholds.logit_floor
         grew = 0.0
         if self._prev is not None:
-            pairs = [(now, before) for now, before in zip(logits, self._prev) if math.isfinite(now) and before > 0]
-            grew = sum(now >= self.growth * before for now, before in pairs) / max(len(pairs), 1)
+            # heads below the detectors' floor are ordinary learning (logits start near 0), not counted as growing
+            grown = [math.isfinite(now) and before >= floor and now >= growth * before
+                     for now, before in zip(logits, self._prev)]
+            grew = sum(grown) / max(len(grown), 1)
         self._prev = self._after_clip(monitor, logits)
         if not force and grew < self.share:
             return ""
-        if self._scale * self.factor < self.min_fraction:
+        if self._scale * self.factor < self.min_fraction * (1 - 1e-9):
             return ""
         self._scale *= self.factor
         before, after = _reduce_lr(monitor, self.factor)
-        why = "" if force else f" ({grew:.0%} of heads' max logits grew ≥{self.growth:g}×)"
+        why = "" if force else f" ({grew:.0%} of heads' max logits grew ≥{growth:.3g}×)"
         return f"lr {before:.3g} → {after:.3g}{why}"
 
 
