@@ -163,7 +163,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def train(out: Path, cfg: TrainConfig) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from attnkit.data import encode_documents, load_corpus, random_blocks, split_blocks
@@ -208,11 +207,7 @@ def train(out: Path, cfg: TrainConfig) -> None:
 
     log: list[dict] = []
     t_train, cpu_train = time.time(), time.process_time()
-    columns = [
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("val {task.fields[val]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console) as progress:
+    with train_progress(console) as progress:
         task = progress.add_task("train", total=cfg.steps, loss=float("nan"), val="-")
         running = None
         for step in range(cfg.steps):
@@ -246,17 +241,35 @@ def train(out: Path, cfg: TrainConfig) -> None:
             if (step + 1) % LOG_EVERY == 0 or "val_loss" in entry:
                 log.append(entry)
             progress.update(task, advance=1, loss=running)
+    save_trained(model, out, cfg, n_params, train_ids, cfg.steps * cfg.batch_size * cfg.block_size,
+                 (t_start, t_train, cpu_train), log, console)
+
+
+def train_progress(console):
+    """The training progress bar both reference scripts show: steps, running loss, last validation loss."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("val {task.fields[val]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    ]
+    return Progress(*columns, console=console)
+
+
+def save_trained(model, out: Path, cfg, n_params: int, train_ids: torch.Tensor, tokens_seen: int,
+                 clocks: tuple[float, float, float], log: list[dict], console) -> None:
+    """Save the model (safetensors) and training.json; ``clocks`` = (start, training start, CPU time at training start)."""
+    t_start, t_train, cpu_train = clocks
     train_seconds = time.time() - t_train
     # CPU time tells an unshared machine's wall time (about cpu / threads) when others share the cores.
     cpu_seconds = time.process_time() - cpu_train
-
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     record = {
         "config": asdict(cfg),
         "parameters": n_params,
         "train_tokens": train_ids.numel(),
-        "tokens_seen": cfg.steps * cfg.batch_size * cfg.block_size,
+        "tokens_seen": tokens_seen,
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(cpu_seconds, 1),
         "total_seconds": round(time.time() - t_start, 1),

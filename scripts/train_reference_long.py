@@ -19,9 +19,6 @@ weights.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import platform
 import shutil
 import sys
 import time
@@ -29,6 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The reference model's schedule, progress bar and saving, shared rather than copied.
+from train_reference import lr_at, save_trained, train_progress  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "attnkit" / "models" / "reference_long"
@@ -135,14 +136,6 @@ def with_bos(tokenizer):
 # training
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Decay matrices and the token table; RMSNorm gains are left alone.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,7 +186,6 @@ def periodic_check(model, val_blocks: list[torch.Tensor], vocab: int, eot: int) 
 
 def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import AutoTokenizer
 
     from attnkit.data import encode_documents, load_corpus, split_blocks
@@ -227,11 +219,7 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
 
     log: list[dict] = []
     t_train, cpu_train = time.time(), time.process_time()
-    columns = [
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("val {task.fields[val]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console) as progress:
+    with train_progress(console) as progress:
         task = progress.add_task("train", total=cfg.steps, loss=float("nan"), val="-")
         running = None
         for step in range(cfg.steps):
@@ -260,24 +248,8 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
             if (step + 1) % LOG_EVERY == 0 or "val_loss" in entry:
                 log.append(entry)
             progress.update(task, advance=1, loss=running)
-    train_seconds = time.time() - t_train
-    cpu_seconds = time.process_time() - cpu_train  # tells an unshared machine's wall time when others share the cores
-
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    record = {
-        "config": asdict(cfg),
-        "parameters": n_params,
-        "train_tokens": train_ids.numel(),
-        "tokens_seen": cfg.steps * cfg.batch_size * cfg.context,
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(cpu_seconds, 1),
-        "total_seconds": round(time.time() - t_start, 1),
-        "machine": {"cpu_threads": cfg.threads, "platform": platform.platform(), "torch": torch.__version__},
-        "log": log,
-    }
-    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    console.print(f"saved to {out} ({train_seconds / 60:.1f} min of training)")
+    save_trained(model, out, cfg, n_params, train_ids, cfg.steps * cfg.batch_size * cfg.context,
+                 (t_start, t_train, cpu_train), log, console)
 
 
 def save_checkpoint(model, tokenizer, path: Path) -> None:
