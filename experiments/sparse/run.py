@@ -1,0 +1,174 @@
+"""Issue 14's measurements on ``reference-long``: distil the learned gate, evaluate every pattern against
+dense attention, benchmark memory and time, and summarise what the issue asks to show.
+
+Each stage is one command of attnkit's own CLI or benchmark (printed before it runs, so any of them
+can be rerun by hand); results go to experiments/sparse/results/ (committed), logs to runs/sparse/.
+
+    python experiments/sparse/run.py                       # every stage, in order
+    python experiments/sparse/run.py --stages eval,summary # some of them
+    python experiments/sparse/run.py --model /path/to/checkpoint --steps 20 --quick   # a smoke run
+
+Stages:
+  train    attnkit sparse train MODEL --pattern learned_gate at each --train-densities (1024 tokens)
+  eval     attnkit sparse eval MODEL, every pattern at --densities, at 1024 tokens (+ --extra-lengths
+           with fewer tokens), the trained gates as learned_gate
+  minilm   attnkit sparse eval minilm: attention replaced with no fine-tuning, embedding cosine
+  bench    python bench/bench_sparse.py: peak memory (fresh processes) and time (interleaved rounds)
+  summary  results/summary.md: learned vs training-free at equal density, the smallest density meeting
+           each fidelity target and the training-step memory reduction there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "experiments" / "sparse" / "results"
+LOGS = ROOT / "runs" / "sparse"
+STAGES = ("train", "eval", "minilm", "bench", "summary")
+
+
+def run(cmd: list[str], log: str) -> None:
+    LOGS.mkdir(parents=True, exist_ok=True)
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
+    with open(LOGS / log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if code:
+        raise SystemExit(f"failed ({code}): see {LOGS / log}")
+
+
+def attnkit(*args: str) -> list[str]:
+    return [sys.executable, "-m", "attnkit.cli.main", *args]
+
+
+def gates_dir(density: float) -> Path:
+    return RESULTS / f"gates_{density:g}"
+
+
+def stage_train(a) -> None:
+    for d in a.train_densities:
+        out = gates_dir(d)
+        resume = ["--resume"] if out.exists() else []
+        run(attnkit("sparse", "train", a.model, "--pattern", "learned_gate", "--density", f"{d:g}", "--block-size",
+                    str(a.block_size), "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--steps",
+                    str(a.steps), "--lr", f"{a.lr:g}", "--map-loss", f"{a.map_loss:g}", "--checkpoint-every", "50",
+                    "--no-progress", "--out", str(out), *resume), f"train_{d:g}.log")
+
+
+def stage_eval(a) -> None:
+    gates = ",".join(str(gates_dir(d)) for d in a.train_densities if (gates_dir(d) / "sparse_gates.safetensors").exists())
+    extra = ["--gates", gates] if gates else []
+    densities = ",".join(f"{d:g}" for d in a.densities)
+    run(attnkit("sparse", "eval", a.model, "--densities", densities, "--seq-lens", str(a.seq_len), "--block-size",
+                str(a.block_size), "--tokens", str(a.tokens), "--grad-windows", "1", *extra,
+                "--out", str(RESULTS / f"eval_{a.seq_len}")), "eval.log")
+    if a.extra_lengths:
+        run(attnkit("sparse", "eval", a.model, "--densities", densities, "--seq-lens", a.extra_lengths,
+                    "--block-size", str(a.block_size), "--tokens", str(a.extra_tokens), "--grad-windows", "1", *extra,
+                    "--out", str(RESULTS / "eval_lengths")), "eval_lengths.log")
+
+
+def stage_minilm(a) -> None:
+    run(attnkit("sparse", "eval", "minilm", "--densities", "0.25,0.5,0.75", "--block-size", "32",
+                "--sentences", str(a.sentences), "--max-length", "256", "--out", str(RESULTS / "minilm")), "minilm.log")
+
+
+def stage_bench(a) -> None:
+    run([sys.executable, "bench/bench_sparse.py", "--model", a.model, "--lengths", a.bench_lengths,
+         "--densities", ",".join(f"{d:g}" for d in a.densities), "--block-size", str(a.block_size),
+         "--rounds", str(a.rounds), "--json", str(RESULTS / "bench_sparse.json")]
+        + (["--no-write"] if a.quick else []), "bench.log")
+
+
+def stage_summary(a) -> None:
+    ev = json.loads((RESULTS / f"eval_{a.seq_len}" / "eval.json").read_text())
+    bench_path = RESULTS / "bench_sparse.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    base = ev["baselines"][0]
+    rows = ev["results"]
+    lines = [f"# Sparse attention on `{a.model}` ({a.seq_len} tokens, block {a.block_size})", "",
+             f"Dense: perplexity {base['perplexity']:.3f}, top-1 accuracy {base['top1_accuracy']:.4f} on "
+             f"{base['tokens']:,} held-out KJV test tokens ({base['windows']} windows).", "",
+             "## Every pattern at equal density", "",
+             "| density | pattern | measured density | KL (nats) | perplexity | × dense | top-1 agree | acc. ratio "
+             "| prob MSE | dropped mass | grad cos (min) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for d in sorted({r["density"] for r in rows}):
+        for r in sorted((r for r in rows if r["density"] == d), key=lambda r: r["kl"]):
+            lines.append(f"| {d:g} | {r['pattern']} | {r['measured_density']:.3f} | {r['kl']:.4f} | {r['perplexity']:.3f} "
+                         f"| {r['perplexity_ratio']:.3f} | {r['top1_agreement']:.3f} | {r['top1_accuracy_ratio']:.3f} "
+                         f"| {r['prob_mse']:.2e} | {r['prob_dropped_mass']:.3f} | {r.get('grad_cosine_min', float('nan')):.3f} |")
+    lines += ["", "## Learned gate vs the best training-free pattern at each density", "",
+              "| density | learned KL | best training-free (KL) | learned ppl | best training-free (ppl) | learned wins both |",
+              "|---:|---:|---|---:|---|---|"]
+    for d in sorted({r["density"] for r in rows}):
+        at = [r for r in rows if r["density"] == d]
+        learned = next((r for r in at if r["pattern"] == "learned_gate"), None)
+        free = [r for r in at if r["pattern"] != "learned_gate"]
+        if learned is None or not free:
+            continue
+        bk, bp = min(free, key=lambda r: r["kl"]), min(free, key=lambda r: r["perplexity"])
+        wins = learned["kl"] < bk["kl"] and learned["perplexity"] < bp["perplexity"]
+        lines.append(f"| {d:g} | {learned['kl']:.4f} | {bk['pattern']} ({bk['kl']:.4f}) | {learned['perplexity']:.3f} "
+                     f"| {bp['pattern']} ({bp['perplexity']:.3f}) | {'yes' if wins else 'no'} |")
+    lines += ["", "## Smallest density meeting each fidelity target", "",
+              "| pattern | " + " | ".join(ev["targets_defined"].values()) + " |",
+              "|---|" + "---:|" * len(ev["targets_defined"])]
+    smallest = ev["smallest_density"][str(a.seq_len)]
+    for pattern, by_target in smallest.items():
+        cells = [f"{by_target[t]:g}" if by_target[t] is not None else "not met" for t in ev["targets_defined"]]
+        lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
+    if bench is not None:
+        lines += ["", "## Peak memory of a training step (forward + backward) and of inference", "",
+                  "| tokens | configuration | train MiB | vs SDPA | vs eager | inference MiB | vs SDPA | vs eager |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for n, by_config in bench["memory"].items():
+            sd, ea = by_config["dense-sdpa"], by_config["dense-eager"]
+            for c, m in by_config.items():
+                lines.append(f"| {n} | {c} | {m['train'] / 2**20:.1f} | {m['train'] / sd['train'] - 1:+.0%} "
+                             f"| {m['train'] / ea['train'] - 1:+.0%} | {m['inference'] / 2**20:.1f} "
+                             f"| {m['inference'] / sd['inference'] - 1:+.0%} | {m['inference'] / ea['inference'] - 1:+.0%} |")
+    out = RESULTS / "summary.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--model", default="reference-long")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--train-densities", default="0.25", help="densities the learned gate is distilled at")
+    p.add_argument("--densities", default="0.125,0.25,0.5,0.75", help="densities every pattern is evaluated at")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--map-loss", type=float, default=1.0)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--extra-lengths", default="512,2048")
+    p.add_argument("--extra-tokens", type=int, default=4096)
+    p.add_argument("--sentences", type=int, default=64)
+    p.add_argument("--bench-lengths", default="512,1024,2048,4096")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="a smoke run: no BENCHMARKS.md write")
+    a = p.parse_args()
+    a.train_densities = [float(x) for x in a.train_densities.split(",")]
+    a.densities = [float(x) for x in a.densities.split(",")]
+    for stage in a.stages.split(","):
+        if stage not in STAGES:
+            raise SystemExit(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+        print(f"== {stage}", flush=True)
+        globals()[f"stage_{stage}"](a)
+
+
+if __name__ == "__main__":
+    main()
