@@ -62,6 +62,7 @@ class TrainConfig:
     copy_min: int = 16
     copy_max: int = 128
     copy_random_share: float = 0.5
+    copy_spans: int = 1  # repeated spans in each copy window
     # Optimisation: AdamW as in the reference model; 8,000 steps of 2 x 1024 tokens (16.4M tokens,
     # ~13 passes over the 1.2M-token train split) fit one CPU thread in under an hour.
     steps: int = 8_000
@@ -106,16 +107,17 @@ def training_windows(train_ids: torch.Tensor, cfg: TrainConfig, bos: int, vocab:
     for b in range(cfg.batch_size):
         if torch.rand((), generator=g) >= cfg.copy_share:
             continue
-        L = int(torch.randint(cfg.copy_min, cfg.copy_max + 1, (), generator=g))
-        first = 1 + int(torch.randint(0, T - 2 * L - 1, (), generator=g))
-        second = int(torch.randint(first + L, T - L + 1, (), generator=g))  # distance second - first >= L
-        if torch.rand((), generator=g) < cfg.copy_random_share:
-            span = torch.randint(0, vocab, (L,), generator=g)
-            span[span == bos] = (bos + 1) % vocab
-            x[b, first : first + L] = span
-            labels[b, first : first + L] = IGNORE
-        x[b, second : second + L] = x[b, first : first + L]
-        labels[b, second : second + L] = x[b, second : second + L]
+        for _ in range(cfg.copy_spans):  # later spans may overwrite earlier ones: labels follow x
+            L = int(torch.randint(cfg.copy_min, cfg.copy_max + 1, (), generator=g))
+            first = 1 + int(torch.randint(0, T - 2 * L - 1, (), generator=g))
+            second = int(torch.randint(first + L, T - L + 1, (), generator=g))  # distance second - first >= L
+            if torch.rand((), generator=g) < cfg.copy_random_share:
+                span = torch.randint(0, vocab, (L,), generator=g)
+                span[span == bos] = (bos + 1) % vocab
+                x[b, first : first + L] = span
+                labels[b, first : first + L] = IGNORE
+            x[b, second : second + L] = x[b, first : first + L]
+            labels[b, second : second + L] = x[b, second : second + L]
     return x, labels
 
 
