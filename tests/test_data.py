@@ -266,3 +266,22 @@ def test_hub_probe_reports_an_unresolvable_endpoint(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://attnkit-no-such-host.invalid")
     assert "attnkit-no-such-host.invalid is not reachable" in corpus._hub_unreachable(timeout=2.0)
+
+
+def test_lm_blocks_open_with_the_tokenizer_s_bos_and_cover_the_stream_once():
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from attnkit.data.blocks import lm_blocks, split_blocks
+    from attnkit.models.registry import resolve_model_path
+
+    plain = AutoTokenizer.from_pretrained(resolve_model_path("reference"))
+    ids = torch.arange(1, 2500)
+    assert [b.tolist() for b in lm_blocks(plain, ids, 100)] == [b.tolist() for b in split_blocks(ids, 100)]  # GPT-2: no prefix
+    bos_tok = AutoTokenizer.from_pretrained(resolve_model_path("reference"))
+    bos = bos_tok.bos_token
+    bos_tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_tok.bos_token_id)])
+    blocks = lm_blocks(bos_tok, ids, 100)
+    assert all(b[0] == bos_tok.bos_token_id for b in blocks)
+    assert all(b.numel() == 100 for b in blocks[:-1])
+    assert torch.equal(torch.cat([b[1:] for b in blocks]), ids)  # every stream token once, in order

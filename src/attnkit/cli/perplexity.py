@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from attnkit.data import encode_documents, load_corpus, split_blocks
+    from attnkit.data import encode_documents, load_corpus
+    from attnkit.data.blocks import lm_blocks
     from attnkit.models.registry import load_model
     from attnkit.perplexity import evaluate_perplexity
 
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if split is None:
         split = "test" if "test" in corpus.splits else (next(iter(corpus.splits)) if len(corpus.splits) == 1 else None)
     documents = corpus.split(split)
-    blocks = split_blocks(encode_documents(loaded.tokenizer, documents), block_size)
+    # Each block opens with the tokenizer's own prefix (a BOS for Llama-style tokenizers): what the model trained on.
+    blocks = lm_blocks(loaded.tokenizer, encode_documents(loaded.tokenizer, documents), block_size)
     if args.max_blocks is not None:
         blocks = blocks[: args.max_blocks]
     if not blocks:

@@ -43,6 +43,30 @@ def split_blocks(ids: torch.Tensor, block_size: int) -> list[torch.Tensor]:
     return blocks
 
 
+def special_token_prefix_suffix(tokenizer) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer wraps a single text in ([CLS] ... [SEP] for BERT, a BOS for Llama,
+    nothing for GPT-2)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain):])
+    return [], []
+
+
+def lm_blocks(tokenizer, ids: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    """Blocks of ``block_size`` tokens for a causal LM: each opens with the tokenizer's own prefix
+    (a BOS where it adds one, as the model saw in training), then the next tokens of the stream;
+    without a prefix this is ``split_blocks``. The prefix is never predicted (it is position 0)."""
+    prefix, _ = special_token_prefix_suffix(tokenizer)
+    if not prefix:
+        return split_blocks(ids, block_size)
+    if block_size - len(prefix) < 1:
+        raise UserError(f"block size {block_size} leaves no room for text beside the {len(prefix)} prefix tokens")
+    head = torch.tensor(prefix, dtype=torch.long)
+    return [torch.cat([head, b]) for b in ids.split(block_size - len(prefix)) if b.numel() >= 1]
+
+
 def batched_blocks(blocks: Sequence[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     """Stack consecutive blocks of equal length into (B, T) batches (the short last block goes alone)."""
     batch: list[torch.Tensor] = []

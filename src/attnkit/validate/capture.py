@@ -71,16 +71,6 @@ class Captured:
         return [(lv.layer, h) for lv in self.layers for h in range(lv.num_heads)]
 
 
-def special_token_prefix_suffix(tokenizer) -> tuple[list[int], list[int]]:
-    """The special ids the tokenizer wraps a single text in ([CLS] ... [SEP] for BERT, nothing for GPT-2)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[:start]), list(full[start + len(plain):])
-    return [], []
-
-
 def build_blocks(tokenizer, documents: list[str], seq_len: int, count: int) -> Tensor:
     """(N, T) token ids: up to ``count`` consecutive blocks of ``seq_len`` tokens, special tokens included.
 
@@ -89,6 +79,7 @@ def build_blocks(tokenizer, documents: list[str], seq_len: int, count: int) -> T
     gives a single shorter block.
     """
     from attnkit.data import encode_documents, split_blocks
+    from attnkit.data.blocks import special_token_prefix_suffix
 
     prefix, suffix = special_token_prefix_suffix(tokenizer)
     inner = seq_len - len(prefix) - len(suffix)
