@@ -50,9 +50,10 @@ def test_budget_forced_blocks_and_causality(pattern, density):
     assert mask[..., i, i].all()  # the local block, always
     if cfg.keeps_sinks:
         assert mask[..., 0].all()
-    # the budget: ⌈density · (i + 1)⌉ blocks for query block i (at least the forced ones)
+    # the budget: ⌈density · (i + 1)⌉ blocks for query block i, at least sinks + local for every
+    # pattern (whether it forces the sinks or not)
     kept = mask.sum(-1)
-    forced = 1 + (cfg.keeps_sinks & (i > 0)).long()
+    forced = 1 + (i > 0).long()
     want = torch.maximum(torch.ceil(density * (i + 1) - 1e-9).long(), forced).clamp(max=i + 1)
     assert (kept == want).all()
     if density == 1.0:
@@ -61,12 +62,13 @@ def test_budget_forced_blocks_and_causality(pattern, density):
 
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.6])
 def test_equal_k_for_every_pattern_at_equal_density(density):
-    """At one density all patterns keep the same number of blocks per query block (given the same
-    forced blocks): they differ only in which."""
-    for sinks in (False, True):
-        counts = {p: _select(p, density, sinks=sinks)[0].block_mask().sum(-1) for p in PATTERNS}
-        first = next(iter(counts.values()))
-        assert all(torch.equal(c, first) for c in counts.values()), counts
+    """At one density all patterns keep the same number of blocks per query block, whether they
+    force the sinks or not: they differ only in which."""
+    counts = {p: _select(p, density)[0].block_mask().sum(-1) for p in PATTERNS}
+    counts.update({f"{p} sinks={s}": _select(p, density, sinks=s)[0].block_mask().sum(-1)
+                   for p in ("window", "moba") for s in (True, False)})
+    first = next(iter(counts.values()))
+    assert all(torch.equal(c, first) for c in counts.values()), counts
 
 
 def test_measured_density_honours_the_knob():

@@ -225,7 +225,10 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
         with torch.no_grad():
             scores = pattern.score(x)
     scores = scores.expand(k.shape[0], k.shape[1], geo.n_query_blocks, geo.n_key_blocks)  # (B, Hkv, nQb, nKb)
-    sel = select_blocks(scores, geo, forced, cfg.density)
+    # the budget's minimum is the sinks + local blocks for every pattern, whether it forces the
+    # sinks or not: at one density every pattern keeps the same number of blocks
+    floor = geo.forced(cfg.sink_blocks, cfg.local_blocks, sinks=True).sum(-1)
+    sel = select_blocks(scores, geo, forced, cfg.density, floor=floor)
     sel.log_probs = log_probs
     return sel
 

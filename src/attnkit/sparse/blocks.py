@@ -89,12 +89,12 @@ class BlockGeometry:
             keep = keep | (kb < sink_blocks)
         return keep & self.candidates
 
-    def budget(self, density: float, forced: Tensor) -> Tensor:
-        """(nQb,) long: blocks each query block keeps: ⌈density · candidates⌉, at least the forced
-        ones, at most the candidates. The same for every pattern at one density."""
+    def budget(self, density: float, floor: Tensor) -> Tensor:
+        """(nQb,) long: blocks each query block keeps: ⌈density · candidates⌉, at least ``floor``
+        (nQb,), at most the candidates. The same for every pattern at one density."""
         n = self.candidates.sum(-1)
         k = torch.ceil(n.double() * density - 1e-9).long()
-        return torch.minimum(torch.maximum(k, forced.sum(-1)), n).clamp(min=1)
+        return torch.minimum(torch.maximum(k, floor), n).clamp(min=1)
 
     def query_positions(self) -> Tensor:
         """(nQb, bs) each padded query row's position among the keys."""
@@ -138,14 +138,16 @@ class BlockSelection:
         return int(self.geometry.candidates.sum()) * B * Hk
 
 
-def select_blocks(scores: Tensor, geo: BlockGeometry, forced: Tensor, density: float) -> BlockSelection:
+def select_blocks(scores: Tensor, geo: BlockGeometry, forced: Tensor, density: float,
+                  floor: Tensor | None = None) -> BlockSelection:
     """Keep, per row of ``scores`` (B, Hkv, nQb, nKb), the forced blocks and then the best-scored
-    candidates up to the row's budget. Ties go to the more recent block (so a constant score is
-    a sliding window), which also makes the choice deterministic."""
+    candidates up to the row's budget (``BlockGeometry.budget``; ``floor``: its minimum per row,
+    by default the forced blocks' count). Ties go to the more recent block (so a constant score
+    is a sliding window), which also makes the choice deterministic."""
     scores = scores.detach().float()
     scores = scores.masked_fill(~geo.candidates, -math.inf).masked_fill(forced, math.inf)
     scores = torch.nan_to_num(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
-    k = geo.budget(density, forced)  # (nQb,)
+    k = geo.budget(density, forced.sum(-1) if floor is None else torch.maximum(floor, forced.sum(-1)))  # (nQb,)
     S = int(k.max())
     nK = geo.n_key_blocks
     # flip so that a stable descending sort puts the later of two equal blocks first
