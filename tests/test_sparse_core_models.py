@@ -320,6 +320,18 @@ def test_taps_see_the_trained_gates_reweighting():
         assert torch.allclose(probs @ calls.values[site].float(), calls.outputs[site].float(), atol=1e-5)
 
 
+def test_another_kernel_forced_on_the_call_is_refused():
+    """A session stacked inside with kernel="dense" would run the call without the sparse kernel:
+    the selection of the previous call must not be used for it."""
+    model = build("llama")
+    with sparse_attention(model, SparseConfig(pattern="moba", density=0.3, block_size=BS)):
+        with pytest.raises(RuntimeError, match="another kernel"):
+            with attach(model, kernel="dense", score_mods=[lambda s, b, h, q, kv: s]):
+                model(**inputs())
+    with torch.no_grad():
+        model(**inputs())  # and the model is itself again
+
+
 def test_learned_pattern_without_gates_is_a_user_error():
     model = build("llama")
     with pytest.raises(UserError, match="gates"):
@@ -392,4 +404,15 @@ def test_stacks_with_another_sessions_modifiers():
     groups = kv_groups(model, cfg)
     with attach(model, score_mods=[temperature(0.5)], kernel="dense"):
         ref = dense_on_kept_blocks(model, handle.block_masks, x, groups)
+    assert (real(out, x) - real(ref, x)).abs().max() < 1e-5
+
+
+def test_only_the_chosen_layers():
+    model = build("llama")
+    x = inputs()
+    cfg = SparseConfig(pattern="moba", density=0.3, block_size=BS)
+    with torch.no_grad(), sparse_attention(model, cfg, layers=[1]) as handle:
+        out = model(**x).logits
+    assert set(handle.block_masks) == {Site(1)}
+    ref = dense_on_kept_blocks(model, handle.block_masks, x, kv_groups(model, cfg))
     assert (real(out, x) - real(ref, x)).abs().max() < 1e-5

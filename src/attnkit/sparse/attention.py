@@ -36,6 +36,7 @@ from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.flex_block import flex_available, flex_block_attention
 from attnkit.sparse.gates import SparseGates
 from attnkit.sparse.patterns import BlockInputs, get_pattern
+from attnkit.taps import Tap
 
 KERNEL_NAME = "block_sparse"
 
@@ -92,8 +93,8 @@ class SparseSession(AttentionSession):
     """An attention session whose calls run block-sparse; it tells its handle when a forward starts."""
 
     def __init__(self, selector: "SparseSelector", handle: SparseHandle, layers=None, chunk_elements: int = 1 << 21) -> None:
-        super().__init__(mask_mods=[selector], score_mods=[selector.gate_bias], kernel=KERNEL_NAME, layers=layers,
-                         chunk_elements=chunk_elements)
+        super().__init__(taps=[_CallMarker(selector)], mask_mods=[selector], score_mods=[selector.gate_bias],
+                         kernel=KERNEL_NAME, layers=layers, chunk_elements=chunk_elements)
         self.handle = handle
 
     def start_forward(self) -> None:
@@ -115,10 +116,12 @@ class SparseSelector:
         self._last_bias: Tensor | None = None  # (B, Hkv, nQb, nKb) gate_bias · log p, detached
         self.__name__ = f"sparse_{cfg.pattern}_{cfg.density:g}"
         self.gate_bias = GateBias(self)
+        self._fresh = False  # the selection in _last is this call's (set by run, cleared as a call starts)
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        if self._last is None:
-            raise RuntimeError("the sparse selection is made by the block_sparse kernel; this call has none yet")
+        if self._last is None or not self._fresh:
+            raise RuntimeError("the sparse selection is made by the block_sparse kernel, but another kernel runs this "
+                               "call (a session stacked on it asks for kernel=...): leave that session's kernel 'auto'")
         blocks, geo, groups = self._last
         qb = (q_idx // geo.block_size - geo.first_block).clamp(0, geo.n_query_blocks - 1)
         return blocks[b, h // groups, qb, kv_idx // geo.block_size]
@@ -161,6 +164,7 @@ class SparseSelector:
                 mods=others, chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint,
             )
         self._last = (sel.block_mask(), sel.geometry, call.kv_groups)
+        self._fresh = True
         self._last_bias = None if block_bias is None else (self.cfg.gate_bias * sel.log_probs).detach()
         if not in_backward():  # a checkpoint recompute is not a new call
             self.handle.record(call.site, sel, kernel)
@@ -185,6 +189,19 @@ class SparseSelector:
         # score modifier (captured-tensor gradients: left to the portable kernel, which is tested)
         gate_grad = block_bias is not None and block_bias.requires_grad and torch.is_grad_enabled()
         return "flex" if expressible and on_cuda and not gate_grad else "portable"
+
+
+class _CallMarker(Tap):
+    """Tells the selector that a new call starts (the seam announces each call before its kernel
+    runs), so the selection of the previous call is never taken for this one's."""
+
+    wants_call, wants_chunks = True, False
+
+    def __init__(self, selector: SparseSelector) -> None:
+        self.selector = selector
+
+    def on_call(self, call: AttentionCall) -> None:
+        self.selector._fresh = False
 
 
 class GateBias:
