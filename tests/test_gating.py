@@ -277,3 +277,111 @@ def test_every_command_loads_a_gated_directory_with_its_trained_gates(gated_dir,
     doc = json.loads(capsys.readouterr().out)
     assert doc["gates"] and all(0.0 < g["mean_gate"] < 1.0 for g in doc["gates"])
     assert any(abs(g["mean_gate"] - 0.5) > 1e-3 for g in doc["gates"])
+
+
+def _sharpen(gates, seed: int = 3) -> None:
+    """Gate weights that make gates vary with the input, some below 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gates:
+            gate.net.out.weight.normal_(0, 3.0, generator=g)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "transformer_ae"])
+@pytest.mark.parametrize("kind", list(GATE_KINDS))
+def test_gate_tap_through_the_seam_equals_gate_stats(family, kind):
+    """Every call observed: the seam tap's per-head statistics are GateStats' (which records every
+    forward directly), under each call's own site."""
+    from attnkit.edits import GateTap
+    from attnkit.seam import attach
+
+    model, inputs = FAMILIES[family](), _input(family)
+    _sharpen(add_gates(model, kind))
+    tap = GateTap(model)
+    with torch.no_grad(), tap, attach(model, taps=[tap]), GateStats(model) as stats:
+        model(**inputs)
+    want = {(r["layer"], r["head"]): r for r in stats.heads()}
+    got = tap.heads()
+    assert len(got) == len(want) > 0
+    assert any(r["share_below_0_1"] > 0 for r in got)  # the check sees sparse gates too
+    for r in got:
+        w = want[(r["layer"], r["head"])]
+        assert r["mean_gate"] == pytest.approx(w["mean_gate"], abs=1e-12)
+        assert r["share_below_0_1"] == pytest.approx(w["share_below_0_1"], abs=1e-12)
+        assert r["gate_kind"] == kind and r["gates"] == w["gates"]
+
+
+def test_gate_tap_follows_the_session_plan():
+    """Only what the seam observes counts: every=2 sees the first of two forwards; layers=[1] only
+    layer 1; an inactive session nothing."""
+    from attnkit.edits import GateTap
+    from attnkit.seam import AttentionSession, attach
+
+    model = gpt2()
+    _sharpen(add_gates(model, "headwise"))
+    first, second = {"input_ids": _ids(2, 12)}, {"input_ids": _ids(2, 12, seed=1)}
+    tap = GateTap(model)
+    with torch.no_grad(), tap, attach(model, taps=[tap], every=2), GateStats(model) as stats:
+        model(**first)
+        alone = {(r["layer"], r["head"]): r["mean_gate"] for r in stats.heads()}
+        model(**second)
+    assert {(r["layer"], r["head"]): r["mean_gate"] for r in tap.heads()} == pytest.approx(alone, abs=1e-12)
+    tap = GateTap(model)
+    with torch.no_grad(), tap, attach(model, taps=[tap], layers=[1]):
+        model(**first)
+    assert {r["layer"] for r in tap.heads()} == {1}
+    tap = GateTap(model)
+    session = AttentionSession(taps=[tap])
+    session.active = False
+    with torch.no_grad(), tap, attach(model, session):
+        model(**first)
+    assert tap.heads() == []
+    assert not any(tap in g.recorders for g in find_gates(model))  # removed on exit
+
+
+def test_monitor_reports_gate_statistics_and_how_they_moved(tmp_path):
+    import json
+
+    from attnkit.monitor import AttentionMonitor
+
+    model = gpt2().train()
+    add_gates(model, "headwise")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    with AttentionMonitor(model, every=2, log_dir=tmp_path, emit=("csv",), optimizer=opt) as monitor:
+        for step in range(10):
+            x = _ids(2, 12, seed=step)
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            monitor.on_step(step, loss=loss)
+        change = monitor.gate_change()
+    steps = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines() if '"step"' in line
+             and '"type": "step"' in line]
+    assert len(steps) == 5 and all(len(s["metrics"]["mean_gate"]) == 8 for s in steps)
+    assert steps[0]["metrics"]["mean_gate"] == [0.5] * 8  # identity at init: sigma(0) everywhere
+    assert steps[-1]["metrics"]["mean_gate"] != [0.5] * 8
+    assert len(change) == 8 and change[0]["first_step"] == 0 and change[0]["step"] == 8
+    assert any(abs(c["mean_gate_change"]) > 1e-3 for c in change)
+    for c, last in zip(change, steps[-1]["metrics"]["mean_gate"]):
+        assert c["mean_gate"] == last and c["mean_gate_change"] == pytest.approx(last - 0.5)
+    assert ",mean_gate,L1H3," in (tmp_path / "monitor.csv").read_text()  # the scalars every sink gets
+
+
+def test_monitor_report_of_a_gated_run_draws_and_summarises_the_gates(tmp_path):
+    from attnkit.monitor import AttentionMonitor
+    from attnkit.monitor.report import gate_summary, read_run, save_figures
+
+    model = gpt2().train()
+    add_gates(model, "elementwise")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    with AttentionMonitor(model, every=2, log_dir=tmp_path, emit=(), optimizer=opt) as monitor:
+        for step in range(6):
+            x = _ids(2, 12, seed=step)
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            monitor.on_step(step)
+    run = read_run(tmp_path)
+    assert {p.name for p in save_figures(run, tmp_path / "fig")} >= {"gates.png", "max_logit.png"}
+    assert gate_summary(run).startswith("gates: mean 0.500 at step 0 → ")

@@ -47,7 +47,7 @@ def run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from attnkit.errors import UserError
-    from attnkit.monitor.report import read_run, save_figures
+    from attnkit.monitor.report import gate_summary, read_run, save_figures
 
     run = read_run(args.run_dir)
     out = Path(args.out) if args.out else run.path
@@ -60,6 +60,9 @@ def run_report(args: argparse.Namespace) -> int:
     if run.losses:
         console.print(Text(f"loss {run.losses[0][1]:.4g} at step {run.losses[0][0]} → {run.losses[-1][1]:.4g} "
                            f"at step {run.losses[-1][0]}"))
+    gates = gate_summary(run)
+    if gates:
+        console.print(Text(gates))
     counts = Counter(i.get("issue", "?") for i in run.issues)
     if counts:
         console.print(Text("warnings: " + ", ".join(f"{k} ×{v}" for k, v in counts.most_common()), style="yellow"))

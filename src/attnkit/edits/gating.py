@@ -205,6 +205,13 @@ def gate_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 # --- statistics --------------------------------------------------------------------------------
 
+def gate_sums(gate: AttentionGate, g: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Per head of one forward's gate values g (B, T, G): (sum (H,), count below 0.1 (H,), values
+    per head), in float64 over batch, positions and, for elementwise gates, the head's elements."""
+    g = g.reshape(-1, gate.num_heads, g.shape[-1] // gate.num_heads).double()  # (N, H, per-head)
+    return g.sum(dim=(0, 2)), (g < LOW_GATE).sum(dim=(0, 2)).double(), g.shape[0] * g.shape[2]
+
+
 class GateStats:
     """Gate values seen while it is on (a context manager): per layer and head, the mean gate and
     the share of gates below 0.1 (over batch, positions and, for elementwise gates, the head's
@@ -222,14 +229,13 @@ class GateStats:
         self._n: dict[int, int] = {}
 
     def record(self, gate: AttentionGate, g: Tensor) -> None:
-        g = g.reshape(-1, gate.num_heads, g.shape[-1] // gate.num_heads).double()  # (N, H, per-head)
-        s, low = g.sum(dim=(0, 2)), (g < LOW_GATE).sum(dim=(0, 2)).double()
+        s, low, n = gate_sums(gate, g)
         if gate.layer in self._sum:
             self._sum[gate.layer] += s
             self._low[gate.layer] += low
-            self._n[gate.layer] += g.shape[0] * g.shape[2]
+            self._n[gate.layer] += n
         else:
-            self._sum[gate.layer], self._low[gate.layer], self._n[gate.layer] = s, low, g.shape[0] * g.shape[2]
+            self._sum[gate.layer], self._low[gate.layer], self._n[gate.layer] = s, low, n
 
     def __enter__(self) -> GateStats:
         for g in self.gates:

@@ -28,6 +28,7 @@ from attnkit.monitor.issues import Issue
 from attnkit.seam.sites import Site
 
 HEAD_METRICS = ("entropy", "logit_max", "sink_mass", "max_attention")
+GATE_METRICS = ("mean_gate", "gate_low_share")  # a gated model's (attnkit.edits): logged beside them
 
 
 def series_name(site: Site, head: int | None = None) -> str:
@@ -51,7 +52,7 @@ class StepRecord:
         out: dict[str, float] = {}
         if self.loss is not None:
             out["loss"] = self.loss
-        for metric in HEAD_METRICS:
+        for metric in HEAD_METRICS + tuple(m for m in GATE_METRICS if m in self.metrics):
             for (site, head), v in zip(self.series, self.metrics[metric]):
                 out[f"{metric}/{series_name(site, head)}"] = v
         if self.grad_norm is not None:

@@ -42,7 +42,7 @@ from torch import nn
 
 from attnkit.errors import UserError
 from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends
-from attnkit.monitor.emit import EMITTERS, HEAD_METRICS, Emitter, JSONLEmitter, StepRecord, series_name
+from attnkit.monitor.emit import EMITTERS, GATE_METRICS, HEAD_METRICS, Emitter, JSONLEmitter, StepRecord, series_name
 from attnkit.monitor.grads import GradNorms
 from attnkit.monitor.history import Ring
 from attnkit.monitor.issues import Diagnosis, Issue
@@ -160,7 +160,13 @@ class AttentionMonitor:
         self.stats = StatsCollector()
         self.grads = GradNorms(armed=lambda: self.session.active)
         self.sites_tap = _Sites(self.grads.add)
-        self.session = AttentionSession(taps=[self.stats, self.sites_tap], sample_rows=sample_rows)
+        from attnkit.edits.gate_tap import GateTap, gate_owners
+
+        # gate statistics through the seam, on the same observed calls, when the model has attnkit gates
+        self.gate_tap = GateTap(root) if gate_owners(root) else None
+        self.metric_names = METRICS + (GATE_METRICS if self.gate_tap else ())
+        taps = [self.stats, self.sites_tap] + ([self.gate_tap] if self.gate_tap else [])
+        self.session = AttentionSession(taps=taps, sample_rows=sample_rows)
         self.series: list[tuple[Site, int]] | None = None
         self.sites: list[Site] = []
         self.rings: dict[str, Ring] = {}
@@ -182,6 +188,8 @@ class AttentionMonitor:
             return self
         stack = ExitStack()
         try:
+            if self.gate_tap is not None:
+                stack.enter_context(self.gate_tap)
             stack.enter_context(attach(self.model, self.session))
             if self.trace_nonfinite:
                 hook = self.model.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
@@ -263,11 +271,13 @@ class AttentionMonitor:
         dist = _dist()
         if dist:
             self.stats.all_reduce()
+            if self.gate_tap is not None:
+                self.gate_tap.all_reduce()
         heads = self.stats.heads()
         if self.series is None:
             self.series = [(Site(h["layer"], h["stack"], h["kind"]), h["head"]) for h in heads]
             self.sites = sorted({s for s, _ in self.series})
-            self.rings = {m: Ring(self.history_size, len(self.series)) for m in METRICS}
+            self.rings = {m: Ring(self.history_size, len(self.series)) for m in self.metric_names}
             self.grad_ring = Ring(self.history_size, len(self.sites))
             for e in self.emitters:
                 e.start({"every": self.every, "series": [series_name(s, h) for s, h in self.series],
@@ -275,13 +285,19 @@ class AttentionMonitor:
                          "sites": [series_name(s) for s in self.sites], "thresholds": vars(self.thresholds),
                          **self.meta})
         index = {k: i for i, k in enumerate(self.series)}
-        values = {m: np.full(len(self.series), np.nan) for m in METRICS}
+        values = {m: np.full(len(self.series), np.nan) for m in self.metric_names}
         for h in heads:
             i = index.get((Site(h["layer"], h["stack"], h["kind"]), h["head"]))
             if i is not None:
                 for m in METRICS:
                     values[m][i] = h[m]
-        for m in METRICS:
+        if self.gate_tap is not None:
+            for h in self.gate_tap.heads():
+                i = index.get((Site(h["layer"], h["stack"], h["kind"]), h["head"]))
+                if i is not None:
+                    values["mean_gate"][i], values["gate_low_share"][i] = h["mean_gate"], h["share_below_0_1"]
+            self.gate_tap.reset()
+        for m in self.metric_names:
             self.rings[m].append(step, values[m])
         grad = self.grads.collect(self.sites)
         if grad is not None and dist and self.grads.on_accumulate:
@@ -293,7 +309,7 @@ class AttentionMonitor:
             self.grad_ring.append(step, grad)
         new_losses = self._flush_losses()
         loss = float(self.losses.last(1)[1][0, 0]) if new_losses else None
-        record = StepRecord(step, loss, self.series, {m: values[m].tolist() for m in METRICS}, self.sites, grad)
+        record = StepRecord(step, loss, self.series, {m: values[m].tolist() for m in self.metric_names}, self.sites, grad)
         self.latest = record
         for e in self.emitters:
             e.step(record)
@@ -378,6 +394,27 @@ class AttentionMonitor:
             return math.nan
         _, vals = self.rings[metric].last(1)
         return float(vals[0, self.series.index((site, head))]) if len(vals) else math.nan
+
+    def gate_change(self) -> list[dict]:
+        """Per head of a gated model: mean gate and share below 0.1 at the first observed step still
+        in the history and at the latest, and their change (how the gates moved in training)."""
+        if self.gate_tap is None or self.series is None or not len(self.rings["mean_gate"]):
+            return []
+        steps, mean = self.rings["mean_gate"].last()
+        _, low = self.rings["gate_low_share"].last()
+        out = []
+        for i, (site, head) in enumerate(self.series):
+            seen = np.flatnonzero(np.isfinite(mean[:, i]))
+            if not len(seen):
+                continue
+            a, b = seen[0], seen[-1]
+            out.append({"series": series_name(site, head), "layer": site.layer, "head": head,
+                        "first_step": int(steps[a]), "step": int(steps[b]),
+                        "mean_gate_first": float(mean[a, i]), "mean_gate": float(mean[b, i]),
+                        "mean_gate_change": float(mean[b, i] - mean[a, i]),
+                        "share_below_0_1_first": float(low[a, i]), "share_below_0_1": float(low[b, i]),
+                        "share_below_0_1_change": float(low[b, i] - low[a, i])})
+        return out
 
     def memory_bytes(self) -> int:
         """Bytes held by the history: constant once the first step is observed."""

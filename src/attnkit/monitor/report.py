@@ -6,7 +6,8 @@ skipped; a log directory reused by several runs: the last one, from its meta lin
 - ``entropy_heatmap.png``: per-head entropy (nats) over training, one row per layer·head;
 - ``max_logit.png``: each head's max logit (symmetric log scale) with warning steps (orange) and
   intervention steps (green) marked, and the danger threshold;
-- ``curvature.png``: seed 001's log10 κ (largest over rows) per head, same marks.
+- ``curvature.png``: seed 001's log10 κ (largest over rows) per head, same marks;
+- ``gates.png`` (a model with attnkit gates): each head's mean gate and share of gates below 0.1.
 """
 
 from __future__ import annotations
@@ -149,4 +150,34 @@ def save_figures(run: Run, out_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out / name))
         plt.close(fig)
+    if "mean_gate" in run.metrics and np.isfinite(run.metrics["mean_gate"]).any():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, metric, title in ((axes[0], "mean_gate", "mean gate per head"),
+                                  (axes[1], "gate_low_share", "share of gates below 0.1")):
+            for i, label in enumerate(series):
+                ax.plot(steps, run.metrics[metric][:, i], lw=0.8, label=label if len(series) <= 12 else None)
+            _marks(ax, run)
+            ax.set_xlabel("step")
+            ax.set_title(title)
+            ax.set_ylim(-0.02, 1.02)
+        axes[0].legend(fontsize=6, ncol=2 if len(series) > 8 else 1)
+        fig.tight_layout()
+        written.append(_save(fig, out / "gates.png"))
+        plt.close(fig)
     return written
+
+
+def gate_summary(run: Run) -> str | None:
+    """One line: the heads' mean gate and share below 0.1 at the first and last observed step."""
+    if "mean_gate" not in run.metrics:
+        return None
+    mean, low = run.metrics["mean_gate"], run.metrics.get("gate_low_share")
+    ok = np.flatnonzero(np.isfinite(mean).any(axis=1))
+    if not len(ok):
+        return None
+    a, b = ok[0], ok[-1]
+    text = (f"gates: mean {np.nanmean(mean[a]):.3f} at step {run.steps[a]} → {np.nanmean(mean[b]):.3f} at step "
+            f"{run.steps[b]} (heads {np.nanmin(mean[b]):.3f}..{np.nanmax(mean[b]):.3f})")
+    if low is not None:
+        text += f"; share below 0.1 {np.nanmean(low[a]):.3f} → {np.nanmean(low[b]):.3f}"
+    return text
