@@ -152,11 +152,9 @@ def _chunk(
     vg = torch.gather(vb, 2, flat.expand(B, Hk, n * S, bs, Dv)).view(B, Hk, n, S * bs, Dv)
     compute = torch.promote_types(q.dtype, torch.float32)
     qg = q.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, n, G * bs, D)
-    if q.dtype == compute:  # fold the scale into the (small) queries rather than the scores
-        scores = torch.matmul(qg * x.scale, kg.transpose(-1, -2))
-    else:  # half precision: q·k in the model's dtype, as the dense kernel does
-        scores = torch.matmul(qg, kg.transpose(-1, -2)).to(compute).mul_(x.scale)
-    scores = scores.view(B, Hk, n, G, bs, S * bs)
+    # Scores in float32 at least (half-precision models too, as fused SDPA kernels accumulate);
+    # the scale folds into the (small) queries rather than the scores.
+    scores = torch.matmul(qg.to(compute) * x.scale, kg.to(compute).transpose(-1, -2)).view(B, Hk, n, G, bs, S * bs)
     if x.softcap is not None:
         scores = x.softcap * torch.tanh(scores / x.softcap)
 
@@ -203,8 +201,8 @@ def _chunk(
         probs = torch.softmax(scores, dim=-1)
     if x.dropout_p:
         probs = F.dropout(probs, p=x.dropout_p, training=True)
-    out = torch.matmul(probs.to(vg.dtype).view(B, Hk, n, G * bs, S * bs), vg)  # (B, Hkv, n, G·bs, Dv)
-    return out.view(B, Hk, n, G, bs, Dv)
+    out = torch.matmul(probs.view(B, Hk, n, G * bs, S * bs), vg.to(compute))  # (B, Hkv, n, G·bs, Dv)
+    return out.view(B, Hk, n, G, bs, Dv).to(vb.dtype)
 
 
 def dense_reference(
