@@ -416,3 +416,32 @@ def test_only_the_chosen_layers():
     assert set(handle.block_masks) == {Site(1)}
     ref = dense_on_kept_blocks(model, handle.block_masks, x, kv_groups(model, cfg))
     assert (real(out, x) - real(ref, x)).abs().max() < 1e-5
+
+
+def test_training_step_saves_nothing_t_by_t_per_head():
+    """A whole training step of a model at T = 1024 (padded batch, learned gate): no tensor autograd
+    keeps has T×T elements per head. The same check on the eager model finds its T×T maps."""
+    T_long, bs = 1024, 64
+    for impl, sparse in (("eager", False), ("sdpa", True)):
+        model = build("llama", impl).train()
+        model.config.max_position_embeddings = T_long
+        x = inputs(length=T_long, batch=1, pad=0)
+        heads = model.config.num_attention_heads
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel())
+            return t
+
+        cfg = SparseConfig(pattern="learned_gate", density=0.25, block_size=bs, checkpoint=False)
+        with ExitStack() as stack:
+            if sparse:
+                stack.enter_context(sparse_attention(model, cfg, gates=make_gates(model, cfg)))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+            loss = model(**x, labels=x["input_ids"]).loss
+        loss.backward()
+        largest_per_head = max(saved) / heads
+        if sparse:
+            assert largest_per_head < T_long * T_long / 2
+        else:
+            assert largest_per_head >= T_long * T_long  # eager keeps its (B, H, T, T) probabilities
