@@ -425,7 +425,7 @@ def test_training_step_saves_nothing_t_by_t_per_head():
     for impl, sparse in (("eager", False), ("sdpa", True)):
         model = build("llama", impl).train()
         model.config.max_position_embeddings = T_long
-        x = inputs(length=T_long, batch=1, pad=0)
+        x = inputs(length=T_long, batch=1, pad=7)
         heads = model.config.num_attention_heads
         saved = []
 
