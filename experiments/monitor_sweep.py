@@ -39,7 +39,7 @@ import torch
 from attnkit.data import encode_documents, load_corpus
 from attnkit.models.registry import resolve_model_path
 from attnkit.mods import temperature
-from attnkit.monitor import AttentionMonitor, Chain, LRBackoff, Policy, QKClip, ReduceLR, Thresholds
+from attnkit.monitor import AttentionMonitor, Chain, LRBackoff, LRToRate, Policy, QKClip, ReduceLR, Thresholds
 from attnkit.monitor.replay import first_step, replay
 from attnkit.seam import attach
 
@@ -99,12 +99,19 @@ def clip_backoff(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
     return Policy(rules={t: (lambda i: Chain((clip(i), LRBackoff()))) for t in predictors})
 
 
+def clip_rate(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
+    """From the first prediction: QK-clip (as above) and the LR set once so the heads' measured logit
+    growth would slow to the detectors' growth_min per window (LRToRate: growth rate ∝ lr)."""
+    clip = _clip_at_warning(tau_floor)
+    return Policy(rules={t: (lambda i: Chain((clip(i), LRToRate()))) for t in predictors})
+
+
 def backoff(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
     """The LR back-off alone (no QK-clip), to tell the two apart."""
     return Policy(rules={t: (lambda i: LRBackoff()) for t in predictors})
 
 
-POLICIES = {"clip_halve": clip_halve, "clip_backoff": clip_backoff, "backoff": backoff}
+POLICIES = {"clip_halve": clip_halve, "clip_backoff": clip_backoff, "clip_rate": clip_rate, "backoff": backoff}
 
 
 def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, out: Path, rescue: bool,

@@ -174,3 +174,22 @@ def test_chain_applies_each_part_and_logs_one_action(tmp_path):
     entry = monitor.apply(Chain((QKClip(1e9), LRBackoff())))
     assert entry["action"] == "qk_clip+lr_backoff" and opt.param_groups[0]["lr"] == pytest.approx(0.05)
     assert len(monitor.persistent) == 2
+
+
+def test_lr_to_rate_scales_the_lr_by_target_over_measured_growth(tmp_path):
+    from attnkit.monitor import LRToRate
+
+    monitor, opt, _ = _monitor_after_steps(tmp_path, None)
+    n = len(monitor.series)
+    ring = monitor.rings["logit_max"]
+    for step in range(4, 36, 4):  # 8 observed steps: the whole window, span 28 steps
+        row = np.full(n, 5.0)  # below the floor: not measured
+        row[: n // 2] = 12.0 * np.exp(0.1 * step)  # half the heads grow at 0.1 per step
+        ring.append(step, row)
+    rate, target = LRToRate().rates(monitor)
+    assert target == pytest.approx(math.log(1.25) / 28)
+    assert rate == pytest.approx(0.1, rel=1e-6)
+    detail = monitor.apply(LRToRate())["detail"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * target / 0.1) and "×" in detail
+    monitor.apply(LRToRate(min_fraction=0.5))  # floored; and never raises the rate
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * target / 0.1 * 0.5)

@@ -15,8 +15,8 @@ See ``monitor.py`` (observation and history), ``detectors.py`` (trends and thres
 from attnkit.monitor.detectors import DETECTORS, Thresholds
 from attnkit.monitor.emit import EMITTERS, Emitter, StepRecord
 from attnkit.monitor.interventions import (
-    DEFAULT_RULES, INTERVENTIONS, AttentionDropout, Chain, GradClip, LRBackoff, Policy, QKClip, ReduceLR, qk_clip_layout,
-    soft_cap, temperature,
+    DEFAULT_RULES, INTERVENTIONS, AttentionDropout, Chain, GradClip, LRBackoff, LRToRate, Policy, QKClip, ReduceLR,
+    qk_clip_layout, soft_cap, temperature,
 )
 from attnkit.monitor.issues import Diagnosis, Issue
 from attnkit.monitor.monitor import DEFAULT_EVERY, AttentionMonitor
@@ -25,6 +25,7 @@ from attnkit.monitor.nonfinite import TraceResult, trace_nonfinite
 __all__ = [
     "DEFAULT_EVERY", "DEFAULT_RULES", "DETECTORS", "EMITTERS", "INTERVENTIONS", "AttentionDropout", "AttentionMonitor",
     "Chain",
-    "Diagnosis", "Emitter", "GradClip", "Issue", "LRBackoff", "Policy", "QKClip", "ReduceLR", "StepRecord", "Thresholds",
+    "Diagnosis", "Emitter", "GradClip", "Issue", "LRBackoff", "LRToRate", "Policy", "QKClip", "ReduceLR", "StepRecord",
+    "Thresholds",
     "TraceResult", "qk_clip_layout", "soft_cap", "temperature", "trace_nonfinite",
 ]

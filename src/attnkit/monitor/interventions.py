@@ -22,6 +22,8 @@ maps a name to its class:
   still driving the logits up, so the rate is still too high for this model (Wortsman et al. 2023:
   the logit-growth instability is a learning-rate sensitivity). Floored at ``min_fraction`` of
   the rate it started from.
+- ``lr_to_rate``: once, the LR × (target growth rate / the heads' measured growth rate of log max
+  logit): the rate at which the detectors would stop calling it growth (see ``LRToRate``).
 - ``chain``: several interventions applied together as one action.
 """
 
@@ -31,6 +33,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from attnkit.errors import UserError
@@ -273,6 +276,44 @@ class LRBackoff:
 
 
 @dataclass
+class LRToRate:
+    """Set the LR so the heads' logit growth slows to the rate the detectors stop calling growth.
+
+    Under Adam a head's log max logit grows at a rate roughly proportional to the learning rate
+    (q and k both move by ~lr per step), so the run's own measured rate r (the median, over heads
+    at or above ``logit_floor`` that are growing, of the slope of log max logit over the last
+    window, per step) tells how far to go: lr × r_target / r, r_target = log(growth_min) / the
+    window's span in steps (1.25× per window). Never raises the LR; never below ``min_fraction``
+    of it. Applied once (the measurement after it would be of the clipped weights)."""
+
+    min_fraction: float = 1 / 64
+    reason: str = ""
+    name: str = "lr_to_rate"
+
+    def rates(self, monitor) -> tuple[float, float]:
+        """(measured rate r, target rate) per step, from the monitor's history."""
+        t = monitor.thresholds
+        steps, logits = monitor.rings["logit_max"].last(t.window)
+        span = float(steps[-1] - steps[0]) if len(steps) > 1 else 0.0
+        target = math.log(t.growth_min) / span if span else math.nan
+        if len(steps) < 2 or not span:
+            return math.nan, target
+        x = steps.astype(float) - steps.mean()
+        y = np.log(np.clip(logits, 1e-3, None))
+        slope = (x[:, None] * (y - y.mean(axis=0))).sum(axis=0) / float((x ** 2).sum())
+        ok = np.isfinite(slope) & (slope > 0) & (logits[-1] >= t.logit_floor)
+        return (float(np.median(slope[ok])) if ok.any() else math.nan), target
+
+    def apply(self, monitor) -> str:
+        rate, target = self.rates(monitor)
+        if not (math.isfinite(rate) and math.isfinite(target)) or rate <= target:
+            return f"logits grow {rate:.3g}/step, not above the target {target:.3g}/step: lr unchanged"
+        factor = max(target / rate, self.min_fraction)
+        before, after = _reduce_lr(monitor, factor)
+        return f"lr {before:.3g} → {after:.3g} (×{factor:.3g}: max logits grew {rate:.3g}/step, target {target:.3g}/step)"
+
+
+@dataclass
 class Chain:
     """Several interventions as one action (each applied, details joined)."""
 
@@ -299,6 +340,7 @@ INTERVENTIONS: dict[str, Callable[..., object]] = {
     "attention_dropout": AttentionDropout,
     "grad_clip": GradClip,
     "lr_backoff": LRBackoff,
+    "lr_to_rate": LRToRate,
     "chain": lambda *parts: Chain(tuple(parts)),
 }
 
