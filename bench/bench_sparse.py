@@ -7,6 +7,8 @@ Configurations, on one model (default ``reference-long``), batch 1, fp32:
                         head kept for backward (what the seed's dense baseline is)
   PATTERN@DENSITY       ``sparse_attention`` with that pattern and density (``--patterns``,
                         ``--densities``); learned_gate with its gates (untrained: the cost is the same)
+  PATTERN@DENSITY/flex  the same selection run by compiled FlexAttention (``--flex``: inference only,
+                        PyTorch has no CPU backward for it; the compile is a warm-up, not timed)
 
 Two steps each: **inference** (a forward under ``no_grad``) and **training** (forward + backward of
 the LM loss with every model parameter requiring grad, and the gates for learned_gate).
@@ -42,7 +44,9 @@ DENSE = ("dense-sdpa", "dense-eager")
 
 
 def configs(args) -> list[str]:
-    return [*DENSE, *(f"{p}@{d:g}" for p in args.patterns.split(",") for d in map(float, args.densities.split(",")))]
+    sparse = [f"{p}@{d:g}" for p in args.patterns.split(",") for d in map(float, args.densities.split(","))]
+    flex = [f"{c}/flex" for c in args.flex.split(",") if c] if args.flex else []
+    return [*DENSE, *sparse, *flex]
 
 
 def build(args):
@@ -73,8 +77,10 @@ def steps(model, config: str, length: int, args) -> tuple:
         def context():
             return nullcontext()
     else:
-        pattern, density = config.split("@")
-        cfg = SparseConfig(pattern=pattern, density=float(density), block_size=args.block_size)
+        spec, _, kernel = config.partition("/")
+        pattern, density = spec.split("@")
+        cfg = SparseConfig(pattern=pattern, density=float(density), block_size=args.block_size,
+                           kernel=kernel or "auto")
         gates = make_gates(model, cfg)
         impl = "sdpa"
 
@@ -82,6 +88,8 @@ def steps(model, config: str, length: int, args) -> tuple:
             return sparse_attention(model, cfg, gates=gates)
 
     def run(train: bool):
+        if train and config.endswith("/flex"):
+            return None  # no CPU backward for FlexAttention
         model.set_attn_implementation(impl)
         try:
             if not train:
@@ -110,14 +118,17 @@ def memory_worker(args) -> None:
     infer, train = steps(model, args.worker, args.length, args)
     infer()  # warm-up: one-time allocations (caches, kernels) are not the step's
     inference = max(rss.peak_of(infer) for _ in range(args.mem_repeats))
-    train()  # warm-up: gradients are allocated once here
-    training = max(rss.peak_of(train) for _ in range(args.mem_repeats))
+    training = None
+    if not args.worker.endswith("/flex"):
+        train()  # warm-up: gradients are allocated once here
+        training = max(rss.peak_of(train) for _ in range(args.mem_repeats))
     rss.report({"config": args.worker, "seq_len": args.length, "inference": inference, "train": training})
 
 
 def measure_memory(config: str, length: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--length", str(length), "--model", args.model,
-           "--block-size", str(args.block_size), "--mem-repeats", str(args.mem_repeats), "--threads", str(args.threads)]
+           "--block-size", str(args.block_size), "--mem-repeats", str(args.mem_repeats), "--threads", str(args.threads),
+           "--patterns", args.patterns, "--densities", args.densities]
     return rss.run_fresh(cmd, f"{config} at {length} (memory)")
 
 
@@ -136,12 +147,18 @@ def time_interleaved(length: int, args) -> dict:
         for n in names:
             for mode, fn in zip(("inference", "train"), fns[n]):
                 t = time.perf_counter()
-                fn()
-                times[n][mode].append(time.perf_counter() - t)
-    ratio = {n: {m: statistics.median(a / b for a, b in zip(times[n][m], times["dense-sdpa"][m]))
-                 for m in ("inference", "train")} for n in names}
-    return {"times": times, "ratio": ratio,
-            "median": {n: {m: statistics.median(t) for m, t in times[n].items()} for n in names}}
+                ran = fn()
+                times[n][mode].append(time.perf_counter() - t if ran is not None else None)
+    def ratio(n, m):
+        pairs = [(a, b) for a, b in zip(times[n][m], times["dense-sdpa"][m]) if a is not None]
+        return statistics.median(a / b for a, b in pairs) if pairs else None
+
+    def median(n, m):
+        ts = [t for t in times[n][m] if t is not None]
+        return statistics.median(ts) if ts else None
+
+    return {"times": times, "ratio": {n: {m: ratio(n, m) for m in ("inference", "train")} for n in names},
+            "median": {n: {m: median(n, m) for m in ("inference", "train")} for n in names}}
 
 
 def main() -> None:
@@ -151,6 +168,7 @@ def main() -> None:
     p.add_argument("--patterns", default="moba,learned_gate")
     p.add_argument("--densities", default="0.125,0.25,0.5")
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--flex", default="", help="PATTERN@DENSITY,... also run by compiled FlexAttention (inference)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--mem-repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -204,10 +222,14 @@ def render(doc: dict, args, parser, started) -> str:
         sd, ea = by_config["dense-sdpa"], by_config["dense-eager"]
         t = doc["timing"][n]
         for c, m in by_config.items():
+            tr = m["train"]
+            train_cells = (f"{tr / 2**20:,.1f} | {tr / sd['train']:.2f} | {tr / ea['train']:.2f}" if tr is not None
+                           else "— | — | —")
+            tt, rt = t["median"][c]["train"], t["ratio"][c]["train"]
             lines.append(
-                f"| {n} | {c} | {m['train'] / 2**20:,.1f} | {m['train'] / sd['train']:.2f} | {m['train'] / ea['train']:.2f} "
+                f"| {n} | {c} | {train_cells} "
                 f"| {m['inference'] / 2**20:,.1f} | {m['inference'] / sd['inference']:.2f} "
-                f"| {m['inference'] / ea['inference']:.2f} | {t['median'][c]['train']:.3f} | {t['ratio'][c]['train']:.2f} "
+                f"| {m['inference'] / ea['inference']:.2f} | {_f(tt, 3)} | {_f(rt, 2)} "
                 f"| {t['median'][c]['inference']:.3f} | {t['ratio'][c]['inference']:.2f} |")
     lines += ["", "<details><summary>raw (JSON)</summary>", "", "```json",
               json.dumps({"memory_bytes": doc["memory"], "times": {n: t["times"] for n, t in doc["timing"].items()}}),
@@ -215,11 +237,16 @@ def render(doc: dict, args, parser, started) -> str:
     return "\n".join(lines)
 
 
+def _f(x, digits: int) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
 def plot(doc: dict, stem: Path) -> None:
     from attnkit.report.io import write_atomic
     from attnkit.report.sparse_plots import memory_png
 
-    rows = [{"config": c, "seq_len": int(n), "train": m["train"] / 2**20, "inference": m["inference"] / 2**20}
+    rows = [{"config": c, "seq_len": int(n), "train": m["train"] / 2**20 if m["train"] is not None else None,
+             "inference": m["inference"] / 2**20}
             for n, by_config in doc["memory"].items() for c, m in by_config.items()]
     for mode in ("train", "inference"):
         write_atomic(f"{stem}_{mode}_memory.png",

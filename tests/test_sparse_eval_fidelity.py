@@ -115,3 +115,25 @@ def test_smallest_density_per_target():
     got = smallest_densities(rows)["1024"]["moba"]
     assert got == {"prob_mse": 0.125, "grad_cosine": 0.25, "kl": 0.25, "accuracy": 0.125}
     assert set(TARGETS) == set(got)
+
+
+def test_encoder_embeddings_with_padding_and_an_all_padding_sequence():
+    from transformers import BertConfig, BertModel
+
+    from attnkit.sparse.evaluate import embedding_fidelity
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=64, initializer_range=0.3)
+    model = BertModel._from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(1, V, (3, 40), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 25:] = 0  # padding
+    mask[2] = 0  # a sequence that is all padding
+    batch = {"input_ids": ids, "attention_mask": mask}
+    dense = embedding_fidelity(model, batch, SparseConfig(pattern="window", density=1.0, block_size=8))
+    assert dense["sentences"] == 2 and dense["embedding_cosine_min"] > 1 - 1e-6 and dense["prob_mse"] < 1e-12
+    sparse = embedding_fidelity(model, batch, SparseConfig(pattern="moba", density=0.3, block_size=8))
+    assert sparse["sentences"] == 2 and 0 < sparse["embedding_cosine_min"] < 1 - 1e-6
+    assert math.isfinite(sparse["prob_mse"]) and sparse["prob_mse"] > 0
+    assert sparse["tokens"] == 40 + 25
