@@ -64,15 +64,15 @@ def flex_block_attention(
         keep = kv_idx < K
         if causal:
             keep = keep & (kv_idx <= q_idx + offset)
-        if allowed is not None:
-            keep = keep & allowed[b, h, q_idx, kv_idx]
+        if allowed is not None:  # indices clamped: a last partial block's padding must not read past the mask
+            keep = keep & allowed[b, h, q_idx.clamp(max=Q - 1), kv_idx.clamp(max=K - 1)]
         return keep
 
     def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if softcap is not None:
             score = softcap * torch.tanh(score / softcap)
         if bias is not None:
-            score = score + bias[b, h, q_idx, kv_idx]
+            score = score + bias[b, h, q_idx.clamp(max=Q - 1), kv_idx.clamp(max=K - 1)]
         if block_log_probs is not None:
             score = score + block_log_probs[b, h // G, q_idx // bs, kv_idx // bs]
         return score
