@@ -71,6 +71,19 @@ def test_equal_k_for_every_pattern_at_equal_density(density):
     assert all(torch.equal(c, first) for c in counts.values()), counts
 
 
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_more_sinks_and_local_blocks(pattern):
+    sel, cfg = _select(pattern, 0.2, sink_blocks=2, local_blocks=3)
+    mask, geo = sel.block_mask(), sel.geometry
+    for i in range(geo.n_query_blocks):
+        assert mask[..., i, max(0, i - 2): i + 1].all()  # three local blocks
+        if cfg.keeps_sinks:
+            assert mask[..., i, : min(2, i + 1)].all()  # two sinks
+        floor = min(i + 1, len(set(range(max(0, i - 2), i + 1)) | {0, 1}))
+        assert (mask[..., i, :].sum(-1) == max(floor, math.ceil(0.2 * (i + 1) - 1e-9))).all()
+    assert not (mask & ~geo.candidates).any()
+
+
 def test_measured_density_honours_the_knob():
     """Over a long call the share kept is the density (ceil rounding adds under one block a row)."""
     g = torch.Generator().manual_seed(0)
