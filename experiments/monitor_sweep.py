@@ -32,6 +32,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,7 +112,29 @@ def backoff(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
     return Policy(rules={t: (lambda i: LRBackoff()) for t in predictors})
 
 
-POLICIES = {"clip_halve": clip_halve, "clip_backoff": clip_backoff, "clip_rate": clip_rate, "backoff": backoff}
+@dataclass
+class SetBaseLR:
+    """A diagnostic, not a policy a run could use: the LR set to a rate known (from the whole sweep)
+    to train well. Tells whether any LR change at the warning step could still rescue a run."""
+
+    lr: float = 3e-3
+    reason: str = ""
+    name: str = "set_lr"
+
+    def apply(self, monitor) -> str:
+        from attnkit.monitor.interventions import _reduce_lr
+
+        before, after = _reduce_lr(monitor, self.lr / monitor.scheduler.base_lrs[0])
+        return f"lr {before:.3g} → {after:.3g} (base rate set to {self.lr:g})"
+
+
+def oracle_lr(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
+    """QK-clip (as above) and the base LR set to 3e-3, the sweep's best rate (an oracle bound)."""
+    clip = _clip_at_warning(tau_floor)
+    return Policy(rules={t: (lambda i: Chain((clip(i), SetBaseLR()))) for t in predictors})
+
+
+POLICIES = {"clip_halve": clip_halve, "oracle_lr": oracle_lr, "clip_backoff": clip_backoff, "clip_rate": clip_rate, "backoff": backoff}
 
 
 def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, out: Path, rescue: bool,
@@ -261,6 +284,7 @@ def main() -> None:
     p.add_argument("--rescue-from", default=None,
                    help="a directory of finished base runs (runs.jsonl + traces): re-score their traces with "
                    "--predictors offline and run only the rescues of the warned ones, into --out")
+    p.add_argument("--only", default=None, help="with --rescue-from: only these base runs (comma-separated names)")
     p.add_argument("--no-rescue", action="store_true",
                    help="base runs only (their traces can be re-scored offline; rescues run later)")
     p.add_argument("--threads", type=int, default=1)
@@ -288,7 +312,7 @@ def main() -> None:
         src = Path(args.rescue_from)
         for line in open(src / "runs.jsonl"):
             r = json.loads(line)
-            if r["rescue"]:
+            if r["rescue"] or (args.only and r["name"] not in args.only.split(",")):
                 continue
             # the base run's warnings under --predictors, from its recorded trace
             issues = replay(src / r["name"] / "monitor.jsonl", Thresholds(horizon=args.horizon), args.predictors)
