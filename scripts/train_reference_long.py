@@ -63,6 +63,12 @@ class TrainConfig:
     copy_max: int = 128
     copy_random_share: float = 0.5
     copy_spans: int = 1  # repeated spans in each copy window
+    # Short windows first: at initialisation a query spreads its attention over every key, so in a
+    # 1024-token window the key worth copying from gets ~1/1000 of it and the gradient that would
+    # form an induction head is that small; in 128-token windows it is 8x larger. The first
+    # short_steps steps use short_context-token windows (more of them, the same tokens a step).
+    short_steps: int = 0
+    short_context: int = 128
     # Optimisation: AdamW as in the reference model; 8,000 steps of 2 x 1024 tokens (16.4M tokens,
     # ~13 passes over the 1.2M-token train split) fit one CPU thread in under an hour.
     steps: int = 8_000
@@ -119,6 +125,15 @@ def training_windows(train_ids: torch.Tensor, cfg: TrainConfig, bos: int, vocab:
             x[b, second : second + L] = x[b, first : first + L]
             labels[b, second : second + L] = x[b, second : second + L]
     return x, labels
+
+
+def short_windows(cfg: TrainConfig) -> TrainConfig:
+    """The first stage's windows: short_context tokens, as many more of them as keep the tokens a step,
+    copy spans that fit twice."""
+    from dataclasses import replace
+
+    return replace(cfg, context=cfg.short_context, batch_size=cfg.batch_size * cfg.context // cfg.short_context,
+                   copy_min=min(cfg.copy_min, cfg.short_context // 8), copy_max=min(cfg.copy_max, cfg.short_context // 4))
 
 
 def with_bos(tokenizer):
@@ -219,6 +234,7 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"model: {n_params:,} parameters; {cfg.steps} steps x {cfg.batch_size} x {cfg.context} tokens")
 
+    short_cfg = short_windows(cfg)
     log: list[dict] = []
     t_train, cpu_train = time.time(), time.process_time()
     with train_progress(console) as progress:
@@ -228,7 +244,7 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, labels = training_windows(train_ids, cfg, eot, vocab, batches)
+            x, labels = training_windows(train_ids, short_cfg if step < cfg.short_steps else cfg, eot, vocab, batches)
             loss = model(input_ids=x, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
