@@ -190,3 +190,29 @@ def test_softcap_bias_and_sinks_against_the_seams_dense_kernel():
     fn = lambda q, k, v, bias, s: block_sparse_attention(  # noqa: E731
         q, k, v, sel.indices, sel.valid, geo, scale=0.7, softcap=2.0, bias=bias, sinks=s.view(1, -1, 1, 1))
     assert torch.autograd.gradcheck(fn, (q, k, v, bias, sinks))
+
+
+def test_straight_through_gate_term():
+    """``gate_grad="straight_through"``: log p − stopgrad(log p) on the kept blocks' scores. The
+    output is attention over the kept blocks whatever the gate; the gate's gradient equals the
+    restricted dense reference's with the same term."""
+    B, H, Hk, T, bs, D = 1, 4, 2, 16, 4, 3
+    sel, geo = _selection(B, Hk, T, bs, density=0.5)
+    q, k, v = _qkv(B, H, Hk, T, T, D)
+    gate = torch.randn(B, Hk, geo.n_query_blocks, geo.n_key_blocks, dtype=torch.float64, requires_grad=True)
+
+    def st(gate):
+        _, log_p = _gate_bias(gate, sel, geo)
+        log_p = torch.where(geo.candidates, log_p, 0.0)
+        return log_p - log_p.detach()
+
+    term = st(gate)
+    bias = torch.where(sel.valid, torch.gather(term, -1, sel.indices), 0.0)
+    out = block_sparse_attention(q, k, v, sel.indices, sel.valid, geo, scale=0.5, block_bias=bias)
+    plain = dense_reference(q, k, v, sel.block_mask(), geo, scale=0.5)
+    assert torch.allclose(out, plain, atol=1e-12)  # the gate changes nothing in the forward
+    ref = dense_reference(q, k, v, sel.block_mask(), geo, scale=0.5, block_log_probs=term)
+    w = torch.randn_like(out)
+    g_out = torch.autograd.grad((out * w).sum(), gate, retain_graph=True)[0]
+    g_ref = torch.autograd.grad((ref * w).sum(), gate)[0]
+    assert torch.allclose(g_out, g_ref, atol=1e-12) and g_out.abs().sum() > 0

@@ -445,3 +445,27 @@ def test_training_step_saves_nothing_t_by_t_per_head():
             assert largest_per_head < T_long * T_long / 2
         else:
             assert largest_per_head >= T_long * T_long  # eager keeps its (B, H, T, T) probabilities
+
+
+def test_trained_gate_at_density_one():
+    """At density 1 a trained gate under "prior" reweights the blocks (not dense); under
+    "straight_through" the output is dense whatever the gate, and the gate still gets a gradient."""
+    model = build("llama").train()
+    x = inputs()
+    with torch.no_grad():
+        ref = model(**x).logits
+    for mode in ("prior", "straight_through"):
+        cfg = SparseConfig(pattern="learned_gate", density=1.0, block_size=BS, gate_grad=mode)
+        gates = make_gates(model, cfg)
+        with torch.no_grad():
+            for p in gates.parameters():
+                p.normal_(0, 0.5)
+        with sparse_attention(model, cfg, gates=gates):
+            out = model(**x).logits
+            ((out - ref) ** 2).mean().backward()  # any loss: the gate gets its gradient through the term
+        diff = (real(out, x) - real(ref, x)).abs().max()
+        assert (diff < 1e-5) if mode == "straight_through" else (diff > 1e-3)
+        grads = [p.grad for p in gates.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        if mode == "prior":
+            assert any(g.abs().sum() > 0 for g in grads)

@@ -147,14 +147,18 @@ class SparseSelector:
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
         sel, k, v = self.select(call)
-        block_bias = None
-        if sel.log_probs is not None and self.cfg.gate_bias:
-            picked = torch.gather(sel.log_probs, -1, sel.indices)  # (B, Hkv, nQb, S)
+        block_bias = full_bias = None
+        log_probs = sel.log_probs
+        straight = self.cfg.gate_grad == "straight_through"
+        if log_probs is not None and self.cfg.gate_bias and not (straight and not log_probs.requires_grad):
+            if straight:  # value 0, gradient of log p: the output is plain attention over the kept blocks
+                log_probs = log_probs - log_probs.detach()
+            picked = torch.gather(log_probs, -1, sel.indices)  # (B, Hkv, nQb, S)
             block_bias = self.cfg.gate_bias * torch.where(sel.valid, picked, 0.0)
+            full_bias = self.cfg.gate_bias * torch.where(sel.geometry.candidates, log_probs, 0.0)
         kernel = self._kernel(call, sel, others, block_bias)
         allowed = call.allowed  # the causal triangle is applied inside the kernels
         if kernel == "flex":
-            full_bias = None if block_bias is None else self.cfg.gate_bias * sel.log_probs
             out = flex_block_attention(call.query, k, v, sel, scale=call.scale, block_log_probs=full_bias,
                                        allowed=allowed, bias=call.bias, softcap=call.softcap)
         else:
@@ -165,7 +169,7 @@ class SparseSelector:
             )
         self._last = (sel.block_mask(), sel.geometry, call.kv_groups)
         self._fresh = True
-        self._last_bias = None if block_bias is None else (self.cfg.gate_bias * sel.log_probs).detach()
+        self._last_bias = None if block_bias is None or straight else full_bias.detach()
         if not in_backward():  # a checkpoint recompute is not a new call
             self.handle.record(call.site, sel, kernel)
         return out

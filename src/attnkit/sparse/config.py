@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from attnkit.errors import UserError
 
 KERNEL_CHOICES = ("auto", "portable", "flex")
+GATE_GRADS = ("prior", "straight_through")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class SparseConfig:
     gate_dim: width of the learned gate's query/key projections.
     gate_bias: weight of the gate's log-probability added to each kept block's scores, which
         gives the gate a gradient from the model's loss (0 = selection only; see ``block_attention``).
+    gate_grad: "prior" (the term is added: a trained gate also reweights its kept blocks) or
+        "straight_through" (its value is taken away again, its gradient kept: the output is exactly
+        attention over the kept blocks for any gate, and density 1 is dense; the gate's gradient is
+        the prior's at zero weight).
     """
 
     pattern: str = "sinks_window"
@@ -49,6 +54,7 @@ class SparseConfig:
     chunk_elements: int = 1 << 21
     gate_dim: int = 32
     gate_bias: float = 1.0
+    gate_grad: str = "prior"
 
     def __post_init__(self) -> None:
         from attnkit.sparse.patterns import PATTERNS
@@ -63,6 +69,8 @@ class SparseConfig:
             raise UserError("sink_blocks must be >= 0 and local_blocks >= 1")
         if self.kernel not in KERNEL_CHOICES:
             raise UserError(f"unknown sparse kernel '{self.kernel}' (known: {', '.join(KERNEL_CHOICES)})")
+        if self.gate_grad not in GATE_GRADS:
+            raise UserError(f"unknown gate_grad '{self.gate_grad}' (known: {', '.join(GATE_GRADS)})")
         if self.chunk_elements < 1 or self.gate_dim < 1:
             raise UserError("chunk_elements and gate_dim must be >= 1")
 
