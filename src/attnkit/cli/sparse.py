@@ -49,6 +49,10 @@ def add_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--corpus", default="kjv", help="training text: built-in name or local file/folder (train split)")
     t.add_argument("--gate-dim", type=int, default=32, help="width of the gate's query/key projections")
+    t.add_argument("--gate-bias", type=float, default=1.0,
+                   help="weight of the gate's log-probability added to its kept blocks' scores: the path by which the "
+                   "next-token KL reaches the gate (0: the gate only selects, as in SeerAttention; train it with "
+                   "--map-loss)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (a line every 50 steps on stderr)")
     t.set_defaults(run=run_train)
 
@@ -149,7 +153,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.grad_clip < 0:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
     out = _check_out_dir(args.out, resume=args.resume)
-    cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size, gate_dim=args.gate_dim)
+    cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size, gate_dim=args.gate_dim,
+                       gate_bias=args.gate_bias)
+    if cfg.gate_bias == 0 and args.map_loss == 0 and not args.train_projections:
+        raise UserError("with --gate-bias 0 the next-token KL does not reach the gate: give --map-loss W > 0")
     settings = DistillSettings(seq_len=args.seq_len, batch_size=args.batch_size, map_weight=args.map_loss,
                                train_projections=args.train_projections, corpus=args.corpus)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.steps // 10)
