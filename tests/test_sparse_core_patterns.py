@@ -229,3 +229,29 @@ def test_docstring_examples(name):
     globs["BlockInputs"] = BlockInputs
     result = doctest.testmod(module, extraglobs=globs, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_blocks_the_models_mask_hides_are_chosen_last(pattern):
+    """Left padding and a sliding window (the call's own mask): a block the mask hides entirely is
+    kept only when every visible block is kept already (or it is forced)."""
+    from attnkit.sparse.attention import visible_blocks
+
+    q, k = _qk(7)
+    pos = torch.arange(T)
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < 30)  # a window of 30
+    allowed = allowed[None, None].repeat(B, 1, 1, 1)
+    allowed[1, :, :, :20] = False  # sample 1: 20 tokens of left padding
+    cfg = SparseConfig(pattern=pattern, density=0.3, block_size=BS)
+    gate = _random_gate(7) if PATTERNS[pattern].learned else None
+    sel = choose_blocks(q, k, cfg, gate=gate, allowed=allowed)
+    geo = sel.geometry
+    mask = sel.block_mask()
+    visible = visible_blocks(allowed, geo).expand_as(mask)
+    forced = geo.forced(cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks).expand_as(mask)
+    hidden_kept = mask & ~visible & ~forced
+    all_visible_kept = ((visible & geo.candidates) <= mask).all(-1, keepdim=True)
+    assert (~hidden_kept | all_visible_kept).all()
+    if pattern in ("moba", "quest", "learned_gate"):  # content-scored: without the mask they pick hidden blocks
+        without = choose_blocks(q, k, cfg, gate=gate).block_mask()
+        assert (without & ~visible & ~forced).any()

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.errors import UserError
@@ -143,7 +144,7 @@ class SparseSelector:
                 raise UserError(f"the gate of {call.site} was made for (KV heads, group size, head dim) "
                                 f"{(gate.num_kv_heads, gate.groups, gate.head_dim)}, the call has {shape}")
         causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
-        return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal), k, v
+        return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal, allowed=call.allowed), k, v
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
         sel, k, v = self.select(call)
@@ -228,12 +229,15 @@ class GateBias:
         return score + torch.where(torch.isfinite(term), term, 0.0)  # future blocks are masked anyway
 
 
-def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bool = True) -> BlockSelection:
+def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bool = True,
+                  allowed: Tensor | None = None) -> BlockSelection:
     """The key blocks ``cfg``'s pattern keeps for queries q (B, H, Q, D) at the end of keys
     k (B, Hkv, K, D): forced blocks, then the best-scored up to the density's budget. A learned
     pattern's ``gate`` (a ``BlockGate``) scores with gradient; its log-probabilities over the
     candidate blocks come back in ``log_probs``. The gate sees q and k detached: it learns from
-    the model's queries and keys but does not push them."""
+    the model's queries and keys but does not push them. ``allowed``: the call's own mask (True =
+    may attend, broadcastable to (B, H, Q, K)); a block it hides entirely (padding, outside a
+    sliding window) is chosen only after every block it does not hide."""
     pattern = get_pattern(cfg.pattern)
     geo = BlockGeometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
     x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate)
@@ -246,12 +250,26 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
         with torch.no_grad():
             scores = pattern.score(x)
     scores = scores.expand(k.shape[0], k.shape[1], geo.n_query_blocks, geo.n_key_blocks)  # (B, Hkv, nQb, nKb)
+    if allowed is not None:  # below every visible block, above the non-candidates (-inf)
+        scores = scores.detach().float().masked_fill(~visible_blocks(allowed, geo), torch.finfo(torch.float32).min)
     # the budget's minimum is the sinks + local blocks for every pattern, whether it forces the
     # sinks or not: at one density every pattern keeps the same number of blocks
     floor = geo.forced(cfg.sink_blocks, cfg.local_blocks, sinks=True).sum(-1)
     sel = select_blocks(scores, geo, forced, cfg.density, floor=floor)
     sel.log_probs = log_probs
     return sel
+
+
+def visible_blocks(allowed: Tensor, geo: BlockGeometry) -> Tensor:
+    """(B|1, 1, nQb|1, nKb) bool: whether any query of the block may see any key of the block
+    under the call's own mask ``allowed`` (B|1, H|1, Q|1, K') — over all heads, conservatively."""
+    mask = allowed[..., : geo.key_length].any(1, keepdim=True)  # (B, 1, Q|1, K)
+    mask = F.pad(mask, (0, geo.padded_keys - geo.key_length))
+    B, _, Qm, _ = mask.shape
+    if Qm == 1:  # a key-padding mask: the same for every query block
+        return mask.view(B, 1, 1, geo.n_key_blocks, geo.block_size).any(-1)
+    mask = F.pad(mask, (0, 0, geo.front, geo.padded_queries - geo.front - geo.query_length))
+    return mask.view(B, 1, geo.n_query_blocks, geo.block_size, geo.n_key_blocks, geo.block_size).any(-1).any(3)
 
 
 def is_causal_call(call: AttentionCall) -> bool:
