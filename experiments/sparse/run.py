@@ -60,7 +60,7 @@ def stage_train(a) -> None:
         resume = ["--resume"] if out.exists() else []
         run(attnkit("sparse", "train", a.model, "--pattern", "learned_gate", "--density", f"{d:g}", "--block-size",
                     str(a.block_size), "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--steps",
-                    str(a.steps), "--lr", f"{a.lr:g}", "--map-loss", f"{a.map_loss:g}", "--checkpoint-every", "50",
+                    str(a.steps), "--lr", f"{a.lr:g}", "--map-loss", f"{a.map_loss:g}", "--gate-bias", f"{a.gate_bias:g}", "--checkpoint-every", "50",
                     "--no-progress", "--out", str(out), *resume), f"train_{d:g}.log")
 
 
@@ -85,6 +85,7 @@ def stage_minilm(a) -> None:
 def stage_bench(a) -> None:
     run([sys.executable, "bench/bench_sparse.py", "--model", a.model, "--lengths", a.bench_lengths,
          "--densities", ",".join(f"{d:g}" for d in a.densities), "--block-size", str(a.block_size),
+         "--flex", a.flex,
          "--rounds", str(a.rounds), "--json", str(RESULTS / "bench_sparse.json")]
         + (["--no-write"] if a.quick else []), "bench.log")
 
@@ -153,12 +154,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--map-loss", type=float, default=1.0)
+    p.add_argument("--gate-bias", type=float, default=1.0, help="0: the gate only selects (SeerAttention)")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--extra-lengths", default="512,2048")
     p.add_argument("--extra-tokens", type=int, default=4096)
     p.add_argument("--sentences", type=int, default=64)
     p.add_argument("--bench-lengths", default="512,1024,2048,4096")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--flex", default="moba@0.25", help="configurations also run by compiled FlexAttention (inference)")
     p.add_argument("--quick", action="store_true", help="a smoke run: no BENCHMARKS.md write")
     a = p.parse_args()
     a.train_densities = [float(x) for x in a.train_densities.split(",")]
