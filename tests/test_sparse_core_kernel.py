@@ -99,9 +99,11 @@ def test_model_mask_and_all_padding_rows():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_kv_cache_offset_and_partial_blocks():
-    """Queries at the end of the keys (a KV cache), not aligned to blocks: blocks by key position."""
-    B, H, Hk, T, Q, bs, D = 1, 2, 2, 23, 6, 4, 3
+@pytest.mark.parametrize("Q,bs", [(6, 4), (2, 8), (1, 4)])
+def test_kv_cache_offset_and_partial_blocks(Q, bs):
+    """Queries at the end of the keys (a KV cache), not aligned to blocks: blocks by key position
+    (across two query blocks, or within one: a decoding step's rows are not padded to a block)."""
+    B, H, Hk, T, D = 1, 2, 2, 23, 3
     sel, geo = _selection(B, Hk, T, bs, density=0.5, Q=Q)
     assert geo.front == (T - Q) % bs and geo.front > 0
     q, k, v = _qkv(B, H, Hk, Q, T, D)

@@ -52,6 +52,7 @@ class _Extras:
     sinks: Tensor | None  # (B, H, Q, 1) view, or None
     dropout_p: float
     mods: object | None  # attnkit.seam.plan.Mods of other sessions, or None
+    q_positions: Tensor  # (nQb, rows) each padded query row's position among the keys
 
 
 def block_sparse_attention(
@@ -87,7 +88,11 @@ def block_sparse_attention(
     G = H // Hk
     bs, nQ, nK, S = geo.block_size, geo.n_query_blocks, geo.n_key_blocks, indices.shape[-1]
     Dv = v.shape[-1]
-    qb = F.pad(q, (0, 0, geo.front, geo.padded_queries - geo.front - Q)).view(B, Hk, G, nQ, bs, D)
+    # Rows per query block: the block size, or all of the queries when they fit one block (a
+    # decoding step's single query is not padded to a whole block).
+    rows, front = (Q, 0) if nQ == 1 else (bs, geo.front)
+    qb = F.pad(q, (0, 0, front, nQ * rows - front - Q)).view(B, Hk, G, nQ, rows, D)
+    q_positions = (geo.offset - front + torch.arange(nQ * rows, device=q.device)).view(nQ, rows)
     kb = F.pad(k, (0, 0, 0, geo.padded_keys - K)).view(B, Hk, nK, bs, D)
     vb = F.pad(v, (0, 0, 0, geo.padded_keys - K)).view(B, Hk, nK, bs, Dv)
     valid = valid.expand(B, Hk, nQ, S)
@@ -97,12 +102,12 @@ def block_sparse_attention(
         None if bias is None else bias[..., :K].expand(B, H, Q, K),
         softcap,
         None if sinks is None else sinks.expand(B, H, Q, 1),
-        dropout_p, mods if mods else None,
+        dropout_p, mods if mods else None, q_positions,
     )
     tensors = (q, k, v, block_bias, bias, sinks)
     keep_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     outs = []
-    for c0, c1, slots in _chunks(valid, B * H * bs * bs, chunk_elements):
+    for c0, c1, slots in _chunks(valid, B * H * rows * bs, chunk_elements):
         args = (qb[:, :, :, c0:c1], kb, vb, indices[:, :, c0:c1, :slots], valid[:, :, c0:c1, :slots],
                 None if block_bias is None else block_bias[:, :, c0:c1, :slots], bias, sinks)
         if keep_graph and checkpoint:
@@ -110,8 +115,8 @@ def block_sparse_attention(
         else:
             out = _chunk(c0, extras, *args)
         outs.append(out)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, Hkv, nQb, G, bs, Dv)
-    return out.permute(0, 1, 3, 2, 4, 5).reshape(B, H, geo.padded_queries, Dv)[:, :, geo.front: geo.front + Q]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, Hkv, nQb, G, rows, Dv)
+    return out.permute(0, 1, 3, 2, 4, 5).reshape(B, H, nQ * rows, Dv)[:, :, front: front + Q]
 
 
 def _chunks(valid: Tensor, per_slot: int, chunk_elements: int):
@@ -134,13 +139,14 @@ def _chunk(
     c0: int, x: _Extras, q: Tensor, kb: Tensor, vb: Tensor, idx: Tensor, valid: Tensor,
     block_bias: Tensor | None, _bias: Tensor | None, _sinks: Tensor | None,
 ) -> Tensor:
-    """(B, Hkv, n, G, bs, Dv) output of ``n`` query blocks. (``_bias``/``_sinks`` are passed so
-    that a checkpoint sees them as inputs; ``x`` holds the views the chunk indexes.)
+    """(B, Hkv, n, G, rb, Dv) output of ``n`` query blocks of ``rb`` rows. (``_bias``/``_sinks``
+    are passed so that a checkpoint sees them as inputs; ``x`` holds the views the chunk indexes.)
 
-    Layout (B, Hkv, n, G, bs, S·bs): the G query heads of a KV group and the bs rows of a query
+    Layout (B, Hkv, n, G, rb, S·bs): the G query heads of a KV group and the rows of a query
     block share one matrix product with the group's gathered keys, and the scores stay contiguous.
     """
-    B, Hk, G, n, bs, D = q.shape
+    B, Hk, G, n, rb, D = q.shape
+    bs = x.geo.block_size
     S = idx.shape[-1]
     geo = x.geo
     K, Q = geo.key_length, geo.query_length
@@ -151,15 +157,15 @@ def _chunk(
     kg = torch.gather(kb, 2, flat.expand(B, Hk, n * S, bs, D)).view(B, Hk, n, S * bs, D)
     vg = torch.gather(vb, 2, flat.expand(B, Hk, n * S, bs, Dv)).view(B, Hk, n, S * bs, Dv)
     compute = torch.promote_types(q.dtype, torch.float32)
-    qg = q.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, n, G * bs, D)
+    qg = q.permute(0, 1, 3, 2, 4, 5).reshape(B, Hk, n, G * rb, D)
     # Scores in float32 at least (half-precision models too, as fused SDPA kernels accumulate);
     # the scale folds into the (small) queries rather than the scores.
-    scores = torch.matmul(qg.to(compute) * x.scale, kg.to(compute).transpose(-1, -2)).view(B, Hk, n, G, bs, S * bs)
+    scores = torch.matmul(qg.to(compute) * x.scale, kg.to(compute).transpose(-1, -2)).view(B, Hk, n, G, rb, S * bs)
     if x.softcap is not None:
         scores = x.softcap * torch.tanh(scores / x.softcap)
 
-    # positions among the keys: of each query row (n, bs) and each gathered key (B, Hkv, n, S·bs)
-    q_pos = geo.query_positions()[c0: c0 + n]
+    # positions among the keys: of each query row (n, rb) and each gathered key (B, Hkv, n, S·bs)
+    q_pos = x.q_positions[c0: c0 + n]
     k_pos = (idx[..., None] * bs + torch.arange(bs, device=idx.device)).reshape(B, Hk, n, S * bs)
     # what a row may see, shared by the G heads: kept slot, a real key, not in the future.
     # Padding query rows (outside the call) are left unmasked: they always see their own block,
@@ -170,7 +176,7 @@ def _chunk(
     # broadcast index grids (FlexAttention's b, h, q_idx, kv_idx) over (B, Hkv, n, G, bs, S·bs)
     b_i = torch.arange(B, device=idx.device).view(B, 1, 1, 1, 1, 1)
     h_i = torch.arange(H, device=idx.device).view(1, Hk, 1, G, 1, 1)
-    r_i = (q_pos - geo.offset).clamp(0, Q - 1).view(1, 1, n, 1, bs, 1)  # the query's row in the call
+    r_i = (q_pos - geo.offset).clamp(0, Q - 1).view(1, 1, n, 1, rb, 1)  # the query's row in the call
     k_i = k_pos.clamp(max=K - 1).view(B, Hk, n, 1, 1, S * bs) if (x.allowed is not None or x.bias is not None
                                                                   or x.mods is not None) else None
     may_be_empty = x.allowed is not None
@@ -179,20 +185,20 @@ def _chunk(
     if x.bias is not None:
         scores = scores + x.bias[b_i, h_i, r_i, k_i].to(compute)
     if x.mods is not None:
-        q_i = q_pos.view(1, 1, n, 1, bs, 1)
+        q_i = q_pos.view(1, 1, n, 1, rb, 1)
         for mod in x.mods.score:
             scores = mod(scores, b_i, h_i, q_i, k_i)
         for mod in x.mods.mask:
             keep = keep & mod(b_i, h_i, q_i, k_i)
         may_be_empty = may_be_empty or bool(x.mods.mask)
     if block_bias is not None:  # the gate's log-prob of each kept block, on all its scores
-        scores = (scores.view(B, Hk, n, G, bs, S, bs) + block_bias.to(compute).view(B, Hk, n, 1, 1, S, 1)).view_as(scores)
+        scores = (scores.view(B, Hk, n, G, rb, S, bs) + block_bias.to(compute).view(B, Hk, n, 1, 1, S, 1)).view_as(scores)
     # In place where autograd keeps nothing of ``scores`` (matmul, add and scalar mul save their
     # inputs, not their output); a user's modifier might, so then out of place.
     scores = scores.masked_fill(~keep, -math.inf) if x.mods is not None else scores.masked_fill_(~keep, -math.inf)
     if x.sinks is not None:  # a key without a value in every row's denominator
-        sink = x.sinks[b_i[..., 0], h_i[..., 0], r_i[..., 0], 0].to(compute)  # (B, Hkv, n, G, bs)
-        probs = torch.softmax(torch.cat([scores, sink.expand(B, Hk, n, G, bs)[..., None]], dim=-1), dim=-1)[..., :-1]
+        sink = x.sinks[b_i[..., 0], h_i[..., 0], r_i[..., 0], 0].to(compute)  # (B, Hkv, n, G, rb)
+        probs = torch.softmax(torch.cat([scores, sink.expand(B, Hk, n, G, rb)[..., None]], dim=-1), dim=-1)[..., :-1]
     elif may_be_empty:
         sees = keep.any(-1, keepdim=True)
         probs = torch.softmax(torch.where(sees, scores, 0.0), dim=-1)
@@ -201,8 +207,8 @@ def _chunk(
         probs = torch.softmax(scores, dim=-1)
     if x.dropout_p:
         probs = F.dropout(probs, p=x.dropout_p, training=True)
-    out = torch.matmul(probs.view(B, Hk, n, G * bs, S * bs), vg.to(compute))  # (B, Hkv, n, G·bs, Dv)
-    return out.view(B, Hk, n, G, bs, Dv).to(vb.dtype)
+    out = torch.matmul(probs.view(B, Hk, n, G * rb, S * bs), vg.to(compute))  # (B, Hkv, n, G·rb, Dv)
+    return out.view(B, Hk, n, G, rb, Dv).to(vb.dtype)
 
 
 def dense_reference(
