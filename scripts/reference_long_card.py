@@ -325,10 +325,19 @@ def render_card(r: dict, training: dict, repro: dict | None) -> str:
         f"train stream), learning rate {cfg['lr']:g} after {cfg['warmup_steps']} warmup steps, cosine to "
         f"{cfg['min_lr']:g}, gradient clip {cfg['grad_clip']}, seed {cfg['seed']}; "
         f"{training['tokens_seen']:,} tokens seen ({training['tokens_seen'] / training['train_tokens']:.1f} passes).",
-        f"- **What is mixed in**: in {cfg['copy_share']:.0%} of the training windows a span of {cfg['copy_min']}–"
-        f"{cfg['copy_max']} tokens is repeated later in the same window, at any distance that fits (up to ~"
-        f"{cfg['context'] - 2 * cfg['copy_min']} tokens); {cfg['copy_random_share']:.0%} of those spans are uniformly "
-        "random tokens (their first copy is not scored), the rest natural text already in the window. No other data.",
+        f"- **Short windows first**: the first {cfg.get('short_steps', 0):,} steps use windows of "
+        f"{cfg.get('short_context', cfg['context'])} tokens ({cfg['batch_size'] * cfg['context'] // cfg.get('short_context', cfg['context'])} "
+        "a step, the same tokens a step); then 1024. At initialisation a query spreads its attention over every key, "
+        "so in a 1024-token window the key worth copying from gets ~1/1000 of it; in short windows the gradient that "
+        "forms an induction head is ~8x larger. Three earlier runs trained on 1024-token windows from the start (a "
+        "repeated span in 20 % or 100 % of the windows, or three spans in every window) had formed no induction head "
+        "(best score ≤ 0.01, copy gain ≤ 0.12 nats) after 3,000, 2,500 and 1,500 steps and were stopped; this one "
+        "had one (0.27 on 48-token repeats, copy gain 1.18 nats) at step 2,000, before its first 1024-token step.",
+        f"- **What is mixed in**: every training window ({cfg['copy_share']:.0%}) carries {cfg.get('copy_spans', 1)} "
+        f"span(s) of {cfg['copy_min']}–{cfg['copy_max']} tokens (at most a quarter of a short window) repeated later "
+        "in the same window, at any distance that fits (up to ~1000 tokens); "
+        f"{cfg['copy_random_share']:.0%} of those spans are uniformly random tokens (their first copy is not scored), "
+        "the rest natural text already in the window. No other data.",
         f"- Training time: {training['train_seconds'] / 60:.1f} min wall clock ({training['train_cpu_seconds'] / 60:.1f} "
         f"min of CPU time) on {training['machine']['cpu_threads']} CPU thread of a shared 2-core machine, "
         f"torch {training['machine']['torch']}, {training['machine']['platform']}. Command: "
