@@ -456,7 +456,7 @@ def render_card(r: dict, training: dict, repro: dict | None) -> str:
 REPRO_FIGURES = {
     "test NLL, full attention": lambda r: r["window"]["full"]["nll"],
     f"margin vs {WINDOW}-token window": lambda r: r["window"]["margin_vs_sliding"],
-    f"margin vs sinks + window": lambda r: r["window"]["margin_vs_sinks_sliding"],
+    "margin vs sinks + window": lambda r: r["window"]["margin_vs_sinks_sliding"],
     "copy gain, held-out passages 512+ apart": lambda r: r["copy"]["full"]["gain"],
     "best induction score": lambda r: max(h["induction"] for h in r["heads"]),
     "best retrieval score": lambda r: max(h["retrieval"] for h in r["heads"]),
