@@ -137,3 +137,22 @@ def test_encoder_embeddings_with_padding_and_an_all_padding_sequence():
     assert sparse["sentences"] == 2 and 0 < sparse["embedding_cosine_min"] < 1 - 1e-6
     assert math.isfinite(sparse["prob_mse"]) and sparse["prob_mse"] > 0
     assert sparse["tokens"] == 40 + 25
+
+
+@pytest.mark.parametrize("gate_grad", ["prior", "straight_through"])
+def test_measured_probabilities_follow_the_gate_grad_mode(gate_grad):
+    model = _llama()
+    cfg = SparseConfig(pattern="learned_gate", density=0.4, block_size=8, gate_grad=gate_grad)
+    gates = _gates(model, cfg)
+    ids = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(5))
+    checked = []
+
+    def check(call, rows, p_sparse, out):
+        checked.append(float((p_sparse @ call.value.detach().double() - out[:, :, rows].double()).abs().max()))
+
+    with torch.no_grad(), sparse_attention(model, cfg, gates=gates) as handle:
+        tap = ProbErrorTap(handle)
+        tap.check = check
+        with attach(model, AttentionSession(taps=[tap])):
+            model(input_ids=ids)
+    assert checked and max(checked) < 1e-5

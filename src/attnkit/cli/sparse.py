@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
                    help="weight of the gate's log-probability added to its kept blocks' scores: the path by which the "
                    "next-token KL reaches the gate (0: the gate only selects, as in SeerAttention; train it with "
                    "--map-loss)")
+    t.add_argument("--gate-grad", choices=["prior", "straight_through"], default="prior",
+                   help="prior: the gate's log-probability stays in the kept blocks' scores (it reweights them); "
+                   "straight_through: only its gradient is kept, the output is plain attention over the kept blocks")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (a line every 50 steps on stderr)")
     t.set_defaults(run=run_train)
 
@@ -154,7 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
     out = _check_out_dir(args.out, resume=args.resume)
     cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size, gate_dim=args.gate_dim,
-                       gate_bias=args.gate_bias)
+                       gate_bias=args.gate_bias, gate_grad=args.gate_grad)
     if cfg.gate_bias == 0 and args.map_loss == 0 and not args.train_projections:
         raise UserError("with --gate-bias 0 the next-token KL does not reach the gate: give --map-loss W > 0")
     settings = DistillSettings(seq_len=args.seq_len, batch_size=args.batch_size, map_weight=args.map_loss,

@@ -106,7 +106,10 @@ class ProbErrorTap(Tap):
         geo = self.handle_geometry(call)
         bs, groups = geo.block_size, call.kv_groups
         lp = self.handle.gate_log_probs.get(call.site)
-        gate_bias = self.handle.cfg.gate_bias if lp is not None else 0.0
+        # the gate's prior is in the kernel's scores under gate_grad "prior"; "straight_through" keeps
+        # only its gradient, so the values are plain attention over the kept blocks
+        prior_on = lp is not None and getattr(self.handle.cfg, "gate_grad", "prior") == "prior"
+        gate_bias = self.handle.cfg.gate_bias if prior_on else 0.0
         head_group = torch.arange(H, device=q.device) // groups
         key_block = torch.arange(K, device=q.device) // bs
         err = ProbError()
