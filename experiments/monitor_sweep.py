@@ -95,7 +95,14 @@ def clip_halve(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
 def clip_backoff(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
     """From the first prediction: QK-clip (as above) and an LR back-off that halves the rate now and
     on every observed step where half the heads' max logits still grow 1.25x from where the clip
-    left them (QK-norm models: the back-off alone, QK-clip cannot act there)."""
+    left them (QK-norm models: the back-off alone, QK-clip cannot act there). Calibration round 1."""
+    clip = _clip_at_warning(tau_floor)
+    return Policy(rules={t: (lambda i: Chain((clip(i), LRBackoff(growth=1.25, floor=0.0)))) for t in predictors})
+
+
+def clip_backoff_slow(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
+    """Round 2: the back-off at the detectors' own rate (1.25x per window, 1.03x per observation),
+    heads above the floor only (LRBackoff's defaults)."""
     clip = _clip_at_warning(tau_floor)
     return Policy(rules={t: (lambda i: Chain((clip(i), LRBackoff()))) for t in predictors})
 
@@ -134,7 +141,8 @@ def oracle_lr(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
     return Policy(rules={t: (lambda i: Chain((clip(i), SetBaseLR()))) for t in predictors})
 
 
-POLICIES = {"clip_halve": clip_halve, "oracle_lr": oracle_lr, "clip_backoff": clip_backoff, "clip_rate": clip_rate, "backoff": backoff}
+POLICIES = {"clip_halve": clip_halve, "oracle_lr": oracle_lr, "clip_backoff": clip_backoff,
+            "clip_backoff_slow": clip_backoff_slow, "clip_rate": clip_rate, "backoff": backoff}
 
 
 def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, out: Path, rescue: bool,

@@ -213,6 +213,7 @@ class LRBackoff:
     growth: float | None = None  # per observed interval; None: the detectors' growth_min per window
     share: float = 0.5  # of all heads
     min_fraction: float = 1 / 64  # never below this fraction of the rate at the first application
+    floor: float | None = None  # heads below it do not count; None: the detectors' logit_floor
     reason: str = ""
     name: str = "lr_backoff"
     persistent: bool = True
@@ -257,7 +258,8 @@ class LRBackoff:
         if monitor.latest is None:
             return ""
         logits = [float(v) for v in monitor.latest.metrics["logit_max"]]
-        growth, floor = self._growth(monitor), monitor.thresholds.logit_floor
+        growth = self._growth(monitor)
+        floor = monitor.thresholds.logit_floor if self.floor is None else self.floor
         grew = 0.0
         if self._prev is not None:
             # heads below the detectors' floor are ordinary learning (logits start near 0), not counted as growing
