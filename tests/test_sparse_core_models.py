@@ -460,10 +460,12 @@ def test_trained_gate_at_density_one():
         with torch.no_grad():
             for p in gates.parameters():
                 p.normal_(0, 0.5)
-        with sparse_attention(model, cfg, gates=gates):
+        with sparse_attention(model, cfg, gates=gates) as handle:
             out = model(**x).logits
             ((out - ref) ** 2).mean().backward()  # any loss: the gate gets its gradient through the term
+            bias = handle.block_bias
         diff = (real(out, x) - real(ref, x)).abs().max()
+        assert (not bias) if mode == "straight_through" else (set(bias) == {Site(0), Site(1)})
         assert (diff < 1e-5) if mode == "straight_through" else (diff > 1e-3)
         grads = [p.grad for p in gates.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)

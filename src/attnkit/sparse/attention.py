@@ -48,6 +48,9 @@ class SparseHandle:
     gate_log_probs: {Site: (B, Hkv, nQb, nKb)} the gate's log-softmax over candidate key blocks
         (-inf elsewhere) of this forward, with gradient (learned patterns; empty otherwise).
     block_masks: {Site: (B, Hkv, nQb, nKb) bool} the blocks kept at each site in this forward.
+    block_bias: {Site: (B, Hkv, nQb, nKb)} the value the gate added to each kept block's scores in
+        this forward (``gate_bias`` · log p under ``gate_grad="prior"``; absent when nothing is added),
+        detached: sparse probabilities = softmax over the kept keys of scores + this.
     kernels: how many calls ran on each kernel ("portable", "flex").
     """
 
@@ -55,19 +58,22 @@ class SparseHandle:
         self.cfg, self.gates = cfg, gates
         self.gate_log_probs: dict[Site, Tensor] = {}
         self.block_masks: dict[Site, Tensor] = {}
+        self.block_bias: dict[Site, Tensor] = {}
         self.kernels: Counter = Counter()
         self._kept: Counter = Counter()
         self._candidates: Counter = Counter()
 
     def start_forward(self) -> None:
-        self.gate_log_probs, self.block_masks = {}, {}
+        self.gate_log_probs, self.block_masks, self.block_bias = {}, {}, {}
 
-    def record(self, site: Site, sel: BlockSelection, kernel: str) -> None:
+    def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None) -> None:
         self._kept[site] += sel.kept_blocks()
         self._candidates[site] += sel.candidate_blocks()
         self.block_masks[site] = sel.block_mask()
         if sel.log_probs is not None:
             self.gate_log_probs[site] = sel.log_probs
+        if bias is not None:
+            self.block_bias[site] = bias
         self.kernels[kernel] += 1
 
     @property
@@ -172,7 +178,7 @@ class SparseSelector:
         self._fresh = True
         self._last_bias = None if block_bias is None or straight else full_bias.detach()
         if not in_backward():  # a checkpoint recompute is not a new call
-            self.handle.record(call.site, sel, kernel)
+            self.handle.record(call.site, sel, kernel, self._last_bias)
         return out
 
     def _kernel(self, call: AttentionCall, sel: BlockSelection, others: Mods, block_bias: Tensor | None) -> str:
