@@ -321,20 +321,24 @@ def render_card(r: dict, training: dict, repro: dict | None) -> str:
         "## Training",
         "",
         f"- {cfg['steps']:,} steps of AdamW (β 0.9/0.95, weight decay {cfg['weight_decay']} on matrices), batch "
-        f"{cfg['batch_size']} x {cfg['context']} tokens (BOS + {cfg['context'] - 1} tokens at a random offset of the "
-        f"train stream), learning rate {cfg['lr']:g} after {cfg['warmup_steps']} warmup steps, cosine to "
+        "of 2,048 tokens (windows of BOS + tokens at a random offset of the "
+        f"train stream, see below), learning rate {cfg['lr']:g} after {cfg['warmup_steps']} warmup steps, cosine to "
         f"{cfg['min_lr']:g}, gradient clip {cfg['grad_clip']}, seed {cfg['seed']}; "
         f"{training['tokens_seen']:,} tokens seen ({training['tokens_seen'] / training['train_tokens']:.1f} passes).",
-        f"- **Short windows first**: the first {cfg.get('short_steps', 0):,} steps use windows of "
-        f"{cfg.get('short_context', cfg['context'])} tokens ({cfg['batch_size'] * cfg['context'] // cfg.get('short_context', cfg['context'])} "
-        "a step, the same tokens a step); then 1024. At initialisation a query spreads its attention over every key, "
-        "so in a 1024-token window the key worth copying from gets ~1/1000 of it; in short windows the gradient that "
-        "forms an induction head is ~8x larger. Three earlier runs trained on 1024-token windows from the start (a "
-        "repeated span in 20 % or 100 % of the windows, or three spans in every window) had formed no induction head "
-        "(best score ≤ 0.01, copy gain ≤ 0.12 nats) after 3,000, 2,500 and 1,500 steps and were stopped; this one "
-        "had one (0.27 on 48-token repeats, copy gain 1.18 nats) at step 2,000, before its first 1024-token step.",
+        f"- **Short windows first, and kept**: the first {cfg.get('short_steps', 0):,} steps use windows of "
+        f"{cfg.get('short_context', cfg['context'])} tokens (16 a step, the same 2,048 tokens a step); after them each "
+        f"step has {cfg['batch_size']} window(s) of {cfg['context']} tokens and {cfg.get('mix_short_windows', 0)} of "
+        f"{cfg.get('short_context', cfg['context'])}, the two losses weighted by their tokens. Why: at initialisation a "
+        "query spreads its attention over every key, so in a 1024-token window the key worth copying from gets ~1/1000 "
+        "of it; in short windows the gradient that forms an induction head is ~8x larger. Three earlier runs trained on "
+        "1024-token windows from the start (a repeated span in 20 % or 100 % of the windows, or three spans in every "
+        "window) had formed no induction head (best score ≤ 0.01, copy gain ≤ 0.12 nats) after 3,000, 2,500 and 1,500 "
+        "steps and were stopped; a fourth, short windows for 2,000 steps then 1024-token windows only, formed one (0.27 "
+        "on 48-token repeats, copy gain 1.18 nats at step 2,000) and lost it within 1,000 steps of long windows (0.04) — "
+        "hence the short windows kept in every step.",
         f"- **What is mixed in**: every training window ({cfg['copy_share']:.0%}) carries {cfg.get('copy_spans', 1)} "
-        f"span(s) of {cfg['copy_min']}–{cfg['copy_max']} tokens (at most a quarter of a short window) repeated later "
+        f"(long) or {cfg.get('short_copy_spans', 1)} (short) spans of {cfg['copy_min']}–{cfg['copy_max']} tokens (at most a "
+        "quarter of a short window) repeated later "
         "in the same window, at any distance that fits (up to ~1000 tokens); "
         f"{cfg['copy_random_share']:.0%} of those spans are uniformly random tokens (their first copy is not scored), "
         "the rest natural text already in the window. No other data.",
