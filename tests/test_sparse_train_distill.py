@@ -151,3 +151,22 @@ def test_mistakes_are_user_errors(tmp_path):
         DistillSettings(seq_len=1)
     with pytest.raises(UserError, match="not a directory that attnkit sparse train wrote"):
         load_trained(_llama(), tmp_path)
+
+
+def test_a_moba_initialised_gate_selects_what_moba_selects():
+    from attnkit.sparse.distill import _seeded_gates, moba_init
+
+    model = _llama()  # head dim 8, 2 query heads per KV head
+    cfg = SparseConfig(pattern="learned_gate", density=0.4, block_size=8, gate_dim=8, sinks=False)
+    gates = _seeded_gates(model, cfg, 0)
+    moba_init(gates)
+    ids = TOKENS[:80].view(2, 40)
+    with torch.no_grad():
+        with sparse_attention(model, cfg, gates=gates) as learned:
+            model(input_ids=ids)
+        with sparse_attention(model, SparseConfig(pattern="moba", density=0.4, block_size=8)) as moba:
+            model(input_ids=ids)
+    for site, mask in moba.block_masks.items():
+        assert torch.equal(learned.block_masks[site], mask), site
+    with pytest.raises(UserError, match="--gate-dim"):
+        moba_init(_seeded_gates(model, SparseConfig(pattern="learned_gate", gate_dim=16), 0))

@@ -56,6 +56,9 @@ def add_parser(sub) -> None:
     t.add_argument("--gate-grad", choices=["prior", "straight_through"], default="prior",
                    help="prior: the gate's log-probability stays in the kept blocks' scores (it reweights them); "
                    "straight_through: only its gradient is kept, the output is plain attention over the kept blocks")
+    t.add_argument("--gate-init", choices=["uniform", "moba"], default="uniform",
+                   help="uniform: the gate starts keeping what sinks_window keeps; moba: it starts scoring blocks as "
+                   "moba does (needs --gate-dim = the head dimension)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (a line every 50 steps on stderr)")
     t.set_defaults(run=run_train)
 
@@ -161,7 +164,7 @@ def run_train(args: argparse.Namespace) -> int:
     if cfg.gate_bias == 0 and args.map_loss == 0 and not args.train_projections:
         raise UserError("with --gate-bias 0 the next-token KL does not reach the gate: give --map-loss W > 0")
     settings = DistillSettings(seq_len=args.seq_len, batch_size=args.batch_size, map_weight=args.map_loss,
-                               train_projections=args.train_projections, corpus=args.corpus)
+                               train_projections=args.train_projections, corpus=args.corpus, gate_init=args.gate_init)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.steps // 10)
     train_cfg = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=warmup,
                             min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip or None, seed=args.seed,

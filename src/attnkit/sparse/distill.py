@@ -63,12 +63,39 @@ class DistillSettings:
     train_projections: bool = False
     corpus: str = "kjv"
     split: str = "train"
+    gate_init: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.seq_len < 2 or self.batch_size < 1:
             raise UserError(f"seq_len must be >= 2 and batch_size >= 1, got {self.seq_len} and {self.batch_size}")
         if self.map_weight < 0:
             raise UserError(f"the map-loss weight must be >= 0, got {self.map_weight}")
+        if self.gate_init not in GATE_INITS:
+            raise UserError(f"unknown gate init '{self.gate_init}' (known: {', '.join(GATE_INITS)})")
+
+
+def moba_init(gates: SparseGates) -> None:
+    """Set every gate to score key blocks as ``moba`` does: ⟨Σ_group mean query, mean key⟩ (÷ √gate_dim).
+
+    The query projection sums the group's pooled heads (identity blocks), the key projection picks
+    the block's mean key (the third of its (max, min, mean) statistics): a trained gate then starts
+    from the best training-free selection instead of a uniform one (which keeps what
+    ``sinks_window`` keeps). Needs ``gate_dim`` = the head dimension.
+    """
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            D, G, dg = gate.head_dim, gate.groups, gate.gate_dim
+            if dg != D:
+                raise UserError(f"a moba-initialised gate needs --gate-dim equal to the head dimension ({D}), got {dg}")
+            eye = torch.eye(D, dtype=gate.q_weight.dtype, device=gate.q_weight.device)
+            gate.q_weight.copy_(eye.repeat(G, 1).expand(gate.num_kv_heads, G * D, D))
+            gate.k_weight.zero_()
+            gate.k_weight[:, 2 * D:] = eye
+            gate.q_bias.zero_()
+            gate.k_bias.zero_()
+
+
+GATE_INITS = {"uniform": lambda gates: None, "moba": moba_init}
 
 
 class _Modules(Tap):
@@ -188,6 +215,8 @@ def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSet
     device = next(model.parameters()).device
     ids = (tokens if tokens is not None else training_tokens(tokenizer, settings)).to(device)
     gates = _seeded_gates(model, cfg, train_cfg.seed)  # every run starts from the same gates
+    if gates is not None:
+        GATE_INITS[settings.gate_init](gates)
     from attnkit.data import random_blocks
 
     def batch_fn(step: int, generator: torch.Generator) -> Tensor:
