@@ -56,6 +56,15 @@ def test_sign_flip_test_is_exact():
     assert run.sign_flip_p(big) < 1e-3  # 40 of 100 pairs one way, none the other
 
 
+def test_friedman_matches_textbook_example():
+    # 3 blocks x 3 treatments, ranks (1,2,3) in every block: chi2 = 12/(3*3*4) * (3^2 + 6^2 + 9^2) - 3*3*4 = 6
+    x = np.array([[1.0, 2.0, 3.0], [0.1, 0.5, 0.9], [5.0, 6.0, 7.0]])
+    assert run.friedman_statistic(x) == pytest.approx(6.0)
+    assert run.friedman_statistic(np.array([[1.0, 1.0, 2.0], [1.0, 1.0, 2.0]])) == pytest.approx(3.0)  # ties: 1.5,1.5,3
+    stat, p = run.friedman_permutation(x, resamples=2000)
+    assert stat == pytest.approx(6.0) and p == pytest.approx(1 / 36, abs=0.015)  # (3!)^3 layouts, 6 as extreme
+
+
 def test_holm():
     adj = run.holm({"a": 0.01, "b": 0.04, "c": 0.03})
     assert adj == {"a": pytest.approx(0.03), "c": pytest.approx(0.06), "b": pytest.approx(0.06)}
