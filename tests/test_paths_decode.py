@@ -202,3 +202,14 @@ def test_bad_shapes_are_user_errors():
         generate_paths(m, torch.ones(3, dtype=torch.long))
     with pytest.raises(UserError, match="completions"):
         blended_logprobs(m, "cosine", torch.ones(2, 3, dtype=torch.long), torch.ones(5, 4, dtype=torch.long), n_paths=2)
+
+
+@pytest.mark.parametrize("name", ["luong", "bahdanau"])
+def test_learnable_by_name_projects_through_the_models_embedding(name):
+    m = tiny("gpt2")
+    out = generate_paths(m, torch.ones(1, 3, dtype=torch.long), similarity=name, n_paths=3, max_new_tokens=4)
+    assert out.stats and all(s.rows == 3 for s in out.stats)
+    from attnkit.paths.decode import resolve_similarity
+
+    sim = resolve_similarity(name, m)
+    assert sim.basis.dim == 16 and sim.basis._borrowed[0] is m.get_input_embeddings().weight  # borrowed, not copied

@@ -53,7 +53,7 @@ def resolve_similarity(similarity: str | nn.Module, model: nn.Module, **kwargs) 
     from attnkit.paths.similarity import SIMILARITIES
 
     cls = SIMILARITIES.get(similarity)
-    if cls is not None and "embedding" in cls.__init__.__code__.co_varnames and not kwargs:
+    if cls is not None and "embedding" in inspect.signature(cls).parameters and not kwargs:
         kwargs = {"embedding": model.get_input_embeddings()}
     return make_similarity(similarity, **kwargs)
 
