@@ -181,6 +181,18 @@ def test_uniform_gate_keeps_what_sinks_window_keeps():
     assert torch.isinf(lp[..., ~learned.geometry.candidates]).all()  # -inf on future blocks
 
 
+def test_moba_initialised_gate_keeps_what_moba_keeps():
+    q, k = _qk(8)
+    gate = BlockGate(HK, H // HK, D, gate_dim=8).init_moba()
+    for sinks in (False, True):
+        learned = choose_blocks(q, k, SparseConfig(pattern="learned_gate", density=0.3, block_size=BS, sinks=sinks),
+                                gate=gate)
+        moba = choose_blocks(q, k, SparseConfig(pattern="moba", density=0.3, block_size=BS, sinks=sinks))
+        assert torch.equal(learned.block_mask(), moba.block_mask())
+    with pytest.raises(UserError, match="gate_dim"):
+        BlockGate(HK, H // HK, D, gate_dim=D - 1).init_moba()
+
+
 def test_learned_gate_scores_have_gradient_and_follow_the_gate():
     q, k = _qk(4)
     gate = _random_gate(5)
@@ -215,7 +227,7 @@ def test_register_a_new_pattern_by_name():
 
 def test_bad_config_is_a_user_error():
     for bad in (dict(pattern="nope"), dict(density=0.0), dict(density=1.5), dict(block_size=0),
-                dict(local_blocks=0), dict(kernel="cuda")):
+                dict(local_blocks=0), dict(kernel="cuda"), dict(gate_grad="x"), dict(gate_init="x")):
         with pytest.raises(UserError):
             SparseConfig(**bad)
 

@@ -17,6 +17,7 @@ from attnkit.errors import UserError
 
 KERNEL_CHOICES = ("auto", "portable", "flex")
 GATE_GRADS = ("prior", "straight_through")
+GATE_INITS = ("uniform", "moba")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class SparseConfig:
         "straight_through" (its value is taken away again, its gradient kept: the output is exactly
         attention over the kept blocks for any gate, and density 1 is dense; the gate's gradient is
         the prior's at zero weight).
+    gate_init: "uniform" (a new gate scores every block alike: it keeps what sinks_window keeps) or
+        "moba" (it starts as MoBA's score, sinks still forced; needs gate_dim >= head_dim; with
+        gate_grad="prior" that start also reweights the kept blocks).
     """
 
     pattern: str = "sinks_window"
@@ -55,6 +59,7 @@ class SparseConfig:
     gate_dim: int = 32
     gate_bias: float = 1.0
     gate_grad: str = "prior"
+    gate_init: str = "uniform"
 
     def __post_init__(self) -> None:
         from attnkit.sparse.patterns import PATTERNS
@@ -71,6 +76,8 @@ class SparseConfig:
             raise UserError(f"unknown sparse kernel '{self.kernel}' (known: {', '.join(KERNEL_CHOICES)})")
         if self.gate_grad not in GATE_GRADS:
             raise UserError(f"unknown gate_grad '{self.gate_grad}' (known: {', '.join(GATE_GRADS)})")
+        if self.gate_init not in GATE_INITS:
+            raise UserError(f"unknown gate_init '{self.gate_init}' (known: {', '.join(GATE_INITS)})")
         if self.chunk_elements < 1 or self.gate_dim < 1:
             raise UserError("chunk_elements and gate_dim must be >= 1")
 

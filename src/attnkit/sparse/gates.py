@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from attnkit.errors import UserError
 from attnkit.seam.sites import Site
 
 
@@ -27,7 +28,8 @@ class BlockGate(nn.Module):
     forward(query_means (B, Hkv, G, nQb, D), key_stats (B, Hkv, nKb, 3·D)) -> (B, Hkv, nQb, nKb):
     the group's pooled queries (concatenated over its G heads) and each key block's (max, min,
     mean) projected to ``gate_dim`` per KV head; score = ⟨q', k'⟩ / √gate_dim. The query
-    projection starts at zero, so a new gate scores every block alike (uniform).
+    projection starts at zero, so a new gate scores every block alike (uniform); ``init_moba``
+    sets it to MoBA's score instead.
     """
 
     def __init__(self, num_kv_heads: int, groups: int, head_dim: int, gate_dim: int = 32) -> None:
@@ -38,6 +40,21 @@ class BlockGate(nn.Module):
         bound = 1.0 / math.sqrt(3 * head_dim)  # nn.Linear's default scale for the key side
         self.k_weight = nn.Parameter(torch.empty(num_kv_heads, 3 * head_dim, gate_dim).uniform_(-bound, bound))
         self.k_bias = nn.Parameter(torch.zeros(num_kv_heads, 1, gate_dim))
+
+    @torch.no_grad()
+    def init_moba(self) -> "BlockGate":
+        """Start from MoBA: q' = Σ over the group's heads of the pooled query, k' = the block's mean
+        key, so the score is MoBA's ⟨Σ_g q̄_g, k̄⟩ / √gate_dim (needs gate_dim >= head_dim)."""
+        D, G = self.head_dim, self.groups
+        if self.gate_dim < D:
+            raise UserError(f"gate_init='moba' needs gate_dim >= head_dim ({D}), got {self.gate_dim}")
+        eye = torch.eye(D, self.gate_dim, dtype=self.q_weight.dtype, device=self.q_weight.device)
+        self.q_weight.copy_(eye.repeat(G, 1).expand(self.num_kv_heads, -1, -1))
+        self.k_weight.zero_()
+        self.k_weight[:, 2 * D:] = eye  # key stats are (max, min, mean): the mean is the third part
+        self.q_bias.zero_()
+        self.k_bias.zero_()
+        return self
 
     def forward(self, query_means: Tensor, key_stats: Tensor) -> Tensor:
         B, Hk, G, nQ, D = query_means.shape
@@ -113,6 +130,9 @@ def make_gates(model: nn.Module, cfg, example: dict | None = None) -> SparseGate
         return None
     shapes = attention_shapes(model, example)
     gates = SparseGates(shapes, cfg.gate_dim)
+    if cfg.gate_init == "moba":
+        for gate in gates.gates.values():
+            gate.init_moba()
     ref = next(iter(model.parameters()), None)
     if ref is not None:
         dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
