@@ -60,7 +60,8 @@ def stage_train(a) -> None:
         resume = ["--resume"] if out.exists() else []
         run(attnkit("sparse", "train", a.model, "--pattern", "learned_gate", "--density", f"{d:g}", "--block-size",
                     str(a.block_size), "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--steps",
-                    str(a.steps), "--lr", f"{a.lr:g}", "--map-loss", f"{a.map_loss:g}", "--gate-bias", f"{a.gate_bias:g}", "--gate-grad", a.gate_grad, "--checkpoint-every", "50",
+                    str(a.steps), "--lr", f"{a.lr:g}", "--map-loss", f"{a.map_loss:g}", "--gate-bias", f"{a.gate_bias:g}", "--gate-grad", a.gate_grad, "--gate-init", a.gate_init,
+                    *(["--no-sinks"] if a.no_sinks else []), "--checkpoint-every", "50",
                     "--no-progress", "--out", str(out), *resume), f"train_{d:g}.log")
 
 
@@ -156,6 +157,8 @@ def main() -> None:
     p.add_argument("--map-loss", type=float, default=1.0)
     p.add_argument("--gate-bias", type=float, default=1.0, help="0: the gate only selects (SeerAttention)")
     p.add_argument("--gate-grad", default="straight_through", choices=["prior", "straight_through"])
+    p.add_argument("--gate-init", default="moba", choices=["uniform", "moba"])
+    p.add_argument("--no-sinks", action="store_true", help="the learned gate without forced sink blocks")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--extra-lengths", default="512,2048")
     p.add_argument("--extra-tokens", type=int, default=4096)

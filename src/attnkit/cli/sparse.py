@@ -56,6 +56,8 @@ def add_parser(sub) -> None:
     t.add_argument("--gate-grad", choices=["prior", "straight_through"], default="prior",
                    help="prior: the gate's log-probability stays in the kept blocks' scores (it reweights them); "
                    "straight_through: only its gradient is kept, the output is plain attention over the kept blocks")
+    t.add_argument("--no-sinks", action="store_true",
+                   help="do not force the first key block(s) into every selection (learned_gate forces them by default)")
     t.add_argument("--gate-init", choices=["uniform", "moba"], default="uniform",
                    help="uniform: the gate starts keeping what sinks_window keeps; moba: it starts scoring blocks as "
                    "moba does (needs --gate-dim = the head dimension)")
@@ -160,7 +162,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
     out = _check_out_dir(args.out, resume=args.resume)
     cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size, gate_dim=args.gate_dim,
-                       gate_bias=args.gate_bias, gate_grad=args.gate_grad)
+                       gate_bias=args.gate_bias, gate_grad=args.gate_grad, sinks=False if args.no_sinks else None)
     if cfg.gate_bias == 0 and args.map_loss == 0 and not args.train_projections:
         raise UserError("with --gate-bias 0 the next-token KL does not reach the gate: give --map-loss W > 0")
     settings = DistillSettings(seq_len=args.seq_len, batch_size=args.batch_size, map_weight=args.map_loss,
