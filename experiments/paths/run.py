@@ -285,6 +285,28 @@ def table(doc: dict, an: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_table(doc: dict, an: dict) -> str:
+    """Each blended variant minus plain GRPO, per seed (accuracy points), with the raw p-values."""
+    per = {}
+    for rec in doc["runs"]:
+        accs = [a for _, a in rec["evals"]]
+        per.setdefault(rec["variant"], {})[rec["seed"]] = (accs[-1], float(np.mean(accs[1:])) if len(accs) > 1 else accs[-1])
+    if "grpo" not in per:
+        return ""
+    t = an["tests"]
+    seeds = an["seeds"]
+    lines = [f"| variant | Δ final, mean (per seed {seeds[0]}…{seeds[-1]}) | Δ AUC, mean (per seed) | lower AUC in | "
+             "raw p final / AUC (seeds) | raw p final (problems) |", "|---|---|---|---:|---:|---:|"]
+    for v in [v for v in doc["args"]["variants"] if v != "grpo" and v in per]:
+        df = [100 * (per[v][s][0] - per["grpo"][s][0]) for s in seeds]
+        da = [100 * (per[v][s][1] - per["grpo"][s][1]) for s in seeds]
+        lines.append(f"| {v} | {np.mean(df):+.2f} ({' '.join(f'{x:+.1f}' for x in df)}) | {np.mean(da):+.2f} "
+                     f"({' '.join(f'{x:+.1f}' for x in da)}) | {sum(x < 0 for x in da)}/{len(seeds)} | "
+                     f"{t['seed_level_final']['p'][v]:.3f} / {t['seed_level_auc']['p'][v]:.3f} | "
+                     f"{t['problem_level_final']['p'][v]:.3f} |")
+    return "\n".join(lines)
+
+
 def plots(doc: dict, an: dict, out: Path) -> None:
     import io
 
@@ -336,7 +358,8 @@ def report(doc: dict, out: Path) -> None:
         extra.append(f"seed-level sign-flip tests: smallest possible p with {len(an['seeds'])} seeds = "
                      f"{tests['seed_level_final']['min_possible_p']:.3f}")
     warm = ", ".join(f"seed {s}: {100 * w['acc']:.1f} %" for s, w in doc["warmups"].items())
-    text = (f"{md}\n\nwarm-up accuracy (start of every RL run): {warm}\n\n" + "\n\n".join(extra)
+    text = (f"{md}\n\nwarm-up accuracy (start of every RL run): {warm}\n\n{paired_table(doc, an)}\n\n"
+            + "\n\n".join(extra)
             + f"\n\ntotal wall time: {doc.get('wall_seconds', float('nan')):.0f} s\n")
     write_atomic(out / "table.md", text)
     write_atomic(out / "analysis.json", json.dumps(an, indent=1, default=float))
