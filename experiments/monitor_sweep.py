@@ -9,15 +9,20 @@ intervention). A run is **unstable** when its loss becomes non-finite or rises �
 nats above its running minimum after warmup (the divergence step is the first such step), or
 when it ends ≥ ``--degrade`` nats above the best final loss of its architecture in the sweep
 (stalled: its failure step is where its 20-step mean loss was lowest).
-Predicted: an attention warning (``--predictors``: logit growth, overflow risk, entropy fall or
-collapse) was issued before the divergence step; lead time = divergence step − warning step. A
-false alarm: such a warning on a run that stayed stable. Every run with a warning is then re-run with
-the same seed and the monitor's policy applied from its first warning (QK-clip of the heads at
-the max logit they had when warned, halving the LR on entropy collapse or a loss spike); an
-unstable run is counted rescued when its re-run is stable by the same criteria.
+Predicted: a warning of ``--predictors`` (default ``softmax_saturation``; the first sweeps used logit
+growth, overflow risk, entropy fall or collapse) was issued before the failure step; lead time =
+failure step − warning step. A false alarm: such a warning on a run that stayed stable. Every run
+with a warning is then re-run with the same seed and ``--policy`` applied from its first warning
+(``POLICIES``; the first sweeps' ``clip_halve``: QK-clip of the heads at the max logit they had
+when warned, halving the LR on entropy collapse or a loss spike); an unstable run is counted
+rescued when its re-run is stable by the same criteria. ``--rescue-from DIR`` re-scores finished
+base runs' traces with ``--predictors`` and runs only the rescues.
 
     python experiments/monitor_sweep.py --out runs/monitor_sweep          # ~30 min on 1 busy core
     python experiments/monitor_sweep.py --out runs/monitor_heldout --seeds 2,3 --horizon 1.0   # held-out seeds
+    python experiments/monitor_sweep.py --out runs/monitor_s45 --seeds 4,5 --horizon 1.0 --no-rescue
+    python experiments/monitor_sweep.py --out runs/monitor_s45_clip_backoff --rescue-from runs/monitor_s45 \
+        --policy clip_backoff --horizon 1.0                                    # second protocol's rescues
     python experiments/monitor_sweep.py --out runs/monitor_temperature --archs gpt2,llama --lrs 3e-3 \
         --temperatures 1,0.5,0.25,0.125 --horizon 1.0                          # temperature sweep
     python experiments/monitor_sweep.py --out runs/quick --steps 60 --lrs 1e-2 --seeds 0 --archs gpt2
