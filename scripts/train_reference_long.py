@@ -142,6 +142,12 @@ def short_windows(cfg: TrainConfig) -> TrainConfig:
                    copy_min=min(cfg.copy_min, cfg.short_context // 8), copy_max=min(cfg.copy_max, cfg.short_context // 4))
 
 
+def tokens_seen(cfg: TrainConfig) -> int:
+    short = short_windows(cfg)
+    long_step = cfg.batch_size * cfg.context + cfg.mix_short_windows * cfg.short_context
+    return min(cfg.steps, cfg.short_steps) * short.batch_size * short.context + max(0, cfg.steps - cfg.short_steps) * long_step
+
+
 def with_bos(tokenizer):
     """``reference``'s tokenizer, prepending ``<|endoftext|>`` as a BOS to every text (as Llama's
     tokenizers do), so that attnkit's tools and any ``tokenizer(text)`` give the model what it was
@@ -281,7 +287,7 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
             if (step + 1) % LOG_EVERY == 0 or "val_loss" in entry:
                 log.append(entry)
             progress.update(task, advance=1, loss=running)
-    save_trained(model, out, cfg, n_params, train_ids, cfg.steps * cfg.batch_size * cfg.context,
+    save_trained(model, out, cfg, n_params, train_ids, tokens_seen(cfg),
                  (t_start, t_train, cpu_train), log, console)
 
 

@@ -89,37 +89,57 @@ def test_full_attention_beats_a_128_token_window(eager, test_ids, card):
     assert float(windowed[:, far].mean() - full[:, far].mean()) > margin * 0.9
 
 
-def test_copies_512_tokens_apart_are_copied(eager, test_ids):
-    g = torch.Generator().manual_seed(123)
+def copy_losses(eager, test_ids, *, kind: str, distance: tuple[int, int], L: int = 48, seed: int = 123, mask=None):
+    """Mean NLL of the first and the second copy of passages written twice into held-out text."""
+    g = torch.Generator().manual_seed(seed)
     x = blocks(test_ids, 6, offset=20_000)
     donors = blocks(test_ids, 6, offset=45_000)
-    L, first = 48, 100
+    first = 100
     seconds = []
     for i in range(x.size(0)):
         s = int(torch.randint(0, CONTEXT - L, (), generator=g))
-        second = first + 512 + int(torch.randint(0, 300, (), generator=g))
-        x[i, first : first + L] = donors[i, s : s + L]
-        x[i, second : second + L] = donors[i, s : s + L]
+        passage = donors[i, s : s + L] if kind == "natural" else torch.randint(1, 1024, (L,), generator=g)
+        second = first + int(torch.randint(distance[0], distance[1] + 1, (), generator=g))
+        x[i, first : first + L] = passage
+        x[i, second : second + L] = passage
         seconds.append(second)
-    loss = nll(eager, x)
+    loss = nll(eager, x, None if mask is None else mask.expand(x.size(0), 1, -1, -1))
     first_copy = torch.stack([loss[i, first : first + L - 1] for i in range(x.size(0))]).mean()
     second_copy = torch.stack([loss[i, s : s + L - 1] for i, s in enumerate(seconds)]).mean()
-    assert float(first_copy - second_copy) >= 1.0, (float(first_copy), float(second_copy))
-    # Without the far context (sinks + a 128 window) the second copy is no easier than the first.
-    windowed = nll(eager, x, window_mask(CONTEXT, 128, sinks=4).expand(x.size(0), 1, -1, -1))
-    second_windowed = torch.stack([windowed[i, s : s + L - 1] for i, s in enumerate(seconds)]).mean()
-    assert float(second_windowed - second_copy) >= 1.0
+    return float(first_copy), float(second_copy)
+
+
+def test_random_passages_512_tokens_apart_are_copied_and_need_the_far_context(eager, test_ids):
+    first, second = copy_losses(eager, test_ids, kind="random", distance=(512, 800))
+    assert first - second >= 5.0, (first, second)
+    # Without the far context (4 sinks + a 128 window) the second copy is as unpredictable as the first.
+    _, second_windowed = copy_losses(eager, test_ids, kind="random", distance=(512, 800), mask=window_mask(CONTEXT, 128, 4))
+    assert second_windowed - second >= 5.0
+
+
+def test_natural_passages_are_copied_from_a_few_hundred_tokens_back(eager, test_ids):
+    first, second = copy_losses(eager, test_ids, kind="natural", distance=(64, 256))
+    assert first - second >= 1.0, (first, second)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11's aim missed: natural passages 512+ tokens apart gain ~0.3 nats, not >= 1 "
+                   "(random tokens: > 7; natural copying fades past ~400 tokens in this model)")
+def test_natural_passages_512_tokens_apart_gain_a_nat(eager, test_ids):
+    first, second = copy_losses(eager, test_ids, kind="natural", distance=(512, 800))
+    assert first - second >= 1.0, (first, second)
 
 
 def test_the_heads_the_card_names_do_what_it_says_in_eager_attention(eager, test_ids, card):
     """The card's best sink and induction heads, re-scored from the model's own output_attentions."""
     best_sink = max(card["heads"], key=lambda h: h["sink"])
     best_induction = max(card["heads"], key=lambda h: h["induction"])
-    x = blocks(test_ids, 2, length=512)
+    x = blocks(test_ids, 2)  # the card's first two test blocks of 1024 (it scores four)
     with torch.no_grad():
         maps = eager(input_ids=x, output_attentions=True).attentions  # per layer (B, H, T, T)
     sink = float(maps[best_sink["layer"]][:, best_sink["head"], 2:, 0].mean())
-    assert sink >= 0.5 and abs(sink - best_sink["sink"]) < 0.15
+    assert abs(sink - best_sink["sink"]) < 0.1, (sink, best_sink)
+    # The card names no head a first-token sink (none gives the BOS half of its attention): true here too.
+    assert all(float(p[:, :, 2:, 0].mean(dim=(0, 2)).max()) < 0.5 for p in maps)
 
     g = torch.Generator().manual_seed(7)
     bos = test_ids[1]
@@ -148,7 +168,8 @@ def test_training_windows_hold_what_the_card_says_is_mixed_in():
     finally:
         sys.path.remove(str(scripts))
         sys.modules.pop("train_reference_long", None)
-    cfg = script.TrainConfig(batch_size=64, copy_share=1.0, copy_random_share=0.5, context=256, copy_min=8, copy_max=32)
+    cfg = script.TrainConfig(batch_size=64, copy_share=1.0, copy_random_share=0.5, copy_spans=1, context=256, copy_min=8,
+                             copy_max=32)
     stream = torch.arange(10_000) % 997 + 1  # no token 0 (the BOS), no repeats within a window
     x, labels = script.training_windows(stream, cfg, bos=0, vocab=1024, g=torch.Generator().manual_seed(0))
     assert x.shape == (64, 256) and bool((x[:, 0] == 0).all())
