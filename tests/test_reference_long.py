@@ -185,3 +185,36 @@ def test_training_windows_hold_what_the_card_says_is_mixed_in():
         kept = lab != script.IGNORE
         assert bool((lab[kept] == row[kept]).all())
     assert 16 <= random_first_copies <= 48  # about half the spans are random tokens
+
+
+def test_attnkit_perplexity_reproduces_the_card_s_full_attention_figure(card, tmp_path, capsys):
+    """The CLI (its own block builder, BOS from the tokenizer) against the card's script."""
+    from attnkit.cli.main import main
+
+    report = tmp_path / "ppl.json"
+    code = main(["perplexity", "reference-long", "--block-size", "1024", "--max-blocks", str(card["blocks"]["test"]),
+                 "--json", str(report)])
+    assert code == 0, capsys.readouterr().err
+    got = json.loads(report.read_text())
+    assert got["tokens"] == card["window"]["full"]["tokens"]
+    assert abs(got["nll"] - card["window"]["full"]["nll"]) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["reference-long", "reference"])
+def test_validate_finds_the_induction_heads_the_cards_name_and_no_others(name, card):
+    """validate's copying check on 4 x 128 test tokens: reference-long's card names L3H2 and L3H3
+    induction heads (and L3H2 parks on the BOS when it has nothing to copy); reference's card none."""
+    from attnkit.data import load_corpus
+    from attnkit.validate import Options, validate
+
+    loaded = load_model(name)
+    report = validate(loaded.model, loaded.tokenizer, load_corpus("kjv").split("test"), name=name, kind=loaded.kind,
+                      options=Options(seq_len=128, sequences=4, ablation_blocks=1))
+    figures = report.section("tokens").figures
+    found = {(h["layer"], h["head"]) for h in figures["induction_heads"]}
+    if name == "reference":
+        assert found == set()
+        return
+    named = {(h["layer"], h["head"]) for h in card["heads"] if h["induction"] >= 0.3}
+    assert found == named == {(3, 2), (3, 3)}
+    assert {(h["layer"], h["head"]) for h in figures["special_heads"]} == {(3, 2)}
