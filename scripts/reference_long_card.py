@@ -332,8 +332,8 @@ def render_card(r: dict, training: dict, repro: dict | None) -> str:
         "",
         "A `LlamaForCausalLM` trained from scratch on CPU by `scripts/train_reference_long.py`, shipped with attnkit "
         "as the built-in model `reference-long`: Llama-shaped (RoPE, grouped-query attention, RMSNorm, SwiGLU), with a "
-        "context long enough that far context matters, and heads that use it (induction/retrieval heads, a "
-        "first-token sink). Every number below was measured by `scripts/reference_long_card.py`; the raw numbers are "
+        "context long enough that far context matters, and heads that use it (previous-token, induction and "
+        "retrieval heads). Every number below was measured by `scripts/reference_long_card.py`; the raw numbers are "
         "in `eval_results.json` and `training.json`.",
         "",
         "## Model",
