@@ -74,16 +74,26 @@ class TrainConfig:
     threads: int = 1
 
 
-def parse_args() -> tuple[argparse.Namespace, TrainConfig]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: the shipped model)")
+def training_arguments(doc: str, default_out: Path) -> argparse.ArgumentParser:
+    """The options both reference scripts take besides their config's fields."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=default_out, help="output directory (default: the shipped model)")
     p.add_argument("--card-only", action="store_true", help="skip training; measure the model in --out and write its card")
     p.add_argument("--no-card", action="store_true", help="train and save, but do not measure or write the card")
-    cfg = TrainConfig()
-    for name, value in asdict(cfg).items():
+    return p
+
+
+def parse_config(p: argparse.ArgumentParser, config_class):
+    """One --option per field of the config dataclass, its default the field's."""
+    defaults = asdict(config_class())
+    for name, value in defaults.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = p.parse_args()
-    return args, TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
+    return args, config_class(**{k: getattr(args, k) for k in defaults})
+
+
+def parse_args() -> tuple[argparse.Namespace, TrainConfig]:
+    return parse_config(training_arguments(__doc__, DEFAULT_OUT), TrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------

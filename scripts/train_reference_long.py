@@ -22,14 +22,14 @@ import argparse
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The reference model's schedule, progress bar and saving, shared rather than copied.
-from train_reference import lr_at, save_trained, train_progress  # noqa: E402
+from train_reference import lr_at, parse_config, save_trained, train_progress, training_arguments  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "attnkit" / "models" / "reference_long"
@@ -93,17 +93,10 @@ class TrainConfig:
 
 
 def parse_args() -> tuple[argparse.Namespace, TrainConfig]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: the shipped model)")
+    p = training_arguments(__doc__, DEFAULT_OUT)
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="where intermediate HF checkpoints go (default: runs/<name of --out>)")
-    p.add_argument("--card-only", action="store_true", help="skip training; measure the model in --out and write its card")
-    p.add_argument("--no-card", action="store_true", help="train and save, but do not measure or write the card")
-    cfg = TrainConfig()
-    for name, value in asdict(cfg).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = p.parse_args()
-    return args, TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
+    return parse_config(p, TrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------
