@@ -135,8 +135,9 @@ def stage_summary(a) -> None:
         for n, by_config in bench["memory"].items():
             sd, ea = by_config["dense-sdpa"], by_config["dense-eager"]
             for c, m in by_config.items():
-                lines.append(f"| {n} | {c} | {m['train'] / 2**20:.1f} | {m['train'] / sd['train'] - 1:+.0%} "
-                             f"| {m['train'] / ea['train'] - 1:+.0%} | {m['inference'] / 2**20:.1f} "
+                tr = (f"{m['train'] / 2**20:.1f} | {m['train'] / sd['train'] - 1:+.0%} | {m['train'] / ea['train'] - 1:+.0%}"
+                      if m["train"] is not None else "— | — | —")
+                lines.append(f"| {n} | {c} | {tr} | {m['inference'] / 2**20:.1f} "
                              f"| {m['inference'] / sd['inference'] - 1:+.0%} | {m['inference'] / ea['inference'] - 1:+.0%} |")
     out = RESULTS / "summary.md"
     out.write_text("\n".join(lines) + "\n")
