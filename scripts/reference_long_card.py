@@ -514,26 +514,50 @@ REPRO_FIGURES = {
     "copy gain, random passages 512+ apart": lambda r: r["copy"]["random_full"]["gain"],
     "best sink score": lambda r: max(h["sink"] for h in r["heads"]),
 }
-REPRO_TOLERANCE = {"test NLL, full attention": 0.05}  # nats; the rest: same side of their targets
+# How a second run counts as reproducing a figure: within a tolerance (NLL), or on the same side
+# of the figure's target / role threshold.
+REPRO_RULES = {
+    "test NLL, full attention": ("within", 0.05),
+    f"margin vs {WINDOW}-token window": ("side", 0.1),
+    "margin vs sinks + window": ("side", 0.1),
+    "copy gain, held-out passages 512+ apart": ("side", 1.0),
+    "best induction score": ("side", ROLE_THRESHOLDS["induction"]),
+    "best retrieval score (512+, random)": ("side", ROLE_THRESHOLDS["retrieval_random"]),
+    "copy gain, random passages 512+ apart": ("side", 1.0),
+    "best sink score": ("side", ROLE_THRESHOLDS["sink"]),
+}
+
+
+def reproduced(name: str, a: float, b: float) -> bool:
+    rule, x = REPRO_RULES[name]
+    return abs(a - b) <= x if rule == "within" else (a >= x) == (b >= x)
 
 
 def reproduction_lines(r: dict, repro: dict) -> list[str]:
-    rows = []
+    rows, failed = [], []
     for name, get in REPRO_FIGURES.items():
         a, b = get(r), get(repro["results"])
-        rows.append(f"| {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+        ok = reproduced(name, a, b)
+        rule, x = REPRO_RULES[name]
+        rows.append(f"| {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} | {'within ' if rule == 'within' else 'same side of '}{x:g}: "
+                    f"{'yes' if ok else '**no**'} |")
+        if not ok:
+            failed.append(name)
+    verdict = ("Every figure reproduces." if not failed else
+               "**Not reproduced: " + "; ".join(failed) + ".** The recipe is not robust to the seed in these figures.")
     return [
         "## Reproduction",
         "",
         f"A second run of the script with another seed (`--seed {repro['training']['config']['seed']}`, "
-        f"{repro['training']['train_seconds'] / 60:.1f} min) measured the same way. Stated tolerance: test NLL within "
-        f"{REPRO_TOLERANCE['test NLL, full attention']} nats, and every target (window margin ≥ 0.1, copy gain ≥ 1, an "
-        "induction, a retrieval and a sink head above threshold) met by both runs or by neither. With the same seed and "
-        "thread count the script gives the same weights (CPU training is deterministic).",
+        f"{repro['training']['train_seconds'] / 60:.1f} min), measured the same way. With the same seed and thread "
+        "count the script gives the same weights (CPU training is deterministic: two runs of seed 1234 had the same "
+        "validation loss to the last digit at step 2,000).",
         "",
-        "| figure | shipped run | second run | difference |",
-        "|---|---:|---:|---:|",
+        "| figure | shipped run (seed 1234) | second run | difference | reproduced? |",
+        "|---|---:|---:|---:|---|",
         *rows,
+        "",
+        verdict,
         "",
     ]
 
