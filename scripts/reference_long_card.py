@@ -48,9 +48,11 @@ MAX_POSITIONS = {"default": CONTEXT, "dynamic_ntk": CONTEXT, "yarn_4": 4 * CONTE
 
 
 def test_blocks(ids: torch.Tensor, length: int, bos: int) -> list[torch.Tensor]:
-    """Non-overlapping blocks of BOS + (length - 1) tokens of the split (the short tail dropped)."""
-    body = length - 1
-    return [torch.cat([torch.tensor([bos]), ids[i : i + body]]) for i in range(0, ids.numel() - body + 1, body)]
+    """Non-overlapping blocks of BOS + (length - 1) tokens of the split, as `attnkit perplexity` cuts them
+    (its ``lm_blocks``), the short tail dropped."""
+    from attnkit.data.blocks import prefixed_blocks
+
+    return [b for b in prefixed_blocks(ids, length, [bos]) if b.numel() == length]
 
 
 def token_nll(model, blocks: list[torch.Tensor], batch: int = EVAL_BATCH) -> torch.Tensor:
@@ -84,6 +86,14 @@ def summary(nll: torch.Tensor) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # measurements
+
+
+def sinks_and_window():
+    """StreamingLLM's pattern at the card's size: the first SINKS keys and the WINDOW - SINKS most recent
+    (self included): ``WINDOW`` keys in all, as many as the plain window's."""
+    from attnkit.masks import sink_window
+
+    return sink_window(SINKS, WINDOW - SINKS - 1)
 
 
 def windowed_nll(model, blocks, mask_mod) -> torch.Tensor:
@@ -217,7 +227,7 @@ def measure(model_dir: Path, full: bool = True) -> dict:
     r["perplexity"] = {name: summary(n) for name, n in full_nll.items()}
     r["by_position"] = {"full": bucketed(full_nll["test"])}
     window_nll = windowed_nll(model, blocks["test"], local_window(WINDOW - 1))
-    sink_nll = windowed_nll(model, blocks["test"], _sink_window(SINKS, WINDOW))
+    sink_nll = windowed_nll(model, blocks["test"], sinks_and_window())
     r["window"] = {
         "window": WINDOW, "sinks": SINKS,
         "full": summary(full_nll["test"]), "sliding": summary(window_nll), "sinks_sliding": summary(sink_nll),
@@ -234,7 +244,7 @@ def measure(model_dir: Path, full: bool = True) -> dict:
                                          "by_position": bucketed(ref)}
 
     samples = copy_samples(ids["test"], bos)
-    r["copy"] = {**COPY, "full": copy_gain(model, samples), "sinks_sliding": copy_gain(model, samples, _sink_window(SINKS, WINDOW))}
+    r["copy"] = {**COPY, "full": copy_gain(model, samples), "sinks_sliding": copy_gain(model, samples, sinks_and_window())}
 
     roles = measure_head_roles(model, torch.stack(blocks["test"][:4]), len(tokenizer), first_token=bos,
                                exclude={bos}, repeat_length=256, batch=4)
@@ -264,17 +274,6 @@ def measure(model_dir: Path, full: bool = True) -> dict:
         r["long"]["1024"] = {v: summary(token_nll(with_rope(model_dir, v, CONTEXT), blocks["test"])) for v in ROPE_VARIANTS}
     r["eval_seconds"] = round(time.time() - t0, 1)
     return r
-
-
-def _sink_window(sinks: int, window: int):
-    """StreamingLLM: the first ``sinks`` positions and the last ``window - sinks`` keys (self included)."""
-    from attnkit.masks import local_window, or_masks
-
-    def first_positions(b, h, q_idx, kv_idx):
-        return kv_idx < sinks
-
-    first_positions.__name__ = f"first_{sinks}"
-    return or_masks(first_positions, local_window(window - sinks - 1))
 
 
 # ---------------------------------------------------------------------------------------------

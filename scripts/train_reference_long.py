@@ -127,18 +127,23 @@ def training_windows(train_ids: torch.Tensor, cfg: TrainConfig, bos: int, vocab:
     return x, labels
 
 
+def long_step_tokens(cfg: TrainConfig) -> int:
+    """Tokens of a long-stage step: its long windows and the short ones mixed in."""
+    return cfg.batch_size * cfg.context + cfg.mix_short_windows * cfg.short_context
+
+
 def short_windows(cfg: TrainConfig) -> TrainConfig:
     """The first stage's windows: short_context tokens, as many more of them as keep the tokens a step,
     copy spans that fit twice."""
-    tokens = cfg.batch_size * cfg.context + cfg.mix_short_windows * cfg.short_context  # a long-stage step's
-    return replace(cfg, context=cfg.short_context, batch_size=tokens // cfg.short_context, copy_spans=cfg.short_copy_spans,
+    return replace(cfg, context=cfg.short_context, batch_size=long_step_tokens(cfg) // cfg.short_context,
+                   copy_spans=cfg.short_copy_spans,
                    copy_min=min(cfg.copy_min, cfg.short_context // 8), copy_max=min(cfg.copy_max, cfg.short_context // 4))
 
 
 def tokens_seen(cfg: TrainConfig) -> int:
     short = short_windows(cfg)
-    long_step = cfg.batch_size * cfg.context + cfg.mix_short_windows * cfg.short_context
-    return min(cfg.steps, cfg.short_steps) * short.batch_size * short.context + max(0, cfg.steps - cfg.short_steps) * long_step
+    return (min(cfg.steps, cfg.short_steps) * short.batch_size * short.context
+            + max(0, cfg.steps - cfg.short_steps) * long_step_tokens(cfg))
 
 
 def with_bos(tokenizer):
@@ -241,7 +246,7 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
 
     short_cfg = short_windows(cfg)
     mixed_cfg = replace(short_cfg, batch_size=cfg.mix_short_windows)
-    long_share = cfg.batch_size * cfg.context / (cfg.batch_size * cfg.context + cfg.mix_short_windows * cfg.short_context)
+    long_share = cfg.batch_size * cfg.context / long_step_tokens(cfg)
     log: list[dict] = []
     t_train, cpu_train = time.time(), time.process_time()
     with train_progress(console) as progress:

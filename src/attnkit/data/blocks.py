@@ -59,11 +59,15 @@ def lm_blocks(tokenizer, ids: torch.Tensor, block_size: int) -> list[torch.Tenso
     (a BOS where it adds one, as the model saw in training), then the next tokens of the stream;
     without a prefix this is ``split_blocks``. The prefix is never predicted (it is position 0)."""
     prefix, _ = special_token_prefix_suffix(tokenizer)
-    if not prefix:
-        return split_blocks(ids, block_size)
+    return prefixed_blocks(ids, block_size, prefix) if prefix else split_blocks(ids, block_size)
+
+
+def prefixed_blocks(ids: torch.Tensor, block_size: int, prefix: Sequence[int]) -> list[torch.Tensor]:
+    """Blocks of ``block_size`` tokens: ``prefix`` then the next ``block_size - len(prefix)`` of the stream
+    (the last block may be shorter)."""
     if block_size - len(prefix) < 1:
         raise UserError(f"block size {block_size} leaves no room for text beside the {len(prefix)} prefix tokens")
-    head = torch.tensor(prefix, dtype=torch.long)
+    head = torch.tensor(list(prefix), dtype=torch.long)
     return [torch.cat([head, b]) for b in ids.split(block_size - len(prefix)) if b.numel() >= 1]
 
 
