@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import os
+import shlex
 from pathlib import Path
 
 import torch

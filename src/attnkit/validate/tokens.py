@@ -9,8 +9,9 @@
   (BERT-family models are known to park attention on [CLS]/[SEP]); the same for punctuation.
 - Copying (induction, Olsson et al. 2022): for rows whose token occurred before, the mass on the
   keys that *followed* an earlier occurrence (the token to copy next), per head; a head putting
-  at least 0.2 of such rows' mass there, and 5x what uniform attention would, is an induction head. Attention to the repeated token
-  itself (above) is a duplicate-token head's pattern; this is the one in-context copying needs.
+  at least 0.2 of such rows' mass there, and 5x what uniform attention would, is an induction
+  head. Attention to the repeated token itself (above) is a duplicate-token head's pattern; this
+  is the one in-context copying needs.
 Every ratio is 1.0 for uniform attention.
 """
 
@@ -32,6 +33,16 @@ MOST_MASS = 0.5
 # the visible keys; on natural text several such keys often exist, so the mass is spread over them).
 INDUCTION_MASS = 0.2
 INDUCTION_LIFT = 5.0
+
+
+def _top_heads(found: list[tuple[float, int, int]], ellipsis: bool = True) -> str:
+    """"L3H2 0.29, L3H3 0.27" for the first 8 of ``found`` ((value, layer, head), largest first)."""
+    top = ", ".join(f"L{l}H{h} {v:.2f}" for v, l, h in found[:8])
+    return top + (" …" if ellipsis and len(found) > 8 else "")
+
+
+def _head_dicts(found: list[tuple[float, int, int]]) -> list[dict]:
+    return [{"layer": l, "head": h, "mass": v} for v, l, h in found]
 
 
 def _ratio_msg(a: float, b: float) -> tuple[float, str]:
@@ -120,11 +131,10 @@ def tokens(ctx: Context) -> Section:
     share = float(special.float().mean())
     if cap.special_ids:
         if special_heads:
-            top = ", ".join(f"L{l}H{h} {v:.2f}" for v, l, h in special_heads[:8])
             sec.add("special_heads", OK,
                     f"{len(special_heads)}/{total} heads put most of their mass (≥ {MOST_MASS:g}) on special tokens "
-                    f"{'/'.join(names)} (they are {share:.1%} of the tokens): {top}{' …' if len(special_heads) > 8 else ''}",
-                    count=len(special_heads), heads=[{"layer": l, "head": h, "mass": v} for v, l, h in special_heads])
+                    f"{'/'.join(names)} (they are {share:.1%} of the tokens): {_top_heads(special_heads)}",
+                    count=len(special_heads), heads=_head_dicts(special_heads))
         else:
             best = max(head_special) if head_special else math.nan
             sec.add("special_heads", INFO, f"No head puts most of its mass on special tokens {'/'.join(names)} "
@@ -141,12 +151,10 @@ def tokens(ctx: Context) -> Section:
         sec.add("induction_heads", INFO, "No token repeats in the sample: the copying (induction) test is skipped",
                 count=0, heads=[])
     elif copy_heads:
-        top = ", ".join(f"L{l}H{h} {v:.2f}" for v, l, h in copy_heads[:8])
         sec.add("induction_heads", OK,
                 f"{len(copy_heads)}/{total} heads copy (induction): on the {n_copy_rows} rows whose token occurred "
-                f"before, ≥ {INDUCTION_MASS:g} of their mass (uniform: {chance:.2f}) is on the token that followed it: {top}"
-                f"{' …' if len(copy_heads) > 8 else ''}",
-                count=len(copy_heads), heads=[{"layer": l, "head": h, "mass": v} for v, l, h in copy_heads])
+                f"before, ≥ {INDUCTION_MASS:g} of their mass (uniform: {chance:.2f}) is on the token that followed it: "
+                f"{_top_heads(copy_heads)}", count=len(copy_heads), heads=_head_dicts(copy_heads))
     else:
         best = max((v for v in head_copy if not math.isnan(v)), default=math.nan)
         sec.add("induction_heads", INFO,
@@ -154,15 +162,15 @@ def tokens(ctx: Context) -> Section:
                 f"{INDUCTION_MASS:g} of its mass and {INDUCTION_LIFT:g}x uniform's ({chance:.2f}) on the token that "
                 f"followed (largest: {best:.2f})", count=0, heads=[])
     if punct_heads:
-        top = ", ".join(f"L{l}H{h} {v:.2f}" for v, l, h in punct_heads[:8])
-        sec.notes.append(f"Heads with most of their mass on punctuation: {len(punct_heads)}/{total} — {top}")
+        sec.notes.append(f"Heads with most of their mass on punctuation: {len(punct_heads)}/{total} — "
+                         f"{_top_heads(punct_heads, ellipsis=False)}")
     sec.figures.update(
         repetition_ratio=rep_ratio, special_ratio=sp_ratio, special_tokens=names,
         special_token_share=share, punctuation_share=float(punct.float().mean()),
-        special_heads=[{"layer": l, "head": h, "mass": v} for v, l, h in special_heads],
-        punctuation_heads=[{"layer": l, "head": h, "mass": v} for v, l, h in punct_heads],
+        special_heads=_head_dicts(special_heads),
+        punctuation_heads=_head_dicts(punct_heads),
         head_special_mass=[{"layer": l, "head": h, "mass": v} for (l, h), v in zip(labels, head_special)],
-        induction_heads=[{"layer": l, "head": h, "mass": v} for v, l, h in copy_heads],
+        induction_heads=_head_dicts(copy_heads),
         head_induction_mass=[{"layer": l, "head": h, "mass": v} for (l, h), v in zip(labels, head_copy)],
     )
     return sec
