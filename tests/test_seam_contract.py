@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import gc
 import copy
 import math
 from dataclasses import dataclass
@@ -381,6 +382,7 @@ def test_ddp_wrapped_model_attaches(tmp_path):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    ddp = None
     try:
         model = gpt2().train()
         ddp = DDP(model)
@@ -396,6 +398,10 @@ def test_ddp_wrapped_model_attaches(tmp_path):
         assert stats.heads()[0]["rows"] == 2 * 8
         assert model.config._attn_implementation == "eager"
     finally:
+        # The wrapper goes first: a DDP Reducer collected after its process group is gone joins gloo's
+        # loop thread while holding the GIL that thread waits for (a hang seen once in a clean-clone run).
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 
