@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from attnkit.seam import StatsCollector, attach
+from attnkit.training.distributed import leave_group
 
 WORLD = 2
 
@@ -49,7 +50,7 @@ def _worker(rank: int, rendezvous: str, out: str) -> None:
             with open(out, "w") as f:
                 json.dump(stats.heads(), f)
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def test_all_reduce_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):

@@ -65,6 +65,29 @@ def test_monitored_training_is_bit_identical_to_unmonitored(tmp_path):
     assert len(monitor.rings["entropy"]) == 4
 
 
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_a_closed_monitor_keeps_nothing_alive(tmp_path, with_optimizer):
+    """Once the monitor is closed and dropped, the model goes with its last reference, without
+    waiting for the cycle collector: a DDP wrapper freed only by the collector, after its
+    process group is destroyed, aborts the process (a CI run did)."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = gpt2()
+        alive = weakref.ref(model)
+        monitor = AttentionMonitor(model, every=1, log_dir=tmp_path, emit=())
+        with monitor:
+            train(model, 2, monitor if with_optimizer else None)
+            monitor.on_step(2, loss=torch.tensor(1.0))
+        del model, monitor
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_observes_one_step_in_every_and_writes_jsonl(tmp_path):
     model = gpt2()
     with AttentionMonitor(model, every=3, log_dir=tmp_path, emit=()) as monitor:

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from attnkit.monitor import AttentionMonitor
+from attnkit.training.distributed import leave_group
 
 WORLD = 2
 
@@ -44,7 +45,7 @@ def _worker(rank: int, rendezvous: str, base: str) -> None:
     try:
         _run(_batch().chunk(WORLD)[rank], f"{base}/rank{rank}")
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def _step(log_dir) -> dict:
@@ -88,7 +89,7 @@ def _ddp_worker(rank: int, rendezvous: str, base: str) -> None:
     try:
         _ddp_run(_batch().chunk(WORLD)[rank], f"{base}/rank{rank}", wrap=True)
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def test_ddp_gradient_norms_are_those_of_the_whole_batch(tmp_path):

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from attnkit.training import StepOutput, TrainConfig, train
+from attnkit.training.distributed import leave_group
 
 WORLD = 2
 
@@ -65,7 +66,7 @@ def _worker(rank: int, port: int, base: str) -> None:
     if rank == 0:
         torch.save({"whole": whole.state_dict(), "resumed": resumed.state_dict(), "history": result.history},
                    f"{base}/rank0.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 def _free_port() -> int:

@@ -188,9 +188,9 @@ def run_train(args: argparse.Namespace) -> int:
                         f"{start}, KL over the last {len(last)} steps {kl:.4g} nats; gates and summary in {out}",
                         highlight=False, markup=False, soft_wrap=True)
     if result.env.initialized_here:
-        import torch.distributed as dist
+        from attnkit.training.distributed import leave_group
 
-        dist.destroy_process_group()
+        leave_group()
     return 0
 
 

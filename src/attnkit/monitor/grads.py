@@ -25,8 +25,11 @@ from attnkit.seam.sites import Site
 
 
 class GradNorms:
-    def __init__(self, armed) -> None:
-        self.armed = armed  # () -> bool: is this step observed?
+    def __init__(self) -> None:
+        # the monitor's session once it exists: its ``active`` says whether this step is observed.
+        # Held here rather than through a closure over the monitor, which would tie the monitor
+        # (and the model it holds, a DDP wrapper say) into a cycle that outlives ``close``.
+        self.session = None
         self.sites: dict[Site, list[nn.Parameter]] = {}
         self._pieces: dict[int, list[tuple[Site, list[Piece]]]] = {}
         self._sq: dict[tuple[Site, int], torch.Tensor] = {}
@@ -52,8 +55,11 @@ class GradNorms:
             if first:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
+    def _armed(self) -> bool:
+        return self.session is not None and self.session.active
+
     def _hook(self, p: torch.Tensor) -> None:
-        if not self.on_accumulate or not self.armed() or p.grad is None:
+        if not self.on_accumulate or not self._armed() or p.grad is None:
             return
         self._read(p)
 
@@ -64,7 +70,7 @@ class GradNorms:
 
     def read_now(self) -> None:
         """Read every tracked parameter's current ``.grad`` (on observed steps only)."""
-        if not self.armed():
+        if not self._armed():
             return
         for params in self.sites.values():
             for p in params:

@@ -158,7 +158,7 @@ class AttentionMonitor:
         self.trace_nonfinite = trace_nonfinite
         self.meta = dict(meta or {})
         self.stats = StatsCollector()
-        self.grads = GradNorms(armed=lambda: self.session.active)
+        self.grads = GradNorms()
         self.sites_tap = _Sites(self.grads.add)
         from attnkit.edits.gate_tap import GateTap, gate_owners
 
@@ -167,6 +167,7 @@ class AttentionMonitor:
         self.metric_names = METRICS + (GATE_METRICS if self.gate_tap else ())
         taps = [self.stats, self.sites_tap] + ([self.gate_tap] if self.gate_tap else [])
         self.session = AttentionSession(taps=taps, sample_rows=sample_rows)
+        self.grads.session = self.session
         self.series: list[tuple[Site, int]] | None = None
         self.sites: list[Site] = []
         self.rings: dict[str, Ring] = {}

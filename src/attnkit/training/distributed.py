@@ -7,6 +7,7 @@ the CPU, NCCL on CUDA) unless the caller already did. Gradients are averaged by 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -40,6 +41,20 @@ def init_from_env() -> DistEnv:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     return DistEnv(dist.get_rank(), dist.get_world_size(), initialized_here=True)
+
+
+def leave_group() -> None:
+    """Destroy this process's group, after freeing whatever still holds it.
+
+    A ``DistributedDataParallel`` wrapper caught in a reference cycle is freed by the collector
+    later, after the group is gone; its Reducer then destroys gloo's transport from a thread that
+    was never joined and the process aborts ("terminate called without an active exception"), one
+    run in ten or so. Collecting first frees the wrapper while its group still exists.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def wrap(module: nn.Module, env: DistEnv, find_unused_parameters: bool = False) -> nn.Module:
