@@ -65,6 +65,10 @@ class TrainConfig:
     copy_max: int = 96
     copy_random_share: float = 0.5
     copy_spans: int = 3  # repeated spans in each long copy window
+    # Copies at least this far apart in the long windows (0: any distance that fits). Natural text
+    # is copied from 64-256 tokens back far better than from 512+ (each common token recurs many
+    # times in between); a floor puts every long copy where the card measures it.
+    copy_min_distance: int = 0
     # Short windows first: at initialisation a query spreads its attention over every key, so in a
     # 1024-token window the key worth copying from gets ~1/1000 of it and the gradient that would
     # form an induction head is that small; in 128-token windows it is 8x larger. The first
@@ -90,6 +94,9 @@ class TrainConfig:
     checkpoint_every: int = 1_000
     seed: int = 1234
     threads: int = 1
+    # Start from this HF checkpoint's weights instead of an initialisation (fresh optimizer; the
+    # schedule and data as configured): a further stage on a trained model.
+    init_from: str = ""
 
 
 def parse_args() -> tuple[argparse.Namespace, TrainConfig]:
@@ -115,8 +122,9 @@ def training_windows(train_ids: torch.Tensor, cfg: TrainConfig, bos: int, vocab:
             continue
         for _ in range(cfg.copy_spans):  # later spans may overwrite earlier ones: labels follow x
             L = int(torch.randint(cfg.copy_min, cfg.copy_max + 1, (), generator=g))
-            first = 1 + int(torch.randint(0, T - 2 * L - 1, (), generator=g))
-            second = int(torch.randint(first + L, T - L + 1, (), generator=g))  # distance second - first >= L
+            gap = max(L, cfg.copy_min_distance)  # distance second - first >= gap
+            first = 1 + int(torch.randint(0, T - L - gap - 1, (), generator=g))
+            second = int(torch.randint(first + gap, T - L + 1, (), generator=g))
             if torch.rand((), generator=g) < cfg.copy_random_share:
                 span = torch.randint(0, vocab, (L,), generator=g)
                 span[span == bos] = (bos + 1) % vocab
@@ -136,7 +144,7 @@ def short_windows(cfg: TrainConfig) -> TrainConfig:
     """The first stage's windows: short_context tokens, as many more of them as keep the tokens a step,
     copy spans that fit twice."""
     return replace(cfg, context=cfg.short_context, batch_size=long_step_tokens(cfg) // cfg.short_context,
-                   copy_spans=cfg.short_copy_spans,
+                   copy_spans=cfg.short_copy_spans, copy_min_distance=0,
                    copy_min=min(cfg.copy_min, cfg.short_context // 8), copy_max=min(cfg.copy_max, cfg.short_context // 4))
 
 
@@ -238,6 +246,10 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
     console.print(f"tokenizer: {vocab} symbols (reference's); train stream {train_ids.numel():,} tokens")
 
     model = make_model(cfg, vocab, eot)
+    if cfg.init_from:
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(cfg.init_from).state_dict())
     model.train()
     optimizer = make_optimizer(model, cfg)
     batches = torch.Generator().manual_seed(cfg.seed)
