@@ -39,7 +39,6 @@ import rss  # noqa: E402
 from results import markers, write_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK_START, MARK_END = markers("bench_sparse")
 DENSE = ("dense-sdpa", "dense-eager")
 
 
@@ -174,6 +173,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(ROOT / "runs" / "bench_sparse.json"))
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--block", default="bench_sparse",
+                   help="name of the BENCHMARKS.md block this run replaces (another name keeps the default block's results)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -195,7 +196,7 @@ def main() -> None:
     block = render(doc, args, p, started)
     print(block)
     if not args.no_write:
-        write_block(ROOT / "BENCHMARKS.md", "bench_sparse", block,
+        write_block(ROOT / "BENCHMARKS.md", args.block, block,
                     "## Block-sparse attention: memory and time (`bench/bench_sparse.py`)")
         plot(doc, Path(args.json).with_suffix(""))
 
@@ -207,7 +208,8 @@ def render(doc: dict, args, parser, started) -> str:
     command = "python bench/bench_sparse.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k not in ("worker", "length", "no_write", "json") and v != parser.get_default(k))
-    lines = [MARK_START, f"### Results ({started:%Y-%m-%d %H:%M}–{_dt.datetime.now(_dt.timezone.utc):%H:%M} UTC)", "",
+    start, end = markers(args.block)
+    lines = [start, f"### Results ({started:%Y-%m-%d %H:%M}–{_dt.datetime.now(_dt.timezone.utc):%H:%M} UTC)", "",
              f"- command: `{command}`",
              f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU; torch threads {args.threads}",
              f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
@@ -233,7 +235,7 @@ def render(doc: dict, args, parser, started) -> str:
                 f"| {t['median'][c]['inference']:.3f} | {t['ratio'][c]['inference']:.2f} |")
     lines += ["", "<details><summary>raw (JSON)</summary>", "", "```json",
               json.dumps({"memory_bytes": doc["memory"], "times": {n: t["times"] for n, t in doc["timing"].items()}}),
-              "```", "</details>", MARK_END]
+              "```", "</details>", end]
     return "\n".join(lines)
 
 

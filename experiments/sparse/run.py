@@ -12,6 +12,10 @@ Stages:
   train    attnkit sparse train MODEL --pattern learned_gate at each --train-densities (1024 tokens)
   eval     attnkit sparse eval MODEL, every pattern at --densities, at 1024 tokens (+ --extra-lengths
            with fewer tokens), the trained gates as learned_gate
+  eval_extra  only the --extra-lengths part of eval (into results/--extra-out)
+  gate_eval   each trained gate directory (every --train-densities x --seeds) alone, as learned_gate at
+              every --densities, 1024 tokens (results/eval_1024_gates/NAME/): a gate at its own density
+              and at the others, and the spread over seeds
   minilm   attnkit sparse eval minilm: attention replaced with no fine-tuning, embedding cosine
   bench    python bench/bench_sparse.py: peak memory (fresh processes) and time (interleaved rounds)
   summary  results/summary.md: learned vs training-free at equal density, the smallest density meeting
@@ -31,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "sparse" / "results"
 LOGS = ROOT / "runs" / "sparse"
-STAGES = ("train", "eval", "minilm", "bench", "summary")
+STAGES = ("train", "eval", "eval_extra", "gate_eval", "minilm", "bench", "summary")
 
 
 def run(cmd: list[str], log: str) -> None:
@@ -50,32 +54,56 @@ def attnkit(*args: str) -> list[str]:
     return [sys.executable, "-m", "attnkit.cli.main", *args]
 
 
-def gates_dir(density: float) -> Path:
-    return RESULTS / f"gates_{density:g}"
+def gates_dir(density: float, seed: int = 0) -> Path:
+    return RESULTS / (f"gates_{density:g}" + (f"_seed{seed}" if seed else ""))
+
+
+def trained(a) -> list[tuple[float, int]]:
+    return [(d, s) for d in a.train_densities for s in a.seeds]
 
 
 def stage_train(a) -> None:
-    for d in a.train_densities:
-        out = gates_dir(d)
+    for d, seed in trained(a):
+        out = gates_dir(d, seed)
         resume = ["--resume"] if out.exists() else []
         run(attnkit("sparse", "train", a.model, "--pattern", "learned_gate", "--density", f"{d:g}", "--block-size",
                     str(a.block_size), "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--steps",
                     str(a.steps), "--lr", f"{a.lr:g}", "--map-loss", f"{a.map_loss:g}", "--gate-bias", f"{a.gate_bias:g}", "--gate-grad", a.gate_grad, "--gate-init", a.gate_init,
-                    *(["--no-sinks"] if a.no_sinks else []), "--checkpoint-every", "50",
-                    "--no-progress", "--out", str(out), *resume), f"train_{d:g}.log")
+                    *(["--no-sinks"] if a.no_sinks else []), "--checkpoint-every", "50", "--seed", str(seed),
+                    "--no-progress", "--out", str(out), *resume), f"{out.name}.log")
 
 
 def stage_eval(a) -> None:
-    gates = ",".join(str(gates_dir(d)) for d in a.train_densities if (gates_dir(d) / "sparse_gates.safetensors").exists())
-    extra = ["--gates", gates] if gates else []
-    densities = ",".join(f"{d:g}" for d in a.densities)
-    run(attnkit("sparse", "eval", a.model, "--densities", densities, "--seq-lens", str(a.seq_len), "--block-size",
-                str(a.block_size), "--tokens", str(a.tokens), "--grad-windows", "1", *extra,
+    run(attnkit("sparse", "eval", a.model, "--densities", _densities(a), "--seq-lens", str(a.seq_len), "--block-size",
+                str(a.block_size), "--tokens", str(a.tokens), "--grad-windows", "1", *_gates(a),
                 "--out", str(RESULTS / f"eval_{a.seq_len}")), "eval.log")
     if a.extra_lengths:
-        run(attnkit("sparse", "eval", a.model, "--densities", densities, "--seq-lens", a.extra_lengths,
-                    "--block-size", str(a.block_size), "--tokens", str(a.extra_tokens), "--grad-windows", "1", *extra,
-                    "--out", str(RESULTS / "eval_lengths")), "eval_lengths.log")
+        stage_eval_extra(a)
+
+
+def stage_eval_extra(a) -> None:
+    run(attnkit("sparse", "eval", a.model, "--densities", _densities(a), "--seq-lens", a.extra_lengths,
+                "--block-size", str(a.block_size), "--tokens", str(a.extra_tokens), "--grad-windows", "1", *_gates(a),
+                "--out", str(RESULTS / a.extra_out)), f"{a.extra_out}.log")
+
+
+def stage_gate_eval(a) -> None:
+    for d, seed in trained(a):
+        gates = gates_dir(d, seed)
+        run(attnkit("sparse", "eval", a.model, "--patterns", "learned_gate", "--gates", str(gates),
+                    "--densities", _densities(a), "--seq-lens", str(a.seq_len), "--block-size", str(a.block_size),
+                    "--tokens", str(a.tokens), "--grad-windows", "1",
+                    "--out", str(RESULTS / f"eval_{a.seq_len}_gates" / gates.name)), "gate_eval.log")
+
+
+def _densities(a) -> str:
+    return ",".join(f"{d:g}" for d in a.densities)
+
+
+def _gates(a) -> list[str]:
+    """--gates with the seed-0 gates of every trained density (eval picks the one nearest each density)."""
+    dirs = [str(gates_dir(d)) for d in a.train_densities if (gates_dir(d) / "sparse_gates.safetensors").exists()]
+    return ["--gates", ",".join(dirs)] if dirs else []
 
 
 def stage_minilm(a) -> None:
@@ -85,9 +113,9 @@ def stage_minilm(a) -> None:
 
 def stage_bench(a) -> None:
     run([sys.executable, "bench/bench_sparse.py", "--model", a.model, "--lengths", a.bench_lengths,
-         "--densities", ",".join(f"{d:g}" for d in a.densities), "--block-size", str(a.block_size),
+         "--densities", a.bench_densities or _densities(a), "--block-size", str(a.block_size),
          "--flex", a.flex,
-         "--rounds", str(a.rounds), "--json", str(RESULTS / "bench_sparse.json")]
+         "--rounds", str(a.rounds), "--block", a.bench_name, "--json", str(RESULTS / f"{a.bench_name}.json")]
         + (["--no-write"] if a.quick else []), "bench.log")
 
 
@@ -152,6 +180,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--train-densities", default="0.25", help="densities the learned gate is distilled at")
     p.add_argument("--densities", default="0.125,0.25,0.5,0.75", help="densities every pattern is evaluated at")
+    p.add_argument("--seeds", default="0", help="training seeds of each density (seed 0: gates_D/, else gates_D_seedS/)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -163,14 +192,19 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--extra-lengths", default="512,2048")
     p.add_argument("--extra-tokens", type=int, default=4096)
+    p.add_argument("--extra-out", default="eval_lengths", help="results/ folder of the extra lengths' eval")
     p.add_argument("--sentences", type=int, default=64)
     p.add_argument("--bench-lengths", default="512,1024,2048,4096")
+    p.add_argument("--bench-densities", default=None, help="the bench's densities (default: --densities)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--bench-name", default="bench_sparse",
+                   help="BENCHMARKS.md block and results/NAME.json the bench stage writes")
     p.add_argument("--flex", default="moba@0.25", help="configurations also run by compiled FlexAttention (inference)")
     p.add_argument("--quick", action="store_true", help="a smoke run: no BENCHMARKS.md write")
     a = p.parse_args()
     a.train_densities = [float(x) for x in a.train_densities.split(",")]
     a.densities = [float(x) for x in a.densities.split(",")]
+    a.seeds = [int(x) for x in a.seeds.split(",")]
     for stage in a.stages.split(","):
         if stage not in STAGES:
             raise SystemExit(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
