@@ -119,54 +119,176 @@ def stage_bench(a) -> None:
         + (["--no-write"] if a.quick else []), "bench.log")
 
 
-def stage_summary(a) -> None:
-    ev = json.loads((RESULTS / f"eval_{a.seq_len}" / "eval.json").read_text())
-    bench_path = RESULTS / "bench_sparse.json"
-    bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
-    base = ev["baselines"][0]
-    rows = ev["results"]
-    lines = [f"# Sparse attention on `{a.model}` ({a.seq_len} tokens, block {a.block_size})", "",
-             f"Dense: perplexity {base['perplexity']:.3f}, top-1 accuracy {base['top1_accuracy']:.4f} on "
-             f"{base['tokens']:,} held-out KJV test tokens ({base['windows']} windows).", "",
-             "## Every pattern at equal density", "",
-             "| density | pattern | measured density | KL (nats) | perplexity | × dense | top-1 agree | acc. ratio "
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _pattern_table(rows: list[dict]) -> list[str]:
+    lines = ["| density | pattern | measured density | KL (nats) | perplexity | × dense | top-1 agree | acc. ratio "
              "| prob MSE | dropped mass | grad cos (min) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in sorted({r["density"] for r in rows}):
         for r in sorted((r for r in rows if r["density"] == d), key=lambda r: r["kl"]):
             lines.append(f"| {d:g} | {r['pattern']} | {r['measured_density']:.3f} | {r['kl']:.4f} | {r['perplexity']:.3f} "
                          f"| {r['perplexity_ratio']:.3f} | {r['top1_agreement']:.3f} | {r['top1_accuracy_ratio']:.3f} "
                          f"| {r['prob_mse']:.2e} | {r['prob_dropped_mass']:.3f} | {r.get('grad_cosine_min', float('nan')):.3f} |")
-    lines += ["", "## Learned gate vs the best training-free pattern at each density", "",
-              "| density | learned KL | best training-free (KL) | learned ppl | best training-free (ppl) | learned wins both |",
-              "|---:|---:|---|---:|---|---|"]
+    return lines
+
+
+def _best_free(rows: list[dict], density: float) -> tuple[dict, dict] | None:
+    """(lowest-KL, lowest-perplexity) training-free rows at ``density``."""
+    free = [r for r in rows if r["density"] == density and r["pattern"] != "learned_gate"]
+    return (min(free, key=lambda r: r["kl"]), min(free, key=lambda r: r["perplexity"])) if free else None
+
+
+def _learned_vs_free(rows: list[dict]) -> list[str]:
+    lines = ["| density | learned KL | best training-free (KL) | learned ppl | best training-free (ppl) | learned wins both |",
+             "|---:|---:|---|---:|---|---|"]
     for d in sorted({r["density"] for r in rows}):
-        at = [r for r in rows if r["density"] == d]
-        learned = next((r for r in at if r["pattern"] == "learned_gate"), None)
-        free = [r for r in at if r["pattern"] != "learned_gate"]
-        if learned is None or not free:
+        learned = next((r for r in rows if r["density"] == d and r["pattern"] == "learned_gate"), None)
+        best = _best_free(rows, d)
+        if learned is None or best is None:
             continue
-        bk, bp = min(free, key=lambda r: r["kl"]), min(free, key=lambda r: r["perplexity"])
+        bk, bp = best
         wins = learned["kl"] < bk["kl"] and learned["perplexity"] < bp["perplexity"]
         lines.append(f"| {d:g} | {learned['kl']:.4f} | {bk['pattern']} ({bk['kl']:.4f}) | {learned['perplexity']:.3f} "
                      f"| {bp['pattern']} ({bp['perplexity']:.3f}) | {'yes' if wins else 'no'} |")
-    lines += ["", "## Smallest density meeting each fidelity target", "",
-              "| pattern | " + " | ".join(ev["targets_defined"].values()) + " |",
-              "|---|" + "---:|" * len(ev["targets_defined"])]
-    smallest = ev["smallest_density"][str(a.seq_len)]
-    for pattern, by_target in smallest.items():
+    return lines
+
+
+def _memory_table(bench: dict) -> list[str]:
+    lines = ["| tokens | configuration | train MiB | vs SDPA | vs eager | inference MiB | vs SDPA | vs eager | train s × SDPA |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, by_config in bench["memory"].items():
+        sd, ea = by_config["dense-sdpa"], by_config["dense-eager"]
+        for c, m in by_config.items():
+            tr = (f"{m['train'] / 2**20:.1f} | {m['train'] / sd['train'] - 1:+.0%} | {m['train'] / ea['train'] - 1:+.0%}"
+                  if m["train"] is not None else "— | — | —")
+            rt = bench["timing"][n]["ratio"][c]["train"]
+            lines.append(f"| {n} | {c} | {tr} | {m['inference'] / 2**20:.1f} "
+                         f"| {m['inference'] / sd['inference'] - 1:+.0%} | {m['inference'] / ea['inference'] - 1:+.0%} "
+                         f"| {'—' if rt is None else f'{rt:.2f}'} |")
+    return lines
+
+
+def _gate_runs(a, ev: dict) -> dict[str, list[dict]]:
+    """{gate directory name: its learned_gate rows at a.seq_len}: gates_0.25 from the main eval (run with it
+    alone), every other from its own gate_eval."""
+    runs = {}
+    if ev["plan"].get("gates") and len(ev["plan"]["gates"]) == 1:
+        runs[Path(ev["plan"]["gates"][0]).name] = [r for r in ev["results"] if r["pattern"] == "learned_gate"]
+    for path in sorted((RESULTS / f"eval_{a.seq_len}_gates").glob("*/eval.json")):
+        runs[path.parent.name] = [r for r in json.loads(path.read_text())["results"] if r["pattern"] == "learned_gate"]
+    return runs
+
+
+def _gate_sections(a, ev: dict) -> list[str]:
+    runs = _gate_runs(a, ev)
+    if len(runs) < 2:
+        return []
+    rows, densities = ev["results"], sorted({r["density"] for r in ev["results"]})
+    by_density = {name: rs for name, rs in runs.items() if "_seed" not in name}
+    lines = ["", f"## Gates trained at different densities, each run at every density ({a.seq_len} tokens)", "",
+             "KL (nats) / perplexity; the best training-free pattern at that density for comparison "
+             "(same windows; the dense baseline is recomputed in each run and is the same).", "",
+             "| gate trained at | " + " | ".join(f"{d:g}" for d in densities) + " |", "|---|" + "---:|" * len(densities)]
+    for name, rs in sorted(by_density.items(), key=lambda kv: float(kv[0].split("_")[1])):
+        at = {r["density"]: r for r in rs}
+        lines.append(f"| {name.split('_')[1]} | " + " | ".join(
+            f"{at[d]['kl']:.4f} / {at[d]['perplexity']:.2f}" if d in at else "—" for d in densities) + " |")
+    lines.append("| best training-free | " + " | ".join(
+        f"{b[0]['kl']:.4f} ({b[0]['pattern']}) / {b[1]['perplexity']:.2f} ({b[1]['pattern']})"
+        for b in (_best_free(rows, d) for d in densities)) + " |")
+    seeds = {name: rs for name, rs in runs.items() if name == "gates_0.25" or name.startswith("gates_0.25_seed")}
+    if len(seeds) >= 2:
+        lines += ["", f"## The 0.25 gate over {len(seeds)} training seeds ({', '.join(sorted(seeds))})", "",
+                  "Margin = learned − best training-free (negative: the gate is better); mean [min, max] over seeds.", "",
+                  "| density | learned KL | KL margin vs best free (KL) | learned ppl | ppl margin vs best free (ppl) "
+                  "| seeds better on both |", "|---:|---|---|---|---|---:|"]
+        for d in densities:
+            bk, bp = _best_free(rows, d)
+            at = [next(r for r in rs if r["density"] == d) for rs in seeds.values()]
+            kl = [r["kl"] for r in at]
+            ppl = [r["perplexity"] for r in at]
+            dk = [x - bk["kl"] for x in kl]
+            dp = [x - bp["perplexity"] for x in ppl]
+            both = sum(x < 0 and y < 0 for x, y in zip(dk, dp))
+            lines.append(f"| {d:g} | {_spread(kl, 4, False)} | {_spread(dk, 4)} ({bk['pattern']} {bk['kl']:.4f}) "
+                         f"| {_spread(ppl, 3, False)} | {_spread(dp, 3)} ({bp['pattern']} {bp['perplexity']:.3f}) "
+                         f"| {both}/{len(at)} |")
+    return lines
+
+
+def _spread(xs: list[float], digits: int, signed: bool = True) -> str:
+    """mean [min, max]."""
+    f = f"{'+' if signed else ''}.{digits}f"
+    return f"{sum(xs) / len(xs):{f}} [{min(xs):{f}}, {max(xs):{f}}]"
+
+
+def _targets_table(ev: dict, seq_len: int) -> list[str]:
+    """The smallest density measured at which each target holds (there and at every larger one), per pattern."""
+    lines = ["| pattern | " + " | ".join(ev["targets_defined"].values()) + " |",
+             "|---|" + "---:|" * len(ev["targets_defined"])]
+    for pattern, by_target in ev["smallest_density"][str(seq_len)].items():
         cells = [f"{by_target[t]:g}" if by_target[t] is not None else "not met" for t in ev["targets_defined"]]
         lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
-    if bench is not None:
-        lines += ["", "## Peak memory of a training step (forward + backward) and of inference", "",
-                  "| tokens | configuration | train MiB | vs SDPA | vs eager | inference MiB | vs SDPA | vs eager |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
-        for n, by_config in bench["memory"].items():
-            sd, ea = by_config["dense-sdpa"], by_config["dense-eager"]
-            for c, m in by_config.items():
-                tr = (f"{m['train'] / 2**20:.1f} | {m['train'] / sd['train'] - 1:+.0%} | {m['train'] / ea['train'] - 1:+.0%}"
-                      if m["train"] is not None else "— | — | —")
-                lines.append(f"| {n} | {c} | {tr} | {m['inference'] / 2**20:.1f} "
-                             f"| {m['inference'] / sd['inference'] - 1:+.0%} | {m['inference'] / ea['inference'] - 1:+.0%} |")
+    return lines
+
+
+def _memory_at_targets(a, ev: dict, benches: list[dict]) -> list[str]:
+    """The training-step peak at the smallest density meeting each target (learned gate), from whichever
+    benchmark measured that density."""
+    smallest = ev["smallest_density"][str(a.seq_len)].get("learned_gate")
+    if not smallest or not benches:
+        return []
+    lines = ["", "## Training-step peak memory at the smallest density meeting each target (learned gate)", "",
+             "| target | density | tokens | train MiB | vs dense SDPA | vs dense eager | benchmark |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for key, label in ev["targets_defined"].items():
+        d = smallest[key]
+        if d is None:
+            lines.append(f"| {label} | not met | | | | | |")
+            continue
+        for bench, name in benches:
+            for n, by_config in bench["memory"].items():
+                m = by_config.get(f"learned_gate@{d:g}")
+                if n not in (str(a.seq_len), "4096") or m is None or m["train"] is None:
+                    continue
+                sd, ea = by_config["dense-sdpa"]["train"], by_config["dense-eager"]["train"]
+                lines.append(f"| {label} | {d:g} | {n} | {m['train'] / 2**20:.1f} | {m['train'] / sd - 1:+.0%} "
+                             f"| {m['train'] / ea - 1:+.0%} | {name} |")
+    return lines
+
+
+def stage_summary(a) -> None:
+    ev = json.loads((RESULTS / f"eval_{a.seq_len}" / "eval.json").read_text())
+    benches = [(b, name) for name in ("bench_sparse", "bench_sparse_d075")
+               if (b := _load(RESULTS / f"{name}.json")) is not None]
+    base = ev["baselines"][0]
+    rows = ev["results"]
+    lines = [f"# Sparse attention on `{a.model}` ({a.seq_len} tokens, block {a.block_size})", "",
+             "Written by `python experiments/sparse/run.py --stages summary` from the JSON in this folder.", "",
+             f"Dense: perplexity {base['perplexity']:.3f}, top-1 accuracy {base['top1_accuracy']:.4f} on "
+             f"{base['tokens']:,} held-out KJV test tokens ({base['windows']} windows).", "",
+             "## Every pattern at equal density", "", *_pattern_table(rows),
+             "", "## Learned gate vs the best training-free pattern at each density", "", *_learned_vs_free(rows),
+             "", "## Smallest density meeting each fidelity target", "", *_targets_table(ev, a.seq_len)]
+    lines += _memory_at_targets(a, ev, benches)
+    lines += _gate_sections(a, ev)
+    for folder in ("eval_lengths", "eval_4096"):
+        other = _load(RESULTS / folder / "eval.json")
+        if other is None:
+            continue
+        for b in other["baselines"]:
+            at = [r for r in other["results"] if r["seq_len"] == b["seq_len"]]
+            gates = ", ".join(Path(g).name for g in other["plan"].get("gates") or [])
+            lines += ["", f"## {b['seq_len']} tokens (`{folder}/`)", "",
+                      f"Dense: perplexity {b['perplexity']:.3f}, top-1 accuracy {b['top1_accuracy']:.4f} on "
+                      f"{b['tokens']:,} KJV test tokens ({b['windows']} windows); learned gate: {gates or '—'}.", "",
+                      *_learned_vs_free(at), "", *_targets_table(other, b["seq_len"]), "", *_pattern_table(at)]
+    for bench, name in benches:
+        lines += ["", f"## Peak memory of a training step (forward + backward) and of inference (`{name}.json`)", "",
+                  f"Model `{bench['args']['model']}`; load average {bench['load'][0]:.1f} → {bench['load'][1]:.1f}.", "",
+                  *_memory_table(bench)]
     out = RESULTS / "summary.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
