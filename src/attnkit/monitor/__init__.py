@@ -7,7 +7,8 @@
             monitor.on_step(step, loss=loss)
 
 See ``monitor.py`` (observation and history), ``detectors.py`` (trends and thresholds),
-``interventions.py`` (QK-clip, soft-cap, temperature, LR, dropout, grad clip; the policy),
+``interventions.py`` (QK-clip, soft-cap, temperature, LR, dropout, grad clip, rollback; the policy),
+``snapshots.py`` (the in-memory snapshots a rollback restores),
 ``nonfinite.py`` (NaN/Inf tracer), ``emit.py`` (JSONL, CSV, console, TensorBoard, W&B),
 ``integrations/`` (HF Trainer, Lightning) and ``report.py`` (figures from the JSONL).
 """
@@ -16,16 +17,17 @@ from attnkit.monitor.detectors import DETECTORS, Thresholds
 from attnkit.monitor.emit import EMITTERS, Emitter, StepRecord
 from attnkit.monitor.interventions import (
     DEFAULT_RULES, INTERVENTIONS, AttentionDropout, Chain, GradClip, LRBackoff, LRToRate, Policy, QKClip, ReduceLR,
-    qk_clip_layout, soft_cap, temperature,
+    Rollback, qk_clip_layout, soft_cap, temperature,
 )
 from attnkit.monitor.issues import Diagnosis, Issue
 from attnkit.monitor.monitor import DEFAULT_EVERY, AttentionMonitor
 from attnkit.monitor.nonfinite import TraceResult, trace_nonfinite
+from attnkit.monitor.snapshots import Snapshot, Snapshots
 
 __all__ = [
     "DEFAULT_EVERY", "DEFAULT_RULES", "DETECTORS", "EMITTERS", "INTERVENTIONS", "AttentionDropout", "AttentionMonitor",
     "Chain",
-    "Diagnosis", "Emitter", "GradClip", "Issue", "LRBackoff", "LRToRate", "Policy", "QKClip", "ReduceLR", "StepRecord",
+    "Diagnosis", "Emitter", "GradClip", "Issue", "LRBackoff", "LRToRate", "Policy", "QKClip", "ReduceLR", "Rollback", "Snapshot", "Snapshots", "StepRecord",
     "Thresholds",
     "TraceResult", "qk_clip_layout", "soft_cap", "temperature", "trace_nonfinite",
 ]

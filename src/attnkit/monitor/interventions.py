@@ -24,6 +24,12 @@ maps a name to its class:
   the rate it started from.
 - ``lr_to_rate``: once, the LR × (target growth rate / the heads' measured growth rate of log max
   logit): the rate at which the detectors would stop calling it growth (see ``LRToRate``).
+- ``rollback``: restore, in place, the newest in-memory snapshot (``attnkit.monitor.Snapshots``:
+  model, optimizer and scheduler state, on CPU) taken before the step the warned trend started,
+  and forget the monitor's history of the undone steps; the learning rates the interventions set
+  stay. The loop goes on with its next batches (nothing is replayed; the step budget is the same,
+  so the undone steps are lost compute). PaLM's and OPT's practice for loss spikes. ``times``: how
+  often a ``Policy`` may roll back (a second warning on the restored run rolls back again).
 - ``chain``: several interventions applied together as one action.
 """
 
@@ -72,7 +78,7 @@ class QKClip:
     def apply(self, monitor) -> str:
         detail = self._clip(monitor)
         if self.persistent and self not in monitor.persistent:
-            monitor.persistent.append(self)
+            monitor.keep_applying(self)
         return detail or f"no head above τ={self.tau:g} now; re-applied on every observed step"
 
     def reapply(self, monitor) -> None:
@@ -223,7 +229,7 @@ class LRBackoff:
     def apply(self, monitor) -> str:
         detail = self._step(monitor, force=True)
         if self not in monitor.persistent:
-            monitor.persistent.append(self)
+            monitor.keep_applying(self)
         return detail + f"; again on every observed step where ≥{self.share:.0%} of heads' max logits grow " \
                         f"≥{self._growth(monitor):.3g}× (down to {self.min_fraction:g} of it)"
 
@@ -255,18 +261,20 @@ class LRBackoff:
         return out
 
     def _step(self, monitor, force: bool) -> str:
-        if monitor.latest is None:
-            return ""
-        logits = [float(v) for v in monitor.latest.metrics["logit_max"]]
         growth = self._growth(monitor)
-        floor = monitor.thresholds.logit_floor if self.floor is None else self.floor
         grew = 0.0
-        if self._prev is not None:
-            # heads below the detectors' floor are ordinary learning (logits start near 0), not counted as growing
-            grown = [math.isfinite(now) and before >= floor and now >= growth * before
-                     for now, before in zip(logits, self._prev)]
-            grew = sum(grown) / max(len(grown), 1)
-        self._prev = self._after_clip(monitor, logits)
+        if monitor.latest is None:  # nothing observed yet (or just rolled back): only the first halving
+            if not force:
+                return ""
+        else:
+            logits = [float(v) for v in monitor.latest.metrics["logit_max"]]
+            floor = monitor.thresholds.logit_floor if self.floor is None else self.floor
+            if self._prev is not None:
+                # heads below the detectors' floor are ordinary learning (logits start near 0), not counted as growing
+                grown = [math.isfinite(now) and before >= floor and now >= growth * before
+                         for now, before in zip(logits, self._prev)]
+                grew = sum(grown) / max(len(grown), 1)
+            self._prev = self._after_clip(monitor, logits)
         if not force and grew < self.share:
             return ""
         if self._scale * self.factor < self.min_fraction * (1 - 1e-9):
@@ -316,6 +324,37 @@ class LRToRate:
 
 
 @dataclass
+class Rollback:
+    """Restore the newest snapshot taken before step ``before`` (the warned trend's start; None: the
+    newest snapshot), in place, and forget the history of the undone steps (see the module docstring).
+    First in a ``Chain``, so the actions after it (QK-clip, LR back-off) act on the restored run."""
+
+    before: int | None = None
+    times: int = 3  # how often a Policy may apply it in one run (bounded retries)
+    reason: str = ""
+    name: str = "rollback"
+    fields: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.times, bool) or not isinstance(self.times, int) or self.times < 1:
+            raise UserError(f"Rollback(times=...) must be a whole number >= 1, got {self.times!r}")
+
+    def apply(self, monitor) -> str:
+        if monitor.snapshots is None:
+            raise UserError("rollback needs snapshots: AttentionMonitor(..., snapshots=Snapshots(every=..., keep=...))")
+        snap, before_trend = monitor.snapshots.choose(self.before)
+        monitor.snapshots.restore(monitor, snap, monitor.step)
+        monitor.forget_history()
+        undone = monitor.step - snap.step
+        self.fields = {"restored_step": snap.step, "trend_started": self.before, "undone_steps": undone}
+        where = (f"the newest before the trend's start (step {self.before})" if self.before is not None and before_trend
+                 else f"the oldest kept: none is older than the trend's start (step {self.before})"
+                 if self.before is not None else "the newest")
+        return (f"rolled back to the snapshot of step {snap.step}, {where}: model, optimizer"
+                f"{' and scheduler' if snap.scheduler is not None else ''} state restored, {undone} steps undone")
+
+
+@dataclass
 class Chain:
     """Several interventions as one action (each applied, details joined)."""
 
@@ -325,6 +364,14 @@ class Chain:
     @property
     def name(self) -> str:
         return "+".join(p.name for p in self.parts)
+
+    @property
+    def times(self) -> int:
+        return max((getattr(p, "times", 1) for p in self.parts), default=1)
+
+    @property
+    def fields(self) -> dict:
+        return {k: v for p in self.parts for k, v in getattr(p, "fields", {}).items()}
 
     def apply(self, monitor) -> str:
         details = []
@@ -343,6 +390,7 @@ INTERVENTIONS: dict[str, Callable[..., object]] = {
     "grad_clip": GradClip,
     "lr_backoff": LRBackoff,
     "lr_to_rate": LRToRate,
+    "rollback": Rollback,
     "chain": lambda *parts: Chain(tuple(parts)),
 }
 
@@ -352,12 +400,14 @@ SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 @dataclass
 class Policy:
     """Issue type -> intervention factory ``(issue) -> intervention``; each action at most once
-    (``once``), the most severe new issue first. ``DEFAULT_RULES``: logit growth or overflow → QK-clip
-    at τ; entropy collapse → attention dropout; loss or gradient spike → halve the learning rate."""
+    (``once``; an intervention with ``times`` = n, such as ``Rollback``, at most n times), the most
+    severe new issue first. ``DEFAULT_RULES``: logit growth or overflow → QK-clip at τ; entropy
+    collapse → attention dropout; loss or gradient spike → halve the learning rate."""
 
     rules: dict[str, Callable[[Issue], object]] = field(default_factory=lambda: dict(DEFAULT_RULES))
     once: bool = True
     applied: set = field(default_factory=set)
+    counts: dict = field(default_factory=dict)  # action name -> times applied
 
     def get_intervention(self, diagnosis: Diagnosis):
         for issue in sorted(diagnosis.new or diagnosis.issues, key=lambda i: SEVERITY_ORDER.get(i.severity, 3)):
@@ -365,9 +415,10 @@ class Policy:
             if rule is None:
                 continue
             intervention = rule(issue)
-            if self.once and intervention.name in self.applied:
+            if self.once and self.counts.get(intervention.name, 0) >= getattr(intervention, "times", 1):
                 continue
             self.applied.add(intervention.name)
+            self.counts[intervention.name] = self.counts.get(intervention.name, 0) + 1
             intervention.reason = f"{issue.type} at {issue.where()} (step {issue.step}): {issue.message}"
             return intervention
         return None

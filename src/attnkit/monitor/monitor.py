@@ -46,6 +46,7 @@ from attnkit.monitor.emit import EMITTERS, GATE_METRICS, HEAD_METRICS, Emitter, 
 from attnkit.monitor.grads import GradNorms
 from attnkit.monitor.history import Ring
 from attnkit.monitor.issues import Diagnosis, Issue
+from attnkit.monitor.snapshots import Snapshots
 from attnkit.seam import ADAPTERS, AttentionCall, AttentionSession, NoAttentionError, Site, StatsCollector, Tap, attach, unwrap
 
 DEFAULT_EVERY = 16  # observed steps cost ~1.3 unobserved ones on the reference model: <= 5% at 1 in 16 (BENCHMARKS.md)
@@ -110,7 +111,9 @@ class AttentionMonitor:
     its interventions are applied automatically on each observed step. thresholds / detectors:
     see ``attnkit.monitor.detectors``. sample_rows: statistics on that many random query rows per
     call (cheaper on long sequences). trace_nonfinite: on a non-finite loss or logits, re-run the
-    last batch observed and name the first site and head where NaN/Inf appear.
+    last batch observed and name the first site and head where NaN/Inf appear. snapshots: a
+    ``Snapshots(every, keep)`` store of in-memory copies of the model, optimizer and scheduler state
+    (one at start, then every ``every`` healthy steps), what the ``rollback`` intervention restores.
     """
 
     def __init__(
@@ -129,8 +132,11 @@ class AttentionMonitor:
         sample_rows: int | None = None,
         trace_nonfinite: bool = True,
         meta: dict | None = None,
+        snapshots: Snapshots | None = None,
     ) -> None:
         check_every(every)
+        if snapshots is not None and not isinstance(snapshots, Snapshots):
+            raise UserError(f"snapshots must be attnkit.monitor.Snapshots(every=..., keep=...), got {snapshots!r}")
         if history < 2 or loss_history < 2:
             raise UserError("history and loss_history must be at least 2")
         root = unwrap(model)
@@ -156,6 +162,7 @@ class AttentionMonitor:
             self.emitters += [EMITTERS[e](self.log_dir) if isinstance(e, str) else e for e in emit if e != "jsonl"]
         self.history_size, self.loss_history, self.sample_rows = history, loss_history, sample_rows
         self.trace_nonfinite = trace_nonfinite
+        self.snapshots = snapshots
         self.meta = dict(meta or {})
         self.stats = StatsCollector()
         self.grads = GradNorms()
@@ -206,6 +213,8 @@ class AttentionMonitor:
             stack.callback(hook.remove)
         self._stack = stack
         self.session.active = True
+        if self.snapshots is not None and not len(self.snapshots):
+            self.snapshots.take(self, self.step)  # the run as handed over: before any trend
         return self
 
     def close(self) -> None:
@@ -242,6 +251,8 @@ class AttentionMonitor:
         observed = self.sites_tap.calls > 0
         self.sites_tap.calls = 0
         diagnosis = self._observe(step) if observed else None
+        if self.snapshots is not None:
+            self.snapshots.after_step(self, step, diagnosis)
         self.session.active = (step + 1) % self.every == 0
         return diagnosis
 
@@ -350,9 +361,27 @@ class AttentionMonitor:
         """Apply an intervention now and log it (step, action, what it did, why)."""
         detail = intervention.apply(self)
         entry = {"step": self.step, "action": intervention.name, "detail": detail,
-                 "reason": getattr(intervention, "reason", "") or "requested"}
+                 "reason": getattr(intervention, "reason", "") or "requested",
+                 **getattr(intervention, "fields", {})}  # structured extras (a rollback's restored step)
         self.log_intervention(entry)
         return entry
+
+    def keep_applying(self, intervention) -> None:
+        """Re-apply ``intervention`` on every later observed step, in place of any earlier one of its
+        kind (after a rollback the policy's actions are applied anew: the new QK-clip and back-off
+        replace the old ones instead of stacking on them)."""
+        self.persistent = [p for p in self.persistent if type(p) is not type(intervention)] + [intervention]
+
+    def forget_history(self) -> None:
+        """Drop every observation, loss and warning (after a rollback they describe a trajectory that
+        no longer exists): the detectors judge the restored run afresh and may warn again."""
+        if self.series is not None:
+            self.rings = {m: Ring(self.history_size, len(self.series)) for m in self.metric_names}
+            self.grad_ring = Ring(self.history_size, len(self.sites))
+        self.losses = Ring(self.loss_history, 1)
+        self._pending.clear()
+        self.warned.clear()
+        self.latest = None
 
     def log_intervention(self, entry: dict, quiet: bool = False) -> None:
         """Record an intervention; ``quiet``: to the JSONL only (repeated actions such as QK-clip)."""
@@ -421,3 +450,7 @@ class AttentionMonitor:
         """Bytes held by the history: constant once the first step is observed."""
         return sum(r.nbytes for r in self.rings.values()) + self.losses.nbytes + (
             self.grad_ring.nbytes if self.grad_ring is not None else 0)
+
+    def snapshot_bytes(self) -> int:
+        """Host memory held by the rollback snapshots (0 without them)."""
+        return self.snapshots.nbytes if self.snapshots is not None else 0
