@@ -23,6 +23,8 @@ base runs' traces with ``--predictors`` and runs only the rescues.
     python experiments/monitor_sweep.py --out runs/monitor_s45 --seeds 4,5 --horizon 1.0 --no-rescue
     python experiments/monitor_sweep.py --out runs/monitor_s45_clip_backoff --rescue-from runs/monitor_s45 \
         --policy clip_backoff --horizon 1.0                                    # second protocol's rescues
+    python experiments/monitor_sweep.py --out runs/monitor_s45_rollback --rescue-from runs/monitor_s45 \
+        --policy rollback_backoff --horizon 1.0                                # rollback + clip_backoff's actions
     python experiments/monitor_sweep.py --out runs/monitor_temperature --archs gpt2,llama --lrs 3e-3 \
         --temperatures 1,0.5,0.25,0.125 --horizon 1.0                          # temperature sweep
     python experiments/monitor_sweep.py --out runs/quick --steps 60 --lrs 1e-2 --seeds 0 --archs gpt2
@@ -45,7 +47,9 @@ import torch
 from attnkit.data import encode_documents, load_corpus
 from attnkit.models.registry import resolve_model_path
 from attnkit.mods import temperature
-from attnkit.monitor import AttentionMonitor, Chain, LRBackoff, LRToRate, Policy, QKClip, ReduceLR, Thresholds
+from attnkit.monitor import (
+    AttentionMonitor, Chain, LRBackoff, LRToRate, Policy, QKClip, ReduceLR, Rollback, Snapshots, Thresholds,
+)
 from attnkit.monitor.replay import first_step, replay
 from attnkit.seam import attach
 
@@ -146,7 +150,20 @@ def oracle_lr(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
     return Policy(rules={t: (lambda i: Chain((clip(i), SetBaseLR()))) for t in predictors})
 
 
-POLICIES = {"clip_halve": clip_halve, "oracle_lr": oracle_lr, "clip_backoff": clip_backoff,
+def rollback_backoff(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
+    """``clip_backoff``'s actions after a rollback: restore the newest in-memory snapshot taken before
+    the warned trend's start (PaLM's and OPT's restart from a checkpoint before the spike), then the
+    QK-clip and LR back-off act on the restored run. A warning on the restored run rolls back again
+    (at most 3 times). The loop goes on with its next batches; the step budget is unchanged."""
+    clip = _clip_at_warning(tau_floor)
+    return Policy(rules={t: (lambda i: Chain((Rollback(i.started, times=3), clip(i),
+                                              LRBackoff(growth=1.25, floor=0.0)))) for t in predictors})
+
+
+rollback_backoff.needs_snapshots = True
+
+
+POLICIES = {"clip_halve": clip_halve, "rollback_backoff": rollback_backoff, "oracle_lr": oracle_lr, "clip_backoff": clip_backoff,
             "clip_backoff_slow": clip_backoff_slow, "clip_rate": clip_rate, "backoff": backoff}
 
 
@@ -156,10 +173,15 @@ def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     name = f"{arch}_lr{lr:g}" + (f"_t{temp:g}" if temp != 1.0 else "") + f"_s{seed}" + ("_rescue" if rescue else "")
+    make_policy = POLICIES[args.policy]
+    # in-memory snapshots for a rollback (one at start, then every --snapshot-every healthy steps)
+    snapshots = Snapshots(args.snapshot_every, args.snapshots_kept) if (
+        rescue and getattr(make_policy, "needs_snapshots", False)) else None
     monitor = AttentionMonitor(model, every=args.every, log_dir=out / name, emit=(), optimizer=opt, scheduler=sched,
-                               policy=POLICIES[args.policy](args.tau_floor, args.predictors) if rescue else None,
-                               thresholds=Thresholds(horizon=args.horizon),
+                               policy=make_policy(args.tau_floor, args.predictors) if rescue else None,
+                               thresholds=Thresholds(horizon=args.horizon), snapshots=snapshots,
                                meta={"arch": arch, "lr": lr, "seed": seed, "rescue": rescue})
+    snapshot_bytes = 0
     losses, warnings, t0 = [], [], time.time()
     # An attention temperature (seed 001's experiment 1) through the seam: logits / temp in every head.
     scaled = attach(model, score_mods=[temperature(temp)]) if temp != 1.0 else nullcontext()
@@ -172,6 +194,7 @@ def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, 
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss))
             d = monitor.on_step(step, loss=loss)
+            snapshot_bytes = max(snapshot_bytes, monitor.snapshot_bytes())
             if d:
                 warnings += [{"type": i.type, "step": i.step, "where": i.where(), "value": i.value,
                               "started": i.started, "projected_steps": i.projected_steps} for i in d.new]
@@ -184,6 +207,9 @@ def train(arch: str, lr: float, seed: int, ids: torch.Tensor, vocab: int, args, 
             "losses": losses, "diverged_at": diverged, "first_warning": first, "warnings": warnings[:200],
             "interventions": list(monitor.interventions)[:200], "seconds": time.time() - t0,
             "policy": args.policy if rescue else None, "predictors": list(args.predictors),
+            # a rollback's cost: the steps it undid (lost compute: the budget is the same) and the snapshots' memory
+            "undone_steps": sum(i.get("undone_steps", 0) for i in monitor.interventions),
+            "rollbacks": sum("undone_steps" in i for i in monitor.interventions), "snapshot_bytes": snapshot_bytes,
             "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
@@ -300,9 +326,13 @@ def main() -> None:
     p.add_argument("--only", default=None, help="with --rescue-from: only these base runs (comma-separated names)")
     p.add_argument("--no-rescue", action="store_true",
                    help="base runs only (their traces can be re-scored offline; rescues run later)")
+    p.add_argument("--snapshot-every", type=int, default=24,
+                   help="rollback policies: an in-memory snapshot every this many healthy steps (and one at start)")
+    p.add_argument("--snapshots-kept", type=int, default=4, help="rollback policies: how many snapshots are kept")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     args.predictors = tuple(args.predictors.split(","))
+    Snapshots(args.snapshot_every, args.snapshots_kept)  # bad values fail here, before any training
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
