@@ -185,6 +185,9 @@ def test_a_second_warning_rolls_back_again_and_the_retries_are_bounded(tmp_path)
                 warning = Issue("softmax_saturation", "error", i, 50.0, 100.0, "saturating", Site(0), 0, i - 2)
                 intervention = policy.get_intervention(Diagnosis(i, [warning], [warning]))
                 entries.append(intervention and monitor.apply(intervention, None))
+            if i == 7:  # a warning still standing (not new) is not a second warning
+                standing = Issue("softmax_saturation", "error", i, 50.0, 100.0, "saturating", Site(0), 0, 3)
+                assert policy.get_intervention(Diagnosis(i, [standing], [])) is None
         assert [e and (e["step"], e["restored_step"]) for e in entries] == [(5, 2), (9, 6), None]  # at most twice
         # the new QK-clip and back-off replace the first ones (no stacked halvings); the LR cuts stay
         assert sorted(type(p).__name__ for p in monitor.persistent) == ["LRBackoff", "QKClip"]

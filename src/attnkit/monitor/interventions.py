@@ -415,8 +415,11 @@ class Policy:
             if rule is None:
                 continue
             intervention = rule(issue)
-            if self.once and self.counts.get(intervention.name, 0) >= getattr(intervention, "times", 1):
+            done = self.counts.get(intervention.name, 0)
+            if self.once and done >= getattr(intervention, "times", 1):
                 continue
+            if done and issue not in diagnosis.new:
+                continue  # again only on a new warning, not on one still standing
             self.applied.add(intervention.name)
             self.counts[intervention.name] = self.counts.get(intervention.name, 0) + 1
             intervention.reason = f"{issue.type} at {issue.where()} (step {issue.step}): {issue.message}"
