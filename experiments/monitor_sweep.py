@@ -160,10 +160,31 @@ def rollback_backoff(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
                                               LRBackoff(growth=1.25, floor=0.0)))) for t in predictors})
 
 
-rollback_backoff.needs_snapshots = True
+def rollback_backoff10(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
+    """Calibration round 2: as ``rollback_backoff``, but the back-off counts only heads at or above the
+    detectors' ``logit_floor`` (10): on a run restored to near its initialisation every head's max logit
+    grows ≥ 1.25x per observation while it learns (round 1 halved the LR to 1/64 of it there)."""
+    clip = _clip_at_warning(tau_floor)
+    return Policy(rules={t: (lambda i: Chain((Rollback(i.started, times=3), clip(i), LRBackoff(growth=1.25))))
+                         for t in predictors})
 
 
-POLICIES = {"clip_halve": clip_halve, "rollback_backoff": rollback_backoff, "oracle_lr": oracle_lr, "clip_backoff": clip_backoff,
+def rollback_rate(tau_floor: float, predictors: tuple[str, ...]) -> Policy:
+    """Calibration round 2: the LR set by ``LRToRate`` from the warned run's own logit growth (measured
+    before the rollback: growth rate ∝ LR under Adam), then the rollback, the QK-clip and the back-off
+    of round 2 (its first halving included: QK-norm heads stay below the floor, where LRToRate does
+    not act)."""
+    clip = _clip_at_warning(tau_floor)
+    return Policy(rules={t: (lambda i: Chain((LRToRate(), Rollback(i.started, times=3), clip(i),
+                                              LRBackoff(growth=1.25)))) for t in predictors})
+
+
+for _policy in (rollback_backoff, rollback_backoff10, rollback_rate):
+    _policy.needs_snapshots = True
+
+
+POLICIES = {"clip_halve": clip_halve, "rollback_backoff": rollback_backoff, "rollback_backoff10": rollback_backoff10,
+            "rollback_rate": rollback_rate, "oracle_lr": oracle_lr, "clip_backoff": clip_backoff,
             "clip_backoff_slow": clip_backoff_slow, "clip_rate": clip_rate, "backoff": backoff}
 
 
@@ -230,16 +251,44 @@ def stall_step(losses: list[float], width: int = 20) -> int:
     return min(range(len(avg)), key=avg.__getitem__)
 
 
-def summarize(runs: list[dict], degrade: float) -> dict:
+def lineage(r: dict) -> list[int]:
+    """The loop steps the run's final state descends from: a rollback at step t to the snapshot of
+    step s drops steps s+1..t (their updates were undone). Without rollbacks: every step."""
+    kept: list[int] = []
+    rollbacks = sorted((i["step"], i["restored_step"]) for i in r.get("interventions", []) if "restored_step" in i)
+    for step in range(len(r["losses"])):
+        kept.append(step)
+        while rollbacks and rollbacks[0][0] == step:
+            restored = rollbacks.pop(0)[1]
+            kept = [x for x in kept if x <= restored]
+    return kept
+
+
+def rescored_divergence(r: dict, warmup: int, spike: float) -> int | None:
+    """The divergence test on the losses of the run's lineage (a rollback's jump back to the restored
+    state's loss is not a spike of the trained run); the loop step where it fires."""
+    steps = lineage(r)
+    at = divergence_step([r["losses"][x] for x in steps], warmup, spike)
+    return None if at is None else steps[at]
+
+
+def summarize(runs: list[dict], degrade: float, warmup: int = 40, spike: float = 1.0) -> dict:
     """A run **failed** when its loss diverged or spiked (``diverged_at``), or when it ended
     ``degrade`` nats or more above the best final loss of its architecture in the sweep (a stalled
-    run: its failure step is where it stopped improving)."""
+    run: its failure step is where it stopped improving). A run that rolled back is tested on the
+    losses of its lineage (``lineage``); ``diverged_at_raw`` keeps the test on every loss it logged,
+    and ``rescued_raw`` counts the rescues by it."""
     base = [r for r in runs if not r["rescue"]]
     best = {a: min(r["final_loss"] for r in base if r["arch"] == a) for a in {r["arch"] for r in base}}
     for r in runs:
+        if any("restored_step" in i for i in r.get("interventions", [])):
+            r.setdefault("diverged_at_raw", r["diverged_at"])
+            r["diverged_at"] = rescored_divergence(r, warmup, spike)
         r["degraded"] = r["final_loss"] >= best[r["arch"]] + degrade
         r["failed_at"] = r["diverged_at"] if r["diverged_at"] is not None else (
             stall_step(r["losses"]) if r["degraded"] else None)
+        raw = r.get("diverged_at_raw", r["diverged_at"])
+        r["failed_raw"] = raw is not None or r["degraded"]
     unstable = [r for r in base if r["failed_at"] is not None]
     stable = [r for r in base if r["failed_at"] is None]
     predicted = [r for r in unstable if r["first_warning"] is not None and r["first_warning"] < r["failed_at"]]
@@ -248,19 +297,22 @@ def summarize(runs: list[dict], degrade: float) -> dict:
     rescues = {r["name"].removesuffix("_rescue"): r for r in runs if r["rescue"]}
     tried = [r for r in unstable if r["name"] in rescues and r["first_warning"] is not None]
     rescued = [r for r in tried if rescues[r["name"]]["failed_at"] is None]
+    rescued_raw = [r for r in tried if not rescues[r["name"]]["failed_raw"]]
     return {
         "runs": len(base), "unstable": len(unstable), "stable": len(stable),
         "predicted": len(predicted), "predicted_fraction": len(predicted) / len(unstable) if unstable else None,
         "median_lead_steps": leads[len(leads) // 2] if leads else None, "lead_steps": leads,
         "false_alarms": len(false_alarms), "false_alarm_fraction": len(false_alarms) / len(stable) if stable else None,
         "rescue_tried": len(tried), "rescued": len(rescued),
-        "rescued_fraction": len(rescued) / len(tried) if tried else None,
+        "rescued_fraction": len(rescued) / len(tried) if tried else None, "rescued_raw": len(rescued_raw),
         "best_final_loss": best,
         "table": [{"name": r["name"], "failed_at": r["failed_at"], "diverged_at": r["diverged_at"],
                    "first_warning": r["first_warning"], "final_loss": r["final_loss"],
                    "warning_types": sorted({w["type"] for w in r["warnings"]}),
                    "rescue_failed_at": rescues[r["name"]]["failed_at"] if r["name"] in rescues else "n/a",
-                   "rescue_final_loss": rescues[r["name"]]["final_loss"] if r["name"] in rescues else None}
+                   "rescue_final_loss": rescues[r["name"]]["final_loss"] if r["name"] in rescues else None,
+                   "rescue_diverged_at_raw": rescues[r["name"]].get("diverged_at_raw") if r["name"] in rescues else None,
+                   "rescue_undone_steps": rescues[r["name"]].get("undone_steps") if r["name"] in rescues else None}
                   for r in base],
     }
 
@@ -373,7 +425,7 @@ def main() -> None:
                             if rescue and runs[-1]["first_warning"] is None:
                                 continue  # nothing to act on (a rescue of a run that turns out stable is not counted)
                             record(train(arch, lr, seed, ids, vocab, args, out, rescue, temp))
-    summary = summarize(runs, args.degrade)
+    summary = summarize(runs, args.degrade, args.warmup, args.spike)
     summary["args"] = vars(args)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(runs, out)
