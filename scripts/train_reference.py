@@ -267,8 +267,9 @@ def train_progress(console):
 
 
 def save_trained(model, out: Path, cfg, n_params: int, train_ids: torch.Tensor, tokens_seen: int,
-                 clocks: tuple[float, float, float], log: list[dict], console) -> None:
-    """Save the model (safetensors) and training.json; ``clocks`` = (start, training start, CPU time at training start)."""
+                 clocks: tuple[float, float, float], log: list[dict], console, extra: dict | None = None) -> None:
+    """Save the model (safetensors) and training.json; ``clocks`` = (start, training start, CPU time at
+    training start); ``extra``: more fields for training.json."""
     t_start, t_train, cpu_train = clocks
     train_seconds = time.time() - t_train
     # CPU time tells an unshared machine's wall time (about cpu / threads) when others share the cores.
@@ -285,6 +286,8 @@ def save_trained(model, out: Path, cfg, n_params: int, train_ids: torch.Tensor, 
         "total_seconds": round(time.time() - t_start, 1),
         "machine": {"cpu_threads": cfg.threads, "platform": platform.platform(), "torch": torch.__version__},
         "log": log,
+        "command": " ".join(["python", *sys.argv]),
+        **(extra or {}),
     }
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     console.print(f"saved to {out} ({train_seconds / 60:.1f} min of training)")

@@ -19,6 +19,7 @@ weights.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -201,8 +202,11 @@ def make_model(cfg: TrainConfig, vocab: int, eot: int):
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
 
 
-def periodic_check(model, val_blocks: list[torch.Tensor], vocab: int, eot: int) -> dict:
-    """Validation loss on a few 1024-token blocks and the heads forming (seam, 2 blocks)."""
+def periodic_check(model, val_blocks: list[torch.Tensor], vocab: int, eot: int, far_copies: list) -> dict:
+    """Validation loss on a few 1024-token blocks, the heads forming (seam, 2 blocks), and the copy
+    gain on natural validation passages 512-896 tokens apart (the card's measure, on validation)."""
+    from reference_long_card import copy_gain
+
     from attnkit.analyze.heads import measure_head_roles
     from attnkit.perplexity import evaluate_perplexity
 
@@ -216,6 +220,7 @@ def periodic_check(model, val_blocks: list[torch.Tensor], vocab: int, eot: int) 
         "best_induction": round(roles.best("induction").induction, 3),
         "best_sink": round(roles.best("sink").sink, 3),
         "copy_gain": round(roles.copy_gain, 3),
+        "far_copy_gain": round(copy_gain(model, far_copies)["gain"], 3),
     }
 
 
@@ -244,6 +249,9 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
     val_blocks = [torch.cat([torch.tensor([eot]), b]) for b in split_blocks(val_ids, cfg.context - 1)
                   if b.numel() == cfg.context - 1][: cfg.eval_blocks]
     console.print(f"tokenizer: {vocab} symbols (reference's); train stream {train_ids.numel():,} tokens")
+    from reference_long_card import copy_samples
+
+    far_copies = copy_samples(val_ids, eot, n=16)
 
     model = make_model(cfg, vocab, eot)
     if cfg.init_from:
@@ -260,6 +268,8 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
     mixed_cfg = replace(short_cfg, batch_size=cfg.mix_short_windows)
     long_share = cfg.batch_size * cfg.context / long_step_tokens(cfg)
     log: list[dict] = []
+    if cfg.init_from:  # where the further stage starts
+        log.append({"step": 0, **periodic_check(model, val_blocks, vocab, eot, far_copies)})
     t_train, cpu_train = time.time(), time.process_time()
     with train_progress(console) as progress:
         task = progress.add_task("train", total=cfg.steps, loss=float("nan"), val="-")
@@ -284,7 +294,7 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             entry = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr}
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                entry.update(periodic_check(model, val_blocks, vocab, eot))
+                entry.update(periodic_check(model, val_blocks, vocab, eot, far_copies))
                 entry["seconds"] = round(time.time() - t_train, 1)
                 progress.update(task, val=f"{entry['val_loss']:.3f}")
                 progress.console.print(
@@ -297,8 +307,11 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
             if (step + 1) % LOG_EVERY == 0 or "val_loss" in entry:
                 log.append(entry)
             progress.update(task, advance=1, loss=running)
+    # a further stage keeps the record of the run it started from, so the card tells the whole recipe
+    previous = Path(cfg.init_from) / "training.json" if cfg.init_from else None
+    extra = {"previous": json.loads(previous.read_text())} if previous and previous.exists() else None
     save_trained(model, out, cfg, n_params, train_ids, tokens_seen(cfg),
-                 (t_start, t_train, cpu_train), log, console)
+                 (t_start, t_train, cpu_train), log, console, extra)
 
 
 def save_checkpoint(model, tokenizer, path: Path) -> None:
