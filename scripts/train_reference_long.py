@@ -1,9 +1,10 @@
 """Train attnkit's ``reference-long`` model: a small Llama on the King James Bible, 1024-token context, on CPU.
 
-    python scripts/train_reference_long.py                       # ~35 min on one CPU thread; writes src/attnkit/models/reference_long/
-    python scripts/train_reference_long.py --out runs/rl_seed2 --seed 2 --no-card   # the reproduction run
+    python scripts/train_reference_long.py                       # ~32 min on one CPU thread; writes src/attnkit/models/reference_long/
+    python scripts/train_reference_long.py --out runs/rl_t2 --threads 2 --no-card   # the reproduction run
     python scripts/train_reference_long.py --card-only           # re-measure and rewrite the model card only
-    python scripts/reference_long_card.py --reproduction runs/rl_seed2    # ... and record the second run in it
+    python scripts/reference_long_card.py --reproduction runs/rl_t2    # ... and record the second run in it
+    python scripts/train_reference_long.py --init-from DIR --short-steps 0 --steps 1500 --lr 5e-4 ...   # one stage by hand
 
 Steps: (1) take the tokenizer of ``reference`` (1,024 byte-level BPE symbols trained on the KJV
 train split), so both models are scored on the same tokens; (2) train a ``LlamaForCausalLM`` (RoPE,
@@ -11,7 +12,8 @@ grouped-query attention, RMSNorm, SwiGLU) on 1024-token windows of the train str
 by the ``<|endoftext|>`` token as a BOS, a share of them carrying a span repeated at a distance (so
 that copying across hundreds of tokens is worth learning); (3) save it in Hugging Face format
 (safetensors), with HF checkpoints every ``--checkpoint-every`` steps under ``runs/reference_long/``;
-(4) measure it (``scripts/reference_long_card.py``) and write the model card from those
+then (4) a far-copy stage from that model, its copies kept 512+ tokens apart (``far_steps``);
+(5) measure it (``scripts/reference_long_card.py``) and write the model card from those
 measurements. Everything is seeded; on the same machine and thread count a rerun gives the same
 weights.
 """
@@ -98,6 +100,17 @@ class TrainConfig:
     # Start from this HF checkpoint's weights instead of an initialisation (fresh optimizer; the
     # schedule and data as configured): a further stage on a trained model.
     init_from: str = ""
+    # The far-copy stage, run after the steps above from the model they made (as --init-from does,
+    # in the same process): far_steps steps with a fresh AdamW at far_lr, every long window's copies
+    # at least far_copy_min_distance apart and far_copy_random_share of them random. The model
+    # above copies natural text from 64-256 tokens back (1.3-1.5 nats) but not from 512+ (0.32);
+    # after 1,500 such steps, 1.25 (the card). 0: no far stage.
+    far_steps: int = 1_500
+    far_lr: float = 5e-4
+    far_min_lr: float = 1e-4
+    far_warmup_steps: int = 50
+    far_copy_min_distance: int = 512
+    far_copy_random_share: float = 0.25
 
 
 def parse_args() -> tuple[argparse.Namespace, TrainConfig]:
@@ -324,10 +337,21 @@ def save_checkpoint(model, tokenizer, path: Path) -> None:
     tmp.rename(path)
 
 
+def far_stage(cfg: TrainConfig, base: Path) -> TrainConfig:
+    """The far-copy stage's config: from ``base``'s weights, long copies kept far apart."""
+    return replace(cfg, init_from=str(base), short_steps=0, steps=cfg.far_steps, lr=cfg.far_lr, min_lr=cfg.far_min_lr,
+                   warmup_steps=cfg.far_warmup_steps, copy_min_distance=cfg.far_copy_min_distance,
+                   copy_random_share=cfg.far_copy_random_share, far_steps=0)
+
+
 def main() -> int:
     args, cfg = parse_args()
     checkpoints = args.checkpoints or REPO / "runs" / args.out.name
-    if not args.card_only:
+    if not args.card_only and cfg.far_steps and not cfg.init_from:
+        base = checkpoints / "base"  # the first stages' model; the far stage starts from it
+        train(base, checkpoints, replace(cfg, far_steps=0))
+        train(args.out, checkpoints / "far", far_stage(cfg, base))
+    elif not args.card_only:
         train(args.out, checkpoints, cfg)
     if not args.no_card:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
