@@ -311,8 +311,8 @@ def summarize(runs: list[dict], degrade: float, warmup: int = 40, spike: float =
                    "warning_types": sorted({w["type"] for w in r["warnings"]}),
                    "rescue_failed_at": rescues[r["name"]]["failed_at"] if r["name"] in rescues else "n/a",
                    "rescue_final_loss": rescues[r["name"]]["final_loss"] if r["name"] in rescues else None,
-                   "rescue_diverged_at_raw": rescues[r["name"]].get("diverged_at_raw") if r["name"] in rescues else None,
-                   "rescue_undone_steps": rescues[r["name"]].get("undone_steps") if r["name"] in rescues else None}
+                   "rescue_diverged_at_raw": rescues.get(r["name"], {}).get("diverged_at_raw"),
+                   "rescue_undone_steps": rescues.get(r["name"], {}).get("undone_steps")}
                   for r in base],
     }
 

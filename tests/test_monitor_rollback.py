@@ -108,7 +108,8 @@ def test_rollback_restores_the_snapshot_bit_for_bit_in_place_and_training_goes_o
     assert_same_state(state(model, opt, sched), state(reference, ref_opt, ref_sched))
     logged = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
     rollbacks = [e for e in logged if e.get("type") == "intervention" and e.get("action") == "rollback"]
-    assert [(e["step"], e["restored_step"]) for e in rollbacks] == [(8, 6), (11, 6)] and rollbacks[0]["reason"] == "test"
+    assert [(e["step"], e["restored_step"]) for e in rollbacks] == [(8, 6), (11, 6)]
+    assert rollbacks[0]["reason"] == "test"
 
 
 def test_the_chosen_snapshot_is_the_newest_before_the_trend_start_and_memory_is_bounded(tmp_path):
