@@ -206,7 +206,9 @@ def _gate_sections(a, ev: dict) -> list[str]:
                   "| seeds better on both |", "|---:|---|---|---|---|---:|"]
         for d in densities:
             bk, bp = _best_free(rows, d)
-            at = [next(r for r in rs if r["density"] == d) for rs in seeds.values()]
+            at = [r for rs in seeds.values() for r in rs if r["density"] == d]
+            if len(at) < len(seeds):
+                continue  # not every seed was run at d
             kl = [r["kl"] for r in at]
             ppl = [r["perplexity"] for r in at]
             dk = [x - bk["kl"] for x in kl]
@@ -283,7 +285,8 @@ def stage_summary(a) -> None:
             gates = ", ".join(Path(g).name for g in other["plan"].get("gates") or [])
             lines += ["", f"## {b['seq_len']} tokens (`{folder}/`)", "",
                       f"Dense: perplexity {b['perplexity']:.3f}, top-1 accuracy {b['top1_accuracy']:.4f} on "
-                      f"{b['tokens']:,} KJV test tokens ({b['windows']} windows); learned gate: {gates or '—'}.", "",
+                      f"{b['tokens']:,} KJV test tokens ({b['windows']} window{'s' if b['windows'] > 1 else ''}); "
+                      f"learned gate: {gates or '—'}.", "",
                       *_learned_vs_free(at), "", *_targets_table(other, b["seq_len"]), "", *_pattern_table(at)]
     for bench, name in benches:
         lines += ["", f"## Peak memory of a training step (forward + backward) and of inference (`{name}.json`)", "",
