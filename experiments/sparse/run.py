@@ -288,6 +288,22 @@ def stage_summary(a) -> None:
                       f"{b['tokens']:,} KJV test tokens ({b['windows']} window{'s' if b['windows'] > 1 else ''}); "
                       f"learned gate: {gates or '—'}.", "",
                       *_learned_vs_free(at), "", *_targets_table(other, b["seq_len"]), "", *_pattern_table(at)]
+    fresh = sorted((RESULTS / "eval_4096_fresh").glob("*/eval.json"))
+    if fresh:
+        docs = [json.loads(f.read_text()) for f in fresh]
+        b = docs[0]["baselines"][0]
+        at = [r for d in docs for r in d["results"]]
+        merged = {"targets_defined": docs[0]["targets_defined"],
+                  "smallest_density": {str(b["seq_len"]): {k: v for d in docs
+                                                           for k, v in d["smallest_density"][str(b["seq_len"])].items()}}}
+        lines += ["", f"## {b['seq_len']} tokens, one fresh process per pattern (`eval_4096_fresh/`)", "",
+                  "In the one-process run above (`eval_4096/`) the configurations evaluated after `moba` at 0.25 are not "
+                  "reproducible: each evaluated alone gives a different, lower KL (`moba` at 0.75: 0.178 there, 0.0107 "
+                  "alone). These are the same windows and settings, one process per pattern.", "",
+                  f"Dense: perplexity {b['perplexity']:.3f}, top-1 accuracy {b['top1_accuracy']:.4f} on "
+                  f"{b['tokens']:,} KJV test tokens ({b['windows']} window{'s' if b['windows'] > 1 else ''}); "
+                  f"patterns: {', '.join(f.parent.name for f in fresh)}.", "",
+                  *_learned_vs_free(at), "", *_targets_table(merged, b["seq_len"]), "", *_pattern_table(at)]
     for bench, name in benches:
         lines += ["", f"## Peak memory of a training step (forward + backward) and of inference (`{name}.json`)", "",
                   f"Model `{bench['args']['model']}`; load average {bench['load'][0]:.1f} → {bench['load'][1]:.1f}.", "",
