@@ -284,6 +284,8 @@ def stage_summary(a) -> None:
             at = [r for r in other["results"] if r["seq_len"] == b["seq_len"]]
             gates = ", ".join(Path(g).name for g in other["plan"].get("gates") or [])
             lines += ["", f"## {b['seq_len']} tokens (`{folder}/`)", "",
+                      *(["**Not reproducible after its 10th configuration** (from `moba` at 0.5 on): see the "
+                         "per-pattern rerun below and the README.", ""] if folder == "eval_4096" else []),
                       f"Dense: perplexity {b['perplexity']:.3f}, top-1 accuracy {b['top1_accuracy']:.4f} on "
                       f"{b['tokens']:,} KJV test tokens ({b['windows']} window{'s' if b['windows'] > 1 else ''}); "
                       f"learned gate: {gates or '—'}.", "",
