@@ -299,9 +299,9 @@ def stage_summary(a) -> None:
                   "smallest_density": {str(b["seq_len"]): {k: v for d in docs
                                                            for k, v in d["smallest_density"][str(b["seq_len"])].items()}}}
         lines += ["", f"## {b['seq_len']} tokens, one fresh process per pattern (`eval_4096_fresh/`)", "",
-                  "In the one-process run above (`eval_4096/`) the configurations evaluated after `moba` at 0.25 are not "
-                  "reproducible: each evaluated alone gives a different, lower KL (`moba` at 0.75: 0.178 there, 0.0107 "
-                  "alone). These are the same windows and settings, one process per pattern.", "",
+                  "The same windows and settings as the one-process run above (`eval_4096/`), each pattern in its "
+                  "own process: equal to it. (A first one-process run was corrupted by the model file being "
+                  "overwritten in place while it ran: README, issue 14.)", "",
                   f"Dense: perplexity {b['perplexity']:.3f}, top-1 accuracy {b['top1_accuracy']:.4f} on "
                   f"{b['tokens']:,} KJV test tokens ({b['windows']} window{'s' if b['windows'] > 1 else ''}); "
                   f"patterns: {', '.join(f.parent.name for f in fresh)}.", "",
