@@ -38,7 +38,8 @@ def main() -> int:
     from rich.table import Table
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from attnkit.analyze.heads import measure_head_roles
+    from train_reference_long import random_repeat_roles
+
     from attnkit.data import encode_documents, load_corpus
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,13 +52,11 @@ def main() -> int:
     for c in card_columns if args.card else ():
         table.add_column(c)
     table.add_column("model", overflow="fold")
-    text = torch.randint(1, 1024, (2, 128), generator=torch.Generator().manual_seed(0))
     test_ids = None
     for path in args.runs:
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         bos = model.config.bos_token_id
-        roles = [measure_head_roles(model, text, model.config.vocab_size, first_token=bos, exclude={bos},
-                                    repeat_length=length, batch=4) for length in (48, 256)]
+        roles = [random_repeat_roles(model, model.config.vocab_size, bos, length) for length in (48, 256)]
         row = [" / ".join(f"{r.best('induction').induction:.2f}" for r in roles),
                " / ".join(f"{r.copy_gain:.2f}" for r in roles),
                f"{roles[0].best('previous_token').previous_token:.2f}"]

@@ -346,24 +346,32 @@ class NoInductionHead(Exception):
         self.seed, self.score = seed, score
 
 
-def short_stage_induction(model, vocab: int, bos: int) -> float:
-    """Best induction score on 48-token random repeats (fit in the short windows), as reference_long_seeds.py measures."""
+def random_repeat_roles(model, vocab: int, bos: int, length: int):
+    """The heads' roles (``measure_head_roles``) with a ``length``-token random sequence repeated once."""
     from attnkit.analyze.heads import measure_head_roles
 
     text = torch.randint(1, vocab, (2, 128), generator=torch.Generator().manual_seed(0))
-    roles = measure_head_roles(model, text, vocab, first_token=bos, exclude={bos}, repeat_length=48, batch=4)
+    return measure_head_roles(model, text, vocab, first_token=bos, exclude={bos}, repeat_length=length, batch=4)
+
+
+def short_stage_induction(model, vocab: int, bos: int) -> float:
+    """Best induction score on 48-token random repeats (they fit in the short windows)."""
+    roles = random_repeat_roles(model, vocab, bos, 48)
     model.train()
     return roles.best("induction").induction
 
 
-def train_with_seed_retries(out: Path, checkpoints: Path, cfg: TrainConfig) -> None:
-    """``train``, starting again with the next seed while no induction head forms in the short stage."""
+def train_with_seed_retries(out: Path, checkpoints: Path, cfg: TrainConfig) -> TrainConfig:
+    """``train``, starting again with the next seed while no induction head forms in the short stage;
+    the config (its seed) that trained."""
     from rich.console import Console
 
     failed: list[dict] = []
     for attempt in range(cfg.seed_retries + 1):
         try:
-            return train(out, checkpoints, replace(cfg, seed=cfg.seed + attempt), failed)
+            trained = replace(cfg, seed=cfg.seed + attempt)
+            train(out, checkpoints, trained, failed)
+            return trained
         except NoInductionHead as e:
             failed.append({"seed": e.seed, "short_stage_induction": round(e.score, 3)})
             Console().print(f"{e}; starting again with seed {e.seed + 1}", highlight=False)
@@ -393,9 +401,8 @@ def main() -> int:
     checkpoints = args.checkpoints or REPO / "runs" / args.out.name
     if not args.card_only and cfg.far_steps and not cfg.init_from:
         base = checkpoints / "base"  # the first stages' model; the far stage starts from it
-        train_with_seed_retries(base, checkpoints, replace(cfg, far_steps=0))
-        trained = json.loads((base / "training.json").read_text())["config"]  # the seed that formed a head
-        train(args.out, checkpoints / "far", far_stage(replace(cfg, seed=trained["seed"]), base))
+        trained = train_with_seed_retries(base, checkpoints, replace(cfg, far_steps=0))
+        train(args.out, checkpoints / "far", far_stage(replace(trained, far_steps=cfg.far_steps), base))
     elif not args.card_only:
         train_with_seed_retries(args.out, checkpoints, cfg)
     if not args.no_card:
