@@ -26,7 +26,7 @@ import torch
 
 from arch_zoo import NOT_DISPATCHED, VOCAB, ZOO, Arch
 from attnkit.seam import NoAttentionError, attach
-from attnkit.taps import MapCapture, StatsCollector
+from attnkit.seam.taps import MapCapture, StatsCollector
 
 PROB_ATOL = 1e-5
 # Outputs: with nothing modified the seam runs each call on the model's own kernel (its eager

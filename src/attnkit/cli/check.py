@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from attnkit.check import check
-    from attnkit.report.check_console import render_check, save_regions_png
+    from attnkit.check.render import render_check, save_regions_png
     from attnkit.errors import UserError
 
     if args.seq_len is not None and args.seq_len < 2:
@@ -45,14 +45,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{option} must be a positive number, got {value:g}")
     check_outputs(json=args.json, plot=args.plot)
     console = Console(stderr=args.json == "-")
-    from attnkit.report.progress import stderr_status
+    from attnkit.common.progress import stderr_status
 
     with stderr_status(f"checking {args.model}"):
         report = check(args.model, seq_len=args.seq_len, dtype=args.dtype, temperature=args.temperature,
                        weight_growth=args.weight_growth, measure_pass=args.measure)
     render_check(report, console)
     if args.json:
-        from attnkit.report.io import write_json
+        from attnkit.common.io import write_json
 
         write_json(report.to_json(), args.json)
     if args.plot:

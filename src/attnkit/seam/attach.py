@@ -14,14 +14,10 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from attnkit.errors import UserError
+from attnkit.errors import NoAttentionError, UserError
 from attnkit.seam.adapters import ADAPTERS
 from attnkit.seam.session import _ATTACHED, AttentionSession, Attachment
 from attnkit.seam.sites import SiteTable
-
-
-class NoAttentionError(UserError):
-    """The model has no attention attnkit can reach."""
 
 
 _WRAPPERS = ("module", "_orig_mod", "_fsdp_wrapped_module")

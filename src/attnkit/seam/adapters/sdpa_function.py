@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from attnkit.errors import NoAttentionError
 from attnkit.seam.call import build_call
 from attnkit.seam.session import attachment_of, in_backward, run_call
 
@@ -466,8 +467,6 @@ def _root_post_hook(root: nn.Module, _args, _output) -> None:
     if not found:
         return
     if routed == 0:
-        from attnkit.seam.attach import NoAttentionError
-
         raise NoAttentionError(_describe(found, f"{type(root).__name__} ran no attention call attnkit could see: "))
     key = (id(root), found[0].path)
     if key not in _warned:

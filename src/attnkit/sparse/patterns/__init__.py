@@ -1,6 +1,6 @@
 """Block-selection patterns: which key blocks each query block keeps (one small file each).
 
-A pattern scores every (query block, key block) pair; ``attnkit.sparse.blocks.select_blocks``
+A pattern scores every (query block, key block) pair; ``attnkit.seam.kernels.blocks.select_blocks``
 keeps the forced blocks (the local block; the first "sink" blocks for patterns with
 ``sinks=True``) and then the best-scored candidates, the same number at a density for every
 pattern. New patterns register by name:
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import UserError
-from attnkit.sparse.blocks import BlockGeometry, pooled_keys, pooled_queries
+from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys, pooled_queries
 
 if TYPE_CHECKING:
     from attnkit.sparse.gates import BlockGate

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.sparse.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
+from attnkit.seam.kernels.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
 from attnkit.sparse.patterns import BlockInputs, Pattern
 
 
