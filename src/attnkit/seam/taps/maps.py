@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from attnkit.seam.sites import Site, SiteDict
-from attnkit.seam.taps import ObservedChunk, Tap
+from attnkit.seam.taps.base import ObservedChunk, Tap
 
 
 class MapCapture(Tap):

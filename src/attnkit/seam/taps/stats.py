@@ -11,7 +11,7 @@ from attnkit.metrics.accumulate import HeadStatsAccumulator, RowChunk
 from attnkit.metrics.fused import RowStats
 from attnkit.seam.call import AttentionCall
 from attnkit.seam.sites import Site, SiteDict
-from attnkit.seam.taps import ObservedChunk, Tap
+from attnkit.seam.taps.base import ObservedChunk, Tap
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.sparse.patterns import BlockInputs, Pattern
+from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 
 def learned_gate_score(x: BlockInputs) -> Tensor:
