@@ -16,16 +16,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser("check", help="predict from a config whether attention stays numerically safe",
                        description="From a config alone (and a model's own W_q/W_k with --measure): the expected and "
                        "high-quantile attention-logit maximum, where fp16 overflows and bf16/fp16 rounding distorts "
-                       "attention weights beyond 10 %, seed 001's curvature bound, recommendations with the numbers "
+                       "attention weights beyond 10 %, the curvature bound of the softmax, recommendations with the numbers "
                        "that triggered them, and stability regions over temperature, head dimension, sequence length "
-                       "and weight growth.")
+                       "and weight growth.",
+                       epilog="examples:\n  attnkit check reference --dtype fp16 --seq-len 4096\n"
+                       "  attnkit check ./config.json --weight-growth 2 --json -")
     p.add_argument("model", metavar="MODEL_OR_CONFIG",
                    help="an HF config.json, a model directory, a built-in name (reference, minilm), or a hub id")
     p.add_argument("--seq-len", type=int, metavar="N", help="sequence length (default: the config's maximum positions)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="dtype you plan to train in (default bf16)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="logits divided by T (default 1)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="dtype you plan to train in")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="logits divided by T")
     p.add_argument("--weight-growth", type=float, default=1.0, metavar="X",
-                   help="W_q and W_k grown by X each (logits x X^2), as in training (default 1)")
+                   help="W_q and W_k grown by X each (logits x X^2), as in training")
     p.add_argument("--measure", action="store_true",
                    help="with weights: estimate from the real W_q/W_k too and run one forward through the seam beside it")
     p.add_argument("--json", metavar="PATH", help="write the JSON report to PATH, or - for stdout")
