@@ -4,7 +4,7 @@ Each detector is a plain function of one head's statistics (and the run's contex
 returns an ``Issue`` or None; ``DETECTORS`` is the registry. The thresholds and why they sit
 where they do:
 
-entropy_collapse   mean row entropy < 0.5 nats (seed 001) and mean largest weight > 0.8: the
+entropy_collapse   mean row entropy < 0.5 nats and mean largest weight > 0.8: the
                    row behaves like fewer than e^0.5 = 1.65 keys. Its softmax Jacobian,
                    diag(p) - pp^T, then has entries of order p(1-p) < 0.16, and gradient reaches
                    almost no key (Zhai et al. 2023, "attention entropy collapse"). Heads that
@@ -12,7 +12,7 @@ entropy_collapse   mean row entropy < 0.5 nats (seed 001) and mean largest weigh
                    by design: reported as info. Concentration on the first token is an
                    attention sink, reported as such instead.
 uniform_attention  largest weight < 1.25 x the uniform share 1/n and normalised entropy > 0.98:
-                   the head averages its context (seed 000's collapse; seed 002's row_std ~ 0.024).
+                   the head averages its context (the uniform-attention collapse; row_std ~ 0.024).
                    A trained head with any preference beats 1.25 x easily; a head whose query
                    or key projection is dead sits at exactly 1.0.
 attention_spike    >= 25 % of rows put > 95 % on a single key while the head is not collapsed on

@@ -115,7 +115,7 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
 
 
 def _head_split(out, shape, est, layer_type, verdict, upcast, trigger) -> None:
-    """What more, narrower heads would do (seed 001's use case 2: "try 32 heads or 256-dim")."""
+    """What more, narrower heads would do ("try 32 heads or 256-dim")."""
     d = shape.head_dim // 2
     if d < 8 or shape.hidden_size % d:
         return

@@ -2,7 +2,7 @@
 
 Qiu et al. 2025 (arXiv 2505.06708), gate "G1": right after SDPA and before the output
 projection, Y' = Y ⊙ σ(X W_θ + b), X the layer's normalised input hidden states, one gate per
-head (``headwise``) or per element (``elementwise``); seed 000's per-head MLP gate (``mlp``:
+head (``headwise``) or per element (``elementwise``); a per-head MLP gate (``mlp``, as in the TransformerAE collapse study:
 Linear → ReLU → Linear → sigmoid). Gate kinds are entries of ``GATE_KINDS``.
 
     from attnkit.gate import add_gates, save_gates, load_gates, GateStats
@@ -61,7 +61,7 @@ class _Linear(nn.Module):
 
 
 class _MLP(nn.Module):
-    """Seed 000's gate: Linear(hidden, hidden/2) → ReLU → Linear(hidden/2, heads) (→ sigmoid outside)."""
+    """The MLP gate: Linear(hidden, hidden/2) → ReLU → Linear(hidden/2, heads) (→ sigmoid outside)."""
 
     def __init__(self, hidden: int, g: int):
         super().__init__()

@@ -17,7 +17,7 @@ a name to it; ``AttentionMonitor(detectors=[...])`` picks some. Thresholds and w
 - ``entropy_fall``: a head's entropy fell by ≥ ``entropy_drop`` (relative) over the window while
   at least ``entropy_heads`` of all heads did the same: entropy collapse (Zhai et al. 2023)
   across the model, not one head specialising.
-- ``entropy_collapse``: a head's mean entropy < 0.5 nats (seed 001's threshold).
+- ``entropy_collapse``: a head's mean entropy < 0.5 nats (the usual entropy-collapse threshold).
 - ``sink_growth``: a head's first-key mass rose by ≥ ``sink_rise`` over the window to ≥ ``sink_mass``.
 - ``grad_spike``: a layer's query/key gradient norm ≥ ``grad_spike``× the largest of the window before.
 - ``loss_spike``: a step's loss ≥ the median of the ``loss_window`` steps before + ``loss_spike_nats``,

@@ -13,14 +13,14 @@ class Options:
     sequences: int = 4  # sequences captured for sections 1-8
     ablation_blocks: int = 32  # held-out blocks for the ablation
     batch_size: int = 8
-    window: int = 5  # "nearby" and the local ablation: |i - j| <= window (seed 002)
+    window: int = 5  # "nearby" and the local ablation: |i - j| <= window
     alpha: float = 0.01  # family-wise significance level, Bonferroni over heads
     uniform_margin: float = 0.02  # 1 - H/ln n below this counts as "nearly uniform" (H/H_max > 0.98)
     sharp_below: float = 0.5  # H/ln n < 0.5: the head spreads over fewer than sqrt(n) keys
     uniform_above: float = 0.9  # H/ln n >= 0.9: the head spreads over more than n^0.9 keys
-    query_variation_high: float = 0.05  # seed 002: "Query variation > 0.05"
-    query_variation_low: float = 0.02  # seed 002: "Query variation < 0.02"
-    diversity_high: float = 0.3  # seed 002 section 7: "beliefs diverse (mu_dist > 0.3)"
+    query_variation_high: float = 0.05  # rows of one head differ clearly
+    query_variation_low: float = 0.02  # rows of one head barely differ
+    diversity_high: float = 0.3  # hidden states count as diverse (mu_dist > 0.3)
     ablation_margin: float = 0.05  # nats of loss (about 5 % perplexity) that count as "clearly better"
     output_change_margin: float = 0.01  # encoders: 1 - cosine below this counts as "no change"
     # Evidence minimums (see attnkit.validate.summary.apply_evidence): below them a warning or
