@@ -11,9 +11,10 @@ learned sinks, hybrid, encoder, encoder-decoder, vision, audio):
   must never change what a model computes);
 - the same again on the models built for SDPA.
 
-Architectures that never reach ``AttentionInterface`` must be refused with a message that says
-so; hand-written attention inside a model that otherwise dispatches must be named in a warning
-(and the outputs stay unchanged). Focused tests: Swin's -100 masks in the statistics, SigLIP's
+Architectures that reach ``AttentionInterface`` only in some transformers releases are checked the
+same way where the installed release dispatches them, and must be refused with a message that
+says so where it does not; hand-written attention inside a model that otherwise dispatches must
+be named in a warning (and the outputs stay unchanged). Focused tests: Swin's -100 masks in the statistics, SigLIP's
 ``nn.MultiheadAttention`` head as a site of its own.
 """
 
@@ -24,7 +25,7 @@ import warnings
 import pytest
 import torch
 
-from arch_zoo import NOT_DISPATCHED, VOCAB, ZOO, Arch
+from arch_zoo import VERSION_DEPENDENT, ZOO, Arch, dispatches
 from attnkit.seam import NoAttentionError, attach
 from attnkit.taps import MapCapture, StatsCollector
 
@@ -201,22 +202,19 @@ def check_against_reference(arch: Arch, model, inputs: dict, reference, plain, r
         )
 
 
-@pytest.mark.parametrize("name", sorted(NOT_DISPATCHED))
-def test_not_dispatched_is_refused(name: str):
-    import transformers
-
-    config_class, kwargs = NOT_DISPATCHED[name]
-    torch.manual_seed(0)
-    cfg = getattr(transformers, config_class)(**kwargs)
-    from transformers import AutoModel
-
-    model = AutoModel.from_config(cfg, attn_implementation="eager").eval()
-    inputs = {"input_ids": torch.randint(3, VOCAB, (1, 6))}
-    if model.main_input_name == "pixel_values":
-        inputs = {"pixel_values": torch.randn(1, 3, cfg.image_size, cfg.image_size)}
-    with pytest.raises(NoAttentionError, match="no attention attnkit can reach"):
-        with attach(model, taps=[MapCapture()]):
-            model(**inputs)
+@pytest.mark.parametrize("arch", VERSION_DEPENDENT, ids=[a.name for a in VERSION_DEPENDENT])
+def test_version_dependent_dispatch_is_captured_exactly_or_refused(arch: Arch):
+    """Whether these reach AttentionInterface depends on the transformers release installed: where
+    the model dispatches, the capture must equal its eager maps and leave its outputs unchanged;
+    where it does not, attach must refuse it and say why."""
+    model, inputs = arch.build()
+    if dispatches(model):
+        reference, plain = eager_reference(model, inputs)
+        check_against_reference(arch, model, inputs, reference, plain)
+    else:
+        with pytest.raises(NoAttentionError, match="no attention attnkit can reach"):
+            with attach(model, taps=[MapCapture()]):
+                model(**inputs)
 
 
 def test_large_finite_negative_mask_counts_as_masked_in_statistics():
