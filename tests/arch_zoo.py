@@ -555,8 +555,22 @@ def _sam_vision():
                    "input_points": torch.tensor([[[[10.0, 20.0]]]])}
 
 
-# Attention partly hand-written: (builder, a class attach must name as not seen).
+def _variant(name: str, **changes):
+    """A zoo entry's model with some config fields changed (another attention type of the family)."""
+    def build():
+        arch = by_name(name)
+        return Arch(**{**arch.__dict__, "config": {**arch.config, **changes}}).build()
+    return build
+
+
+# Attention partly hand-written: (builder, a class attach must name as not seen). The encoders of
+# LongT5 (local, transient-global) and BigBird-Pegasus (full, block-sparse) are the zoo's own
+# entries and these variants: their matmul + softmax attention is not seen, their decoders are.
 PARTLY_DISPATCHED = {
     "git_text": (_git_text, "GitSelfAttention"),
     "sam_vision": (_sam_vision, "SamVisionAttention"),
+    "longt5_transient_global": (_variant("longt5", encoder_attention_type="transient-global"),
+                                "LongT5TransientGlobalAttention"),
+    "bigbird_pegasus_block_sparse": (_variant("bigbird_pegasus", attention_type="block_sparse", block_size=1,
+                                              num_random_blocks=1), "BigBirdPegasusBlockSparseAttention"),
 }

@@ -244,7 +244,7 @@ def test_large_finite_negative_mask_counts_as_masked_in_statistics():
         assert head["logit_min"] > -50
 
 
-@pytest.mark.parametrize("name", ["git_text", "sam_vision"])
+@pytest.mark.parametrize("name", ["git_text", "sam_vision", "longt5_transient_global", "bigbird_pegasus_block_sparse"])
 def test_hand_written_attention_is_named_and_outputs_unchanged(name: str):
     """Models whose attention is (partly) hand-written: attach says which classes it does not see,
     and the model computes exactly what it computed before (GIT's text layers add the mask to
