@@ -96,6 +96,13 @@ class Arch:
     # is compared with it in call order (each pass a site of its own).
     in_call_order: bool = False
 
+    def missing(self) -> str | None:
+        """Why the installed transformers cannot build this architecture (an older release), or None."""
+        import transformers
+
+        absent = [c for c in (self.config_class, self.model_class) if not hasattr(transformers, c)]
+        return f"transformers {transformers.__version__} has no {', '.join(absent)}" if absent else None
+
     def build(self, attn_implementation: str = "eager"):
         import transformers
 
