@@ -50,7 +50,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
     from attnkit.monitor import DEFAULT_EVERY, AttentionMonitor
 
     torch.set_num_threads(args.threads)

@@ -51,7 +51,7 @@ def configs(args) -> list[str]:
 def build(args):
     import torch
 
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     torch.manual_seed(0)
     model = load_model(args.model).model
@@ -244,8 +244,8 @@ def _f(x, digits: int) -> str:
 
 
 def plot(doc: dict, stem: Path) -> None:
-    from attnkit.report.io import write_atomic
-    from attnkit.report.sparse_plots import memory_png
+    from attnkit.common.io import write_atomic
+    from attnkit.sparse.plots import memory_png
 
     rows = [{"config": c, "seq_len": int(n), "train": m["train"] / 2**20 if m["train"] is not None else None,
              "inference": m["inference"] / 2**20}

@@ -74,7 +74,7 @@ def steps(model, args) -> dict:
     """One training step per configuration (a closure that returns the loss)."""
     import torch
 
-    from attnkit.mods import soft_cap
+    from attnkit.seam.mods import soft_cap
     from attnkit.seam import attach
 
     ids = torch.randint(0, args.vocab, (1, args.length), generator=torch.Generator().manual_seed(0))
@@ -95,7 +95,7 @@ def steps(model, args) -> dict:
             model.set_attn_implementation("sdpa")
 
     def nockpt_step():
-        import attnkit.kernels.dense as dense
+        import attnkit.seam.kernels.dense as dense
 
         saved = dense.checkpoint
         dense.checkpoint = lambda fn, *a, use_reentrant=False: fn(*a)  # keep every chunk's graph

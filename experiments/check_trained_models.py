@@ -17,7 +17,7 @@ import torch
 
 import attnkit
 from attnkit.check.measure import sample_ids
-from attnkit.models.registry import load_model
+from attnkit.common.loading.registry import load_model
 
 torch.set_num_threads(1)
 print("| model | tokens | dtype | check (from the weights) | predicted largest logit | measured largest logit (fp32) | "

@@ -166,7 +166,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from attnkit.check import DISTORTION_TOLERANCE, check
     from attnkit.check.measure import sample_ids
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     assert PROB_TOLERANCE == DISTORTION_TOLERANCE
     out = Path(args.out)

@@ -25,7 +25,7 @@ from monitor_sweep import OLD_PREDICTORS, PREDICTORS, summarize  # noqa: E402
 
 from attnkit.monitor import Thresholds  # noqa: E402
 from attnkit.monitor.replay import first_step, replay  # noqa: E402
-from attnkit.report.io import write_atomic  # noqa: E402
+from attnkit.common.io import write_atomic  # noqa: E402
 
 
 def rescore(run_dir: Path, predictors: tuple[str, ...], thresholds: Thresholds, degrade: float) -> dict:

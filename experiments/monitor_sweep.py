@@ -44,9 +44,9 @@ from pathlib import Path
 
 import torch
 
-from attnkit.data import encode_documents, load_corpus
-from attnkit.models.registry import resolve_model_path
-from attnkit.mods import temperature
+from attnkit.common.data import encode_documents, load_corpus
+from attnkit.common.loading.registry import resolve_model_path
+from attnkit.seam.mods import temperature
 from attnkit.monitor import (
     AttentionMonitor, Chain, LRBackoff, LRToRate, Policy, QKClip, ReduceLR, Rollback, Snapshots, Thresholds,
 )

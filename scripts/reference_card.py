@@ -37,8 +37,8 @@ def measure(model_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from attnkit.analyze.heads import measure_head_roles
-    from attnkit.data import encode_documents, load_corpus, split_blocks
-    from attnkit.data.bible import load_chapters
+    from attnkit.common.data import encode_documents, load_corpus, split_blocks
+    from attnkit.common.data.bible import load_chapters
     from attnkit.perplexity import evaluate_perplexity, unigram_perplexity
 
     torch.set_num_threads(2)
@@ -146,7 +146,7 @@ def render_card(results: dict, training: dict) -> str:
         "## Corpus and split",
         "",
         "The King James Bible: the text of Debian's `bible-kjv-text` 4.38 (`bible -f gen1:1-rev22:21`), shipped "
-        "with attnkit as `src/attnkit/data/kjv.txt.xz` (verse references removed, one verse a line; public domain "
+        "with attnkit as `src/attnkit/common/data/kjv.txt.xz` (verse references removed, one verse a line; public domain "
         "text). Split by whole chapters in canonical order: chapter "
         "*k* (0-based) goes to validation when *k* mod 20 = 9, to test when *k* mod 20 = 19, to train otherwise, "
         "so every split samples every part of the book and no held-out chapter is seen in training. "
@@ -291,7 +291,7 @@ def measure_reproduction(run_dir: Path, model_dir: Path, block_size: int) -> dic
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from attnkit.analyze.heads import measure_head_roles
-    from attnkit.data import encode_documents, load_corpus, split_blocks
+    from attnkit.common.data import encode_documents, load_corpus, split_blocks
     from attnkit.perplexity import evaluate_perplexity
 
     model = AutoModelForCausalLM.from_pretrained(run_dir, attn_implementation="sdpa").eval()

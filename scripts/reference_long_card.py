@@ -50,7 +50,7 @@ MAX_POSITIONS = {"default": CONTEXT, "dynamic_ntk": CONTEXT, "yarn_4": 4 * CONTE
 def test_blocks(ids: torch.Tensor, length: int, bos: int) -> list[torch.Tensor]:
     """Non-overlapping blocks of BOS + (length - 1) tokens of the split, as `attnkit perplexity` cuts them
     (its ``lm_blocks``), the short tail dropped."""
-    from attnkit.data.blocks import prefixed_blocks
+    from attnkit.common.data.blocks import prefixed_blocks
 
     return [b for b in prefixed_blocks(ids, length, [bos]) if b.numel() == length]
 
@@ -91,7 +91,7 @@ def summary(nll: torch.Tensor) -> dict:
 def sinks_and_window():
     """StreamingLLM's pattern at the card's size: the first SINKS keys and the WINDOW - SINKS most recent
     (self included): ``WINDOW`` keys in all, as many as the plain window's."""
-    from attnkit.masks import sink_window
+    from attnkit.seam.mods.mask import sink_window
 
     return sink_window(SINKS, WINDOW - SINKS - 1)
 
@@ -179,7 +179,7 @@ def retrieval_scores(model, samples) -> dict[tuple[int, int], float]:
     """Per head: mean attention from each second-copy token to the token after its first occurrence
     (the induction pattern at 512+ tokens), over the copy samples; maps captured through the seam."""
     from attnkit.seam import AttentionSession, observe_forward
-    from attnkit.taps import MapCapture
+    from attnkit.seam.taps import MapCapture
 
     L = COPY["length"]
     total: dict[tuple[int, int], float] = {}
@@ -209,8 +209,8 @@ def measure(model_dir: Path, full: bool = True) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from attnkit.analyze.heads import measure_head_roles
-    from attnkit.data import encode_documents, load_corpus
-    from attnkit.masks import local_window
+    from attnkit.common.data import encode_documents, load_corpus
+    from attnkit.seam.mods.mask import local_window
     from attnkit.perplexity import unigram_perplexity
 
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "2")))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def card_figures(model, test_ids: torch.Tensor, bos: int) -> dict[str, float]:
     from reference_long_card import CONTEXT, WINDOW, copy_gain, copy_samples, test_blocks, token_nll, windowed_nll
 
-    from attnkit.masks import local_window
+    from attnkit.seam.mods.mask import local_window
 
     blocks = test_blocks(test_ids, CONTEXT, bos)
     full = token_nll(model, blocks)
@@ -40,7 +40,7 @@ def main() -> int:
 
     from train_reference_long import random_repeat_roles
 
-    from attnkit.data import encode_documents, load_corpus
+    from attnkit.common.data import encode_documents, load_corpus
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="HF model directories (a run's output or its checkpoints)")

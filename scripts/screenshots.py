@@ -75,10 +75,11 @@ def console_svg(render, width: int) -> str:
 
 
 def analyze_screens(out: Path, tmp: Path) -> None:
-    from attnkit.analyze.default_text import DEFAULT_TEXT
-    from attnkit.analyze.run import analyze, max_positions, tokenize
-    from attnkit.models.registry import load_model
-    from attnkit.report.console import render_analysis
+    from attnkit.common.default_text import DEFAULT_TEXT
+    from attnkit.analyze.run import analyze
+    from attnkit.common.tokenize import max_positions, tokenize
+    from attnkit.common.loading.registry import load_model
+    from attnkit.analyze.render import render_analysis
 
     loaded = load_model("minilm")
     inputs = tokenize(loaded.tokenizer, DEFAULT_TEXT, None, max_positions(loaded.model), truncate_silently=True)
@@ -99,9 +100,9 @@ def analyze_screens(out: Path, tmp: Path) -> None:
 
 
 def validate_screens(out: Path, tmp: Path) -> None:
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
     from attnkit.validate import validate
-    from attnkit.report.validate_html import render_html
+    from attnkit.validate.html import render_html
 
     loaded = load_model("reference")
     report = validate(loaded.model, loaded.tokenizer, name="reference", kind=loaded.kind)

@@ -175,7 +175,7 @@ def train(out: Path, cfg: TrainConfig) -> None:
     from rich.console import Console
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from attnkit.data import encode_documents, load_corpus, random_blocks, split_blocks
+    from attnkit.common.data import encode_documents, load_corpus, random_blocks, split_blocks
     from attnkit.analyze.heads import measure_head_roles
     from attnkit.perplexity import evaluate_perplexity
 

@@ -248,7 +248,7 @@ def train(out: Path, checkpoints: Path, cfg: TrainConfig, failed_seeds: list[dic
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from attnkit.data import encode_documents, load_corpus, split_blocks
+    from attnkit.common.data import encode_documents, load_corpus, split_blocks
 
     console = Console()
     torch.set_num_threads(cfg.threads)

@@ -28,7 +28,7 @@ import torch
 from arch_zoo import VERSION_DEPENDENT, ZOO, Arch, dispatches
 from attnkit.errors import UserError
 from attnkit.seam import NoAttentionError, attach
-from attnkit.taps import MapCapture, StatsCollector
+from attnkit.seam.taps import MapCapture, StatsCollector
 
 PROB_ATOL = 1e-5
 # Outputs: with nothing modified the seam runs each call on the model's own kernel (its eager

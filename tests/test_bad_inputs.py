@@ -200,7 +200,7 @@ def test_the_table_covers_every_category_with_at_least_40_cases():
     ["perplexity", "--json", "{empty_dir}"],
 ])
 def test_outputs_are_checked_before_the_run(argv, broken, capsys, monkeypatch):
-    from attnkit.models import registry
+    from attnkit.common.loading import registry
 
     monkeypatch.setattr(registry, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the output was checked"))
     assert main(_fill(argv, broken)) == EXIT_USER_ERROR
@@ -247,7 +247,7 @@ def test_missing_minilm_package_keeps_the_extra_in_brackets(capsys, monkeypatch)
 
 
 def test_missing_kjv_text_says_how_to_get_it(capsys, monkeypatch, tmp_path):
-    from attnkit.data import bible
+    from attnkit.common.data import bible
 
     monkeypatch.setattr(bible, "SHIPPED_TEXT", tmp_path / "absent.txt.xz")
     monkeypatch.setattr(bible.shutil, "which", lambda name: None)

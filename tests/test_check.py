@@ -73,7 +73,7 @@ def _random_model(config: dict, seed: int = 0):
 
 
 def _reference_tokenizer():
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     return load_model("reference").tokenizer
 

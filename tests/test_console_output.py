@@ -19,7 +19,7 @@ from rich.console import Console
 
 from attnkit.analyze.diagnose import Issue
 from attnkit.analyze.run import Analysis
-from attnkit.report.console import render_analysis
+from attnkit.analyze.render import render_analysis
 
 LAYERS, HEADS = 6, 12
 NUMBER = re.compile(r"\d\.\d\d")

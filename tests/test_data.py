@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from attnkit.data import (
+from attnkit.common.data import (
     Corpus,
     batched_blocks,
     encode_documents,
@@ -19,7 +19,7 @@ from attnkit.data import (
     random_blocks,
     split_blocks,
 )
-from attnkit.data import bible
+from attnkit.common.data import bible
 from attnkit.errors import UserError
 
 
@@ -249,7 +249,7 @@ def test_random_blocks_are_seeded_windows():
 
 def test_unreachable_hub_fails_fast_without_calling_datasets(monkeypatch):
     datasets = pytest.importorskip("datasets")
-    from attnkit.data import corpus
+    from attnkit.common.data import corpus
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(corpus, "_hub_unreachable", lambda: "hub.example is not reachable: test")
@@ -262,7 +262,7 @@ def test_hub_probe_reports_an_unresolvable_endpoint(monkeypatch):
     pytest.importorskip("datasets")
     import huggingface_hub.constants
 
-    from attnkit.data import corpus
+    from attnkit.common.data import corpus
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://attnkit-no-such-host.invalid")
     assert "attnkit-no-such-host.invalid is not reachable" in corpus._hub_unreachable(timeout=2.0)
@@ -272,8 +272,8 @@ def test_lm_blocks_open_with_the_tokenizer_s_bos_and_cover_the_stream_once():
     from tokenizers import processors
     from transformers import AutoTokenizer
 
-    from attnkit.data.blocks import lm_blocks, split_blocks
-    from attnkit.models.registry import resolve_model_path
+    from attnkit.common.data.blocks import lm_blocks, split_blocks
+    from attnkit.common.loading.registry import resolve_model_path
 
     plain = AutoTokenizer.from_pretrained(resolve_model_path("reference"))
     ids = torch.arange(1, 2500)

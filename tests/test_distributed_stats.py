@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from attnkit.seam import StatsCollector, attach
-from attnkit.training.distributed import leave_group
+from attnkit.common.training.distributed import leave_group
 
 WORLD = 2
 

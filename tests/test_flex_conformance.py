@@ -24,15 +24,15 @@ import pytest
 import torch
 from torch import nn
 
-from attnkit import kernels
-from attnkit.kernels import KERNELS, Kernel
-from attnkit.kernels.modifiers import ModifierError
-from attnkit.masks import local_window, sink_window
-from attnkit.mods import soft_cap, temperature
+from attnkit.seam import kernels
+from attnkit.seam.kernels import KERNELS, Kernel
+from attnkit.seam.kernels.modifiers import ModifierError
+from attnkit.seam.mods.mask import local_window, sink_window
+from attnkit.seam.mods import soft_cap, temperature
 from attnkit.seam import Mods, Site, attach, build_call
 from attnkit.sparse.attention import SparseHandle, SparseSelector, sparse_attention
 from attnkit.sparse.config import SparseConfig
-from attnkit.taps import MapCapture, StatsCollector
+from attnkit.seam.taps import MapCapture, StatsCollector
 from conftest import _ids, gpt2
 
 flex_api = pytest.importorskip("torch.nn.attention.flex_attention")

@@ -1,4 +1,4 @@
-"""Gated attention (attnkit.edits): identity at init for every kind x family, the gate equals a
+"""Gated attention (attnkit.gate): identity at init for every kind x family, the gate equals a
 hand-computed G1 on the output projection's input, training moves the gates, save/reload is exact,
 and a broken gate checkpoint is one line and exit 2."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import _ids, bert, gpt2, llama, mistral
 
-from attnkit.edits import GATE_KINDS, GateStats, add_gates, find_gates, load_gates, remove_gates, save_gates
-from attnkit.edits.layouts import gate_layouts
+from attnkit.gate import GATE_KINDS, GateStats, add_gates, find_gates, load_gates, remove_gates, save_gates
+from attnkit.gate.layouts import gate_layouts
 from attnkit.errors import UserError
 
 
@@ -178,7 +178,7 @@ def _gated_once(tmp_path_factory):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from attnkit.cli.main import main
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     ref = load_model("reference")
     src = tmp_path_factory.mktemp("src")
@@ -198,8 +198,8 @@ def gated_dir(_gated_once, tmp_path, monkeypatch):
 
 
 def test_cli_gate_writes_a_loadable_model(gated_dir, capsys):
-    from attnkit.edits.io import load_gated
-    from attnkit.models.registry import load_model
+    from attnkit.gate import load_gated
+    from attnkit.common.loading.registry import load_model
 
     capsys.readouterr()
     loaded = load_gated(gated_dir)
@@ -239,7 +239,7 @@ def test_analyze_reports_gate_statistics():
     from rich.console import Console
 
     from attnkit.analyze.run import analyze
-    from attnkit.report.console import render_analysis
+    from attnkit.analyze.render import render_analysis
 
     model, inputs = gpt2(), _input("gpt2")
     plain = analyze(model, inputs)
@@ -259,7 +259,7 @@ def test_every_command_loads_a_gated_directory_with_its_trained_gates(gated_dir,
     import json
 
     from attnkit.cli.main import main
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     trained = load_model(str(gated_dir))
     gates = find_gates(trained.model)
@@ -292,7 +292,7 @@ def _sharpen(gates, seed: int = 3) -> None:
 def test_gate_tap_through_the_seam_equals_gate_stats(family, kind):
     """Every call observed: the seam tap's per-head statistics are GateStats' (which records every
     forward directly), under each call's own site."""
-    from attnkit.edits import GateTap
+    from attnkit.gate import GateTap
     from attnkit.seam import attach
 
     model, inputs = FAMILIES[family](), _input(family)
@@ -314,7 +314,7 @@ def test_gate_tap_through_the_seam_equals_gate_stats(family, kind):
 def test_gate_tap_follows_the_session_plan():
     """Only what the seam observes counts: every=2 sees the first of two forwards; layers=[1] only
     layer 1; an inactive session nothing."""
-    from attnkit.edits import GateTap
+    from attnkit.gate import GateTap
     from attnkit.seam import AttentionSession, attach
 
     model = gpt2()

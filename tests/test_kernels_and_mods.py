@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from attnkit import kernels
-from attnkit.masks import MASK_MODS, and_masks, causal, local_window, or_masks, sink_window
-from attnkit.mods import PATTERNS, SCORE_MODS, soft_cap, temperature
+from attnkit.seam import kernels
+from attnkit.seam.mods.mask import MASK_MODS, and_masks, causal, local_window, or_masks, sink_window
+from attnkit.seam.mods import PATTERNS, SCORE_MODS, soft_cap, temperature
 from attnkit.seam import Mods, Site, attach, build_call
 from conftest import _ids, gpt2
 

@@ -68,7 +68,7 @@ def test_bad_run_dirs_exit_2(tmp_path, capsys):
 
 
 def test_trace_names_the_first_nonfinite_layer_and_head_of_a_saved_model(tmp_path, capsys):
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     loaded = load_model("reference")
     attn = loaded.model.transformer.h[2].attn

@@ -13,7 +13,7 @@ import torch
 
 from attnkit.metrics import fused
 from attnkit.seam import attach
-from attnkit.taps import StatsCollector
+from attnkit.seam.taps import StatsCollector
 from conftest import _ids, bert, gpt2, llama, mistral
 
 

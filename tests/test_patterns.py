@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from attnkit.mods import PATTERNS, SCORE_MODS, local_pattern
+from attnkit.seam.mods import PATTERNS, SCORE_MODS, local_pattern
 from attnkit.seam import MapCapture, Site, attach
 from conftest import _ids, gpt2
 

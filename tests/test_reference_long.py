@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnkit.models.registry import load_model
+from attnkit.common.loading.registry import load_model
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "attnkit" / "models" / "reference_long"
 CONTEXT = 1024
@@ -37,7 +37,7 @@ def eager():
 def test_ids(eager):
     from transformers import AutoTokenizer
 
-    from attnkit.data import encode_documents, load_corpus
+    from attnkit.common.data import encode_documents, load_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     return encode_documents(tokenizer, load_corpus("kjv").splits["test"]), tokenizer.eos_token_id
@@ -202,7 +202,7 @@ def test_attnkit_perplexity_reproduces_the_card_s_full_attention_figure(card, tm
 def test_validate_finds_the_induction_heads_the_cards_name_and_no_others(name, card):
     """validate's copying check on 4 x 128 test tokens: reference-long's card names L3H2 and L3H3
     induction heads (and L3H2 parks on the BOS when it has nothing to copy); reference's card none."""
-    from attnkit.data import load_corpus
+    from attnkit.common.data import load_corpus
     from attnkit.validate import Options, validate
 
     loaded = load_model(name)

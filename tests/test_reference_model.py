@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.data import encode_documents, load_corpus, split_blocks
+from attnkit.common.data import encode_documents, load_corpus, split_blocks
 from attnkit.perplexity import evaluate_perplexity, unigram_perplexity
 
 MODEL_DIR = Path(attnkit.__file__).parent / "models" / "reference"
@@ -50,7 +50,7 @@ def test_loads_offline_as_gpt2(loaded):
 
 
 def test_builtin_name_resolves():
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     m = load_model("reference")
     assert m.kind == "causal-lm" and type(m.model).__name__ == "GPT2LMHeadModel"

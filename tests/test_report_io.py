@@ -8,8 +8,8 @@ import pytest
 from conftest import cannot_create_in
 
 from attnkit.errors import UserError
-from attnkit.report import io as report_io
-from attnkit.report.io import check_writable, write_atomic, write_json
+from attnkit.common import io as report_io
+from attnkit.common.io import check_writable, write_atomic, write_json
 
 
 def _mode(path: Path) -> int:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attnkit.mods import soft_cap
+from attnkit.seam.mods import soft_cap
 from attnkit.seam import MapCapture, Site, StatsCollector, Tap, attach
 from attnkit.seam.adapters.protocol import attention
 from conftest import _ids, gpt2, llama

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from attnkit.mods import PATTERNS
+from attnkit.seam.mods import PATTERNS
 from attnkit.seam import MapCapture, StatsCollector, attach
 from conftest import causal_block, encoder, mha
 

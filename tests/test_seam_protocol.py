@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnkit.mods import PATTERNS
+from attnkit.seam.mods import PATTERNS
 from attnkit.seam import MapCapture, Site, StatsCollector, attach, attention
 from conftest import reference_probs
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attnkit.errors import UserError
-from attnkit.mods import soft_cap
+from attnkit.seam.mods import soft_cap
 from attnkit.seam import MapCapture, NoAttentionError, Site, StatsCollector, Tap, attach
 from attnkit.seam.adapters import sdpa_function
 from byo_models import GQAAttention, build, build_mha, build_vit

@@ -164,7 +164,7 @@ def test_softcap_bias_and_sinks_against_the_seams_dense_kernel():
     float32, hence the tolerance)."""
     from torch import nn
 
-    from attnkit.kernels.dense import dense_attention
+    from attnkit.seam.kernels.dense import dense_attention
     from attnkit.seam import Site, build_call
     from attnkit.seam.plan import Mods
 

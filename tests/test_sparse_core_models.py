@@ -272,7 +272,7 @@ def test_bidirectional_encoder():
 
 
 def test_taps_see_the_sparse_probabilities():
-    from attnkit.taps import MapCapture
+    from attnkit.seam.taps import MapCapture
 
     model = build("llama")
     x = inputs(pad=0)
@@ -290,7 +290,7 @@ def test_taps_see_the_sparse_probabilities():
 def test_taps_see_the_trained_gates_reweighting():
     """With a trained gate the kept blocks are reweighted by p_gate(block): the captured maps
     are exactly the probabilities the output was computed from (maps @ V == output)."""
-    from attnkit.taps import MapCapture, Tap
+    from attnkit.seam.taps import MapCapture, Tap
 
     class Calls(Tap):  # keeps each call's value and output
         wants_call, wants_output, wants_chunks = True, True, False
@@ -369,7 +369,7 @@ def test_gates_save_and_load(tmp_path):
 def test_flex_attention_on_cpu_inference_equals_portable():
     """FlexAttention (compiled, CPU, no gradients) over the same selection: GQA, a trained gate's
     bias, a padded batch, a partial last block."""
-    from attnkit.sparse.flex_block import flex_available
+    from attnkit.seam.kernels.flex_block import flex_available
 
     if not flex_available():
         pytest.skip("this torch has no FlexAttention")
@@ -394,7 +394,7 @@ def test_flex_attention_on_cpu_inference_equals_portable():
 
 def test_stacks_with_another_sessions_modifiers():
     """A temperature from another session applies inside the sparse kernel too."""
-    from attnkit.mods import temperature
+    from attnkit.seam.mods import temperature
 
     model = build("qwen2")
     x = inputs()

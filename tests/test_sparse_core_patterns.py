@@ -236,9 +236,11 @@ def test_bad_config_is_a_user_error():
 def test_docstring_examples(name):
     module = importlib.import_module(f"attnkit.sparse.patterns.{name}")
     globs = {"torch": torch, "BlockGeometry": BlockGeometry, **vars(module)}
+    from attnkit.sparse.gates import BlockGate
     from attnkit.sparse.patterns import BlockInputs
 
     globs["BlockInputs"] = BlockInputs
+    globs["BlockGate"] = BlockGate  # learned_gate's example (the pattern itself only reads the gate it is given)
     result = doctest.testmod(module, extraglobs=globs, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 

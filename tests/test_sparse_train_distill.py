@@ -18,7 +18,7 @@ from attnkit.sparse import SparseConfig, sparse_attention
 from attnkit.sparse.distill import Distiller, DistillSettings, distill, load_trained
 from attnkit.sparse.targets import PooledMapTarget, map_loss
 from attnkit.seam import attach
-from attnkit.training import TrainConfig
+from attnkit.common.training import TrainConfig
 
 V = 53
 

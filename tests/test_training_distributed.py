@@ -1,4 +1,4 @@
-"""attnkit.training under torch.distributed, joined as torchrun starts processes (RANK, WORLD_SIZE,
+"""attnkit.common.training under torch.distributed, joined as torchrun starts processes (RANK, WORLD_SIZE,
 MASTER_ADDR/PORT in the environment): two gloo ranks with torch's DistributedDataParallel, each on
 half of every global batch, train as one process on the whole batch does; an interrupted 2-rank run
 resumed from its checkpoint ends bit for bit where the uninterrupted 2-rank run ends."""
@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from attnkit.training import StepOutput, TrainConfig, train
-from attnkit.training.distributed import leave_group
+from attnkit.common.training import StepOutput, TrainConfig, train
+from attnkit.common.training.distributed import leave_group
 
 WORLD = 2
 

@@ -1,4 +1,4 @@
-"""attnkit.training: schedule, optimizer groups, clipping, checkpoint files and the errors a user meets."""
+"""attnkit.common.training: schedule, optimizer groups, clipping, checkpoint files and the errors a user meets."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from attnkit.errors import UserError
-from attnkit.training import StepOutput, TrainConfig, batch_generator, latest, train, warmup_cosine
-from attnkit.training.loop import make_optimizer
+from attnkit.common.training import StepOutput, TrainConfig, batch_generator, latest, train, warmup_cosine
+from attnkit.common.training.loop import make_optimizer
 
 TARGET = torch.tensor([[1.5, -2.0, 0.5], [0.0, 1.0, 3.0]])
 

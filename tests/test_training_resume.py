@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from attnkit.training import StepOutput, TrainConfig, train
+from attnkit.common.training import StepOutput, TrainConfig, train
 
 
 def _model() -> nn.Module:
@@ -69,7 +69,7 @@ def test_without_the_rng_restored_the_runs_would_differ(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         train(_model(), _step, interrupting, _cfg(tmp_path / "run"))
-    import attnkit.training.checkpoint as ckpt_lib
+    import attnkit.common.training.checkpoint as ckpt_lib
 
     monkeypatch.setattr(ckpt_lib, "set_rng_state", lambda state: None)
     torch.manual_seed(123)

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from attnkit.models.transformer_ae import (CNN_PARAMS, N_TOKENS, AEConfig, EmbedderNeuronGroup, TransformerAE, ZooCNN,
                                            flatten_cnn, unflatten_cnn)
 from attnkit.seam import Site, attach
-from attnkit.taps import MapCapture
+from attnkit.seam.taps import MapCapture
 
 
 def _x(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -124,7 +124,7 @@ def test_merging_objective_trains_and_beats_its_start():
 
 def test_attnkit_analyze_cli_flags_a_collapsed_checkpoint(tmp_path, capsys, monkeypatch):
     """The command line on a checkpoint the collapse experiment writes (its save_checkpoint)."""
-    pytest.importorskip("attnkit.models.user_model")
+    pytest.importorskip("attnkit.common.loading.user_model")
     import importlib.util
     import json
     from pathlib import Path

@@ -17,8 +17,8 @@ import torch
 
 from attnkit.cli.main import main
 from attnkit.errors import UserError
-from attnkit.models.registry import load_model
-from attnkit.models.user_model import ConfigDict, UserModel
+from attnkit.common.loading.registry import load_model
+from attnkit.common.loading.user_model import ConfigDict, UserModel
 from attnkit.seam import MapCapture, Site, attach
 from byo_models import build, build_mha
 
@@ -29,8 +29,8 @@ STEPS = 300
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A nanoGPT trained for a few hundred steps on KJV text, saved as nanoGPT saves it; and its config."""
-    from attnkit.data import encode_documents, load_corpus
-    from attnkit.models.user_model import load_tokenizer
+    from attnkit.common.data import encode_documents, load_corpus
+    from attnkit.common.loading.user_model import load_tokenizer
 
     tokenizer = load_tokenizer("reference")
     assert len(tokenizer) == NANOGPT["vocab_size"]
@@ -117,8 +117,8 @@ def test_analyze_runs_with_the_checkpoint_s_own_config(trained, tmp_path, capsys
 def test_perplexity_equals_the_model_s_own_loss_on_the_same_blocks(trained, tmp_path, capsys):
     import torch.nn.functional as F
 
-    from attnkit.data import encode_documents, load_corpus, split_blocks
-    from attnkit.models.user_model import load_tokenizer
+    from attnkit.common.data import encode_documents, load_corpus, split_blocks
+    from attnkit.common.loading.user_model import load_tokenizer
 
     model, checkpoint, _, _ = trained
     report = tmp_path / "ppl.json"

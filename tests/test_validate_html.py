@@ -9,7 +9,7 @@ import re
 import pytest
 
 from attnkit.validate import Options, validate
-from attnkit.report.validate_html import MAP_TOKENS, SECTION_TEXT, ablation_bars, map_figure, render_html
+from attnkit.validate.html import MAP_TOKENS, SECTION_TEXT, ablation_bars, map_figure, render_html
 from validate_helpers import TEXT, tiny_gpt2, tokenizer
 
 EVIL = "<script>alert(1)</script>"

@@ -10,14 +10,14 @@ pytestmark = pytest.mark.skipif(not (REFERENCE_DIR / "model.safetensors").exists
 
 @pytest.fixture(scope="module")
 def report():
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
     from attnkit.validate import Options, validate
 
     loaded = load_model("reference")
-    from attnkit.data.bible import kjv_available
+    from attnkit.common.data.bible import kjv_available
 
     if kjv_available():  # shipped with attnkit; Debian's bible-kjv-text as fallback
-        from attnkit.data import load_corpus
+        from attnkit.common.data import load_corpus
 
         docs, source = load_corpus("kjv").split("test"), "kjv [test]"
     else:

@@ -56,7 +56,7 @@ def test_uniform_replaced_model_is_reported_uniform(tok):
     assert report.exit_status == 1
     # The HTML keeps to glyphs every text font has: the console's ❌ needs an emoji font that a
     # headless browser (or a plain server) may lack and would show as an empty box.
-    from attnkit.report.validate_html import render_html
+    from attnkit.validate.html import render_html
 
     page = render_html(report)
     assert "UNIFORM]" in page and "❌" not in page

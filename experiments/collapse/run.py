@@ -5,7 +5,7 @@
 
 1. A zoo of clients x seeds ZooCNNs (1232 parameters) on scikit-learn's 8x8 digits (cached in OUT/zoo.safetensors);
    seeds below --train-seeds train the AE, the rest give the fixed evaluation pairs.
-2. For each seed: one TransformerAE initialisation; a copy gets gates (attnkit.edits.add_gates, --gate kind,
+2. For each seed: one TransformerAE initialisation; a copy gets gates (attnkit.gate.add_gates, --gate kind,
    identity at init: the same function). Both train on the merging objective with the same pair/image order.
 3. Per epoch, on the evaluation pairs, through the seam (StatsCollector + MapCapture): normalised attention
    entropy H / ln 50 (analyze's definition: 1 = uniform, 0 = one key), mean |p - 0.02|, largest weight x 50;
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from attnkit.edits import GateStats, add_gates
+from attnkit.gate import GateStats, add_gates
 from attnkit.models.cnn_zoo import Zoo, build_zoo, digits
 from attnkit.models.merging import (Pairs, diversity, merge_loss, pair_accuracy, sample_pairs, uniqueness,
                                     wasserstein)
 from attnkit.models.transformer_ae import N_TOKENS, AEConfig, TransformerAE
 from attnkit.seam import attach
-from attnkit.taps import MapCapture, StatsCollector
+from attnkit.seam.taps import MapCapture, StatsCollector
 
 
 def parse() -> argparse.Namespace:
@@ -56,7 +56,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--norm-first", action="store_true")
     p.add_argument("--qk-gain", type=float, default=1.0, help="multiply the initial W_q, W_k by this (sharper start)")
     p.add_argument("--embed-norm", action="store_true", help="LayerNorm the 50 token embeddings before the encoder")
-    p.add_argument("--gate", default="mlp", help="gate kind (attnkit.edits.GATE_KINDS)")
+    p.add_argument("--gate", default="mlp", help="gate kind (attnkit.gate.GATE_KINDS)")
     p.add_argument("--no-gated", action="store_true", help="ungated runs only (setting search)")
     p.add_argument("--recovery-epochs", type=int, default=15)
     p.add_argument("--recovery-lr", type=float, help="learning rate after the collapsed checkpoint (default: --lr)")
@@ -123,7 +123,7 @@ def evaluate(model, x_eval, pairs: Pairs, zoo, data, avg) -> dict:
 
 
 def _gates(model):
-    from attnkit.edits import find_gates
+    from attnkit.gate import find_gates
     return find_gates(model)
 
 

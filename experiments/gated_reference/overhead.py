@@ -22,7 +22,7 @@ def main() -> int:
     torch.set_num_threads(1)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from attnkit.edits import add_gates
+    from attnkit.gate import add_gates
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=1024, n_positions=128, n_embd=128, n_layer=4, n_head=4)

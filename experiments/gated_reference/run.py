@@ -1,6 +1,6 @@
 """The gated-attention paper's claims at toy scale: the reference model's architecture (GPT-2, 4 layers,
 4 heads of 32, width 128, context 128, its 1,024-symbol BPE) trained from the same initialisation
-without gates and with headwise / elementwise G1 gates (attnkit.edits.add_gates; identity at init),
+without gates and with headwise / elementwise G1 gates (attnkit.gate.add_gates; identity at init),
 on the KJV train split, same batches, a short budget; at each learning rate.
 
     python experiments/gated_reference/run.py --out runs/gated_reference --steps 300 --lrs 1.5e-3,1e-2
@@ -33,12 +33,12 @@ def main() -> int:
     torch.set_num_threads(1)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from attnkit.data import encode_documents, load_corpus, random_blocks, split_blocks
-    from attnkit.edits import GateStats, add_gates
-    from attnkit.models.registry import load_model
+    from attnkit.common.data import encode_documents, load_corpus, random_blocks, split_blocks
+    from attnkit.gate import GateStats, add_gates
+    from attnkit.common.loading.registry import load_model
     from attnkit.perplexity import evaluate_perplexity
     from attnkit.seam import attach
-    from attnkit.taps import StatsCollector
+    from attnkit.seam.taps import StatsCollector
 
     tok = load_model("reference").tokenizer
     corpus = load_corpus("kjv")

@@ -33,7 +33,7 @@ import addition_task as task  # noqa: E402
 
 from attnkit.errors import UserError  # noqa: E402
 from attnkit.paths import blended_logprobs, generate_paths, list_similarities, make_similarity  # noqa: E402
-from attnkit.report.io import write_atomic  # noqa: E402
+from attnkit.common.io import write_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LEARNABLE = {"luong": {"rank": 16}, "bahdanau": {"dim": 32}}

@@ -30,8 +30,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
 
-    from attnkit.data import encode_documents, load_corpus
-    from attnkit.models.registry import load_model
+    from attnkit.common.data import encode_documents, load_corpus
+    from attnkit.common.loading.registry import load_model
     from attnkit.sparse import SparseConfig, sparse_attention
     from attnkit.sparse.distill import load_trained
 
@@ -60,7 +60,7 @@ def main() -> None:
                 rows.append({"seq_len": n, "pattern": pattern, "density": d, "prev_block_dropped": dropped / total})
                 print(json.dumps(rows[-1]), flush=True)
     if a.out:
-        from attnkit.report.io import write_atomic
+        from attnkit.common.io import write_atomic
 
         write_atomic(a.out, json.dumps(rows, indent=1))
 

@@ -6,8 +6,8 @@ replay gives 0.0507/0.0107, as each does alone (results/eval_4096_fresh/), with 
     python experiments/sparse/replay_4096.py
 """
 import torch
-from attnkit.models.registry import load_model
-from attnkit.data import encode_documents, load_corpus
+from attnkit.common.loading.registry import load_model
+from attnkit.common.data import encode_documents, load_corpus
 from attnkit.sparse import SparseConfig
 from attnkit.sparse.evaluate import dense_baseline, evaluate_pattern
 torch.set_num_threads(1)

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input: a missing path, a model without attention, empty text, an over-long sequence, ..."""
+
+
+class NoAttentionError(UserError):
+    """The model has no attention attnkit can reach."""

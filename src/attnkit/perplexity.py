@@ -1,7 +1,7 @@
 """Perplexity of a causal language model on a token stream, and a unigram baseline.
 
 Definition used everywhere in attnkit (the CLI, the reference model's card, the tests):
-the stream is cut into non-overlapping blocks (``attnkit.data.split_blocks``); inside each
+the stream is cut into non-overlapping blocks (``attnkit.common.data.split_blocks``); inside each
 block every token but the first is predicted from the tokens before it in that block;
 perplexity = exp(mean negative log-likelihood over all those predicted tokens). Blocks do not
 see each other, so the first tokens of each block are predicted from little context: a
@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from attnkit.data.blocks import batched_blocks
+from attnkit.common.data.blocks import batched_blocks
 
 
 @dataclass

@@ -141,7 +141,7 @@ def uniform_attention(h: dict, ctx: Context) -> Issue | None:
         f"(normalised entropy {h['normalized_entropy']:.3f}, logits span {h['logit_range']:.3f})",
         "the head only averages its context: check that its query/key weights are not zero or frozen and "
         "receive gradient, that the logit scale is not too small (temperature < 1), or add an output gate "
-        "(gated attention, Qiu et al. 2025: attnkit.edits.add_gates, then train); run `attnkit validate` to see whether ablating it changes the loss",
+        "(gated attention, Qiu et al. 2025: attnkit.gate.add_gates, then train); run `attnkit validate` to see whether ablating it changes the loss",
     )
 
 

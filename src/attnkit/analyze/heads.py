@@ -92,7 +92,7 @@ def measure_head_roles(
     exclude: set[int] | None = None,
 ) -> HeadRoles:
     """Score every head of ``model`` on ``text_ids`` (B, T) of natural text and on repeated random tokens."""
-    from attnkit.analyze.run import max_positions
+    from attnkit.common.tokenize import max_positions
 
     context = max_positions(model)
     if context is not None and 1 + 2 * repeat_length > context:

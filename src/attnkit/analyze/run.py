@@ -13,7 +13,6 @@ from attnkit.errors import UserError
 from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, observe_forward
 
 SCHEMA_VERSION = "1.1"  # 1.1: heads carry "stack" and "kind" beside "layer"
-MIN_TOKENS = 2  # fewest tokens analyze accepts: below this no attention row has a choice to make
 
 
 @dataclass
@@ -28,7 +27,7 @@ class Analysis:
     call_order: list[int]
     sample_rows: int | None = None
     token_text: list[str] = field(default_factory=list)
-    gates: list[dict] = field(default_factory=list)  # attnkit.edits gates: mean gate / share below 0.1 per head
+    gates: list[dict] = field(default_factory=list)  # attnkit.gate gates: mean gate / share below 0.1 per head
 
     @property
     def layers(self) -> list[int]:
@@ -64,42 +63,6 @@ def _finite(d: dict) -> dict:
     return out
 
 
-def max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def tokenize(tokenizer, text: str, max_length: int | None, model_max: int | None, truncate_silently: bool = False):
-    """Token ids for ``text``; a clear error for empty or over-long input."""
-    if not text or not text.strip():
-        raise UserError("the text is empty; give --text or --text-file with some words in it")
-    enc = tokenizer(text, return_tensors="pt", truncation=False)
-    n = enc["input_ids"].shape[1]
-    if n == 0:
-        raise UserError("the text produced no tokens")
-    limit = max_length if max_length is not None else model_max
-    if max_length is not None and model_max is not None and max_length > model_max:
-        raise UserError(f"--max-length {max_length} is more than the model takes ({model_max} positions)")
-    if limit is not None and n > limit:
-        if max_length is None and not truncate_silently:
-            raise UserError(
-                f"the text is {n} tokens but the model takes at most {model_max}; "
-                f"pass --max-length {model_max} to analyse the first {model_max} tokens"
-            )
-        enc = {k: v[:, :limit] for k, v in enc.items()}
-    kept = enc["input_ids"].shape[1]
-    if kept < MIN_TOKENS:
-        # One token is one row seeing one key: every statistic would be NaN and every check silent.
-        cut = f" after --max-length {max_length}" if max_length is not None and kept < n else ""
-        raise UserError(f"the input is {kept} token{'s' if kept != 1 else ''}{cut}; attention statistics need "
-                        f"at least {MIN_TOKENS} tokens (a query must see two keys), so give a longer text")
-    return dict(enc)
-
-
 def analyze(
     model: nn.Module,
     inputs: dict,
@@ -119,7 +82,7 @@ def analyze(
     mask = inputs.get("attention_mask")
     if mask is not None:
         session.query_mask = mask.bool()
-    from attnkit.edits.gating import GateStats, find_gates
+    from attnkit.gate.gating import GateStats, find_gates
 
     gate_stats = GateStats(model) if find_gates(model) else None
     if gate_stats is None:

@@ -65,8 +65,8 @@ def _agrees(predicted: float, measured: float, factor: float) -> bool:
 
 def sample_ids(tokenizer, seq_len: int) -> torch.Tensor:
     """(1, seq_len) token ids from the KJV test split (fewer if the split is shorter)."""
-    from attnkit.data import load_corpus
-    from attnkit.data.blocks import encode_documents
+    from attnkit.common.data import load_corpus
+    from attnkit.common.data.blocks import encode_documents
 
     docs = load_corpus("kjv").split(MEASURE_TEXT_SPLIT)
     ids: list[torch.Tensor] = []

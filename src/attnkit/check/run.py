@@ -159,7 +159,7 @@ def resolve_source(config_or_model) -> Source:
             return Source(type(config_or_model).__name__, config, model=config_or_model)
         return Source(type(config_or_model).__name__, config_or_model)
     name = str(config_or_model)
-    from attnkit.models.registry import BUILTIN_MODELS, resolve_model_path
+    from attnkit.common.loading.registry import BUILTIN_MODELS, resolve_model_path
 
     path = Path(resolve_model_path(name)).expanduser() if name in BUILTIN_MODELS else Path(name).expanduser()
     if path.is_file():
@@ -175,8 +175,8 @@ def resolve_source(config_or_model) -> Source:
 
 
 def _hub_source(name: str) -> Source:
-    from attnkit.hub import hub_offline_reason
-    from attnkit.models.registry import BUILTIN_MODELS
+    from attnkit.common.loading.hub import hub_offline_reason
+    from attnkit.common.loading.registry import BUILTIN_MODELS
 
     offline = hub_offline_reason()
     try:
@@ -321,13 +321,13 @@ def _load(source: Source, need_tokenizer: bool):
     if source.model_dir is None:
         raise UserError(f"{source.name} has no weights (no model.safetensors or pytorch_model.bin): "
                         f"--measure needs a model directory or a built-in model")
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     loaded = load_model(source.model_dir if source.name not in _builtin_names() else source.name)
     return loaded.model, loaded.tokenizer
 
 
 def _builtin_names():
-    from attnkit.models.registry import BUILTIN_MODELS
+    from attnkit.common.loading.registry import BUILTIN_MODELS
 
     return BUILTIN_MODELS

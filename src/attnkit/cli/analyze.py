@@ -28,10 +28,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.analyze.default_text import DEFAULT_TEXT
-    from attnkit.analyze.run import analyze, max_positions, tokenize
+    from attnkit.common.default_text import DEFAULT_TEXT
+    from attnkit.analyze.run import analyze
+    from attnkit.common.tokenize import max_positions, tokenize
     from attnkit.errors import UserError
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     text = read_text(args.text, args.text_file)
     layers = parse_int_list(args.layers, "layers")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     check_positive(args.sample_rows, "--sample-rows")
     check_outputs(json=args.json, plot=args.plot)  # before the run, not after it
     console = Console(stderr=args.json == "-")
-    from attnkit.report.progress import stderr_status
+    from attnkit.common.progress import stderr_status
 
     with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
         loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
@@ -55,15 +56,15 @@ def run(args: argparse.Namespace) -> int:
             result = analyze(model, inputs, name=args.model, layers=layers, heads=heads, sample_rows=args.sample_rows)
         except ValueError as e:
             raise UserError(str(e)) from e
-    from attnkit.report.console import render_analysis
+    from attnkit.analyze.render import render_analysis
 
     render_analysis(result, console, given_json=args.json is not None, model_flags=model_flags(args))
     if args.json:
-        from attnkit.report.io import write_json
+        from attnkit.common.io import write_json
 
         write_json(result.to_json(), args.json)
     if args.plot:
-        from attnkit.report.plots import save_entropy_heatmap
+        from attnkit.analyze.plots import save_entropy_heatmap
 
         save_entropy_heatmap(result, args.plot)
         console.print(f"heatmap written to {escape(args.plot)}", highlight=False)

@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from attnkit.check import check
-    from attnkit.report.check_console import render_check, save_regions_png
+    from attnkit.check.render import render_check, save_regions_png
     from attnkit.errors import UserError
 
     if args.from_config and args.measure:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{option} must be a positive number, got {value:g}")
     check_outputs(json=args.json, plot=args.plot)
     console = Console(stderr=args.json == "-")
-    from attnkit.report.progress import stderr_status
+    from attnkit.common.progress import stderr_status
 
     with stderr_status(f"checking {args.model}"):
         report = check(args.model, seq_len=args.seq_len, dtype=args.dtype, temperature=args.temperature,
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                        use_weights=False if args.from_config else None)
     render_check(report, console)
     if args.json:
-        from attnkit.report.io import write_json
+        from attnkit.common.io import write_json
 
         write_json(report.to_json(), args.json)
     if args.plot:

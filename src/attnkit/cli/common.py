@@ -15,7 +15,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
-    from attnkit.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
+    from attnkit.common.loading.registry import BUILTIN_MODELS, DEFAULT_MODEL
 
     names = ", ".join(BUILTIN_MODELS)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -103,7 +103,7 @@ def check_outputs(**targets: str | None) -> None:
     ``targets`` maps an option name (``json``, ``html``, ``plot``) to its path; ``-`` (stdout)
     is only meaningful for ``json``.
     """
-    from attnkit.report.io import check_writable
+    from attnkit.common.io import check_writable
 
     for option, target in targets.items():
         if target is None or (target == "-" and option == "json"):

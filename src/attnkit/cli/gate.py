@@ -1,8 +1,8 @@
 """``attnkit gate MODEL --kind headwise|elementwise|mlp --out DIR``: add output gates to a model.
 
 DIR gets the model as it was (``save_pretrained``: config, ``model.safetensors``, tokenizer) and,
-beside it, the gates alone (``gates.safetensors`` + ``gate_config.json``, see ``attnkit.edits.io``).
-``attnkit.edits.io.load_gated(DIR)`` loads both; the converted model's outputs equal the original's
+beside it, the gates alone (``gates.safetensors`` + ``gate_config.json``, see ``attnkit.gate.io``).
+``attnkit.gate.load_gated(DIR)`` loads both; the converted model's outputs equal the original's
 (checked here on a short input, and printed).
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    from attnkit.edits.gating import GATE_KINDS
-    from attnkit.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
+    from attnkit.gate.gating import GATE_KINDS
+    from attnkit.common.loading.registry import BUILTIN_MODELS, DEFAULT_MODEL
 
     p = sub.add_parser("gate", help="add gated attention (Qiu et al. 2025's G1, or seed 000's MLP gate) to a model",
                        description="Add a sigmoid output gate to every attention layer (Y' = Y * sigmoid(gate(X)) before "
@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from attnkit.cli.common import parse_int_list
-    from attnkit.edits import add_gates, save_gates
+    from attnkit.gate import add_gates, save_gates
     from attnkit.errors import UserError
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     if args.stats:
         return show_stats(args)
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     gates = add_gates(model, args.kind, init_bias=args.init_bias, layers=layers)
     with torch.no_grad():
         diff = float((_first_tensor(model(input_ids=probe)) - before).abs().max())
-    from attnkit.edits import remove_gates
+    from attnkit.gate import remove_gates
 
     remove_gates(model)  # the model saved beside the gates is the original
     out.mkdir(parents=True, exist_ok=True)
@@ -83,10 +83,10 @@ def show_stats(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from attnkit.analyze.default_text import DEFAULT_TEXT
-    from attnkit.analyze.run import max_positions, tokenize
-    from attnkit.edits import GateStats
-    from attnkit.edits.io import load_gated
+    from attnkit.common.default_text import DEFAULT_TEXT
+    from attnkit.common.tokenize import max_positions, tokenize
+    from attnkit.gate import GateStats
+    from attnkit.gate import load_gated
 
     loaded = load_gated(args.model)
     if loaded.tokenizer is None:

@@ -81,11 +81,11 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    from attnkit.analyze.default_text import DEFAULT_TEXT
-    from attnkit.analyze.run import max_positions, tokenize
+    from attnkit.common.default_text import DEFAULT_TEXT
+    from attnkit.common.tokenize import max_positions, tokenize
     from attnkit.cli.common import DTYPES, model_options, read_text
     from attnkit.errors import UserError
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
     from attnkit.monitor.nonfinite import trace_nonfinite
 
     text = read_text(args.text, args.text_file)

@@ -18,8 +18,8 @@ DEFAULT_BLOCK_SIZE = 256
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from attnkit.data.corpus import DEFAULT_CORPUS
-    from attnkit.models.registry import DEFAULT_MODEL
+    from attnkit.common.data.corpus import DEFAULT_CORPUS
+    from attnkit.common.loading.registry import DEFAULT_MODEL
 
     p = subparsers.add_parser(
         "perplexity",
@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from attnkit.data import encode_documents, load_corpus
-    from attnkit.data.blocks import lm_blocks
-    from attnkit.models.registry import load_model
+    from attnkit.common.data import encode_documents, load_corpus
+    from attnkit.common.data.blocks import lm_blocks
+    from attnkit.common.loading.registry import load_model
     from attnkit.perplexity import evaluate_perplexity
 
     from attnkit.cli.common import check_outputs, check_positive
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         if to_stdout:
             sys.stdout.write(text + "\n")
         else:
-            from attnkit.report.io import write_atomic
+            from attnkit.common.io import write_atomic
 
             write_atomic(args.json, text + "\n")
     return 0

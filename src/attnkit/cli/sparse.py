@@ -136,7 +136,7 @@ def _floats(spec: str, what: str) -> list[float]:
 
 def _load(args: argparse.Namespace):
     from attnkit.cli.common import DTYPES, model_options, offline_by_default
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
 
     offline_by_default()
     return load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
@@ -151,7 +151,7 @@ def run_train(args: argparse.Namespace) -> int:
     from attnkit.errors import UserError
     from attnkit.sparse import SparseConfig
     from attnkit.sparse.distill import DistillSettings, distill
-    from attnkit.training import TrainConfig
+    from attnkit.common.training import TrainConfig
 
     for value, option in ((args.steps, "--steps"), (args.seq_len, "--seq-len"), (args.batch_size, "--batch-size"),
                           (args.block_size, "--block-size"), (args.gate_dim, "--gate-dim")):
@@ -188,7 +188,7 @@ def run_train(args: argparse.Namespace) -> int:
                         f"{start}, KL over the last {len(last)} steps {kl:.4g} nats; gates and summary in {out}",
                         highlight=False, markup=False, soft_wrap=True)
     if result.env.initialized_here:
-        from attnkit.training.distributed import leave_group
+        from attnkit.common.training.distributed import leave_group
 
         leave_group()
     return 0
@@ -201,9 +201,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from attnkit.cli.common import check_positive, parse_int_list
     from attnkit.errors import UserError
-    from attnkit.report.io import write_json
-    from attnkit.report.progress import step_progress
-    from attnkit.report.sparse_plots import save_density_curves
+    from attnkit.common.io import write_json
+    from attnkit.common.progress import step_progress
+    from attnkit.sparse.plots import save_density_curves
     from attnkit.sparse import PATTERNS, SparseConfig
     from attnkit.sparse.evaluate import EvalPlan, run_eval as evaluate
 

@@ -69,7 +69,7 @@ def _documents(args) -> tuple[list[str] | None, str | None]:
     if args.split is not None and args.dataset is None:
         raise UserError("--split goes with --dataset")
     if args.dataset is not None:
-        from attnkit.data import load_corpus
+        from attnkit.common.data import load_corpus
 
         corpus = load_corpus(args.dataset)
         docs = corpus.split(args.split)
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     from attnkit.cli.common import DTYPES, model_options
     from attnkit.errors import UserError
-    from attnkit.models.registry import load_model
+    from attnkit.common.loading.registry import load_model
     from attnkit.validate import Options, validate
 
     from rich.markup import escape
@@ -100,28 +100,28 @@ def run(args: argparse.Namespace) -> int:
     opts = Options(seq_len=args.seq_len, sequences=args.sequences, ablation_blocks=args.ablation_blocks,
                    batch_size=args.batch_size)
     documents, source = _documents(args)
-    from attnkit.report.progress import stderr_status
+    from attnkit.common.progress import stderr_status
 
     with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
         loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
                             **model_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
-    from attnkit.report.progress import VALIDATE_STEPS, step_progress
+    from attnkit.common.progress import VALIDATE_STEPS, step_progress
 
     with step_progress("validating", VALIDATE_STEPS) as progress:  # on stderr, erased when done
         report = validate(loaded.model, loaded.tokenizer, documents, name=args.model, kind=loaded.kind, options=opts,
                           data_source=source, on_progress=progress)
-    from attnkit.report.validate_console import render_report
+    from attnkit.validate.render import render_report
 
     render_report(report, console)
     if args.json:
-        from attnkit.report.io import write_json
+        from attnkit.common.io import write_json
 
         write_json(report.to_json(), args.json)
     if args.html:
-        from attnkit.report.io import write_atomic
-        from attnkit.report.validate_html import render_html
+        from attnkit.common.io import write_atomic
+        from attnkit.validate.html import render_html
 
         write_atomic(args.html, render_html(report, json_path=args.json))  # the footer says where the JSON went
         console.print(f"HTML report written to {escape(args.html)}", highlight=False)

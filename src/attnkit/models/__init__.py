@@ -1,5 +1,2 @@
-"""Built-in models and the loader that resolves a MODEL argument (built-in name, local directory, hub id)."""
-
-from attnkit.models.registry import BUILTIN_MODELS, LoadedModel, load_model
-
-__all__ = ["BUILTIN_MODELS", "LoadedModel", "load_model"]
+"""attnkit's own models: the built-in reference models' files (``reference/``, ``reference_long/``),
+the TransformerAE and the CNN zoo it merges. Loading any MODEL argument is ``attnkit.common.loading``."""

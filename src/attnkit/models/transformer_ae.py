@@ -18,7 +18,7 @@ The CNN (``ZooCNN``, exactly 1232 parameters, 8x8 digits, 10 classes):
 The first 192 numbers (conv1) are the short chunks, the remaining 1040 the long ones.
 
 The attention modules follow attnkit's protocol (``is_attnkit_attention``, ``attnkit.seam.attention``),
-so ``analyze``, ``validate``, ``monitor`` and gates (``attnkit.edits.add_gates``, layout ``attnkit``:
+so ``analyze``, ``validate``, ``monitor`` and gates (``attnkit.gate.add_gates``, layout ``attnkit``:
 the gate reads the module's input and multiplies ``proj``'s input) work on it unchanged.
 """
 

@@ -28,7 +28,7 @@ from attnkit.monitor.issues import Issue
 from attnkit.seam.sites import Site
 
 HEAD_METRICS = ("entropy", "logit_max", "sink_mass", "max_attention")
-GATE_METRICS = ("mean_gate", "gate_low_share")  # a gated model's (attnkit.edits): logged beside them
+GATE_METRICS = ("mean_gate", "gate_low_share")  # a gated model's (attnkit.gate): logged beside them
 
 
 def series_name(site: Site, head: int | None = None) -> str:

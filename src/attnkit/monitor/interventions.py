@@ -128,7 +128,7 @@ class ScoreModifier:
         return self.kind
 
     def apply(self, monitor) -> str:
-        from attnkit.mods import SCORE_MODS
+        from attnkit.seam.mods import SCORE_MODS
 
         mod = SCORE_MODS[self.kind](self.value)
         layers = None if self.site is None else [self.site]

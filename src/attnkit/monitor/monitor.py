@@ -167,7 +167,7 @@ class AttentionMonitor:
         self.stats = StatsCollector()
         self.grads = GradNorms()
         self.sites_tap = _Sites(self.grads.add)
-        from attnkit.edits.gate_tap import GateTap, gate_owners
+        from attnkit.gate.gate_tap import GateTap, gate_owners
 
         # gate statistics through the seam, on the same observed calls, when the model has attnkit gates
         self.gate_tap = GateTap(root) if gate_owners(root) else None

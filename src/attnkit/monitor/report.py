@@ -85,7 +85,7 @@ def read_run(run_dir: str | Path) -> Run:
 
 
 def _save(fig, path: Path) -> Path:
-    from attnkit.report.io import write_atomic
+    from attnkit.common.io import write_atomic
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

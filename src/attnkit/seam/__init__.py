@@ -1,8 +1,8 @@
 """The seam: every attention call, whatever the model, observed, modified or replaced here.
 
     from attnkit.seam import attach
-    from attnkit.taps import MapCapture, StatsCollector
-    from attnkit.mods import PATTERNS, soft_cap
+    from attnkit.seam.taps import MapCapture, StatsCollector
+    from attnkit.seam.mods import PATTERNS, soft_cap
 
     capture = MapCapture()
     with attach(model, taps=[capture]):
@@ -23,7 +23,7 @@ from attnkit.seam.call import AttentionCall, build_call
 from attnkit.seam.plan import Mods, Plan
 from attnkit.seam.session import AttentionSession, run_call
 from attnkit.seam.sites import Site
-from attnkit.taps import MapCapture, ObservedChunk, StatsCollector, Tap
+from attnkit.seam.taps import MapCapture, ObservedChunk, StatsCollector, Tap
 
 __all__ = [
     "ADAPTERS", "AttentionCall", "AttentionSession", "MapCapture", "Mods", "NoAttentionError", "ObservedChunk",

@@ -15,14 +15,10 @@ from collections.abc import Callable
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from attnkit.errors import UserError
+from attnkit.errors import NoAttentionError, UserError
 from attnkit.seam.adapters import ADAPTERS
 from attnkit.seam.session import _ATTACHED, AttentionSession, Attachment
 from attnkit.seam.sites import SiteTable
-
-
-class NoAttentionError(UserError):
-    """The model has no attention attnkit can reach."""
 
 
 _WRAPPERS = ("module", "_orig_mod", "_fsdp_wrapped_module")

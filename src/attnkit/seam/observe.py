@@ -19,14 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from attnkit.kernels.dense import chunk_logits, rows_of
+from attnkit.seam.kernels.dense import chunk_logits, rows_of
 from attnkit.metrics import fused
 from attnkit.metrics import rows as rows_lib
 from attnkit.seam.call import AttentionCall
 from attnkit.seam.mask_cache import LastMaskCache
 from attnkit.seam.plan import Mods
-from attnkit.taps import ObservedChunk, Tap
-from attnkit.taps.stats import ObservedRows
+from attnkit.seam.taps import ObservedChunk, Tap
+from attnkit.seam.taps.stats import ObservedRows
 
 _key_need_cache = LastMaskCache()
 _interval_cache = LastMaskCache()

@@ -7,7 +7,7 @@ call:
 1. **plan**: each session says whether it touches the call's site, on which heads, with which
    score/mask modifiers, and whether this forward is observed;
 2. **kernel**: one kernel computes the output with every session's modifiers
-   (``attnkit.kernels``: the model's own kernel when nothing changes or a temperature folds
+   (``attnkit.seam.kernels``: the model's own kernel when nothing changes or a temperature folds
    into its scale, else dense/flex);
 3. **taps**: each observing session's taps see the call — its logits and probabilities in a
    separate ``no_grad`` pass on detached tensors, its output, the gradient of its output.
@@ -25,22 +25,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnkit import kernels
+from attnkit.seam import kernels
 from attnkit.seam.call import AttentionCall
 from attnkit.seam.observe import observe_call
 from attnkit.seam.plan import Mods, Plan, on_heads
 from attnkit.seam.sites import Site, SiteTable
-from attnkit.taps import Tap
+from attnkit.seam.taps import Tap
 
 
 class AttentionSession:
     """What to do with attention calls while attached to a model.
 
-    taps: each sees the observed heads of every observed call (``attnkit.taps``).
-    score_mods / mask_mods: FlexAttention-signature modifiers (``attnkit.mods``, ``attnkit.masks``)
+    taps: each sees the observed heads of every observed call (``attnkit.seam.taps``).
+    score_mods / mask_mods: FlexAttention-signature modifiers (``attnkit.seam.mods``, ``attnkit.seam.mods.mask``)
         applied to the selected layers and heads; every other call runs on the model's own kernel.
     layers / heads / sample_rows / every: see ``Plan``.
-    kernel: "auto" or a name in ``attnkit.kernels.KERNELS`` for the calls this session modifies.
+    kernel: "auto" or a name in ``attnkit.seam.kernels.KERNELS`` for the calls this session modifies.
     query_mask: (B, Q) bool, False for padding queries, so they do not count in statistics.
     active: False leaves the session attached at the cost of a lookup per call: nothing is
         observed or changed (a training loop switches it per step).

@@ -16,8 +16,8 @@ Pieces: ``config`` (SparseConfig), ``blocks`` (block geometry, selection, poolin
 """
 
 from attnkit.sparse.attention import SparseHandle, choose_blocks, sparse_attention
-from attnkit.sparse.block_attention import block_sparse_attention, dense_reference
-from attnkit.sparse.blocks import BlockGeometry, BlockSelection, select_blocks
+from attnkit.seam.kernels.block_attention import block_sparse_attention, dense_reference
+from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import BlockGate, SparseGates, make_gates
 from attnkit.sparse.patterns import PATTERNS, BlockInputs, Pattern, register_pattern

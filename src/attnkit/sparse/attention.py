@@ -26,18 +26,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.errors import UserError
-from attnkit.kernels import KERNELS, Kernel
+from attnkit.seam.kernels import KERNELS, Kernel
 from attnkit.seam import AttentionSession, Site, attach
 from attnkit.seam.call import AttentionCall, causal_allowed
 from attnkit.seam.plan import Mods
 from attnkit.seam.session import in_backward
-from attnkit.sparse.block_attention import block_sparse_attention
-from attnkit.sparse.blocks import BlockGeometry, BlockSelection, select_blocks
+from attnkit.seam.kernels.block_attention import block_sparse_attention
+from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
 from attnkit.sparse.config import SparseConfig
-from attnkit.sparse.flex_block import flex_available, flex_block_attention
+from attnkit.seam.kernels.flex_block import flex_available, flex_block_attention
 from attnkit.sparse.gates import SparseGates
 from attnkit.sparse.patterns import BlockInputs, get_pattern
-from attnkit.taps import Tap
+from attnkit.seam.taps import Tap
 
 KERNEL_NAME = "block_sparse"
 

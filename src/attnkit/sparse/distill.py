@@ -10,7 +10,7 @@ gates — and, with ``train_projections``, its attention modules' own projection
 The first term reaches the gate through the kernel's gate prior on kept blocks (see
 ``block_attention``); the second teaches it about the blocks it did not keep. Data: random
 windows of ``seq_len`` tokens of a corpus split (the built-in KJV's train split by default),
-tokenised with the model's tokenizer. Training runs in ``attnkit.training`` (AdamW, warmup +
+tokenised with the model's tokenizer. Training runs in ``attnkit.common.training`` (AdamW, warmup +
 cosine, clipping, checkpoints, exact resume, torchrun/DDP).
 
 Output directory::
@@ -18,7 +18,7 @@ Output directory::
     sparse_gates.safetensors + sparse_config.json   the trained gates (``attnkit.sparse.io.save_gates``)
     projections.safetensors  with train_projections: the attention modules' trained parameters
     train_summary.json       {"sparse": SparseConfig, "distill": DistillSettings, "train": ..., "history": [...]}
-    checkpoints/             attnkit.training checkpoints (resume with --resume)
+    checkpoints/             attnkit.common.training checkpoints (resume with --resume)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from attnkit.errors import UserError
 from attnkit.metrics.fidelity import distill_kl
-from attnkit.report.io import write_atomic
+from attnkit.common.io import write_atomic
 from attnkit.seam import attach
 from attnkit.seam.sites import Site
 from attnkit.sparse.attention import sparse_attention
@@ -44,8 +44,8 @@ from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates, make_gates
 from attnkit.sparse.patterns import get_pattern
 from attnkit.sparse.targets import PooledMapTarget, map_loss
-from attnkit.taps import Tap
-from attnkit.training import StepOutput, TrainConfig, TrainResult, train
+from attnkit.seam.taps import Tap
+from attnkit.common.training import StepOutput, TrainConfig, TrainResult, train
 
 SUMMARY_FILE = "train_summary.json"
 PROJECTIONS_FILE = "projections.safetensors"
@@ -185,7 +185,7 @@ def _step(module: nn.Module, ids: Tensor) -> StepOutput:
 
 def training_tokens(tokenizer, settings: DistillSettings) -> Tensor:
     """The corpus split as one token stream (documents joined by the end-of-text token)."""
-    from attnkit.data import encode_documents, load_corpus
+    from attnkit.common.data import encode_documents, load_corpus
 
     ids = encode_documents(tokenizer, load_corpus(settings.corpus).split(settings.split))
     if ids.numel() <= settings.seq_len:
@@ -217,7 +217,7 @@ def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSet
     gates = _seeded_gates(model, cfg, train_cfg.seed)  # every run starts from the same gates
     if gates is not None:
         GATE_INITS[settings.gate_init](gates)
-    from attnkit.data import random_blocks
+    from attnkit.common.data import random_blocks
 
     def batch_fn(step: int, generator: torch.Generator) -> Tensor:
         return random_blocks(ids, settings.seq_len, settings.batch_size, generator).to(device)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.errors import UserError
-from attnkit.kernels.dense import chunk_logits, rows_of
+from attnkit.seam.kernels.dense import chunk_logits, rows_of
 from attnkit.metrics.fidelity import (ProbError, cosine, mean_pool, next_token_kl, perplexity, restricted_softmax,
                                       row_cosines, smallest_density, top1_accuracy, top1_agreement)
 from attnkit.seam import AttentionSession, attach
@@ -48,7 +48,7 @@ from attnkit.seam.sites import Site
 from attnkit.sparse.attention import SparseHandle, sparse_attention
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates
-from attnkit.taps import Tap
+from attnkit.seam.taps import Tap
 
 SCHEMA = "attnkit.sparse.eval/1"
 
@@ -141,7 +141,7 @@ class ProbErrorTap(Tap):
 
     def handle_geometry(self, call: AttentionCall):
         from attnkit.sparse.attention import is_causal_call
-        from attnkit.sparse.blocks import BlockGeometry
+        from attnkit.seam.kernels.blocks import BlockGeometry
 
         return BlockGeometry(self.handle.cfg.block_size, call.query_length, call.key_length, is_causal_call(call),
                              call.query.device)
@@ -300,7 +300,7 @@ def embedding_fidelity(model: nn.Module, batch: dict, cfg: SparseConfig) -> dict
 def eval_windows(tokenizer, seq_len: int, tokens: int, corpus: str = "kjv", split: str = "test",
                  stream: Tensor | None = None) -> Tensor:
     """(N, seq_len) non-overlapping windows from the start of the held-out split, N = tokens // seq_len (>= 1)."""
-    from attnkit.data import encode_documents, load_corpus
+    from attnkit.common.data import encode_documents, load_corpus
 
     ids = stream if stream is not None else encode_documents(tokenizer, load_corpus(corpus).split(split))
     n = max(1, tokens // seq_len)
@@ -367,7 +367,7 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
     if kind == "encoder":
         doc["embedding"] = run_embedding_eval(model, tokenizer, plan, update)
         return doc
-    from attnkit.data import encode_documents, load_corpus
+    from attnkit.common.data import encode_documents, load_corpus
 
     stream = encode_documents(tokenizer, load_corpus(plan.corpus).split(plan.split))
     patterns = list(plan.patterns)
@@ -402,7 +402,7 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
 
 
 def embedding_batches(tokenizer, plan: EvalPlan, device) -> list[dict]:
-    from attnkit.data import load_corpus
+    from attnkit.common.data import load_corpus
 
     docs = [d for d in load_corpus(plan.corpus).split(plan.split) if d.strip()][: plan.sentences]
     out = []

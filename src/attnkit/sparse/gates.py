@@ -100,7 +100,7 @@ def attention_shapes(model: nn.Module, example: dict | None = None) -> dict[Site
     from one probe forward through the seam (``example``: the forward's keyword arguments;
     default two tokens of ``input_ids``)."""
     from attnkit.seam import AttentionSession, observe_forward
-    from attnkit.taps import Tap
+    from attnkit.seam.taps import Tap
 
     class _Shapes(Tap):
         wants_call = True

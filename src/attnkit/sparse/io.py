@@ -28,7 +28,7 @@ def save_gates(gates: SparseGates, cfg: SparseConfig, directory: str | os.PathLi
     """Write ``gates`` and ``cfg`` to ``directory`` (created)."""
     from safetensors.torch import save
 
-    from attnkit.report.io import write_atomic
+    from attnkit.common.io import write_atomic
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

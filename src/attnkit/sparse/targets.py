@@ -6,7 +6,7 @@ For each attention site of a dense forward, ``PooledMapTarget`` (a tap) keeps
 
 chunk by chunk of query rows as the seam's observation pass hands them over: nothing of size
 T × T outlives a chunk (the tap holds (B, H, nQb, nKb)). Blocks lie on the grid of
-``attnkit.sparse.blocks.BlockGeometry``: query block i and key block i cover the same key
+``attnkit.seam.kernels.blocks.BlockGeometry``: query block i and key block i cover the same key
 positions. ``target(site, num_kv_heads)`` turns it into what a gate is trained against: the max
 over the query heads of a KV group (the heads of a group share their blocks), zero on blocks the
 query block may not see, normalised over each row's key blocks. ``map_loss`` is
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.seam.sites import Site, SiteDict
-from attnkit.taps import ObservedChunk, Tap
+from attnkit.seam.taps import ObservedChunk, Tap
 
 
 def pool_rows(probs: Tensor, block_size: int, key_blocks: int) -> Tensor:

@@ -2,7 +2,7 @@
 
 Sections (one module each): sanity, positional, tokens, statistics, heads, query_variation,
 diversity, gradients, ablation; ``run.validate`` orchestrates, ``summary`` counts and
-concludes; ``attnkit.report.validate_console`` and ``validate_html`` render (all rendering lives in ``report/``).
+concludes; ``attnkit.validate.render`` and ``validate_html`` render (all rendering lives in ``report/``).
 """
 
 from attnkit.validate.context import Options

@@ -1,6 +1,6 @@
 """[9/9] Ablation: does learned attention beat fixed patterns? Through the seam, for any model.
 
-Every attention call of the model is overridden by a pattern from ``attnkit.mods.PATTERNS``
+Every attention call of the model is overridden by a pattern from ``attnkit.seam.mods.PATTERNS``
 (no model edit, so nothing is ever skipped): ``uniform`` (β_ij = 1/n over visible keys),
 ``local`` (uniform over |i − j| ≤ w, w = 5 by default: seed 002's window) and
 ``first_token`` (all mass on the first visible key), against ``learned`` (the model as it
@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.mods import PATTERNS, local_pattern
+from attnkit.seam.mods import PATTERNS, local_pattern
 from attnkit.seam import attach
 from attnkit.validate.context import Context
 from attnkit.validate.types import CRITICAL, INFO, OK, WARN, Section

@@ -74,12 +74,12 @@ class Captured:
 def build_blocks(tokenizer, documents: list[str], seq_len: int, count: int) -> Tensor:
     """(N, T) token ids: up to ``count`` consecutive blocks of ``seq_len`` tokens, special tokens included.
 
-    Documents are joined as in attnkit's perplexity (``attnkit.data.encode_documents``); each
+    Documents are joined as in attnkit's perplexity (``attnkit.common.data.encode_documents``); each
     block is wrapped in the tokenizer's own special tokens. A text shorter than one block
     gives a single shorter block.
     """
-    from attnkit.data import encode_documents, split_blocks
-    from attnkit.data.blocks import special_token_prefix_suffix
+    from attnkit.common.data import encode_documents, split_blocks
+    from attnkit.common.data.blocks import special_token_prefix_suffix
 
     prefix, suffix = special_token_prefix_suffix(tokenizer)
     inner = seq_len - len(prefix) - len(suffix)

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnkit.mods import PATTERNS
+from attnkit.seam.mods import PATTERNS
 from attnkit.seam import AttentionCall, AttentionSession, Tap, attach
 from attnkit.validate.context import Context
 from attnkit.validate.types import CRITICAL, INFO, OK, WARN, Section

@@ -16,58 +16,10 @@ stays float64), and is safe for peaked, near-uniform and identical distributions
 A new variant is one file with a module class and ``@register_similarity("name")``.
 """
 
-from __future__ import annotations
-
-from typing import Callable
-
-import torch
-import torch.nn as nn
-
-from attnkit.errors import UserError
-
-SIMILARITIES: dict[str, type[nn.Module]] = {}
-
-
-def upcast(p: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 -> float32 (products of small probabilities underflow there); float64 stays."""
-    return p if p.dtype in (torch.float32, torch.float64) else p.float()
-
-
-def register_similarity(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make ``name`` available to :func:`make_similarity` and the decoder."""
-
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in SIMILARITIES and SIMILARITIES[name] is not cls:
-            raise ValueError(f"similarity {name!r} is already registered ({SIMILARITIES[name].__name__})")
-        SIMILARITIES[name] = cls
-        cls.name = name
-        return cls
-
-    return add
-
-
-def list_similarities() -> list[str]:
-    return list(SIMILARITIES)
-
-
-def make_similarity(name: str | nn.Module, **kwargs) -> nn.Module:
-    """The similarity registered as ``name`` (a module is returned as it is).
-
-    Learnable variants need ``vocab_size`` (and take ``embedding``: the model's input embedding
-    matrix ``(V, d)`` as a frozen basis, so their parameters scale with d, not V).
-    """
-    if isinstance(name, nn.Module):
-        return name
-    if name not in SIMILARITIES:
-        raise UserError(f"unknown similarity {name!r}; choose one of {', '.join(SIMILARITIES)}")
-    try:
-        return SIMILARITIES[name](**kwargs)
-    except TypeError as e:
-        raise UserError(f"similarity {name!r}: {e}") from e
-
+from attnkit.paths.similarity.base import SIMILARITIES, list_similarities, make_similarity, register_similarity, upcast
 
 # the built-in variants register themselves on import
-from attnkit.paths.similarity import (  # noqa: E402,F401
+from attnkit.paths.similarity import (  # noqa: F401
     bahdanau,
     bhattacharyya,
     cosine,
@@ -76,3 +28,5 @@ from attnkit.paths.similarity import (  # noqa: E402,F401
     raw_dot,
     scaled_dot,
 )
+
+__all__ = ["SIMILARITIES", "list_similarities", "make_similarity", "register_similarity", "upcast"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from attnkit.paths.similarity import register_similarity
+from attnkit.paths.similarity.base import register_similarity
 from attnkit.paths.similarity.basis import Basis
 
 

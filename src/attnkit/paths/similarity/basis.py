@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from attnkit.errors import UserError
-from attnkit.paths.similarity import upcast
+from attnkit.paths.similarity.base import upcast
 
 
 class Basis(nn.Module):

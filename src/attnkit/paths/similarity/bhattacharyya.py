@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from attnkit.paths.similarity import register_similarity, upcast
+from attnkit.paths.similarity.base import register_similarity, upcast
 
 
 @register_similarity("bhattacharyya")

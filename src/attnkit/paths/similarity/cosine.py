@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attnkit.paths.similarity import register_similarity, upcast
+from attnkit.paths.similarity.base import register_similarity, upcast
 
 
 @register_similarity("cosine")

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn as nn
 
-from attnkit.paths.similarity import register_similarity, upcast
+from attnkit.paths.similarity.base import register_similarity, upcast
 
 _TINY = 1e-30  # far below any probability that matters, above float32's smallest normal (1.2e-38)
 

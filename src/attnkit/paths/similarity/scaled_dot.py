@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from attnkit.paths.similarity import register_similarity, upcast
+from attnkit.paths.similarity.base import register_similarity, upcast
 
 
 @register_similarity("scaled_dot")

@@ -98,7 +98,7 @@ def _mha_forward(
 def _weights(call, dispatch: Dispatch) -> Tensor:
     """(N, H, L, S) probabilities of every head, as the caller of ``need_weights=True`` expects."""
     from attnkit.seam.observe import observe_call
-    from attnkit.taps.maps import MapCapture
+    from attnkit.seam.taps.maps import MapCapture
 
     capture = MapCapture()
     rows = torch.arange(call.query_length, device=call.query.device)

@@ -49,10 +49,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from attnkit.errors import NoAttentionError
+from attnkit.seam.adapters import hf, mha, protocol
 from attnkit.seam.call import build_call
 from attnkit.seam.session import attachment_of, in_backward, run_call
 
 _SDPA = F.scaled_dot_product_attention
+# the adapters listed before this one in ADAPTERS: modules they reach keep their SDPA calls to them
+OTHER_ADAPTERS = (hf, mha, protocol)
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 # Classes from these packages reach the seam through their own adapter (or are not attention).
@@ -135,14 +139,11 @@ def class_calls_sdpa(cls: type) -> bool:
 
 def _foreign_modules(root: nn.Module) -> list[nn.Module]:
     """Attention modules another adapter owns (their SDPA calls are theirs)."""
-    from attnkit.seam.adapters import ADAPTERS
-
     found: list[nn.Module] = []
     with warnings.catch_warnings():  # their own find warns when attach runs it; once is enough
         warnings.simplefilter("ignore")
-        for adapter in ADAPTERS.values():
-            if adapter is not sys.modules[__name__]:
-                found.extend(adapter.find(root))
+        for adapter in OTHER_ADAPTERS:
+            found.extend(adapter.find(root))
     return found
 
 
@@ -466,8 +467,6 @@ def _root_post_hook(root: nn.Module, _args, _output) -> None:
     if not found:
         return
     if routed == 0:
-        from attnkit.seam.attach import NoAttentionError
-
         raise NoAttentionError(_describe(found, f"{type(root).__name__} ran no attention call attnkit could see: "))
     key = (id(root), found[0].path)
     if key not in _warned:

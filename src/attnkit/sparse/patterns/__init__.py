@@ -1,6 +1,6 @@
 """Block-selection patterns: which key blocks each query block keeps (one small file each).
 
-A pattern scores every (query block, key block) pair; ``attnkit.sparse.blocks.select_blocks``
+A pattern scores every (query block, key block) pair; ``attnkit.seam.kernels.blocks.select_blocks``
 keeps the forced blocks (the local block; the first "sink" blocks for patterns with
 ``sinks=True``) and then the best-scored candidates, the same number at a density for every
 pattern. New patterns register by name:
@@ -21,87 +21,8 @@ Scores of a KV group are summed over its query heads: the heads of a group share
 so each K/V block is gathered once per group.
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING
-
-import torch
-from torch import Tensor
-
-from attnkit.errors import UserError
-from attnkit.sparse.blocks import BlockGeometry, pooled_keys, pooled_queries
-
-if TYPE_CHECKING:
-    from attnkit.sparse.gates import BlockGate
-
-
-@dataclass
-class BlockInputs:
-    """What a pattern scores from: one call's queries and keys, in blocks.
-
-    q: (B, H, Q, D) queries; k: (B, Hkv, K, D) keys (one per KV group); groups = H // Hkv.
-    gate: the site's trainable gate (learned patterns only).
-    """
-
-    q: Tensor
-    k: Tensor
-    geometry: BlockGeometry
-    groups: int
-    gate: "BlockGate | None" = None
-
-    @cached_property
-    def query_means(self) -> Tensor:
-        """(B, Hkv, G, nQb, D) mean query of each query block, per query head of each group."""
-        B, H, _, D = self.q.shape
-        return pooled_queries(self.q, self.geometry).view(B, H // self.groups, self.groups, -1, D)
-
-    @cached_property
-    def key_stats(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(mean, max, min) of each key block, each (B, Hkv, nKb, D)."""
-        return pooled_keys(self.k, self.geometry)
-
-    def key_blocks(self) -> Tensor:
-        """(1, 1, 1, nKb) key-block numbers."""
-        return torch.arange(self.geometry.n_key_blocks, device=self.k.device).view(1, 1, 1, -1)
-
-    def query_blocks(self) -> Tensor:
-        """(1, 1, nQb, 1) each query block's diagonal key-block number."""
-        return self.geometry.query_block_ids.view(1, 1, -1, 1)
-
-
-Score = Callable[[BlockInputs], Tensor]  # -> (B|1, Hkv|1, nQb, nKb), higher = keep first
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """name: registry key; score: see ``Score``; sinks: keeps the first ``sink_blocks`` key
-    blocks by default; learned: scores come from a trainable gate (``make_gates``)."""
-
-    name: str
-    score: Score
-    sinks: bool = False
-    learned: bool = False
-
-
-PATTERNS: dict[str, Pattern] = {}
-
-
-def register_pattern(pattern: Pattern) -> Pattern:
-    """Add ``pattern`` to ``PATTERNS`` under its name (replacing one of that name)."""
-    PATTERNS[pattern.name] = pattern
-    return pattern
-
-
-def get_pattern(name: str) -> Pattern:
-    if name not in PATTERNS:
-        raise UserError(f"unknown sparse pattern '{name}' (known: {', '.join(PATTERNS)})")
-    return PATTERNS[name]
-
-
-from attnkit.sparse.patterns import learned_gate, moba, quest, sinks_window, window  # noqa: E402
+from attnkit.sparse.patterns.base import PATTERNS, BlockInputs, Pattern, Score, get_pattern, register_pattern
+from attnkit.sparse.patterns import learned_gate, moba, quest, sinks_window, window
 
 for _module in (window, sinks_window, moba, quest, learned_gate):
     register_pattern(_module.PATTERN)

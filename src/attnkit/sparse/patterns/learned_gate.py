@@ -20,9 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.sparse.blocks import BlockGeometry  # noqa: F401  (the example)
-from attnkit.sparse.gates import BlockGate  # noqa: F401  (the example)
-from attnkit.sparse.patterns import BlockInputs, Pattern
+from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 
 def learned_gate_score(x: BlockInputs) -> Tensor:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.sparse.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
-from attnkit.sparse.patterns import BlockInputs, Pattern
+from attnkit.seam.kernels.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
+from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 
 def quest_score(x: BlockInputs) -> Tensor:

@@ -1,0 +1,1 @@
+"""Score modifiers: functions of (score, b, h, q, k) -> score, FlexAttention's ``score_mod`` signature."""

@@ -1,0 +1,112 @@
+"""The statistics tap: per-(site, head) statistics, streamed — nothing n x n is kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnkit.metrics.accumulate import HeadStatsAccumulator, RowChunk
+from attnkit.metrics.fused import RowStats
+from attnkit.seam.call import AttentionCall
+from attnkit.seam.sites import Site, SiteDict
+from attnkit.seam.taps.base import ObservedChunk, Tap
+
+
+@dataclass
+class ObservedRows:
+    """A chunk of query rows of one call reduced to per-row statistics (``metrics.fused``), for
+    taps with an ``observe_rows`` method: what the observation pass hands them instead of an
+    ``ObservedChunk`` when the logits are plain raw * scale and each row sees one key interval."""
+
+    call: AttentionCall
+    site: Site
+    head_ids: list[int]
+    rows: Tensor  # (R,) query row indices in the call
+    sampled: bool
+    positions: Tensor  # (R,) each row's position among the keys
+    row_valid: Tensor  # (B, R) False for padding queries
+    query_norm: Tensor  # (B, h, R)
+    key_norm_max: Tensor  # (B, h)
+    stats: RowStats  # every field (B, h, R)
+
+
+class StatsCollector(Tap):
+    """``layers[site]`` is a ``HeadStatsAccumulator`` over the observed heads of that site (in
+    the order of ``head_ids[site]``). Sums run over every observed forward until ``reset``.
+    ``call_order`` lists sites in the order their calls first ran in the last forward, which is
+    where a non-finite value first appears. Its state is bounded by the number of sites.
+    """
+
+    accepts_key_prefix = True  # statistics are over visible keys: the rest may be left out
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.layers: dict[Site, HeadStatsAccumulator] = SiteDict()
+        self.head_ids: dict[Site, list[int]] = SiteDict()
+        self.num_heads: dict[Site, int] = SiteDict()
+        self.dtypes: dict[Site, torch.dtype] = SiteDict()
+        self.call_order: list[Site] = []
+        self.sampled = False
+        self.rows_per_call: dict[Site, int] = SiteDict()
+
+    def start_forward(self) -> None:
+        self.call_order = []
+
+    def _accumulator(self, chunk: ObservedChunk | ObservedRows) -> HeadStatsAccumulator:
+        site = chunk.site
+        acc = self.layers.get(site)
+        if acc is None:
+            acc = self.layers[site] = HeadStatsAccumulator(len(chunk.head_ids), device=chunk.call.query.device)
+            self.head_ids[site] = list(chunk.head_ids)
+            self.num_heads[site] = chunk.call.num_heads
+            self.dtypes[site] = chunk.call.query.dtype
+        if site not in self.call_order:
+            self.call_order.append(site)
+        if chunk.sampled:
+            self.sampled = True
+            acc.sampled_rows_of = chunk.call.query_length
+        self.rows_per_call[site] = chunk.call.query_length
+        return acc
+
+    def observe_rows(self, rows: ObservedRows) -> None:
+        """The fast path: statistics computed in one fused pass over the raw scores."""
+        self._accumulator(rows).update_rows(rows.stats, rows.row_valid, rows.query_norm, rows.key_norm_max, rows.call.scale)
+
+    def observe(self, chunk: ObservedChunk) -> None:
+        """Chunks with modified logits, learned sinks or masks that are not key intervals."""
+        acc = self._accumulator(chunk)
+        acc.update(RowChunk(
+            logits=chunk.logits,
+            probs=chunk.probs,
+            allowed=chunk.allowed,
+            query_positions=chunk.positions,
+            row_valid=chunk.row_valid,
+            query_norm=chunk.query_norm,
+            key_norm_max=chunk.key_norm_max,
+            scale=chunk.call.scale,
+            qk_absmax=chunk.qk_absmax,
+            logit_max=chunk.logit_max,
+            logit_min=chunk.logit_min,
+            rows_sum_below_one=chunk.sinks is not None,
+        ))
+
+    def all_reduce(self, group=None) -> None:
+        """Sum (and max/min) every accumulator over the processes of ``group`` (torch.distributed),
+        so that each rank holds the statistics of the whole global batch. Every rank must have
+        observed the same sites."""
+        from attnkit.metrics.distributed import all_reduce_accumulator
+
+        for site in sorted(self.layers):
+            all_reduce_accumulator(self.layers[site], group)
+
+    def heads(self) -> list[dict]:
+        """One dict per observed (site, head), sites and heads in model order."""
+        out = []
+        for site in sorted(self.layers):
+            for head, stats in zip(self.head_ids[site], self.layers[site].summary()):
+                out.append({"layer": site.layer, "stack": site.stack, "kind": site.kind, "head": head, **stats})
+        return out
