@@ -19,7 +19,7 @@ from attnkit.check.safety import Verdict, judge, worst
 from attnkit.check.shape import AttentionShape, read_shape
 from attnkit.errors import UserError
 
-SCHEMA_VERSION = "1.1"  # 1.1: estimated_status, measured_status, measured_verdicts; recommendations[].fixes
+SCHEMA_VERSION = "1.1"
 DEFAULT_SEQ_LEN = 2048  # when neither --seq-len nor the config's maximum positions say
 
 
