@@ -26,7 +26,6 @@ from torch import nn
 
 from attnkit import kernels
 from attnkit.kernels import KERNELS, Kernel
-from attnkit.kernels.modifiers import ModifierError
 from attnkit.masks import local_window, sink_window
 from attnkit.mods import soft_cap, temperature
 from attnkit.seam import Mods, Site, attach, build_call
@@ -505,6 +504,8 @@ def test_a_kernel_that_cannot_run_the_modifiers_names_the_ones_that_can():
 
 
 def test_a_modifier_no_evaluation_can_run_gets_a_one_line_error():
+    from attnkit.kernels.modifiers import ModifierError
+
     def python_branch(score, b, h, q_idx, kv_idx):  # data-dependent control flow: FlexAttention refuses it too
         return score * 2 if q_idx > 3 else score
 

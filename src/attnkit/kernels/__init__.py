@@ -10,6 +10,9 @@ Each kernel is a registry entry with ``supports(call, mods)`` and ``run(call, mo
   when asked for and without gradients: PyTorch has no CPU backward for it).
 - ``dense``: attnkit's own, any mods, any device, with a backward: query rows in chunks, each
   chunk checkpointed, so training memory stays near SDPA's instead of growing with T².
+
+Kernels that evaluate modifiers themselves do it through ``modifiers`` (FlexAttention's
+per-element semantics; a row left with no visible key is zero, not NaN).
 """
 
 from __future__ import annotations
