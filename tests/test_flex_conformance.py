@@ -116,6 +116,10 @@ def leaky(score, b, h, q_idx, kv_idx):
     return torch.where(score > 0, score * 2, score / 2)
 
 
+def minus_own_max(score, b, h, q_idx, kv_idx):  # per element the max of a 0-d score is itself: 0
+    return score - score.amax()
+
+
 def causal_score(score, b, h, q_idx, kv_idx):
     return torch.where(q_idx >= kv_idx, score, NEG_INF)
 
@@ -228,6 +232,7 @@ CASES: dict[str, tuple[tuple, tuple]] = {
     "trig": ((trig,), ()),
     "trig2": ((trig2,), ()),
     "leaky": ((leaky,), ()),
+    "minus_own_max": ((minus_own_max,), ()),  # a broadcast call runs but means something else
     "causal_score": ((causal_score,), ()),
     "relative_causal": ((relative_causal,), ()),
     "window_score": ((window_score,), ()),
@@ -266,7 +271,8 @@ CASES: dict[str, tuple[tuple, tuple]] = {
 CHAINED = ["bias_chained", "bias_bhq_chained", "table_chained", "x0_chained", "document_chained",
            "padding_chained", "chained+rows_to_neg_inf+window"]
 EMPTIED_BY_SCORE = ["rows_to_neg_inf", "head_to_neg_inf", "batch_rows_to_neg_inf"]
-# A few of every kind, also through FlexAttention on the whole model (each flex call costs ~0.1 s eagerly).
+# A few, also through attnkit's flex kernel on the whole model (each eager flex call traces the
+# modifiers, ~0.3 s; the kernel level runs the flex kernel on every case).
 MODEL_FLEX = ["x0_chained", "rows_all_masked", "chained+rows_to_neg_inf+window"]
 
 # kernel-level calls: (queries, keys, causal)
@@ -402,6 +408,27 @@ def test_empty_rows_are_zero_with_zero_gradient(case):
         assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
         assert (q.grad[empty] == 0).all(), "an empty row's query gets no gradient"
         k.grad = v.grad = None
+
+
+@pytest.mark.parametrize("kind", ["broadcast", "chained"])
+def test_the_call_that_decides_how_a_modifier_runs_has_its_gradient(kind):
+    """A modifier met for the first time is tried on the grids before its evaluation is chosen;
+    that call's output, gradient and checkpoint recompute are those of every later call."""
+    offsets = _table(H)  # a fresh closure each run: no decision cached for it yet
+    if kind == "broadcast":
+        def fresh(score, b, h, q_idx, kv_idx):
+            return torch.where(q_idx % 3 == 1, NEG_INF, score * offsets[h])
+    else:
+        def fresh(score, b, h, q_idx, kv_idx):
+            return torch.where(q_idx % 3 == 1, NEG_INF, score + BIAS_BHQ[b][h][q_idx] * offsets[h])
+    q, k, v = _qkv("no_cache", requires_grad=True)
+    ref = reference_attention(q, k, v, (fresh,), (), scale=D**-0.5)
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for _ in range(2):  # the first call decides, the second finds the decision
+        out = _run_kernel("dense", q, k, v, (fresh,), (), False)  # checkpointed chunks: grads are on
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+        for got, w in zip(torch.autograd.grad(out.sum(), (q, k, v)), want):
+            torch.testing.assert_close(got, w, atol=5e-5, rtol=1e-4)
 
 
 # --- through the seam, on a float64 GPT-2 -----------------------------------------------------

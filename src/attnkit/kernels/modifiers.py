@@ -89,22 +89,30 @@ def apply_mods(mods: Mods, scores: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, 
 # --------------------------------------------------------------------------- the two ways
 def _evaluate(mod: Callable, args: tuple[Tensor, ...], shape: torch.Size, kind: str) -> Tensor:
     signature = (kind, tuple(a.shape for a in args), args[0].dtype, args[0].device.type)
-    cached = _cached(mod).get(signature)
-    if cached == ELEMENTWISE:
+    decision = _cached(mod).get(signature)
+    if decision == BROADCAST:
+        return _broadcast(mod, args, shape, kind)
+    if decision == ELEMENTWISE:
         return elementwise(mod, args, shape)
-    try:
-        out = mod(*args)
-        problem = _shape_problem(out, shape)
-    except (IndexError, RuntimeError, TypeError, ValueError) as exc:
-        out, problem = None, _one_line(exc)
-    if problem is None and cached == BROADCAST:
-        return out if kind == "mask" or out.shape == shape else out.expand(shape)
-    if problem is None and _agrees(mod, args, shape, out, kind):
+    # Deciding: the trial call records no autograd graph, so that a forward that decides saves
+    # exactly what a checkpoint's recompute (which finds the decision cached) saves.
+    graph = torch.is_grad_enabled() and any(a.requires_grad for a in args)
+    raised: Exception | None = None
+    with torch.no_grad():
+        try:
+            out = mod(*args)
+            problem = _shape_problem(out, shape)
+        except (IndexError, RuntimeError, TypeError, ValueError) as exc:
+            out, problem, raised = None, _one_line(exc), exc
+        exact = problem is None and _agrees(mod, args, shape, out, kind)
+    if exact:
         _remember(mod, signature, BROADCAST)
-        return out if kind == "mask" or out.shape == shape else out.expand(shape)
+        return _broadcast(mod, args, shape, kind) if graph else _fit(out, shape, kind)
     try:
         result = elementwise(mod, args, shape)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's function: say both
+        if raised is not None and type(exc) is type(raised) and str(exc) == str(raised):
+            raise  # the modifier's own error, whichever way it is called: its message says it all
         name = getattr(mod, "__name__", type(mod).__name__)
         why = problem or "its broadcast result differs from the per-element one"
         raise ModifierError(
@@ -113,6 +121,15 @@ def _evaluate(mod: Callable, args: tuple[Tensor, ...], shape: torch.Size, kind: 
         ) from exc
     _remember(mod, signature, ELEMENTWISE)
     return result
+
+
+def _broadcast(mod: Callable, args: tuple[Tensor, ...], shape: torch.Size, kind: str) -> Tensor:
+    return _fit(mod(*args), shape, kind)
+
+
+def _fit(out: Tensor, shape: torch.Size, kind: str) -> Tensor:
+    """A mask as the modifier gave it (it broadcasts); scores at the scores' full shape."""
+    return out if kind == "mask" or out.shape == shape else out.expand(shape)
 
 
 def elementwise(mod: Callable, args: tuple[Tensor, ...], shape: torch.Size) -> Tensor:
