@@ -8,10 +8,15 @@ sliding windows, rows every key of which is masked, rows a score modifier sends 
 Two oracles: PyTorch's own ``flex_attention`` (forward; it has no CPU backward) and a float64
 reference written here that calls each modifier once per element with 0-d index tensors, as
 FlexAttention defines it, and takes a softmax in which a row with no finite score is zero
-(forward and backward). Each kernel that evaluates modifiers (dense, flex, the portable
-block-sparse kernel at density 1) is checked at the kernel level, on a call without a cache
-(queries = keys, bidirectional) and with one (3 queries at the end of 8 keys, causal), and
-through the seam on a float64 GPT-2, with and without a KV cache.
+(forward and backward); the reference is checked against PyTorch on every case.
+
+At the kernel level, on a call without a cache (queries = keys, bidirectional) and with one
+(3 queries at the end of 8 keys, causal): the dense kernel and the portable block-sparse kernel
+(density 1: every block) forward and backward against the reference, attnkit's flex kernel and
+PyTorch's flex_attention forward (on the call with a cache: each eager flex call traces the
+modifiers, ~0.3 s). Through the seam on a float64 GPT-2, with and without a KV cache: the same
+kernels against the reference run as a kernel of the registry. ``native`` and ``sdpa`` run no
+modifiers (a temperature folds into their scale): asked for, they name the kernels that can.
 """
 
 from __future__ import annotations
