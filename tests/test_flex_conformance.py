@@ -436,6 +436,20 @@ def test_the_call_that_decides_how_a_modifier_runs_has_its_gradient(kind):
             torch.testing.assert_close(got, w, atol=5e-5, rtol=1e-4)
 
 
+def test_per_element_evaluation_in_slices_equals_one_piece(monkeypatch):
+    from attnkit.kernels import modifiers
+
+    score = _table(B, H, 5, 8)
+    grids = (torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
+             torch.arange(3, 8).view(1, 1, -1, 1), torch.arange(8).view(1, 1, 1, -1))
+    whole = modifiers.elementwise(bias_chained, (score, *grids), score.shape)
+    mask = modifiers.elementwise(document_chained, grids, score.shape)
+    torch.testing.assert_close(whole, score + BIAS_BHQK[:B, :H, 3:8, :8])
+    monkeypatch.setattr(modifiers, "ELEMENT_CHUNK", 16)  # slices of 16 elements at most
+    torch.testing.assert_close(modifiers.elementwise(bias_chained, (score, *grids), score.shape), whole)
+    assert torch.equal(modifiers.elementwise(document_chained, grids, score.shape), mask)
+
+
 # --- through the seam, on a float64 GPT-2 -----------------------------------------------------
 def _reference_kernel(call, mods, chunk_elements):
     return reference_attention(call.query, call.key, call.value, mods.score, mods.mask, scale=call.scale,

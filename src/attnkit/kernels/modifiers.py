@@ -63,7 +63,9 @@ def evaluate_mask_mod(mod: Callable, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx
     return _evaluate(mod, (b, h, q_idx, kv_idx), shape, "mask").bool()
 
 
-def apply_mods(mods: Mods, scores: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, Tensor | None]:
+def apply_mods(
+    mods: Mods, scores: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor,
+) -> tuple[Tensor, Tensor | None]:
     """Every score modifier of ``mods`` on ``scores`` (in order), then every mask modifier.
 
     Returns (scores, keep): keep is bool, broadcastable to ``scores``: the keys every mask
@@ -143,7 +145,8 @@ def elementwise(mod: Callable, args: tuple[Tensor, ...], shape: torch.Size) -> T
     args = tuple(a.reshape((1,) * (len(shape) - a.dim()) + tuple(a.shape)) for a in args)
     total = math.prod(shape)
     if total == 0:
-        return torch.empty(shape, dtype=args[0].dtype if args[0].is_floating_point() else torch.bool, device=args[0].device)
+        dtype = args[0].dtype if args[0].is_floating_point() else torch.bool  # scores, or a mask
+        return torch.empty(shape, dtype=dtype, device=args[0].device)
     dim = max(range(len(shape)), key=lambda d: shape[d])
     step = max(1, ELEMENT_CHUNK * shape[dim] // total)
     if step >= shape[dim]:
