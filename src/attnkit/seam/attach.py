@@ -156,16 +156,23 @@ def observe_forward(model: nn.Module, session: AttentionSession, **inputs):
     an input the model cannot embed (a token id past the vocabulary, a position past the
     table) becomes a ``UserError``.
     """
-    import torch
-
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), attach(model, session):
+        with attach(model, session):
+            return forward_no_grad(model, **inputs)
+    finally:
+        model.train(was_training)
+
+
+def forward_no_grad(model: nn.Module, **inputs):
+    """``model(**inputs)`` without gradients; an input the model cannot embed becomes a ``UserError``."""
+    import torch
+
+    try:
+        with torch.no_grad():
             return model(**inputs)
     except (IndexError, RuntimeError) as e:
         if "index out of range" in str(e):
             raise UserError(f"the input does not fit the model: {e}") from e
         raise
-    finally:
-        model.train(was_training)
