@@ -16,7 +16,7 @@ from torch import nn
 from attnkit.analyze.diagnose import Issue, diagnose
 from attnkit.analyze.mitigations import Mitigation, find_mitigations
 from attnkit.errors import UserError
-from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, attach, forward_no_grad
+from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, attach, eval_mode, forward_no_grad
 
 # 1.1: heads carry "stack" and "kind" beside "layer"
 # 1.2: "sequences" and "rows" the statistics rest on; heads carry "entropy_ci95" and "sequences"
@@ -157,11 +157,9 @@ class Analyzer:
     def __enter__(self) -> Analyzer:
         from attnkit.gate.gating import GateStats, find_gates
 
-        was_training = self.model.training
         stack = ExitStack()
-        stack.callback(self.model.train, was_training)  # undone last
         try:
-            self.model.eval()
+            stack.enter_context(eval_mode(self.model))  # undone last: every module's own flag back
             stack.enter_context(attach(self.model, self.session))
             stack.callback(self.model.register_forward_pre_hook(self._see_inputs, with_kwargs=True).remove)
             if find_gates(self.model):
