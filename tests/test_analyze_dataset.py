@@ -233,3 +233,33 @@ def test_long_texts_are_cut_and_the_report_says_so(capsys, tmp_path):
     assert main(["analyze", "reference", "--dataset", str(data), "--seq-len", "16"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "3 texts of 3 cut to 16 tokens" in out and "3 sequences, 48 query rows" in out
+
+
+# --------------------------------------------------------------------------- validate and check --measure
+
+
+def test_validate_reads_a_jsonl_dataset_a_document_a_row(tmp_path, capsys):
+    data = tmp_path / "verses.jsonl"
+    data.write_text("".join(json.dumps({"body": v}) + "\n" for v in kjv_verses(40)))
+    out = tmp_path / "v.json"
+    assert main(["validate", "reference", "--dataset", str(data), "--text-field", "body", "--seq-len", "32",
+                 "--sequences", "2", "--ablation-blocks", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert str(data) in json.dumps(doc)  # the report names its source
+
+
+def test_check_measure_over_a_dataset_takes_the_extremes_of_its_blocks(tmp_path):
+    from attnkit.check import check
+    from attnkit.check.measure import dataset_blocks
+
+    texts = kjv_verses(30)
+    report = check("reference", seq_len=32, measure_pass=True, regions=False, measure_texts=texts,
+                   measure_source="verses", measure_samples=3, measure_batch_size=2)
+    m = report.measured
+    assert m.blocks == 3 and m.tokens == 32 and m.to_dict()["blocks"] == 3
+    loaded = load_model("reference")
+    blocks = dataset_blocks(loaded.tokenizer, texts, 32, 3)
+    alone = [analyze(loaded.model, {"input_ids": b[None]}).heads for b in blocks]
+    for i, h in enumerate(m.heads):
+        for stat in ("logit_max", "qk_absmax"):
+            assert h[stat] == pytest.approx(max(a[i][stat] for a in alone), rel=1e-5), stat
