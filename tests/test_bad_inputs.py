@@ -101,7 +101,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("paths", ["analyze", "--text-file", "{empty_dir}"], r"is a directory; give a text file"),
     ("paths", ["validate", "--text-file", "{markup_dir}/t.txt"], re.escape(MARKUP) + r"/t\.txt does not exist"),
     ("paths", ["perplexity", "--dataset", "./no/such/corpus.txt"], r"corpus path \./no/such/corpus\.txt does not exist"),
-    ("paths", ["validate", "--dataset", "{no_text_folder}"], r"no text files \(\.txt, \.raw, \.text\) in"),
+    ("paths", ["validate", "--dataset", "{no_text_folder}"], r"no text files \(\.txt, \.raw, \.text, \.jsonl, \.parquet\) in"),
     ("paths", ["analyze", "--dataset", "/no/such/data.jsonl"], r"dataset file /no/such/data\.jsonl does not exist"),
     ("paths", ["analyze", "--dataset", "./no/such/folder"], r"dataset file \./no/such/folder does not exist"),
     ("paths", ["analyze", "--dataset", "{no_text_folder}"], r"no dataset files \(\.txt, \.jsonl, \.parquet\) in .*no_text_folder"),
