@@ -263,3 +263,21 @@ def test_check_measure_over_a_dataset_takes_the_extremes_of_its_blocks(tmp_path)
     for i, h in enumerate(m.heads):
         for stat in ("logit_max", "qk_absmax"):
             assert h[stat] == pytest.approx(max(a[i][stat] for a in alone), rel=1e-5), stat
+
+
+def test_a_hub_dataset_without_a_hub_is_one_line_in_seconds(monkeypatch, capsys):
+    import time
+
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_DATASETS_OFFLINE=1 sets
+    start = time.perf_counter()
+    assert main(["analyze", "reference", "--dataset", "imdb", "--split", "test"]) == 2
+    assert time.perf_counter() - start < 30
+    err = capsys.readouterr().err.strip()
+    assert err == ("attnkit: error: cannot load dataset 'imdb' from a Hugging Face hub (HF_DATASETS_OFFLINE is set); "
+                   "without a hub, give a local .txt, .jsonl or .parquet file or a folder of them")

@@ -115,7 +115,7 @@ def _read_folder(path: Path, split: str | None, text_field: str) -> list[str]:
 
 def _hub_texts(source: str, split: str | None, text_field: str) -> list[str]:
     """The ``text_field`` column of one split of a hub dataset ``NAME[:CONFIG]``."""
-    from attnkit.common.loading.hub import hub_offline_reason
+    from attnkit.common.loading.hub import offline_setting, probe_endpoint
 
     name, _, config = source.partition(":")
     split = split or "train"
@@ -125,8 +125,10 @@ def _hub_texts(source: str, split: str | None, text_field: str) -> list[str]:
         import datasets
     except ImportError as e:
         raise UserError(hint.format(why="the 'datasets' package is not installed: pip install 'attnkit[data]'")) from e
-    why = hub_offline_reason() or ("HF_DATASETS_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE else None)
-    if why:  # fail in seconds rather than after the hub client's retries
+    # the settings first (they cost nothing), then one quick connection: fail in seconds, not after retries
+    why = (offline_setting() or ("HF_DATASETS_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE else None)
+           or probe_endpoint())
+    if why:
         raise UserError(hint.format(why=why))
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
