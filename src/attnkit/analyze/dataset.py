@@ -19,17 +19,18 @@ from attnkit.errors import UserError
 def tokenize_texts(tokenizer, texts: Sequence[str], seq_len: int | None) -> tuple[list[dict[str, list[int]]], int]:
     """Each text's token ids (and the tokenizer's other per-token fields), cut to ``seq_len`` tokens
     with the tokenizer's own truncation (so a closing special token stays); and how many were cut."""
-    full = tokenizer(list(texts), truncation=False)
-    keys = [k for k in ("input_ids", "token_type_ids") if k in full]
-    encoded = [{k: full[k][i] for k in keys} for i in range(len(texts))]
-    cut = 0
-    if seq_len is not None:
-        for i, text in enumerate(texts):
-            if len(encoded[i]["input_ids"]) > seq_len:
-                short = tokenizer(text, truncation=True, max_length=seq_len)
-                encoded[i] = {k: short[k] for k in keys}
-                cut += 1
-    return encoded, cut
+    # One token past seq_len is enough to tell which texts are too long (and no tokenizer warns
+    # about a text longer than the model takes: it is cut here, and the report says so).
+    limit = {"truncation": True, "max_length": seq_len + 1} if seq_len is not None else {"truncation": False}
+    first = tokenizer(list(texts), **limit)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in first]
+    encoded = [{k: first[k][i] for k in keys} for i in range(len(texts))]
+    long = [i for i, e in enumerate(encoded) if seq_len is not None and len(e["input_ids"]) > seq_len]
+    if long:
+        short = tokenizer([texts[i] for i in long], truncation=True, max_length=seq_len)
+        for j, i in enumerate(long):
+            encoded[i] = {k: short[k][j] for k in keys}
+    return encoded, len(long)
 
 
 def pad_batch(encoded: Sequence[dict[str, list[int]]], pad_id: int, device: torch.device | str = "cpu") -> dict:

@@ -221,7 +221,8 @@ class Analyzer:
             sample_rows=self.sample_rows if collector.sampled else None,
             token_text=list(self.token_text),
             gates=self._gate_stats.heads() if self._gate_stats is not None else [],
-            sequences=self.sequences,
+            # inputs the pre-hook could not count (embeddings only): the sequences the statistics saw
+            sequences=self.sequences or max((h["sequences"] for h in head_stats), default=0),
             rows=self.rows,
             truncated=self.truncated,
             seq_len=self.seq_len,
