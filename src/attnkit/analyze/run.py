@@ -18,8 +18,6 @@ from attnkit.analyze.mitigations import Mitigation, find_mitigations
 from attnkit.errors import UserError
 from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, attach, eval_mode, forward_no_grad
 
-# 1.1: heads carry "stack" and "kind" beside "layer"
-# 1.2: "sequences" and "rows" the statistics rest on; heads carry "entropy_ci95" and "sequences"
 SCHEMA_VERSION = "1.2"
 
 

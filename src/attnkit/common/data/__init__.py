@@ -1,7 +1,6 @@
-"""Corpora (built-in KJV, local text, Hugging Face datasets), datasets of texts, tokenisation and fixed-length blocks."""
+"""Corpora (built-in KJV, local text, Hugging Face datasets), tokenisation and fixed-length blocks."""
 
 from attnkit.common.data.blocks import batched_blocks, encode_documents, random_blocks, split_blocks
-from attnkit.common.data.texts import READERS, load_texts
 from attnkit.common.data.corpus import BUILTIN_CORPORA, DEFAULT_CORPUS, Corpus, load_corpus, load_hf_corpus, load_local_corpus
 
 __all__ = [
@@ -13,8 +12,6 @@ __all__ = [
     "load_corpus",
     "load_hf_corpus",
     "load_local_corpus",
-    "load_texts",
-    "READERS",
     "random_blocks",
     "split_blocks",
 ]
