@@ -295,3 +295,19 @@ def test_cutting_keeps_the_tokenizers_own_ends(name):
     assert encoded[1]["input_ids"] == tokenizer(short_text)["input_ids"]  # untouched
     if tokenizer.sep_token_id is not None:  # BERT: [CLS] ... [SEP] even when cut
         assert encoded[0]["input_ids"][-1] == tokenizer.sep_token_id
+
+
+def test_split_picks_a_folders_files_and_samples_the_first_texts(tmp_path, capsys):
+    verses = kjv_verses(9)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.txt").write_text("\n".join(verses[:5]) + "\n")
+    (folder / "test.jsonl").write_text("".join(json.dumps({"text": v}) + "\n" for v in verses[5:]))
+    from attnkit.common.data.texts import load_texts
+
+    assert load_texts(str(folder), split="test") == verses[5:]
+    assert load_texts(str(folder)) == verses[5:] + verses[:5]  # sorted by file name
+    assert main(["analyze", "reference", "--dataset", str(folder), "--split", "train", "--samples", "3",
+                 "--batch-size", "2", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["sequences"] == 3 and doc["batch"] == 2
