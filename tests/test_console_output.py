@@ -118,7 +118,7 @@ def test_json_to_stdout_stays_pure_json_and_the_report_goes_to_stderr():
     proc = _cli("analyze", "minilm", "--text", "hello world, hello again", "--json", "-")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["schema_version"] == "1.1" and len(doc["heads"]) == 72
+    assert doc["schema_version"] == "1.2" and len(doc["heads"]) == 72
     assert proc.stdout.lstrip().startswith("{") and proc.stdout.rstrip().endswith("}")
     assert "Heads across, layers down" in proc.stderr and ANSI not in proc.stderr
     assert "--json report.json" not in proc.stderr  # the JSON was asked for: no hint to write it

@@ -82,7 +82,8 @@ def render_check(report: CheckReport, console: Console) -> None:
         console.print(f"no change needed for {report.dtype} at {report.seq_len:,} tokens", highlight=False)
     if report.measured:
         m = report.measured
-        t = Table(title=f"measured: one forward on {m.tokens} tokens of {m.text} (agreement within {m.factor:g}x)",
+        on = f"one forward on {m.tokens} tokens" if m.blocks == 1 else f"{m.blocks} blocks of {m.tokens} tokens"
+        t = Table(title=f"measured: {on} of {m.text} (agreement within {m.factor:g}x)",
                   title_justify="left", show_edge=False, pad_edge=False)
         for col in ("figure", "predicted", "measured", "ratio", ""):
             t.add_column(col, justify="left" if col in ("figure", "") else "right")

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.status import Status
 from rich.text import Text
 
@@ -38,12 +39,15 @@ def stderr_status(message: str) -> Status:
 
 
 @contextmanager
-def step_progress(description: str, labels: dict[str, str] | None = None) -> Iterator[Callable[[int, int, str], None]]:
-    """Yields ``update(done, total, key)``; shows ``description: label of key`` and a bar on stderr."""
+def step_progress(description: str, labels: dict[str, str] | None = None,
+                  eta: bool = False) -> Iterator[Callable[[int, int, str], None]]:
+    """Yields ``update(done, total, key)``; shows ``description: label of key`` and a bar on stderr,
+    with the time left estimated from the pace so far when ``eta`` (steps of similar cost)."""
     console = Console(stderr=True)
     labels = labels or {}
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
-                        MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+                        MofNCompleteColumn(), TimeElapsedColumn(),
+                        *([TextColumn("eta"), TimeRemainingColumn()] if eta else []), console=console, transient=True)
     task = progress.add_task(description, total=None)
 
     def update(done: int, total: int, key: str) -> None:
