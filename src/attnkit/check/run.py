@@ -21,7 +21,7 @@ from attnkit.common.loading.hub import hub_offline_reason
 from attnkit.common.loading.registry import BUILTIN_MODELS, load_model, resolve_model_path
 from attnkit.errors import UserError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 DEFAULT_SEQ_LEN = 2048  # when neither --seq-len nor the config's maximum positions say
 
 
