@@ -258,7 +258,7 @@ def moments_from_weights(model) -> dict[int, list[HeadMoments]]:
     """
     import torch
 
-    from attnkit.seam.adapters.qk_weights import qk_layout
+    from attnkit.seam.layouts import qk_layout
     from attnkit.errors import UserError
 
     found: dict[int, list[HeadMoments]] = {}

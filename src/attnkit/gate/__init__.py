@@ -5,7 +5,7 @@ from attnkit.gate.gating import GATE_KINDS, AttentionGate, GateStats, add_gates,
 from attnkit.gate.gate_tap import GateTap
 from attnkit.gate.gated import load_gated
 from attnkit.gate.io import load_gates, save_gates
-from attnkit.gate.layouts import GATE_LAYOUTS, gate_layouts
+from attnkit.seam.layouts import output_layouts as gate_layouts  # the modules a gate goes on
 
-__all__ = ["GATE_KINDS", "GATE_LAYOUTS", "AttentionGate", "GateStats", "GateTap", "add_gates", "find_gates", "gate_layouts",
+__all__ = ["GATE_KINDS", "AttentionGate", "GateStats", "GateTap", "add_gates", "find_gates", "gate_layouts",
            "load_gated", "load_gates", "remove_gates", "save_gates"]

@@ -8,7 +8,7 @@ maps a name to its class:
   W_q rows and its key head's W_k rows are rescaled so that its logits are multiplied by exactly γ
   (γ_g = min over the heads sharing a key head, k rows × √γ_g, each query head's rows × γ_h/√γ_g;
   without GQA that is √γ on both, as in MuonClip). Weights are found by the layout module
-  (``attnkit.seam.adapters.qk_weights``). Persistent: re-applied on every later observed step.
+  (``attnkit.seam.layouts``). Persistent: re-applied on every later observed step.
 - ``soft_cap`` / ``temperature``: a seam session with that score modifier on the chosen heads
   for the rest of the run (a temperature folds into SDPA's scale; a soft-cap runs the dense kernel).
 - ``reduce_lr``: every param group's ``lr`` × factor (and the scheduler's ``base_lrs``, so a
@@ -45,7 +45,7 @@ import torch
 from attnkit.errors import UserError
 from attnkit.monitor.emit import series_name
 from attnkit.monitor.issues import Diagnosis, Issue
-from attnkit.seam.adapters.qk_weights import QKLayout, qk_layout
+from attnkit.seam.layouts import QKLayout, qk_layout
 from attnkit.seam.sites import Site
 
 
