@@ -38,8 +38,9 @@ from functools import lru_cache
 
 from attnkit.check.gaussian import expected_max, quantile_max
 from attnkit.check.shape import AttentionShape, LayerType
+from attnkit.common.findings import threshold
 
-HIGH_QUANTILE = 0.99  # the "high" estimate: the value the largest logit stays below with 99 % probability
+HIGH_QUANTILE = threshold("high_quantile")  # the "high" estimate: the largest logit stays below it with 99 % probability
 
 
 @dataclass(frozen=True)
