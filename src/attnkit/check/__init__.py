@@ -7,7 +7,7 @@
 
 One file per idea: ``shape`` (what the config says), ``gaussian`` and ``estimate`` (the logit
 maximum, derived there), ``dtypes`` (limits and rounding distortion, with the tolerance),
-``safety`` (verdicts), ``curvature`` (seed 001's bound), ``mitigations``, ``recommend``,
+``safety`` (verdicts), ``curvature`` (the softmax's curvature bound), ``mitigations``, ``recommend``,
 ``regions`` (the sweep), ``measure`` (one forward beside the prediction), ``report`` (console and
 figure), ``run`` (``check``).
 """

@@ -1,7 +1,7 @@
-"""Seed 001's curvature bound of the softmax, kappa = (||q|| ||k|| / sqrt(d)) exp(2 * logit range),
+"""The curvature bound of the softmax, kappa = (||q|| ||k|| / sqrt(d)) exp(2 * logit range),
 and the precision it asks for.
 
-The seed's bound grows like exp(2 * range): a row whose logits span 10 already has kappa ~ 5e8.
+The bound grows like exp(2 * range): a row whose logits span 10 already has kappa ~ 5e8.
 Its precision rule, bits = log2(kappa T^2 / 1e-6), demands log2(T^2 / 1e-6) = 34 bits at T = 128
 before kappa enters, more than fp32's 24, for every model; so the check reports it, and uses the
 plainer criterion "kappa within the format's precision" (log2 kappa <= significant bits) for the
@@ -24,7 +24,7 @@ SEED_TARGET_ERROR = 1e-6  # the seed's target accuracy in its precision formula
 @dataclass(frozen=True)
 class Curvature:
     log10_kappa: float
-    seed_precision_bits: float  # log2(kappa * T^2 / 1e-6), as seed 001 writes it
+    seed_precision_bits: float  # log2(kappa * T^2 / 1e-6): the precision the bound asks for (the JSON keeps this name)
     row_range: float  # the logit range of a full-length row it was computed from
 
     def within(self, fmt: FloatFormat) -> bool:

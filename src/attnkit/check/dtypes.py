@@ -10,10 +10,10 @@ is off by at most half a spacing, 2^(floor(log2|L|) - s), which is <= |L| 2^-s: 
 A logit computed in the format inherits more than its own final rounding: the normed input x,
 W_q, W_k, q and k are each stored in the format too, and each rounding moves the logit by up to
 |L| 2^-s again (seven in all, the worst case adding up, independent ones adding in quadrature to
-~2.6). The check takes ``LOGIT_ROUNDINGS`` = 4 such errors: logit error = 4 |L| 2^-s. (Version 1
-used the single final rounding, half a spacing; on the first validation grid, seed 0, it was
-right about every case it called unsafe but missed 16 of 66 unsafe cases, all with logits 3-8x
-below its limits; 4 was chosen from those figures and tested on fresh grids, seeds 1-3: README. Errors grow with
+~2.6). The check takes ``LOGIT_ROUNDINGS`` = 4 such errors: logit error = 4 |L| 2^-s. (One rounding,
+half a spacing, was right about every case it called unsafe but missed 16 of 66 unsafe cases
+on a validation grid, all with logits 3-8x below its limits; 4 was chosen from those figures and
+tested on fresh grids. Errors grow with
 depth, which this does not model: at 4 layers fp16 breaks from logits of ~17, recall 0.62 there.)
 
 Tolerance (the one number the verdicts rest on): an attention weight may change by at most

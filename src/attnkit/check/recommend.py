@@ -25,6 +25,7 @@ class Recommendation:
     message: str
     trigger: str  # the finding and its number
     value: float | None = None  # the suggested setting
+    fixes: bool = True  # False: the change helps or is often suggested, but the estimate says it is not enough alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +72,8 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
                 ok, e = safe_with(shape.with_changes(qk_norm=True))
                 out.append(Recommendation("qk_norm", f"add QK-norm (OLMo 2, ViT-22B): bounds |logit| at scale*d*g^2 = "
                                           f"{shape.scale / est.temperature * shape.head_dim:.3g}*g^2 with learned gains g; the estimate "
-                                          f"becomes {e.model_max:.3g}" + ("" if ok else " (not enough alone here)"), trigger))
+                                          f"becomes {e.model_max:.3g}" + ("" if ok else " (not enough alone here)"), trigger,
+                                          fixes=ok))
             _shorter_sequence(out, shape, est, layer_type, moments, verdict, upcast, trigger)
             _head_split(out, shape, est, layer_type, verdict, upcast, trigger)
             if moments is None and not shape.qk_norm:
@@ -95,13 +97,13 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
                     out.append(Recommendation(
                         "heads", f"{shape.hidden_size // d} heads of {d} dims instead of {shape.num_heads} of {shape.head_dim}: "
                         f"|q.k| before scaling falls by sqrt({shape.head_dim}/{d}) to ~{e.raw_absmax:,.0f}"
-                        + ("" if ok else " (not enough alone)"), trigger, float(d)))
+                        + ("" if ok else " (not enough alone)"), trigger, float(d), fixes=ok))
                     if ok:
                         break
             if not shape.qk_norm:
                 ok, e = safe_with(shape.with_changes(qk_norm=True))
                 out.append(Recommendation("qk_norm", f"add QK-norm: |q.k| <= d*g^2 = {shape.head_dim}*g^2, far below 65,504",
-                                          trigger))
+                                          trigger, fixes=ok))
             out.append(Recommendation("dtype", "train in bf16: fp32's range, so QK^T cannot overflow (mind its rounding)",
                                       trigger))
     # One line per change: the first trigger is enough.
@@ -115,7 +117,7 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
 
 
 def _head_split(out, shape, est, layer_type, verdict, upcast, trigger) -> None:
-    """What more, narrower heads would do (seed 001's use case 2: "try 32 heads or 256-dim")."""
+    """What more, narrower heads would do ("try 32 heads or 256-dim")."""
     d = shape.head_dim // 2
     if d < 8 or shape.hidden_size % d:
         return
@@ -125,16 +127,24 @@ def _head_split(out, shape, est, layer_type, verdict, upcast, trigger) -> None:
         1 / d if shape.scale_source.startswith("1/d") else shape.scale)
     e = estimate(changed, est.seq_len, layer_type, est.temperature, est.growth)
     base = estimate(shape, est.seq_len, layer_type, est.temperature, est.growth)  # both at init, like for like
-    ok = judge(e, verdict.dtype, upcast).status == SAFE
+    base_safe = judge(base, verdict.dtype, upcast).status == SAFE
+    # A fix only where the shape itself is the problem: unsafe at init as it is, safe at init split.
+    ok = not base_safe and judge(e, verdict.dtype, upcast).status == SAFE
     if shape.scale_source.startswith("1/sqrt(d)"):
         why = (f"at 1/sqrt(d) the logit std at init is hidden*std^2 = {shape.hidden_size * shape.init_std ** 2:.3g} "
                f"whatever d, so the largest logit only moves from {base.model_max:.3g} to {e.model_max:.3g} "
                f"(more logits to take the maximum over)")
     else:
         why = f"with this scale rule the largest logit at init moves from {base.model_max:.3g} to {e.model_max:.3g}"
+    if ok:
+        verdict_text = "would fix it: "
+    elif base_safe:
+        verdict_text = (f"is not a fix: both shapes are {verdict.dtype}-safe at initialisation, so the large logits "
+                        f"come from the weights, not the head shape; ")
+    else:
+        verdict_text = "does not fix rounding: "
     out.append(Recommendation("heads", f"{changed.num_heads} heads of {d} dims instead of {shape.num_heads} of "
-                              f"{shape.head_dim} " + ("would fix it: " if ok else "does not fix rounding: ") + why,
-                              trigger, float(d)))
+                              f"{shape.head_dim} " + verdict_text + why, trigger, float(d), fixes=ok))
 
 
 def _shorter_sequence(out, shape, est, layer_type, moments, verdict, upcast, trigger) -> None:
@@ -148,7 +158,7 @@ def _shorter_sequence(out, shape, est, layer_type, moments, verdict, upcast, tri
             return
     out.append(Recommendation("seq_len", f"a shorter sequence does not help enough: even at 16 tokens the largest logit is "
                               f"~{estimate(shape, 16, layer_type, est.temperature, est.growth, moments).model_max:.3g}",
-                              trigger, None))
+                              trigger, None, fixes=False))
 
 
 def max_safe_growth(shape: AttentionShape, seq_len: int, layer_type: LayerType, dtype: str, temperature: float = 1.0,

@@ -57,7 +57,8 @@ def render_check(report: CheckReport, console: Console) -> None:
     console.print(f"verdicts: weights move by at most {100 * report.tolerance:.0f} % from rounding the largest logit "
                   f"(bf16 holds logits < {limits['bf16']:.3g}, fp16 < {limits['fp16']:.3g}), |q.k| < 65,504 in fp16; "
                   f"'growth' is the largest weight growth X (logits x X^2) that stays safe", style="dim", highlight=False)
-    _print_checks(console, "at initialisation (from the config: a fresh run of this architecture)", report.init)
+    _print_checks(console, "for a fresh initialisation (from the config alone" +
+                  (", not these weights)" if report.weights else ")"), report.init)
     if report.weights:
         _print_checks(console, "from the model's own W_q/W_k (inputs taken as isotropic, unit variance)", report.weights)
     for c in report.primary:
@@ -67,9 +68,15 @@ def render_check(report: CheckReport, console: Console) -> None:
                 console.print(f"[{style}]{f.severity}[/] {f.type} ({report.dtype}, {c.estimate.layer_type}): {escape(f.message)}",
                               highlight=False)
     recs = report.recommendations
-    if recs:
-        console.print("[bold]recommendations[/bold]")
-        for r in recs:
+    fixes = [r for r in recs if r.fixes]
+    not_enough = [r for r in recs if not r.fixes]
+    if fixes:
+        console.print("[bold]recommendations[/bold] (each enough alone, by the estimate)")
+        for r in fixes:
+            console.print(f"  - {escape(r.message)}", highlight=False)
+    if not_enough:
+        console.print("[bold]not enough alone[/bold]")
+        for r in not_enough:
             console.print(f"  - {escape(r.message)}", highlight=False)
     elif report.safe:
         console.print(f"no change needed for {report.dtype} at {report.seq_len:,} tokens", highlight=False)
@@ -83,6 +90,8 @@ def render_check(report: CheckReport, console: Console) -> None:
             t.add_row(cmp.figure, f"{cmp.predicted:.3g}", f"{cmp.measured:.3g}", f"{cmp.ratio:.2f}",
                       "[green]agrees[/]" if cmp.agrees else "[red]off[/]")
         console.print(t)
+        verdicts = " · ".join(f"{d} {_status(report.measured_verdicts[d].status)}" for d in ("fp16", "bf16", "fp32"))
+        console.print(f"  the forward's own figures: {verdicts}", highlight=False)
     for note in report.notes:
         console.print(f"note: {escape(note)}", style="dim", highlight=False)
     if report.regions:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from attnkit.check.curvature import Curvature, curvature
@@ -53,6 +53,7 @@ class CheckReport:
     init: list[LayerCheck]  # from the config alone: a fresh run of this architecture
     weights: list[LayerCheck] = field(default_factory=list)  # from the model's own W_q/W_k, when loaded
     measured: Measurement | None = None
+    measured_verdicts: dict[str, Verdict] = field(default_factory=dict)  # the forward's own figures, judged
     regions: RegionSweep | None = None
     tolerance: float = DISTORTION_TOLERANCE
     notes: list[str] = field(default_factory=list)
@@ -63,8 +64,14 @@ class CheckReport:
         return self.weights or self.init
 
     @property
-    def status(self) -> str:
+    def estimated_status(self) -> str:
         return worst(c.verdicts[self.dtype].status for c in self.primary)
+
+    @property
+    def status(self) -> str:
+        """The worse of the estimate's verdict and, when a forward was measured, the forward's."""
+        measured = self.measured_verdicts.get(self.dtype)
+        return worst([self.estimated_status] + ([measured.status] if measured else []))
 
     @property
     def safe(self) -> bool:
@@ -83,6 +90,9 @@ class CheckReport:
             "model": self.model, "dtype": self.dtype, "seq_len": self.seq_len, "temperature": self.temperature,
             "weight_growth": self.weight_growth, "status": self.status, "tolerance": self.tolerance,
             "estimate_source": "weights" if self.weights else "init (config)",
+            "estimated_status": self.estimated_status,
+            "measured_status": self.measured_verdicts[self.dtype].status if self.measured_verdicts else None,
+            "measured_verdicts": {k: v.to_dict() for k, v in self.measured_verdicts.items()},
             "shape": shape, "mitigations": [m.to_dict() for m in self.mitigations],
             "bounds": describe_bounds(self.shape),
             "init": [c.to_dict() for c in self.init], "weights": [c.to_dict() for c in self.weights],
@@ -211,9 +221,11 @@ def check(
 
     ``config_or_model``: an HF config (object or dict), a path to config.json or a model
     directory, a built-in name (``reference``, ``minilm``), a hub id (when reachable), or a loaded
-    model. With weights (a model, or a directory and ``use_weights``/``measure_pass``), the
-    estimate is also made from the real W_q/W_k; ``measure_pass`` adds one forward through the
-    seam on KJV text, compared with that estimate.
+    model. When it has weights (a loaded model, or a directory or built-in model with a weights
+    file), the verdicts are read from its real W_q/W_k; ``use_weights=False`` judges the config
+    alone, as for a fresh initialisation of the architecture. ``measure_pass`` adds one forward
+    through the seam on KJV text: its figures are compared with the estimate and judged too, and
+    the report's status is the worse of the two verdicts (``notes`` say when they differ).
     """
     fmt = format_named(dtype).name
     for value, what in ((temperature, "temperature"), (weight_growth, "weight growth")):
@@ -242,7 +254,13 @@ def check(
     init = _layer_checks(shape, seq_len, fmt, temperature, weight_growth, upcast)
     report = CheckReport(source.name, fmt, seq_len, temperature, weight_growth, shape, mitigations, init, notes=notes)
 
-    want_weights = use_weights if use_weights is not None else (measure_pass or source.model is not None)
+    has_weights = source.model is not None or source.model_dir is not None
+    if use_weights is False and measure_pass:
+        raise UserError("--measure runs the model's weights; it cannot be combined with a config-only estimate")
+    want_weights = use_weights if use_weights is not None else (measure_pass or has_weights)
+    if use_weights is False and has_weights:
+        notes.append("verdicts from the config alone, for a fresh initialisation of this architecture; "
+                     "this model's trained weights were not read")
     if want_weights:
         model, tokenizer = _load(source, measure_pass)
         found = moments_from_weights(model)
@@ -268,9 +286,27 @@ def check(
             if weight_growth != 1.0:
                 notes.append("the measured pass runs the weights as they are (growth 1); the prediction beside it too")
             report.measured = measure(model, tokenizer, at_length, length)
+            report.measured_verdicts = measured_verdicts(report.measured, at_length, upcast)
+            _note_disagreement(report)
     if regions:
         report.regions = sweep(shape, shape.layer_types[0], upcast)
     return report
+
+
+def measured_verdicts(measured: Measurement, at_length: LogitEstimate, upcast: bool) -> dict[str, Verdict]:
+    """Each format's verdict on the forward's own largest logit and |q.k|, judged like an estimate."""
+    largest = max(h["logit_max"] for h in measured.heads)
+    raw = max(h["qk_absmax"] for h in measured.heads)
+    seen = replace(at_length, source="measured", model_max=largest, model_max_high=largest,
+                   raw_absmax=raw, raw_absmax_high=raw)
+    return {dt: judge(seen, dt, upcast) for dt in FORMATS}
+
+
+def _note_disagreement(report: CheckReport) -> None:
+    estimated, seen = report.estimated_status, report.measured_verdicts[report.dtype].status
+    if estimated != seen:
+        report.notes.insert(0, f"the measured forward finds {report.dtype} {seen} where the estimate from the "
+                               f"weights finds it {estimated}: the verdict is the worse of the two")
 
 
 def _object(config: dict):

@@ -7,14 +7,16 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
-from attnkit.cli.common import (DTYPES, add_model_argument, check_outputs, check_positive, model_flags, model_options,
+from attnkit.cli.common import (torch_dtype, add_model_argument, check_outputs, check_positive, model_flags, model_options,
                                 parse_int_list, read_text)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="per-head attention statistics and diagnoses",
                        description="Run a model on text and report, per layer and head, entropy, concentration, "
-                       "sinks, spikes and overflow margins from the real pre-softmax logits, with diagnoses.")
+                       "sinks, spikes and overflow margins from the real pre-softmax logits, with diagnoses.",
+                       epilog="examples:\n  attnkit analyze reference --json report.json --plot heads.png\n"
+                       "  attnkit analyze ./my-model --text-file notes.txt --layers 0-3")
     add_model_argument(p)
     p.add_argument("--text", help="text to analyse (default: a built-in English passage)")
     p.add_argument("--text-file", metavar="FILE", help="file with the text to analyse")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.common.progress import stderr_status
 
     with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
-        loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
+        loaded = load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
                             **model_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")

@@ -16,18 +16,23 @@ def add_parser(sub) -> None:
     p = sub.add_parser("check", help="predict from a config whether attention stays numerically safe",
                        description="From a config alone (and a model's own W_q/W_k with --measure): the expected and "
                        "high-quantile attention-logit maximum, where fp16 overflows and bf16/fp16 rounding distorts "
-                       "attention weights beyond 10 %, seed 001's curvature bound, recommendations with the numbers "
+                       "attention weights beyond 10 %, the curvature bound of the softmax, recommendations with the numbers "
                        "that triggered them, and stability regions over temperature, head dimension, sequence length "
-                       "and weight growth.")
+                       "and weight growth.",
+                       epilog="examples:\n  attnkit check reference --dtype fp16 --seq-len 4096\n"
+                       "  attnkit check ./config.json --weight-growth 2 --json -")
     p.add_argument("model", metavar="MODEL_OR_CONFIG",
                    help="an HF config.json, a model directory, a built-in name (reference, minilm), or a hub id")
     p.add_argument("--seq-len", type=int, metavar="N", help="sequence length (default: the config's maximum positions)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="dtype you plan to train in (default bf16)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="logits divided by T (default 1)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="dtype you plan to train in")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="logits divided by T")
     p.add_argument("--weight-growth", type=float, default=1.0, metavar="X",
-                   help="W_q and W_k grown by X each (logits x X^2), as in training (default 1)")
+                   help="W_q and W_k grown by X each (logits x X^2), as in training")
     p.add_argument("--measure", action="store_true",
-                   help="with weights: estimate from the real W_q/W_k too and run one forward through the seam beside it")
+                   help="also run one forward through the seam and judge its real logits beside the estimate")
+    p.add_argument("--from-config", action="store_true",
+                   help="judge the config alone, as for a fresh initialisation, even when MODEL has trained weights "
+                        "(by default a model's own W_q/W_k are read)")
     p.add_argument("--json", metavar="PATH", help="write the JSON report to PATH, or - for stdout")
     p.add_argument("--plot", metavar="PNG", help="write the stability-region figure to this PNG")
     p.set_defaults(run=run)
@@ -38,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.check.render import render_check, save_regions_png
     from attnkit.errors import UserError
 
+    if args.from_config and args.measure:
+        raise UserError("--from-config and --measure contradict each other: --measure runs the trained weights")
     if args.seq_len is not None and args.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
     for value, option in ((args.temperature, "--temperature"), (args.weight_growth, "--weight-growth")):
@@ -49,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     with stderr_status(f"checking {args.model}"):
         report = check(args.model, seq_len=args.seq_len, dtype=args.dtype, temperature=args.temperature,
-                       weight_growth=args.weight_growth, measure_pass=args.measure)
+                       weight_growth=args.weight_growth, measure_pass=args.measure,
+                       use_weights=False if args.from_config else None)
     render_check(report, console)
     if args.json:
         from attnkit.common.io import write_json

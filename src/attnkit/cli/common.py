@@ -7,22 +7,27 @@ import os
 import shlex
 from pathlib import Path
 
-import torch
-
+from attnkit.common.loading.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 from attnkit.errors import UserError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # what --dtype accepts: names of torch dtypes
+
+
+def torch_dtype(name: str):
+    """``torch.float32`` for "float32" (torch is imported here, when a command runs, not for --help)."""
+    import torch
+
+    return getattr(torch, name)
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
-    from attnkit.common.loading.registry import BUILTIN_MODELS, DEFAULT_MODEL
 
     names = ", ".join(BUILTIN_MODELS)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"built-in name ({names}), local Hugging Face directory, hub id, or your own model as "
                    f"module.path:factory (imported from the current directory or an installed package: that runs "
                    f"its code) (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to run the model in")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to run the model in")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     add_own_model_options(p)
 

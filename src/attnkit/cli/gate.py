@@ -14,16 +14,18 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    from attnkit.gate.gating import GATE_KINDS
-    from attnkit.common.loading.registry import BUILTIN_MODELS, DEFAULT_MODEL
+    from attnkit.common.loading.builtin import BUILTIN_MODELS, DEFAULT_MODEL
+    from attnkit.gate.kinds import KIND_HELP
 
-    p = sub.add_parser("gate", help="add gated attention (Qiu et al. 2025's G1, or seed 000's MLP gate) to a model",
+    p = sub.add_parser("gate", help="add gated attention (Qiu et al. 2025's G1, or a per-head MLP gate) to a model",
                        description="Add a sigmoid output gate to every attention layer (Y' = Y * sigmoid(gate(X)) before "
-                       "the output projection), initialised so the model computes exactly what it did, and save it.")
+                       "the output projection), initialised so the model computes exactly what it did, and save it.",
+                       epilog="examples:\n  attnkit gate reference --kind headwise --out gated/\n"
+                       "  attnkit gate gated/ --stats --text \"In the beginning God created the heaven.\"")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"built-in name ({', '.join(BUILTIN_MODELS)}), local Hugging Face directory, or hub id")
-    p.add_argument("--kind", choices=list(GATE_KINDS), default="headwise",
-                   help="headwise: one gate per head; elementwise: one per element; mlp: seed 000's per-head MLP")
+    p.add_argument("--kind", choices=list(KIND_HELP), default="headwise",
+                   help="; ".join(f"{kind}: {what}" for kind, what in KIND_HELP.items()))
     p.add_argument("--out", metavar="DIR", help="directory to write (new or empty)")
     p.add_argument("--stats", action="store_true",
                    help="MODEL is a directory this command wrote: load it and print its gate statistics on --text")

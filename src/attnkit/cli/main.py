@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+import textwrap
 
 from rich.console import Console
 from rich.markup import escape
 
 from attnkit import __version__
+from attnkit.common.extras import install_hint, missing_message
 from attnkit.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -43,15 +46,60 @@ class _ArgumentError(Exception):
         self.prog = prog
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default and choices in its help; descriptions and epilogs keep their layout.
+
+    A paragraph whose lines are indented (a table, a list of examples) is printed as written;
+    other paragraphs are wrapped to the terminal. "(default: X)" is added unless the help says it.
+    """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = re.split(r"\n\s*\n", text.strip("\n"))
+        out = []
+        for para in paragraphs:
+            lines = para.splitlines()
+            if any(line.startswith(" ") for line in lines[1:]) or para.lstrip().endswith(":") and len(lines) == 1:
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(textwrap.fill(" ".join(line.strip() for line in lines), width, initial_indent=indent,
+                                         subsequent_indent=indent))
+        return "\n\n".join(out)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.choices and action.metavar is not None and not isinstance(action, argparse._SubParsersAction):
+            if not all(str(c) in text for c in action.choices):
+                text += f" (choices: {', '.join(map(str, action.choices))})"
+        shown = action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, list)
+        optional = bool(action.option_strings) or action.nargs == "?"
+        if shown and optional and "default" not in text and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage block and exits; attnkit prints one line and returns 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         raise _ArgumentError(self.prog, message)
 
 
+EPILOG = """\
+examples:
+  attnkit analyze reference                  per-head statistics and diagnoses on a built-in model
+  attnkit validate reference --html r.html   the nine-section validation report
+  attnkit check reference --dtype fp16       will attention stay numerically safe in fp16?
+  attnkit COMMAND --help                     a command's options, with defaults and an example
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="attnkit", description="Find, explain and fix what goes wrong in attention.")
+    parser = OneLineParser(prog="attnkit", description="Find, explain and fix what goes wrong in attention.",
+                           epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"attnkit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -91,7 +139,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
     try:
         parser = build_parser()
     except Exception as e:  # noqa: BLE001 - a broken install must not greet a user with a traceback either
@@ -109,10 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
+    _quiet_libraries()  # here, not before parsing: --help imports neither torch nor transformers
     try:
         return int(args.run(args) or 0)
     except UserError as e:
         print_error(str(e))
+        return EXIT_USER_ERROR
+    except ModuleNotFoundError as e:
+        hint = install_hint(e.name)
+        if hint is None:  # not an optional dependency: a broken install or a bug, reported below
+            return _unexpected(e, args)
+        print_error(missing_message(e.name))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print_error("interrupted")
@@ -124,11 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Exception as e:  # noqa: BLE001 - the one place that keeps tracebacks from users
-        if args.debug:
-            raise
-        print_error(f"unexpected error ({_one_line(e)}); this is a bug in attnkit or a library it uses. "
-                    f"Run with --debug for the traceback.")
-        return EXIT_INTERNAL_ERROR
+        return _unexpected(e, args)
+
+
+def _unexpected(e: Exception, args: argparse.Namespace) -> int:
+    if args.debug:
+        raise e
+    print_error(f"unexpected error ({_one_line(e)}); this is a bug in attnkit or a library it uses. "
+                f"Run with --debug for the traceback.")
+    return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

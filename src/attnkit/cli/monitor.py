@@ -15,12 +15,15 @@ from rich.text import Text
 
 def add_parser(sub) -> None:
     p = sub.add_parser("monitor", help="reports of a monitored training run",
-                       description="Reports of a training run watched by attnkit.monitor.AttentionMonitor.")
+                       description="Reports of a training run watched by attnkit.monitor.AttentionMonitor.",
+                       epilog="examples:\n  attnkit monitor report runs/exp1 --out figures/\n"
+                       "  attnkit monitor trace ./checkpoint --text \"a sentence that made the loss NaN\"")
     actions = p.add_subparsers(dest="monitor_command", metavar="ACTION")
     r = actions.add_parser("report", help="figures and a summary from a run's monitor.jsonl",
                            description="Per-head entropy heatmap over steps, max logit and curvature with warning "
                            "and intervention steps marked (PNG), and a summary, from RUN_DIR/monitor.jsonl "
-                           "(a finished or running job).")
+                           "(a finished or running job).",
+                           epilog="example:\n  attnkit monitor report runs/exp1 --out figures/")
     r.add_argument("run_dir", metavar="RUN_DIR", help="the monitor's log_dir (holding monitor.jsonl)")
     r.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR)")
     r.set_defaults(run=run_report)
@@ -29,7 +32,8 @@ def add_parser(sub) -> None:
     t = actions.add_parser("trace", help="name the first layer and head where NaN/Inf appear on some text",
                            description="Run a (saved) model on text through the seam and name the first layer and "
                            "head whose logits or query/key/value are non-finite, and any non-finite parameters. "
-                           "Exit 1 when something is non-finite.")
+                           "Exit 1 when something is non-finite.",
+                           epilog="example:\n  attnkit monitor trace ./checkpoint --text-file batch.txt")
     add_model_argument(t)
     t.add_argument("--text", help="text to run (default: a built-in English passage)")
     t.add_argument("--text-file", metavar="FILE", help="file with the text to run")
@@ -83,13 +87,13 @@ def run_report(args: argparse.Namespace) -> int:
 def run_trace(args: argparse.Namespace) -> int:
     from attnkit.common.default_text import DEFAULT_TEXT
     from attnkit.common.tokenize import max_positions, tokenize
-    from attnkit.cli.common import DTYPES, model_options, read_text
+    from attnkit.cli.common import torch_dtype, model_options, read_text
     from attnkit.errors import UserError
     from attnkit.common.loading.registry import load_model
     from attnkit.monitor.nonfinite import trace_nonfinite
 
     text = read_text(args.text, args.text_file)
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
+    loaded = load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
                         **model_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")

@@ -15,17 +15,21 @@ import time
 from attnkit.errors import UserError
 
 DEFAULT_BLOCK_SIZE = 256
+DESCRIPTION = ("Evaluate a causal language model on a corpus split: perplexity is exp(mean next-token negative "
+               "log-likelihood) over every predicted token of non-overlapping fixed-length blocks, the definition "
+               "the reference model's card uses (attnkit perplexity reference --split test reproduces it).")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from attnkit.common.data.corpus import DEFAULT_CORPUS
-    from attnkit.common.loading.registry import DEFAULT_MODEL
+    from attnkit.common.loading.builtin import DEFAULT_MODEL
 
     p = subparsers.add_parser(
         "perplexity",
         help="perplexity of a causal language model on a corpus split",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
+        epilog="examples:\n  attnkit perplexity reference --split test --max-blocks 8\n"
+        "  attnkit perplexity ./my-model --dataset notes.txt --json result.json",
     )
     from attnkit.cli.common import add_own_model_options
 

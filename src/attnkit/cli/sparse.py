@@ -17,17 +17,26 @@ import os
 from pathlib import Path
 
 
+# the built-in patterns, for --help without importing torch (tests/test_cli_help.py checks the registry agrees)
+PATTERN_NAMES = ("window", "sinks_window", "moba", "quest", "learned_gate")
+
 def add_parser(sub) -> None:
     from attnkit.cli.common import add_model_argument
 
     p = sub.add_parser("sparse", help="block-sparse attention: distil a learned gate, evaluate patterns against dense",
                        description="Block-sparse attention for a pretrained model: `train` distils a learned gate "
-                       "from the dense model, `eval` measures every pattern's fidelity against dense attention.")
+                       "from the dense model, `eval` measures every pattern's fidelity against dense attention.",
+                       epilog="examples:\n  attnkit sparse eval reference --densities 0.25,0.5 --out sparse_eval/\n"
+                       "  attnkit sparse train reference --density 0.25 --steps 200 --out gates/")
     inner = p.add_subparsers(dest="sparse_command", metavar="{train,eval}")
     p.set_defaults(run=_missing_subcommand)
 
     t = inner.add_parser("train", help="distil sparse attention from the frozen dense model (KL on next-token "
-                         "distributions, optionally + SeerAttention's pooled-map loss)")
+                         "distributions, optionally + SeerAttention's pooled-map loss)",
+                         description="Distil a sparse pattern (by default a learned gate) from the frozen dense model: "
+                         "KL between the dense and the sparse model's next-token distributions, optionally plus "
+                         "SeerAttention's pooled-map loss. Runs under torchrun as well.",
+                         epilog="example:\n  attnkit sparse train reference --density 0.25 --steps 200 --out gates/")
     add_model_argument(t)
     _add_sparse_options(t, pattern_default="learned_gate")
     t.add_argument("--density", type=float, default=0.25, help="share of causal key blocks each query block keeps")
@@ -64,7 +73,12 @@ def add_parser(sub) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar (a line every 50 steps on stderr)")
     t.set_defaults(run=run_train)
 
-    e = inner.add_parser("eval", help="fidelity of sparse patterns against dense attention (JSON + figures)")
+    e = inner.add_parser("eval", help="fidelity of sparse patterns against dense attention (JSON + figures)",
+                         description="Run each sparse pattern at each density beside dense attention and measure "
+                         "how close it stays: KL, perplexity, top-1 agreement, probability MSE and gradient cosine "
+                         "(causal LMs), embedding cosine (encoders). Writes eval.json and density curves.",
+                         epilog="example:\n  attnkit sparse eval reference --patterns window,moba --densities 0.25,0.5 "
+                         "--out sparse_eval/")
     add_model_argument(e)
     _add_sparse_options(e)
     e.add_argument("--patterns", default=None,
@@ -88,7 +102,8 @@ def add_parser(sub) -> None:
 
 def _add_sparse_options(p: argparse.ArgumentParser, pattern_default: str | None = None) -> None:
     if pattern_default is not None:
-        p.add_argument("--pattern", default=pattern_default, help="sparse pattern (attnkit.sparse.PATTERNS)")
+        p.add_argument("--pattern", default=pattern_default,
+                       help=f"sparse pattern: {', '.join(PATTERN_NAMES)}, or one registered in attnkit.sparse.PATTERNS")
     p.add_argument("--block-size", type=int, default=64, help="tokens per query/key block")
 
 
@@ -135,11 +150,11 @@ def _floats(spec: str, what: str) -> list[float]:
 
 
 def _load(args: argparse.Namespace):
-    from attnkit.cli.common import DTYPES, model_options, offline_by_default
+    from attnkit.cli.common import torch_dtype, model_options, offline_by_default
     from attnkit.common.loading.registry import load_model
 
     offline_by_default()
-    return load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
+    return load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
                       **model_options(args))
 
 

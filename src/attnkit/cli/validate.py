@@ -1,4 +1,4 @@
-"""``attnkit validate``: seed 002's nine-section attention validation report, with an ablation for any model.
+"""``attnkit validate``: the nine-section attention validation report, with an ablation, for any model.
 
 Exit status: 0 when no check is critical, 1 when at least one is (the ❌ lines of the report),
 2 for user errors (bad model path, empty text, ...), as everywhere in attnkit.
@@ -38,12 +38,12 @@ examples:
 
 def add_parser(sub) -> None:
     from attnkit.cli.common import add_model_argument
-    from attnkit.validate.context import Options
+    from attnkit.validate.options import Options
 
     d = Options()
     p = sub.add_parser(
         "validate", help="is attention correct, interpretable, significant and helping? (9 sections, ablation)",
-        description=HELP_DESCRIPTION, epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=HELP_DESCRIPTION, epilog=HELP_EPILOG)
     add_model_argument(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", metavar="TEXT", help="text to validate on")
@@ -86,7 +86,7 @@ def _documents(args) -> tuple[list[str] | None, str | None]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from attnkit.cli.common import DTYPES, model_options
+    from attnkit.cli.common import torch_dtype, model_options
     from attnkit.errors import UserError
     from attnkit.common.loading.registry import load_model
     from attnkit.validate import Options, validate
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.common.progress import stderr_status
 
     with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
-        loaded = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code,
+        loaded = load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
                             **model_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")

@@ -2,7 +2,7 @@
 
 Qiu et al. 2025 (arXiv 2505.06708), gate "G1": right after SDPA and before the output
 projection, Y' = Y ⊙ σ(X W_θ + b), X the layer's normalised input hidden states, one gate per
-head (``headwise``) or per element (``elementwise``); seed 000's per-head MLP gate (``mlp``:
+head (``headwise``) or per element (``elementwise``); a per-head MLP gate (``mlp``, as in the TransformerAE collapse study:
 Linear → ReLU → Linear → sigmoid). Gate kinds are entries of ``GATE_KINDS``.
 
     from attnkit.gate import add_gates, save_gates, load_gates, GateStats
@@ -61,7 +61,7 @@ class _Linear(nn.Module):
 
 
 class _MLP(nn.Module):
-    """Seed 000's gate: Linear(hidden, hidden/2) → ReLU → Linear(hidden/2, heads) (→ sigmoid outside)."""
+    """The MLP gate: Linear(hidden, hidden/2) → ReLU → Linear(hidden/2, heads) (→ sigmoid outside)."""
 
     def __init__(self, hidden: int, g: int):
         super().__init__()
@@ -155,7 +155,7 @@ def add_gates(model: nn.Module, kind: str = "headwise", *, init_bias: float = 0.
     if find_gates(model):
         raise UserError("the model has attnkit gates already; remove_gates(model) first")
     gate_kind(kind)
-    found = output_layouts(model)
+    found = gate_layouts(model)
     chosen = range(len(found)) if layers is None else layers
     bad = [i for i in chosen if not 0 <= i < len(found)]
     if bad:
@@ -165,6 +165,12 @@ def add_gates(model: nn.Module, kind: str = "headwise", *, init_bias: float = 0.
         gates.append(_install(found[i], AttentionGate(kind, found[i].hidden, found[i].num_heads, found[i].head_dim,
                                                       init_bias, layer=i)))
     return gates
+
+
+def gate_layouts(model: nn.Module) -> list[OutputLayout]:
+    """Every attention module of ``model`` a gate can go on, in layer order: the output projections
+    of the one weight-layout table (``attnkit.seam.layouts``)."""
+    return output_layouts(model)
 
 
 def _install(layout: OutputLayout, gate: AttentionGate) -> AttentionGate:

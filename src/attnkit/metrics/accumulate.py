@@ -18,6 +18,9 @@ from attnkit.metrics.fused import RowStats
 
 SPIKE_THRESHOLD = 0.95  # a row whose largest weight exceeds this is one-hot for practical purposes
 
+# per-head counts: summed over chunks, batches and processes
+COUNTS = ("rows", "positions", "total_rows", "nonfinite_rows", "empty_rows", "nonfinite_logits", "nan_logits")
+
 _SUMS = (
     "entropy", "entropy_sq", "normalized_entropy", "effective_keys", "max_attention", "spike",
     "row_std", "max_over_uniform", "sink_mass", "uniform_share", "diagonal_mass",
@@ -66,8 +69,11 @@ class HeadStatsAccumulator:
         self.sums = {k: z() for k in _SUMS}
         self.rows = z()  # rows with >= 2 visible keys and finite logits
         self.positions = z()  # query positions those rows sit at, one per chunk row whatever the batch
-        self.total_rows = z()  # all real query rows
+        self.total_rows = z()  # all real query rows: valid rows that see at least one key
         self.nonfinite_rows = z()
+        # valid rows that see no key after every mask and modifier (a score modifier's -inf hides
+        # a key, as in FlexAttention): their output is zero, as FlexAttention's is, not NaN
+        self.empty_rows = z()
         self.nonfinite_logits = z()
         self.nan_logits = z()
         self.logit_max = torch.full((num_heads,), -math.inf, dtype=torch.float64, device=device)
@@ -125,8 +131,10 @@ class HeadStatsAccumulator:
         """
         n_visible, lmax, lmin, max_p = s.n_visible, s.logit_max, s.logit_min, s.max_prob
         qk_absmax = s.qk_absmax if qk_absmax is None else qk_absmax
-        real = row_valid[:, None, :].expand(n_visible.shape) & (n_visible >= 1)
+        valid = row_valid[:, None, :].expand(n_visible.shape)
+        real = valid & (n_visible >= 1)
         self.total_rows += real.sum((0, 2)).double()
+        self.empty_rows += (valid & (n_visible == 0)).sum((0, 2)).double()
         if s.nonfinite_logits is not None:
             finite_row = s.finite if s.finite is not None else s.nonfinite_logits == 0
             self.nonfinite_rows += (real & ~finite_row).sum((0, 2)).double()
@@ -186,7 +194,7 @@ class HeadStatsAccumulator:
         """Fold another accumulator (another batch, another process) into this one."""
         for k in _SUMS:
             self.sums[k] += other.sums[k]
-        for k in ("rows", "positions", "total_rows", "nonfinite_rows", "nonfinite_logits", "nan_logits"):
+        for k in COUNTS:
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.logit_max = torch.maximum(self.logit_max, other.logit_max)
         self.logit_min = torch.minimum(self.logit_min, other.logit_min)
@@ -225,6 +233,7 @@ class HeadStatsAccumulator:
                 "log10_curvature_max": float(self.log10_curvature_max[h]),
                 "rows": n,
                 "nonfinite_rows": float(self.nonfinite_rows[h]),
+                "empty_rows": float(self.empty_rows[h]),
                 "nonfinite_logits": float(self.nonfinite_logits[h]),
                 "nan_logits": float(self.nan_logits[h]),
             }

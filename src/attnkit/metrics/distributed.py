@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from attnkit.metrics.accumulate import HeadStatsAccumulator
+from attnkit.metrics.accumulate import COUNTS, HeadStatsAccumulator
 
-_SUMMED = ("rows", "positions", "total_rows", "nonfinite_rows", "nonfinite_logits", "nan_logits")
+_SUMMED = COUNTS
 _MAXED = ("logit_max", "qk_absmax", "log10_curvature_max")
 _MINNED = ("logit_min",)
 

@@ -113,9 +113,9 @@ def mean_distance(probs: Tensor, query_positions: Tensor) -> Tensor:
 
 
 def log10_curvature(query_norm: Tensor, key_norm_max: Tensor, scale: float, logit_range: Tensor) -> Tensor:
-    """Seed 001's curvature estimate, kappa = (|q| |k| / sqrt(d)) * exp(2 * logit spread), as log10.
+    """The curvature estimate of the softmax, kappa = (|q| |k| / sqrt(d)) * exp(2 * logit spread), as log10.
 
-    The seed writes the spread as ||QK^T||_inf / sqrt(d); softmax is invariant to a shift of
+    It is usually written with the spread as ||QK^T||_inf / sqrt(d); softmax is invariant to a shift of
     the row, so the row's logit range (max - min over visible keys) is the part that matters.
     It is computed from the real logits, not from log(p). Reported in log10 because it is
     exponential in the logits and overflows float32 past a range of ~44.

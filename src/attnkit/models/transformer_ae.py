@@ -1,4 +1,4 @@
-"""Seed 000's TransformerAE: merge two small CNNs by reading their flattened weights as 50 tokens.
+"""The TransformerAE of the weight-merging collapse study: merge two small CNNs by reading their flattened weights as 50 tokens.
 
     two CNNs' weights (B, 2 x 1232) -> EmbedderNeuronGroup -> 50 tokens (B, 50, d_model)
         -> encoder (n_layer blocks, attention through attnkit's seam) -> decoder -> merged CNN (B, 1232)

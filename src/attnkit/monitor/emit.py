@@ -24,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from attnkit.common.extras import require
 from attnkit.common.findings import Finding
 from attnkit.monitor.issues import ISSUE_KEYS
 from attnkit.seam.sites import Site
@@ -166,6 +167,7 @@ class TensorBoardEmitter(Emitter):
     def __init__(self, log_dir: str | Path | None = None, writer=None, prefix: str = "attnkit",
                  heatmap_steps: int = 512) -> None:
         if writer is None:
+            require("tensorboard", "the monitor's TensorBoard output")
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(log_dir=str(log_dir))
@@ -221,10 +223,11 @@ class WandbEmitter(Emitter):
     """``wandb.log`` of the same scalars; ``mode="offline"`` writes a local run directory only."""
 
     def __init__(self, log_dir: str | Path, mode: str = "offline", run=None, **init_kwargs) -> None:
-        import wandb
-
         self._own = run is None
-        self.run = run or wandb.init(dir=str(log_dir), mode=mode, **init_kwargs)
+        if run is None:
+            run = require("wandb", "the monitor's Weights & Biases output").init(dir=str(log_dir), mode=mode,
+                                                                                **init_kwargs)
+        self.run = run
 
     def step(self, r: StepRecord) -> None:
         self.run.log({f"attnkit/{k}": v for k, v in r.scalars().items()}, step=r.step)

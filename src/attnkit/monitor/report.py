@@ -6,7 +6,7 @@ skipped; a log directory reused by several runs: the last one, from its meta lin
 - ``entropy_heatmap.png``: per-head entropy (nats) over training, one row per layer·head;
 - ``max_logit.png``: each head's max logit (symmetric log scale) with warning steps (orange) and
   intervention steps (green) marked, and the danger threshold;
-- ``curvature.png``: seed 001's log10 κ (largest over rows) per head, same marks;
+- ``curvature.png``: the curvature estimate log10 κ (largest over rows) per head, same marks;
 - ``gates.png`` (a model with attnkit gates): each head's mean gate and share of gates below 0.1.
 """
 

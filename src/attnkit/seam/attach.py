@@ -9,10 +9,11 @@ is searched through: every attention inside is reached.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import weakref
+from collections.abc import Callable
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from attnkit.errors import NoAttentionError, UserError
 from attnkit.seam.adapters import ADAPTERS
@@ -36,15 +37,86 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextmanager
-def attach(model: nn.Module, session: AttentionSession | None = None, **session_kwargs) -> Iterator[AttentionSession]:
+def attach(model: nn.Module, session: AttentionSession | None = None, **session_kwargs) -> "Attached":
     """Route every attention call of ``model`` through ``session`` inside the ``with`` block.
 
     Either pass a session or the keyword arguments of ``AttentionSession``. On leaving the
     block (also through an exception) the model is exactly as it was: attention
-    implementation, forward methods, backend flags, hooks.
+    implementation, forward methods, backend flags, hooks. An attachment entered and never
+    left is undone when it is garbage-collected or at interpreter exit, silently; one that
+    outlives its model has nothing left to undo.
     """
-    session = session or AttentionSession(**session_kwargs)
+    return Attached(model, session or AttentionSession(**session_kwargs))
+
+
+class Attached:
+    """One attachment of a session to a model: ``with attach(model, ...) as session``.
+
+    ``close()`` (what leaving the ``with`` block calls) is idempotent. The undoing is a
+    ``weakref.finalize`` that holds the model and its modules only weakly, so it runs exactly
+    once: on ``close()``, when this object is collected, or at interpreter exit (while every
+    module is still intact), and never keeps the model alive.
+    """
+
+    def __init__(self, model: nn.Module, session: AttentionSession) -> None:
+        self._model: nn.Module | None = model  # dropped once entered: the model may die first
+        self.session = session
+        self._finalizer: weakref.finalize | None = None
+
+    def __enter__(self) -> AttentionSession:
+        if self._model is None:
+            raise RuntimeError("this attachment was already entered; call attach() again for another")
+        model, self._model = self._model, None
+        undo = _Undo(self.session)
+        try:
+            _install(model, self.session, undo)
+        except BaseException:
+            undo()
+            raise
+        self._finalizer = weakref.finalize(self, undo)
+        return self.session
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach the session and undo its install (the model's last session out switches it back)."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs at most once
+
+
+class _Undo:
+    """What one attachment must undo, holding nothing the user's objects could keep alive through it
+    (the model, its modules and the session only weakly): a finaliser holding them strongly would
+    keep alive a model whose hooks lead back to the attachment."""
+
+    def __init__(self, session: AttentionSession) -> None:
+        self.session = weakref.ref(session)
+        self.hooks: list[RemovableHandle] = []  # hold their dictionaries weakly
+        self.joined: list[weakref.ref] = []  # attention modules this session joined
+        self.restores: list[Callable[[], None]] = []  # the adapters' undo functions (weak as well)
+
+    def __call__(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        session = self.session()
+        for ref in self.joined:
+            m = ref()
+            attachment = _ATTACHED.get(m) if m is not None else None
+            if attachment is None:  # the module is gone, and with it its entry
+                continue
+            mine = [i for i, s in enumerate(attachment.sessions) if s is session]
+            if mine:
+                del attachment.sessions[mine[-1]]
+            if not attachment.sessions:
+                _ATTACHED.pop(m, None)
+        for restore in reversed(self.restores):
+            restore()
+        self.hooks, self.joined, self.restores = [], [], []
+
+
+def _install(model: nn.Module, session: AttentionSession, undo: _Undo) -> None:
+    """Join ``session`` to every attention module of ``model``, recording in ``undo`` each step taken."""
     root = unwrap(model)
     found = {name: adapter.find(root) for name, adapter in ADAPTERS.items()}
     modules = [m for ms in found.values() for m in ms]
@@ -59,40 +131,22 @@ def attach(model: nn.Module, session: AttentionSession | None = None, **session_
         )
     existing = next((_ATTACHED[m].sites for m in modules if m in _ATTACHED), None)
     sites = existing or SiteTable(root, modules)
-    restores: list[Callable[[], None]] = []
-    joined: list[nn.Module] = []
-    hook = end_hook = None
-    try:
-        for name, adapter in ADAPTERS.items():
-            if found[name]:
-                restores.append(adapter.install(root, found[name]))
-        for m in modules:
-            _ATTACHED.setdefault(m, Attachment([], sites)).sessions.append(session)
-            joined.append(m)
+    for name, adapter in ADAPTERS.items():
+        if found[name]:
+            undo.restores.append(adapter.install(root, found[name]))
+    for m in modules:
+        _ATTACHED.setdefault(m, Attachment([], sites)).sessions.append(session)
+        undo.joined.append(weakref.ref(m))
 
-        def start_forward(_module, _args) -> None:
-            sites.start_forward()
-            session.start_forward()
+    def start_forward(_module, _args) -> None:
+        sites.start_forward()
+        session.start_forward()
 
-        def end_forward(_module, _args, _output) -> None:
-            sites.end_forward()  # a looped layer's passes are counted within one forward only
+    def end_forward(_module, _args, _output) -> None:
+        sites.end_forward()  # a looped layer's passes are counted within one forward only
 
-        hook = model.register_forward_pre_hook(start_forward)
-        end_hook = model.register_forward_hook(end_forward, always_call=True)
-        yield session
-    finally:
-        if hook is not None:
-            hook.remove()
-        if end_hook is not None:
-            end_hook.remove()
-        for m in joined:
-            attachment = _ATTACHED[m]
-            mine = max(i for i, s in enumerate(attachment.sessions) if s is session)
-            del attachment.sessions[mine]
-            if not attachment.sessions:
-                del _ATTACHED[m]
-        for restore in reversed(restores):
-            restore()
+    undo.hooks.append(model.register_forward_pre_hook(start_forward))
+    undo.hooks.append(model.register_forward_hook(end_forward, always_call=True))
 
 
 def observe_forward(model: nn.Module, session: AttentionSession, **inputs):

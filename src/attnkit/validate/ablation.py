@@ -2,7 +2,7 @@
 
 Every attention call of the model is overridden by a pattern from ``attnkit.seam.mods.PATTERNS``
 (no model edit, so nothing is ever skipped): ``uniform`` (β_ij = 1/n over visible keys),
-``local`` (uniform over |i − j| ≤ w, w = 5 by default: seed 002's window) and
+``local`` (uniform over |i − j| ≤ w, w = 5 by default) and
 ``first_token`` (all mass on the first visible key), against ``learned`` (the model as it
 is). Masks are kept: a causal model stays causal.
 

@@ -42,7 +42,7 @@ class LayerView:
         return R.normalized_entropy(self.entropy, self.n_visible)
 
     @cached_property
-    def row_std(self) -> Tensor:  # (B, H, Q): seed 002's row_std
+    def row_std(self) -> Tensor:  # (B, H, Q): the std of each row's weights
         return R.std_over_visible(self.probs, self.allowed, self.n_visible)
 
     @property

@@ -1,14 +1,14 @@
 """[7/9] Diversity correlation: hidden-state diversity against attention diversity.
 
-Seed 002's "belief diversity" (μ_dist) generalised to any model: for the hidden states that
+"Belief diversity" (μ_dist) generalised to any model: for the hidden states that
 enter each layer (embeddings for layer 0, block l−1's output for layer l), the mean pairwise
 cosine distance 1 − cos(h_i, h_j) between the tokens of a sequence. Attention diversity is
-seed 002's row_std (std of a row's weights) and, length-free, 1 − H/H_max, averaged over heads.
+row_std (the std of a row's weights) and, length-free, 1 − H/H_max, averaged over heads.
 
 Figures: both per layer and overall; and the Pearson correlation, over every (layer, query)
 point, between how diverse the hidden states a query sees are (its mean cosine distance to its
 visible keys) and how far its attention is from uniform (1 − H/H_max, averaged over heads).
-Rule (seed 002): diverse hidden states (> 0.3) with uniform attention (mean H/H_max ≥ 0.9, the
+Rule: diverse hidden states (> 0.3) with uniform attention (mean H/H_max ≥ 0.9, the
 per-head "uniform" threshold) is an architectural problem: the layer has information to select
 on and does not.
 """

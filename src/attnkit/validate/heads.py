@@ -2,7 +2,7 @@
 
 Classified on the head's mean normalised entropy ν = H/ln n (rows seeing ≥ 2 keys):
 sharp when ν < 0.5 (the head spreads over fewer than √n keys), uniform when ν ≥ 0.9 (over
-more than n^0.9 keys), medium in between. Seed 002's row_std (std of a row's weights) and the
+more than n^0.9 keys), medium in between. row_std (the std of a row's weights) and the
 effective number of keys exp(H) are shown beside it; row_std is not used to classify because
 it shrinks with 1/n and so depends on the sequence length.
 """

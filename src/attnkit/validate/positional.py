@@ -1,7 +1,7 @@
 """[2/9] Positional patterns: do nearby keys get more weight than distant ones?
 
 For every row that sees both kinds of key: the mean weight per *nearby* key (1 ≤ |i − j| ≤ w,
-w = 5 as in seed 002's local window) and per *far* key (|i − j| > w); the figures are those
+w = 5, the local window) and per *far* key (|i − j| > w); the figures are those
 means averaged over rows, and their ratio (1.0 for uniform attention). A head is "local" when
 its own ratio is at least 2. Also reported: mass on the query's own position and on the first
 position (the attention sink), each against what uniform attention would give.

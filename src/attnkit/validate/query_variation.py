@@ -6,8 +6,8 @@ the keys both can see and renormalised, then compared by L2 distance. The restri
 for causal models: row j sees more keys than row i, and without it uniform causal attention
 would look like query variation. Uniform attention gives exactly 0.
 
-Figures: the mean and max over random row pairs of the same head and sequence (seed 002's
-"average / max query variation"), and the means for adjacent (Δpos = 1) and distant (Δpos = 10)
+Figures: the mean and max over random row pairs of the same head and sequence ("average / max
+query variation"), and the means for adjacent (Δpos = 1) and distant (Δpos = 10)
 pairs: distant > adjacent means attention changes with position.
 """
 

@@ -1,4 +1,4 @@
-"""The console report, laid out as seed 002's: numbered sections, ✓ / ℹ / ⚠ / ❌ lines, a summary and a conclusion.
+"""The console report, numbered sections, ✓ / ℹ / ⚠ / ❌ lines, a summary and a conclusion.
 
 Every message goes out as plain ``Text`` (no rich markup): token text such as ``[CLS]`` prints as is.
 """

@@ -1,4 +1,4 @@
-"""``validate``: the nine-section attention validation report of seed 002, for any model the seam reaches.
+"""``validate``: the nine-section attention validation report, for any model the seam reaches.
 
     from attnkit.validate import validate
     report = validate(model, tokenizer, ["some held-out text ..."], name="my-model")

@@ -1,10 +1,10 @@
 """[4/9] Statistical tests against the uniform baseline.
 
-- Deviation: mean |p_ij − 1/n_i| over visible keys, and the largest one (seed 002's "mean dev").
+- Deviation: mean |p_ij − 1/n_i| over visible keys, and the largest one ("mean dev").
 - Entropy: mean normalised entropy H/ln n over rows that see at least 2 keys (1 = uniform).
 - Significance, per head: d_i = 1 − H_i/ln n_i is the row's distance from uniform (0 exactly
   for uniform rows). One-sided one-sample t-test of H0: mean d ≤ m against H1: mean d > m, with
-  m = 0.02 the "nearly uniform" margin (H/H_max > 0.98: seed 002 calls 0.983 "nearly uniform";
+  m = 0.02 the "nearly uniform" margin (H/H_max > 0.98, so that 0.983 counts as "nearly uniform";
   a bare "≠ 0" test would call float rounding significant). Rows of a sequence are correlated,
   so the sample size is the AR(1) effective one (see ``stats.one_sided_t_test``). A head is
   significantly non-uniform when p < α / (number of heads) (Bonferroni, α = 0.01).

@@ -1,4 +1,4 @@
-"""Summary counts, the conclusion (which scenario of seed 002's "Interpreting Your Results") and the exit status.
+"""Summary counts, the conclusion (which of the report's interpretation scenarios) and the exit status.
 
 Counts: every check that is not informational (ℹ) is a test; a test passes when it is ✓.
 Critical findings are the ❌ checks; ⚠ checks are failed tests that are not critical.
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from attnkit.validate.types import CRITICAL, INFO, OK, WARN, Section
 
-SCENARIO3_DIVERSITY = 0.4  # seed 002, Scenario 3: "High belief diversity (mu_dist > 0.4)"
+SCENARIO3_DIVERSITY = 0.4  # scenario 3: high belief diversity (mu_dist > 0.4)
 ROW_SECTIONS = ("positional", "tokens", "statistics", "heads", "query_variation", "diversity")
 TOKEN_SECTIONS = ("ablation",)
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
-
+from attnkit.common.extras import require
 from attnkit.monitor.emit import TensorBoardEmitter
 from attnkit.monitor.monitor import AttentionMonitor, check_every
+
+pl = require("lightning.pytorch", "the Lightning callback")
 
 
 class AttnkitLightningCallback(pl.Callback):

@@ -27,15 +27,22 @@ from attnkit.seam.session import attachment_of, in_backward, run_call
 NAME = "attnkit"
 # Implementations whose kernel and mask attnkit reproduces exactly; any other runs as SDPA.
 _REPRODUCED = ("eager", "sdpa")
-_ORIGINAL: dict[int, str] = {}  # id(config) -> the implementation it had before attach
+# id(config) -> (the config, weakly; the implementation it had before attach). Keyed by id because
+# configs compare by value; the weak reference tells a live entry from one whose config has gone.
+_ORIGINAL: dict[int, tuple[weakref.ref, str]] = {}
 _SWITCHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()  # model -> [previous, count]
 _registered = False
 
 
-def _original(module: nn.Module) -> str:
-    config = getattr(module, "config", None)
-    name = _ORIGINAL.get(id(config), "sdpa") if config is not None else "sdpa"
+def _original_of(config) -> str:
+    """The implementation ``config`` had before attach, if it is one attnkit reproduces; else SDPA."""
+    ref, name = _ORIGINAL.get(id(config), (None, "sdpa"))
+    name = name if ref is not None and ref() is config else "sdpa"
     return name if name in _REPRODUCED else "sdpa"
+
+
+def _original(module: nn.Module) -> str:
+    return _original_of(getattr(module, "config", None))
 
 
 def _native_function(module: nn.Module) -> Callable:
@@ -102,9 +109,7 @@ def _learned_sinks(kwargs: dict) -> Tensor | None:
 def _mask_as_original(*args, config=None, **kwargs):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    name = _ORIGINAL.get(id(config), "sdpa") if config is not None else "sdpa"
-    name = name if name in _REPRODUCED else "sdpa"
-    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[name](*args, config=config, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[_original_of(config)](*args, config=config, **kwargs)
 
 
 def register() -> None:
@@ -206,30 +211,36 @@ def install(root: nn.Module, modules: list[nn.Module]) -> Callable[[], None]:
     """Switch every transformers model in ``root`` to attnkit's attention; the returned function
     switches back. Nested sessions share one switch: the last one out restores."""
     register()
-    switched: list[nn.Module] = []
+    # weak references: an attachment never closed must not keep the model alive through its undo
+    switched: list[weakref.ref] = []
 
     def restore() -> None:
-        for model in switched:
-            entry = _SWITCHED[model]
+        for model in filter(None, (r() for r in switched)):
+            entry = _SWITCHED.get(model)
+            if entry is None:  # already undone
+                continue
             entry[1] -= 1
             if entry[1] == 0:
                 for cfg, value in entry[0]:
                     cfg._attn_implementation_internal = value
                     _ORIGINAL.pop(id(cfg), None)
                 del _SWITCHED[model]
+        switched.clear()
 
+    for key in [key for key, (ref, _) in _ORIGINAL.items() if ref() is None]:
+        del _ORIGINAL[key]  # left by a model that died attached
     try:
         for model in _models(root):
             if model in _SWITCHED:
                 _SWITCHED[model][1] += 1
-                switched.append(model)
+                switched.append(weakref.ref(model))
                 continue
             configs = _configs(model)
             previous = [(cfg, cfg.__dict__.get("_attn_implementation_internal")) for cfg in configs]
             for cfg in configs:
-                _ORIGINAL[id(cfg)] = cfg._attn_implementation
+                _ORIGINAL[id(cfg)] = (weakref.ref(cfg), cfg._attn_implementation)
             _SWITCHED[model] = [previous, 1]
-            switched.append(model)
+            switched.append(weakref.ref(model))
             model.set_attn_implementation(NAME)
     except BaseException:
         restore()

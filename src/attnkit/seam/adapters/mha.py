@@ -141,16 +141,22 @@ def install(root: nn.Module, modules: list[nn.Module]) -> Callable[[], None]:
             m.forward = lambda *args, _m=m, **kwargs: _mha_forward(_m, *args, **kwargs)
         _PATCHED[m][0] += 1
 
+    # weak references: an attachment never closed must not keep the model alive through its undo
+    patched = [weakref.ref(m) for m in modules]
+
     def restore() -> None:
-        for m in modules:
-            entry = _PATCHED[m]
+        for m in filter(None, (r() for r in patched)):
+            entry = _PATCHED.get(m)
+            if entry is None:  # already undone
+                continue
             entry[0] -= 1
             if entry[0] == 0:
                 del _PATCHED[m]
                 m.__dict__.pop("forward", None)
                 if entry[1] is not None:
                     m.forward = entry[1]
-        if not _PATCHED and _fastpath_saved:
+        patched.clear()
+        if not _PATCHED and _fastpath_saved:  # modules that died attached have left _PATCHED too
             torch.backends.mha.set_fastpath_enabled(_fastpath_saved.pop())
 
     return restore

@@ -484,7 +484,9 @@ def _route_module(module: nn.Module) -> None:
 
 
 def _unroute_module(module: nn.Module) -> None:
-    entry = _ROUTED_MODULES[module]
+    entry = _ROUTED_MODULES.get(module)
+    if entry is None:  # already undone
+        return
     entry[0] -= 1
     if entry[0] == 0:
         del _ROUTED_MODULES[module]
@@ -504,7 +506,9 @@ def _mark_foreign(module: nn.Module) -> None:
 
 
 def _unmark_foreign(module: nn.Module) -> None:
-    entry = _FOREIGN[module]
+    entry = _FOREIGN.get(module)
+    if entry is None:  # already undone
+        return
     entry[0] -= 1
     if entry[0] == 0:
         for handle in entry[1]:
@@ -522,36 +526,40 @@ def install(root: nn.Module, modules: list[nn.Module]) -> Callable[[], None]:
     for path, m in root.named_modules():
         if id(m) in mine:
             _PATHS[m] = path or type(root).__name__
-    routed: list[nn.Module] = []
-    marked: list[nn.Module] = []
-    rooted = False
+    # weak references: an attachment never closed must not keep the model alive through its undo
+    routed: list[weakref.ref] = []
+    marked: list[weakref.ref] = []
+    rooted: list[weakref.ref] = []
 
     def restore() -> None:
-        for m in routed:
+        for m in filter(None, (r() for r in routed)):
             _unroute_module(m)
-        for f in marked:
+        for f in filter(None, (r() for r in marked)):
             _unmark_foreign(f)
-        if rooted:
-            entry = _ROOTS[root]
+        for r in filter(None, (r() for r in rooted)):
+            entry = _ROOTS.get(r)
+            if entry is None:
+                continue
             entry[0] -= 1
             if entry[0] == 0:
                 for handle in entry[1]:
                     handle.remove()
-                del _ROOTS[root]
+                del _ROOTS[r]
+        routed.clear(), marked.clear(), rooted.clear()
 
     try:
         for m in modules:
             _route_module(m)
-            routed.append(m)
+            routed.append(weakref.ref(m))
         for f in foreign:
             _mark_foreign(f)
-            marked.append(f)
+            marked.append(weakref.ref(f))
         entry = _ROOTS.get(root)
         if entry is None:
             _ROOTS[root] = entry = [0, [root.register_forward_pre_hook(_root_pre_hook),
                                         root.register_forward_hook(_root_post_hook)]]
         entry[0] += 1
-        rooted = True
+        rooted.append(weakref.ref(root))
     except BaseException:
         restore()
         raise

@@ -52,7 +52,10 @@ def choose(call: AttentionCall, mods: Mods, name: str = "auto") -> Kernel:
         if kernel is None:
             raise ValueError(f"no attention kernel {name!r}; kernels: {', '.join(KERNELS)}")
         if not kernel.supports(call, mods, True):
-            raise ValueError(f"the {name} kernel cannot run this call ({call.site}); use kernel='auto'")
+            able = [k.name for k in KERNELS.values() if k.name != name and k.supports(call, mods, True)]
+            raise ValueError(f"the {name} kernel cannot run this call ({call.site}"
+                             f"{', with score/mask modifiers' if mods else ''}); "
+                             f"kernels that can: {', '.join(able)} (or kernel='auto')")
         return kernel
     for kernel in KERNELS.values():
         if kernel.supports(call, mods, False):

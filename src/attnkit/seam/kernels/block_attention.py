@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as checkpointed
 
 from attnkit.seam.kernels.blocks import BlockGeometry
+from attnkit.seam.kernels.modifiers import apply_mods
 
 
 @dataclass
@@ -184,13 +185,11 @@ def _chunk(
         keep = keep & x.allowed[b_i, h_i, r_i, k_i]
     if x.bias is not None:
         scores = scores + x.bias[b_i, h_i, r_i, k_i].to(compute)
-    if x.mods is not None:
+    if x.mods is not None:  # evaluated as FlexAttention defines them; a score modifier's -inf hides the key
         q_i = q_pos.view(1, 1, n, 1, rb, 1)
-        for mod in x.mods.score:
-            scores = mod(scores, b_i, h_i, q_i, k_i)
-        for mod in x.mods.mask:
-            keep = keep & mod(b_i, h_i, q_i, k_i)
-        may_be_empty = may_be_empty or bool(x.mods.mask)
+        scores, extra = apply_mods(x.mods, scores, b_i, h_i, q_i, k_i)
+        if extra is not None:
+            keep, may_be_empty = keep & extra, True
     if block_bias is not None:  # the gate's log-prob of each kept block, on all its scores
         scores = (scores.view(B, Hk, n, G, rb, S, bs) + block_bias.to(compute).view(B, Hk, n, 1, 1, S, 1)).view_as(scores)
     # In place where autograd keeps nothing of ``scores`` (matmul, add and scalar mul save their

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from attnkit.seam.kernels.modifiers import apply_mods
+
 if TYPE_CHECKING:  # kernels are imported by the seam: no import back at run time
     from attnkit.seam.call import AttentionCall
     from attnkit.seam.plan import Mods
@@ -60,6 +62,8 @@ def chunk_logits(
     q: (B, h, R, D) the chunk's queries; k: (B, h, K', D) keys (a prefix of the call's keys is
     allowed); positions: (R,) each row's position among the keys; allowed / bias: the chunk's
     rows of the call's mask and bias (None = none); raw: q @ kᵀ when the caller has it already.
+    Modifiers are evaluated as FlexAttention defines them (``kernels.modifiers``); a key a score
+    modifier sends to -inf is not allowed, as one a mask modifier hides.
     Returns (logits (B, h, R, K'), allowed (bool, broadcastable to it)).
     """
     if raw is None:
@@ -71,12 +75,9 @@ def chunk_logits(
         logits = logits + bias.float()
     B, H, R, K = logits.shape
     if mods:
-        b, h, qi, kv = index_grids(B, H, positions, K)
-        for mod in mods.score:
-            logits = mod(logits, b, h, qi, kv)
-        for mask_mod in mods.mask:
-            extra = mask_mod(b, h, qi, kv)
-            allowed = extra if allowed is None else allowed & extra
+        logits, keep = apply_mods(mods, logits, *index_grids(B, H, positions, K))
+        if keep is not None:
+            allowed = keep if allowed is None else allowed & keep
     if allowed is None:
         allowed = torch.ones(1, 1, 1, K, dtype=torch.bool, device=logits.device)
     elif not bool(allowed.all()):
@@ -85,7 +86,8 @@ def chunk_logits(
 
 
 def softmax_rows(logits: Tensor, allowed: Tensor, sinks: Tensor | None) -> Tensor:
-    """Softmax over each row's visible keys; rows that see nothing are all zero.
+    """Softmax over each row's visible keys; rows that see nothing (empty rows) are all zero,
+    with a zero gradient, as in FlexAttention.
 
     sinks: learned sink logits, (B|1, h, R|1, 1) (one per head, or per head and row): a key
     without a value in every row's denominator.
@@ -94,11 +96,13 @@ def softmax_rows(logits: Tensor, allowed: Tensor, sinks: Tensor | None) -> Tenso
         B, H, R, _ = logits.shape
         sink = sinks.float().expand(B, H, R, 1)
         return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-    probs = torch.softmax(logits, dim=-1)
     sees = allowed.any(-1, keepdim=True)
-    if not bool(sees.all()):
-        probs = torch.where(sees, probs, 0.0)
-    return probs
+    if bool(sees.all()):
+        return torch.softmax(logits, dim=-1)
+    # An empty row's logits are all -inf: its softmax (and that softmax's backward) is NaN, so it
+    # takes the softmax of zeros instead, whose backward is finite, and gives zeros.
+    probs = torch.softmax(torch.where(sees, logits, 0.0), dim=-1)
+    return torch.where(sees, probs, 0.0)
 
 
 def row_chunks(query_length: int, per_row: int, chunk_elements: int, device: torch.device) -> Iterator[Tensor]:

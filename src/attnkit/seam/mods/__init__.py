@@ -1,4 +1,6 @@
-"""Score modifiers in FlexAttention's signature: ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
+"""Modifiers of the attention call: score modifiers here and in ``score/``, mask modifiers in ``mask/``.
+
+Score modifiers have FlexAttention's signature: ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
 
 Each is a plain function of tensors (attention-gym style, one small file each) that runs the
 same way on a whole (B, H, R, K) block of logits with broadcast index tensors (attnkit's dense
@@ -43,9 +45,9 @@ def local_pattern(window: int) -> dict[str, list]:
 
 
 PATTERNS: dict[str, dict[str, list]] = {
-    # every visible key gets 1/n: attention as plain averaging (seed 002's "beta = 1/N")
+    # every visible key gets 1/n: attention as plain averaging (beta = 1/N)
     "uniform": {"score_mods": [constant_scores]},
-    # uniform over the visible keys within 5 positions of the query (seed 002: |i-j| <= 5)
+    # uniform over the visible keys within 5 positions of the query (|i - j| <= 5)
     "local": local_pattern(5),
     # all mass on the first visible key: the pure attention-sink pattern
     "first_token": {"score_mods": [first_visible_key]},
