@@ -7,7 +7,7 @@ pipe nor a report ever holds it. It is drawn only when stderr is a terminal: in 
 
     with ProgressBar("perplexity", total=len(blocks), unit="blocks") as bar:
         bar.advance(n)
-    with step_progress("validating", VALIDATE_STEPS) as update:   # update(done, total, key)
+    with step_progress("validating", STEP_LABELS) as update:   # update(done, total, key)
         validate(..., on_progress=update)
 """
 
@@ -21,22 +21,6 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 from rich.status import Status
 from rich.text import Text
-
-# What each step of ``attnkit.validate.validate`` is doing, as a person would say it.
-# Short enough (<= 24 characters) that the bar still fits an 80-column terminal.
-VALIDATE_STEPS = {
-    "capture": "capturing attention maps",
-    "sanity": "sanity checks",
-    "positional": "positional patterns",
-    "tokens": "token-level patterns",
-    "statistics": "statistical tests",
-    "heads": "per-head analysis",
-    "query_variation": "query-side variation",
-    "diversity": "diversity correlation",
-    "gradients": "gradient flow (backward)",
-    "ablation": "ablation study",
-    "done": "writing the report",
-}
 
 
 class ProgressBar:
