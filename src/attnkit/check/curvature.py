@@ -18,7 +18,7 @@ from attnkit.check.dtypes import FloatFormat
 from attnkit.check.estimate import LogitEstimate
 from attnkit.check.gaussian import expected_range
 
-SEED_TARGET_ERROR = 1e-6  # the seed's target accuracy in its precision formula
+TARGET_ERROR = 1e-6  # the accuracy the precision formula aims at
 
 
 @dataclass(frozen=True)
@@ -44,5 +44,5 @@ def curvature(est: LogitEstimate, head_dim: int) -> Curvature:
         full_row_range = min(full_row_range, 2 * est.bound)
     norms = math.sqrt(head_dim) * est.sigma_raw * est.scale  # ||q|| ||k|| * scale (scale = 1/sqrt(d) by default)
     log10_kappa = (math.log10(norms) if norms > 0 else -math.inf) + 2 * full_row_range / math.log(10)
-    bits = log10_kappa * math.log2(10) + 2 * math.log2(max(est.seq_len, 1)) + math.log2(1 / SEED_TARGET_ERROR)
+    bits = log10_kappa * math.log2(10) + 2 * math.log2(max(est.seq_len, 1)) + math.log2(1 / TARGET_ERROR)
     return Curvature(log10_kappa, bits, full_row_range)

@@ -34,7 +34,7 @@ def _print_checks(console: Console, title: str, checks: list[LayerCheck]) -> Non
         console.print(f"  {e.layers} {e.layer_type.replace('_', ' ')} layer{'s' if e.layers != 1 else ''} "
                       f"({e.keys_seen:,} keys a row): logit std {e.sigma_logit:.3g}, row max {e.row_max:.3g}, "
                       f"largest logit {e.model_max:.3g} (99 %: {e.model_max_high:.3g}), |q.k| before scaling "
-                      f"{e.raw_absmax:,.4g}, seed κ 10^{c.curvature.log10_kappa:.1f}", highlight=False)
+                      f"{e.raw_absmax:,.4g}, curvature κ 10^{c.curvature.log10_kappa:.1f}", highlight=False)
         verdicts = " · ".join(f"{d} {_status(c.verdicts[d].status)}" for d in ("fp16", "bf16", "fp32"))
         console.print(f"    {verdicts}; survives weight growth {_growth(c.max_growth['fp16'])} in fp16, "
                       f"{_growth(c.max_growth['bf16'])} in bf16", highlight=False)

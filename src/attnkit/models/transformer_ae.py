@@ -81,7 +81,7 @@ class AEConfig:
     n_layer: int = 2
     d_ff: int = 256
     dropout: float = 0.0
-    norm_first: bool = False  # False: post-norm, as nn.TransformerEncoderLayer's default (the seed's encoder)
+    norm_first: bool = False  # False: post-norm, as nn.TransformerEncoderLayer's default (the collapse study's encoder)
     embed_norm: bool = False  # LayerNorm the token embeddings before the first block
 
 

@@ -4,7 +4,7 @@ For each sequence length, pattern and density, on held-out text (the built-in KJ
 cut into non-overlapping windows), against the same model with its own dense attention:
 
 - ``kl``: next-token KL(P_dense ‖ P_sparse), mean over positions (nats);
-- ``perplexity`` (and its ratio to dense), ``top1_accuracy`` (its ratio to dense: the seed's "95 %
+- ``perplexity`` (and its ratio to dense), ``top1_accuracy`` (its ratio to dense: the target "95 %
   of baseline accuracy") and ``top1_agreement`` (same most likely next token as dense);
 - ``prob_mse``: the attention-probability error of each sparse call against dense attention *on
   the same queries and keys* (the error the pattern makes where it stands, not compounded through
@@ -16,13 +16,13 @@ cut into non-overlapping windows), against the same model with its own dense att
   (next-token cross-entropy on the window) with respect to that layer's attention parameters
   (its q/k/v/o projections: every parameter of the attention module the seam reports for the
   site) under dense and under sparse attention; ``grad_cosine_min`` over layers is what the
-  seed's "≥ 0.95 between dense and sparse attention layers" is checked on.
+  target "≥ 0.95 between dense and sparse attention layers" is checked on.
 
 On an encoder (MiniLM): the attention replaced with no fine-tuning, bidirectional (no causal
 restriction: a query block may keep any key block), and the cosine between the dense and sparse
 mean-pooled sentence embeddings of held-out passages (padding included).
 
-``TARGETS`` are the seed's fidelity targets; ``smallest_densities`` finds, per pattern and
+``TARGETS`` are the fidelity targets sparse attention is held to; ``smallest_densities`` finds, per pattern and
 length, the smallest density at which each holds (at it and every larger density measured).
 """
 
@@ -55,7 +55,7 @@ SCHEMA = "attnkit.sparse.eval/1"
 
 @dataclass(frozen=True)
 class Target:
-    """One of the seed's fidelity targets: ``metric`` of a result, and whether a value meets it."""
+    """One of the fidelity targets: ``metric`` of a result, and whether a value meets it."""
 
     name: str
     metric: str

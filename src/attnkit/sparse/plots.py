@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from attnkit.common.io import write_atomic
 
-# (result key, axis label, log scale, the seed's target line or None)
+# (result key, axis label, log scale, the fidelity target's line or None)
 PANELS = (
     ("kl", "next-token KL(dense ‖ sparse), nats", True, 1e-3),
     ("perplexity_ratio", "perplexity / dense perplexity", False, None),
@@ -36,7 +36,7 @@ def density_curves_png(results: Sequence[dict], seq_len: int, title: str = "") -
             ax.plot(xs, [max(y, 1e-12) for y in ys] if log else ys, marker="o",
                     linewidth=2.4 if pattern == "learned_gate" else 1.4, label=pattern)
         if target is not None:
-            ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="seed target")
+            ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
         ax.set_xscale("log", base=2)
         if log:
             ax.set_yscale("log")

@@ -1,7 +1,7 @@
 """Where the learnable similarities compare distributions: the vocabulary, or the model's embedding space.
 
-A learnable map on raw distributions costs V x r parameters per matrix (150k x 128 = 19.2M); the
-seed's full-rank Luong W would be V^2 = 22.5B. Projecting first through the model's own input
+A learnable map on raw distributions costs V x r parameters per matrix (150k x 128 = 19.2M); a
+full-rank Luong W would be V^2 = 22.5B. Projecting first through the model's own input
 embedding E (V, d) -- q = p E, the path's *expected* next embedding -- makes every learnable matrix
 d x r instead (2048 x 128 = 262k for a 3B Qwen), and E is borrowed, not copied: it is held outside
 the module's parameters and state dict (it belongs to the model) and used detached, as a fixed basis.

@@ -2,7 +2,7 @@
 
 q is the distribution itself (``basis="vocab"``: U, V are V x r) or the path's expected embedding
 p E (pass ``embedding=``: U, V are d x r). Parameters: 2 r V on the vocabulary (38.4M at V = 150k,
-r = 128), 2 r d through the embedding (524k at d = 2048, r = 128); the seed's full-rank W was V^2.
+r = 128), 2 r d through the embedding (524k at d = 2048, r = 128); a full-rank W would be V^2.
 U and V start equal, U = V ~ N(0, 1/r), so S starts as a random-projection estimate of q_i·q_j
 (the raw dot product on the vocabulary) and learns from there.
 

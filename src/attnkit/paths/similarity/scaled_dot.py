@@ -4,7 +4,7 @@
     >>> ScaledDot()(torch.tensor([[1.0, 0.0], [0.6, 0.8]]))[0, 1]   # 0.6 / sqrt(2)
     tensor(0.4243)
 
-As the seed defines it. Note what it does at scale: S <= 1/sqrt(V) (0.0026 at V = 150k), so with
+As multi-path decoding (M3PO) defines it. Note what it does at scale: S <= 1/sqrt(V) (0.0026 at V = 150k), so with
 T = 0.1 the softmax sees logits within 0.026 of each other and the weights are uniform to 2.6 %:
 this variant is close to "average the other paths' tokens" on large vocabularies.
 """
