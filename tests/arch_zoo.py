@@ -486,37 +486,33 @@ VERSION_DEPENDENT: list[Arch] = [
 ]
 
 
-def dispatches(model) -> bool:
+class _Dispatched(Exception):
+    pass
+
+
+def _stop(*_args, **_kwargs):
+    raise _Dispatched
+
+
+def dispatches(model, inputs: dict) -> bool:
     """Whether the installed transformers routes ``model``'s attention through AttentionInterface:
-    one forward with a counting attention function registered under a name of its own (the
-    model's eager kernel does the work), independent of how attnkit finds attention."""
+    one forward with a function of its own registered there, which stops the forward at its first
+    call. Independent of how attnkit finds attention; the model is switched back afterwards."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    calls = []
-
-    def counting(module, *args, **kwargs):
-        calls.append(type(module).__name__)
-        return sdpa_attention_forward(module, *args, **kwargs)
-
-    AttentionInterface.register("zoo_probe", counting)
+    AttentionInterface.register("zoo_probe", _stop)
     AttentionMaskInterface.register("zoo_probe", ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"])
     previous = model.config._attn_implementation
-    try:
-        model.set_attn_implementation("zoo_probe")
-    except (ValueError, AttributeError, NotImplementedError):  # a model that cannot switch does not dispatch
-        return False
+    model.set_attn_implementation("zoo_probe")  # a model that cannot switch keeps its own attention
     try:
         with torch.no_grad():
-            model(**make_inputs(_input_kind(model), model.config))
+            model(**inputs)
+    except _Dispatched:
+        return True
     finally:
         model.set_attn_implementation(previous)
-    return bool(calls)
-
-
-def _input_kind(model) -> str:
-    return "pixels" if model.main_input_name == "pixel_values" else "text"
+    return False
 
 
 # Left out of ZOO, with the reason (README lists them too).

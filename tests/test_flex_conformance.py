@@ -8,10 +8,15 @@ sliding windows, rows every key of which is masked, rows a score modifier sends 
 Two oracles: PyTorch's own ``flex_attention`` (forward; it has no CPU backward) and a float64
 reference written here that calls each modifier once per element with 0-d index tensors, as
 FlexAttention defines it, and takes a softmax in which a row with no finite score is zero
-(forward and backward). Each kernel that evaluates modifiers (dense, flex, the portable
-block-sparse kernel at density 1) is checked at the kernel level, on a call without a cache
-(queries = keys, bidirectional) and with one (3 queries at the end of 8 keys, causal), and
-through the seam on a float64 GPT-2, with and without a KV cache.
+(forward and backward); the reference is checked against PyTorch on every case.
+
+At the kernel level, on a call without a cache (queries = keys, bidirectional) and with one
+(3 queries at the end of 8 keys, causal): the dense kernel and the portable block-sparse kernel
+(density 1: every block) forward and backward against the reference, attnkit's flex kernel and
+PyTorch's flex_attention forward (on the call with a cache: each eager flex call traces the
+modifiers, ~0.3 s). Through the seam on a float64 GPT-2, with and without a KV cache: the same
+kernels against the reference run as a kernel of the registry. ``native`` and ``sdpa`` run no
+modifiers (a temperature folds into their scale): asked for, they name the kernels that can.
 """
 
 from __future__ import annotations
@@ -115,6 +120,10 @@ def trig2(score, b, h, q_idx, kv_idx):
 
 def leaky(score, b, h, q_idx, kv_idx):
     return torch.where(score > 0, score * 2, score / 2)
+
+
+def minus_own_max(score, b, h, q_idx, kv_idx):  # per element the max of a 0-d score is itself: 0
+    return score - score.amax()
 
 
 def causal_score(score, b, h, q_idx, kv_idx):
@@ -229,6 +238,7 @@ CASES: dict[str, tuple[tuple, tuple]] = {
     "trig": ((trig,), ()),
     "trig2": ((trig2,), ()),
     "leaky": ((leaky,), ()),
+    "minus_own_max": ((minus_own_max,), ()),  # a broadcast call runs but means something else
     "causal_score": ((causal_score,), ()),
     "relative_causal": ((relative_causal,), ()),
     "window_score": ((window_score,), ()),
@@ -267,7 +277,8 @@ CASES: dict[str, tuple[tuple, tuple]] = {
 CHAINED = ["bias_chained", "bias_bhq_chained", "table_chained", "x0_chained", "document_chained",
            "padding_chained", "chained+rows_to_neg_inf+window"]
 EMPTIED_BY_SCORE = ["rows_to_neg_inf", "head_to_neg_inf", "batch_rows_to_neg_inf"]
-# A few of every kind, also through FlexAttention on the whole model (each flex call costs ~0.1 s eagerly).
+# A few, also through attnkit's flex kernel on the whole model (each eager flex call traces the
+# modifiers, ~0.3 s; the kernel level runs the flex kernel on every case).
 MODEL_FLEX = ["x0_chained", "rows_all_masked", "chained+rows_to_neg_inf+window"]
 
 # kernel-level calls: (queries, keys, causal)
@@ -405,6 +416,41 @@ def test_empty_rows_are_zero_with_zero_gradient(case):
         k.grad = v.grad = None
 
 
+@pytest.mark.parametrize("kind", ["broadcast", "chained"])
+def test_the_call_that_decides_how_a_modifier_runs_has_its_gradient(kind):
+    """A modifier met for the first time is tried on the grids before its evaluation is chosen;
+    that call's output, gradient and checkpoint recompute are those of every later call."""
+    offsets = _table(H)  # a fresh closure each run: no decision cached for it yet
+    if kind == "broadcast":
+        def fresh(score, b, h, q_idx, kv_idx):
+            return torch.where(q_idx % 3 == 1, NEG_INF, score * offsets[h])
+    else:
+        def fresh(score, b, h, q_idx, kv_idx):
+            return torch.where(q_idx % 3 == 1, NEG_INF, score + BIAS_BHQ[b][h][q_idx] * offsets[h])
+    q, k, v = _qkv("no_cache", requires_grad=True)
+    ref = reference_attention(q, k, v, (fresh,), (), scale=D**-0.5)
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for _ in range(2):  # the first call decides, the second finds the decision
+        out = _run_kernel("dense", q, k, v, (fresh,), (), False)  # checkpointed chunks: grads are on
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+        for got, w in zip(torch.autograd.grad(out.sum(), (q, k, v)), want):
+            torch.testing.assert_close(got, w, atol=5e-5, rtol=1e-4)
+
+
+def test_per_element_evaluation_in_slices_equals_one_piece(monkeypatch):
+    from attnkit.kernels import modifiers
+
+    score = _table(B, H, 5, 8)
+    grids = (torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
+             torch.arange(3, 8).view(1, 1, -1, 1), torch.arange(8).view(1, 1, 1, -1))
+    whole = modifiers.elementwise(bias_chained, (score, *grids), score.shape)
+    mask = modifiers.elementwise(document_chained, grids, score.shape)
+    torch.testing.assert_close(whole, score + BIAS_BHQK[:B, :H, 3:8, :8])
+    monkeypatch.setattr(modifiers, "ELEMENT_CHUNK", 16)  # slices of 16 elements at most
+    torch.testing.assert_close(modifiers.elementwise(bias_chained, (score, *grids), score.shape), whole)
+    assert torch.equal(modifiers.elementwise(document_chained, grids, score.shape), mask)
+
+
 # --- through the seam, on a float64 GPT-2 -----------------------------------------------------
 def _reference_kernel(call, mods, chunk_elements):
     return reference_attention(call.query, call.key, call.value, mods.score, mods.mask, scale=call.scale,
@@ -505,6 +551,8 @@ def test_a_kernel_that_cannot_run_the_modifiers_names_the_ones_that_can():
 
 
 def test_a_modifier_no_evaluation_can_run_gets_a_one_line_error():
+    from attnkit.kernels.modifiers import ModifierError
+
     def python_branch(score, b, h, q_idx, kv_idx):  # data-dependent control flow: FlexAttention refuses it too
         return score * 2 if q_idx > 3 else score
 

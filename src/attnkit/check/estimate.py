@@ -36,9 +36,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
-from attnkit.check.gaussian import expected_max, quantile_max
+from attnkit.check.gaussian import expected_max, normal_isf, quantile_max
 from attnkit.check.shape import AttentionShape, LayerType
 from attnkit.common.findings import threshold
+from attnkit.errors import UserError
+from attnkit.seam.layouts import qk_layout
 
 HIGH_QUANTILE = threshold("high_quantile")  # the "high" estimate: the largest logit stays below it with 99 % probability
 
@@ -145,8 +147,6 @@ def _level(moments: list[HeadMoments], n_each: float, expected_count: float, two
         if not two_sided or mean == 0:
             tail = expected_count / (count * n_each * (2 if two_sided else 1))
             if tail < 0.5:
-                from attnkit.check.gaussian import normal_isf
-
                 return abs(mean) + sigma * normal_isf(tail)
 
     def above(m: float) -> float:
@@ -258,9 +258,6 @@ def moments_from_weights(model) -> dict[int, list[HeadMoments]]:
     attention modules it does not know gives {} (the check then uses the config alone).
     """
     import torch
-
-    from attnkit.seam.layouts import qk_layout
-    from attnkit.errors import UserError
 
     found: dict[int, list[HeadMoments]] = {}
     layer = 0

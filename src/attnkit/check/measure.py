@@ -15,7 +15,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from attnkit.check.estimate import LogitEstimate
+from attnkit.common.data import load_corpus
+from attnkit.common.data.blocks import encode_documents
 from attnkit.common.findings import threshold
+from attnkit.seam import AttentionSession, StatsCollector, observe_forward
 
 AGREEMENT_FACTOR = threshold("agreement_factor")  # either way; why 2.5: attnkit.common.findings.THRESHOLDS
 MEASURE_TEXT_SPLIT = "test"  # KJV chapters the reference model never trained on
@@ -61,9 +64,6 @@ def _agrees(predicted: float, measured: float, factor: float) -> bool:
 
 def sample_ids(tokenizer, seq_len: int) -> torch.Tensor:
     """(1, seq_len) token ids from the KJV test split (fewer if the split is shorter)."""
-    from attnkit.common.data import load_corpus
-    from attnkit.common.data.blocks import encode_documents
-
     docs = load_corpus("kjv").split(MEASURE_TEXT_SPLIT)
     ids: list[torch.Tensor] = []
     total = 0
@@ -79,8 +79,6 @@ def sample_ids(tokenizer, seq_len: int) -> torch.Tensor:
 def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: float = AGREEMENT_FACTOR) -> Measurement:
     """One forward of ``model`` on ``seq_len`` KJV tokens through the seam; compare with ``estimate_``
     (which must have been made from this model's weights, at this length)."""
-    from attnkit.seam import AttentionSession, StatsCollector, observe_forward
-
     ids = sample_ids(tokenizer, seq_len)
     collector = StatsCollector()
     session = AttentionSession(taps=[collector])

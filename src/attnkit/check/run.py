@@ -17,9 +17,11 @@ from attnkit.check.recommend import Recommendation, max_safe_growth, recommend
 from attnkit.check.regions import RegionSweep, sweep
 from attnkit.check.safety import Verdict, judge, worst
 from attnkit.check.shape import AttentionShape, read_shape
+from attnkit.common.loading.hub import hub_offline_reason
+from attnkit.common.loading.registry import BUILTIN_MODELS, load_model, resolve_model_path
 from attnkit.errors import UserError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 DEFAULT_SEQ_LEN = 2048  # when neither --seq-len nor the config's maximum positions say
 
 
@@ -159,7 +161,6 @@ def resolve_source(config_or_model) -> Source:
             return Source(type(config_or_model).__name__, config, model=config_or_model)
         return Source(type(config_or_model).__name__, config_or_model)
     name = str(config_or_model)
-    from attnkit.common.loading.registry import BUILTIN_MODELS, resolve_model_path
 
     path = Path(resolve_model_path(name)).expanduser() if name in BUILTIN_MODELS else Path(name).expanduser()
     if path.is_file():
@@ -175,9 +176,6 @@ def resolve_source(config_or_model) -> Source:
 
 
 def _hub_source(name: str) -> Source:
-    from attnkit.common.loading.hub import hub_offline_reason
-    from attnkit.common.loading.registry import BUILTIN_MODELS
-
     offline = hub_offline_reason()
     try:
         from transformers import AutoConfig
@@ -321,13 +319,10 @@ def _load(source: Source, need_tokenizer: bool):
     if source.model_dir is None:
         raise UserError(f"{source.name} has no weights (no model.safetensors or pytorch_model.bin): "
                         f"--measure needs a model directory or a built-in model")
-    from attnkit.common.loading.registry import load_model
 
     loaded = load_model(source.model_dir if source.name not in _builtin_names() else source.name)
     return loaded.model, loaded.tokenizer
 
 
 def _builtin_names():
-    from attnkit.common.loading.registry import BUILTIN_MODELS
-
     return BUILTIN_MODELS

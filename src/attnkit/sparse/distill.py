@@ -34,14 +34,16 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from attnkit.common.data import encode_documents, load_corpus, random_blocks
 from attnkit.errors import UserError
 from attnkit.metrics.fidelity import distill_kl
 from attnkit.common.io import write_atomic
-from attnkit.seam import attach
+from attnkit.seam import AttentionSession, attach, observe_forward
 from attnkit.seam.sites import Site
 from attnkit.sparse.attention import sparse_attention
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates, make_gates
+from attnkit.sparse.io import WEIGHTS, load_gates, save_gates
 from attnkit.sparse.patterns import get_pattern
 from attnkit.sparse.targets import PooledMapTarget, map_loss
 from attnkit.seam.taps import Tap
@@ -113,8 +115,6 @@ class _Modules(Tap):
 
 def attention_modules(model: nn.Module) -> dict[Site, nn.Module]:
     """{site: the attention module of that call}, asked of the seam (a two-token probe, in eval mode)."""
-    from attnkit.seam import AttentionSession, observe_forward
-
     tap = _Modules()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     observe_forward(model, AttentionSession(taps=[tap]), input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
@@ -185,8 +185,6 @@ def _step(module: nn.Module, ids: Tensor) -> StepOutput:
 
 def training_tokens(tokenizer, settings: DistillSettings) -> Tensor:
     """The corpus split as one token stream (documents joined by the end-of-text token)."""
-    from attnkit.common.data import encode_documents, load_corpus
-
     ids = encode_documents(tokenizer, load_corpus(settings.corpus).split(settings.split))
     if ids.numel() <= settings.seq_len:
         raise UserError(f"the {settings.corpus} {settings.split} split has {ids.numel()} tokens, "
@@ -217,7 +215,6 @@ def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSet
     gates = _seeded_gates(model, cfg, train_cfg.seed)  # every run starts from the same gates
     if gates is not None:
         GATE_INITS[settings.gate_init](gates)
-    from attnkit.common.data import random_blocks
 
     def batch_fn(step: int, generator: torch.Generator) -> Tensor:
         return random_blocks(ids, settings.seq_len, settings.batch_size, generator).to(device)
@@ -256,8 +253,6 @@ def save_trained(out: Path, cfg: SparseConfig, settings: DistillSettings, train_
                  result: TrainResult, gates: SparseGates | None, model: nn.Module | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if gates is not None:
-        from attnkit.sparse.io import save_gates
-
         save_gates(gates, cfg, out)
     if model is not None:
         params = {f"{i}.{n}": p for i, (site, m) in enumerate(sorted(attention_modules(model).items()))
@@ -280,8 +275,6 @@ def load_trained(model: nn.Module, directory: str | Path, density: float | None 
     """The config and gates ``distill`` wrote to ``directory``, made for ``model`` (a density may be
     given to run the trained gates at another density). With trained projections they are loaded
     into ``model``'s attention modules: pass a copy to keep the base model."""
-    from attnkit.sparse.io import WEIGHTS, load_gates
-
     d = Path(directory)
     if not (d / SUMMARY_FILE).exists():
         raise UserError(f"{directory} is not a directory that attnkit sparse train wrote (no {SUMMARY_FILE})")

@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.common.data import encode_documents, load_corpus
 from attnkit.errors import UserError
+from attnkit.seam.kernels.blocks import BlockGeometry
 from attnkit.seam.kernels.dense import chunk_logits, rows_of
 from attnkit.metrics.fidelity import (ProbError, cosine, mean_pool, next_token_kl, perplexity, restricted_softmax,
                                       row_cosines, smallest_density, top1_accuracy, top1_agreement)
@@ -45,8 +47,9 @@ from attnkit.seam import AttentionSession, attach
 from attnkit.seam.call import AttentionCall
 from attnkit.seam.plan import Mods
 from attnkit.seam.sites import Site
-from attnkit.sparse.attention import SparseHandle, sparse_attention
+from attnkit.sparse.attention import SparseHandle, is_causal_call, sparse_attention
 from attnkit.sparse.config import SparseConfig
+from attnkit.sparse.distill import PROJECTIONS_FILE, SUMMARY_FILE, attention_modules, load_trained
 from attnkit.sparse.gates import SparseGates
 from attnkit.seam.taps import Tap
 
@@ -140,9 +143,6 @@ class ProbErrorTap(Tap):
         return err
 
     def handle_geometry(self, call: AttentionCall):
-        from attnkit.sparse.attention import is_causal_call
-        from attnkit.seam.kernels.blocks import BlockGeometry
-
         return BlockGeometry(self.handle.cfg.block_size, call.query_length, call.key_length, is_causal_call(call),
                              call.query.device)
 
@@ -150,8 +150,6 @@ class ProbErrorTap(Tap):
 # --- gradients of the attention layers --------------------------------------------------------
 
 def attention_parameters(model: nn.Module) -> dict[Site, list[nn.Parameter]]:
-    from attnkit.sparse.distill import attention_modules
-
     return {site: list(m.parameters()) for site, m in sorted(attention_modules(model).items())}
 
 
@@ -300,8 +298,6 @@ def embedding_fidelity(model: nn.Module, batch: dict, cfg: SparseConfig) -> dict
 def eval_windows(tokenizer, seq_len: int, tokens: int, corpus: str = "kjv", split: str = "test",
                  stream: Tensor | None = None) -> Tensor:
     """(N, seq_len) non-overlapping windows from the start of the held-out split, N = tokens // seq_len (>= 1)."""
-    from attnkit.common.data import encode_documents, load_corpus
-
     ids = stream if stream is not None else encode_documents(tokenizer, load_corpus(corpus).split(split))
     n = max(1, tokens // seq_len)
     if ids.numel() < n * seq_len:
@@ -340,7 +336,6 @@ def _learned_for(model: nn.Module, plan: EvalPlan, density: float):
     import json
     from pathlib import Path
 
-    from attnkit.sparse.distill import PROJECTIONS_FILE, SUMMARY_FILE, load_trained
 
     def trained_density(d: str) -> float:
         try:
@@ -367,7 +362,6 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
     if kind == "encoder":
         doc["embedding"] = run_embedding_eval(model, tokenizer, plan, update)
         return doc
-    from attnkit.common.data import encode_documents, load_corpus
 
     stream = encode_documents(tokenizer, load_corpus(plan.corpus).split(plan.split))
     patterns = list(plan.patterns)
@@ -402,8 +396,6 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
 
 
 def embedding_batches(tokenizer, plan: EvalPlan, device) -> list[dict]:
-    from attnkit.common.data import load_corpus
-
     docs = [d for d in load_corpus(plan.corpus).split(plan.split) if d.strip()][: plan.sentences]
     out = []
     for i in range(0, len(docs), 8):

@@ -19,7 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.errors import UserError
+from attnkit.seam import AttentionSession, observe_forward
 from attnkit.seam.sites import Site
+from attnkit.seam.taps import Tap
+from attnkit.sparse.patterns import get_pattern
 
 
 class BlockGate(nn.Module):
@@ -99,9 +102,6 @@ def attention_shapes(model: nn.Module, example: dict | None = None) -> dict[Site
     """{site: (KV heads, query heads per KV head, head dim)} of every attention call of ``model``,
     from one probe forward through the seam (``example``: the forward's keyword arguments;
     default two tokens of ``input_ids``)."""
-    from attnkit.seam import AttentionSession, observe_forward
-    from attnkit.seam.taps import Tap
-
     class _Shapes(Tap):
         wants_call = True
         wants_chunks = False
@@ -124,8 +124,6 @@ def attention_shapes(model: nn.Module, example: dict | None = None) -> dict[Site
 def make_gates(model: nn.Module, cfg, example: dict | None = None) -> SparseGates | None:
     """A ``SparseGates`` for every attention site of ``model`` when ``cfg.pattern`` is learned,
     else None. On the device and in the dtype of the model's first parameter (float32 at least)."""
-    from attnkit.sparse.patterns import get_pattern
-
     if not get_pattern(cfg.pattern).learned:
         return None
     shapes = attention_shapes(model, example)

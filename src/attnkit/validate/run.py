@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from attnkit.common.data import load_corpus
+from attnkit.common.data.bible import kjv_available
+from attnkit.common.default_text import DEFAULT_TEXT
 from attnkit.common.tokenize import max_positions
 from attnkit.errors import UserError
 from attnkit.validate.capture import Captured, build_blocks, capture
@@ -71,13 +74,8 @@ def infer_kind(model: nn.Module) -> str:
 
 def default_documents() -> tuple[list[str], str]:
     """The KJV test split (shipped with attnkit, or Debian's ``bible``), else the built-in passage."""
-    from attnkit.common.data.bible import kjv_available
-
     if kjv_available():
-        from attnkit.common.data import load_corpus
-
         return load_corpus("kjv").split("test"), "kjv [test]"
-    from attnkit.common.default_text import DEFAULT_TEXT
 
     return [DEFAULT_TEXT], "built-in passage"
 

@@ -10,6 +10,9 @@ Each kernel is a registry entry with ``supports(call, mods)`` and ``run(call, mo
   when asked for and without gradients: PyTorch has no CPU backward for it).
 - ``dense``: attnkit's own, any mods, any device, with a backward: query rows in chunks, each
   chunk checkpointed, so training memory stays near SDPA's instead of growing with T².
+
+Kernels that evaluate modifiers themselves do it through ``modifiers`` (FlexAttention's
+per-element semantics; a row left with no visible key is zero, not NaN).
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ def choose(call: AttentionCall, mods: Mods, name: str = "auto") -> Kernel:
             raise ValueError(f"no attention kernel {name!r}; kernels: {', '.join(KERNELS)}")
         if not kernel.supports(call, mods, True):
             able = [k.name for k in KERNELS.values() if k.name != name and k.supports(call, mods, True)]
+            instead = f"kernels that can: {', '.join(able)} (or kernel='auto')" if able else "use kernel='auto'"
             raise ValueError(f"the {name} kernel cannot run this call ({call.site}"
-                             f"{', with score/mask modifiers' if mods else ''}); "
-                             f"kernels that can: {', '.join(able)} (or kernel='auto')")
+                             f"{', with score/mask modifiers' if mods else ''}); {instead}")
         return kernel
     for kernel in KERNELS.values():
         if kernel.supports(call, mods, False):
