@@ -8,6 +8,8 @@ What is normalised, because it changes from run to run and not with the code:
 - the temporary directory the cases write into (``<TMP>``);
 - wall-clock seconds (perplexity's ``"seconds"`` field and its ``(... ; 1.2 s)`` line, validate's
   ``"seconds"`` table and its HTML footer's ``in 1.2 s``);
+- ``"local_files_only"`` in a tokenizer config the gate command saves: transformers records whether
+  the hub was offline when the tokenizer was loaded (read once, when huggingface_hub is imported);
 - PNG bytes, written or inlined as base64 in HTML: checked to be PNGs, not byte for byte (matplotlib's
   bytes vary with its version and fonts, not with attnkit).
 Numbers are compared with a relative tolerance of 1e-5 (``same``): a backward pass on CPU sums in a
@@ -120,6 +122,7 @@ def normalise(text: str, tmp: Path) -> str:
         text = text.replace(t, "<TMP>")
     text = re.sub(r'"seconds": [0-9.eE+-]+', '"seconds": <S>', text)
     text = re.sub(r'"seconds": \{[^{}]*\}', '"seconds": {<S>}', text)
+    text = re.sub(r'"local_files_only": (true|false)', '"local_files_only": <OFFLINE>', text)
     text = re.sub(r"; [0-9]+\.[0-9] s\)", "; <S> s)", text)
     text = re.sub(r" in [0-9]+(\.[0-9]+)? s\. ", " in <S> s. ", text)
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:image/png;base64,<PNG>", text)
