@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from attnkit.analyze.diagnose import Issue, diagnose
+from attnkit.analyze.diagnose import ISSUE_KEYS, diagnose
 from attnkit.analyze.mitigations import Mitigation, find_mitigations
+from attnkit.common.findings import Finding
 from attnkit.errors import UserError
 from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, attach, eval_mode, forward_no_grad
 
@@ -28,7 +29,7 @@ class Analysis:
     tokens: int
     batch: int
     heads: list[dict]
-    issues: list[Issue]
+    issues: list[Finding]
     mitigations: list[Mitigation]
     call_order: list[int]
     sample_rows: int | None = None
@@ -59,7 +60,7 @@ class Analysis:
             "layers": self.layers,
             "mitigations": [m.detail for m in self.mitigations],
             "heads": [_finite(h) for h in self.heads],
-            "issues": [i.to_dict() for i in self.issues],
+            "issues": [i.to_dict(ISSUE_KEYS) for i in self.issues],
             **({"gates": [_finite(g) for g in self.gates]} if self.gates else {}),  # only for a gated model
         }
 

@@ -63,9 +63,9 @@ def render_check(report: CheckReport, console: Console) -> None:
         _print_checks(console, "from the model's own W_q/W_k (inputs taken as isotropic, unit variance)", report.weights)
     for c in report.primary:
         for f in c.verdicts[report.dtype].findings:
-            if f.status in ("marginal", "unsafe", "advice"):
-                style = "yellow" if f.status != "unsafe" else "red"
-                console.print(f"[{style}]{f.status}[/] {f.kind} ({report.dtype}, {c.estimate.layer_type}): {escape(f.message)}",
+            if f.severity in ("marginal", "unsafe", "advice"):
+                style = "yellow" if f.severity != "unsafe" else "red"
+                console.print(f"[{style}]{f.severity}[/] {f.type} ({report.dtype}, {c.estimate.layer_type}): {escape(f.message)}",
                               highlight=False)
     recs = report.recommendations
     fixes = [r for r in recs if r.fixes]

@@ -125,7 +125,7 @@ def _analyze_dataset(args: argparse.Namespace, loaded, layers, heads):
     if args.seq_len is not None and model_max is not None and args.seq_len > model_max:
         raise UserError(f"--seq-len {args.seq_len} is more than the model takes ({model_max} positions)")
     seq_len = args.seq_len if args.seq_len is not None else model_max
-    with step_progress("analysing", {"sequences": "sequences"}, eta=True) as update:
+    with step_progress("analysing", {"sequences": "sequences"}) as update:
         try:
             return analyze_texts(loaded.model, loaded.tokenizer, texts, batch_size=args.batch_size, seq_len=seq_len,
                                  name=args.model, layers=layers, heads=heads, sample_rows=args.sample_rows,

@@ -110,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
                             **model_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
-    from attnkit.common.progress import VALIDATE_STEPS, step_progress
+    from attnkit.common.progress import step_progress
+    from attnkit.validate.render import STEP_LABELS
 
-    with step_progress("validating", VALIDATE_STEPS) as progress:  # on stderr, erased when done
+    with step_progress("validating", STEP_LABELS) as progress:  # on stderr, erased when done
         report = validate(loaded.model, loaded.tokenizer, documents, name=args.model, kind=loaded.kind, options=opts,
                           data_source=source, on_progress=progress)
     from attnkit.validate.render import render_report
