@@ -137,7 +137,7 @@ def _next_steps(a: Analysis, given_json: bool, model_flags: str = "") -> list[tu
     steps.append(("is attention correct and does it help? nine checks and an ablation",
                   f"attnkit validate {model} --html report.html"))
     if not given_json:
-        steps.append(("every statistic of every head (schema in the README)", f"attnkit analyze {model} --json report.json"))
+        steps.append(("every statistic of every head (schema: docs/reference/schemas.md)", f"attnkit analyze {model} --json report.json"))
     return steps
 
 

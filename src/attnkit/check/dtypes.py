@@ -52,7 +52,7 @@ class FloatFormat:
         return 2.0 ** (exponent - self.significant_bits)
 
     def relative_error_bound(self) -> float:
-        """|L| 2^-s: the bound the README states (bf16 2^-8, fp16 2^-11)."""
+        """|L| 2^-s: the bound the check guide states (bf16 2^-8, fp16 2^-11)."""
         return 2.0 ** -self.significant_bits
 
     def logit_error(self, logit: float) -> float:
