@@ -1,0 +1,174 @@
+"""Block-sparse attention whose cost scales with density: SDPA's fused CPU kernel on the gathered blocks.
+
+Every (batch, KV head, query block) keeps some key blocks. Rows keeping the same number ``c`` of
+blocks form a bucket; a bucket is one batched call of PyTorch's fused (flash) CPU attention, its
+batch the bucket's rows, its keys the ``c`` kept blocks gathered side by side:
+
+    queries (m, G, rows, D)  ×  gathered keys (m, 1→G, c·bs, D)   one SDPA call per bucket
+
+so the work is the kept blocks' and nothing else: no padding to the longest row, no T×T anywhere.
+The G query heads of a KV group share one gather (the keys are expanded, not copied). The kept
+blocks of a row are sorted, which puts a causal row's own (diagonal) block last: the only mask is
+the causal triangle of that block (and, for a bidirectional call, the padding of a partial last
+key block), one small additive mask the whole bucket shares.
+
+The backward is written out (``_GatheredAttention``): the forward keeps only q, k, v, the output
+and SDPA's log-sum-exp per row, and the backward gathers the kept blocks again and calls SDPA's
+fused CPU backward per bucket, so training memory is O(T · D) per head like dense SDPA's, not
+O(T · kept keys) (autograd through the gather would keep every bucket's gathered K/V).
+
+What it computes is what ``block_attention.block_sparse_attention`` computes for the calls it
+takes (``gather_sdpa_supports``): no model mask, bias, soft-cap, learned sinks, dropout or other
+modifiers, a gate term only without gradient, and (when causal) every row keeping its own block.
+The others run on the portable kernel.
+
+    out = gather_sdpa_attention(q, k, v, sel.indices, sel.valid, geo, scale=D ** -0.5)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnkit.seam.kernels.blocks import BlockGeometry
+
+
+def sdpa_fused_cpu_available() -> bool:
+    """Whether this PyTorch has SDPA's fused CPU forward and backward with the log-sum-exp."""
+    ops = torch.ops.aten
+    return hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        ops, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+@dataclass
+class _Bucket:
+    """Rows keeping ``c`` blocks, run as one SDPA call."""
+
+    rows: Tensor  # (m,) long: rows among B·Hkv·nQb
+    blocks: Tensor  # (m·c,) long: their kept key blocks among B·Hkv·nKb, sorted per row
+    mask: Tensor | None  # (rows, c·bs) or (m, 1, rows|1, c·bs) additive, or None
+
+
+def gather_sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, valid: Tensor, geo: BlockGeometry, *,
+    scale: float, block_bias: Tensor | None = None,
+) -> Tensor:
+    """(B, H, Q, Dv) attention of q over the kept key blocks (see the module's docstring).
+
+    q: (B, H, Q, D); k: (B, Hkv, K, D); v: (B, Hkv, K, Dv), H a multiple of Hkv.
+    indices: (B, Hkv, nQb, S) long kept key blocks; valid: bool broadcastable to it (valid first).
+    block_bias: (B, Hkv, nQb, S) added to every score of the slot's block, without gradient.
+    Raises ValueError for a selection it cannot run (``gather_sdpa_plan`` returns None).
+    """
+    B, H, Q, D = q.shape
+    Hk, K = k.shape[1], k.shape[2]
+    G, Dv = H // Hk, v.shape[-1]
+    bs, nQ, nK = geo.block_size, geo.n_query_blocks, geo.n_key_blocks
+    buckets = gather_sdpa_plan(indices, valid, geo, q.dtype, block_bias)
+    if buckets is None:
+        raise ValueError("a causal row does not keep its own block, or a row keeps none")
+    # Rows per query block: the block size, or all of the queries when they fit one block (a
+    # decoding step's single query is not padded to a whole block).
+    rows, front = (Q, 0) if nQ == 1 else (bs, geo.front)
+    # one SDPA batch row per (batch, KV head, query block): (B·Hkv·nQb, G, rows, D)
+    qb = F.pad(q, (0, 0, front, nQ * rows - front - Q)).view(B, Hk, G, nQ, rows, D)
+    qb = qb.transpose(2, 3).reshape(B * Hk * nQ, G, rows, D)
+    kb = F.pad(k, (0, 0, 0, geo.padded_keys - K)).reshape(B * Hk * nK, bs, D)  # every key block
+    vb = F.pad(v, (0, 0, 0, geo.padded_keys - K)).reshape(B * Hk * nK, bs, Dv)
+    out = _GatheredAttention.apply(qb, kb, vb, buckets, scale)  # (B·Hkv·nQb, G, rows, Dv)
+    out = out.view(B, Hk, nQ, G, rows, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, H, nQ * rows, Dv)
+    return out[:, :, front: front + Q]
+
+
+def gather_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: torch.dtype,
+                     block_bias: Tensor | None = None) -> list[_Bucket] | None:
+    """The buckets of a selection, or None where this kernel cannot run it (a causal row without
+    its own block, or a row keeping nothing)."""
+    B, Hk, nQ, S = indices.shape
+    bs, nK, K = geo.block_size, geo.n_key_blocks, geo.key_length
+    valid = valid.expand(B, Hk, nQ, S)
+    count = valid.sum(-1).flatten()  # (N,) kept blocks of each row, N = B·Hkv·nQb
+    if not bool((count > 0).all()):
+        return None
+    # sorted kept blocks, the unused slots (numbered nK) last
+    blocks, order = indices.masked_fill(~valid, nK).sort(-1)
+    blocks, order = blocks.reshape(-1, S), order.reshape(-1, S)
+    last = blocks.gather(1, (count - 1)[:, None])[:, 0]  # (N,) each row's last kept block
+    if geo.causal:
+        diagonal = geo.query_block_ids.to(indices.device).repeat(B * Hk)
+        if not bool((last == diagonal).all()):
+            return None
+        key = count * 2
+    else:  # a bidirectional row keeping a partial last key block masks its padding
+        key = count * 2 + ((last == nK - 1) & (K % bs != 0)).long()
+    bias = None
+    if block_bias is not None:
+        bias = block_bias.detach().expand(B, Hk, nQ, S).reshape(-1, S).gather(1, order)
+    head = torch.arange(B * Hk, device=indices.device).repeat_interleave(nQ)[:, None] * nK  # (N, 1)
+    rows = geo.query_length if nQ == 1 else bs
+    shift = geo.front if nQ == 1 else 0  # a lone query block's rows start at the cache's offset
+    buckets = []
+    for kind in key.unique().tolist():
+        c, partial = kind // 2, kind % 2
+        sel = (key == kind).nonzero()[:, 0]  # (m,)
+        mask = None
+        if geo.causal:  # only the diagonal block (the last) is masked: key j seen by row r iff j <= r + shift
+            tri = torch.ones(rows, bs, dtype=torch.bool, device=indices.device).tril(shift)
+            mask = torch.zeros(rows, c * bs, dtype=dtype, device=indices.device)
+            mask[:, -bs:].masked_fill_(~tri, -math.inf)
+        elif partial:
+            mask = torch.zeros(1, c * bs, dtype=dtype, device=indices.device)
+            mask[:, (c - 1) * bs + K % bs:] = -math.inf
+        if bias is not None:  # the gate's term of each kept block, on all of its keys: (m, 1, 1, c·bs)
+            term = bias[sel, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
+            mask = term if mask is None else mask + term
+        buckets.append(_Bucket(sel, (blocks[sel, :c] + head[sel]).flatten(), mask))
+    return buckets
+
+
+class _GatheredAttention(torch.autograd.Function):
+    """Per bucket: gather the kept K/V blocks, SDPA's fused CPU kernel forward; the backward gathers
+    again and runs SDPA's fused CPU backward, scattering the K/V gradients back into the blocks."""
+
+    @staticmethod
+    def forward(ctx, qb: Tensor, kb: Tensor, vb: Tensor, buckets: list[_Bucket], scale: float) -> Tensor:
+        N, G, rows, _ = qb.shape
+        out = qb.new_empty(N, G, rows, vb.shape[-1])
+        lses = []
+        for b in buckets:
+            qg, kg, vg = _gather(qb, kb, vb, b, G)
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qg, kg, vg, 0.0, False, attn_mask=b.mask, scale=scale)
+            out[b.rows] = o
+            lses.append(lse)
+        ctx.save_for_backward(qb, kb, vb, out, *lses)
+        ctx.buckets, ctx.scale = buckets, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        qb, kb, vb, out, *lses = ctx.saved_tensors
+        G = qb.shape[1]
+        dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
+        grad_out = grad_out.contiguous()
+        for b, lse in zip(ctx.buckets, lses):
+            qg, kg, vg = _gather(qb, kb, vb, b, G)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out[b.rows], qg, kg, vg, out[b.rows], lse, 0.0, False, attn_mask=b.mask, scale=ctx.scale)
+            dq[b.rows] = gq
+            # the G heads of a group shared the keys: their gradients add up, then go back to the blocks
+            dk.index_add_(0, b.blocks, gk.sum(1).reshape(-1, *kb.shape[1:]))
+            dv.index_add_(0, b.blocks, gv.sum(1).reshape(-1, *vb.shape[1:]))
+        return dq, dk, dv, None, None
+
+
+def _gather(qb: Tensor, kb: Tensor, vb: Tensor, b: _Bucket, G: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, G, rows, D) queries and (m, G, c·bs, D) keys/values (expanded over the group) of a bucket."""
+    m = b.rows.shape[0]
+    kg = kb.index_select(0, b.blocks).view(m, 1, -1, kb.shape[-1]).expand(-1, G, -1, -1)
+    vg = vb.index_select(0, b.blocks).view(m, 1, -1, vb.shape[-1]).expand(-1, G, -1, -1)
+    return qb[b.rows], kg, vg
