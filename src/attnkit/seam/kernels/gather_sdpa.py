@@ -77,9 +77,9 @@ def gather_sdpa_attention(
     # one SDPA batch row per (batch, KV head, query block): (B·Hkv·nQb, G, rows, D)
     qb = F.pad(q, (0, 0, front, nQ * rows - front - Q)).view(B, Hk, G, nQ, rows, D)
     qb = qb.transpose(2, 3).reshape(B * Hk * nQ, G, rows, D)
-    kb = F.pad(k, (0, 0, 0, geo.padded_keys - K)).reshape(B * Hk * nK, bs, D)  # every key block
-    vb = F.pad(v, (0, 0, 0, geo.padded_keys - K)).reshape(B * Hk * nK, bs, Dv)
-    out = _GatheredAttention.apply(qb, kb, vb, buckets, scale)  # (B·Hkv·nQb, G, rows, Dv)
+    # every key block, keys and values side by side so that one gather fetches both: (B·Hkv·nKb, bs, D + Dv)
+    kvb = F.pad(torch.cat([k, v], -1), (0, 0, 0, geo.padded_keys - K)).reshape(B * Hk * nK, bs, D + Dv)
+    out = _GatheredAttention.apply(qb, kvb, D, buckets, scale)  # (B·Hkv·nQb, G, rows, Dv)
     out = out.view(B, Hk, nQ, G, rows, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, H, nQ * rows, Dv)
     return out[:, :, front: front + Q]
 
@@ -108,25 +108,31 @@ def gather_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: 
     bias = None
     if block_bias is not None:
         bias = block_bias.detach().expand(B, Hk, nQ, S).reshape(-1, S).gather(1, order)
-    head = torch.arange(B * Hk, device=indices.device).repeat_interleave(nQ)[:, None] * nK  # (N, 1)
+    blocks = blocks + torch.arange(B * Hk, device=indices.device).repeat_interleave(nQ)[:, None] * nK  # among B·Hkv·nKb
+    # One mask as wide as the widest bucket; a bucket's is a view of its last c·bs columns.
+    # Causal: only the diagonal block (the last) is masked, key j seen by row r iff j <= r + shift
+    # (a lone query block's rows start at the cache's offset). Bidirectional: a partial last key
+    # block's padding.
     rows = geo.query_length if nQ == 1 else bs
-    shift = geo.front if nQ == 1 else 0  # a lone query block's rows start at the cache's offset
+    shift = geo.front if nQ == 1 else 0
+    width = int(count.max()) * bs
+    if geo.causal:
+        tri = torch.ones(rows, bs, dtype=torch.bool, device=indices.device).tril(shift)
+        full = torch.zeros(rows, width, dtype=dtype, device=indices.device)
+        full[:, -bs:].masked_fill_(~tri, -math.inf)
+    else:
+        full = torch.zeros(1, width, dtype=dtype, device=indices.device)
+        full[:, width - (-K % bs):] = -math.inf
+    order_rows = key.argsort(stable=True)
+    kinds, sizes = key[order_rows].unique_consecutive(return_counts=True)
     buckets = []
-    for kind in key.unique().tolist():
+    for kind, rows_of in zip(kinds.tolist(), order_rows.split(sizes.tolist())):
         c, partial = kind // 2, kind % 2
-        sel = (key == kind).nonzero()[:, 0]  # (m,)
-        mask = None
-        if geo.causal:  # only the diagonal block (the last) is masked: key j seen by row r iff j <= r + shift
-            tri = torch.ones(rows, bs, dtype=torch.bool, device=indices.device).tril(shift)
-            mask = torch.zeros(rows, c * bs, dtype=dtype, device=indices.device)
-            mask[:, -bs:].masked_fill_(~tri, -math.inf)
-        elif partial:
-            mask = torch.zeros(1, c * bs, dtype=dtype, device=indices.device)
-            mask[:, (c - 1) * bs + K % bs:] = -math.inf
+        mask = full[:, width - c * bs:] if geo.causal or partial else None
         if bias is not None:  # the gate's term of each kept block, on all of its keys: (m, 1, 1, c·bs)
-            term = bias[sel, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
+            term = bias[rows_of, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
             mask = term if mask is None else mask + term
-        buckets.append(_Bucket(sel, (blocks[sel, :c] + head[sel]).flatten(), mask))
+        buckets.append(_Bucket(rows_of, blocks[rows_of, :c].flatten(), mask))
     return buckets
 
 
@@ -135,40 +141,39 @@ class _GatheredAttention(torch.autograd.Function):
     again and runs SDPA's fused CPU backward, scattering the K/V gradients back into the blocks."""
 
     @staticmethod
-    def forward(ctx, qb: Tensor, kb: Tensor, vb: Tensor, buckets: list[_Bucket], scale: float) -> Tensor:
+    def forward(ctx, qb: Tensor, kvb: Tensor, D: int, buckets: list[_Bucket], scale: float) -> Tensor:
         N, G, rows, _ = qb.shape
-        out = qb.new_empty(N, G, rows, vb.shape[-1])
+        out = qb.new_empty(N, G, rows, kvb.shape[-1] - D)
         lses = []
         for b in buckets:
-            qg, kg, vg = _gather(qb, kb, vb, b, G)
+            qg, kg, vg = _gather(qb, kvb, D, b, G)
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qg, kg, vg, 0.0, False, attn_mask=b.mask, scale=scale)
             out[b.rows] = o
             lses.append(lse)
-        ctx.save_for_backward(qb, kb, vb, out, *lses)
-        ctx.buckets, ctx.scale = buckets, scale
+        ctx.save_for_backward(qb, kvb, out, *lses)
+        ctx.D, ctx.buckets, ctx.scale = D, buckets, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        qb, kb, vb, out, *lses = ctx.saved_tensors
-        G = qb.shape[1]
-        dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
+        qb, kvb, out, *lses = ctx.saved_tensors
+        G, D = qb.shape[1], ctx.D
+        dq, dkv = torch.zeros_like(qb), torch.zeros_like(kvb)
         grad_out = grad_out.contiguous()
         for b, lse in zip(ctx.buckets, lses):
-            qg, kg, vg = _gather(qb, kb, vb, b, G)
+            qg, kg, vg = _gather(qb, kvb, D, b, G)
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out[b.rows], qg, kg, vg, out[b.rows], lse, 0.0, False, attn_mask=b.mask, scale=ctx.scale)
             dq[b.rows] = gq
             # the G heads of a group shared the keys: their gradients add up, then go back to the blocks
-            dk.index_add_(0, b.blocks, gk.sum(1).reshape(-1, *kb.shape[1:]))
-            dv.index_add_(0, b.blocks, gv.sum(1).reshape(-1, *vb.shape[1:]))
-        return dq, dk, dv, None, None
+            gkv = torch.cat([gk.sum(1), gv.sum(1)], -1)  # (m, c·bs, D + Dv)
+            dkv.index_add_(0, b.blocks, gkv.view(-1, *kvb.shape[1:]))
+        return dq, dkv, None, None, None
 
 
-def _gather(qb: Tensor, kb: Tensor, vb: Tensor, b: _Bucket, G: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(m, G, rows, D) queries and (m, G, c·bs, D) keys/values (expanded over the group) of a bucket."""
+def _gather(qb: Tensor, kvb: Tensor, D: int, b: _Bucket, G: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, G, rows, D) queries and (m, G, c·bs, D|Dv) keys/values (expanded over the group) of a bucket."""
     m = b.rows.shape[0]
-    kg = kb.index_select(0, b.blocks).view(m, 1, -1, kb.shape[-1]).expand(-1, G, -1, -1)
-    vg = vb.index_select(0, b.blocks).view(m, 1, -1, vb.shape[-1]).expand(-1, G, -1, -1)
-    return qb[b.rows], kg, vg
+    kv = kvb.index_select(0, b.blocks).view(m, 1, -1, kvb.shape[-1]).expand(-1, G, -1, -1)
+    return qb[b.rows], kv[..., :D], kv[..., D:]
