@@ -159,7 +159,8 @@ class _GatheredAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         qb, kvb, out, *lses = ctx.saved_tensors
         G, D = qb.shape[1], ctx.D
-        dq, dkv = torch.zeros_like(qb), torch.zeros_like(kvb)
+        # a key block's gradient adds up over every row keeping it: in float32 at least (half models too)
+        dq, dkv = torch.zeros_like(qb), torch.zeros_like(kvb, dtype=torch.promote_types(kvb.dtype, torch.float32))
         grad_out = grad_out.contiguous()
         for b, lse in zip(ctx.buckets, lses):
             qg, kg, vg = _gather(qb, kvb, D, b, G)
@@ -168,8 +169,8 @@ class _GatheredAttention(torch.autograd.Function):
             dq[b.rows] = gq
             # the G heads of a group shared the keys: their gradients add up, then go back to the blocks
             gkv = torch.cat([gk.sum(1), gv.sum(1)], -1)  # (m, c·bs, D + Dv)
-            dkv.index_add_(0, b.blocks, gkv.view(-1, *kvb.shape[1:]))
-        return dq, dkv, None, None, None
+            dkv.index_add_(0, b.blocks, gkv.view(-1, *kvb.shape[1:]).to(dkv.dtype))
+        return dq, dkv.to(kvb.dtype), None, None, None
 
 
 def _gather(qb: Tensor, kvb: Tensor, D: int, b: _Bucket, G: int) -> tuple[Tensor, Tensor, Tensor]:
