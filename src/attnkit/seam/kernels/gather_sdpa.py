@@ -158,19 +158,32 @@ class _GatheredAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         qb, kvb, out, *lses = ctx.saved_tensors
-        G, D = qb.shape[1], ctx.D
-        # a key block's gradient adds up over every row keeping it: in float32 at least (half models too)
-        dq, dkv = torch.zeros_like(qb), torch.zeros_like(kvb, dtype=torch.promote_types(kvb.dtype, torch.float32))
+        N, G, rows, Dq = qb.shape
+        D = ctx.D
+        # every row is in one bucket: each of dq's rows is written once. A key block's gradient adds
+        # up over every row keeping it: in float32 at least (half-precision models too).
+        dq, dkv = torch.empty_like(qb), torch.zeros_like(kvb, dtype=torch.promote_types(kvb.dtype, torch.float32))
         grad_out = grad_out.contiguous()
         for b, lse in zip(ctx.buckets, lses):
-            qg, kg, vg = _gather(qb, kvb, D, b, G)
+            # The G heads of a group as G·rows query rows of one head: the backward then returns the
+            # keys' gradient summed over the group, instead of G copies to add up.
+            m = b.rows.shape[0]
+            kv = kvb.index_select(0, b.blocks).view(m, 1, -1, kvb.shape[-1])
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out[b.rows], qg, kg, vg, out[b.rows], lse, 0.0, False, attn_mask=b.mask, scale=ctx.scale)
-            dq[b.rows] = gq
-            # the G heads of a group shared the keys: their gradients add up, then go back to the blocks
-            gkv = torch.cat([gk.sum(1), gv.sum(1)], -1)  # (m, c·bs, D + Dv)
+                grad_out[b.rows].view(m, 1, G * rows, -1), qb[b.rows].view(m, 1, G * rows, Dq), kv[..., :D],
+                kv[..., D:], out[b.rows].view(m, 1, G * rows, -1), lse.reshape(m, 1, G * rows), 0.0, False,
+                attn_mask=_over_group(b.mask, G), scale=ctx.scale)
+            dq[b.rows] = gq.view(m, G, rows, Dq)
+            gkv = torch.cat([gk, gv], -1)  # (m, 1, c·bs, D + Dv)
             dkv.index_add_(0, b.blocks, gkv.view(-1, *kvb.shape[1:]).to(dkv.dtype))
         return dq, dkv.to(kvb.dtype), None, None, None
+
+
+def _over_group(mask: Tensor | None, G: int) -> Tensor | None:
+    """A bucket's mask over rows (rows|1, S) or (m, 1, rows|1, S), for the G heads' rows stacked."""
+    if mask is None or mask.shape[-2] == 1 or G == 1:
+        return mask
+    return mask.repeat(G, 1) if mask.dim() == 2 else mask.repeat(1, 1, G, 1)
 
 
 def _gather(qb: Tensor, kvb: Tensor, D: int, b: _Bucket, G: int) -> tuple[Tensor, Tensor, Tensor]:
