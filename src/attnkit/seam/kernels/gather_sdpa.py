@@ -15,7 +15,9 @@ key block), one small additive mask the whole bucket shares.
 The backward is written out (``_GatheredAttention``): the forward keeps only q, k, v, the output
 and SDPA's log-sum-exp per row, and the backward gathers the kept blocks again and calls SDPA's
 fused CPU backward per bucket, so training memory is O(T · D) per head like dense SDPA's, not
-O(T · kept keys) (autograd through the gather would keep every bucket's gathered K/V).
+O(T · kept keys) (autograd through the gather would keep every bucket's gathered K/V). There a
+KV group's G heads are one head of G·rows query rows, so the keys' gradient comes back summed over
+the group.
 
 What it computes is what ``block_attention.block_sparse_attention`` computes for the calls it
 takes (``gather_sdpa_supports``): no model mask, bias, soft-cap, learned sinks, dropout or other
@@ -51,6 +53,7 @@ class _Bucket:
     rows: Tensor  # (m,) long: rows among B·Hkv·nQb
     blocks: Tensor  # (m·c,) long: their kept key blocks among B·Hkv·nKb, sorted per row
     mask: Tensor | None  # (rows, c·bs) or (m, 1, rows|1, c·bs) additive, or None
+    group_mask: Tensor | None  # the mask for the G heads' rows stacked, (G·rows|1, c·bs); None: from ``mask``
 
 
 def gather_sdpa_attention(
@@ -68,7 +71,7 @@ def gather_sdpa_attention(
     Hk, K = k.shape[1], k.shape[2]
     G, Dv = H // Hk, v.shape[-1]
     bs, nQ, nK = geo.block_size, geo.n_query_blocks, geo.n_key_blocks
-    buckets = gather_sdpa_plan(indices, valid, geo, q.dtype, block_bias)
+    buckets = gather_sdpa_plan(indices, valid, geo, q.dtype, block_bias, groups=G)
     if buckets is None:
         raise ValueError("a causal row does not keep its own block, or a row keeps none")
     # Rows per query block: the block size, or all of the queries when they fit one block (a
@@ -85,9 +88,9 @@ def gather_sdpa_attention(
 
 
 def gather_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: torch.dtype,
-                     block_bias: Tensor | None = None) -> list[_Bucket] | None:
+                     block_bias: Tensor | None = None, groups: int = 1) -> list[_Bucket] | None:
     """The buckets of a selection, or None where this kernel cannot run it (a causal row without
-    its own block, or a row keeping nothing)."""
+    its own block, or a row keeping nothing). groups: query heads per KV head."""
     B, Hk, nQ, S = indices.shape
     bs, nK, K = geo.block_size, geo.n_key_blocks, geo.key_length
     valid = valid.expand(B, Hk, nQ, S)
@@ -123,16 +126,20 @@ def gather_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: 
     else:
         full = torch.zeros(1, width, dtype=dtype, device=indices.device)
         full[:, width - (-K % bs):] = -math.inf
+    full_group = _over_group(full, groups)
     order_rows = key.argsort(stable=True)
     kinds, sizes = key[order_rows].unique_consecutive(return_counts=True)
     buckets = []
     for kind, rows_of in zip(kinds.tolist(), order_rows.split(sizes.tolist())):
         c, partial = kind // 2, kind % 2
-        mask = full[:, width - c * bs:] if geo.causal or partial else None
+        masked = geo.causal or partial
+        mask = full[:, width - c * bs:] if masked else None
+        group_mask = full_group[:, width - c * bs:] if masked else None
         if bias is not None:  # the gate's term of each kept block, on all of its keys: (m, 1, 1, c·bs)
             term = bias[rows_of, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
             mask = term if mask is None else mask + term
-        buckets.append(_Bucket(rows_of, blocks[rows_of, :c].flatten(), mask))
+            group_mask = None  # stacked in the backward, when there is one
+        buckets.append(_Bucket(rows_of, blocks[rows_of, :c].flatten(), mask, group_mask))
     return buckets
 
 
@@ -158,7 +165,7 @@ class _GatheredAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         qb, kvb, out, *lses = ctx.saved_tensors
-        N, G, rows, Dq = qb.shape
+        _, G, rows, Dq = qb.shape
         D = ctx.D
         # every row is in one bucket: each of dq's rows is written once. A key block's gradient adds
         # up over every row keeping it: in float32 at least (half-precision models too).
@@ -172,7 +179,8 @@ class _GatheredAttention(torch.autograd.Function):
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out[b.rows].view(m, 1, G * rows, -1), qb[b.rows].view(m, 1, G * rows, Dq), kv[..., :D],
                 kv[..., D:], out[b.rows].view(m, 1, G * rows, -1), lse.reshape(m, 1, G * rows), 0.0, False,
-                attn_mask=_over_group(b.mask, G), scale=ctx.scale)
+                attn_mask=b.group_mask if b.group_mask is not None else _over_group(b.mask, G),
+                scale=ctx.scale)
             dq[b.rows] = gq.view(m, G, rows, Dq)
             gkv = torch.cat([gk, gv], -1)  # (m, 1, c·bs, D + Dv)
             dkv.index_add_(0, b.blocks, gkv.view(-1, *kvb.shape[1:]).to(dkv.dtype))
