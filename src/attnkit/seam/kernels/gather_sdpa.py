@@ -51,6 +51,7 @@ class _Bucket:
     """Rows keeping ``c`` blocks, run as one SDPA call."""
 
     rows: Tensor  # (m,) long: rows among B·Hkv·nQb
+    where: tuple[Tensor, Tensor, Tensor]  # the same rows as (batch, KV head, query block), each (m,)
     blocks: Tensor  # (m·c,) long: their kept key blocks among B·Hkv·nKb, sorted per row
     mask: Tensor | None  # (rows, c·bs) or (m, 1, rows|1, c·bs) additive, or None
     group_mask: Tensor | None  # the mask for the G heads' rows stacked, (G·rows|1, c·bs); None: from ``mask``
@@ -82,8 +83,9 @@ def gather_sdpa_attention(
     qb = qb.transpose(2, 3).reshape(B * Hk * nQ, G, rows, D)
     # every key block, keys and values side by side so that one gather fetches both: (B·Hkv·nKb, bs, D + Dv)
     kvb = F.pad(torch.cat([k, v], -1), (0, 0, 0, geo.padded_keys - K)).reshape(B * Hk * nK, bs, D + Dv)
-    out = _GatheredAttention.apply(qb, kvb, D, buckets, scale)  # (B·Hkv·nQb, G, rows, Dv)
-    out = out.view(B, Hk, nQ, G, rows, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, H, nQ * rows, Dv)
+    out = _GatheredAttention.apply(qb, kvb, D, buckets, scale, (B, Hk, nQ))  # (B, Hkv, nQb, G, rows, Dv)
+    # a view: the output lies as (B, tokens, H, Dv), see _GatheredAttention.forward
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(B, H, nQ * rows, Dv)
     return out[:, :, front: front + Q]
 
 
@@ -139,7 +141,8 @@ def gather_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: 
             term = bias[rows_of, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
             mask = term if mask is None else mask + term
             group_mask = None  # stacked in the backward, when there is one
-        buckets.append(_Bucket(rows_of, blocks[rows_of, :c].flatten(), mask, group_mask))
+        where = (rows_of // (Hk * nQ), rows_of // nQ % Hk, rows_of % nQ)
+        buckets.append(_Bucket(rows_of, where, blocks[rows_of, :c].flatten(), mask, group_mask))
     return buckets
 
 
@@ -148,15 +151,19 @@ class _GatheredAttention(torch.autograd.Function):
     again and runs SDPA's fused CPU backward, scattering the K/V gradients back into the blocks."""
 
     @staticmethod
-    def forward(ctx, qb: Tensor, kvb: Tensor, D: int, buckets: list[_Bucket], scale: float) -> Tensor:
-        N, G, rows, _ = qb.shape
-        out = qb.new_empty(N, G, rows, kvb.shape[-1] - D)
+    def forward(ctx, qb: Tensor, kvb: Tensor, D: int, buckets: list[_Bucket], scale: float,
+                layout: tuple[int, int, int]) -> Tensor:
+        _, G, rows, _ = qb.shape
+        B, Hk, nQ = layout
+        # The output lies as (B, tokens, H, Dv), as SDPA's own does: the model's transpose + reshape
+        # for its output projection is then a view of it, not a second copy kept for backward.
+        out = qb.new_empty(B, nQ, rows, Hk, G, kvb.shape[-1] - D).permute(0, 3, 1, 4, 2, 5)  # (B, Hkv, nQb, G, rows, Dv)
         lses = []
         for b in buckets:
             qg, kg, vg = _gather(qb, kvb, D, b, G)
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qg, kg, vg, 0.0, False, attn_mask=b.mask, scale=scale)
-            out[b.rows] = o
+            out[b.where] = o
             lses.append(lse)
         ctx.save_for_backward(qb, kvb, out, *lses)
         ctx.D, ctx.buckets, ctx.scale = D, buckets, scale
@@ -170,21 +177,20 @@ class _GatheredAttention(torch.autograd.Function):
         # every row is in one bucket: each of dq's rows is written once. A key block's gradient adds
         # up over every row keeping it: in float32 at least (half-precision models too).
         dq, dkv = torch.empty_like(qb), torch.zeros_like(kvb, dtype=torch.promote_types(kvb.dtype, torch.float32))
-        grad_out = grad_out.contiguous()
         for b, lse in zip(ctx.buckets, lses):
             # The G heads of a group as G·rows query rows of one head: the backward then returns the
             # keys' gradient summed over the group, instead of G copies to add up.
             m = b.rows.shape[0]
             kv = kvb.index_select(0, b.blocks).view(m, 1, -1, kvb.shape[-1])
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out[b.rows].view(m, 1, G * rows, -1), qb[b.rows].view(m, 1, G * rows, Dq), kv[..., :D],
-                kv[..., D:], out[b.rows].view(m, 1, G * rows, -1), lse.reshape(m, 1, G * rows), 0.0, False,
+                grad_out[b.where].reshape(m, 1, G * rows, -1), qb[b.rows].view(m, 1, G * rows, Dq), kv[..., :D],
+                kv[..., D:], out[b.where].reshape(m, 1, G * rows, -1), lse.reshape(m, 1, G * rows), 0.0, False,
                 attn_mask=b.group_mask if b.group_mask is not None else _over_group(b.mask, G),
                 scale=ctx.scale)
             dq[b.rows] = gq.view(m, G, rows, Dq)
             gkv = torch.cat([gk, gv], -1)  # (m, 1, c·bs, D + Dv)
             dkv.index_add_(0, b.blocks, gkv.view(-1, *kvb.shape[1:]).to(dkv.dtype))
-        return dq, dkv.to(kvb.dtype), None, None, None
+        return dq, dkv.to(kvb.dtype), None, None, None, None
 
 
 def _over_group(mask: Tensor | None, G: int) -> Tensor | None:
