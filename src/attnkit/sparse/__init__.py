@@ -11,19 +11,21 @@
 
 Pieces: ``config`` (SparseConfig), ``blocks`` (block geometry, selection, pooling),
 ``patterns/`` (the registry, a file each), ``gates`` (trainable gates beside the model),
-``block_attention`` (the portable gather kernel, with a backward), ``flex_block``
-(FlexAttention over the same selection), ``attention`` (the seam session and kernel entry).
+``attention`` (the seam session and kernel entry). The block-sparse kernels are the seam's
+(``attnkit.seam.kernels.block_kernels``): ``gather_sdpa`` (SDPA on the gathered blocks, the CPU
+default), ``block_attention`` (the portable gather kernel, any call), ``flex_block`` (FlexAttention).
 """
 
 from attnkit.sparse.attention import SparseHandle, choose_blocks, sparse_attention
 from attnkit.seam.kernels.block_attention import block_sparse_attention, dense_reference
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
+from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import BlockGate, SparseGates, make_gates
 from attnkit.sparse.patterns import PATTERNS, BlockInputs, Pattern, register_pattern
 
 __all__ = [
     "PATTERNS", "BlockGate", "BlockGeometry", "BlockInputs", "BlockSelection", "Pattern", "SparseConfig", "SparseGates",
-    "SparseHandle", "block_sparse_attention", "choose_blocks", "dense_reference", "make_gates", "register_pattern", "select_blocks",
+    "SparseHandle", "block_sparse_attention", "choose_blocks", "dense_reference", "gather_sdpa_attention", "make_gates", "register_pattern", "select_blocks",
     "sparse_attention",
 ]

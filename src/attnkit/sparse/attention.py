@@ -9,7 +9,8 @@ How it reaches the calls: a session (``attach``) whose mask modifier is a ``Spar
 and whose kernel is ``block_sparse``, an entry of attnkit's kernel registry. For each call the
 kernel asks the pattern for block scores (the learned gate: its site's ``BlockGate``), keeps the
 forced blocks and the best ones up to the density's budget (``blocks.select_blocks``), and runs
-FlexAttention or the portable gather kernel over them. The selector is also an ordinary
+the first block-sparse kernel that can over them (``seam.kernels.block_kernels``: FlexAttention on
+CUDA, SDPA on the gathered blocks on the CPU, else the portable gather kernel). The selector is also an ordinary
 FlexAttention ``mask_mod`` of the call's last selection, so taps attached to the same model see
 the probabilities of the blocks kept. On leaving the block (also through an exception) the
 model is exactly as it was: ``attach``'s contract.
@@ -31,10 +32,9 @@ from attnkit.seam import AttentionSession, Site, attach
 from attnkit.seam.call import AttentionCall, causal_allowed
 from attnkit.seam.plan import Mods
 from attnkit.seam.session import in_backward
-from attnkit.seam.kernels.block_attention import block_sparse_attention
+from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
 from attnkit.sparse.config import SparseConfig
-from attnkit.seam.kernels.flex_block import flex_available, flex_block_attention
 from attnkit.sparse.gates import SparseGates
 from attnkit.sparse.patterns import BlockInputs, get_pattern
 from attnkit.seam.taps import Tap
@@ -51,7 +51,7 @@ class SparseHandle:
     block_bias: {Site: (B, Hkv, nQb, nKb)} the value the gate added to each kept block's scores in
         this forward (``gate_bias`` · log p under ``gate_grad="prior"``; absent when nothing is added),
         detached: sparse probabilities = softmax over the kept keys of scores + this.
-    kernels: how many calls ran on each kernel ("portable", "flex").
+    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "flex", "gather_sdpa", "portable").
     """
 
     def __init__(self, cfg: SparseConfig, gates: SparseGates | None) -> None:
@@ -163,43 +163,22 @@ class SparseSelector:
             picked = torch.gather(log_probs, -1, sel.indices)  # (B, Hkv, nQb, S)
             block_bias = self.cfg.gate_bias * torch.where(sel.valid, picked, 0.0)
             full_bias = self.cfg.gate_bias * torch.where(sel.geometry.candidates, log_probs, 0.0)
-        kernel = self._kernel(call, sel, others, block_bias)
-        allowed = call.allowed  # the causal triangle is applied inside the kernels
-        if kernel == "flex":
-            out = flex_block_attention(call.query, k, v, sel, scale=call.scale, block_log_probs=full_bias,
-                                       allowed=allowed, bias=call.bias, softcap=call.softcap)
-        else:
-            out = block_sparse_attention(
-                call.query, k, v, sel.indices, sel.valid, sel.geometry, scale=call.scale, block_bias=block_bias,
-                allowed=allowed, bias=call.bias, softcap=call.softcap, sinks=call.sinks, dropout_p=call.dropout_p,
-                mods=others, chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint,
-            )
+        block_call = BlockCall(
+            call.query, k, v, sel, call.scale, block_bias=block_bias, full_bias=full_bias, allowed=call.allowed,
+            bias=call.bias, softcap=call.softcap, sinks=call.sinks, dropout_p=call.dropout_p, mods=others or None,
+            chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint,
+        )  # the causal triangle is applied inside the kernels
+        try:
+            kernel = choose_block_kernel(block_call, self.cfg.kernel)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        out = kernel.run(block_call)
         self._last = (sel.block_mask(), sel.geometry, call.kv_groups)
         self._fresh = True
         self._last_bias = None if block_bias is None or straight else full_bias.detach()
         if not in_backward():  # a checkpoint recompute is not a new call
-            self.handle.record(call.site, sel, kernel, self._last_bias)
+            self.handle.record(call.site, sel, kernel.name, self._last_bias)
         return out
-
-    def _kernel(self, call: AttentionCall, sel: BlockSelection, others: Mods, block_bias: Tensor | None) -> str:
-        """"flex" where FlexAttention runs this call, else "portable" (``SparseConfig.kernel``)."""
-        choice = self.cfg.kernel
-        if choice == "portable":
-            return "portable"
-        expressible = (flex_available() and sel.geometry.front == 0 and call.sinks is None and not call.dropout_p
-                       and not others)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (call.query, call.key, call.value, block_bias, call.bias))
-        on_cuda = call.query.device.type == "cuda"
-        if choice == "flex":
-            if not expressible or (needs_grad and not on_cuda):
-                raise UserError("FlexAttention cannot run this call (CPU with gradients, learned sinks, dropout, "
-                                "other modifiers, or queries not aligned to blocks); use kernel='portable' or 'auto'")
-            return "flex"
-        # auto: FlexAttention on CUDA, except where a gradient must reach the gate through its
-        # score modifier (captured-tensor gradients: left to the portable kernel, which is tested)
-        gate_grad = block_bias is not None and block_bias.requires_grad and torch.is_grad_enabled()
-        return "flex" if expressible and on_cuda and not gate_grad else "portable"
 
 
 class _CallMarker(Tap):

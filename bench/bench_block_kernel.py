@@ -1,0 +1,216 @@
+"""Time of the CPU block-sparse kernel against dense SDPA: the kernel alone, and in a model.
+
+Two parts, each in one process, in interleaved rounds (every configuration once a round), medians
+of the per-round ratios to dense SDPA measured in the same round:
+
+  kernel   the attention op alone on the model's shapes (query / KV heads, head dim, block size):
+           ``F.scaled_dot_product_attention(is_causal=True)`` against ``gather_sdpa`` at each
+           density over a selection made beforehand (the pattern's, on random q/k; the selection is
+           not timed), inference (forward) and training (forward + backward of a weighted sum).
+  model    the model (default ``reference-long``'s architecture; the weights do not change the
+           cost), batch 1, fp32: its own SDPA attention against ``sparse_attention`` with the pattern
+           at the density (the default kernel: ``gather_sdpa`` on the CPU), selection included.
+           Prefill (forward under ``no_grad``) at ``--lengths``; a training step (forward + backward
+           of the LM loss, every parameter requiring grad) at ``--train-lengths``, with its peak
+           memory measured in a fresh process per configuration (``bench/rss.py``).
+
+    python bench/bench_block_kernel.py                       # writes its block of BENCHMARKS.md
+    python bench/bench_block_kernel.py --lengths 2048 --train-lengths 2048 --rounds 1 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rss  # noqa: E402
+from bench_sparse import build, steps  # noqa: E402
+from results import markers, write_block  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK_HEADING = "## Block-sparse kernel against dense SDPA (`bench/bench_block_kernel.py`)"
+
+
+def interleave(fns: dict, rounds: int) -> dict:
+    """{name: [seconds per round]} of each closure run once a round, after one warm-up round."""
+    for fn in fns.values():
+        fn()
+    times = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def summarise(times: dict, base: str) -> dict:
+    return {n: {"median_s": statistics.median(ts), "ratio": statistics.median(a / b for a, b in zip(ts, times[base])),
+                "rounds": ts} for n, ts in times.items()}
+
+
+def kernel_part(model, length: int, args) -> dict:
+    """The attention op alone on the model's shapes: SDPA against gather_sdpa at each density."""
+    import torch
+    import torch.nn.functional as F
+
+    from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention
+    from attnkit.sparse import SparseConfig
+    from attnkit.sparse.attention import choose_blocks
+
+    c = model.config
+    H, Hk = c.num_attention_heads, c.num_key_value_heads
+    D = getattr(c, "head_dim", None) or c.hidden_size // H
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, length, D, generator=g) for h in (H, Hk, Hk))
+    w = torch.randn(1, H, length, D, generator=g)
+    selections = {d: choose_blocks(q, k, SparseConfig(pattern=args.pattern, density=d, block_size=args.block_size))
+                  for d in args.density_list}
+
+    def attention(name: str):
+        if name == "sdpa":
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hk)
+        sel = selections[float(name.split("@")[1])]
+        return lambda q, k, v: gather_sdpa_attention(q, k, v, sel.indices, sel.valid, sel.geometry, scale=D ** -0.5)
+
+    def step(fn, train: bool):
+        def run():
+            if not train:
+                with torch.no_grad():
+                    return fn(q, k, v)
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            (fn(qq, kk, vv) * w).sum().backward()
+        return run
+
+    names = ["sdpa", *(f"gather_sdpa@{d:g}" for d in args.density_list)]
+    out = {"kept": {f"gather_sdpa@{d:g}": s.kept_blocks() / s.candidate_blocks() for d, s in selections.items()}}
+    for mode, train in (("inference", False), ("train", True)):
+        out[mode] = summarise(interleave({n: step(attention(n), train) for n in names}, args.rounds), "sdpa")
+    return out
+
+
+def model_part(model, length: int, train: bool, args) -> dict:
+    sparse = f"{args.pattern}@0.25" if args.model_density is None else f"{args.pattern}@{args.model_density:g}"
+    names = ["dense-sdpa", sparse]
+    fns = {n: steps(model, n, length, args)[1 if train else 0] for n in names}
+    return summarise(interleave(fns, args.rounds), "dense-sdpa")
+
+
+def memory_worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = build(args)
+    _, train = steps(model, args.worker, args.length, args)
+    train()  # warm-up: gradients are allocated once here
+    rss.report({"config": args.worker, "seq_len": args.length, "train": max(rss.peak_of(train) for _ in range(2))})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="reference-long")
+    p.add_argument("--pattern", default="moba")
+    p.add_argument("--lengths", default="8192,16384", help="prefill and kernel lengths")
+    p.add_argument("--train-lengths", default="8192", help="lengths of the model's training step (time and peak memory)")
+    p.add_argument("--densities", default="0.125,0.25,0.5", help="densities of the kernel part")
+    p.add_argument("--model-density", type=float, default=None, help="density of the model part (default 0.25)")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=str(ROOT / "runs" / "bench_block_kernel.json"))
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--block", default="bench_block_kernel", help="name of the BENCHMARKS.md block this run replaces")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.density_list = [float(d) for d in args.densities.split(",")]
+    if args.worker:
+        return memory_worker(args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load = [os.getloadavg()]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    train_lengths = [int(x) for x in args.train_lengths.split(",") if x]
+    model = build(args)
+    sparse = f"{args.pattern}@{0.25 if args.model_density is None else args.model_density:g}"
+    doc = {"kernel": {}, "prefill": {}, "train": {}, "train_memory": {}}
+    for n in lengths:
+        doc["prefill"][n] = model_part(model, n, False, args)
+        print(f"prefill {n}: {doc['prefill'][n][sparse]['ratio']:.2f}x", file=sys.stderr, flush=True)
+    for n in train_lengths:
+        doc["train"][n] = model_part(model, n, True, args)
+        print(f"train {n}: {doc['train'][n][sparse]['ratio']:.2f}x", file=sys.stderr, flush=True)
+    for n in lengths:
+        doc["kernel"][n] = kernel_part(model, n, args)
+        print(f"kernel {n} done", file=sys.stderr, flush=True)
+    load.append(os.getloadavg())
+    for n in train_lengths:
+        doc["train_memory"][n] = {c: rss.run_fresh(
+            [sys.executable, __file__, "--worker", c, "--length", str(n), "--model", args.model,
+             "--block-size", str(args.block_size), "--threads", str(args.threads)], f"{c} at {n} (memory)")["train"]
+            for c in ("dense-sdpa", sparse)}
+    doc["load"] = load
+    doc["args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "length", "density_list")}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(doc, indent=1))
+    block = render(doc, args, p, started, sparse)
+    print(block)
+    if not args.no_write:
+        write_block(ROOT / "BENCHMARKS.md", args.block, block, BLOCK_HEADING)
+
+
+def render(doc: dict, args, parser, started, sparse: str) -> str:
+    import torch
+
+    command = "python bench/bench_block_kernel.py" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k not in ("worker", "length", "no_write", "json", "density_list") and v != parser.get_default(k))
+    start, end = markers(args.block)
+    (b1, b5, b15), (a1, a5, a15) = doc["load"][0], doc["load"][-1]
+    lines = [start, f"### Results ({started:%Y-%m-%d %H:%M}–{_dt.datetime.now(_dt.timezone.utc):%H:%M} UTC)", "",
+             f"- command: `{command}`",
+             f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU; torch {torch.__version__}, "
+             f"threads {args.threads}, Python {platform.python_version()}",
+             f"- load average (1, 5, 15 min) before {b1:.2f}, {b5:.2f}, {b15:.2f}; after the timed parts {a1:.2f}, "
+             f"{a5:.2f}, {a15:.2f} (ratios come from interleaved rounds, each against SDPA in the same round)",
+             f"- model: `{args.model}`, batch 1, fp32, block size {args.block_size}; `{sparse}` is "
+             "`sparse_attention` with its default CPU kernel (`gather_sdpa`), selection included; "
+             f"medians of {args.rounds} rounds", "",
+             "**Model** (prefill = forward under `no_grad`; train = forward + backward of the LM loss, every "
+             "parameter requiring grad; peak = bytes above what was live before the step, fresh process)", "",
+             "| tokens | step | dense SDPA s | sparse s | × SDPA | rounds (× SDPA) |",
+             "|---:|---|---:|---:|---:|---|"]
+    for step in ("prefill", "train"):
+        for n, r in doc[step].items():
+            ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(r[sparse]["rounds"], r["dense-sdpa"]["rounds"]))
+            lines.append(f"| {n} | {step} | {r['dense-sdpa']['median_s']:.2f} | {r[sparse]['median_s']:.2f} "
+                         f"| **{r[sparse]['ratio']:.2f}** | {ratios} |")
+    for n, m in doc["train_memory"].items():
+        lines.append(f"| {n} | train peak MiB | {m['dense-sdpa'] / 2**20:,.1f} | {m[sparse] / 2**20:,.1f} "
+                     f"| **{m[sparse] / m['dense-sdpa']:.2f}** | |")
+    lines += ["", "**Kernel alone** (the attention op on the model's shapes; kept = share of the candidate "
+              "key blocks the selection keeps, the ideal ratio's floor)", "",
+              "| tokens | configuration | kept | infer s | × SDPA | train s | × SDPA |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for n, r in doc["kernel"].items():
+        for c in r["inference"]:
+            kept = f"{r['kept'][c]:.3f}" if c in r["kept"] else "1 (causal)"
+            lines.append(f"| {n} | {c} | {kept} | {r['inference'][c]['median_s']:.3f} | {r['inference'][c]['ratio']:.2f} "
+                         f"| {r['train'][c]['median_s']:.3f} | {r['train'][c]['ratio']:.2f} |")
+    lines += ["", "<details><summary>raw (JSON)</summary>", "", "```json",
+              json.dumps({k: doc[k] for k in ("kernel", "prefill", "train", "train_memory", "load")}), "```",
+              "</details>", end]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Block-sparse kernels: what computes a call's output once its kept key blocks are chosen.
+
+Each is a registry entry with ``supports(call, explicit)`` and ``run(call)``; ``choose_block_kernel``
+takes the one asked for, or in ``auto`` the first that supports the call, in this order:
+
+- ``flex``: compiled FlexAttention with a ``BlockMask`` from the selection (in ``auto`` on CUDA
+  only; asked for, also CPU inference: PyTorch has no CPU backward for it).
+- ``gather_sdpa``: SDPA's fused CPU kernel on the gathered kept blocks, rows bucketed by how many
+  blocks they keep; its cost falls with density (forward and backward). Calls without the
+  model's own mask, bias, soft-cap, sinks, dropout or other modifiers, on the CPU.
+- ``portable``: attnkit's gather kernel, any call, any device, with a backward (the reference
+  the others are tested against).
+
+    kernel = choose_block_kernel(call)          # BlockCall: q, k, v, the selection and the extras
+    out = kernel.run(call)                      # (B, H, Q, Dv)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnkit.seam.kernels.block_attention import block_sparse_attention
+from attnkit.seam.kernels.blocks import BlockSelection
+from attnkit.seam.kernels.flex_block import flex_available, flex_block_attention
+from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention, gather_sdpa_plan, sdpa_fused_cpu_available
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """One attention call to run over its kept blocks.
+
+    query: (B, H, Q, D); key / value: (B, Hkv, K, D|Dv), the model's own KV heads.
+    block_bias: (B, Hkv, nQb, S) the gate's term on each kept slot's scores, or None;
+    full_bias: the same per key block, (B, Hkv, nQb, nKb) (what FlexAttention's score_mod reads).
+    allowed / bias / softcap / sinks / dropout_p: the call's own; mods: other sessions' modifiers.
+    """
+
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    selection: BlockSelection
+    scale: float
+    block_bias: Tensor | None = None
+    full_bias: Tensor | None = None
+    allowed: Tensor | None = None
+    bias: Tensor | None = None
+    softcap: float | None = None
+    sinks: Tensor | None = None
+    dropout_p: float = 0.0
+    mods: object | None = None  # attnkit.seam.plan.Mods, or None
+    chunk_elements: int = 1 << 21
+    checkpoint: bool = True
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.query, self.key, self.value, self.block_bias, self.bias))
+
+    @property
+    def plain(self) -> bool:
+        """No model mask, bias, soft-cap, sinks, dropout or other modifiers: the kept blocks' softmax only."""
+        return (self.allowed is None and self.bias is None and self.softcap is None and self.sinks is None
+                and not self.dropout_p and not self.mods)
+
+
+@dataclass(frozen=True)
+class BlockKernel:
+    name: str
+    supports: Callable[[BlockCall, bool], bool]  # (call, chosen explicitly)
+    run: Callable[[BlockCall], Tensor]  # -> (B, H, Q, Dv)
+    cannot: str  # what it cannot run, for the error when it is asked for and cannot
+
+
+def _flex_supports(call: BlockCall, explicit: bool) -> bool:
+    expressible = (flex_available() and call.selection.geometry.front == 0 and call.sinks is None
+                   and not call.dropout_p and not call.mods)
+    on_cuda = call.query.device.type == "cuda"
+    if explicit:
+        return expressible and (on_cuda or not call.needs_grad)
+    # auto: on CUDA, except where a gradient must reach the gate through its score modifier
+    # (captured-tensor gradients: left to the portable kernel, which is tested)
+    gate_grad = call.block_bias is not None and call.block_bias.requires_grad and torch.is_grad_enabled()
+    return expressible and on_cuda and not gate_grad
+
+
+def _flex_run(c: BlockCall) -> Tensor:
+    return flex_block_attention(c.query, c.key, c.value, c.selection, scale=c.scale, block_log_probs=c.full_bias,
+                                allowed=c.allowed, bias=c.bias, softcap=c.softcap)
+
+
+def _gather_sdpa_supports(call: BlockCall, explicit: bool) -> bool:
+    if not (call.query.device.type == "cpu" and call.plain and sdpa_fused_cpu_available()):
+        return False
+    if call.block_bias is not None and call.block_bias.requires_grad and torch.is_grad_enabled():
+        return False  # the gate's gradient through the scores: the portable kernel's
+    sel = call.selection
+    # the selection itself: every causal row keeps its own block (the only one it masks)
+    return gather_sdpa_plan(sel.indices, sel.valid, sel.geometry, call.query.dtype) is not None
+
+
+def _gather_sdpa_run(c: BlockCall) -> Tensor:
+    sel = c.selection
+    return gather_sdpa_attention(c.query, c.key, c.value, sel.indices, sel.valid, sel.geometry, scale=c.scale,
+                                 block_bias=c.block_bias)
+
+
+def _portable_run(c: BlockCall) -> Tensor:
+    sel = c.selection
+    return block_sparse_attention(
+        c.query, c.key, c.value, sel.indices, sel.valid, sel.geometry, scale=c.scale, block_bias=c.block_bias,
+        allowed=c.allowed, bias=c.bias, softcap=c.softcap, sinks=c.sinks, dropout_p=c.dropout_p,
+        mods=c.mods, chunk_elements=c.chunk_elements, checkpoint=c.checkpoint,
+    )
+
+
+BLOCK_KERNELS: dict[str, BlockKernel] = {
+    k.name: k
+    for k in (
+        BlockKernel("flex", _flex_supports, _flex_run,
+                    "FlexAttention has no CPU backward, no learned sinks, dropout or other modifiers, and needs the queries "
+                    "aligned to blocks"),
+        BlockKernel("gather_sdpa", _gather_sdpa_supports, _gather_sdpa_run,
+                    "not on the CPU, or the call has the model's own mask, a bias, soft-cap, sinks, dropout, other "
+                    "modifiers or a gate gradient, or a causal row without its own block"),
+        BlockKernel("portable", lambda call, explicit: True, _portable_run, ""),
+    )
+}
+
+
+def choose_block_kernel(call: BlockCall, name: str = "auto") -> BlockKernel:
+    """The kernel that runs ``call``: ``name``'s (ValueError if it cannot), or the first that supports it."""
+    if name != "auto":
+        kernel = BLOCK_KERNELS.get(name)
+        if kernel is None:
+            raise ValueError(f"no block-sparse kernel {name!r}; kernels: {', '.join(BLOCK_KERNELS)}")
+        if not kernel.supports(call, True):
+            raise ValueError(f"the {name} block-sparse kernel cannot run this call ({kernel.cannot}); "
+                             "use kernel='portable' or 'auto'")
+        return kernel
+    return next(k for k in BLOCK_KERNELS.values() if k.supports(call, False))
+
+
+__all__ = ["BLOCK_KERNELS", "BlockCall", "BlockKernel", "choose_block_kernel"]

@@ -1,0 +1,217 @@
+"""Every block-sparse kernel of the registry against dense attention restricted to the kept blocks.
+
+By category: causal / bidirectional, grouped-query / multi-head, block counts with a partial last
+block, densities 0.125 to 1, a KV-cache offset (queries at the end of the keys, not aligned to
+blocks, a single decoding query); forward and backward in float64 against ``dense_reference``,
+density 1 against plain SDPA. Then the registry's decision: which kernel runs which call, and
+through ``sparse_attention`` on a model the default CPU kernel equals the portable reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnkit.seam.kernels.block_kernels import BLOCK_KERNELS, BlockCall, choose_block_kernel
+from attnkit.sparse import BlockGeometry, dense_reference, select_blocks
+
+CPU_KERNELS = ["gather_sdpa", "portable"]  # flex needs torch.compile and has no CPU backward
+
+
+def _selection(B, Hk, Q, T, bs, density, causal, seed=0):
+    geo = BlockGeometry(bs, Q, T, causal=causal)
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, Hk, geo.n_query_blocks, geo.n_key_blocks, generator=g)
+    return select_blocks(scores, geo, geo.forced(1, 1, sinks=True), density), geo
+
+
+def _qkv(B, H, Hk, Q, T, D, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Q, D, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hk, T, D, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hk, T, D, generator=g, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+def _run(name, q, k, v, sel, scale, **extras):
+    call = BlockCall(q, k, v, sel, scale, **extras)
+    kernel = choose_block_kernel(call, name)
+    assert kernel.name == name
+    return kernel.run(call)
+
+
+# (B, H, Hkv, Q, T, block): MHA and GQA, block counts with a partial last block, a KV cache
+SHAPES = {
+    "mha-ragged": (2, 3, 3, 37, 37, 4),
+    "gqa-ragged": (1, 4, 2, 45, 45, 8),
+    "gqa-aligned": (2, 4, 1, 32, 32, 4),
+    "mqa-one-block": (1, 2, 1, 5, 5, 8),
+    "gqa-kv-cache": (1, 4, 2, 9, 30, 4),
+    "mha-kv-cache-one-block": (2, 2, 2, 3, 23, 8),
+    "gqa-decode": (1, 4, 2, 1, 27, 4),
+}
+
+
+# every shape causal; bidirectional too where there is no KV cache (a KV cache is causal)
+CATEGORIES = [pytest.param(shape, causal, id=f"{shape}-{'causal' if causal else 'bidirectional'}")
+              for shape in sorted(SHAPES) for causal in (True, False) if causal or SHAPES[shape][3] == SHAPES[shape][4]]
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("density", [0.125, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("shape,causal", CATEGORIES)
+def test_equals_restricted_dense_forward_and_backward(kernel, density, shape, causal):
+    B, H, Hk, Q, T, bs = SHAPES[shape]
+    D = 5
+    sel, geo = _selection(B, Hk, Q, T, bs, density, causal)
+    q, k, v = _qkv(B, H, Hk, Q, T, D)
+    out = _run(kernel, q, k, v, sel, D ** -0.5)
+    ref = dense_reference(q, k, v, sel.block_mask(), geo, scale=D ** -0.5)
+    assert out.shape == ref.shape and out.dtype == torch.float64
+    assert torch.allclose(out, ref, atol=1e-12)
+    w = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_gradcheck(kernel):
+    B, H, Hk, T, bs, D = 1, 4, 2, 19, 4, 3
+    sel, geo = _selection(B, Hk, T, T, bs, 0.4, causal=True)
+    q, k, v = _qkv(B, H, Hk, T, T, D)
+    assert torch.autograd.gradcheck(lambda q, k, v: _run(kernel, q, k, v, sel, 0.6), (q, k, v))
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("H,Hk", [(4, 2), (3, 3)], ids=["gqa", "mha"])
+def test_density_one_is_plain_sdpa(kernel, causal, H, Hk):
+    B, T, bs, D = 2, 29, 8, 8
+    sel, _ = _selection(B, Hk, T, T, bs, 1.0, causal)
+    q, k, v = _qkv(B, H, Hk, T, T, D, dtype=torch.float32)
+    out = _run(kernel, q, k, v, sel, D ** -0.5)
+    G = H // Hk
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=causal)
+    assert (out - ref).abs().max() < 1e-5
+    w = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_gate_term_without_gradient(causal):
+    """A trained gate at inference: its log-probability of each kept block on that block's scores."""
+    B, H, Hk, T, bs, D = 2, 4, 2, 26, 4, 3
+    sel, geo = _selection(B, Hk, T, T, bs, 0.5, causal)
+    q, k, v = _qkv(B, H, Hk, T, T, D)
+    g = torch.Generator().manual_seed(3)
+    gate = torch.randn(B, Hk, geo.n_query_blocks, geo.n_key_blocks, generator=g, dtype=torch.float64)
+    log_p = torch.log_softmax(gate.masked_fill(~geo.candidates, -math.inf), -1)
+    block_bias = torch.where(sel.valid, torch.gather(log_p, -1, sel.indices), 0.0)
+    out = _run("gather_sdpa", q, k, v, sel, 0.5, block_bias=block_bias)
+    ref = dense_reference(q, k, v, sel.block_mask(), geo, scale=0.5, block_log_probs=log_p)
+    assert torch.allclose(out, ref, atol=1e-12)
+    w = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_training_keeps_no_gathered_blocks():
+    """Memory: what autograd keeps for the backward is O(T · D) per head (q, k, v, the output and a
+    log-sum-exp per row), nothing of the gathered keys' O(T · kept keys)."""
+    B, H, Hk, T, bs, D = 1, 4, 2, 4096, 16, 8
+    sel, _ = _selection(B, Hk, T, T, bs, 0.25, causal=True)
+    q, k, v = _qkv(B, H, Hk, T, T, D, dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = _run("gather_sdpa", q, k, v, sel, D ** -0.5)
+    out.sum().backward()
+    assert max(saved) <= B * H * T * D  # the queries (padded to blocks) or the output
+    kept_keys = sel.kept_blocks() * bs * D  # what the gathered keys of one forward hold (and as much the values)
+    assert sum(saved) < kept_keys / 4
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# --- the registry's decision -----------------------------------------------------------------------
+
+def _plain_call(**extras):
+    B, H, Hk, T, bs, D = 1, 4, 2, 20, 4, 3
+    sel, geo = _selection(B, Hk, T, T, bs, 0.5, causal=True)
+    q, k, v = _qkv(B, H, Hk, T, T, D)
+    return BlockCall(q, k, v, sel, 0.5, **extras), sel, geo
+
+
+def test_auto_takes_gather_sdpa_on_the_cpu_for_a_plain_call():
+    call, _, _ = _plain_call()
+    assert choose_block_kernel(call).name == "gather_sdpa"
+    assert list(BLOCK_KERNELS) == ["flex", "gather_sdpa", "portable"]
+
+
+@pytest.mark.parametrize("extra", ["allowed", "bias", "softcap", "sinks", "dropout", "mods", "gate_gradient"])
+def test_what_sdpa_cannot_express_falls_back_to_the_portable_kernel(extra):
+    from attnkit.seam.plan import Mods
+
+    _, sel, geo = _plain_call()
+    T, nQ = 20, geo.n_query_blocks
+    value = {
+        "allowed": dict(allowed=torch.ones(1, 1, T, T, dtype=torch.bool)),
+        "bias": dict(bias=torch.zeros(1, 1, T, T, dtype=torch.float64)),
+        "softcap": dict(softcap=30.0),
+        "sinks": dict(sinks=torch.zeros(1, 4, 1, 1, dtype=torch.float64)),
+        "dropout": dict(dropout_p=0.1),
+        "mods": dict(mods=Mods(score=(lambda s, b, h, q, kv: s * 0.5,))),
+        "gate_gradient": dict(block_bias=torch.zeros(1, 2, nQ, sel.slots, dtype=torch.float64, requires_grad=True)),
+    }[extra]
+    call, _, _ = _plain_call(**value)
+    assert choose_block_kernel(call).name == "portable"
+    with pytest.raises(ValueError, match="gather_sdpa block-sparse kernel cannot run"):
+        choose_block_kernel(call, "gather_sdpa")
+
+
+def test_a_causal_row_without_its_own_block_falls_back():
+    """The kernel masks only each row's own (diagonal) block; a selection that drops it runs portable."""
+    B, H, Hk, T, bs, D = 1, 2, 1, 16, 4, 3
+    geo = BlockGeometry(bs, T, T, causal=True)
+    scores = torch.randn(B, Hk, 4, 4)
+    sel = select_blocks(scores, geo, geo.forced(1, 1, sinks=True), 0.5)
+    sel.indices[0, 0, 3, 0] = 0 if int(sel.indices[0, 0, 3, 1]) != 0 else 1  # row 3 keeps two past blocks instead
+    q, k, v = _qkv(B, H, Hk, T, T, D)
+    call = BlockCall(q, k, v, sel, 0.5)
+    assert choose_block_kernel(call).name == "portable"
+    out = choose_block_kernel(call).run(call)
+    assert torch.allclose(out, dense_reference(q, k, v, sel.block_mask(), geo, scale=0.5), atol=1e-12)
+
+
+def test_sparse_attention_runs_gather_sdpa_by_default_and_equals_portable():
+    """On a model (GQA Llama), without padding: the default CPU kernel is gather_sdpa; its logits and
+    gradients equal the portable kernel's. With a padding mask the call runs on the portable kernel."""
+    import transformers
+
+    from arch_zoo import LLAMA_LIKE, VOCAB
+    from attnkit.sparse import SparseConfig, sparse_attention
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(
+        transformers.LlamaConfig(**dict(LLAMA_LIKE, max_position_embeddings=128)), attn_implementation="sdpa")
+    ids = torch.randint(3, VOCAB, (2, 45), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for kernel in ("auto", "portable"):
+        cfg = SparseConfig(pattern="moba", density=0.3, block_size=8, kernel=kernel)
+        model.zero_grad(set_to_none=True)
+        with sparse_attention(model, cfg) as handle:
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+        results[kernel] = (out.logits.detach(), [p.grad.clone() for p in model.parameters()], dict(handle.kernels))
+    layers = model.config.num_hidden_layers
+    assert results["auto"][2] == {"gather_sdpa": layers} and results["portable"][2] == {"portable": layers}
+    assert (results["auto"][0] - results["portable"][0]).abs().max() < 1e-5
+    for a, b in zip(results["auto"][1], results["portable"][1]):
+        assert (a - b).abs().max() < 1e-5
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad(), sparse_attention(model, SparseConfig(pattern="moba", density=0.3, block_size=8)) as handle:
+        model(input_ids=ids, attention_mask=mask)
+    assert dict(handle.kernels) == {"portable": layers}
