@@ -438,7 +438,7 @@ def test_the_call_that_decides_how_a_modifier_runs_has_its_gradient(kind):
 
 
 def test_per_element_evaluation_in_slices_equals_one_piece(monkeypatch):
-    from attnkit.kernels import modifiers
+    from attnkit.seam.kernels import modifiers
 
     score = _table(B, H, 5, 8)
     grids = (torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
@@ -551,7 +551,7 @@ def test_a_kernel_that_cannot_run_the_modifiers_names_the_ones_that_can():
 
 
 def test_a_modifier_no_evaluation_can_run_gets_a_one_line_error():
-    from attnkit.kernels.modifiers import ModifierError
+    from attnkit.seam.kernels.modifiers import ModifierError
 
     def python_branch(score, b, h, q_idx, kv_idx):  # data-dependent control flow: FlexAttention refuses it too
         return score * 2 if q_idx > 3 else score
