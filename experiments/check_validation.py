@@ -55,7 +55,7 @@ def make_config(family: str, hidden: int, head_dim: int, layers: int, seq_len: i
 def build_model(config: dict, growth: float, temperature: float, seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from attnkit.seam.adapters.qk_weights import qk_layout
+    from attnkit.seam.layouts import qk_layout
 
     cfg = AutoConfig.for_model(**dict(config))
     torch.manual_seed(seed)

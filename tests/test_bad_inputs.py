@@ -66,6 +66,21 @@ def broken(tmp_path_factory) -> dict[str, str]:
     paths["no_text_folder"] = root / "no_text_folder"
     paths["no_text_folder"].mkdir()
     (paths["no_text_folder"] / "image.png").write_bytes(b"\x89PNG")
+    # datasets of texts (analyze --dataset)
+    paths["other_field"] = root / "other_field.jsonl"
+    paths["other_field"].write_text('{"body": "The cat sat on the mat."}\n')
+    paths["bad_jsonl"] = root / "bad.jsonl"
+    paths["bad_jsonl"].write_text('{"text": "The cat sat on the mat."}\n{"text": "unclosed\n')
+    paths["empty_jsonl"] = root / "empty.jsonl"
+    paths["empty_jsonl"].write_text('\n{"text": "   "}\n')
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        paths["other_column"] = root / "other_column.parquet"
+        pq.write_table(pa.table({"body": ["The cat sat on the mat."]}), paths["other_column"])
+    except ImportError:
+        pass
     paths["root"] = root
     return {k: str(v) for k, v in paths.items()}
 
@@ -86,7 +101,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("paths", ["analyze", "--text-file", "{empty_dir}"], r"is a directory; give a text file"),
     ("paths", ["validate", "--text-file", "{markup_dir}/t.txt"], re.escape(MARKUP) + r"/t\.txt does not exist"),
     ("paths", ["perplexity", "--dataset", "./no/such/corpus.txt"], r"corpus path \./no/such/corpus\.txt does not exist"),
-    ("paths", ["validate", "--dataset", "{no_text_folder}"], r"no text files \(\.txt, \.raw, \.text\) in"),
+    ("paths", ["validate", "--dataset", "{no_text_folder}"], r"no text files \(\.txt, \.raw, \.text, \.jsonl, \.parquet\) in"),
+    ("paths", ["analyze", "--dataset", "/no/such/data.jsonl"], r"dataset file /no/such/data\.jsonl does not exist"),
+    ("paths", ["analyze", "--dataset", "./no/such/folder"], r"dataset file \./no/such/folder does not exist"),
+    ("paths", ["analyze", "--dataset", "{no_text_folder}"], r"no dataset files \(\.txt, \.jsonl, \.parquet\) in .*no_text_folder"),
+    ("paths", ["check", "reference", "--measure", "--dataset", "/no/such/data.parquet"], r"dataset file /no/such/data\.parquet does not exist"),
+    ("paths", ["analyze", "--dataset", "{a_file}", "--split", "train"], r"--split chooses files in a folder .*is one file"),
+    ("paths", ["analyze", "--dataset", "wikitext:wikitext-2-raw-v1"],
+     r"cannot load dataset 'wikitext:wikitext-2-raw-v1' from a Hugging Face hub \(HF_HUB_OFFLINE=1 is set\); without a hub, give a local"),
     # --- files
     ("files", ["analyze", "{truncated}", *T], r"model weights in .*truncated are damaged or truncated"),
     ("files", ["validate", "{corrupt}", *T], r"model weights in .*corrupt are damaged or truncated"),
@@ -98,6 +120,13 @@ CASES: list[tuple[str, list[str], str]] = [
     ("files", ["analyze", "--text-file", "{latin1}"], r"latin1\.txt is not UTF-8 text"),
     ("files", ["perplexity", "--dataset", "{latin1}"], r"latin1\.txt is not UTF-8 text"),
     ("files", ["analyze", "--text-file", "{blank_file}"], r"the text is empty"),
+    ("files", ["analyze", "--dataset", "{other_field}"], r"other_field\.jsonl line 1 has no field 'text' \(it has: body\); name the text field with --text-field"),
+    ("files", ["analyze", "--dataset", "{other_field}", "--text-field", "title"], r"line 1 has no field 'title'"),
+    ("files", ["analyze", "--dataset", "{bad_jsonl}"], r"bad\.jsonl line 2 is not JSON: "),
+    ("files", ["analyze", "--dataset", "{empty_jsonl}"], r"dataset .*empty\.jsonl has no texts \(every line or row is empty\)"),
+    ("files", ["analyze", "--dataset", "{blank_file}"], r"dataset .*blank\.txt has no texts"),
+    ("files", ["analyze", "--dataset", "{latin1}"], r"latin1\.txt is not UTF-8 text"),
+    ("files", ["analyze", "--dataset", "{other_column}"], r"other_column\.parquet has no column 'text' \(it has: body\)"),
     # --- numbers
     ("numbers", ["perplexity", "--block-size", "0"], r"--block-size must be at least 2, got 0"),
     ("numbers", ["perplexity", "--block-size", "1"], r"--block-size must be at least 2, got 1"),
@@ -107,6 +136,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("numbers", ["perplexity", "--max-blocks", "-3"], r"--max-blocks must be at least 1, got -3"),
     ("numbers", ["analyze", "--max-length", "0"], r"--max-length must be at least 1, got 0"),
     ("numbers", ["analyze", "--sample-rows", "0"], r"--sample-rows must be at least 1, got 0"),
+    ("numbers", ["analyze", "--dataset", "{a_file}", "--batch-size", "0"], r"--batch-size must be at least 1, got 0"),
+    ("numbers", ["analyze", "--dataset", "{a_file}", "--samples", "0"], r"--samples must be at least 1, got 0"),
+    ("numbers", ["check", "reference", "--measure", "--dataset", "{a_file}", "--samples", "0"], r"--samples must be at least 1, got 0"),
+    ("numbers", ["analyze", "--dataset", "{a_file}", "--seq-len", "1"], r"--seq-len must be at least 2, got 1"),
+    ("numbers", ["analyze", "--dataset", "{a_file}", "--seq-len", "100000"], r"--seq-len 100000 is more than the model takes \(128 positions\)"),
     ("numbers", ["validate", *T, "--seq-len", "2"], r"--seq-len must be at least 4, got 2"),
     ("numbers", ["validate", *T, "--seq-len", "100000"], r"--seq-len 100000 is more than the model takes \(128 positions\)"),
     ("numbers", ["validate", *T, "--sequences", "0"], r"--sequences must be at least 1, got 0"),
@@ -140,6 +174,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("text", ["analyze", *T, "--max-length", "1"], r"the input is 1 token after --max-length 1"),
     ("text", ["analyze", "--text", "word " * 300], r"the text is \d+ tokens but the model takes at most 128; pass --max-length 128"),
     ("text", ["analyze", *T, "--text-file", "{a_file}"], r"give --text or --text-file, not both"),
+    ("text", ["analyze", *T, "--dataset", "{a_file}"], r"give --dataset or --text / --text-file, not both"),
+    ("text", ["analyze", *T, "--samples", "3"], r"--samples is for --dataset"),
+    ("text", ["check", "reference", "--dataset", "{a_file}"], r"--dataset is for --measure"),
+    ("text", ["analyze", "--dataset", "{a_file}", "--max-length", "8"], r"--max-length is for --text; with --dataset, cut texts with --seq-len"),
     ("text", ["validate", "--text", ""], r"the text is empty"),
     ("text", ["validate", "--text", "a"], r"the text has fewer than 2 tokens"),
     ("text", ["validate", *T, "--dataset", "kjv"], r"argument --dataset: not allowed with argument --text"),
@@ -308,6 +346,7 @@ def _cli(*argv: str, env_extra: dict | None = None) -> subprocess.CompletedProce
     (["perplexity", "--block-size", "0"], r"--block-size must be at least 2"),
     (["validate", "refrence"], r"did you mean 'reference'\?"),
     (["analyze", "{markup_dir}/nothing"], re.escape(MARKUP)),
+    (["analyze", "--dataset", "{bad_jsonl}"], r"bad\.jsonl line 2 is not JSON"),
 ])
 def test_exit_code_seen_by_a_shell(argv, pattern, broken):
     done = _cli(*_fill(argv, broken))

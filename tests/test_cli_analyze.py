@@ -19,7 +19,7 @@ def test_analyze_minilm_writes_schema(tmp_path, capsys):
     assert main(["analyze", "minilm", "--text", "The cat sat on the mat. The cat sat on the mat.",
                  "--json", str(out), "--plot", str(png)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["schema_version"] == "1.1"
+    assert doc["schema_version"] == "1.2"
     assert {(h["stack"], h["kind"]) for h in doc["heads"]} == {("", "self")}  # one stack of self-attention
     assert doc["num_layers"] == 6 and doc["layers"] == list(range(6))
     assert {(h["layer"], h["head"]) for h in doc["heads"]} == {(l, h) for l in range(6) for h in range(12)}

@@ -17,7 +17,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from attnkit.analyze.diagnose import Issue
+from attnkit.analyze import Issue
 from attnkit.analyze.run import Analysis
 from attnkit.analyze.render import render_analysis
 
@@ -30,10 +30,13 @@ def _analysis(model: str = "minilm") -> Analysis:
     heads = [{"layer": layer, "head": head, "normalized_entropy": 0.05 + 0.9 * ((layer * HEADS + head) % 17) / 16}
              for layer in range(LAYERS) for head in range(HEADS)]
     issues = [
-        Issue("entropy_collapse", "warning", 0, 2, 0.11, 0.5, "head 2 of layer 0 is collapsing to one token",
-              "lower the logit scale for this head [temperature > 1]"),
-        Issue("attention_spike", "warning", 0, 2, 0.3, 0.25, "spiky rows", "look at the rows"),
-        *[Issue("attention_sink", "info", layer, 11, 0.4, 0.3, f"head 11 of layer {layer} is a sink", "usually benign")
+        Issue("entropy_collapse", "warning", layer=0, head=2, value=0.11, threshold=0.5,
+              message="head 2 of layer 0 is collapsing to one token",
+              suggestion="lower the logit scale for this head [temperature > 1]"),
+        Issue("attention_spike", "warning", layer=0, head=2, value=0.3, threshold=0.25, message="spiky rows",
+              suggestion="look at the rows"),
+        *[Issue("attention_sink", "info", layer=layer, head=11, value=0.4, threshold=0.3,
+                message=f"head 11 of layer {layer} is a sink", suggestion="usually benign")
           for layer in range(1, LAYERS)],
     ]
     return Analysis(model=model, dtype=torch.float32, tokens=147, batch=1, heads=heads, issues=issues,
@@ -118,7 +121,7 @@ def test_json_to_stdout_stays_pure_json_and_the_report_goes_to_stderr():
     proc = _cli("analyze", "minilm", "--text", "hello world, hello again", "--json", "-")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["schema_version"] == "1.1" and len(doc["heads"]) == 72
+    assert doc["schema_version"] == "1.2" and len(doc["heads"]) == 72
     assert proc.stdout.lstrip().startswith("{") and proc.stdout.rstrip().endswith("}")
     assert "Heads across, layers down" in proc.stderr and ANSI not in proc.stderr
     assert "--json report.json" not in proc.stderr  # the JSON was asked for: no hint to write it

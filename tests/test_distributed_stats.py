@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -65,5 +66,8 @@ def test_all_reduce_over_two_processes_equals_one_process_on_the_whole_batch(tmp
         for key in ("entropy", "normalized_entropy", "max_attention", "sink_mass", "logit_range", "logit_max",
                     "logit_min", "qk_absmax", "log10_curvature_max"):
             assert math.isclose(got[key], want[key], rel_tol=1e-9, abs_tol=1e-9), key
+        # the interval over sequences rests on every rank's sequences, gathered
+        assert got["sequences"] == want["sequences"] == 2 * first["sequences"]
+        assert got["entropy_ci95"] == pytest.approx(want["entropy_ci95"], rel=1e-9, abs=1e-9)
         # the two halves really differ: the reduction is not one rank's numbers
         assert not math.isclose(first["entropy"], want["entropy"], rel_tol=1e-6)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import _ids, bert, gpt2, llama, mistral
 
-from attnkit.gate import GATE_KINDS, GateStats, add_gates, find_gates, load_gates, remove_gates, save_gates
-from attnkit.gate.layouts import gate_layouts
+from attnkit.gate import GATE_KINDS, GateStats, add_gates, find_gates, gate_layouts, load_gates, remove_gates, save_gates
 from attnkit.errors import UserError
 
 

@@ -151,6 +151,7 @@ def test_merge_equals_one_accumulator_fed_both():
     b.update(c3)
     for c in (c1, c2, c3):
         both.update(c)
+        both.close_sequences()  # each chunk is a forward of its own, as in a and b
     a.merge(b)
     for got, want in zip(a.summary(), both.summary()):
         assert got.keys() == want.keys()

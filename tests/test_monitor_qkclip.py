@@ -11,7 +11,7 @@ from torch import nn
 from attnkit.errors import UserError
 from attnkit.monitor import qk_clip_layout
 from attnkit.seam import StatsCollector, attach
-from attnkit.seam.adapters.qk_weights import qk_layout
+from attnkit.seam.layouts import qk_layout
 
 TAU = 4.0
 

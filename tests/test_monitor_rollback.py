@@ -38,6 +38,12 @@ def llama(seed: int = 0):
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
 
 
+def _saturation(step: int, started: int) -> Issue:
+    """A softmax-saturation warning on head 0 of layer 0 whose trend began at ``started``."""
+    return Issue("softmax_saturation", "error", step=step, value=50.0, threshold=100.0, message="saturating",
+                 site=Site(0), head=0, started=started)
+
+
 def batch(i: int) -> torch.Tensor:
     return torch.randint(0, V, (3, T), generator=torch.Generator().manual_seed(100 + i))
 
@@ -147,7 +153,7 @@ def test_no_snapshot_while_the_run_is_unhealthy(tmp_path):
                           snapshots=snaps) as monitor:
         step(model, opt, sched, 0)
         monitor.on_step(0)
-        sick = Diagnosis(1, [Issue("softmax_saturation", "error", 1, 50.0, 100.0, "saturating", Site(0), 0, 0)])
+        sick = Diagnosis(1, [_saturation(1, started=0)])
         snaps.after_step(monitor, 1, sick)
         snaps.after_step(monitor, 2, None)  # not observed: still the last diagnosis' verdict
         assert [s.step for s in snaps.kept] == [-1, 0]
@@ -183,11 +189,11 @@ def test_a_second_warning_rolls_back_again_and_the_retries_are_bounded(tmp_path)
             step(model, opt, sched, i)
             monitor.on_step(i)
             if i in (5, 9, 11):  # a saturation warning (trend since step 3) on the restored run each time
-                warning = Issue("softmax_saturation", "error", i, 50.0, 100.0, "saturating", Site(0), 0, i - 2)
+                warning = _saturation(i, started=i - 2)
                 intervention = policy.get_intervention(Diagnosis(i, [warning], [warning]))
                 entries.append(intervention and monitor.apply(intervention, None))
             if i == 7:  # a warning still standing (not new) is not a second warning
-                standing = Issue("softmax_saturation", "error", i, 50.0, 100.0, "saturating", Site(0), 0, 3)
+                standing = _saturation(i, started=3)
                 assert policy.get_intervention(Diagnosis(i, [standing], [])) is None
         assert [e and (e["step"], e["restored_step"]) for e in entries] == [(5, 2), (9, 6), None]  # at most twice
         # the new QK-clip and back-off replace the first ones (no stacked halvings); the LR cuts stay
@@ -209,7 +215,7 @@ def test_a_closed_monitor_with_snapshots_keeps_nothing_alive(tmp_path):
             for i in range(3):
                 step(model, opt, sched, i)
                 monitor.on_step(i)
-            warning = Issue("softmax_saturation", "error", 2, 50.0, 100.0, "saturating", Site(0), 0, 1)
+            warning = _saturation(2, started=1)
             monitor.apply(policy.get_intervention(Diagnosis(2, [warning], [warning])))
         del model, monitor, opt, sched, policy
         assert alive() is None

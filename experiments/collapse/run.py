@@ -163,7 +163,7 @@ def scale_qk(model: TransformerAE, gain: float) -> None:
     """Initial W_q, W_k (and biases) times ``gain``: logits times gain² (through attnkit's QK layout)."""
     if gain == 1.0:
         return
-    from attnkit.seam.adapters.qk_weights import qk_layout
+    from attnkit.seam.layouts import qk_layout
 
     for block in model.blocks:
         layout = qk_layout(block.attn)

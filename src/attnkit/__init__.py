@@ -31,6 +31,7 @@ _PUBLIC: dict[str, str] = {
     "validate": "attnkit.validate",
     # what the features return
     "Analysis": "attnkit.analyze:Analysis",
+    "Analyzer": "attnkit.analyze:Analyzer",
     "CheckReport": "attnkit.check:CheckReport",
     "ValidationReport": "attnkit.validate:ValidationReport",
     "ValidateOptions": "attnkit.validate:Options",

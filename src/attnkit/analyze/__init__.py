@@ -1,7 +1,8 @@
 """analyze: per-head attention statistics from the real logits, and diagnoses with suggestions."""
 
-from attnkit.analyze.diagnose import DETECTORS, Issue, diagnose
-from attnkit.analyze.run import SCHEMA_VERSION, Analysis, analyze
+from attnkit.analyze.diagnose import DETECTORS, diagnose
+from attnkit.analyze.run import SCHEMA_VERSION, Analysis, Analyzer, analyze
+from attnkit.common.findings import Finding as Issue  # the one finding type, by the name analyze users know
 from attnkit.common.tokenize import tokenize
 
-__all__ = ["DETECTORS", "SCHEMA_VERSION", "Analysis", "Issue", "analyze", "diagnose", "tokenize"]
+__all__ = ["DETECTORS", "SCHEMA_VERSION", "Analysis", "Analyzer", "Issue", "analyze", "diagnose", "tokenize"]

@@ -1,31 +1,24 @@
-"""Diagnoses: per-head statistics in, issues with a measured value, a threshold and a fix out.
+"""Diagnoses: per-head statistics in, findings with a measured value, a threshold and a fix out.
 
 Each detector is a plain function of one head's statistics (and the run's context) that
-returns an ``Issue`` or None; ``DETECTORS`` is the registry. The thresholds and why they sit
-where they do:
+returns a ``Finding`` or None; ``DETECTORS`` is the registry. What each looks for (the numbers,
+and why they sit where they do, are ``attnkit.common.findings.THRESHOLDS``):
 
-entropy_collapse   mean row entropy < 0.5 nats and mean largest weight > 0.8: the
-                   row behaves like fewer than e^0.5 = 1.65 keys. Its softmax Jacobian,
-                   diag(p) - pp^T, then has entries of order p(1-p) < 0.16, and gradient reaches
-                   almost no key (Zhai et al. 2023, "attention entropy collapse"). Heads that
-                   concentrate on their own or the previous position are positional heads, often
-                   by design: reported as info. Concentration on the first token is an
-                   attention sink, reported as such instead.
-uniform_attention  largest weight < 1.25 x the uniform share 1/n and normalised entropy > 0.98:
-                   the head averages its context (the uniform-attention collapse; row_std ~ 0.024).
-                   A trained head with any preference beats 1.25 x easily; a head whose query
-                   or key projection is dead sits at exactly 1.0.
-attention_spike    >= 25 % of rows put > 95 % on a single key while the head is not collapsed on
-                   average: sharp, brittle rows whose gradients vanish for the other keys.
-attention_sink     >= 30 % of the mass on the first visible key and >= 5 x its uniform share.
-                   Common and usually benign in trained LMs (Xiao et al. 2023); it matters when
-                   the first token is evicted from a KV cache or a sliding window.
+entropy_collapse   mean row entropy < entropy_collapse_nats and mean largest weight >
+                   entropy_collapse_max_attention. Heads that concentrate on their own or the
+                   previous position are positional heads, often by design: reported as info.
+                   Concentration on the first token is an attention sink, reported as such instead.
+uniform_attention  largest weight < uniform_max_over_uniform x the uniform share 1/n and
+                   normalised entropy > uniform_normalized_entropy: the head averages its context.
+attention_spike    >= spike_fraction of rows put > 95 % on a single key while the head is not
+                   collapsed on average.
+attention_sink     >= sink_mass on the first visible key and >= sink_ratio x its uniform share.
 overflow_risk      the largest |q.k| before scaling against the dtype in use: error when it
-                   reached the largest finite value (65,504 in fp16), warning within 16 x (4 bits)
-                   of it. In fp16, logits above ln(65504) = 11.09 overflow an exp that does not
-                   subtract the row maximum (a warning for hand-written kernels; PyTorch's and
-                   transformers' softmax subtract it). For fp32/bf16 runs, heads that would
-                   not survive fp16 are reported as info.
+                   reached the largest finite value (65,504 in fp16), warning within
+                   overflow_headroom of it. In fp16, logits above ln(65504) = 11.09 overflow an exp
+                   that does not subtract the row maximum (a warning for hand-written kernels;
+                   PyTorch's and transformers' softmax subtract it). For fp32/bf16 runs, heads that
+                   would not survive fp16 are reported as info.
 nonfinite          NaN/Inf logits: names the first layer (in call order) where they appear, the
                    logits that led there, and whether QK^T overflowed or NaN arrived from below.
 """
@@ -34,53 +27,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from attnkit.analyze.mitigations import Mitigation
+from attnkit.common.findings import Finding, severity_rank, threshold
 from attnkit.metrics.numeric import exp_overflow_threshold, max_finite
 
-SEVERITIES = ("info", "warning", "error")
 # One letter per issue type, for the layer x head grids of the console and the plots.
 ISSUE_LETTERS = {
     "nonfinite": "N", "overflow_risk": "O", "entropy_collapse": "C", "uniform_attention": "U",
     "attention_spike": "P", "attention_sink": "S",
 }
+# The keys of an issue in analyze's JSON, in order (``Finding.to_dict``).
+ISSUE_KEYS = ("type", "severity", "layer", "head", "value", "threshold", "message", "suggestion", "mitigations")
 
-ENTROPY_COLLAPSE_NATS = 0.5
-ENTROPY_COLLAPSE_MAX_ATTENTION = 0.8
-SATURATED_LOGIT_RANGE = 20.0
-UNIFORM_MAX_OVER_UNIFORM = 1.25
-UNIFORM_NORMALIZED_ENTROPY = 0.98
-SPIKE_FRACTION = 0.25
-SINK_MASS = 0.3
-SINK_RATIO = 5.0
-OVERFLOW_HEADROOM = 16.0
-FP16_MAX = 65504.0
+ENTROPY_COLLAPSE_NATS = threshold("entropy_collapse_nats")
+ENTROPY_COLLAPSE_MAX_ATTENTION = threshold("entropy_collapse_max_attention")
+POSITIONAL_MASS = threshold("positional_mass")
+SATURATED_LOGIT_RANGE = threshold("saturated_logit_range")
+UNIFORM_MAX_OVER_UNIFORM = threshold("uniform_max_over_uniform")
+UNIFORM_NORMALIZED_ENTROPY = threshold("uniform_normalized_entropy")
+SPIKE_FRACTION = threshold("spike_fraction")
+SINK_MASS = threshold("sink_mass")
+SINK_RATIO = threshold("sink_ratio")
+OVERFLOW_HEADROOM = threshold("overflow_headroom")
+FP16_MAX = 65504.0  # the largest finite float16
 FP16_EXP_LIMIT = math.log(FP16_MAX)  # 11.09
-
-
-@dataclass
-class Issue:
-    type: str
-    severity: str
-    layer: int | None
-    head: int | None
-    value: float
-    threshold: float
-    message: str
-    suggestion: str
-    mitigations: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def where(self) -> str:
-        if self.layer is None:
-            return "model"
-        return f"layer {self.layer}" if self.head is None else f"head {self.head} of layer {self.layer}"
 
 
 @dataclass
@@ -89,7 +63,7 @@ class Context:
     mitigations: list[Mitigation]
 
 
-Detector = Callable[[dict, Context], "Issue | None"]
+Detector = Callable[[dict, Context], "Finding | None"]
 
 
 def _where(h: dict) -> str:
@@ -97,109 +71,111 @@ def _where(h: dict) -> str:
 
 
 def _pattern(h: dict) -> str | None:
-    if h["diagonal_mass"] >= 0.8:
+    if h["diagonal_mass"] >= POSITIONAL_MASS:
         return "self"
-    if 0.8 <= h["mean_distance"] <= 1.2 and h["max_attention"] >= 0.8:
+    if 0.8 <= h["mean_distance"] <= 1.2 and h["max_attention"] >= POSITIONAL_MASS:
         return "previous"
     return None
 
 
-def entropy_collapse(h: dict, ctx: Context) -> Issue | None:
+def entropy_collapse(h: dict, ctx: Context) -> Finding | None:
     if not (h["entropy"] < ENTROPY_COLLAPSE_NATS and h["max_attention"] > ENTROPY_COLLAPSE_MAX_ATTENTION):
         return None
-    if h["sink_mass"] >= 0.8:
+    if h["sink_mass"] >= POSITIONAL_MASS:
         return None  # an attention sink; attention_sink says it
     pattern = _pattern(h)
     saturated = h["logit_range"] > SATURATED_LOGIT_RANGE
     if pattern:
         target = "its own position" if pattern == "self" else "the previous token"
-        return Issue(
-            "entropy_collapse", "info", h["layer"], h["head"], h["entropy"], ENTROPY_COLLAPSE_NATS,
-            f"{_where(h)} attends almost only to {target} (entropy {h['entropy']:.2f} nats, "
+        return Finding(
+            "entropy_collapse", "info", layer=h["layer"], head=h["head"], value=h["entropy"], threshold=ENTROPY_COLLAPSE_NATS,
+            message=f"{_where(h)} attends almost only to {target} (entropy {h['entropy']:.2f} nats, "
             f"largest weight {h['max_attention']:.2f}): a positional head",
-            "usually by design; if it was not meant to be positional, check its query/key projections",
+            suggestion="usually by design; if it was not meant to be positional, check its query/key projections",
         )
-    return Issue(
-        "entropy_collapse", "warning", h["layer"], h["head"], h["entropy"],
-        ENTROPY_COLLAPSE_NATS,
-        f"{_where(h)} is collapsing to one token: entropy {h['entropy']:.2f} nats "
+    return Finding(
+        "entropy_collapse", "warning", layer=h["layer"], head=h["head"], value=h["entropy"],
+        threshold=ENTROPY_COLLAPSE_NATS,
+        message=f"{_where(h)} is collapsing to one token: entropy {h['entropy']:.2f} nats "
         f"(≈{h['effective_keys']:.2f} keys), largest weight {h['max_attention']:.2f}, "
         f"logits span {h['logit_range']:.1f}",
-        "lower the logit scale for this head (temperature > 1 or soft-capping via attnkit's score mods), "
+        suggestion="lower the logit scale for this head (temperature > 1 or soft-capping via attnkit's score mods), "
         "add QK-norm, an entropy regulariser or attention dropout; "
         + ("the logits are saturated (range > 20), so the other keys get no gradient" if saturated
            else "watch whether it sharpens further during training"),
     )
 
 
-def uniform_attention(h: dict, ctx: Context) -> Issue | None:
+def uniform_attention(h: dict, ctx: Context) -> Finding | None:
     if not (h["max_over_uniform"] < UNIFORM_MAX_OVER_UNIFORM and h["normalized_entropy"] > UNIFORM_NORMALIZED_ENTROPY):
         return None
-    return Issue(
-        "uniform_attention", "warning", h["layer"], h["head"], h["max_over_uniform"], UNIFORM_MAX_OVER_UNIFORM,
-        f"{_where(h)} attends uniformly: its largest weight is {h['max_over_uniform']:.3f} × 1/n "
+    return Finding(
+        "uniform_attention", "warning", layer=h["layer"], head=h["head"], value=h["max_over_uniform"],
+        threshold=UNIFORM_MAX_OVER_UNIFORM,
+        message=f"{_where(h)} attends uniformly: its largest weight is {h['max_over_uniform']:.3f} × 1/n "
         f"(normalised entropy {h['normalized_entropy']:.3f}, logits span {h['logit_range']:.3f})",
-        "the head only averages its context: check that its query/key weights are not zero or frozen and "
+        suggestion="the head only averages its context: check that its query/key weights are not zero or frozen and "
         "receive gradient, that the logit scale is not too small (temperature < 1), or add an output gate "
         "(gated attention, Qiu et al. 2025: attnkit.gate.add_gates, then train); run `attnkit validate` to see whether ablating it changes the loss",
     )
 
 
-def attention_spike(h: dict, ctx: Context) -> Issue | None:
+def attention_spike(h: dict, ctx: Context) -> Finding | None:
     # Written as "not (...)" so NaN statistics (a head with no finite row) never fire.
     if not (h["spike_fraction"] >= SPIKE_FRACTION and h["entropy"] >= ENTROPY_COLLAPSE_NATS):
         return None
-    return Issue(
-        "attention_spike", "warning", h["layer"], h["head"], h["spike_fraction"], SPIKE_FRACTION,
-        f"{_where(h)} spikes: in {100 * h['spike_fraction']:.0f}% of rows one key takes > 95% "
+    return Finding(
+        "attention_spike", "warning", layer=h["layer"], head=h["head"], value=h["spike_fraction"], threshold=SPIKE_FRACTION,
+        message=f"{_where(h)} spikes: in {100 * h['spike_fraction']:.0f}% of rows one key takes > 95% "
         f"(logits up to {h['logit_max']:.1f})",
-        "nearly one-hot rows pass no gradient to the other keys; soft-cap or clamp the logits, or add "
+        suggestion="nearly one-hot rows pass no gradient to the other keys; soft-cap or clamp the logits, or add "
         "attention dropout",
     )
 
 
-def attention_sink(h: dict, ctx: Context) -> Issue | None:
+def attention_sink(h: dict, ctx: Context) -> Finding | None:
     if not (h["sink_mass"] >= SINK_MASS and h["sink_ratio"] >= SINK_RATIO):
         return None
-    return Issue(
-        "attention_sink", "info", h["layer"], h["head"], h["sink_mass"], SINK_MASS,
-        f"{_where(h)} is an attention sink: {100 * h['sink_mass']:.0f}% of its mass on the first token, "
+    return Finding(
+        "attention_sink", "info", layer=h["layer"], head=h["head"], value=h["sink_mass"], threshold=SINK_MASS,
+        message=f"{_where(h)} is an attention sink: {100 * h['sink_mass']:.0f}% of its mass on the first token, "
         f"{h['sink_ratio']:.1f}× its uniform share",
-        "usually benign (a 'no-op' head); keep the first token when truncating or windowing the KV cache "
+        suggestion="usually benign (a 'no-op' head); keep the first token when truncating or windowing the KV cache "
         "(StreamingLLM), or give the model an explicit sink token / gated attention if it is unwanted",
     )
 
 
-def overflow_risk(h: dict, ctx: Context) -> Issue | None:
+def overflow_risk(h: dict, ctx: Context) -> Finding | None:
     dtype_max = max_finite(ctx.dtype)
     qk, lmax = h["qk_absmax"], h["logit_max"]
     name = str(ctx.dtype).replace("torch.", "")
     if qk >= dtype_max:
-        return Issue(
-            "overflow_risk", "error", h["layer"], h["head"], qk, dtype_max,
-            f"{_where(h)}: QK^T overflowed {name} (max finite {dtype_max:.4g})",
-            "compute attention scores in float32 (upcast q and k), scale queries before the product, "
+        return Finding(
+            "overflow_risk", "error", layer=h["layer"], head=h["head"], value=qk, threshold=dtype_max,
+            message=f"{_where(h)}: QK^T overflowed {name} (max finite {dtype_max:.4g})",
+            suggestion="compute attention scores in float32 (upcast q and k), scale queries before the product, "
             "or add QK-norm / soft-capping",
         )
     if qk > dtype_max / OVERFLOW_HEADROOM:
-        return Issue(
-            "overflow_risk", "warning", h["layer"], h["head"], qk, dtype_max / OVERFLOW_HEADROOM,
-            f"{_where(h)}: |QK^T| reaches {qk:.4g}, within {dtype_max / qk:.1f}× of {name}'s max {dtype_max:.4g}",
-            "little headroom: longer inputs or further training will overflow; upcast scores to float32 or add QK-norm",
+        return Finding(
+            "overflow_risk", "warning", layer=h["layer"], head=h["head"], value=qk, threshold=dtype_max / OVERFLOW_HEADROOM,
+            message=f"{_where(h)}: |QK^T| reaches {qk:.4g}, within {dtype_max / qk:.1f}× of {name}'s max {dtype_max:.4g}",
+            suggestion="little headroom: longer inputs or further training will overflow; upcast scores to float32 "
+                       "or add QK-norm",
         )
     exp_limit = exp_overflow_threshold(ctx.dtype)
     if ctx.dtype == torch.float16 and lmax > exp_limit:
-        return Issue(
-            "overflow_risk", "warning", h["layer"], h["head"], lmax, exp_limit,
-            f"{_where(h)}: logits reach {lmax:.1f} and fp16 exp overflows at {exp_limit:.1f}",
-            "safe only with a max-subtracting softmax (PyTorch's is); a hand-written kernel must subtract the "
+        return Finding(
+            "overflow_risk", "warning", layer=h["layer"], head=h["head"], value=lmax, threshold=exp_limit,
+            message=f"{_where(h)}: logits reach {lmax:.1f} and fp16 exp overflows at {exp_limit:.1f}",
+            suggestion="safe only with a max-subtracting softmax (PyTorch's is); a hand-written kernel must subtract the "
             "row max or compute the softmax in float32",
         )
     if ctx.dtype != torch.float16 and qk > FP16_MAX / OVERFLOW_HEADROOM:
-        return Issue(
-            "overflow_risk", "info", h["layer"], h["head"], qk, FP16_MAX / OVERFLOW_HEADROOM,
-            f"{_where(h)}: |QK^T| reaches {qk:.4g}; in fp16 (max 65,504) this head would overflow or come within 4 bits",
-            "keep this model's attention scores in float32 or bf16 if you move to fp16",
+        return Finding(
+            "overflow_risk", "info", layer=h["layer"], head=h["head"], value=qk, threshold=FP16_MAX / OVERFLOW_HEADROOM,
+            message=f"{_where(h)}: |QK^T| reaches {qk:.4g}; in fp16 (max 65,504) this head would overflow or come within 4 bits",
+            suggestion="keep this model's attention scores in float32 or bf16 if you move to fp16",
         )
     return None
 
@@ -213,7 +189,7 @@ DETECTORS: dict[str, Detector] = {
 }
 
 
-def nonfinite(heads: list[dict], call_order: list[int]) -> Issue | None:
+def nonfinite(heads: list[dict], call_order: list[int]) -> Finding | None:
     """The first layer (in the order calls ran) whose logits went NaN/Inf, and what led there."""
     bad = {(h["layer"], h["head"]): h for h in heads if h["nonfinite_rows"] > 0}
     if not bad:
@@ -234,17 +210,17 @@ def nonfinite(heads: list[dict], call_order: list[int]) -> Issue | None:
     else:
         cause = f"NaN arrives in the queries/keys ({int(nan)} NaN logits)"
         fix = "NaN comes from below this layer: check the weights (NaN/Inf parameters) and the previous layers' outputs"
-    return Issue(
-        "nonfinite", "error", first, worst["head"], worst["nonfinite_logits"], 0.0,
-        f"non-finite attention first appears in layer {first} (heads {heads_txt}): {cause}{trail}",
-        fix,
+    return Finding(
+        "nonfinite", "error", layer=first, head=worst["head"], value=worst["nonfinite_logits"], threshold=0.0,
+        message=f"non-finite attention first appears in layer {first} (heads {heads_txt}): {cause}{trail}",
+        suggestion=fix,
     )
 
 
-def diagnose(heads: list[dict], dtype: torch.dtype, mitigations: list[Mitigation], call_order: list[int]) -> list[Issue]:
+def diagnose(heads: list[dict], dtype: torch.dtype, mitigations: list[Mitigation], call_order: list[int]) -> list[Finding]:
     """All issues for the heads of one analysis, most severe first."""
     ctx = Context(dtype=dtype, mitigations=mitigations)
-    issues: list[Issue] = []
+    issues: list[Finding] = []
     first_bad = nonfinite(heads, call_order)
     if first_bad:
         issues.append(first_bad)
@@ -255,6 +231,5 @@ def diagnose(heads: list[dict], dtype: torch.dtype, mitigations: list[Mitigation
             if issue is not None:
                 issue.mitigations = [m.detail for m in mitigations if issue.type in m.addresses]
                 issues.append(issue)
-    rank = {s: i for i, s in enumerate(SEVERITIES)}
-    issues.sort(key=lambda i: (-rank[i.severity], i.layer if i.layer is not None else -1, i.head or 0))
+    issues.sort(key=lambda i: (-severity_rank(i.severity), i.layer if i.layer is not None else -1, i.head or 0))
     return issues

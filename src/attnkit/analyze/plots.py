@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from attnkit.analyze.diagnose import ISSUE_LETTERS
-from attnkit.analyze.run import Analysis
 from attnkit.common.io import write_atomic
+
+if TYPE_CHECKING:  # Analysis.plot_heatmap draws with this module: a type, not an import at run time
+    from attnkit.analyze.run import Analysis
 
 SEVERITY_FRAME = {"error": "#cf222e", "warning": "#f0883e"}  # info findings get no frame: they are many and benign
 

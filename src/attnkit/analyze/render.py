@@ -137,7 +137,7 @@ def _next_steps(a: Analysis, given_json: bool, model_flags: str = "") -> list[tu
     steps.append(("is attention correct and does it help? nine checks and an ablation",
                   f"attnkit validate {model} --html report.html"))
     if not given_json:
-        steps.append(("every statistic of every head (schema in the README)", f"attnkit analyze {model} --json report.json"))
+        steps.append(("every statistic of every head (schema: docs/reference/schemas.md)", f"attnkit analyze {model} --json report.json"))
     return steps
 
 
@@ -147,10 +147,20 @@ def render_analysis(a: Analysis, console: Console, *, given_json: bool = False, 
     dtype = str(a.dtype).replace("torch.", "")
     header = Text()
     header.append("attnkit analyze", style="bold")
-    header.append(f" · {a.model} · {a.tokens} tokens × batch {a.batch} · {dtype}")
+    if a.sequences > 1:  # pooled over sequences: say what the statistics rest on
+        header.append(f" · {a.model} · {a.sequences} sequences, {a.rows:,} query rows (longest {a.tokens} tokens) · {dtype}")
+    else:
+        header.append(f" · {a.model} · {a.tokens} tokens × batch {a.batch} · {dtype}")
     if a.sample_rows:
         header.append(f", statistics on {a.sample_rows} sampled query rows per call")
     console.print(header, highlight=False)
+    if a.truncated:
+        console.print(Text(f"{_plural(a.truncated, 'text')} of {a.sequences} cut to {a.seq_len} tokens "
+                           "(--seq-len; the model's maximum unless given)"), highlight=False)
+    widths = [h["entropy_ci95"][1] - h["entropy_ci95"][0] for h in a.heads if h.get("entropy_ci95")]
+    if widths:
+        console.print(Text(f"95% interval of each head's mean entropy over the sequences: ±{max(widths) / 2:.3f} nats "
+                           "at most (entropy_ci95 in the JSON)", style="dim"), highlight=False)
     if a.mitigations:
         console.print(Text("config already has: " + "; ".join(m.detail for m in a.mitigations)), highlight=False)
     by_head: dict[tuple[int, int], list] = {}

@@ -1,18 +1,25 @@
-"""``analyze``: run a model on text through the seam and turn its attention into statistics and issues."""
+"""``analyze`` and ``Analyzer``: run a model through the seam and turn its attention into statistics and issues.
+
+``Analyzer(model)`` accumulates over any number of forwards (a user's own loop, or ``attnkit
+analyze --dataset``); ``analyze(model, inputs)`` is one forward through it.
+"""
 
 from __future__ import annotations
 
+import html
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from attnkit.analyze.diagnose import Issue, diagnose
+from attnkit.analyze.diagnose import ISSUE_KEYS, diagnose
 from attnkit.analyze.mitigations import Mitigation, find_mitigations
+from attnkit.common.findings import Finding
 from attnkit.errors import UserError
-from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, observe_forward
+from attnkit.seam import AttentionSession, NoAttentionError, StatsCollector, attach, eval_mode, forward_no_grad
 
-SCHEMA_VERSION = "1.1"  # 1.1: heads carry "stack" and "kind" beside "layer"
+SCHEMA_VERSION = "1.2"
 
 
 @dataclass
@@ -22,12 +29,16 @@ class Analysis:
     tokens: int
     batch: int
     heads: list[dict]
-    issues: list[Issue]
+    issues: list[Finding]
     mitigations: list[Mitigation]
     call_order: list[int]
     sample_rows: int | None = None
     token_text: list[str] = field(default_factory=list)
     gates: list[dict] = field(default_factory=list)  # attnkit.gate gates: mean gate / share below 0.1 per head
+    sequences: int = 0  # sequences (batch rows of every forward) the statistics rest on
+    rows: int = 0  # their real (non-padding) tokens: the query rows of each observed call
+    truncated: int = 0  # sequences cut to the longest length allowed (``seq_len``)
+    seq_len: int | None = None  # the length longer texts were cut to, when they were
 
     @property
     def layers(self) -> list[int]:
@@ -40,14 +51,50 @@ class Analysis:
             "dtype": str(self.dtype).replace("torch.", ""),
             "tokens": self.tokens,
             "batch": self.batch,
+            "sequences": self.sequences,
+            "rows": self.rows,
+            "truncated": self.truncated,
+            "seq_len": self.seq_len,
             "sample_rows": self.sample_rows,
             "num_layers": len(self.layers),
             "layers": self.layers,
             "mitigations": [m.detail for m in self.mitigations],
             "heads": [_finite(h) for h in self.heads],
-            "issues": [i.to_dict() for i in self.issues],
+            "issues": [i.to_dict(ISSUE_KEYS) for i in self.issues],
             **({"gates": [_finite(g) for g in self.gates]} if self.gates else {}),  # only for a gated model
         }
+
+
+    def plot_heatmap(self, path: str | None = None, metric: str = "normalized_entropy") -> bytes:
+        """The layer x head heatmap as PNG bytes; also written to ``path`` (atomically) when given."""
+        from attnkit.analyze.plots import entropy_heatmap_png
+        from attnkit.common.io import write_atomic
+
+        png = entropy_heatmap_png(self, metric)
+        if path is not None:
+            write_atomic(path, png)
+        return png
+
+    def _repr_html_(self) -> str:
+        """How a notebook shows the analysis: the header, the heatmap and the issues (all text escaped)."""
+        import base64
+
+        e = html.escape
+        rests_on = f"{self.sequences} sequence{'s' if self.sequences != 1 else ''}, {self.rows} query rows"
+        parts = [f"<b>attnkit analyze</b> · {e(self.model)} · {e(str(self.dtype).replace('torch.', ''))} · "
+                 f"statistics over {rests_on}"]
+        if self.token_text:
+            parts.append(f"<div><small>text: {e(''.join(self.token_text)[:400])}</small></div>")
+        png = base64.b64encode(self.plot_heatmap()).decode("ascii")
+        parts.append(f'<div><img src="data:image/png;base64,{png}" alt="normalised entropy per head"></div>')
+        if self.issues:
+            rows = "".join(f"<tr><td>{e(i.severity)}</td><td>{e(i.where)}</td><td>{e(i.type)}</td>"
+                           f"<td>{e(i.message)}</td><td>{e(i.suggestion)}</td></tr>" for i in self.issues)
+            parts.append("<table><tr><th>severity</th><th>where</th><th>issue</th><th>evidence</th><th>suggestion</th></tr>"
+                         f"{rows}</table>")
+        else:
+            parts.append("<div>no issues found</div>")
+        return "\n".join(parts)
 
 
 def _finite(d: dict) -> dict:
@@ -63,6 +110,124 @@ def _finite(d: dict) -> dict:
     return out
 
 
+class Analyzer:
+    """Per-head attention statistics accumulated over any number of forwards of ``model``::
+
+        with Analyzer(model) as a:
+            for batch in loader:
+                model(**batch)
+        analysis = a.result()  # the Analysis ``analyze`` returns: issues, to_json(), plot_heatmap()
+
+    Every forward inside the block is observed through the seam. An ``attention_mask`` passed as
+    a keyword marks padding: padding queries are left out and padding keys take no part, so a
+    padded batch gives the statistics of its sequences analysed one by one. Each batch row of
+    each forward is one sequence of the interval over sequences (``entropy_ci95``). Inside the
+    block the model is in eval mode (no dropout); on leaving it, also through an exception, the
+    model is exactly as it was found (training mode, attention implementation, hooks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str = "model",
+        layers: list[int] | None = None,
+        heads: list[int] | None = None,
+        sample_rows: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.layers = layers
+        self.sample_rows = sample_rows
+        self.collector = StatsCollector()
+        self.session = AttentionSession(taps=[self.collector], layers=layers, heads=heads,
+                                        sample_rows=sample_rows, seed=seed)
+        self.sequences = 0
+        self.rows = 0
+        self.longest = 0
+        self.batch = 0
+        self.truncated = 0  # counted by whoever cuts the texts (``analyze_texts``)
+        self.seq_len: int | None = None
+        self.token_text: list[str] = []
+        self._stack: ExitStack | None = None
+        self._gate_stats = None
+
+    def __enter__(self) -> Analyzer:
+        from attnkit.gate.gating import GateStats, find_gates
+
+        stack = ExitStack()
+        try:
+            stack.enter_context(eval_mode(self.model))  # undone last: every module's own flag back
+            stack.enter_context(attach(self.model, self.session))
+            stack.callback(self.model.register_forward_pre_hook(self._see_inputs, with_kwargs=True).remove)
+            if find_gates(self.model):
+                self._gate_stats = stack.enter_context(GateStats(self.model))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stack is not None:
+            self._stack, stack = None, self._stack
+            stack.close()
+
+    def _see_inputs(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Before each forward: which queries are padding, and how many sequences and rows there are."""
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        mask = kwargs.get("attention_mask")
+        padding = mask is not None and mask.dim() == 2 and (ids is None or mask.shape == ids.shape[:2])
+        self.session.query_mask = mask.bool() if padding else None
+        shape = mask.shape if padding else (ids.shape[:2] if ids is not None and ids.dim() >= 2 else None)
+        if shape is not None:
+            self.sequences += int(shape[0])
+            self.rows += int(mask.sum()) if padding else int(shape[0] * shape[1])
+            self.longest = max(self.longest, int(shape[1]))
+            self.batch = max(self.batch, int(shape[0]))
+
+    def run(self, inputs: dict):
+        """One forward on ``inputs`` without gradients (inside the block); a token the model cannot embed is a ``UserError``."""
+        if self._stack is None:
+            raise RuntimeError("Analyzer.run is for inside its with-block")
+        return forward_no_grad(self.model, **inputs)
+
+    def result(self) -> Analysis:
+        """The statistics and diagnoses of every forward observed so far (inside the block or after it)."""
+        collector = self.collector
+        if not collector.layers:
+            if self.layers is not None and self.session.forwards:
+                raise UserError(f"none of the selected layers {sorted(self.layers)} ran; the model has layers "
+                                f"{sorted({site.layer for site in self.session.sites_seen})}")
+            if not self.session.forwards:
+                raise UserError("no forward ran inside the Analyzer's with-block")
+            raise NoAttentionError(f"{type(self.model).__name__} ran no attention call attnkit could see")
+        dtype = next(iter(collector.dtypes.values()))
+        call_order = [site.layer for site in collector.call_order]
+        config = getattr(self.model, "config", None)
+        mitigations = find_mitigations(config) if config is not None else []
+        head_stats = collector.heads()
+        return Analysis(
+            model=self.name,
+            dtype=dtype,
+            tokens=self.longest,
+            batch=self.batch,
+            heads=head_stats,
+            issues=diagnose(head_stats, dtype, mitigations, call_order),
+            mitigations=mitigations,
+            call_order=call_order,
+            sample_rows=self.sample_rows if collector.sampled else None,
+            token_text=list(self.token_text),
+            gates=self._gate_stats.heads() if self._gate_stats is not None else [],
+            # inputs the pre-hook could not count (embeddings only): the sequences the statistics saw
+            sequences=self.sequences or max((h["sequences"] for h in head_stats), default=0),
+            rows=self.rows,
+            truncated=self.truncated,
+            seq_len=self.seq_len,
+        )
+
+
 def analyze(
     model: nn.Module,
     inputs: dict,
@@ -73,42 +238,10 @@ def analyze(
     sample_rows: int | None = None,
     seed: int = 0,
 ) -> Analysis:
-    """Per-head statistics and diagnoses for one forward of ``model`` on ``inputs``.
+    """Per-head statistics and diagnoses for one forward of ``model`` on ``inputs`` (``Analyzer`` over one forward).
 
     The model is left as it was found (training mode, attention implementation).
     """
-    collector = StatsCollector()
-    session = AttentionSession(taps=[collector], layers=layers, heads=heads, sample_rows=sample_rows, seed=seed)
-    mask = inputs.get("attention_mask")
-    if mask is not None:
-        session.query_mask = mask.bool()
-    from attnkit.gate.gating import GateStats, find_gates
-
-    gate_stats = GateStats(model) if find_gates(model) else None
-    if gate_stats is None:
-        observe_forward(model, session, **inputs)
-    else:
-        with gate_stats:
-            observe_forward(model, session, **inputs)
-    if not collector.layers:
-        if layers is not None:
-            raise UserError(f"none of the selected layers {sorted(layers)} ran; the model has layers {sorted({site.layer for site in session.sites_seen})}")
-        raise NoAttentionError(f"{type(model).__name__} ran no attention call attnkit could see")
-    dtype = next(iter(collector.dtypes.values()))
-    call_order = [site.layer for site in collector.call_order]
-    config = getattr(model, "config", None)
-    mitigations = find_mitigations(config) if config is not None else []
-    head_stats = collector.heads()
-    ids = inputs.get("input_ids")
-    return Analysis(
-        model=name,
-        dtype=dtype,
-        tokens=int(ids.shape[1]) if ids is not None else 0,
-        batch=int(ids.shape[0]) if ids is not None else 0,
-        heads=head_stats,
-        issues=diagnose(head_stats, dtype, mitigations, call_order),
-        mitigations=mitigations,
-        call_order=call_order,
-        sample_rows=sample_rows if collector.sampled else None,
-        gates=gate_stats.heads() if gate_stats is not None else [],
-    )
+    with Analyzer(model, name=name, layers=layers, heads=heads, sample_rows=sample_rows, seed=seed) as a:
+        a.run(inputs)
+    return a.result()

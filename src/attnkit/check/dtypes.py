@@ -17,8 +17,8 @@ tested on fresh grids. Errors grow with
 depth, which this does not model: at 4 layers fp16 breaks from logits of ~17, recall 0.62 there.)
 
 Tolerance (the one number the verdicts rest on): an attention weight may change by at most
-``DISTORTION_TOLERANCE`` = 10 % (factor e^err - 1 <= 0.10). With 4 roundings that puts the
-largest logit a format holds at ln(1.1) 2^s / 4: 6.1 in bf16, 48.8 in fp16.
+``DISTORTION_TOLERANCE`` (``THRESHOLDS["distortion_tolerance"]`` in ``attnkit.common.findings``,
+which says why 10 %).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DISTORTION_TOLERANCE = 0.10
+from attnkit.common.findings import threshold
+
+DISTORTION_TOLERANCE = threshold("distortion_tolerance")
 LOGIT_ROUNDINGS = 4  # rounding errors of size |L| 2^-s a logit inherits (see above)
 
 
@@ -50,7 +52,7 @@ class FloatFormat:
         return 2.0 ** (exponent - self.significant_bits)
 
     def relative_error_bound(self) -> float:
-        """|L| 2^-s: the bound the README states (bf16 2^-8, fp16 2^-11)."""
+        """|L| 2^-s: the bound the check guide states (bf16 2^-8, fp16 2^-11)."""
         return 2.0 ** -self.significant_bits
 
     def logit_error(self, logit: float) -> float:

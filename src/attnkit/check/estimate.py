@@ -38,10 +38,11 @@ from functools import lru_cache
 
 from attnkit.check.gaussian import expected_max, normal_isf, quantile_max
 from attnkit.check.shape import AttentionShape, LayerType
+from attnkit.common.findings import threshold
 from attnkit.errors import UserError
-from attnkit.seam.adapters.qk_weights import qk_layout
+from attnkit.seam.layouts import qk_layout
 
-HIGH_QUANTILE = 0.99  # the "high" estimate: the value the largest logit stays below with 99 % probability
+HIGH_QUANTILE = threshold("high_quantile")  # the "high" estimate: the largest logit stays below it with 99 % probability
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,6 @@ def moments_from_weights(model) -> dict[int, list[HeadMoments]]:
     attention modules it does not know gives {} (the check then uses the config alone).
     """
     import torch
-
 
     found: dict[int, list[HeadMoments]] = {}
     layer = 0

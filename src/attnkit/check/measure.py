@@ -16,15 +16,11 @@ import torch
 
 from attnkit.check.estimate import LogitEstimate
 from attnkit.common.data import load_corpus
-from attnkit.common.data.blocks import encode_documents
-from attnkit.seam import AttentionSession, StatsCollector, observe_forward
+from attnkit.common.data.blocks import encode_documents, split_blocks
+from attnkit.common.findings import threshold
+from attnkit.seam import AttentionSession, StatsCollector, attach, eval_mode, forward_no_grad
 
-# Within a factor of 2.5 either way. The weights-based estimate assumes isotropic unit-variance
-# inputs; trained hidden states are not (norm gains, directions the heads are tuned to), which
-# on the shipped models moves single heads by up to ~4x and the model-level figures by up to 2x
-# (the reference model's largest logit: predicted 0.50x the measured). The figures it is meant
-# to tell apart differ by far more: init-scale logits (~0.2) against trained ones (~20).
-AGREEMENT_FACTOR = 2.5
+AGREEMENT_FACTOR = threshold("agreement_factor")  # either way; why 2.5: attnkit.common.findings.THRESHOLDS
 MEASURE_TEXT_SPLIT = "test"  # KJV chapters the reference model never trained on
 
 
@@ -50,13 +46,14 @@ class Measurement:
     heads: list[dict]  # layer, head, measured logit_max / logit_range / qk_absmax, predicted head_max / row_range
     comparisons: list[Comparison] = field(default_factory=list)
     factor: float = AGREEMENT_FACTOR
+    blocks: int = 1  # blocks of ``tokens`` tokens measured; the figures are their extremes
 
     @property
     def agrees(self) -> bool:
         return all(c.agrees for c in self.comparisons)
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "text": self.text, "agreement_factor": self.factor, "agrees": self.agrees,
+        return {"tokens": self.tokens, "blocks": self.blocks, "text": self.text, "agreement_factor": self.factor, "agrees": self.agrees,
                 "comparisons": [c.to_dict() for c in self.comparisons], "heads": self.heads}
 
 
@@ -80,16 +77,32 @@ def sample_ids(tokenizer, seq_len: int) -> torch.Tensor:
     return torch.cat(ids)[:seq_len].unsqueeze(0)
 
 
-def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: float = AGREEMENT_FACTOR) -> Measurement:
-    """One forward of ``model`` on ``seq_len`` KJV tokens through the seam; compare with ``estimate_``
-    (which must have been made from this model's weights, at this length)."""
-    ids = sample_ids(tokenizer, seq_len)
+def dataset_blocks(tokenizer, texts: list[str], seq_len: int, samples: int) -> torch.Tensor:
+    """(N, seq_len) token ids: the texts' tokens end to end, cut into full blocks, the first ``samples``
+    of them (one shorter block when the texts hold fewer than ``seq_len`` tokens)."""
+    ids = encode_documents(tokenizer, texts)
+    blocks = split_blocks(ids, seq_len)
+    full = [b for b in blocks if b.numel() == seq_len]
+    return torch.stack(full[:samples]) if full else blocks[0].unsqueeze(0)
+
+
+def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: float = AGREEMENT_FACTOR, *,
+            texts: list[str] | None = None, source: str | None = None, samples: int = 8,
+            batch_size: int = 8) -> Measurement:
+    """Forwards of ``model`` through the seam on ``seq_len``-token blocks; compare with ``estimate_``
+    (which must have been made from this model's weights, at this length). Without ``texts`` one
+    block of the KJV test split; with them (``source`` names them) up to ``samples`` blocks of
+    their tokens, ``batch_size`` a forward: the measured figures are the extremes over every block."""
+    ids = sample_ids(tokenizer, seq_len) if texts is None else dataset_blocks(tokenizer, texts, seq_len, samples)
     collector = StatsCollector()
     session = AttentionSession(taps=[collector])
-    inputs = {"input_ids": ids}
-    if "bert" in type(model).__name__.lower() or getattr(getattr(model, "config", None), "model_type", "") == "bert":
-        inputs["attention_mask"] = torch.ones_like(ids)
-    observe_forward(model, session, **inputs)
+    bert = "bert" in type(model).__name__.lower() or getattr(getattr(model, "config", None), "model_type", "") == "bert"
+    with eval_mode(model), attach(model, session):
+        for batch in ids.split(batch_size):
+            inputs = {"input_ids": batch}
+            if bert:
+                inputs["attention_mask"] = torch.ones_like(batch)
+            forward_no_grad(model, **inputs)
     measured = collector.heads()
     predicted = {(h["layer"], h["head"]): h for h in estimate_.per_head}
     rows = []
@@ -112,4 +125,5 @@ def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: fl
         comparisons.append(Comparison("median head row range", pm, mm, _agrees(pm, mm, factor)))
         px, mx = max(predicted_ranges), max(ranges)
         comparisons.append(Comparison("largest head row range", px, mx, _agrees(px, mx, factor)))
-    return Measurement(int(ids.shape[1]), f"KJV {MEASURE_TEXT_SPLIT} split", rows, comparisons, factor)
+    where = f"KJV {MEASURE_TEXT_SPLIT} split" if texts is None else str(source)
+    return Measurement(int(ids.shape[1]), where, rows, comparisons, factor, blocks=int(ids.shape[0]))

@@ -35,7 +35,7 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
               moments=None, upcast: bool = False) -> list[Recommendation]:
     out: list[Recommendation] = []
     fmt = FORMATS[verdict.dtype]
-    bad = [f for f in verdict.findings if f.status not in (SAFE, "advice")]
+    bad = [f for f in verdict.findings if f.severity not in (SAFE, "advice")]
     if not bad:
         return out
 
@@ -47,13 +47,13 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
         return judge(e, verdict.dtype, upcast).status == SAFE, e
 
     for finding in bad:
-        trigger = f"{finding.kind}: {finding.message}"
+        trigger = f"{finding.type}: {finding.message}"
         if not upcast and verdict.dtype != "fp32":
             out.append(Recommendation(
                 "fp32_softmax", "compute QK^T and the softmax in fp32 (upcast attention, e.g. GPT-2's "
                 "reorder_and_upcast_attn, or an fp32 attention kernel); the rest of the model may stay in "
                 f"{fmt.name}", trigger))
-        if finding.kind == "rounding":
+        if finding.type == "rounding":
             tolerated = fmt.largest_tolerated_logit(DISTORTION_TOLERANCE)
             tau = est.temperature * est.model_max_high / (tolerated * 0.99)
             ok, e = safe_with(shape, temperature=tau)
@@ -84,7 +84,7 @@ def recommend(shape: AttentionShape, est: LogitEstimate, verdict: Verdict, layer
                     out.append(Recommendation("init_std", f"initialise W_q/W_k with std {std:.3g} instead of "
                                               f"{shape.init_std:g} (logits scale with std^2: largest {e.model_max_high:.3g}); "
                                               f"training growth then starts from there", trigger, std))
-        if finding.kind == "qk_overflow":
+        if finding.type == "qk_overflow":
             if shape.head_dim >= 32:
                 for d in (shape.head_dim // 2, shape.head_dim // 4):
                     if d < 16 or shape.hidden_size % d:

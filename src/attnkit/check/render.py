@@ -63,9 +63,9 @@ def render_check(report: CheckReport, console: Console) -> None:
         _print_checks(console, "from the model's own W_q/W_k (inputs taken as isotropic, unit variance)", report.weights)
     for c in report.primary:
         for f in c.verdicts[report.dtype].findings:
-            if f.status in ("marginal", "unsafe", "advice"):
-                style = "yellow" if f.status != "unsafe" else "red"
-                console.print(f"[{style}]{f.status}[/] {f.kind} ({report.dtype}, {c.estimate.layer_type}): {escape(f.message)}",
+            if f.severity in ("marginal", "unsafe", "advice"):
+                style = "yellow" if f.severity != "unsafe" else "red"
+                console.print(f"[{style}]{f.severity}[/] {f.type} ({report.dtype}, {c.estimate.layer_type}): {escape(f.message)}",
                               highlight=False)
     recs = report.recommendations
     fixes = [r for r in recs if r.fixes]
@@ -82,7 +82,8 @@ def render_check(report: CheckReport, console: Console) -> None:
         console.print(f"no change needed for {report.dtype} at {report.seq_len:,} tokens", highlight=False)
     if report.measured:
         m = report.measured
-        t = Table(title=f"measured: one forward on {m.tokens} tokens of {m.text} (agreement within {m.factor:g}x)",
+        on = f"one forward on {m.tokens} tokens" if m.blocks == 1 else f"{m.blocks} blocks of {m.tokens} tokens"
+        t = Table(title=f"measured: {on} of {m.text} (agreement within {m.factor:g}x)",
                   title_justify="left", show_edge=False, pad_edge=False)
         for col in ("figure", "predicted", "measured", "ratio", ""):
             t.add_column(col, justify="left" if col in ("figure", "") else "right")

@@ -214,6 +214,10 @@ def check(
     measure_pass: bool = False,
     use_weights: bool | None = None,
     regions: bool = True,
+    measure_texts: list[str] | None = None,
+    measure_source: str | None = None,
+    measure_samples: int = 8,
+    measure_batch_size: int = 8,
 ) -> CheckReport:
     """Predict whether attention stays numerically safe in ``dtype`` at ``seq_len`` tokens.
 
@@ -224,6 +228,8 @@ def check(
     alone, as for a fresh initialisation of the architecture. ``measure_pass`` adds one forward
     through the seam on KJV text: its figures are compared with the estimate and judged too, and
     the report's status is the worse of the two verdicts (``notes`` say when they differ).
+    ``measure_texts`` (named ``measure_source``) replace the KJV text: up to ``measure_samples``
+    blocks of their tokens, ``measure_batch_size`` a forward, the figures their extremes.
     """
     fmt = format_named(dtype).name
     for value, what in ((temperature, "temperature"), (weight_growth, "weight growth")):
@@ -283,7 +289,8 @@ def check(
             at_length = estimate(shape, length, shape.layer_types[0], temperature, 1.0, moments)
             if weight_growth != 1.0:
                 notes.append("the measured pass runs the weights as they are (growth 1); the prediction beside it too")
-            report.measured = measure(model, tokenizer, at_length, length)
+            report.measured = measure(model, tokenizer, at_length, length, texts=measure_texts, source=measure_source,
+                                      samples=measure_samples, batch_size=measure_batch_size)
             report.measured_verdicts = measured_verdicts(report.measured, at_length, upcast)
             _note_disagreement(report)
     if regions:

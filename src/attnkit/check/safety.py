@@ -19,25 +19,18 @@ dtype (``reorder_and_upcast_attn``) is judged as fp32.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from attnkit.check.dtypes import DISTORTION_TOLERANCE, FORMATS, FloatFormat
 from attnkit.check.estimate import LogitEstimate
+from attnkit.common.findings import Finding
 
 SAFE, MARGINAL, UNSAFE = "safe", "marginal", "unsafe"
 _ORDER = {SAFE: 0, MARGINAL: 1, UNSAFE: 2}
 
 
-@dataclass
-class Finding:
-    kind: str  # "qk_overflow", "rounding", "exp_overflow"
-    status: str  # safe / marginal / unsafe, or "advice"
-    value: float  # the figure that was compared
-    limit: float  # what it was compared with
-    message: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+# The keys of a finding in check's JSON, in order, and the ``Finding`` field each holds.
+FINDING_KEYS = {"kind": "type", "status": "severity", "value": "value", "limit": "threshold", "message": "message"}
 
 
 @dataclass
@@ -50,7 +43,7 @@ class Verdict:
 
     def to_dict(self) -> dict:
         return {"dtype": self.dtype, "status": self.status, "distortion": self.distortion,
-                "judged_as": self.judged_as, "findings": [f.to_dict() for f in self.findings]}
+                "judged_as": self.judged_as, "findings": [f.to_dict(FINDING_KEYS) for f in self.findings]}
 
 
 def worst(statuses) -> str:
@@ -66,22 +59,22 @@ def judge(est: LogitEstimate, dtype: str, upcast: bool = False, tolerance: float
     largest_raw_high = max(est.raw_absmax_high, est.model_max_high)
     status = UNSAFE if largest_raw >= limit else MARGINAL if largest_raw_high >= limit else SAFE
     if fmt.max_finite < 1e10:
-        findings.append(Finding("qk_overflow", status, largest_raw, limit,
-                                f"largest |q.k| before scaling ~ {largest_raw:,.0f} (99 %: {largest_raw_high:,.0f}) "
+        findings.append(Finding(type="qk_overflow", severity=status, value=largest_raw, threshold=limit,
+                                message=f"largest |q.k| before scaling ~ {largest_raw:,.0f} (99 %: {largest_raw_high:,.0f}) "
                                 f"against {fmt.name}'s largest value {limit:,.0f}"))
     # Rounding of the largest logit.
     distortion = fmt.distortion(est.model_max)
     distortion_high = fmt.distortion(est.model_max_high)
     tolerated = fmt.largest_tolerated_logit(tolerance)
     status = UNSAFE if distortion > tolerance else MARGINAL if distortion_high > tolerance else SAFE
-    findings.append(Finding("rounding", status, est.model_max, tolerated,
-                            f"largest logit ~ {est.model_max:.3g} (99 %: {est.model_max_high:.3g}): computed in {fmt.name} it "
+    findings.append(Finding(type="rounding", severity=status, value=est.model_max, threshold=tolerated,
+                            message=f"largest logit ~ {est.model_max:.3g} (99 %: {est.model_max_high:.3g}): computed in {fmt.name} it "
                             f"carries an error of ~{fmt.logit_error(est.model_max):.3g} (4 roundings of |L| 2^-{fmt.significant_bits}), "
                             f"moving attention weights by up to "
                             f"{100 * distortion:.3g} % (tolerance {100 * tolerance:.0f} %: logits below {tolerated:.3g})"))
     if fmt.name == "fp16" and est.model_max > fmt.exp_overflow:
-        findings.append(Finding("exp_overflow", "advice", est.model_max, fmt.exp_overflow,
-                                f"logits ~ {est.model_max:.3g} exceed ln 65,504 = {fmt.exp_overflow:.2f}: a softmax "
+        findings.append(Finding(type="exp_overflow", severity="advice", value=est.model_max, threshold=fmt.exp_overflow,
+                                message=f"logits ~ {est.model_max:.3g} exceed ln 65,504 = {fmt.exp_overflow:.2f}: a softmax "
                                 f"that does not subtract the row maximum overflows (PyTorch's does)"))
-    return Verdict(dtype, worst(f.status for f in findings if f.status != "advice"), findings, distortion,
+    return Verdict(dtype, worst(f.severity for f in findings if f.severity != "advice"), findings, distortion,
                    "fp32" if upcast and dtype != "fp32" else None)

@@ -24,6 +24,18 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", metavar="LIST", help="layers to observe, e.g. 0,2-3 (others run on SDPA)")
     p.add_argument("--heads", metavar="LIST", help="heads to observe in each selected layer, e.g. 0-3")
     p.add_argument("--sample-rows", type=int, metavar="N", help="statistics on this many random query rows per layer (long inputs)")
+    data = p.add_argument_group("a dataset instead of one text")
+    data.add_argument("--dataset", metavar="SRC", help="texts to pool the statistics over: a .txt file (one text a line), "
+                      ".jsonl, .parquet, a folder of them, or a Hugging Face dataset NAME[:CONFIG] when a hub is reachable")
+    data.add_argument("--split", metavar="S", help="the split of a hub dataset (default train), or the files of a folder "
+                      "whose names contain S")
+    data.add_argument("--text-field", metavar="F", default="text", help="the field (jsonl) or column (parquet, hub) "
+                      "holding the text (default: text)")
+    data.add_argument("--samples", type=int, metavar="N", help="analyse the first N texts (default: all)")
+    data.add_argument("--batch-size", type=int, metavar="B", default=8, help="sequences a forward, padded (default 8); "
+                      "padding takes no part in the statistics")
+    data.add_argument("--seq-len", type=int, metavar="L", help="cut longer texts to L tokens (default: the most the "
+                      "model takes); the report says how many were cut")
     p.add_argument("--json", metavar="PATH", help="write the JSON report to PATH, or - for stdout")
     p.add_argument("--plot", metavar="PNG", help="write the layer x head heatmap to this PNG")
     p.set_defaults(run=run)
@@ -37,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.common.loading.registry import load_model
 
     text = read_text(args.text, args.text_file)
+    _check_dataset_flags(args)
     layers = parse_int_list(args.layers, "layers")
     heads = parse_int_list(args.heads, "heads")
     check_positive(args.max_length, "--max-length")
@@ -51,13 +64,16 @@ def run(args: argparse.Namespace) -> int:
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
     model = loaded.model
-    inputs = tokenize(loaded.tokenizer, text if text is not None else DEFAULT_TEXT, args.max_length,
-                      max_positions(model), truncate_silently=text is None)
-    with stderr_status("running the model through the seam"):
-        try:
-            result = analyze(model, inputs, name=args.model, layers=layers, heads=heads, sample_rows=args.sample_rows)
-        except ValueError as e:
-            raise UserError(str(e)) from e
+    if args.dataset is not None:
+        result = _analyze_dataset(args, loaded, layers, heads)
+    else:
+        inputs = tokenize(loaded.tokenizer, text if text is not None else DEFAULT_TEXT, args.max_length,
+                          max_positions(model), truncate_silently=text is None)
+        with stderr_status("running the model through the seam"):
+            try:
+                result = analyze(model, inputs, name=args.model, layers=layers, heads=heads, sample_rows=args.sample_rows)
+            except ValueError as e:
+                raise UserError(str(e)) from e
     from attnkit.analyze.render import render_analysis
 
     render_analysis(result, console, given_json=args.json is not None, model_flags=model_flags(args))
@@ -71,3 +87,48 @@ def run(args: argparse.Namespace) -> int:
         save_entropy_heatmap(result, args.plot)
         console.print(f"heatmap written to {escape(args.plot)}", highlight=False)
     return 0
+
+
+_DATASET_ONLY = (("split", "--split"), ("samples", "--samples"), ("seq_len", "--seq-len"))
+
+
+def _check_dataset_flags(args: argparse.Namespace) -> None:
+    """The dataset flags' one-line errors, before the model loads."""
+    from attnkit.errors import UserError
+
+    if args.dataset is None:
+        given = [flag for attr, flag in _DATASET_ONLY if getattr(args, attr) is not None]
+        if given:
+            raise UserError(f"{given[0]} is for --dataset")
+        return
+    if args.text is not None or args.text_file is not None:
+        raise UserError("give --dataset or --text / --text-file, not both")
+    if args.max_length is not None:
+        raise UserError("--max-length is for --text; with --dataset, cut texts with --seq-len")
+    check_positive(args.samples, "--samples")
+    check_positive(args.batch_size, "--batch-size")
+    check_positive(args.seq_len, "--seq-len", minimum=2)
+
+
+def _analyze_dataset(args: argparse.Namespace, loaded, layers, heads):
+    """Statistics pooled over ``--dataset``, batch by batch, with a progress bar and its ETA on stderr."""
+    from attnkit.analyze.dataset import analyze_texts
+    from attnkit.common.data.texts import load_texts
+    from attnkit.common.progress import step_progress, stderr_status
+    from attnkit.common.tokenize import max_positions
+    from attnkit.errors import UserError
+
+    with stderr_status(f"reading {args.dataset}"):
+        texts = load_texts(args.dataset, split=args.split, text_field=args.text_field)
+    texts = texts[: args.samples] if args.samples is not None else texts
+    model_max = max_positions(loaded.model)
+    if args.seq_len is not None and model_max is not None and args.seq_len > model_max:
+        raise UserError(f"--seq-len {args.seq_len} is more than the model takes ({model_max} positions)")
+    seq_len = args.seq_len if args.seq_len is not None else model_max
+    with step_progress("analysing", {"sequences": "sequences"}) as update:
+        try:
+            return analyze_texts(loaded.model, loaded.tokenizer, texts, batch_size=args.batch_size, seq_len=seq_len,
+                                 name=args.model, layers=layers, heads=heads, sample_rows=args.sample_rows,
+                                 progress=lambda done, total: update(done, total, "sequences"))
+        except ValueError as e:
+            raise UserError(str(e)) from e

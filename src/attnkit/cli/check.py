@@ -30,6 +30,15 @@ def add_parser(sub) -> None:
                    help="W_q and W_k grown by X each (logits x X^2), as in training")
     p.add_argument("--measure", action="store_true",
                    help="also run one forward through the seam and judge its real logits beside the estimate")
+    data = p.add_argument_group("--measure over a dataset")
+    data.add_argument("--dataset", metavar="SRC", help="measure on this dataset instead of the KJV text: a .txt file (one "
+                      "text a line), .jsonl, .parquet, a folder of them, or a Hugging Face dataset NAME[:CONFIG]")
+    data.add_argument("--split", metavar="S", help="the split of a hub dataset (default train), or the files of a "
+                      "folder whose names contain S")
+    data.add_argument("--text-field", metavar="F", default="text", help="the field or column holding the text (default: text)")
+    data.add_argument("--samples", type=int, metavar="N", default=8,
+                      help="blocks of --seq-len tokens measured (default 8); the figures are their extremes")
+    data.add_argument("--batch-size", type=int, metavar="B", default=8, help="blocks a forward (default 8)")
     p.add_argument("--from-config", action="store_true",
                    help="judge the config alone, as for a fresh initialisation, even when MODEL has trained weights "
                         "(by default a model's own W_q/W_k are read)")
@@ -50,14 +59,28 @@ def run(args: argparse.Namespace) -> int:
     for value, option in ((args.temperature, "--temperature"), (args.weight_growth, "--weight-growth")):
         if not value > 0 or value == float("inf"):
             raise UserError(f"{option} must be a positive number, got {value:g}")
+    from attnkit.cli.common import check_positive
+
+    if args.dataset is not None and not args.measure:
+        raise UserError("--dataset is for --measure: the estimate itself reads no text")
+    check_positive(args.samples, "--samples")
+    check_positive(args.batch_size, "--batch-size")
     check_outputs(json=args.json, plot=args.plot)
+    texts = None
+    if args.dataset is not None:
+        from attnkit.common.data.texts import load_texts
+        from attnkit.common.progress import stderr_status as status
+
+        with status(f"reading {args.dataset}"):
+            texts = load_texts(args.dataset, split=args.split, text_field=args.text_field)
     console = Console(stderr=args.json == "-")
     from attnkit.common.progress import stderr_status
 
     with stderr_status(f"checking {args.model}"):
         report = check(args.model, seq_len=args.seq_len, dtype=args.dtype, temperature=args.temperature,
                        weight_growth=args.weight_growth, measure_pass=args.measure,
-                       use_weights=False if args.from_config else None)
+                       use_weights=False if args.from_config else None, measure_texts=texts,
+                       measure_source=args.dataset, measure_samples=args.samples, measure_batch_size=args.batch_size)
     render_check(report, console)
     if args.json:
         from attnkit.common.io import write_json

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 
 from rich.console import Console
 from rich.text import Text
@@ -51,36 +50,14 @@ def run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from attnkit.errors import UserError
-    from attnkit.monitor.report import gate_summary, read_run, save_figures
+    from attnkit.monitor.report import read_run, render_summary, save_figures
 
     run = read_run(args.run_dir)
     out = Path(args.out) if args.out else run.path
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
     paths = save_figures(run, out)
-    console = Console(soft_wrap=True)  # paths and messages stay whole lines (and grep-able)
-    console.print(Text(f"{run.path}: {len(run.steps)} observed steps ({run.steps[0]}..{run.steps[-1]}), "
-                       f"{len(run.series)} heads", style="bold"))
-    if run.losses:
-        console.print(Text(f"loss {run.losses[0][1]:.4g} at step {run.losses[0][0]} → {run.losses[-1][1]:.4g} "
-                           f"at step {run.losses[-1][0]}"))
-    gates = gate_summary(run)
-    if gates:
-        console.print(Text(gates))
-    counts = Counter(i.get("issue", "?") for i in run.issues)
-    if counts:
-        console.print(Text("warnings: " + ", ".join(f"{k} ×{v}" for k, v in counts.most_common()), style="yellow"))
-        for issue in run.issues[:10]:
-            where = f"layer {issue['layer']} head {issue['head']}" if issue.get("layer") is not None else "model"
-            console.print(Text(f"  step {issue['step']:>6} {issue.get('issue')} {where}: {issue.get('message', '')}"))
-        if len(run.issues) > 10:
-            console.print(Text(f"  ... {len(run.issues) - 10} more in the JSONL"))
-    else:
-        console.print(Text("no warnings", style="green"))
-    for entry in run.interventions[:10]:
-        console.print(Text(f"  step {entry['step']:>6} → {entry['action']}: {entry.get('detail', '')}", style="green"))
-    for p in paths:
-        console.print(Text(f"wrote {p}"))
+    render_summary(run, paths, Console(soft_wrap=True))  # paths and messages stay whole lines (and grep-able)
     return 0
 
 

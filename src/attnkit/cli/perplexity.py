@@ -64,7 +64,6 @@ def _context_length(config) -> int | None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from attnkit.common.data import encode_documents, load_corpus
     from attnkit.common.data.blocks import lm_blocks
@@ -106,11 +105,11 @@ def run(args: argparse.Namespace) -> int:
     if not blocks:
         raise UserError(f"split '{split}' of '{args.dataset}' has fewer than 2 tokens")
 
-    columns = [TextColumn("[bold]perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"), TimeElapsedColumn(), TimeRemainingColumn()]
+    from attnkit.common.progress import ProgressBar
+
     t0 = time.time()
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task("eval", total=len(blocks))
-        result = evaluate_perplexity(loaded.model, blocks, args.batch_size, on_batch=lambda n: progress.advance(task, n))
+    with ProgressBar("perplexity", total=len(blocks), unit="blocks") as bar:
+        result = evaluate_perplexity(loaded.model, blocks, args.batch_size, on_batch=bar.advance)
     seconds = time.time() - t0
 
     record = {

@@ -48,9 +48,12 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", metavar="TEXT", help="text to validate on")
     src.add_argument("--text-file", metavar="FILE", help="file with the text to validate on")
-    src.add_argument("--dataset", metavar="CORPUS", help="corpus: 'kjv', a local .txt file or folder, or a Hugging Face dataset "
+    src.add_argument("--dataset", metavar="CORPUS", help="corpus: 'kjv', a local .txt file (one document), a .jsonl or "
+                     ".parquet file (a document per row), a folder of them, or a Hugging Face dataset "
                      "NAME[:CONFIG] (default: the kjv test split)")
     p.add_argument("--split", metavar="NAME", help="split of --dataset (default: test, or its only split)")
+    p.add_argument("--text-field", metavar="F", default="text", help="the field (.jsonl) or column (.parquet, hub) "
+                   "of --dataset holding the text (default: text)")
     p.add_argument("--seq-len", type=int, metavar="N", default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
     p.add_argument("--sequences", type=int, metavar="N", default=d.sequences,
                    help=f"sequences whose attention maps are analysed (default: {d.sequences})")
@@ -71,7 +74,7 @@ def _documents(args) -> tuple[list[str] | None, str | None]:
     if args.dataset is not None:
         from attnkit.common.data import load_corpus
 
-        corpus = load_corpus(args.dataset)
+        corpus = load_corpus(args.dataset, text_column=args.text_field)
         docs = corpus.split(args.split)
         split = args.split or ("test" if "test" in corpus.splits else next(iter(corpus.splits)))
         return docs, f"{corpus.name} [{split}]"
@@ -107,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
                             **model_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
-    from attnkit.common.progress import VALIDATE_STEPS, step_progress
+    from attnkit.common.progress import step_progress
+    from attnkit.validate.render import STEP_LABELS
 
-    with step_progress("validating", VALIDATE_STEPS) as progress:  # on stderr, erased when done
+    with step_progress("validating", STEP_LABELS) as progress:  # on stderr, erased when done
         report = validate(loaded.model, loaded.tokenizer, documents, name=args.model, kind=loaded.kind, options=opts,
                           data_source=source, on_progress=progress)
     from attnkit.validate.render import render_report

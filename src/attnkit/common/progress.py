@@ -1,8 +1,14 @@
-"""Progress of long commands on stderr: a transient rich bar that never reaches stdout.
+"""Progress of long work on stderr: one rich bar for every command, and a spinner for waits.
 
-stdout carries the report, or pure JSON with ``--json -``; the bar goes to stderr and is erased
-when the work is done, so neither a pipe nor a terminal keeps it. When stderr is not a terminal
-(CI logs, ``2> file``) nothing is drawn at all.
+stdout carries the report, or pure JSON with ``--json -``; the bar goes to stderr, so neither a
+pipe nor a report ever holds it. It is drawn only when stderr is a terminal: in CI logs or with
+``2> file`` nothing is drawn, or, for work that runs for minutes (training), a plain line every
+``log_every`` steps so a log still shows the run.
+
+    with ProgressBar("perplexity", total=len(blocks), unit="blocks") as bar:
+        bar.advance(n)
+    with step_progress("validating", STEP_LABELS) as update:   # update(done, total, key)
+        validate(..., on_progress=update)
 """
 
 from __future__ import annotations
@@ -11,25 +17,61 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.status import Status
 from rich.text import Text
 
-# What each step of ``attnkit.validate.validate`` is doing, as a person would say it.
-# Short enough (<= 24 characters) that the bar still fits an 80-column terminal.
-VALIDATE_STEPS = {
-    "capture": "capturing attention maps",
-    "sanity": "sanity checks",
-    "positional": "positional patterns",
-    "tokens": "token-level patterns",
-    "statistics": "statistical tests",
-    "heads": "per-head analysis",
-    "query_variation": "query-side variation",
-    "diversity": "diversity correlation",
-    "gradients": "gradient flow (backward)",
-    "ablation": "ablation study",
-    "done": "writing the report",
-}
+
+class ProgressBar:
+    """A bar on stderr: description, bar, done/total (+ ``unit``), a live text (``shown``), time
+    spent and time left.
+
+    transient: erase the bar when the work is done (a command's report follows it); a training
+    run keeps its last state on the screen. log_every: without a terminal, print
+    ``"{description} step {done}/{total}: {shown}"`` every that many steps (None: print nothing).
+    enabled: False shows nothing at all (other ranks of a distributed run).
+    """
+
+    def __init__(self, description: str, total: int | None = None, *, completed: int = 0, unit: str = "",
+                 transient: bool = True, log_every: int | None = None, enabled: bool = True) -> None:
+        self.console = Console(stderr=True)
+        self.description = description
+        self.total = total
+        self.enabled = enabled
+        self.log_every = None if log_every is None else max(1, log_every)
+        self.live = enabled and self.console.is_terminal
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn()]
+        columns += [TextColumn(unit)] if unit else []
+        columns += [TextColumn("{task.fields[shown]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        # Off a terminal a bar that logs lines instead is switched off; any other is left to rich,
+        # which draws nothing there (and ends with one newline on stderr).
+        off = not enabled or (self.log_every is not None and not self.live)
+        self.progress = Progress(*columns, console=self.console, transient=transient, disable=off)
+        self.task = self.progress.add_task(description, total=total, completed=completed, shown="")
+        self.completed = completed
+
+    def __enter__(self) -> "ProgressBar":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, completed: int, *, total: int | None = None, description: str | None = None,
+               shown: str = "") -> None:
+        """``completed`` of ``total`` done; ``description`` and ``shown`` replace what the bar says."""
+        self.completed = completed
+        self.total = self.total if total is None else total
+        if self.live:
+            # refresh: draw every step, even one shorter than the refresh interval
+            self.progress.update(self.task, completed=completed, total=self.total, shown=shown,
+                                 description=self.description if description is None else description, refresh=True)
+        elif self.enabled and self.log_every is not None and (completed % self.log_every == 0 or completed == self.total):
+            self.console.print(f"{self.description} step {completed}/{self.total}: {shown}", highlight=False, markup=False)
+
+    def advance(self, n: int = 1) -> None:
+        self.update(self.completed + n)
 
 
 def stderr_status(message: str) -> Status:
@@ -40,16 +82,6 @@ def stderr_status(message: str) -> Status:
 @contextmanager
 def step_progress(description: str, labels: dict[str, str] | None = None) -> Iterator[Callable[[int, int, str], None]]:
     """Yields ``update(done, total, key)``; shows ``description: label of key`` and a bar on stderr."""
-    console = Console(stderr=True)
     labels = labels or {}
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
-                        MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
-    task = progress.add_task(description, total=None)
-
-    def update(done: int, total: int, key: str) -> None:
-        # refresh: draw every step, even one shorter than the refresh interval
-        progress.update(task, completed=done, total=total, description=f"{description}: {labels.get(key, key)}",
-                        refresh=True)
-
-    with progress:
-        yield update
+    with ProgressBar(description) as bar:
+        yield lambda done, total, key: bar.update(done, total=total, description=f"{description}: {labels.get(key, key)}")

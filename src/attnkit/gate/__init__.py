@@ -19,17 +19,15 @@ _EXPORTS = {
     "load_gated": "attnkit.gate.gated",
     "load_gates": "attnkit.gate.io",
     "save_gates": "attnkit.gate.io",
-    "GATE_LAYOUTS": "attnkit.gate.layouts",
-    "gate_layouts": "attnkit.gate.layouts",
+    "gate_layouts": "attnkit.gate.gating",
     "KIND_HELP": "attnkit.gate.kinds",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and the API reference read
-    from attnkit.gate.gating import AttentionGate, GATE_KINDS, GateStats, add_gates, find_gates, remove_gates
+    from attnkit.gate.gating import AttentionGate, GATE_KINDS, GateStats, add_gates, find_gates, gate_layouts, remove_gates
     from attnkit.gate.gate_tap import GateTap
     from attnkit.gate.gated import load_gated
     from attnkit.gate.io import load_gates, save_gates
-    from attnkit.gate.layouts import GATE_LAYOUTS, gate_layouts
     from attnkit.gate.kinds import KIND_HELP

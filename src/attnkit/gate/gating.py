@@ -22,7 +22,7 @@ weights untouched so the gates save and load on their own). With b = 0 (the defa
 
 The hidden states: the HF attention function never receives them, so a forward pre-hook on the
 attention module keeps its input X and a forward pre-hook on the output projection applies the
-gate (``attnkit.gate.layouts``). Gate modules are registered as submodules of their attention
+gate (where each family keeps them: ``attnkit.seam.layouts``). Gate modules are registered as submodules of their attention
 module (``attnkit_gate``), so ``model.parameters()``, ``.to()`` and optimizers see them.
 """
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnkit.gate.layouts import GateLayout, gate_layouts
+from attnkit.seam.layouts import OutputLayout, output_layouts
 from attnkit.errors import UserError
 
 GATE_ATTR = "attnkit_gate"
@@ -167,7 +167,13 @@ def add_gates(model: nn.Module, kind: str = "headwise", *, init_bias: float = 0.
     return gates
 
 
-def _install(layout: GateLayout, gate: AttentionGate) -> AttentionGate:
+def gate_layouts(model: nn.Module) -> list[OutputLayout]:
+    """Every attention module of ``model`` a gate can go on, in layer order: the output projections
+    of the one weight-layout table (``attnkit.seam.layouts``)."""
+    return output_layouts(model)
+
+
+def _install(layout: OutputLayout, gate: AttentionGate) -> AttentionGate:
     ref = next(iter(layout.out_proj.parameters()))
     gate.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
     gate.rescale.data = gate.rescale.data.float()  # the constant stays float32 in any dtype

@@ -1,4 +1,5 @@
-"""Gates saved adapter-style: ``gates.safetensors`` (the gate parameters alone) + ``gate_config.json``.
+"""Gates saved adapter-style: ``gates.safetensors`` (the gate parameters alone) + ``gate_config.json``,
+attnkit's one parameter-store format (``attnkit.common.param_store``).
 
     save_gates(model, "out/")        # writes out/gates.safetensors and out/gate_config.json
     load_gates(model, "out/")        # adds the same gates to a model of the same architecture
@@ -10,18 +11,17 @@ with one sentence naming the file (the CLI prints it as one line and exits 2).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from torch import nn
 
+from attnkit.common.param_store import ParamStore
 from attnkit.gate.gating import GATE_KINDS, add_gates, find_gates, gate_state_dict, remove_gates
 from attnkit.errors import UserError
 
-WEIGHTS = "gates.safetensors"
-CONFIG = "gate_config.json"
-FORMAT = "attnkit-gates/1"
+STORE = ParamStore("gates.safetensors", "gate_config.json", "attnkit-gates/1", "attnkit gates", "attnkit gate config")
+WEIGHTS, CONFIG, FORMAT = STORE.weights, STORE.header, STORE.format
 
 
 def gate_config(model: nn.Module) -> dict:
@@ -37,28 +37,12 @@ def gate_config(model: nn.Module) -> dict:
 
 def save_gates(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's gates to ``directory`` (created); each file whole or not at all."""
-    from safetensors.torch import save
-
-    from attnkit.common.io import write_atomic
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    config = gate_config(model)
-    write_atomic(out / WEIGHTS, save({k: v.cpu() for k, v in gate_state_dict(model).items()}, metadata={"format": FORMAT}))
-    write_atomic(out / CONFIG, json.dumps(config, indent=2) + "\n")
-    return out
+    return STORE.save(directory, gate_state_dict(model), gate_config(model))
 
 
 def read_gate_config(directory: str | os.PathLike) -> dict:
+    config = STORE.read_header(directory)
     path = Path(directory) / CONFIG
-    if not path.is_file():
-        raise UserError(f"{path} is missing: {directory} is not a directory of attnkit gates")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e.__class__.__name__}); it is truncated or corrupted") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise UserError(f"{path} is not an attnkit gate config (format {FORMAT} expected)")
     kind = config.get("kind")
     if kind not in GATE_KINDS:
         raise UserError(f"{path} names gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
@@ -69,17 +53,7 @@ def read_gate_config(directory: str | os.PathLike) -> dict:
 
 
 def read_gate_weights(directory: str | os.PathLike) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    path = Path(directory) / WEIGHTS
-    if not path.is_file():
-        raise UserError(f"{path} is missing: {directory} is not a directory of attnkit gates")
-    try:
-        return load(path.read_bytes())
-    except (SafetensorError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is truncated or corrupted and cannot be read as safetensors ({first})") from None
+    return STORE.read_tensors(directory)
 
 
 def load_gates(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

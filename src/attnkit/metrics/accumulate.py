@@ -15,6 +15,7 @@ from torch import Tensor
 
 from attnkit.metrics import rows as R
 from attnkit.metrics.fused import RowStats
+from attnkit.metrics.interval import ratio_mean_ci95
 
 SPIKE_THRESHOLD = 0.95  # a row whose largest weight exceeds this is one-hot for practical purposes
 
@@ -81,6 +82,12 @@ class HeadStatsAccumulator:
         self.qk_absmax = torch.zeros(num_heads, dtype=torch.float64, device=device)
         self.log10_curvature_max = torch.full((num_heads,), -math.inf, dtype=torch.float64, device=device)
         self.sampled_rows_of: int | None = None  # set when rows are a sample: rows available per sequence
+        # Per sequence (batch row) of every forward: the entropy summed over its counted rows and
+        # their number, (N, H) each, for the interval over sequences. The forward being observed
+        # is "open" (its batch may arrive in several chunks) until ``close_sequences``.
+        self._seq_entropy: list[Tensor] = []
+        self._seq_rows: list[Tensor] = []
+        self._open: tuple[Tensor, Tensor] | None = None
 
     def update(self, c: RowChunk) -> None:
         """Fold a chunk given with its probabilities (the reference path; see ``update_rows``)."""
@@ -148,12 +155,13 @@ class HeadStatsAccumulator:
         w = use.double()
         self.rows += w.sum((0, 2))
         self.positions += use.any(0).sum(-1).double()
+        entropy = s.entropy
+        self._add_sequences(torch.where(use, entropy.double(), 0.0).sum(-1), w.sum(-1))
         if not bool(use.any()):
             self._update_extremes(row_valid, lmax, lmin, qk_absmax)
             return
 
         n = n_visible.clamp_min(1)
-        entropy = s.entropy
         logit_range = torch.where(use, lmax - lmin, 0.0)
         values = {
             "entropy": entropy,
@@ -177,6 +185,37 @@ class HeadStatsAccumulator:
         curv = torch.where(use, values["log10_curvature"], -math.inf)
         self.log10_curvature_max = torch.maximum(self.log10_curvature_max, curv.double().amax((0, 2)))
         self._update_extremes(row_valid, lmax, lmin, qk_absmax)
+
+    def _add_sequences(self, entropy: Tensor, rows: Tensor) -> None:
+        """Fold (B, H) per-sequence entropy sums and row counts of a chunk into the open forward."""
+        if self._open is not None and self._open[0].shape != entropy.shape:
+            self.close_sequences()  # another batch shape: another forward
+        if self._open is None:
+            self._open = (entropy.clone(), rows.clone())
+        else:
+            self._open[0].add_(entropy)
+            self._open[1].add_(rows)
+
+    def close_sequences(self) -> None:
+        """End of a forward: its sequences join the closed ones (the statistics tap calls this)."""
+        if self._open is not None:
+            self._seq_entropy.append(self._open[0].cpu())
+            self._seq_rows.append(self._open[1].cpu())
+            self._open = None
+
+    def sequence_sums(self) -> tuple[Tensor, Tensor]:
+        """(N, H) float64 entropy sums and row counts of every sequence seen, the open forward's included."""
+        entropy = self._seq_entropy + ([self._open[0].cpu()] if self._open is not None else [])
+        rows = self._seq_rows + ([self._open[1].cpu()] if self._open is not None else [])
+        if not entropy:
+            empty = torch.zeros(0, self.num_heads, dtype=torch.float64)
+            return empty, empty.clone()
+        return torch.cat(entropy), torch.cat(rows)
+
+    def set_sequence_sums(self, entropy: Tensor, rows: Tensor) -> None:
+        """Replace every sequence's sums (N, H) with the given ones (after gathering them across processes)."""
+        self._open = None
+        self._seq_entropy, self._seq_rows = [entropy.double().cpu()], [rows.double().cpu()]
 
     def _update_extremes(self, row_valid: Tensor, row_max: Tensor, row_min: Tensor, qk_absmax: Tensor) -> None:
         # Extremes include rows with a single visible key and rows that went non-finite in
@@ -202,12 +241,23 @@ class HeadStatsAccumulator:
         self.log10_curvature_max = torch.maximum(self.log10_curvature_max, other.log10_curvature_max)
         if self.sampled_rows_of is None:  # sampled rows on either side make the merged means a sample
             self.sampled_rows_of = other.sampled_rows_of
+        self.close_sequences()
+        entropy, rows = other.sequence_sums()
+        self._seq_entropy.append(entropy)
+        self._seq_rows.append(rows)
 
     def summary(self) -> list[dict[str, float]]:
-        """Per-head means (over rows that see >= 2 keys) and extremes, as plain floats."""
+        """Per-head means (over rows that see >= 2 keys) and extremes, as plain floats.
+
+        ``entropy_ci95`` is the 95% interval of the mean entropy over sequences (each batch row of
+        each forward is one sequence; ``metrics.interval.ratio_mean_ci95``): ``[lo, hi]``, or None
+        with fewer than two sequences that have counted rows. ``sequences`` is how many do.
+        """
         rows = self.rows.clamp_min(1)
+        seq_entropy, seq_rows = self.sequence_sums()  # (N, H)
         out = []
         for h in range(self.num_heads):
+            ci = ratio_mean_ci95(seq_entropy[:, h], seq_rows[:, h])
             mean = {k: float(self.sums[k][h] / rows[h]) for k in _SUMS}
             n = float(self.rows[h])
             var = max(mean["entropy_sq"] - mean["entropy"] ** 2, 0.0)
@@ -231,6 +281,8 @@ class HeadStatsAccumulator:
                 "qk_absmax": float(self.qk_absmax[h]),
                 "log10_curvature": mean["log10_curvature"],
                 "log10_curvature_max": float(self.log10_curvature_max[h]),
+                "entropy_ci95": list(ci) if ci is not None else None,
+                "sequences": int((seq_rows[:, h] > 0).sum()),
                 "rows": n,
                 "nonfinite_rows": float(self.nonfinite_rows[h]),
                 "empty_rows": float(self.empty_rows[h]),

@@ -106,7 +106,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: AEConfig, layer_idx: int):
         super().__init__()
-        # rows [q | k | v]: attnkit's "fused" query/key layout (seam/adapters/qk_weights.py) reads them by these names
+        # rows [q | k | v]: attnkit's "fused" query/key layout (seam/layouts.py) reads them by these names
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.d_model, self.n_head, self.layer_idx, self.dropout = cfg.d_model, cfg.n_head, layer_idx, cfg.dropout

@@ -19,7 +19,8 @@ from attnkit.monitor.interventions import (
     DEFAULT_RULES, INTERVENTIONS, AttentionDropout, Chain, GradClip, LRBackoff, LRToRate, Policy, QKClip, ReduceLR,
     Rollback, qk_clip_layout, soft_cap, temperature,
 )
-from attnkit.monitor.issues import Diagnosis, Issue
+from attnkit.common.findings import Finding as Issue  # the one finding type, by the name monitor users know
+from attnkit.monitor.issues import Diagnosis
 from attnkit.monitor.monitor import DEFAULT_EVERY, AttentionMonitor
 from attnkit.monitor.nonfinite import TraceResult, trace_nonfinite
 from attnkit.monitor.snapshots import Snapshot, Snapshots

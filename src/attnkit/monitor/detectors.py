@@ -1,28 +1,26 @@
 """Trend detectors: each a function of the monitor's bounded history, one per kind of trouble.
 
 A detector sees ``Trends`` (the recent observed steps of every (site, head) series, the per-site
-gradient norms and the per-step losses) and returns the issues it finds now. ``DETECTORS`` maps
-a name to it; ``AttentionMonitor(detectors=[...])`` picks some. Thresholds and why:
+gradient norms and the per-step losses) and returns the findings it sees now. ``DETECTORS`` maps
+a name to it; ``AttentionMonitor(detectors=[...])`` picks some. What each looks for:
 
-- ``logit_growth``: log(max logit) over the last ``window`` observed steps fits a line (R² ≥
-  ``fit_r2``) that rose by ≥ ``growth_min``× and reaches ``logit_danger`` within ``horizon``
-  window spans, from at least ``logit_floor`` (logits start near 0 and grow while a model learns): exponential growth, the precursor of divergence in Wortsman et al. 2023 and
-  ViT-22B. ``logit_danger`` = 100 is MuonClip's τ (Kimi K2).
+- ``logit_growth``: log(max logit) over the last ``window`` observed steps fits a rising line that
+  reaches ``logit_danger`` within ``horizon`` window spans, from at least ``logit_floor``.
 - ``softmax_saturation``: the instability predictor. At least ``entropy_heads`` of all heads show
   that logit growth (within ``saturation_horizon`` window spans) while at least ``entropy_heads``
-  of all heads lost ``entropy_drop`` of their entropy over the same window: the softmax of the
-  whole model saturating, not one head specialising. Calibrated on seeds 0-1 of the LR sweep
-  (``experiments/monitor_sweep.py``), judged on held-out seeds (README).
-- ``overflow_risk``: max logit ≥ ``logit_danger`` now.
-- ``entropy_fall``: a head's entropy fell by ≥ ``entropy_drop`` (relative) over the window while
-  at least ``entropy_heads`` of all heads did the same: entropy collapse (Zhai et al. 2023)
-  across the model, not one head specialising.
-- ``entropy_collapse``: a head's mean entropy < 0.5 nats (the usual entropy-collapse threshold).
-- ``sink_growth``: a head's first-key mass rose by ≥ ``sink_rise`` over the window to ≥ ``sink_mass``.
-- ``grad_spike``: a layer's query/key gradient norm ≥ ``grad_spike``× the largest of the window before.
-- ``loss_spike``: a step's loss ≥ the median of the ``loss_window`` steps before + ``loss_spike_nats``,
+  of all heads lost ``entropy_drop`` of their entropy over the same window.
+- ``overflow_risk``: max logit >= ``logit_danger`` now.
+- ``entropy_fall``: a head's entropy fell by >= ``entropy_drop`` (relative) over the window while
+  at least ``entropy_heads`` of all heads did the same.
+- ``entropy_collapse``: a head's mean entropy < ``entropy_collapse`` nats.
+- ``sink_growth``: a head's first-key mass rose by >= ``sink_rise`` over the window to >= ``sink_mass``.
+- ``grad_spike``: a layer's query/key gradient norm >= ``grad_spike`` x the largest of the window before.
+- ``loss_spike``: a step's loss >= the median of the ``loss_window`` steps before + ``loss_spike_nats``,
   or non-finite.
 - ``nonfinite``: NaN/Inf logits were observed in a head.
+
+``Thresholds`` holds one run's numbers (a user may pass their own; the run's log records them);
+its defaults, and why each sits where it does, are ``attnkit.common.findings.THRESHOLDS``.
 """
 
 from __future__ import annotations
@@ -34,27 +32,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnkit.monitor.history import Ring
-from attnkit.monitor.issues import Issue
+from attnkit.common.findings import Finding, threshold
 from attnkit.seam.sites import Site
 
 
 @dataclass
 class Thresholds:
     window: int = 8  # observed steps a trend is fitted on
-    logit_danger: float = 100.0
-    logit_floor: float = 10.0  # growth below this max logit is ordinary learning (logits start near 0)
-    growth_min: float = 1.25
-    fit_r2: float = 0.8
-    horizon: float = 8.0  # projected steps to danger, in window spans
-    saturation_horizon: float = 2.0  # the same for softmax_saturation (chosen on the LR sweep's seeds 0-1)
-    entropy_drop: float = 0.25
-    entropy_heads: float = 0.5
-    entropy_collapse: float = 0.5
-    sink_mass: float = 0.5
-    sink_rise: float = 0.2
-    grad_spike: float = 5.0  # x the largest norm of the window before (gradients grow from ~0 at init)
-    loss_window: int = 32
-    loss_spike_nats: float = 1.0
+    logit_danger: float = threshold("logit_danger")
+    logit_floor: float = threshold("logit_floor")
+    growth_min: float = threshold("growth_min")
+    fit_r2: float = threshold("fit_r2")
+    horizon: float = threshold("horizon")  # projected steps to danger, in window spans
+    saturation_horizon: float = threshold("saturation_horizon")  # the same for softmax_saturation
+    entropy_drop: float = threshold("entropy_drop")
+    entropy_heads: float = threshold("entropy_heads")
+    entropy_collapse: float = threshold("entropy_collapse_nats")
+    sink_mass: float = threshold("sink_growth_mass")
+    sink_rise: float = threshold("sink_rise")
+    grad_spike: float = threshold("grad_spike")  # x the largest norm of the window before
+    loss_window: int = 32  # steps whose median a loss is compared with
+    loss_spike_nats: float = threshold("loss_spike_nats")
 
 
 @dataclass
@@ -117,7 +115,7 @@ def _entropy_drop(tr: Trends, window: np.ndarray) -> np.ndarray:
         return np.nan_to_num((first - last) / np.where(first > 0, first, np.nan))
 
 
-def logit_growth(tr: Trends) -> list[Issue]:
+def logit_growth(tr: Trends) -> list[Finding]:
     t = tr.t
     g = _growth(tr, max(4, t.window // 2), t.horizon)
     if g is None:
@@ -130,14 +128,15 @@ def logit_growth(tr: Trends) -> list[Issue]:
         site, head = tr.series[s]
         start = int(all_steps[int(np.nanargmin(all_logits[:, s]))])
         doubling = math.log(2) / slope[s]
-        out.append(Issue(
-            "logit_growth", "warning", tr.step, float(now[s]), t.logit_danger,
-            f"max logit {now[s]:.1f} growing exponentially (doubling every {doubling:.0f} steps) since step {start}; "
-            f"~{projected[s]:.0f} steps to {t.logit_danger:g}", site, head, start, float(projected[s])))
+        out.append(Finding(
+            type="logit_growth", severity="warning", step=tr.step, value=float(now[s]), threshold=t.logit_danger,
+            message=f"max logit {now[s]:.1f} growing exponentially (doubling every {doubling:.0f} steps) since step {start}; "
+            f"~{projected[s]:.0f} steps to {t.logit_danger:g}",
+            site=site, head=head, started=start, projected_steps=float(projected[s])))
     return out
 
 
-def softmax_saturation(tr: Trends) -> list[Issue]:
+def softmax_saturation(tr: Trends) -> list[Finding]:
     """Logit growth *and* entropy fall across the model at once: at least ``entropy_heads`` of all
     heads have max logits growing exponentially toward ``logit_danger`` (within
     ``saturation_horizon`` window spans) while at least ``entropy_heads`` of all heads lost
@@ -161,27 +160,27 @@ def softmax_saturation(tr: Trends) -> list[Issue]:
     for s in np.flatnonzero(both if both.any() else growing):
         site, head = tr.series[s]
         start = int(tr.steps[int(np.nanargmin(tr.metrics["logit_max"][:, s]))])
-        out.append(Issue(
-            "softmax_saturation", "error", tr.step, float(now[s]), t.logit_danger,
-            f"{growing.sum()} of {len(growing)} heads' max logits growing exponentially and {falling.sum()} "
+        out.append(Finding(
+            type="softmax_saturation", severity="error", step=tr.step, value=float(now[s]), threshold=t.logit_danger,
+            message=f"{growing.sum()} of {len(growing)} heads' max logits growing exponentially and {falling.sum()} "
             f"heads' entropy falling ≥{t.entropy_drop:.0%}: max logit {now[s]:.1f}, entropy {ent[s]:.2f} nats, "
             f"since step {start}; ~{max(float(projected[s]), 0.0):.0f} steps to {t.logit_danger:g}",
-            site, head, start, max(float(projected[s]), 0.0)))
+            site=site, head=head, started=start, projected_steps=max(float(projected[s]), 0.0)))
     return out
 
 
-def overflow_risk(tr: Trends) -> list[Issue]:
+def overflow_risk(tr: Trends) -> list[Finding]:
     t, now = tr.t, tr.metrics["logit_max"][-1]
     out = []
     for s in np.flatnonzero(now >= t.logit_danger):
         site, head = tr.series[s]
-        out.append(Issue("overflow_risk", "error", tr.step, float(now[s]), t.logit_danger,
-                         f"max logit {now[s]:.1f} reached the danger threshold {t.logit_danger:g}", site, head,
+        out.append(Finding(type="overflow_risk", severity="error", step=tr.step, value=float(now[s]), threshold=t.logit_danger,
+                         message=f"max logit {now[s]:.1f} reached the danger threshold {t.logit_danger:g}", site=site, head=head,
                          projected_steps=0.0))
     return out
 
 
-def entropy_fall(tr: Trends) -> list[Issue]:
+def entropy_fall(tr: Trends) -> list[Finding]:
     t = tr.t
     steps, ent = tr.steps[-t.window:], tr.metrics["entropy"][-t.window:]
     if len(steps) < max(4, t.window // 2):
@@ -198,25 +197,26 @@ def entropy_fall(tr: Trends) -> list[Issue]:
         site, head = tr.series[s]
         start = int(tr.steps[int(np.nanargmax(tr.metrics["entropy"][:, s]))])
         projected = (ent[-1, s] - t.entropy_collapse) / -slope[s] if slope[s] < 0 else math.inf
-        out.append(Issue(
-            "entropy_fall", "warning", tr.step, float(ent[-1, s]), t.entropy_collapse,
-            f"entropy fell {drop[s]:.0%} to {ent[-1, s]:.2f} nats since step {start}, with "
+        out.append(Finding(
+            type="entropy_fall", severity="warning", step=tr.step, value=float(ent[-1, s]), threshold=t.entropy_collapse,
+            message=f"entropy fell {drop[s]:.0%} to {ent[-1, s]:.2f} nats since step {start}, with "
             f"{falling.sum()} of {len(falling)} heads falling; ~{max(projected, 0):.0f} steps to "
-            f"{t.entropy_collapse:g} nats", site, head, start, float(max(projected, 0.0))))
+            f"{t.entropy_collapse:g} nats", site=site, head=head, started=start, projected_steps=float(max(projected, 0.0))))
     return out
 
 
-def entropy_collapse(tr: Trends) -> list[Issue]:
+def entropy_collapse(tr: Trends) -> list[Finding]:
     t, now = tr.t, tr.metrics["entropy"][-1]
     out = []
     for s in np.flatnonzero(now < t.entropy_collapse):
         site, head = tr.series[s]
-        out.append(Issue("entropy_collapse", "warning", tr.step, float(now[s]), t.entropy_collapse,
-                         f"attention collapsing to one token: entropy {now[s]:.2f} nats", site, head))
+        out.append(Finding(type="entropy_collapse", severity="warning", step=tr.step, value=float(now[s]),
+                           threshold=t.entropy_collapse,
+                         message=f"attention collapsing to one token: entropy {now[s]:.2f} nats", site=site, head=head))
     return out
 
 
-def sink_growth(tr: Trends) -> list[Issue]:
+def sink_growth(tr: Trends) -> list[Finding]:
     t = tr.t
     sink = tr.metrics["sink_mass"][-t.window:]
     if len(sink) < max(4, t.window // 2):
@@ -226,13 +226,13 @@ def sink_growth(tr: Trends) -> list[Issue]:
     for s in np.flatnonzero((rise >= t.sink_rise) & (sink[-1] >= t.sink_mass)):
         site, head = tr.series[s]
         start = int(tr.steps[int(np.nanargmin(tr.metrics["sink_mass"][:, s]))])
-        out.append(Issue("sink_growth", "warning", tr.step, float(sink[-1, s]), t.sink_mass,
-                         f"first-key mass grew from {sink[0, s]:.2f} to {sink[-1, s]:.2f} since step {start}",
-                         site, head, start))
+        out.append(Finding(type="sink_growth", severity="warning", step=tr.step, value=float(sink[-1, s]), threshold=t.sink_mass,
+                         message=f"first-key mass grew from {sink[0, s]:.2f} to {sink[-1, s]:.2f} since step {start}",
+                         site=site, head=head, started=start))
     return out
 
 
-def grad_spike(tr: Trends) -> list[Issue]:
+def grad_spike(tr: Trends) -> list[Finding]:
     t, g = tr.t, tr.grad_norm
     if len(g) < 5 or len(tr.grad_steps) == 0 or tr.grad_steps[-1] != tr.step:
         return []
@@ -241,13 +241,14 @@ def grad_spike(tr: Trends) -> list[Issue]:
     with np.errstate(invalid="ignore"):
         hits = (g[-1] >= t.grad_spike * before) | ~np.isfinite(g[-1])
     for i in np.flatnonzero(hits & np.isfinite(before)):
-        out.append(Issue("grad_spike", "warning", tr.step, float(g[-1, i]), float(t.grad_spike * before[i]),
-                         f"query/key gradient norm {g[-1, i]:.3g} is {g[-1, i] / max(before[i], 1e-30):.1f}× "
-                         f"its recent maximum {before[i]:.3g}", tr.sites[i]))
+        out.append(Finding(type="grad_spike", severity="warning", step=tr.step, value=float(g[-1, i]),
+                           threshold=float(t.grad_spike * before[i]),
+                         message=f"query/key gradient norm {g[-1, i]:.3g} is {g[-1, i] / max(before[i], 1e-30):.1f}× "
+                         f"its recent maximum {before[i]:.3g}", site=tr.sites[i]))
     return out
 
 
-def loss_spike(tr: Trends) -> list[Issue]:
+def loss_spike(tr: Trends) -> list[Finding]:
     t = tr.t
     steps, losses = tr.losses.last()
     losses = losses[:, 0]
@@ -257,27 +258,29 @@ def loss_spike(tr: Trends) -> list[Issue]:
         before = losses[max(0, j - t.loss_window):j]
         before = before[np.isfinite(before)]
         if not math.isfinite(loss):
-            out.append(Issue("loss_spike", "error", int(steps[j]), float(loss), math.nan, f"loss is {loss}"))
+            out.append(Finding(type="loss_spike", severity="error", step=int(steps[j]), value=float(loss),
+                               threshold=math.nan, message=f"loss is {loss}"))
         elif len(before) >= max(8, t.loss_window // 2) and loss >= np.median(before) + t.loss_spike_nats:
             med = float(np.median(before))
-            out.append(Issue("loss_spike", "warning", int(steps[j]), float(loss), med + t.loss_spike_nats,
-                             f"loss {loss:.3f} jumped {loss - med:.2f} nats above its recent median {med:.3f}"))
+            out.append(Finding(type="loss_spike", severity="warning", step=int(steps[j]), value=float(loss),
+                               threshold=med + t.loss_spike_nats,
+                             message=f"loss {loss:.3f} jumped {loss - med:.2f} nats above its recent median {med:.3f}"))
         if out:
             break  # one loss issue per detection is enough
     return out
 
 
-def nonfinite(tr: Trends) -> list[Issue]:
+def nonfinite(tr: Trends) -> list[Finding]:
     bad = tr.metrics["nonfinite_logits"][-1]
     out = []
     for s in np.flatnonzero(bad > 0):
         site, head = tr.series[s]
-        out.append(Issue("nonfinite", "error", tr.step, float(bad[s]), 0.0,
-                         f"{bad[s]:.0f} non-finite logits", site, head))
+        out.append(Finding(type="nonfinite", severity="error", step=tr.step, value=float(bad[s]), threshold=0.0,
+                         message=f"{bad[s]:.0f} non-finite logits", site=site, head=head))
     return out
 
 
-DETECTORS: dict[str, Callable[[Trends], list[Issue]]] = {
+DETECTORS: dict[str, Callable[[Trends], list[Finding]]] = {
     "logit_growth": logit_growth,
     "softmax_saturation": softmax_saturation,
     "overflow_risk": overflow_risk,

@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.text import Text
 
 from attnkit.common.extras import require
-from attnkit.monitor.issues import Issue
+from attnkit.common.findings import Finding
+from attnkit.monitor.issues import ISSUE_KEYS
 from attnkit.seam.sites import Site
 
 HEAD_METRICS = ("entropy", "logit_max", "sink_mass", "max_attention")
@@ -75,7 +76,7 @@ class Emitter:
     def step(self, record: StepRecord) -> None:  # noqa: B027
         pass
 
-    def issue(self, issue: Issue) -> None:  # noqa: B027
+    def issue(self, issue: Finding) -> None:  # noqa: B027
         pass
 
     def intervention(self, entry: dict) -> None:  # noqa: B027
@@ -103,8 +104,8 @@ class JSONLEmitter(Emitter):
                      "metrics": {k: [_json_value(float(v)) for v in vs] for k, vs in r.metrics.items()},
                      "grad_norm": None if r.grad_norm is None else [_json_value(float(v)) for v in r.grad_norm]})
 
-    def issue(self, issue: Issue) -> None:
-        d = issue.to_dict()
+    def issue(self, issue: Finding) -> None:
+        d = issue.to_dict(ISSUE_KEYS)
         self._write({**d, "type": "issue", "issue": d["type"]})
 
     def intervention(self, entry: dict) -> None:
@@ -145,10 +146,10 @@ class ConsoleEmitter(Emitter):
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
 
-    def issue(self, issue: Issue) -> None:
+    def issue(self, issue: Finding) -> None:
         line = Text(f"step {issue.step:>6} ", style="dim")
         line.append(f"{'✗' if issue.severity == 'error' else '⚠'} {issue.type}", style=STYLE.get(issue.severity, ""))
-        line.append(f" {issue.where()}: {issue.message}")
+        line.append(f" {issue.where}: {issue.message}")
         self.console.print(line, soft_wrap=True)
 
     def intervention(self, entry: dict) -> None:
@@ -204,8 +205,8 @@ class TensorBoardEmitter(Emitter):
         self.writer.add_figure(f"{self.prefix}/entropy_heatmap", fig, steps[-1])
         plt.close(fig)
 
-    def issue(self, issue: Issue) -> None:
-        self.writer.add_text(f"{self.prefix}/issues", f"{issue.type} {issue.where()}: {issue.message}", issue.step)
+    def issue(self, issue: Finding) -> None:
+        self.writer.add_text(f"{self.prefix}/issues", f"{issue.type} {issue.where}: {issue.message}", issue.step)
 
     def intervention(self, entry: dict) -> None:
         self.writer.add_text(f"{self.prefix}/interventions", f"{entry['action']}: {entry.get('detail', '')}",
@@ -231,8 +232,8 @@ class WandbEmitter(Emitter):
     def step(self, r: StepRecord) -> None:
         self.run.log({f"attnkit/{k}": v for k, v in r.scalars().items()}, step=r.step)
 
-    def issue(self, issue: Issue) -> None:
-        self.run.log({"attnkit/issue": f"{issue.type} {issue.where()}: {issue.message}"}, step=issue.step)
+    def issue(self, issue: Finding) -> None:
+        self.run.log({"attnkit/issue": f"{issue.type} {issue.where}: {issue.message}"}, step=issue.step)
 
     def close(self) -> None:
         if self._own:

@@ -1,6 +1,6 @@
 """Per-layer gradient norm of the attention's query/key parameters, read as autograd writes it.
 
-The parameters come from the layout module (``attnkit.seam.adapters.qk_weights``): for GPT-2's
+The parameters come from the layout module (``attnkit.seam.layouts``): for GPT-2's
 fused ``c_attn`` only its query and key columns count. A post-accumulate-grad hook on each of them
 reads the gradient the moment backward has finished writing it — on observed steps only — so it
 works whatever the loop does afterwards (``zero_grad(set_to_none=True)`` before ``on_step`` included)
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from attnkit.errors import UserError
-from attnkit.seam.adapters.qk_weights import Piece, qk_layout
+from attnkit.seam.layouts import Piece, qk_layout
 from attnkit.seam.sites import Site
 
 

@@ -8,7 +8,7 @@ maps a name to its class:
   W_q rows and its key head's W_k rows are rescaled so that its logits are multiplied by exactly γ
   (γ_g = min over the heads sharing a key head, k rows × √γ_g, each query head's rows × γ_h/√γ_g;
   without GQA that is √γ on both, as in MuonClip). Weights are found by the layout module
-  (``attnkit.seam.adapters.qk_weights``). Persistent: re-applied on every later observed step.
+  (``attnkit.seam.layouts``). Persistent: re-applied on every later observed step.
 - ``soft_cap`` / ``temperature``: a seam session with that score modifier on the chosen heads
   for the rest of the run (a temperature folds into SDPA's scale; a soft-cap runs the dense kernel).
 - ``reduce_lr``: every param group's ``lr`` × factor (and the scheduler's ``base_lrs``, so a
@@ -44,8 +44,9 @@ import torch
 
 from attnkit.errors import UserError
 from attnkit.monitor.emit import series_name
-from attnkit.monitor.issues import Diagnosis, Issue
-from attnkit.seam.adapters.qk_weights import QKLayout, qk_layout
+from attnkit.common.findings import Finding, severity_rank, threshold
+from attnkit.monitor.issues import Diagnosis
+from attnkit.seam.layouts import QKLayout, qk_layout
 from attnkit.seam.sites import Site
 
 
@@ -70,7 +71,7 @@ def qk_clip_layout(layout: QKLayout, max_logits: list[float], tau: float) -> dic
 
 @dataclass
 class QKClip:
-    tau: float = 100.0
+    tau: float = threshold("logit_danger")
     reason: str = ""
     name: str = "qk_clip"
     persistent: bool = True
@@ -394,9 +395,6 @@ INTERVENTIONS: dict[str, Callable[..., object]] = {
     "chain": lambda *parts: Chain(tuple(parts)),
 }
 
-SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
-
-
 @dataclass
 class Policy:
     """Issue type -> intervention factory ``(issue) -> intervention``; each action at most once
@@ -404,13 +402,13 @@ class Policy:
     severe new issue first. ``DEFAULT_RULES``: logit growth or overflow → QK-clip at τ; entropy
     collapse → attention dropout; loss or gradient spike → halve the learning rate."""
 
-    rules: dict[str, Callable[[Issue], object]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    rules: dict[str, Callable[[Finding], object]] = field(default_factory=lambda: dict(DEFAULT_RULES))
     once: bool = True
     applied: set = field(default_factory=set)
     counts: dict = field(default_factory=dict)  # action name -> times applied
 
     def get_intervention(self, diagnosis: Diagnosis):
-        for issue in sorted(diagnosis.new or diagnosis.issues, key=lambda i: SEVERITY_ORDER.get(i.severity, 3)):
+        for issue in sorted(diagnosis.new or diagnosis.issues, key=lambda i: -severity_rank(i.severity)):
             rule = self.rules.get(issue.type)
             if rule is None:
                 continue
@@ -422,19 +420,19 @@ class Policy:
                 continue  # again only on a new warning, not on one still standing
             self.applied.add(intervention.name)
             self.counts[intervention.name] = self.counts.get(intervention.name, 0) + 1
-            intervention.reason = f"{issue.type} at {issue.where()} (step {issue.step}): {issue.message}"
+            intervention.reason = f"{issue.type} at {issue.where} (step {issue.step}): {issue.message}"
             return intervention
         return None
 
 
-def qk_clip_rule(tau: float = 100.0) -> Callable[[Issue], object]:
+def qk_clip_rule(tau: float = threshold("logit_danger")) -> Callable[[Finding], object]:
     return lambda issue: QKClip(tau)
 
 
-DEFAULT_RULES: dict[str, Callable[[Issue], object]] = {
-    "softmax_saturation": qk_clip_rule(100.0),
-    "logit_growth": qk_clip_rule(100.0),
-    "overflow_risk": qk_clip_rule(100.0),
+DEFAULT_RULES: dict[str, Callable[[Finding], object]] = {
+    "softmax_saturation": qk_clip_rule(),
+    "logit_growth": qk_clip_rule(),
+    "overflow_risk": qk_clip_rule(),
     "entropy_collapse": lambda issue: AttentionDropout(0.1),
     "loss_spike": lambda issue: ReduceLR(0.5),
     "grad_spike": lambda issue: ReduceLR(0.5),

@@ -45,7 +45,8 @@ from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends
 from attnkit.monitor.emit import EMITTERS, GATE_METRICS, HEAD_METRICS, Emitter, JSONLEmitter, StepRecord, series_name
 from attnkit.monitor.grads import GradNorms
 from attnkit.monitor.history import Ring
-from attnkit.monitor.issues import Diagnosis, Issue
+from attnkit.common.findings import Finding
+from attnkit.monitor.issues import Diagnosis
 from attnkit.monitor.snapshots import Snapshots
 from attnkit.seam import ADAPTERS, AttentionCall, AttentionSession, NoAttentionError, Site, StatsCollector, Tap, attach, unwrap
 
@@ -342,7 +343,7 @@ class AttentionMonitor:
         gsteps, gvals = self.grad_ring.last()
         trends = Trends(self.series, self.sites, steps, {m: r.last()[1] for m, r in self.rings.items()},
                         gsteps, gvals, self.losses, new_losses, self.thresholds)
-        issues: list[Issue] = [i for d in self.detectors for i in d(trends)]
+        issues: list[Finding] = [i for d in self.detectors for i in d(trends)]
         diagnosis = Diagnosis(step, issues)
         for issue in issues:
             if issue.key not in self.warned:
@@ -390,7 +391,7 @@ class AttentionMonitor:
             if not quiet or isinstance(e, JSONLEmitter):
                 e.intervention(entry)
 
-    def emit_issue(self, issue: Issue) -> None:
+    def emit_issue(self, issue: Finding) -> None:
         for e in self.emitters:
             e.issue(issue)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from attnkit.monitor.issues import Issue
+from attnkit.common.findings import Finding
 from attnkit.seam import AttentionCall, Site, StatsCollector, Tap, attach
 
 
@@ -59,9 +59,9 @@ class TraceResult:
     output_finite: bool = True
     message: str = ""
 
-    def issue(self) -> Issue:
-        return Issue("nonfinite_trace", "error", self.step if self.step is not None else -1, self.qk_absmax, math.nan,
-                     self.message, self.site, self.heads[0] if self.heads else None)
+    def issue(self) -> Finding:
+        return Finding("nonfinite_trace", "error", step=self.step if self.step is not None else -1, value=self.qk_absmax,
+                       threshold=math.nan, message=self.message, site=self.site, head=self.heads[0] if self.heads else None)
 
 
 def _finite_output(out) -> bool:

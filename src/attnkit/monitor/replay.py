@@ -19,13 +19,13 @@ import os
 from attnkit.errors import UserError
 from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends
 from attnkit.monitor.history import Ring
-from attnkit.monitor.issues import Issue
+from attnkit.common.findings import Finding
 from attnkit.monitor.report import read_run
 from attnkit.seam.sites import Site
 
 
 def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detectors: tuple[str, ...] | None = None,
-           history: int = 512) -> list[Issue]:
+           history: int = 512) -> list[Finding]:
     """The issues ``detectors`` raise on the recorded run, each (site, head, type) once, in order."""
     names = tuple(detectors) if detectors is not None else tuple(DETECTORS)
     unknown = [d for d in names if d not in DETECTORS]
@@ -63,7 +63,7 @@ def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detect
     return out
 
 
-def first_step(issues: list[Issue], types: tuple[str, ...]) -> int | None:
+def first_step(issues: list[Finding], types: tuple[str, ...]) -> int | None:
     """The step of the first issue of one of ``types`` (None when there is none)."""
     return min((i.step for i in issues if i.type in types), default=None)
 

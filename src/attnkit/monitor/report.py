@@ -1,4 +1,5 @@
-"""Figures of a monitored run, from its JSONL (finished or still running).
+"""Figures and a summary of a monitored run, from its JSONL (finished or still running): the
+monitor's rendering of a run after the fact (``emit.py`` renders it live).
 
 ``read_run(run_dir)`` parses ``monitor.jsonl`` (a half-written last line of a running job is
 skipped; a log directory reused by several runs: the last one, from its meta line on); ``save_figures(run, out_dir)`` writes, each whole or not at all:
@@ -8,16 +9,20 @@ skipped; a log directory reused by several runs: the last one, from its meta lin
   intervention steps (green) marked, and the danger threshold;
 - ``curvature.png``: the curvature estimate log10 κ (largest over rows) per head, same marks;
 - ``gates.png`` (a model with attnkit gates): each head's mean gate and share of gates below 0.1.
+
+``render_summary(run, written, console)`` prints what ``attnkit monitor report`` shows.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.text import Text
 
 from attnkit.errors import UserError
 
@@ -181,3 +186,30 @@ def gate_summary(run: Run) -> str | None:
     if low is not None:
         text += f"; share below 0.1 {np.nanmean(low[a]):.3f} → {np.nanmean(low[b]):.3f}"
     return text
+
+
+def render_summary(run: Run, written: list[Path], console) -> None:
+    """The run in a few lines on ``console`` (a rich Console): steps and heads, the loss, the gates, the
+    warnings (the first 10), the interventions (the first 10) and the figures ``written``."""
+    console.print(Text(f"{run.path}: {len(run.steps)} observed steps ({run.steps[0]}..{run.steps[-1]}), "
+                       f"{len(run.series)} heads", style="bold"))
+    if run.losses:
+        console.print(Text(f"loss {run.losses[0][1]:.4g} at step {run.losses[0][0]} → {run.losses[-1][1]:.4g} "
+                           f"at step {run.losses[-1][0]}"))
+    gates = gate_summary(run)
+    if gates:
+        console.print(Text(gates))
+    counts = Counter(i.get("issue", "?") for i in run.issues)
+    if counts:
+        console.print(Text("warnings: " + ", ".join(f"{k} ×{v}" for k, v in counts.most_common()), style="yellow"))
+        for issue in run.issues[:10]:
+            where = f"layer {issue['layer']} head {issue['head']}" if issue.get("layer") is not None else "model"
+            console.print(Text(f"  step {issue['step']:>6} {issue.get('issue')} {where}: {issue.get('message', '')}"))
+        if len(run.issues) > 10:
+            console.print(Text(f"  ... {len(run.issues) - 10} more in the JSONL"))
+    else:
+        console.print(Text("no warnings", style="green"))
+    for entry in run.interventions[:10]:
+        console.print(Text(f"  step {entry['step']:>6} → {entry['action']}: {entry.get('detail', '')}", style="green"))
+    for p in written:
+        console.print(Text(f"wrote {p}"))

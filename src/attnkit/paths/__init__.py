@@ -1,7 +1,7 @@
 """attnkit.paths: cross-path similarity functions and multi-path collaborative decoding (M3PO).
 
 Not through the seam: paths exchange information through the *input embeddings* of the next token,
-not through attention. See the README section "attnkit.paths".
+not through attention. See the paths guide (docs/guide/paths.md).
 """
 
 from attnkit.paths.blend import blend

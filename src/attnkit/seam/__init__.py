@@ -18,7 +18,7 @@ Hugging Face models, ``nn.MultiheadAttention`` and hand-written modules (``atten
 
 from attnkit.seam.adapters import ADAPTERS
 from attnkit.seam.adapters.protocol import attention
-from attnkit.seam.attach import NoAttentionError, attach, observe_forward, unwrap
+from attnkit.seam.attach import NoAttentionError, attach, eval_mode, forward_no_grad, observe_forward, unwrap
 from attnkit.seam.call import AttentionCall, build_call
 from attnkit.seam.plan import Mods, Plan
 from attnkit.seam.session import AttentionSession, run_call
@@ -27,6 +27,6 @@ from attnkit.seam.taps import MapCapture, ObservedChunk, StatsCollector, Tap
 
 __all__ = [
     "ADAPTERS", "AttentionCall", "AttentionSession", "MapCapture", "Mods", "NoAttentionError", "ObservedChunk",
-    "Plan", "Site", "StatsCollector", "Tap", "attach", "attention", "build_call", "observe_forward", "run_call",
+    "Plan", "Site", "StatsCollector", "Tap", "attach", "attention", "build_call", "eval_mode", "forward_no_grad", "observe_forward", "run_call",
     "unwrap",
 ]

@@ -10,7 +10,8 @@ is searched through: every attention inside is reached.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -156,16 +157,31 @@ def observe_forward(model: nn.Module, session: AttentionSession, **inputs):
     an input the model cannot embed (a token id past the vocabulary, a position past the
     table) becomes a ``UserError``.
     """
-    import torch
+    with eval_mode(model), attach(model, session):
+        return forward_no_grad(model, **inputs)
 
-    was_training = model.training
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; afterwards (also through an exception) each module's
+    own training flag is put back, so a model half in training mode stays so."""
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad(), attach(model, session):
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def forward_no_grad(model: nn.Module, **inputs):
+    """``model(**inputs)`` without gradients; an input the model cannot embed becomes a ``UserError``."""
+    import torch
+
+    try:
+        with torch.no_grad():
             return model(**inputs)
     except (IndexError, RuntimeError) as e:
         if "index out of range" in str(e):
             raise UserError(f"the input does not fit the model: {e}") from e
         raise
-    finally:
-        model.train(was_training)

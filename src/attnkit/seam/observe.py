@@ -30,6 +30,7 @@ from attnkit.seam.taps.stats import ObservedRows
 
 _key_need_cache = LastMaskCache()
 _interval_cache = LastMaskCache()
+_seen_cache = LastMaskCache()
 
 
 @torch.no_grad()
@@ -70,7 +71,10 @@ def observe_call(
     if narrow:
         allowed_full = _heads_of(allowed_full, head_index)
     row_valid_full = _row_valid(query_mask, B, Q, device)
-    key_norm_max = k_src.float().norm(dim=-1).amax(-1)  # (B, h)
+    key_norm = k_src.float().norm(dim=-1)  # (B, h, K)
+    if allowed_full is not None:  # padding keys, which no query sees, take no part
+        key_norm = torch.where(_keys_seen(allowed_full, K), key_norm, 0.0)
+    key_norm_max = key_norm.amax(-1)  # (B, h)
     need = None
     if (allowed_full is not None or causal_only) and all(t.accepts_key_prefix for t in taps):
         if causal_only:
@@ -233,6 +237,16 @@ def _key_need(allowed: Tensor, Q: int, K: int) -> Tensor:
     need = torch.maximum(last.to(own.dtype).expand(Q), own).clamp_max(K).cpu()
     _key_need_cache.put(original, need, (Q, K))
     return need
+
+
+def _keys_seen(allowed: Tensor, K: int) -> Tensor:
+    """(B|1, H|1, K) bool: the keys some query row sees (padding keys are seen by none). Kept for the last mask seen."""
+    cached = _seen_cache.get(allowed, (K,))
+    if cached is None:
+        m4 = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
+        cached = m4.any(-2).expand(*m4.shape[:2], K)
+        _seen_cache.put(allowed, cached, (K,))
+    return cached
 
 
 def _intervals(call: AttentionCall, Q: int, K: int, head_index: Tensor | None) -> tuple[Tensor, Tensor] | None:

@@ -14,6 +14,22 @@ from attnkit.validate.types import CRITICAL, INFO, OK, SYMBOLS, WARN
 RULE, THIN = "=" * 70, "-" * 70
 STYLES = {OK: "green", INFO: "cyan", WARN: "yellow", CRITICAL: "bold red"}
 
+# What each step of ``validate`` is doing, as a person would say it (the progress bar's labels).
+# Short enough (<= 24 characters) that the bar still fits an 80-column terminal.
+STEP_LABELS = {
+    "capture": "capturing attention maps",
+    "sanity": "sanity checks",
+    "positional": "positional patterns",
+    "tokens": "token-level patterns",
+    "statistics": "statistical tests",
+    "heads": "per-head analysis",
+    "query_variation": "query-side variation",
+    "diversity": "diversity correlation",
+    "gradients": "gradient flow (backward)",
+    "ablation": "ablation study",
+    "done": "writing the report",
+}
+
 
 def _line(console: Console, text: str, style: str | None = None) -> None:
     console.print(Text(text, style=style or ""), highlight=False, soft_wrap=True)

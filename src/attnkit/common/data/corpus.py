@@ -3,9 +3,10 @@
 A corpus source is, in this order:
 
 - a built-in name: ``kjv`` (the King James Bible, offline; see ``attnkit.common.data.bible``);
-- a local ``.txt`` file (one split, ``all``) or a folder: files whose names contain
-  ``train`` / ``valid`` / ``test`` become those splits (so WikiText's ``wiki.train.raw``,
-  ``wiki.valid.raw``, ``wiki.test.raw`` work as they are); otherwise every ``.txt`` file in it,
+- a local ``.txt`` file (one split, ``all``, one document), a ``.jsonl`` or ``.parquet`` file (one
+  split, a document per row: ``attnkit.common.data.texts``) or a folder of them: files whose names
+  contain ``train`` / ``valid`` / ``test`` become those splits (so WikiText's ``wiki.train.raw``,
+  ``wiki.valid.raw``, ``wiki.test.raw`` work as they are); otherwise every such file in it,
   sorted by name, forms the one split ``all``;
 - a Hugging Face ``datasets`` name, ``NAME`` or ``NAME:CONFIG`` (e.g.
   ``wikitext:wikitext-2-raw-v1``), only when a dataset hub is reachable.
@@ -23,7 +24,8 @@ BUILTIN_CORPORA: dict[str, str] = {
     "kjv": "King James Bible (shipped with attnkit; Debian's bible-kjv-text as fallback), split by chapter 90/5/5 (train/validation/test)",
 }
 DEFAULT_CORPUS = "kjv"
-TEXT_SUFFIXES = (".txt", ".raw", ".text")
+TEXT_SUFFIXES = (".txt", ".raw", ".text")  # a whole file is one document
+ROW_SUFFIXES = (".jsonl", ".parquet")  # a document per row
 # Folder file names -> split; "valid" also matches "validation".
 _SPLIT_WORDS = (("train", "train"), ("valid", "validation"), ("test", "test"))
 
@@ -55,8 +57,8 @@ def load_corpus(source: str = DEFAULT_CORPUS, text_column: str = "text") -> Corp
         return _load_builtin(source)
     path = Path(source).expanduser()
     if path.exists():
-        return load_local_corpus(path)
-    if source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES):
+        return load_local_corpus(path, text_column)
+    if source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES + ROW_SUFFIXES):
         raise UserError(f"corpus path {source} does not exist")
     name, _, config = source.partition(":")
     return load_hf_corpus(name, config or None, text_column=text_column)
@@ -77,28 +79,37 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path} is not UTF-8 text") from e
 
 
-def load_local_corpus(path: str | Path) -> Corpus:
-    """A ``.txt`` file (split ``all``, one document) or a folder (see the module doc)."""
+def load_local_corpus(path: str | Path, text_column: str = "text") -> Corpus:
+    """A ``.txt`` file (split ``all``, one document), a ``.jsonl`` / ``.parquet`` file (split ``all``,
+    a document per row, the text in ``text_column``) or a folder of them (see the module doc)."""
     path = Path(path).expanduser()
     if path.is_file():
-        text = _read_text(path)
-        if not text.strip():
+        docs = _documents(path, text_column)
+        if not any(d.strip() for d in docs):
             raise UserError(f"{path} is empty")
-        return Corpus(str(path), {"all": [text]}, f"local file {path}")
+        return Corpus(str(path), {"all": docs}, f"local file {path}")
     if not path.is_dir():
         raise UserError(f"corpus path {path} does not exist")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES + ROW_SUFFIXES)
     if not files:
-        raise UserError(f"no text files ({', '.join(TEXT_SUFFIXES)}) in {path}")
+        raise UserError(f"no text files ({', '.join(TEXT_SUFFIXES + ROW_SUFFIXES)}) in {path}")
     splits: dict[str, list[str]] = {}
     for f in files:
         for word, split in _SPLIT_WORDS:
             if word in f.name.lower():
-                splits.setdefault(split, []).append(_read_text(f))
+                splits.setdefault(split, []).extend(_documents(f, text_column))
                 break
     if not splits:
-        splits = {"all": [_read_text(f) for f in files]}
+        splits = {"all": [d for f in files for d in _documents(f, text_column)]}
     return Corpus(str(path), splits, f"local folder {path}")
+
+
+def _documents(path: Path, text_column: str) -> list[str]:
+    if path.suffix in ROW_SUFFIXES:
+        from attnkit.common.data.texts import READERS
+
+        return [t for t in READERS[path.suffix](path, text_column) if t.strip()]
+    return [_read_text(path)]
 
 
 def load_hf_corpus(name: str, config: str | None = None, text_column: str = "text", **kwargs: Any) -> Corpus:

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.errors import UserError
+from attnkit.common.progress import ProgressBar
 from attnkit.common.training import checkpoint as ckpt_lib
 from attnkit.common.training.distributed import DistEnv, init_from_env, mean_over_ranks, shard, wrap
-from attnkit.common.training.progress import TrainProgress
 from attnkit.common.training.schedule import make_scheduler
 
 # Settings that must not change between a run and its resume: they decide every step.
@@ -147,8 +147,8 @@ def train(
         torch.manual_seed(cfg.seed + env.rank)  # dropout and sampling inside steps: reproducible per rank
     wrapped = wrap(module, env, cfg.find_unused_parameters)
     last_ckpt = found.path if found is not None else None
-    progress = TrainProgress(cfg.steps, start, cfg.metric, enabled=cfg.progress and env.is_main,
-                             log_every=cfg.log_every, description=cfg.description)
+    progress = ProgressBar(cfg.description, cfg.steps, completed=start, transient=False,
+                           log_every=cfg.log_every, enabled=cfg.progress and env.is_main)
     with progress:
         for step in range(start, cfg.steps):
             batch = shard(batch_fn(step, batch_generator(cfg.seed, step)), env)
@@ -168,7 +168,8 @@ def train(
                 raise UserError(f"the loss is {numbers['loss']} at step {step + 1}; lower the learning rate "
                                 f"(now {lr:.3g}) or check the data")
             history.append({"step": step + 1, "lr": lr, **numbers})
-            progress.update(step + 1, numbers, lr)
+            shown = numbers.get(cfg.metric)
+            progress.update(step + 1, shown=(f"{cfg.metric} {shown:.4g}" if shown is not None else "") + f"  lr {lr:.2e}")
             done = step + 1
             if root is not None and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 last_ckpt = ckpt_lib.save(root, done, module, optimizer, scheduler,

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.seam.mods.mask.window import local_window, sink_window
+
 
 @dataclass(frozen=True)
 class BlockGeometry:
@@ -79,15 +81,14 @@ class BlockGeometry:
         return kb[None, :] <= self.query_block_ids[:, None]
 
     def forced(self, sink_blocks: int, local_blocks: int, sinks: bool) -> Tensor:
-        """(nQb, nKb) bool: blocks always kept: the ``local_blocks`` ending at the query's own
-        block (around it, when not causal), and the first ``sink_blocks`` when ``sinks``."""
+        """(nQb, nKb) bool: blocks always kept: the ``local_blocks`` (>= 1) ending at the query's
+        own block (around it, when not causal), and the first ``sink_blocks`` when ``sinks``: the
+        window mask modifiers of ``attnkit.seam.mods.mask.window`` on block numbers, within the
+        candidates."""
         kb = torch.arange(self.n_key_blocks, device=self.device)[None, :]
         qb = self.query_block_ids[:, None]
-        distance = qb - kb if self.causal else (qb - kb).abs()
-        keep = (distance >= 0) & (distance < local_blocks)
-        if sinks:
-            keep = keep | (kb < sink_blocks)
-        return keep & self.candidates
+        kept = sink_window(sink_blocks, local_blocks - 1) if sinks else local_window(local_blocks - 1)
+        return kept(None, None, qb, kb) & self.candidates  # causal: the candidates drop the future half
 
     def budget(self, density: float, floor: Tensor) -> Tensor:
         """(nQb,) long: blocks each query block keeps: ⌈density · candidates⌉, at least ``floor``

@@ -38,22 +38,22 @@ SCORE_MODS: dict[str, Callable[..., ScoreMod]] = {
     "clamp": clamp,
 }
 
+
+def local_pattern(window: int) -> dict[str, list]:
+    """Uniform attention over the keys within ``window`` positions of the query (``PATTERNS["local"]``: 5)."""
+    return {"score_mods": [constant_scores], "mask_mods": [local_window(window)]}
+
+
 PATTERNS: dict[str, dict[str, list]] = {
     # every visible key gets 1/n: attention as plain averaging (beta = 1/N)
     "uniform": {"score_mods": [constant_scores]},
     # uniform over the visible keys within 5 positions of the query (|i - j| <= 5)
-    "local": {"score_mods": [constant_scores], "mask_mods": [local_window(5)]},
+    "local": local_pattern(5),
     # all mass on the first visible key: the pure attention-sink pattern
     "first_token": {"score_mods": [first_visible_key]},
     # all mass on the key just before the query (itself for the first row)
     "previous_token": {"score_mods": [previous_key]},
 }
-
-
-def local_pattern(window: int) -> dict[str, list]:
-    """``PATTERNS["local"]`` with another window."""
-    return {"score_mods": [constant_scores], "mask_mods": [local_window(window)]}
-
 
 __all__ = [
     "PATTERNS", "SCORE_MODS", "ScoreMod", "clamp", "constant_scores", "first_visible_key", "local_pattern",

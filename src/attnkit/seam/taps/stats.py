@@ -55,6 +55,8 @@ class StatsCollector(Tap):
 
     def start_forward(self) -> None:
         self.call_order = []
+        for acc in self.layers.values():
+            acc.close_sequences()  # the last forward's batch rows were its sequences
 
     def _accumulator(self, chunk: ObservedChunk | ObservedRows) -> HeadStatsAccumulator:
         site = chunk.site

@@ -1,8 +1,10 @@
 """``sinks_window``: StreamingLLM — the first block(s) as attention sinks plus the local blocks.
 
 Xiao et al. 2023: a window without the first tokens destroys perplexity (5158 vs 5.40 with 4
-sink tokens); keeping them restores it. At density d the budget ⌈d·(i+1)⌉ is the sinks plus the
-most recent blocks (below: 2 of 4 blocks for the last query block, the sink and its own).
+sink tokens); keeping them restores it. The forced blocks are the one window's
+``sink_window(sink_blocks, local_blocks - 1)`` mask modifier on block numbers
+(``BlockGeometry.forced``). At density d the budget ⌈d·(i+1)⌉ is the sinks plus the most recent
+blocks (below: 2 of 4 blocks for the last query block, the sink and its own).
 
     >>> geo = BlockGeometry(block_size=2, query_length=8, key_length=8)
     >>> x = BlockInputs(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), geo, groups=1)

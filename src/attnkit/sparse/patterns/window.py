@@ -1,7 +1,8 @@
 """``window``: the local blocks only — the query's own block and the most recent before it.
 
 At density d a query block keeps its ⌈d·(i+1)⌉ most recent key blocks: a sliding window of
-blocks with no sink (StreamingLLM shows what losing the first tokens costs).
+blocks with no sink (StreamingLLM shows what losing the first tokens costs). Recency is the one
+window's ``key_distance`` (``attnkit.seam.mods.mask.window``) evaluated on block numbers.
 
     >>> geo = BlockGeometry(block_size=2, query_length=8, key_length=8)
     >>> x = BlockInputs(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), geo, groups=1)
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from attnkit.seam.mods.mask.window import key_distance
 from attnkit.seam.kernels.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
 from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 
 def window_score(x: BlockInputs) -> Tensor:
     """-distance between the query block and the key block: nearer is better."""
-    return -(x.query_blocks() - x.key_blocks()).abs().float()
+    return -key_distance(x.query_blocks(), x.key_blocks()).float()
 
 
 PATTERN = Pattern("window", window_score, sinks=False)

@@ -18,8 +18,7 @@ from torch import Tensor
 
 from attnkit.seam.mods.mask.causal import causal
 from attnkit.seam.mods.mask.combine import and_masks, or_masks
-from attnkit.seam.mods.mask.local_window import local_window
-from attnkit.seam.mods.mask.sink_window import sink_window
+from attnkit.seam.mods.mask.window import key_distance, local_window, sink_window
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -28,4 +27,4 @@ MASK_MODS: dict[str, Callable[..., MaskMod]] = {
     "sink_window": sink_window,
 }
 
-__all__ = ["MASK_MODS", "MaskMod", "and_masks", "causal", "local_window", "or_masks", "sink_window"]
+__all__ = ["MASK_MODS", "MaskMod", "and_masks", "causal", "key_distance", "local_window", "or_masks", "sink_window"]

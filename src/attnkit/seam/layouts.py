@@ -1,25 +1,39 @@
-"""Where a head's query and key weights live: the one place that knows each family's layout.
+"""Where each family keeps its attention weights: the one table, read by every feature that
+needs weights rather than calls.
 
-The seam hands features attention *calls*; some features need the *weights* behind a call —
-QK-clip rescales head h's W_q rows (and its key head's W_k rows), the monitor takes the gradient
-norm of a layer's query/key parameters, an intervention sets attention dropout. They ask
-``qk_layout(module)`` with the attention module of a call (``AttentionCall.module``) and get a
-``QKLayout``: for each query head and each key head, the slices (``Piece``) of the parameters that
-produce it. Layouts, one small function each, in ``LAYOUTS``:
+The seam hands features attention *calls*; some features need the *weights* behind a call. QK-clip
+rescales head h's W_q rows (and its key head's W_k rows), the monitor takes the gradient norm of a
+layer's query/key parameters, an intervention sets attention dropout, ``check`` reads W_q/W_k to
+estimate logits; an output gate multiplies the heads' outputs before the output projection, by
+a function of the layer's input hidden states. Each family is one ``Layout`` in ``LAYOUTS`` with
+up to two small functions:
 
-- ``separate``: ``q_proj`` / ``k_proj`` Linears (Llama, Mistral, Qwen, Gemma, ...; GQA: fewer key heads)
-- ``bert``: ``query`` / ``key`` Linears (BERT, RoBERTa, MiniLM's ``BertSelfAttention``)
-- ``gpt2``: fused ``c_attn`` Conv1D, weight (in, 3·E), columns [q | k | v]
-- ``fused``: fused ``qkv_proj`` Linear, rows [q (H·d) | k (KV·d) | v (KV·d)] (Phi-3)
-- ``neox``: fused ``query_key_value`` Linear, rows per head [q | k | v] (GPT-NeoX, Pythia)
-- ``nanogpt``: fused ``c_attn`` Linear (not GPT-2's Conv1D), rows [q | k | v], ``n_head`` (nanoGPT)
-- ``timm``: fused ``qkv`` Linear, rows [q | k | v], ``num_heads`` / ``head_dim`` (timm's ViT
-  ``Attention``; its ``q_norm``/``k_norm`` are ``nn.Identity`` unless ``qk_norm=True``)
-- ``mha``: ``nn.MultiheadAttention`` (``in_proj_weight`` rows [q | k | v], or q/k_proj_weight)
+- ``qk(module)`` for the attention module of a call (``AttentionCall.module``): a ``QKLayout``, for
+  each query head and each key head the slices (``Piece``) of the parameters that produce it;
+- ``output(module)`` for the module whose forward input is the layer's hidden states X: an
+  ``OutputLayout`` naming that module and the output projection whose input Y (B, T, H·d), the
+  heads' concatenated outputs, a gate multiplies (Qiu et al.'s G1, Qwen3-Next's gate).
+
+| family | q / k | output projection |
+|---|---|---|
+| ``attnkit`` | (its rows [q, k, v] are the ``fused`` layout) | ``proj`` Linear of attnkit's own modules (TransformerAE) |
+| ``mha`` | ``nn.MultiheadAttention``: ``in_proj_weight`` rows [q, k, v], or q/k_proj_weight | |
+| ``gpt2`` | fused ``c_attn`` Conv1D, weight (in, 3·E), columns [q, k, v] | ``c_proj`` (Conv1D, weight (H·d, E)) |
+| ``neox`` | fused ``query_key_value`` Linear, rows per head [q, k, v] (GPT-NeoX, Pythia) | |
+| ``nanogpt`` | fused ``c_attn`` Linear (not GPT-2's Conv1D), rows [q, k, v], ``n_head`` | (``gpt2``'s: ``c_proj``) |
+| ``timm`` | fused ``qkv`` Linear, rows [q, k, v], ``num_heads`` / ``head_dim`` (timm's ViT) | |
+| ``fused`` | fused ``qkv_proj`` Linear, rows [q (H·d), k (KV·d), v (KV·d)] (Phi-3) | |
+| ``bert`` | ``query`` / ``key`` Linears (``BertSelfAttention``: BERT, RoBERTa, MiniLM) | ``BertAttention``'s ``output.dense`` (X: its input, BERT being post-norm) |
+| ``separate`` | ``q_proj`` / ``k_proj`` Linears (Llama, Mistral, Qwen, Gemma; GQA: fewer key heads) | ``o_proj`` |
+
+The first layout that recognises a module wins, in table order (most specific first). A new
+family is one entry here.
 
 Rescaling a head's q pieces by a and its key head's k pieces by b scales that head's logits q·k by
-exactly a·b (RoPE is linear; biases are scaled with their rows) — unless the model normalises q and
-k after the projection (QK-norm), which ``qk_norm`` says.
+exactly a·b (RoPE is linear; biases are scaled with their rows), unless the model normalises q and
+k after the projection (QK-norm), which ``QKLayout.qk_norm`` says. A gate on the output
+projection's input sees X after the block's own norm in pre-norm models (GPT-2's ``ln_1``,
+Llama's ``input_layernorm`` run before the module).
 """
 
 from __future__ import annotations
@@ -115,7 +129,7 @@ def _has_qk_norm(module: nn.Module) -> bool:
                for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"))
 
 
-def _separate(module: nn.Module) -> QKLayout | None:
+def _qk_separate(module: nn.Module) -> QKLayout | None:
     q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
     if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear)):
         return None
@@ -130,7 +144,7 @@ def _separate(module: nn.Module) -> QKLayout | None:
                     set_dropout=_dropout_setter(module, "attention_dropout", "attn_dropout", "dropout"))
 
 
-def _bert(module: nn.Module) -> QKLayout | None:
+def _qk_bert(module: nn.Module) -> QKLayout | None:
     q, k = getattr(module, "query", None), getattr(module, "key", None)
     if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear)):
         return None
@@ -141,7 +155,7 @@ def _bert(module: nn.Module) -> QKLayout | None:
                     set_dropout=_dropout_setter(module, "dropout"))
 
 
-def _gpt2(module: nn.Module) -> QKLayout | None:
+def _qk_gpt2(module: nn.Module) -> QKLayout | None:
     c_attn = getattr(module, "c_attn", None)
     if c_attn is None or getattr(module, "is_cross_attention", False) or type(c_attn).__name__ != "Conv1D":
         return None
@@ -153,7 +167,7 @@ def _gpt2(module: nn.Module) -> QKLayout | None:
                     set_dropout=_dropout_setter(module, "attn_dropout"))
 
 
-def _fused(module: nn.Module) -> QKLayout | None:
+def _qk_fused(module: nn.Module) -> QKLayout | None:
     qkv = getattr(module, "qkv_proj", None)
     if not isinstance(qkv, nn.Linear) or not isinstance(getattr(module, "head_dim", None), int):
         return None
@@ -167,7 +181,7 @@ def _fused(module: nn.Module) -> QKLayout | None:
                     set_dropout=_dropout_setter(module, "attention_dropout", "attn_dropout"))
 
 
-def _neox(module: nn.Module) -> QKLayout | None:
+def _qk_neox(module: nn.Module) -> QKLayout | None:
     qkv = getattr(module, "query_key_value", None)
     d = getattr(module, "head_size", None)
     if not isinstance(qkv, nn.Linear) or not isinstance(d, int):
@@ -188,7 +202,7 @@ def _fused_rows(name: str, module: nn.Module, qkv: nn.Linear, H: int, d: int, se
                     qk_norm=_has_qk_norm(module), set_dropout=set_dropout)
 
 
-def _nanogpt(module: nn.Module) -> QKLayout | None:
+def _qk_nanogpt(module: nn.Module) -> QKLayout | None:
     c_attn, H = getattr(module, "c_attn", None), getattr(module, "n_head", None)
     if not isinstance(c_attn, nn.Linear) or not isinstance(H, int) or c_attn.out_features % (3 * H):
         return None
@@ -204,7 +218,7 @@ def _nanogpt(module: nn.Module) -> QKLayout | None:
     return _fused_rows("nanogpt", module, c_attn, H, c_attn.out_features // (3 * H), set_dropout)
 
 
-def _timm(module: nn.Module) -> QKLayout | None:
+def _qk_timm(module: nn.Module) -> QKLayout | None:
     qkv, H, d = getattr(module, "qkv", None), getattr(module, "num_heads", None), getattr(module, "head_dim", None)
     if not isinstance(qkv, nn.Linear) or not isinstance(H, int) or not isinstance(d, int) or qkv.out_features != 3 * H * d:
         return None
@@ -212,7 +226,7 @@ def _timm(module: nn.Module) -> QKLayout | None:
     return _fused_rows("timm", module, qkv, H, d, _dropout_setter(module, "attn_drop"))
 
 
-def _mha(module: nn.Module) -> QKLayout | None:
+def _qk_mha(module: nn.Module) -> QKLayout | None:
     if not isinstance(module, nn.MultiheadAttention):
         return None
     H, E = module.num_heads, module.embed_dim
@@ -229,24 +243,117 @@ def _mha(module: nn.Module) -> QKLayout | None:
     return QKLayout("mha", H, H, d, q, k, set_dropout=_dropout_setter(module, "dropout"))
 
 
-# name -> layout function; the first that recognises a module wins (most specific first)
-LAYOUTS: dict[str, Callable[[nn.Module], QKLayout | None]] = {
-    "mha": _mha,
-    "gpt2": _gpt2,
-    "neox": _neox,
-    "nanogpt": _nanogpt,
-    "timm": _timm,
-    "fused": _fused,
-    "separate": _separate,
-    "bert": _bert,
+
+@dataclass(frozen=True)
+class OutputLayout:
+    name: str
+    x_module: nn.Module  # its forward input is the gate's X (B, T, hidden)
+    out_proj: nn.Module  # its forward input is Y (B, T, num_heads * head_dim)
+    hidden: int
+    num_heads: int
+    head_dim: int
+
+
+def _in_features(proj: nn.Module) -> int | None:
+    if isinstance(proj, nn.Linear):
+        return proj.in_features
+    if type(proj).__name__ == "Conv1D":  # transformers' GPT-2 Conv1D: weight (in, out)
+        return int(proj.weight.shape[0])
+    return None
+
+
+def _make(name: str, x_module: nn.Module, out_proj: nn.Module, hidden: int | None, heads: int | None) -> OutputLayout | None:
+    width = _in_features(out_proj)
+    if width is None or not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0 or width % heads:
+        return None
+    return OutputLayout(name, x_module, out_proj, hidden, heads, width // heads)
+
+
+def _out_gpt2(m: nn.Module) -> OutputLayout | None:
+    if type(m).__name__ != "GPT2Attention" and not (hasattr(m, "c_attn") and hasattr(m, "c_proj")):
+        return None
+    proj = getattr(m, "c_proj", None)
+    return _make("gpt2", m, proj, getattr(m, "embed_dim", None), getattr(m, "num_heads", None)) if proj is not None else None
+
+
+def _out_separate(m: nn.Module) -> OutputLayout | None:
+    q, o = getattr(m, "q_proj", None), getattr(m, "o_proj", None)
+    if not (isinstance(q, nn.Linear) and isinstance(o, nn.Linear)):
+        return None
+    d = getattr(m, "head_dim", None)
+    if not isinstance(d, int) or o.in_features % d:
+        return None
+    return _make("separate", m, o, q.in_features, o.in_features // d)
+
+
+def _out_bert(m: nn.Module) -> OutputLayout | None:
+    inner, out = getattr(m, "self", None), getattr(m, "output", None)
+    q, dense = getattr(inner, "query", None), getattr(out, "dense", None)
+    if not (isinstance(q, nn.Linear) and isinstance(dense, nn.Linear)):
+        return None
+    return _make("bert", m, dense, q.in_features, getattr(inner, "num_attention_heads", None))
+
+
+def _out_attnkit(m: nn.Module) -> OutputLayout | None:
+    proj = getattr(m, "proj", None)
+    if not getattr(type(m), "is_attnkit_attention", False) or not isinstance(proj, nn.Linear):
+        return None
+    return _make("attnkit", m, proj, getattr(m, "d_model", None), getattr(m, "n_head", None))
+
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One family: ``qk`` and ``output`` each return None for a module that is not theirs."""
+
+    name: str
+    qk: Callable[[nn.Module], QKLayout | None] | None = None
+    output: Callable[[nn.Module], OutputLayout | None] | None = None
+
+
+# name -> layout; the first that recognises a module wins (most specific first)
+LAYOUTS: dict[str, Layout] = {
+    "attnkit": Layout("attnkit", output=_out_attnkit),
+    "mha": Layout("mha", qk=_qk_mha),
+    "gpt2": Layout("gpt2", qk=_qk_gpt2, output=_out_gpt2),
+    "neox": Layout("neox", qk=_qk_neox),
+    "nanogpt": Layout("nanogpt", qk=_qk_nanogpt),
+    "timm": Layout("timm", qk=_qk_timm),
+    "fused": Layout("fused", qk=_qk_fused),
+    "bert": Layout("bert", qk=_qk_bert, output=_out_bert),
+    "separate": Layout("separate", qk=_qk_separate, output=_out_separate),
 }
+
+
+def _known(aspect: str) -> str:
+    return ", ".join(name for name, layout in LAYOUTS.items() if getattr(layout, aspect) is not None)
 
 
 def qk_layout(module: nn.Module) -> QKLayout:
     """The query/key layout of an attention module; a ``UserError`` naming it when none fits."""
-    for fn in LAYOUTS.values():
-        layout = fn(module)
-        if layout is not None:
-            return layout
+    for layout in LAYOUTS.values():
+        found = layout.qk(module) if layout.qk is not None else None
+        if found is not None:
+            return found
     raise UserError(f"attnkit does not know where {type(module).__name__} keeps its query/key weights "
-                    f"(known layouts: {', '.join(LAYOUTS)}); add one to attnkit.seam.adapters.qk_weights.LAYOUTS")
+                    f"(known layouts: {_known('qk')}); add one to attnkit.seam.layouts.LAYOUTS")
+
+
+def output_layouts(model: nn.Module) -> list[OutputLayout]:
+    """Every attention module of ``model`` whose output projection is known, in module order (=
+    layer order); a ``UserError`` naming the model when there is none."""
+    found: list[OutputLayout] = []
+    taken: set[int] = set()
+    for m in model.modules():
+        if id(m) in taken:
+            continue
+        for layout in LAYOUTS.values():
+            out = layout.output(m) if layout.output is not None else None
+            if out is not None:
+                found.append(out)
+                taken.update(id(s) for s in m.modules())  # BertAttention's own .self is not another site
+                break
+    if not found:
+        raise UserError(f"attnkit does not know where {type(model).__name__} keeps its attention output projection "
+                        f"(known layouts: {_known('output')}); add one to attnkit.seam.layouts.LAYOUTS")
+    return found

@@ -1,0 +1,213 @@
+"""What attnkit finds, and the numbers it judges by: one ``Finding`` type and one ``THRESHOLDS`` table.
+
+``analyze`` judges one forward pass (per-head statistics), ``monitor`` the trends of a training
+run, ``check`` a logit estimate against a number format. Each has its own detectors, because each
+sees different evidence, but all three report the same thing: a ``Finding`` names what was found
+(``type``), how bad it is (``severity``), the figure that was measured (``value``), what it was
+compared with (``threshold``), a sentence, and where: a layer and head, a call site, a step.
+
+Each feature's JSON keeps its own keys (its schema): ``Finding.to_dict(keys)`` takes the feature's
+list of keys, or a map from its key to the field (``check`` says ``kind``/``status``/``limit``).
+
+Every threshold lives in ``THRESHOLDS`` with its unit and the reason for its value, argued once
+here. Where two features judge a similar thing by different numbers, they are two named entries
+and the reason says why they differ (``sink_mass`` / ``sink_growth_mass``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import KW_ONLY, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a site is only carried and printed here: no torch at import time
+    from attnkit.seam.sites import Site
+
+SEVERITIES = ("info", "warning", "error")  # analyze and monitor, least severe first
+VERDICTS = ("safe", "marginal", "unsafe", "advice")  # check's severities: a number format's verdict
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    unit: str
+    why: str
+
+
+THRESHOLDS: dict[str, Threshold] = {
+    # ----------------------------------------------------------------------------- attention entropy
+    "entropy_collapse_nats": Threshold(0.5, "nats", (
+        "mean row entropy below 0.5 nats: the row behaves like fewer than e^0.5 = 1.65 keys. Its softmax "
+        "Jacobian diag(p) - pp^T then has entries of order p(1-p) < 0.16 and gradient reaches almost no key "
+        "(Zhai et al. 2023, attention entropy collapse). analyze reports a head below it (with a concentrated "
+        "row, below); monitor warns when a head falls below it during training and projects the steps to it.")),
+    "entropy_collapse_max_attention": Threshold(0.8, "probability", (
+        "analyze's second condition for a collapsed head: its mean largest weight above 0.8, so low entropy "
+        "means one key takes the row, not a few keys sharing it evenly.")),
+    "positional_mass": Threshold(0.8, "probability", (
+        "a collapsed head with this much mass on its own position (or a mean distance of 0.8-1.2 to the "
+        "previous token with its largest weight above it) is a positional head, often by design: reported as "
+        "info. With this much mass on the first key it is an attention sink instead.")),
+    "saturated_logit_range": Threshold(20.0, "logit", (
+        "logits spanning more than 20 put e^-20 ~ 2e-9 of the row's mass on the lowest key: the softmax is "
+        "saturated and the other keys receive no gradient (said in the collapse suggestion).")),
+    "uniform_max_over_uniform": Threshold(1.25, "x 1/n", (
+        "a head whose largest weight is below 1.25 x the uniform share 1/n (and normalised entropy above 0.98) "
+        "averages its context: a trained head with any preference beats 1.25 x easily; a head whose query or "
+        "key projection is dead sits at exactly 1.0.")),
+    "uniform_normalized_entropy": Threshold(0.98, "H / ln n", (
+        "the uniform head's second condition: its entropy within 2 % of the largest possible, ln n.")),
+    "spike_fraction": Threshold(0.25, "share of rows", (
+        "a head spikes when at least a quarter of its rows put > 95 % on one key (the row statistic's own "
+        "line, attnkit.metrics.accumulate.SPIKE_THRESHOLD) while it is not collapsed on average: sharp, brittle "
+        "rows whose gradients vanish for the other keys.")),
+    "entropy_drop": Threshold(0.25, "relative", (
+        "monitor: a head's entropy fell by a quarter from the first to the last quarter of the trend window. "
+        "Together with entropy_heads: entropy collapse across the model, not one head specialising.")),
+    "entropy_heads": Threshold(0.5, "share of heads", (
+        "monitor: at least half of all heads must show a trend (entropy falling, logits growing) before it is "
+        "the model's trouble: one head's trend is a head specialising (it fired on half the healthy runs of "
+        "the learning-rate sweep, experiments/monitor_sweep.py).")),
+    # ----------------------------------------------------------------------------- attention sinks
+    "sink_mass": Threshold(0.3, "probability", (
+        "analyze: a head is an attention sink with >= 30 % of its mass on the first visible key (and >= 5 x "
+        "its uniform share). Common and usually benign in trained LMs (Xiao et al. 2023), so it is reported as "
+        "info, and a low bar describes the model fully.")),
+    "sink_ratio": Threshold(5.0, "x 1/n", (
+        "analyze: the sink's second condition, its first-key mass at least 5 x the uniform share, so a short "
+        "context (where 30 % is close to 1/n) does not count as a sink.")),
+    "sink_growth_mass": Threshold(0.5, "probability", (
+        "monitor: a head's first-key mass rising (by sink_rise over the window) to >= 50 % is a warning during "
+        "training. Higher than analyze's sink_mass on purpose: it warns rather than describes, and heads of "
+        "30-50 % sink mass are ordinary in trained LMs.")),
+    "sink_rise": Threshold(0.2, "probability", (
+        "monitor: the first-key mass must have risen by 0.2 over the trend window: a sink forming now, not one "
+        "the model has had all along.")),
+    # ----------------------------------------------------------------------------- logits and overflow
+    "overflow_headroom": Threshold(16.0, "x", (
+        "analyze: |QK^T| within 16 x (4 bits) of the dtype's largest finite value is a warning: longer inputs "
+        "or further training will overflow. fp32/bf16 heads that would come this close in fp16 are info.")),
+    "logit_danger": Threshold(100.0, "logit", (
+        "monitor: a max logit of 100 is the danger line (an error when reached, the target of logit_growth's "
+        "projection) and QK-clip's default tau: MuonClip's tau in Kimi K2.")),
+    "logit_floor": Threshold(10.0, "logit", (
+        "monitor: logit growth below a max logit of 10 is ordinary learning (logits start near 0 and grow "
+        "while a model learns).")),
+    "growth_min": Threshold(1.25, "x over the window", (
+        "monitor: the max logit must have grown by 1.25 x over the trend window to count as growth.")),
+    "fit_r2": Threshold(0.8, "R^2", (
+        "monitor: log(max logit) must fit a rising line with R^2 >= 0.8: exponential growth, the precursor "
+        "of divergence in Wortsman et al. 2023 and ViT-22B, not noise.")),
+    "horizon": Threshold(8.0, "window spans", (
+        "monitor: logit_growth warns when the fitted line reaches logit_danger within 8 trend windows.")),
+    "saturation_horizon": Threshold(2.0, "window spans", (
+        "monitor: softmax_saturation (logits growing and entropy falling across the model) needs danger "
+        "within 2 windows: chosen on two runs per learning rate of the sweep (experiments/monitor_sweep.py), "
+        "judged on held-out runs.")),
+    # ----------------------------------------------------------------------------- training signals
+    "grad_spike": Threshold(5.0, "x recent max", (
+        "monitor: a layer's query/key gradient norm at 5 x the largest of the window before is a spike "
+        "(relative to the recent maximum because gradients grow from ~0 at initialisation).")),
+    "loss_spike_nats": Threshold(1.0, "nats", (
+        "monitor: a step's loss 1 nat above the median of the steps before (e-fold worse perplexity) is a "
+        "spike; smaller jumps are ordinary batch noise.")),
+    # ----------------------------------------------------------------------------- number formats (check)
+    "distortion_tolerance": Threshold(0.10, "relative weight change", (
+        "check: an attention weight may change by at most 10 % (factor e^err - 1 <= 0.10) from rounding the "
+        "largest logit; with 4 roundings of |L| 2^-s that puts the largest logit a format holds at "
+        "ln(1.1) 2^s / 4: 6.1 in bf16, 48.8 in fp16. The one number check's verdicts rest on.")),
+    "high_quantile": Threshold(0.99, "probability", (
+        "check: the 'high' estimate is the value the largest logit stays below with 99 % probability: "
+        "marginal when only it crosses a limit.")),
+    "agreement_factor": Threshold(2.5, "x either way", (
+        "check --measure: the weights-based estimate and the measured logits agree within 2.5 x. The estimate "
+        "assumes isotropic inputs, which moves single heads by up to ~4 x and model-level figures by up to 2 x "
+        "on the shipped models (trained hidden states are not isotropic: norm gains, directions the heads are "
+        "tuned to; the reference model's largest logit is predicted at 0.50 x the measured); what it must tell "
+        "apart differs by far more (init-scale logits ~0.2 against trained ones ~20).")),
+}
+
+
+def threshold(name: str) -> float:
+    """The value of ``THRESHOLDS[name]``."""
+    return THRESHOLDS[name].value
+
+
+def _json_value(v):
+    """JSON has no NaN or Infinity: those become null / "inf" / "-inf"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, tuple) and hasattr(v, "_asdict"):  # a Site: {"layer", "stack", "kind"}
+        return dict(v._asdict())
+    if isinstance(v, list):
+        return list(v)
+    return v
+
+
+@dataclass
+class Finding:
+    """One thing found, with what it is and how bad positionally and the rest by name. An
+    ``analyze`` finding has a layer, head, suggestion and mitigations; a monitor finding has
+    the ``site`` of the call, the ``step`` it was seen at, the step its trend ``started`` and the
+    ``projected_steps`` until the danger threshold at the current rate (None: no projection)."""
+
+    type: str  # "entropy_collapse", "logit_growth", "qk_overflow", ...
+    severity: str  # SEVERITIES (analyze, monitor) or VERDICTS (check)
+    _: KW_ONLY  # the rest by name: Finding("overflow_risk", "error", layer=3, head=1, value=..., ...)
+    layer: int | None = None  # None: the whole model (or no layer: a number format)
+    head: int | None = None
+    value: float = math.nan  # the measured figure
+    threshold: float = math.nan  # what it was compared with
+    message: str = ""
+    suggestion: str = ""
+    mitigations: list[str] = field(default_factory=list)
+    site: "Site | None" = None
+    step: int | None = None
+    started: int | None = None
+    projected_steps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer is None and self.site is not None:
+            self.layer = self.site.layer
+
+    @property
+    def where(self) -> str:
+        """``model``; the site's name (``encoder layer 2 head 5``) when a call site is known;
+        else ``head 5 of layer 2`` / ``layer 2``."""
+        if self.site is not None:
+            return f"{self.site} head {self.head}" if self.head is not None else str(self.site)
+        if self.layer is None:
+            return "model"
+        return f"layer {self.layer}" if self.head is None else f"head {self.head} of layer {self.layer}"
+
+    @property
+    def key(self) -> tuple:
+        """What makes two findings the same standing trouble: (site, head, type)."""
+        return (self.site, self.head, self.type)
+
+    # check's words for the same fields (its JSON says kind / status / limit)
+    @property
+    def kind(self) -> str:
+        return self.type
+
+    @property
+    def status(self) -> str:
+        return self.severity
+
+    @property
+    def limit(self) -> float:
+        return self.threshold
+
+    def to_dict(self, keys: Iterable[str] | Mapping[str, str] | None = None) -> dict:
+        """The finding as JSON: ``keys`` are the feature's keys in its order (or a map from its key to
+        the field); None gives every field. Non-finite numbers become null / "inf"; a site, its parts."""
+        if keys is None:
+            keys = [f.name for f in fields(self)]
+        pairs = keys.items() if isinstance(keys, Mapping) else ((k, k) for k in keys)
+        return {out: _json_value(getattr(self, name)) for out, name in pairs}
+
+
+def severity_rank(severity: str) -> int:
+    """0 for info, 1 warning, 2 error: sort by ``-severity_rank`` for the worst first."""
+    return SEVERITIES.index(severity) if severity in SEVERITIES else -1
