@@ -24,8 +24,8 @@ import attnkit
 from attnkit.monitor import AttentionMonitor, Policy
 from attnkit.seam.layouts import qk_layout
 
-GROWTH = 1.35  # W_q of the planted head × this after every step
-STEPS = 32  # 1.35^32 ≈ 1.5e4: enough for a head starting near 1–2 to pass 1e4
+GROWTH = 1.5  # W_q of the planted head × this after every step
+STEPS = 24  # 1.5^24 ≈ 1.7e4: enough for a head starting near 1–2 to pass 1e4
 DANGER = 1e4
 TEXT = "In the beginning God created the heaven and the earth. " * 4
 
