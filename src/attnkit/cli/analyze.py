@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
-from attnkit.cli.common import (load_options, add_model_argument, check_outputs, check_positive, model_flags, model_options,
+from attnkit.cli.common import (load_options, add_model_argument, check_outputs, check_positive, model_flags,
                                 parse_int_list, read_text)
 
 

@@ -13,13 +13,6 @@ from attnkit.errors import UserError
 DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes (kept in step with common/loading/device.py)
 
 
-def torch_dtype(name: str):
-    """``torch.float32`` for "float32" (torch is imported here, when a command runs, not for --help)."""
-    import torch
-
-    return getattr(torch, name)
-
-
 def add_model_argument(p: argparse.ArgumentParser) -> None:
 
     names = ", ".join(BUILTIN_MODELS)

@@ -64,7 +64,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_trace(args: argparse.Namespace) -> int:
     from attnkit.common.default_text import DEFAULT_TEXT
     from attnkit.common.tokenize import max_positions, tokenize
-    from attnkit.cli.common import load_options, model_options, read_text
+    from attnkit.cli.common import load_options, read_text
     from attnkit.errors import UserError
     from attnkit.common.loading.device import model_device
     from attnkit.common.loading.registry import load_model

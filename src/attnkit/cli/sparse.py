@@ -150,7 +150,7 @@ def _floats(spec: str, what: str) -> list[float]:
 
 
 def _load(args: argparse.Namespace):
-    from attnkit.cli.common import load_options, model_options, offline_by_default
+    from attnkit.cli.common import load_options, offline_by_default
     from attnkit.common.loading.registry import load_model
 
     offline_by_default()

@@ -89,7 +89,7 @@ def _documents(args) -> tuple[list[str] | None, str | None]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from attnkit.cli.common import load_options, model_options
+    from attnkit.cli.common import load_options
     from attnkit.errors import UserError
     from attnkit.common.loading.registry import load_model
     from attnkit.validate import Options, validate
