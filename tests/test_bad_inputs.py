@@ -127,6 +127,13 @@ CASES: list[tuple[str, list[str], str]] = [
     ("files", ["analyze", "--dataset", "{blank_file}"], r"dataset .*blank\.txt has no texts"),
     ("files", ["analyze", "--dataset", "{latin1}"], r"latin1\.txt is not UTF-8 text"),
     ("files", ["analyze", "--dataset", "{other_column}"], r"other_column\.parquet has no column 'text' \(it has: body\)"),
+    # --- devices
+    ("devices", ["analyze", "--device", "gpu"], r"cannot read --device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
+    ("devices", ["validate", "--device", "cpu:1"], r"cannot read --device 'cpu:1'"),
+    ("devices", ["perplexity", "--device", "cuda:7"],
+     r"CUDA is not available on this machine; use --device cpu|this machine has \d CUDA devices? \(cuda:0"),
+    ("devices", ["analyze", "--dtype", "float64"], r"argument --dtype: invalid choice: 'float64'"),
+    ("devices", ["analyze", "--device-map", "balanced"], r"argument --device-map: invalid choice: 'balanced'"),
     # --- numbers
     ("numbers", ["perplexity", "--block-size", "0"], r"--block-size must be at least 2, got 0"),
     ("numbers", ["perplexity", "--block-size", "1"], r"--block-size must be at least 2, got 1"),
@@ -224,7 +231,7 @@ def test_bad_input_is_exit_2_and_one_clear_line(case, broken, capsys, monkeypatc
 def test_the_table_covers_every_category_with_at_least_40_cases():
     # "environment" cases need monkeypatching and have their own tests below.
     categories = {c for c, _, _ in CASES}
-    assert categories == {"paths", "files", "numbers", "ranges", "models", "outputs", "text"}
+    assert categories == {"paths", "files", "numbers", "ranges", "models", "outputs", "text", "devices"}
     assert len(CASES) >= 40
 
 

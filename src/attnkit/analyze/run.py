@@ -191,6 +191,10 @@ class Analyzer:
         """One forward on ``inputs`` without gradients (inside the block); a token the model cannot embed is a ``UserError``."""
         if self._stack is None:
             raise RuntimeError("Analyzer.run is for inside its with-block")
+        from attnkit.common.loading.device import model_device
+
+        device = model_device(self.model)  # inputs follow the model, wherever it was loaded
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         return forward_no_grad(self.model, **inputs)
 
     def result(self) -> Analysis:

@@ -97,8 +97,10 @@ def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: fl
     collector = StatsCollector()
     session = AttentionSession(taps=[collector])
     bert = "bert" in type(model).__name__.lower() or getattr(getattr(model, "config", None), "model_type", "") == "bert"
+    device = next((q.device for q in model.parameters()), torch.device("cpu"))  # the blocks follow the model
     with eval_mode(model), attach(model, session):
         for batch in ids.split(batch_size):
+            batch = batch.to(device)
             inputs = {"input_ids": batch}
             if bert:
                 inputs["attention_mask"] = torch.ones_like(batch)

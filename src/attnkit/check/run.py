@@ -218,6 +218,7 @@ def check(
     measure_source: str | None = None,
     measure_samples: int = 8,
     measure_batch_size: int = 8,
+    measure_device: str = "cpu",
 ) -> CheckReport:
     """Predict whether attention stays numerically safe in ``dtype`` at ``seq_len`` tokens.
 
@@ -230,6 +231,7 @@ def check(
     the report's status is the worse of the two verdicts (``notes`` say when they differ).
     ``measure_texts`` (named ``measure_source``) replace the KJV text: up to ``measure_samples``
     blocks of their tokens, ``measure_batch_size`` a forward, the figures their extremes.
+    ``measure_device`` ("auto", "cpu", "cuda[:N]", "mps") is where the measured forward runs.
     """
     fmt = format_named(dtype).name
     for value, what in ((temperature, "temperature"), (weight_growth, "weight growth")):
@@ -266,7 +268,7 @@ def check(
         notes.append("verdicts from the config alone, for a fresh initialisation of this architecture; "
                      "this model's trained weights were not read")
     if want_weights:
-        model, tokenizer = _load(source, measure_pass)
+        model, tokenizer = _load(source, measure_pass, measure_device if measure_pass else "cpu")
         found = moments_from_weights(model)
         if found:
             moments = [mo for heads in found.values() for mo in heads]
@@ -320,14 +322,14 @@ def _object(config: dict):
     return SimpleNamespace(**config)
 
 
-def _load(source: Source, need_tokenizer: bool):
+def _load(source: Source, need_tokenizer: bool, device: str = "cpu"):
     if source.model is not None:
         return source.model, None
     if source.model_dir is None:
         raise UserError(f"{source.name} has no weights (no model.safetensors or pytorch_model.bin): "
                         f"--measure needs a model directory or a built-in model")
 
-    loaded = load_model(source.model_dir if source.name not in _builtin_names() else source.name)
+    loaded = load_model(source.model_dir if source.name not in _builtin_names() else source.name, device=device)
     return loaded.model, loaded.tokenizer
 
 

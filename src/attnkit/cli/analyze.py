@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
-from attnkit.cli.common import (torch_dtype, add_model_argument, check_outputs, check_positive, model_flags, model_options,
+from attnkit.cli.common import (load_options, add_model_argument, check_outputs, check_positive, model_flags,
                                 parse_int_list, read_text)
 
 
@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.common.progress import stderr_status
 
     with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
-        loaded = load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
-                            **model_options(args))
+        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                            **load_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
     model = loaded.model

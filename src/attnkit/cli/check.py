@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     data.add_argument("--samples", type=int, metavar="N", default=8,
                       help="blocks of --seq-len tokens measured (default 8); the figures are their extremes")
     data.add_argument("--batch-size", type=int, metavar="B", default=8, help="blocks a forward (default 8)")
+    data.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:N]|mps",
+                      help="where --measure runs the model (in float32; --dtype is the format judged); auto: CUDA if "
+                      "present, else MPS, else the CPU (default: cpu)")
     p.add_argument("--from-config", action="store_true",
                    help="judge the config alone, as for a fresh initialisation, even when MODEL has trained weights "
                         "(by default a model's own W_q/W_k are read)")
@@ -63,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dataset is not None and not args.measure:
         raise UserError("--dataset is for --measure: the estimate itself reads no text")
+    if args.device != "cpu" and not args.measure:
+        raise UserError("--device is for --measure: the estimate itself runs no model")
     check_positive(args.samples, "--samples")
     check_positive(args.batch_size, "--batch-size")
     check_outputs(json=args.json, plot=args.plot)
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         report = check(args.model, seq_len=args.seq_len, dtype=args.dtype, temperature=args.temperature,
                        weight_growth=args.weight_growth, measure_pass=args.measure,
                        use_weights=False if args.from_config else None, measure_texts=texts,
-                       measure_source=args.dataset, measure_samples=args.samples, measure_batch_size=args.batch_size)
+                       measure_source=args.dataset, measure_samples=args.samples, measure_batch_size=args.batch_size,
+                       measure_device=args.device)
     render_check(report, console)
     if args.json:
         from attnkit.common.io import write_json

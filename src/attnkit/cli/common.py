@@ -10,14 +10,7 @@ from pathlib import Path
 from attnkit.common.loading.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 from attnkit.errors import UserError
 
-DTYPES = ("float32", "float16", "bfloat16")  # what --dtype accepts: names of torch dtypes
-
-
-def torch_dtype(name: str):
-    """``torch.float32`` for "float32" (torch is imported here, when a command runs, not for --help)."""
-    import torch
-
-    return getattr(torch, name)
+DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes (kept in step with common/loading/device.py)
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -27,9 +20,27 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
                    help=f"built-in name ({names}), local Hugging Face directory, hub id, or your own model as "
                    f"module.path:factory (imported from the current directory or an installed package: that runs "
                    f"its code) (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to run the model in")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+    add_device_options(p)
     add_own_model_options(p)
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --device-map: where the model runs and in which number format."""
+    where = p.add_argument_group("device and dtype")
+    where.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:N]|mps",
+                       help="where the model runs; auto: CUDA if present, else MPS, else the CPU (default: cpu)")
+    where.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
+                       help="dtype to run the model in; auto: the checkpoint's own dtype on a GPU, float32 on the CPU "
+                       "(default: auto)")
+    where.add_argument("--device-map", choices=("auto",), default=None,
+                       help="auto: Accelerate spreads a Hugging Face model too large for one device over GPUs and CPU")
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The ``load_model`` keywords for --device, --dtype and --device-map, and the own-model options."""
+    return {"device": getattr(args, "device", "cpu"), "dtype": getattr(args, "dtype", "auto"),
+            "device_map": getattr(args, "device_map", None), **model_options(args)}
 
 
 def add_own_model_options(p: argparse.ArgumentParser) -> None:

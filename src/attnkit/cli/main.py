@@ -178,7 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Exception as e:  # noqa: BLE001 - the one place that keeps tracebacks from users
+        if _is_out_of_memory(e) and not args.debug:
+            from attnkit.common.loading.device import out_of_memory_message
+
+            print_error(out_of_memory_message(e))
+            return EXIT_USER_ERROR
         return _unexpected(e, args)
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory, checked without importing torch (a command that never loaded it cannot raise it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ()))
 
 
 def _unexpected(e: Exception, args: argparse.Namespace) -> int:

@@ -64,18 +64,19 @@ def run_report(args: argparse.Namespace) -> int:
 def run_trace(args: argparse.Namespace) -> int:
     from attnkit.common.default_text import DEFAULT_TEXT
     from attnkit.common.tokenize import max_positions, tokenize
-    from attnkit.cli.common import torch_dtype, model_options, read_text
+    from attnkit.cli.common import load_options, read_text
     from attnkit.errors import UserError
+    from attnkit.common.loading.device import model_device
     from attnkit.common.loading.registry import load_model
     from attnkit.monitor.nonfinite import trace_nonfinite
 
     text = read_text(args.text, args.text_file)
-    loaded = load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
-                        **model_options(args))
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                        **load_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
     inputs = tokenize(loaded.tokenizer, text if text is not None else DEFAULT_TEXT, None,
-                      max_positions(loaded.model), truncate_silently=text is None)
+                      max_positions(loaded.model), truncate_silently=text is None, device=model_device(loaded.model))
     result = trace_nonfinite(loaded.model, (), dict(inputs))
     bad = result.site is not None or not result.output_finite or bool(result.nonfinite_params)
     Console(soft_wrap=True).print(Text(result.message, style="bold red" if bad else "green"))

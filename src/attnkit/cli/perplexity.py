@@ -31,11 +31,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="examples:\n  attnkit perplexity reference --split test --max-blocks 8\n"
         "  attnkit perplexity ./my-model --dataset notes.txt --json result.json",
     )
-    from attnkit.cli.common import add_own_model_options
+    from attnkit.cli.common import add_device_options, add_own_model_options
 
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"built-in name, local HF directory, hub id, or your own model as module.path:factory "
                    f"(imported: that runs its code) (default: {DEFAULT_MODEL})")
+    add_device_options(p)
     add_own_model_options(p)
     p.add_argument(
         "--dataset",
@@ -81,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     out = err if to_stdout else Console()
 
-    from attnkit.cli.common import model_options
+    from attnkit.cli.common import load_options
 
-    loaded = load_model(args.model, **model_options(args))
+    loaded = load_model(args.model, **load_options(args))
     if loaded.kind != "causal-lm":
         raise UserError(f"'{args.model}' is not a causal language model; perplexity needs one (e.g. 'reference')")
     if loaded.tokenizer is None:

@@ -150,12 +150,12 @@ def _floats(spec: str, what: str) -> list[float]:
 
 
 def _load(args: argparse.Namespace):
-    from attnkit.cli.common import torch_dtype, model_options, offline_by_default
+    from attnkit.cli.common import load_options, offline_by_default
     from attnkit.common.loading.registry import load_model
 
     offline_by_default()
-    return load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
-                      **model_options(args))
+    return load_model(args.model, trust_remote_code=args.trust_remote_code,
+                      **load_options(args))
 
 
 def run_train(args: argparse.Namespace) -> int:

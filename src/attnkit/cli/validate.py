@@ -89,7 +89,7 @@ def _documents(args) -> tuple[list[str] | None, str | None]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from attnkit.cli.common import torch_dtype, model_options
+    from attnkit.cli.common import load_options
     from attnkit.errors import UserError
     from attnkit.common.loading.registry import load_model
     from attnkit.validate import Options, validate
@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.common.progress import stderr_status
 
     with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
-        loaded = load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
-                            **model_options(args))
+        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                            **load_options(args))
     if loaded.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
     from attnkit.common.progress import step_progress

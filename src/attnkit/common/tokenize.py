@@ -21,8 +21,9 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def tokenize(tokenizer, text: str, max_length: int | None, model_max: int | None, truncate_silently: bool = False):
-    """Token ids for ``text``; a clear error for empty or over-long input."""
+def tokenize(tokenizer, text: str, max_length: int | None, model_max: int | None, truncate_silently: bool = False,
+             device=None):
+    """Token ids for ``text`` (on ``device`` when given: the model's); a clear error for empty or over-long input."""
     if not text or not text.strip():
         raise UserError("the text is empty; give --text or --text-file with some words in it")
     enc = tokenizer(text, return_tensors="pt", truncation=False)
@@ -45,4 +46,4 @@ def tokenize(tokenizer, text: str, max_length: int | None, model_max: int | None
         cut = f" after --max-length {max_length}" if max_length is not None and kept < n else ""
         raise UserError(f"the input is {kept} token{'s' if kept != 1 else ''}{cut}; attention statistics need "
                         f"at least {MIN_TOKENS} tokens (a query must see two keys), so give a longer text")
-    return dict(enc)
+    return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)

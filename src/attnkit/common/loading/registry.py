@@ -24,19 +24,32 @@ def _looks_like_path(name: str) -> bool:
 
 def load_model(
     name: str = DEFAULT_MODEL,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     checkpoint: str | None = None,
     config: str | None = None,
     tokenizer: str | None = None,
+    device: torch.device | str = "cpu",
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a built-in name, a local HF directory, a hub id, or your own model (``module.path:factory``
-    with ``checkpoint``, ``config`` and ``tokenizer``: see ``attnkit.common.loading.user_model``), in eval mode."""
+    with ``checkpoint``, ``config`` and ``tokenizer``: see ``attnkit.common.loading.user_model``), in eval mode.
+
+    ``device`` is "auto", "cpu", "cuda[:N]" or "mps"; ``dtype`` a torch dtype, its name, or "auto" (see
+    ``attnkit.common.loading.device``); ``device_map="auto"`` lets Accelerate place a Hugging Face model
+    over GPUs and CPU instead of putting it whole on ``device``."""
+    from attnkit.common.loading.device import DEVICE_MAPS, resolve_device, resolve_dtype
     from attnkit.common.loading.user_model import is_user_model_spec, load_user_model
 
+    target = resolve_device(device)
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise UserError(f"cannot read --device-map '{device_map}': use {' or '.join(DEVICE_MAPS)}")
     if is_user_model_spec(name):
-        return load_user_model(name, checkpoint=checkpoint, config=config, tokenizer=tokenizer, dtype=dtype)
+        if device_map is not None:
+            raise UserError("--device-map places a Hugging Face model; your own model goes whole on --device")
+        return load_user_model(name, checkpoint=checkpoint, config=config, tokenizer=tokenizer,
+                               dtype=resolve_dtype(dtype, target), device=target)
     given = [option for option, value in (("--checkpoint", checkpoint), ("--config", config), ("--tokenizer", tokenizer))
              if value is not None]
     if given:
@@ -81,9 +94,18 @@ def load_model(
 
     is_causal_lm = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
     auto = AutoModelForCausalLM if is_causal_lm else AutoModel
+    dtype = resolve_dtype(dtype, target, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     try:
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
         model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs, **hub_kwargs)
+        if device_map is None:
+            model = model.to(target)
+    except torch.OutOfMemoryError as e:
+        from attnkit.common.loading.device import out_of_memory_message
+
+        raise UserError(f"loading {name} on {target}: {out_of_memory_message(e)}") from e
     except SafetensorError as e:
         raise UserError(f"the model weights in {path} are damaged or truncated "
                         f"(model.safetensors: {_first_line(e)}); download or copy them again") from e

@@ -500,7 +500,8 @@ def _kind(model: UserModel, vocab: int | None) -> str:
 
 
 def load_user_model(spec: str, checkpoint: str | None = None, config: str | None = None,
-                    tokenizer: str | None = None, dtype: torch.dtype = torch.float32):
+                    tokenizer: str | None = None, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu"):
     """``module.path:factory`` built, loaded and wrapped for attnkit: a ``LoadedModel``."""
     if tokenizer is None:
         raise UserError(f"{spec} needs --tokenizer: a Hugging Face tokenizer directory, a built-in model's name "
@@ -514,7 +515,7 @@ def load_user_model(spec: str, checkpoint: str | None = None, config: str | None
     module = _call_factory(factory, cfg, spec)
     if state is not None:
         load_weights(module, state, checkpoint, spec)
-    module = module.to(dtype).eval()
+    module = module.to(device=device, dtype=dtype).eval()
     model = UserModel(module, spec, _positions(cfg, module), cfg).eval()
     vocab = len(tok) if len(tok) > 0 else None
     return LoadedModel(model=model, tokenizer=tok, name=spec, kind=_kind(model, vocab))
