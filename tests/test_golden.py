@@ -20,6 +20,19 @@ make_golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_golden)
 
 
+def _stack_differs() -> str | None:
+    import json
+
+    recorded = json.loads(make_golden.STACK_FILE.read_text(encoding="utf-8"))
+    now = make_golden.installed_stack()
+    changed = [f"{name} {recorded.get(name)} -> {now[name]}" for name in make_golden.STACK if recorded.get(name) != now[name]]
+    return "; ".join(changed) or None
+
+
+pytestmark = pytest.mark.skipif(bool(_stack_differs()), reason=f"the goldens were written on another dependency stack "
+                                f"({_stack_differs()}): regenerate them there with tests/golden/make_golden.py")
+
+
 @pytest.fixture(scope="module")
 def outputs() -> dict[str, str]:
     return make_golden.run_all()  # one process, one temporary directory: the cases feed each other

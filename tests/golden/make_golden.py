@@ -180,7 +180,22 @@ def run_all(names=None) -> dict[str, str]:
         return {name: run_case(name, tmp) for name in (names or CASES)}
 
 
+# The goldens record what one dependency stack prints: another release of these renders the console
+# differently (rich's wrapping) or moves numbers past the tolerance (transformers, torch kernels), which
+# says nothing about attnkit. The test compares on the stack the goldens were written with.
+STACK = ("torch", "transformers", "tokenizers", "rich", "numpy")
+STACK_FILE = HERE / "stack.json"
+
+
+def installed_stack() -> dict[str, str]:
+    """major.minor of each package of ``STACK`` installed now."""
+    from importlib.metadata import version
+
+    return {name: ".".join(version(name).split("+")[0].split(".")[:2]) for name in STACK}
+
+
 def main() -> None:
+    STACK_FILE.write_text(json.dumps(installed_stack(), indent=1) + "\n", encoding="utf-8")
     CASES_DIR.mkdir(exist_ok=True)
     for old in CASES_DIR.glob("*.txt"):
         old.unlink()
