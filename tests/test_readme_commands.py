@@ -1,4 +1,5 @@
-"""`.ci/run` calls exactly the README's second command, and that command installs what the tests need."""
+"""`.ci/run` calls exactly the README's second command, then the same suite at the lower bounds, and that
+command installs what the tests need."""
 
 import re
 from pathlib import Path
@@ -15,7 +16,8 @@ def test_ci_runs_the_readme_second_command_verbatim():
     first, second = _readme_commands()
     ci_lines = [line.strip() for line in ROOT.joinpath(".ci/run").read_text().splitlines()
                 if line.strip() and not line.lstrip().startswith("#")]
-    assert ci_lines[-1] == second
+    # the README's second command, verbatim, then the suite again at every dependency's lower bound
+    assert ci_lines[-2:] == [second, ".ci/lower-bounds"]
     assert "export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1" in ci_lines
 
 
