@@ -17,23 +17,13 @@ import torch.nn.functional as F
 
 from attnkit.seam.kernels.block_kernels import BLOCK_KERNELS, BlockCall, choose_block_kernel
 from attnkit.sparse import BlockGeometry, dense_reference, select_blocks
+from sparse_helpers import random_qkv as _qkv, random_selection
 
 CPU_KERNELS = ["gather_sdpa", "portable"]  # flex needs torch.compile and has no CPU backward
 
 
 def _selection(B, Hk, Q, T, bs, density, causal, seed=0):
-    geo = BlockGeometry(bs, Q, T, causal=causal)
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(B, Hk, geo.n_query_blocks, geo.n_key_blocks, generator=g)
-    return select_blocks(scores, geo, geo.forced(1, 1, sinks=True), density), geo
-
-
-def _qkv(B, H, Hk, Q, T, D, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Q, D, generator=g, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, Hk, T, D, generator=g, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, Hk, T, D, generator=g, dtype=dtype, requires_grad=True)
-    return q, k, v
+    return random_selection(B, Hk, T, bs, density, seed=seed, causal=causal, Q=Q)
 
 
 def _run(name, q, k, v, sel, scale, **extras):

@@ -13,24 +13,10 @@ import math
 import pytest
 import torch
 
-from attnkit.sparse import BlockGeometry, block_sparse_attention, dense_reference, select_blocks
+from attnkit.sparse import block_sparse_attention, dense_reference
+from sparse_helpers import random_qkv as _qkv, random_selection as _selection
 
 
-def _selection(B, Hk, T, bs, density, seed=0, causal=True, Q=None, sinks=True):
-    """A random selection (random scores) over a (Q of T) call, and its geometry."""
-    Q = T if Q is None else Q
-    geo = BlockGeometry(bs, Q, T, causal=causal)
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(B, Hk, geo.n_query_blocks, geo.n_key_blocks, generator=g)
-    return select_blocks(scores, geo, geo.forced(1, 1, sinks=sinks), density), geo
-
-
-def _qkv(B, H, Hk, Q, T, D, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Q, D, generator=g, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, Hk, T, D, generator=g, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, Hk, T, D, generator=g, dtype=dtype, requires_grad=True)
-    return q, k, v
 
 
 def _gate_bias(gate_scores, sel, geo):
