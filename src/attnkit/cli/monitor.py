@@ -1,6 +1,6 @@
 """``attnkit monitor``: figures and a summary of a run written by ``AttentionMonitor``.
 
-    attnkit monitor report RUN_DIR [--out DIR]
+    attnkit monitor report RUN_DIR [--out DIR] [--json PATH|-]
     attnkit monitor trace [MODEL] [--text T | --text-file F]     # where NaN/Inf first appear
 """
 
@@ -19,12 +19,13 @@ def add_parser(sub) -> None:
                        "  attnkit monitor trace ./checkpoint --text \"a sentence that made the loss NaN\"")
     actions = p.add_subparsers(dest="monitor_command", metavar="ACTION")
     r = actions.add_parser("report", help="figures and a summary from a run's monitor.jsonl",
-                           description="Per-head entropy heatmap over steps, max logit and curvature with warning "
-                           "and intervention steps marked (PNG), and a summary, from RUN_DIR/monitor.jsonl "
-                           "(a finished or running job).",
+                           description="Per-layer panel (each head's max |logit| and entropy over steps), per-head "
+                           "entropy heatmap, max logit and curvature, with warning and intervention steps marked "
+                           "(PNG), and a summary, from RUN_DIR/monitor.jsonl (a finished or running job).",
                            epilog="example:\n  attnkit monitor report runs/exp1 --out figures/")
     r.add_argument("run_dir", metavar="RUN_DIR", help="the monitor's log_dir (holding monitor.jsonl)")
     r.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR)")
+    r.add_argument("--json", metavar="PATH", help="write the summary as JSON to PATH, or - for stdout")
     r.set_defaults(run=run_report)
     from attnkit.cli.common import add_model_argument
 
@@ -49,15 +50,22 @@ def _need_action(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from attnkit.cli.common import check_outputs
     from attnkit.errors import UserError
-    from attnkit.monitor.report import read_run, render_summary, save_figures
+    from attnkit.monitor.report import read_run, render_summary, save_figures, summary
 
+    check_outputs(json=args.json)
     run = read_run(args.run_dir)
     out = Path(args.out) if args.out else run.path
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
     paths = save_figures(run, out)
-    render_summary(run, paths, Console(soft_wrap=True))  # paths and messages stay whole lines (and grep-able)
+    # paths and messages stay whole lines (and grep-able); on stderr when stdout carries the JSON
+    render_summary(run, paths, Console(soft_wrap=True, stderr=args.json == "-"))
+    if args.json:
+        from attnkit.common.io import write_json
+
+        write_json(summary(run, paths), args.json)
     return 0
 
 

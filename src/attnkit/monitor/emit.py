@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from rich.text import Text
 from attnkit.common.extras import require
 from attnkit.common.findings import Finding
 from attnkit.monitor.issues import ISSUE_KEYS
+from attnkit.monitor.panel import Markers, by_site, max_abs_logit, site_of
 from attnkit.seam.sites import Site
 
 HEAD_METRICS = ("entropy", "logit_max", "sink_mass", "max_attention")
@@ -49,13 +51,21 @@ class StepRecord:
     sites: list[Site]
     grad_norm: list[float] | None  # per site, query/key parameters
 
+    def head_metrics(self) -> dict[str, list[float]]:
+        """HEAD_METRICS, the gates' where present, and ``logit_absmax`` (each head's largest |logit|)
+        where the record has both logit extremes: metric -> one value per series."""
+        out = {m: self.metrics[m] for m in HEAD_METRICS + GATE_METRICS if m in self.metrics}
+        if "logit_max" in self.metrics and "logit_min" in self.metrics:
+            out["logit_absmax"] = max_abs_logit(self.metrics["logit_max"], self.metrics["logit_min"]).tolist()
+        return out
+
     def scalars(self) -> dict[str, float]:
         """Flat ``metric/series`` -> value, as TensorBoard and W&B take them."""
         out: dict[str, float] = {}
         if self.loss is not None:
             out["loss"] = self.loss
-        for metric in HEAD_METRICS + tuple(m for m in GATE_METRICS if m in self.metrics):
-            for (site, head), v in zip(self.series, self.metrics[metric]):
+        for metric, values in self.head_metrics().items():
+            for (site, head), v in zip(self.series, values):
                 out[f"{metric}/{series_name(site, head)}"] = v
         if self.grad_norm is not None:
             for site, v in zip(self.sites, self.grad_norm):
@@ -159,10 +169,27 @@ class ConsoleEmitter(Emitter):
         self.console.print(line, soft_wrap=True)
 
 
+def _sites(meta: dict) -> list[Site]:
+    """The site of each series, from the meta line's ``heads``."""
+    return [Site(h["layer"], h.get("stack", ""), h.get("kind", "self")) for h in meta.get("heads", [])]
+
+
+def marker_scalars(rows) -> list[tuple[int, dict[str, float]]]:
+    """``Markers`` rows as scalars, per step: ``markers/warnings/<site>`` (new warnings naming that
+    layer's attention), ``markers/warnings/model`` (naming none), ``markers/interventions``."""
+    return [(step, {**{f"markers/warnings/{'model' if site is None else series_name(site)}": float(n)
+                       for site, n in warnings.items()}, "markers/interventions": float(interventions)})
+            for step, warnings, interventions in rows]
+
+
 class TensorBoardEmitter(Emitter):
-    """Per-head scalars (``attnkit/entropy/L0H1``, ...) to a ``SummaryWriter`` (given, e.g.
-    Lightning's ``logger.experiment``, or made on ``log_dir``); warnings and interventions as text;
-    on close, the per-head entropy heatmap over the last ``heatmap_steps`` observed steps as an image."""
+    """Per-head scalars (``attnkit/entropy/L0H1``, ``attnkit/logit_absmax/L0H1``, ...) to a
+    ``SummaryWriter`` (given, e.g. Lightning's ``logger.experiment``, or made on ``log_dir``);
+    warnings and interventions as text and as marker series (``attnkit/markers/warnings/L0``,
+    ``attnkit/markers/warnings/model``, ``attnkit/markers/interventions``: the count at each observed
+    step, 0 when none); a custom-scalars layout with one section per layer (charts: max |logit| with a line per
+    head, entropy with a line per head, the markers); on close, the per-head entropy heatmap over the
+    last ``heatmap_steps`` observed steps as an image."""
 
     def __init__(self, log_dir: str | Path | None = None, writer=None, prefix: str = "attnkit",
                  heatmap_steps: int = 512) -> None:
@@ -177,12 +204,39 @@ class TensorBoardEmitter(Emitter):
         self.writer, self.prefix = writer, prefix
         self._entropy: deque = deque(maxlen=heatmap_steps)  # (step, per-head entropy) for the heatmap image
         self._series: list[str] = []
+        self.markers = Markers([])
+
+    def start(self, meta: dict) -> None:
+        sites = _sites(meta)
+        self.markers = Markers(sites)
+        self.writer.add_custom_scalars(self.layout(sites))
+
+    def layout(self, sites: list[Site]) -> dict:
+        """``add_custom_scalars``' layout: a section per layer, each chart a line per head (regexes on
+        the tags, anchored, so layer 1 never picks up layer 10 nor another stack's layer 1)."""
+        p = re.escape(self.prefix)
+        sections = {}
+        for site, _ in by_site(sites):
+            name = re.escape(series_name(site))
+            markers = [f"^{p}/markers/warnings/{name}$", f"^{p}/markers/warnings/model$", f"^{p}/markers/interventions$"]
+            sections[f"{self.prefix} {site}"] = {
+                f"{site}: max |logit| per head": ["Multiline", [rf"^{p}/logit_absmax/{name}H\d+$"]],
+                f"{site}: entropy per head (nats)": ["Multiline", [rf"^{p}/entropy/{name}H\d+$"]],
+                f"{site}: new warnings (this layer, whole model) and interventions": ["Multiline", markers],
+            }
+        return sections
 
     def step(self, r: StepRecord) -> None:
+        self._markers(self.markers.observed(r.step))
         for name, v in r.scalars().items():
             self.writer.add_scalar(f"{self.prefix}/{name}", float(v), r.step)
         self._series = [series_name(s, h) for s, h in r.series]
         self._entropy.append((r.step, list(r.metrics["entropy"])))
+
+    def _markers(self, rows) -> None:
+        for step, scalars in marker_scalars(rows):
+            for name, v in scalars.items():
+                self.writer.add_scalar(f"{self.prefix}/{name}", v, step)
 
     def _heatmap(self) -> None:
         """The per-head entropy heatmap over the last observed steps, as an image at the last step."""
@@ -206,13 +260,17 @@ class TensorBoardEmitter(Emitter):
         plt.close(fig)
 
     def issue(self, issue: Finding) -> None:
+        if issue.step is not None:
+            self.markers.warning(issue.step, site_of(issue))
         self.writer.add_text(f"{self.prefix}/issues", f"{issue.type} {issue.where}: {issue.message}", issue.step)
 
     def intervention(self, entry: dict) -> None:
+        self.markers.intervention(entry["step"])
         self.writer.add_text(f"{self.prefix}/interventions", f"{entry['action']}: {entry.get('detail', '')}",
                              entry["step"])
 
     def close(self) -> None:
+        self._markers(self.markers.flush())
         self._heatmap()
         self.writer.flush()
         if self._own:
@@ -220,22 +278,65 @@ class TensorBoardEmitter(Emitter):
 
 
 class WandbEmitter(Emitter):
-    """``wandb.log`` of the same scalars; ``mode="offline"`` writes a local run directory only."""
+    """``wandb.log`` of the same scalars and marker series as TensorBoard, warnings and interventions
+    as text; on close, per layer a line chart of each head's max |logit| and one of its entropy over
+    the last ``panel_steps`` observed steps (``attnkit/panel/<layer>/...``). ``mode="offline"``
+    writes a local run directory only."""
 
-    def __init__(self, log_dir: str | Path, mode: str = "offline", run=None, **init_kwargs) -> None:
+    def __init__(self, log_dir: str | Path, mode: str = "offline", run=None, panel_steps: int = 512,
+                 **init_kwargs) -> None:
         self._own = run is None
         if run is None:
             run = require("wandb", "the monitor's Weights & Biases output").init(dir=str(log_dir), mode=mode,
                                                                                 **init_kwargs)
         self.run = run
+        self.markers = Markers([])
+        self._history: deque = deque(maxlen=panel_steps)  # (step, head metrics) for the per-layer charts
+        self._series: list[tuple[Site, int]] = []
+
+    def start(self, meta: dict) -> None:
+        self.markers = Markers(_sites(meta))
 
     def step(self, r: StepRecord) -> None:
+        self._markers(self.markers.observed(r.step))
         self.run.log({f"attnkit/{k}": v for k, v in r.scalars().items()}, step=r.step)
+        self._series = list(r.series)
+        self._history.append((r.step, r.head_metrics()))
+
+    def _markers(self, rows) -> None:
+        for step, scalars in marker_scalars(rows):
+            self.run.log({f"attnkit/{k}": v for k, v in scalars.items()}, step=step)
 
     def issue(self, issue: Finding) -> None:
+        if issue.step is not None:
+            self.markers.warning(issue.step, site_of(issue))
         self.run.log({"attnkit/issue": f"{issue.type} {issue.where}: {issue.message}"}, step=issue.step)
 
+    def intervention(self, entry: dict) -> None:
+        self.markers.intervention(entry["step"])
+        self.run.log({"attnkit/intervention": f"{entry['action']}: {entry.get('detail', '')}"}, step=entry["step"])
+
+    def _panel(self) -> None:
+        """Per layer, a line per head over the observed steps kept (wandb's own line-series chart)."""
+        if not self._history:
+            return
+        import wandb
+
+        steps = [s for s, _ in self._history]
+        charts = {}
+        for site, columns in by_site([s for s, _ in self._series]):
+            heads = [f"H{self._series[i][1]}" for i in columns]
+            for metric, title in (("logit_absmax", "max |logit|"), ("entropy", "entropy (nats)")):
+                if metric not in self._history[-1][1]:
+                    continue
+                ys = [[m[metric][i] for _, m in self._history] for i in columns]
+                charts[f"attnkit/panel/{series_name(site)}/{metric}"] = wandb.plot.line_series(
+                    xs=steps, ys=ys, keys=heads, title=f"{site}: {title} per head", xname="step")
+        self.run.log(charts, step=steps[-1])
+
     def close(self) -> None:
+        self._markers(self.markers.flush())
+        self._panel()
         if self._own:
             self.run.finish()
 

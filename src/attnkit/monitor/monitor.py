@@ -51,7 +51,8 @@ from attnkit.monitor.snapshots import Snapshots
 from attnkit.seam import ADAPTERS, AttentionCall, AttentionSession, NoAttentionError, Site, StatsCollector, Tap, attach, unwrap
 
 DEFAULT_EVERY = 16  # observed steps cost ~1.3 unobserved ones on the reference model: <= 5% at 1 in 16 (BENCHMARKS.md)
-METRICS = (*HEAD_METRICS, "normalized_entropy", "log10_curvature_max", "nonfinite_logits")
+# logit_min beside logit_max: a head's largest |logit| (what overflows a float16) is max(|max|, |min|)
+METRICS = (*HEAD_METRICS, "logit_min", "normalized_entropy", "log10_curvature_max", "nonfinite_logits")
 
 
 class _Sites(Tap):

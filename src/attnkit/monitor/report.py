@@ -8,9 +8,14 @@ skipped; a log directory reused by several runs: the last one, from its meta lin
 - ``max_logit.png``: each head's max logit (symmetric log scale) with warning steps (orange) and
   intervention steps (green) marked, and the danger threshold;
 - ``curvature.png``: the curvature estimate log10 κ (largest over rows) per head, same marks;
-- ``gates.png`` (a model with attnkit gates): each head's mean gate and share of gates below 0.1.
+- ``gates.png`` (a model with attnkit gates): each head's mean gate and share of gates below 0.1;
+- ``attention_panel.png`` (``attention_panel_2.png``, ... past 8 layers): small multiples, a row per
+  layer: each head's largest |logit| and its entropy over the steps, warnings naming that layer (or
+  the whole model) and interventions marked, what the TensorBoard and W&B panels show live.
 
-``render_summary(run, written, console)`` prints what ``attnkit monitor report`` shows.
+``panel_data(run)`` gives that figure's numbers (``LayerPanel`` per layer); ``summary(run, written)``
+the JSON of ``--json``; ``render_summary(run, written, console)`` prints what ``attnkit monitor
+report`` shows.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ import numpy as np
 from rich.text import Text
 
 from attnkit.errors import UserError
+from attnkit.monitor.panel import by_site, max_abs_logit, site_of
+from attnkit.seam.sites import Site
+
+LAYERS_PER_PANEL = 8  # rows of one attention_panel PNG: more would make each row too small to read
 
 
 @dataclass
@@ -40,6 +49,15 @@ class Run:
     @property
     def series(self) -> list[str]:
         return self.meta.get("series", [])
+
+    @property
+    def sites(self) -> list[Site]:
+        """The attention site of each series (column), from the meta line's ``heads``."""
+        return [Site(h["layer"], h.get("stack", ""), h.get("kind", "self")) for h in self.meta.get("heads", [])]
+
+    @property
+    def heads(self) -> list[int]:
+        return [h["head"] for h in self.meta.get("heads", [])]
 
 
 def _num(v) -> float:
@@ -67,7 +85,15 @@ def read_run(run_dir: str | Path) -> Run:
             if n == len(lines) - 1:
                 continue  # a running job's half-written last line
             raise UserError(f"{jsonl} line {n + 1} is not JSON: the file is damaged") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{jsonl} line {n + 1} is not a monitor record: not a file written by AttentionMonitor")
         kind = obj.get("type")
+        if kind == "step" and not (isinstance(obj.get("step"), int) and isinstance(obj.get("metrics"), dict)
+                                   and all(isinstance(v, list) for v in obj["metrics"].values())):
+            raise UserError(f"{jsonl} line {n + 1} is a step without a step number and per-head metrics: "
+                            f"the file is damaged")
+        if kind in ("issue", "intervention") and not isinstance(obj.get("step"), int):
+            raise UserError(f"{jsonl} line {n + 1} is an {kind} without a step: the file is damaged")
         if kind == "meta":  # a new run in the same file: the figures are of the latest
             meta = obj
             steps, rows, losses, issues, interventions = [], {}, [], [], []
@@ -85,7 +111,14 @@ def read_run(run_dir: str | Path) -> Run:
             interventions.append(obj)
     if not steps:
         raise UserError(f"{jsonl} has no observed step yet")
-    metrics = {m: np.asarray(v, dtype=float) for m, v in rows.items() if len({len(r) for r in v}) == 1}
+    # a metric missing from some steps or of uneven width cannot be drawn against the steps: left out
+    metrics = {m: np.asarray(v, dtype=float) for m, v in rows.items()
+               if len(v) == len(steps) and len({len(r) for r in v}) == 1}
+    heads = meta.get("heads")
+    width = metrics["entropy"].shape[1] if "entropy" in metrics else None
+    if not isinstance(heads, list) or width is None or len(heads) != width or not all(
+            isinstance(h, dict) and isinstance(h.get("layer"), int) and isinstance(h.get("head"), int) for h in heads):
+        raise UserError(f"{jsonl} does not name the heads of its per-head entropy: not a run written by AttentionMonitor")
     return Run(jsonl.parent, meta, steps, metrics, losses, issues, interventions)
 
 
@@ -169,7 +202,163 @@ def save_figures(run: Run, out_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out / "gates.png"))
         plt.close(fig)
+    return written + save_panels(run, out)
+
+
+@dataclass
+class LayerPanel:
+    """One layer's row of the panel: its heads' series over the observed steps, and the steps marked."""
+
+    site: Site
+    heads: list[int]
+    steps: np.ndarray  # (T,) observed steps
+    max_abs_logit: np.ndarray  # (T, heads): each head's largest |logit| (its largest logit on runs without logit_min)
+    entropy: np.ndarray  # (T, heads), nats
+    warnings: list[dict]  # {"step", "issue", "head"}: warnings naming this layer's attention or the whole model
+    interventions: list[dict]  # {"step", "action"}: every intervention (each acts on the whole model)
+    logit_label: str = "max |logit|"
+
+
+def panel_data(run: Run) -> list[LayerPanel]:
+    """The numbers of the per-layer panel, from what the monitor wrote: a ``LayerPanel`` per
+    attention site, in model order."""
+    steps = np.asarray(run.steps)
+    logit_label = "max |logit|"
+    if "logit_min" in run.metrics:
+        logits = max_abs_logit(run.metrics["logit_max"], run.metrics["logit_min"])
+    else:  # a run recorded before the monitor kept each head's smallest logit: its largest, signed
+        logits, logit_label = run.metrics["logit_max"], "max logit"
+    panels = []
+    for site, columns in by_site(run.sites):
+        heads = [run.heads[i] for i in columns]
+        warned = [{"step": i["step"], "issue": i.get("issue", "?"), "head": i.get("head")} for i in run.issues
+                  if site_of(i) in (site, None)]
+        acted = [{"step": e["step"], "action": e.get("action", "?")} for e in run.interventions]
+        panels.append(LayerPanel(site, heads, steps, logits[:, columns], run.metrics["entropy"][:, columns],
+                                 warned, acted, logit_label))
+    return panels
+
+
+WARNING_STYLE = {"color": "tab:orange", "ls": (0, (4, 2)), "lw": 1.6}
+INTERVENTION_STYLE = {"color": "tab:green", "ls": "-", "lw": 2.2}
+DANGER_STYLE = {"color": "tab:red", "ls": ":", "lw": 1.0}
+
+
+def head_colours(heads: list[int]) -> dict[int, tuple]:
+    """A colour per head, the same in every row, none of them the markers' orange, green or red."""
+    import matplotlib.pyplot as plt
+
+    tab20 = plt.get_cmap("tab20").colors
+    palette = [c for i, c in enumerate(tab20) if i not in (2, 3, 4, 5, 6, 7)]  # no orange, green, red
+    palette = palette[0::2] + palette[1::2]  # the strong colours first, then their light pairs
+    return {h: palette[i % len(palette)] for i, h in enumerate(heads)}
+
+
+def _panel_figure(rows: list[LayerPanel], danger: float | None):
+    """Small multiples: a row per layer, max |logit| (log scale) and entropy per head side by side,
+    head colours the same in every row, warning and intervention steps as vertical lines (the
+    warned head named above its warning on the max |logit| side)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    heads = sorted({h for row in rows for h in row.heads})
+    colour = head_colours(heads)
+    legend_rows = 1 + (len(heads) + 3) // 12
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.2 * len(rows) + 0.4 + 0.3 * legend_rows), sharex=True,
+                             squeeze=False)
+    for (ax_logit, ax_entropy), row in zip(axes, rows):
+        for column, head in enumerate(row.heads):
+            style = {"color": colour[head], "lw": 1.2, "marker": ".", "ms": 3, "zorder": 3}
+            ax_logit.plot(row.steps, row.max_abs_logit[:, column], **style)
+            ax_entropy.plot(row.steps, row.entropy[:, column], **style)
+        if danger:
+            ax_logit.axhline(danger, **DANGER_STYLE, zorder=2)
+        ax_logit.set_yscale("symlog", linthresh=1.0)  # exponential growth reads as a straight line; 0 allowed
+        ax_logit.set_ylim(bottom=0)
+        warned = sorted({w["step"] for w in row.warnings})
+        for ax in (ax_logit, ax_entropy):
+            for step in sorted({e["step"] for e in row.interventions}):
+                ax.axvline(step, **INTERVENTION_STYLE, alpha=0.55, zorder=1)
+            for step in warned:  # over the interventions: a step with both shows both colours
+                ax.axvline(step, **WARNING_STYLE, alpha=0.9, zorder=2)
+            ax.grid(alpha=0.25)
+            ax.tick_params(labelsize=8)
+        if len(warned) <= 8:
+            for step in warned:
+                named = sorted({w["head"] for w in row.warnings if w["step"] == step and w["head"] is not None})
+                text = ",".join(f"H{h}" for h in named) or "model"
+                ax_logit.annotate(text, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
+                                  textcoords="offset points", va="top", fontsize=7, color="tab:orange")
+        ax_logit.set_ylabel(f"{row.site}\n{row.logit_label}", fontsize=9)
+        ax_entropy.set_ylabel("entropy (nats)", fontsize=9)
+    axes[0, 0].set_title(f"{rows[0].logit_label} per head (log scale)", fontsize=10)
+    axes[0, 1].set_title("attention entropy per head", fontsize=10)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    legend = [Line2D([], [], color=colour[h], lw=1.5, label=f"head {h}") for h in heads]
+    legend += [Line2D([], [], **WARNING_STYLE, label="warning"),
+               Line2D([], [], **INTERVENTION_STYLE, alpha=0.55, label="intervention")]
+    if danger:
+        legend.append(Line2D([], [], **DANGER_STYLE, label=f"danger {danger:g}"))
+    fig.legend(handles=legend, loc="upper center", ncol=min(len(legend), 12), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 * legend_rows / fig.get_figheight()))
+    return fig
+
+
+def save_panels(run: Run, out_dir: str | Path) -> list[Path]:
+    """``attention_panel.png`` (and ``_2``, ``_3``, ... beyond ``LAYERS_PER_PANEL`` layers) in
+    ``out_dir``, each written whole."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = panel_data(run)
+    danger = run.meta.get("thresholds", {}).get("logit_danger")
+    written = []
+    for page, first in enumerate(range(0, len(panels), LAYERS_PER_PANEL), start=1):
+        fig = _panel_figure(panels[first:first + LAYERS_PER_PANEL], danger if isinstance(danger, (int, float)) else None)
+        written.append(_save(fig, Path(out_dir) / ("attention_panel.png" if page == 1 else f"attention_panel_{page}.png")))
+        plt.close(fig)
     return written
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def summary(run: Run, written: list[Path]) -> dict:
+    """``attnkit monitor report --json``: the run's steps, each head's peak max |logit| (and its step),
+    first and last entropy, the warnings, the interventions and the figures written."""
+    layers = []
+    for panel in panel_data(run):
+        heads = []
+        for column, head in enumerate(panel.heads):
+            logits, entropy = panel.max_abs_logit[:, column], panel.entropy[:, column]
+            peak = int(np.nanargmax(logits)) if np.isfinite(logits).any() else None
+            seen = np.flatnonzero(np.isfinite(entropy))
+            heads.append({"head": head,
+                          "peak_max_abs_logit": None if peak is None else _finite(logits[peak]),
+                          "peak_step": None if peak is None else int(panel.steps[peak]),
+                          "last_max_abs_logit": _finite(logits[-1]),
+                          "first_entropy": _finite(entropy[seen[0]]) if len(seen) else None,
+                          "last_entropy": _finite(entropy[seen[-1]]) if len(seen) else None})
+        layers.append({"site": str(panel.site), "layer": panel.site.layer, "stack": panel.site.stack,
+                       "kind": panel.site.kind, "heads": heads})
+    return {
+        "run_dir": str(run.path),
+        "observed_steps": len(run.steps), "first_step": run.steps[0], "last_step": run.steps[-1],
+        "logit": "max |logit|" if "logit_min" in run.metrics else "max logit",
+        "loss": {"first": _finite(run.losses[0][1]), "first_step": run.losses[0][0], "last": _finite(run.losses[-1][1]),
+                 "last_step": run.losses[-1][0]} if run.losses else None,
+        "layers": layers,
+        "warnings": [{"step": i["step"], "issue": i.get("issue"), "severity": i.get("severity"),
+                      "layer": i.get("layer"), "head": i.get("head"), "message": i.get("message", "")}
+                     for i in run.issues],
+        "interventions": [{"step": e["step"], "action": e.get("action"), "detail": e.get("detail", ""),
+                           "reason": e.get("reason", "")} for e in run.interventions],
+        "figures": [str(p) for p in written],
+    }
 
 
 def gate_summary(run: Run) -> str | None:
