@@ -80,6 +80,8 @@ def _json_value(v):
 
 
 class Emitter:
+    records_repeats = False  # also told of quiet, repeated interventions (a QK-clip re-applied every step)
+
     def start(self, meta: dict) -> None:  # noqa: B027
         pass
 
@@ -97,6 +99,8 @@ class Emitter:
 
 
 class JSONLEmitter(Emitter):
+    records_repeats = True
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +195,8 @@ class TensorBoardEmitter(Emitter):
     head, entropy with a line per head, the markers); on close, the per-head entropy heatmap over the
     last ``heatmap_steps`` observed steps as an image."""
 
+    records_repeats = True
+
     def __init__(self, log_dir: str | Path | None = None, writer=None, prefix: str = "attnkit",
                  heatmap_steps: int = 512) -> None:
         if writer is None:
@@ -282,6 +288,8 @@ class WandbEmitter(Emitter):
     as text; on close, per layer a line chart of each head's max |logit| and one of its entropy over
     the last ``panel_steps`` observed steps (``attnkit/panel/<layer>/...``). ``mode="offline"``
     writes a local run directory only."""
+
+    records_repeats = True
 
     def __init__(self, log_dir: str | Path, mode: str = "offline", run=None, panel_steps: int = 512,
                  **init_kwargs) -> None:

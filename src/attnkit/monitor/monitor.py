@@ -386,10 +386,11 @@ class AttentionMonitor:
         self.latest = None
 
     def log_intervention(self, entry: dict, quiet: bool = False) -> None:
-        """Record an intervention; ``quiet``: to the JSONL only (repeated actions such as QK-clip)."""
+        """Record an intervention; ``quiet`` (repeated actions such as QK-clip): only to the sinks that
+        keep every step's record (``Emitter.records_repeats``: JSONL, TensorBoard, W&B), not the console."""
         self.interventions.append(entry)
         for e in self.emitters:
-            if not quiet or isinstance(e, JSONLEmitter):
+            if not quiet or e.records_repeats:
                 e.intervention(entry)
 
     def emit_issue(self, issue: Finding) -> None:
