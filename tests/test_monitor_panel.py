@@ -24,8 +24,9 @@ from conftest import _ids, gpt2
 
 from attnkit.cli.main import main
 from attnkit.monitor import AttentionMonitor, Policy
-from attnkit.monitor.emit import TensorBoardEmitter, series_name
+from attnkit.monitor.emit import TensorBoardEmitter, WandbEmitter, series_name
 from attnkit.monitor.panel import Markers, max_abs_logit
+from attnkit.monitor import report
 from attnkit.monitor.report import panel_data, read_run, save_panels
 from attnkit.seam.layouts import qk_layout
 from attnkit.seam.sites import Site
@@ -80,13 +81,22 @@ def planted_training_run(log_dir: Path, emit: tuple) -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("panel") / "run"
-    reference = planted_training_run(log_dir, emit=("tensorboard",))
+    root = tmp_path_factory.mktemp("panel")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_SILENT", "true")
+        env.setenv("WANDB_DIR", str(root))
+        log_dir = root / "run"
+        try:  # W&B offline where it is installed and its service starts (not in every sandbox)
+            wandb = [WandbEmitter(log_dir)]
+        except Exception:  # noqa: BLE001 - wandb.init's failure, whatever it is
+            wandb = []
+        reference = planted_training_run(log_dir, emit=("tensorboard", *wandb))
     # the monitor warned about the planted head and acted: the panel has markers to show
     assert any(site == Site(PLANTED[0]) and head == PLANTED[1] for _, site, head, _ in reference["warnings"])
     assert reference["interventions"]
     lines = [json.loads(line) for line in (log_dir / "monitor.jsonl").read_text().splitlines()]
-    return {"dir": log_dir, "lines": lines, **reference}
+    return {"dir": log_dir, "lines": lines, "wandb": bool(wandb), **reference}
 
 
 def _jsonl_series(lines: list[dict]) -> tuple[list[int], dict[str, np.ndarray]]:
@@ -191,6 +201,24 @@ def _layout_of(sites):
     return emitter.layout(sites)
 
 
+# ------------------------------------------------------------------------------------ W&B
+def test_wandb_has_a_line_chart_per_layer_with_each_heads_series(run):
+    if not run["wandb"]:
+        pytest.skip("wandb offline does not start here")
+    steps, jsonl = _jsonl_series(run["lines"])
+    expected = {"logit_absmax": np.maximum(np.abs(jsonl["logit_max"]), np.abs(jsonl["logit_min"])),
+                "entropy": jsonl["entropy"]}
+    (files,) = (run["dir"] / "wandb").glob("offline-run-*/files")
+    for layer in range(LAYERS):
+        for metric, values in expected.items():
+            (table,) = (files / "media" / "table" / "attnkit" / "panel" / f"L{layer}").glob(f"{metric}_table_*.json")
+            doc = json.loads(table.read_text())
+            assert doc["columns"] == ["step", "lineKey", "lineVal"]
+            got = {(step, key): value for step, key, value in doc["data"]}
+            assert got == pytest.approx({(s, f"H{h}"): values[i, layer * HEADS + h]
+                                         for i, s in enumerate(steps) for h in range(HEADS)})
+
+
 # ------------------------------------------------------------------------------------ report PNG
 def test_report_panel_data_matches_the_history(run):
     panels = panel_data(read_run(run["dir"]))
@@ -229,12 +257,13 @@ def test_report_writes_the_panel_png_and_a_json_summary(run, tmp_path, capsys):
     assert [e["step"] for e in doc["interventions"]] == [e["step"] for e in run["interventions"]]
 
 
-def test_many_layers_go_to_several_pngs(tmp_path):
-    """Past 8 layers the rows would be too small to read: a second page."""
-    heads = [{"layer": layer, "stack": "", "kind": "self", "head": 0} for layer in range(9)]
+def test_many_layers_go_to_several_pngs(tmp_path, monkeypatch):
+    """Past LAYERS_PER_PANEL layers the rows would be too small to read: the next page."""
+    monkeypatch.setattr(report, "LAYERS_PER_PANEL", 2)
+    heads = [{"layer": layer, "stack": "", "kind": "self", "head": 0} for layer in range(3)]
     lines = [{"type": "meta", "series": [f"L{h['layer']}H0" for h in heads], "heads": heads}]
     lines += [{"type": "step", "step": s, "loss": 1.0, "metrics": {
-        "entropy": [1.0 + 0.1 * s] * 9, "logit_max": [2.0 * s] * 9, "logit_min": [-3.0] * 9}} for s in range(3)]
+        "entropy": [1.0 + 0.1 * s] * 3, "logit_max": [2.0 * s] * 3, "logit_min": [-3.0] * 3}} for s in range(3)]
     (tmp_path / "monitor.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     written = save_panels(read_run(tmp_path), tmp_path)
     assert [p.name for p in written] == ["attention_panel.png", "attention_panel_2.png"]
