@@ -273,8 +273,7 @@ def _panel_figure(rows: list[LayerPanel], danger: float | None):
             ax_entropy.plot(row.steps, row.entropy[:, column], **style)
         if danger:
             ax_logit.axhline(danger, **DANGER_STYLE, zorder=2)
-        ax_logit.set_yscale("symlog", linthresh=1.0)  # exponential growth reads as a straight line; 0 allowed
-        ax_logit.set_ylim(bottom=0)
+        ax_logit.set_yscale("log")  # exponential growth reads as a straight line (|logit| > 0)
         warned = sorted({w["step"] for w in row.warnings})
         for ax in (ax_logit, ax_entropy):
             for step in sorted({e["step"] for e in row.interventions}):
