@@ -38,7 +38,7 @@ STEPS = 8
 
 def head_abs_logit(attn: torch.nn.Module, hidden: torch.Tensor, head: int) -> float:
     """Largest |q·k/√d| over causal pairs of ``head``, from GPT-2's c_attn in float64."""
-    H, d, E = attn.num_heads, attn.head_dim, attn.embed_dim
+    d, E = attn.head_dim, attn.embed_dim
     w, b = attn.c_attn.weight.double(), attn.c_attn.bias.double()  # Conv1D: (E, 3E), columns [q | k | v]
     x = hidden.double()  # (B, T, E)
     q = x @ w[:, head * d:(head + 1) * d] + b[head * d:(head + 1) * d]  # (B, T, d)
@@ -165,8 +165,9 @@ def test_tensorboard_custom_scalars_layout_gives_a_chart_per_layer_with_a_line_p
         assert matched == {
             f"layer {layer}: max |logit| per head": [f"attnkit/logit_absmax/L{layer}H{h}" for h in range(HEADS)],
             f"layer {layer}: entropy per head (nats)": [f"attnkit/entropy/L{layer}H{h}" for h in range(HEADS)],
-            f"layer {layer}: new warnings (this layer, whole model) and interventions": sorted(
-                [f"attnkit/markers/warnings/L{layer}", "attnkit/markers/warnings/model", "attnkit/markers/interventions"]),
+            f"layer {layer}: new warnings (this layer, whole model) and interventions": sorted([
+                f"attnkit/markers/warnings/L{layer}", "attnkit/markers/warnings/model",
+                "attnkit/markers/interventions"]),
         }
 
 

@@ -191,9 +191,9 @@ class TensorBoardEmitter(Emitter):
     ``SummaryWriter`` (given, e.g. Lightning's ``logger.experiment``, or made on ``log_dir``);
     warnings and interventions as text and as marker series (``attnkit/markers/warnings/L0``,
     ``attnkit/markers/warnings/model``, ``attnkit/markers/interventions``: the count at each observed
-    step, 0 when none); a custom-scalars layout with one section per layer (charts: max |logit| with a line per
-    head, entropy with a line per head, the markers); on close, the per-head entropy heatmap over the
-    last ``heatmap_steps`` observed steps as an image."""
+    step, 0 when none); a custom-scalars layout with one section per layer (charts: max |logit| with
+    a line per head, entropy with a line per head, the markers); on close, the per-head entropy
+    heatmap over the last ``heatmap_steps`` observed steps as an image."""
 
     records_repeats = True
 
@@ -224,7 +224,8 @@ class TensorBoardEmitter(Emitter):
         sections = {}
         for site, _ in by_site(sites):
             name = re.escape(series_name(site))
-            markers = [f"^{p}/markers/warnings/{name}$", f"^{p}/markers/warnings/model$", f"^{p}/markers/interventions$"]
+            markers = [f"^{p}/markers/warnings/{name}$", f"^{p}/markers/warnings/model$",
+                       f"^{p}/markers/interventions$"]
             sections[f"{self.prefix} {site}"] = {
                 f"{site}: max |logit| per head": ["Multiline", [rf"^{p}/logit_absmax/{name}H\d+$"]],
                 f"{site}: entropy per head (nats)": ["Multiline", [rf"^{p}/entropy/{name}H\d+$"]],

@@ -118,7 +118,8 @@ def read_run(run_dir: str | Path) -> Run:
     width = metrics["entropy"].shape[1] if "entropy" in metrics else None
     if not isinstance(heads, list) or width is None or len(heads) != width or not all(
             isinstance(h, dict) and isinstance(h.get("layer"), int) and isinstance(h.get("head"), int) for h in heads):
-        raise UserError(f"{jsonl} does not name the heads of its per-head entropy: not a run written by AttentionMonitor")
+        raise UserError(f"{jsonl} does not name the heads of its per-head entropy: "
+                        f"not a run written by AttentionMonitor")
     return Run(jsonl.parent, meta, steps, metrics, losses, issues, interventions)
 
 
@@ -314,10 +315,12 @@ def save_panels(run: Run, out_dir: str | Path) -> list[Path]:
 
     panels = panel_data(run)
     danger = run.meta.get("thresholds", {}).get("logit_danger")
+    danger = danger if isinstance(danger, (int, float)) else None
     written = []
     for page, first in enumerate(range(0, len(panels), LAYERS_PER_PANEL), start=1):
-        fig = _panel_figure(panels[first:first + LAYERS_PER_PANEL], danger if isinstance(danger, (int, float)) else None)
-        written.append(_save(fig, Path(out_dir) / ("attention_panel.png" if page == 1 else f"attention_panel_{page}.png")))
+        fig = _panel_figure(panels[first:first + LAYERS_PER_PANEL], danger)
+        name = "attention_panel.png" if page == 1 else f"attention_panel_{page}.png"
+        written.append(_save(fig, Path(out_dir) / name))
         plt.close(fig)
     return written
 
