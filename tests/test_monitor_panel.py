@@ -79,6 +79,16 @@ def planted_training_run(log_dir: Path, emit: tuple) -> dict:
             "warnings": [(w.step, w.site, w.head, w.type) for w in warnings]}
 
 
+class RecordedWandbRun:
+    """Stands in for a wandb run where its offline files cannot be read back: the calls to ``log``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict]] = []
+
+    def log(self, data: dict, step: int) -> None:
+        self.calls.append((step, dict(data)))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("panel")
@@ -91,12 +101,13 @@ def run(tmp_path_factory):
             wandb = [WandbEmitter(log_dir)]
         except Exception:  # noqa: BLE001 - wandb.init's failure, whatever it is
             wandb = []
-        reference = planted_training_run(log_dir, emit=("tensorboard", *wandb))
+        recorder = WandbEmitter(log_dir, run=RecordedWandbRun())  # what is handed to wandb.log, in order
+        reference = planted_training_run(log_dir, emit=("tensorboard", *wandb, recorder))
     # the monitor warned about the planted head and acted: the panel has markers to show
     assert any(site == Site(PLANTED[0]) and head == PLANTED[1] for _, site, head, _ in reference["warnings"])
     assert reference["interventions"]
     lines = [json.loads(line) for line in (log_dir / "monitor.jsonl").read_text().splitlines()]
-    return {"dir": log_dir, "lines": lines, "wandb": bool(wandb), **reference}
+    return {"dir": log_dir, "lines": lines, "wandb": bool(wandb), "wandb_log": recorder.run.calls, **reference}
 
 
 def _jsonl_series(lines: list[dict]) -> tuple[list[int], dict[str, np.ndarray]]:
@@ -218,6 +229,23 @@ def test_wandb_has_a_line_chart_per_layer_with_each_heads_series(run):
             got = {(step, key): value for step, key, value in doc["data"]}
             assert got == pytest.approx({(s, f"H{h}"): values[i, layer * HEADS + h]
                                          for i, s in enumerate(steps) for h in range(HEADS)})
+
+
+def test_wandb_gets_the_markers_at_their_steps_and_never_a_step_back(run):
+    calls = run["wandb_log"]
+    steps = [step for step, _ in calls]
+    assert steps == sorted(steps)  # wandb drops what is logged at a step before its current one
+    logged: dict[str, dict[int, float]] = {}
+    for step, data in calls:
+        for key, value in data.items():
+            logged.setdefault(key, {})[step] = value
+    warned = Counter((step, site) for step, site, _, _ in run["warnings"])
+    acted = Counter(entry["step"] for entry in run["interventions"])
+    for layer in range(LAYERS):
+        assert logged[f"attnkit/markers/warnings/L{layer}"] == {s: warned[(s, Site(layer))] for s in range(STEPS)}
+    assert logged["attnkit/markers/interventions"] == {s: acted[s] for s in range(STEPS)}
+    planted = logged[f"attnkit/logit_absmax/L{PLANTED[0]}H{PLANTED[1]}"]
+    assert [planted[s] for s in range(STEPS)] == pytest.approx(run["planted_abs"], rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------ report PNG
