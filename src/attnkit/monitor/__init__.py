@@ -10,7 +10,8 @@ See ``monitor.py`` (observation and history), ``detectors.py`` (trends and thres
 ``interventions.py`` (QK-clip, soft-cap, temperature, LR, dropout, grad clip, rollback; the policy),
 ``snapshots.py`` (the in-memory snapshots a rollback restores),
 ``nonfinite.py`` (NaN/Inf tracer), ``emit.py`` (JSONL, CSV, console, TensorBoard, W&B),
-``integrations/`` (HF Trainer, Lightning) and ``report.py`` (figures from the JSONL).
+``integrations/`` (HF Trainer, Lightning), ``panel.py`` (the per-layer panel: max |logit| and entropy
+per head, warning and intervention markers) and ``report.py`` (figures from the JSONL).
 """
 
 from attnkit.monitor.detectors import DETECTORS, Thresholds
