@@ -330,6 +330,9 @@ BAD_RUN_DIRS = {
     "empty": (lambda p: p, "no monitor.jsonl"),
     "another program's files": (lambda p: (p / "notes.txt").write_text("hello") and p, "no monitor.jsonl"),
     "empty monitor.jsonl": (lambda p: _write(p, ""), "no observed step"),
+    "another file given as the run": (lambda p: (p / "notes.txt").write_text("a\nb\n") and p / "notes.txt",
+                                      "not a monitor log"),
+    "a damaged log": (lambda p: _write(p, '{"type": "meta"}\nnot json\n{"type": "meta"}\n'), "damaged"),
     "JSON that is not a record": (lambda p: _write(p, "[1, 2]\n[3]\n"), "not a monitor record"),
     "a step without metrics": (lambda p: _write(p, '{"type": "meta"}\n{"type": "step", "step": 0}\n'), "damaged"),
     "no heads named": (lambda p: _write(p, '{"type": "meta"}\n{"type": "step", "step": 0, "metrics": '

@@ -84,6 +84,8 @@ def read_run(run_dir: str | Path) -> Run:
         except json.JSONDecodeError:
             if n == len(lines) - 1:
                 continue  # a running job's half-written last line
+            if n == 0:
+                raise UserError(f"{jsonl} is not a monitor log: its first line is not JSON") from None
             raise UserError(f"{jsonl} line {n + 1} is not JSON: the file is damaged") from None
         if not isinstance(obj, dict):
             raise UserError(f"{jsonl} line {n + 1} is not a monitor record: not a file written by AttentionMonitor")
