@@ -247,14 +247,17 @@ INTERVENTION_STYLE = {"color": "tab:green", "ls": "-", "lw": 2.2}
 DANGER_STYLE = {"color": "tab:red", "ls": ":", "lw": 1.0}
 
 
-def head_colours(heads: list[int]) -> dict[int, tuple]:
-    """A colour per head, the same in every row, none of them the markers' orange, green or red."""
+def head_styles(heads: list[int]) -> dict[int, dict]:
+    """A line style per head, the same in every row: 14 colours, none of them the markers' orange,
+    green or red, then the same colours dashed, then dotted (models with 32 or 64 heads)."""
     import matplotlib.pyplot as plt
 
     tab20 = plt.get_cmap("tab20").colors
     palette = [c for i, c in enumerate(tab20) if i not in (2, 3, 4, 5, 6, 7)]  # no orange, green, red
     palette = palette[0::2] + palette[1::2]  # the strong colours first, then their light pairs
-    return {h: palette[i % len(palette)] for i, h in enumerate(heads)}
+    dashes = ("-", (0, (5, 2)), (0, (1, 1.5)))
+    return {h: {"color": palette[i % len(palette)], "ls": dashes[i // len(palette) % len(dashes)]}
+            for i, h in enumerate(heads)}
 
 
 def _panel_figure(rows: list[LayerPanel], danger: float | None):
@@ -265,13 +268,21 @@ def _panel_figure(rows: list[LayerPanel], danger: float | None):
     from matplotlib.lines import Line2D
 
     heads = sorted({h for row in rows for h in row.heads})
-    colour = head_colours(heads)
-    legend_rows = 1 + (len(heads) + 3) // 12
+    style_of = head_styles(heads)
+    legend = [Line2D([], [], **WARNING_STYLE, label="warning"),
+              Line2D([], [], **INTERVENTION_STYLE, alpha=0.55, label="intervention")]
+    if danger:
+        legend.append(Line2D([], [], **DANGER_STYLE, label=f"danger {danger:g}"))
+    short = len(heads) > 8  # "H12": 11 to a legend row
+    legend += [Line2D([], [], **style_of[h], lw=1.5, label=f"H{h}" if short else f"head {h}") for h in heads]
+    columns = min(len(legend), 11 if short else 8)
+    legend_rows = -(-len(legend) // columns)
+    dots = {"marker": ".", "ms": 3} if max(len(row.steps) for row in rows) <= 40 else {}
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.2 * len(rows) + 0.4 + 0.3 * legend_rows), sharex=True,
                              squeeze=False)
     for (ax_logit, ax_entropy), row in zip(axes, rows):
         for column, head in enumerate(row.heads):
-            style = {"color": colour[head], "lw": 1.2, "marker": ".", "ms": 3, "zorder": 3}
+            style = {**style_of[head], "lw": 1.2, "zorder": 3, **dots}
             ax_logit.plot(row.steps, row.max_abs_logit[:, column], **style)
             ax_entropy.plot(row.steps, row.entropy[:, column], **style)
         if danger:
@@ -297,12 +308,12 @@ def _panel_figure(rows: list[LayerPanel], danger: float | None):
     axes[0, 1].set_title("attention entropy per head", fontsize=10)
     for ax in axes[-1]:
         ax.set_xlabel("step")
-    legend = [Line2D([], [], color=colour[h], lw=1.5, label=f"head {h}") for h in heads]
-    legend += [Line2D([], [], **WARNING_STYLE, label="warning"),
-               Line2D([], [], **INTERVENTION_STYLE, alpha=0.55, label="intervention")]
-    if danger:
-        legend.append(Line2D([], [], **DANGER_STYLE, label=f"danger {danger:g}"))
-    fig.legend(handles=legend, loc="upper center", ncol=min(len(legend), 12), fontsize=8, frameon=False)
+    # read across, markers first: matplotlib fills a legend column by column, so place each entry
+    # (row r, column c) at c * rows + r, blanks padding the last row
+    blank = Line2D([], [], alpha=0, label=" ")
+    padded = legend + [blank] * (legend_rows * columns - len(legend))
+    across = [padded[r * columns + c] for c in range(columns) for r in range(legend_rows)]
+    fig.legend(handles=across, loc="upper center", ncol=columns, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 * legend_rows / fig.get_figheight()))
     return fig
 
