@@ -215,7 +215,8 @@ class TensorBoardEmitter(Emitter):
     def start(self, meta: dict) -> None:
         sites = _sites(meta)
         self.markers = Markers(sites)
-        self.writer.add_custom_scalars(self.layout(sites))
+        if hasattr(self.writer, "add_custom_scalars"):  # a writer handed over may be a plain scalar logger
+            self.writer.add_custom_scalars(self.layout(sites))
 
     def layout(self, sites: list[Site]) -> dict:
         """``add_custom_scalars``' layout: a section per layer, each chart a line per head (regexes on
