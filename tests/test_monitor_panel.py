@@ -305,6 +305,17 @@ def test_many_layers_go_to_several_pngs(tmp_path, monkeypatch):
     assert [p.max_abs_logit[:, 0].tolist() for p in panels][0] == [3.0, 3.0, 4.0]  # |min| wins, then |max|
 
 
+def test_a_run_recorded_without_smallest_logits_shows_its_largest(tmp_path):
+    """Logs written before the monitor kept each head's smallest logit: the signed largest, so labelled."""
+    heads = [{"layer": 0, "stack": "", "kind": "self", "head": h} for h in range(2)]
+    lines = [{"type": "meta", "series": ["L0H0", "L0H1"], "heads": heads}]
+    lines += [{"type": "step", "step": s, "metrics": {"entropy": [1.0, 2.0], "logit_max": [s, -4.0]}} for s in range(3)]
+    (tmp_path / "monitor.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (panel,) = panel_data(read_run(tmp_path))
+    assert panel.logit_label == "max logit" and panel.max_abs_logit.tolist() == [[0, -4], [1, -4], [2, -4]]
+    assert [p.name for p in save_panels(read_run(tmp_path), tmp_path)] == ["attention_panel.png"]
+
+
 @pytest.mark.parametrize("logit_max, logit_min, expected", [
     ([5.0, -1.0, 2.0], [-1.0, -9.0, 2.0], [5.0, 9.0, 2.0]),  # positive largest, all negative, one value
     ([-math.inf], [math.inf], [math.nan]),  # a head that saw no logit

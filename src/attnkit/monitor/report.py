@@ -287,7 +287,10 @@ def _panel_figure(rows: list[LayerPanel], danger: float | None):
             ax_entropy.plot(row.steps, row.entropy[:, column], **style)
         if danger:
             ax_logit.axhline(danger, **DANGER_STYLE, zorder=2)
-        ax_logit.set_yscale("log")  # exponential growth reads as a straight line (|logit| > 0)
+        if row.logit_label == "max |logit|":
+            ax_logit.set_yscale("log")  # exponential growth reads as a straight line (|logit| > 0)
+        else:  # a signed largest logit may be negative (a head that attends by avoidance)
+            ax_logit.set_yscale("symlog", linthresh=1.0)
         warned = sorted({w["step"] for w in row.warnings})
         for ax in (ax_logit, ax_entropy):
             for step in sorted({e["step"] for e in row.interventions}):
