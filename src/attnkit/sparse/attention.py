@@ -36,6 +36,7 @@ from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates
+from attnkit.sparse.page_stats import PageStats
 from attnkit.sparse.patterns import BlockInputs, get_pattern
 from attnkit.seam.taps import Tap
 
@@ -51,7 +52,7 @@ class SparseHandle:
     block_bias: {Site: (B, Hkv, nQb, nKb)} the value the gate added to each kept block's scores in
         this forward (``gate_bias`` · log p under ``gate_grad="prior"``; absent when nothing is added),
         detached: sparse probabilities = softmax over the kept keys of scores + this.
-    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "flex", "gather_sdpa", "portable").
+    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_decode", "flex", "gather_sdpa", "portable").
     """
 
     def __init__(self, cfg: SparseConfig, gates: SparseGates | None) -> None:
@@ -124,6 +125,7 @@ class SparseSelector:
         self.__name__ = f"sparse_{cfg.pattern}_{cfg.density:g}"
         self.gate_bias = GateBias(self)
         self._fresh = False  # the selection in _last is this call's (set by run, cleared as a call starts)
+        self.pages = PageStats()  # each site's key-page statistics, kept across the steps of a KV cache
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if self._last is None or not self._fresh:
@@ -136,7 +138,7 @@ class SparseSelector:
     def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor]:
         """The call's selection and its per-KV-group key and value (B, Hkv, K, D)."""
         groups = call.kv_groups
-        k, v = call.key[:, ::groups], call.value[:, ::groups]  # the model's own KV heads
+        k, v = call.key_heads, call.value_heads  # the model's own KV heads
         gate = None
         if self.pattern.learned:
             if self.gates is None:
@@ -150,7 +152,11 @@ class SparseSelector:
                 raise UserError(f"the gate of {call.site} was made for (KV heads, group size, head dim) "
                                 f"{(gate.num_kv_heads, gate.groups, gate.head_dim)}, the call has {shape}")
         causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
-        return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal, allowed=call.allowed), k, v
+        pages = None
+        if causal:  # the queries follow the cache's keys: the pages' statistics are kept across calls
+            def pages():
+                return self.pages.update(call.site, k, self.cfg.block_size, past=call.key_length - call.query_length)
+        return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal, allowed=call.allowed, key_pages=pages), k, v
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
         sel, k, v = self.select(call)
@@ -215,17 +221,18 @@ class GateBias:
 
 
 def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bool = True,
-                  allowed: Tensor | None = None) -> BlockSelection:
+                  allowed: Tensor | None = None, key_pages=None) -> BlockSelection:
     """The key blocks ``cfg``'s pattern keeps for queries q (B, H, Q, D) at the end of keys
     k (B, Hkv, K, D): forced blocks, then the best-scored up to the density's budget. A learned
     pattern's ``gate`` (a ``BlockGate``) scores with gradient; its log-probabilities over the
     candidate blocks come back in ``log_probs``. The gate sees q and k detached: it learns from
     the model's queries and keys but does not push them. ``allowed``: the call's own mask (True =
     may attend, broadcastable to (B, H, Q, K)); a block it hides entirely (padding, outside a
-    sliding window) is chosen only after every block it does not hide."""
+    sliding window) is chosen only after every block it does not hide. ``key_pages``: a function
+    giving the (mean, max, min) of each key block when they are kept elsewhere (``PageStats``)."""
     pattern = get_pattern(cfg.pattern)
     geo = BlockGeometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
-    x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate)
+    x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages)
     forced = geo.forced(cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
     log_probs = None
     if pattern.learned:
@@ -261,7 +268,11 @@ def is_causal_call(call: AttentionCall) -> bool:
     """Whether the call's mask hides every future key (then blocks after the query's are never candidates)."""
     if call.is_causal:
         return True
-    if call.allowed is None or call.query_length > call.key_length:
+    if call.allowed is None:
+        # one query and no mask: a decoding step of a causal model (the query is the last key),
+        # unless the module says it is not causal (an encoder, cross-attention)
+        return call.query_length == 1 and bool(getattr(call.module, "is_causal", True))
+    if call.query_length > call.key_length:
         return False
     allowed = call.allowed[..., : call.key_length]
     if allowed.shape[-2] == 1 and call.query_length > 1:
