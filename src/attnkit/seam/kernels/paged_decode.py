@@ -6,15 +6,16 @@ and this kernel reads only them:
 
     rows = kept pages' token positions, per (batch, KV head)       (B, Hkv, n)   n = kept · bs
     k_kept, v_kept = k.flat.index_select(rows), v.flat...           (B, Hkv, n, D)  the only O(n) copy
-    out = softmax(q_group · k_keptᵀ · scale + mask) · v_kept        the G query heads of a KV group
-                                                                    as G rows of one matrix product
+    out = SDPA(q_group, k_kept, v_kept, mask)                       the G query heads of a KV group
+                                                                    as G query rows of one call
 
 The cache is never copied whole (no concatenation, padding or grouped-query expansion of it). The
 query heads of a KV group share its pages (the selection is per KV group). The last page may be
 partial: its missing tokens are cut off when every row keeps it last (a decoding step always keeps
 its own page), masked otherwise. The model's own mask (a padding mask, one row for every head) and
 the learned gate's per-page term go into the additive mask. The whole thing is ordinary autograd
-(index_select, matmul, softmax), so it also runs with a gradient and on any device.
+(index_select and SDPA; softmax and matmul where the gate's term needs its gradient), so it also
+runs with a gradient and on any device.
 
 Two ways to fetch the kept keys are here (``GATHERS``): ``tokens`` (one ``index_select`` of rows of
 the flattened cache, the default) and ``pages`` (advanced indexing of whole pages of the cache
@@ -29,6 +30,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.seam.kernels.blocks import BlockGeometry
@@ -106,17 +108,25 @@ def paged_decode_attention(
     kg = GATHERS[gather](k, pages, bs)[:, :, :keep]  # (B, Hkv, n', D)
     vg = GATHERS[gather](v, pages, bs)[:, :, :keep]
     qg = q.reshape(B, Hk, G, D)  # the G query heads of a KV group as G rows
-    scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # (B, Hkv, G, n')
+    mask = None  # (B, Hkv, 1, n') additive, shared by the group's rows
     if block_bias is not None:
-        term = block_bias.reshape(B, Hk, S).gather(-1, order).to(scores.dtype)
-        scores = scores + term.repeat_interleave(bs, -1)[:, :, None, :keep]
+        term = block_bias.reshape(B, Hk, S).gather(-1, order).to(q.dtype)
+        mask = term.repeat_interleave(bs, -1)[:, :, None, :keep]
     if masked is not None:
-        scores = scores.masked_fill(masked[:, :, None, :keep], -math.inf)
-    probs = torch.softmax(scores.float(), -1)
+        hidden = torch.zeros(masked.shape, dtype=q.dtype, device=q.device).masked_fill(masked, -math.inf)[:, :, None, :keep]
+        mask = hidden if mask is None else mask + hidden
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        out = _softmax_attention(qg, kg, vg, mask, scale)  # the gate's gradient through its term
+    else:
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)  # (B, Hkv, G, Dv)
     if masked is not None:  # a row that sees no key is zero, not NaN
-        probs = probs.nan_to_num(0.0)
-    out = torch.matmul(probs.to(vg.dtype), vg)  # (B, Hkv, G, Dv)
-    return out.view(B, H, 1, Dv)
+        out = out.nan_to_num(0.0)
+    return out.reshape(B, H, 1, Dv)
+
+
+def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask
+    return torch.matmul(torch.softmax(scores.float(), -1).to(v.dtype), v)
 
 
 def paged_decode_supported(q: Tensor, geo: BlockGeometry, allowed: Tensor | None) -> bool:
