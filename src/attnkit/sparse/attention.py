@@ -34,6 +34,7 @@ from attnkit.seam.plan import Mods
 from attnkit.seam.session import in_backward
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
+from attnkit.seam.kernels.paged_decode import is_decoding_step, select_step_pages
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates
 from attnkit.sparse.page_stats import PageStats
@@ -233,7 +234,6 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     pattern = get_pattern(cfg.pattern)
     geo = BlockGeometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
     x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages)
-    forced = geo.forced(cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
     log_probs = None
     if pattern.learned:
         scores = pattern.score(x).float()
@@ -244,10 +244,14 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     scores = scores.expand(k.shape[0], k.shape[1], geo.n_query_blocks, geo.n_key_blocks)  # (B, Hkv, nQb, nKb)
     if allowed is not None:  # below every visible block, above the non-candidates (-inf)
         scores = scores.detach().float().masked_fill(~visible_blocks(allowed, geo), torch.finfo(torch.float32).min)
-    # the budget's minimum is the sinks + local blocks for every pattern, whether it forces the
-    # sinks or not: at one density every pattern keeps the same number of blocks
-    floor = geo.forced(cfg.sink_blocks, cfg.local_blocks, sinks=True).sum(-1)
-    sel = select_blocks(scores, geo, forced, cfg.density, floor=floor)
+    if is_decoding_step(geo):  # one query row: the same selection in a few ops
+        sel = select_step_pages(scores, geo, cfg.density, cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
+    else:
+        forced = geo.forced(cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
+        # the budget's minimum is the sinks + local blocks for every pattern, whether it forces the
+        # sinks or not: at one density every pattern keeps the same number of blocks
+        floor = geo.forced(cfg.sink_blocks, cfg.local_blocks, sinks=True).sum(-1)
+        sel = select_blocks(scores, geo, forced, cfg.density, floor=floor)
     sel.log_probs = log_probs
     return sel
 

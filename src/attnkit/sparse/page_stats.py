@@ -12,8 +12,11 @@ only the pages from the first one the new keys touch:
 
 ``past`` is how many of the keys k (B, Hkv, K, D) were in the cache before this call (the keys
 of the call's own queries follow them). Pages wholly inside the part seen before are reused when
-their last keys are still what they were (checked on every page: a new prompt, a cropped cache
-or a beam search's reordered rows starts again from the keys); the rest are pooled from the keys.
+the first and the last of them still end in the key they ended in (a new prompt, a cropped and
+regrown cache, a beam search's reordered rows start again from the keys: two small comparisons
+instead of reading every key); the rest are pooled from the keys. A change the check misses (a
+row edited in place between its first and last page) can only make the selection stale, never
+the attention: the kernel reads the cache's keys themselves.
 What comes back equals ``pooled_keys`` of the whole cache exactly (the same reduction of the same
 keys per page). Statistics are in the keys' dtype, without gradient.
 """
@@ -82,7 +85,9 @@ class PageStats:
         start = 0  # the first page pooled from the keys
         if entry is not None and entry.fits(k, bs):
             full = min(entry.keys, past) // bs  # pages wholly among keys seen before
-            if full and torch.equal(k[:, :, bs - 1: full * bs: bs], entry.marks[:, :, :full]):
+            # the same cache if the first and the last of those pages still end in the same key
+            if full and torch.equal(k[:, :, bs - 1], entry.marks[:, :, 0]) and torch.equal(
+                    k[:, :, full * bs - 1], entry.marks[:, :, full - 1]):
                 start = full
         if start == 0:
             capacity = max(n_pages, 1) * 2

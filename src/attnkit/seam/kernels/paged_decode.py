@@ -1,26 +1,31 @@
-"""One decoding step's attention over its kept pages: read only those keys and values.
+"""One decoding step: which pages of the KV cache it keeps, and attention that reads only those.
 
 A decoding step has one query per head at the end of a KV cache of K keys. Dense attention reads
-all K keys and values; at density d the step keeps about d · K/bs pages (key blocks of ``bs``)
-and this kernel reads only them:
+all K keys and values; at density d the step keeps about d · K/bs pages (key blocks of ``bs``
+keys) and this kernel reads only them:
 
-    rows = kept pages' token positions, per (batch, KV head)       (B, Hkv, n)   n = kept · bs
-    k_kept, v_kept = k.flat.index_select(rows), v.flat...           (B, Hkv, n, D)  the only O(n) copy
-    out = SDPA(q_group, k_kept, v_kept, mask)                       the G query heads of a KV group
-                                                                    as G query rows of one call
+    k_kept, v_kept = the kept pages' keys and values, copied      (B, Hkv, S·bs, D)  the only copy
+    out = SDPA(q_group, k_kept, v_kept, mask)                      the G query heads of a KV group
+                                                                   as G query rows of one call
 
-The cache is never copied whole (no concatenation, padding or grouped-query expansion of it). The
-query heads of a KV group share its pages (the selection is per KV group). The last page may be
-partial: its missing tokens are cut off when every row keeps it last (a decoding step always keeps
-its own page), masked otherwise. The model's own mask (a padding mask, one row for every head) and
-the learned gate's per-page term go into the additive mask. The whole thing is ordinary autograd
-(index_select and SDPA; softmax and matmul where the gate's term needs its gradient), so it also
-runs with a gradient and on any device.
+The cache is never copied whole (no concatenation, padding or grouped-query expansion of it); the
+query heads of a KV group share its pages (the selection is per KV group). The additive mask hides
+what a gathered page holds that is not its own (the last page may be partial), the slots a row
+does not use, the keys the model's own mask hides (a padding mask, one row for every head), and
+adds the learned gate's per-page term. It is ordinary autograd (index_select and SDPA; softmax and
+matmul where the gate's term needs its gradient), so it also runs with a gradient, on any device.
 
-Two ways to fetch the kept keys are here (``GATHERS``): ``tokens`` (one ``index_select`` of rows of
-the flattened cache, the default) and ``pages`` (advanced indexing of whole pages of the cache
-viewed as (B, Hkv, pages, bs, D), then the last page appended); ``bench/bench_decode.py`` times both.
+Two ways to copy the kept pages (``GATHERS``; ``bench/bench_decode.py`` times both):
 
+- ``pages`` (the default): the cache seen as overlapping windows of ``bs`` keys, one window per
+  key position, and one ``index_select`` of whole windows, ``bs · D`` contiguous values each. A
+  partial last page is read as the window of the last ``bs`` keys, its first keys (the previous
+  page's) masked. Needs a contiguous cache of at least one page; else it copies ``tokens``.
+- ``tokens``: one ``index_select`` of the kept pages' key positions, a row of ``D`` values each.
+
+``select_step_pages`` is ``blocks.select_blocks`` for such a step's one query row, in a few ops.
+
+    sel = select_step_pages(scores, geo, density=0.25, sink_blocks=1, local_blocks=1, sinks=False)
     out = paged_decode_attention(q, k, v, sel.indices, sel.valid, sel.geometry, scale=D ** -0.5)
 """
 
@@ -33,46 +38,72 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.seam.kernels.blocks import BlockGeometry
+from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection
 
 
-def _token_rows(pages: Tensor, bs: int, K: int) -> Tensor:
-    """(B, Hkv, S·bs) positions among the K keys of each kept page's tokens (past K clamped to K - 1)."""
-    tokens = pages[..., None] * bs + torch.arange(bs, device=pages.device)  # (B, Hkv, S, bs)
-    return tokens.flatten(-2).clamp_(max=K - 1)
+def is_decoding_step(geo: BlockGeometry) -> bool:
+    """One query at the end of a causal call's keys: its block is the last key block, every key
+    block is a candidate."""
+    return geo.causal and geo.query_length == 1
 
 
-def gather_tokens(t: Tensor, pages: Tensor, bs: int) -> Tensor:
-    """(B, Hkv, S·bs, D) the kept pages' rows of t (B, Hkv, K, D): one index_select on the flat cache."""
+def select_step_pages(scores: Tensor, geo: BlockGeometry, density: float, sink_blocks: int, local_blocks: int,
+                      sinks: bool) -> BlockSelection:
+    """``select_blocks`` for a decoding step (``is_decoding_step``), in a handful of tensor ops: the
+    forced pages (the last ``local_blocks``, the first ``sink_blocks`` when ``sinks``) and then the
+    best-scored up to ⌈density · pages⌉ (at least sinks + local, as for every pattern), ties to the
+    more recent page. scores: (B, Hkv, 1, nKb). The same selection as ``select_blocks`` (tested)."""
+    n = geo.n_key_blocks
+
+    def count(first: int, last: int) -> int:  # pages in [0, first) ∪ [n - last, n)
+        a, b = min(first, n), min(last, n)
+        return a + b - max(0, a - (n - b))
+
+    forced = count(sink_blocks if sinks else 0, local_blocks)
+    k = math.ceil(n * density - 1e-9)  # BlockGeometry.budget's arithmetic, in Python's doubles
+    k = max(1, min(max(k, count(sink_blocks, local_blocks), forced), n))
+    scores = scores.detach().float().clone()
+    scores[..., n - min(local_blocks, n):] = math.inf
+    if sinks and sink_blocks:
+        scores[..., :sink_blocks] = math.inf
+    scores = torch.nan_to_num(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
+    order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    valid = torch.ones(1, 1, 1, k, dtype=torch.bool, device=scores.device)
+    return BlockSelection(indices=(n - 1) - order, valid=valid, geometry=geo)
+
+
+def gather_tokens(t: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor | None]:
+    """(B, Hkv, S·bs, D) the keys (or values) t (B, Hkv, K, D) of the pages (B, Hkv, S), and which of
+    them to hide (B, Hkv, S·bs) bool, or None: the positions past K of a partial last page."""
     B, Hk, K, D = t.shape
-    rows = _token_rows(pages, bs, K) + (torch.arange(B * Hk, device=t.device) * K).view(B, Hk, 1)
-    return t.reshape(B * Hk * K, D).index_select(0, rows.flatten()).view(B, Hk, -1, D)
+    tokens = (pages[..., None] * bs + torch.arange(bs, device=t.device)).flatten(-2)  # (B, Hkv, S·bs)
+    hidden = tokens >= K if K % bs else None
+    rows = tokens.clamp(max=K - 1) + (torch.arange(B * Hk, device=t.device) * K).view(B, Hk, 1)
+    return t.reshape(B * Hk * K, D).index_select(0, rows.flatten()).view(B, Hk, -1, D), hidden
 
 
-def gather_pages(t: Tensor, pages: Tensor, bs: int) -> Tensor:
-    """The same as ``gather_tokens``, page by page: whole pages by advanced indexing of t viewed as
-    (B, Hkv, full pages, bs, D), the last (possibly partial) page's rows padded with its last key."""
+def gather_pages(t: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor | None]:
+    """What ``gather_tokens`` gives, copied a whole page at a time (see the module's docstring)."""
     B, Hk, K, D = t.shape
-    full = K // bs
-    if full * bs != K:  # a partial last page: whole pages from a padded copy of it only
-        last = t[:, :, full * bs:]
-        last = torch.cat([last, last[:, :, -1:].expand(B, Hk, bs - last.shape[2], D)], 2)
-    paged = t[:, :, : full * bs].view(B, Hk, full, bs, D)
-    b = torch.arange(B, device=t.device).view(B, 1, 1)
-    h = torch.arange(Hk, device=t.device).view(1, Hk, 1)
-    if full * bs == K:
-        return paged[b, h, pages].view(B, Hk, -1, D)
-    is_last = pages == full
-    out = paged[b, h, pages.clamp(max=max(full - 1, 0))] if full else last.new_empty(B, Hk, pages.shape[-1], bs, D)
-    return torch.where(is_last[..., None, None], last[:, :, None], out).view(B, Hk, -1, D)
+    if K < bs or not t.is_contiguous():
+        return gather_tokens(t, pages, bs)
+    # row r: the bs keys from flat key position r on (rows never cross into another head: starts <= K - bs)
+    windows = t.as_strided((B * Hk * K - bs + 1, bs * D), (D, 1), t.storage_offset())
+    starts = (pages * bs).clamp(max=K - bs)
+    out = windows.index_select(0, (starts + (torch.arange(B * Hk, device=t.device) * K).view(B, Hk, 1)).flatten())
+    hidden = None
+    if K % bs:  # the partial last page's window begins with keys of the page before: hide them
+        hidden = ((pages == K // bs)[..., None] & (torch.arange(bs, device=t.device) < bs - K % bs)).flatten(-2)
+    return out.view(B, Hk, -1, D), hidden
 
 
-GATHERS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {"tokens": gather_tokens, "pages": gather_pages}
+GATHERS: dict[str, Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor | None]]] = {
+    "pages": gather_pages, "tokens": gather_tokens}
 
 
 def paged_decode_attention(
     q: Tensor, k: Tensor, v: Tensor, indices: Tensor, valid: Tensor, geo: BlockGeometry, *,
-    scale: float, block_bias: Tensor | None = None, allowed: Tensor | None = None, gather: str = "tokens",
+    scale: float, block_bias: Tensor | None = None, allowed: Tensor | None = None, gather: str = "pages",
 ) -> Tensor:
     """(B, H, 1, Dv) attention of one query per head over the kept key blocks (pages).
 
@@ -88,45 +119,36 @@ def paged_decode_attention(
     if Q != 1:
         raise ValueError(f"paged_decode_attention takes one query per head, got {Q}")
     S = indices.shape[-1]
-    pages, order = indices.reshape(B, Hk, S).sort(-1)  # the last page (the partial one) last
-    valid = valid.expand(B, Hk, 1, S).reshape(B, Hk, S).gather(-1, order)
-    n = S * bs
-    keep = n
-    masked = None  # (B, Hkv, n) bool, True where a gathered key must not be seen
-    if K % bs:
-        if bool((pages[..., -1] == geo.n_key_blocks - 1).all()) and bool(valid[..., -1].all()):
-            keep = n - (geo.padded_keys - K)  # every row's partial page is last: cut its padding off
-        else:
-            masked = (pages[..., None] * bs + torch.arange(bs, device=q.device) >= K).flatten(-2)
-    if not bool(valid.all()):
-        unused = (~valid)[..., None].expand(B, Hk, S, bs).flatten(-2)
-        masked = unused if masked is None else masked | unused
-    if allowed is not None:
-        seen = allowed[..., :K].expand(B, 1, 1, K).reshape(B, 1, K).expand(B, Hk, K)
-        hidden = ~seen.gather(-1, _token_rows(pages, bs, K))
-        masked = hidden if masked is None else masked | hidden
-    kg = GATHERS[gather](k, pages, bs)[:, :, :keep]  # (B, Hkv, n', D)
-    vg = GATHERS[gather](v, pages, bs)[:, :, :keep]
-    qg = q.reshape(B, Hk, G, D)  # the G query heads of a KV group as G rows
-    mask = None  # (B, Hkv, 1, n') additive, shared by the group's rows
+    pages = indices.reshape(B, Hk, S)
+    kg, hidden = GATHERS[gather](k, pages, bs)  # (B, Hkv, S·bs, D)
+    vg, _ = GATHERS[gather](v, pages, bs)
+    if not bool(valid.all()):  # slots a row does not use
+        unused = (~valid.expand(B, Hk, 1, S).reshape(B, Hk, S))[..., None].expand(B, Hk, S, bs).flatten(-2)
+        hidden = unused if hidden is None else hidden | unused
+    if allowed is not None:  # the model's own mask, at the gathered keys' positions
+        tokens = (pages[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2).clamp(max=K - 1)
+        seen = allowed[..., :K].expand(B, 1, 1, K).reshape(B, 1, K).expand(B, Hk, K).gather(-1, tokens)
+        hidden = ~seen if hidden is None else hidden | ~seen
+    mask = None  # (B|1, Hkv|1, 1, S·bs) additive, shared by the group's query rows
     if block_bias is not None:
-        term = block_bias.reshape(B, Hk, S).gather(-1, order).to(q.dtype)
-        mask = term.repeat_interleave(bs, -1)[:, :, None, :keep]
-    if masked is not None:
-        hidden = torch.zeros(masked.shape, dtype=q.dtype, device=q.device).masked_fill(masked, -math.inf)[:, :, None, :keep]
-        mask = hidden if mask is None else mask + hidden
+        mask = block_bias.reshape(B, Hk, S).to(q.dtype).repeat_interleave(bs, -1)[:, :, None]
+    if hidden is not None:
+        hide = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, -math.inf)[:, :, None]
+        mask = hide if mask is None else mask + hide
+    qg = q.reshape(B, Hk, G, D)  # the G query heads of a KV group as G rows
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         out = _softmax_attention(qg, kg, vg, mask, scale)  # the gate's gradient through its term
     else:
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)  # (B, Hkv, G, Dv)
-    if masked is not None:  # a row that sees no key is zero, not NaN
+    if allowed is not None:  # a row that sees no key is zero, not NaN
         out = out.nan_to_num(0.0)
     return out.reshape(B, H, 1, Dv)
 
 
 def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask
-    return torch.matmul(torch.softmax(scores.float(), -1).to(v.dtype), v)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1)  # float32 at least
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def paged_decode_supported(q: Tensor, geo: BlockGeometry, allowed: Tensor | None) -> bool:
@@ -137,4 +159,5 @@ def paged_decode_supported(q: Tensor, geo: BlockGeometry, allowed: Tensor | None
     return allowed is None or (allowed.dim() == 4 and allowed.shape[1] == 1 and allowed.shape[2] == 1)
 
 
-__all__ = ["GATHERS", "gather_pages", "gather_tokens", "paged_decode_attention", "paged_decode_supported"]
+__all__ = ["GATHERS", "gather_pages", "gather_tokens", "is_decoding_step", "paged_decode_attention",
+           "paged_decode_supported", "select_step_pages"]

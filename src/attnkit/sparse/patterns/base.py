@@ -38,7 +38,9 @@ class BlockInputs:
     @cached_property
     def query_means(self) -> Tensor:
         """(B, Hkv, G, nQb, D) mean query of each query block, per query head of each group."""
-        B, H, _, D = self.q.shape
+        B, H, Q, D = self.q.shape
+        if Q == 1 and self.geometry.n_query_blocks == 1:  # a decoding step: the block's mean is its one query
+            return self.q.view(B, H // self.groups, self.groups, 1, D)
         return pooled_queries(self.q, self.geometry).view(B, H // self.groups, self.groups, -1, D)
 
     @cached_property
