@@ -96,11 +96,14 @@ class PageStats:
         entry.reserve(n_pages)
         tail = k[:, :, start * bs:]
         length = tail.shape[2]
-        if length:
+        if 0 < length <= bs:  # one page (a decoding step): pooled_keys' reductions, without its padding
+            entry.stats[:, :, :, start] = torch.stack([tail.sum(2) / length, tail.amax(2), tail.amin(2)])
+        elif length:
             geo = BlockGeometry(bs, length, length, causal=False, device=k.device)
             for i, t in enumerate(pooled_keys(tail, geo)):
                 entry.stats[i, :, :, start:n_pages] = t
-            full_pages = K // bs
+        full_pages = K // bs
+        if full_pages > start:
             entry.marks[:, :, start:full_pages] = k[:, :, start * bs + bs - 1: full_pages * bs: bs]
         self.pages_pooled += n_pages - start
         entry.keys = K

@@ -72,32 +72,36 @@ def select_step_pages(scores: Tensor, geo: BlockGeometry, density: float, sink_b
     return BlockSelection(indices=(n - 1) - order, valid=valid, geometry=geo)
 
 
-def gather_tokens(t: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor | None]:
-    """(B, Hkv, S·bs, D) the keys (or values) t (B, Hkv, K, D) of the pages (B, Hkv, S), and which of
-    them to hide (B, Hkv, S·bs) bool, or None: the positions past K of a partial last page."""
-    B, Hk, K, D = t.shape
-    tokens = (pages[..., None] * bs + torch.arange(bs, device=t.device)).flatten(-2)  # (B, Hkv, S·bs)
+def gather_tokens(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(B, Hkv, S·bs, D|Dv) the keys and values (k, v: (B, Hkv, K, D|Dv)) of the pages (B, Hkv, S),
+    and which of them to hide, (B, Hkv, S·bs) bool or None: the positions past K of a partial last page."""
+    B, Hk, K, _ = k.shape
+    tokens = (pages[..., None] * bs + torch.arange(bs, device=k.device)).flatten(-2)  # (B, Hkv, S·bs)
     hidden = tokens >= K if K % bs else None
-    rows = tokens.clamp(max=K - 1) + (torch.arange(B * Hk, device=t.device) * K).view(B, Hk, 1)
-    return t.reshape(B * Hk * K, D).index_select(0, rows.flatten()).view(B, Hk, -1, D), hidden
+    rows = (tokens.clamp(max=K - 1) + (torch.arange(B * Hk, device=k.device) * K).view(B, Hk, 1)).flatten()
+    kg, vg = (t.reshape(B * Hk * K, t.shape[-1]).index_select(0, rows).view(B, Hk, -1, t.shape[-1]) for t in (k, v))
+    return kg, vg, hidden
 
 
-def gather_pages(t: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor | None]:
+def gather_pages(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """What ``gather_tokens`` gives, copied a whole page at a time (see the module's docstring)."""
-    B, Hk, K, D = t.shape
-    if K < bs or not t.is_contiguous():
-        return gather_tokens(t, pages, bs)
-    # row r: the bs keys from flat key position r on (rows never cross into another head: starts <= K - bs)
-    windows = t.as_strided((B * Hk * K - bs + 1, bs * D), (D, 1), t.storage_offset())
-    starts = (pages * bs).clamp(max=K - bs)
-    out = windows.index_select(0, (starts + (torch.arange(B * Hk, device=t.device) * K).view(B, Hk, 1)).flatten())
+    B, Hk, K, _ = k.shape
+    if K < bs or not (k.is_contiguous() and v.is_contiguous()):
+        return gather_tokens(k, v, pages, bs)
+    starts = ((pages * bs).clamp(max=K - bs) + (torch.arange(B * Hk, device=k.device) * K).view(B, Hk, 1)).flatten()
+
+    def windows(t: Tensor) -> Tensor:  # row r: the bs keys from flat position r on; starts never cross a head
+        D = t.shape[-1]
+        rows = t.as_strided((B * Hk * K - bs + 1, bs * D), (D, 1), t.storage_offset())
+        return rows.index_select(0, starts).view(B, Hk, -1, D)
+
     hidden = None
     if K % bs:  # the partial last page's window begins with keys of the page before: hide them
-        hidden = ((pages == K // bs)[..., None] & (torch.arange(bs, device=t.device) < bs - K % bs)).flatten(-2)
-    return out.view(B, Hk, -1, D), hidden
+        hidden = ((pages == K // bs)[..., None] & (torch.arange(bs, device=k.device) < bs - K % bs)).flatten(-2)
+    return windows(k), windows(v), hidden
 
 
-GATHERS: dict[str, Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor | None]]] = {
+GATHERS: dict[str, Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor | None]]] = {
     "pages": gather_pages, "tokens": gather_tokens}
 
 
@@ -120,8 +124,7 @@ def paged_decode_attention(
         raise ValueError(f"paged_decode_attention takes one query per head, got {Q}")
     S = indices.shape[-1]
     pages = indices.reshape(B, Hk, S)
-    kg, hidden = GATHERS[gather](k, pages, bs)  # (B, Hkv, S·bs, D)
-    vg, _ = GATHERS[gather](v, pages, bs)
+    kg, vg, hidden = GATHERS[gather](k, v, pages, bs)  # (B, Hkv, S·bs, D|Dv)
     if not bool(valid.all()):  # slots a row does not use
         unused = (~valid.expand(B, Hk, 1, S).reshape(B, Hk, S))[..., None].expand(B, Hk, S, bs).flatten(-2)
         hidden = unused if hidden is None else hidden | unused
