@@ -16,7 +16,8 @@ of the per-round ratios to dense measured in the same round:
              of that length: dense ``F.scaled_dot_product_attention`` (as transformers calls it for a
              decoding step: ``enable_gqa``, no mask) against the sparse step's whole work (the last
              page's statistics, the pattern's selection, the kernel), and the kernel alone with
-             each way of fetching the kept pages (``paged_decode.GATHERS``).
+             each way of fetching the kept pages (``paged_decode.GATHERS``); and what ``DynamicCache``
+             does per layer and step (a new tensor of the whole cache plus the new key, for K and V).
 
 Times are wall-clock and the process's CPU time; on a shared machine the CPU time's ratio is the
 less disturbed one (other processes do not count in it).
@@ -168,7 +169,9 @@ def attention_part(model, length: int, args) -> dict:
                     fn()
         return run
 
+    new_k, new_v = torch.randn(1, Hk, 1, D, generator=g), torch.randn(1, Hk, 1, D, generator=g)
     fns = {"dense_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=H != Hk),
+           "cache_append": lambda: (torch.cat([k, new_k], 2), torch.cat([v, new_v], 2)),  # DynamicCache.update's work
            "sparse_step": sparse_step, **{f"kernel/{name}": kernel(name) for name in GATHERS}}
     out = summarise(interleave({n: repeat(f) for n, f in fns.items()}, args.rounds), "dense_sdpa")
     out["kept"] = sel.kept_blocks() / sel.candidate_blocks()
@@ -184,7 +187,7 @@ def main() -> None:
     p.add_argument("--lengths", default="4096,8192,16384,32768", help="cached tokens")
     p.add_argument("--steps", type=int, default=16, help="decoded tokens per configuration and round")
     p.add_argument("--op-repeats", type=int, default=20, help="calls of the attention op per round")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(ROOT / "runs" / "bench_decode.json"))
     p.add_argument("--no-write", action="store_true")
@@ -197,7 +200,7 @@ def main() -> None:
     load = [os.getloadavg()]
     lengths = [int(x) for x in args.lengths.split(",")]
     model = build(args, max(lengths) + args.steps + 8)
-    doc = {"model": {}, "attention": {}}
+    doc = {"model": {}, "attention": {}, "layers": model.config.num_hidden_layers}
     sparse = f"{args.pattern}@{args.density:g}"
     for n in lengths:
         doc["attention"][n] = attention_part(model, n, args)
@@ -235,24 +238,35 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
              f"{args.steps} greedy tokens per configuration and round; medians of {args.rounds} rounds", "",
              "**Model** (tokens per second of the whole decoding step; × dense = dense time / sparse time, "
              "median of the per-round ratios)", "",
-             f"| cached tokens | dense tok/s | {sparse} tok/s | × dense (wall) | × dense (CPU time) | rounds (wall) |",
-             "|---:|---:|---:|---:|---:|---|"]
+             f"| cached tokens | dense tok/s (wall) | {sparse} tok/s (wall) | × dense (wall) | dense tok/s (CPU) "
+             f"| {sparse} tok/s (CPU) | × dense (CPU time) | rounds (wall) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for n, r in doc["model"].items():
-        d, s = r["dense"]["wall"], r[sparse]["wall"]
-        rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(s["rounds"], d["rounds"]))
-        lines.append(f"| {n} | {args.steps / d['median_s']:.1f} | {args.steps / s['median_s']:.1f} "
-                     f"| **{s['speedup']:.2f}** | {r[sparse]['cpu']['speedup']:.2f} | {rounds} |")
+        d, s = r["dense"], r[sparse]
+        rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(s["wall"]["rounds"], d["wall"]["rounds"]))
+        lines.append(f"| {n} | {args.steps / d['wall']['median_s']:.1f} | {args.steps / s['wall']['median_s']:.1f} "
+                     f"| **{s['wall']['speedup']:.2f}** | {args.steps / d['cpu']['median_s']:.1f} "
+                     f"| {args.steps / s['cpu']['median_s']:.1f} | **{s['cpu']['speedup']:.2f}** | {rounds} |")
     lines += ["", "**Attention alone** (one decoding step's attention op of one layer on the model's shapes; "
               "sparse step = the last page's statistics + the selection + the kernel; kept = share of the pages kept)", "",
-              "| cached tokens | configuration | kept | ms (wall) | × dense (wall) | × dense (CPU time) |",
+              "| cached tokens | configuration | kept | ms (CPU time) | × dense (CPU time) | × dense (wall) |",
               "|---:|---|---:|---:|---:|---:|"]
     for n, r in doc["attention"].items():
         for c, t in r.items():
             if c == "kept":
                 continue
-            kept = "1" if c == "dense_sdpa" else f"{r['kept']:.3f}"
-            lines.append(f"| {n} | {c} | {kept} | {t['wall']['median_s'] / args.op_repeats * 1e3:.3f} "
-                         f"| {t['wall']['speedup']:.2f} | {t['cpu']['speedup']:.2f} |")
+            kept = {"dense_sdpa": "1", "cache_append": ""}.get(c, f"{r['kept']:.3f}")
+            lines.append(f"| {n} | {c} | {kept} | {t['cpu']['median_s'] / args.op_repeats * 1e3:.3f} "
+                         f"| {t['cpu']['speedup']:.2f} | {t['wall']['speedup']:.2f} |")
+    layers = doc["layers"]
+    lines += ["", f"**Where a dense step's time goes** (CPU time; {layers} layers × the op alone, against the whole "
+              "step per token above)", "", "| cached tokens | dense step ms | attention (SDPA) | DynamicCache append | the rest |",
+              "|---:|---:|---:|---:|---:|"]
+    for n, r in doc["attention"].items():
+        step = doc["model"][n]["dense"]["cpu"]["median_s"] / args.steps * 1e3
+        attn, append = (layers * r[c]["cpu"]["median_s"] / args.op_repeats * 1e3 for c in ("dense_sdpa", "cache_append"))
+        lines.append(f"| {n} | {step:.2f} | {attn:.2f} ({attn / step:.0%}) | {append:.2f} ({append / step:.0%}) "
+                     f"| {step - attn - append:.2f} ({(step - attn - append) / step:.0%}) |")
     lines += ["", "<details><summary>raw (JSON)</summary>", "", "```json",
               json.dumps({k: doc[k] for k in ("model", "attention", "load")}), "```", "</details>", end]
     return "\n".join(lines)

@@ -52,24 +52,29 @@ def select_step_pages(scores: Tensor, geo: BlockGeometry, density: float, sink_b
     """``select_blocks`` for a decoding step (``is_decoding_step``), in a handful of tensor ops: the
     forced pages (the last ``local_blocks``, the first ``sink_blocks`` when ``sinks``) and then the
     best-scored up to ⌈density · pages⌉ (at least sinks + local, as for every pattern), ties to the
-    more recent page. scores: (B, Hkv, 1, nKb). The same selection as ``select_blocks`` (tested)."""
+    more recent page, in ``select_blocks``' order (forced first, latest first; then by score).
+    scores: (B, Hkv, 1, nKb). The same selection as ``select_blocks`` (tested)."""
     n = geo.n_key_blocks
+    local = min(local_blocks, n)
+    first = min(sink_blocks if sinks else 0, n - local)  # forced sinks that are not local pages
 
-    def count(first: int, last: int) -> int:  # pages in [0, first) ∪ [n - last, n)
-        a, b = min(first, n), min(last, n)
+    def count(a: int, b: int) -> int:  # pages in [0, a) ∪ [n - b, n)
+        a, b = min(a, n), min(b, n)
         return a + b - max(0, a - (n - b))
 
-    forced = count(sink_blocks if sinks else 0, local_blocks)
     k = math.ceil(n * density - 1e-9)  # BlockGeometry.budget's arithmetic, in Python's doubles
-    k = max(1, min(max(k, count(sink_blocks, local_blocks), forced), n))
-    scores = scores.detach().float().clone()
-    scores[..., n - min(local_blocks, n):] = math.inf
-    if sinks and sink_blocks:
-        scores[..., :sink_blocks] = math.inf
-    scores = torch.nan_to_num(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
-    order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    k = max(1, min(max(k, count(sink_blocks, local_blocks), local + first), n))
+    B, Hk = scores.shape[:2]
+    forced = torch.cat([torch.arange(n - 1, n - local - 1, -1), torch.arange(first - 1, -1, -1)]).to(scores.device)
+    forced = forced.view(1, 1, 1, -1).expand(B, Hk, 1, -1)
+    rest = k - forced.shape[-1]
+    if rest:
+        # the free pages, latest first so that a stable descending sort puts the later of two equal ones first
+        free = torch.nan_to_num(scores.detach().float()[..., first: n - local], nan=-1e30).flip(-1)
+        chosen = (n - local - 1) - free.sort(dim=-1, descending=True, stable=True).indices[..., :rest]
+        forced = torch.cat([forced, chosen], -1)
     valid = torch.ones(1, 1, 1, k, dtype=torch.bool, device=scores.device)
-    return BlockSelection(indices=(n - 1) - order, valid=valid, geometry=geo)
+    return BlockSelection(indices=forced, valid=valid, geometry=geo)
 
 
 def gather_tokens(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor | None]:
