@@ -12,9 +12,10 @@ only the pages from the first one the new keys touch:
 
 ``past`` is how many of the keys k (B, Hkv, K, D) were in the cache before this call (the keys
 of the call's own queries follow them). Pages wholly inside the part seen before are reused when
-the first and the last of them still end in the key they ended in (a new prompt, a cropped and
-regrown cache, a beam search's reordered rows start again from the keys: two small comparisons
-instead of reading every key); the rest are pooled from the keys. A change the check misses (a
+the last of them still ends in the key it ended in (another cache, a beam search's reordered rows
+start again from the keys; a prompt is always pooled whole; a cropped cache keeps the pages
+before the crop): one small comparison instead of reading every key. The rest are pooled from
+the keys. A change the check misses (a
 row edited in place between its first and last page) can only make the selection stale, never
 the attention: the kernel reads the cache's keys themselves.
 What comes back equals ``pooled_keys`` of the whole cache exactly (the same reduction of the same
@@ -85,9 +86,8 @@ class PageStats:
         start = 0  # the first page pooled from the keys
         if entry is not None and entry.fits(k, bs):
             full = min(entry.keys, past) // bs  # pages wholly among keys seen before
-            # the same cache if the first and the last of those pages still end in the same key
-            if full and torch.equal(k[:, :, bs - 1], entry.marks[:, :, 0]) and torch.equal(
-                    k[:, :, full * bs - 1], entry.marks[:, :, full - 1]):
+            # the same cache if the last of those pages still ends in the key it ended in
+            if full and torch.equal(k[:, :, full * bs - 1], entry.marks[:, :, full - 1]):
                 start = full
         if start == 0:
             capacity = max(n_pages, 1) * 2
