@@ -70,7 +70,10 @@ class SparseHandle:
 
     def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None) -> None:
         self._kept[site] += sel.kept_blocks()
-        self._candidates[site] += sel.candidate_blocks()
+        if is_decoding_step(sel.geometry):  # every page is a candidate: counted without the (1, nKb) table
+            self._candidates[site] += sel.indices.shape[0] * sel.indices.shape[1] * sel.geometry.n_key_blocks
+        else:
+            self._candidates[site] += sel.candidate_blocks()
         self.block_masks[site] = sel.block_mask()
         if sel.log_probs is not None:
             self.gate_log_probs[site] = sel.log_probs

@@ -31,6 +31,7 @@ Two ways to copy the kept pages (``GATHERS``; ``bench/bench_decode.py`` times bo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -65,16 +66,26 @@ def select_step_pages(scores: Tensor, geo: BlockGeometry, density: float, sink_b
     k = math.ceil(n * density - 1e-9)  # BlockGeometry.budget's arithmetic, in Python's doubles
     k = max(1, min(max(k, count(sink_blocks, local_blocks), local + first), n))
     B, Hk = scores.shape[:2]
-    forced = torch.cat([torch.arange(n - 1, n - local - 1, -1), torch.arange(first - 1, -1, -1)]).to(scores.device)
-    forced = forced.view(1, 1, 1, -1).expand(B, Hk, 1, -1)
+    forced = _forced_pages(n, local, first, scores.device).expand(B, Hk, 1, -1)
     rest = k - forced.shape[-1]
     if rest:
         # the free pages, latest first so that a stable descending sort puts the later of two equal ones first
         free = torch.nan_to_num(scores.detach().float()[..., first: n - local], nan=-1e30).flip(-1)
         chosen = (n - local - 1) - free.sort(dim=-1, descending=True, stable=True).indices[..., :rest]
         forced = torch.cat([forced, chosen], -1)
-    valid = torch.ones(1, 1, 1, k, dtype=torch.bool, device=scores.device)
-    return BlockSelection(indices=forced, valid=valid, geometry=geo)
+    return BlockSelection(indices=forced, valid=_all_valid(k, scores.device), geometry=geo)
+
+
+@functools.lru_cache(maxsize=64)
+def _forced_pages(n: int, local: int, first: int, device: torch.device) -> Tensor:
+    """(1, 1, 1, local + first) the forced pages in ``select_blocks``' order: local ones, then sinks, latest first."""
+    pages = torch.cat([torch.arange(n - 1, n - local - 1, -1), torch.arange(first - 1, -1, -1)])
+    return pages.to(device).view(1, 1, 1, -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _all_valid(k: int, device: torch.device) -> Tensor:
+    return torch.ones(1, 1, 1, k, dtype=torch.bool, device=device)
 
 
 def gather_tokens(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor | None]:
