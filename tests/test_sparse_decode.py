@@ -22,7 +22,7 @@ from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys, select_block
 from attnkit.seam.kernels.paged_decode import GATHERS, paged_decode_attention, select_step_pages
 from attnkit.seam.sites import Site
 from attnkit.seam.taps import Tap
-from attnkit.sparse import SparseConfig, sparse_attention
+from attnkit.sparse import PATTERNS, SparseConfig, make_gates, sparse_attention
 from attnkit.sparse.page_stats import PageStats
 from conftest import VOCAB, gpt2, llama, mistral
 
@@ -47,6 +47,21 @@ def test_density_one_decodes_as_dense(name):
     assert torch.equal(tokens, sparse_tokens)
     assert (logits - sparse_logits).abs().max() < 1e-5
     assert handle.kernels["paged_decode"] == 9 * model.config.num_hidden_layers  # every step after the prefill
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_every_pattern_at_density_one_decodes_as_dense(pattern):
+    """The learned gate too: its prior term reaches the kernel's mask and, untrained, cancels."""
+    model = llama("sdpa")
+    ids = torch.randint(3, VOCAB, (1, 14), generator=torch.Generator().manual_seed(4))
+    cfg = SparseConfig(pattern=pattern, density=1.0, block_size=BS)
+    with torch.no_grad():
+        tokens, logits = _generate(model, ids, steps=5)
+        with sparse_attention(model, cfg, gates=make_gates(model, cfg)) as handle:
+            sparse_tokens, sparse_logits = _generate(model, ids, steps=5)
+    assert torch.equal(tokens, sparse_tokens)
+    assert (logits - sparse_logits).abs().max() < 1e-5
+    assert handle.kernels["paged_decode"] == 4 * model.config.num_hidden_layers
 
 
 def test_left_padded_batch_at_density_one():
