@@ -137,7 +137,7 @@ def _plain_call(**extras):
 def test_auto_takes_gather_sdpa_on_the_cpu_for_a_plain_call():
     call, _, _ = _plain_call()
     assert choose_block_kernel(call).name == "gather_sdpa"
-    assert list(BLOCK_KERNELS) == ["flex", "gather_sdpa", "portable"]
+    assert list(BLOCK_KERNELS) == ["paged_decode", "flex", "gather_sdpa", "portable"]
 
 
 @pytest.mark.parametrize("extra", ["allowed", "bias", "softcap", "sinks", "dropout", "mods", "gate_gradient"])

@@ -34,8 +34,10 @@ from attnkit.seam.plan import Mods
 from attnkit.seam.session import in_backward
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
+from attnkit.seam.kernels.paged_decode import is_decoding_step, select_step_pages
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates
+from attnkit.sparse.page_stats import PageStats
 from attnkit.sparse.patterns import BlockInputs, get_pattern
 from attnkit.seam.taps import Tap
 
@@ -51,7 +53,7 @@ class SparseHandle:
     block_bias: {Site: (B, Hkv, nQb, nKb)} the value the gate added to each kept block's scores in
         this forward (``gate_bias`` · log p under ``gate_grad="prior"``; absent when nothing is added),
         detached: sparse probabilities = softmax over the kept keys of scores + this.
-    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "flex", "gather_sdpa", "portable").
+    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_decode", "flex", "gather_sdpa", "portable").
     """
 
     def __init__(self, cfg: SparseConfig, gates: SparseGates | None) -> None:
@@ -68,7 +70,10 @@ class SparseHandle:
 
     def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None) -> None:
         self._kept[site] += sel.kept_blocks()
-        self._candidates[site] += sel.candidate_blocks()
+        if is_decoding_step(sel.geometry):  # every page is a candidate: counted without the (1, nKb) table
+            self._candidates[site] += sel.indices.shape[0] * sel.indices.shape[1] * sel.geometry.n_key_blocks
+        else:
+            self._candidates[site] += sel.candidate_blocks()
         self.block_masks[site] = sel.block_mask()
         if sel.log_probs is not None:
             self.gate_log_probs[site] = sel.log_probs
@@ -124,6 +129,7 @@ class SparseSelector:
         self.__name__ = f"sparse_{cfg.pattern}_{cfg.density:g}"
         self.gate_bias = GateBias(self)
         self._fresh = False  # the selection in _last is this call's (set by run, cleared as a call starts)
+        self.pages = PageStats()  # each site's key-page statistics, kept across the steps of a KV cache
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if self._last is None or not self._fresh:
@@ -136,7 +142,7 @@ class SparseSelector:
     def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor]:
         """The call's selection and its per-KV-group key and value (B, Hkv, K, D)."""
         groups = call.kv_groups
-        k, v = call.key[:, ::groups], call.value[:, ::groups]  # the model's own KV heads
+        k, v = call.key_heads, call.value_heads  # the model's own KV heads
         gate = None
         if self.pattern.learned:
             if self.gates is None:
@@ -150,7 +156,11 @@ class SparseSelector:
                 raise UserError(f"the gate of {call.site} was made for (KV heads, group size, head dim) "
                                 f"{(gate.num_kv_heads, gate.groups, gate.head_dim)}, the call has {shape}")
         causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
-        return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal, allowed=call.allowed), k, v
+        pages = None
+        if causal:  # the queries follow the cache's keys: the pages' statistics are kept across calls
+            def pages():
+                return self.pages.update(call.site, k, self.cfg.block_size, past=call.key_length - call.query_length)
+        return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal, allowed=call.allowed, key_pages=pages), k, v
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
         sel, k, v = self.select(call)
@@ -215,18 +225,18 @@ class GateBias:
 
 
 def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bool = True,
-                  allowed: Tensor | None = None) -> BlockSelection:
+                  allowed: Tensor | None = None, key_pages=None) -> BlockSelection:
     """The key blocks ``cfg``'s pattern keeps for queries q (B, H, Q, D) at the end of keys
     k (B, Hkv, K, D): forced blocks, then the best-scored up to the density's budget. A learned
     pattern's ``gate`` (a ``BlockGate``) scores with gradient; its log-probabilities over the
     candidate blocks come back in ``log_probs``. The gate sees q and k detached: it learns from
     the model's queries and keys but does not push them. ``allowed``: the call's own mask (True =
     may attend, broadcastable to (B, H, Q, K)); a block it hides entirely (padding, outside a
-    sliding window) is chosen only after every block it does not hide."""
+    sliding window) is chosen only after every block it does not hide. ``key_pages``: a function
+    giving the (mean, max, min) of each key block when they are kept elsewhere (``PageStats``)."""
     pattern = get_pattern(cfg.pattern)
     geo = BlockGeometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
-    x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate)
-    forced = geo.forced(cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
+    x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages)
     log_probs = None
     if pattern.learned:
         scores = pattern.score(x).float()
@@ -237,10 +247,14 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     scores = scores.expand(k.shape[0], k.shape[1], geo.n_query_blocks, geo.n_key_blocks)  # (B, Hkv, nQb, nKb)
     if allowed is not None:  # below every visible block, above the non-candidates (-inf)
         scores = scores.detach().float().masked_fill(~visible_blocks(allowed, geo), torch.finfo(torch.float32).min)
-    # the budget's minimum is the sinks + local blocks for every pattern, whether it forces the
-    # sinks or not: at one density every pattern keeps the same number of blocks
-    floor = geo.forced(cfg.sink_blocks, cfg.local_blocks, sinks=True).sum(-1)
-    sel = select_blocks(scores, geo, forced, cfg.density, floor=floor)
+    if is_decoding_step(geo):  # one query row: the same selection in a few ops
+        sel = select_step_pages(scores, geo, cfg.density, cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
+    else:
+        forced = geo.forced(cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
+        # the budget's minimum is the sinks + local blocks for every pattern, whether it forces the
+        # sinks or not: at one density every pattern keeps the same number of blocks
+        floor = geo.forced(cfg.sink_blocks, cfg.local_blocks, sinks=True).sum(-1)
+        sel = select_blocks(scores, geo, forced, cfg.density, floor=floor)
     sel.log_probs = log_probs
     return sel
 
@@ -261,7 +275,11 @@ def is_causal_call(call: AttentionCall) -> bool:
     """Whether the call's mask hides every future key (then blocks after the query's are never candidates)."""
     if call.is_causal:
         return True
-    if call.allowed is None or call.query_length > call.key_length:
+    if call.allowed is None:
+        # one query and no mask: a decoding step of a causal model (the query is the last key),
+        # unless the module says it is not causal (an encoder, cross-attention)
+        return call.query_length == 1 and bool(getattr(call.module, "is_causal", True))
+    if call.query_length > call.key_length:
         return False
     allowed = call.allowed[..., : call.key_length]
     if allowed.shape[-2] == 1 and call.query_length > 1:

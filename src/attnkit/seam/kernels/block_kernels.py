@@ -3,6 +3,8 @@
 Each is a registry entry with ``supports(call, explicit)`` and ``run(call)``; ``choose_block_kernel``
 takes the one asked for, or in ``auto`` the first that supports the call, in this order:
 
+- ``paged_decode``: a decoding step (one query per head): only the kept pages' keys and values are
+  read from the cache (``paged_decode.py``); any device, with autograd.
 - ``flex``: compiled FlexAttention with a ``BlockMask`` from the selection (in ``auto`` on CUDA
   only; asked for, also CPU inference: PyTorch has no CPU backward for it).
 - ``gather_sdpa``: SDPA's fused CPU kernel on the gathered kept blocks, rows bucketed by how many
@@ -27,6 +29,7 @@ from attnkit.seam.kernels.block_attention import block_sparse_attention
 from attnkit.seam.kernels.blocks import BlockSelection
 from attnkit.seam.kernels.flex_block import flex_available, flex_block_attention
 from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention, gather_sdpa_plan, sdpa_fused_cpu_available
+from attnkit.seam.kernels.paged_decode import paged_decode_attention, paged_decode_supported
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,17 @@ class BlockKernel:
     cannot: str  # what it cannot run, for the error when it is asked for and cannot
 
 
+def _paged_decode_supports(call: BlockCall, explicit: bool) -> bool:
+    return (call.bias is None and call.softcap is None and call.sinks is None and not call.dropout_p and not call.mods
+            and paged_decode_supported(call.query, call.selection.geometry, call.allowed))
+
+
+def _paged_decode_run(c: BlockCall) -> Tensor:
+    sel = c.selection
+    return paged_decode_attention(c.query, c.key, c.value, sel.indices, sel.valid, sel.geometry, scale=c.scale,
+                                  block_bias=c.block_bias, allowed=c.allowed)
+
+
 def _flex_supports(call: BlockCall, explicit: bool) -> bool:
     expressible = (flex_available() and call.selection.geometry.front == 0 and call.sinks is None
                    and not call.dropout_p and not call.mods)
@@ -120,6 +134,9 @@ def _portable_run(c: BlockCall) -> Tensor:
 BLOCK_KERNELS: dict[str, BlockKernel] = {
     k.name: k
     for k in (
+        BlockKernel("paged_decode", _paged_decode_supports, _paged_decode_run,
+                    "it takes one query per head (a decoding step) without a bias, soft-cap, sinks, dropout, other "
+                    "modifiers or a mask that differs between heads"),
         BlockKernel("flex", _flex_supports, _flex_run,
                     "FlexAttention has no CPU backward, no learned sinks, dropout or other modifiers, and needs the queries "
                     "aligned to blocks"),

@@ -23,6 +23,9 @@ class BlockInputs:
 
     q: (B, H, Q, D) queries; k: (B, Hkv, K, D) keys (one per KV group); groups = H // Hkv.
     gate: the site's trainable gate (learned patterns only).
+    key_pages: gives the (mean, max, min) of each key block when they are kept elsewhere (a KV
+        cache's, across decoding steps: ``attnkit.sparse.page_stats``); None = pooled from k.
+        Called only by patterns that read ``key_stats``.
     """
 
     q: Tensor
@@ -30,17 +33,20 @@ class BlockInputs:
     geometry: BlockGeometry
     groups: int
     gate: "BlockGate | None" = None
+    key_pages: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None
 
     @cached_property
     def query_means(self) -> Tensor:
         """(B, Hkv, G, nQb, D) mean query of each query block, per query head of each group."""
-        B, H, _, D = self.q.shape
+        B, H, Q, D = self.q.shape
+        if Q == 1 and self.geometry.n_query_blocks == 1:  # a decoding step: the block's mean is its one query
+            return self.q.view(B, H // self.groups, self.groups, 1, D)
         return pooled_queries(self.q, self.geometry).view(B, H // self.groups, self.groups, -1, D)
 
     @cached_property
     def key_stats(self) -> tuple[Tensor, Tensor, Tensor]:
         """(mean, max, min) of each key block, each (B, Hkv, nKb, D)."""
-        return pooled_keys(self.k, self.geometry)
+        return self.key_pages() if self.key_pages is not None else pooled_keys(self.k, self.geometry)
 
     def key_blocks(self) -> Tensor:
         """(1, 1, 1, nKb) key-block numbers."""

@@ -25,9 +25,11 @@ from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 def quest_score(x: BlockInputs) -> Tensor:
     q = x.query_means.float()  # (B, Hkv, G, nQb, D)
-    _, k_max, k_min = (t.float().unsqueeze(2) for t in x.key_stats)  # (B, Hkv, 1, nKb, D)
+    B, Hk, G, nQ, D = q.shape
+    q = q.reshape(B, Hk, G * nQ, D)  # the group's heads as rows: the key statistics are not copied per head
+    _, k_max, k_min = (t.float() for t in x.key_stats)  # (B, Hkv, nKb, D)
     bound = torch.matmul(q.clamp(min=0), k_max.transpose(-1, -2)) + torch.matmul(q.clamp(max=0), k_min.transpose(-1, -2))
-    return bound.sum(2)  # (B, Hkv, nQb, nKb)
+    return bound.view(B, Hk, G, nQ, -1).sum(2)  # (B, Hkv, nQb, nKb)
 
 
 PATTERN = Pattern("quest", quest_score, sinks=False)

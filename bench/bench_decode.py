@@ -1,0 +1,294 @@
+"""Decoding with a KV cache: sparse attention (Quest's page selection) against dense SDPA, tokens per second.
+
+Two parts, each in one process, in interleaved rounds (every configuration once a round), medians
+of the per-round ratios to dense measured in the same round:
+
+  model      the model (default ``reference-long``'s architecture with its positions raised to fit the
+             longest cache; its weights loaded: they do not change the cost), batch 1, fp32, Hugging
+             Face's ``DynamicCache``. Each cached length is prefilled once (dense SDPA, not timed);
+             a round then decodes ``--steps`` greedy tokens from that cache with each configuration
+             and crops the cache back:
+               dense          the model's own SDPA attention
+               PATTERN@D      ``sparse_attention`` with the pattern at the density: page statistics
+                              kept across steps, the ``paged_decode`` kernel; one untimed step first
+                              (the statistics of a cache prefilled outside the session)
+  attention  the attention op alone on the model's shapes (query / KV heads, head dim) with a cache
+             of that length: dense ``F.scaled_dot_product_attention`` (as transformers calls it for a
+             decoding step: ``enable_gqa``, no mask) against the sparse step's whole work (the last
+             page's statistics, the pattern's selection, the kernel), and the kernel alone with
+             each way of fetching the kept pages (``paged_decode.GATHERS``); and what ``DynamicCache``
+             does per layer and step (a new tensor of the whole cache plus the new key, for K and V).
+             Then one more round of dense steps under the profiler: the shares of SDPA and of the
+             cache's append in a dense step.
+
+Times are wall-clock and the process's CPU time; on a shared machine the CPU time's ratio is the
+less disturbed one (other processes do not count in it).
+
+    python bench/bench_decode.py                                   # writes its block of BENCHMARKS.md
+    python bench/bench_decode.py --lengths 4096 --rounds 2 --steps 4 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import markers, write_block  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK_HEADING = "## Decoding with a KV cache: sparse against dense SDPA (`bench/bench_decode.py`)"
+
+
+def interleave(fns: dict, rounds: int) -> dict:
+    """{name: {"wall": [s], "cpu": [s]}} of each closure once a round, after one warm-up round.
+    A closure may return its own (wall, cpu) seconds (the part of it that is timed)."""
+    for fn in fns.values():
+        fn()
+    times = {n: {"wall": [], "cpu": []} for n in fns}
+    for _ in range(rounds):
+        for n, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            own = fn()
+            w, c = time.perf_counter() - w, time.process_time() - c
+            if isinstance(own, tuple):
+                w, c = own
+            times[n]["wall"].append(w)
+            times[n]["cpu"].append(c)
+    return times
+
+
+def summarise(times: dict, base: str) -> dict:
+    """Medians and the median per-round ratio base / name (a speed-up: > 1 = faster than base)."""
+    out = {}
+    for n, t in times.items():
+        out[n] = {k: {"median_s": statistics.median(t[k]), "rounds": t[k],
+                      "speedup": statistics.median(b / a for a, b in zip(t[k], times[base][k]))} for k in ("wall", "cpu")}
+    return out
+
+
+def build(args, max_length: int):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from attnkit.common.loading.builtin import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    config = AutoConfig.from_pretrained(path)
+    config.max_position_embeddings = max(config.max_position_embeddings, max_length)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation="sdpa")
+    return model.eval()
+
+
+def model_part(model, length: int, args) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    from attnkit.sparse import SparseConfig, sparse_attention
+
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g)
+    with torch.no_grad():
+        out = model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True)
+    cache, first = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size)
+    kernels: dict = {}
+
+    def decode(steps: int) -> list:
+        tok, toks = first, []
+        for _ in range(steps):
+            tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            toks.append(int(tok))
+        cache.crop(-steps)
+        return toks
+
+    def timed(steps: int) -> tuple[float, float]:
+        w, c = time.perf_counter(), time.process_time()
+        decode(steps)
+        return time.perf_counter() - w, time.process_time() - c
+
+    def dense():
+        with torch.no_grad():
+            return timed(args.steps)
+
+    def sparse():
+        with torch.no_grad(), sparse_attention(model, cfg) as handle:
+            decode(1)  # the statistics of the pages prefilled outside the session
+            own = timed(args.steps)
+        kernels.update(handle.kernels)
+        return own
+
+    name = f"{args.pattern}@{args.density:g}"
+    result = summarise(interleave({"dense": dense, name: sparse}, args.rounds), "dense")
+    result["kernels"] = dict(kernels)
+    result["dense_profile"] = dense_profile(lambda: decode(args.steps))
+    return result
+
+
+def dense_profile(decode) -> dict:
+    """Where a dense decoding step's time goes, in the model: the self time of SDPA's kernel and of
+    ``torch.cat`` (``DynamicCache.update``: the whole cache and the new key, for K and V) as shares
+    of the profiled steps' wall time."""
+    import torch
+    from torch.profiler import profile
+
+    with torch.no_grad(), profile() as prof:
+        start = time.perf_counter()
+        decode()
+        wall = time.perf_counter() - start
+    own = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    return {"wall_s": wall, "sdpa_s": own.get("aten::_scaled_dot_product_flash_attention_for_cpu", 0.0),
+            "cat_s": own.get("aten::cat", 0.0)}
+
+
+def attention_part(model, length: int, args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from attnkit.seam.kernels.paged_decode import GATHERS, paged_decode_attention
+    from attnkit.seam.sites import Site
+    from attnkit.sparse import SparseConfig
+    from attnkit.sparse.attention import choose_blocks
+    from attnkit.sparse.page_stats import PageStats
+
+    c = model.config
+    H, Hk = c.num_attention_heads, c.num_key_value_heads
+    D = getattr(c, "head_dim", None) or c.hidden_size // H
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, H, 1, D, generator=g)
+    k, v = (torch.randn(1, Hk, length, D, generator=g) for _ in range(2))
+    cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size)
+    pages, site, scale = PageStats(), Site(0), D ** -0.5
+    pages.update(site, k, args.block_size, past=0)
+
+    def page_stats():  # the step's new key went to the last page
+        return pages.update(site, k, args.block_size, past=length - 1)
+
+    sel = choose_blocks(q, k, cfg, key_pages=page_stats)
+
+    def sparse_step():
+        s = choose_blocks(q, k, cfg, key_pages=page_stats)
+        return paged_decode_attention(q, k, v, s.indices, s.valid, s.geometry, scale=scale)
+
+    def kernel(gather: str):
+        return lambda: paged_decode_attention(q, k, v, sel.indices, sel.valid, sel.geometry, scale=scale, gather=gather)
+
+    def repeat(fn):
+        def run():
+            with torch.no_grad():
+                for _ in range(args.op_repeats):
+                    fn()
+        return run
+
+    new_k, new_v = torch.randn(1, Hk, 1, D, generator=g), torch.randn(1, Hk, 1, D, generator=g)
+    fns = {"dense_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=H != Hk),
+           "cache_append": lambda: (torch.cat([k, new_k], 2), torch.cat([v, new_v], 2)),  # DynamicCache.update's work
+           "sparse_step": sparse_step, **{f"kernel/{name}": kernel(name) for name in GATHERS}}
+    out = summarise(interleave({n: repeat(f) for n, f in fns.items()}, args.rounds), "dense_sdpa")
+    out["kept"] = sel.kept_blocks() / sel.candidate_blocks()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="reference-long")
+    p.add_argument("--pattern", default="quest")
+    p.add_argument("--density", type=float, default=0.25)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--lengths", default="4096,8192,16384,32768", help="cached tokens")
+    p.add_argument("--steps", type=int, default=16, help="decoded tokens per configuration and round")
+    p.add_argument("--op-repeats", type=int, default=20, help="calls of the attention op per round")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=str(ROOT / "runs" / "bench_decode.json"))
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--block", default="bench_decode", help="name of the BENCHMARKS.md block this run replaces")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load = [os.getloadavg()]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    model = build(args, max(lengths) + args.steps + 8)
+    doc = {"model": {}, "attention": {}, "layers": model.config.num_hidden_layers}
+    sparse = f"{args.pattern}@{args.density:g}"
+    for n in lengths:
+        doc["attention"][n] = attention_part(model, n, args)
+        doc["model"][n] = model_part(model, n, args)
+        m, a = doc["model"][n][sparse], doc["attention"][n]["sparse_step"]
+        print(f"{n}: model {m['wall']['speedup']:.2f}x (cpu {m['cpu']['speedup']:.2f}x), attention "
+              f"{a['wall']['speedup']:.2f}x (cpu {a['cpu']['speedup']:.2f}x)", file=sys.stderr, flush=True)
+    load.append(os.getloadavg())
+    doc["load"] = load
+    doc["args"] = vars(args)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(doc, indent=1))
+    block = render(doc, args, p, started, sparse)
+    print(block)
+    if not args.no_write:
+        write_block(ROOT / "BENCHMARKS.md", args.block, block, BLOCK_HEADING)
+
+
+def render(doc: dict, args, parser, started, sparse: str) -> str:
+    import torch
+
+    command = "python bench/bench_decode.py" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k not in ("no_write", "json") and v != parser.get_default(k))
+    start, end = markers(args.block)
+    (b1, b5, b15), (a1, a5, a15) = doc["load"][0], doc["load"][-1]
+    lines = [start, f"### Results ({started:%Y-%m-%d %H:%M}–{_dt.datetime.now(_dt.timezone.utc):%H:%M} UTC)", "",
+             f"- command: `{command}`",
+             f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU; torch {torch.__version__}, "
+             f"threads {args.threads}, Python {platform.python_version()}",
+             f"- load average (1, 5, 15 min) before {b1:.2f}, {b5:.2f}, {b15:.2f}; after {a1:.2f}, {a5:.2f}, {a15:.2f} "
+             "(ratios come from interleaved rounds, each against dense in the same round)",
+             f"- model: `{args.model}`'s architecture (positions raised to the longest cache), batch 1, fp32, "
+             f"`DynamicCache`; `{sparse}` is `sparse_attention` with block (page) size {args.block_size}; "
+             f"{args.steps} greedy tokens per configuration and round; medians of {args.rounds} rounds", "",
+             "**Model** (tokens per second of the whole decoding step; × dense = dense time / sparse time, "
+             "median of the per-round ratios)", "",
+             f"| cached tokens | dense tok/s (wall) | {sparse} tok/s (wall) | × dense (wall) | dense tok/s (CPU) "
+             f"| {sparse} tok/s (CPU) | × dense (CPU time) | rounds (wall) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for n, r in doc["model"].items():
+        d, s = r["dense"], r[sparse]
+        rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(s["wall"]["rounds"], d["wall"]["rounds"]))
+        lines.append(f"| {n} | {args.steps / d['wall']['median_s']:.1f} | {args.steps / s['wall']['median_s']:.1f} "
+                     f"| **{s['wall']['speedup']:.2f}** | {args.steps / d['cpu']['median_s']:.1f} "
+                     f"| {args.steps / s['cpu']['median_s']:.1f} | **{s['cpu']['speedup']:.2f}** | {rounds} |")
+    lines += ["", "**Attention alone** (one decoding step's attention op of one layer on the model's shapes; "
+              "sparse step = the last page's statistics + the selection + the kernel; kept = share of the pages kept)", "",
+              "| cached tokens | configuration | kept | ms (CPU time) | × dense (CPU time) | × dense (wall) |",
+              "|---:|---|---:|---:|---:|---:|"]
+    for n, r in doc["attention"].items():
+        for c, t in r.items():
+            if c == "kept":
+                continue
+            kept = {"dense_sdpa": "1", "cache_append": ""}.get(c, f"{r['kept']:.3f}")
+            lines.append(f"| {n} | {c} | {kept} | {t['cpu']['median_s'] / args.op_repeats * 1e3:.3f} "
+                         f"| {t['cpu']['speedup']:.2f} | {t['wall']['speedup']:.2f} |")
+    lines += ["", "**Where a dense step's time goes** (the dense steps of one more round under the profiler: the self "
+              "time of SDPA's kernel and of `torch.cat`, which is `DynamicCache`'s append, as shares of the steps' "
+              "wall time; the rest: projections, MLP, norms, rotary, the LM head and Python)", "",
+              "| cached tokens | attention (SDPA) | DynamicCache append | the rest |", "|---:|---:|---:|---:|"]
+    for n, r in doc["model"].items():
+        p = r["dense_profile"]
+        attn, append = p["sdpa_s"] / p["wall_s"], p["cat_s"] / p["wall_s"]
+        lines.append(f"| {n} | {attn:.0%} | {append:.0%} | {1 - attn - append:.0%} |")
+    lines += ["", "<details><summary>raw (JSON)</summary>", "", "```json",
+              json.dumps({k: doc[k] for k in ("model", "attention", "load")}), "```", "</details>", end]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Decoding with a KV cache under ``sparse_attention``: page statistics kept across steps, the step's
+page selection, and the ``paged_decode`` kernel.
+
+By category: grouped-query (Llama) and multi-head (GPT-2) models with Hugging Face's DynamicCache,
+a sliding-window model (Mistral: the model's own mask reaches the kernel), a left-padded batch.
+Density 1 equals dense decoding token for token (logits to 1e-5); below 1 the pages kept at every
+step equal a float64 selection recomputed from scratch over the whole cache; the incremental page
+statistics equal ``pooled_keys`` of the whole cache (also across a new prompt, a cropped cache and
+reordered rows) while pooling only the pages the new keys touch; the kernel equals float64 dense
+attention restricted to the kept pages, values and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnkit.seam import AttentionSession, attach
+from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys, select_blocks
+from attnkit.seam.kernels.paged_decode import GATHERS, paged_decode_attention, select_step_pages
+from attnkit.seam.sites import Site
+from attnkit.seam.taps import Tap
+from attnkit.sparse import PATTERNS, SparseConfig, make_gates, sparse_attention
+from attnkit.sparse.page_stats import PageStats
+from conftest import VOCAB, gpt2, llama, mistral
+
+MODELS = {"llama-gqa": llama, "gpt2-mha": gpt2, "mistral-window": mistral}
+BS = 4
+
+
+def _generate(model, ids, attention_mask=None, steps=10):
+    out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=steps, min_new_tokens=steps,
+                         do_sample=False, pad_token_id=2, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_density_one_decodes_as_dense(name):
+    model = MODELS[name]("sdpa")
+    ids = torch.randint(3, VOCAB, (1, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens, logits = _generate(model, ids)
+        with sparse_attention(model, SparseConfig(pattern="quest", density=1.0, block_size=BS)) as handle:
+            sparse_tokens, sparse_logits = _generate(model, ids)
+    assert torch.equal(tokens, sparse_tokens)
+    assert (logits - sparse_logits).abs().max() < 1e-5
+    assert handle.kernels["paged_decode"] == 9 * model.config.num_hidden_layers  # every step after the prefill
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_every_pattern_at_density_one_decodes_as_dense(pattern):
+    """The learned gate too: its prior term reaches the kernel's mask and, untrained, cancels."""
+    model = llama("sdpa")
+    ids = torch.randint(3, VOCAB, (1, 14), generator=torch.Generator().manual_seed(4))
+    cfg = SparseConfig(pattern=pattern, density=1.0, block_size=BS)
+    with torch.no_grad():
+        tokens, logits = _generate(model, ids, steps=5)
+        with sparse_attention(model, cfg, gates=make_gates(model, cfg)) as handle:
+            sparse_tokens, sparse_logits = _generate(model, ids, steps=5)
+    assert torch.equal(tokens, sparse_tokens)
+    assert (logits - sparse_logits).abs().max() < 1e-5
+    assert handle.kernels["paged_decode"] == 4 * model.config.num_hidden_layers
+
+
+def test_left_padded_batch_at_density_one():
+    """The padding mask reaches the kernel: its hidden keys stay hidden."""
+    model = llama("sdpa")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 19), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 2, 0
+    with torch.no_grad():
+        tokens, logits = _generate(model, ids, mask, steps=6)
+        with sparse_attention(model, SparseConfig(pattern="moba", density=1.0, block_size=BS)) as handle:
+            sparse_tokens, sparse_logits = _generate(model, ids, mask, steps=6)
+    assert torch.equal(tokens, sparse_tokens)
+    assert (logits - sparse_logits).abs().max() < 1e-5
+    assert handle.kernels["paged_decode"] > 0
+
+
+class _Calls(Tap):
+    """Each call's query and the model's own keys."""
+
+    wants_call, wants_chunks = True, False
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Site, torch.Tensor, torch.Tensor]] = []
+
+    def on_call(self, call) -> None:
+        self.calls.append((call.site, call.query.detach().clone(), call.key_heads.detach().clone()))
+
+
+def quest_reference(q: torch.Tensor, k: torch.Tensor, bs: int, density: float) -> torch.Tensor:
+    """(B, Hkv, nKb) bool: Quest's pages for one query per head at the end of k, from scratch in
+    float64: per page the element-wise max and min of its keys, the bound Σ_d max(q_d·max_d,
+    q_d·min_d) summed over a KV group's query heads, the current page always, then the highest
+    bounds up to ⌈density · pages⌉ (at least 2: a sink's and the local page's worth)."""
+    q, k = q.double(), k.double()
+    B, H, _, D = q.shape
+    Hk, K = k.shape[1], k.shape[2]
+    n = math.ceil(K / bs)
+    hi = torch.stack([k[:, :, p * bs:(p + 1) * bs].amax(2) for p in range(n)], 2)  # (B, Hkv, n, D)
+    lo = torch.stack([k[:, :, p * bs:(p + 1) * bs].amin(2) for p in range(n)], 2)
+    qg = q[:, :, 0].view(B, Hk, H // Hk, 1, D)
+    bound = torch.maximum(qg * hi[:, :, None], qg * lo[:, :, None]).sum(-1).sum(2)  # (B, Hkv, n)
+    bound[..., n - 1] = math.inf
+    budget = min(n, max(math.ceil(density * n - 1e-9), 2))
+    kept = torch.zeros(B, Hk, n, dtype=torch.bool)
+    return kept.scatter_(-1, bound.topk(budget, -1).indices, True)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2-mha"])
+def test_kept_pages_equal_quest_from_scratch_every_step(name):
+    model = MODELS[name]("sdpa")
+    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
+    calls = _Calls()
+    cfg = SparseConfig(pattern="quest", density=0.3, block_size=BS)
+    kept = []
+    with torch.no_grad(), sparse_attention(model, cfg) as handle, attach(model, AttentionSession(taps=[calls])):
+        tok, cache = ids, None
+        for _ in range(9):  # steps across page boundaries (keys 30 .. 38)
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            kept.append(dict(handle.block_masks))
+    steps = [c for c in calls.calls if c[1].shape[2] == 1]
+    assert len(steps) == 8 * model.config.num_hidden_layers
+    for i, (site, q, k) in enumerate(steps):
+        mask = kept[1 + i // model.config.num_hidden_layers][site][:, :, 0]  # (B, Hkv, nKb)
+        assert torch.equal(mask, quest_reference(q, k, BS, cfg.density)), (i, site)
+        assert mask.sum(-1).max() < mask.shape[-1]  # something was left out
+
+
+def _pooled(k, bs):
+    return pooled_keys(k, BlockGeometry(bs, k.shape[2], k.shape[2], causal=False))
+
+
+def test_incremental_page_stats_equal_stats_from_scratch():
+    g = torch.Generator().manual_seed(3)
+    B, Hk, D, bs = 2, 3, 8, 4
+    cache = torch.randn(B, Hk, 13, D, generator=g)
+    pages, site = PageStats(), Site(0)
+    pages.update(site, cache, bs, past=0)  # the prefill
+    for new in (1, 1, 1, 2, 5, 1):  # decoding steps and a chunk, across page boundaries
+        pooled_before = pages.pages_pooled
+        past = cache.shape[2]
+        cache = torch.cat([cache, torch.randn(B, Hk, new, D, generator=g)], 2)
+        got = pages.update(site, cache, bs, past=past)
+        for a, b in zip(got, _pooled(cache, bs)):
+            assert torch.equal(a, b)
+        assert torch.equal(got[1], torch.stack([p.amax(2) for p in cache.split(bs, 2)], 2))
+        # only the pages from the one holding the first new key on
+        assert pages.pages_pooled - pooled_before == math.ceil(cache.shape[2] / bs) - past // bs
+    # a cropped cache grown again with other keys, reordered rows, a new prompt: the same as from scratch
+    edited = {
+        "cropped": torch.cat([cache[:, :, :-6], torch.randn(B, Hk, 7, D, generator=g)], 2),
+        "reordered": cache.flip(0),
+        "new prompt": torch.randn(B, Hk, cache.shape[2] + 1, D, generator=g),
+    }
+    for what, k in edited.items():
+        pages.update(site, cache, bs, past=cache.shape[2] - 1)
+        got = pages.update(site, k, bs, past=k.shape[2] - 1)
+        for a, b in zip(got, _pooled(k, bs)):
+            assert torch.equal(a, b), what
+
+
+@pytest.mark.parametrize("n_pages", [1, 2, 3, 9])
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("local", [1, 2])
+def test_step_selection_equals_select_blocks(n_pages, sinks, local):
+    g = torch.Generator().manual_seed(n_pages)
+    for K in (n_pages * BS, n_pages * BS - 1):
+        if K < 1:
+            continue
+        geo = BlockGeometry(BS, 1, K, causal=True)
+        for scores in (torch.randn(2, 3, 1, geo.n_key_blocks, generator=g), torch.zeros(2, 3, 1, geo.n_key_blocks)):
+            for density in (0.1, 0.3, 0.5, 1.0):
+                want = select_blocks(scores, geo, geo.forced(1, local, sinks), density,
+                                     floor=geo.forced(1, local, True).sum(-1))
+                got = select_step_pages(scores, geo, density, 1, local, sinks)
+                assert torch.equal(got.block_mask(), want.block_mask())
+                assert torch.equal(got.indices, want.indices[..., : got.slots])
+
+
+# (B, H, Hkv, K, bs): GQA and MHA, a partial last page, a cache shorter than a page, a page-aligned cache
+KERNEL_SHAPES = [(1, 4, 2, 37, 4), (2, 3, 3, 40, 8), (1, 2, 1, 3, 4), (2, 4, 1, 32, 4)]
+
+
+def _masked_reference(q, k, v, kept_tokens, scale, bias=None):
+    """Float64 attention of q over the keys kept_tokens (B, Hkv, K) marks, bias (B, Hkv, K) added."""
+    G = q.shape[1] // k.shape[1]
+    scores = torch.matmul(q, k.repeat_interleave(G, 1).transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.repeat_interleave(G, 1)[:, :, None]
+    scores = scores.masked_fill(~kept_tokens.repeat_interleave(G, 1)[:, :, None], -math.inf)
+    return torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), v.repeat_interleave(G, 1))
+
+
+@pytest.mark.parametrize("gather", list(GATHERS))
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_equals_dense_attention_over_the_kept_pages(shape, gather):
+    B, H, Hk, K, bs = shape
+    D = 5
+    g = torch.Generator().manual_seed(K)
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Hk, K, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    geo = BlockGeometry(bs, 1, K, causal=True)
+    sel = select_step_pages(torch.randn(B, Hk, 1, geo.n_key_blocks, generator=g), geo, 0.4, 1, 1, True)
+    kept = sel.block_mask()[:, :, 0].repeat_interleave(bs, -1)[..., :K]  # (B, Hkv, K)
+    bias = torch.randn(B, Hk, 1, sel.slots, generator=g, dtype=torch.float64, requires_grad=True)
+    bias_tokens = torch.zeros(B, Hk, geo.padded_keys, dtype=torch.float64).index_put(
+        (torch.arange(B)[:, None, None, None], torch.arange(Hk)[None, :, None, None],
+         sel.indices[:, :, 0, :, None] * bs + torch.arange(bs)), bias[:, :, 0, :, None].expand(B, Hk, -1, bs))[..., :K]
+    allowed = torch.ones(B, 1, 1, K, dtype=torch.bool)
+    allowed[0, ..., : K // 3] = False  # a left-padded row
+    for extras, kept_tokens, token_bias in (
+        ({}, kept, None),
+        ({"block_bias": bias}, kept, bias_tokens),
+        ({"allowed": allowed}, kept & allowed[:, 0, 0, None], None),
+    ):
+        out = paged_decode_attention(q, k, v, sel.indices, sel.valid, geo, scale=0.4, gather=gather, **extras)
+        ref = _masked_reference(q, k, v, kept_tokens, 0.4, token_bias)
+        assert (out - ref).abs().max() < 1e-12
+        w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        inputs = [q, k, v] + ([bias] if "block_bias" in extras else [])
+        grads = torch.autograd.grad((out * w).sum(), inputs)
+        want = torch.autograd.grad((ref * w).sum(), inputs)
+        for a, b in zip(grads, want):
+            assert (a - b).abs().max() < 1e-12
