@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from attnkit.errors import UserError
 
-KERNEL_CHOICES = ("auto", "flex", "gather_sdpa", "portable")  # "auto" and ``BLOCK_KERNELS``
+KERNEL_CHOICES = ("auto", "flex", "split_sdpa", "gather_sdpa", "portable")  # "auto" and ``BLOCK_KERNELS``
 GATE_GRADS = ("prior", "straight_through")
 GATE_INITS = ("uniform", "moba")
 

@@ -169,19 +169,23 @@ class _SplitAttention(torch.autograd.Function):
             lse_own = lse_own + plan.own_bias.to(lse_own.dtype)[:, None, None]
         order = plan.order
         qs = qb.index_select(0, order)  # (N, G, bs, D) rows in bucket order
-        acc = o_own.index_select(0, order).to(lse_own.dtype)  # merged in float32 at least
-        lse = lse_own.index_select(0, order).contiguous()  # (N, G, bs)
+        # the other blocks' part of every row, bucket by bucket into slices (a row keeping only its
+        # own block: log-sum-exp -inf, weight 0), then one merge for all rows
+        o_others = qb.new_zeros(N, G * bs, Dv)
+        lse_others = lse_own.new_full((N, G * bs), float("-inf"))
         buf = kvb.new_empty(plan.widest, *kvb.shape[1:])
         for b in plan.buckets:
             m, rows = b.m, slice(b.start, b.start + b.m)
             kv = torch.index_select(kvb, 0, b.blocks, out=buf[: b.blocks.shape[0]]).view(m, 1, -1, kvb.shape[-1])
-            o, l2 = _forward(qs[rows].view(m, 1, G * bs, D), kv[..., :D], kv[..., D:], 0.0, False,
-                             attn_mask=b.mask, scale=scale)  # (m, 1, G·bs, Dv), (m, 1, G·bs)
-            l1, l2 = lse[rows], l2.reshape(m, G, bs)
-            merged = torch.logaddexp(l1, l2)
-            a = acc[rows]
-            a.mul_((l1 - merged).exp_()[..., None]).add_(o.view(m, G, bs, Dv) * (l2 - merged).exp_()[..., None])
-            l1.copy_(merged)
+            o, lse_b = _forward(qs[rows].view(m, 1, G * bs, D), kv[..., :D], kv[..., D:], 0.0, False,
+                                attn_mask=b.mask, scale=scale)  # (m, 1, G·bs, Dv), (m, 1, G·bs)
+            o_others[rows] = o.view(m, G * bs, Dv)
+            lse_others[rows] = lse_b.view(m, G * bs)
+        l1 = lse_own.index_select(0, order).view(N, G * bs)
+        lse = torch.logaddexp(l1, lse_others)  # (N, G·bs) the merged log-sum-exp
+        acc = o_own.index_select(0, order).view(N, G * bs, Dv).to(lse.dtype)  # merged in float32 at least
+        acc.mul_((l1 - lse).exp_()[..., None]).add_(o_others * (lse_others - lse).exp_()[..., None])
+        acc, lse = acc.view(N, G, bs, Dv), lse.view(N, G, bs)
         # The output lies as (B, tokens, H, Dv), as SDPA's own does: the model's transpose + reshape
         # for its output projection is then a view of it, not a second copy kept for backward.
         out = qb.new_empty(B, nQ, bs, Hk, G, Dv).permute(0, 3, 1, 4, 2, 5)  # (B, Hkv, nQb, G, bs, Dv)
@@ -200,13 +204,17 @@ class _SplitAttention(torch.autograd.Function):
         order = plan.order
         where = _where(order, Hk, nQ)
         grad_s, out_s = grad_out[where].contiguous(), out[where].contiguous()  # (N, G, bs, Dv) in bucket order
-        # a key block's gradient adds up over every row keeping it: in float32 at least
-        dkv = torch.zeros_like(kvb, dtype=torch.promote_types(kvb.dtype, torch.float32))
+        # a key block's gradient adds up over every row keeping it: in float32 at least (keys and
+        # values apart, so that no part's gradients are concatenated first)
+        acc_dtype = torch.promote_types(kvb.dtype, torch.float32)
+        dk = kvb.new_zeros(*kvb.shape[:-1], D, dtype=acc_dtype)
+        dv = kvb.new_zeros(*kvb.shape[:-1], Dv, dtype=acc_dtype)
         own = plan.own.index_select(0, order)
         k_own, v_own = _own_blocks(kvb, own, D, G)
         lse_own = lse if plan.own_bias is None else lse - plan.own_bias.index_select(0, order).to(lse.dtype)[:, None, None]
         dqs, gk, gv = _backward(grad_s, qs, k_own, v_own, out_s, lse_own, 0.0, True, scale=scale)
-        dkv.index_add_(0, own, torch.cat([gk.sum(1), gv.sum(1)], -1).to(dkv.dtype))
+        dk.index_add_(0, own, gk.sum(1).to(acc_dtype))
+        dv.index_add_(0, own, gv.sum(1).to(acc_dtype))
         del gk, gv, k_own, v_own
         buf = kvb.new_empty(plan.widest, *kvb.shape[1:])
         for b in plan.buckets:
@@ -219,10 +227,11 @@ class _SplitAttention(torch.autograd.Function):
                 out_s[rows].view(m, 1, G * bs, Dv), lse[rows].view(m, 1, G * bs), 0.0, False,
                 attn_mask=b.mask, scale=scale)
             dqs[rows] += gq.view(m, G, bs, Dq)
-            dkv.index_add_(0, b.blocks, torch.cat([gk, gv], -1).view(-1, *kvb.shape[1:]).to(dkv.dtype))
+            dk.index_add_(0, b.blocks, gk.reshape(-1, bs, D).to(acc_dtype))
+            dv.index_add_(0, b.blocks, gv.reshape(-1, bs, Dv).to(acc_dtype))
         dq = torch.empty_like(dqs)
         dq[order] = dqs
-        return dq, dkv.to(kvb.dtype), None, None, None, None
+        return dq, torch.cat([dk, dv], -1).to(kvb.dtype), None, None, None, None
 
 
 def _where(order: Tensor, Hk: int, nQ: int) -> tuple[Tensor, Tensor, Tensor]:
