@@ -54,8 +54,14 @@ def test_resume_after_a_kill_ends_with_the_same_gates(tmp_path, corpus, capsys):
 
     out = tmp_path / "eval"
     assert main(["sparse", "eval", "reference", "--block-size", "16", "--seq-lens", "64", "--densities", "0.5",
-                 "--tokens", "128", "--corpus", corpus, "--gates", str(run), "--out", str(out)]) == 0
+                 "--tokens", "128", "--corpus", corpus, "--gates", str(run), "--speed-rounds", "1",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
     doc = json.loads((out / "eval.json").read_text())
+    # one table of quality and cost: every pattern's time and memory against dense on this machine
+    assert "time ×" in printed and "memory ×" in printed
+    assert all(r["cost"]["time_ratio"] > 0 and r["cost"]["memory_ratio"] > 0 and r["cost"]["rounds"] == 1
+               and r["cost"]["tokens"] == 64 for r in doc["results"])
     assert doc["schema"] == "attnkit.sparse.eval/1" and (out / "density_curves_64.png").stat().st_size > 1000
     assert {r["pattern"] for r in doc["results"]} == {"window", "sinks_window", "moba", "quest", "learned_gate"}
     assert all(r["kl"] > 0 and 0 < r["grad_cosine_min"] <= 1 for r in doc["results"])
@@ -66,6 +72,7 @@ def test_resume_after_a_kill_ends_with_the_same_gates(tmp_path, corpus, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
+    (["eval", "reference", "--speed-rounds", "-1", "--out", "{d}/o"], "--speed-rounds"),
     (["train", "reference", "--steps", "0", "--out", "{d}/o"], "--steps must be at least 1"),
     (["train", "reference", "--steps", "2", "--density", "0", "--out", "{d}/o"], "density must be in (0, 1]"),
     (["train", "reference", "--steps", "2", "--density", "1.5", "--out", "{d}/o"], "density must be in (0, 1]"),
