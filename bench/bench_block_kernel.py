@@ -4,12 +4,13 @@ Two parts, each in one process, in interleaved rounds (every configuration once 
 of the per-round ratios to dense SDPA measured in the same round:
 
   kernel   the attention op alone on the model's shapes (query / KV heads, head dim, block size):
-           ``F.scaled_dot_product_attention(is_causal=True)`` against ``gather_sdpa`` at each
-           density over a selection made beforehand (the pattern's, on random q/k; the selection is
+           ``F.scaled_dot_product_attention(is_causal=True)`` against ``split_sdpa`` (the default
+           CPU kernel for causal calls) at each density and ``gather_sdpa`` (the previous default) at
+           the model's density, over a selection made beforehand (the pattern's, on random q/k; the selection is
            not timed), inference (forward) and training (forward + backward of a weighted sum).
   model    the model (default ``reference-long``'s architecture; the weights do not change the
            cost), batch 1, fp32: its own SDPA attention against ``sparse_attention`` with the pattern
-           at the density (the default kernel: ``gather_sdpa`` on the CPU), selection included.
+           at the density (the default kernel: ``split_sdpa`` on the CPU), selection included.
            Prefill (forward under ``no_grad``) at ``--lengths``; a training step (forward + backward
            of the LM loss, every parameter requiring grad) at ``--train-lengths``, with its peak
            memory measured in a fresh process per configuration (``bench/rss.py``).
@@ -58,11 +59,13 @@ def summarise(times: dict, base: str) -> dict:
 
 
 def kernel_part(model, length: int, args) -> dict:
-    """The attention op alone on the model's shapes: SDPA against gather_sdpa at each density."""
+    """The attention op alone on the model's shapes: SDPA against split_sdpa at each density (and
+    gather_sdpa at the model's density)."""
     import torch
     import torch.nn.functional as F
 
     from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention
+    from attnkit.seam.kernels.split_sdpa import split_sdpa_attention
     from attnkit.sparse import SparseConfig
     from attnkit.sparse.attention import choose_blocks
 
@@ -78,8 +81,10 @@ def kernel_part(model, length: int, args) -> dict:
     def attention(name: str):
         if name == "sdpa":
             return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hk)
-        sel = selections[float(name.split("@")[1])]
-        return lambda q, k, v: gather_sdpa_attention(q, k, v, sel.indices, sel.valid, sel.geometry, scale=D ** -0.5)
+        kernel, density = name.split("@")
+        sel = selections[float(density)]
+        fn = {"split_sdpa": split_sdpa_attention, "gather_sdpa": gather_sdpa_attention}[kernel]
+        return lambda q, k, v: fn(q, k, v, sel.indices, sel.valid, sel.geometry, scale=D ** -0.5)
 
     def step(fn, train: bool):
         def run():
@@ -90,8 +95,13 @@ def kernel_part(model, length: int, args) -> dict:
             (fn(qq, kk, vv) * w).sum().backward()
         return run
 
-    names = ["sdpa", *(f"gather_sdpa@{d:g}" for d in args.density_list)]
-    out = {"kept": {f"gather_sdpa@{d:g}": s.kept_blocks() / s.candidate_blocks() for d, s in selections.items()}}
+    model_density = 0.25 if args.model_density is None else args.model_density
+    if model_density not in selections:
+        selections[model_density] = choose_blocks(q, k, SparseConfig(pattern=args.pattern, density=model_density,
+                                                                     block_size=args.block_size))
+    names = ["sdpa", *(f"split_sdpa@{d:g}" for d in args.density_list), f"gather_sdpa@{model_density:g}"]
+    out = {"kept": {n: selections[float(n.split("@")[1])].kept_blocks() / selections[float(n.split("@")[1])].candidate_blocks()
+                    for n in names[1:]}}
     for mode, train in (("inference", False), ("train", True)):
         out[mode] = summarise(interleave({n: step(attention(n), train) for n in names}, args.rounds), "sdpa")
     return out
@@ -184,7 +194,7 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
              f"- load average (1, 5, 15 min) before {b1:.2f}, {b5:.2f}, {b15:.2f}; after the timed parts {a1:.2f}, "
              f"{a5:.2f}, {a15:.2f} (ratios come from interleaved rounds, each against SDPA in the same round)",
              f"- model: `{args.model}`, batch 1, fp32, block size {args.block_size}; `{sparse}` is "
-             "`sparse_attention` with its default CPU kernel (`gather_sdpa`), selection included; "
+             "`sparse_attention` with its default CPU kernel (`split_sdpa`), selection included; "
              f"medians of {args.rounds} rounds", "",
              "**Model** (prefill = forward under `no_grad`; train = forward + backward of the LM loss, every "
              "parameter requiring grad; peak = bytes above what was live before the step, fresh process)", "",

@@ -19,7 +19,12 @@ from attnkit.seam.kernels.block_kernels import BLOCK_KERNELS, BlockCall, choose_
 from attnkit.sparse import BlockGeometry, dense_reference, select_blocks
 from sparse_helpers import random_qkv as _qkv, random_selection
 
-CPU_KERNELS = ["gather_sdpa", "portable"]  # flex needs torch.compile and has no CPU backward
+CPU_KERNELS = ["split_sdpa", "gather_sdpa", "portable"]  # flex needs torch.compile and has no CPU backward
+
+
+def _takes(kernel, geo) -> bool:
+    """Whether ``kernel`` runs calls of this geometry (split_sdpa: causal, several query blocks)."""
+    return kernel != "split_sdpa" or (geo.causal and geo.n_query_blocks > 1)
 
 
 def _selection(B, Hk, Q, T, bs, density, causal, seed=0):
@@ -58,6 +63,10 @@ def test_equals_restricted_dense_forward_and_backward(kernel, density, shape, ca
     D = 5
     sel, geo = _selection(B, Hk, Q, T, bs, density, causal)
     q, k, v = _qkv(B, H, Hk, Q, T, D)
+    if not _takes(kernel, geo):  # refused with a clear error, and auto runs the call elsewhere
+        with pytest.raises(ValueError, match=f"the {kernel} block-sparse kernel cannot run"):
+            choose_block_kernel(BlockCall(q, k, v, sel, D ** -0.5), kernel)
+        return
     out = _run(kernel, q, k, v, sel, D ** -0.5)
     ref = dense_reference(q, k, v, sel.block_mask(), geo, scale=D ** -0.5)
     assert out.shape == ref.shape and out.dtype == torch.float64
@@ -75,12 +84,12 @@ def test_gradcheck(kernel):
     assert torch.autograd.gradcheck(lambda q, k, v: _run(kernel, q, k, v, sel, 0.6), (q, k, v))
 
 
-@pytest.mark.parametrize("kernel", CPU_KERNELS)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("kernel,causal", [(k, c) for k in CPU_KERNELS for c in (True, False)
+                                           if k != "split_sdpa" or c])  # split_sdpa: causal calls only
 @pytest.mark.parametrize("H,Hk", [(4, 2), (3, 3)], ids=["gqa", "mha"])
 def test_density_one_is_plain_sdpa(kernel, causal, H, Hk):
     B, T, bs, D = 2, 29, 8, 8
-    sel, _ = _selection(B, Hk, T, T, bs, 1.0, causal)
+    sel, geo = _selection(B, Hk, T, T, bs, 1.0, causal)
     q, k, v = _qkv(B, H, Hk, T, T, D, dtype=torch.float32)
     out = _run(kernel, q, k, v, sel, D ** -0.5)
     G = H // Hk
@@ -91,8 +100,8 @@ def test_density_one_is_plain_sdpa(kernel, causal, H, Hk):
         assert (a - b).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_gate_term_without_gradient(causal):
+@pytest.mark.parametrize("kernel,causal", [("split_sdpa", True), ("gather_sdpa", True), ("gather_sdpa", False)])
+def test_gate_term_without_gradient(kernel, causal):
     """A trained gate at inference: its log-probability of each kept block on that block's scores."""
     B, H, Hk, T, bs, D = 2, 4, 2, 26, 4, 3
     sel, geo = _selection(B, Hk, T, T, bs, 0.5, causal)
@@ -101,7 +110,7 @@ def test_gate_term_without_gradient(causal):
     gate = torch.randn(B, Hk, geo.n_query_blocks, geo.n_key_blocks, generator=g, dtype=torch.float64)
     log_p = torch.log_softmax(gate.masked_fill(~geo.candidates, -math.inf), -1)
     block_bias = torch.where(sel.valid, torch.gather(log_p, -1, sel.indices), 0.0)
-    out = _run("gather_sdpa", q, k, v, sel, 0.5, block_bias=block_bias)
+    out = _run(kernel, q, k, v, sel, 0.5, block_bias=block_bias)
     ref = dense_reference(q, k, v, sel.block_mask(), geo, scale=0.5, block_log_probs=log_p)
     assert torch.allclose(out, ref, atol=1e-12)
     w = torch.randn_like(out)
@@ -109,7 +118,8 @@ def test_gate_term_without_gradient(causal):
         assert torch.allclose(a, b, atol=1e-12)
 
 
-def test_training_keeps_no_gathered_blocks():
+@pytest.mark.parametrize("kernel", ["split_sdpa", "gather_sdpa"])
+def test_training_keeps_no_gathered_blocks(kernel):
     """Memory: what autograd keeps for the backward is O(T · D) per head (q, k, v, the output and a
     log-sum-exp per row), nothing of the gathered keys' O(T · kept keys)."""
     B, H, Hk, T, bs, D = 1, 4, 2, 4096, 16, 8
@@ -117,7 +127,7 @@ def test_training_keeps_no_gathered_blocks():
     q, k, v = _qkv(B, H, Hk, T, T, D, dtype=torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        out = _run("gather_sdpa", q, k, v, sel, D ** -0.5)
+        out = _run(kernel, q, k, v, sel, D ** -0.5)
     out.sum().backward()
     assert max(saved) <= B * H * T * D  # the queries (padded to blocks) or the output
     kept_keys = sel.kept_blocks() * bs * D  # what the gathered keys of one forward hold (and as much the values)
@@ -134,10 +144,15 @@ def _plain_call(**extras):
     return BlockCall(q, k, v, sel, 0.5, **extras), sel, geo
 
 
-def test_auto_takes_gather_sdpa_on_the_cpu_for_a_plain_call():
+def test_auto_takes_an_sdpa_kernel_on_the_cpu_for_a_plain_call():
+    """Causal calls of several query blocks: split_sdpa; bidirectional ones: gather_sdpa; a decoding step: paged_decode."""
     call, _, _ = _plain_call()
-    assert choose_block_kernel(call).name == "gather_sdpa"
-    assert list(BLOCK_KERNELS) == ["paged_decode", "flex", "gather_sdpa", "portable"]
+    assert choose_block_kernel(call).name == "split_sdpa"
+    assert list(BLOCK_KERNELS) == ["paged_decode", "flex", "split_sdpa", "gather_sdpa", "portable"]
+    for Q, causal, expected in ((20, False, "gather_sdpa"), (1, True, "paged_decode")):
+        sel, _ = _selection(1, 2, Q, 20, 4, 0.5, causal=causal)
+        q, k, v = _qkv(1, 4, 2, Q, 20, 3)
+        assert choose_block_kernel(BlockCall(q, k, v, sel, 0.5)).name == expected
 
 
 @pytest.mark.parametrize("extra", ["allowed", "bias", "softcap", "sinks", "dropout", "mods", "gate_gradient"])
@@ -157,8 +172,9 @@ def test_what_sdpa_cannot_express_falls_back_to_the_portable_kernel(extra):
     }[extra]
     call, _, _ = _plain_call(**value)
     assert choose_block_kernel(call).name == "portable"
-    with pytest.raises(ValueError, match="gather_sdpa block-sparse kernel cannot run"):
-        choose_block_kernel(call, "gather_sdpa")
+    for name in ("split_sdpa", "gather_sdpa"):
+        with pytest.raises(ValueError, match=f"{name} block-sparse kernel cannot run"):
+            choose_block_kernel(call, name)
 
 
 def test_a_causal_row_without_its_own_block_falls_back():
@@ -175,8 +191,8 @@ def test_a_causal_row_without_its_own_block_falls_back():
     assert torch.allclose(out, dense_reference(q, k, v, sel.block_mask(), geo, scale=0.5), atol=1e-12)
 
 
-def test_sparse_attention_runs_gather_sdpa_by_default_and_equals_portable():
-    """On a model (GQA Llama), without padding: the default CPU kernel is gather_sdpa; its logits and
+def test_sparse_attention_runs_split_sdpa_by_default_and_equals_portable():
+    """On a model (GQA Llama), without padding: the default CPU kernel is split_sdpa; its logits and
     gradients equal the portable kernel's. With a padding mask the call runs on the portable kernel."""
     import transformers
 
@@ -196,7 +212,7 @@ def test_sparse_attention_runs_gather_sdpa_by_default_and_equals_portable():
             out.loss.backward()
         results[kernel] = (out.logits.detach(), [p.grad.clone() for p in model.parameters()], dict(handle.kernels))
     layers = model.config.num_hidden_layers
-    assert results["auto"][2] == {"gather_sdpa": layers} and results["portable"][2] == {"portable": layers}
+    assert results["auto"][2] == {"split_sdpa": layers} and results["portable"][2] == {"portable": layers}
     assert (results["auto"][0] - results["portable"][0]).abs().max() < 1e-5
     for a, b in zip(results["auto"][1], results["portable"][1]):
         assert (a - b).abs().max() < 1e-5

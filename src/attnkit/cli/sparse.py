@@ -93,6 +93,9 @@ def add_parser(sub) -> None:
     e.add_argument("--split", default="test")
     e.add_argument("--sentences", type=int, default=32, help="encoders: held-out passages embedded")
     e.add_argument("--max-length", type=int, default=256, help="encoders: tokens per passage at most")
+    e.add_argument("--speed-rounds", type=int, default=3, metavar="N",
+                   help="time and peak memory of a forward of each pattern and density against dense on this machine, "
+                   "N interleaved rounds on one window per length (encoders: one batch of passages) (0: skip)")
     e.add_argument("--out", required=True, metavar="DIR", help="directory for eval.json and the figures")
     e.set_defaults(run=run_eval)
     for parser in (t, e):
@@ -226,6 +229,7 @@ def run_eval(args: argparse.Namespace) -> int:
                           (args.sentences, "--sentences"), (args.max_length, "--max-length")):
         check_positive(value, option)
     check_positive(args.grad_windows, "--grad-windows", 0)
+    check_positive(args.speed_rounds, "--speed-rounds", 0)
     densities = _floats(args.densities, "--densities")
     for d in densities:
         SparseConfig(density=d)  # (0, 1]: the config's own check
@@ -244,7 +248,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out = _check_out_dir(args.out, reuse=True)
     plan = EvalPlan(patterns=patterns, densities=densities, seq_lens=seq_lens, block_size=args.block_size,
                     tokens=args.tokens, grad_windows=args.grad_windows, corpus=args.corpus, split=args.split,
-                    gates=gates, sentences=args.sentences, max_length=args.max_length)
+                    gates=gates, sentences=args.sentences, max_length=args.max_length, speed_rounds=args.speed_rounds)
     loaded = _load(args)
     with step_progress("sparse eval") as update:
         doc = evaluate(loaded.model, loaded.tokenizer, loaded.kind, plan, update)
@@ -254,22 +258,46 @@ def run_eval(args: argparse.Namespace) -> int:
     console = Console()
     if loaded.kind == "encoder":
         for r in doc["embedding"]:
+            cost = (f"  time ×{r['cost']['time_ratio']:.2f} memory ×{r['cost']['memory_ratio']:.2f} (against dense)"
+                    if "cost" in r else "")
             console.print(f"{r['pattern']:>13} density {r['density']:<6g} embedding cosine mean "
-                          f"{r['embedding_cosine_mean']:.4f} min {r['embedding_cosine_min']:.4f}",
+                          f"{r['embedding_cosine_mean']:.4f} min {r['embedding_cosine_min']:.4f}" + cost,
                           highlight=False, markup=False, soft_wrap=True)
         console.print(f"written: {out / 'eval.json'}", highlight=False, markup=False)
         return 0
     for n in seq_lens:
         save_density_curves(doc["results"], n, str(out / f"density_curves_{n}.png"), f"{args.model}, {n} tokens")
-    base = {b["seq_len"]: b for b in doc["baselines"]}
-    for r in doc["results"]:
-        console.print(f"{r['seq_len']:>5} {r['pattern']:>13} density {r['density']:<6g} KL {r['kl']:.3e}  "
-                      f"ppl {r['perplexity']:.3f} (dense {base[r['seq_len']]['perplexity']:.3f})  "
-                      f"top-1 agree {r['top1_agreement']:.3f}  prob MSE {r['prob_mse']:.2e}"
-                      + (f"  grad cos {r['grad_cosine_min']:.3f}" if "grad_cosine_min" in r else ""),
-                      highlight=False, markup=False, soft_wrap=True)
+    if not console.is_terminal:  # a pipe or a file: wide enough for the whole table
+        console.width = max(console.width, 150)
+    console.print(_results_table(doc))
     console.print("smallest density meeting each target: " + json.dumps(doc["smallest_density"]),
                   highlight=False, markup=False, soft_wrap=True)
     console.print(f"written: {out / 'eval.json'} and {len(seq_lens)} figure(s) density_curves_N.png in {out}",
                   highlight=False, markup=False, soft_wrap=True)
     return 0
+
+
+def _results_table(doc: dict):
+    """One table of quality and cost: a row per length, pattern and density."""
+    from rich.table import Table
+
+    results = doc["results"]
+    grads = any("grad_cosine_min" in r for r in results)
+    costs = any("cost" in r for r in results)
+    table = Table(title="sparse against dense attention (quality; cost on this machine: × dense, one forward)",
+                  title_justify="left")
+    for name in ("tokens", "pattern", "density", "KL", "ppl (dense)", "top-1 agree", "prob MSE",
+                 *(["grad cos"] if grads else []), *(["time ×", "memory ×"] if costs else [])):
+        table.add_column(name, justify="left" if name == "pattern" else "right")
+    base = {b["seq_len"]: b for b in doc["baselines"]}
+    for r in results:
+        row = [str(r["seq_len"]), r["pattern"], f"{r['density']:g}", f"{r['kl']:.3e}",
+               f"{r['perplexity']:.3f} ({base[r['seq_len']]['perplexity']:.3f})", f"{r['top1_agreement']:.3f}",
+               f"{r['prob_mse']:.2e}"]
+        if grads:
+            row.append(f"{r['grad_cosine_min']:.3f}" if "grad_cosine_min" in r else "")
+        if costs:
+            c = r.get("cost")
+            row += [f"{c['time_ratio']:.2f}", f"{c['memory_ratio']:.2f}"] if c else ["", ""]
+        table.add_row(*row)
+    return table

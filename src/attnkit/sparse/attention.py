@@ -53,7 +53,8 @@ class SparseHandle:
     block_bias: {Site: (B, Hkv, nQb, nKb)} the value the gate added to each kept block's scores in
         this forward (``gate_bias`` · log p under ``gate_grad="prior"``; absent when nothing is added),
         detached: sparse probabilities = softmax over the kept keys of scores + this.
-    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_decode", "flex", "gather_sdpa", "portable").
+    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_decode", "flex", "split_sdpa",
+        "gather_sdpa", "portable").
     """
 
     def __init__(self, cfg: SparseConfig, gates: SparseGates | None) -> None:

@@ -22,6 +22,10 @@ On an encoder (MiniLM): the attention replaced with no fine-tuning, bidirectiona
 restriction: a query block may keep any key block), and the cosine between the dense and sparse
 mean-pooled sentence embeddings of held-out passages (padding included).
 
+And what it costs on this machine (``cost``, ``attnkit.sparse.cost``): the time and peak memory of a
+forward over one window (encoders: one batch of passages), against the dense model's, in interleaved rounds (``EvalPlan.speed_rounds``;
+0 skips it).
+
 ``TARGETS`` are the fidelity targets sparse attention is held to; ``smallest_densities`` finds, per pattern and
 length, the smallest density at which each holds (at it and every larger density measured).
 """
@@ -253,6 +257,32 @@ def evaluate_pattern(model: nn.Module, cfg: SparseConfig, gates: SparseGates | N
     return result
 
 
+def attach_costs(model: nn.Module, inputs: dict[str, Tensor],
+                 runs: list[tuple[dict, nn.Module, SparseConfig, SparseGates | None]], rounds: int) -> None:
+    """Add ``cost`` to each run's result: a forward of ``inputs`` (the model's keyword arguments: one
+    window, or one batch of passages) under its configuration against the dense model's, timed in
+    interleaved rounds, and its peak memory (``attnkit.sparse.cost.compare_costs``)."""
+    from attnkit.sparse.cost import compare_costs
+
+    def forward(m: nn.Module, context=None):
+        def step():
+            with torch.no_grad(), (context() if context is not None else nullcontext()):
+                m(**inputs)
+        return step
+
+    steps = {"dense": forward(model)}
+    for i, (_, student, cfg, gates) in enumerate(runs):
+        steps[str(i)] = forward(student, lambda s=student, c=cfg, g=gates: sparse_attention(s, c, gates=g))
+    costs = compare_costs(steps, "dense", rounds, inputs["input_ids"].device)
+    dense = costs["dense"]
+    for i, (r, *_rest) in enumerate(runs):
+        c = costs[str(i)]
+        r["cost"] = {"tokens": int(inputs["input_ids"].numel()), "rounds": rounds, "time_s": c["time_s"],
+                     "dense_time_s": dense["time_s"], "time_ratio": c["time_ratio"],
+                     "time_ratio_rounds": c["time_ratio_rounds"], "peak_bytes": c["peak_bytes"],
+                     "dense_peak_bytes": dense["peak_bytes"], "memory_ratio": c["memory_ratio"]}
+
+
 def smallest_densities(results: Sequence[dict], targets: dict[str, Target] = TARGETS) -> dict:
     """{seq_len: {pattern: {target: smallest density meeting it, or None}}}."""
     out: dict = {}
@@ -315,7 +345,8 @@ class EvalPlan:
     length, from the start of the corpus split); ``gates``: directories ``attnkit sparse train``
     wrote (their learned gates join as pattern ``learned_gate``, run at every density, the
     directory trained at that density preferred). Encoders: ``sentences`` passages of at most
-    ``max_length`` tokens, batched by 8 with padding."""
+    ``max_length`` tokens, batched by 8 with padding. ``speed_rounds``: interleaved timing rounds of
+    every configuration against dense (0: no time and memory columns)."""
 
     patterns: list[str]
     densities: list[float]
@@ -328,6 +359,7 @@ class EvalPlan:
     gates: list[str] = field(default_factory=list)
     sentences: int = 32
     max_length: int = 256
+    speed_rounds: int = 3
 
 
 def _learned_for(model: nn.Module, plan: EvalPlan, density: float):
@@ -376,6 +408,7 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
         base = dense_baseline(model, ids, plan.grad_windows)
         baselines.append(base.as_dict())
         done += 1
+        runs = []  # (result, model, config, gates) of this length, for the cost columns
         for pattern in patterns:
             for density in plan.densities:
                 update(done, total, f"{pattern} at {density:g}, {seq_len} tokens")
@@ -388,7 +421,11 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
                 if source is not None:
                     r["gates"] = source
                 results.append(r)
+                runs.append((r, student, cfg, gates))
                 done += 1
+        if plan.speed_rounds and runs:
+            update(done, total, f"time and memory against dense, {seq_len} tokens")
+            attach_costs(model, {"input_ids": ids[:1]}, runs, plan.speed_rounds)
         del base
     update(done, total, "done")
     doc.update(baselines=baselines, results=results, smallest_density=smallest_densities(results))
@@ -410,6 +447,7 @@ def run_embedding_eval(model: nn.Module, tokenizer, plan: EvalPlan, update) -> l
     batches = embedding_batches(tokenizer, plan, device)
     patterns = [p for p in plan.patterns if p != "learned_gate"]
     rows, total, done = [], len(patterns) * len(plan.densities), 0
+    runs = []  # (row, model, config, gates), for the cost columns
     for pattern in patterns:
         for density in plan.densities:
             update(done, total, f"{pattern} at {density:g}")
@@ -424,5 +462,9 @@ def run_embedding_eval(model: nn.Module, tokenizer, plan: EvalPlan, update) -> l
                 "embedding_cosine_min": min(p["embedding_cosine_min"] for p in parts),
                 "prob_mse": sum(p["prob_mse"] * p["sentences"] for p in parts) / n,
             })
+            runs.append((rows[-1], model, cfg, None))
             done += 1
+    if plan.speed_rounds and runs and batches:
+        update(done, total, "time and memory against dense")
+        attach_costs(model, batches[0], runs, plan.speed_rounds)
     return rows

@@ -7,9 +7,13 @@ takes the one asked for, or in ``auto`` the first that supports the call, in thi
   read from the cache (``paged_decode.py``); any device, with autograd.
 - ``flex``: compiled FlexAttention with a ``BlockMask`` from the selection (in ``auto`` on CUDA
   only; asked for, also CPU inference: PyTorch has no CPU backward for it).
+- ``split_sdpa``: causal calls of several query blocks: each query block against its own key block
+  in one causal SDPA call that reads the keys in place, the other kept blocks gathered into
+  unmasked SDPA calls (rows bucketed by how many they keep), merged by their log-sum-exp.
 - ``gather_sdpa``: SDPA's fused CPU kernel on the gathered kept blocks, rows bucketed by how many
-  blocks they keep; its cost falls with density (forward and backward). Calls without the
-  model's own mask, bias, soft-cap, sinks, dropout or other modifiers, on the CPU.
+  blocks they keep, the own block masked; bidirectional calls and a decoding step's lone query
+  block. Both SDPA kernels: cost that falls with density (forward and backward); calls without
+  the model's own mask, bias, soft-cap, sinks, dropout or other modifiers, on the CPU.
 - ``portable``: attnkit's gather kernel, any call, any device, with a backward (the reference
   the others are tested against).
 
@@ -28,8 +32,9 @@ from torch import Tensor
 from attnkit.seam.kernels.block_attention import block_sparse_attention
 from attnkit.seam.kernels.blocks import BlockSelection
 from attnkit.seam.kernels.flex_block import flex_available, flex_block_attention
-from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention, gather_sdpa_plan, sdpa_fused_cpu_available
+from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention, sdpa_fused_cpu_available
 from attnkit.seam.kernels.paged_decode import paged_decode_attention, paged_decode_supported
+from attnkit.seam.kernels.split_sdpa import split_sdpa_attention
 
 
 @dataclass(frozen=True)
@@ -106,14 +111,39 @@ def _flex_run(c: BlockCall) -> Tensor:
                                 allowed=c.allowed, bias=c.bias, softcap=c.softcap)
 
 
-def _gather_sdpa_supports(call: BlockCall, explicit: bool) -> bool:
+def _sdpa_expressible(call: BlockCall) -> bool:
+    """A plain call on the CPU whose gate term (if any) needs no gradient: what SDPA's fused kernel runs."""
     if not (call.query.device.type == "cpu" and call.plain and sdpa_fused_cpu_available()):
         return False
-    if call.block_bias is not None and call.block_bias.requires_grad and torch.is_grad_enabled():
-        return False  # the gate's gradient through the scores: the portable kernel's
-    sel = call.selection
+    # the gate's gradient through the scores: the portable kernel's
+    return not (call.block_bias is not None and call.block_bias.requires_grad and torch.is_grad_enabled())
+
+
+def _keeps_own_blocks(sel: BlockSelection) -> bool:
+    """Whether every row keeps at least one block and, when causal, its own (diagonal) block."""
+    geo = sel.geometry
+    B, Hk, nQ, S = sel.indices.shape
+    valid = sel.valid.expand(B, Hk, nQ, S)
+    if not geo.causal:
+        return bool(valid.any(-1).all())
+    own = geo.query_block_ids.to(sel.indices.device)[:, None]  # (nQb, 1)
+    return bool(((sel.indices == own) & valid).any(-1).all())
+
+
+def _split_sdpa_supports(call: BlockCall, explicit: bool) -> bool:
+    geo = call.selection.geometry
+    return geo.causal and geo.n_query_blocks > 1 and _sdpa_expressible(call) and _keeps_own_blocks(call.selection)
+
+
+def _split_sdpa_run(c: BlockCall) -> Tensor:
+    sel = c.selection
+    return split_sdpa_attention(c.query, c.key, c.value, sel.indices, sel.valid, sel.geometry, scale=c.scale,
+                                block_bias=c.block_bias)
+
+
+def _gather_sdpa_supports(call: BlockCall, explicit: bool) -> bool:
     # the selection itself: every causal row keeps its own block (the only one it masks)
-    return gather_sdpa_plan(sel.indices, sel.valid, sel.geometry, call.query.dtype) is not None
+    return _sdpa_expressible(call) and _keeps_own_blocks(call.selection)
 
 
 def _gather_sdpa_run(c: BlockCall) -> Tensor:
@@ -140,6 +170,9 @@ BLOCK_KERNELS: dict[str, BlockKernel] = {
         BlockKernel("flex", _flex_supports, _flex_run,
                     "FlexAttention has no CPU backward, no learned sinks, dropout or other modifiers, and needs the queries "
                     "aligned to blocks"),
+        BlockKernel("split_sdpa", _split_sdpa_supports, _split_sdpa_run,
+                    "not on the CPU, not causal, a single query block, or the call has the model's own mask, a bias, "
+                    "soft-cap, sinks, dropout, other modifiers or a gate gradient, or a causal row without its own block"),
         BlockKernel("gather_sdpa", _gather_sdpa_supports, _gather_sdpa_run,
                     "not on the CPU, or the call has the model's own mask, a bias, soft-cap, sinks, dropout, other "
                     "modifiers or a gate gradient, or a causal row without its own block"),
