@@ -148,7 +148,9 @@ def render_analysis(a: Analysis, console: Console, *, given_json: bool = False, 
     header = Text()
     header.append("attnkit analyze", style="bold")
     if a.sequences > 1:  # pooled over sequences: say what the statistics rest on
-        header.append(f" · {a.model} · {a.sequences} sequences, {a.rows:,} query rows (longest {a.tokens} tokens) · {dtype}")
+        ranks = f" over {a.processes} processes" if a.processes > 1 else ""  # torchrun: each its share, pooled
+        header.append(f" · {a.model} · {a.sequences} sequences{ranks}, {a.rows:,} query rows (longest {a.tokens} tokens)"
+                      f" · {dtype}")
     else:
         header.append(f" · {a.model} · {a.tokens} tokens × batch {a.batch} · {dtype}")
     if a.sample_rows:
