@@ -74,55 +74,104 @@ def test_torchrun_two_processes_report_what_one_process_reports_on_the_whole_dat
     assert_same_report(pooled, whole, processes=2)
 
 
-# ----------------------------------------------------------------------------------- edge cases
+# ------------------------------------------------------------------ every command that reads a dataset
 # Two ranks in one process group (as torchrun would start them), each calling the command line
-# several times: what each call returned and printed on stderr is written per rank.
+# several times: what each call returned and printed on stderr is written per rank, and rank 0's
+# reports are compared with one process's on the same data.
+
+DATASET_COMMANDS = {  # a command that shares a dataset among the ranks -> its arguments (the data appended)
+    "analyze": ["analyze", "reference", "--batch-size", "2", "--dataset"],
+    "check_measure": ["check", "reference", "--measure", "--seq-len", "16", "--samples", "5", "--batch-size", "2",
+                      "--dataset"],
+    "validate_ablation": ["validate", "reference", "--seq-len", "16", "--sequences", "2", "--ablation-blocks", "5",
+                          "--batch-size", "2", "--dataset"],
+}
+NOT_COMPARED = ("seconds", "processes")  # wall-clock times; how many processes pooled
+
 
 def _quiet_main(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         code = main(argv)
     return code, err.getvalue()
+
+
+def _dataset_runs(base: str, rank: int) -> dict:
+    texts, one_text, missing = f"{base}/texts.txt", f"{base}/one.txt", f"{base}/missing.txt"
+    runs = {name: _quiet_main([*args, texts, "--json", f"{base}/{name}_pooled.json"])
+            for name, args in DATASET_COMMANDS.items()}
+    # a dataset smaller than the world: rank 1's share is empty
+    runs["one_text"] = _quiet_main([*DATASET_COMMANDS["analyze"], one_text, "--json", f"{base}/one_text_pooled.json"])
+    # the same bad path on every rank
+    runs["bad_everywhere"] = _quiet_main(["analyze", "reference", "--dataset", missing])
+    # a bad path on rank 1 only: rank 0 has loaded its model and waits for the others' word
+    runs["bad_on_rank_1"] = _quiet_main(["analyze", "reference", "--dataset", missing if rank == 1 else one_text,
+                                         "--json", f"{base}/never.json"])
+    return runs
 
 
 def _worker(rank: int, rendezvous: str, base: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
-        one_text = f"{base}/one.txt"
-        missing = f"{base}/missing.txt"
-        results = {
-            # a dataset smaller than the world: rank 1's share is empty
-            "one_text": _quiet_main(["analyze", "reference", "--dataset", one_text, "--json", f"{base}/one_pooled.json"]),
-            # the same bad path on every rank
-            "bad_everywhere": _quiet_main(["analyze", "reference", "--dataset", missing]),
-            # a bad path on rank 1 only: rank 0 has loaded its model and waits for the others' word
-            "bad_on_rank_1": _quiet_main(["analyze", "reference", "--dataset", missing if rank == 1 else one_text,
-                                          "--json", f"{base}/never.json"]),
-        }
+        runs = _dataset_runs(base, rank)
         with open(f"{base}/rank{rank}.json", "w") as f:
-            json.dump(results, f)
+            json.dump(runs, f)
     finally:
         leave_group()
 
 
-def test_an_empty_rank_adds_nothing_and_an_error_on_one_rank_stops_every_rank(tmp_path):
-    (tmp_path / "one.txt").write_text(TEXTS[0] + "\n")
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ranks")
+    (base / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    (base / "one.txt").write_text(TEXTS[0] + "\n")
+    mp.spawn(_worker, args=(str(base / "rendezvous"), str(base)), nprocs=WORLD, join=True)
+    return base, [json.loads((base / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
-    assert [r["one_text"][0] for r in ranks] == [0, 0]
-    whole = _report(tmp_path, "one_whole", TEXTS[:1], main)
-    assert_same_report(json.loads((tmp_path / "one_pooled.json").read_text()), whole, processes=2)
 
-    for case in ("bad_everywhere", "bad_on_rank_1"):
-        for rank, result in enumerate(ranks):
-            code, err = result[case]
-            assert code == 2, (case, rank, err)
-            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (case, rank, err)
-    assert "missing.txt" in ranks[0]["bad_everywhere"][1]
-    assert "rank 1 stopped" in ranks[0]["bad_on_rank_1"][1] and "missing.txt" in ranks[0]["bad_on_rank_1"][1]
-    assert not (tmp_path / "never.json").exists()  # nothing written when a rank failed
+def assert_same(got, want, where: str = "report") -> None:
+    """Equal JSON, numbers up to the rounding of float32 forwards on other batch shapes."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) - set(NOT_COMPARED) == set(want) - set(NOT_COMPARED), where
+        for key in want:
+            if key not in NOT_COMPARED:
+                assert_same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-6), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+@pytest.mark.parametrize("name", [*DATASET_COMMANDS, "one_text"])
+def test_two_ranks_report_once_what_one_process_reports(two_ranks, tmp_path, name):
+    base, ranks = two_ranks
+    assert [r[name][0] for r in ranks] == [0, 0], [r[name][1] for r in ranks]
+    args = DATASET_COMMANDS["analyze" if name == "one_text" else name]
+    data = base / ("one.txt" if name == "one_text" else "texts.txt")
+    assert main([*args, str(data), "--json", str(tmp_path / "whole.json")]) == 0
+    pooled = json.loads((base / f"{name}_pooled.json").read_text())
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert_same(pooled, whole, name)
+    if name in ("analyze", "one_text"):
+        assert pooled["processes"] == 2 and "processes" not in whole
+        assert pooled["sequences"] == whole["sequences"] == (1 if name == "one_text" else len(TEXTS))
+
+
+@pytest.mark.parametrize("case", ["bad_everywhere", "bad_on_rank_1"])
+def test_an_error_on_any_rank_stops_every_rank_with_one_line(two_ranks, case):
+    base, ranks = two_ranks
+    for rank, (code, err) in enumerate(r[case] for r in ranks):
+        assert code == 2, (case, rank, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (case, rank, err)
+        assert "missing.txt" in err, (case, rank, err)
+    if case == "bad_on_rank_1":
+        assert "rank 1 stopped" in ranks[0][case][1]
+        assert not (base / "never.json").exists()  # nothing written when a rank failed
 
 
 # ----------------------------------------------------------------------------------- in one process
