@@ -110,11 +110,29 @@ def _dataset_runs(base: str, rank: int) -> dict:
     return runs
 
 
+def _gated_analysis(env: DistEnv) -> dict:
+    """``Analyzer`` in a loop of one's own on a model with attnkit gates: this rank's share of three
+    forwards, then ``all_reduce`` (one process: all three)."""
+    from attnkit.analyze import Analyzer
+    from attnkit.gate.gating import add_gates
+    from conftest import _ids, gpt2
+
+    model = gpt2()
+    add_gates(model, "headwise", init_bias=0.5)
+    with Analyzer(model) as a:
+        for ids in rank_share(list(_ids(3, 12, seed=3)), env):
+            model(input_ids=ids[None])
+    if env.distributed:
+        a.all_reduce()
+    return a.result().to_json()
+
+
 def _worker(rank: int, rendezvous: str, base: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         runs = _dataset_runs(base, rank)
+        runs["gated_api"] = _gated_analysis(DistEnv(rank, WORLD))
         with open(f"{base}/rank{rank}.json", "w") as f:
             json.dump(runs, f)
     finally:
@@ -160,6 +178,15 @@ def test_two_ranks_report_once_what_one_process_reports(two_ranks, tmp_path, nam
     if name in ("analyze", "one_text"):
         assert pooled["processes"] == 2 and "processes" not in whole
         assert pooled["sequences"] == whole["sequences"] == (1 if name == "one_text" else len(TEXTS))
+
+
+def test_analyzer_all_reduce_pools_a_loop_of_ones_own_gates_included(two_ranks):
+    _, ranks = two_ranks
+    whole = _gated_analysis(DistEnv())
+    assert whole["gates"] and whole["sequences"] == 3
+    for rank in ranks:  # every rank holds the pooled analysis
+        assert_same(rank["gated_api"], whole, "gated_api")
+        assert rank["gated_api"]["processes"] == 2
 
 
 @pytest.mark.parametrize("case", ["bad_everywhere", "bad_on_rank_1"])
