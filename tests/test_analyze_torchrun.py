@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from attnkit.cli.main import main
 from attnkit.common.distributed import DistEnv, agree, rank_share
 from attnkit.common.training.distributed import leave_group
+from attnkit.errors import UserError
 from torchrun_helpers import needs_torchrun, torchrun_attnkit
 
 WORLD = 2
@@ -242,7 +243,8 @@ def test_device_under_torchrun_is_this_processs_own_gpu(monkeypatch, spec):
     monkeypatch.setenv("LOCAL_RANK", "2")
     assert resolve_device(spec) == torch.device("cuda", 2)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
-    monkeypatch.setenv("LOCAL_RANK", "5")  # more processes than GPUs on the machine: wrap round
-    assert resolve_device(spec) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "5")  # more processes than GPUs on the machine: NCCL would refuse two on one GPU
+    with pytest.raises(UserError, match="--nproc-per-node 4 or fewer"):
+        resolve_device(spec)
     monkeypatch.delenv("WORLD_SIZE")
     assert resolve_device(spec) == torch.device("cuda")

@@ -24,7 +24,7 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     """"auto" is cuda if there is one, else mps if there is one, else cpu; anything absent is a UserError.
 
     Under ``torchrun`` "auto" and "cuda" (without an index) mean this process's own GPU,
-    cuda:LOCAL_RANK (one GPU a process, as torchrun starts one process a GPU)."""
+    cuda:LOCAL_RANK (one GPU a process, as torchrun is meant to start them)."""
     if isinstance(spec, torch.device):
         spec = str(spec)
     match = _DEVICE_SPEC.match(spec.strip().lower())
@@ -49,11 +49,19 @@ def resolve_device(spec: str | torch.device) -> torch.device:
 
 
 def _this_process_gpu() -> torch.device:
-    """cuda:LOCAL_RANK under torchrun (wrapping round when there are fewer GPUs than processes), else cuda."""
+    """cuda:LOCAL_RANK under torchrun, else cuda. NCCL refuses two processes on one GPU, so more
+    processes on a machine than it has GPUs is a UserError."""
     from attnkit.common.distributed import local_rank
 
     rank = local_rank()
-    return torch.device("cuda") if rank is None else torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+    if rank is None:
+        return torch.device("cuda")
+    count = torch.cuda.device_count()
+    if rank >= count:
+        raise UserError(f"torchrun started process {rank} on a machine with {count} CUDA device"
+                        f"{'s' if count != 1 else ''}: one process a GPU (--nproc-per-node {count} or fewer), "
+                        "or --device cpu")
+    return torch.device("cuda", rank)
 
 
 def _mps_available() -> bool:
