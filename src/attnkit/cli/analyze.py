@@ -16,7 +16,10 @@ def add_parser(sub) -> None:
                        description="Run a model on text and report, per layer and head, entropy, concentration, "
                        "sinks, spikes and overflow margins from the real pre-softmax logits, with diagnoses.",
                        epilog="examples:\n  attnkit analyze reference --json report.json --plot heads.png\n"
-                       "  attnkit analyze ./my-model --text-file notes.txt --layers 0-3")
+                       "  attnkit analyze ./my-model --text-file notes.txt --layers 0-3\n"
+                       "  torchrun --standalone --nproc-per-node 2 --no-python attnkit analyze ./my-model --dataset "
+                       "texts.jsonl --device auto\n"
+                       "      (each process analyses its share of the texts; rank 0 writes the one report)")
     add_model_argument(p)
     p.add_argument("--text", help="text to analyse (default: a built-in English passage)")
     p.add_argument("--text-file", metavar="FILE", help="file with the text to analyse")
