@@ -22,9 +22,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_attnkit(args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node NPROC attnkit ARGS``: the processes' stdout and stderr, and torchrun's exit code."""
+def torchrun(target: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node NPROC TARGET``: the processes' stdout and stderr, and torchrun's exit code."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "attnkit.cli.main", *args]
+           str(free_port()), *target]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def torchrun_attnkit(args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node NPROC attnkit ARGS``."""
+    return torchrun(["-m", "attnkit.cli.main", *args], nproc, timeout)
+
+
+def torchrun_python(script: str, args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node NPROC SCRIPT ARGS``: a Python file run as each rank's main."""
+    return torchrun([script, *args], nproc, timeout)
