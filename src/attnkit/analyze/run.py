@@ -207,9 +207,13 @@ class Analyzer:
 
         Every rank must call it, after its own forwards. Sums and counts add up, extremes take the
         max or min, and each rank's per-sequence sums join the interval over sequences
-        (``entropy_ci95``); a rank that ran no forward (an empty share) adds nothing.
+        (``entropy_ci95``); a rank that ran no forward (an empty share) adds nothing. Without a
+        process group (one process) it does nothing, so one script serves both.
         """
         import torch.distributed as dist
+
+        if group is None and not (dist.is_available() and dist.is_initialized()):
+            return
 
         self.collector.all_reduce(group)
         if self._gate_stats is not None:
