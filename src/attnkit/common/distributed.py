@@ -172,12 +172,3 @@ def sum_over_ranks(values: Sequence[float], env: DistEnv) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def max_over_ranks(values: Sequence[float], env: DistEnv) -> list[float]:
-    """Each value's largest over the ranks."""
-    if not env.distributed or not values:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()

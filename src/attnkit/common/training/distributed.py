@@ -8,11 +8,9 @@ unless the caller already did. Gradients are averaged by torch's own
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from attnkit.common.distributed import DistEnv, barrier, init_from_env, leave_group
+from attnkit.common.distributed import DistEnv, barrier, init_from_env, leave_group, sum_over_ranks
 
 __all__ = ["DistEnv", "barrier", "init_from_env", "leave_group", "mean_over_ranks", "shard", "wrap"]
 
@@ -50,6 +48,4 @@ def mean_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     if not env.distributed or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
+    return {k: total / env.world_size for k, total in zip(keys, sum_over_ranks([values[k] for k in keys], env))}
