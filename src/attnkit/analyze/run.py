@@ -214,12 +214,13 @@ class Analyzer:
 
         if group is None and not (dist.is_available() and dist.is_initialized()):
             return
-
         self.collector.all_reduce(group)
         if self._gate_stats is not None:
             self._gate_stats.all_reduce(group)
-        counts = torch.tensor([self.sequences, self.rows, self.truncated], dtype=torch.float64)
-        extremes = torch.tensor([self.longest, self.batch], dtype=torch.float64)
+        # on the statistics' device: a group of one's own may be NCCL alone, which reduces CUDA tensors only
+        device = next((acc.rows.device for acc in self.collector.layers.values()), torch.device("cpu"))
+        counts = torch.tensor([self.sequences, self.rows, self.truncated], dtype=torch.float64, device=device)
+        extremes = torch.tensor([self.longest, self.batch], dtype=torch.float64, device=device)
         dist.all_reduce(counts, group=group)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
         self.sequences, self.rows, self.truncated = (int(v) for v in counts.tolist())
