@@ -71,6 +71,32 @@ def _gated_analysis(env: DistEnv) -> dict:
     return a.result().to_json()
 
 
+class _PoisonedTokenizer:
+    """The reference tokenizer, failing (as a bad input would) on a text holding "poison"."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.pad_token_id = tokenizer, tokenizer.pad_token_id
+
+    def __call__(self, texts, **kw):
+        if any("poison" in t for t in texts):
+            raise UserError("a text this tokenizer cannot read")
+        return self.tokenizer(texts, **kw)
+
+
+def _fails_while_working(env: DistEnv) -> tuple[str, str]:
+    """``analyze_texts`` where only rank 1's share (texts 1, 3, ...) holds a text that fails: what each rank raised."""
+    from attnkit.analyze.dataset import analyze_texts
+    from attnkit.common.loading.registry import load_model
+
+    loaded = load_model("reference")
+    texts = [TEXTS[0], "poison", *TEXTS[2:]]
+    try:
+        analyze_texts(loaded.model, _PoisonedTokenizer(loaded.tokenizer), texts, batch_size=2, env=env)
+    except UserError as e:
+        return type(e).__name__, str(e)
+    return "nothing", ""
+
+
 def _rank_main(base: str) -> None:
     torch.set_num_threads(1)
     env = init_from_env()  # torchrun's group, from RANK / WORLD_SIZE / MASTER_ADDR
@@ -86,6 +112,7 @@ def _rank_main(base: str) -> None:
         runs["bad_on_rank_1"] = _quiet_main(["analyze", "reference", "--dataset", missing if env.rank == 1 else one_text,
                                              "--json", f"{base}/never.json"])
         runs["gated_api"] = _gated_analysis(env)
+        runs["fails_while_working"] = _fails_while_working(env)
         with open(f"{base}/rank{env.rank}.json", "w") as f:
             json.dump(runs, f)
     finally:
@@ -150,6 +177,13 @@ def test_analyzer_all_reduce_pools_a_loop_of_ones_own_gates_included(ranks):
     for rank in by_rank:  # every rank holds the pooled analysis
         assert_same(rank["gated_api"], whole, "gated_api")
         assert rank["gated_api"]["processes"] == 2
+
+
+@needs_torchrun
+def test_a_failure_in_one_ranks_share_stops_every_rank(ranks):
+    _, by_rank = ranks
+    assert by_rank[1]["fails_while_working"] == ["UserError", "a text this tokenizer cannot read"]
+    assert by_rank[0]["fails_while_working"] == ["RankFailed", "rank 1 stopped: a text this tokenizer cannot read"]
 
 
 @needs_torchrun
