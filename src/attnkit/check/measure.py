@@ -48,6 +48,7 @@ class Measurement:
     comparisons: list[Comparison] = field(default_factory=list)
     factor: float = AGREEMENT_FACTOR
     blocks: int = 1  # blocks of ``tokens`` tokens measured; the figures are their extremes
+    processes: int = 1  # torch.distributed ranks that shared the blocks (torchrun)
 
     @property
     def agrees(self) -> bool:
@@ -55,6 +56,7 @@ class Measurement:
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "blocks": self.blocks, "text": self.text, "agreement_factor": self.factor, "agrees": self.agrees,
+                **({"processes": self.processes} if self.processes > 1 else {}),  # only for a run over several ranks
                 "comparisons": [c.to_dict() for c in self.comparisons], "heads": self.heads}
 
 
@@ -138,4 +140,5 @@ def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: fl
         px, mx = max(predicted_ranges), max(ranges)
         comparisons.append(Comparison("largest head row range", px, mx, _agrees(px, mx, factor)))
     where = f"KJV {MEASURE_TEXT_SPLIT} split" if texts is None else str(source)
-    return Measurement(int(ids.shape[1]), where, rows, comparisons, factor, blocks=int(ids.shape[0]))
+    return Measurement(int(ids.shape[1]), where, rows, comparisons, factor, blocks=int(ids.shape[0]),
+                       processes=env.world_size)

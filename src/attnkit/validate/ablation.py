@@ -126,7 +126,8 @@ def ablation(ctx: Context) -> Section:
     res = _run(ctx)
     blocks = ctx.ablation_ids
     plural = "s" if blocks.shape[0] != 1 else ""
-    sec.notes.append(f"Held-out text: {ctx.data_source} — {blocks.shape[0]} block{plural} of {blocks.shape[1]} tokens")
+    shared = f", shared among {ctx.env.world_size} processes" if ctx.env.distributed else ""  # torchrun
+    sec.notes.append(f"Held-out text: {ctx.data_source} — {blocks.shape[0]} block{plural} of {blocks.shape[1]} tokens{shared}")
     if ctx.causal_lm:
         base = res["learned"]["loss"]
         for variant, r in res.items():
@@ -171,5 +172,6 @@ def ablation(ctx: Context) -> Section:
             sec.add(f"vs_{variant}", INFO, f"With {variant.replace('_', '-')} attention: token cos {r['token_cosine']:.4f}, "
                     f"pooled cos {r['pooled_cosine']:.4f}", output_change=r["output_change"])
     sec.figures.update(variants=res, attention_matters=matters, metric="loss" if ctx.causal_lm else "cosine",
-                       blocks=int(blocks.shape[0]), block_tokens=int(blocks.shape[1]), data=ctx.data_source)
+                       blocks=int(blocks.shape[0]), block_tokens=int(blocks.shape[1]), data=ctx.data_source,
+                       **({"processes": ctx.env.world_size} if ctx.env.distributed else {}))
     return sec
