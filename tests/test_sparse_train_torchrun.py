@@ -5,41 +5,26 @@ batch (up to float rounding), and only rank 0 writes and prints."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from attnkit.cli.main import main
+from torchrun_helpers import needs_torchrun, torchrun_attnkit
 
 TEXT = "And God said, Let there be light: and there was light. And God saw the light, that it was good. " * 60
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 ARGS = ["sparse", "train", "reference", "--density", "0.5", "--block-size", "16", "--seq-len", "48", "--batch-size", "4",
         "--steps", "3", "--checkpoint-every", "0", "--map-loss", "0.5", "--lr", "0.02", "--no-progress"]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun is not installed")
+@needs_torchrun
 def test_torchrun_two_ranks_train_the_gates_one_process_trains(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "train.txt").write_text(TEXT)
     corpus = str(tmp_path / "corpus")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           "-m", "attnkit.cli.main", *ARGS, "--corpus", corpus, "--out", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = torchrun_attnkit([*ARGS, "--corpus", corpus, "--out", str(tmp_path / "ddp")])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("distilled learned_gate") == 1  # rank 0 only
     assert main([*ARGS, "--corpus", corpus, "--out", str(tmp_path / "one")]) == 0

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from attnkit.analyze.run import Analysis, Analyzer
+from attnkit.common.distributed import DistEnv, agree, rank_share
 from attnkit.errors import UserError
 
 
@@ -58,26 +59,41 @@ def analyze_texts(
     heads: list[int] | None = None,
     sample_rows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    env: DistEnv | None = None,
 ) -> Analysis:
     """Per-head statistics and diagnoses pooled over ``texts``, ``batch_size`` sequences a forward.
 
     Each text is one sequence, cut to ``seq_len`` tokens (None: not cut); texts of similar length
     share a batch (sorted by length) so little is padding. ``progress(done, total)`` is called after
-    each batch with the sequences done so far.
+    each batch with this process's sequences done so far.
+
+    ``env``: under ``torchrun`` (``attnkit.common.distributed.command_group``) each rank analyses
+    its share of ``texts`` and the ranks' statistics are pooled, so every rank returns the analysis
+    one process would give on all of ``texts``; an error on any rank stops every rank.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    encoded, cut = tokenize_texts(tokenizer, texts, seq_len)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # any id: padding is masked
-    device = next(model.parameters()).device
-    done = 0
-    with Analyzer(model, name=name, layers=layers, heads=heads, sample_rows=sample_rows) as a:
-        for start in range(0, len(order), batch_size):
-            chunk = [encoded[i] for i in order[start : start + batch_size]]
-            a.run(pad_batch(chunk, pad_id, device))
-            done += len(chunk)
-            if progress is not None:
-                progress(done, len(order))
-    a.truncated, a.seq_len = cut, seq_len
+    env = env or DistEnv()
+    share = rank_share(texts, env)
+
+    def analyse_share() -> Analyzer:
+        encoded, cut = tokenize_texts(tokenizer, share, seq_len) if share else ([], 0)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # any id: padding is masked
+        device = next(model.parameters()).device
+        done = 0
+        # entered even with an empty share: every rank then holds the same parts to pool
+        with Analyzer(model, name=name, layers=layers, heads=heads, sample_rows=sample_rows) as a:
+            for start in range(0, len(order), batch_size):
+                chunk = [encoded[i] for i in order[start : start + batch_size]]
+                a.run(pad_batch(chunk, pad_id, device))
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, len(order))
+        a.truncated, a.seq_len = cut, seq_len
+        return a
+
+    a = agree(env, analyse_share)
+    if env.distributed:
+        a.all_reduce()
     return a.result()

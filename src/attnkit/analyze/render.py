@@ -147,8 +147,10 @@ def render_analysis(a: Analysis, console: Console, *, given_json: bool = False, 
     dtype = str(a.dtype).replace("torch.", "")
     header = Text()
     header.append("attnkit analyze", style="bold")
-    if a.sequences > 1:  # pooled over sequences: say what the statistics rest on
-        header.append(f" · {a.model} · {a.sequences} sequences, {a.rows:,} query rows (longest {a.tokens} tokens) · {dtype}")
+    if a.sequences > 1 or a.processes > 1:  # pooled over sequences (or processes): say what the statistics rest on
+        ranks = f" over {a.processes} processes" if a.processes > 1 else ""  # torchrun: each its share, pooled
+        header.append(f" · {a.model} · {_plural(a.sequences, 'sequence')}{ranks}, {a.rows:,} query rows "
+                      f"(longest {a.tokens} tokens) · {dtype}")
     else:
         header.append(f" · {a.model} · {a.tokens} tokens × batch {a.batch} · {dtype}")
     if a.sample_rows:

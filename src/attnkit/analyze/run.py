@@ -39,6 +39,7 @@ class Analysis:
     rows: int = 0  # their real (non-padding) tokens: the query rows of each observed call
     truncated: int = 0  # sequences cut to the longest length allowed (``seq_len``)
     seq_len: int | None = None  # the length longer texts were cut to, when they were
+    processes: int = 1  # torch.distributed ranks whose sequences the statistics pool (``Analyzer.all_reduce``)
 
     @property
     def layers(self) -> list[int]:
@@ -61,6 +62,7 @@ class Analysis:
             "mitigations": [m.detail for m in self.mitigations],
             "heads": [_finite(h) for h in self.heads],
             "issues": [i.to_dict(ISSUE_KEYS) for i in self.issues],
+            **({"processes": self.processes} if self.processes > 1 else {}),  # only for a run over several ranks
             **({"gates": [_finite(g) for g in self.gates]} if self.gates else {}),  # only for a gated model
         }
 
@@ -80,7 +82,8 @@ class Analysis:
         import base64
 
         e = html.escape
-        rests_on = f"{self.sequences} sequence{'s' if self.sequences != 1 else ''}, {self.rows} query rows"
+        ranks = f" over {self.processes} processes" if self.processes > 1 else ""
+        rests_on = f"{self.sequences} sequence{'s' if self.sequences != 1 else ''}{ranks}, {self.rows} query rows"
         parts = [f"<b>attnkit analyze</b> · {e(self.model)} · {e(str(self.dtype).replace('torch.', ''))} · "
                  f"statistics over {rests_on}"]
         if self.token_text:
@@ -148,6 +151,7 @@ class Analyzer:
         self.longest = 0
         self.batch = 0
         self.truncated = 0  # counted by whoever cuts the texts (``analyze_texts``)
+        self.processes = 1  # processes whose forwards the statistics pool (``all_reduce``)
         self.seq_len: int | None = None
         self.token_text: list[str] = []
         self._stack: ExitStack | None = None
@@ -197,6 +201,32 @@ class Analyzer:
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         return forward_no_grad(self.model, **inputs)
 
+    def all_reduce(self, group=None) -> None:
+        """Pool every rank's statistics (torch.distributed, e.g. under ``torchrun``): afterwards each
+        rank's ``result()`` rests on every rank's sequences, as if one process had run them all.
+
+        Every rank must call it, after its own forwards. Sums and counts add up, extremes take the
+        max or min, and each rank's per-sequence sums join the interval over sequences
+        (``entropy_ci95``); a rank that ran no forward (an empty share) adds nothing. Without a
+        process group (one process) it does nothing, so one script serves both.
+        """
+        import torch.distributed as dist
+
+        if group is None and not (dist.is_available() and dist.is_initialized()):
+            return
+        self.collector.all_reduce(group)
+        if self._gate_stats is not None:
+            self._gate_stats.all_reduce(group)
+        # on the statistics' device: a group of one's own may be NCCL alone, which reduces CUDA tensors only
+        device = next((acc.rows.device for acc in self.collector.layers.values()), torch.device("cpu"))
+        counts = torch.tensor([self.sequences, self.rows, self.truncated], dtype=torch.float64, device=device)
+        extremes = torch.tensor([self.longest, self.batch], dtype=torch.float64, device=device)
+        dist.all_reduce(counts, group=group)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+        self.sequences, self.rows, self.truncated = (int(v) for v in counts.tolist())
+        self.longest, self.batch = (int(v) for v in extremes.tolist())
+        self.processes = dist.get_world_size(group)
+
     def result(self) -> Analysis:
         """The statistics and diagnoses of every forward observed so far (inside the block or after it)."""
         collector = self.collector
@@ -229,6 +259,7 @@ class Analyzer:
             rows=self.rows,
             truncated=self.truncated,
             seq_len=self.seq_len,
+            processes=self.processes,
         )
 
 

@@ -17,6 +17,7 @@ import torch
 from attnkit.check.estimate import LogitEstimate
 from attnkit.common.data import load_corpus
 from attnkit.common.data.blocks import encode_documents, split_blocks
+from attnkit.common.distributed import DistEnv, agree, rank_share
 from attnkit.common.findings import threshold
 from attnkit.seam import AttentionSession, StatsCollector, attach, eval_mode, forward_no_grad
 
@@ -47,6 +48,7 @@ class Measurement:
     comparisons: list[Comparison] = field(default_factory=list)
     factor: float = AGREEMENT_FACTOR
     blocks: int = 1  # blocks of ``tokens`` tokens measured; the figures are their extremes
+    processes: int = 1  # torch.distributed ranks that shared the blocks (torchrun)
 
     @property
     def agrees(self) -> bool:
@@ -54,6 +56,7 @@ class Measurement:
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "blocks": self.blocks, "text": self.text, "agreement_factor": self.factor, "agrees": self.agrees,
+                **({"processes": self.processes} if self.processes > 1 else {}),  # only for a run over several ranks
                 "comparisons": [c.to_dict() for c in self.comparisons], "heads": self.heads}
 
 
@@ -88,23 +91,32 @@ def dataset_blocks(tokenizer, texts: list[str], seq_len: int, samples: int) -> t
 
 def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: float = AGREEMENT_FACTOR, *,
             texts: list[str] | None = None, source: str | None = None, samples: int = 8,
-            batch_size: int = 8) -> Measurement:
+            batch_size: int = 8, env: DistEnv | None = None) -> Measurement:
     """Forwards of ``model`` through the seam on ``seq_len``-token blocks; compare with ``estimate_``
     (which must have been made from this model's weights, at this length). Without ``texts`` one
     block of the KJV test split; with them (``source`` names them) up to ``samples`` blocks of
-    their tokens, ``batch_size`` a forward: the measured figures are the extremes over every block."""
+    their tokens, ``batch_size`` a forward: the measured figures are the extremes over every block.
+    ``env``: under ``torchrun`` each rank runs its share of the blocks and the statistics are pooled."""
+    env = env or DistEnv()
     ids = sample_ids(tokenizer, seq_len) if texts is None else dataset_blocks(tokenizer, texts, seq_len, samples)
     collector = StatsCollector()
     session = AttentionSession(taps=[collector])
     bert = "bert" in type(model).__name__.lower() or getattr(getattr(model, "config", None), "model_type", "") == "bert"
     device = next((q.device for q in model.parameters()), torch.device("cpu"))  # the blocks follow the model
-    with eval_mode(model), attach(model, session):
-        for batch in ids.split(batch_size):
-            batch = batch.to(device)
-            inputs = {"input_ids": batch}
-            if bert:
-                inputs["attention_mask"] = torch.ones_like(batch)
-            forward_no_grad(model, **inputs)
+
+    def run_share() -> None:
+        with eval_mode(model), attach(model, session):
+            share = rank_share(ids, env)
+            for batch in share.split(batch_size) if len(share) else ():  # a rank past the last block: none
+                batch = batch.to(device)
+                inputs = {"input_ids": batch}
+                if bert:
+                    inputs["attention_mask"] = torch.ones_like(batch)
+                forward_no_grad(model, **inputs)
+
+    agree(env, run_share)
+    if env.distributed:
+        collector.all_reduce()
     measured = collector.heads()
     predicted = {(h["layer"], h["head"]): h for h in estimate_.per_head}
     rows = []
@@ -128,4 +140,5 @@ def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: fl
         px, mx = max(predicted_ranges), max(ranges)
         comparisons.append(Comparison("largest head row range", px, mx, _agrees(px, mx, factor)))
     where = f"KJV {MEASURE_TEXT_SPLIT} split" if texts is None else str(source)
-    return Measurement(int(ids.shape[1]), where, rows, comparisons, factor, blocks=int(ids.shape[0]))
+    return Measurement(int(ids.shape[1]), where, rows, comparisons, factor, blocks=int(ids.shape[0]),
+                       processes=env.world_size)

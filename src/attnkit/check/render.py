@@ -83,6 +83,7 @@ def render_check(report: CheckReport, console: Console) -> None:
     if report.measured:
         m = report.measured
         on = f"one forward on {m.tokens} tokens" if m.blocks == 1 else f"{m.blocks} blocks of {m.tokens} tokens"
+        on += f" over {m.processes} processes" if m.processes > 1 else ""  # torchrun: each its share, pooled
         t = Table(title=f"measured: {on} of {m.text} (agreement within {m.factor:g}x)",
                   title_justify="left", show_edge=False, pad_edge=False)
         for col in ("figure", "predicted", "measured", "ratio", ""):

@@ -17,6 +17,7 @@ from attnkit.check.recommend import Recommendation, max_safe_growth, recommend
 from attnkit.check.regions import RegionSweep, sweep
 from attnkit.check.safety import Verdict, judge, worst
 from attnkit.check.shape import AttentionShape, read_shape
+from attnkit.common.distributed import DistEnv, agree
 from attnkit.common.loading.hub import hub_offline_reason
 from attnkit.common.loading.registry import BUILTIN_MODELS, load_model, resolve_model_path
 from attnkit.errors import UserError
@@ -219,6 +220,7 @@ def check(
     measure_samples: int = 8,
     measure_batch_size: int = 8,
     measure_device: str = "cpu",
+    env: DistEnv | None = None,
 ) -> CheckReport:
     """Predict whether attention stays numerically safe in ``dtype`` at ``seq_len`` tokens.
 
@@ -232,7 +234,10 @@ def check(
     ``measure_texts`` (named ``measure_source``) replace the KJV text: up to ``measure_samples``
     blocks of their tokens, ``measure_batch_size`` a forward, the figures their extremes.
     ``measure_device`` ("auto", "cpu", "cuda[:N]", "mps") is where the measured forward runs.
+    ``env``: under ``torchrun`` (``attnkit.common.distributed.command_group``) each rank measures its
+    share of the blocks and the figures are pooled over the ranks; every rank returns the same report.
     """
+    env = env or DistEnv()
     fmt = format_named(dtype).name
     for value, what in ((temperature, "temperature"), (weight_growth, "weight growth")):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
@@ -268,7 +273,8 @@ def check(
         notes.append("verdicts from the config alone, for a fresh initialisation of this architecture; "
                      "this model's trained weights were not read")
     if want_weights:
-        model, tokenizer = _load(source, measure_pass, measure_device if measure_pass else "cpu")
+        # agreed: a rank that cannot load the model stops every rank (the others would wait in the pooling)
+        model, tokenizer = agree(env, lambda: _load(source, measure_pass, measure_device if measure_pass else "cpu"))
         found = moments_from_weights(model)
         if found:
             moments = [mo for heads in found.values() for mo in heads]
@@ -292,7 +298,7 @@ def check(
             if weight_growth != 1.0:
                 notes.append("the measured pass runs the weights as they are (growth 1); the prediction beside it too")
             report.measured = measure(model, tokenizer, at_length, length, texts=measure_texts, source=measure_source,
-                                      samples=measure_samples, batch_size=measure_batch_size)
+                                      samples=measure_samples, batch_size=measure_batch_size, env=env)
             report.measured_verdicts = measured_verdicts(report.measured, at_length, upcast)
             _note_disagreement(report)
     if regions:

@@ -51,8 +51,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.check import check
-    from attnkit.check.render import render_check, save_regions_png
     from attnkit.errors import UserError
 
     if args.from_config and args.measure:
@@ -70,23 +68,42 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--device is for --measure: the estimate itself runs no model")
     check_positive(args.samples, "--samples")
     check_positive(args.batch_size, "--batch-size")
-    check_outputs(json=args.json, plot=args.plot)
-    texts = None
-    if args.dataset is not None:
-        from attnkit.common.data.texts import load_texts
-        from attnkit.common.progress import stderr_status as status
+    from attnkit.common.distributed import command_group, launched_world_size
+    from attnkit.common.loading.device import resolve_device
 
-        with status(f"reading {args.dataset}"):
-            texts = load_texts(args.dataset, split=args.split, text_field=args.text_field)
-    console = Console(stderr=args.json == "-")
+    if launched_world_size() > 1 and not args.measure:
+        raise UserError("under torchrun the processes share --measure's blocks; the estimate alone runs in one process")
+    # Every rank checks the same flags above and fails alike before the group forms.
+    with command_group(resolve_device(args.device)) as env:
+        return _run(args, env)
+
+
+def _run(args: argparse.Namespace, env) -> int:
+    from attnkit.check import check
+    from attnkit.check.render import render_check, save_regions_png
+    from attnkit.common.distributed import agree
     from attnkit.common.progress import stderr_status
 
-    with stderr_status(f"checking {args.model}"):
+    def prepare() -> list[str] | None:
+        if env.is_main:  # rank 0 writes the report
+            check_outputs(json=args.json, plot=args.plot)
+        if args.dataset is None:
+            return None
+        from attnkit.common.data.texts import load_texts
+
+        with stderr_status(f"reading {args.dataset}", enabled=env.is_main):
+            return load_texts(args.dataset, split=args.split, text_field=args.text_field)
+
+    texts = agree(env, prepare)
+    with stderr_status(f"checking {args.model}", enabled=env.is_main):
         report = check(args.model, seq_len=args.seq_len, dtype=args.dtype, temperature=args.temperature,
                        weight_growth=args.weight_growth, measure_pass=args.measure,
                        use_weights=False if args.from_config else None, measure_texts=texts,
                        measure_source=args.dataset, measure_samples=args.samples, measure_batch_size=args.batch_size,
-                       measure_device=args.device)
+                       measure_device=args.device, env=env)
+    if not env.is_main:  # one report, on rank 0
+        return 0
+    console = Console(stderr=args.json == "-")
     render_check(report, console)
     if args.json:
         from attnkit.common.io import write_json

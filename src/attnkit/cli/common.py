@@ -29,7 +29,8 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     """--device, --dtype, --device-map: where the model runs and in which number format."""
     where = p.add_argument_group("device and dtype")
     where.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:N]|mps",
-                       help="where the model runs; auto: CUDA if present, else MPS, else the CPU (default: cpu)")
+                       help="where the model runs; auto: CUDA if present, else MPS, else the CPU; under torchrun, auto and "
+                       "cuda mean each process's own GPU, cuda:LOCAL_RANK (default: cpu)")
     where.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
                        help="dtype to run the model in; auto: the checkpoint's own dtype on a GPU, float32 on the CPU "
                        "(default: auto)")

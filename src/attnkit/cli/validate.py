@@ -87,37 +87,53 @@ def _documents(args) -> tuple[list[str] | None, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from attnkit.cli.common import load_options
+    from attnkit.common.distributed import command_group, launched_world_size
+    from attnkit.common.loading.device import resolve_device
     from attnkit.errors import UserError
-    from attnkit.common.loading.registry import load_model
-    from attnkit.validate import Options, validate
 
+    if launched_world_size() > 1 and args.device_map is not None:
+        raise UserError("--device-map spreads one model over every GPU, and torchrun starts a copy per process: "
+                        "use --device auto (each process on its own GPU)")
+    # Every rank checks the same flags and fails alike before the group forms; from there a failure
+    # on one rank is told to all (``agree``).
+    with command_group(resolve_device(args.device)) as env:
+        return _run(args, env)
+
+
+def _run(args: argparse.Namespace, env) -> int:
+    from rich.console import Console
     from rich.markup import escape
 
-    from attnkit.cli.common import check_outputs
-
-    check_outputs(json=args.json, html=args.html)  # before the run, not after it
-    console = Console(stderr=args.json == "-")
-    opts = Options(seq_len=args.seq_len, sequences=args.sequences, ablation_blocks=args.ablation_blocks,
-                   batch_size=args.batch_size)
-    documents, source = _documents(args)
-    from attnkit.common.progress import stderr_status
-
-    with stderr_status(f"loading {args.model}"):  # stderr: stdout may be the report or --json -
-        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code,
-                            **load_options(args))
-    if loaded.tokenizer is None:
-        raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
-    from attnkit.common.progress import step_progress
+    from attnkit.cli.common import check_outputs, load_options
+    from attnkit.common.distributed import agree
+    from attnkit.common.loading.registry import load_model
+    from attnkit.common.progress import stderr_status, step_progress
+    from attnkit.errors import UserError
+    from attnkit.validate import Options, validate
     from attnkit.validate.render import STEP_LABELS
 
-    with step_progress("validating", STEP_LABELS) as progress:  # on stderr, erased when done
+    opts = Options(seq_len=args.seq_len, sequences=args.sequences, ablation_blocks=args.ablation_blocks,
+                   batch_size=args.batch_size)
+
+    def prepare():
+        if env.is_main:  # rank 0 writes the report: refuse a path it cannot write before the run, not after it
+            check_outputs(json=args.json, html=args.html)
+        documents, source = _documents(args)
+        with stderr_status(f"loading {args.model}", enabled=env.is_main):  # stderr: stdout may be --json -
+            loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, **load_options(args))
+        if loaded.tokenizer is None:
+            raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
+        return documents, source, loaded
+
+    documents, source, loaded = agree(env, prepare)
+    with step_progress("validating", STEP_LABELS, enabled=env.is_main) as progress:  # on stderr, erased when done
         report = validate(loaded.model, loaded.tokenizer, documents, name=args.model, kind=loaded.kind, options=opts,
-                          data_source=source, on_progress=progress)
+                          data_source=source, on_progress=progress, env=env)
+    if not env.is_main:  # one report, on rank 0; every rank exits with its status
+        return report.exit_status
     from attnkit.validate.render import render_report
 
+    console = Console(stderr=args.json == "-")
     render_report(report, console)
     if args.json:
         from attnkit.common.io import write_json

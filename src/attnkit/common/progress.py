@@ -14,7 +14,7 @@ pipe nor a report ever holds it. It is drawn only when stderr is a terminal: in 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
@@ -74,14 +74,17 @@ class ProgressBar:
         self.update(self.completed + n)
 
 
-def stderr_status(message: str) -> Status:
-    """A spinner with ``message`` (printed literally, not as markup) on stderr, erased when done."""
-    return Console(stderr=True).status(Text(message))
+def stderr_status(message: str, enabled: bool = True) -> Status | nullcontext:
+    """A spinner with ``message`` (printed literally, not as markup) on stderr, erased when done;
+    nothing when not ``enabled`` (the other ranks of a distributed run)."""
+    return Console(stderr=True).status(Text(message)) if enabled else nullcontext()
 
 
 @contextmanager
-def step_progress(description: str, labels: dict[str, str] | None = None) -> Iterator[Callable[[int, int, str], None]]:
-    """Yields ``update(done, total, key)``; shows ``description: label of key`` and a bar on stderr."""
+def step_progress(description: str, labels: dict[str, str] | None = None, enabled: bool = True
+                  ) -> Iterator[Callable[[int, int, str], None]]:
+    """Yields ``update(done, total, key)``; shows ``description: label of key`` and a bar on stderr
+    (nothing when not ``enabled``)."""
     labels = labels or {}
-    with ProgressBar(description) as bar:
+    with ProgressBar(description, enabled=enabled) as bar:
         yield lambda done, total, key: bar.update(done, total=total, description=f"{description}: {labels.get(key, key)}")

@@ -253,6 +253,23 @@ class GateStats:
             if self in g.recorders:
                 g.recorders.remove(self)
 
+    def all_reduce(self, group=None) -> None:
+        """Sum the gate statistics over the ranks of ``group`` (torch.distributed; every rank must
+        call it). A few numbers per head, exchanged as objects: a rank that saw no forward adds nothing."""
+        import torch.distributed as dist
+
+        mine = {layer: (self._sum[layer].cpu(), self._low[layer].cpu(), self._n[layer]) for layer in self._sum}
+        everyone: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, mine, group=group)
+        self.reset()
+        for sums in everyone:
+            for layer, (s, low, n) in sums.items():
+                if layer in self._sum:
+                    self._sum[layer], self._low[layer] = self._sum[layer] + s, self._low[layer] + low
+                    self._n[layer] += n
+                else:
+                    self._sum[layer], self._low[layer], self._n[layer] = s, low, n
+
     def heads(self) -> list[dict]:
         """``[{"layer", "head", "kind", "mean_gate", "share_below_0_1", "gates"}]`` for every head seen."""
         out = []

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from attnkit.common.distributed import agree, rank_share, sum_over_ranks
 from attnkit.seam.mods import PATTERNS, local_pattern
 from attnkit.seam import attach
 from attnkit.validate.context import Context
@@ -56,32 +57,53 @@ def _hidden(out):
 
 @torch.no_grad()
 def _run(ctx: Context) -> dict[str, dict]:
-    model, blocks = ctx.model, ctx.ablation_ids
+    """Every variant's loss (or output change) over the held-out blocks; under ``torchrun`` each rank
+    runs its share of the blocks and the sums are pooled, so every rank returns the same figures."""
+    env = ctx.env
+    sums = agree(env, lambda: _sums_over_share(ctx, rank_share(ctx.ablation_ids, env)))
+    pooled = dict(zip(sums, (sum_over_ranks(values, env) for values in sums.values())))
+    results: dict[str, dict] = {}
+    for variant, values in pooled.items():
+        pattern = DESCRIPTIONS[variant].format(window=ctx.options.window)
+        if ctx.causal_lm:
+            total, count = values
+            loss = total / max(count, 1)
+            results[variant] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count),
+                                "pattern": pattern}
+        else:
+            tok_cos, pooled_cos, tokens, sequences = values
+            results[variant] = {"loss": None, "perplexity": None, "tokens": int(tokens),
+                                "token_cosine": tok_cos / max(tokens, 1), "pooled_cosine": pooled_cos / max(sequences, 1),
+                                "pattern": pattern}
+    return results
+
+
+def _sums_over_share(ctx: Context, blocks) -> dict[str, list[float]]:
+    """Per variant, sums over ``blocks``: (NLL, predicted tokens) for a language model, else
+    (token cosine, pooled cosine, tokens, sequences): sums add up over any split of the blocks."""
+    model = ctx.model
     device = next(model.parameters()).device
     bs = ctx.options.batch_size
+    starts = range(0, blocks.shape[0], bs)
     was_training = model.training
     model.eval()
-    results: dict[str, dict] = {}
+    sums: dict[str, list[float]] = {}
     try:
         if ctx.causal_lm:
             for variant in VARIANTS:
                 total, count = 0.0, 0
-                for start in range(0, blocks.shape[0], bs):
+                for start in starts:
                     batch = blocks[start : start + bs].to(device)
                     logits = _forward(model, batch, variant, ctx.options.window).logits[:, :-1].float()
                     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
                     total += float(nll.double())
                     count += batch[:, 1:].numel()
-                loss = total / max(count, 1)
-                results[variant] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count,
-                                    "pattern": DESCRIPTIONS[variant].format(window=ctx.options.window)}
+                sums[variant] = [total, count]
         else:
-            learned = []
-            for start in range(0, blocks.shape[0], bs):
-                learned.append(_hidden(_forward(model, blocks[start : start + bs].to(device), "learned")).float())
+            learned = [_hidden(_forward(model, blocks[start : start + bs].to(device), "learned")).float() for start in starts]
             for variant in VARIANTS:
                 tok_cos, pooled_cos, tokens, sequences = 0.0, 0.0, 0, 0
-                for k, start in enumerate(range(0, blocks.shape[0], bs)):
+                for k, start in enumerate(starts):
                     ref = learned[k]
                     if variant == "learned":
                         h = ref
@@ -92,12 +114,10 @@ def _run(ctx: Context) -> dict[str, dict]:
                     pooled_cos += float(F.cosine_similarity(h.mean(1), ref.mean(1), dim=-1).double().sum())
                     tokens += h.shape[0] * h.shape[1]
                     sequences += h.shape[0]
-                results[variant] = {"loss": None, "perplexity": None, "tokens": tokens,
-                                    "token_cosine": tok_cos / max(tokens, 1), "pooled_cosine": pooled_cos / max(sequences, 1),
-                                    "pattern": DESCRIPTIONS[variant].format(window=ctx.options.window)}
+                sums[variant] = [tok_cos, pooled_cos, tokens, sequences]
     finally:
         model.train(was_training)
-    return results
+    return sums
 
 
 def ablation(ctx: Context) -> Section:
@@ -106,7 +126,8 @@ def ablation(ctx: Context) -> Section:
     res = _run(ctx)
     blocks = ctx.ablation_ids
     plural = "s" if blocks.shape[0] != 1 else ""
-    sec.notes.append(f"Held-out text: {ctx.data_source} — {blocks.shape[0]} block{plural} of {blocks.shape[1]} tokens")
+    shared = f", shared among {ctx.env.world_size} processes" if ctx.env.distributed else ""  # torchrun
+    sec.notes.append(f"Held-out text: {ctx.data_source} — {blocks.shape[0]} block{plural} of {blocks.shape[1]} tokens{shared}")
     if ctx.causal_lm:
         base = res["learned"]["loss"]
         for variant, r in res.items():
@@ -151,5 +172,6 @@ def ablation(ctx: Context) -> Section:
             sec.add(f"vs_{variant}", INFO, f"With {variant.replace('_', '-')} attention: token cos {r['token_cosine']:.4f}, "
                     f"pooled cos {r['pooled_cosine']:.4f}", output_change=r["output_change"])
     sec.figures.update(variants=res, attention_matters=matters, metric="loss" if ctx.causal_lm else "cosine",
-                       blocks=int(blocks.shape[0]), block_tokens=int(blocks.shape[1]), data=ctx.data_source)
+                       blocks=int(blocks.shape[0]), block_tokens=int(blocks.shape[1]), data=ctx.data_source,
+                       **({"processes": ctx.env.world_size} if ctx.env.distributed else {}))
     return sec

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from attnkit.common.distributed import DistEnv
 from attnkit.validate.capture import Captured
 from attnkit.validate.options import Options
 
@@ -20,6 +21,7 @@ class Context:
     ablation_ids: Tensor  # (N, T) held-out blocks
     data_source: str = ""
     options: Options = field(default_factory=Options)
+    env: DistEnv = field(default_factory=DistEnv)  # under torchrun: the ablation's blocks are shared among the ranks
 
     @property
     def causal_lm(self) -> bool:

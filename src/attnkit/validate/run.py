@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from attnkit.common.data import load_corpus
+from attnkit.common.distributed import DistEnv
 from attnkit.common.data.bible import kjv_available
 from attnkit.common.default_text import DEFAULT_TEXT
 from attnkit.common.tokenize import max_positions
@@ -91,12 +92,17 @@ def validate(
     data_source: str | None = None,
     on_section: Callable[[str], None] | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
+    env: DistEnv | None = None,
 ) -> ValidationReport:
     """Run the nine sections on ``model``; the model is left as found.
 
     ``on_section(key)`` is called before each section; ``on_progress(done, total, key)`` before
     each step, the capture of the attention maps (key ``"capture"``) included, and once more
     with ``done == total`` (key ``"done"``) at the end: enough for a progress bar.
+
+    ``env``: under ``torchrun`` (``attnkit.common.distributed.command_group``) the ablation's
+    held-out blocks are shared among the ranks and its sums pooled; sections 1-8 read a few
+    captured sequences and run whole on every rank. Every rank returns the same report.
     """
     options = options or Options()
     kind = kind or infer_kind(model)
@@ -122,7 +128,8 @@ def validate(
     captured = capture(model, tokenizer, blocks[: options.sequences])
     seconds["capture"] = time.perf_counter() - t0
     ctx = Context(model=model, tokenizer=tokenizer, name=name, kind=kind, captured=captured,
-                  ablation_ids=blocks[: options.ablation_blocks], data_source=data_source, options=options)
+                  ablation_ids=blocks[: options.ablation_blocks], data_source=data_source, options=options,
+                  env=env or DistEnv())
     sections = []
     for step, (key, fn) in enumerate(SECTIONS, 1):
         if on_section is not None:

@@ -21,7 +21,10 @@ _DEVICE_SPEC = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
 
 
 def resolve_device(spec: str | torch.device) -> torch.device:
-    """"auto" is cuda if there is one, else mps if there is one, else cpu; anything absent is a UserError."""
+    """"auto" is cuda if there is one, else mps if there is one, else cpu; anything absent is a UserError.
+
+    Under ``torchrun`` "auto" and "cuda" (without an index) mean this process's own GPU,
+    cuda:LOCAL_RANK (one GPU a process, as torchrun is meant to start them)."""
     if isinstance(spec, torch.device):
         spec = str(spec)
     match = _DEVICE_SPEC.match(spec.strip().lower())
@@ -30,7 +33,7 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     kind, index = match.group(1), match.group(2)
     if kind == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _this_process_gpu()
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     if kind == "cuda":
         if not torch.cuda.is_available():
@@ -39,10 +42,26 @@ def resolve_device(spec: str | torch.device) -> torch.device:
         if index is not None and int(index) >= count:
             raise UserError(f"--device {spec}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
                             f"(cuda:0 to cuda:{count - 1})")
-        return torch.device("cuda", int(index)) if index is not None else torch.device("cuda")
+        return torch.device("cuda", int(index)) if index is not None else _this_process_gpu()
     if kind == "mps" and not _mps_available():
         raise UserError("MPS (Apple GPU) is not available on this machine; use --device cpu")
     return torch.device(kind)
+
+
+def _this_process_gpu() -> torch.device:
+    """cuda:LOCAL_RANK under torchrun, else cuda. NCCL refuses two processes on one GPU, so more
+    processes on a machine than it has GPUs is a UserError."""
+    from attnkit.common.distributed import local_rank
+
+    rank = local_rank()
+    if rank is None:
+        return torch.device("cuda")
+    count = torch.cuda.device_count()
+    if rank >= count:
+        raise UserError(f"torchrun started process {rank} on a machine with {count} CUDA device"
+                        f"{'s' if count != 1 else ''}: one process a GPU (--nproc-per-node {count} or fewer), "
+                        "or --device cpu")
+    return torch.device("cuda", rank)
 
 
 def _mps_available() -> bool:

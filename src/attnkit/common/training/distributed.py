@@ -1,60 +1,18 @@
 """The process group a training run is part of: one process, or ``torchrun`` with DDP.
 
-``torchrun`` sets RANK / WORLD_SIZE / MASTER_ADDR; ``init_from_env`` joins that group (gloo on
-the CPU, NCCL on CUDA) unless the caller already did. Gradients are averaged by torch's own
+``torchrun`` sets RANK / WORLD_SIZE / MASTER_ADDR; ``init_from_env`` (``attnkit.common.distributed``,
+shared with the commands that read a dataset) joins that group (gloo on the CPU, NCCL on CUDA)
+unless the caller already did. Gradients are averaged by torch's own
 ``DistributedDataParallel``; attnkit only shards each global batch and averages logged numbers.
 """
 
 from __future__ import annotations
 
-import gc
-import os
-from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from attnkit.common.distributed import DistEnv, barrier, init_from_env, leave_group, sum_over_ranks
 
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    initialized_here: bool = False  # this run created the group and destroys it at the end
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_from_env() -> DistEnv:
-    """The group this process is in: an existing one, torchrun's (from the environment), or none."""
-    if dist.is_available() and dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or not dist.is_available():
-        return DistEnv()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), initialized_here=True)
-
-
-def leave_group() -> None:
-    """Destroy this process's group, after freeing whatever still holds it.
-
-    A ``DistributedDataParallel`` wrapper caught in a reference cycle is freed by the collector
-    later, after the group is gone; its Reducer then destroys gloo's transport from a thread that
-    was never joined and the process aborts ("terminate called without an active exception"), one
-    run in ten or so. Collecting first frees the wrapper while its group still exists.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    gc.collect()
-    dist.destroy_process_group()
+__all__ = ["DistEnv", "barrier", "init_from_env", "leave_group", "mean_over_ranks", "shard", "wrap"]
 
 
 def wrap(module: nn.Module, env: DistEnv, find_unused_parameters: bool = False) -> nn.Module:
@@ -90,11 +48,4 @@ def mean_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     if not env.distributed or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
-
-
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
+    return {k: total / env.world_size for k, total in zip(keys, sum_over_ranks([values[k] for k in keys], env))}

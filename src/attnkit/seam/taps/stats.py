@@ -98,12 +98,38 @@ class StatsCollector(Tap):
 
     def all_reduce(self, group=None) -> None:
         """Sum (and max/min) every accumulator over the processes of ``group`` (torch.distributed),
-        so that each rank holds the statistics of the whole global batch. Every rank must have
-        observed the same sites."""
+        so that each rank holds the statistics of the whole global batch. Every rank must call it.
+
+        A rank that observed fewer sites (or none: its share of a dataset was empty) first takes
+        the others' sites with empty accumulators, which add nothing."""
         from attnkit.metrics.distributed import all_reduce_accumulator
 
+        self._adopt_sites_of_every_rank(group)
         for site in sorted(self.layers):
             all_reduce_accumulator(self.layers[site], group)
+
+    def _adopt_sites_of_every_rank(self, group=None) -> None:
+        import torch.distributed as dist
+
+        mine = {site: (self.head_ids[site], self.num_heads[site], self.dtypes[site], self.rows_per_call.get(site),
+                       acc.sampled_rows_of, acc.rows.device.type)
+                for site, acc in self.layers.items()}
+        everyone: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, (mine, list(self.call_order), self.sampled), group=group)
+        for sites, call_order, sampled in everyone:
+            self.sampled = self.sampled or sampled
+            if not self.call_order:
+                self.call_order = list(call_order)
+            for site, (head_ids, num_heads, dtype, rows_per_call, sampled_rows_of, device_type) in sites.items():
+                if site in self.layers:
+                    continue
+                # on the device type the other ranks reduce on (one backend per device type)
+                device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
+                acc = self.layers[site] = HeadStatsAccumulator(len(head_ids), device=device)
+                acc.sampled_rows_of = sampled_rows_of
+                self.head_ids[site], self.num_heads[site], self.dtypes[site] = list(head_ids), num_heads, dtype
+                if rows_per_call is not None:
+                    self.rows_per_call[site] = rows_per_call
 
     def heads(self) -> list[dict]:
         """One dict per observed (site, head), sites and heads in model order."""
