@@ -29,11 +29,11 @@ def test_cuda_specs_resolve():
 
 
 def test_auto_dtype_on_cuda_is_the_checkpoints(tmp_path):
-    from conftest import gpt2
-
     want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert resolve_dtype("auto", torch.device("cuda"), torch.bfloat16) == want
-    gpt2(dtype=torch.bfloat16).save_pretrained(tmp_path)
+    reference = load_model("reference")  # saved again as a bfloat16 checkpoint, with its tokenizer
+    reference.model.to(torch.bfloat16).save_pretrained(tmp_path)
+    reference.tokenizer.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path), device="cuda", dtype="auto")
     assert model_device(loaded.model).type == "cuda"
     assert next(loaded.model.parameters()).dtype == want
