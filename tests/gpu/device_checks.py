@@ -70,7 +70,8 @@ def _fp(device) -> tuple[torch.dtype, dict, dict]:
 @contextlib.contextmanager
 def recompiles_allowed(limit: int = 1024):
     """Each modifier is new code to torch.compile: a table of them recompiles once per case, past
-    dynamo's default limit of 8 (beyond which it would fall back to eager without failing)."""
+    dynamo's default limit of 8 (beyond which it would fall back to eager without failing). The limit
+    counts per compiled function, and attnkit's two FlexAttention kernels compile the same one."""
     import torch._dynamo
 
     with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
@@ -267,13 +268,14 @@ def sparse_flex_case(shape: str, density: float, causal: bool, device) -> dict:
     sel_d = type(sel)(**{f: moved(getattr(sel, f), device) for f in sel.__dataclass_fields__})
     call = BlockCall(*leaves, sel_d, D ** -0.5)
     kernel = choose_block_kernel(call, "flex")
-    with torch.set_grad_enabled(with_grad):
+    with torch.set_grad_enabled(with_grad), recompiles_allowed():  # one compiled flex_attention for every case
         out = kernel.run(call)
     torch.testing.assert_close(out.detach().double().cpu(), ref.detach(), **tol, msg=lambda m: f"{shape} forward: {m}")
     row = {"shape": shape, "density": density, "causal": causal, "kept": sel.kept_blocks() / sel.candidate_blocks(),
            "forward_max_diff": float((out.detach().double().cpu() - ref.detach()).abs().max())}
     if with_grad:
-        grads = torch.autograd.grad((out * weight.to(device, dtype)).sum(), leaves)
+        with recompiles_allowed():
+            grads = torch.autograd.grad((out * weight.to(device, dtype)).sum(), leaves)
         for which, got, want in zip("qkv", grads, ref_grads):
             torch.testing.assert_close(got.double().cpu(), want, atol=2e-4, rtol=1e-3, msg=lambda m: f"{shape} d{which}: {m}")
         row["grad_max_diff"] = max(float((g.double().cpu() - w).abs().max()) for g, w in zip(grads, ref_grads))
