@@ -213,9 +213,6 @@ def bench_stats_at(length: int, shape: dict, args) -> dict:
     result = interleave({"sdpa": sdpa, "flash": flash, "attnkit-stats": stats}, shape["rounds"], device, "sdpa")
     from attnkit.metrics import fused
 
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"length": length, "model": {k: v for k, v in shape.items() if k not in ("lengths", "rounds")},
             "rounds": shape["rounds"], "configs": result, "stats_compile_s": fused.compile_seconds,
             "stats_compiled": fused._compiled is not None and fused._compile_failed is None}
