@@ -341,22 +341,46 @@ def test_unexpected_error_is_one_line_exit_3_and_debug_shows_it(capsys, monkeypa
 # --------------------------------------------------------------------------- through a real process
 
 
-def _cli(*argv: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def _start(*argv: str, env_extra: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "attnkit.cli.main", *argv], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.Popen([sys.executable, "-m", "attnkit.cli.main", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
-@pytest.mark.parametrize("argv, pattern", [
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _cli(*argv: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    return _finish(_start(*argv, env_extra=env_extra))
+
+
+SHELL_CASES = [
     (["analyze", *T, "--heads", "2-1"], r"runs backwards"),
     (["analyze", "{truncated}", *T], r"damaged or truncated"),
     (["perplexity", "--block-size", "0"], r"--block-size must be at least 2"),
     (["validate", "refrence"], r"did you mean 'reference'\?"),
     (["analyze", "{markup_dir}/nothing"], re.escape(MARKUP)),
     (["analyze", "--dataset", "{bad_jsonl}"], r"bad\.jsonl line 2 is not JSON"),
-])
-def test_exit_code_seen_by_a_shell(argv, pattern, broken):
-    done = _cli(*_fill(argv, broken))
+]
+
+
+@pytest.fixture(scope="module")
+def shell_runs(broken) -> dict[tuple, subprocess.CompletedProcess]:
+    """Every case of SHELL_CASES in its own process, started together: each spends most of its time
+    importing torch and transformers, so they overlap on the cores instead of queueing."""
+    started = {tuple(argv): _start(*_fill(argv, broken)) for argv, _ in SHELL_CASES}
+    return {argv: _finish(proc, timeout=300) for argv, proc in started.items()}
+
+
+@pytest.mark.parametrize("argv, pattern", SHELL_CASES)
+def test_exit_code_seen_by_a_shell(argv, pattern, shell_runs):
+    done = shell_runs[tuple(argv)]
     assert done.returncode == EXIT_USER_ERROR, done.stdout + done.stderr
     assert_one_clear_line(done.stdout, done.stderr, pattern)
 

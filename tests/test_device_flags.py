@@ -24,6 +24,7 @@ COMMANDS = {
     "validate": ["validate", "reference", *T],
     "perplexity": ["perplexity", "reference", "--max-blocks", "1", "--batch-size", "1"],
     "monitor trace": ["monitor", "trace", "reference", *T],
+    "gate": ["gate", "reference", "--out", "{tmp}/gated"],  # {tmp}: the test's own directory
 }
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal where CUDA is absent")
 
@@ -70,8 +71,9 @@ def test_auto_dtype_is_float32_on_cpu_and_the_checkpoints_elsewhere(checkpoint):
     ("cuda:7", "CUDA is not available on this machine; use --device cpu"),
     ("accelerator", "cannot read --device 'accelerator'"),
 ])
-def test_absent_or_malformed_device_is_one_line_exit_2(command, spec, message, capsys):
-    code, _, err = _run([*COMMANDS[command], "--device", spec], capsys)
+def test_absent_or_malformed_device_is_one_line_exit_2(command, spec, message, tmp_path, capsys):
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in COMMANDS[command]]
+    code, _, err = _run([*argv, "--device", spec], capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -108,6 +110,17 @@ def test_explicit_cpu_float32_equals_the_default(tmp_path, capsys):
     assert _run(["analyze", "reference", *T, "--json", str(a)], capsys)[0] == 0
     assert _run(["analyze", "reference", *T, "--device", "cpu", "--dtype", "float32", "--json", str(b)], capsys)[0] == 0
     assert json.loads(a.read_text()) == json.loads(b.read_text())
+
+
+def test_gate_takes_the_device_and_dtype_of_every_model_command(tmp_path, capsys):
+    """``gate`` converts and reads back on an explicit --device/--dtype, as the other model commands do."""
+    out = tmp_path / "gated"
+    code, printed, err = _run(["gate", "reference", "--out", str(out), "--device", "cpu", "--dtype", "float32"], capsys)
+    assert code == 0, err
+    assert "max |output change| at initialisation 0.00e+00" in printed
+    code, printed, err = _run(["gate", str(out), "--stats", "--device", "cpu", "--dtype", "float32", *T], capsys)
+    assert code == 0, err
+    assert "mean gate" in printed
 
 
 def test_device_map_auto_loads_and_runs_the_reference_model(tmp_path, capsys):

@@ -342,7 +342,7 @@ def _flex_oracle(q, k, v, score_mods, mask_mods, causal):
             keep = keep & mod(b, h, q_idx + offset, kv_idx)
         return keep
 
-    block_mask = flex_api.create_block_mask(mask_mod, B, H, Q, K, device="cpu")
+    block_mask = flex_api.create_block_mask(mask_mod, B, H, Q, K, device=q.device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex on CPU warns about speed
         return flex_api.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=D**-0.5)

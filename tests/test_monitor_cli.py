@@ -7,30 +7,8 @@ import json
 import torch
 
 from attnkit.cli.main import main
-from attnkit.monitor import AttentionMonitor, ReduceLR, Thresholds
 from attnkit.monitor.report import read_run
-
-V, T = 64, 16
-
-
-def _run(log_dir) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel._from_config(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=T, vocab_size=V),
-                                         attn_implementation="sdpa")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    t = Thresholds(entropy_collapse=10.0)  # every head "collapses": a warning to mark
-    with AttentionMonitor(model, every=2, log_dir=log_dir, emit=(), optimizer=opt, thresholds=t) as monitor:
-        for step in range(8):
-            x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(step))
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            monitor.on_step(step, loss=loss)
-            if step == 4:
-                monitor.apply(ReduceLR(0.5))
+from monitor_helpers import monitored_run as _run
 
 
 def test_report_writes_pngs_from_the_jsonl(tmp_path, capsys):

@@ -25,17 +25,46 @@ def tiny_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny"))
 
 
-def _cli(*argv: str, force_terminal: bool) -> subprocess.CompletedProcess:
+def _start(*argv: str, force_terminal: bool) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE")}
     env.update(HF_HUB_OFFLINE="1", COLUMNS="80")
     if force_terminal:
         env["FORCE_COLOR"] = "1"
-    return subprocess.run([sys.executable, "-m", "attnkit.cli.main", *argv], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.Popen([sys.executable, "-m", "attnkit.cli.main", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_progress_goes_to_stderr_and_json_to_stdout_stays_pure(tiny_dir):
-    proc = _cli("validate", str(tiny_dir), "--text", TEXT, *FAST, "--json", "-", force_terminal=True)
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _cli(*argv: str, force_terminal: bool) -> subprocess.CompletedProcess:
+    return _finish(_start(*argv, force_terminal=force_terminal))
+
+
+# The three validate runs below, started together: each is a fresh process that spends most of its
+# time importing torch and transformers, so they overlap on the cores instead of queueing.
+RUNS = {
+    "json_to_stdout": (("--json", "-"), True),
+    "report_to_stdout": ((), True),
+    "no_terminal": ((), False),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir) -> dict[str, subprocess.CompletedProcess]:
+    started = {name: _start("validate", str(tiny_dir), "--text", TEXT, *FAST, *extra, force_terminal=terminal)
+               for name, (extra, terminal) in RUNS.items()}
+    return {name: _finish(proc) for name, proc in started.items()}
+
+
+def test_progress_goes_to_stderr_and_json_to_stdout_stays_pure(runs):
+    proc = runs["json_to_stdout"]
     assert proc.returncode in (0, 1), proc.stderr
     doc = json.loads(proc.stdout)  # nothing but the JSON document
     assert doc["schema_version"] and doc["sections"]
@@ -45,8 +74,8 @@ def test_progress_goes_to_stderr_and_json_to_stdout_stays_pure(tiny_dir):
     assert "loading" in err
 
 
-def test_progress_does_not_reach_stdout_when_stdout_is_the_report(tiny_dir):
-    proc = _cli("validate", str(tiny_dir), "--text", TEXT, *FAST, force_terminal=True)
+def test_progress_does_not_reach_stdout_when_stdout_is_the_report(runs):
+    proc = runs["report_to_stdout"]
     assert proc.returncode in (0, 1), proc.stderr
     out = ANSI.sub("", proc.stdout)
     assert "ATTENTION VALIDATION REPORT" in out
@@ -54,8 +83,8 @@ def test_progress_does_not_reach_stdout_when_stdout_is_the_report(tiny_dir):
     assert "validating: sanity checks" in ANSI.sub("", proc.stderr)
 
 
-def test_no_progress_and_no_ansi_when_nothing_is_a_terminal(tiny_dir):
-    proc = _cli("validate", str(tiny_dir), "--text", TEXT, *FAST, force_terminal=False)
+def test_no_progress_and_no_ansi_when_nothing_is_a_terminal(runs):
+    proc = runs["no_terminal"]
     assert proc.returncode in (0, 1), proc.stderr
     assert "\x1b[" not in proc.stdout and "\x1b[" not in proc.stderr
     assert "validating" not in proc.stdout + proc.stderr

@@ -94,27 +94,11 @@ def _prepare(tmp: Path) -> None:
 
 
 def _monitored_run(log_dir: Path) -> None:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """The monitored run test_monitor_cli reads too (tests/monitor_helpers.py: trained once per process)."""
+    sys.path.insert(0, str(HERE.parent))  # tests/, also when this file runs as a script
+    from monitor_helpers import monitored_run
 
-    from attnkit.monitor import AttentionMonitor, ReduceLR, Thresholds
-
-    V, T = 64, 16
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel._from_config(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=T, vocab_size=V),
-                                         attn_implementation="sdpa")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    with AttentionMonitor(model, every=2, log_dir=log_dir, emit=(), optimizer=opt,
-                          thresholds=Thresholds(entropy_collapse=10.0)) as monitor:
-        for step in range(8):
-            x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(step))
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            monitor.on_step(step, loss=loss)
-            if step == 4:
-                monitor.apply(ReduceLR(0.5))
+    monitored_run(log_dir)
 
 
 def normalise(text: str, tmp: Path) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from attnkit.cli.common import add_device_options
     from attnkit.common.loading.builtin import BUILTIN_MODELS, DEFAULT_MODEL
     from attnkit.gate.kinds import KIND_HELP
 
@@ -33,6 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--init-bias", type=float, default=0.0, metavar="B",
                    help="gate bias at initialisation (the output is rescaled by 1/sigmoid(B): still the same model)")
     p.add_argument("--layers", metavar="LIST", help="gate only these layers, e.g. 0,2-3 (default: all)")
+    add_device_options(p)
     p.set_defaults(run=run)
 
 
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from attnkit.cli.common import parse_int_list
+    from attnkit.cli.common import load_options, parse_int_list
+    from attnkit.common.loading.device import model_device
     from attnkit.gate import add_gates, save_gates
     from attnkit.errors import UserError
     from attnkit.common.loading.registry import load_model
@@ -57,9 +60,10 @@ def run(args: argparse.Namespace) -> int:
     if not out.exists() and not (parent.is_dir() and os.access(parent, os.W_OK)):
         raise UserError(f"--out {args.out} cannot be created: {parent} is not a writable directory")
     layers = parse_int_list(args.layers, "layers")
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, **load_options(args))
     model = loaded.model
     probe = torch.arange(8).unsqueeze(0) % max(2, getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
+    probe = probe.to(model_device(model))
     with torch.no_grad():
         before = _first_tensor(model(input_ids=probe))
     gates = add_gates(model, args.kind, init_bias=args.init_bias, layers=layers)
@@ -85,18 +89,20 @@ def show_stats(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
+    from attnkit.cli.common import load_options
     from attnkit.common.default_text import DEFAULT_TEXT
+    from attnkit.common.loading.device import model_device
     from attnkit.common.tokenize import max_positions, tokenize
     from attnkit.gate import GateStats
     from attnkit.gate import load_gated
 
-    loaded = load_gated(args.model)
+    loaded = load_gated(args.model, **load_options(args))
     if loaded.tokenizer is None:
         from attnkit.errors import UserError
 
         raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
     inputs = tokenize(loaded.tokenizer, args.text or DEFAULT_TEXT, None, max_positions(loaded.model),
-                      truncate_silently=args.text is None)
+                      truncate_silently=args.text is None, device=model_device(loaded.model))
     with torch.no_grad(), GateStats(loaded.model) as gs:
         loaded.model(**inputs)
     console = Console()

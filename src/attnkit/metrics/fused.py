@@ -18,7 +18,7 @@ reading the raw scores q.k as the matmul left them (any float dtype: the logits
 s = float(raw) * scale are never written out); the two single-key terms are gathers. Which keys
 a row sees is given as one interval [lo, hi) per row, which is what causal masks, padding and
 sliding windows are; ``mask_intervals`` turns a bool mask into intervals, or says it is not made
-of them. Under ``torch.compile`` (inductor's C++ backend) the passes fuse into one loop nest per
+of them. Under ``torch.compile`` (inductor's C++ backend; Triton on CUDA) the passes fuse into one loop nest per
 row that stays in L1 (about 0.9 ns a score on one core here, against 0.6 for a bare ``exp``);
 without it the same function runs eagerly, slower, with the same values. Calls below
 ``COMPILE_MIN_LOGITS`` stay eager until the kernel exists, as a compile costs seconds.
@@ -146,6 +146,9 @@ compile_seconds: float | None = None
 # once per process; a warm inductor cache makes it faster) would cost more than it saves on
 # small models.
 COMPILE_MIN_LOGITS = 1 << 22
+# Where inductor compiles the kernel: its C++ backend on the CPU, Triton on CUDA (one fused loop per
+# row there too, instead of a (N, K) float32 copy per pass). Elsewhere (MPS) the kernel runs eagerly.
+COMPILE_DEVICES = ("cpu", "cuda")
 
 
 def compile_mode() -> str:
@@ -158,7 +161,7 @@ def _kernel(raw: Tensor, work: int):
     """The compiled ``_row_sums`` when compiling is wanted, works here, and pays; else the eager one."""
     global _compiled, _compile_failed
     mode = compile_mode()
-    if mode == "0" or _compile_failed is not None or raw.device.type != "cpu":
+    if mode == "0" or _compile_failed is not None or raw.device.type not in COMPILE_DEVICES:
         return _row_sums
     # Small calls use the compiled kernel only once it exists for this dtype (no compile for them).
     if mode == "auto" and work < COMPILE_MIN_LOGITS and raw.dtype not in _compiled_dtypes:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from attnkit.seam.eager import eager_under_compile
 from attnkit.seam import kernels
 from attnkit.seam.call import AttentionCall
 from attnkit.seam.observe import observe_call
@@ -131,7 +132,7 @@ class Dispatch:
             out.register_hook(_grad_hook(call, grad_taps))
 
 
-@torch.compiler.disable  # attnkit's Python runs eagerly; torch.compile graph-breaks around it
+@eager_under_compile  # attnkit's Python runs eagerly; torch.compile graph-breaks around it
 def run_call(call: AttentionCall, sessions: Sequence[AttentionSession], recompute: bool = False) -> Tensor:
     """The output (B, H, Q, Dv) of ``call`` through ``sessions`` (outermost first)."""
     dispatch = Dispatch(call, sessions, recompute)

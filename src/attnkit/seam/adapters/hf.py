@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from attnkit.seam.eager import eager_under_compile
 from attnkit.seam.call import build_call
 from attnkit.seam.session import attachment_of, in_backward, run_call
 
@@ -57,7 +58,7 @@ def _native_function(module: nn.Module) -> Callable:
     return sdpa_attention_forward
 
 
-@torch.compiler.disable  # attnkit's Python runs eagerly; torch.compile graph-breaks around it
+@eager_under_compile  # attnkit's Python runs eagerly; torch.compile graph-breaks around it
 def attnkit_attention(
     module: nn.Module,
     query: Tensor,

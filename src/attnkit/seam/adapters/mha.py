@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.seam.eager import eager_under_compile
 from attnkit.seam.call import build_call
 from attnkit.seam.session import Dispatch, attachment_of, in_backward
 
@@ -24,7 +25,7 @@ _PATCHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictiona
 _fastpath_saved: list[bool] = []
 
 
-@torch.compiler.disable  # attnkit's Python runs eagerly; torch.compile graph-breaks around it
+@eager_under_compile  # attnkit's Python runs eagerly; torch.compile graph-breaks around it
 def _mha_forward(
     mha: nn.MultiheadAttention,
     query: Tensor,

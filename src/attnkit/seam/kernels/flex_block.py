@@ -69,13 +69,14 @@ def flex_block_attention(
         return keep
 
     def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        dtype = score.dtype  # a wider bias or gate term must not promote it (compiled flex miscomputes then)
         if softcap is not None:
             score = softcap * torch.tanh(score / softcap)
         if bias is not None:
             score = score + bias[b, h, q_idx.clamp(max=Q - 1), kv_idx.clamp(max=K - 1)]
         if block_log_probs is not None:
             score = score + block_log_probs[b, h // G, q_idx // bs, kv_idx // bs]
-        return score
+        return score.to(dtype)
 
     block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(Q, K))
     return _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=G > 1)
