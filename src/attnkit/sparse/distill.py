@@ -5,7 +5,8 @@ The base model is frozen; the teacher is the same model with its own dense atten
 gates — and, with ``train_projections``, its attention modules' own projections — train. Loss:
 
     KL(P_dense ‖ P_sparse) of the next-token distributions, averaged over positions
-    + map_weight · KL(pooled dense attention map ‖ gate)   (SeerAttention's target, ``targets.py``)
+    + map_weight · KL(pooled dense attention map ‖ gate)   (``targets.py``: map_target "max" is
+                                                            SeerAttention's, "mass" the block's attention mass)
 
 The first term reaches the gate through the kernel's gate prior on kept blocks (see
 ``block_attention``); the second teaches it about the blocks it did not keep. Data: random
@@ -45,7 +46,7 @@ from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates, make_gates
 from attnkit.sparse.io import WEIGHTS, load_gates, save_gates
 from attnkit.sparse.patterns import get_pattern
-from attnkit.sparse.targets import PooledMapTarget, map_loss
+from attnkit.sparse.targets import PooledMapTarget, get_reduction, map_loss
 from attnkit.seam.taps import Tap
 from attnkit.common.training import StepOutput, TrainConfig, TrainResult, train
 
@@ -57,7 +58,8 @@ PROJECTIONS_FILE = "projections.safetensors"
 class DistillSettings:
     """seq_len: tokens per training window; batch_size: windows per step (the global batch under
     torchrun); map_weight: weight of the pooled-map loss (0: next-token KL only);
-    train_projections: also train the attention modules' own parameters; corpus / split: the data."""
+    train_projections: also train the attention modules' own parameters; corpus / split: the data;
+    map_target: how the dense map is pooled into blocks for the map loss (``targets.REDUCTIONS``)."""
 
     seq_len: int = 1024
     batch_size: int = 2
@@ -66,6 +68,7 @@ class DistillSettings:
     corpus: str = "kjv"
     split: str = "train"
     gate_init: str = "uniform"
+    map_target: str = "max"
 
     def __post_init__(self) -> None:
         if self.seq_len < 2 or self.batch_size < 1:
@@ -74,6 +77,7 @@ class DistillSettings:
             raise UserError(f"the map-loss weight must be >= 0, got {self.map_weight}")
         if self.gate_init not in GATE_INITS:
             raise UserError(f"unknown gate init '{self.gate_init}' (known: {', '.join(GATE_INITS)})")
+        get_reduction(self.map_target)  # a UserError naming the known ones
 
 
 def moba_init(gates: SparseGates) -> None:
@@ -163,7 +167,7 @@ class Distiller(nn.Module):
         return self._teacher[0]
 
     def forward(self, ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        pooled = PooledMapTarget(self.cfg.block_size) if self.settings.map_weight > 0 else None
+        pooled = PooledMapTarget(self.cfg.block_size, self.settings.map_target) if self.settings.map_weight > 0 else None
         with torch.no_grad(), (attach(self.teacher, taps=[pooled]) if pooled is not None else nullcontext()):
             teacher_logits = self.teacher(input_ids=ids).logits  # (B, T, V)
         with sparse_attention(self.student, self.cfg, gates=self.gates) as handle:
@@ -203,8 +207,9 @@ def check_length(model: nn.Module, seq_len: int) -> None:
 
 
 def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSettings, train_cfg: TrainConfig,
-            out: str | Path, tokens: Tensor | None = None) -> TrainResult:
-    """Train ``cfg``'s gates on ``model`` (see the module doc); writes ``out``. The model is left as found."""
+            out: str | Path, tokens: Tensor | None = None, start_from: SparseGates | None = None) -> TrainResult:
+    """Train ``cfg``'s gates on ``model`` (see the module doc); writes ``out``. The model is left as found.
+    ``start_from``: gates to continue from (their weights are copied; ``settings.gate_init`` is then not used)."""
     if not get_pattern(cfg.pattern).learned and not settings.train_projections:
         raise UserError(f"the {cfg.pattern} pattern has nothing to train; use a learned pattern (learned_gate) "
                         f"or --train-projections")
@@ -213,7 +218,12 @@ def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSet
     device = next(model.parameters()).device
     ids = (tokens if tokens is not None else training_tokens(tokenizer, settings)).to(device)
     gates = _seeded_gates(model, cfg, train_cfg.seed)  # every run starts from the same gates
-    if gates is not None:
+    if gates is not None and start_from is not None:
+        try:
+            gates.load_state_dict(start_from.state_dict())
+        except RuntimeError as e:
+            raise UserError(f"the gates to start from do not fit this model and config: {e}") from None
+    elif gates is not None:
         GATE_INITS[settings.gate_init](gates)
 
     def batch_fn(step: int, generator: torch.Generator) -> Tensor:
