@@ -1,0 +1,109 @@
+"""Every pattern at every density and length against dense reference-long, on held-out KJV text:
+perplexity, next-token KL against dense, top-1 agreement with dense, measured density.
+
+The windows are what ``attnkit sparse eval`` uses (``attnkit.sparse.evaluate.eval_windows``:
+non-overlapping, from the start of the test split), the metrics ``attnkit.metrics.fidelity``'s. Rows:
+
+- the training-free patterns as ``attnkit sparse eval`` runs them (local block forced, no sinks
+  except ``sinks_window``), and again with the previous block forced too (``local_blocks=2``: the
+  same forced blocks and so the same budget as a gate trained with them);
+- each ``--gates NAME=DIR`` as trained (its own config: forced blocks, sinks), run at every density.
+
+One JSON line per row is appended to ``--out`` (``.jsonl``) as it is measured; a row already there
+(same length, pattern, density) is skipped, so a killed run continues where it stopped.
+
+    PYTHONPATH=src python experiments/sparse/quality/eval.py --lengths 1024,4096 \\
+        --gates previous=experiments/sparse/results/far_weights/gates_0.25,mass_l2=runs/quality/mass_l2 \\
+        --out experiments/sparse/results/quality/eval.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="reference-long")
+    ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens per length")
+    ap.add_argument("--densities", default="0.125,0.25,0.5")
+    ap.add_argument("--patterns", default="window,sinks_window,moba,quest")
+    ap.add_argument("--local2", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the training-free patterns with the previous block forced")
+    ap.add_argument("--gates", default="", help="NAME=DIR[,NAME=DIR]")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from attnkit.common.data import encode_documents, load_corpus
+    from attnkit.common.loading.registry import load_model
+    from attnkit.metrics.fidelity import next_token_kl, perplexity, top1_accuracy, top1_agreement
+    from attnkit.sparse import SparseConfig, sparse_attention
+    from attnkit.sparse.distill import load_trained
+    from attnkit.sparse.evaluate import dense_baseline, eval_windows
+
+    loaded = load_model(a.model)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    stream = encode_documents(tok, load_corpus("kjv").split("test"))
+    gates = dict(g.split("=", 1) for g in a.gates.split(",") if g)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["seq_len"], r["name"], r["density"]))
+
+    def write(row: dict) -> None:
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    for n in map(int, a.lengths.split(",")):
+        ids = eval_windows(tok, n, a.tokens, stream=stream)
+        base = dense_baseline(model, ids, grad_windows=0)
+        dense = torch.cat(base.logits)
+        if (n, "dense", 1.0) not in done:
+            write({"seq_len": n, "name": "dense", "pattern": "dense", "density": 1.0, "measured_density": 1.0,
+                   "windows": int(ids.shape[0]), "perplexity": base.perplexity, "top1_accuracy": base.top1_accuracy,
+                   "kl": 0.0, "top1_agreement": 1.0})
+        for d in map(float, a.densities.split(",")):
+            runs = {}
+            for p in a.patterns.split(","):
+                runs[p] = (SparseConfig(pattern=p, density=d), None, None)
+                if a.local2:
+                    runs[f"{p}+prev"] = (SparseConfig(pattern=p, density=d, local_blocks=2), None, None)
+            for name, directory in gates.items():
+                trained = load_trained(model, directory, density=d)
+                runs[name] = (trained.cfg, trained.gates, directory)
+            for name, (cfg, g, directory) in runs.items():
+                if (n, name, d) in done:
+                    continue
+                t = time.time()
+                logits, dens = [], []
+                with torch.no_grad():
+                    for w in ids:
+                        with sparse_attention(model, cfg, gates=g) as h:
+                            logits.append(model(input_ids=w[None]).logits.float())
+                        dens.append(h.density())
+                s = torch.cat(logits)
+                ppl = perplexity(s, ids)
+                write({"seq_len": n, "name": name, "pattern": cfg.pattern, "density": d,
+                       "local_blocks": cfg.local_blocks, "sinks": cfg.keeps_sinks, "gates": directory,
+                       "measured_density": sum(dens) / len(dens), "windows": int(ids.shape[0]),
+                       "perplexity": ppl, "perplexity_ratio": ppl / base.perplexity,
+                       "kl": float(next_token_kl(dense, s)), "top1_agreement": top1_agreement(dense, s),
+                       "top1_accuracy": top1_accuracy(s, ids), "seconds": round(time.time() - t, 1)})
+        del base, dense
+
+
+if __name__ == "__main__":
+    main()
