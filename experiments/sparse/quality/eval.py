@@ -5,8 +5,9 @@ The windows are what ``attnkit sparse eval`` uses (``attnkit.sparse.evaluate.eva
 non-overlapping, from the start of the test split), the metrics ``attnkit.metrics.fidelity``'s. Rows:
 
 - the training-free patterns as ``attnkit sparse eval`` runs them (local block forced, no sinks
-  except ``sinks_window``), and again with the previous block forced too (``local_blocks=2``: the
-  same forced blocks and so the same budget as a gate trained with them);
+  except ``sinks_window``), and again with the previous block forced too (``+prev``:
+  ``local_blocks=2, sink_blocks=0``; the budget's floor stays two blocks, so every row at one
+  density keeps the same number of blocks: compare ``measured_density``);
 - each ``--gates NAME=DIR`` as trained (its own config: forced blocks, sinks), run at every density.
 
 One JSON line per row is appended to ``--out`` (``.jsonl``) as it is measured; a row already there
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens per length")
     ap.add_argument("--densities", default="0.125,0.25,0.5")
     ap.add_argument("--patterns", default="window,sinks_window,moba,quest")
+    ap.add_argument("--names", default=None, help="only these rows (names as written, e.g. moba+prev,mass)")
     ap.add_argument("--local2", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the training-free patterns with the previous block forced")
     ap.add_argument("--gates", default="", help="NAME=DIR[,NAME=DIR]")
@@ -80,12 +82,12 @@ def main() -> None:
             for p in a.patterns.split(","):
                 runs[p] = (SparseConfig(pattern=p, density=d), None, None)
                 if a.local2:
-                    runs[f"{p}+prev"] = (SparseConfig(pattern=p, density=d, local_blocks=2), None, None)
+                    runs[f"{p}+prev"] = (SparseConfig(pattern=p, density=d, local_blocks=2, sink_blocks=0), None, None)
             for name, directory in gates.items():
                 trained = load_trained(model, directory, density=d)
                 runs[name] = (trained.cfg, trained.gates, directory)
             for name, (cfg, g, directory) in runs.items():
-                if (n, name, d) in done:
+                if (n, name, d) in done or (a.names and name not in a.names.split(",")):
                     continue
                 t = time.time()
                 logits, dens = [], []
@@ -97,7 +99,7 @@ def main() -> None:
                 s = torch.cat(logits)
                 ppl = perplexity(s, ids)
                 write({"seq_len": n, "name": name, "pattern": cfg.pattern, "density": d,
-                       "local_blocks": cfg.local_blocks, "sinks": cfg.keeps_sinks, "gates": directory,
+                       "local_blocks": cfg.local_blocks, "sink_blocks": cfg.sink_blocks, "sinks": cfg.keeps_sinks, "gates": directory,
                        "measured_density": sum(dens) / len(dens), "windows": int(ids.shape[0]),
                        "perplexity": ppl, "perplexity_ratio": ppl / base.perplexity,
                        "kl": float(next_token_kl(dense, s)), "top1_agreement": top1_agreement(dense, s),
