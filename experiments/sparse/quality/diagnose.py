@@ -111,6 +111,10 @@ def main() -> None:
             "oracle_max": (SparseConfig(pattern="oracle_max", density=d), None),
             "oracle_mass_local2": (SparseConfig(pattern="oracle_mass", density=d, local_blocks=2), None),
             "oracle_mass_sinks": (SparseConfig(pattern="oracle_mass", density=d, sinks=True), None),
+            # the previous block forced in place of the sink block the budget counts: the same budget
+            "oracle_mass_prev": (SparseConfig(pattern="oracle_mass", density=d, local_blocks=2, sink_blocks=0), None),
+            "oracle_max_prev": (SparseConfig(pattern="oracle_max", density=d, local_blocks=2, sink_blocks=0), None),
+            "gate_prev": (replace(trained.cfg, local_blocks=2, sink_blocks=0), trained.gates),
             "moba_local2": (SparseConfig(pattern="moba", density=d, local_blocks=2), None),
             "quest_local2": (SparseConfig(pattern="quest", density=d, local_blocks=2), None),
         }
