@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--densities", default="0.25")
     ap.add_argument("--variants", default="all")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--per-layer", action="store_true", help="also the gate and the mass oracle in one layer at a time")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -82,12 +83,12 @@ def main() -> None:
         dense = torch.cat([model(input_ids=w[None]).logits.float() for w in ids])
     print(json.dumps({"variant": "dense", "perplexity": perplexity(dense, ids)}), flush=True)
 
-    def run(name, cfg, gates=None):
+    def run(name, cfg, gates=None, layers=None):
         t = time.time()
         out, dens = [], []
         with torch.no_grad():
             for w in ids:
-                with sparse_attention(model, cfg, gates=gates) as h:
+                with sparse_attention(model, cfg, gates=gates, layers=layers) as h:
                     out.append(model(input_ids=w[None]).logits.float())
                 dens.append(h.density())
         s = torch.cat(out)
@@ -121,6 +122,9 @@ def main() -> None:
         for name, (cfg, gates) in variants.items():
             if want is None or name in want:
                 run(name, cfg, gates)
+        for layer in range(model.config.num_hidden_layers) if a.per_layer else ():  # one layer sparse, the rest dense
+            for name in ("gate", "oracle_mass"):
+                run(f"{name}_only_layer{layer}", *variants[name], layers=[layer])
 
 
 if __name__ == "__main__":
