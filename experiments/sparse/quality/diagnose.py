@@ -25,6 +25,8 @@ import argparse
 import json
 import math
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,29 @@ def block_mass(q, k, groups: int, scale: float, block: int, reduce: str):
     return pooled
 
 
+@contextmanager
+def layer_densities(per_layer: list[float]):
+    """Every sparse call of layer i runs at density per_layer[i] (a measurement: the selector's
+    config swapped per call)."""
+    from attnkit.sparse.attention import SparseSelector
+
+    original = SparseSelector.select
+
+    def select(self, call):
+        cfg = self.cfg
+        self.cfg = replace(cfg, density=per_layer[call.site.layer])
+        try:
+            return original(self, call)
+        finally:
+            self.cfg = cfg
+
+    SparseSelector.select = select
+    try:
+        yield
+    finally:
+        SparseSelector.select = original
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="reference-long")
@@ -57,10 +82,10 @@ def main() -> None:
     ap.add_argument("--variants", default="all")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--per-layer", action="store_true", help="also the gate and the mass oracle in one layer at a time")
+    ap.add_argument("--block-sizes", default="", help="also the gate, the oracle and quest at these block sizes")
+    ap.add_argument("--layer-densities", default="", help="also run with these densities, one per layer")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-
-    from dataclasses import replace
 
     from attnkit.common.data import encode_documents, load_corpus
     from attnkit.common.loading.registry import load_model
@@ -73,9 +98,9 @@ def main() -> None:
     model, tok = loaded.model.eval(), loaded.tokenizer
     scale = model.config.head_dim ** -0.5 if getattr(model.config, "head_dim", None) else \
         (model.config.hidden_size // model.config.num_attention_heads) ** -0.5
-    block = 64
     for reduce in ("mass", "max"):
-        register_pattern(Pattern(f"oracle_{reduce}", lambda x, r=reduce: block_mass(x.q, x.k, x.groups, scale, block, r)))
+        register_pattern(Pattern(f"oracle_{reduce}", lambda x, r=reduce: block_mass(x.q, x.k, x.groups, scale,
+                                                                             x.geometry.block_size, r)))
 
     stream = encode_documents(tok, load_corpus("kjv").split("test"))
     ids = stream[: a.windows * a.seq_len].view(a.windows, a.seq_len)
@@ -122,6 +147,16 @@ def main() -> None:
         for name, (cfg, gates) in variants.items():
             if want is None or name in want:
                 run(name, cfg, gates)
+        for bs in map(int, a.block_sizes.split(",")) if a.block_sizes else ():  # finer selection, same density
+            run(f"gate_block{bs}", replace(trained.cfg, block_size=bs), trained.gates)
+            run(f"oracle_mass_block{bs}", SparseConfig(pattern="oracle_mass", density=d, block_size=bs))
+            run(f"quest_block{bs}", SparseConfig(pattern="quest", density=d, block_size=bs))
+        if a.layer_densities:  # one density per layer (the budget moved between layers)
+            per_layer = [float(x) for x in a.layer_densities.split(",")]
+            with layer_densities(per_layer):
+                run(f"gate_layers{a.layer_densities}", trained.cfg, trained.gates)
+                run(f"oracle_mass_layers{a.layer_densities}", SparseConfig(pattern="oracle_mass", density=d))
+                run(f"quest_layers{a.layer_densities}", SparseConfig(pattern="quest", density=d))
         for layer in range(model.config.num_hidden_layers) if a.per_layer else ():  # one layer sparse, the rest dense
             for name in ("gate", "oracle_mass"):
                 run(f"{name}_only_layer{layer}", *variants[name], layers=[layer])

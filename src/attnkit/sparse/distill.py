@@ -307,3 +307,84 @@ def load_trained(model: nn.Module, directory: str | Path, density: float | None 
                 for n, p in m.named_parameters():
                     p.copy_(state[f"{i}.{n}"])
     return TrainedSparse(cfg, gates, info)
+
+
+# --- moving the budget between layers -------------------------------------------------------------
+
+CALIBRATION_DENSITIES = (0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
+
+
+@dataclass
+class LayerCalibration:
+    """What ``calibrate_layer_shares`` measured and chose.
+
+    kl[layer][density]: next-token KL against dense with only that layer sparse at that density;
+    kept[layer][density]: the share of that layer's candidate blocks kept; budget: the kept share
+    of the uniform config (every layer at ``density``), which the chosen densities do not exceed
+    on average; densities: the chosen density of each layer; shares: densities / ``density``."""
+
+    density: float
+    kl: dict[int, dict[float, float]]
+    kept: dict[int, dict[float, float]]
+    budget: float
+    densities: dict[int, float]
+    shares: tuple[float, ...]
+
+    def as_dict(self) -> dict:
+        return {"density": self.density, "budget": self.budget, "densities": self.densities,
+                "shares": list(self.shares), "kl": self.kl, "kept": self.kept}
+
+
+@torch.no_grad()
+def calibrate_layer_shares(model: nn.Module, cfg: SparseConfig, gates: SparseGates | None, ids: Tensor,
+                           grid: tuple[float, ...] = CALIBRATION_DENSITIES) -> LayerCalibration:
+    """Per-layer densities for ``cfg`` that keep, on average over layers, the blocks the uniform
+    config keeps, chosen to lose the least next-token KL on ``ids`` (N, T) (calibration text, not
+    the evaluation's).
+
+    Each layer is run sparse alone (the others dense) at every density of ``grid``; its KL against
+    the dense model is taken as that layer's cost, the costs as adding up. Greedy: every layer
+    starts at the lowest density, then the move of one layer up the grid that buys the most KL per
+    kept block is made, while the average kept share stays within the budget. The model
+    is left as found (``sparse_attention``'s contract); ``cfg.layer_shares`` is ignored."""
+    from dataclasses import replace
+
+    from attnkit.metrics.fidelity import next_token_kl
+
+    cfg = replace(cfg, layer_shares=None)
+    layers = sorted({site.layer for site in attention_modules(model)})
+    grid = tuple(sorted(set(grid) | {cfg.density}))
+    dense = [model(input_ids=w[None]).logits.float() for w in ids]
+    kl: dict[int, dict[float, float]] = {}
+    kept: dict[int, dict[float, float]] = {}
+    for layer in layers:
+        kl[layer], kept[layer] = {}, {}
+        for d in grid:
+            at = replace(cfg, density=d)
+            sparse, shares = [], []
+            for w in ids:
+                with sparse_attention(model, at, gates=gates, layers=[layer]) as handle:
+                    sparse.append(model(input_ids=w[None]).logits.float())
+                shares.append(handle.density())
+            kl[layer][d] = float(next_token_kl(torch.cat(dense), torch.cat(sparse)))
+            kept[layer][d] = sum(shares) / len(shares)
+    budget = sum(kept[layer][cfg.density] for layer in layers) / len(layers)
+    step = {layer: 0 for layer in layers}
+    while True:
+        used = sum(kept[layer][grid[step[layer]]] for layer in layers) / len(layers)
+        best, best_gain = None, 0.0
+        for layer in layers:
+            now = grid[step[layer]]
+            for j in range(step[layer] + 1, len(grid)):  # any step up: a flat stretch may precede a drop
+                cost = (kept[layer][grid[j]] - kept[layer][now]) / len(layers)
+                if used + cost > budget + 1e-9:
+                    break
+                gain = (kl[layer][now] - kl[layer][grid[j]]) / max(cost, 1e-12)
+                if gain > best_gain:
+                    best, best_gain = (layer, j), gain
+        if best is None:
+            break
+        step[best[0]] = best[1]
+    densities = {layer: grid[step[layer]] for layer in layers}
+    shares = tuple(densities.get(i, cfg.density) / cfg.density for i in range(max(layers) + 1))
+    return LayerCalibration(cfg.density, kl, kept, budget, densities, shares)
