@@ -34,7 +34,9 @@ def main() -> None:
     ap.add_argument("--densities", default="0.125,0.25,0.5")
     ap.add_argument("--patterns", default="window,sinks_window,moba,quest")
     ap.add_argument("--names", default=None, help="only these rows (names as written, e.g. moba+prev,mass)")
-    ap.add_argument("--local2", action=argparse.BooleanOptionalAction, default=True,
+    ap.add_argument("--layer-shares", default="", metavar="S0,S1,...",
+                    help="also run the training-free patterns with these layer_shares (rows PATTERN@shares)")
+    ap.add_argument("--local2", action=argparse.BooleanOptionalAction, default=False,
                     help="also run the training-free patterns with the previous block forced")
     ap.add_argument("--gates", default="", help="NAME=DIR[,NAME=DIR]")
     ap.add_argument("--out", required=True)
@@ -80,6 +82,9 @@ def main() -> None:
             runs = {}
             for p in a.patterns.split(","):
                 runs[p] = (SparseConfig(pattern=p, density=d), None, None)
+                if a.layer_shares:
+                    shares = tuple(float(x) for x in a.layer_shares.split(","))
+                    runs[f"{p}@shares"] = (SparseConfig(pattern=p, density=d, layer_shares=shares), None, None)
                 if a.local2:
                     runs[f"{p}+prev"] = (SparseConfig(pattern=p, density=d, local_blocks=2, sink_blocks=0), None, None)
             for name, directory in gates.items():
@@ -98,7 +103,7 @@ def main() -> None:
                 s = torch.cat(logits)
                 ppl = perplexity(s, ids)
                 write({"seq_len": n, "name": name, "pattern": cfg.pattern, "density": d,
-                       "local_blocks": cfg.local_blocks, "sink_blocks": cfg.sink_blocks, "sinks": cfg.keeps_sinks, "gates": directory,
+                       "layer_shares": cfg.layer_shares, "local_blocks": cfg.local_blocks, "sink_blocks": cfg.sink_blocks, "sinks": cfg.keeps_sinks, "gates": directory,
                        "measured_density": sum(dens) / len(dens), "windows": int(ids.shape[0]),
                        "perplexity": ppl, "perplexity_ratio": ppl / base.perplexity,
                        "kl": float(next_token_kl(dense, s)), "top1_agreement": top1_agreement(dense, s),
