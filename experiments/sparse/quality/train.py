@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--local-blocks", type=int, default=1)
     ap.add_argument("--sink-blocks", type=int, default=1,
                     help="the budget's floor counts these even unforced: 0 with --local-blocks 2 keeps every density's budget")
+    ap.add_argument("--layer-shares", default="", metavar="S0,S1,...", help="train under this layer budget")
     ap.add_argument("--sinks", action="store_true", help="force the first block (off: reference-long has no sink)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -56,7 +57,8 @@ def main() -> None:
 
     loaded = load_model(a.model)
     cfg = SparseConfig(pattern="learned_gate", density=a.density, block_size=a.block_size, local_blocks=a.local_blocks,
-                       sink_blocks=a.sink_blocks, sinks=a.sinks, gate_dim=a.gate_dim, gate_bias=a.gate_bias, gate_grad=a.gate_grad)
+                       sink_blocks=a.sink_blocks, sinks=a.sinks,
+                       layer_shares=tuple(float(x) for x in a.layer_shares.split(",")) if a.layer_shares else None, gate_dim=a.gate_dim, gate_bias=a.gate_bias, gate_grad=a.gate_grad)
     start = load_trained(loaded.model, a.start_from).gates if a.start_from else None
     settings = DistillSettings(seq_len=a.seq_len, batch_size=a.batch_size, map_weight=a.map_weight,
                                gate_init=a.gate_init, map_target=a.map_target)
