@@ -26,6 +26,14 @@ import time
 from pathlib import Path
 
 
+def nearest(dirs: list[str], density: float) -> str:
+    """The directory whose gates were trained at the density nearest ``density``."""
+    def trained_at(d: str) -> float:
+        return float(json.loads((Path(d) / "train_summary.json").read_text())["sparse"]["density"])
+
+    return min(dirs, key=lambda d: (abs(trained_at(d) - density), d))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="reference-long")
@@ -38,7 +46,10 @@ def main() -> None:
                     help="also run the training-free patterns with these layer_shares (rows PATTERN@shares)")
     ap.add_argument("--local2", action=argparse.BooleanOptionalAction, default=False,
                     help="also run the training-free patterns with the previous block forced")
-    ap.add_argument("--gates", default="", help="NAME=DIR[,NAME=DIR]")
+    ap.add_argument("--gates", default="", help="NAME=DIR[+DIR...][,NAME=...]: at each density the directory "
+                    "trained (or calibrated) at the nearest density, as attnkit sparse eval --gates picks")
+    ap.add_argument("--shares-from", default=None, metavar="NAME",
+                    help="also run the training-free patterns with that gate's layer_shares (rows PATTERN@shares)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -87,9 +98,14 @@ def main() -> None:
                     runs[f"{p}@shares"] = (SparseConfig(pattern=p, density=d, layer_shares=shares), None, None)
                 if a.local2:
                     runs[f"{p}+prev"] = (SparseConfig(pattern=p, density=d, local_blocks=2, sink_blocks=0), None, None)
-            for name, directory in gates.items():
+            for name, dirs in gates.items():
+                directory = nearest(dirs.split("+"), d)
                 trained = load_trained(model, directory, density=d)
                 runs[name] = (trained.cfg, trained.gates, directory)
+                if name == a.shares_from:  # the training-free patterns with this gate's layer budget
+                    for p in a.patterns.split(","):
+                        runs[f"{p}@shares"] = (SparseConfig(pattern=p, density=d,
+                                                            layer_shares=trained.cfg.layer_shares), None, None)
             for name, (cfg, g, directory) in runs.items():
                 if (n, name, d) in done or (a.names and name not in a.names.split(",")):
                     continue
