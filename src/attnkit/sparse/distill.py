@@ -344,8 +344,9 @@ def calibrate_layer_shares(model: nn.Module, cfg: SparseConfig, gates: SparseGat
 
     Each layer is run sparse alone (the others dense) at every density of ``grid``; its KL against
     the dense model is taken as that layer's cost, the costs as adding up. Greedy: every layer
-    starts at the lowest density, then the move of one layer up the grid that buys the most KL per
-    kept block is made, while the average kept share stays within the budget. The model
+    starts at the highest density that keeps no more blocks than the lowest (at short lengths the
+    budget's floor makes several alike), then the move of one layer up the grid that buys the most
+    KL per kept block is made, while the average kept share stays within the budget. The model
     is left as found (``sparse_attention``'s contract); ``cfg.layer_shares`` is ignored."""
     from dataclasses import replace
 
@@ -370,6 +371,9 @@ def calibrate_layer_shares(model: nn.Module, cfg: SparseConfig, gates: SparseGat
             kept[layer][d] = sum(shares) / len(shares)
     budget = sum(kept[layer][cfg.density] for layer in layers) / len(layers)
     step = {layer: 0 for layer in layers}
+    for layer in layers:  # a step up that keeps no more blocks here (the budget's floor) is free: take it
+        while step[layer] + 1 < len(grid) and kept[layer][grid[step[layer] + 1]] <= kept[layer][grid[step[layer]]] + 1e-12:
+            step[layer] += 1
     while True:
         used = sum(kept[layer][grid[step[layer]]] for layer in layers) / len(layers)
         best, best_gain = None, 0.0
