@@ -129,3 +129,14 @@ def test_padding_rows_of_a_batch_are_zero_in_the_pooled_map():
     for site in pooled.pooled:
         assert (pooled.pooled[site][1, :, 2] == 0).all() and (pooled.pooled[site][0, :, 2] > 0).any()
         assert Site(0) in pooled.pooled
+
+
+def test_mass_ranks_the_block_that_holds_the_attention_first_where_max_ranks_a_sharp_one():
+    # two rows of one query block over two key blocks of 4 keys: block 0 has one sharp entry seen by
+    # one row, block 1 holds most of both rows' attention, spread thin
+    probs = torch.tensor([[0.60, 0.00, 0.00, 0.00, 0.10, 0.10, 0.10, 0.10],
+                          [0.00, 0.00, 0.00, 0.00, 0.25, 0.25, 0.25, 0.25]]).view(1, 1, 2, 8)
+    by_max, by_mass = (pool_rows(probs, 4, 2, reduce).amax(2) if reduce == "max" else pool_rows(probs, 4, 2, reduce).sum(2)
+                       for reduce in ("max", "mass"))
+    assert by_max.argmax(-1).item() == 0 and by_mass.argmax(-1).item() == 1
+    assert torch.allclose(by_mass, torch.tensor([[[0.6, 1.4]]]))  # what dropping each block removes
