@@ -1,7 +1,9 @@
-"""Markdown tables of ``eval.py``'s JSON lines: per length, one row per (name, density) with the
-measured density, perplexity (and its ratio to dense), KL against dense and top-1 agreement.
+"""A markdown table of ``eval.py``'s JSON lines: one row per (density, pattern), for each length the
+kept share of the causal blocks (measured), perplexity (× dense), KL against dense and top-1
+agreement with dense.
 
-    python experiments/sparse/quality/table.py experiments/sparse/results/quality/eval.jsonl [--names a,b,...]
+    python experiments/sparse/quality/table.py experiments/sparse/results/quality/eval.jsonl \\
+        --names moba,quest,gate --labels gate=learned_gate
 """
 
 from __future__ import annotations
@@ -15,29 +17,34 @@ def main() -> None:
     ap.add_argument("jsonl")
     ap.add_argument("--names", default=None, help="rows to show, in this order (default: all, as measured)")
     ap.add_argument("--labels", default="", help="NAME=LABEL[,NAME=LABEL]: how a row is called in the table")
+    ap.add_argument("--bold", default="", help="NAME[,NAME]: rows set in bold")
     a = ap.parse_args()
     rows = [json.loads(line) for line in open(a.jsonl) if line.strip()]
     labels = dict(x.split("=", 1) for x in a.labels.split(",") if x)
-    names = a.names.split(",") if a.names else list(dict.fromkeys(r["name"] for r in rows))
-    for n in sorted({r["seq_len"] for r in rows}):
-        at = {(r["name"], r["density"]): r for r in rows if r["seq_len"] == n}
-        dense = at[("dense", 1.0)]
-        print(f"\n{n} tokens ({dense['windows']} windows, {dense['windows'] * n:,} tokens; dense perplexity "
-              f"{dense['perplexity']:.2f})\n")
-        densities = sorted({d for (_, d) in at if d < 1.0})
-        print("| pattern | " + " | ".join(f"{d:g}: ppl (×dense) / KL / top-1 agr." for d in densities) + " |")
-        print("|---|" + "---:|" * len(densities))
+    bold = set(a.bold.split(",")) if a.bold else set()
+    names = a.names.split(",") if a.names else [n for n in dict.fromkeys(r["name"] for r in rows) if n != "dense"]
+    lengths = sorted({r["seq_len"] for r in rows})
+    at = {(r["seq_len"], r["name"], r["density"]): r for r in rows}
+    dense = {n: at[(n, "dense", 1.0)] for n in lengths}
+    print("Dense: " + "; ".join(f"{n} tokens perplexity {dense[n]['perplexity']:.2f} ({dense[n]['windows']} windows, "
+                                 f"{dense[n]['windows'] * n:,} tokens)" for n in lengths) + ".\n")
+    head = " | ".join(f"{n}: kept | ppl (× dense) | KL | top-1 agr." for n in lengths)
+    print(f"| density | pattern | {head} |")
+    print("|---|---|" + "---:|" * (4 * len(lengths)))
+    for d in sorted({r["density"] for r in rows if r["name"] != "dense"}):
         for name in names:
-            if name == "dense" or not any((name, d) in at for d in densities):
+            if not any((n, name, d) in at for n in lengths):
                 continue
             cells = []
-            for d in densities:
-                r = at.get((name, d))
-                cells.append("–" if r is None else
-                             f"{r['perplexity']:.2f} ({r['perplexity_ratio']:.3f}) / {r['kl']:.3f} / {r['top1_agreement']:.3f}")
-            print(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
-        print("\nmeasured density: " + ", ".join(
-            f"{d:g} → {next(r['measured_density'] for (nm, dd), r in at.items() if dd == d):.3f}" for d in densities))
+            for n in lengths:
+                r = at.get((n, name, d))
+                cells += ["–"] * 4 if r is None else [
+                    f"{r['measured_density']:.3f}", f"{r['perplexity']:.2f} ({r['perplexity_ratio']:.3f})",
+                    f"{r['kl']:.3f}", f"{r['top1_agreement']:.3f}"]
+            label = labels.get(name, name)
+            if name in bold:
+                label, cells = f"**{label}**", [f"**{c}**" if c != "–" else c for c in cells]
+            print(f"| {d:g} | {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
