@@ -93,6 +93,31 @@ def test_only_the_gates_train_and_the_model_is_left_as_found(tmp_path):
     assert load_trained(_llama(), tmp_path, density=0.8).cfg.density == 0.8
 
 
+@pytest.mark.parametrize("target", ["max", "mass"])
+def test_a_run_started_from_trained_gates_continues_from_them(tmp_path, target):
+    from attnkit.sparse.distill import _seeded_gates
+
+    start = _seeded_gates(_llama(), CFG, 7)
+    with torch.no_grad():
+        for p in start.parameters():
+            p.normal_()  # far from any init a run makes itself
+    settings = DistillSettings(seq_len=48, batch_size=2, map_weight=0.5, map_target=target)
+    def tiny():  # AdamW moves each weight by about lr a step
+        return _train_cfg(steps=2, lr=1e-12, warmup_steps=0)
+
+    distill(_llama(), None, CFG, settings, tiny(), tmp_path / "from", tokens=TOKENS, start_from=start)
+    distill(_llama(), None, CFG, settings, tiny(), tmp_path / "fresh", tokens=TOKENS)
+    cont, fresh = (load_file(str(tmp_path / d / "sparse_gates.safetensors")) for d in ("from", "fresh"))
+    for k, t in start.state_dict().items():
+        assert torch.allclose(cont[k], t, atol=1e-9), k
+    assert not torch.allclose(fresh["gates.0.q_weight"], start.state_dict()["gates.0.q_weight"])
+    info = json.loads((tmp_path / "from" / "train_summary.json").read_text())
+    assert info["distill"]["map_target"] == target
+    other = _seeded_gates(_llama(), SparseConfig(pattern="learned_gate", density=0.4, block_size=8, gate_dim=8), 0)
+    with pytest.raises(UserError, match="do not fit"):
+        distill(_llama(), None, CFG, settings, tiny(), tmp_path / "bad", tokens=TOKENS, start_from=other)
+
+
 @pytest.mark.parametrize("stop_at", [2, 3])
 def test_interrupted_distillation_resumed_ends_with_the_same_gates_bit_for_bit(tmp_path, stop_at):
     distill(_llama(), None, CFG, SETTINGS, _train_cfg(), tmp_path / "whole", tokens=TOKENS)

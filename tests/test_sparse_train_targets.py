@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from attnkit.seam import AttentionSession, MapCapture, Site, attach
@@ -32,26 +31,54 @@ def _gpt2():
 MODELS = {"llama-gqa": _llama, "gpt2": _gpt2}
 
 
+def _pool_by_hand(full, block: int, reduce: str):
+    """(B, H, T, T) -> (B, H, nQb, nKb): each tile's max ("max") or sum ("mass"), written out with loops."""
+    B, H, T, _ = full.shape
+    n = math.ceil(T / block)
+    out = torch.zeros(B, H, n, n)
+    for i in range(n):
+        for j in range(n):
+            tile = full[:, :, i * block:(i + 1) * block, j * block:(j + 1) * block]
+            out[:, :, i, j] = tile.amax((-1, -2)) if reduce == "max" else tile.sum((-1, -2))
+    return out
+
+
+@pytest.mark.parametrize("reduce", ["max", "mass"])
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("length,block", [(37, 8), (16, 16), (5, 8)])  # ragged, exact, shorter than a block
-def test_pooled_map_equals_the_full_map_pooled_by_hand(name, length, block):
+def test_pooled_map_equals_the_full_map_pooled_by_hand(name, length, block, reduce):
     model = MODELS[name]()
     ids = torch.randint(0, 61, (2, length), generator=torch.Generator().manual_seed(1))
-    capture, pooled = MapCapture(), PooledMapTarget(block)
+    capture, pooled = MapCapture(), PooledMapTarget(block, reduce)
     with torch.no_grad(), attach(model, taps=[capture]):
         model(input_ids=ids)
     # small chunks: 3 rows at a time, not aligned to the blocks
     with torch.no_grad(), attach(model, AttentionSession(taps=[pooled], chunk_elements=2 * 4 * 3 * length)):
         model(input_ids=ids)
-    n = math.ceil(length / block)
     for site, full in capture.maps.items():
-        pad = n * block - length
-        want = F.max_pool2d(F.pad(full, (0, pad, 0, pad)), block)  # (B, H, nQb, nKb)
-        assert torch.allclose(pooled.pooled[site], want, atol=1e-6), site
+        want = _pool_by_hand(full.float(), block, reduce)  # (B, H, nQb, nKb)
+        assert torch.allclose(pooled.pooled[site], want, atol=1e-5), site
+        if reduce == "mass":  # every query row's probabilities sum to 1: a query block's mass is its row count
+            rows = torch.tensor([min(block, length - i * block) for i in range(want.shape[2])], dtype=torch.float)
+            assert torch.allclose(pooled.pooled[site].sum(-1), rows.expand_as(want[..., 0]), atol=1e-4)
         H = full.shape[1]
-        t = pooled.target(site, num_kv_heads=H // 2 if name == "llama-gqa" else H)
+        groups = 2 if name == "llama-gqa" else 1
+        t = pooled.target(site, num_kv_heads=H // groups)
+        grouped = want.view(want.shape[0], H // groups, groups, *want.shape[2:])
+        grouped = grouped.amax(2) if reduce == "max" else grouped.sum(2)  # the heads of a KV group share blocks
+        assert torch.allclose(t, grouped / grouped.sum(-1, keepdim=True), atol=1e-5)
         assert torch.allclose(t.sum(-1), torch.ones_like(t.sum(-1)))
         assert (t.triu(1) == 0).all()  # no future block
+
+
+def test_an_unknown_map_target_is_a_clear_error():
+    from attnkit.errors import UserError
+    from attnkit.sparse.distill import DistillSettings
+
+    with pytest.raises(UserError, match="unknown map target 'sum'.*max, mass"):
+        DistillSettings(map_target="sum")
+    with pytest.raises(UserError, match="unknown map target"):
+        PooledMapTarget(8, "mean")
 
 
 def test_target_fits_the_gate_scores_and_the_loss_is_the_kl_by_hand():
@@ -102,3 +129,14 @@ def test_padding_rows_of_a_batch_are_zero_in_the_pooled_map():
     for site in pooled.pooled:
         assert (pooled.pooled[site][1, :, 2] == 0).all() and (pooled.pooled[site][0, :, 2] > 0).any()
         assert Site(0) in pooled.pooled
+
+
+def test_mass_ranks_the_block_that_holds_the_attention_first_where_max_ranks_a_sharp_one():
+    # two rows of one query block over two key blocks of 4 keys: block 0 has one sharp entry seen by
+    # one row, block 1 holds most of both rows' attention, spread thin
+    probs = torch.tensor([[0.60, 0.00, 0.00, 0.00, 0.10, 0.10, 0.10, 0.10],
+                          [0.00, 0.00, 0.00, 0.00, 0.25, 0.25, 0.25, 0.25]]).view(1, 1, 2, 8)
+    by_max, by_mass = (pool_rows(probs, 4, 2, reduce).amax(2) if reduce == "max" else pool_rows(probs, 4, 2, reduce).sum(2)
+                       for reduce in ("max", "mass"))
+    assert by_max.argmax(-1).item() == 0 and by_mass.argmax(-1).item() == 1
+    assert torch.allclose(by_mass, torch.tensor([[[0.6, 1.4]]]))  # what dropping each block removes

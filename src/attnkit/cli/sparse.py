@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     t.add_argument("--map-loss", type=float, default=0.0, metavar="W",
                    help="weight of the gate's KL to the dense model's block-max-pooled attention map (SeerAttention)")
+    t.add_argument("--map-target", choices=["max", "mass"], default="max",
+                   help="how the dense map is pooled into blocks for --map-loss: max (SeerAttention's) or mass (the "
+                   "attention a query block puts on a key block: what dropping it costs)")
     t.add_argument("--train-projections", action="store_true",
                    help="also train the attention modules' projections (of a copy; saved beside the gates)")
     t.add_argument("--out", required=True, metavar="DIR", help="directory for the gates, summary and checkpoints")
@@ -184,7 +187,8 @@ def run_train(args: argparse.Namespace) -> int:
     if cfg.gate_bias == 0 and args.map_loss == 0 and not args.train_projections:
         raise UserError("with --gate-bias 0 the next-token KL does not reach the gate: give --map-loss W > 0")
     settings = DistillSettings(seq_len=args.seq_len, batch_size=args.batch_size, map_weight=args.map_loss,
-                               train_projections=args.train_projections, corpus=args.corpus, gate_init=args.gate_init)
+                               train_projections=args.train_projections, corpus=args.corpus, gate_init=args.gate_init,
+                               map_target=args.map_target)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.steps // 10)
     train_cfg = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=warmup,
                             min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip or None, seed=args.seed,

@@ -157,11 +157,12 @@ class SparseSelector:
                 raise UserError(f"the gate of {call.site} was made for (KV heads, group size, head dim) "
                                 f"{(gate.num_kv_heads, gate.groups, gate.head_dim)}, the call has {shape}")
         causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
+        cfg = self.cfg.at_layer(call.site.layer)  # the layer's own density under layer_shares
         pages = None
         if causal:  # the queries follow the cache's keys: the pages' statistics are kept across calls
             def pages():
                 return self.pages.update(call.site, k, self.cfg.block_size, past=call.key_length - call.query_length)
-        return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal, allowed=call.allowed, key_pages=pages), k, v
+        return choose_blocks(call.query, k, cfg, gate=gate, causal=causal, allowed=call.allowed, key_pages=pages), k, v
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
         sel, k, v = self.select(call)

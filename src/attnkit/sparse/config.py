@@ -11,7 +11,7 @@ keeps (the local block, and for some the first "sink" blocks) count towards ``k`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from attnkit.errors import UserError
 
@@ -47,6 +47,11 @@ class SparseConfig:
     gate_init: "uniform" (a new gate scores every block alike: it keeps what sinks_window keeps) or
         "moba" (it starts as MoBA's score, sinks still forced; needs gate_dim >= head_dim; with
         gate_grad="prior" that start also reweights the kept blocks).
+    layer_shares: None (every layer at ``density``) or one factor per layer: layer i keeps
+        min(1, density · layer_shares[i]) of its blocks. Layers differ in what a dropped block costs
+        (a layer of induction heads needs many blocks, a layer of local heads few); shares that
+        average 1 move the budget between layers at about the same total cost
+        (``attnkit.sparse.distill.calibrate_layer_shares`` measures them).
     """
 
     pattern: str = "sinks_window"
@@ -63,6 +68,7 @@ class SparseConfig:
     gate_bias: float = 1.0
     gate_grad: str = "prior"
     gate_init: str = "uniform"
+    layer_shares: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         from attnkit.sparse.patterns import PATTERNS
@@ -83,6 +89,25 @@ class SparseConfig:
             raise UserError(f"unknown gate_init '{self.gate_init}' (known: {', '.join(GATE_INITS)})")
         if self.chunk_elements < 1 or self.gate_dim < 1:
             raise UserError("chunk_elements and gate_dim must be >= 1")
+        if self.layer_shares is not None:
+            shares = tuple(self.layer_shares)  # a JSON list comes back as a tuple
+            if not shares or not all(isinstance(x, (int, float)) and x > 0 and math.isfinite(x) for x in shares):
+                raise UserError(f"layer_shares must be positive numbers, one per layer, got {self.layer_shares!r}")
+            object.__setattr__(self, "layer_shares", tuple(float(x) for x in shares))
+
+    def density_of_layer(self, layer: int) -> float:
+        """The density layer ``layer`` runs at: ``density``, or ``density · layer_shares[layer]`` (at most 1)."""
+        if self.layer_shares is None:
+            return self.density
+        if not 0 <= layer < len(self.layer_shares):
+            raise UserError(f"layer_shares has {len(self.layer_shares)} entries: none for layer {layer}")
+        return min(1.0, self.density * self.layer_shares[layer])
+
+    def at_layer(self, layer: int) -> "SparseConfig":
+        """This config with the density of ``layer`` (itself when every layer runs at ``density``)."""
+        if self.layer_shares is None:
+            return self
+        return replace(self, density=self.density_of_layer(layer), layer_shares=None)
 
     @property
     def keeps_sinks(self) -> bool:
@@ -91,7 +116,12 @@ class SparseConfig:
         return PATTERNS[self.pattern].sinks if self.sinks is None else bool(self.sinks)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        doc = asdict(self)
+        if doc["layer_shares"] is None:  # written only when set: a config without it reads and writes as before
+            del doc["layer_shares"]
+        else:
+            doc["layer_shares"] = list(doc["layer_shares"])
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict) -> "SparseConfig":

@@ -5,7 +5,8 @@ The base model is frozen; the teacher is the same model with its own dense atten
 gates — and, with ``train_projections``, its attention modules' own projections — train. Loss:
 
     KL(P_dense ‖ P_sparse) of the next-token distributions, averaged over positions
-    + map_weight · KL(pooled dense attention map ‖ gate)   (SeerAttention's target, ``targets.py``)
+    + map_weight · KL(pooled dense attention map ‖ gate)   (``targets.py``: map_target "max" is
+                                                            SeerAttention's, "mass" the block's attention mass)
 
 The first term reaches the gate through the kernel's gate prior on kept blocks (see
 ``block_attention``); the second teaches it about the blocks it did not keep. Data: random
@@ -45,7 +46,7 @@ from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates, make_gates
 from attnkit.sparse.io import WEIGHTS, load_gates, save_gates
 from attnkit.sparse.patterns import get_pattern
-from attnkit.sparse.targets import PooledMapTarget, map_loss
+from attnkit.sparse.targets import PooledMapTarget, get_reduction, map_loss
 from attnkit.seam.taps import Tap
 from attnkit.common.training import StepOutput, TrainConfig, TrainResult, train
 
@@ -57,7 +58,8 @@ PROJECTIONS_FILE = "projections.safetensors"
 class DistillSettings:
     """seq_len: tokens per training window; batch_size: windows per step (the global batch under
     torchrun); map_weight: weight of the pooled-map loss (0: next-token KL only);
-    train_projections: also train the attention modules' own parameters; corpus / split: the data."""
+    train_projections: also train the attention modules' own parameters; corpus / split: the data;
+    map_target: how the dense map is pooled into blocks for the map loss (``targets.REDUCTIONS``)."""
 
     seq_len: int = 1024
     batch_size: int = 2
@@ -66,6 +68,7 @@ class DistillSettings:
     corpus: str = "kjv"
     split: str = "train"
     gate_init: str = "uniform"
+    map_target: str = "max"
 
     def __post_init__(self) -> None:
         if self.seq_len < 2 or self.batch_size < 1:
@@ -74,6 +77,7 @@ class DistillSettings:
             raise UserError(f"the map-loss weight must be >= 0, got {self.map_weight}")
         if self.gate_init not in GATE_INITS:
             raise UserError(f"unknown gate init '{self.gate_init}' (known: {', '.join(GATE_INITS)})")
+        get_reduction(self.map_target)  # a UserError naming the known ones
 
 
 def moba_init(gates: SparseGates) -> None:
@@ -163,7 +167,7 @@ class Distiller(nn.Module):
         return self._teacher[0]
 
     def forward(self, ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        pooled = PooledMapTarget(self.cfg.block_size) if self.settings.map_weight > 0 else None
+        pooled = PooledMapTarget(self.cfg.block_size, self.settings.map_target) if self.settings.map_weight > 0 else None
         with torch.no_grad(), (attach(self.teacher, taps=[pooled]) if pooled is not None else nullcontext()):
             teacher_logits = self.teacher(input_ids=ids).logits  # (B, T, V)
         with sparse_attention(self.student, self.cfg, gates=self.gates) as handle:
@@ -203,8 +207,9 @@ def check_length(model: nn.Module, seq_len: int) -> None:
 
 
 def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSettings, train_cfg: TrainConfig,
-            out: str | Path, tokens: Tensor | None = None) -> TrainResult:
-    """Train ``cfg``'s gates on ``model`` (see the module doc); writes ``out``. The model is left as found."""
+            out: str | Path, tokens: Tensor | None = None, start_from: SparseGates | None = None) -> TrainResult:
+    """Train ``cfg``'s gates on ``model`` (see the module doc); writes ``out``. The model is left as found.
+    ``start_from``: gates to continue from (their weights are copied; ``settings.gate_init`` is then not used)."""
     if not get_pattern(cfg.pattern).learned and not settings.train_projections:
         raise UserError(f"the {cfg.pattern} pattern has nothing to train; use a learned pattern (learned_gate) "
                         f"or --train-projections")
@@ -213,7 +218,12 @@ def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSet
     device = next(model.parameters()).device
     ids = (tokens if tokens is not None else training_tokens(tokenizer, settings)).to(device)
     gates = _seeded_gates(model, cfg, train_cfg.seed)  # every run starts from the same gates
-    if gates is not None:
+    if gates is not None and start_from is not None:
+        try:
+            gates.load_state_dict(start_from.state_dict())
+        except RuntimeError as e:
+            raise UserError(f"the gates to start from do not fit this model and config: {e}") from None
+    elif gates is not None:
         GATE_INITS[settings.gate_init](gates)
 
     def batch_fn(step: int, generator: torch.Generator) -> Tensor:
@@ -297,3 +307,88 @@ def load_trained(model: nn.Module, directory: str | Path, density: float | None 
                 for n, p in m.named_parameters():
                     p.copy_(state[f"{i}.{n}"])
     return TrainedSparse(cfg, gates, info)
+
+
+# --- moving the budget between layers -------------------------------------------------------------
+
+CALIBRATION_DENSITIES = (0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
+
+
+@dataclass
+class LayerCalibration:
+    """What ``calibrate_layer_shares`` measured and chose.
+
+    kl[layer][density]: next-token KL against dense with only that layer sparse at that density;
+    kept[layer][density]: the share of that layer's candidate blocks kept; budget: the kept share
+    of the uniform config (every layer at ``density``), which the chosen densities do not exceed
+    on average; densities: the chosen density of each layer; shares: densities / ``density``."""
+
+    density: float
+    kl: dict[int, dict[float, float]]
+    kept: dict[int, dict[float, float]]
+    budget: float
+    densities: dict[int, float]
+    shares: tuple[float, ...]
+
+    def as_dict(self) -> dict:
+        return {"density": self.density, "budget": self.budget, "densities": self.densities,
+                "shares": list(self.shares), "kl": self.kl, "kept": self.kept}
+
+
+@torch.no_grad()
+def calibrate_layer_shares(model: nn.Module, cfg: SparseConfig, gates: SparseGates | None, ids: Tensor,
+                           grid: tuple[float, ...] = CALIBRATION_DENSITIES) -> LayerCalibration:
+    """Per-layer densities for ``cfg`` that keep, on average over layers, the blocks the uniform
+    config keeps, chosen to lose the least next-token KL on ``ids`` (N, T) (calibration text, not
+    the evaluation's).
+
+    Each layer is run sparse alone (the others dense) at every density of ``grid``; its KL against
+    the dense model is taken as that layer's cost, the costs as adding up. Greedy: every layer
+    starts at the highest density that keeps no more blocks than the lowest (at short lengths the
+    budget's floor makes several alike), then the move of one layer up the grid that buys the most
+    KL per kept block is made, while the average kept share stays within the budget. The model
+    is left as found (``sparse_attention``'s contract); ``cfg.layer_shares`` is ignored."""
+    from dataclasses import replace
+
+    from attnkit.metrics.fidelity import next_token_kl
+
+    cfg = replace(cfg, layer_shares=None)
+    layers = sorted({site.layer for site in attention_modules(model)})
+    grid = tuple(sorted(set(grid) | {cfg.density}))
+    dense = [model(input_ids=w[None]).logits.float() for w in ids]
+    kl: dict[int, dict[float, float]] = {}
+    kept: dict[int, dict[float, float]] = {}
+    for layer in layers:
+        kl[layer], kept[layer] = {}, {}
+        for d in grid:
+            at = replace(cfg, density=d)
+            sparse, shares = [], []
+            for w in ids:
+                with sparse_attention(model, at, gates=gates, layers=[layer]) as handle:
+                    sparse.append(model(input_ids=w[None]).logits.float())
+                shares.append(handle.density())
+            kl[layer][d] = float(next_token_kl(torch.cat(dense), torch.cat(sparse)))
+            kept[layer][d] = sum(shares) / len(shares)
+    budget = sum(kept[layer][cfg.density] for layer in layers) / len(layers)
+    step = {layer: 0 for layer in layers}
+    for layer in layers:  # a step up that keeps no more blocks here (the budget's floor) is free: take it
+        while step[layer] + 1 < len(grid) and kept[layer][grid[step[layer] + 1]] <= kept[layer][grid[step[layer]]] + 1e-12:
+            step[layer] += 1
+    while True:
+        used = sum(kept[layer][grid[step[layer]]] for layer in layers) / len(layers)
+        best, best_gain = None, 0.0
+        for layer in layers:
+            now = grid[step[layer]]
+            for j in range(step[layer] + 1, len(grid)):  # any step up: a flat stretch may precede a drop
+                cost = (kept[layer][grid[j]] - kept[layer][now]) / len(layers)
+                if used + cost > budget + 1e-9:
+                    break
+                gain = (kl[layer][now] - kl[layer][grid[j]]) / max(cost, 1e-12)
+                if gain > best_gain:
+                    best, best_gain = (layer, j), gain
+        if best is None:
+            break
+        step[best[0]] = best[1]
+    densities = {layer: grid[step[layer]] for layer in layers}
+    shares = tuple(densities.get(i, cfg.density) / cfg.density for i in range(max(layers) + 1))
+    return LayerCalibration(cfg.density, kl, kept, budget, densities, shares)
