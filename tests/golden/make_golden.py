@@ -65,10 +65,10 @@ CASES: dict[str, list[str]] = {
                                "--out", "{tmp}/sparse"],
     "sparse_eval_reference": ["sparse", "eval", "reference", "--block-size", "16", "--seq-lens", "64",
                               "--densities", "0.5", "--tokens", "128", "--corpus", "{tmp}/corpus",
-                              "--gates", "{tmp}/sparse", "--out", "{tmp}/sparse_eval"],
+                              "--gates", "{tmp}/sparse", "--speed-rounds", "0", "--out", "{tmp}/sparse_eval"],
     "sparse_eval_minilm": ["sparse", "eval", "minilm", "--patterns", "window,moba", "--densities", "0.5",
                            "--block-size", "8", "--sentences", "4", "--max-length", "32", "--corpus", "{tmp}/corpus",
-                           "--out", "{tmp}/sparse_minilm"],
+                           "--speed-rounds", "0", "--out", "{tmp}/sparse_minilm"],
     "monitor_report": ["monitor", "report", "{tmp}/run", "--out", "{tmp}/figs"],
     "monitor_trace_reference": ["monitor", "trace", "reference", "--text", TEXT],
     # bad input: one line, exit 2
