@@ -4,12 +4,14 @@ A detector sees ``Trends`` (the recent observed steps of every (site, head) seri
 gradient norms and the per-step losses) and returns the findings it sees now. ``DETECTORS`` maps
 a name to it; ``AttentionMonitor(detectors=[...])`` picks some. What each looks for:
 
-- ``logit_growth``: log(max logit) over the last ``window`` observed steps fits a rising line that
-  reaches ``logit_danger`` within ``horizon`` window spans, from at least ``logit_floor``.
+- ``logit_growth``: log(max |logit|) over the last ``window`` observed steps fits a rising line that
+  reaches ``logit_danger`` within ``horizon`` window spans, from at least ``logit_floor``. The
+  largest magnitude, not the largest signed logit: a head whose logits grow all-negative overflows
+  a number format as surely as one growing positive (``logit_magnitude``).
 - ``softmax_saturation``: the instability predictor. At least ``entropy_heads`` of all heads show
   that logit growth (within ``saturation_horizon`` window spans) while at least ``entropy_heads``
   of all heads lost ``entropy_drop`` of their entropy over the same window.
-- ``overflow_risk``: max logit >= ``logit_danger`` now.
+- ``overflow_risk``: max |logit| >= ``logit_danger`` now.
 - ``entropy_fall``: a head's entropy fell by >= ``entropy_drop`` (relative) over the window while
   at least ``entropy_heads`` of all heads did the same.
 - ``entropy_collapse``: a head's mean entropy < ``entropy_collapse`` nats.
@@ -87,13 +89,27 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return slope, r2
 
 
+def logit_magnitude(metrics: dict[str, np.ndarray]) -> np.ndarray:
+    """Each head's largest |logit|: max(|logit_max|, |logit_min|), what overflows a number format
+    and what QK-clip bounds. A head whose logits are all negative grows in magnitude while its
+    largest (signed) logit falls; both extremes scale together when W_q or W_k grows. Without a
+    recorded ``logit_min`` (older recordings), |logit_max|. An extreme that saw no row (-inf max,
+    +inf min) counts as 0; NaN propagates."""
+    lmax = metrics["logit_max"]
+    lmin = metrics.get("logit_min")
+    top = np.abs(np.where(lmax == -np.inf, 0.0, lmax))
+    if lmin is None:
+        return top
+    return np.maximum(top, np.abs(np.where(lmin == np.inf, 0.0, lmin)))
+
+
 def _growth(tr: Trends, min_steps: int, horizon: float):
-    """Per series, over the last ``window`` observed steps: is log(max logit) a rising line (R² ≥
+    """Per series, over the last ``window`` observed steps: is log(max |logit|) a rising line (R² ≥
     ``fit_r2``, risen ≥ ``growth_min``×, from ≥ ``logit_floor``) that reaches ``logit_danger``
-    within ``horizon`` window spans? Returns (hits, slope, projected steps, latest max logit) or
+    within ``horizon`` window spans? Returns (hits, slope, projected steps, latest max |logit|) or
     None when there are too few steps or a non-finite logit (the ``nonfinite`` detector's case)."""
     t = tr.t
-    steps, logits = tr.steps[-t.window:], tr.metrics["logit_max"][-t.window:]
+    steps, logits = tr.steps[-t.window:], logit_magnitude(tr.metrics)[-t.window:]
     if len(steps) < min_steps or not np.isfinite(logits).all():
         return None
     y = np.log(np.clip(logits, 1e-3, None))
@@ -123,14 +139,14 @@ def logit_growth(tr: Trends) -> list[Finding]:
     hits, slope, projected, now = g
     hits = hits & (now < t.logit_danger)
     out = []
-    all_steps, all_logits = tr.steps, tr.metrics["logit_max"]
+    all_steps, all_logits = tr.steps, logit_magnitude(tr.metrics)
     for s in np.flatnonzero(hits):
         site, head = tr.series[s]
         start = int(all_steps[int(np.nanargmin(all_logits[:, s]))])
         doubling = math.log(2) / slope[s]
         out.append(Finding(
             type="logit_growth", severity="warning", step=tr.step, value=float(now[s]), threshold=t.logit_danger,
-            message=f"max logit {now[s]:.1f} growing exponentially (doubling every {doubling:.0f} steps) since step {start}; "
+            message=f"max |logit| {now[s]:.1f} growing exponentially (doubling every {doubling:.0f} steps) since step {start}; "
             f"~{projected[s]:.0f} steps to {t.logit_danger:g}",
             site=site, head=head, started=start, projected_steps=float(projected[s])))
     return out
@@ -159,23 +175,23 @@ def softmax_saturation(tr: Trends) -> list[Finding]:
     out = []
     for s in np.flatnonzero(both if both.any() else growing):
         site, head = tr.series[s]
-        start = int(tr.steps[int(np.nanargmin(tr.metrics["logit_max"][:, s]))])
+        start = int(tr.steps[int(np.nanargmin(logit_magnitude(tr.metrics)[:, s]))])
         out.append(Finding(
             type="softmax_saturation", severity="error", step=tr.step, value=float(now[s]), threshold=t.logit_danger,
-            message=f"{growing.sum()} of {len(growing)} heads' max logits growing exponentially and {falling.sum()} "
-            f"heads' entropy falling ≥{t.entropy_drop:.0%}: max logit {now[s]:.1f}, entropy {ent[s]:.2f} nats, "
+            message=f"{growing.sum()} of {len(growing)} heads' max |logit| growing exponentially and {falling.sum()} "
+            f"heads' entropy falling ≥{t.entropy_drop:.0%}: max |logit| {now[s]:.1f}, entropy {ent[s]:.2f} nats, "
             f"since step {start}; ~{max(float(projected[s]), 0.0):.0f} steps to {t.logit_danger:g}",
             site=site, head=head, started=start, projected_steps=max(float(projected[s]), 0.0)))
     return out
 
 
 def overflow_risk(tr: Trends) -> list[Finding]:
-    t, now = tr.t, tr.metrics["logit_max"][-1]
+    t, now = tr.t, logit_magnitude(tr.metrics)[-1]
     out = []
     for s in np.flatnonzero(now >= t.logit_danger):
         site, head = tr.series[s]
         out.append(Finding(type="overflow_risk", severity="error", step=tr.step, value=float(now[s]), threshold=t.logit_danger,
-                         message=f"max logit {now[s]:.1f} reached the danger threshold {t.logit_danger:g}", site=site, head=head,
+                         message=f"max |logit| {now[s]:.1f} reached the danger threshold {t.logit_danger:g}", site=site, head=head,
                          projected_steps=0.0))
     return out
 

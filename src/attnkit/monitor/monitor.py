@@ -51,7 +51,7 @@ from attnkit.monitor.snapshots import Snapshots
 from attnkit.seam import ADAPTERS, AttentionCall, AttentionSession, NoAttentionError, Site, StatsCollector, Tap, attach, unwrap
 
 DEFAULT_EVERY = 16  # observed steps cost ~1.3 unobserved ones on the reference model: <= 5% at 1 in 16 (BENCHMARKS.md)
-METRICS = (*HEAD_METRICS, "normalized_entropy", "log10_curvature_max", "nonfinite_logits")
+METRICS = (*HEAD_METRICS, "logit_min", "normalized_entropy", "log10_curvature_max", "nonfinite_logits")
 
 
 class _Sites(Tap):
