@@ -49,7 +49,12 @@ def predicted_first(r: dict, out: Path | None = None) -> int | None:
     path = out / r["name"] / "monitor.jsonl"
     if not path.exists():
         return None
-    issues = replay(path, thresholds_for(cfg), PREDICTORS)
+    with open(path) as f:
+        heads = json.loads(f.readline())["heads"]
+    # runs recorded before the monitor wrote each head's format and scale: from the configuration
+    formats = [h.get("format") or r["precision"] for h in heads]
+    scales = [h.get("scale") or (64 // 4) ** -0.5 / r["temperature"] for h in heads]
+    issues = replay(path, thresholds_for(cfg), PREDICTORS, formats=formats, scales=scales)
     return first_step(issues, PREDICTORS)
 
 

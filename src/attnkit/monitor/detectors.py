@@ -19,6 +19,11 @@ a name to it; ``AttentionMonitor(detectors=[...])`` picks some. What each looks 
 - ``grad_spike``: a layer's query/key gradient norm >= ``grad_spike`` x the largest of the window before.
 - ``loss_spike``: a step's loss >= the median of the ``loss_window`` steps before + ``loss_spike_nats``,
   or non-finite.
+- ``format_overflow``: a head's q·kᵀ product (max |logit| / its softmax scale) within
+  ``overflow_headroom_bits`` of the largest finite value of the number format it is computed in
+  (autocast's dtype, else the query's; ``attnkit.common.findings.DTYPE_THRESHOLDS``: fp16's 65,504,
+  out of reach in bf16 and fp32), or projected by its trend to reach it within ``overflow_horizon``
+  steps. The divergence predictor of mixed-precision runs (experiments/monitor_breaking).
 - ``nonfinite``: NaN/Inf logits were observed in a head.
 
 ``Thresholds`` holds one run's numbers (a user may pass their own; the run's log records them);
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnkit.monitor.history import Ring
-from attnkit.common.findings import Finding, threshold
+from attnkit.common.findings import Finding, dtype_threshold, threshold
 from attnkit.seam.sites import Site
 
 
@@ -55,6 +60,9 @@ class Thresholds:
     grad_spike: float = threshold("grad_spike")  # x the largest norm of the window before
     loss_window: int = 32  # steps whose median a loss is compared with
     loss_spike_nats: float = threshold("loss_spike_nats")
+    overflow_headroom_bits: float = threshold("overflow_headroom_bits")
+    overflow_floor_bits: float = threshold("overflow_floor_bits")
+    overflow_horizon: float = threshold("overflow_horizon")  # steps
 
 
 @dataclass
@@ -70,6 +78,8 @@ class Trends:
     losses: Ring  # every step's loss
     new_losses: int  # losses added since the last detection
     t: Thresholds
+    formats: list[str | None] | None = None  # per series: the number format its q·kᵀ runs in (None: unknown)
+    scales: list[float] | None = None  # per series: its softmax scale
 
     @property
     def step(self) -> int:
@@ -286,6 +296,45 @@ def loss_spike(tr: Trends) -> list[Finding]:
     return out
 
 
+def format_overflow(tr: Trends) -> list[Finding]:
+    """A head's q·kᵀ product (max |logit| / its softmax scale) within ``overflow_headroom_bits`` of its
+    number format's largest finite value (``DTYPE_THRESHOLDS[fmt]["qk_product_max"]``), or, from
+    ``overflow_floor_bits`` below it, its log-linear trend over the last window reaching that value
+    within ``overflow_horizon`` steps. The
+    value and threshold are in logits (the product × the scale)."""
+    t = tr.t
+    if tr.formats is None or len(tr.steps) < 2:
+        return []
+    limits = np.array([dtype_threshold("qk_product_max", f) or np.inf for f in tr.formats], dtype=float)
+    scales = np.asarray(tr.scales if tr.scales is not None else [1.0] * len(tr.series), dtype=float)
+    if not np.isfinite(limits).any():
+        return []
+    steps = tr.steps[-t.window:]
+    product = logit_magnitude(tr.metrics)[-t.window:] / scales  # (n, series)
+    now = product[-1]
+    near = now >= limits / 2.0 ** t.overflow_headroom_bits
+    projected = np.full(len(now), np.inf)
+    ok = np.isfinite(product).all(axis=0) & (product > 0).all(axis=0)
+    if len(steps) >= 3 and ok.any():
+        slope, _ = _fit(steps.astype(float), np.log(np.where(ok, product, 1.0)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            projected = np.where(ok & (slope > 0), (np.log(limits) - np.log(np.where(ok, now, 1.0))) / slope, np.inf)
+    projecting = now >= limits / 2.0 ** t.overflow_floor_bits  # early training's fast growth from ~0 is no trend yet
+    hits = np.isfinite(now) & np.isfinite(limits) & (near | (projecting & (projected <= t.overflow_horizon)))
+    out = []
+    for s in np.flatnonzero(hits):
+        site, head = tr.series[s]
+        fmt = tr.formats[s]
+        out.append(Finding(
+            type="format_overflow", severity="error", step=tr.step, value=float(now[s] * scales[s]),
+            threshold=float(limits[s] * scales[s]),
+            message=f"q·kᵀ {now[s]:.4g} is {now[s] / limits[s]:.0%} of {fmt}'s largest value {limits[s]:g}"
+            + (f", ~{max(float(projected[s]), 0.0):.0f} steps from it at its current growth" if np.isfinite(projected[s]) else "")
+            + f" (max |logit| {now[s] * scales[s]:.4g} at scale {scales[s]:.3g})",
+            site=site, head=head, projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0))
+    return out
+
+
 def nonfinite(tr: Trends) -> list[Finding]:
     bad = tr.metrics["nonfinite_logits"][-1]
     out = []
@@ -305,5 +354,6 @@ DETECTORS: dict[str, Callable[[Trends], list[Finding]]] = {
     "sink_growth": sink_growth,
     "grad_spike": grad_spike,
     "loss_spike": loss_spike,
+    "format_overflow": format_overflow,
     "nonfinite": nonfinite,
 }

@@ -413,7 +413,8 @@ INTERVENTIONS: dict[str, Callable[..., object]] = {
 class Policy:
     """Issue type -> intervention factory ``(issue) -> intervention``; each action at most once
     (``once``; an intervention with ``times`` = n, such as ``Rollback``, at most n times), the most
-    severe new issue first. ``DEFAULT_RULES``: logit growth or overflow → QK-clip at τ; entropy
+    severe new issue first. ``DEFAULT_RULES``: a q·kᵀ product near its number format's limit →
+    QK-clip 3 bits below the limit; logit growth or overflow → QK-clip at τ; entropy
     collapse → attention dropout; loss or gradient spike → halve the learning rate."""
 
     rules: dict[str, Callable[[Finding], object]] = field(default_factory=lambda: dict(DEFAULT_RULES))
@@ -443,7 +444,15 @@ def qk_clip_rule(tau: float = threshold("logit_danger")) -> Callable[[Finding], 
     return lambda issue: QKClip(tau)
 
 
+def format_clip_rule(headroom_bits: float = 3.0) -> Callable[[Finding], object]:
+    """QK-clip for a ``format_overflow`` finding: τ = the format's largest product, in logits (the
+    finding's threshold), ÷ 2^headroom_bits, so the clipped products keep that many bits below the
+    limit between two observed steps."""
+    return lambda issue: QKClip(issue.threshold / 2.0 ** headroom_bits)
+
+
 DEFAULT_RULES: dict[str, Callable[[Finding], object]] = {
+    "format_overflow": format_clip_rule(),
     "softmax_saturation": qk_clip_rule(),
     "logit_growth": qk_clip_rule(),
     "overflow_risk": qk_clip_rule(),

@@ -62,11 +62,15 @@ class _Sites(Tap):
 
     def __init__(self, on_new) -> None:
         self.modules: dict[Site, nn.Module] = {}
+        self.formats: dict[Site, str] = {}  # the number format q·kᵀ is computed in ("fp16", "bf16", "fp32")
+        self.scales: dict[Site, float] = {}  # the call's softmax scale
         self.calls = 0
         self.on_new = on_new
 
     def _seen(self, call: AttentionCall) -> None:
         self.calls += 1
+        self.formats[call.site] = compute_format(call.query)
+        self.scales[call.site] = float(call.scale)
         if call.site not in self.modules:
             self.modules[call.site] = call.module
             self.on_new(call.site, call.module)
@@ -76,6 +80,18 @@ class _Sites(Tap):
 
     def observe(self, chunk) -> None:
         self._seen(chunk.call)
+
+
+_FORMAT_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def compute_format(query: torch.Tensor) -> str:
+    """The number format a call's q·kᵀ runs in: autocast's dtype where autocast is on for the query's
+    device (a matmul under autocast runs in it whatever q's dtype: Llama's RoPE hands over fp32 q),
+    else the query's own dtype."""
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    return _FORMAT_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def _dist():
@@ -294,7 +310,9 @@ class AttentionMonitor:
             self.grad_ring = Ring(self.history_size, len(self.sites))
             for e in self.emitters:
                 e.start({"every": self.every, "series": [series_name(s, h) for s, h in self.series],
-                         "heads": [{"layer": s.layer, "stack": s.stack, "kind": s.kind, "head": h} for s, h in self.series],
+                         "heads": [{"layer": s.layer, "stack": s.stack, "kind": s.kind, "head": h,
+                                    "format": self.sites_tap.formats.get(s), "scale": self.sites_tap.scales.get(s)}
+                                   for s, h in self.series],
                          "sites": [series_name(s) for s in self.sites], "thresholds": vars(self.thresholds),
                          **self.meta})
         index = {k: i for i, k in enumerate(self.series)}
@@ -342,7 +360,9 @@ class AttentionMonitor:
         steps, _ = self.rings["entropy"].last()
         gsteps, gvals = self.grad_ring.last()
         trends = Trends(self.series, self.sites, steps, {m: r.last()[1] for m, r in self.rings.items()},
-                        gsteps, gvals, self.losses, new_losses, self.thresholds)
+                        gsteps, gvals, self.losses, new_losses, self.thresholds,
+                        formats=[self.sites_tap.formats.get(s) for s, _ in self.series],
+                        scales=[self.sites_tap.scales.get(s, 1.0) for s, _ in self.series])
         issues: list[Finding] = [i for d in self.detectors for i in d(trends)]
         diagnosis = Diagnosis(step, issues)
         for issue in issues:
