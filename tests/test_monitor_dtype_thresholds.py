@@ -90,3 +90,39 @@ def test_default_policy_clips_below_the_format_limit():
     (issue,) = DETECTORS["format_overflow"](_trends(product, ["fp16"], 0.25))
     clip = DEFAULT_RULES["format_overflow"](issue)
     assert clip.name == "qk_clip" and clip.tau == pytest.approx(65504.0 * 0.25 / 8)
+
+
+@pytest.mark.parametrize("autocast, fires", [(torch.float16, True), (None, False)])
+def test_activation_overflow_sees_an_mlp_near_the_format_limit(autocast, fires, tmp_path):
+    model = gpt2()
+    x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
+    mlp = model.transformer.h[0].mlp
+    with torch.no_grad():  # an MLP whose output reaches ~45,000: 69 % of fp16's largest value
+        mlp.c_fc.weight.mul_(2000.0)  # both halves scaled, so no weight itself leaves fp16's range
+        caught = {}
+        hook = mlp.c_proj.register_forward_hook(lambda _m, _i, o: caught.update(top=o.abs().amax().item()))
+        model(input_ids=x)
+        hook.remove()
+        mlp.c_proj.weight.mul_(45000.0 / caught["top"])
+        mlp.c_proj.bias.mul_(45000.0 / caught["top"])
+    outputs = {}  # the reference: every leaf module's output, caught by our own hooks
+
+    def keep(module, _inputs, output):
+        outputs[module] = output.detach().abs().amax().item()
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if next(m.children(), None) is None]
+    try:
+        with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=()) as monitor:
+            found = []
+            for step in range(3):
+                with torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False):
+                    loss = model(input_ids=x, labels=x).loss
+                found += monitor.on_step(step, loss=loss).new
+            recorded = monitor.last_value("activation_absmax", *monitor.series[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    top = outputs[mlp.c_proj]
+    assert recorded == pytest.approx(max(outputs.values()), rel=1e-6)
+    assert recorded == pytest.approx(top, rel=1e-6) and 32752 < top < 65504
+    assert [i.type for i in found if i.type == "activation_overflow"] == (["activation_overflow"] if fires else [])

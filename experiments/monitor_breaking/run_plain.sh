@@ -7,7 +7,7 @@
 set -e
 cd "$(dirname "$0")"
 export PYTHONPATH="$(cd ../.. && pwd)/src:." HF_HUB_OFFLINE=1
-OUT=${OUT:-../../runs/breaking}
+OUT=${OUT:-../../runs/breaking2}
 python3 sweep.py --out "$OUT" --seeds 0 --precisions fp16 --lrs 0.05,0.1,0.2 --warmups 10 --jobs 3
 python3 sweep.py --out "$OUT" --seeds 1 --precisions fp16 --lrs 0.05,0.1,0.2 --warmups 10 --jobs 3
 python3 sweep.py --out "$OUT" --seeds 0,1 --precisions fp16 --lrs 0.4 --warmups 10 --jobs 3

@@ -24,6 +24,8 @@ a name to it; ``AttentionMonitor(detectors=[...])`` picks some. What each looks 
   (autocast's dtype, else the query's; ``attnkit.common.findings.DTYPE_THRESHOLDS``: fp16's 65,504,
   out of reach in bf16 and fp32), or projected by its trend to reach it within ``overflow_horizon``
   steps. The divergence predictor of mixed-precision runs (experiments/monitor_breaking).
+- ``activation_overflow``: the same test on the largest |output| of any module computed in that
+  format (an MLP past fp16's range breaks a run outside attention; its attention only shows the NaN).
 - ``nonfinite``: NaN/Inf logits were observed in a head.
 
 ``Thresholds`` holds one run's numbers (a user may pass their own; the run's log records them);
@@ -300,27 +302,11 @@ def format_overflow(tr: Trends) -> list[Finding]:
     """A head's q·kᵀ product (max |logit| / its softmax scale) within ``overflow_headroom_bits`` of its
     number format's largest finite value (``DTYPE_THRESHOLDS[fmt]["qk_product_max"]``), or, from
     ``overflow_floor_bits`` below it, its log-linear trend over the last window reaching that value
-    within ``overflow_horizon`` steps. The
-    value and threshold are in logits (the product × the scale)."""
-    t = tr.t
+    within ``overflow_horizon`` steps. The value and threshold are in logits (the product × the scale)."""
     if tr.formats is None or len(tr.steps) < 2:
         return []
-    limits = np.array([dtype_threshold("qk_product_max", f) or np.inf for f in tr.formats], dtype=float)
     scales = np.asarray(tr.scales if tr.scales is not None else [1.0] * len(tr.series), dtype=float)
-    if not np.isfinite(limits).any():
-        return []
-    steps = tr.steps[-t.window:]
-    product = logit_magnitude(tr.metrics)[-t.window:] / scales  # (n, series)
-    now = product[-1]
-    near = now >= limits / 2.0 ** t.overflow_headroom_bits
-    projected = np.full(len(now), np.inf)
-    ok = np.isfinite(product).all(axis=0) & (product > 0).all(axis=0)
-    if len(steps) >= 3 and ok.any():
-        slope, _ = _fit(steps.astype(float), np.log(np.where(ok, product, 1.0)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            projected = np.where(ok & (slope > 0), (np.log(limits) - np.log(np.where(ok, now, 1.0))) / slope, np.inf)
-    projecting = now >= limits / 2.0 ** t.overflow_floor_bits  # early training's fast growth from ~0 is no trend yet
-    hits = np.isfinite(now) & np.isfinite(limits) & (near | (projecting & (projected <= t.overflow_horizon)))
+    hits, now, limits, projected = _near_limit(tr, logit_magnitude(tr.metrics) / scales)
     out = []
     for s in np.flatnonzero(hits):
         site, head = tr.series[s]
@@ -333,6 +319,46 @@ def format_overflow(tr: Trends) -> list[Finding]:
             + f" (max |logit| {now[s] * scales[s]:.4g} at scale {scales[s]:.3g})",
             site=site, head=head, projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0))
     return out
+
+
+def _near_limit(tr: Trends, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For (n, series) figures in each series' number format: (hits, latest, limit, projected steps).
+    A hit: the latest within ``overflow_headroom_bits`` of the format's largest finite value, or, from
+    ``overflow_floor_bits`` below it, its log-linear trend over the window reaching it within
+    ``overflow_horizon`` steps."""
+    t = tr.t
+    limits = np.array([dtype_threshold("qk_product_max", f) or np.inf for f in tr.formats], dtype=float)
+    steps, values = tr.steps[-t.window:], values[-t.window:]
+    now = values[-1]
+    projected = np.full(len(now), np.inf)
+    ok = np.isfinite(values).all(axis=0) & (values > 0).all(axis=0)
+    if len(steps) >= 3 and ok.any():
+        slope, _ = _fit(steps.astype(float), np.log(np.where(ok, values, 1.0)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            projected = np.where(ok & (slope > 0), (np.log(limits) - np.log(np.where(ok, now, 1.0))) / slope, np.inf)
+    near = now >= limits / 2.0 ** t.overflow_headroom_bits
+    projecting = now >= limits / 2.0 ** t.overflow_floor_bits  # early training's fast growth from ~0 is no trend yet
+    hits = np.isfinite(now) & np.isfinite(limits) & (near | (projecting & (projected <= t.overflow_horizon)))
+    return hits, now, limits, projected
+
+
+def activation_overflow(tr: Trends) -> list[Finding]:
+    """The largest |output| of any module computed in a head's number format (``activation_absmax``,
+    the same for every head of that format) near that format's largest finite value, as
+    ``format_overflow`` judges q·kᵀ: an MLP overflowing fp16 is what breaks a half-precision run
+    there, and the next layer's attention only shows its NaN. One finding for the model."""
+    if tr.formats is None or "activation_absmax" not in tr.metrics or len(tr.steps) < 2:
+        return []
+    hits, now, limits, projected = _near_limit(tr, tr.metrics["activation_absmax"])
+    if not hits.any():
+        return []
+    s = int(np.flatnonzero(hits)[np.argmax(now[hits] / limits[hits])])
+    fmt = tr.formats[s]
+    return [Finding(
+        type="activation_overflow", severity="error", step=tr.step, value=float(now[s]), threshold=float(limits[s]),
+        message=f"a module's output reached {now[s]:.4g}, {now[s] / limits[s]:.0%} of {fmt}'s largest value {limits[s]:g}"
+        + (f", ~{max(float(projected[s]), 0.0):.0f} steps from it at its current growth" if np.isfinite(projected[s]) else ""),
+        projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0)]
 
 
 def nonfinite(tr: Trends) -> list[Finding]:
@@ -355,5 +381,6 @@ DETECTORS: dict[str, Callable[[Trends], list[Finding]]] = {
     "grad_spike": grad_spike,
     "loss_spike": loss_spike,
     "format_overflow": format_overflow,
+    "activation_overflow": activation_overflow,
     "nonfinite": nonfinite,
 }

@@ -414,7 +414,8 @@ class Policy:
     """Issue type -> intervention factory ``(issue) -> intervention``; each action at most once
     (``once``; an intervention with ``times`` = n, such as ``Rollback``, at most n times), the most
     severe new issue first. ``DEFAULT_RULES``: a q·kᵀ product near its number format's limit →
-    QK-clip 3 bits below the limit; logit growth or overflow → QK-clip at τ; entropy
+    QK-clip 3 bits below the limit; a module output near it → halve the learning rate; logit growth
+    or overflow → QK-clip at τ; entropy
     collapse → attention dropout; loss or gradient spike → halve the learning rate."""
 
     rules: dict[str, Callable[[Finding], object]] = field(default_factory=lambda: dict(DEFAULT_RULES))
@@ -453,6 +454,7 @@ def format_clip_rule(headroom_bits: float = 3.0) -> Callable[[Finding], object]:
 
 DEFAULT_RULES: dict[str, Callable[[Finding], object]] = {
     "format_overflow": format_clip_rule(),
+    "activation_overflow": lambda issue: ReduceLR(0.5),
     "softmax_saturation": qk_clip_rule(),
     "logit_growth": qk_clip_rule(),
     "overflow_risk": qk_clip_rule(),

@@ -94,6 +94,40 @@ def compute_format(query: torch.Tensor) -> str:
     return _FORMAT_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+class _Activations:
+    """The largest |output| of the model's leaf modules on observed steps, per number format.
+
+    A half-precision run can overflow outside attention (an MLP's output past fp16's 65,504, which
+    the next layer's attention then shows as NaN): ``activation_overflow`` judges these figures
+    against the format's largest value. Forward hooks on every leaf module (none by name), reading
+    outputs only while the monitor's session is active (observed steps); the maxima stay tensors
+    until the step is recorded (no device sync per module)."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.largest: dict[str, torch.Tensor] = {}
+
+    def attach(self, model: nn.Module, stack: ExitStack) -> None:
+        for module in model.modules():
+            if next(module.children(), None) is None:
+                stack.callback(module.register_forward_hook(self._hook).remove)
+
+    def _hook(self, _module, _inputs, output) -> None:
+        if not self.session.active or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        fmt = _FORMAT_NAMES.get(output.dtype)
+        if fmt is None or output.numel() == 0:
+            return
+        top = output.detach().abs().amax().float()
+        seen = self.largest.get(fmt)
+        self.largest[fmt] = top if seen is None else torch.maximum(seen, top)
+
+    def collect(self) -> dict[str, float]:
+        out = {fmt: float(v) for fmt, v in self.largest.items()}
+        self.largest = {}
+        return out
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -188,9 +222,11 @@ class AttentionMonitor:
 
         # gate statistics through the seam, on the same observed calls, when the model has attnkit gates
         self.gate_tap = GateTap(root) if gate_owners(root) else None
-        self.metric_names = METRICS + (GATE_METRICS if self.gate_tap else ())
+        # activation_absmax: per series, the largest |output| of any leaf module in that head's number format
+        self.metric_names = METRICS + ("activation_absmax",) + (GATE_METRICS if self.gate_tap else ())
         taps = [self.stats, self.sites_tap] + ([self.gate_tap] if self.gate_tap else [])
         self.session = AttentionSession(taps=taps, sample_rows=sample_rows)
+        self.activations = _Activations(self.session)
         self.grads.session = self.session
         self.series: list[tuple[Site, int]] | None = None
         self.sites: list[Site] = []
@@ -216,6 +252,7 @@ class AttentionMonitor:
             if self.gate_tap is not None:
                 stack.enter_context(self.gate_tap)
             stack.enter_context(attach(self.model, self.session))
+            self.activations.attach(self.model, stack)
             if self.trace_nonfinite:
                 hook = self.model.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
                 stack.callback(hook.remove)
@@ -328,6 +365,9 @@ class AttentionMonitor:
                 if i is not None:
                     values["mean_gate"][i], values["gate_low_share"][i] = h["mean_gate"], h["share_below_0_1"]
             self.gate_tap.reset()
+        largest = self.activations.collect()
+        for i, (site, _) in enumerate(self.series):
+            values["activation_absmax"][i] = largest.get(self.sites_tap.formats.get(site), math.nan)
         for m in self.metric_names:
             self.rings[m].append(step, values[m])
         grad = self.grads.collect(self.sites)
