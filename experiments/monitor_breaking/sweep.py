@@ -356,7 +356,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--arms", default="plain")
     p.add_argument("--only-failed-from", default=None,
-                   help="a runs.jsonl: run the arms only for configurations whose plain run failed there")
+                   help="a sweep directory: run the arms only for configurations whose plain run failed there")
     p.add_argument("--only-warned", action="store_true",
                    help="with --only-failed-from: configurations whose plain run had a predictor warning, too")
     p.add_argument("--steps", type=int, default=Shape.steps)
@@ -374,13 +374,14 @@ def main() -> None:
     if args.only_failed_from:
         from analyze import load_runs, predicted_first
 
-        plain = {r["name"].removesuffix("_plain"): r for r in load_runs(Path(args.only_failed_from)) if r["arm"] == "plain"}
+        source = Path(args.only_failed_from)
+        plain = {r["name"].removesuffix("_plain"): r for r in load_runs(source) if r["arm"] == "plain"}
         keep = []
         for c in configs:
             r = plain.get(Config(*c.key()[:2], c.temperature, c.lr, c.warmup, c.seed).name.removesuffix("_plain"))
             if r is None:
                 continue
-            if r.get("kind") or (args.only_warned and predicted_first(r) is not None):
+            if r.get("kind") or (args.only_warned and predicted_first(r, source) is not None):
                 keep.append(c)
         configs = keep
     print(f"{len(configs)} runs to do ({len(done)} done)", flush=True)

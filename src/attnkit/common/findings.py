@@ -123,11 +123,15 @@ THRESHOLDS: dict[str, Threshold] = {
         "largest value: in the first steps of training products grow from ~0 by 10x in a few steps, a rate "
         "that projects to anything and means nothing (every fp16 run of the breaking sweep's design seed "
         "did it; 4 bits still warned one more healthy run there than 3).")),
-    "overflow_horizon": Threshold(24.0, "steps", (
-        "monitor: format_overflow's projection: the log-linear trend of the product over the last window "
-        "reaches the format's largest value within 24 steps. Chosen on the breaking sweep's design seed: fp16 "
-        "products grow at up to ~2x per 4 steps just before they overflow, while healthy runs grow slowly "
-        "for hundreds of steps.")),
+    "overflow_window": Threshold(2, "observed steps", (
+        "monitor: format_overflow and activation_overflow project the rate between the last 2 observations: "
+        "the current rate. Over the detectors' full window the first steps' growth from ~0 dominates and "
+        "healthy runs are projected to overflow (design seed: 2, 3 and 8 observations tried).")),
+    "overflow_horizon": Threshold(8.0, "steps", (
+        "monitor: format_overflow's and activation_overflow's projection: the current rate reaches the "
+        "format's largest value within 8 steps. Chosen on the breaking sweep's design seed (8, 16, 24 tried): "
+        "fp16 tensors about to overflow grew 2-3x per 4 steps just before; Llama MLPs that stayed finite grew "
+        "to 80 % of 65,504 over a hundred steps, which a longer horizon calls doomed.")),
     # ----------------------------------------------------------------------------- number formats (check)
     "distortion_tolerance": Threshold(0.10, "relative weight change", (
         "check: an attention weight may change by at most 10 % (factor e^err - 1 <= 0.10) from rounding the "

@@ -65,6 +65,7 @@ class Thresholds:
     overflow_headroom_bits: float = threshold("overflow_headroom_bits")
     overflow_floor_bits: float = threshold("overflow_floor_bits")
     overflow_horizon: float = threshold("overflow_horizon")  # steps
+    overflow_window: int = int(threshold("overflow_window"))  # observed steps the projection is fitted on
 
 
 @dataclass
@@ -324,15 +325,15 @@ def format_overflow(tr: Trends) -> list[Finding]:
 def _near_limit(tr: Trends, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For (n, series) figures in each series' number format: (hits, latest, limit, projected steps).
     A hit: the latest within ``overflow_headroom_bits`` of the format's largest finite value, or, from
-    ``overflow_floor_bits`` below it, its log-linear trend over the window reaching it within
-    ``overflow_horizon`` steps."""
+    ``overflow_floor_bits`` below it, its log-linear trend over the last ``overflow_window`` observed
+    steps reaching it within ``overflow_horizon`` steps."""
     t = tr.t
     limits = np.array([dtype_threshold("qk_product_max", f) or np.inf for f in tr.formats], dtype=float)
-    steps, values = tr.steps[-t.window:], values[-t.window:]
+    steps, values = tr.steps[-t.overflow_window:], values[-t.overflow_window:]
     now = values[-1]
     projected = np.full(len(now), np.inf)
     ok = np.isfinite(values).all(axis=0) & (values > 0).all(axis=0)
-    if len(steps) >= 3 and ok.any():
+    if len(steps) >= 2 and ok.any():
         slope, _ = _fit(steps.astype(float), np.log(np.where(ok, values, 1.0)))
         with np.errstate(divide="ignore", invalid="ignore"):
             projected = np.where(ok & (slope > 0), (np.log(limits) - np.log(np.where(ok, now, 1.0))) / slope, np.inf)
