@@ -119,34 +119,37 @@ def score(runs: list[dict], seeds: set[int], out: Path) -> dict:
 
 
 def check_table(runs: list[dict]) -> list[tuple]:
-    """check's verdict for each (arch, precision, temperature) before training vs what happened."""
+    """``attnkit.check``'s verdict for each (arch, precision, temperature) before training (the freshly
+    initialised model, seq_len 64, its temperature) and its largest safe weight growth, against what
+    the plain runs of that configuration did (every LR, warm-up and seed)."""
+    import attnkit
     from sweep import Shape, build_model
 
-    import attnkit
-
-    verdicts = {}
-    rows = []
     groups = defaultdict(list)
     for r in runs:
         if r["arm"] == "plain" and r["precision"] in ("fp16", "bf16"):
             groups[(r["arch"], r["precision"], r["temperature"])].append(r)
+    rows = []
     for (arch, prec, t), rs in sorted(groups.items()):
-        if (arch, prec, t) not in verdicts:
-            model = build_model(arch, 0, 1024, Shape(), t)
-            rep = attnkit.check(model, seq_len=Shape().context, dtype=prec)
-            verdicts[(arch, prec, t)] = rep.status
-        nonfinite = sum(r["kind"] == "nonfinite" for r in rs)
-        spike = sum(r["kind"] == "spike" for r in rs)
-        rows.append((arch, prec, t, verdicts[(arch, prec, t)], len(rs), nonfinite, spike))
+        model = build_model(arch, 0, 1024, Shape(), 1.0)  # the temperature goes to check, not into the model
+        rep = attnkit.check(model, seq_len=Shape().context, dtype=prec, temperature=t)
+        growth = min(c.max_growth[prec] for c in rep.primary)
+        rows.append((arch, prec, t, rep.status, growth, len(rs), sum(r["kind"] == "nonfinite" for r in rs),
+                     sum(r["kind"] == "spike" for r in rs)))
     return rows
+
+
+def fmt_loss(x) -> str:
+    return "NaN" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="runs/breaking")
+    p.add_argument("--out", default="runs/breaking2")
     p.add_argument("--design", default="0")
     p.add_argument("--heldout", default="1")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--rows", action="store_true", help="per-run rescue rows")
     args = p.parse_args()
     out = Path(args.out)
     _OUT.append(out)
@@ -154,36 +157,52 @@ def main() -> None:
     plain = [r for r in runs if r["arm"] == "plain"]
     kinds = Counter(r["kind"] for r in plain)
     print(f"plain runs: {len(plain)}; failed: {sum(1 for r in plain if r['kind'])} "
-          f"(nonfinite {kinds['nonfinite']}, spike {kinds['spike']}); healthy {kinds[None]}")
-    by_axis = defaultdict(Counter)
-    for r in plain:
-        for axis in ("arch", "precision", "temperature", "lr", "warmup"):
-            by_axis[axis][(r[axis], r["kind"] or "healthy")] += 1
-    for axis, c in by_axis.items():
-        vals = sorted({v for v, _ in c}, key=str)
-        print(f"  {axis}: " + "; ".join(f"{v}: {c[(v, 'nonfinite')]} nonfinite, {c[(v, 'spike')]} spike, "
-                                        f"{c[(v, 'healthy')]} healthy" for v in vals))
+          f"(non-finite {kinds['nonfinite']}, unrecovered spike {kinds['spike']}); healthy {kinds[None]}\n")
+    print("| axis | value | runs | non-finite | spike | healthy |\n|---|---|---|---|---|---|")
+    for axis in ("arch", "precision", "temperature", "lr", "warmup", "seed"):
+        c = Counter((r[axis], r["kind"] or "healthy") for r in plain)
+        for v in sorted({r[axis] for r in plain}, key=str):
+            n = sum(c[(v, k)] for k in ("nonfinite", "spike", "healthy"))
+            print(f"| {axis} | {v} | {n} | {c[(v, 'nonfinite')]} | {c[(v, 'spike')]} | {c[(v, 'healthy')]} |")
     for name, seeds in (("design", args.design), ("held-out", args.heldout)):
         s = score(runs, {int(x) for x in seeds.split(",")}, out)
         nf = len(s["failed"])
-        print(f"\n== {name} seeds {seeds}: {len(s['plain'])} plain runs, {nf} failed, {len(s['healthy'])} healthy")
-        print(f"predicted: {pct(len(s['predicted']), nf)}; lead steps: {quantiles(s['leads'])}")
-        print(f"false alarms: {pct(len(s['false_alarms']), len(s['healthy']))}")
-        missed = [r["name"] for k, r in s["failed"].items() if k not in s["predicted"]]
+        print(f"\n### {name} seed(s) {seeds}: {len(s['plain'])} plain runs, {nf} failed, {len(s['healthy'])} healthy\n")
+        print(f"- predicted (warned before the failure step): {pct(len(s['predicted']), nf)}")
+        print(f"- lead, steps from the first warning to the failure step: {quantiles(s['leads'])}")
+        print(f"- false alarms on healthy runs: {pct(len(s['false_alarms']), len(s['healthy']))}")
+        for prec in ("fp16", "bf16", "fp32"):
+            h = [k for k in s["healthy"] if k[1] == prec]
+            f = [k for k in s["failed"] if k[1] == prec]
+            if h or f:
+                print(f"  - {prec}: predicted {pct(sum(k in s['predicted'] for k in f), len(f))}, "
+                      f"false alarms {pct(sum(k in s['false_alarms'] for k in h), len(h))}")
+        missed = [(r["name"], s["warn"][k], r["failed_at"]) for k, r in s["failed"].items() if k not in s["predicted"]]
         if missed:
-            print("  missed:", ", ".join(f"{m} (warn {s['warn'][k]}, failed {s['failed'][k]['failed_at']})"
-                                         for m, k in zip(missed, [k for k in s["failed"] if k not in s["predicted"]])))
+            print("- missed: " + "; ".join(f"{n} (first warning {w}, failed at {f})" for n, w, f in missed))
         if s["false_alarms"]:
-            print("  false alarms:", ", ".join(f"{r['name']} (warn {s['warn'][k]})" for k, r in s["false_alarms"].items()))
+            print("- false alarms: " + "; ".join(f"{r['name']} (warned at {s['warn'][k]})" for k, r in s["false_alarms"].items()))
+        print("\n| arm | failed runs rescued (plain test) | tried | undone steps (mean) | snapshot memory (max) |"
+              "\n|---|---|---|---|---|")
         for arm, b in s["baselines"].items():
-            costs = [c for c in b["healthy_cost"] if math.isfinite(c)]
-            print(f"  {arm:15s} rescued {pct(b['rescued'], b['tried'])}; on healthy runs: {len(b['healthy_cost'])} runs, "
-                  f"{b['healthy_broken']} broken, cost median {statistics.median(costs) if costs else float('nan'):+.3f} "
-                  f"max {max(costs) if costs else float('nan'):+.3f} nats")
+            undone = [row[5] for row in b["rows"]]
+            snap = max((row[6] for row in b["rows"]), default=0)
+            print(f"| {arm} | {pct(b['rescued'], b['tried'])} | {b['tried']} | "
+                  f"{statistics.fmean(undone) if undone else 0:.1f} | {snap / 2**20:.1f} MiB |")
+            if args.rows:
+                for row in b["rows"]:
+                    print(f"|   | {row[0]}: {row[1] or 'healthy'}, final {fmt_loss(row[2])} vs half-LR {fmt_loss(row[3])}"
+                          f" → {'rescued' if row[4] else 'not rescued'} | | {row[5]} | |")
+        fa_costs = s["baselines"]["monitor"]["healthy_cost"]
+        if fa_costs:
+            print(f"- acted-on false alarms: {len(fa_costs)}; final-loss change vs the plain run: "
+                  + ", ".join(f"{c:+.3f}" for c in sorted(fa_costs))
+                  + f" nats; within {FALSE_ALARM_COST}: {sum(c <= FALSE_ALARM_COST for c in fa_costs)}/{len(fa_costs)}")
     if not args.no_check:
-        print("\ncheck verdicts before training vs outcome:")
-        for row in check_table(runs):
-            print("  ", row)
+        print("\n| arch | format | t | check before training | largest safe weight growth | runs | non-finite | spike |"
+              "\n|---|---|---|---|---|---|---|---|")
+        for arch, prec, t, status, growth, n, nf, sp in check_table(runs):
+            print(f"| {arch} | {prec} | {t:g} | {status} | {growth:.3g}x | {n} | {nf} | {sp} |")
 
 
 if __name__ == "__main__":
