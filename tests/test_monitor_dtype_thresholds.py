@@ -61,19 +61,19 @@ def test_format_overflow_judges_the_product_against_its_format(fmt):
     t = Thresholds()
     near = limit / 2 ** t.overflow_headroom_bits
     # head 0: just inside the headroom now (flat); head 1: just outside it (flat);
-    # head 2: from the projection floor, doubling every observation (4 steps): reaches the limit within the horizon;
-    # head 3: below the floor, doubling: early training's growth, not projected
+    # head 2: just above the projection floor, x4 every observation (4 steps): reaches the limit within the horizon;
+    # head 3: below the floor, x4 as well: early training's growth, not projected
     steps = 8
     floor = limit / 2 ** t.overflow_floor_bits
     rows = np.stack([np.full(steps, near * 1.01), np.full(steps, near * 0.99),
-                     floor * 1.01 * 2.0 ** (np.arange(steps) - steps + 1), floor * 0.5 * 2.0 ** (np.arange(steps) - steps + 1)], 1)
+                     floor * 1.01 * 4.0 ** (np.arange(steps) - steps + 1), floor * 0.5 * 4.0 ** (np.arange(steps) - steps + 1)], 1)
     found = DETECTORS["format_overflow"](_trends(rows, [fmt] * 4, scale))
     assert {i.head for i in found} == {0, 2}
     for i in found:
         assert i.threshold == pytest.approx(limit * scale)  # reported in logits: the product x the scale
         assert i.value == pytest.approx(rows[-1, i.head] * scale)
     growing = next(i for i in found if i.head == 2)
-    assert growing.projected_steps == pytest.approx(math.log(limit / rows[-1, 2]) / (math.log(2) / 4), rel=1e-6)
+    assert growing.projected_steps == pytest.approx(math.log(limit / rows[-1, 2]) / (math.log(4) / 4), rel=1e-6)
     assert growing.projected_steps <= t.overflow_horizon
 
 

@@ -90,6 +90,10 @@ def score(runs: list[dict], seeds: set[int], out: Path) -> dict:
             a, ref = by[k].get(arm), by[k].get("half_lr")
             if a is None or ref is None:
                 continue
+            if not math.isfinite(ref["final_loss"]):  # no finite target: the half-LR run broke too
+                rows.append((r["name"], a["kind"], a["final_loss"], ref["final_loss"], None, a.get("undone_steps", 0),
+                             a.get("snapshot_bytes", 0)))
+                continue
             tried += 1
             ok = (not a["kind"]) and math.isfinite(a["final_loss"]) and math.isfinite(ref["final_loss"]) and \
                 a["final_loss"] <= ref["final_loss"] + RESCUE_NATS
@@ -182,17 +186,21 @@ def main() -> None:
             print("- missed: " + "; ".join(f"{n} (first warning {w}, failed at {f})" for n, w, f in missed))
         if s["false_alarms"]:
             print("- false alarms: " + "; ".join(f"{r['name']} (warned at {s['warn'][k]})" for k, r in s["false_alarms"].items()))
-        print("\n| arm | failed runs rescued (plain test) | tried | undone steps (mean) | snapshot memory (max) |"
-              "\n|---|---|---|---|---|")
+        print("\n| arm | failed runs rescued (plain test) | runs | ended healthy and finite | undone steps (mean) | "
+              "snapshot memory (max) |\n|---|---|---|---|---|---|")
         for arm, b in s["baselines"].items():
             undone = [row[5] for row in b["rows"]]
             snap = max((row[6] for row in b["rows"]), default=0)
-            print(f"| {arm} | {pct(b['rescued'], b['tried'])} | {b['tried']} | "
+            healthy_end = sum(1 for row in b["rows"] if not row[1] and math.isfinite(row[2]))
+            no_ref = sum(1 for row in b["rows"] if row[4] is None)
+            print(f"| {arm} | {pct(b['rescued'], b['tried'])} | {len(b['rows'])} ({no_ref} without a finite half-LR "
+                  f"reference) | {healthy_end}/{len(b['rows'])} | "
                   f"{statistics.fmean(undone) if undone else 0:.1f} | {snap / 2**20:.1f} MiB |")
             if args.rows:
                 for row in b["rows"]:
-                    print(f"|   | {row[0]}: {row[1] or 'healthy'}, final {fmt_loss(row[2])} vs half-LR {fmt_loss(row[3])}"
-                          f" → {'rescued' if row[4] else 'not rescued'} | | {row[5]} | |")
+                    verdict = "no finite reference" if row[4] is None else "rescued" if row[4] else "not rescued"
+                    print(f"|   | {row[0]}: {row[1] or 'healthy'}, final {fmt_loss(row[2])} vs half-LR "
+                          f"{fmt_loss(row[3])} → {verdict} | | | {row[5]} | |")
         fa_costs = s["baselines"]["monitor"]["healthy_cost"]
         if fa_costs:
             print(f"- acted-on false alarms: {len(fa_costs)}; final-loss change vs the plain run: "
