@@ -12,3 +12,6 @@ python3 sweep.py --out "$OUT" $GRID --arms monitor --only-failed-from "$OUT" --o
 # the baselines on the failed runs at LR 0.2 and 0.4 only (the CPU budget)
 python3 sweep.py --out "$OUT" --seeds 1 --archs gpt2,llama --precisions fp16,bf16 --temperatures 0.25,1,4 --lrs 0.2,0.4 \
     --warmups 10,50 --arms clip,spike_rollback,zloss,qknorm --only-failed-from "$OUT" --jobs 3
+# the baselines' cost on healthy runs: the held-out fp16 runs at LR 0.05 (all six stayed healthy)
+python3 sweep.py --out "$OUT" --seeds 1 --archs gpt2,llama --precisions fp16 --temperatures 0.25,1,4 --lrs 0.05 \
+    --warmups 10 --arms clip,spike_rollback,zloss,qknorm --jobs 3
