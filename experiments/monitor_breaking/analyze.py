@@ -201,6 +201,11 @@ def main() -> None:
                     verdict = "no finite reference" if row[4] is None else "rescued" if row[4] else "not rescued"
                     print(f"|   | {row[0]}: {row[1] or 'healthy'}, final {fmt_loss(row[2])} vs half-LR "
                           f"{fmt_loss(row[3])} → {verdict} | | | {row[5]} | |")
+        for arm in ("clip", "spike_rollback", "zloss", "qknorm"):
+            costs = s["baselines"][arm]["healthy_cost"]
+            if costs:
+                print(f"- {arm} on healthy runs: {len(costs)}; final-loss change vs the plain run: "
+                      + ", ".join(f"{c:+.3f}" for c in sorted(costs)) + " nats")
         fa_costs = s["baselines"]["monitor"]["healthy_cost"]
         if fa_costs:
             print(f"- acted-on false alarms: {len(fa_costs)}; final-loss change vs the plain run: "

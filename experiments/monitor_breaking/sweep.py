@@ -34,8 +34,9 @@ THE FAILURE RULE (fixed before any predictor was tuned; ``label``):
   Every other run is HEALTHY. The loss tested is every loss the loop logged, in order (a
   rollback's jump back counts).
 
-    python experiments/monitor_breaking/sweep.py --out runs/breaking --seeds 0,1,2,3 --jobs 2
-    python experiments/monitor_breaking/sweep.py --out runs/breaking --seeds 0,1,2,3 --jobs 2 --arms monitor,half_lr
+    experiments/monitor_breaking/run_plain.sh    # the plain runs (the grid as run; see README.md)
+    experiments/monitor_breaking/run_arms.sh     # half-LR, monitor and baseline arms on the held-out seed
+    python experiments/monitor_breaking/sweep.py --out runs/x --archs gpt2 --precisions fp16 --lrs 0.2 --seeds 0
 
 Writes ``runs.jsonl`` (one line per run; reruns skip what is there) and each plain run's monitor
 JSONL under ``--out``; ``analyze.py`` makes the tables.
