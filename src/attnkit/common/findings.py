@@ -112,6 +112,26 @@ THRESHOLDS: dict[str, Threshold] = {
     "loss_spike_nats": Threshold(1.0, "nats", (
         "monitor: a step's loss 1 nat above the median of the steps before (e-fold worse perplexity) is a "
         "spike; smaller jumps are ordinary batch noise.")),
+    "overflow_headroom_bits": Threshold(1.0, "bits", (
+        "monitor: format_overflow fires when a head's q·kᵀ product is within 1 bit (a factor 2) of its number "
+        "format's largest finite value (DTYPE_THRESHOLDS), or is projected to reach the largest value within "
+        "overflow_horizon steps. On the breaking sweep's design seed (experiments/monitor_breaking) fp16 runs "
+        "that stayed healthy peaked at 0.9x of fp16's 65,504; the two that overflowed rose from 0.5x to past it "
+        "in 4-8 steps: one bit is the most headroom that does not call healthy runs doomed.")),
+    "overflow_floor_bits": Threshold(3.0, "bits", (
+        "monitor: format_overflow projects a product's trend only from 3 bits (1/8) below the format's "
+        "largest value: in the first steps of training products grow from ~0 by 10x in a few steps, a rate "
+        "that projects to anything and means nothing (every fp16 run of the breaking sweep's design seed "
+        "did it; 4 bits still warned one more healthy run there than 3).")),
+    "overflow_window": Threshold(2, "observed steps", (
+        "monitor: format_overflow and activation_overflow project the rate between the last 2 observations: "
+        "the current rate. Over the detectors' full window the first steps' growth from ~0 dominates and "
+        "healthy runs are projected to overflow (design seed: 2, 3 and 8 observations tried).")),
+    "overflow_horizon": Threshold(8.0, "steps", (
+        "monitor: format_overflow's and activation_overflow's projection: the current rate reaches the "
+        "format's largest value within 8 steps. Chosen on the breaking sweep's design seed (8, 16, 24 tried): "
+        "fp16 tensors about to overflow grew 2-3x per 4 steps just before; Llama MLPs that stayed finite grew "
+        "to 80 % of 65,504 over a hundred steps, which a longer horizon calls doomed.")),
     # ----------------------------------------------------------------------------- number formats (check)
     "distortion_tolerance": Threshold(0.10, "relative weight change", (
         "check: an attention weight may change by at most 10 % (factor e^err - 1 <= 0.10) from rounding the "
@@ -132,6 +152,37 @@ THRESHOLDS: dict[str, Threshold] = {
 def threshold(name: str) -> float:
     """The value of ``THRESHOLDS[name]``."""
     return THRESHOLDS[name].value
+
+
+# Thresholds that depend on the number format a head's q·kᵀ is computed in (the autocast dtype, else
+# the query's): format name -> threshold name -> Threshold. Read by ``dtype_threshold``.
+DTYPE_THRESHOLDS: dict[str, dict[str, Threshold]] = {
+    "fp16": {
+        "qk_product_max": Threshold(65504.0, "q·kᵀ before the softmax scale", (
+            "fp16's largest finite value. Eager attention (GPT-2's and Llama's reference code) stores q·kᵀ in "
+            "the autocast dtype before multiplying by the scale: a product past 65,504 is inf, its softmax row "
+            "NaN, and the loss NaN (an attention temperature t moves the line in logits to 65,504 x scale / t). "
+            "The exp limit, ln 65,504 = 11.09, does not bind: softmax subtracts the row maximum and autocast "
+            "runs it in fp32.")),
+    },
+    "bf16": {
+        "qk_product_max": Threshold(3.3895313892515355e38, "q·kᵀ before the softmax scale", (
+            "bf16 keeps fp32's exponent range: a q·kᵀ product does not overflow at any scale a run reaches. Its "
+            "8 significant bits round a logit of 256-512 to a multiple of 2, but on the breaking sweep bf16 "
+            "runs with products past 10^6 trained as well as fp32 ones: rounding is no divergence signal there, "
+            "so no bf16 rounding alarm (check's distortion_tolerance judges it for inference).")),
+    },
+    "fp32": {
+        "qk_product_max": Threshold(3.4028234663852886e38, "q·kᵀ before the softmax scale", (
+            "fp32's largest finite value: out of reach of attention products.")),
+    },
+}
+
+
+def dtype_threshold(name: str, fmt: str | None) -> float | None:
+    """``DTYPE_THRESHOLDS[fmt][name]``'s value; None for a format (or a threshold) the table lacks."""
+    entry = DTYPE_THRESHOLDS.get(fmt or "", {}).get(name)
+    return None if entry is None else entry.value
 
 
 def _json_value(v):

@@ -4,12 +4,14 @@ A detector sees ``Trends`` (the recent observed steps of every (site, head) seri
 gradient norms and the per-step losses) and returns the findings it sees now. ``DETECTORS`` maps
 a name to it; ``AttentionMonitor(detectors=[...])`` picks some. What each looks for:
 
-- ``logit_growth``: log(max logit) over the last ``window`` observed steps fits a rising line that
-  reaches ``logit_danger`` within ``horizon`` window spans, from at least ``logit_floor``.
+- ``logit_growth``: log(max |logit|) over the last ``window`` observed steps fits a rising line that
+  reaches ``logit_danger`` within ``horizon`` window spans, from at least ``logit_floor``. The
+  largest magnitude, not the largest signed logit: a head whose logits grow all-negative overflows
+  a number format as surely as one growing positive (``logit_magnitude``).
 - ``softmax_saturation``: the instability predictor. At least ``entropy_heads`` of all heads show
   that logit growth (within ``saturation_horizon`` window spans) while at least ``entropy_heads``
   of all heads lost ``entropy_drop`` of their entropy over the same window.
-- ``overflow_risk``: max logit >= ``logit_danger`` now.
+- ``overflow_risk``: max |logit| >= ``logit_danger`` now.
 - ``entropy_fall``: a head's entropy fell by >= ``entropy_drop`` (relative) over the window while
   at least ``entropy_heads`` of all heads did the same.
 - ``entropy_collapse``: a head's mean entropy < ``entropy_collapse`` nats.
@@ -17,6 +19,13 @@ a name to it; ``AttentionMonitor(detectors=[...])`` picks some. What each looks 
 - ``grad_spike``: a layer's query/key gradient norm >= ``grad_spike`` x the largest of the window before.
 - ``loss_spike``: a step's loss >= the median of the ``loss_window`` steps before + ``loss_spike_nats``,
   or non-finite.
+- ``format_overflow``: a head's q·kᵀ product (max |logit| / its softmax scale) within
+  ``overflow_headroom_bits`` of the largest finite value of the number format it is computed in
+  (autocast's dtype, else the query's; ``attnkit.common.findings.DTYPE_THRESHOLDS``: fp16's 65,504,
+  out of reach in bf16 and fp32), or projected by its trend to reach it within ``overflow_horizon``
+  steps. The divergence predictor of mixed-precision runs (experiments/monitor_breaking).
+- ``activation_overflow``: the same test on the largest |output| of any module computed in that
+  format (an MLP past fp16's range breaks a run outside attention; its attention only shows the NaN).
 - ``nonfinite``: NaN/Inf logits were observed in a head.
 
 ``Thresholds`` holds one run's numbers (a user may pass their own; the run's log records them);
@@ -32,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnkit.monitor.history import Ring
-from attnkit.common.findings import Finding, threshold
+from attnkit.common.findings import Finding, dtype_threshold, threshold
 from attnkit.seam.sites import Site
 
 
@@ -53,6 +62,10 @@ class Thresholds:
     grad_spike: float = threshold("grad_spike")  # x the largest norm of the window before
     loss_window: int = 32  # steps whose median a loss is compared with
     loss_spike_nats: float = threshold("loss_spike_nats")
+    overflow_headroom_bits: float = threshold("overflow_headroom_bits")
+    overflow_floor_bits: float = threshold("overflow_floor_bits")
+    overflow_horizon: float = threshold("overflow_horizon")  # steps
+    overflow_window: int = int(threshold("overflow_window"))  # observed steps the projection is fitted on
 
 
 @dataclass
@@ -68,6 +81,8 @@ class Trends:
     losses: Ring  # every step's loss
     new_losses: int  # losses added since the last detection
     t: Thresholds
+    formats: list[str | None] | None = None  # per series: the number format its q·kᵀ runs in (None: unknown)
+    scales: list[float] | None = None  # per series: its softmax scale
 
     @property
     def step(self) -> int:
@@ -87,13 +102,27 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return slope, r2
 
 
+def logit_magnitude(metrics: dict[str, np.ndarray]) -> np.ndarray:
+    """Each head's largest |logit|: max(|logit_max|, |logit_min|), what overflows a number format
+    and what QK-clip bounds. A head whose logits are all negative grows in magnitude while its
+    largest (signed) logit falls; both extremes scale together when W_q or W_k grows. Without a
+    recorded ``logit_min`` (older recordings), |logit_max|. An extreme that saw no row (-inf max,
+    +inf min) counts as 0; NaN propagates."""
+    lmax = metrics["logit_max"]
+    lmin = metrics.get("logit_min")
+    top = np.abs(np.where(lmax == -np.inf, 0.0, lmax))
+    if lmin is None:
+        return top
+    return np.maximum(top, np.abs(np.where(lmin == np.inf, 0.0, lmin)))
+
+
 def _growth(tr: Trends, min_steps: int, horizon: float):
-    """Per series, over the last ``window`` observed steps: is log(max logit) a rising line (R² ≥
+    """Per series, over the last ``window`` observed steps: is log(max |logit|) a rising line (R² ≥
     ``fit_r2``, risen ≥ ``growth_min``×, from ≥ ``logit_floor``) that reaches ``logit_danger``
-    within ``horizon`` window spans? Returns (hits, slope, projected steps, latest max logit) or
+    within ``horizon`` window spans? Returns (hits, slope, projected steps, latest max |logit|) or
     None when there are too few steps or a non-finite logit (the ``nonfinite`` detector's case)."""
     t = tr.t
-    steps, logits = tr.steps[-t.window:], tr.metrics["logit_max"][-t.window:]
+    steps, logits = tr.steps[-t.window:], logit_magnitude(tr.metrics)[-t.window:]
     if len(steps) < min_steps or not np.isfinite(logits).all():
         return None
     y = np.log(np.clip(logits, 1e-3, None))
@@ -123,14 +152,14 @@ def logit_growth(tr: Trends) -> list[Finding]:
     hits, slope, projected, now = g
     hits = hits & (now < t.logit_danger)
     out = []
-    all_steps, all_logits = tr.steps, tr.metrics["logit_max"]
+    all_steps, all_logits = tr.steps, logit_magnitude(tr.metrics)
     for s in np.flatnonzero(hits):
         site, head = tr.series[s]
         start = int(all_steps[int(np.nanargmin(all_logits[:, s]))])
         doubling = math.log(2) / slope[s]
         out.append(Finding(
             type="logit_growth", severity="warning", step=tr.step, value=float(now[s]), threshold=t.logit_danger,
-            message=f"max logit {now[s]:.1f} growing exponentially (doubling every {doubling:.0f} steps) since step {start}; "
+            message=f"max |logit| {now[s]:.1f} growing exponentially (doubling every {doubling:.0f} steps) since step {start}; "
             f"~{projected[s]:.0f} steps to {t.logit_danger:g}",
             site=site, head=head, started=start, projected_steps=float(projected[s])))
     return out
@@ -159,23 +188,23 @@ def softmax_saturation(tr: Trends) -> list[Finding]:
     out = []
     for s in np.flatnonzero(both if both.any() else growing):
         site, head = tr.series[s]
-        start = int(tr.steps[int(np.nanargmin(tr.metrics["logit_max"][:, s]))])
+        start = int(tr.steps[int(np.nanargmin(logit_magnitude(tr.metrics)[:, s]))])
         out.append(Finding(
             type="softmax_saturation", severity="error", step=tr.step, value=float(now[s]), threshold=t.logit_danger,
-            message=f"{growing.sum()} of {len(growing)} heads' max logits growing exponentially and {falling.sum()} "
-            f"heads' entropy falling ≥{t.entropy_drop:.0%}: max logit {now[s]:.1f}, entropy {ent[s]:.2f} nats, "
+            message=f"{growing.sum()} of {len(growing)} heads' max |logit| growing exponentially and {falling.sum()} "
+            f"heads' entropy falling ≥{t.entropy_drop:.0%}: max |logit| {now[s]:.1f}, entropy {ent[s]:.2f} nats, "
             f"since step {start}; ~{max(float(projected[s]), 0.0):.0f} steps to {t.logit_danger:g}",
             site=site, head=head, started=start, projected_steps=max(float(projected[s]), 0.0)))
     return out
 
 
 def overflow_risk(tr: Trends) -> list[Finding]:
-    t, now = tr.t, tr.metrics["logit_max"][-1]
+    t, now = tr.t, logit_magnitude(tr.metrics)[-1]
     out = []
     for s in np.flatnonzero(now >= t.logit_danger):
         site, head = tr.series[s]
         out.append(Finding(type="overflow_risk", severity="error", step=tr.step, value=float(now[s]), threshold=t.logit_danger,
-                         message=f"max logit {now[s]:.1f} reached the danger threshold {t.logit_danger:g}", site=site, head=head,
+                         message=f"max |logit| {now[s]:.1f} reached the danger threshold {t.logit_danger:g}", site=site, head=head,
                          projected_steps=0.0))
     return out
 
@@ -270,6 +299,69 @@ def loss_spike(tr: Trends) -> list[Finding]:
     return out
 
 
+def format_overflow(tr: Trends) -> list[Finding]:
+    """A head's q·kᵀ product (max |logit| / its softmax scale) within ``overflow_headroom_bits`` of its
+    number format's largest finite value (``DTYPE_THRESHOLDS[fmt]["qk_product_max"]``), or, from
+    ``overflow_floor_bits`` below it, its log-linear trend over the last window reaching that value
+    within ``overflow_horizon`` steps. The value and threshold are in logits (the product × the scale)."""
+    if tr.formats is None or len(tr.steps) < 2:
+        return []
+    scales = np.asarray(tr.scales if tr.scales is not None else [1.0] * len(tr.series), dtype=float)
+    hits, now, limits, projected = _near_limit(tr, logit_magnitude(tr.metrics) / scales)
+    out = []
+    for s in np.flatnonzero(hits):
+        site, head = tr.series[s]
+        fmt = tr.formats[s]
+        out.append(Finding(
+            type="format_overflow", severity="error", step=tr.step, value=float(now[s] * scales[s]),
+            threshold=float(limits[s] * scales[s]),
+            message=f"q·kᵀ {now[s]:.4g} is {now[s] / limits[s]:.0%} of {fmt}'s largest value {limits[s]:g}"
+            + (f", ~{max(float(projected[s]), 0.0):.0f} steps from it at its current growth" if np.isfinite(projected[s]) else "")
+            + f" (max |logit| {now[s] * scales[s]:.4g} at scale {scales[s]:.3g})",
+            site=site, head=head, projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0))
+    return out
+
+
+def _near_limit(tr: Trends, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For (n, series) figures in each series' number format: (hits, latest, limit, projected steps).
+    A hit: the latest within ``overflow_headroom_bits`` of the format's largest finite value, or, from
+    ``overflow_floor_bits`` below it, its log-linear trend over the last ``overflow_window`` observed
+    steps reaching it within ``overflow_horizon`` steps."""
+    t = tr.t
+    limits = np.array([dtype_threshold("qk_product_max", f) or np.inf for f in tr.formats], dtype=float)
+    steps, values = tr.steps[-t.overflow_window:], values[-t.overflow_window:]
+    now = values[-1]
+    projected = np.full(len(now), np.inf)
+    ok = np.isfinite(values).all(axis=0) & (values > 0).all(axis=0)
+    if len(steps) >= 2 and ok.any():
+        slope, _ = _fit(steps.astype(float), np.log(np.where(ok, values, 1.0)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            projected = np.where(ok & (slope > 0), (np.log(limits) - np.log(np.where(ok, now, 1.0))) / slope, np.inf)
+    near = now >= limits / 2.0 ** t.overflow_headroom_bits
+    projecting = now >= limits / 2.0 ** t.overflow_floor_bits  # early training's fast growth from ~0 is no trend yet
+    hits = np.isfinite(now) & np.isfinite(limits) & (near | (projecting & (projected <= t.overflow_horizon)))
+    return hits, now, limits, projected
+
+
+def activation_overflow(tr: Trends) -> list[Finding]:
+    """The largest |output| of any module computed in a head's number format (``activation_absmax``,
+    the same for every head of that format) near that format's largest finite value, as
+    ``format_overflow`` judges q·kᵀ: an MLP overflowing fp16 is what breaks a half-precision run
+    there, and the next layer's attention only shows its NaN. One finding for the model."""
+    if tr.formats is None or "activation_absmax" not in tr.metrics or len(tr.steps) < 2:
+        return []
+    hits, now, limits, projected = _near_limit(tr, tr.metrics["activation_absmax"])
+    if not hits.any():
+        return []
+    s = int(np.flatnonzero(hits)[np.argmax(now[hits] / limits[hits])])
+    fmt = tr.formats[s]
+    return [Finding(
+        type="activation_overflow", severity="error", step=tr.step, value=float(now[s]), threshold=float(limits[s]),
+        message=f"a module's output reached {now[s]:.4g}, {now[s] / limits[s]:.0%} of {fmt}'s largest value {limits[s]:g}"
+        + (f", ~{max(float(projected[s]), 0.0):.0f} steps from it at its current growth" if np.isfinite(projected[s]) else ""),
+        projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0)]
+
+
 def nonfinite(tr: Trends) -> list[Finding]:
     bad = tr.metrics["nonfinite_logits"][-1]
     out = []
@@ -289,5 +381,7 @@ DETECTORS: dict[str, Callable[[Trends], list[Finding]]] = {
     "sink_growth": sink_growth,
     "grad_spike": grad_spike,
     "loss_spike": loss_spike,
+    "format_overflow": format_overflow,
+    "activation_overflow": activation_overflow,
     "nonfinite": nonfinite,
 }

@@ -4,7 +4,7 @@ Each intervention is a small object with ``name``, ``reason`` and ``apply(monito
 ``AttentionMonitor.apply`` runs it and logs step, action, detail and reason. ``INTERVENTIONS``
 maps a name to its class:
 
-- ``qk_clip``: MuonClip's QK-clip (Kimi K2): for every head whose max logit S > τ, γ = τ/S; its
+- ``qk_clip``: MuonClip's QK-clip (Kimi K2): for every head whose largest |logit| S > τ, γ = τ/S; its
   W_q rows and its key head's W_k rows are rescaled so that its logits are multiplied by exactly γ
   (γ_g = min over the heads sharing a key head, k rows × √γ_g, each query head's rows × γ_h/√γ_g;
   without GQA that is √γ on both, as in MuonClip). Weights are found by the layout module
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from attnkit.errors import UserError
+from attnkit.monitor.detectors import logit_magnitude
 from attnkit.monitor.emit import series_name
 from attnkit.common.findings import Finding, severity_rank, threshold
 from attnkit.monitor.issues import Diagnosis
@@ -50,8 +51,18 @@ from attnkit.seam.layouts import QKLayout, qk_layout
 from attnkit.seam.sites import Site
 
 
+def _magnitude(record) -> np.ndarray:
+    """Each series' largest |logit| at an observed step (``StepRecord``): what QK-clip's S is."""
+    return logit_magnitude({m: np.asarray(record.metrics[m], dtype=float) for m in ("logit_max", "logit_min")
+                            if m in record.metrics})
+
+
 def qk_clip_layout(layout: QKLayout, max_logits: list[float], tau: float) -> dict[int, float]:
-    """Rescale one module's q/k weights so each head's logits are × min(1, τ/S_h); returns {head: γ}."""
+    """Rescale one module's q/k weights so each head's logits are × min(1, τ/S_h); returns {head: γ}.
+
+    S_h is the head's largest |logit| (``detectors.logit_magnitude``): scaling W_q or W_k scales every
+    logit of the head by the same γ, the most negative with the most positive, so γ = τ/S_h bounds
+    both sides at τ; a head growing all-negative is clipped like one growing positive."""
     if layout.qk_norm:
         raise UserError("QK-clip rescales W_q/W_k, which this model's QK-norm cancels; use soft_cap instead")
     gammas = [min(1.0, tau / s) if (math.isfinite(s) and s > tau) else 1.0 for s in max_logits]
@@ -102,9 +113,10 @@ class QKClip:
             if layout.qk_norm:  # rescaling W_q/W_k before a QK-norm changes nothing
                 normed.append(series_name(site))
                 continue
+            magnitude = _magnitude(rec)
             logits = [math.nan] * layout.num_heads
             for i, h in zip(idx, heads):
-                logits[h] = rec.metrics["logit_max"][i]
+                logits[h] = magnitude[i]
             for h, gamma in qk_clip_layout(layout, logits, self.tau).items():
                 done.append(f"{series_name(site, h)} ×{gamma:.3f}")
         text = ("clipped " + ", ".join(done) + f" to τ={self.tau:g}") if done else ""
@@ -268,7 +280,7 @@ class LRBackoff:
             if not force:
                 return ""
         else:
-            logits = [float(v) for v in monitor.latest.metrics["logit_max"]]
+            logits = [float(v) for v in _magnitude(monitor.latest)]
             floor = monitor.thresholds.logit_floor if self.floor is None else self.floor
             if self._prev is not None:
                 # heads below the detectors' floor are ordinary learning (logits start near 0), not counted as growing
@@ -304,7 +316,9 @@ class LRToRate:
     def rates(self, monitor) -> tuple[float, float]:
         """(measured rate r, target rate) per step, from the monitor's history."""
         t = monitor.thresholds
-        steps, logits = monitor.rings["logit_max"].last(t.window)
+        steps, _ = monitor.rings["logit_max"].last(t.window)
+        logits = logit_magnitude({m: r.last(t.window)[1] for m, r in monitor.rings.items()
+                                  if m in ("logit_max", "logit_min")})
         span = float(steps[-1] - steps[0]) if len(steps) > 1 else 0.0
         target = math.log(t.growth_min) / span if span else math.nan
         if len(steps) < 2 or not span:
@@ -399,7 +413,9 @@ INTERVENTIONS: dict[str, Callable[..., object]] = {
 class Policy:
     """Issue type -> intervention factory ``(issue) -> intervention``; each action at most once
     (``once``; an intervention with ``times`` = n, such as ``Rollback``, at most n times), the most
-    severe new issue first. ``DEFAULT_RULES``: logit growth or overflow → QK-clip at τ; entropy
+    severe new issue first. ``DEFAULT_RULES``: a q·kᵀ product near its number format's limit →
+    QK-clip 3 bits below the limit; a module output near it → halve the learning rate; logit growth
+    or overflow → QK-clip at τ; entropy
     collapse → attention dropout; loss or gradient spike → halve the learning rate."""
 
     rules: dict[str, Callable[[Finding], object]] = field(default_factory=lambda: dict(DEFAULT_RULES))
@@ -429,7 +445,16 @@ def qk_clip_rule(tau: float = threshold("logit_danger")) -> Callable[[Finding], 
     return lambda issue: QKClip(tau)
 
 
+def format_clip_rule(headroom_bits: float = 3.0) -> Callable[[Finding], object]:
+    """QK-clip for a ``format_overflow`` finding: τ = the format's largest product, in logits (the
+    finding's threshold), ÷ 2^headroom_bits, so the clipped products keep that many bits below the
+    limit between two observed steps."""
+    return lambda issue: QKClip(issue.threshold / 2.0 ** headroom_bits)
+
+
 DEFAULT_RULES: dict[str, Callable[[Finding], object]] = {
+    "format_overflow": format_clip_rule(),
+    "activation_overflow": lambda issue: ReduceLR(0.5),
     "softmax_saturation": qk_clip_rule(),
     "logit_growth": qk_clip_rule(),
     "overflow_risk": qk_clip_rule(),

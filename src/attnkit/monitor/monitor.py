@@ -63,11 +63,15 @@ class _Sites(Tap):
 
     def __init__(self, on_new) -> None:
         self.modules: dict[Site, nn.Module] = {}
+        self.formats: dict[Site, str] = {}  # the number format q·kᵀ is computed in ("fp16", "bf16", "fp32")
+        self.scales: dict[Site, float] = {}  # the call's softmax scale
         self.calls = 0
         self.on_new = on_new
 
     def _seen(self, call: AttentionCall) -> None:
         self.calls += 1
+        self.formats[call.site] = compute_format(call.query)
+        self.scales[call.site] = float(call.scale)
         if call.site not in self.modules:
             self.modules[call.site] = call.module
             self.on_new(call.site, call.module)
@@ -77,6 +81,52 @@ class _Sites(Tap):
 
     def observe(self, chunk) -> None:
         self._seen(chunk.call)
+
+
+_FORMAT_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def compute_format(query: torch.Tensor) -> str:
+    """The number format a call's q·kᵀ runs in: autocast's dtype where autocast is on for the query's
+    device (a matmul under autocast runs in it whatever q's dtype: Llama's RoPE hands over fp32 q),
+    else the query's own dtype."""
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    return _FORMAT_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+class _Activations:
+    """The largest |output| of the model's leaf modules on observed steps, per number format.
+
+    A half-precision run can overflow outside attention (an MLP's output past fp16's 65,504, which
+    the next layer's attention then shows as NaN): ``activation_overflow`` judges these figures
+    against the format's largest value. Forward hooks on every leaf module (none by name), reading
+    outputs only while the monitor's session is active (observed steps); the maxima stay tensors
+    until the step is recorded (no device sync per module)."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.largest: dict[str, torch.Tensor] = {}
+
+    def attach(self, model: nn.Module, stack: ExitStack) -> None:
+        for module in model.modules():
+            if next(module.children(), None) is None:
+                stack.callback(module.register_forward_hook(self._hook).remove)
+
+    def _hook(self, _module, _inputs, output) -> None:
+        if not self.session.active or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        fmt = _FORMAT_NAMES.get(output.dtype)
+        if fmt is None or output.numel() == 0:
+            return
+        top = output.detach().abs().amax().float()
+        seen = self.largest.get(fmt)
+        self.largest[fmt] = top if seen is None else torch.maximum(seen, top)
+
+    def collect(self) -> dict[str, float]:
+        out = {fmt: float(v) for fmt, v in self.largest.items()}
+        self.largest = {}
+        return out
 
 
 def _dist():
@@ -173,9 +223,11 @@ class AttentionMonitor:
 
         # gate statistics through the seam, on the same observed calls, when the model has attnkit gates
         self.gate_tap = GateTap(root) if gate_owners(root) else None
-        self.metric_names = METRICS + (GATE_METRICS if self.gate_tap else ())
+        # activation_absmax: per series, the largest |output| of any leaf module in that head's number format
+        self.metric_names = METRICS + ("activation_absmax",) + (GATE_METRICS if self.gate_tap else ())
         taps = [self.stats, self.sites_tap] + ([self.gate_tap] if self.gate_tap else [])
         self.session = AttentionSession(taps=taps, sample_rows=sample_rows)
+        self.activations = _Activations(self.session)
         self.grads.session = self.session
         self.series: list[tuple[Site, int]] | None = None
         self.sites: list[Site] = []
@@ -201,6 +253,7 @@ class AttentionMonitor:
             if self.gate_tap is not None:
                 stack.enter_context(self.gate_tap)
             stack.enter_context(attach(self.model, self.session))
+            self.activations.attach(self.model, stack)
             if self.trace_nonfinite:
                 hook = self.model.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
                 stack.callback(hook.remove)
@@ -295,7 +348,9 @@ class AttentionMonitor:
             self.grad_ring = Ring(self.history_size, len(self.sites))
             for e in self.emitters:
                 e.start({"every": self.every, "series": [series_name(s, h) for s, h in self.series],
-                         "heads": [{"layer": s.layer, "stack": s.stack, "kind": s.kind, "head": h} for s, h in self.series],
+                         "heads": [{"layer": s.layer, "stack": s.stack, "kind": s.kind, "head": h,
+                                    "format": self.sites_tap.formats.get(s), "scale": self.sites_tap.scales.get(s)}
+                                   for s, h in self.series],
                          "sites": [series_name(s) for s in self.sites], "thresholds": vars(self.thresholds),
                          **self.meta})
         index = {k: i for i, k in enumerate(self.series)}
@@ -311,6 +366,9 @@ class AttentionMonitor:
                 if i is not None:
                     values["mean_gate"][i], values["gate_low_share"][i] = h["mean_gate"], h["share_below_0_1"]
             self.gate_tap.reset()
+        largest = self.activations.collect()
+        for i, (site, _) in enumerate(self.series):
+            values["activation_absmax"][i] = largest.get(self.sites_tap.formats.get(site), math.nan)
         for m in self.metric_names:
             self.rings[m].append(step, values[m])
         grad = self.grads.collect(self.sites)
@@ -343,7 +401,9 @@ class AttentionMonitor:
         steps, _ = self.rings["entropy"].last()
         gsteps, gvals = self.grad_ring.last()
         trends = Trends(self.series, self.sites, steps, {m: r.last()[1] for m, r in self.rings.items()},
-                        gsteps, gvals, self.losses, new_losses, self.thresholds)
+                        gsteps, gvals, self.losses, new_losses, self.thresholds,
+                        formats=[self.sites_tap.formats.get(s) for s, _ in self.series],
+                        scales=[self.sites_tap.scales.get(s, 1.0) for s, _ in self.series])
         issues: list[Finding] = [i for d in self.detectors for i in d(trends)]
         diagnosis = Diagnosis(step, issues)
         for issue in issues:

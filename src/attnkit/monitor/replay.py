@@ -25,8 +25,11 @@ from attnkit.seam.sites import Site
 
 
 def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detectors: tuple[str, ...] | None = None,
-           history: int = 512) -> list[Finding]:
-    """The issues ``detectors`` raise on the recorded run, each (site, head, type) once, in order."""
+           history: int = 512, formats: list[str | None] | None = None,
+           scales: list[float] | None = None) -> list[Finding]:
+    """The issues ``detectors`` raise on the recorded run, each (site, head, type) once, in order.
+    ``formats`` / ``scales``: each series' number format and softmax scale where the recording lacks
+    them (recorded by the monitor since it judges q·kᵀ against its format; see ``format_overflow``)."""
     names = tuple(detectors) if detectors is not None else tuple(DETECTORS)
     unknown = [d for d in names if d not in DETECTORS]
     if unknown:
@@ -54,7 +57,9 @@ def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detect
         steps, _ = rings["entropy"].last()
         gsteps, gvals = grad_ring.last()
         trends = Trends(series, sites, steps, {m: ring.last()[1] for m, ring in rings.items()}, gsteps, gvals,
-                        losses, new_losses, t)
+                        losses, new_losses, t,
+                        formats=formats if formats is not None else [h.get("format") for h in meta["heads"]],
+                        scales=scales if scales is not None else [h.get("scale") or 1.0 for h in meta["heads"]])
         for name in names:
             for issue in DETECTORS[name](trends):
                 if issue.key not in warned:

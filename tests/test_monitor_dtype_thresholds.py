@@ -1,0 +1,128 @@
+"""Thresholds by number format: the monitor reads the format q·kᵀ is computed in from the attention
+call itself (autocast's dtype, else the query's) and its softmax scale, and ``format_overflow``
+judges each head's product (max |logit| / scale) against that format's largest value from the shared
+table (``DTYPE_THRESHOLDS``)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attnkit.common.findings import DTYPE_THRESHOLDS, threshold
+from attnkit.monitor import AttentionMonitor, Thresholds
+from attnkit.monitor.detectors import DETECTORS, Trends
+from attnkit.monitor.history import Ring
+from attnkit.monitor.interventions import DEFAULT_RULES
+from attnkit.seam import Site
+
+V, T = 64, 16
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=T, vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("autocast, want", [(None, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")])
+def test_the_monitor_records_the_format_and_scale_of_each_call(autocast, want, tmp_path):
+    model = gpt2()
+    model.transformer.h[0].attn.scaling *= 2.0  # an attention temperature of 1/2: the scale the call gets
+    x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
+    with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=()) as monitor:
+        with torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False):
+            loss = model(input_ids=x, labels=x).loss
+        monitor.on_step(0, loss=loss)
+        (site,) = monitor.modules()
+        assert monitor.sites_tap.formats[site] == want
+        assert monitor.sites_tap.scales[site] == pytest.approx(2.0 * model.transformer.h[0].attn.head_dim ** -0.5)
+
+
+def _trends(product: np.ndarray, formats, scale: float) -> Trends:
+    """Trends whose heads' largest |logit| is ``product`` × scale (the most negative logit the larger)."""
+    n, s = product.shape
+    metrics = {m: np.zeros((n, s)) for m in ("entropy", "sink_mass", "max_attention", "nonfinite_logits")}
+    metrics["logit_max"] = 0.5 * product * scale
+    metrics["logit_min"] = -product * scale
+    return Trends([(Site(0), h) for h in range(s)], [Site(0)], np.arange(0, 4 * n, 4), metrics, np.zeros(0, dtype=int),
+                  np.zeros((0, 1)), Ring(8, 1), 0, Thresholds(), formats=formats, scales=[scale] * s)
+
+
+@pytest.mark.parametrize("fmt", sorted(DTYPE_THRESHOLDS))
+def test_format_overflow_judges_the_product_against_its_format(fmt):
+    limit = DTYPE_THRESHOLDS[fmt]["qk_product_max"].value
+    scale = 0.125
+    t = Thresholds()
+    near = limit / 2 ** t.overflow_headroom_bits
+    # head 0: just inside the headroom now (flat); head 1: just outside it (flat);
+    # head 2: just above the projection floor, x4 every observation (4 steps): reaches the limit within the horizon;
+    # head 3: below the floor, x4 as well: early training's growth, not projected
+    steps = 8
+    floor = limit / 2 ** t.overflow_floor_bits
+    rows = np.stack([np.full(steps, near * 1.01), np.full(steps, near * 0.99),
+                     floor * 1.01 * 4.0 ** (np.arange(steps) - steps + 1), floor * 0.5 * 4.0 ** (np.arange(steps) - steps + 1)], 1)
+    found = DETECTORS["format_overflow"](_trends(rows, [fmt] * 4, scale))
+    assert {i.head for i in found} == {0, 2}
+    for i in found:
+        assert i.threshold == pytest.approx(limit * scale)  # reported in logits: the product x the scale
+        assert i.value == pytest.approx(rows[-1, i.head] * scale)
+    growing = next(i for i in found if i.head == 2)
+    assert growing.projected_steps == pytest.approx(math.log(limit / rows[-1, 2]) / (math.log(4) / 4), rel=1e-6)
+    assert growing.projected_steps <= t.overflow_horizon
+
+
+def test_only_fp16_has_a_line_within_reach_and_unknown_formats_are_not_judged():
+    product = np.full((8, 1), 60000.0)  # q·kᵀ of 60,000: 92 % of fp16's largest value, nothing in bf16/fp32
+    assert [i.type for i in DETECTORS["format_overflow"](_trends(product, ["fp16"], 0.25))] == ["format_overflow"]
+    for fmt in ("bf16", "fp32", None, "fp64"):
+        assert DETECTORS["format_overflow"](_trends(product, [fmt], 0.25)) == []
+    assert threshold("overflow_headroom_bits") >= 0
+
+
+def test_default_policy_clips_below_the_format_limit():
+    product = np.full((8, 1), 60000.0)
+    (issue,) = DETECTORS["format_overflow"](_trends(product, ["fp16"], 0.25))
+    clip = DEFAULT_RULES["format_overflow"](issue)
+    assert clip.name == "qk_clip" and clip.tau == pytest.approx(65504.0 * 0.25 / 8)
+
+
+@pytest.mark.parametrize("autocast, fires", [(torch.float16, True), (None, False)])
+def test_activation_overflow_sees_an_mlp_near_the_format_limit(autocast, fires, tmp_path):
+    model = gpt2()
+    x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
+    mlp = model.transformer.h[0].mlp
+    with torch.no_grad():  # an MLP whose output reaches ~45,000: 69 % of fp16's largest value
+        mlp.c_fc.weight.mul_(2000.0)  # both halves scaled, so no weight itself leaves fp16's range
+        caught = {}
+        hook = mlp.c_proj.register_forward_hook(lambda _m, _i, o: caught.update(top=o.abs().amax().item()))
+        model(input_ids=x)
+        hook.remove()
+        mlp.c_proj.weight.mul_(45000.0 / caught["top"])
+        mlp.c_proj.bias.mul_(45000.0 / caught["top"])
+    outputs = {}  # the reference: every leaf module's output, caught by our own hooks
+
+    def keep(module, _inputs, output):
+        outputs[module] = output.detach().abs().amax().item()
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if next(m.children(), None) is None]
+    try:
+        with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=()) as monitor:
+            found = []
+            for step in range(3):
+                with torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False):
+                    loss = model(input_ids=x, labels=x).loss
+                found += monitor.on_step(step, loss=loss).new
+            recorded = monitor.last_value("activation_absmax", *monitor.series[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    top = outputs[mlp.c_proj]
+    assert recorded == pytest.approx(max(outputs.values()), rel=1e-6)
+    assert recorded == pytest.approx(top, rel=1e-6) and 32752 < top < 65504
+    assert [i.type for i in found if i.type == "activation_overflow"] == (["activation_overflow"] if fires else [])
