@@ -139,8 +139,9 @@ class SparseSelector:
         qb = (q_idx // geo.block_size - geo.first_block).clamp(0, geo.n_query_blocks - 1)
         return blocks[b, h // groups, qb, kv_idx // geo.block_size]
 
-    def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor]:
-        """The call's selection and its per-KV-group key and value (B, Hkv, K, D)."""
+    def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
+        """The call's selection, its per-KV-group key and value (B, Hkv, K, D) and its mask (True =
+        may attend, or None), the keys a decoding step's mask never shows at the end cut off."""
         groups = call.kv_groups
         k, v = call.key_heads, call.value_heads  # the model's own KV heads
         gate = None
@@ -156,14 +157,20 @@ class SparseSelector:
                 raise UserError(f"the gate of {call.site} was made for (KV heads, group size, head dim) "
                                 f"{(gate.num_kv_heads, gate.groups, gate.head_dim)}, the call has {shape}")
         causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
+        allowed = call.allowed
+        if causal and call.query_length == 1 and allowed is not None:
+            # a preallocated cache (StaticCache) passes every slot, the unwritten ones hidden: the
+            # step's query is the last key its mask shows, and the pages end there
+            k, v, allowed = _to_written_keys(k, v, allowed)
         pages = None
         if causal:  # the queries follow the cache's keys: the pages' statistics are kept across calls
             def pages():
-                return self.pages.update(call.site, k, self.cfg.block_size, past=call.key_length - call.query_length)
-        return choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal, allowed=call.allowed, key_pages=pages), k, v
+                return self.pages.update(call.site, k, self.cfg.block_size, past=k.shape[2] - call.query_length)
+        sel = choose_blocks(call.query, k, self.cfg, gate=gate, causal=causal, allowed=allowed, key_pages=pages)
+        return sel, k, v, allowed
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
-        sel, k, v = self.select(call)
+        sel, k, v, allowed = self.select(call)
         block_bias = full_bias = None
         log_probs = sel.log_probs
         straight = self.cfg.gate_grad == "straight_through"
@@ -174,8 +181,9 @@ class SparseSelector:
             block_bias = self.cfg.gate_bias * torch.where(sel.valid, picked, 0.0)
             full_bias = self.cfg.gate_bias * torch.where(sel.geometry.candidates, log_probs, 0.0)
         block_call = BlockCall(
-            call.query, k, v, sel, call.scale, block_bias=block_bias, full_bias=full_bias, allowed=call.allowed,
-            bias=call.bias, softcap=call.softcap, sinks=call.sinks, dropout_p=call.dropout_p, mods=others or None,
+            call.query, k, v, sel, call.scale, block_bias=block_bias, full_bias=full_bias, allowed=allowed,
+            bias=None if call.bias is None else call.bias[..., : k.shape[2]], softcap=call.softcap, sinks=call.sinks,
+            dropout_p=call.dropout_p, mods=others or None,
             chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint,
         )  # the causal triangle is applied inside the kernels
         try:
@@ -257,6 +265,18 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
         sel = select_blocks(scores, geo, forced, cfg.density, floor=floor)
     sel.log_probs = log_probs
     return sel
+
+
+def _to_written_keys(k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """k, v (B, Hkv, K, D) and a decoding step's mask ``allowed`` (B|1, H|1, 1, K' >= K) up to the last
+    key any row may see (views, no copy): the slots of a preallocated cache not yet written are cut
+    off, so that the step's query is at the end of its keys, as the page selection assumes."""
+    K = k.shape[2]
+    seen = allowed[..., :K].reshape(-1, K).any(0)  # (K,)
+    end = K - int(seen.flip(0).int().argmax())  # K when the last key is seen, or none is
+    if end == K:
+        return k, v, allowed
+    return k[:, :, :end], v[:, :, :end], allowed[..., :end]
 
 
 def visible_blocks(allowed: Tensor, geo: BlockGeometry) -> Tensor:
