@@ -240,3 +240,22 @@ def test_kernel_equals_dense_attention_over_the_kept_pages(shape, gather):
         want = torch.autograd.grad((ref * w).sum(), inputs)
         for a, b in zip(grads, want):
             assert (a - b).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_reads_the_written_part_of_a_preallocated_cache(shape):
+    """A StaticCache's keys reach the kernel as the first K slots of a longer buffer (a view whose
+    heads are further apart than K): each way of gathering equals float64 attention over the kept pages."""
+    B, H, Hk, K, bs = shape
+    D = 5
+    g = torch.Generator().manual_seed(K + 1)
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    buffers = torch.randn(2, B, Hk, K + 7, D, generator=g, dtype=torch.float64)
+    k, v = buffers[0, :, :, :K], buffers[1, :, :, :K]
+    geo = BlockGeometry(bs, 1, K, causal=True)
+    sel = select_step_pages(torch.randn(B, Hk, 1, geo.n_key_blocks, generator=g), geo, 0.4, 1, 1, True)
+    kept = sel.block_mask()[:, :, 0].repeat_interleave(bs, -1)[..., :K]
+    ref = _masked_reference(q, k, v, kept, 0.4)
+    for gather in GATHERS:
+        out = paged_decode_attention(q, k, v, sel.indices, sel.valid, geo, scale=0.4, gather=gather)
+        assert (out - ref).abs().max() < 1e-12, gather
