@@ -68,13 +68,15 @@ class SparseHandle:
     def start_forward(self) -> None:
         self.gate_log_probs, self.block_masks, self.block_bias = {}, {}, {}
 
-    def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None) -> None:
+    def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None,
+               block_mask: Tensor | None = None) -> None:
+        """Count the call's blocks and keep its selection; ``block_mask``: ``sel.block_mask()`` if already made."""
         self._kept[site] += sel.kept_blocks()
         if is_decoding_step(sel.geometry):  # every page is a candidate: counted without the (1, nKb) table
             self._candidates[site] += sel.indices.shape[0] * sel.indices.shape[1] * sel.geometry.n_key_blocks
         else:
             self._candidates[site] += sel.candidate_blocks()
-        self.block_masks[site] = sel.block_mask()
+        self.block_masks[site] = sel.block_mask() if block_mask is None else block_mask
         if sel.log_probs is not None:
             self.gate_log_probs[site] = sel.log_probs
         if bias is not None:
@@ -195,7 +197,7 @@ class SparseSelector:
         self._fresh = True
         self._last_bias = None if block_bias is None or straight else full_bias.detach()
         if not in_backward():  # a checkpoint recompute is not a new call
-            self.handle.record(call.site, sel, kernel.name, self._last_bias)
+            self.handle.record(call.site, sel, kernel.name, self._last_bias, block_mask=self._last[0])
         return out
 
 
