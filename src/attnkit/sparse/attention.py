@@ -269,16 +269,19 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     return sel
 
 
-def _to_written_keys(k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _to_written_keys(k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """k, v (B, Hkv, K, D) and a decoding step's mask ``allowed`` (B|1, H|1, 1, K' >= K) up to the last
     key any row may see (views, no copy): the slots of a preallocated cache not yet written are cut
-    off, so that the step's query is at the end of its keys, as the page selection assumes."""
+    off, so that the step's query is at the end of its keys, as the page selection assumes; the mask
+    itself is dropped (None) when it hides none of the keys left."""
     K = k.shape[2]
-    seen = allowed[..., :K].reshape(-1, K).any(0)  # (K,)
-    end = K - int(seen.flip(0).int().argmax())  # K when the last key is seen, or none is
-    if end == K:
-        return k, v, allowed
-    return k[:, :, :end], v[:, :, :end], allowed[..., :end]
+    rows = allowed[..., :K].reshape(-1, K)  # (rows, K)
+    end = K - int(rows.any(0).flip(0).int().argmax())  # K when the last key is seen, or none is
+    if end < K:
+        k, v, allowed = k[:, :, :end], v[:, :, :end], allowed[..., :end]
+    if bool(rows[:, :end].all()):  # nothing hidden among the written keys (no padding): no mask to apply
+        allowed = None
+    return k, v, allowed
 
 
 def visible_blocks(allowed: Tensor, geo: BlockGeometry) -> Tensor:
@@ -303,6 +306,8 @@ def is_causal_call(call: AttentionCall) -> bool:
         return call.query_length == 1 and bool(getattr(call.module, "is_causal", True))
     if call.query_length > call.key_length:
         return False
+    if call.query_length == 1:  # one query at the end of its keys: no key is in its future, whatever the mask
+        return True
     allowed = call.allowed[..., : call.key_length]
     if allowed.shape[-2] == 1 and call.query_length > 1:
         return False
