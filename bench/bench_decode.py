@@ -4,10 +4,14 @@ Two parts, each in one process, in interleaved rounds (every configuration once 
 of the per-round ratios to dense measured in the same round:
 
   model      the model (default ``reference-long``'s architecture with its positions raised to fit the
-             longest cache; its weights loaded: they do not change the cost), batch 1, fp32, Hugging
-             Face's ``DynamicCache``. Each cached length is prefilled once (dense SDPA, not timed);
-             a round then decodes ``--steps`` greedy tokens from that cache with each configuration
-             and crops the cache back:
+             longest cache; its weights loaded: they do not change the cost), batch 1, fp32, with each
+             of Hugging Face's caches in ``--caches`` (dense and sparse always with the same one):
+             ``DynamicCache`` (grows by a new tensor of the whole cache per layer and step) and
+             ``StaticCache`` (preallocated to the cached length + the decoded tokens, written in
+             place; the model's SDPA then reads every slot under a mask). Each cached length is
+             prefilled once per cache (dense SDPA, not timed); a round then decodes ``--steps``
+             greedy tokens from that cache with each configuration and goes back to the cached
+             length (crops a DynamicCache; a StaticCache's slots are written over):
                dense          the model's own SDPA attention
                PATTERN@D      ``sparse_attention`` with the pattern at the density: page statistics
                               kept across steps, the ``paged_decode`` kernel; one untimed step first
@@ -26,6 +30,7 @@ less disturbed one (other processes do not count in it).
 
     python bench/bench_decode.py                                   # writes its block of BENCHMARKS.md
     python bench/bench_decode.py --lengths 4096 --rounds 2 --steps 4 --no-write
+    python bench/bench_decode.py --caches static      # one cache only
 """
 
 from __future__ import annotations
@@ -88,26 +93,39 @@ def build(args, max_length: int):
     return model.eval()
 
 
-def model_part(model, length: int, args) -> dict:
+def new_cache(model, kind: str, max_length: int):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_length)
+    return DynamicCache(config=model.config)
+
+
+def model_part(model, length: int, args, kind: str) -> dict:
     import torch
-    from transformers import DynamicCache
 
     from attnkit.sparse import SparseConfig, sparse_attention
 
     g = torch.Generator().manual_seed(length)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g)
-    with torch.no_grad():
-        out = model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True)
+    with torch.no_grad():  # room for the timed steps and the sparse configuration's untimed one
+        cache = new_cache(model, kind, length + args.steps + 1)
+        out = model(input_ids=ids, cache=cache, use_cache=True, cache_position=torch.arange(length))
     cache, first = out.past_key_values, out.logits[:, -1:].argmax(-1)
     cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size)
     kernels: dict = {}
 
     def decode(steps: int) -> list:
         tok, toks = first, []
-        for _ in range(steps):
-            tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        for i in range(steps):
+            position = torch.tensor([length + i])
+            tok = model(input_ids=tok, cache=cache, use_cache=True, cache_position=position).logits[:, -1:].argmax(-1)
             toks.append(int(tok))
-        cache.crop(-steps)
+        if kind == "dynamic":
+            cache.crop(-steps)
+        else:  # the next decode writes over the same slots
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(length)
         return toks
 
     def timed(steps: int) -> tuple[float, float]:
@@ -135,8 +153,8 @@ def model_part(model, length: int, args) -> dict:
 
 def dense_profile(decode) -> dict:
     """Where a dense decoding step's time goes, in the model: the self time of SDPA's kernel and of
-    ``torch.cat`` (``DynamicCache.update``: the whole cache and the new key, for K and V) as shares
-    of the profiled steps' wall time."""
+    the cache's append (``DynamicCache``: ``torch.cat`` of the whole cache and the new key, for K and V;
+    ``StaticCache``: ``index_copy_`` of the new key) as shares of the profiled steps' wall time."""
     import torch
     from torch.profiler import profile
 
@@ -146,7 +164,7 @@ def dense_profile(decode) -> dict:
         wall = time.perf_counter() - start
     own = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     return {"wall_s": wall, "sdpa_s": own.get("aten::_scaled_dot_product_flash_attention_for_cpu", 0.0),
-            "cat_s": own.get("aten::cat", 0.0)}
+            "cat_s": own.get("aten::cat", 0.0), "index_copy_s": own.get("aten::index_copy_", 0.0)}
 
 
 def attention_part(model, length: int, args) -> dict:
@@ -204,6 +222,7 @@ def main() -> None:
     p.add_argument("--density", type=float, default=0.25)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--lengths", default="4096,8192,16384,32768", help="cached tokens")
+    p.add_argument("--caches", default="dynamic,static", help="Hugging Face caches: dynamic, static")
     p.add_argument("--steps", type=int, default=16, help="decoded tokens per configuration and round")
     p.add_argument("--op-repeats", type=int, default=20, help="calls of the attention op per round")
     p.add_argument("--rounds", type=int, default=7)
@@ -219,14 +238,19 @@ def main() -> None:
     load = [os.getloadavg()]
     lengths = [int(x) for x in args.lengths.split(",")]
     model = build(args, max(lengths) + args.steps + 8)
-    doc = {"model": {}, "attention": {}, "layers": model.config.num_hidden_layers}
+    caches = args.caches.split(",")
+    if not set(caches) <= {"dynamic", "static"}:
+        p.error(f"--caches: dynamic and/or static, got {args.caches}")
+    doc = {"model": {c: {} for c in caches}, "attention": {}, "layers": model.config.num_hidden_layers}
     sparse = f"{args.pattern}@{args.density:g}"
     for n in lengths:
         doc["attention"][n] = attention_part(model, n, args)
-        doc["model"][n] = model_part(model, n, args)
-        m, a = doc["model"][n][sparse], doc["attention"][n]["sparse_step"]
-        print(f"{n}: model {m['wall']['speedup']:.2f}x (cpu {m['cpu']['speedup']:.2f}x), attention "
-              f"{a['wall']['speedup']:.2f}x (cpu {a['cpu']['speedup']:.2f}x)", file=sys.stderr, flush=True)
+        a = doc["attention"][n]["sparse_step"]
+        for kind in caches:
+            doc["model"][kind][n] = model_part(model, n, args, kind)
+            m = doc["model"][kind][n][sparse]
+            print(f"{n} {kind}: model {m['wall']['speedup']:.2f}x (cpu {m['cpu']['speedup']:.2f}x), attention "
+                  f"{a['wall']['speedup']:.2f}x (cpu {a['cpu']['speedup']:.2f}x)", file=sys.stderr, flush=True)
     load.append(os.getloadavg())
     doc["load"] = load
     doc["args"] = vars(args)
@@ -253,17 +277,17 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
              f"- load average (1, 5, 15 min) before {b1:.2f}, {b5:.2f}, {b15:.2f}; after {a1:.2f}, {a5:.2f}, {a15:.2f} "
              "(ratios come from interleaved rounds, each against dense in the same round)",
              f"- model: `{args.model}`'s architecture (positions raised to the longest cache), batch 1, fp32, "
-             f"`DynamicCache`; `{sparse}` is `sparse_attention` with block (page) size {args.block_size}; "
+             f"dense and sparse with the same Hugging Face cache; `{sparse}` is `sparse_attention` with block (page) size {args.block_size}; "
              f"{args.steps} greedy tokens per configuration and round; medians of {args.rounds} rounds", "",
              "**Model** (tokens per second of the whole decoding step; × dense = dense time / sparse time, "
              "median of the per-round ratios)", "",
-             f"| cached tokens | dense tok/s (wall) | {sparse} tok/s (wall) | × dense (wall) | dense tok/s (CPU) "
+             f"| cache | cached tokens | dense tok/s (wall) | {sparse} tok/s (wall) | × dense (wall) | dense tok/s (CPU) "
              f"| {sparse} tok/s (CPU) | × dense (CPU time) | rounds (wall) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for n, r in doc["model"].items():
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for kind, n, r in ((kind, n, r) for kind, rs in doc["model"].items() for n, r in rs.items()):
         d, s = r["dense"], r[sparse]
         rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(s["wall"]["rounds"], d["wall"]["rounds"]))
-        lines.append(f"| {n} | {args.steps / d['wall']['median_s']:.1f} | {args.steps / s['wall']['median_s']:.1f} "
+        lines.append(f"| {kind} | {n} | {args.steps / d['wall']['median_s']:.1f} | {args.steps / s['wall']['median_s']:.1f} "
                      f"| **{s['wall']['speedup']:.2f}** | {args.steps / d['cpu']['median_s']:.1f} "
                      f"| {args.steps / s['cpu']['median_s']:.1f} | **{s['cpu']['speedup']:.2f}** | {rounds} |")
     lines += ["", "**Attention alone** (one decoding step's attention op of one layer on the model's shapes; "
@@ -278,13 +302,14 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
             lines.append(f"| {n} | {c} | {kept} | {t['cpu']['median_s'] / args.op_repeats * 1e3:.3f} "
                          f"| {t['cpu']['speedup']:.2f} | {t['wall']['speedup']:.2f} |")
     lines += ["", "**Where a dense step's time goes** (the dense steps of one more round under the profiler: the self "
-              "time of SDPA's kernel and of `torch.cat`, which is `DynamicCache`'s append, as shares of the steps' "
-              "wall time; the rest: projections, MLP, norms, rotary, the LM head and Python)", "",
-              "| cached tokens | attention (SDPA) | DynamicCache append | the rest |", "|---:|---:|---:|---:|"]
-    for n, r in doc["model"].items():
+              "time of SDPA's kernel and of the cache's append — `torch.cat` for `DynamicCache`, `index_copy_` for "
+              "`StaticCache` — as shares of the steps' wall time; the rest: projections, MLP, norms, rotary, the LM "
+              "head and Python)", "",
+              "| cache | cached tokens | attention (SDPA) | cache append | the rest |", "|---|---:|---:|---:|---:|"]
+    for kind, n, r in ((kind, n, r) for kind, rs in doc["model"].items() for n, r in rs.items()):
         p = r["dense_profile"]
-        attn, append = p["sdpa_s"] / p["wall_s"], p["cat_s"] / p["wall_s"]
-        lines.append(f"| {n} | {attn:.0%} | {append:.0%} | {1 - attn - append:.0%} |")
+        attn, append = p["sdpa_s"] / p["wall_s"], (p["cat_s"] + p["index_copy_s"]) / p["wall_s"]
+        lines.append(f"| {kind} | {n} | {attn:.0%} | {append:.0%} | {1 - attn - append:.0%} |")
     lines += ["", "<details><summary>raw (JSON)</summary>", "", "```json",
               json.dumps({k: doc[k] for k in ("model", "attention", "load")}), "```", "</details>", end]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from transformers import StaticCache
 
 from attnkit.seam import AttentionSession, attach
 from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys, select_blocks
@@ -30,20 +31,26 @@ MODELS = {"llama-gqa": llama, "gpt2-mha": gpt2, "mistral-window": mistral}
 BS = 4
 
 
-def _generate(model, ids, attention_mask=None, steps=10):
+CACHES = {"dynamic": None, "static": "static"}  # Hugging Face's cache_implementation; static: preallocated
+
+
+def _generate(model, ids, attention_mask=None, steps=10, cache=None):
     out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, pad_token_id=2, output_logits=True, return_dict_in_generate=True)
+                         do_sample=False, pad_token_id=2, output_logits=True, return_dict_in_generate=True,
+                         cache_implementation=CACHES[cache] if cache else None)
     return out.sequences, torch.stack(out.logits, 1)
 
 
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("name", MODELS)
-def test_density_one_decodes_as_dense(name):
+def test_density_one_decodes_as_dense(name, cache):
+    """Dense and sparse with the same cache; a StaticCache's unwritten slots never reach the pages."""
     model = MODELS[name]("sdpa")
     ids = torch.randint(3, VOCAB, (1, 23), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        tokens, logits = _generate(model, ids)
+        tokens, logits = _generate(model, ids, cache=cache)
         with sparse_attention(model, SparseConfig(pattern="quest", density=1.0, block_size=BS)) as handle:
-            sparse_tokens, sparse_logits = _generate(model, ids)
+            sparse_tokens, sparse_logits = _generate(model, ids, cache=cache)
     assert torch.equal(tokens, sparse_tokens)
     assert (logits - sparse_logits).abs().max() < 1e-5
     assert handle.kernels["paged_decode"] == 9 * model.config.num_hidden_layers  # every step after the prefill
@@ -111,23 +118,28 @@ def quest_reference(q: torch.Tensor, k: torch.Tensor, bs: int, density: float) -
     return kept.scatter_(-1, bound.topk(budget, -1).indices, True)
 
 
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2-mha"])
-def test_kept_pages_equal_quest_from_scratch_every_step(name):
+def test_kept_pages_equal_quest_from_scratch_every_step(name, cache):
+    """A StaticCache hands attention all of its slots: the reference sees only the written keys."""
     model = MODELS[name]("sdpa")
     ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
     calls = _Calls()
     cfg = SparseConfig(pattern="quest", density=0.3, block_size=BS)
-    kept = []
+    kept, written = [], 0
+    past = StaticCache(config=model.config, max_cache_len=47) if cache == "static" else None
     with torch.no_grad(), sparse_attention(model, cfg) as handle, attach(model, AttentionSession(taps=[calls])):
-        tok, cache = ids, None
+        tok = ids
         for _ in range(9):  # steps across page boundaries (keys 30 .. 38)
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            positions = torch.arange(written, written + tok.shape[1])
+            out = model(input_ids=tok, past_key_values=past, use_cache=True, cache_position=positions)
+            past, tok, written = out.past_key_values, out.logits[:, -1:].argmax(-1), written + tok.shape[1]
             kept.append(dict(handle.block_masks))
     steps = [c for c in calls.calls if c[1].shape[2] == 1]
     assert len(steps) == 8 * model.config.num_hidden_layers
     for i, (site, q, k) in enumerate(steps):
         mask = kept[1 + i // model.config.num_hidden_layers][site][:, :, 0]  # (B, Hkv, nKb)
+        k = k[:, :, : 31 + i // model.config.num_hidden_layers]  # the keys written so far, the step's own last
         assert torch.equal(mask, quest_reference(q, k, BS, cfg.density)), (i, site)
         assert mask.sum(-1).max() < mask.shape[-1]  # something was left out
 
@@ -228,3 +240,22 @@ def test_kernel_equals_dense_attention_over_the_kept_pages(shape, gather):
         want = torch.autograd.grad((ref * w).sum(), inputs)
         for a, b in zip(grads, want):
             assert (a - b).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_reads_the_written_part_of_a_preallocated_cache(shape):
+    """A StaticCache's keys reach the kernel as the first K slots of a longer buffer (a view whose
+    heads are further apart than K): each way of gathering equals float64 attention over the kept pages."""
+    B, H, Hk, K, bs = shape
+    D = 5
+    g = torch.Generator().manual_seed(K + 1)
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    buffers = torch.randn(2, B, Hk, K + 7, D, generator=g, dtype=torch.float64)
+    k, v = buffers[0, :, :, :K], buffers[1, :, :, :K]
+    geo = BlockGeometry(bs, 1, K, causal=True)
+    sel = select_step_pages(torch.randn(B, Hk, 1, geo.n_key_blocks, generator=g), geo, 0.4, 1, 1, True)
+    kept = sel.block_mask()[:, :, 0].repeat_interleave(bs, -1)[..., :K]
+    ref = _masked_reference(q, k, v, kept, 0.4)
+    for gather in GATHERS:
+        out = paged_decode_attention(q, k, v, sel.indices, sel.valid, geo, scale=0.4, gather=gather)
+        assert (out - ref).abs().max() < 1e-12, gather

@@ -69,13 +69,15 @@ class SparseHandle:
     def start_forward(self) -> None:
         self.gate_log_probs, self.block_masks, self.block_bias = {}, {}, {}
 
-    def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None) -> None:
+    def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None,
+               block_mask: Tensor | None = None) -> None:
+        """Count the call's blocks and keep its selection; ``block_mask``: ``sel.block_mask()`` if already made."""
         self._kept[site] += sel.kept_blocks()
         if is_decoding_step(sel.geometry):  # every page is a candidate: counted without the (1, nKb) table
             self._candidates[site] += sel.indices.shape[0] * sel.indices.shape[1] * sel.geometry.n_key_blocks
         else:
             self._candidates[site] += sel.candidate_blocks()
-        self.block_masks[site] = sel.block_mask()
+        self.block_masks[site] = sel.block_mask() if block_mask is None else block_mask
         if sel.log_probs is not None:
             self.gate_log_probs[site] = sel.log_probs
         if bias is not None:
@@ -140,8 +142,9 @@ class SparseSelector:
         qb = (q_idx // geo.block_size - geo.first_block).clamp(0, geo.n_query_blocks - 1)
         return blocks[b, h // groups, qb, kv_idx // geo.block_size]
 
-    def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor]:
-        """The call's selection and its per-KV-group key and value (B, Hkv, K, D)."""
+    def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
+        """The call's selection, its per-KV-group key and value (B, Hkv, K, D) and its mask (True =
+        may attend, or None), the keys a decoding step's mask never shows at the end cut off."""
         groups = call.kv_groups
         k, v = call.key_heads, call.value_heads  # the model's own KV heads
         gate = None
@@ -158,14 +161,20 @@ class SparseSelector:
                                 f"{(gate.num_kv_heads, gate.groups, gate.head_dim)}, the call has {shape}")
         causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
         cfg = self.cfg.at_layer(call.site.layer)  # the layer's own density under layer_shares
+        allowed = call.allowed
+        if causal and call.query_length == 1 and allowed is not None:
+            # a preallocated cache (StaticCache) passes every slot, the unwritten ones hidden: the
+            # step's query is the last key its mask shows, and the pages end there
+            k, v, allowed = _to_written_keys(k, v, allowed)
         pages = None
         if causal:  # the queries follow the cache's keys: the pages' statistics are kept across calls
             def pages():
-                return self.pages.update(call.site, k, self.cfg.block_size, past=call.key_length - call.query_length)
-        return choose_blocks(call.query, k, cfg, gate=gate, causal=causal, allowed=call.allowed, key_pages=pages), k, v
+                return self.pages.update(call.site, k, self.cfg.block_size, past=k.shape[2] - call.query_length)
+        sel = choose_blocks(call.query, k, cfg, gate=gate, causal=causal, allowed=allowed, key_pages=pages)
+        return sel, k, v, allowed
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
-        sel, k, v = self.select(call)
+        sel, k, v, allowed = self.select(call)
         block_bias = full_bias = None
         log_probs = sel.log_probs
         straight = self.cfg.gate_grad == "straight_through"
@@ -176,8 +185,9 @@ class SparseSelector:
             block_bias = self.cfg.gate_bias * torch.where(sel.valid, picked, 0.0)
             full_bias = self.cfg.gate_bias * torch.where(sel.geometry.candidates, log_probs, 0.0)
         block_call = BlockCall(
-            call.query, k, v, sel, call.scale, block_bias=block_bias, full_bias=full_bias, allowed=call.allowed,
-            bias=call.bias, softcap=call.softcap, sinks=call.sinks, dropout_p=call.dropout_p, mods=others or None,
+            call.query, k, v, sel, call.scale, block_bias=block_bias, full_bias=full_bias, allowed=allowed,
+            bias=None if call.bias is None else call.bias[..., : k.shape[2]], softcap=call.softcap, sinks=call.sinks,
+            dropout_p=call.dropout_p, mods=others or None,
             chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint,
         )  # the causal triangle is applied inside the kernels
         try:
@@ -189,7 +199,7 @@ class SparseSelector:
         self._fresh = True
         self._last_bias = None if block_bias is None or straight else full_bias.detach()
         if not in_backward():  # a checkpoint recompute is not a new call
-            self.handle.record(call.site, sel, kernel.name, self._last_bias)
+            self.handle.record(call.site, sel, kernel.name, self._last_bias, block_mask=self._last[0])
         return out
 
 
@@ -261,6 +271,21 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     return sel
 
 
+def _to_written_keys(k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """k, v (B, Hkv, K, D) and a decoding step's mask ``allowed`` (B|1, H|1, 1, K' >= K) up to the last
+    key any row may see (views, no copy): the slots of a preallocated cache not yet written are cut
+    off, so that the step's query is at the end of its keys, as the page selection assumes; the mask
+    itself is dropped (None) when it hides none of the keys left."""
+    K = k.shape[2]
+    rows = allowed[..., :K].reshape(-1, K)  # (rows, K)
+    end = K - int(rows.any(0).flip(0).int().argmax())  # K when the last key is seen, or none is
+    if end < K:
+        k, v, allowed = k[:, :, :end], v[:, :, :end], allowed[..., :end]
+    if bool(rows[:, :end].all()):  # nothing hidden among the written keys (no padding): no mask to apply
+        allowed = None
+    return k, v, allowed
+
+
 def visible_blocks(allowed: Tensor, geo: BlockGeometry) -> Tensor:
     """(B|1, 1, nQb|1, nKb) bool: whether any query of the block may see any key of the block
     under the call's own mask ``allowed`` (B|1, H|1, Q|1, K') — over all heads, conservatively."""
@@ -283,6 +308,8 @@ def is_causal_call(call: AttentionCall) -> bool:
         return call.query_length == 1 and bool(getattr(call.module, "is_causal", True))
     if call.query_length > call.key_length:
         return False
+    if call.query_length == 1:  # one query at the end of its keys: no key is in its future, whatever the mask
+        return True
     allowed = call.allowed[..., : call.key_length]
     if allowed.shape[-2] == 1 and call.query_length > 1:
         return False

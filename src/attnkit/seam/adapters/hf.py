@@ -81,9 +81,14 @@ def attnkit_attention(
     site = attachment.sites.site_of(module, count=not recompute)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
+    mask = attention_mask
+    if mask is None and causal and 1 < query.shape[2] < key.shape[2]:
+        # SDPA's is_causal puts the diagonal top-left: the keys past the queries (a preallocated
+        # cache's unwritten slots, which transformers leaves unmasked in its prefill) are hidden
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
     call = build_call(
         module, site, query, key, value,
-        mask=attention_mask,
+        mask=mask,
         scale=scaling,
         # The rule transformers' SDPA path applies when no mask was built.
         is_causal=attention_mask is None and bool(causal),

@@ -20,7 +20,8 @@ Two ways to copy the kept pages (``GATHERS``; ``bench/bench_decode.py`` times bo
 - ``pages`` (the default): the cache seen as overlapping windows of ``bs`` keys, one window per
   key position, and one ``index_select`` of whole windows, ``bs · D`` contiguous values each. A
   partial last page is read as the window of the last ``bs`` keys, its first keys (the previous
-  page's) masked. Needs a contiguous cache of at least one page; else it copies ``tokens``.
+  page's) masked. Needs at least one page of keys stored as rows, heads evenly spaced (a contiguous
+  cache, or the written part of a preallocated one); else it copies ``tokens``.
 - ``tokens``: one ``index_select`` of the kept pages' key positions, a row of ``D`` values each.
 
 ``select_step_pages`` is ``blocks.select_blocks`` for such a step's one query row, in a few ops.
@@ -99,16 +100,28 @@ def gather_tokens(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor,
     return kg, vg, hidden
 
 
+def _head_rows(t: Tensor) -> int | None:
+    """How many key rows apart t's (B, Hkv, K, D) heads begin in its storage, when its keys are rows
+    of D contiguous values and its heads evenly spaced (a contiguous cache: K; the first K keys of a
+    preallocated one: its capacity); else None."""
+    B, Hk, _, D = t.shape
+    s0, s1, s2, s3 = t.stride()
+    if s3 != 1 or s2 != D or s1 % D or (B > 1 and s0 != Hk * s1) or (Hk == 1 and B > 1 and s0 % D):
+        return None
+    return (s1 if Hk > 1 else s0) // D
+
+
 def gather_pages(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """What ``gather_tokens`` gives, copied a whole page at a time (see the module's docstring)."""
     B, Hk, K, _ = k.shape
-    if K < bs or not (k.is_contiguous() and v.is_contiguous()):
+    if K < bs or _head_rows(k) is None or _head_rows(v) is None:
         return gather_tokens(k, v, pages, bs)
-    starts = ((pages * bs).clamp(max=K - bs) + (torch.arange(B * Hk, device=k.device) * K).view(B, Hk, 1)).flatten()
+    first = (pages * bs).clamp(max=K - bs)  # (B, Hkv, S) each page's first key (a partial last page: K - bs)
 
-    def windows(t: Tensor) -> Tensor:  # row r: the bs keys from flat position r on; starts never cross a head
-        D = t.shape[-1]
-        rows = t.as_strided((B * Hk * K - bs + 1, bs * D), (D, 1), t.storage_offset())
+    def windows(t: Tensor) -> Tensor:  # row r: the bs keys from row r of the storage on; starts never cross a head
+        D, apart = t.shape[-1], _head_rows(t)
+        starts = (first + (torch.arange(B * Hk, device=t.device) * apart).view(B, Hk, 1)).flatten()
+        rows = t.as_strided(((B * Hk - 1) * apart + K - bs + 1, bs * D), (D, 1), t.storage_offset())
         return rows.index_select(0, starts).view(B, Hk, -1, D)
 
     hidden = None
