@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,9 @@ NativeKernel = Callable[[float], Tensor]
 class AttentionCall:
     """One call of an attention function, in a common layout.
 
-    query: (B, H, Q, D); key/value: (B, H, K, D) with grouped-query heads already expanded.
+    query: (B, H, Q, D); key/value: (B, H, K, D) with grouped-query heads expanded, made on first
+        use from key_heads/value_heads: (B, H_kv, K, D), the model's own (a pass that groups the
+        query heads itself never pays for the copy).
     allowed: bool, broadcastable to (B, H, Q, K), True where a query may see a key; None = all
         (or, with ``is_causal``, the causal pattern, built on demand by ``allowed_or_causal``).
     bias: float additive scores beyond masking (ALiBi, relative position bias, float masks),
@@ -33,16 +36,16 @@ class AttentionCall:
     sinks: (B|1, H, Q|1, 1) learned sink logits, one per head (gpt-oss) or per head and query row
         (Inkling2): a key without a value that joins every row's softmax denominator; or None.
     native: the model's own kernel for this call (see ``NativeKernel``), None when there is none.
-    kv_groups: query heads per key/value head before the expansion (grouped-query attention; 1 = none):
-        ``key[:, ::kv_groups]`` are the model's own key heads.
+    kv_groups: query heads per key/value head (grouped-query attention; 1 = none): query head h
+        reads key head h // kv_groups.
     Queries sit at the last Q of the K key positions (a KV cache puts them at the end).
     """
 
     module: nn.Module
     site: Site
     query: Tensor
-    key: Tensor
-    value: Tensor
+    key_heads: Tensor
+    value_heads: Tensor
     scale: float
     allowed: Tensor | None = None
     bias: Tensor | None = None
@@ -52,6 +55,14 @@ class AttentionCall:
     sinks: Tensor | None = None
     native: NativeKernel | None = None
     kv_groups: int = 1
+
+    @cached_property
+    def key(self) -> Tensor:  # (B, H, K, D)
+        return expand_kv(self.key_heads, self.kv_groups)
+
+    @cached_property
+    def value(self) -> Tensor:  # (B, H, K, Dv)
+        return expand_kv(self.value_heads, self.kv_groups)
 
     @property
     def layer(self) -> int:
@@ -67,7 +78,7 @@ class AttentionCall:
 
     @property
     def key_length(self) -> int:
-        return self.key.shape[2]
+        return self.key_heads.shape[2]
 
     @property
     def dropout_p(self) -> float:
@@ -118,8 +129,8 @@ def build_call(
         module=module,
         site=site,
         query=query,
-        key=expand_kv(key, groups),
-        value=expand_kv(value, groups),
+        key_heads=key,
+        value_heads=value,
         scale=scale if scale is not None else query.shape[-1] ** -0.5,
         allowed=allowed,
         bias=bias,
