@@ -69,8 +69,31 @@ def build(shape: str, vocab: int, positions: int):
         cfg, dtype = LlamaConfig(**SMALL, vocab_size=vocab, max_position_embeddings=positions), torch.float32
     else:
         cfg, dtype = LlamaConfig(**SHAPES[shape], max_position_embeddings=positions), torch.bfloat16
-    # Built in its own dtype: a 7B model in bf16 is 13 GiB, in float32 it would not fit beside it.
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    if shape == "small":
+        return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
+    # Built on the meta device in bf16 (a 7B model is 13 GiB in bf16; float32 would not fit beside
+    # it), then filled: transformers' own initialisation takes minutes at these sizes on 2 cores,
+    # so each tensor is tiled with one block of N(0, 0.02) numbers (norm weights 1). The cost of a
+    # forward does not depend on the values.
+    with torch.device("meta"):
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    model.to_empty(device="cpu")
+    block = (torch.randn(1 << 20) * 0.02).to(dtype)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if "rotary" in name:
+                continue
+            if name.endswith("norm.weight"):
+                t.fill_(1.0)
+                continue
+            flat = t.view(-1)
+            for start in range(0, flat.numel(), block.numel()):
+                n = min(block.numel(), flat.numel() - start)
+                flat[start : start + n].copy_(block[:n])
+        rotary = model.model.rotary_emb  # its inv_freq was made on the meta device: remake it
+        inv_freq, rotary.attention_scaling = rotary.compute_default_rope_parameters(rotary.config)
+        rotary.inv_freq.copy_(inv_freq)
+        rotary.original_inv_freq.copy_(inv_freq)
     return model.eval()
 
 
@@ -164,7 +187,7 @@ def width_worker(args: argparse.Namespace) -> None:
     peaks = {c: [] for c in CONFIGS}
     warm, analysis = {}, None
     with torch.no_grad():
-        for c in CONFIGS:  # warm-up round (first forward of the process)
+        for c in CONFIGS if args.width_warmup else ():  # warm-up round (first forward of the process)
             t0 = time.perf_counter()
             res = fns[c](ids)
             warm[c] = time.perf_counter() - t0
@@ -174,8 +197,12 @@ def width_worker(args: argparse.Namespace) -> None:
         for rnd in range(args.width_rounds):
             for c in CONFIGS:
                 t0 = time.perf_counter()
-                peaks[c].append(rss.peak_of(lambda: fns[c](ids)))
+                box = []
+                peaks[c].append(rss.peak_of(lambda: box.append(fns[c](ids))))
                 times[c].append(time.perf_counter() - t0)
+                if c == "attnkit-all":
+                    analysis = box[0]
+                del box
             print(f"{args.shape} round {rnd + 1}: " + "  ".join(f"{c} {times[c][-1]:.1f} s" for c in CONFIGS),
                   file=sys.stderr, flush=True)
     heads = analysis.heads
@@ -284,8 +311,8 @@ def write_widths(args, results, started, finished) -> None:
     lines.append("")
     for r in results:
         lines.append(f"- {r['shape']}: built in {r['build_seconds']:.0f} s ({_mib(r['model_bytes'])} MiB of bf16 "
-                     f"weights); first forwards {r['warmup']['sdpa']:.1f} s (sdpa), {r['warmup']['attnkit-all']:.1f} s "
-                     f"(attnkit-all); statistics dtype {r['analysis_dtype']}, {r['heads']} heads, every qk_absmax a "
+                     f"weights); first forwards {r['warmup'].get('sdpa', 0):.1f} s (sdpa), {r['warmup'].get('attnkit-all', 0):.1f} s "
+                     f"(attnkit-all; 0 = no warm-up round); statistics dtype {r['analysis_dtype']}, {r['heads']} heads, every qk_absmax a "
                      f"bf16 value: {r['qk_absmax_is_bf16']} (largest {r['qk_absmax_max']}); load at the end "
                      f"{r['load_end']:.1f}")
     lines += ["", "<details><summary>raw measurements (JSON)</summary>", "", "```json", json.dumps(results), "```",
@@ -307,6 +334,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--width-tokens", type=int, default=512)
     p.add_argument("--width-rounds", type=int, default=2)
+    p.add_argument("--width-warmup", type=int, default=1, help="1: one warm-up round before the timed ones")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -324,7 +352,7 @@ def main() -> None:
         results = []
         for shape in args.shapes:
             cmd = [sys.executable, __file__, "--width-worker", "--shape", shape, "--width-tokens", str(args.width_tokens),
-                   "--width-rounds", str(args.width_rounds)]
+                   "--width-rounds", str(args.width_rounds), "--width-warmup", str(args.width_warmup)]
             r = rss.run_fresh(cmd, f"{shape} at {args.width_tokens} tokens")
             print(json.dumps(r), flush=True)
             results.append(r)

@@ -131,12 +131,12 @@ def test_chunks_on_worker_threads_equal_the_reference_and_restore_threads(monkey
     _assert_equal_heads(res["fused"], res["reference"])
 
 
-LONG_CASES = {  # (model, inputs, whether chunks have keys every row sees: a 4-key window has none)
-    "gpt2 causal": (lambda: gpt2("sdpa"), lambda: {"input_ids": _ids(2, 48)}, True),
-    "gpt2 left padding": (lambda: gpt2("sdpa"), lambda: _padded(n=48, pad=(0, 3, 9)), True),
-    "llama grouped-query": (lambda: llama("sdpa"), lambda: {"input_ids": _ids(2, 48)}, True),
-    "mistral sliding window": (lambda: mistral("sdpa"), lambda: {"input_ids": _ids(2, 48)}, False),
-    "bert right padding": (lambda: bert("sdpa"), lambda: _padded(n=48, pad=(0, 3, 9), left=False), True),
+LONG_CASES = {
+    "gpt2 causal": (lambda: gpt2("sdpa"), lambda: {"input_ids": _ids(2, 48)}),
+    "gpt2 left padding": (lambda: gpt2("sdpa"), lambda: _padded(n=48, pad=(0, 3, 9))),
+    "llama grouped-query": (lambda: llama("sdpa"), lambda: {"input_ids": _ids(2, 48)}),
+    "mistral sliding window": (lambda: mistral("sdpa"), lambda: {"input_ids": _ids(2, 48)}),  # chunks start at the window
+    "bert right padding": (lambda: bert("sdpa"), lambda: _padded(n=48, pad=(0, 3, 9), left=False)),
 }
 
 
@@ -151,8 +151,7 @@ def test_long_rows_split_into_shared_keys_and_band_equal_reference(case, monkeyp
     split = []
     real = fused._common_sums
     monkeypatch.setattr(fused, "_common_sums", lambda *a: split.append(1) or real(*a))
-    make_model, make_inputs, splits = LONG_CASES[case]
+    make_model, make_inputs = LONG_CASES[case]
     res = _both(make_model(), make_inputs())
-    assert res["fused_calls"] > 4  # many chunks
-    assert bool(split) == splits  # the split ran where keys are shared, and only there
+    assert res["fused_calls"] > 4 and split  # many chunks, and the split ran in them
     _assert_equal_heads(res["fused"], res["reference"])

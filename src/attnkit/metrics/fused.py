@@ -288,7 +288,9 @@ def split_row_sums(flat: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tens
     right = (max(left[1], p_max + 1), stop) if p_max + 1 < stop else (left[1], left[1])
     common = [(a, b, side) for (a, b), side in ((left, -1), (right, 1)) if b > a]
     if sum(b - a for a, b, _ in common) < SPLIT_MIN_SHARE * K:
-        return row_sums(flat, scale, lo, hi, pos, work)
+        # Mostly band: a chunk of a short prefix, or of a mask that is not made of long runs.
+        # The compiled kernel is used if it exists, but not compiled for a chunk this size.
+        return row_sums(flat, scale, lo, hi, pos, min(work or flat.numel(), flat.numel()))
     # Their extremes first: a non-finite score among them sends the chunk to ``row_sums`` before
     # anything is written over.
     extremes = [(flat[:, a:b].amax(-1), flat[:, a:b].amin(-1)) for a, b, _ in common]

@@ -184,14 +184,18 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
         r, k_len = chunk
         q = q_src[:, :, int(r[0]) : int(r[-1]) + 1] if contiguous else q_src[:, :, r]  # (B, h, R, D)
         R = q.shape[2]
-        k_part = k_src if k_len == K else k_src[:, :, :k_len]
+        lo, hi = (t if t.shape[-1] == 1 else t[..., r] for t in intervals)
+        # Keys before the first one any row of the chunk sees (a sliding window's past) are left out.
+        k0 = int(lo.min()) if lo.numel() else 0
+        k0 = 0 if k0 >= k_len else k0
+        k_part = k_src[:, :, k0:k_len]
         if groups > 1:  # (B, h_kv, groups * R, D): query head h_kv * groups + g, row by row
             q = q.reshape(B, h_kv, groups * R, D)
-        raw = torch.matmul(q, k_part.transpose(-1, -2)).view(B, h, R, k_len)  # in the model's dtype
-        lo, hi = (t if t.shape[-1] == 1 else t[..., r] for t in intervals)
-        return fused.row_stats(raw, call.scale, lo, hi, r + (K - Q), work, scratch=True)  # raw is ours
+        raw = torch.matmul(q, k_part.transpose(-1, -2)).view(B, h, R, k_len - k0)  # in the model's dtype
+        # raw is ours: the statistics may write over it
+        return fused.row_stats(raw, call.scale, lo - k0, hi - k0, r + (K - Q - k0), work, scratch=True)
 
-    chunks = list(_chunks(rows, need, B * h, K, budget))
+    chunks = list(_chunks(rows, need, B * h, K, budget, thin_band=True))
     threads = torch.get_num_threads()
     if threads == 1 or len(chunks) == 1:
         return fused.cat_rows([one(c) for c in chunks])
@@ -215,11 +219,20 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
     return fused.cat_rows([first, *rest])
 
 
-def _chunks(rows: Tensor, need: Tensor | None, per_row: int, K: int, budget: int) -> Iterator[tuple[Tensor, int]]:
+# Rows per chunk of the fused pass: at most 1/32 of the chunk's keys (and at least 8), so the
+# band of keys some of its rows see and others do not (about rows x rows / 2 under a causal
+# mask), which takes the masked kernel, stays a thin part of each chunk near the diagonal too.
+BAND_SHARE, BAND_MIN_ROWS = 32, 8
+
+
+def _chunks(rows: Tensor, need: Tensor | None, per_row: int, K: int, budget: int,
+            thin_band: bool = False) -> Iterator[tuple[Tensor, int]]:
     """Consecutive groups of ``rows`` with the key prefix each group needs (K without ``need``),
-    about ``budget`` logits a group."""
+    about ``budget`` logits a group; with ``thin_band``, at most ``BAND_SHARE``-th as many rows
+    as keys (and at least ``BAND_MIN_ROWS``)."""
+    cap = (lambda k: max(BAND_MIN_ROWS, k // BAND_SHARE)) if thin_band else (lambda k: rows.numel())
     if need is None:
-        step = max(1, budget // max(1, per_row * K))
+        step = max(1, min(budget // max(1, per_row * K), cap(K)))
         for start in range(0, rows.numel(), step):
             yield rows[start : start + step], K
         return
@@ -229,7 +242,7 @@ def _chunks(rows: Tensor, need: Tensor | None, per_row: int, K: int, budget: int
         end, k_len = start + 1, need_of[start]
         while end < n:
             k_next = max(k_len, need_of[end])
-            if (end - start + 1) * k_next * per_row > budget:
+            if (end - start + 1) * k_next * per_row > budget or end - start + 1 > cap(k_next):
                 break
             k_len, end = k_next, end + 1
         yield rows[start:end], k_len
