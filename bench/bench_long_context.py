@@ -119,7 +119,7 @@ def time_lengths(args: argparse.Namespace) -> dict:
     model = build("small", args.vocab, max(args.lengths))
     fns = forwards(model)
     out = {"lengths": {}, "load": [], "threads": torch.get_num_threads()}
-    for n in args.lengths:
+    for n in args.time_lengths or args.lengths:
         ids = _ids(args.vocab, n)
         rounds = args.rounds_long if n >= args.long_from else args.rounds
         times = {c: [] for c in CONFIGS}
@@ -169,7 +169,7 @@ def memory_worker(args: argparse.Namespace) -> None:
 
 def measure_memory(config: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--length", str(n), "--vocab", str(args.vocab),
-           "--mem-repeats", str(args.mem_repeats)]
+           "--mem-repeats", str(args.mem_repeats)] + (["--threads", str(args.threads)] if args.threads else [])
     return rss.run_fresh(cmd, f"{config} at {n} tokens (memory)")
 
 
@@ -237,6 +237,9 @@ def write_lengths(args, timing, mem, started, finished, load_before, others) -> 
     L = args.lengths
     head = "| configuration | " + " | ".join(f"{n:,} tok" for n in L) + " |"
     sep = "|---|" + "---:|" * len(L)
+    TL = list(timing["lengths"]) if timing else []
+    thead = "| configuration | " + " | ".join(f"{n:,} tok" for n in TL) + " |"
+    tsep = "|---|" + "---:|" * len(TL)
     loads = timing["load"] if timing else [0.0]
     extra = [
         f"- model: Llama, {SMALL['num_hidden_layers']} layers, width {SMALL['hidden_size']}, "
@@ -253,10 +256,10 @@ def write_lengths(args, timing, mem, started, finished, load_before, others) -> 
     lines = [markers("bench_long_context")[0], *_header(args, started, finished, extra), ""]
     if timing:
         lines += ["**Time**: median wall s over rounds (**median of per-round ratio to SDPA**; smallest–largest "
-                  "ratio; median CPU-time ratio)", "", head, sep]
+                  "ratio; median CPU-time ratio)", "", thead, tsep]
         for c in CONFIGS:
             cells = []
-            for n in L:
+            for n in TL:
                 r = timing["lengths"][n][c]
                 lo, hi = r["ratio_spread"]
                 cells.append(f"{r['time']:.2f} (**{r['ratio']:.2f}×**; {lo:.2f}–{hi:.2f}; CPU {r['cpu_ratio']:.2f}×)")
@@ -324,6 +327,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=("lengths", "widths"), default="lengths")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--time-lengths", type=int, nargs="+", help="lengths timed (default: --lengths)")
+    p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's)")
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--rounds-long", type=int, default=3, help="rounds at --long-from tokens and more")
@@ -342,6 +347,10 @@ def main() -> None:
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.worker:
         return memory_worker(args)
     if args.width_worker:

@@ -136,7 +136,7 @@ class SparseSelector:
     def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor]:
         """The call's selection and its per-KV-group key and value (B, Hkv, K, D)."""
         groups = call.kv_groups
-        k, v = call.key[:, ::groups], call.value[:, ::groups]  # the model's own KV heads
+        k, v = call.key_heads, call.value_heads  # the model's own KV heads: no expanded copy
         gate = None
         if self.pattern.learned:
             if self.gates is None:
