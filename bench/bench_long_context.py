@@ -362,6 +362,7 @@ def main() -> None:
         for shape in args.shapes:
             cmd = [sys.executable, __file__, "--width-worker", "--shape", shape, "--width-tokens", str(args.width_tokens),
                    "--width-rounds", str(args.width_rounds), "--width-warmup", str(args.width_warmup)]
+            cmd += ["--threads", str(args.threads)] if args.threads else []
             r = rss.run_fresh(cmd, f"{shape} at {args.width_tokens} tokens")
             print(json.dumps(r), flush=True)
             results.append(r)
