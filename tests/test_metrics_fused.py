@@ -106,6 +106,63 @@ def test_row_stats_equal_rows_py_on_float64_softmax(seed, dtype, plant, monkeypa
     _check(fused.row_stats(raw, scale, lo, hi, pos), ref, finite)
 
 
+def _long_chunk(kind: str, seed: int, dtype, B=2, H=2, Rn=6, K=40):
+    """A chunk whose rows share most of their keys (what long-context chunks look like), so that
+    ``split_row_sums`` takes the keys every row sees apart from the band around the diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    raw = (torch.randn(B, H, Rn, K, generator=g) * 4).to(dtype)
+    if kind == "causal":  # rows at the last positions
+        pos = torch.arange(K - Rn, K)
+        lo, hi = torch.zeros(B, Rn, dtype=torch.long), (pos + 1).expand(B, Rn).clone()
+    elif kind == "causal, keys beyond":  # rows early in a longer key range (cached keys after them unseen)
+        pos = torch.arange(20, 20 + Rn)
+        lo, hi = torch.zeros(B, Rn, dtype=torch.long), (pos + 1).expand(B, Rn).clone()
+    elif kind == "bidirectional":  # keys on both sides of every row
+        pos = torch.arange(17, 17 + Rn)
+        lo, hi = torch.zeros(B, Rn, dtype=torch.long), torch.full((B, Rn), K)
+    elif kind == "left padding, a blind row":
+        pos = torch.arange(K - Rn, K)
+        lo, hi = torch.full((B, Rn), 3), (pos + 1).expand(B, Rn).clone()
+        lo[1, 0], hi[1, 0] = 0, 0
+    elif kind == "window wider than the chunk":
+        pos = torch.arange(K - Rn, K)
+        lo, hi = (pos - 30).expand(B, Rn).clone(), (pos + 1).expand(B, Rn).clone()
+    return raw, 0.37, lo[:, None], hi[:, None], pos
+
+
+LONG_KINDS = ("causal", "causal, keys beyond", "bidirectional", "left padding, a blind row", "window wider than the chunk")
+
+
+@pytest.mark.parametrize("kind", LONG_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scratch", [False, True])
+def test_keys_every_row_sees_are_summed_apart_and_merged_exactly(kind, dtype, scratch, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_COMPILE", "0")
+    seen = []
+    real = fused._common_sums
+    monkeypatch.setattr(fused, "_common_sums", lambda *a: seen.append(a[5:7]) or real(*a))
+    raw, scale, lo, hi, pos = _long_chunk(kind, 0, dtype)
+    original = raw.clone()
+    ref, finite, _, _ = _reference(raw, scale, lo, hi, pos)
+    _check(fused.row_stats(raw, scale, lo, hi, pos, scratch=scratch), ref, finite)
+    assert seen  # the split ran: keys [a, b) taken apart
+    assert len(seen) == (2 if kind == "bidirectional" else 1)  # both sides of the rows, or the left
+    if not scratch:
+        assert torch.equal(raw, original)  # left as it was found
+
+
+@pytest.mark.parametrize("where", ["keys every row sees", "the band"])
+def test_nonfinite_scores_in_a_long_chunk_are_counted(where, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_COMPILE", "0")
+    raw, scale, lo, hi, pos = _long_chunk("causal", 1, torch.float32)
+    col = 5 if where == "keys every row sees" else int(pos[-1])
+    raw[0, 1, -1, col] = math.nan
+    raw[1, 0, -1, col] = math.inf
+    ref, finite, _, _ = _reference(raw, scale, lo, hi, pos)
+    assert (~finite).sum() == 2
+    _check(fused.row_stats(raw, scale, lo, hi, pos, scratch=True), ref, finite)
+
+
 def test_scaling_overflow_counts_as_nonfinite():
     # Finite scores whose logits overflow float32 once scaled: the logits are what counts.
     raw, _, lo, hi, pos = _chunk(0, plant=False)

@@ -116,7 +116,8 @@ def test_mask_with_holes_falls_back_to_the_reference_path():
 def test_chunks_on_worker_threads_equal_the_reference_and_restore_threads(monkeypatch):
     import attnkit.seam.observe as observe
 
-    monkeypatch.setattr(observe, "FUSED_CHUNK_ELEMENTS", 64)  # many chunks: the thread pool runs
+    monkeypatch.setattr(observe, "FUSED_CHUNK_MIN", 64)  # many chunks: the thread pool runs
+    monkeypatch.setattr(observe, "FUSED_CHUNK_MAX", 64)
     model, inputs = gpt2("sdpa"), _padded(n=20)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -127,4 +128,30 @@ def test_chunks_on_worker_threads_equal_the_reference_and_restore_threads(monkey
         torch.set_num_threads(before)
     assert res["fused_calls"] > 4 * 2  # several chunks a call, on both layers
     assert observe._pool is not None
+    _assert_equal_heads(res["fused"], res["reference"])
+
+
+LONG_CASES = {
+    "gpt2 causal": (lambda: gpt2("sdpa"), lambda: {"input_ids": _ids(2, 48)}),
+    "gpt2 left padding": (lambda: gpt2("sdpa"), lambda: _padded(n=48, pad=(0, 3, 9))),
+    "llama grouped-query": (lambda: llama("sdpa"), lambda: {"input_ids": _ids(2, 48)}),
+    "mistral sliding window": (lambda: mistral("sdpa"), lambda: {"input_ids": _ids(2, 48)}),  # chunks start at the window
+    "bert right padding": (lambda: bert("sdpa"), lambda: _padded(n=48, pad=(0, 3, 9), left=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(LONG_CASES))
+def test_long_rows_split_into_shared_keys_and_band_equal_reference(case, monkeypatch):
+    """Chunks of a few rows against many keys (long context): the keys every row of a chunk sees
+    are summed apart from the band and merged; the statistics equal the reference path's."""
+    import attnkit.seam.observe as observe
+
+    monkeypatch.setattr(observe, "FUSED_CHUNK_MIN", 512)
+    monkeypatch.setattr(observe, "FUSED_CHUNK_MAX", 512)
+    split = []
+    real = fused._common_sums
+    monkeypatch.setattr(fused, "_common_sums", lambda *a: split.append(1) or real(*a))
+    make_model, make_inputs = LONG_CASES[case]
+    res = _both(make_model(), make_inputs())
+    assert res["fused_calls"] > 4 and split  # many chunks, and the split ran in them
     _assert_equal_heads(res["fused"], res["reference"])

@@ -19,9 +19,18 @@ s = float(raw) * scale are never written out); the two single-key terms are gath
 a row sees is given as one interval [lo, hi) per row, which is what causal masks, padding and
 sliding windows are; ``mask_intervals`` turns a bool mask into intervals, or says it is not made
 of them. Under ``torch.compile`` (inductor's C++ backend; Triton on CUDA) the passes fuse into one loop nest per
-row that stays in L1 (about 0.9 ns a score on one core here, against 0.6 for a bare ``exp``);
-without it the same function runs eagerly, slower, with the same values. Calls below
-``COMPILE_MIN_LOGITS`` stay eager until the kernel exists, as a compile costs seconds.
+row; without it the same function runs eagerly, slower, with the same values.
+
+``row_stats`` does not hand a whole chunk to ``row_sums``: the keys that every row of a chunk
+sees, on one side of every row's own key (for a chunk of consecutive causal rows, all keys
+before its first row), need neither masks nor |i - j| per score, and their sums are a handful
+of whole-tensor passes (max, min, exp, sum, norm, one matrix-vector product) at memory speed,
+no compiler needed (``split_row_sums``). Only the thin band of keys some rows see and others
+not goes through ``row_sums``, and the parts merge exactly (``merge_sums``). Long causal,
+padded, bidirectional and windowed calls so never compile: a compile costs a fresh process
+tens of seconds on a loaded machine, even with inductor's on-disk cache warm. The compiled
+kernel is used where a call is mostly band (masks with short runs) and large enough to pay
+(``COMPILE_MIN_LOGITS``), or always with ``ATTNKIT_COMPILE=1``.
 Pure tensor functions, no model knowledge.
 """
 
@@ -118,14 +127,6 @@ def _row_sums(raw: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, pos: Tensor) -
     return x_max, x_min, z, a, s2, md
 
 
-def _e_at(flat: Tensor, col: Tensor, scale: float, m: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """exp(s - m) at one key per row (0 where the row does not see it): a gather, outside the
-    kernel, where two masked sums over every key would cost 20 % of it."""
-    idx = col.clamp(0, flat.shape[-1] - 1).long()[:, None]
-    s = flat.gather(-1, idx).squeeze(-1).float() * scale
-    return torch.where((col >= lo) & (col < hi), torch.exp(s - m), 0.0)
-
-
 def count_nonfinite(flat: Tensor, scale: float, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """(N,) counts of non-finite and of NaN logits float(raw) * scale over each row's visible keys
     (eager; the scaling can overflow too)."""
@@ -208,13 +209,17 @@ def row_sums(raw: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor,
     return out
 
 
-def row_stats(raw: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor, work: int | None = None) -> RowStats:
+def row_stats(raw: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor, work: int | None = None,
+              scratch: bool = False) -> RowStats:
     """Per-row statistics of a chunk of raw scores.
 
     raw: (B, H, R, K) q.k before scaling, in the model's dtype (or logits with scale 1.0);
     scale > 0; lo, hi: broadcastable to (B, H, R), int or float, the row sees keys lo <= j < hi;
     pos: (R,) the key position of each query row (for the diagonal and distances).
     ``qk_absmax`` of the result is the largest |raw| over visible keys.
+
+    scratch: the pass may write over ``raw`` (a matmul output of the caller's own, not read
+    again), which saves a (B, H, R, K) float32 buffer.
     """
     B, H, R, K = raw.shape
     shape = (B, H, R)
@@ -222,15 +227,18 @@ def row_stats(raw: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor, wo
     f = lambda t: t.to(torch.float32).expand(shape).reshape(-1)  # noqa: E731 - (N,) per row
     lo_f, hi_f = f(lo), f(hi)
     pos_f = f(pos.view(1, 1, R))
-    x_max, x_min, z, a, s2, md = row_sums(flat, scale, lo_f, hi_f, pos_f, work)
+    # The two single-key terms read raw before the sums may write over it.
+    own, first = _raw_at(flat, pos_f), _raw_at(flat, lo_f)
+    x_max, x_min, z, a, s2, md = split_row_sums(flat, scale, lo_f, hi_f, pos_f, work, scratch)
     m = x_max * scale
-    e_own = _e_at(flat, pos_f, scale, m, lo_f, hi_f)
-    e_first = _e_at(flat, lo_f, scale, m, lo_f, hi_f)
+    e_own = _e_of(own, pos_f, scale, m, lo_f, hi_f)
+    e_first = _e_of(first, lo_f, scale, m, lo_f, hi_f)
     n_visible = (hi_f - lo_f).clamp_min(0)
     # A row that sees something and is not finite shows here (blind rows have max = -inf).
     suspect = ~(torch.isfinite(x_max) & torch.isfinite(x_min) & torch.isfinite(z)) & (n_visible > 0)
     nonfinite = nans = None
     if bool(suspect.any()):  # rare: count exactly, and let NaN propagate into the extremes as amax does
+        # Keys the sums wrote over were finite (they are only written when they are), and stay so.
         nonfinite, nans = count_nonfinite(flat, scale, lo_f, hi_f)
         x_max = torch.where(nans > 0, math.nan, x_max)
         x_min = torch.where(nans > 0, math.nan, x_min)
@@ -249,6 +257,117 @@ def row_stats(raw: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor, wo
         # Rows that see nothing: max(-inf, -inf) clamps to 0, as over no visible key.
         qk_absmax=v(torch.maximum(x_max, -x_min).clamp_min(0.0).abs()),
     )
+
+
+def _raw_at(flat: Tensor, col: Tensor) -> Tensor:
+    """(N,) float32 raw score at one key per row (any column where the row does not see it)."""
+    return flat.gather(-1, col.clamp(0, flat.shape[-1] - 1).long()[:, None]).squeeze(-1).float()
+
+
+def _e_of(raw_at: Tensor, col: Tensor, scale: float, m: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """exp(s - m) at one key per row, from its raw score (0 where the row does not see it)."""
+    return torch.where((col >= lo) & (col < hi), torch.exp(raw_at * scale - m), 0.0)
+
+
+# ---------------------------------------------------------------------------- keys seen by every row
+# A chunk of consecutive query rows under a causal, padding or sliding-window mask sees most of
+# its keys from every row: for causal rows i0..i1 every key j <= i0. Over such a block the masks
+# and the |i - j| of ``_row_sums`` are not needed, and the sums are a few whole-tensor passes
+# (max, min, exp, sums, one matrix-vector product) that run at memory speed without a compiler;
+# only the thin band of keys some rows see and others do not goes through ``row_sums``. The
+# parts are then merged exactly as a softmax over a concatenation is (rescaled to one max).
+# Below this share of keys seen by every row, the band is most of the work: ``row_sums`` does all.
+SPLIT_MIN_SHARE = 0.5
+
+
+def split_row_sums(flat: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor,
+                   work: int | None = None, scratch: bool = False) -> tuple[Tensor, ...]:
+    """``row_sums`` of (N, K) raw scores, with the keys that every row sees done by
+    ``_common_sums`` (no masks, no compiler) and the rest by ``row_sums``; with ``scratch``
+    it may write over ``flat``.
+
+    Same outputs as ``row_sums``: six (N,) float32 tensors x_max, x_min, Z, A, S2, D.
+    """
+    N, K = flat.shape
+    seen = hi > lo  # rows that see no key take no part in the bounds (padding queries)
+    if compile_mode() == "1" or not bool(seen.any()):  # ATTNKIT_COMPILE=1: the compiled kernel for everything
+        return row_sums(flat, scale, lo, hi, pos, work)
+    lo_s, hi_s, pos_s = lo[seen], hi[seen], pos[seen]
+    start, stop = int(lo_s.max()), int(hi_s.min())  # keys [start, stop) are seen by every row
+    p_min, p_max = int(pos_s.min()), int(pos_s.max())
+    # Left of every row's own key (distance pos - j), and right of every row's (j - pos).
+    left = (start, max(start, min(stop, p_min + 1)))
+    right = (max(left[1], p_max + 1), stop) if p_max + 1 < stop else (left[1], left[1])
+    common = [(a, b, side) for (a, b), side in ((left, -1), (right, 1)) if b > a]
+    if sum(b - a for a, b, _ in common) < SPLIT_MIN_SHARE * K:
+        # Mostly band: a chunk of a short prefix, or of a mask that is not made of long runs.
+        # The compiled kernel is used if it exists, but not compiled for a chunk this size.
+        return row_sums(flat, scale, lo, hi, pos, min(work or flat.numel(), flat.numel()))
+    # Their extremes first: a non-finite score among them sends the chunk to ``row_sums`` before
+    # anything is written over.
+    extremes = [(flat[:, a:b].amax(-1), flat[:, a:b].amin(-1)) for a, b, _ in common]
+    if not all(bool(torch.isfinite(mx).all() & torch.isfinite(mn).all()) for mx, mn in extremes):
+        return row_sums(flat, scale, lo, hi, pos, work)
+    parts = [_common_sums(flat[:, a:b], mx.float(), mn.float(), scale, pos, a, b, side, scratch)
+             for (a, b, side), (mx, mn) in zip(common, extremes)]
+    bounds = sorted([0, K] + [x for a, b, _ in common for x in (a, b)])
+    for a, b in zip(bounds[::2], bounds[1::2]):  # the band: keys some rows see and others not
+        if b > a:
+            # Small: compiled only if the kernel already exists (it is never compiled for this).
+            parts.append(row_sums(flat[:, a:b], scale, lo - a, hi - a, pos - a, 0))
+    x_max, x_min, z, a_, s2, md = merge_sums(parts, scale)
+    if not bool(seen.all()):  # rows that see nothing: as ``row_sums`` leaves them
+        blind = ~seen
+        x_max = x_max.masked_fill(blind, -math.inf)
+        x_min = x_min.masked_fill(blind, math.inf)
+        z, a_, s2, md = (t.masked_fill(blind, 0.0) for t in (z, a_, s2, md))
+    return x_max, x_min, z, a_, s2, md
+
+
+def _common_sums(x: Tensor, x_max: Tensor, x_min: Tensor, scale: float, pos: Tensor,
+                 a: int, b: int, side: int, scratch: bool) -> tuple[Tensor, ...]:
+    """The six sums over keys [a, b) of (N, b - a) raw scores ``x`` that every row sees, all on one
+    side of each row's own key (side -1: j <= pos; +1: j > pos). Writes over a float32 ``x``
+    when ``scratch``.
+
+    Every pass is a whole-tensor operation; A = -sum e * d with d = s - m <= 0 and
+    D = sum e * |pos - j| = |pos - edge| * Z + sum e * |edge - j| have no cancelling terms.
+    """
+    if scratch and x.dtype == torch.float32:  # (N, W): the scaled scores minus the max
+        d = x.sub_(x_max[:, None])
+    else:
+        d = torch.sub(x, x_max[:, None])  # float32 whatever x's dtype
+    d.mul_(scale)
+    e = torch.exp(d)  # (N, W)
+    z = e.sum(-1)
+    s2 = torch.linalg.vector_norm(e, dim=-1).square()
+    j = torch.arange(a, b, device=x.device, dtype=torch.float32)
+    if side < 0:  # pos - j = (pos - (b - 1)) + ((b - 1) - j), both >= 0
+        md = e.mv(b - 1 - j) + (pos - (b - 1)) * z
+    else:  # j - pos = (j - a) + (a - pos), both > 0
+        md = e.mv(j - a) + (a - pos) * z
+    a_ = d.mul_(e).sum(-1).neg_()
+    return x_max, x_min, z, a_, s2, md
+
+
+def merge_sums(parts: list[tuple[Tensor, ...]], scale: float) -> tuple[Tensor, ...]:
+    """The sums of a row over the union of key sets, from each set's (x_max, x_min, Z, A, S2, D)
+    relative to its own max: each part rescaled by exp(s_max_part - s_max) (A also shifts by
+    (s_max - s_max_part) * Z), parts with no visible key (Z = 0) taking no part."""
+    if len(parts) == 1:
+        return parts[0]
+    x_max = torch.stack([p[0] for p in parts])  # (P, N)
+    x_min = torch.stack([p[1] for p in parts]).amin(0)
+    z, a, s2, md = (torch.stack([p[i] for p in parts]) for i in range(2, 6))
+    top = x_max.amax(0)  # (N,)
+    live = z != 0  # a NaN sum stays live, so the row shows as not finite
+    shift = torch.where(live, (top - x_max) * scale, 0.0)  # >= 0 for parts that see keys
+    c = torch.where(live, torch.exp(-shift), 0.0)
+    z_all = (c * z).sum(0)
+    a_all = (c * torch.where(live, a + shift * z, 0.0)).sum(0)
+    s2_all = (c * c * torch.where(live, s2, 0.0)).sum(0)
+    md_all = (c * torch.where(live, md, 0.0)).sum(0)
+    return top, x_min, z_all, a_all, s2_all, md_all
 
 
 # ---------------------------------------------------------------------------- masks as intervals

@@ -36,7 +36,8 @@ class AttentionCall:
     sinks: (B|1, H, Q|1, 1) learned sink logits, one per head (gpt-oss) or per head and query row
         (Inkling2): a key without a value that joins every row's softmax denominator; or None.
     native: the model's own kernel for this call (see ``NativeKernel``), None when there is none.
-    kv_groups: query heads per key/value head (grouped-query attention; 1 = none).
+    kv_groups: query heads per key/value head (grouped-query attention; 1 = none): query head h
+        reads key head h // kv_groups.
     Queries sit at the last Q of the K key positions (a KV cache puts them at the end).
     """
 
@@ -56,13 +57,11 @@ class AttentionCall:
     kv_groups: int = 1
 
     @cached_property
-    def key(self) -> Tensor:
-        """(B, H, K, D) the keys of every query head."""
+    def key(self) -> Tensor:  # (B, H, K, D)
         return expand_kv(self.key_heads, self.kv_groups)
 
     @cached_property
-    def value(self) -> Tensor:
-        """(B, H, K, Dv) the values of every query head."""
+    def value(self) -> Tensor:  # (B, H, K, Dv)
         return expand_kv(self.value_heads, self.kv_groups)
 
     @property

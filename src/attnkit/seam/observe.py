@@ -54,7 +54,6 @@ def observe_call(
     # just the observed heads' logits.
     narrow = not all_heads and not mods
     q_src = call.query.detach() if not narrow else call.query.detach()[:, head_index]
-    k_src = call.key.detach() if not narrow else call.key.detach()[:, head_index]
     bias_full = call.bias.detach() if call.bias is not None else None
     sinks = call.sinks.detach() if call.sinks is not None else None
     if narrow:
@@ -71,7 +70,13 @@ def observe_call(
     if narrow:
         allowed_full = _heads_of(allowed_full, head_index)
     row_valid_full = _row_valid(query_mask, B, Q, device)
+    # Grouped-query models: the fused pass multiplies each key head with its group of query
+    # heads, so the (B, H, K, D) expanded copy of the keys is never made for it.
+    grouped = row_taps and not chunk_taps and not narrow and call.kv_groups > 1
+    k_src = call.key_heads.detach() if grouped else call.key.detach() if not narrow else call.key.detach()[:, head_index]
     key_norm = k_src.float().norm(dim=-1)  # (B, h, K)
+    if grouped:
+        key_norm = key_norm.repeat_interleave(call.kv_groups, dim=1)
     if allowed_full is not None:  # padding keys, which no query sees, take no part
         key_norm = torch.where(_keys_seen(allowed_full, K), key_norm, 0.0)
     key_norm_max = key_norm.amax(-1)  # (B, h)
@@ -87,7 +92,7 @@ def observe_call(
 
     query_norm_full = q_src.float().norm(dim=-1)  # (B, h, Q): one pass for the whole call
     if row_taps and not chunk_taps:
-        stats = _fused_rows(call, q_src, k_src, rows, need, intervals, work, max(chunk_elements, FUSED_CHUNK_ELEMENTS))
+        stats = _fused_rows(call, q_src, k_src, rows, need, intervals, work, fused_budget(q_src))
         row_stats.append(stats)
         row_norms.append(query_norm_full[:, :, rows])
 
@@ -145,10 +150,18 @@ def observe_call(
             tap.observe_rows(rows_seen)
 
 
-# The fused path's chunks: twice the default, so a call has half as many (fewer thread pool
-# round trips); 4M scores are 16 MiB in float32.
-FUSED_CHUNK_ELEMENTS = 1 << 22
+# The fused path's chunks, in scores: a quarter of the call's query elements (B * H * Q * D),
+# so that the working set (each thread's chunk of scores and its exp, twice that in bytes for a
+# float32 chunk: 2 threads x 2 x 4 bytes x Q*H*D/4) stays near the size of the queries, a small
+# part of what the forward itself holds at any length; within [64K, 4M] scores (256 KiB-16 MiB
+# in float32), large enough that a chunk's matmul and passes are not dominated by their calls.
+FUSED_CHUNK_MIN, FUSED_CHUNK_MAX = 1 << 16, 1 << 22
 _pool: ThreadPoolExecutor | None = None
+
+
+def fused_budget(query: Tensor) -> int:
+    """Scores per chunk of the fused pass for a call whose queries are ``query`` (B, h, Q, D)."""
+    return max(FUSED_CHUNK_MIN, min(FUSED_CHUNK_MAX, query.numel() // 4))
 
 
 def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor, need: Tensor | None,
@@ -162,19 +175,27 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
     the observation of a 2048-token GPT-2 layer took 2.7 s against 0.7 s on one thread (measured
     at load average 12 on 2 cores). Workers that each own whole chunks meet once per call.
     """
-    B, h, Q, _ = q_src.shape
-    K = k_src.shape[2]
+    B, h, Q, D = q_src.shape
+    h_kv, K = k_src.shape[1], k_src.shape[2]
+    groups = h // h_kv  # query heads per key head in k_src (1 when k_src has every head)
     contiguous = rows.numel() == Q  # every row, in order: chunks are slices, q needs no copy
 
     def one(chunk: tuple[Tensor, int]) -> fused.RowStats:
         r, k_len = chunk
         q = q_src[:, :, int(r[0]) : int(r[-1]) + 1] if contiguous else q_src[:, :, r]  # (B, h, R, D)
-        k_part = k_src if k_len == K else k_src[:, :, :k_len]
-        raw = torch.matmul(q, k_part.transpose(-1, -2))  # (B, h, R, k_len) in the model's dtype
+        R = q.shape[2]
         lo, hi = (t if t.shape[-1] == 1 else t[..., r] for t in intervals)
-        return fused.row_stats(raw, call.scale, lo, hi, r + (K - Q), work)
+        # Keys before the first one any row of the chunk sees (a sliding window's past) are left out.
+        k0 = int(lo.min()) if lo.numel() else 0
+        k0 = 0 if k0 >= k_len else k0
+        k_part = k_src[:, :, k0:k_len]
+        if groups > 1:  # (B, h_kv, groups * R, D): query head h_kv * groups + g, row by row
+            q = q.reshape(B, h_kv, groups * R, D)
+        raw = torch.matmul(q, k_part.transpose(-1, -2)).view(B, h, R, k_len - k0)  # in the model's dtype
+        # raw is ours: the statistics may write over it
+        return fused.row_stats(raw, call.scale, lo - k0, hi - k0, r + (K - Q - k0), work, scratch=True)
 
-    chunks = list(_chunks(rows, need, B * h, K, budget))
+    chunks = list(_chunks(rows, need, B * h, K, budget, thin_band=True))
     threads = torch.get_num_threads()
     if threads == 1 or len(chunks) == 1:
         return fused.cat_rows([one(c) for c in chunks])
@@ -198,11 +219,20 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
     return fused.cat_rows([first, *rest])
 
 
-def _chunks(rows: Tensor, need: Tensor | None, per_row: int, K: int, budget: int) -> Iterator[tuple[Tensor, int]]:
+# Rows per chunk of the fused pass: at most 1/32 of the chunk's keys (and at least 8), so the
+# band of keys some of its rows see and others do not (about rows x rows / 2 under a causal
+# mask), which takes the masked kernel, stays a thin part of each chunk near the diagonal too.
+BAND_SHARE, BAND_MIN_ROWS = 32, 8
+
+
+def _chunks(rows: Tensor, need: Tensor | None, per_row: int, K: int, budget: int,
+            thin_band: bool = False) -> Iterator[tuple[Tensor, int]]:
     """Consecutive groups of ``rows`` with the key prefix each group needs (K without ``need``),
-    about ``budget`` logits a group."""
+    about ``budget`` logits a group; with ``thin_band``, at most ``BAND_SHARE``-th as many rows
+    as keys (and at least ``BAND_MIN_ROWS``)."""
+    cap = (lambda k: max(BAND_MIN_ROWS, k // BAND_SHARE)) if thin_band else (lambda k: rows.numel())
     if need is None:
-        step = max(1, budget // max(1, per_row * K))
+        step = max(1, min(budget // max(1, per_row * K), cap(K)))
         for start in range(0, rows.numel(), step):
             yield rows[start : start + step], K
         return
@@ -212,7 +242,7 @@ def _chunks(rows: Tensor, need: Tensor | None, per_row: int, K: int, budget: int
         end, k_len = start + 1, need_of[start]
         while end < n:
             k_next = max(k_len, need_of[end])
-            if (end - start + 1) * k_next * per_row > budget:
+            if (end - start + 1) * k_next * per_row > budget or end - start + 1 > cap(k_next):
                 break
             k_len, end = k_next, end + 1
         yield rows[start:end], k_len
