@@ -134,7 +134,7 @@ LONG_KINDS = ("causal", "causal, keys beyond", "bidirectional", "left padding, a
 
 
 @pytest.mark.parametrize("kind", LONG_KINDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("scratch", [False, True])
 def test_keys_every_row_sees_are_summed_apart_and_merged_exactly(kind, dtype, scratch, monkeypatch):
     monkeypatch.setenv("ATTNKIT_COMPILE", "0")

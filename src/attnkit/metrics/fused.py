@@ -341,7 +341,7 @@ def _common_sums(x: Tensor, x_max: Tensor, x_min: Tensor, scale: float, pos: Ten
     e = torch.exp(d)  # (N, W)
     z = e.sum(-1)
     s2 = torch.linalg.vector_norm(e, dim=-1).square()
-    j = torch.arange(a, b, device=x.device, dtype=torch.float32)
+    j = torch.arange(a, b, device=x.device, dtype=e.dtype)
     if side < 0:  # pos - j = (pos - (b - 1)) + ((b - 1) - j), both >= 0
         md = e.mv(b - 1 - j) + (pos - (b - 1)) * z
     else:  # j - pos = (j - a) + (a - pos), both > 0
