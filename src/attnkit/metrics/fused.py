@@ -333,11 +333,14 @@ def _common_sums(x: Tensor, x_max: Tensor, x_min: Tensor, scale: float, pos: Ten
     Every pass is a whole-tensor operation; A = -sum e * d with d = s - m <= 0 and
     D = sum e * |pos - j| = |pos - edge| * Z + sum e * |edge - j| have no cancelling terms.
     """
-    if scratch and x.dtype == torch.float32:  # (N, W): the scaled scores minus the max
-        d = x.sub_(x_max[:, None])
+    # (N, W): d = s - m = scale * x - m in one pass (one fused multiply-add a score), written over
+    # a float32 ``x`` when ``scratch``. At the max, d is m's rounding error (|d| <= half an ulp of m),
+    # not an exact 0: a part of e's relative error of that size, far below the float32 sums' own.
+    m = (x_max * scale)[:, None]
+    if scratch and x.dtype == torch.float32:
+        d = torch.add(m.neg(), x, alpha=scale, out=x)
     else:
-        d = torch.sub(x, x_max[:, None])  # float32 whatever x's dtype
-    d.mul_(scale)
+        d = torch.add(m.neg(), x.float(), alpha=scale)
     e = torch.exp(d)  # (N, W)
     z = e.sum(-1)
     s2 = torch.linalg.vector_norm(e, dim=-1).square()
@@ -346,7 +349,7 @@ def _common_sums(x: Tensor, x_max: Tensor, x_min: Tensor, scale: float, pos: Ten
         md = e.mv(b - 1 - j) + (pos - (b - 1)) * z
     else:  # j - pos = (j - a) + (a - pos), both > 0
         md = e.mv(j - a) + (a - pos) * z
-    a_ = d.mul_(e).sum(-1).neg_()
+    a_ = d.mul_(e).sum(-1).neg_().clamp_min_(0.0)  # >= 0: only the max's rounding error (above) is < 0
     return x_max, x_min, z, a_, s2, md
 
 

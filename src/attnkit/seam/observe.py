@@ -150,18 +150,19 @@ def observe_call(
             tap.observe_rows(rows_seen)
 
 
-# The fused path's chunks, in scores: a quarter of the call's query elements (B * H * Q * D),
-# so that the working set (each thread's chunk of scores and its exp, twice that in bytes for a
-# float32 chunk: 2 threads x 2 x 4 bytes x Q*H*D/4) stays near the size of the queries, a small
-# part of what the forward itself holds at any length; within [64K, 4M] scores (256 KiB-16 MiB
-# in float32), large enough that a chunk's matmul and passes are not dominated by their calls.
+# The fused path's chunks, in scores: half the call's query elements (B * H * Q * D), so that
+# the working set (each thread's chunk of scores and its exp: 2 threads x 2 x 4 bytes x Q*H*D/2
+# for a float32 chunk) stays near twice the size of the queries, a small part of what the
+# forward itself holds at any length (its MLP activations alone are several times the queries);
+# within [64K, 4M] scores (256 KiB-16 MiB in float32), large enough that a chunk's matmul and
+# passes are not dominated by the chunk's hundred or so small operations on (rows,) tensors.
 FUSED_CHUNK_MIN, FUSED_CHUNK_MAX = 1 << 16, 1 << 22
 _pool: ThreadPoolExecutor | None = None
 
 
 def fused_budget(query: Tensor) -> int:
     """Scores per chunk of the fused pass for a call whose queries are ``query`` (B, h, Q, D)."""
-    return max(FUSED_CHUNK_MIN, min(FUSED_CHUNK_MAX, query.numel() // 4))
+    return max(FUSED_CHUNK_MIN, min(FUSED_CHUNK_MAX, query.numel() // 2))
 
 
 def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor, need: Tensor | None,
