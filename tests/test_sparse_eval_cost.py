@@ -58,3 +58,16 @@ def test_compare_costs_bookkeeping():
 def test_compare_costs_refuses_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         compare_costs({"dense": lambda: None}, **kwargs)
+
+
+def test_peak_bytes_writes_nothing_to_the_console_and_leaves_stderr_working(capfd):
+    import sys
+
+    def step():
+        print("from the step", file=sys.stderr, flush=True)  # what the step itself writes still shows
+        return torch.ones(1000)
+
+    assert peak_bytes(step) >= 4000
+    print("after", file=sys.stderr, flush=True)
+    err = capfd.readouterr().err
+    assert err == "from the step\nafter\n"  # no profiler start/stop lines from the C++ side

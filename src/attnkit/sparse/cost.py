@@ -14,9 +14,12 @@ what the forward allocates, not what the C library keeps cached.
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -32,8 +35,14 @@ def peak_bytes(step: Callable[[], object], device: torch.device | str = "cpu") -
         return max(0, torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _fd2_silenced():  # Kineto writes a "USDT: ... profiler_start" line straight to fd 2
+        prof.start()
+    try:
         step()
+    finally:
+        with _fd2_silenced():  # and "... profiler_stop"
+            prof.stop()
     # each operator's own allocations (net of its own frees) and the frees recorded outside any
     # operator, in the order they happened
     deltas = []
@@ -47,6 +56,20 @@ def peak_bytes(step: Callable[[], object], device: torch.device | str = "cpu") -
         live += delta
         peak = max(peak, live)
     return peak
+
+
+@contextmanager
+def _fd2_silenced() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null for the block (C++ logging that bypasses ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def compare_costs(steps: dict[str, Callable[[], object]], base: str, rounds: int,
