@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
 from bench_sparse import build, steps  # noqa: E402
-from results import markers, write_block  # noqa: E402
+from results import command_line, markers, write_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_HEADING = "## Block-sparse kernel against dense SDPA (`bench/bench_block_kernel.py`)"
@@ -182,9 +182,7 @@ def main() -> None:
 def render(doc: dict, args, parser, started, sparse: str) -> str:
     import torch
 
-    command = "python bench/bench_block_kernel.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k not in ("worker", "length", "no_write", "json", "density_list") and v != parser.get_default(k))
+    command = command_line("bench_block_kernel.py", args, parser, ("worker", "length", "no_write", "json", "density_list"))
     start, end = markers(args.block)
     (b1, b5, b15), (a1, a5, a15) = doc["load"][0], doc["load"][-1]
     lines = [start, f"### Results ({started:%Y-%m-%d %H:%M}–{_dt.datetime.now(_dt.timezone.utc):%H:%M} UTC)", "",

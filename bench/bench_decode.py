@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import markers, write_block  # noqa: E402
+from results import command_line, markers, write_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_HEADING = "## Decoding with a KV cache: sparse against dense SDPA (`bench/bench_decode.py`)"
@@ -265,9 +265,7 @@ def main() -> None:
 def render(doc: dict, args, parser, started, sparse: str) -> str:
     import torch
 
-    command = "python bench/bench_decode.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k not in ("no_write", "json") and v != parser.get_default(k))
+    command = command_line("bench_decode.py", args, parser, ("no_write", "json"))
     start, end = markers(args.block)
     (b1, b5, b15), (a1, a5, a15) = doc["load"][0], doc["load"][-1]
     lines = [start, f"### Results ({started:%Y-%m-%d %H:%M}–{_dt.datetime.now(_dt.timezone.utc):%H:%M} UTC)", "",

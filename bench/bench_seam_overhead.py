@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import markers, write_block  # noqa: E402
+from results import command_line, markers, write_block  # noqa: E402
 
 MARK_START, MARK_END = markers("bench_seam_overhead")
 CONFIGS = ("plain", "inactive", "unobserved", "observed")
@@ -90,9 +90,7 @@ def main() -> None:
     every = 50
     mix = (ratio["observed"] + (every - 1) * ratio["unobserved"]) / every
     lines = [MARK_START, f"### Results ({_dt.datetime.now():%Y-%m-%d %H:%M})", "",
-             "- command: `python bench/bench_seam_overhead.py"
-             + "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                       if k != "no_write" and v != p.get_default(k)) + "`",
+             f"- command: `{command_line('bench_seam_overhead.py', args, p, ('no_write',))}`",
              f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, threads {args.threads}; "
              f"load average {os.getloadavg()[0]:.2f} at the end",
              f"- GPT-2 shape {args.layers} × 12 × 768, vocab {args.vocab}, {args.length} tokens, batch 1, fp32, "

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
-from results import markers, write_block  # noqa: E402
+from results import command_line, markers, write_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = ("dense-sdpa", "dense-eager")
@@ -205,9 +205,7 @@ def render(doc: dict, args, parser, started) -> str:
     import torch
     import transformers
 
-    command = "python bench/bench_sparse.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k not in ("worker", "length", "no_write", "json") and v != parser.get_default(k))
+    command = command_line("bench_sparse.py", args, parser, ("worker", "length", "no_write", "json"))
     start, end = markers(args.block)
     lines = [start, f"### Results ({started:%Y-%m-%d %H:%M}–{_dt.datetime.now(_dt.timezone.utc):%H:%M} UTC)", "",
              f"- command: `{command}`",

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
-from results import markers, write_block  # noqa: E402
+from results import command_line, markers, write_block  # noqa: E402
 
 CONFIGS = ("sdpa", "eager-softcap", "attnkit-softcap", "attnkit-nockpt")
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,9 +168,7 @@ def main() -> None:
     import torch
     import transformers
 
-    command = "python bench/bench_train_memory.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k not in ("worker", "no_write") and v != p.get_default(k))
+    command = command_line("bench_train_memory.py", args, p, ("worker", "no_write"))
     lines = [MARK_START, f"### Results ({started:%Y-%m-%d %H:%M}–{_dt.datetime.now():%H:%M})", "",
              f"- command: `{command}`",
              f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU; torch threads {args.threads}",

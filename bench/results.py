@@ -7,7 +7,18 @@ section heading when one is given. The file is written whole (a temporary file, 
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterable
 from pathlib import Path
+
+
+def command_line(script: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
+                 leave_out: Iterable[str] = ()) -> str:
+    """``python bench/SCRIPT`` with the options of ``args`` that differ from the parser's defaults
+    (those in ``leave_out`` not shown): the command that reproduces a run."""
+    skip = set(leave_out)
+    return f"python bench/{script}" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in skip and v != parser.get_default(k))
 
 
 def markers(name: str) -> tuple[str, str]:
