@@ -147,6 +147,34 @@ def _other_load() -> list[str]:
     return seen[:4]
 
 
+def interleaved_rounds(fns: dict, configs, ids, rounds: int, label: str, load: list[float]):
+    """One warm-up round (compiles, caches, first-touch of buffers), then ``rounds`` rounds that run
+    every configuration once in a fixed order under ``torch.no_grad()``: (wall times, process CPU
+    times, warm-up times), each {config: ...}. The 1-minute load is appended to ``load`` each round."""
+    import torch
+
+    times = {c: [] for c in configs}
+    cpu = {c: [] for c in configs}  # process CPU time (all threads): less sensitive to other load
+    warm = {}
+    with torch.no_grad():
+        for c in configs:
+            t0 = time.perf_counter()
+            fns[c](ids)
+            warm[c] = time.perf_counter() - t0
+        for rnd in range(rounds):
+            load.append(os.getloadavg()[0])
+            for c in configs:
+                gc.collect()
+                t0, c0 = time.perf_counter(), time.process_time()
+                res = fns[c](ids)
+                times[c].append(time.perf_counter() - t0)
+                cpu[c].append(time.process_time() - c0)
+                del res
+            line = "  ".join(f"{c} {times[c][-1]:.2f}" for c in configs)
+            print(f"{label} round {rnd + 1}/{rounds}: {line}  (load {os.getloadavg()[0]:.2f})", flush=True)
+    return times, cpu, warm
+
+
 def time_interleaved(lengths: list[int], configs: list[str], args: argparse.Namespace) -> dict:
     import torch
 
@@ -156,25 +184,7 @@ def time_interleaved(lengths: list[int], configs: list[str], args: argparse.Name
     out = {"lengths": {}, "load": [], "threads": torch.get_num_threads()}
     for n in lengths:
         ids = torch.randint(0, args.vocab, (1, n), generator=torch.Generator().manual_seed(n))
-        times = {c: [] for c in configs}
-        cpu = {c: [] for c in configs}  # process CPU time (all threads): less sensitive to other load
-        warm = {}
-        with torch.no_grad():
-            for c in configs:  # warm-up round: compiles, caches, first-touch of buffers
-                t0 = time.perf_counter()
-                fns[c](ids)
-                warm[c] = time.perf_counter() - t0
-            for rnd in range(args.rounds):
-                out["load"].append(os.getloadavg()[0])
-                for c in configs:
-                    gc.collect()
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    res = fns[c](ids)
-                    times[c].append(time.perf_counter() - t0)
-                    cpu[c].append(time.process_time() - c0)
-                    del res
-                line = "  ".join(f"{c} {times[c][-1]:.2f}" for c in configs)
-                print(f"{n} tok round {rnd + 1}/{args.rounds}: {line}  (load {os.getloadavg()[0]:.2f})", flush=True)
+        times, cpu, warm = interleaved_rounds(fns, configs, ids, args.rounds, f"{n} tok", out["load"])
         base = times.get("sdpa")
         out["lengths"][n] = {
             c: {

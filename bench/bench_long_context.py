@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
 import os
 import platform
@@ -44,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
-from bench_analyze import _mib, _other_load, _total_ram, _versions  # noqa: E402
+from bench_analyze import _mib, _other_load, _total_ram, _versions, interleaved_rounds  # noqa: E402
 from results import markers, write_block  # noqa: E402
 
 CONFIGS = ("sdpa", "attnkit-all")
@@ -122,25 +121,7 @@ def time_lengths(args: argparse.Namespace) -> dict:
     for n in args.time_lengths or args.lengths:
         ids = _ids(args.vocab, n)
         rounds = args.rounds_long if n >= args.long_from else args.rounds
-        times = {c: [] for c in CONFIGS}
-        cpu = {c: [] for c in CONFIGS}
-        warm = {}
-        with torch.no_grad():
-            for c in CONFIGS:
-                t0 = time.perf_counter()
-                fns[c](ids)
-                warm[c] = time.perf_counter() - t0
-            for rnd in range(rounds):
-                out["load"].append(os.getloadavg()[0])
-                for c in CONFIGS:
-                    gc.collect()
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    res = fns[c](ids)
-                    times[c].append(time.perf_counter() - t0)
-                    cpu[c].append(time.process_time() - c0)
-                    del res
-                line = "  ".join(f"{c} {times[c][-1]:.2f}" for c in CONFIGS)
-                print(f"{n} tok round {rnd + 1}/{rounds}: {line}  (load {os.getloadavg()[0]:.2f})", flush=True)
+        times, cpu, warm = interleaved_rounds(fns, CONFIGS, ids, rounds, f"{n} tok", out["load"])
         base, cbase = times["sdpa"], cpu["sdpa"]
         out["lengths"][n] = {
             c: {"times": times[c], "time": statistics.median(times[c]), "warmup": warm[c], "rounds": rounds,
