@@ -288,8 +288,9 @@ def _results_table(doc: dict):
     results = doc["results"]
     grads = any("grad_cosine_min" in r for r in results)
     costs = any("cost" in r for r in results)
-    table = Table(title="sparse against dense attention (quality; cost on this machine: × dense, one forward)",
-                  title_justify="left")
+    title = "sparse against dense attention (quality; cost on this machine: × dense, one forward)" if costs else \
+        "sparse against dense attention (quality)"
+    table = Table(title=title, title_justify="left")
     for name in ("tokens", "pattern", "density", "KL", "ppl (dense)", "top-1 agree", "prob MSE",
                  *(["grad cos"] if grads else []), *(["time ×", "memory ×"] if costs else [])):
         table.add_column(name, justify="left" if name == "pattern" else "right")
