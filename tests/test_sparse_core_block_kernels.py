@@ -135,6 +135,29 @@ def test_training_keeps_no_gathered_blocks(kernel):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+
+@pytest.mark.parametrize("kernel", ["split_sdpa", "gather_sdpa"])
+@pytest.mark.parametrize("shape", ["gqa-ragged", "gqa-kv-cache", "mha-ragged"])
+def test_rows_keeping_different_counts_per_head(kernel, shape):
+    """A selection whose kept count differs between batch rows and KV heads and does not grow with
+    the query block (the kernels take rows out of their natural order into buckets): each row keeps
+    a random prefix of its slots, its own block always (slot 0: the forced local block)."""
+    B, H, Hk, Q, T, bs = SHAPES[shape]
+    D = 5
+    sel, geo = _selection(B, Hk, Q, T, bs, 0.75, causal=True)
+    g = torch.Generator().manual_seed(7)
+    kept = sel.valid.expand(B, Hk, -1, -1).sum(-1)  # (B, Hk, nQb)
+    prefix = 1 + (torch.rand(kept.shape, generator=g) * kept).long().clamp(max=kept - 1)
+    sel.valid = torch.arange(sel.slots) < prefix[..., None]  # (B, Hk, nQb, S)
+    q, k, v = _qkv(B, H, Hk, Q, T, D)
+    out = _run(kernel, q, k, v, sel, D ** -0.5)
+    ref = dense_reference(q, k, v, sel.block_mask(), geo, scale=D ** -0.5)
+    assert torch.allclose(out, ref, atol=1e-12)
+    w = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
 # --- the registry's decision -----------------------------------------------------------------------
 
 def _plain_call(**extras):
