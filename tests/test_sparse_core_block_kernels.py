@@ -136,12 +136,12 @@ def test_training_keeps_no_gathered_blocks(kernel):
 
 
 
-@pytest.mark.parametrize("kernel", ["split_sdpa", "gather_sdpa"])
 @pytest.mark.parametrize("shape", ["gqa-ragged", "gqa-kv-cache", "mha-ragged"])
-def test_rows_keeping_different_counts_per_head(kernel, shape):
+def test_rows_keeping_different_counts_per_head(shape):
     """A selection whose kept count differs between batch rows and KV heads and does not grow with
-    the query block (the kernels take rows out of their natural order into buckets): each row keeps
-    a random prefix of its slots, its own block always (slot 0: the forced local block)."""
+    the query block: each row keeps a random prefix of its slots, its own block always (slot 0: the
+    forced local block). split_sdpa (buckets of whole query blocks) refuses it; auto runs it on
+    gather_sdpa (rows bucketed one by one), equal to the reference."""
     B, H, Hk, Q, T, bs = SHAPES[shape]
     D = 5
     sel, geo = _selection(B, Hk, Q, T, bs, 0.75, causal=True)
@@ -150,7 +150,10 @@ def test_rows_keeping_different_counts_per_head(kernel, shape):
     prefix = 1 + (torch.rand(kept.shape, generator=g) * kept).long().clamp(max=kept - 1)
     sel.valid = torch.arange(sel.slots) < prefix[..., None]  # (B, Hk, nQb, S)
     q, k, v = _qkv(B, H, Hk, Q, T, D)
-    out = _run(kernel, q, k, v, sel, D ** -0.5)
+    with pytest.raises(ValueError, match="the split_sdpa block-sparse kernel cannot run"):
+        choose_block_kernel(BlockCall(q, k, v, sel, D ** -0.5), "split_sdpa")
+    out = _run("gather_sdpa", q, k, v, sel, D ** -0.5)
+    assert choose_block_kernel(BlockCall(q, k, v, sel, D ** -0.5)).name == "gather_sdpa"
     ref = dense_reference(q, k, v, sel.block_mask(), geo, scale=D ** -0.5)
     assert torch.allclose(out, ref, atol=1e-12)
     w = torch.randn_like(out)

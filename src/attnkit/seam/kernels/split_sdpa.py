@@ -5,8 +5,9 @@ masks. ``gather_sdpa`` gathers it with the others and pays for an additive mask 
 key. Here the call splits in two:
 
     own     every query block against its own key block, one causal SDPA call over all of them
-            (the KV group's G heads share the block's keys: SDPA's grouped-query form, no copy of
-            them per head);
+            that reads queries, keys and values in place (strided views: the query blocks are the
+            call's batch, the KV group's G heads share their block's keys in SDPA's grouped-query
+            form), no copy, no mask;
     others  the other kept blocks, gathered: rows bucketed by how many they keep, one SDPA call
             per bucket, no mask at all (none of them is partly in the future); the G query heads
             of a KV group are one head of G·rows query rows (one key matrix).
@@ -21,15 +22,18 @@ their key gradients go to their blocks. A gate term without gradient (``block_bi
 per kept block) is an additive mask of the gathered part; on the own block it only shifts that
 part's log-sum-exp.
 
-Rows are (query block, batch, KV head), query block outermost: a bucket is then a slice of rows
-(the budget of a pattern grows with the query block, the same for every head), so queries,
-outputs and log-sum-exps are taken by slicing, not gathered and scattered row by row. Autograd
-keeps the model's own k and v (no padded or concatenated copy of them), the queries in row order,
-the output and one log-sum-exp per row: what dense SDPA keeps.
+A bucket is a run of consecutive query blocks (every pattern's budget is the same for every batch
+row and KV head of a query block and grows with it), so its queries, outputs and log-sum-exps are
+slices, merged in place; only a bucket's queries (and in backward its output gradient) are copied,
+into the (rows, G·bs) layout of its call, one bucket at a time. The output is SDPA's own
+(B, tokens, H, Dv) layout. Autograd keeps what dense SDPA keeps: the model's own q, k and v (no
+copy of them), the output and one log-sum-exp per row.
 
 What it computes is what ``block_attention.block_sparse_attention`` computes for the calls it
-takes (``split_sdpa_supports``): causal, more than one query block (a decoding step's lone query
-block runs on ``gather_sdpa``), every row keeping its own block, and what ``gather_sdpa`` takes
+takes (``split_sdpa_plan``): causal, more than one query block (a decoding step's lone query
+block runs on ``gather_sdpa``), every row keeping its own block, the rows of a query block keeping
+as many blocks as each other and no fewer than the query block before (what ``select_blocks``
+gives every pattern; other selections run on ``gather_sdpa``), and what ``gather_sdpa`` takes
 besides (no model mask, bias, soft-cap, sinks, dropout or modifiers; a gate term without gradient).
 
     out = split_sdpa_attention(q, k, v, sel.indices, sel.valid, geo, scale=D ** -0.5)
@@ -51,26 +55,19 @@ _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 @dataclass
 class _Bucket:
-    """Rows that keep ``c`` blocks besides their own, run as one SDPA call: a slice of the rows."""
+    """Query blocks i0..i1-1 keep ``c`` blocks besides their own (every batch row and KV head): one SDPA call."""
 
-    start: int  # its rows are start: start + m (in the plan's order)
-    m: int
-    blocks: Tensor  # (m·c,) long: their other kept key blocks among B·Hkv·nKb
-    mask: Tensor | None  # (m, 1, 1, c·bs) the gate's term of each kept block, or None
+    i0: int
+    i1: int
+    blocks: Tensor  # (m·c,) long: their other kept key blocks among B·Hkv·nKb, rows (query block, batch, KV head)
+    mask: Tensor | None  # (m, 1, 1, c·bs) the gate's term of each kept block, or None; m = (i1 - i0)·B·Hkv
 
 
 @dataclass
 class SplitPlan:
-    """Where each row's own key block lies, and the buckets of the other kept blocks.
+    """The buckets of the other kept blocks (each row's own block is its diagonal one)."""
 
-    Rows are numbered (query block, batch, KV head), N = nQb·B·Hkv of them, and taken in
-    ``order`` (by how many other blocks they keep; None: already so, the usual case), so that a
-    bucket's rows are a slice.
-    """
-
-    own: Tensor  # (N,) long: each row's own key block among B·Hkv·nKb, in the plan's order
-    own_bias: Tensor | None  # (N,) the gate's term of the own block, or None, in the plan's order
-    order: Tensor | None  # (N,) long: the rows, bucket by bucket, or None for 0..N-1
+    own_bias: Tensor | None  # (nQb, B·Hkv) the gate's term of each row's own block, or None
     buckets: list[_Bucket]
 
     @property
@@ -79,10 +76,21 @@ class SplitPlan:
         return max((b.blocks.shape[0] for b in self.buckets), default=0)
 
 
+def kept_per_query_block(valid: Tensor) -> Tensor | None:
+    """(nQb,) how many blocks the rows of each query block keep, from ``valid`` (B|1, Hkv|1, nQb, S);
+    None when the rows of a query block differ, or a query block keeps fewer than the one before."""
+    count = valid.sum(-1)  # (B|1, Hkv|1, nQb)
+    per_block = count[0, 0]
+    if not bool((count == per_block).all() and (per_block[1:] >= per_block[:-1]).all()):
+        return None
+    return per_block
+
+
 def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: torch.dtype,
                     block_bias: Tensor | None = None) -> SplitPlan | None:
-    """The plan of a selection (B, Hk, nQb, S), or None where this kernel cannot run it: not causal,
-    a single query block, or a row that does not keep its own block."""
+    """The plan of a selection (B, Hkv, nQb, S), or None where this kernel cannot run it: not causal,
+    a single query block, a row that does not keep its own block, or the rows of a query block
+    keeping different numbers of blocks, or fewer than those of the query block before."""
     B, Hk, nQ, S = indices.shape
     if not geo.causal or nQ == 1:
         return None
@@ -92,36 +100,34 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
         return t.movedim(2, 0).reshape(B * Hk * nQ, *t.shape[3:])
 
     valid = valid.expand(B, Hk, nQ, S)
-    count = rows(valid.sum(-1))  # (N,) kept blocks of each row
+    per_block = kept_per_query_block(valid)  # (nQb,)
+    if per_block is None:
+        return None
+    count = per_block.repeat_interleave(B * Hk)  # (N,) kept blocks of each row
     # sorted kept blocks, the unused slots (numbered nK) last: the own block is a causal row's largest
     blocks, slot = indices.masked_fill(~valid, nK).sort(-1)
     blocks, slot = rows(blocks), rows(slot)
     last = blocks.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]  # (N,)
-    diagonal = geo.query_block_ids.to(indices.device).repeat_interleave(B * Hk)
+    diagonal = (torch.arange(nQ, device=indices.device) + geo.first_block).repeat_interleave(B * Hk)
     if not bool(((count > 0) & (last == diagonal)).all()):
         return None
     base = torch.arange(B * Hk, device=indices.device).repeat(nQ) * nK  # (N,) first block of the row's head
-    others = count - 1
-    order = None
-    if not bool((others[1:] >= others[:-1]).all()):
-        order = others.argsort(stable=True)
-    ordered = (lambda t: t) if order is None else (lambda t: t.index_select(0, order))
-    kinds, sizes = ordered(others).unique_consecutive(return_counts=True)
-    blocks = ordered(blocks + base[:, None])  # rows in bucket order
+    blocks = blocks + base[:, None]
     bias = own_bias = None
     if block_bias is not None:
-        bias = rows(block_bias.detach().expand(B, Hk, nQ, S)).gather(1, slot)
-        own_bias = ordered(bias.gather(1, (count - 1)[:, None])[:, 0])
-        bias = ordered(bias)
-    buckets, start = [], 0
-    for c, m in zip(kinds.tolist(), sizes.tolist()):
-        if c > 0:  # (rows keeping their own block only need no bucket)
+        bias = rows(block_bias.detach().expand(B, Hk, nQ, S)).gather(1, slot)  # (N, S) in sorted order
+        own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, B * Hk)
+    kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
+    buckets, i0, R = [], 0, B * Hk
+    for c, n in zip(kinds.tolist(), sizes.tolist()):
+        if c > 0:  # (query blocks keeping their own block only need no bucket)
+            r = slice(i0 * R, (i0 + n) * R)
             mask = None
             if bias is not None:  # (m, 1, 1, c·bs): the gate's term on every key of the slot's block
-                mask = bias[start: start + m, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
-            buckets.append(_Bucket(start, m, blocks[start: start + m, :c].reshape(-1), mask))
-        start += m
-    return SplitPlan(ordered(last + base), own_bias, order, buckets)
+                mask = bias[r, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
+            buckets.append(_Bucket(i0, i0 + n, blocks[r, :c].reshape(-1), mask))
+        i0 += n
+    return SplitPlan(own_bias, buckets)
 
 
 def split_sdpa_attention(
@@ -135,114 +141,123 @@ def split_sdpa_attention(
     block_bias: (B, Hkv, nQb, S) added to every score of the slot's block, without gradient.
     Raises ValueError for a selection it cannot run (``split_sdpa_plan`` returns None).
     """
-    B, H, Q, D = q.shape
-    Hk = k.shape[1]
-    G = H // Hk
-    bs, nQ = geo.block_size, geo.n_query_blocks
+    Q = q.shape[2]
+    nQ, bs, front = geo.n_query_blocks, geo.block_size, geo.front
     plan = split_sdpa_plan(indices, valid, geo, q.dtype, block_bias)
     if plan is None:
-        raise ValueError("not causal, a single query block, or a row without its own block")
-    front = geo.front
-    # the queries as rows (query block, batch, KV head) of G heads × bs: (N, G, bs, D), one copy
-    if front or nQ * bs != Q:
+        raise ValueError("not causal, a single query block, a row without its own block, or rows of a query "
+                         "block keeping different numbers of blocks")
+    if front or nQ * bs != Q:  # queries aligned to whole blocks
         q = F.pad(q, (0, 0, front, nQ * bs - front - Q))
-    qs = q.view(B, Hk, G, nQ, bs, D).permute(3, 0, 1, 2, 4, 5).reshape(-1, G, bs, D)
-    if plan.order is not None:
-        qs = qs.index_select(0, plan.order)
-    out = _SplitAttention.apply(qs, k, v, plan, scale, geo)  # (B, H, nQb·bs, Dv)
+    out = _SplitAttention.apply(q, k, v, plan, scale, geo)  # (B, H, nQb·bs, Dv)
     return out[:, :, front: front + Q]
 
 
-def _key_blocks(t: Tensor, geo: BlockGeometry) -> Tensor:
-    """(B·Hkv·nKb, bs, D) every key (value) block: a view of t (B, Hkv, K, D), a copy only to pad a partial last block."""
+def _blocks(t: Tensor, geo: BlockGeometry) -> Tensor:
+    """(B·Hkv, nKb, bs, D) every key (value) block of t (B, Hkv, K, D): a view, a copy only to pad
+    a partial last block (or of keys not laid out (B, Hkv, K, D))."""
     if geo.padded_keys != t.shape[2]:
         t = F.pad(t, (0, 0, 0, geo.padded_keys - t.shape[2]))
-    return t.reshape(-1, geo.block_size, t.shape[-1])
+    return t.reshape(-1, geo.n_key_blocks, geo.block_size, t.shape[-1])
 
 
-def _to_rows(t: Tensor, Hk: int, order: Tensor | None, bs: int) -> Tensor:
-    """(B, H, nQb·bs, Dv) -> (N, G, bs, Dv) in the plan's row order (a copy)."""
-    B, H, L, Dv = t.shape
-    t = t.reshape(B, Hk, H // Hk, L // bs, bs, Dv).permute(3, 0, 1, 2, 4, 5).reshape(-1, H // Hk, bs, Dv)
-    return t if order is None else t.index_select(0, order)
+def _diagonal(blocks: Tensor, geo: BlockGeometry) -> Tensor:
+    """(nQb, B·Hkv, bs, D) each query block's own key block, a strided view of ``blocks``."""
+    return blocks[:, geo.first_block: geo.first_block + geo.n_query_blocks].transpose(0, 1)
+
+
+def _by_block(t: Tensor, bs: int) -> Tensor:
+    """(B, H, nQb·bs, D) -> (nQb, B·H, bs, D): the query blocks as the batch, a view when the
+    tensor lies as (B, tokens, H, D) or (B, H, tokens, D) with B = 1 (a copy otherwise)."""
+    B, H, L, D = t.shape
+    return t.reshape(B * H, L // bs, bs, D).transpose(0, 1)
 
 
 class _SplitAttention(torch.autograd.Function):
-    """Own blocks (causal) + gathered other blocks (no mask), merged by log-sum-exp; the backward
-    runs SDPA's fused backward on each part with the merged output and log-sum-exp. Rows are in
-    the plan's order throughout; one buffer each for keys and values holds every bucket's
-    gathered blocks in turn (fresh large allocations cost page faults on every call)."""
+    """Own blocks (causal, in place) + gathered other blocks (no mask), merged by log-sum-exp; the
+    backward runs SDPA's fused backward on each part with the merged output and log-sum-exp.
+    One buffer each for keys and values holds every bucket's gathered blocks in turn (fresh large
+    allocations cost page faults on every call)."""
 
     @staticmethod
-    def forward(ctx, qs: Tensor, k: Tensor, v: Tensor, plan: SplitPlan, scale: float, geo: BlockGeometry) -> Tensor:
-        N, G, bs, D = qs.shape
-        B, Hk = k.shape[:2]
-        Dv = v.shape[-1]
-        nQ = geo.n_query_blocks
-        kb, vb = _key_blocks(k, geo), _key_blocks(v, geo)  # (B·Hkv·nKb, bs, D|Dv)
-        k_own, v_own = kb.index_select(0, plan.own)[:, None], vb.index_select(0, plan.own)[:, None]  # (N, 1, bs, D)
-        # o: (N, G, bs, Dv) laid out (N, bs, G, Dv); lse: (N, G, bs)
-        o, lse = _forward(qs, k_own, v_own, 0.0, True, scale=scale)
-        lse = lse.contiguous()  # (it may lie as (N, bs, G)); rows of it are viewed as (m, 1, G·bs) below
-        del k_own, v_own
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SplitPlan, scale: float, geo: BlockGeometry) -> Tensor:
+        B, H, L, D = q.shape
+        Hk, Dv = k.shape[1], v.shape[-1]
+        G, bs, nQ = H // Hk, geo.block_size, geo.n_query_blocks
+        kb, vb = _blocks(k, geo), _blocks(v, geo)  # (B·Hkv, nKb, bs, D|Dv)
+        # every query block against its own key block: o (nQb, B·H, bs, Dv) laid out (nQb, bs, B·H, Dv)
+        o, lse = _forward(_by_block(q, bs), _diagonal(kb, geo), _diagonal(vb, geo), 0.0, True, scale=scale)
+        lse = lse.contiguous()  # (nQb, B·H, bs)
         if plan.own_bias is not None:  # a constant on every score of the part shifts its log-sum-exp
-            lse = lse + plan.own_bias.to(lse.dtype)[:, None, None]
+            lse.view(nQ, B * Hk, G, bs).add_(plan.own_bias.to(lse.dtype)[:, :, None, None])
+        o5, lse5 = o.view(nQ, B * Hk, G, bs, Dv), lse.view(nQ, B * Hk, G, bs)
+        kflat, vflat = kb.view(-1, bs, D), vb.view(-1, bs, Dv)
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
+        qv = q.view(B, Hk, G, nQ, bs, D)
         for b in plan.buckets:
-            m, rows, n = b.m, slice(b.start, b.start + b.m), b.blocks.shape[0]
-            kg = torch.index_select(kb, 0, b.blocks, out=kbuf[:n]).view(m, 1, -1, D)
-            vg = torch.index_select(vb, 0, b.blocks, out=vbuf[:n]).view(m, 1, -1, Dv)
-            o2, l2 = _forward(qs[rows].view(m, 1, G * bs, D), kg, vg, 0.0, False, attn_mask=b.mask, scale=scale)
+            n = b.blocks.shape[0]
+            qb = qv[:, :, :, b.i0: b.i1].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)  # (m, 1, G·bs, D)
+            m = qb.shape[0]
+            kg = torch.index_select(kflat, 0, b.blocks, out=kbuf[:n]).view(m, 1, -1, D)
+            vg = torch.index_select(vflat, 0, b.blocks, out=vbuf[:n]).view(m, 1, -1, Dv)
+            o2, l2 = _forward(qb, kg, vg, 0.0, False, attn_mask=b.mask, scale=scale)
             # merge into the own part's rows: l = logaddexp(l1, l2), o = e^(l1-l)·o1 + e^(l2-l)·o2
-            o1, l1, l2 = o[rows], lse[rows], l2.view(m, G, bs)
+            o1, l1 = o5[b.i0: b.i1], lse5[b.i0: b.i1]
+            l2 = l2.view(l1.shape)
             merged = torch.logaddexp(l1, l2)
             w1, w2 = (l1 - merged).exp_()[..., None], (l2 - merged).exp_()[..., None]
-            o1.copy_(o1.to(w1.dtype) * w1 + o2.view(m, G, bs, Dv).to(w1.dtype) * w2)  # in float32 at least
-            lse[rows] = merged
-        # The output lies as (B, tokens, H, Dv), as SDPA's own does: the model's transpose +
-        # reshape for its output projection is then a view of it, not a second copy.
-        out = qs.new_empty(B, nQ, bs, Hk, G, Dv)
-        natural = o if plan.order is None else torch.empty_like(o).index_copy_(0, plan.order, o)
-        out.permute(1, 0, 3, 4, 2, 5).copy_(natural.view(nQ, B, Hk, G, bs, Dv))
-        out = out.view(B, nQ * bs, Hk * G, Dv).transpose(1, 2)  # (B, H, nQb·bs, Dv)
-        ctx.save_for_backward(qs, k, v, out, lse)
+            o1.copy_(o1.to(w1.dtype) * w1 + o2.view(o1.shape).to(w1.dtype) * w2)  # in float32 at least
+            l1.copy_(merged)
+        # The output lies as (B, tokens, H, Dv), as SDPA's own does (already so when B = 1): the
+        # model's transpose + reshape for its output projection is then a view of it.
+        out = o.view(nQ, B, H, bs, Dv).permute(1, 0, 3, 2, 4).contiguous().view(B, L, H, Dv).transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.geo = plan, scale, geo
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        qs, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         plan, scale, geo = ctx.plan, ctx.scale, ctx.geo
-        N, G, bs, D = qs.shape
-        Hk, K = k.shape[1], k.shape[2]
-        Dv = v.shape[-1]
-        grad_s, out_s = _to_rows(grad_out, Hk, plan.order, bs), _to_rows(out, Hk, plan.order, bs)  # (N, G, bs, Dv)
-        kb, vb = _key_blocks(k, geo), _key_blocks(v, geo)
+        B, H, L, D = q.shape
+        Hk, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        G, bs, nQ = H // Hk, geo.block_size, geo.n_query_blocks
+        kb, vb = _blocks(k, geo), _blocks(v, geo)
+        g_own, o_own = _by_block(grad_out, bs), _by_block(out, bs)  # (nQb, B·H, bs, Dv)
+        lse_own = lse
+        if plan.own_bias is not None:
+            lse_own = (lse.view(nQ, B * Hk, G, bs) - plan.own_bias.to(lse.dtype)[:, :, None, None]).view_as(lse)
+        dq, dk_own, dv_own = _backward(g_own, _by_block(q, bs), _diagonal(kb, geo), _diagonal(vb, geo), o_own,
+                                       lse_own, 0.0, True, scale=scale)  # (nQb, B·H|B·Hkv, bs, D|Dv)
+        del lse_own
         # a key block's gradient adds up over every row keeping it: in float32 at least
         acc_dtype = torch.promote_types(k.dtype, torch.float32)
         dk = kb.new_zeros(kb.shape, dtype=acc_dtype)
         dv = vb.new_zeros(vb.shape, dtype=acc_dtype)
-        k_own, v_own = kb.index_select(0, plan.own)[:, None], vb.index_select(0, plan.own)[:, None]
-        lse_own = lse if plan.own_bias is None else lse - plan.own_bias.to(lse.dtype)[:, None, None]
-        dqs, gk, gv = _backward(grad_s, qs, k_own, v_own, out_s, lse_own, 0.0, True, scale=scale)
-        dk.index_add_(0, plan.own, gk[:, 0].to(acc_dtype))
-        dv.index_add_(0, plan.own, gv[:, 0].to(acc_dtype))
-        del gk, gv, k_own, v_own, lse_own
+        _diagonal(dk, geo).add_(dk_own)
+        _diagonal(dv, geo).add_(dv_own)
+        del dk_own, dv_own
+        dq5 = dq.view(nQ, B * Hk, G, bs, D)
+        lse5 = lse.view(nQ, B * Hk, G, bs)
+        kflat, vflat = kb.view(-1, bs, D), vb.view(-1, bs, Dv)
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
+        qv = q.view(B, Hk, G, nQ, bs, D)
+        g5, o5 = g_own.view(nQ, B * Hk, G, bs, Dv), o_own.view(nQ, B * Hk, G, bs, Dv)
         for b in plan.buckets:
             # The G heads of a group as G·bs query rows of one head: the keys' gradient comes back
             # summed over the group.
-            m, rows, n = b.m, slice(b.start, b.start + b.m), b.blocks.shape[0]
-            kg = torch.index_select(kb, 0, b.blocks, out=kbuf[:n]).view(m, 1, -1, D)
-            vg = torch.index_select(vb, 0, b.blocks, out=vbuf[:n]).view(m, 1, -1, Dv)
+            n, r = b.blocks.shape[0], slice(b.i0, b.i1)
+            qb = qv[:, :, :, r].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)
+            m = qb.shape[0]
+            kg = torch.index_select(kflat, 0, b.blocks, out=kbuf[:n]).view(m, 1, -1, D)
+            vg = torch.index_select(vflat, 0, b.blocks, out=vbuf[:n]).view(m, 1, -1, Dv)
             gq, gk, gv = _backward(
-                grad_s[rows].view(m, 1, G * bs, Dv), qs[rows].view(m, 1, G * bs, D), kg, vg,
-                out_s[rows].view(m, 1, G * bs, Dv), lse[rows].view(m, 1, G * bs), 0.0, False,
-                attn_mask=b.mask, scale=scale)
-            dqs[rows] += gq.view(m, G, bs, D)
-            dk.index_add_(0, b.blocks, gk.view(n, bs, D).to(acc_dtype))
-            dv.index_add_(0, b.blocks, gv.view(n, bs, Dv).to(acc_dtype))
-        B = k.shape[0]
+                g5[r].reshape(m, 1, G * bs, Dv), qb, kg, vg, o5[r].reshape(m, 1, G * bs, Dv),
+                lse5[r].reshape(m, 1, G * bs), 0.0, False, attn_mask=b.mask, scale=scale)
+            dq5[r] += gq.view(dq5[r].shape)
+            dk.view(-1, bs, D).index_add_(0, b.blocks, gk.view(n, bs, D).to(acc_dtype))
+            dv.view(-1, bs, Dv).index_add_(0, b.blocks, gv.view(n, bs, Dv).to(acc_dtype))
+        dq = dq.view(nQ, B, H, bs, D).permute(1, 2, 0, 3, 4).reshape(B, H, L, D)
         dk = dk.view(B, Hk, -1, D)[:, :, :K].to(k.dtype)
         dv = dv.view(B, Hk, -1, Dv)[:, :, :K].to(v.dtype)
-        return dqs, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None
