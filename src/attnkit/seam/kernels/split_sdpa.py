@@ -117,15 +117,18 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
     if block_bias is not None:
         bias = rows(block_bias.detach().expand(B, Hk, nQ, S)).gather(1, slot)  # (N, S) in sorted order
         own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, B * Hk)
+    # every row's other blocks, row after row, in one tensor: each bucket's are a slice of it (one
+    # allocation kept for the backward rather than one per bucket)
+    others = blocks[torch.arange(S, device=indices.device) < (count - 1)[:, None]]  # (Σ kept - N,)
     kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
-    buckets, i0, R = [], 0, B * Hk
+    buckets, i0, at, R = [], 0, 0, B * Hk
     for c, n in zip(kinds.tolist(), sizes.tolist()):
         if c > 0:  # (query blocks keeping their own block only need no bucket)
-            r = slice(i0 * R, (i0 + n) * R)
             mask = None
             if bias is not None:  # (m, 1, 1, c·bs): the gate's term on every key of the slot's block
-                mask = bias[r, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
-            buckets.append(_Bucket(i0, i0 + n, blocks[r, :c].reshape(-1), mask))
+                mask = bias[i0 * R: (i0 + n) * R, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
+            buckets.append(_Bucket(i0, i0 + n, others[at: at + n * R * c], mask))
+            at += n * R * c
         i0 += n
     return SplitPlan(own_bias, buckets)
 
