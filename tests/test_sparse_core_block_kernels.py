@@ -161,6 +161,25 @@ def test_rows_keeping_different_counts_per_head(shape):
         assert torch.allclose(a, b, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("kernel", ["split_sdpa", "gather_sdpa"])
+def test_half_precision_merges_in_float32(kernel):
+    """bfloat16 q/k/v: the output equals the float32 reference on the same (rounded) inputs to
+    bfloat16's resolution, forward and backward (the parts merge in float32, then round once)."""
+    B, H, Hk, T, bs, D = 1, 4, 2, 64, 8, 16
+    sel, geo = _selection(B, Hk, T, T, bs, 0.5, causal=True)
+    q, k, v = (t.detach().to(torch.bfloat16).requires_grad_() for t in _qkv(B, H, Hk, T, T, D))
+    out = _run(kernel, q, k, v, sel, D ** -0.5)
+    assert out.dtype == torch.bfloat16
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = dense_reference(q32, k32, v32, sel.block_mask(), geo, scale=D ** -0.5)
+    assert (out.float() - ref).abs().max() < 2e-2
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad((ref * w).sum(), (q32, k32, v32))):
+        assert a.dtype == torch.bfloat16 and (a.float() - b).abs().max() < 5e-2 * max(1.0, b.abs().max().item())
+
+
 # --- the registry's decision -----------------------------------------------------------------------
 
 def _plain_call(**extras):

@@ -209,7 +209,11 @@ class _SplitAttention(torch.autograd.Function):
             l2 = l2.view(l1.shape)
             merged = torch.logaddexp(l1, l2)
             w1, w2 = (l1 - merged).exp_()[..., None], (l2 - merged).exp_()[..., None]
-            o1.copy_(o1.to(w1.dtype) * w1 + o2.view(o1.shape).to(w1.dtype) * w2)  # in float32 at least
+            o2 = o2.view(o1.shape)
+            if o1.dtype == w1.dtype:
+                o1.mul_(w1).add_(o2.mul_(w2))
+            else:  # half precision: merged in float32 (the log-sum-exp's dtype), then rounded once
+                o1.copy_(o1.to(w1.dtype) * w1 + o2.to(w1.dtype) * w2)
             l1.copy_(merged)
         # The output lies as (B, tokens, H, Dv), as SDPA's own does (already so when B = 1): the
         # model's transpose + reshape for its output projection is then a view of it.
