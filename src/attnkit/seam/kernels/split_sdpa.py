@@ -24,10 +24,10 @@ part's log-sum-exp.
 
 A bucket is a run of consecutive query blocks (every pattern's budget is the same for every batch
 row and KV head of a query block and grows with it), so its queries, outputs and log-sum-exps are
-slices, merged in place; only a bucket's queries (and in backward its output gradient) are copied,
-into the (rows, G·bs) layout of its call, one bucket at a time. The output is SDPA's own
-(B, tokens, H, Dv) layout. Autograd keeps what dense SDPA keeps: the model's own q, k and v (no
-copy of them), the output and one log-sum-exp per row.
+slices, merged in place; only a bucket's queries (and in backward its output and the output's
+gradient) are copied, into the (rows, G·bs) layout of its call, one bucket at a time. The output is
+SDPA's own (B, tokens, H, Dv) layout. Autograd keeps what dense SDPA keeps: the model's own q, k and
+v (no copy of them when they fill whole blocks), the output and one log-sum-exp per row.
 
 What it computes is what ``block_attention.block_sparse_attention`` computes for the calls it
 takes (``split_sdpa_plan``): causal, more than one query block (a decoding step's lone query
