@@ -40,22 +40,28 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK_HEADING = "## Block-sparse kernel against dense SDPA (`bench/bench_block_kernel.py`)"
 
 
-def interleave(fns: dict, rounds: int) -> dict:
-    """{name: [seconds per round]} of each closure run once a round, after one warm-up round."""
+def interleave(fns: dict, rounds: int) -> tuple[dict, dict]:
+    """({name: [wall seconds per round]}, {name: [CPU seconds of this process per round]}) of each
+    closure run once a round, after one warm-up round. On a shared machine the process's CPU time
+    is what the step costs; the wall clock adds the time other jobs held the cores."""
     for fn in fns.values():
         fn()
-    times = {n: [] for n in fns}
+    times, cpu = {n: [] for n in fns}, {n: [] for n in fns}
     for _ in range(rounds):
         for n, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             times[n].append(time.perf_counter() - t)
-    return times
+            cpu[n].append(time.process_time() - c)
+    return times, cpu
 
 
-def summarise(times: dict, base: str) -> dict:
+def summarise(measured: tuple[dict, dict], base: str) -> dict:
+    times, cpu = measured
     return {n: {"median_s": statistics.median(ts), "ratio": statistics.median(a / b for a, b in zip(ts, times[base])),
-                "rounds": ts} for n, ts in times.items()}
+                "rounds": ts, "cpu_median_s": statistics.median(cpu[n]),
+                "cpu_ratio": statistics.median(a / b for a, b in zip(cpu[n], cpu[base])), "cpu_rounds": cpu[n]}
+            for n, ts in times.items()}
 
 
 def kernel_part(model, length: int, args) -> dict:
@@ -196,24 +202,27 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
              f"medians of {args.rounds} rounds", "",
              "**Model** (prefill = forward under `no_grad`; train = forward + backward of the LM loss, every "
              "parameter requiring grad; peak = bytes above what was live before the step, fresh process)", "",
-             "| tokens | step | dense SDPA s | sparse s | × SDPA | rounds (× SDPA) |",
-             "|---:|---|---:|---:|---:|---|"]
+             "| tokens | step | dense SDPA s | sparse s | × SDPA | rounds (× SDPA) | × SDPA, CPU time | rounds (CPU) |",
+             "|---:|---|---:|---:|---:|---|---:|---|"]
     for step in ("prefill", "train"):
         for n, r in doc[step].items():
             ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(r[sparse]["rounds"], r["dense-sdpa"]["rounds"]))
+            cpu = ", ".join(f"{a / b:.2f}" for a, b in zip(r[sparse]["cpu_rounds"], r["dense-sdpa"]["cpu_rounds"]))
             lines.append(f"| {n} | {step} | {r['dense-sdpa']['median_s']:.2f} | {r[sparse]['median_s']:.2f} "
-                         f"| **{r[sparse]['ratio']:.2f}** | {ratios} |")
+                         f"| **{r[sparse]['ratio']:.2f}** | {ratios} | **{r[sparse]['cpu_ratio']:.2f}** | {cpu} |")
     for n, m in doc["train_memory"].items():
         lines.append(f"| {n} | train peak MiB | {m['dense-sdpa'] / 2**20:,.1f} | {m[sparse] / 2**20:,.1f} "
-                     f"| **{m[sparse] / m['dense-sdpa']:.2f}** | |")
+                     f"| **{m[sparse] / m['dense-sdpa']:.3f}** | | | |")
     lines += ["", "**Kernel alone** (the attention op on the model's shapes; kept = share of the candidate "
               "key blocks the selection keeps, the ideal ratio's floor)", "",
-              "| tokens | configuration | kept | infer s | × SDPA | train s | × SDPA |", "|---:|---|---:|---:|---:|---:|---:|"]
+              "| tokens | configuration | kept | infer s | × SDPA | × SDPA, CPU | train s | × SDPA | × SDPA, CPU |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, r in doc["kernel"].items():
         for c in r["inference"]:
             kept = f"{r['kept'][c]:.3f}" if c in r["kept"] else "1 (causal)"
-            lines.append(f"| {n} | {c} | {kept} | {r['inference'][c]['median_s']:.3f} | {r['inference'][c]['ratio']:.2f} "
-                         f"| {r['train'][c]['median_s']:.3f} | {r['train'][c]['ratio']:.2f} |")
+            i, t = r["inference"][c], r["train"][c]
+            lines.append(f"| {n} | {c} | {kept} | {i['median_s']:.3f} | {i['ratio']:.2f} | {i['cpu_ratio']:.2f} "
+                         f"| {t['median_s']:.3f} | {t['ratio']:.2f} | {t['cpu_ratio']:.2f} |")
     lines += ["", "<details><summary>raw (JSON)</summary>", "", "```json",
               json.dumps({k: doc[k] for k in ("kernel", "prefill", "train", "train_memory", "load")}), "```",
               "</details>", end]

@@ -135,6 +135,51 @@ def test_training_keeps_no_gathered_blocks(kernel):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+
+@pytest.mark.parametrize("shape", ["gqa-ragged", "gqa-kv-cache", "mha-ragged"])
+def test_rows_keeping_different_counts_per_head(shape):
+    """A selection whose kept count differs between batch rows and KV heads and does not grow with
+    the query block: each row keeps a random prefix of its slots, its own block always (slot 0: the
+    forced local block). split_sdpa (buckets of whole query blocks) refuses it; auto runs it on
+    gather_sdpa (rows bucketed one by one), equal to the reference."""
+    B, H, Hk, Q, T, bs = SHAPES[shape]
+    D = 5
+    sel, geo = _selection(B, Hk, Q, T, bs, 0.75, causal=True)
+    g = torch.Generator().manual_seed(7)
+    kept = sel.valid.expand(B, Hk, -1, -1).sum(-1)  # (B, Hk, nQb)
+    prefix = 1 + (torch.rand(kept.shape, generator=g) * kept).long().clamp(max=kept - 1)
+    sel.valid = torch.arange(sel.slots) < prefix[..., None]  # (B, Hk, nQb, S)
+    q, k, v = _qkv(B, H, Hk, Q, T, D)
+    with pytest.raises(ValueError, match="the split_sdpa block-sparse kernel cannot run"):
+        choose_block_kernel(BlockCall(q, k, v, sel, D ** -0.5), "split_sdpa")
+    out = _run("gather_sdpa", q, k, v, sel, D ** -0.5)
+    assert choose_block_kernel(BlockCall(q, k, v, sel, D ** -0.5)).name == "gather_sdpa"
+    ref = dense_reference(q, k, v, sel.block_mask(), geo, scale=D ** -0.5)
+    assert torch.allclose(out, ref, atol=1e-12)
+    w = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+
+@pytest.mark.parametrize("kernel", ["split_sdpa", "gather_sdpa"])
+def test_half_precision_merges_in_float32(kernel):
+    """bfloat16 q/k/v: the output equals the float32 reference on the same (rounded) inputs to
+    bfloat16's resolution, forward and backward (the parts merge in float32, then round once)."""
+    B, H, Hk, T, bs, D = 1, 4, 2, 64, 8, 16
+    sel, geo = _selection(B, Hk, T, T, bs, 0.5, causal=True)
+    q, k, v = (t.detach().to(torch.bfloat16).requires_grad_() for t in _qkv(B, H, Hk, T, T, D))
+    out = _run(kernel, q, k, v, sel, D ** -0.5)
+    assert out.dtype == torch.bfloat16
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = dense_reference(q32, k32, v32, sel.block_mask(), geo, scale=D ** -0.5)
+    assert (out.float() - ref).abs().max() < 2e-2
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad((ref * w).sum(), (q32, k32, v32))):
+        assert a.dtype == torch.bfloat16 and (a.float() - b).abs().max() < 5e-2 * max(1.0, b.abs().max().item())
+
+
 # --- the registry's decision -----------------------------------------------------------------------
 
 def _plain_call(**extras):

@@ -167,7 +167,10 @@ class SparseSelector:
             # step's query is the last key its mask shows, and the pages end there
             k, v, allowed = _to_written_keys(k, v, allowed)
         pages = None
-        if causal:  # the queries follow the cache's keys: the pages' statistics are kept across calls
+        if causal and k.shape[2] > call.query_length:
+            # the queries follow a cache's keys: the pages' statistics are kept across calls (a call
+            # without keys before its queries, a prompt or a training step, pools its keys and keeps
+            # nothing; a first decoding step after it pools the cache once and keeps that)
             def pages():
                 return self.pages.update(call.site, k, self.cfg.block_size, past=k.shape[2] - call.query_length)
         sel = choose_blocks(call.query, k, cfg, gate=gate, causal=causal, allowed=allowed, key_pages=pages)

@@ -9,7 +9,8 @@ takes the one asked for, or in ``auto`` the first that supports the call, in thi
   only; asked for, also CPU inference: PyTorch has no CPU backward for it).
 - ``split_sdpa``: causal calls of several query blocks: each query block against its own key block
   in one causal SDPA call that reads the keys in place, the other kept blocks gathered into
-  unmasked SDPA calls (rows bucketed by how many they keep), merged by their log-sum-exp.
+  unmasked SDPA calls (query blocks bucketed by how many they keep), merged by their log-sum-exp;
+  selections whose rows of a query block keep the same number of blocks (every pattern's).
 - ``gather_sdpa``: SDPA's fused CPU kernel on the gathered kept blocks, rows bucketed by how many
   blocks they keep, the own block masked; bidirectional calls and a decoding step's lone query
   block. Both SDPA kernels: cost that falls with density (forward and backward); calls without
@@ -34,7 +35,7 @@ from attnkit.seam.kernels.blocks import BlockSelection
 from attnkit.seam.kernels.flex_block import flex_available, flex_block_attention
 from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention, sdpa_fused_cpu_available
 from attnkit.seam.kernels.paged_decode import paged_decode_attention, paged_decode_supported
-from attnkit.seam.kernels.split_sdpa import split_sdpa_attention
+from attnkit.seam.kernels.split_sdpa import kept_per_query_block, split_sdpa_attention
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ def _keeps_own_blocks(sel: BlockSelection) -> bool:
 
 def _split_sdpa_supports(call: BlockCall, explicit: bool) -> bool:
     geo = call.selection.geometry
-    return geo.causal and geo.n_query_blocks > 1 and _sdpa_expressible(call) and _keeps_own_blocks(call.selection)
+    return (geo.causal and geo.n_query_blocks > 1 and _sdpa_expressible(call) and _keeps_own_blocks(call.selection)
+            and kept_per_query_block(call.selection.valid) is not None)
 
 
 def _split_sdpa_run(c: BlockCall) -> Tensor:
@@ -172,7 +174,8 @@ BLOCK_KERNELS: dict[str, BlockKernel] = {
                     "aligned to blocks"),
         BlockKernel("split_sdpa", _split_sdpa_supports, _split_sdpa_run,
                     "not on the CPU, not causal, a single query block, or the call has the model's own mask, a bias, "
-                    "soft-cap, sinks, dropout, other modifiers or a gate gradient, or a causal row without its own block"),
+                    "soft-cap, sinks, dropout, other modifiers or a gate gradient, or a causal row without its own block, "
+                    "or the rows of a query block keep different numbers of blocks"),
         BlockKernel("gather_sdpa", _gather_sdpa_supports, _gather_sdpa_run,
                     "not on the CPU, or the call has the model's own mask, a bias, soft-cap, sinks, dropout, other "
                     "modifiers or a gate gradient, or a causal row without its own block"),

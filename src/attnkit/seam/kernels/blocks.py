@@ -164,11 +164,25 @@ def pooled_queries(q: Tensor, geo: BlockGeometry) -> Tensor:
     """(B, H, nQb, D) mean query of each query block, over its real (unpadded) rows."""
     B, H, Q, D = q.shape
     bs = geo.block_size
+    if geo.front == 0 and geo.padded_queries == Q:  # whole blocks: a view, no padded copy
+        return q.reshape(B, H, -1, bs, D).sum(3) / bs
     padded = F.pad(q, (0, 0, geo.front, geo.padded_queries - geo.front - Q))
     rows = torch.zeros(geo.padded_queries, device=q.device, dtype=q.dtype)
     rows[geo.front: geo.front + Q] = 1
     count = rows.view(-1, bs).sum(-1).clamp(min=1)  # (nQb,)
     return padded.view(B, H, -1, bs, D).sum(3) / count[:, None]
+
+
+def pooled_key_means(k: Tensor, geo: BlockGeometry) -> Tensor:
+    """(B, Hkv, nKb, D) mean of each key block's real keys (``pooled_keys``' first part alone)."""
+    B, H, K, D = k.shape
+    bs = geo.block_size
+    pad = geo.padded_keys - K
+    if pad == 0:  # whole blocks: a view, no padded copy
+        return k.reshape(B, H, -1, bs, D).sum(3) / bs
+    count = torch.full((geo.n_key_blocks,), float(bs), device=k.device, dtype=k.dtype)
+    count[-1] = bs - pad
+    return F.pad(k, (0, 0, 0, pad)).view(B, H, -1, bs, D).sum(3) / count[:, None]
 
 
 def pooled_keys(k: Tensor, geo: BlockGeometry) -> tuple[Tensor, Tensor, Tensor]:

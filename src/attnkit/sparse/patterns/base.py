@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import UserError
-from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys, pooled_queries
+from attnkit.seam.kernels.blocks import BlockGeometry, pooled_key_means, pooled_keys, pooled_queries
 
 if TYPE_CHECKING:
     from attnkit.sparse.gates import BlockGate
@@ -47,6 +47,13 @@ class BlockInputs:
     def key_stats(self) -> tuple[Tensor, Tensor, Tensor]:
         """(mean, max, min) of each key block, each (B, Hkv, nKb, D)."""
         return self.key_pages() if self.key_pages is not None else pooled_keys(self.k, self.geometry)
+
+    @cached_property
+    def key_means(self) -> Tensor:
+        """(B, Hkv, nKb, D) mean of each key block (without the max and min, when pooled from k)."""
+        if self.key_pages is not None or "key_stats" in self.__dict__:
+            return self.key_stats[0]
+        return pooled_key_means(self.k, self.geometry)
 
     def key_blocks(self) -> Tensor:
         """(1, 1, 1, nKb) key-block numbers."""

@@ -25,7 +25,7 @@ from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 def moba_score(x: BlockInputs) -> Tensor:
     q = x.query_means.float().sum(2)  # (B, Hkv, nQb, D): the group's heads summed
-    k_mean = x.key_stats[0].float()  # (B, Hkv, nKb, D)
+    k_mean = x.key_means.float()  # (B, Hkv, nKb, D)
     return torch.matmul(q, k_mean.transpose(-1, -2))  # (B, Hkv, nQb, nKb)
 
 
