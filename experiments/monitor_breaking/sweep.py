@@ -361,10 +361,13 @@ def main() -> None:
     p.add_argument("--only-warned", action="store_true",
                    help="with --only-failed-from: configurations whose plain run had a predictor warning, too")
     p.add_argument("--steps", type=int, default=Shape.steps)
+    p.add_argument("--every", type=int, default=Shape.every,
+                   help="the monitor observes one step in this many (1: every step, which the replay can thin "
+                        "to any schedule, see analyze.py --observe)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    shape = Shape(steps=args.steps)
+    shape = Shape(steps=args.steps, every=args.every)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "runs.jsonl"
