@@ -132,6 +132,9 @@ THRESHOLDS: dict[str, Threshold] = {
         "format's largest value within 8 steps. Chosen on the breaking sweep's design seed (8, 16, 24 tried): "
         "fp16 tensors about to overflow grew 2-3x per 4 steps just before; Llama MLPs that stayed finite grew "
         "to 80 % of 65,504 over a hundred steps, which a longer horizon calls doomed.")),
+    "overflow_confirm": Threshold(1, "observed steps", (
+        "monitor: format_overflow and activation_overflow fire only when their test holds at this many "
+        "consecutive observed steps.")),
     # ----------------------------------------------------------------------------- number formats (check)
     "distortion_tolerance": Threshold(0.10, "relative weight change", (
         "check: an attention weight may change by at most 10 % (factor e^err - 1 <= 0.10) from rounding the "
