@@ -25,11 +25,11 @@ from attnkit.monitor.detectors import Thresholds
 PREDICTORS = ("format_overflow", "activation_overflow")
 
 GRID = {
-    "observe_first": (0, 16, 32),
+    "observe_first": (0, 32),
     "overflow_window": (2, 3, 4),
-    "overflow_horizon": (4.0, 8.0, 16.0, 32.0),
-    "overflow_floor_bits": (3.0, 4.0, 5.0, 6.0),
-    "overflow_headroom_bits": (0.0, 0.5, 1.0),
+    "overflow_horizon": (4.0, 8.0, 16.0),
+    "overflow_floor_bits": (3.0, 4.0, 6.0),
+    "overflow_headroom_bits": (0.0, 0.5, 1.0),  # 0: no "near the limit" rule, the projection alone
     "overflow_confirm": (1, 2),
 }
 EVERY = 4
