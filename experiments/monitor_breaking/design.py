@@ -24,12 +24,12 @@ from attnkit.monitor.detectors import Thresholds
 
 PREDICTORS = ("format_overflow", "activation_overflow")
 
-GRID = {
+GRID = {  # the first, coarse grid; --refine gives a finer one around a setting
     "observe_first": (0, 32),
-    "overflow_window": (2, 3, 4),
+    "overflow_window": (2, 3),
     "overflow_horizon": (4.0, 8.0, 16.0),
-    "overflow_floor_bits": (3.0, 4.0, 6.0),
-    "overflow_headroom_bits": (0.0, 0.5, 1.0),  # 0: no "near the limit" rule, the projection alone
+    "overflow_floor_bits": (3.0, 6.0),
+    "overflow_headroom_bits": (0.0, 1.0),  # 0: no "near the limit" rule, the projection alone
     "overflow_confirm": (1, 2),
 }
 EVERY = 4
@@ -69,14 +69,16 @@ def main() -> None:
     p.add_argument("--out", default="runs/breaking3")
     p.add_argument("--seeds", default="0")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--grid", default=None, help="JSON: a grid to use instead of GRID (same keys)")
     args = p.parse_args()
+    grid = {**GRID, **json.loads(args.grid)} if args.grid else GRID
     out = Path(args.out)
     runs = plain_runs(out, {int(s) for s in args.seeds.split(",")})
     # every replay reads the same files: read each once
     replay_mod.read_run = functools.lru_cache(maxsize=None)(replay_mod.read_run)
     results = []
-    keys = list(GRID)
-    for values in itertools.product(*(GRID[k] for k in keys)):
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
         results.append(evaluate(runs, out, dict(zip(keys, values))))
     # best: most failures warned, then fewest false alarms, then the longest median lead, then the
     # fewest early observations (each costs ~1.3 unobserved steps)
