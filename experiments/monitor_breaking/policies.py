@@ -25,7 +25,7 @@ from attnkit.monitor import Chain, GradClip, Policy, QKClip, ReduceLR, Rollback,
 
 PREDICTORS = ("format_overflow", "activation_overflow")
 EVERY = 4
-OBSERVE_FIRST = 32  # chosen on the design seed (design.py); the library default is 0
+OBSERVE_FIRST = 16  # chosen on the design seed (design.py: 16, 32, 48 tied; 0 warned 10 of 18); the library default is 0
 
 
 def thresholds_for(cfg) -> Thresholds:
