@@ -1,0 +1,20 @@
+#!/bin/sh
+# The rescue arms of the breaking sweep after the predictor was tuned (policies.py, OBSERVE_FIRST):
+# 1. design seed 0: the half-LR reference and two rescue policies on the runs that failed;
+# 2. held-out seed 1: the half-LR reference and the chosen policy (DEFAULT_POLICY) on the runs that
+#    failed, and on the healthy runs the predictor warned about (the cost of an acted-on false alarm).
+# The monitor arms observe every step for the first 16, then 1 in 4. 2 processes, niced.
+set -e
+cd "$(dirname "$0")"
+export PYTHONPATH="$(cd ../.. && pwd)/src:." HF_HUB_OFFLINE=1
+OUT=${OUT:-../../runs/breaking3}
+GRID="--archs gpt2,llama --precisions fp16 --temperatures 0.25,1,4 --lrs 0.05,0.1,0.2,0.4 --warmups 10,50"
+RUN="nice -n 5 python3 sweep.py --out $OUT --every 4 --observe-first 16 --jobs 2 $GRID --only-failed-from $OUT"
+STAGE=${STAGE:-all}
+if [ $STAGE = all ] || [ $STAGE = design ]; then
+  $RUN --seeds 0 --arms half_lr,monitor_rollback_lr,monitor_clip_lr
+fi
+if [ $STAGE = all ] || [ $STAGE = heldout ]; then
+  POLICY=${POLICY:-rollback_lr}
+  $RUN --seeds 1 --arms half_lr,monitor_$POLICY --only-warned
+fi
