@@ -40,6 +40,6 @@ def kernel_words(kernel: str | None) -> str:
     """How the kernel computes the product, for a finding's message."""
     name = kernel if kernel in KERNEL_PRODUCTS else None
     if (name or DEFAULT_KERNEL) == "eager":
-        return ("eager attention stores q·kᵀ before the scale" if name else
-                "judged as eager attention (q·kᵀ stored before the scale): the config names no kernel")
+        return ("eager attention stores q.k before the scale" if name else
+                "judged as eager attention (q.k stored before the scale): the config names no kernel")
     return f"{name} scales q before the product"
