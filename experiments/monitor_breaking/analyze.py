@@ -131,6 +131,7 @@ def check_table(runs: list[dict]) -> list[tuple]:
     initialised model, seq_len 64, its temperature) and its largest safe weight growth, against what
     the plain runs of that configuration did (every LR, warm-up and seed)."""
     import attnkit
+    from attnkit.check import FORMATS
     from sweep import Shape, build_model
 
     groups = defaultdict(list)
@@ -140,9 +141,13 @@ def check_table(runs: list[dict]) -> list[tuple]:
     rows = []
     for (arch, prec, t), rs in sorted(groups.items()):
         model = build_model(arch, 0, 1024, Shape(), 1.0)  # the temperature goes to check, not into the model
-        rep = attnkit.check(model, seq_len=Shape().context, dtype=prec, temperature=t)
+        rep = attnkit.check(model, seq_len=Shape().context, dtype=prec, temperature=t, regions=False)
         growth = min(c.max_growth[prec] for c in rep.primary)
-        rows.append((arch, prec, t, rep.status, growth, len(rs), sum(r["kind"] == "nonfinite" for r in rs),
+        # the largest logit before the stored product reaches the format's limit (eager: 65,504 x scale)
+        est = rep.primary[0].estimate
+        line = FORMATS[prec].max_finite * min(1.0, est.scale) if rep.shape.kernel in (None, "eager") else \
+            FORMATS[prec].max_finite
+        rows.append((arch, prec, t, rep.status, growth, line, len(rs), sum(r["kind"] == "nonfinite" for r in rs),
                      sum(r["kind"] == "spike" for r in rs)))
     return rows
 
@@ -217,10 +222,10 @@ def main() -> None:
                       + ", ".join(f"{c:+.3f}" for c in sorted(fa_costs))
                       + f" nats; within {FALSE_ALARM_COST}: {sum(c <= FALSE_ALARM_COST for c in fa_costs)}/{len(fa_costs)}")
     if not args.no_check:
-        print("\n| arch | format | t | check before training | largest safe weight growth | runs | non-finite | spike |"
-              "\n|---|---|---|---|---|---|---|---|")
-        for arch, prec, t, status, growth, n, nf, sp in check_table(runs):
-            print(f"| {arch} | {prec} | {t:g} | {status} | {growth:.3g}x | {n} | {nf} | {sp} |")
+        print("\n| arch | format | t | check before training | largest safe weight growth | logits may reach "
+              "(stored product at the limit) | runs | non-finite | spike |\n|---|---|---|---|---|---|---|---|---|")
+        for arch, prec, t, status, growth, line, n, nf, sp in check_table(runs):
+            print(f"| {arch} | {prec} | {t:g} | {status} | {growth:.3g}x | {line:,.0f} | {n} | {nf} | {sp} |")
 
 
 if __name__ == "__main__":
