@@ -16,6 +16,7 @@ from pathlib import Path
 
 RESCUE_NATS = 0.1  # rescued: ends finite, healthy, final loss within this of the same config at half the LR
 FALSE_ALARM_COST = 0.02  # an acted-on false alarm may cost at most this
+STALLED_SCALE = 1e-20  # a GradScaler scale below this: every update has been skipped for ~70+ steps
 
 
 def load_runs(out: Path) -> list[dict]:
@@ -194,7 +195,17 @@ def main() -> None:
         if missed:
             print("- missed: " + "; ".join(f"{n} (first warning {w}, failed at {f})" for n, w, f in missed))
         if s["false_alarms"]:
-            print("- false alarms: " + "; ".join(f"{r['name']} (warned at {s['warn'][k]})" for k, r in s["false_alarms"].items()))
+            print("- false alarms: " + "; ".join(
+                f"{r['name']} (warned at {s['warn'][k]}; final loss {fmt_loss(r['final_loss'])}, GradScaler scale "
+                f"{r['grad_scale']:.3g})" if r.get("grad_scale") is not None else
+                f"{r['name']} (warned at {s['warn'][k]})" for k, r in s["false_alarms"].items()))
+            # healthy by the rule, but every update skipped: the scaler's scale collapsed (fp16 overflow in
+            # the backward); a post-hoc figure, stated beside the rule's, never instead of it
+            stalled = [k for k, r in s["healthy"].items() if (r.get("grad_scale") or 1.0) < STALLED_SCALE]
+            print(f"- healthy runs whose GradScaler scale fell below {STALLED_SCALE:g} (updates skipped, training "
+                  f"stalled): {len(stalled)}, of them warned: {sum(k in s['false_alarms'] for k in stalled)}; false "
+                  f"alarms among the other healthy runs: "
+                  f"{pct(sum(k in s['false_alarms'] for k in s['healthy'] if k not in stalled), len(s['healthy']) - len(stalled))}")
         print("\n| arm | failed runs rescued (plain test) | runs | ended healthy and finite | undone steps (mean) | "
               "snapshot memory (max) |\n|---|---|---|---|---|---|")
         for arm, b in s["baselines"].items():
