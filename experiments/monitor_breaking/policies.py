@@ -54,7 +54,7 @@ def _rules(name: str) -> dict:
 
 
 POLICIES = ("clip", "clip_lr", "rollback_lr", "rollback_lr_gradclip")
-DEFAULT_POLICY = "rollback_lr"
+DEFAULT_POLICY = "clip_lr"  # design seed: 6/7 rescued like rollback_lr, 11.4 steps undone on average against 17.7
 
 
 def POLICY(cfg, name: str | None = None):
