@@ -184,6 +184,9 @@ def main() -> None:
         print(f"\n### {name} seed(s) {seeds}: {len(s['plain'])} plain runs, {nf} failed, {len(s['healthy'])} healthy\n")
         print(f"- predicted (warned before the failure step): {pct(len(s['predicted']), nf)}")
         print(f"- lead, steps from the first warning to the failure step: {quantiles(s['leads'])}")
+        bins = ((1, 3), (4, 7), (8, 15), (16, 31), (32, 10**9))
+        print("  - lead histogram: " + ", ".join(
+            f"{lo}-{hi if hi < 10**9 else ''} steps: {sum(lo <= x <= hi for x in s['leads'])}" for lo, hi in bins))
         print(f"- false alarms on healthy runs: {pct(len(s['false_alarms']), len(s['healthy']))}")
         for prec in ("fp16", "bf16", "fp32"):
             h = [k for k in s["healthy"] if k[1] == prec]
