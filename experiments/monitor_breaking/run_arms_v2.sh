@@ -14,6 +14,12 @@ STAGE=${STAGE:-all}
 if [ $STAGE = all ] || [ $STAGE = design ]; then
   $RUN --seeds 0 --arms half_lr,monitor_rollback_lr,monitor_clip_lr
 fi
+if [ $STAGE = all ] || [ $STAGE = design_clip ]; then
+  # QK-clip alone for format_overflow (the library's rule), against clip_lr: only GPT-2 differs (Llama's
+  # failures are activation_overflow, whose rule the two share)
+  nice -n 5 python3 sweep.py --out $OUT --every 4 --observe-first 16 --jobs 2 --archs gpt2 --precisions fp16 \
+      --temperatures 0.25,1,4 --lrs 0.05,0.1,0.2,0.4 --warmups 10,50 --only-failed-from $OUT --seeds 0 --arms monitor_clip
+fi
 if [ $STAGE = all ] || [ $STAGE = heldout ]; then
   POLICY=${POLICY:-clip_lr}  # chosen on the design seed: rescued as many as rollback_lr (6/7), 11 steps undone against 18
   $RUN --seeds ${HELDOUT:-1} --arms half_lr,monitor_$POLICY --only-warned
