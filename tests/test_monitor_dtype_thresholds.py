@@ -16,7 +16,7 @@ from attnkit.common.findings import DTYPE_THRESHOLDS, threshold
 from attnkit.monitor import AttentionMonitor, Thresholds
 from attnkit.monitor.detectors import DETECTORS, Trends
 from attnkit.monitor.history import Ring
-from attnkit.monitor.interventions import DEFAULT_RULES
+from attnkit.monitor.interventions import DEFAULT_RULES, format_clip_rule
 from attnkit.seam import Site
 
 V, T = 64, 16
@@ -101,8 +101,12 @@ def test_only_fp16_has_a_line_within_reach_and_unknown_formats_are_not_judged():
 
 def test_default_policy_clips_below_the_format_limit():
     (issue,) = DETECTORS["format_overflow"](_trends(_growing(40000.0), ["fp16"], 0.25))
-    clip = DEFAULT_RULES["format_overflow"](issue)
-    assert clip.name == "qk_clip" and clip.tau == pytest.approx(65504.0 * 0.25 / 8)
+    action = DEFAULT_RULES["format_overflow"](issue)
+    assert action.name == "qk_clip+reduce_lr"
+    clip, slower = action.parts
+    assert clip.tau == pytest.approx(65504.0 * 0.25 / 8) and clip.persistent and slower.factor == 0.5
+    alone = format_clip_rule(lr_factor=None)(issue)
+    assert alone.name == "qk_clip" and alone.tau == clip.tau
 
 
 @pytest.mark.parametrize("autocast, fires", [(torch.float16, True), (None, False)])
