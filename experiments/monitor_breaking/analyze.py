@@ -239,7 +239,8 @@ def main() -> None:
         print("\n| arch | format | t | check before training | largest safe weight growth | logits may reach "
               "(stored product at the limit) | runs | non-finite | spike |\n|---|---|---|---|---|---|---|---|---|")
         for arch, prec, t, status, growth, line, n, nf, sp in check_table(runs):
-            print(f"| {arch} | {prec} | {t:g} | {status} | {growth:.3g}x | {line:,.0f} | {n} | {nf} | {sp} |")
+            print(f"| {arch} | {prec} | {t:g} | {status} | {growth:.3g}x | {line:,.0f} | {n} | {nf} | {sp} |" if line < 1e6
+                  else f"| {arch} | {prec} | {t:g} | {status} | {growth:.3g}x | {line:.3g} | {n} | {nf} | {sp} |")
 
 
 if __name__ == "__main__":
