@@ -24,3 +24,8 @@ if [ $STAGE = all ] || [ $STAGE = heldout ]; then
   POLICY=${POLICY:-clip_lr}  # chosen on the design seed: rescued as many as rollback_lr (6/7), 11 steps undone against 18
   $RUN --seeds ${HELDOUT:-1} --arms half_lr,monitor_$POLICY --only-warned
 fi
+if [ $STAGE = baselines ]; then
+  # what users do instead, on the second held-out seed's failures at LR 0.2 and 0.4 (as the first round on seed 1)
+  nice -n 5 python3 sweep.py --out $OUT --jobs 2 --seeds ${HELDOUT:-2} --archs gpt2,llama --precisions fp16 \
+      --temperatures 0.25,1,4 --lrs 0.2,0.4 --warmups 10,50 --arms clip,spike_rollback,zloss,qknorm --only-failed-from $OUT
+fi
