@@ -127,6 +127,12 @@ def score(runs: list[dict], seeds: set[int], out: Path) -> dict:
             "false_alarms": false_alarms, "warn": warn, "baselines": baselines, "by": by}
 
 
+def cost_on_every_healthy(s: dict, arm: str) -> list[float]:
+    """Final loss of ``arm`` minus the plain run's, on every healthy run the arm ran on."""
+    return [(a["final_loss"] if math.isfinite(a["final_loss"]) else math.inf) - r["final_loss"]
+            for k, r in s["healthy"].items() if (a := s["by"][k].get(arm)) is not None]
+
+
 def check_table(runs: list[dict]) -> list[tuple]:
     """``attnkit.check``'s verdict for each (arch, precision, temperature) before training (the freshly
     initialised model, seq_len 64, its temperature) and its largest safe weight growth, against what
@@ -230,6 +236,10 @@ def main() -> None:
                 print(f"- {arm} on healthy runs: {len(costs)}; final-loss change vs the plain run: "
                       + ", ".join(f"{c:+.3f}" for c in sorted(costs)) + " nats")
         for arm in [a for a in s["baselines"] if a.startswith("monitor")]:
+            every = cost_on_every_healthy(s, arm)
+            if len(every) > len(s["baselines"][arm]["healthy_cost"]):
+                print(f"- {arm} on every healthy run it ran on: {len(every)}; final-loss change vs the plain run: "
+                      + ", ".join(f"{c:+.3f}" for c in sorted(every)) + " nats")
             fa_costs = s["baselines"][arm]["healthy_cost"]
             if fa_costs:
                 print(f"- {arm}, acted-on false alarms: {len(fa_costs)}; final-loss change vs the plain run: "

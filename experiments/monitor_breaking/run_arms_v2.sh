@@ -29,3 +29,12 @@ if [ $STAGE = baselines ]; then
   nice -n 5 python3 sweep.py --out $OUT --jobs 2 --seeds ${HELDOUT:-2} --archs gpt2,llama --precisions fp16 \
       --temperatures 0.25,1,4 --lrs 0.2,0.4 --warmups 10,50 --arms clip,spike_rollback,zloss,qknorm --only-failed-from $OUT
 fi
+if [ $STAGE = healthy ]; then
+  # the chosen policy on every held-out healthy run (the warned ones are done): its cost where nothing failed
+  for seed in 1 2; do
+    nice -n 5 python3 sweep.py --out $OUT --every 4 --observe-first 16 --jobs 2 --seeds $seed --archs gpt2,llama \
+        --precisions fp16 --temperatures 0.25,1,4 --lrs 0.05,0.1,0.2,0.4 --warmups 10,50 --arms monitor_clip_lr --skip-failed-from $OUT
+  done
+  nice -n 5 python3 sweep.py --out $OUT --every 4 --observe-first 16 --jobs 2 --seeds 1 --precisions bf16 --lrs 0.2 \
+      --warmups 10 --arms monitor_clip_lr --skip-failed-from $OUT
+fi

@@ -360,6 +360,8 @@ def main() -> None:
     p.add_argument("--arms", default="plain")
     p.add_argument("--only-failed-from", default=None,
                    help="a sweep directory: run the arms only for configurations whose plain run failed there")
+    p.add_argument("--skip-failed-from", default=None,
+                   help="a sweep directory: run the arms only for configurations whose plain run there was healthy")
     p.add_argument("--only-warned", action="store_true",
                    help="with --only-failed-from: configurations whose plain run had a predictor warning, too")
     p.add_argument("--steps", type=int, default=Shape.steps)
@@ -392,6 +394,13 @@ def main() -> None:
             if r.get("kind") or (args.only_warned and predicted_first(r, source) is not None):
                 keep.append(c)
         configs = keep
+    if args.skip_failed_from:
+        from analyze import load_runs
+
+        plain = {r["name"].removesuffix("_plain"): r for r in load_runs(Path(args.skip_failed_from)) if r["arm"] == "plain"}
+        configs = [c for c in configs if (r := plain.get(
+            Config(*c.key()[:2], c.temperature, c.lr, c.warmup, c.seed).name.removesuffix("_plain"))) is not None
+            and not r["kind"]]
     print(f"{len(configs)} runs to do ({len(done)} done)", flush=True)
     load_data(shape)
     torch.set_num_threads(args.threads)
