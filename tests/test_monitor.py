@@ -220,6 +220,12 @@ def test_monitor_state_flat_over_100k_steps(tmp_path):
         assert monitor.memory_bytes() == size and len(monitor._pending) <= 32
 
 
+@pytest.mark.parametrize("observe_first", [-1, 1.5, True])
+def test_bad_observe_first_fails_before_training(observe_first, tmp_path):
+    with pytest.raises(UserError, match="observe_first"):
+        AttentionMonitor(gpt2(), every=4, observe_first=observe_first, log_dir=tmp_path, emit=())
+
+
 @pytest.mark.parametrize("every", [0, -1, 1.5, True, "8"])
 def test_bad_every_fails_before_training(every, tmp_path):
     with pytest.raises(UserError, match="every"):

@@ -54,11 +54,12 @@ def test_softmax_saturation_horizon_and_floor():
     assert len(DETECTORS["softmax_saturation"](_trends(far, STEPS, t=t))) == 4
 
 
-def _grow_run(tmp_path, detectors=None):
+def _grow_run(tmp_path, detectors=None, every: int = 2, observe_first: int = 0):
     """A real monitored run whose q/k weights grow 1.4x a step: logits grow exponentially."""
     model = gpt2()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    monitor = AttentionMonitor(model, every=2, log_dir=tmp_path, emit=(), optimizer=opt, detectors=detectors)
+    monitor = AttentionMonitor(model, every=every, observe_first=observe_first, log_dir=tmp_path, emit=(),
+                               optimizer=opt, detectors=detectors)
     live = []
     with monitor:
         for step in range(40):
@@ -88,6 +89,21 @@ def test_replay_of_the_jsonl_gives_the_live_monitor_s_issues(tmp_path):
         assert a.value == b.value and a.projected_steps == pytest.approx(b.projected_steps)
 
 
+def test_replay_on_a_schedule_gives_the_live_monitor_on_that_schedule(tmp_path):
+    """A run recorded at every step, replayed as if observed on steps 0-5 then 1 in 4, raises what a live
+    monitor on that schedule raised (which observed exactly those steps)."""
+    live = _grow_run(tmp_path / "live", every=4, observe_first=6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "live" / "monitor.jsonl").read_text().splitlines()
+             if '"type": "step"' in line]
+    assert steps == [0, 1, 2, 3, 4, 5] + list(range(8, 40, 4))
+    _grow_run(tmp_path / "dense", every=1)
+    detectors = tuple(d for d in DETECTORS if d != "loss_spike")  # the live one saw every step's loss
+    replayed = replay(tmp_path / "dense", detectors=detectors, every=4, observe_first=6)
+    key = lambda i: (i.type, i.step, i.site, i.head)  # noqa: E731
+    assert replayed and sorted(map(key, replayed)) == sorted(key(i) for i in live if i.type != "loss_spike")
+    assert sorted(map(key, replay(tmp_path / "dense", detectors=detectors))) != sorted(map(key, replayed))
+
+
 def test_replay_reads_the_last_run_of_a_reused_log_and_refuses_bad_input(tmp_path):
     from attnkit.errors import UserError
 
@@ -98,6 +114,8 @@ def test_replay_reads_the_last_run_of_a_reused_log_and_refuses_bad_input(tmp_pat
     assert [(i.type, i.step) for i in replay(tmp_path)] == [(i.type, i.step) for i in first]
     with pytest.raises(UserError, match="unknown detector"):
         replay(tmp_path, detectors=("nope",))
+    with pytest.raises(UserError, match="observe_first"):
+        replay(tmp_path, every=4, observe_first=-1)
     with pytest.raises(UserError):
         replay(tmp_path / "missing")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 RESCUE_NATS = 0.1  # rescued: ends finite, healthy, final loss within this of the same config at half the LR
 FALSE_ALARM_COST = 0.02  # an acted-on false alarm may cost at most this
+STALLED_SCALE = 1e-20  # a GradScaler scale below this: every update has been skipped for ~70+ steps
 
 
 def load_runs(out: Path) -> list[dict]:
@@ -41,7 +42,7 @@ def predicted_first(r: dict, out: Path | None = None) -> int | None:
     """The step of the plain run's first predictor warning, replayed from its monitor JSONL with the
     predictor and thresholds of ``policies.py`` (so the predictor can be judged on finished runs)."""
     from attnkit.monitor.replay import first_step, replay
-    from policies import PREDICTORS, thresholds_for
+    from policies import EVERY, OBSERVE_FIRST, PREDICTORS, thresholds_for
     from sweep import Config
 
     out = out or _OUT[0]
@@ -54,7 +55,10 @@ def predicted_first(r: dict, out: Path | None = None) -> int | None:
     # runs recorded before the monitor wrote each head's format and scale: from the configuration
     formats = [h.get("format") or r["precision"] for h in heads]
     scales = [h.get("scale") or (64 // 4) ** -0.5 / r["temperature"] for h in heads]
-    issues = replay(path, thresholds_for(cfg), PREDICTORS, formats=formats, scales=scales)
+    # the monitor's schedule (every step for the first OBSERVE_FIRST, then 1 in EVERY), kept from the
+    # recording (every=1 in run_plain_every1.sh)
+    issues = replay(path, thresholds_for(cfg), PREDICTORS, formats=formats, scales=scales, every=EVERY,
+                    observe_first=OBSERVE_FIRST)
     return first_step(issues, PREDICTORS)
 
 
@@ -113,13 +117,20 @@ def score(runs: list[dict], seeds: set[int], out: Path) -> dict:
         return out_
 
     baselines = {}
-    for arm in ("monitor", "clip", "spike_rollback", "zloss", "qknorm"):
+    monitor_arms = sorted({a for arms in by.values() for a in arms if a.startswith("monitor")})
+    for arm in monitor_arms + ["clip", "spike_rollback", "zloss", "qknorm"]:
         done, tried, rows = rescued_by(arm)
-        costs = cost_on_healthy(arm, set(false_alarms) if arm == "monitor" else None)
+        costs = cost_on_healthy(arm, set(false_alarms) if arm.startswith("monitor") else None)
         baselines[arm] = {"rescued": done, "tried": tried, "rows": rows,
                           "healthy_cost": costs, "healthy_broken": sum(1 for c in costs if not math.isfinite(c))}
     return {"plain": plain, "failed": failed, "healthy": healthy, "predicted": predicted, "leads": leads,
             "false_alarms": false_alarms, "warn": warn, "baselines": baselines, "by": by}
+
+
+def cost_on_every_healthy(s: dict, arm: str) -> list[float]:
+    """Final loss of ``arm`` minus the plain run's, on every healthy run the arm ran on."""
+    return [(a["final_loss"] if math.isfinite(a["final_loss"]) else math.inf) - r["final_loss"]
+            for k, r in s["healthy"].items() if (a := s["by"][k].get(arm)) is not None]
 
 
 def check_table(runs: list[dict]) -> list[tuple]:
@@ -127,6 +138,7 @@ def check_table(runs: list[dict]) -> list[tuple]:
     initialised model, seq_len 64, its temperature) and its largest safe weight growth, against what
     the plain runs of that configuration did (every LR, warm-up and seed)."""
     import attnkit
+    from attnkit.check import FORMATS
     from sweep import Shape, build_model
 
     groups = defaultdict(list)
@@ -136,9 +148,13 @@ def check_table(runs: list[dict]) -> list[tuple]:
     rows = []
     for (arch, prec, t), rs in sorted(groups.items()):
         model = build_model(arch, 0, 1024, Shape(), 1.0)  # the temperature goes to check, not into the model
-        rep = attnkit.check(model, seq_len=Shape().context, dtype=prec, temperature=t)
+        rep = attnkit.check(model, seq_len=Shape().context, dtype=prec, temperature=t, regions=False)
         growth = min(c.max_growth[prec] for c in rep.primary)
-        rows.append((arch, prec, t, rep.status, growth, len(rs), sum(r["kind"] == "nonfinite" for r in rs),
+        # the largest logit before the stored product reaches the format's limit (eager: 65,504 x scale)
+        est = rep.primary[0].estimate
+        line = FORMATS[prec].max_finite * min(1.0, est.scale) if rep.shape.kernel in (None, "eager") else \
+            FORMATS[prec].max_finite
+        rows.append((arch, prec, t, rep.status, growth, line, len(rs), sum(r["kind"] == "nonfinite" for r in rs),
                      sum(r["kind"] == "spike" for r in rs)))
     return rows
 
@@ -174,6 +190,9 @@ def main() -> None:
         print(f"\n### {name} seed(s) {seeds}: {len(s['plain'])} plain runs, {nf} failed, {len(s['healthy'])} healthy\n")
         print(f"- predicted (warned before the failure step): {pct(len(s['predicted']), nf)}")
         print(f"- lead, steps from the first warning to the failure step: {quantiles(s['leads'])}")
+        bins = ((1, 3), (4, 7), (8, 15), (16, 31), (32, 10**9))
+        print("  - lead histogram: " + ", ".join(
+            f"{lo}-{hi if hi < 10**9 else ''} steps: {sum(lo <= x <= hi for x in s['leads'])}" for lo, hi in bins))
         print(f"- false alarms on healthy runs: {pct(len(s['false_alarms']), len(s['healthy']))}")
         for prec in ("fp16", "bf16", "fp32"):
             h = [k for k in s["healthy"] if k[1] == prec]
@@ -185,7 +204,17 @@ def main() -> None:
         if missed:
             print("- missed: " + "; ".join(f"{n} (first warning {w}, failed at {f})" for n, w, f in missed))
         if s["false_alarms"]:
-            print("- false alarms: " + "; ".join(f"{r['name']} (warned at {s['warn'][k]})" for k, r in s["false_alarms"].items()))
+            print("- false alarms: " + "; ".join(
+                f"{r['name']} (warned at {s['warn'][k]}; final loss {fmt_loss(r['final_loss'])}, GradScaler scale "
+                f"{r['grad_scale']:.3g})" if r.get("grad_scale") is not None else
+                f"{r['name']} (warned at {s['warn'][k]})" for k, r in s["false_alarms"].items()))
+            # healthy by the rule, but every update skipped: the scaler's scale collapsed (fp16 overflow in
+            # the backward); a post-hoc figure, stated beside the rule's, never instead of it
+            stalled = [k for k, r in s["healthy"].items() if (r.get("grad_scale") or 1.0) < STALLED_SCALE]
+            print(f"- healthy runs whose GradScaler scale fell below {STALLED_SCALE:g} (updates skipped, training "
+                  f"stalled): {len(stalled)}, of them warned: {sum(k in s['false_alarms'] for k in stalled)}; false "
+                  f"alarms among the other healthy runs: "
+                  f"{pct(sum(k in s['false_alarms'] for k in s['healthy'] if k not in stalled), len(s['healthy']) - len(stalled))}")
         print("\n| arm | failed runs rescued (plain test) | runs | ended healthy and finite | undone steps (mean) | "
               "snapshot memory (max) |\n|---|---|---|---|---|---|")
         for arm, b in s["baselines"].items():
@@ -206,16 +235,22 @@ def main() -> None:
             if costs:
                 print(f"- {arm} on healthy runs: {len(costs)}; final-loss change vs the plain run: "
                       + ", ".join(f"{c:+.3f}" for c in sorted(costs)) + " nats")
-        fa_costs = s["baselines"]["monitor"]["healthy_cost"]
-        if fa_costs:
-            print(f"- acted-on false alarms: {len(fa_costs)}; final-loss change vs the plain run: "
-                  + ", ".join(f"{c:+.3f}" for c in sorted(fa_costs))
-                  + f" nats; within {FALSE_ALARM_COST}: {sum(c <= FALSE_ALARM_COST for c in fa_costs)}/{len(fa_costs)}")
+        for arm in [a for a in s["baselines"] if a.startswith("monitor")]:
+            every = cost_on_every_healthy(s, arm)
+            if len(every) > len(s["baselines"][arm]["healthy_cost"]):
+                print(f"- {arm} on every healthy run it ran on: {len(every)}; final-loss change vs the plain run: "
+                      + ", ".join(f"{c:+.3f}" for c in sorted(every)) + " nats")
+            fa_costs = s["baselines"][arm]["healthy_cost"]
+            if fa_costs:
+                print(f"- {arm}, acted-on false alarms: {len(fa_costs)}; final-loss change vs the plain run: "
+                      + ", ".join(f"{c:+.3f}" for c in sorted(fa_costs))
+                      + f" nats; within {FALSE_ALARM_COST}: {sum(c <= FALSE_ALARM_COST for c in fa_costs)}/{len(fa_costs)}")
     if not args.no_check:
-        print("\n| arch | format | t | check before training | largest safe weight growth | runs | non-finite | spike |"
-              "\n|---|---|---|---|---|---|---|---|")
-        for arch, prec, t, status, growth, n, nf, sp in check_table(runs):
-            print(f"| {arch} | {prec} | {t:g} | {status} | {growth:.3g}x | {n} | {nf} | {sp} |")
+        print("\n| arch | format | t | check before training | largest safe weight growth | logits may reach "
+              "(stored product at the limit) | runs | non-finite | spike |\n|---|---|---|---|---|---|---|---|---|")
+        for arch, prec, t, status, growth, line, n, nf, sp in check_table(runs):
+            print(f"| {arch} | {prec} | {t:g} | {status} | {growth:.3g}x | {line:,.0f} | {n} | {nf} | {sp} |" if line < 1e6
+                  else f"| {arch} | {prec} | {t:g} | {status} | {growth:.3g}x | {line:.3g} | {n} | {nf} | {sp} |")
 
 
 if __name__ == "__main__":

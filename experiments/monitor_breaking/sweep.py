@@ -13,7 +13,8 @@ Each configuration runs in one of several **arms** (``ARMS``):
 
 - ``plain``: an ``AttentionMonitor`` attached with no policy (bit for bit the unmonitored run; its
   JSONL is what the predictor is judged and tuned on, offline, by ``attnkit.monitor.replay``).
-- ``monitor``: the same with the monitor's rescue policy (``monitor_policy``).
+- ``monitor``: the same with the monitor's rescue policy (``monitor_policy``); ``monitor_<name>``: with
+  the policy of that name in ``policies.POLICIES``.
 - ``clip``: gradient clipping to norm 1.0 (no monitor).
 - ``spike_rollback``: attention-blind loss-spike rollback (PaLM/OPT practice): in-memory snapshots,
   on a loss ≥ 1 nat above the median of the 32 before (or non-finite) restore the newest snapshot
@@ -135,6 +136,7 @@ class Shape:
     batch: int = 8
     steps: int = 150
     every: int = 4  # the monitor observes one step in this many
+    observe_first: int = 0  # ... and every one of the first this many steps
 
 
 def build_model(arch: str, seed: int, vocab: int, shape: Shape, temperature: float) -> torch.nn.Module:
@@ -222,7 +224,7 @@ def _nbytes(obj) -> int:
     return 0
 
 
-ARMS = ("plain", "monitor", "clip", "spike_rollback", "zloss", "qknorm", "half_lr")
+ARMS = ("plain", "monitor", "clip", "spike_rollback", "zloss", "qknorm", "half_lr")  # and monitor_<policy>
 
 
 # ---------------------------------------------------------------- one run
@@ -247,11 +249,11 @@ def train(cfg: Config, ids: torch.Tensor, val: torch.Tensor, vocab: int, shape: 
     dtype = AUTOCAST[cfg.precision]
     scaler = torch.amp.GradScaler("cpu", enabled=cfg.precision == "fp16")
     monitor = None
-    if cfg.arm in ("plain", "monitor"):
-        policy, snapshots, thresholds = (monitor_policy(cfg) if cfg.arm == "monitor" else (None, None, None))
+    if cfg.arm == "plain" or cfg.arm.startswith("monitor"):
+        policy, snapshots, thresholds = (monitor_policy(cfg) if cfg.arm != "plain" else (None, None, None))
         from policies import thresholds_for
 
-        monitor = AttentionMonitor(model, every=shape.every, log_dir=out / cfg.name, emit=(), optimizer=opt,
+        monitor = AttentionMonitor(model, every=shape.every, observe_first=shape.observe_first, log_dir=out / cfg.name, emit=(), optimizer=opt,
                                    scheduler=sched, policy=policy, snapshots=snapshots,
                                    thresholds=thresholds or thresholds_for(cfg), trace_nonfinite=False,
                                    meta={**asdict(cfg), "name": cfg.name})
@@ -358,13 +360,20 @@ def main() -> None:
     p.add_argument("--arms", default="plain")
     p.add_argument("--only-failed-from", default=None,
                    help="a sweep directory: run the arms only for configurations whose plain run failed there")
+    p.add_argument("--skip-failed-from", default=None,
+                   help="a sweep directory: run the arms only for configurations whose plain run there was healthy")
     p.add_argument("--only-warned", action="store_true",
                    help="with --only-failed-from: configurations whose plain run had a predictor warning, too")
     p.add_argument("--steps", type=int, default=Shape.steps)
+    p.add_argument("--observe-first", type=int, default=Shape.observe_first,
+                   help="the monitor observes every one of the first this many steps, then one in --every")
+    p.add_argument("--every", type=int, default=Shape.every,
+                   help="the monitor observes one step in this many (1: every step, which the replay can thin "
+                        "to any schedule, see analyze.py --observe)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    shape = Shape(steps=args.steps)
+    shape = Shape(steps=args.steps, every=args.every, observe_first=args.observe_first)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "runs.jsonl"
@@ -385,6 +394,13 @@ def main() -> None:
             if r.get("kind") or (args.only_warned and predicted_first(r, source) is not None):
                 keep.append(c)
         configs = keep
+    if args.skip_failed_from:
+        from analyze import load_runs
+
+        plain = {r["name"].removesuffix("_plain"): r for r in load_runs(Path(args.skip_failed_from)) if r["arm"] == "plain"}
+        configs = [c for c in configs if (r := plain.get(
+            Config(*c.key()[:2], c.temperature, c.lr, c.warmup, c.seed).name.removesuffix("_plain"))) is not None
+            and not r["kind"]]
     print(f"{len(configs)} runs to do ({len(done)} done)", flush=True)
     load_data(shape)
     torch.set_num_threads(args.threads)

@@ -78,6 +78,7 @@ class LogitEstimate:
     bound: float | None = None  # hard bound on |logit| (QK-norm), None if unbounded
     softcap: float | None = None
     per_head: list[dict] = field(default_factory=list)  # from weights: each head's predicted figures
+    kernel: str | None = None  # the attention implementation (check.kernels): which figure it stores
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,6 +223,7 @@ def estimate(
             per_head.append({
                 "layer": mo.layer, "head": mo.head, "sigma_logit": mo.sigma_raw * scale, "mean_logit": mo.mean_raw * scale,
                 "head_max": raw_to_logit(_level([mo], n, 0.625, two_sided=False)),
+                "raw_absmax": clip_raw(_level([mo], n, 0.625, two_sided=True)),
                 "row_range": _cap(mean_row_range(mo.sigma_raw * scale, seq_len, keys, shape.causal), shape.softcap),
             })
     return LogitEstimate(
@@ -248,6 +250,7 @@ def estimate(
         bound=bound_raw * scale if bound_raw is not None else None,
         softcap=shape.softcap,
         per_head=per_head,
+        kernel=shape.kernel,
     )
 
 

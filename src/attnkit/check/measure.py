@@ -49,6 +49,8 @@ class Measurement:
     factor: float = AGREEMENT_FACTOR
     blocks: int = 1  # blocks of ``tokens`` tokens measured; the figures are their extremes
     processes: int = 1  # torch.distributed ranks that shared the blocks (torchrun)
+    activation_absmax: float | None = None  # the largest |output| of any leaf module in the forward
+    activation_module: str | None = None  # the module that produced it
 
     @property
     def agrees(self) -> bool:
@@ -57,6 +59,7 @@ class Measurement:
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "blocks": self.blocks, "text": self.text, "agreement_factor": self.factor, "agrees": self.agrees,
                 **({"processes": self.processes} if self.processes > 1 else {}),  # only for a run over several ranks
+                "activation_absmax": self.activation_absmax, "activation_module": self.activation_module,
                 "comparisons": [c.to_dict() for c in self.comparisons], "heads": self.heads}
 
 
@@ -104,8 +107,10 @@ def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: fl
     bert = "bert" in type(model).__name__.lower() or getattr(getattr(model, "config", None), "model_type", "") == "bert"
     device = next((q.device for q in model.parameters()), torch.device("cpu"))  # the blocks follow the model
 
+    largest = _LargestOutput(model)
+
     def run_share() -> None:
-        with eval_mode(model), attach(model, session):
+        with eval_mode(model), attach(model, session), largest:
             share = rank_share(ids, env)
             for batch in share.split(batch_size) if len(share) else ():  # a rank past the last block: none
                 batch = batch.to(device)
@@ -140,5 +145,46 @@ def measure(model, tokenizer, estimate_: LogitEstimate, seq_len: int, factor: fl
         px, mx = max(predicted_ranges), max(ranges)
         comparisons.append(Comparison("largest head row range", px, mx, _agrees(px, mx, factor)))
     where = f"KJV {MEASURE_TEXT_SPLIT} split" if texts is None else str(source)
+    top, module = largest.result(env)
     return Measurement(int(ids.shape[1]), where, rows, comparisons, factor, blocks=int(ids.shape[0]),
-                       processes=env.world_size)
+                       processes=env.world_size, activation_absmax=top, activation_module=module)
+
+
+class _LargestOutput:
+    """The largest |output| of any leaf module during the forwards (an MLP past fp16's 65,504 breaks a
+    half-precision run outside attention), and the module's name: forward hooks on every leaf module,
+    removed on exit."""
+
+    def __init__(self, model) -> None:
+        self.model, self.handles, self.top, self.name = model, [], 0.0, None
+
+    def __enter__(self) -> "_LargestOutput":
+        for name, module in self.model.named_modules():
+            if next(module.children(), None) is None:
+                self.handles.append(module.register_forward_hook(
+                    lambda _m, _i, out, name=name: self._seen(name, out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _seen(self, name: str, output) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and output.numel():
+            value = float(output.detach().abs().amax())
+            if value > self.top or value != value:
+                self.top, self.name = value, name
+
+    def result(self, env: DistEnv) -> tuple[float | None, str | None]:
+        """(largest, module name), the largest over every rank under torchrun; (None, None) without a forward."""
+        if self.name is None and not env.distributed:
+            return None, None
+        if env.distributed:
+            import torch.distributed as dist
+
+            t = torch.tensor([self.top], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if float(t) != self.top:  # another rank saw the largest: its module's name is not known here
+                return float(t), None
+        return self.top, self.name

@@ -310,9 +310,12 @@ def measured_verdicts(measured: Measurement, at_length: LogitEstimate, upcast: b
     """Each format's verdict on the forward's own largest logit and |q.k|, judged like an estimate."""
     largest = max(h["logit_max"] for h in measured.heads)
     raw = max(h["qk_absmax"] for h in measured.heads)
+    per_head = [{"layer": h["layer"], "head": h["head"], "head_max": h["logit_max"], "raw_absmax": h["qk_absmax"]}
+                for h in measured.heads]
     seen = replace(at_length, source="measured", model_max=largest, model_max_high=largest,
-                   raw_absmax=raw, raw_absmax_high=raw)
-    return {dt: judge(seen, dt, upcast) for dt in FORMATS}
+                   raw_absmax=raw, raw_absmax_high=raw, per_head=per_head)
+    activation = (measured.activation_absmax, measured.activation_module)
+    return {dt: judge(seen, dt, upcast, activation=activation) for dt in FORMATS}
 
 
 def _note_disagreement(report: CheckReport) -> None:

@@ -54,6 +54,7 @@ class AttentionShape:
     rope: bool = False
     layer_types: tuple[LayerType, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    kernel: str | None = None  # the attention implementation the config names (eager, sdpa, ...); None: not named
 
     def with_changes(self, **changes) -> AttentionShape:
         from dataclasses import replace
@@ -147,8 +148,14 @@ def read_shape(config) -> AttentionShape:
         num_layers=layers, init_std=float(init_std), scale=scale, scale_source=scale_source, causal=causal,
         max_positions=positions, softcap=float(softcap) if softcap else None,
         qk_norm="qk_norm" in mitigation_names, rope=rope, layer_types=_layer_types(config, layers),
-        notes=tuple(notes),
+        notes=tuple(notes), kernel=_kernel(config),
     )
+
+
+def _kernel(config) -> str | None:
+    """The attention implementation a config names (``_attn_implementation`` on a loaded model's config)."""
+    value = _get(config, "_attn_implementation") or _get(config, "attn_implementation")
+    return value if isinstance(value, str) else None
 
 
 def _as_object(config):

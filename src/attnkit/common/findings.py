@@ -112,26 +112,33 @@ THRESHOLDS: dict[str, Threshold] = {
     "loss_spike_nats": Threshold(1.0, "nats", (
         "monitor: a step's loss 1 nat above the median of the steps before (e-fold worse perplexity) is a "
         "spike; smaller jumps are ordinary batch noise.")),
-    "overflow_headroom_bits": Threshold(1.0, "bits", (
-        "monitor: format_overflow fires when a head's q·kᵀ product is within 1 bit (a factor 2) of its number "
-        "format's largest finite value (DTYPE_THRESHOLDS), or is projected to reach the largest value within "
-        "overflow_horizon steps. On the breaking sweep's design seed (experiments/monitor_breaking) fp16 runs "
-        "that stayed healthy peaked at 0.9x of fp16's 65,504; the two that overflowed rose from 0.5x to past it "
-        "in 4-8 steps: one bit is the most headroom that does not call healthy runs doomed.")),
-    "overflow_floor_bits": Threshold(3.0, "bits", (
-        "monitor: format_overflow projects a product's trend only from 3 bits (1/8) below the format's "
+    "overflow_headroom_bits": Threshold(0.0, "bits", (
+        "monitor: format_overflow also fires when a head's q·kᵀ product is within this many bits of its number "
+        "format's largest finite value (DTYPE_THRESHOLDS) whatever its trend; 0 turns that rule off, so a "
+        "product that stopped growing is not called doomed. On the breaking sweep's design seed "
+        "(experiments/monitor_breaking) healthy fp16 runs sat at 0.02-0.4 bits below 65,504 for a hundred steps "
+        "and survived: with the other overflow thresholds as chosen, 1 bit warned 5 of 12 healthy runs and "
+        "0.25 bits 1 (both 18 of 18 failures), the projection alone none (17 of 18 failures).")),
+    "overflow_floor_bits": Threshold(5.0, "bits", (
+        "monitor: format_overflow projects a product's trend only from 5 bits (1/32) below the format's "
         "largest value: in the first steps of training products grow from ~0 by 10x in a few steps, a rate "
-        "that projects to anything and means nothing (every fp16 run of the breaking sweep's design seed "
-        "did it; 4 bits still warned one more healthy run there than 3).")),
-    "overflow_window": Threshold(2, "observed steps", (
-        "monitor: format_overflow and activation_overflow project the rate between the last 2 observations: "
-        "the current rate. Over the detectors' full window the first steps' growth from ~0 dominates and "
-        "healthy runs are projected to overflow (design seed: 2, 3 and 8 observations tried).")),
+        "that projects to anything and means nothing. Chosen on the breaking sweep's design seed (3, 4, 5, 6, 8 "
+        "tried): fp16 runs about to overflow climbed 1-2 bits a step from 5-8 bits below; 8 warned one "
+        "healthy run of 12, 3 missed two more of the 18 failures.")),
+    "overflow_window": Threshold(3, "observed steps", (
+        "monitor: format_overflow and activation_overflow fit the growth rate (log of the figure against the "
+        "step) over the last 3 observations: the current rate. Over the detectors' full window the first "
+        "steps' growth from ~0 dominates and healthy runs are projected to overflow (design seed: 2 warned "
+        "2 steps later, 4 warned 2 of 12 healthy runs).")),
     "overflow_horizon": Threshold(8.0, "steps", (
         "monitor: format_overflow's and activation_overflow's projection: the current rate reaches the "
-        "format's largest value within 8 steps. Chosen on the breaking sweep's design seed (8, 16, 24 tried): "
-        "fp16 tensors about to overflow grew 2-3x per 4 steps just before; Llama MLPs that stayed finite grew "
-        "to 80 % of 65,504 over a hundred steps, which a longer horizon calls doomed.")),
+        "format's largest value within 8 steps. Chosen on the breaking sweep's design seed (4, 6, 8, 16 tried): "
+        "4 warned one failure fewer, a median 3.5 steps ahead instead of 8; 16 warned 5 of 12 healthy runs, "
+        "whose products creep toward 65,504 over a hundred steps.")),
+    "overflow_confirm": Threshold(2, "observed steps", (
+        "monitor: format_overflow and activation_overflow fire only when their test holds at 2 consecutive "
+        "observed steps: one observation's jump is noise, two are a trend. On the breaking sweep's design "
+        "seed one observation warned 4 of 12 healthy runs, two none, with the same 17 of 18 failures.")),
     # ----------------------------------------------------------------------------- number formats (check)
     "distortion_tolerance": Threshold(0.10, "relative weight change", (
         "check: an attention weight may change by at most 10 % (factor e^err - 1 <= 0.10) from rounding the "

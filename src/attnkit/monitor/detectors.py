@@ -66,6 +66,7 @@ class Thresholds:
     overflow_floor_bits: float = threshold("overflow_floor_bits")
     overflow_horizon: float = threshold("overflow_horizon")  # steps
     overflow_window: int = int(threshold("overflow_window"))  # observed steps the projection is fitted on
+    overflow_confirm: int = int(threshold("overflow_confirm"))  # consecutive observed steps that must agree
 
 
 @dataclass
@@ -324,12 +325,29 @@ def format_overflow(tr: Trends) -> list[Finding]:
 
 def _near_limit(tr: Trends, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For (n, series) figures in each series' number format: (hits, latest, limit, projected steps).
-    A hit: the latest within ``overflow_headroom_bits`` of the format's largest finite value, or, from
-    ``overflow_floor_bits`` below it, its log-linear trend over the last ``overflow_window`` observed
-    steps reaching it within ``overflow_horizon`` steps."""
+    A hit: at each of the last ``overflow_confirm`` observed steps (one figure's jump is no trend),
+    the figure within ``overflow_headroom_bits`` of the format's largest finite value, or, from
+    ``overflow_floor_bits`` below it, its log-linear trend over the ``overflow_window`` observed steps
+    up to there reaching it within ``overflow_horizon`` steps."""
     t = tr.t
     limits = np.array([dtype_threshold("qk_product_max", f) or np.inf for f in tr.formats], dtype=float)
-    steps, values = tr.steps[-t.overflow_window:], values[-t.overflow_window:]
+    confirm = max(1, int(t.overflow_confirm))
+    hits = np.ones(values.shape[1], dtype=bool)
+    now, projected = values[-1], np.full(values.shape[1], np.inf)
+    for back in range(confirm):  # the latest observed step first, then the ones before it
+        end = len(values) - back
+        if end < 1:
+            return np.zeros_like(hits), now, limits, projected
+        h, p = _near_limit_at(tr.steps[:end], values[:end], limits, t)
+        hits &= h
+        if back == 0:
+            projected = p
+    return hits, now, limits, projected
+
+
+def _near_limit_at(steps: np.ndarray, values: np.ndarray, limits: np.ndarray, t: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """``_near_limit``'s test at the last of ``steps``: (hits, projected steps to the limit)."""
+    steps, values = steps[-t.overflow_window:], values[-t.overflow_window:]
     now = values[-1]
     projected = np.full(len(now), np.inf)
     ok = np.isfinite(values).all(axis=0) & (values > 0).all(axis=0)
@@ -340,7 +358,7 @@ def _near_limit(tr: Trends, values: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     near = now >= limits / 2.0 ** t.overflow_headroom_bits
     projecting = now >= limits / 2.0 ** t.overflow_floor_bits  # early training's fast growth from ~0 is no trend yet
     hits = np.isfinite(now) & np.isfinite(limits) & (near | (projecting & (projected <= t.overflow_horizon)))
-    return hits, now, limits, projected
+    return hits, projected
 
 
 def activation_overflow(tr: Trends) -> list[Finding]:

@@ -146,17 +146,28 @@ def _check_log_dir(log_dir: Path) -> None:
         raise UserError(f"log directory {log_dir} is not writable")
 
 
-def check_every(every) -> int:
-    """``every`` as given, or a ``UserError`` before anything runs."""
+def check_every(every, observe_first: int = 0) -> int:
+    """``every`` as given, or a ``UserError`` before anything runs (``observe_first`` too)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise UserError(f"every must be a whole number of steps >= 1, got {every!r}")
+    if isinstance(observe_first, bool) or not isinstance(observe_first, int) or observe_first < 0:
+        raise UserError(f"observe_first must be a whole number of steps >= 0, got {observe_first!r}")
     return every
+
+
+def observes(step: int, every: int, observe_first: int = 0) -> bool:
+    """Whether the monitor observes the loop's ``step``: every step before ``observe_first``, then one
+    in ``every`` (steps 0, every, 2 every, ...; the first step the monitor sees is always observed).
+    Counted in the loop's own step numbers, so a resumed run does not observe densely again."""
+    return step < observe_first or step % every == 0
 
 
 class AttentionMonitor:
     """Watch a model's attention while it trains (see the module docstring).
 
-    every: observe one step in ``every`` (>= 1). log_dir: where JSONL (and CSV, TensorBoard, W&B)
+    every: observe one step in ``every`` (>= 1). observe_first: observe each of the loop's steps
+    0 .. observe_first - 1, then one in ``every`` (early training is when the fastest runs break:
+    an fp16 run at a too-high learning rate can overflow within 10 steps). log_dir: where JSONL (and CSV, TensorBoard, W&B)
     go. emit: sink names in ``attnkit.monitor.emit.EMITTERS`` or ``Emitter`` objects; JSONL is
     always added. optimizer / scheduler: needed only by interventions that change the learning
     rate or clip gradients. policy: an object with ``get_intervention(diagnosis)``; when given,
@@ -172,6 +183,7 @@ class AttentionMonitor:
         self,
         model: nn.Module,
         every: int = DEFAULT_EVERY,
+        observe_first: int = 0,
         log_dir: str | os.PathLike = "runs/attnkit-monitor",
         emit: tuple = ("console",),
         optimizer: torch.optim.Optimizer | None = None,
@@ -186,7 +198,7 @@ class AttentionMonitor:
         meta: dict | None = None,
         snapshots: Snapshots | None = None,
     ) -> None:
-        check_every(every)
+        check_every(every, observe_first)
         if snapshots is not None and not isinstance(snapshots, Snapshots):
             raise UserError(f"snapshots must be attnkit.monitor.Snapshots(every=..., keep=...), got {snapshots!r}")
         if history < 2 or loss_history < 2:
@@ -204,6 +216,7 @@ class AttentionMonitor:
             if isinstance(e, str) and e not in EMITTERS:
                 raise UserError(f"unknown emitter '{e}'; known: {', '.join(EMITTERS)}")
         self.model, self.every, self.optimizer, self.scheduler, self.policy = model, every, optimizer, scheduler, policy
+        self.observe_first = observe_first
         self.log_dir = Path(log_dir)
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
@@ -308,7 +321,7 @@ class AttentionMonitor:
         diagnosis = self._observe(step) if observed else None
         if self.snapshots is not None:
             self.snapshots.after_step(self, step, diagnosis)
-        self.session.active = (step + 1) % self.every == 0
+        self.session.active = observes(step + 1, self.every, self.observe_first)
         return diagnosis
 
     def add_loss(self, step: int, loss: Any) -> None:
@@ -347,7 +360,7 @@ class AttentionMonitor:
             self.rings = {m: Ring(self.history_size, len(self.series)) for m in self.metric_names}
             self.grad_ring = Ring(self.history_size, len(self.sites))
             for e in self.emitters:
-                e.start({"every": self.every, "series": [series_name(s, h) for s, h in self.series],
+                e.start({"every": self.every, "observe_first": self.observe_first, "series": [series_name(s, h) for s, h in self.series],
                          "heads": [{"layer": s.layer, "stack": s.stack, "kind": s.kind, "head": h,
                                     "format": self.sites_tap.formats.get(s), "scale": self.sites_tap.scales.get(s)}
                                    for s, h in self.series],

@@ -19,6 +19,7 @@ import os
 from attnkit.errors import UserError
 from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends
 from attnkit.monitor.history import Ring
+from attnkit.monitor.monitor import check_every, observes
 from attnkit.common.findings import Finding
 from attnkit.monitor.report import read_run
 from attnkit.seam.sites import Site
@@ -26,10 +27,13 @@ from attnkit.seam.sites import Site
 
 def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detectors: tuple[str, ...] | None = None,
            history: int = 512, formats: list[str | None] | None = None,
-           scales: list[float] | None = None) -> list[Finding]:
+           scales: list[float] | None = None, every: int | None = None, observe_first: int = 0) -> list[Finding]:
     """The issues ``detectors`` raise on the recorded run, each (site, head, type) once, in order.
     ``formats`` / ``scales``: each series' number format and softmax scale where the recording lacks
-    them (recorded by the monitor since it judges q·kᵀ against its format; see ``format_overflow``)."""
+    them (recorded by the monitor since it judges q·kᵀ against its format; see ``format_overflow``).
+    ``every`` / ``observe_first``: replay as if the monitor had observed on that schedule
+    (``monitor.observes``), keeping only those of the recorded steps: a run recorded at every=1 can
+    judge any schedule. None: every recorded step."""
     names = tuple(detectors) if detectors is not None else tuple(DETECTORS)
     unknown = [d for d in names if d not in DETECTORS]
     if unknown:
@@ -46,7 +50,11 @@ def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detect
     grads = run.metrics.get("grad_norm")
     loss_at = dict(run.losses)
     warned, out = set(), []
+    if every is not None:
+        check_every(every, observe_first)
     for i, step in enumerate(run.steps):
+        if every is not None and not observes(step, every, observe_first):
+            continue
         for m, values in head_metrics.items():
             rings[m].append(step, values[i])
         if grads is not None and len(grads) == len(run.steps):
