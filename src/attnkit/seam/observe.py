@@ -196,7 +196,11 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
         # raw is ours: the statistics may write over it
         return fused.row_stats(raw, call.scale, lo - k0, hi - k0, r + (K - Q - k0), work, scratch=True)
 
-    chunks = list(_chunks(rows, need, B * h, K, budget, thin_band=True))
+    # Rows that see no key after their own (causal, padding, windows) take one masked pass a chunk
+    # whatever its band (``fused._left_sums``): the chunks need not be thin, and are fewer.
+    lo_all, hi_all = intervals
+    left_only = bool(((hi_all <= torch.arange(Q, device=hi_all.device) + (K - Q + 1)) | (hi_all <= lo_all)).all())
+    chunks = list(_chunks(rows, need, B * h, K, budget, thin_band=not left_only))
     threads = torch.get_num_threads()
     if threads == 1 or len(chunks) == 1:
         return fused.cat_rows([one(c) for c in chunks])
@@ -220,9 +224,9 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
     return fused.cat_rows([first, *rest])
 
 
-# Rows per chunk of the fused pass: at most 1/32 of the chunk's keys (and at least 8), so the
-# band of keys some of its rows see and others do not (about rows x rows / 2 under a causal
-# mask), which takes the masked kernel, stays a thin part of each chunk near the diagonal too.
+# Rows per chunk of the fused pass where rows see keys on both sides of their own: at most 1/32
+# of the chunk's keys (and at least 8), so the band of keys some of its rows see and others do
+# not, which takes the masked kernel, stays a thin part of each chunk near the diagonal too.
 BAND_SHARE, BAND_MIN_ROWS = 32, 8
 
 
