@@ -124,13 +124,18 @@ def _long_chunk(kind: str, seed: int, dtype, B=2, H=2, Rn=6, K=40):
         pos = torch.arange(K - Rn, K)
         lo, hi = torch.full((B, Rn), 3), (pos + 1).expand(B, Rn).clone()
         lo[1, 0], hi[1, 0] = 0, 0
+    elif kind == "causal, one key far above the rest":  # s - m below -87 (exp's slow, denormal range)
+        pos = torch.arange(K - Rn, K)
+        lo, hi = torch.zeros(B, Rn, dtype=torch.long), (pos + 1).expand(B, Rn).clone()
+        raw[..., 2] = 400.0
     elif kind == "window wider than the chunk":
         pos = torch.arange(K - Rn, K)
         lo, hi = (pos - 30).expand(B, Rn).clone(), (pos + 1).expand(B, Rn).clone()
     return raw, 0.37, lo[:, None], hi[:, None], pos
 
 
-LONG_KINDS = ("causal", "causal, keys beyond", "bidirectional", "left padding, a blind row", "window wider than the chunk")
+LONG_KINDS = ("causal", "causal, keys beyond", "bidirectional", "left padding, a blind row", "window wider than the chunk",
+              "causal, one key far above the rest")
 
 
 @pytest.mark.parametrize("kind", LONG_KINDS)

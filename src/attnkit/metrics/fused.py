@@ -327,6 +327,9 @@ def split_row_sums(flat: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tens
     return x_max, x_min, z, a_, s2, md
 
 
+EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, float32's smallest normal numbers
+
+
 def _left_sums(flat: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor, seen: Tensor,
                lo_s: Tensor, hi_s: Tensor, scratch: bool) -> tuple[Tensor, ...] | None:
     """``row_sums`` of (N, K) raw scores whose rows see no key after their own (hi <= pos + 1),
@@ -357,11 +360,16 @@ def _left_sums(flat: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor, 
     m = x_max * scale  # the row's largest logit; the smallest must not overflow once scaled either
     if not bool((torch.isfinite(m) & torch.isfinite(x_min * scale))[seen].all()):
         return None
-    # d = s - m = scale * x - m in one pass (a fused multiply-add a score), over x; -inf where hidden
+    # d = s - m = scale * x - m in one pass (a fused multiply-add a score), over x
     d = torch.add(m.neg_()[:, None], x, alpha=scale, out=x)
-    e = torch.exp(d)  # (N, K), 0 where hidden
-    for h, a, b in hidden:  # e * d = 0 there, not 0 * -inf
+    # exp takes a slow path (10-70x) below about -87, where its result is denormal or 0 (-inf
+    # included): hidden keys get d = 0 (e * d = 0 there too) and e = 0 after it, and ``EXP_FLOOR``
+    # bounds the rest, whose e < 2e-38 is far below the rounding of Z >= 1.
+    for h, a, b in hidden:
         d[:, a:b].masked_fill_(h, 0.0)
+    e = torch.exp(d.clamp_min_(EXP_FLOOR))  # (N, K)
+    for h, a, b in hidden:
+        e[:, a:b].masked_fill_(h, 0.0)
     s2 = torch.linalg.vector_norm(e, dim=-1).square()
     c = min(hi_min, K)
     j = torch.arange(K, device=flat.device, dtype=e.dtype)
