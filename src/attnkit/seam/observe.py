@@ -204,9 +204,11 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
     threads = torch.get_num_threads()
     if threads == 1 or len(chunks) == 1:
         return fused.cat_rows([one(c) for c in chunks])
-    # The first chunk runs here, with every thread: a first call compiles the kernel (dynamo
-    # compiles on the calling thread) and warms it.
-    first = one(chunks[0])
+    # Where the compiled kernel may run, the first chunk runs here, with every thread: a first
+    # call compiles the kernel (dynamo compiles on the calling thread) and warms it. The one
+    # masked pass compiles nothing: every chunk goes to the workers (a chunk of ~15 whole-tensor
+    # passes on two threads is ~15 barriers, each spinning while the other thread is descheduled).
+    first = [] if left_only and fused.compile_mode() != "1" else [one(chunks[0])]
     global _pool
     if _pool is None or _pool._max_workers != threads:
         _pool = ThreadPoolExecutor(threads, thread_name_prefix="attnkit-observe")
@@ -218,10 +220,10 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
 
     torch.set_num_threads(1)
     try:
-        rest = list(_pool.map(single, chunks[1:]))
+        rest = list(_pool.map(single, chunks[len(first):]))
     finally:
         torch.set_num_threads(threads)
-    return fused.cat_rows([first, *rest])
+    return fused.cat_rows([*first, *rest])
 
 
 # Rows per chunk of the fused pass where rows see keys on both sides of their own: at most 1/32
