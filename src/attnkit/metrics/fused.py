@@ -26,7 +26,9 @@ sees, on one side of every row's own key (for a chunk of consecutive causal rows
 before its first row), need neither masks nor |i - j| per score, and their sums are a handful
 of whole-tensor passes (max, min, exp, sum, norm, one matrix-vector product) at memory speed,
 no compiler needed (``split_row_sums``). Only the thin band of keys some rows see and others
-not goes through ``row_sums``, and the parts merge exactly (``merge_sums``). Long causal,
+not goes through ``row_sums``, and the parts merge exactly (``merge_sums``). Rows that see no
+key after their own (causal, padding, sliding windows) need no split: one masked pass over the
+chunk (``_left_sums``), the hidden keys of its band set to +-inf and 0. Long causal,
 padded, bidirectional and windowed calls so never compile: a compile costs a fresh process
 tens of seconds on a loaded machine, even with inductor's on-disk cache warm. The compiled
 kernel is used where a call is mostly band (masks with short runs) and large enough to pay
