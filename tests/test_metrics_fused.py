@@ -124,29 +124,39 @@ def _long_chunk(kind: str, seed: int, dtype, B=2, H=2, Rn=6, K=40):
         pos = torch.arange(K - Rn, K)
         lo, hi = torch.full((B, Rn), 3), (pos + 1).expand(B, Rn).clone()
         lo[1, 0], hi[1, 0] = 0, 0
+    elif kind == "causal, one key far above the rest":  # s - m below -87 (exp's slow, denormal range)
+        pos = torch.arange(K - Rn, K)
+        lo, hi = torch.zeros(B, Rn, dtype=torch.long), (pos + 1).expand(B, Rn).clone()
+        raw[..., 2] = 400.0
     elif kind == "window wider than the chunk":
         pos = torch.arange(K - Rn, K)
         lo, hi = (pos - 30).expand(B, Rn).clone(), (pos + 1).expand(B, Rn).clone()
     return raw, 0.37, lo[:, None], hi[:, None], pos
 
 
-LONG_KINDS = ("causal", "causal, keys beyond", "bidirectional", "left padding, a blind row", "window wider than the chunk")
+LONG_KINDS = ("causal", "causal, keys beyond", "bidirectional", "left padding, a blind row", "window wider than the chunk",
+              "causal, one key far above the rest")
 
 
 @pytest.mark.parametrize("kind", LONG_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("scratch", [False, True])
 def test_keys_every_row_sees_are_summed_apart_and_merged_exactly(kind, dtype, scratch, monkeypatch):
+    """Rows that see keys on both sides of their own: the shared keys apart from the band, then
+    merged. Rows that see none after their own (causal, padding, windows): one masked pass."""
     monkeypatch.setenv("ATTNKIT_COMPILE", "0")
-    seen = []
-    real = fused._common_sums
+    seen, left = [], []
+    real, real_left = fused._common_sums, fused._left_sums
     monkeypatch.setattr(fused, "_common_sums", lambda *a: seen.append(a[5:7]) or real(*a))
+    monkeypatch.setattr(fused, "_left_sums", lambda *a: left.append(1) or real_left(*a))
     raw, scale, lo, hi, pos = _long_chunk(kind, 0, dtype)
     original = raw.clone()
     ref, finite, _, _ = _reference(raw, scale, lo, hi, pos)
     _check(fused.row_stats(raw, scale, lo, hi, pos, scratch=scratch), ref, finite)
-    assert seen  # the split ran: keys [a, b) taken apart
-    assert len(seen) == (2 if kind == "bidirectional" else 1)  # both sides of the rows, or the left
+    if kind == "bidirectional":
+        assert len(seen) == 2 and not left  # the split ran: keys on both sides of the rows taken apart
+    else:
+        assert left and not seen  # one pass, hidden keys set to -inf
     if not scratch:
         assert torch.equal(raw, original)  # left as it was found
 

@@ -26,7 +26,9 @@ sees, on one side of every row's own key (for a chunk of consecutive causal rows
 before its first row), need neither masks nor |i - j| per score, and their sums are a handful
 of whole-tensor passes (max, min, exp, sum, norm, one matrix-vector product) at memory speed,
 no compiler needed (``split_row_sums``). Only the thin band of keys some rows see and others
-not goes through ``row_sums``, and the parts merge exactly (``merge_sums``). Long causal,
+not goes through ``row_sums``, and the parts merge exactly (``merge_sums``). Rows that see no
+key after their own (causal, padding, sliding windows) need no split: one masked pass over the
+chunk (``_left_sums``), the hidden keys of its band set to +-inf and 0. Long causal,
 padded, bidirectional and windowed calls so never compile: a compile costs a fresh process
 tens of seconds on a loaded machine, even with inductor's on-disk cache warm. The compiled
 kernel is used where a call is mostly band (masks with short runs) and large enough to pay
@@ -293,6 +295,9 @@ def split_row_sums(flat: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tens
     if compile_mode() == "1" or not bool(seen.any()):  # ATTNKIT_COMPILE=1: the compiled kernel for everything
         return row_sums(flat, scale, lo, hi, pos, work)
     lo_s, hi_s, pos_s = lo[seen], hi[seen], pos[seen]
+    if bool((hi_s <= pos_s + 1).all()):  # causal, padding, sliding windows: no row sees past its own key
+        out = _left_sums(flat, scale, lo, hi, pos, seen, lo_s, hi_s, scratch)
+        return out if out is not None else row_sums(flat, scale, lo, hi, pos, work)
     start, stop = int(lo_s.max()), int(hi_s.min())  # keys [start, stop) are seen by every row
     p_min, p_max = int(pos_s.min()), int(pos_s.max())
     # Left of every row's own key (distance pos - j), and right of every row's (j - pos).
@@ -316,6 +321,68 @@ def split_row_sums(flat: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tens
             # Small: compiled only if the kernel already exists (it is never compiled for this).
             parts.append(row_sums(flat[:, a:b], scale, lo - a, hi - a, pos - a, 0))
     x_max, x_min, z, a_, s2, md = merge_sums(parts, scale)
+    if not bool(seen.all()):  # rows that see nothing: as ``row_sums`` leaves them
+        blind = ~seen
+        x_max = x_max.masked_fill(blind, -math.inf)
+        x_min = x_min.masked_fill(blind, math.inf)
+        z, a_, s2, md = (t.masked_fill(blind, 0.0) for t in (z, a_, s2, md))
+    return x_max, x_min, z, a_, s2, md
+
+
+EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, float32's smallest normal numbers
+
+
+def _left_sums(flat: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor, seen: Tensor,
+               lo_s: Tensor, hi_s: Tensor, scratch: bool) -> tuple[Tensor, ...] | None:
+    """``row_sums`` of (N, K) raw scores whose rows see no key after their own (hi <= pos + 1),
+    as whole-tensor passes over the chunk; None when a score a row sees is not finite (nothing
+    it sees written over: the caller's ``row_sums`` then counts them).
+
+    The keys some rows see and others do not lie in [0, max lo) and [min hi, K) over the rows
+    that see any: there the hidden scores are set to +inf for the min, then -inf, so that the
+    max, exp (0) and the sums need no mask; the chunk is one part, with nothing to merge. The
+    distances pos - j >= 0 are summed as (pos - (c - 1)) * Z + sum e * (c - 1 - j) over keys
+    j < c = min hi (both terms >= 0) and per score over the band [c, K).
+    """
+    N, K = flat.shape
+    lo_max, hi_min = (int(v) for v in torch.stack([lo_s.max(), hi_s.min()]).tolist())
+    edges = [(0, lo_max), (hi_min, K)] if lo_max < hi_min else [(0, K)]
+    # (N, b - a) for each edge: keys of [a, b) a row does not see
+    hidden = [((j < lo[:, None]) | (j >= hi[:, None]), a, b)
+              for a, b in edges if b > a
+              for j in [torch.arange(a, b, device=flat.device, dtype=lo.dtype)]]
+    # (N, K) float32 scores to write over: the caller's when it is ours, else a copy
+    x = flat if scratch and flat.dtype == torch.float32 else flat.to(torch.float32, copy=True)
+    for h, a, b in hidden:
+        x[:, a:b].masked_fill_(h, math.inf)
+    x_min = x.amin(-1)
+    for h, a, b in hidden:
+        x[:, a:b].masked_fill_(h, -math.inf)
+    x_max = x.amax(-1)
+    m = x_max * scale  # the row's largest logit; the smallest must not overflow once scaled either
+    if not bool((torch.isfinite(m) & torch.isfinite(x_min * scale))[seen].all()):
+        return None
+    # d = s - m = scale * x - m in one pass (a fused multiply-add a score), over x
+    d = torch.add(m.neg_()[:, None], x, alpha=scale, out=x)
+    # exp takes a slow path (10-70x) below about -87, where its result is denormal or 0 (-inf
+    # included): hidden keys get d = 0 (e * d = 0 there too) and e = 0 after it, and ``EXP_FLOOR``
+    # bounds the rest, whose e < 2e-38 is far below the rounding of Z >= 1.
+    for h, a, b in hidden:
+        d[:, a:b].masked_fill_(h, 0.0)
+    e = torch.exp(d.clamp_min_(EXP_FLOOR))  # (N, K)
+    for h, a, b in hidden:
+        e[:, a:b].masked_fill_(h, 0.0)
+    s2 = torch.linalg.vector_norm(e, dim=-1).square()
+    c = min(hi_min, K)
+    j = torch.arange(K, device=flat.device, dtype=e.dtype)
+    z_c = e[:, :c].sum(-1)
+    md = e[:, :c].mv((c - 1) - j[:c]) + (pos - (c - 1)) * z_c  # pos >= hi - 1 >= c - 1 on seen rows
+    z = z_c
+    if c < K:  # the band: distances per score; hidden keys have e = 0
+        band = e[:, c:]
+        z = z + band.sum(-1)
+        md = md + (band * (pos[:, None] - j[c:])).sum(-1)
+    a_ = d.mul_(e).sum(-1).neg_().clamp_min_(0.0)  # >= 0: only the max's rounding error (d at the max) is < 0
     if not bool(seen.all()):  # rows that see nothing: as ``row_sums`` leaves them
         blind = ~seen
         x_max = x_max.masked_fill(blind, -math.inf)

@@ -196,13 +196,19 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
         # raw is ours: the statistics may write over it
         return fused.row_stats(raw, call.scale, lo - k0, hi - k0, r + (K - Q - k0), work, scratch=True)
 
-    chunks = list(_chunks(rows, need, B * h, K, budget, thin_band=True))
+    # Rows that see no key after their own (causal, padding, windows) take one masked pass a chunk
+    # whatever its band (``fused._left_sums``): the chunks need not be thin, and are fewer.
+    lo_all, hi_all = intervals
+    left_only = bool(((hi_all <= torch.arange(Q, device=hi_all.device) + (K - Q + 1)) | (hi_all <= lo_all)).all())
+    chunks = list(_chunks(rows, need, B * h, K, budget, thin_band=not left_only))
     threads = torch.get_num_threads()
     if threads == 1 or len(chunks) == 1:
         return fused.cat_rows([one(c) for c in chunks])
-    # The first chunk runs here, with every thread: a first call compiles the kernel (dynamo
-    # compiles on the calling thread) and warms it.
-    first = one(chunks[0])
+    # Where the compiled kernel may run, the first chunk runs here, with every thread: a first
+    # call compiles the kernel (dynamo compiles on the calling thread) and warms it. The one
+    # masked pass compiles nothing: every chunk goes to the workers (a chunk of ~15 whole-tensor
+    # passes on two threads is ~15 barriers, each spinning while the other thread is descheduled).
+    first = [] if left_only and fused.compile_mode() != "1" else [one(chunks[0])]
     global _pool
     if _pool is None or _pool._max_workers != threads:
         _pool = ThreadPoolExecutor(threads, thread_name_prefix="attnkit-observe")
@@ -214,15 +220,15 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
 
     torch.set_num_threads(1)
     try:
-        rest = list(_pool.map(single, chunks[1:]))
+        rest = list(_pool.map(single, chunks[len(first):]))
     finally:
         torch.set_num_threads(threads)
-    return fused.cat_rows([first, *rest])
+    return fused.cat_rows([*first, *rest])
 
 
-# Rows per chunk of the fused pass: at most 1/32 of the chunk's keys (and at least 8), so the
-# band of keys some of its rows see and others do not (about rows x rows / 2 under a causal
-# mask), which takes the masked kernel, stays a thin part of each chunk near the diagonal too.
+# Rows per chunk of the fused pass where rows see keys on both sides of their own: at most 1/32
+# of the chunk's keys (and at least 8), so the band of keys some of its rows see and others do
+# not, which takes the masked kernel, stays a thin part of each chunk near the diagonal too.
 BAND_SHARE, BAND_MIN_ROWS = 32, 8
 
 
