@@ -17,7 +17,7 @@ import torch
 from attnkit.check.estimate import LogitEstimate
 from attnkit.common.data import load_corpus
 from attnkit.common.data.blocks import encode_documents, split_blocks
-from attnkit.common.distributed import DistEnv, agree, rank_share
+from attnkit.common.distributed import DistEnv, agree, gather_from_ranks, rank_share
 from attnkit.common.findings import threshold
 from attnkit.seam import AttentionSession, StatsCollector, attach, eval_mode, forward_no_grad
 
@@ -178,13 +178,8 @@ class _LargestOutput:
 
     def result(self, env: DistEnv) -> tuple[float | None, str | None]:
         """(largest, module name), the largest over every rank under torchrun; (None, None) without a forward."""
-        if self.name is None and not env.distributed:
+        seen = [(top, name) for top, name in gather_from_ranks((self.top, self.name), env) if name is not None]
+        if not seen:
             return None, None
-        if env.distributed:
-            import torch.distributed as dist
-
-            t = torch.tensor([self.top], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            if float(t) != self.top:  # another rank saw the largest: its module's name is not known here
-                return float(t), None
-        return self.top, self.name
+        # NaN first (a NaN output is the worst there is), then the largest; the lowest rank on a tie
+        return max(seen, key=lambda t: (t[0] != t[0], t[0]))

@@ -165,6 +165,15 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def gather_from_ranks(value: T, env: DistEnv) -> list[T]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` in one process."""
+    if not env.distributed:
+        return [value]
+    everyone: list = [None] * env.world_size
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def sum_over_ranks(values: Sequence[float], env: DistEnv) -> list[float]:
     """Each value summed over the ranks, in float64 (counts and sums of losses)."""
     if not env.distributed or not values:
