@@ -1,0 +1,169 @@
+"""Per-row attention statistics straight from queries and keys: a C++ kernel, built once per machine.
+
+``row_stats`` of ``metrics.fused`` reads scores q.k that a matmul wrote out, then makes a handful
+of passes over them (max, min, exp, sums): about 2 ns a score on a CPU against ~1.4 ns for all
+of SDPA's flash kernel. The kernel here (``qk_stats.cpp``) does what a flash-attention kernel
+does instead: for a tile of query rows it loops over tiles of keys, computes each tile's scores
+into a buffer that stays in cache, and folds them at once into each row's running sums, kept
+relative to the row's running max and rescaled when it grows (the online softmax), over the
+row's visible interval of keys only. Nothing (rows, keys) is written out; one parallel region
+a call; grouped-query keys are read per key head, never expanded.
+
+Scores are float32 dot products of the inputs' values (float32, bfloat16 or float16), as the
+CPU flash kernels of bf16/fp16 models compute them; the eager path instead rounds q.k to the
+model's dtype in its matmul, which moves a bf16 score by up to 2^-9 of itself. Rows whose scores
+are not all finite in the model's dtype (a NaN, an inf, a float16 q.k beyond 65504) are rare and
+get their extremes and counts from the dtype's own matmul, exactly as the eager path reports them.
+
+Built with ``torch.utils.cpp_extension.load`` (g++, ninja) on first use, ``-O3 -march=native``:
+it runs where it is built, so it uses that machine's vector width (AVX-512, AVX2, or none). The
+build (~tens of seconds) is cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``);
+later processes load it in well under a second. Where it cannot be built or loaded, ``load``
+returns None after one RuntimeWarning, and callers use the eager path.
+
+Pure tensor functions, no model knowledge.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("qk_stats.cpp")
+# float64 inputs stay on the eager path: the kernel accumulates in float32.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float16's largest finite value: a q.k beyond it is inf in the model's float16 matmul.
+FP16_MAX = 65504.0
+
+_module = None
+_failed: str | None = None
+_lock = threading.Lock()
+
+
+def load():
+    """The built extension module, building it on first use; None (after one warning) where it cannot be."""
+    global _module, _failed
+    if _module is not None or _failed is not None:
+        return _module
+    with _lock:
+        if _module is None and _failed is None:
+            try:
+                from torch.utils import cpp_extension
+
+                _module = cpp_extension.load(
+                    name="attnkit_qk_stats",
+                    sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
+                    verbose=bool(os.environ.get("ATTNKIT_KERNEL_VERBOSE")),
+                )
+            except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: stay eager
+                _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                warnings.warn(f"attnkit: the C++ statistics kernel is unavailable ({_failed}); using the eager kernel",
+                              RuntimeWarning, stacklevel=2)
+    return _module
+
+
+def failure() -> str | None:
+    """Why the kernel could not be built or loaded, once ``load`` has tried; else None."""
+    return _failed
+
+
+def supports(q: Tensor, k: Tensor) -> bool:
+    """Whether the kernel takes these queries and keys (CPU, float32/bf16/fp16, matching shapes)."""
+    return (q.device.type == "cpu" and k.device.type == "cpu" and q.dtype in DTYPES and k.dtype == q.dtype
+            and q.dim() == 4 and k.dim() == 4 and q.shape[1] % k.shape[1] == 0 and q.shape[-1] == k.shape[-1])
+
+
+def row_sums(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+    """The kernel's per-row sums: q (B, H, R, D), k (B, Hkv, K, D) with Hkv dividing H (query head h
+    reads key head h // (H // Hkv)); lo, hi, pos broadcastable to (B, H, R).
+
+    Returns (N,) float32 tensors (N = B * H * R, rows in (b, h, r) order): x_max, x_min, Z, A, S2,
+    D as ``fused._row_sums`` defines them, e at the first visible key and at the row's own key,
+    and ``check``, the sum of the visible raw scores (not finite when one of them is not).
+    """
+    B, H, R, _ = q.shape
+    shape = (B, H, R)
+    f = lambda t: torch.as_tensor(t).to(torch.int64).expand(shape).reshape(-1).contiguous()  # noqa: E731
+    out = load().qk_row_sums(q, k, float(scale), f(lo), f(hi), f(pos))  # (9, N)
+    return tuple(out.unbind(0))
+
+
+def exact_extremes(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, rows: Tensor,
+                   budget: int = 1 << 22) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For the flat rows ``rows`` (indices into (B, H, R)): x_max, x_min of raw q.k as the model's
+    dtype computes it (a matmul in that dtype: float16 overflow shows as inf), and the counts of
+    non-finite and of NaN logits raw * scale over each row's visible keys. lo, hi: (N,) int64.
+    For the rare rows that are not finite; a matmul per (batch, head) of them."""
+    B, H, R, D = q.shape
+    G = H // k.shape[1]
+    x_max = torch.empty(rows.numel(), dtype=torch.float32)
+    x_min, nonfinite, nans = torch.empty_like(x_max), torch.empty(rows.numel(), dtype=torch.int64), None
+    nans = torch.empty_like(nonfinite)
+    bh = rows // R
+    for head in torch.unique(bh).tolist():
+        where = (bh == head).nonzero().squeeze(-1)
+        b, h = divmod(head, H)
+        keys = k[b, h // G]  # (K, D)
+        step = max(1, budget // max(1, keys.shape[0]))
+        for s in range(0, where.numel(), step):
+            idx = where[s : s + step]
+            r = rows[idx] % R
+            raw = q[b, h, r] @ keys.T  # (n, K) in the model's dtype
+            j = torch.arange(raw.shape[-1])
+            vis = (j >= lo[rows[idx], None]) & (j < hi[rows[idx], None])
+            x = raw.float()
+            x_max[idx] = torch.where(vis, x, -math.inf).amax(-1)
+            x_min[idx] = torch.where(vis, x, math.inf).amin(-1)
+            logits = x * scale
+            nonfinite[idx] = (vis & ~torch.isfinite(logits)).sum(-1)
+            nans[idx] = (vis & torch.isnan(logits)).sum(-1)
+    return x_max, x_min, nonfinite, nans
+
+
+def row_stats(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor):
+    """``fused.RowStats`` of every row of q (B, H, R, D) against keys k (B, Hkv, K, D): the row
+    sees keys lo <= j < hi and sits at key ``pos`` (each broadcastable to (B, H, R)); logits are
+    q.k * scale, scale > 0. The same statistics ``fused.row_stats`` gives for the raw scores."""
+    from attnkit.metrics.fused import RowStats
+
+    B, H, R, _ = q.shape
+    shape = (B, H, R)
+    x_max, x_min, z, a, s2, md, e_first, e_own, check = row_sums(q, k, scale, lo, hi, pos)
+    f = lambda t: torch.as_tensor(t).to(torch.int64).expand(shape).reshape(-1)  # noqa: E731
+    lo_f, hi_f = f(lo), f(hi)
+    n_visible = (hi_f.clamp_max(k.shape[2]) - lo_f.clamp_min(0)).clamp_min(0)
+    # Rows whose scores may not all be finite in the model's dtype (blind rows have max = -inf):
+    # rare; their extremes and counts come from the dtype's own matmul.
+    finite = (torch.isfinite(x_max * scale) & torch.isfinite(x_min * scale) & torch.isfinite(z)
+              & torch.isfinite(check))
+    if q.dtype == torch.float16:
+        finite &= (x_max <= FP16_MAX) & (x_min >= -FP16_MAX)
+    suspect = ~finite & (n_visible > 0)
+    nonfinite = nans = None
+    if bool(suspect.any()):
+        rows = suspect.nonzero().squeeze(-1)
+        mx, mn, nf, nn = exact_extremes(q, k, scale, lo_f, hi_f, rows)
+        x_max, x_min = x_max.index_put((rows,), mx), x_min.index_put((rows,), mn)
+        nonfinite = torch.zeros_like(n_visible).index_put((rows,), nf)
+        nans = torch.zeros_like(n_visible).index_put((rows,), nn)
+    inv_z = 1.0 / z
+    v = lambda t: None if t is None else t.view(shape)  # noqa: E731
+    return RowStats(
+        n_visible=v(n_visible),
+        logit_max=v(x_max * scale), logit_min=v(x_min * scale),
+        entropy=v(torch.log(z) + a * inv_z),
+        max_prob=v(inv_z),  # e = 1 at the max
+        sum_sq=v(s2 * inv_z * inv_z),
+        sink_mass=v(e_first * inv_z),
+        diagonal_mass=v(e_own * inv_z),
+        mean_distance=v(md * inv_z),
+        nonfinite_logits=v(nonfinite), nan_logits=v(nans),
+        qk_absmax=v(torch.maximum(x_max, -x_min).clamp_min(0.0).abs()),
+    )
