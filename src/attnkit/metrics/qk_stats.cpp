@@ -41,40 +41,60 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 using IVec = at::vec::Vectorized<int32_t>;
 constexpr int VL = Vec::size();
-constexpr int NB = 2;                  // vectors per micro tile (keys: NB * VL)
-constexpr int MR = 4;                  // query rows per micro tile
+#ifndef QK_NB
+#define QK_NB 2
+#endif
+#ifndef QK_MR
+#define QK_MR 8
+#endif
+constexpr int NB = QK_NB;              // vectors per micro tile (keys: NB * VL)
+constexpr int MR = QK_MR;              // query rows per micro tile
 constexpr int KT = 4 * NB * VL;        // keys per key tile (128 with AVX-512, 64 with AVX2)
 constexpr int ROWS_PER_TILE = 32;      // query rows per tile (all query heads of a key head)
 constexpr float INF = std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 (Cephes' single-precision polynomial on a Cody-Waite reduction, ~1 ulp):
-// ATen's exp_u20 is 20 ulp and its clamps turn NaN into a finite number; here a NaN input stays
-// NaN, and x below -87.3 gives 0 (exp underflows there; such keys add nothing to sums >= 1).
-inline Vec exp_nonpositive(Vec x) {
-  const Vec lo(-87.33654f), log2e(1.44269504088896341f), half(0.5f);
-  const Vec c1(0.693359375f), c2(-2.12194440e-4f);
+// exp(t) for t <= 0 (NaN for NaN): t = n ln 2 + r with n the nearest integer to t log2(e) and r
+// from a two-part ln 2 (Cody-Waite), e^r by Cephes' single-precision polynomial (~1 ulp), times
+// 2^n. (A base-2 form saves two operations but needs scale * log2(e) rounded to float32, which
+// moves every logit by up to 6e-8 of itself in one direction: a bias on sharp rows' entropy.)
+inline Vec exp_nonpositive(Vec t) {
+  const Vec log2e(1.44269504088896341f), ln2_hi(0.693359375f), ln2_lo(-2.12194440e-4f);
   const Vec p0(1.9875691500e-4f), p1(1.3981999507e-3f), p2(8.3334519073e-3f), p3(4.1665795894e-2f),
       p4(1.6666665459e-1f), p5(5.0000001201e-1f), one(1.0f);
-  Vec under = x < lo;  // all-ones where x underflows (false for NaN)
-  Vec xc = at::vec::maximum(x, lo);  // NaN-propagating
-  Vec fx = at::vec::fmadd(xc, log2e, half).floor();
-  Vec r = xc - fx * c1;
-  r = r - fx * c2;
+#if defined(CPU_CAPABILITY_AVX512)
+  // roundscale to nearest; scalef multiplies by 2^n exactly, giving 0 (or a subnormal) far below.
+  // A NaN t becomes -104 here (max returns its 2nd operand): its row is flagged by ``check``.
+  __m512 x = _mm512_max_ps(t, _mm512_set1_ps(-104.0f));
+  Vec xv(x);
+  Vec n(_mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  Vec under = t < Vec(-87.0f);  // all-ones where e^t is below float32's normal range (false for NaN)
+  Vec xv = at::vec::maximum(t, Vec(-87.0f));  // NaN-propagating
+  Vec n = (xv * log2e + Vec(0.5f)).floor();
+#endif
+  Vec r = at::vec::fnmadd(n, ln2_hi, xv);
+  r = at::vec::fnmadd(n, ln2_lo, r);
   Vec y = at::vec::fmadd(p0, r, p1);
   y = at::vec::fmadd(y, r, p2);
   y = at::vec::fmadd(y, r, p3);
   y = at::vec::fmadd(y, r, p4);
   y = at::vec::fmadd(y, r, p5);
   y = at::vec::fmadd(y, r * r, r + one);
-  // 2^fx through the exponent bits; fx in [-126, 0] here
-  IVec n = at::vec::convert_to_int_of_same_size(fx);
-  Vec pow2 = at::vec::cast<float>((n + IVec(127)) << IVec(23));
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_scalef_ps(y, n));
+#else
+  IVec ni = at::vec::convert_to_int_of_same_size(n);  // 2^n through the exponent bits, n in [-126, 0]
+  Vec pow2 = at::vec::cast<float>((ni + IVec(127)) << IVec(23));
   return Vec::blendv(y * pow2, Vec(0.0f), under);
+#endif
 }
 
-// Lanes of the vector of keys starting at local key j0 that fall in [a, b).
-inline Vec lane_mask(int j0, int a, int b) {
-  Vec j = Vec::arange(static_cast<float>(j0), 1.0f);
+// 0, 1, ..., VL - 1
+inline Vec iota() { return Vec::arange(0.0f, 1.0f); }
+
+// Lanes of the vector of keys starting at local key j0 that fall in [a, b) (lanes: iota()).
+inline Vec lane_mask(const Vec& lanes, int j0, int a, int b) {
+  Vec j = lanes + Vec(static_cast<float>(j0));
   return (j >= Vec(static_cast<float>(a))) & (j < Vec(static_cast<float>(b)));
 }
 
@@ -98,18 +118,28 @@ inline void micro_tile(const float* q, const float* kt, int D, float* scores) {
 }
 
 // The running state of one query row.
+// Z is kept in three parts: the keys at the running max (e = 1 exactly: counted in n_max), the
+// others (z, lane by lane), and what earlier maxima left after a rescale (z_old, double). A 1 in a
+// float32 lane would swallow the terms below 6e-8 added to it, the whole tail of a sharp row:
+// its entropy would come out low by up to ~1e-6.
 struct RowState {
   float m = -INF;  // largest raw score so far
   bool any = false;
-  Vec vmin = Vec(INF), check = Vec(0.0f), z = Vec(0.0f), a = Vec(0.0f), s2 = Vec(0.0f), dist = Vec(0.0f);
+  double z_old = 0.0, a_old = 0.0;
+  Vec vmin = Vec(INF), check = Vec(0.0f), n_max = Vec(0.0f), z = Vec(0.0f), a = Vec(0.0f), s2 = Vec(0.0f),
+      dist = Vec(0.0f);
 };
 
 inline float reduce_max(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(v);
+#else
   alignas(64) float tmp[VL];
   v.store(tmp);
   float m = tmp[0];
   for (int i = 1; i < VL; ++i) m = std::max(m, tmp[i]);
   return m;
+#endif
 }
 inline float reduce_min(Vec v) {
   alignas(64) float tmp[VL];
@@ -126,18 +156,19 @@ inline double reduce_sum(Vec v) {
   return s;
 }
 
-// Fold the scores of keys [a, b) of one key tile (local indices; key tile starts at key k0) into a row.
-inline void fold(RowState& st, const float* s, int a, int b, int k0, float scale, float pos) {
+// Fold the scores of keys [a, b) of one key tile (local indices; the tile starts at key k0) into a row.
+inline void fold(RowState& st, const float* s, int a, int b, int k0, float scale, float pos, const Vec& lanes) {
   const Vec ninf(-INF), pinf(INF), zero(0.0f);
   Vec vmax(-INF);
-  for (int j0 = a & ~(VL - 1); j0 < b; j0 += VL) {
+  const int start = a & ~(VL - 1);
+  for (int j0 = start; j0 < b; j0 += VL) {
     Vec x = Vec::loadu(s + j0);
     if (j0 >= a && j0 + VL <= b) {
       vmax = at::vec::clamp_min(vmax, x);  // max(x, vmax); a NaN shows in check
       st.vmin = at::vec::clamp_max(st.vmin, x);
       st.check = st.check + x;
     } else {
-      Vec mask = lane_mask(j0, a, b);
+      Vec mask = lane_mask(lanes, j0, a, b);
       vmax = at::vec::clamp_min(vmax, Vec::blendv(ninf, x, mask));
       st.vmin = at::vec::clamp_max(st.vmin, Vec::blendv(pinf, x, mask));
       st.check = st.check + Vec::blendv(zero, x, mask);
@@ -146,8 +177,12 @@ inline void fold(RowState& st, const float* s, int a, int b, int k0, float scale
   float tile_max = reduce_max(vmax);
   if (tile_max > st.m) {
     if (st.any) {  // rescale the sums from the old max to the new one
-      float shift = (tile_max - st.m) * scale;  // m' - m, > 0
-      Vec c(std::exp(-shift)), sh(shift);
+      float shift = tile_max * scale - st.m * scale;  // m' - m (as the terms use them), > 0
+      const double c_d = std::exp(-static_cast<double>(shift)), ones = reduce_sum(st.n_max);
+      st.a_old = c_d * (st.a_old + (st.z_old + ones) * shift);  // the old maxima's terms had A = 0
+      st.z_old = c_d * (st.z_old + ones);
+      st.n_max = Vec(0.0f);
+      Vec c(static_cast<float>(c_d)), sh(shift);
       st.a = c * at::vec::fmadd(st.z, sh, st.a);
       st.z = st.z * c;
       st.s2 = st.s2 * (c * c);
@@ -155,36 +190,39 @@ inline void fold(RowState& st, const float* s, int a, int b, int k0, float scale
     }
     st.m = tile_max;
   }
-  if (!(st.m > -INF)) {  // NaN or -inf max: the sums are meaningless; check / x_max say so
-    st.any = true;
-    return;
-  }
   st.any = true;
-  const Vec sc(scale), neg_m(-st.m * scale), vpos(pos);
-  for (int j0 = a & ~(VL - 1); j0 < b; j0 += VL) {
+  if (!(st.m > -INF)) return;  // NaN or -inf max: the sums are meaningless; check / x_max say so
+  const Vec sc(scale), neg_m(-(st.m * scale)), step(static_cast<float>(VL)), one(1.0f), below(-1.0f);
+  // |pos - j| for the lanes of the first vector; one subtraction a vector after that
+  Vec to_pos = Vec(pos - static_cast<float>(k0 + start)) - lanes;
+  for (int j0 = start; j0 < b; j0 += VL, to_pos = to_pos - step) {
     Vec x = Vec::loadu(s + j0);
-    Vec d = at::vec::fmadd(x, sc, neg_m);  // s - m <= 0
-    Vec jv = Vec::arange(static_cast<float>(k0 + j0), 1.0f);
+    // s - m <= 0, the product rounded before the subtraction (no fused multiply-add):
+    // exactly 0 at the max, where e = 1, as m is that same rounded product.
+    Vec t = x * sc + neg_m;
     Vec e;
     if (j0 >= a && j0 + VL <= b) {
-      e = exp_nonpositive(d);
+      e = exp_nonpositive(t);
     } else {
-      Vec mask = lane_mask(j0, a, b);
-      d = Vec::blendv(zero, d, mask);
-      e = Vec::blendv(zero, exp_nonpositive(d), mask);
+      Vec mask = lane_mask(lanes, j0, a, b);
+      t = Vec::blendv(below, t, mask);  // not 0: not taken for the max below
+      e = Vec::blendv(zero, exp_nonpositive(t), mask);
     }
-    st.z = st.z + e;
-    st.a = at::vec::fnmadd(e, d, st.a);  // a - e * d
+#if defined(CPU_CAPABILITY_AVX512)
+    const __mmask16 at_max = _mm512_cmp_ps_mask(t, zero, _CMP_EQ_OQ);  // e = 1 exactly
+    st.n_max = Vec(_mm512_mask_add_ps(st.n_max, at_max, st.n_max, one));
+    st.z = Vec(_mm512_mask_add_ps(st.z, static_cast<__mmask16>(~at_max), st.z, e));
+#else
+    Vec at_max = t == zero;  // all-ones lanes: e = 1 exactly
+    st.n_max = st.n_max + (at_max & one);
+    st.z = st.z + Vec::blendv(e, zero, at_max);
+#endif
+    st.a = at::vec::fnmadd(e, t, st.a);  // a - e * t
     st.s2 = at::vec::fmadd(e, e, st.s2);
-    st.dist = at::vec::fmadd(e, (vpos - jv).abs(), st.dist);
+    st.dist = at::vec::fmadd(e, to_pos.abs(), st.dist);
   }
 }
 
-inline float dot(const float* x, const float* y, int D) {
-  float acc = 0.0f;
-  for (int d = 0; d < D; ++d) acc = std::fma(x[d], y[d], acc);
-  return acc;
-}
 
 }  // namespace
 
@@ -201,32 +239,50 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
   TORCH_CHECK(lo_t.numel() == N && hi_t.numel() == N && pos_t.numel() == N, "lo, hi, pos: one per row");
   const int64_t G = H / Hkv;
   const float scale = static_cast<float>(scale_d);
-  torch::Tensor q = q_in.to(torch::kFloat).contiguous();
-  torch::Tensor k = k_in.to(torch::kFloat).contiguous();
+  // q and k are read in place, any strides (a model's transposed views need no copy), each value
+  // converted to float32 as it is read.
+  const at::ScalarType dtype = q_in.scalar_type();
+  TORCH_CHECK(k_in.scalar_type() == dtype, "q and k must have one dtype");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "q, k: float32, bfloat16 or float16");
+  const char* qbase = static_cast<const char*>(q_in.data_ptr());
+  const char* kbase = static_cast<const char*>(k_in.data_ptr());
+  const int64_t esize = q_in.element_size();
+  const auto qs = q_in.strides(), ks = k_in.strides();
+  // n values at base + i * stride (elements), as float32, into dst
+  auto read = [dtype, esize](const char* base, int64_t offset, int64_t stride, int64_t n, float* dst, int64_t dst_stride) {
+    const char* p = base + offset * esize;
+    if (dtype == at::kFloat) {
+      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = reinterpret_cast<const float*>(p)[i * stride];
+    } else if (dtype == at::kBFloat16) {
+      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = static_cast<float>(reinterpret_cast<const c10::BFloat16*>(p)[i * stride]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = static_cast<float>(reinterpret_cast<const c10::Half*>(p)[i * stride]);
+    }
+  };
   torch::Tensor lo_c = lo_t.to(torch::kLong).contiguous(), hi_c = hi_t.to(torch::kLong).contiguous(),
                 pos_c = pos_t.to(torch::kLong).contiguous();
   const int64_t* lo = lo_c.data_ptr<int64_t>();
   const int64_t* hi = hi_c.data_ptr<int64_t>();
   const int64_t* pos = pos_c.data_ptr<int64_t>();
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
+  const auto f32 = q_in.options().dtype(at::kFloat);
 
-  // Keys packed tile by tile, transposed: kt[b, h, tile, d, jj] = k[b, h, tile * KT + jj, d] (0 past K).
+  // Keys packed tile by tile, transposed, float32: kt[b, h, tile, d, jj] = k[b, h, tile * KT + jj, d]
+  // (0 past K). The only copy of anything (rows, keys) or (keys, D) the kernel makes.
   const int64_t tiles = (K + KT - 1) / KT;
-  torch::Tensor kt = torch::empty({B, Hkv, tiles, D, KT}, q.options());
+  torch::Tensor kt = torch::empty({B, Hkv, tiles, D, KT}, f32);
   float* ktp = kt.data_ptr<float>();
   at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t bh = i / tiles, t = i % tiles;
-      const float* src = kp + (bh * K + t * KT) * D;
+      const int64_t b = i / (Hkv * tiles), h = (i / tiles) % Hkv, t = i % tiles;
       float* dst = ktp + i * D * KT;
       const int64_t n = std::min<int64_t>(KT, K - t * KT);
-      for (int64_t jj = 0; jj < KT; ++jj)
-        for (int64_t d = 0; d < D; ++d) dst[d * KT + jj] = jj < n ? src[jj * D + d] : 0.0f;
+      std::fill(dst, dst + D * KT, 0.0f);
+      for (int64_t jj = 0; jj < n; ++jj)
+        read(kbase, b * ks[0] + h * ks[1] + (t * KT + jj) * ks[2], ks[3], D, dst + jj, KT);
     }
   });
 
-  torch::Tensor out = torch::empty({9, N}, q.options());
+  torch::Tensor out = torch::empty({9, N}, f32);
   float* op = out.data_ptr<float>();
   // Work items: (row tile, b, key head), the row tiles holding the most keys (the last, under a
   // causal mask) first, handed out one at a time so that threads finish together.
@@ -241,6 +297,7 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
     std::vector<int64_t> row_of(tile_rows);
     std::vector<int> rlo(tile_rows), rhi(tile_rows);
     std::vector<RowState> st(tile_rows);
+    const Vec lanes = iota();
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t rt = row_tiles - 1 - item / (B * Hkv);
       const int64_t b = (item / Hkv) % B, hk = item % Hkv;
@@ -264,7 +321,7 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
           kmin = std::min(kmin, l);
           kmax = std::max(kmax, h);
         }
-        std::copy(qp + row * D, qp + (row + 1) * D, qbuf.begin() + t * D);
+        read(qbase, b * qs[0] + (hk * G + g) * qs[1] + r * qs[2], qs[3], D, qbuf.data() + t * D, 1);
       }
       const float* ktile0 = ktp + (b * Hkv + hk) * tiles * D * KT;
       for (int64_t tile = kmin / KT; kmin < kmax && tile * KT < kmax; ++tile) {
@@ -276,7 +333,7 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
           micro_tile(qbuf.data() + t0 * D, ktile0 + tile * D * KT, static_cast<int>(D), sbuf.data() + t0 * KT);
           for (int t = t0; t < t0 + MR; ++t) {
             const int a = std::max(rlo[t], k0) - k0, e = std::min(rhi[t], k1) - k0;
-            if (a < e) fold(st[t], sbuf.data() + t * KT, a, e, k0, scale, static_cast<float>(pos[row_of[t]]));
+            if (a < e) fold(st[t], sbuf.data() + t * KT, a, e, k0, scale, static_cast<float>(pos[row_of[t]]), lanes);
           }
         }
       }
@@ -291,15 +348,17 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
         }
         const float m = s.m * scale;
         const float* qrow = qbuf.data() + t * D;
-        const float* kh = kp + (b * Hkv + hk) * K * D;
-        auto e_at = [&](int64_t j) -> float {
+        auto e_at = [&](int64_t j) -> float {  // q.k summed in the order micro_tile sums it
           if (j < rlo[t] || j >= rhi[t]) return 0.0f;
-          return std::exp(dot(qrow, kh + j * D, static_cast<int>(D)) * scale - m);
+          const float* kj = ktile0 + (j / KT) * D * KT + j % KT;
+          float acc = 0.0f;
+          for (int64_t d = 0; d < D; ++d) acc = std::fma(qrow[d], kj[d * KT], acc);
+          return std::exp(acc * scale - m);
         };
         o[0] = s.m;
         o[N] = reduce_min(s.vmin);
-        o[2 * N] = static_cast<float>(reduce_sum(s.z));
-        o[3 * N] = static_cast<float>(std::max(0.0, reduce_sum(s.a)));
+        o[2 * N] = static_cast<float>(s.z_old + reduce_sum(s.n_max) + reduce_sum(s.z));
+        o[3 * N] = static_cast<float>(std::max(0.0, s.a_old + reduce_sum(s.a)));
         o[4 * N] = static_cast<float>(reduce_sum(s.s2));
         o[5 * N] = static_cast<float>(reduce_sum(s.dist));
         o[6 * N] = e_at(rlo[t]);

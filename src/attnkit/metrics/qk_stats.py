@@ -59,7 +59,7 @@ def load():
                 _module = cpp_extension.load(
                     name="attnkit_qk_stats",
                     sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
+                    extra_cflags=["-O3", "-march=native"],
                     verbose=bool(os.environ.get("ATTNKIT_KERNEL_VERBOSE")),
                 )
             except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: stay eager
