@@ -226,18 +226,24 @@ inline void fold(RowState& st, const float* s, int a, int b, int k0, float scale
 
 }  // namespace
 
-// q: (B, H, R, D), k: (B, Hkv, K, D), any float dtype (H a multiple of Hkv: query head h reads key
-// head h / (H / Hkv)); lo, hi, pos: (B * H * R,) int64. Returns (9, B * H * R) float32: x_max,
-// x_min, Z, A, S2, D, e_first, e_own, check.
-torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d, torch::Tensor lo_t,
-                          torch::Tensor hi_t, torch::Tensor pos_t) {
+// The rows of the result (each (B * H * R,) float32, rows in (b, h, r) order).
+enum Field { N_VISIBLE, LOGIT_MAX, LOGIT_MIN, QK_ABSMAX, ENTROPY, MAX_PROB, SUM_SQ, SINK, DIAGONAL, DISTANCE, SUSPECT, FIELDS };
+
+// q: (B, H, R, D), k: (B, Hkv, K, D), float32, bfloat16 or float16, any strides (H a multiple of
+// Hkv: query head h reads key head h / (H / Hkv)); lo, hi, pos: (B, H, R) int64, any strides
+// (expanded views welcome). Row (b, h, r) sees keys lo <= j < hi and sits at key pos.
+// max_finite: the largest finite value of the model's dtype; a |q.k| beyond it marks the row SUSPECT
+// (as does any NaN or inf among its scores or logits), for the caller to redo in that dtype.
+// Returns (FIELDS, B * H * R) float32.
+torch::Tensor qk_row_stats(torch::Tensor q_in, torch::Tensor k_in, double scale_d, torch::Tensor lo_t,
+                           torch::Tensor hi_t, torch::Tensor pos_t, double max_finite_d) {
+  const float max_finite = static_cast<float>(max_finite_d);
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, "q and k must be 4-d");
   const int64_t B = q_in.size(0), H = q_in.size(1), R = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), K = k_in.size(2);
   TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D && Hkv > 0 && H % Hkv == 0, "q and k shapes do not match");
   const int64_t N = B * H * R;
-  TORCH_CHECK(lo_t.numel() == N && hi_t.numel() == N && pos_t.numel() == N, "lo, hi, pos: one per row");
-  const int64_t G = H / Hkv;
+    const int64_t G = H / Hkv;
   const float scale = static_cast<float>(scale_d);
   // q and k are read in place, any strides (a model's transposed views need no copy), each value
   // converted to float32 as it is read.
@@ -259,11 +265,13 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
       for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = static_cast<float>(reinterpret_cast<const c10::Half*>(p)[i * stride]);
     }
   };
-  torch::Tensor lo_c = lo_t.to(torch::kLong).contiguous(), hi_c = hi_t.to(torch::kLong).contiguous(),
-                pos_c = pos_t.to(torch::kLong).contiguous();
-  const int64_t* lo = lo_c.data_ptr<int64_t>();
-  const int64_t* hi = hi_c.data_ptr<int64_t>();
-  const int64_t* pos = pos_c.data_ptr<int64_t>();
+  for (const auto& t : {lo_t, hi_t, pos_t})
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == H && t.size(2) == R && t.scalar_type() == at::kLong,
+                "lo, hi, pos: (B, H, R) int64");
+  // value of a (B, H, R) index tensor at (b, h, r)
+  auto at3 = [](const torch::Tensor& t, int64_t b, int64_t h, int64_t r) {
+    return t.data_ptr<int64_t>()[b * t.stride(0) + h * t.stride(1) + r * t.stride(2)];
+  };
   const auto f32 = q_in.options().dtype(at::kFloat);
 
   // Keys packed tile by tile, transposed, float32: kt[b, h, tile, d, jj] = k[b, h, tile * KT + jj, d]
@@ -282,7 +290,7 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
     }
   });
 
-  torch::Tensor out = torch::empty({9, N}, f32);
+  torch::Tensor out = torch::empty({FIELDS, N}, f32);
   float* op = out.data_ptr<float>();
   // Work items: (row tile, b, key head), the row tiles holding the most keys (the last, under a
   // causal mask) first, handed out one at a time so that threads finish together.
@@ -296,6 +304,7 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
     std::vector<float> qbuf(tile_rows * D), sbuf(tile_rows * KT);
     std::vector<int64_t> row_of(tile_rows);
     std::vector<int> rlo(tile_rows), rhi(tile_rows);
+    std::vector<float> rpos(tile_rows);
     std::vector<RowState> st(tile_rows);
     const Vec lanes = iota();
     for (int64_t item = next++; item < items; item = next++) {
@@ -314,7 +323,9 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
         const int64_t g = t / nr, r = r0 + t % nr;
         const int64_t row = ((b * H + hk * G + g) * R + r);
         row_of[t] = row;
-        const int64_t l = std::max<int64_t>(lo[row], 0), h = std::min<int64_t>(hi[row], K);
+        const int64_t h_q = hk * G + g;
+        const int64_t l = std::max<int64_t>(at3(lo_t, b, h_q, r), 0), h = std::min<int64_t>(at3(hi_t, b, h_q, r), K);
+        rpos[t] = static_cast<float>(at3(pos_t, b, h_q, r));
         rlo[t] = static_cast<int>(l);
         rhi[t] = static_cast<int>(std::max(l, h));
         if (h > l) {
@@ -333,7 +344,7 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
           micro_tile(qbuf.data() + t0 * D, ktile0 + tile * D * KT, static_cast<int>(D), sbuf.data() + t0 * KT);
           for (int t = t0; t < t0 + MR; ++t) {
             const int a = std::max(rlo[t], k0) - k0, e = std::min(rhi[t], k1) - k0;
-            if (a < e) fold(st[t], sbuf.data() + t * KT, a, e, k0, scale, static_cast<float>(pos[row_of[t]]), lanes);
+            if (a < e) fold(st[t], sbuf.data() + t * KT, a, e, k0, scale, rpos[t], lanes);
           }
         }
       }
@@ -341,29 +352,41 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
         const RowState& s = st[t];
         const int64_t row = row_of[t];
         float* o = op + row;
-        if (rhi[t] <= rlo[t]) {  // sees nothing
-          o[0] = -INF, o[N] = INF;
-          for (int i = 2; i < 9; ++i) o[i * N] = 0.0f;
+        const int64_t n_vis = rhi[t] - rlo[t];
+        o[N_VISIBLE * N] = static_cast<float>(n_vis);
+        if (n_vis <= 0) {  // sees nothing: what the eager path's formulas give for Z = 0
+          const float nan = std::numeric_limits<float>::quiet_NaN();
+          o[LOGIT_MAX * N] = -INF, o[LOGIT_MIN * N] = INF, o[MAX_PROB * N] = INF, o[QK_ABSMAX * N] = 0.0f;
+          o[ENTROPY * N] = o[SUM_SQ * N] = o[SINK * N] = o[DIAGONAL * N] = o[DISTANCE * N] = nan;
+          o[SUSPECT * N] = 0.0f;
           continue;
         }
         const float m = s.m * scale;
         const float* qrow = qbuf.data() + t * D;
-        auto e_at = [&](int64_t j) -> float {  // q.k summed in the order micro_tile sums it
-          if (j < rlo[t] || j >= rhi[t]) return 0.0f;
+        auto e_at = [&](int64_t j) -> double {  // q.k summed in the order micro_tile sums it
+          if (j < rlo[t] || j >= rhi[t]) return 0.0;
           const float* kj = ktile0 + (j / KT) * D * KT + j % KT;
           float acc = 0.0f;
           for (int64_t d = 0; d < D; ++d) acc = std::fma(qrow[d], kj[d * KT], acc);
-          return std::exp(acc * scale - m);
+          return std::exp(static_cast<double>(acc * scale - m));
         };
-        o[0] = s.m;
-        o[N] = reduce_min(s.vmin);
-        o[2 * N] = static_cast<float>(s.z_old + reduce_sum(s.n_max) + reduce_sum(s.z));
-        o[3 * N] = static_cast<float>(std::max(0.0, s.a_old + reduce_sum(s.a)));
-        o[4 * N] = static_cast<float>(reduce_sum(s.s2));
-        o[5 * N] = static_cast<float>(reduce_sum(s.dist));
-        o[6 * N] = e_at(rlo[t]);
-        o[7 * N] = e_at(pos[row]);
-        o[8 * N] = static_cast<float>(reduce_sum(s.check));
+        const float x_min = reduce_min(s.vmin);
+        const double z = s.z_old + reduce_sum(s.n_max) + reduce_sum(s.z);
+        const double a = std::max(0.0, s.a_old + reduce_sum(s.a));
+        const double check = reduce_sum(s.check);
+        o[LOGIT_MAX * N] = s.m * scale;
+        o[LOGIT_MIN * N] = x_min * scale;
+        o[QK_ABSMAX * N] = std::abs(std::max(0.0f, std::max(s.m, -x_min)));
+        o[ENTROPY * N] = static_cast<float>(std::log(z) + a / z);
+        o[MAX_PROB * N] = static_cast<float>(1.0 / z);  // e = 1 at the max
+        o[SUM_SQ * N] = static_cast<float>(reduce_sum(s.s2) / (z * z));
+        o[SINK * N] = static_cast<float>(e_at(rlo[t]) / z);
+        o[DIAGONAL * N] = static_cast<float>(e_at(static_cast<int64_t>(rpos[t])) / z);
+        o[DISTANCE * N] = static_cast<float>(reduce_sum(s.dist) / z);
+        // Not all finite (NaN, inf, a logit that overflows), or beyond the model dtype's range.
+        const bool finite = std::isfinite(s.m * scale) && std::isfinite(x_min * scale) && std::isfinite(z) &&
+                            std::isfinite(check) && s.m <= max_finite && -x_min <= max_finite;
+        o[SUSPECT * N] = finite ? 0.0f : 1.0f;
       }
     }
   });
@@ -371,5 +394,5 @@ torch::Tensor qk_row_sums(torch::Tensor q_in, torch::Tensor k_in, double scale_d
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qk_row_sums", &qk_row_sums, "Per-row softmax sums of q.k over key intervals, one pass");
+  m.def("qk_row_stats", &qk_row_stats, "Per-row softmax statistics of q.k over key intervals, one pass");
 }

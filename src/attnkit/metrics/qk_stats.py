@@ -80,19 +80,24 @@ def supports(q: Tensor, k: Tensor) -> bool:
             and q.dim() == 4 and k.dim() == 4 and q.shape[1] % k.shape[1] == 0 and q.shape[-1] == k.shape[-1])
 
 
-def row_sums(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
-    """The kernel's per-row sums: q (B, H, R, D), k (B, Hkv, K, D) with Hkv dividing H (query head h
-    reads key head h // (H // Hkv)); lo, hi, pos broadcastable to (B, H, R).
+# The rows of the kernel's result, in its order (qk_stats.cpp's Field).
+FIELDS = ("n_visible", "logit_max", "logit_min", "qk_absmax", "entropy", "max_prob", "sum_sq", "sink_mass",
+          "diagonal_mass", "mean_distance", "suspect")
 
-    Returns (N,) float32 tensors (N = B * H * R, rows in (b, h, r) order): x_max, x_min, Z, A, S2,
-    D as ``fused._row_sums`` defines them, e at the first visible key and at the row's own key,
-    and ``check``, the sum of the visible raw scores (not finite when one of them is not).
+
+def kernel_fields(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor) -> dict[str, Tensor]:
+    """The kernel's per-row results: q (B, H, R, D), k (B, Hkv, K, D) with Hkv dividing H (query
+    head h reads key head h // (H // Hkv)); lo, hi, pos broadcastable to (B, H, R).
+
+    Returns a (B, H, R) float32 tensor per name of ``FIELDS``: the ``RowStats`` fields of that name
+    (computed in double from the float32 sums) and ``suspect``, 1 where the row's scores may not
+    all be finite in the model's dtype (``row_stats`` redoes those rows).
     """
     B, H, R, _ = q.shape
-    shape = (B, H, R)
-    f = lambda t: torch.as_tensor(t).to(torch.int64).expand(shape).reshape(-1).contiguous()  # noqa: E731
-    out = load().qk_row_sums(q, k, float(scale), f(lo), f(hi), f(pos))  # (9, N)
-    return tuple(out.unbind(0))
+    idx = lambda t: torch.as_tensor(t).to(torch.int64).expand(B, H, R)  # noqa: E731 - a view: no copy
+    max_finite = FP16_MAX if q.dtype == torch.float16 else math.inf
+    out = load().qk_row_stats(q, k, float(scale), idx(lo), idx(hi), idx(pos), max_finite)  # (FIELDS, N)
+    return {name: t.view(B, H, R) for name, t in zip(FIELDS, out.unbind(0))}
 
 
 def exact_extremes(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, rows: Tensor,
@@ -134,36 +139,18 @@ def row_stats(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: T
     from attnkit.metrics.fused import RowStats
 
     B, H, R, _ = q.shape
-    shape = (B, H, R)
-    x_max, x_min, z, a, s2, md, e_first, e_own, check = row_sums(q, k, scale, lo, hi, pos)
-    f = lambda t: torch.as_tensor(t).to(torch.int64).expand(shape).reshape(-1)  # noqa: E731
-    lo_f, hi_f = f(lo), f(hi)
-    n_visible = (hi_f.clamp_max(k.shape[2]) - lo_f.clamp_min(0)).clamp_min(0)
-    # Rows whose scores may not all be finite in the model's dtype (blind rows have max = -inf):
-    # rare; their extremes and counts come from the dtype's own matmul.
-    finite = (torch.isfinite(x_max * scale) & torch.isfinite(x_min * scale) & torch.isfinite(z)
-              & torch.isfinite(check))
-    if q.dtype == torch.float16:
-        finite &= (x_max <= FP16_MAX) & (x_min >= -FP16_MAX)
-    suspect = ~finite & (n_visible > 0)
+    fields = kernel_fields(q, k, scale, lo, hi, pos)
+    n_visible = fields["n_visible"].to(torch.int64)
     nonfinite = nans = None
-    if bool(suspect.any()):
+    suspect = fields.pop("suspect").view(-1)
+    if bool(suspect.any()):  # rare: redo the extremes and counts in the model's dtype
         rows = suspect.nonzero().squeeze(-1)
-        mx, mn, nf, nn = exact_extremes(q, k, scale, lo_f, hi_f, rows)
-        x_max, x_min = x_max.index_put((rows,), mx), x_min.index_put((rows,), mn)
-        nonfinite = torch.zeros_like(n_visible).index_put((rows,), nf)
-        nans = torch.zeros_like(n_visible).index_put((rows,), nn)
-    inv_z = 1.0 / z
-    v = lambda t: None if t is None else t.view(shape)  # noqa: E731
-    return RowStats(
-        n_visible=v(n_visible),
-        logit_max=v(x_max * scale), logit_min=v(x_min * scale),
-        entropy=v(torch.log(z) + a * inv_z),
-        max_prob=v(inv_z),  # e = 1 at the max
-        sum_sq=v(s2 * inv_z * inv_z),
-        sink_mass=v(e_first * inv_z),
-        diagonal_mass=v(e_own * inv_z),
-        mean_distance=v(md * inv_z),
-        nonfinite_logits=v(nonfinite), nan_logits=v(nans),
-        qk_absmax=v(torch.maximum(x_max, -x_min).clamp_min(0.0).abs()),
-    )
+        f = lambda t: torch.as_tensor(t).to(torch.int64).expand(B, H, R).reshape(-1)  # noqa: E731
+        mx, mn, nf, nn = exact_extremes(q, k, scale, f(lo), f(hi), rows)
+        for name, value in (("logit_max", mx * scale), ("logit_min", mn * scale),
+                            ("qk_absmax", torch.maximum(mx, -mn).clamp_min(0.0).abs())):
+            fields[name] = fields[name].reshape(-1).index_put((rows,), value).view(B, H, R)
+        nonfinite = torch.zeros(B * H * R, dtype=torch.int64).index_put((rows,), nf).view(B, H, R)
+        nans = torch.zeros(B * H * R, dtype=torch.int64).index_put((rows,), nn).view(B, H, R)
+    del fields["n_visible"]
+    return RowStats(n_visible=n_visible, nonfinite_logits=nonfinite, nan_logits=nans, **fields)
