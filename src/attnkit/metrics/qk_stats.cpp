@@ -26,8 +26,11 @@
 #define CPU_CAPABILITY DEFAULT
 #endif
 
-#include <torch/extension.h>
+// Only the headers it needs (not torch/extension.h, nor pybind11): a third of the compile time.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -235,8 +238,8 @@ enum Field { N_VISIBLE, LOGIT_MAX, LOGIT_MIN, QK_ABSMAX, ENTROPY, MAX_PROB, SUM_
 // max_finite: the largest finite value of the model's dtype; a |q.k| beyond it marks the row SUSPECT
 // (as does any NaN or inf among its scores or logits), for the caller to redo in that dtype.
 // Returns (FIELDS, B * H * R) float32.
-torch::Tensor qk_row_stats(torch::Tensor q_in, torch::Tensor k_in, double scale_d, torch::Tensor lo_t,
-                           torch::Tensor hi_t, torch::Tensor pos_t, double max_finite_d) {
+at::Tensor qk_row_stats(at::Tensor q_in, at::Tensor k_in, double scale_d, at::Tensor lo_t,
+                           at::Tensor hi_t, at::Tensor pos_t, double max_finite_d) {
   const float max_finite = static_cast<float>(max_finite_d);
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, "q and k must be 4-d");
   const int64_t B = q_in.size(0), H = q_in.size(1), R = q_in.size(2), D = q_in.size(3);
@@ -269,7 +272,7 @@ torch::Tensor qk_row_stats(torch::Tensor q_in, torch::Tensor k_in, double scale_
     TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == H && t.size(2) == R && t.scalar_type() == at::kLong,
                 "lo, hi, pos: (B, H, R) int64");
   // value of a (B, H, R) index tensor at (b, h, r)
-  auto at3 = [](const torch::Tensor& t, int64_t b, int64_t h, int64_t r) {
+  auto at3 = [](const at::Tensor& t, int64_t b, int64_t h, int64_t r) {
     return t.data_ptr<int64_t>()[b * t.stride(0) + h * t.stride(1) + r * t.stride(2)];
   };
   const auto f32 = q_in.options().dtype(at::kFloat);
@@ -277,7 +280,7 @@ torch::Tensor qk_row_stats(torch::Tensor q_in, torch::Tensor k_in, double scale_
   // Keys packed tile by tile, transposed, float32: kt[b, h, tile, d, jj] = k[b, h, tile * KT + jj, d]
   // (0 past K). The only copy of anything (rows, keys) or (keys, D) the kernel makes.
   const int64_t tiles = (K + KT - 1) / KT;
-  torch::Tensor kt = torch::empty({B, Hkv, tiles, D, KT}, f32);
+  at::Tensor kt = at::empty({B, Hkv, tiles, D, KT}, f32);
   float* ktp = kt.data_ptr<float>();
   at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -290,7 +293,7 @@ torch::Tensor qk_row_stats(torch::Tensor q_in, torch::Tensor k_in, double scale_
     }
   });
 
-  torch::Tensor out = torch::empty({FIELDS, N}, f32);
+  at::Tensor out = at::empty({FIELDS, N}, f32);
   float* op = out.data_ptr<float>();
   // Work items: (row tile, b, key head), the row tiles holding the most keys (the last, under a
   // causal mask) first, handed out one at a time so that threads finish together.
@@ -393,6 +396,8 @@ torch::Tensor qk_row_stats(torch::Tensor q_in, torch::Tensor k_in, double scale_
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qk_row_stats", &qk_row_stats, "Per-row softmax statistics of q.k over key intervals, one pass");
+// torch.ops.attnkit.qk_row_stats
+TORCH_LIBRARY(attnkit, m) {
+  m.def("qk_row_stats(Tensor q, Tensor k, float scale, Tensor lo, Tensor hi, Tensor pos, float max_finite) -> Tensor",
+        &qk_row_stats);
 }

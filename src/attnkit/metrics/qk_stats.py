@@ -56,12 +56,14 @@ def load():
             try:
                 from torch.utils import cpp_extension
 
-                _module = cpp_extension.load(
+                cpp_extension.load(
                     name="attnkit_qk_stats",
                     sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-march=native"],
+                    is_python_module=False,  # registers torch.ops.attnkit (no pybind11: a faster build)
                     verbose=bool(os.environ.get("ATTNKIT_KERNEL_VERBOSE")),
                 )
+                _module = torch.ops.attnkit
             except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: stay eager
                 _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 warnings.warn(f"attnkit: the C++ statistics kernel is unavailable ({_failed}); using the eager kernel",
