@@ -31,6 +31,8 @@ padded, bidirectional and windowed calls so never compile: a compile costs a fre
 tens of seconds on a loaded machine, even with inductor's on-disk cache warm. The compiled
 kernel is used where a call is mostly band (masks with short runs) and large enough to pay
 (``COMPILE_MIN_LOGITS``), or always with ``ATTNKIT_COMPILE=1``.
+Callers that hold q and k rather than scores first ask ``qk_kernel`` for a single-pass kernel
+(``metrics.qk_stats``, C++: the scores are never written out); this module is its fallback.
 Pure tensor functions, no model knowledge.
 """
 

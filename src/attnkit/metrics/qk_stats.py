@@ -6,20 +6,26 @@ of SDPA's flash kernel. The kernel here (``qk_stats.cpp``) does what a flash-att
 does instead: for a tile of query rows it loops over tiles of keys, computes each tile's scores
 into a buffer that stays in cache, and folds them at once into each row's running sums, kept
 relative to the row's running max and rescaled when it grows (the online softmax), over the
-row's visible interval of keys only. Nothing (rows, keys) is written out; one parallel region
-a call; grouped-query keys are read per key head, never expanded.
+row's visible interval of keys only. Nothing (rows, keys) is written out; q and k are read in
+place (any strides); grouped-query keys are read per key head, never expanded; one parallel
+region packs the keys, one computes every row (tiles handed out one at a time, largest first).
+Each row's fields are finished in double from its float32 sums, the same formulas as
+``fused.row_stats``; a sharp row's e = 1 at its max is counted apart from the float32 lanes,
+which would otherwise swallow its tail.
 
-Scores are float32 dot products of the inputs' values (float32, bfloat16 or float16), as the
-CPU flash kernels of bf16/fp16 models compute them; the eager path instead rounds q.k to the
-model's dtype in its matmul, which moves a bf16 score by up to 2^-9 of itself. Rows whose scores
-are not all finite in the model's dtype (a NaN, an inf, a float16 q.k beyond 65504) are rare and
-get their extremes and counts from the dtype's own matmul, exactly as the eager path reports them.
+Scores are float32 dot products of the inputs' values (float32, bfloat16 or float16), as
+flash-attention kernels accumulate them; the eager path instead rounds q.k to the model's dtype
+in its matmul, which moves a bf16 score by up to 2^-9 of itself. Rows whose scores are not all
+finite in the model's dtype (a NaN, an inf, a float16 q.k beyond 65504) are rare and get their
+extremes and counts from the dtype's own matmul, as the eager path reports them. float64 inputs
+take the eager path.
 
 Built with ``torch.utils.cpp_extension.load`` (g++, ninja) on first use, ``-O3 -march=native``:
 it runs where it is built, so it uses that machine's vector width (AVX-512, AVX2, or none). The
-build (~tens of seconds) is cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``);
-later processes load it in well under a second. Where it cannot be built or loaded, ``load``
-returns None after one RuntimeWarning, and callers use the eager path.
+build (~10 s of CPU) is cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``); later
+processes load it in under a second. Where it cannot be built or loaded, ``load`` returns None
+after one RuntimeWarning, and callers use the eager path. ``ATTNKIT_STATS_KERNEL=eager`` turns
+it off (``fused.qk_kernel``).
 
 Pure tensor functions, no model knowledge.
 """
