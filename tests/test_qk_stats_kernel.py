@@ -49,7 +49,12 @@ def _reference(q, k, scale, lo, hi, pos):
     )
 
 
-def _assert_matches(got: fused.RowStats, ref: dict, rows: torch.Tensor) -> None:
+EXTREMES = ("logit_max", "logit_min", "qk_absmax")
+# one unit in the last place of each input dtype: the extremes are rounded to it, as the model's matmul rounds q.k
+ULP = {torch.float32: 2e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _assert_matches(got: fused.RowStats, ref: dict, rows: torch.Tensor, dtype=torch.float32) -> None:
     """Fields equal the reference on ``rows`` (bool, (B, H, R): rows that see at least one key)."""
     assert torch.equal(got.n_visible, ref["n_visible"])
     for name, want in ref.items():
@@ -57,8 +62,12 @@ def _assert_matches(got: fused.RowStats, ref: dict, rows: torch.Tensor) -> None:
             continue
         have = getattr(got, name).double()
         assert have.shape == want.shape, name
-        # float32 sums over up to a few hundred keys; logits from float32 dot products
-        torch.testing.assert_close(have[rows], want[rows], rtol=2e-5, atol=2e-6, msg=name)
+        # float32 sums over up to a few hundred keys of float32 dot products; the extremes are
+        # numbers of the model's dtype (within one of its units of the exact value)
+        rtol = ULP[dtype] if name in EXTREMES else 2e-5
+        torch.testing.assert_close(have[rows], want[rows], rtol=rtol, atol=2e-6, msg=name)
+    absmax = got.qk_absmax[rows]
+    assert torch.equal(absmax, absmax.to(dtype).float())  # a number of the model's dtype
 
 
 def _inputs(seed, dtype, B=2, H=4, Hkv=2, R=37, K=300, D=32, spread=3.0):
@@ -115,7 +124,7 @@ def test_every_field_equals_a_float64_softmax(kind, shape, dtype):
     ref = _reference(q, k, scale, lo, hi, pos)
     seen = ref["n_visible"] > 0
     assert got.nonfinite_logits is None  # every row finite: nothing counted
-    _assert_matches(got, ref, seen)
+    _assert_matches(got, ref, seen, dtype)
     if not bool(seen.all()):  # rows that see nothing: as the eager path leaves them
         assert bool((got.logit_max[~seen] == -math.inf).all()) and bool((got.qk_absmax[~seen] == 0).all())
 
@@ -211,6 +220,7 @@ def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_eager_path(monke
 
 
 # ---------------------------------------------------------------------------- through the seam
+from conftest import _ids, gpt2  # noqa: E402
 from test_observe_fused import CASES, LONG_CASES, _assert_equal_heads  # noqa: E402
 
 from attnkit.seam import attach  # noqa: E402
@@ -240,3 +250,29 @@ def test_seam_statistics_with_the_kernel_equal_the_eager_path(case, monkeypatch)
     cpp, n_cpp = _heads(model, inputs, "cpp", monkeypatch, **session)
     assert n_eager == 0 and n_cpp > 0  # each path ran
     _assert_equal_heads(cpp, eager)
+
+
+def test_seam_fp16_overflow_is_counted_as_the_eager_path_counts_it(monkeypatch):
+    """A float16 model whose q.k overflows: the kernel's rows are redone in float16 and report the
+    same non-finite rows, extremes and statistics as the eager path."""
+    model = gpt2("sdpa", dtype=torch.float16)
+    with torch.no_grad():
+        w = model.transformer.h[1].attn.c_attn.weight  # Conv1D: (in, 3 * width); q then k then v
+        w[:, 2 * 8 : 3 * 8] *= 300.0  # layer 1, head 2: q.k overflows float16
+        w[:, 32 + 2 * 8 : 32 + 3 * 8] *= 300.0
+    inputs = {"input_ids": _ids(2, 12)}
+    eager, _ = _heads(model, inputs, "eager", monkeypatch)
+    cpp, n_cpp = _heads(model, inputs, "cpp", monkeypatch)
+    assert n_cpp > 0 and any(h["nonfinite_rows"] > 0 for h in eager)  # the kernel ran; the case is real
+    # Counts and extremes are the float16 matmul's on both paths; the softmax statistics differ by
+    # float16's rounding of q.k (the eager path rounds each score to float16, the kernel keeps float32).
+    assert len(cpp) == len(eager)
+    for c, e in zip(cpp, eager):
+        assert c.keys() == e.keys()
+        for key in e:
+            if isinstance(e[key], str) or e[key] is None:
+                assert c[key] == e[key], key
+            elif "nonfinite" in key or "nan" in key or "qk_absmax" in key or key.startswith("logit"):
+                assert c[key] == pytest.approx(e[key], rel=1e-6, nan_ok=True), (c["layer"], c["head"], key)
+            else:
+                assert c[key] == pytest.approx(e[key], rel=2e-3, abs=2e-4, nan_ok=True), (c["layer"], c["head"], key)

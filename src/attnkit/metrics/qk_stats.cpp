@@ -276,6 +276,12 @@ at::Tensor qk_row_stats(at::Tensor q_in, at::Tensor k_in, double scale_d, at::Te
     return t.data_ptr<int64_t>()[b * t.stride(0) + h * t.stride(1) + r * t.stride(2)];
   };
   const auto f32 = q_in.options().dtype(at::kFloat);
+  // a float32 value rounded to the inputs' dtype (to nearest even; beyond float16's range: inf)
+  auto to_dtype = [dtype](float x) -> float {
+    if (dtype == at::kBFloat16) return static_cast<float>(static_cast<c10::BFloat16>(x));
+    if (dtype == at::kHalf) return static_cast<float>(static_cast<c10::Half>(x));
+    return x;
+  };
 
   // Keys packed tile by tile, transposed, float32: kt[b, h, tile, d, jj] = k[b, h, tile * KT + jj, d]
   // (0 past K). The only copy of anything (rows, keys) or (keys, D) the kernel makes.
@@ -377,9 +383,12 @@ at::Tensor qk_row_stats(at::Tensor q_in, at::Tensor k_in, double scale_d, at::Te
         const double z = s.z_old + reduce_sum(s.n_max) + reduce_sum(s.z);
         const double a = std::max(0.0, s.a_old + reduce_sum(s.a));
         const double check = reduce_sum(s.check);
-        o[LOGIT_MAX * N] = s.m * scale;
-        o[LOGIT_MIN * N] = x_min * scale;
-        o[QK_ABSMAX * N] = std::abs(std::max(0.0f, std::max(s.m, -x_min)));
+        // The extremes in the model's dtype, as its matmul rounds q.k (rounding is monotone, so the
+        // rounded max is the max of the rounded scores): qk_absmax is a number of that dtype.
+        const float r_max = to_dtype(s.m), r_min = to_dtype(x_min);
+        o[LOGIT_MAX * N] = r_max * scale;
+        o[LOGIT_MIN * N] = r_min * scale;
+        o[QK_ABSMAX * N] = std::abs(std::max(0.0f, std::max(r_max, -r_min)));
         o[ENTROPY * N] = static_cast<float>(std::log(z) + a / z);
         o[MAX_PROB * N] = static_cast<float>(1.0 / z);  // e = 1 at the max
         o[SUM_SQ * N] = static_cast<float>(reduce_sum(s.s2) / (z * z));
