@@ -203,11 +203,12 @@ def test_float64_and_other_devices_take_the_eager_path(monkeypatch):
         fused.qk_kernel(q32, k32)
 
 
-def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_eager_path(monkeypatch):
+def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_eager_path(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(qk_stats, "_module", None)
     monkeypatch.setattr(qk_stats, "_failed", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no build made before: it must build
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: (_ for _ in ()).throw(RuntimeError("no compiler")))
     q, k = _inputs(1, torch.float32, 1, 2, 1, 4, 8, 8)
     with pytest.warns(RuntimeWarning, match="no compiler"):
@@ -217,6 +218,16 @@ def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_eager_path(monke
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fused.qk_kernel(q, k) is None  # once: no second warning
+
+
+def test_a_build_is_reused_only_for_the_same_source_and_machine(monkeypatch, tmp_path):
+    name = qk_stats._build_name()
+    assert name == qk_stats._build_name() and name.startswith("attnkit_qk_stats_")
+    assert qk_stats._build_dir(name).joinpath(f"{name}.so").is_file()  # the build this suite loaded
+    source = tmp_path / "qk_stats.cpp"
+    source.write_text(qk_stats.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(qk_stats, "SOURCE", source)
+    assert qk_stats._build_name() != name  # another source: another build
 
 
 # ---------------------------------------------------------------------------- through the seam

@@ -52,23 +52,63 @@ _failed: str | None = None
 _lock = threading.Lock()
 
 
+FLAGS = ["-O3", "-march=native"]
+
+
+def _build_name() -> str:
+    """The build's name: a digest of what the binary depends on (the source, the flags, torch,
+    Python, and this CPU, as ``-march=native`` targets it), so that a cached build is only reused
+    where it was made for."""
+    import hashlib
+    import platform
+    import sys
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux: the model and its instruction sets
+            cpu = "".join(line for line in f.read(1 << 16).splitlines(True)
+                          if line.startswith(("model name", "flags")))[:8192]
+    except OSError:
+        pass
+    key = "\n".join([SOURCE.read_text(encoding="utf-8"), " ".join(FLAGS), torch.__version__, sys.version,
+                     platform.machine(), cpu])
+    return "attnkit_qk_stats_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _build_dir(name: str) -> Path:
+    """Where the build lives: under ``TORCH_EXTENSIONS_DIR`` (torch's own setting), else ~/.cache/torch_extensions."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    return Path(base) / name
+
+
 def load():
-    """The built extension module, building it on first use; None (after one warning) where it cannot be."""
+    """``torch.ops.attnkit`` with the kernel, building it on first use; None (after one warning) where it cannot be.
+
+    A build made before is loaded directly (torch's extension builder, whose import alone costs a
+    cold process ~4 MiB and a fraction of a second, is only imported to build)."""
     global _module, _failed
     if _module is not None or _failed is not None:
         return _module
     with _lock:
         if _module is None and _failed is None:
             try:
-                from torch.utils import cpp_extension
+                name = _build_name()
+                directory = _build_dir(name)
+                built = directory / f"{name}.so"
+                if built.is_file():
+                    torch.ops.load_library(str(built))
+                else:
+                    from torch.utils import cpp_extension
 
-                cpp_extension.load(
-                    name="attnkit_qk_stats",
-                    sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native"],
-                    is_python_module=False,  # registers torch.ops.attnkit (no pybind11: a faster build)
-                    verbose=bool(os.environ.get("ATTNKIT_KERNEL_VERBOSE")),
-                )
+                    directory.mkdir(parents=True, exist_ok=True)
+                    cpp_extension.load(
+                        name=name,
+                        sources=[str(SOURCE)],
+                        extra_cflags=FLAGS,
+                        build_directory=str(directory),
+                        is_python_module=False,  # registers torch.ops.attnkit (no pybind11: a faster build)
+                        verbose=bool(os.environ.get("ATTNKIT_KERNEL_VERBOSE")),
+                    )
                 _module = torch.ops.attnkit
             except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: stay eager
                 _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
