@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <thread>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -230,6 +231,18 @@ inline void fold(RowState& st, const float* s, int a, int b, int k0, float scale
 
 }  // namespace
 
+// Runs worker() on `threads` threads (this one and threads - 1 more) and waits for them all. Not
+// at::parallel_for: its OpenMP form is a pragma in a header, which a build without -fopenmp
+// quietly runs on one thread, and linking a second OpenMP runtime beside torch's is worse. Two
+// thread starts a call (tens of microseconds) against a call's milliseconds to seconds.
+template <class F>
+void on_threads(int threads, const F& worker) {
+  std::vector<std::thread> others;
+  for (int i = 1; i < threads; ++i) others.emplace_back(worker);
+  worker();
+  for (auto& t : others) t.join();
+}
+
 // The rows of the result (each (B * H * R,) float32, rows in (b, h, r) order).
 enum Field { N_VISIBLE, LOGIT_MAX, LOGIT_MIN, QK_ABSMAX, ENTROPY, MAX_PROB, SUM_SQ, SINK, DIAGONAL, DISTANCE, SUSPECT, FIELDS };
 
@@ -289,8 +302,11 @@ at::Tensor qk_row_stats(at::Tensor q_in, at::Tensor k_in, double scale_d, at::Te
   const int64_t tiles = (K + KT - 1) / KT;
   at::Tensor kt = at::empty({B, Hkv, tiles, D, KT}, f32);
   float* ktp = kt.data_ptr<float>();
-  at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  // torch's intra-op threads (1 inside a parallel region, where more would oversubscribe)
+  const int threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  std::atomic<int64_t> next_pack{0};
+  on_threads(threads, [&]() {
+    for (int64_t i = next_pack++; i < B * Hkv * tiles; i = next_pack++) {
       const int64_t b = i / (Hkv * tiles), h = (i / tiles) % Hkv, t = i % tiles;
       float* dst = ktp + i * D * KT;
       const int64_t n = std::min<int64_t>(KT, K - t * KT);
@@ -308,8 +324,7 @@ at::Tensor qk_row_stats(at::Tensor q_in, at::Tensor k_in, double scale_d, at::Te
   const int64_t row_tiles = (R + rows_per_group - 1) / rows_per_group;
   const int64_t items = row_tiles * B * Hkv;
   std::atomic<int64_t> next{0};
-  const int threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  on_threads(threads, [&]() {
     const int64_t tile_rows = ((G * rows_per_group + MR - 1) / MR) * MR;
     std::vector<float> qbuf(tile_rows * D), sbuf(tile_rows * KT);
     std::vector<int64_t> row_of(tile_rows);
