@@ -17,6 +17,13 @@ from attnkit.seam.taps import StatsCollector
 from conftest import _ids, bert, gpt2, llama, mistral
 
 
+@pytest.fixture(autouse=True)
+def _eager_kernel(monkeypatch):
+    """These tests are of the eager path (q.k chunk by chunk, then ``fused.row_stats``); the
+    single-pass C++ kernel has its own, in test_qk_stats_kernel.py."""
+    monkeypatch.setenv("ATTNKIT_STATS_KERNEL", "eager")
+
+
 class ReferenceStats(StatsCollector):
     """The statistics tap without its fused path: it is shown ObservedChunks only."""
 

@@ -33,6 +33,8 @@ padded, bidirectional and windowed calls so never compile: a compile costs a fre
 tens of seconds on a loaded machine, even with inductor's on-disk cache warm. The compiled
 kernel is used where a call is mostly band (masks with short runs) and large enough to pay
 (``COMPILE_MIN_LOGITS``), or always with ``ATTNKIT_COMPILE=1``.
+Callers that hold q and k rather than scores first ask ``qk_kernel`` for a single-pass kernel
+(``metrics.qk_stats``, C++: the scores are never written out); this module is its fallback.
 Pure tensor functions, no model knowledge.
 """
 
@@ -459,3 +461,33 @@ def mask_intervals(allowed: Tensor) -> tuple[Tensor, Tensor] | None:
     if not bool((hi - lo == count).all()):
         return None
     return lo, hi
+
+
+# ---------------------------------------------------------------------------- kernels from q and k
+# Per-row statistics straight from queries and keys, one pass, nothing (rows, keys) written out:
+# name -> a module with ``supports(q, k)``, ``load()`` and ``row_stats(q, k, scale, lo, hi, pos)``.
+# Where none applies, callers compute q.k chunk by chunk and call ``row_stats`` above (eager).
+QK_KERNELS = {"cpp": "attnkit.metrics.qk_stats"}
+
+
+def stats_kernel_choice() -> str:
+    """``ATTNKIT_STATS_KERNEL``: "auto" (default: the C++ kernel where it builds), "cpp", or "eager"."""
+    choice = os.environ.get("ATTNKIT_STATS_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "eager", *QK_KERNELS):
+        raise ValueError(f"ATTNKIT_STATS_KERNEL must be auto, eager or one of {sorted(QK_KERNELS)}, not {choice!r}")
+    return choice
+
+
+def qk_kernel(q: Tensor, k: Tensor):
+    """The ``row_stats(q, k, scale, lo, hi, pos) -> RowStats`` of a single-pass kernel that takes
+    these queries (B, H, R, D) and keys (B, Hkv, K, D), or None (then the eager path)."""
+    import importlib
+
+    choice = stats_kernel_choice()
+    if choice == "eager":
+        return None
+    for name in QK_KERNELS if choice == "auto" else (choice,):
+        module = importlib.import_module(QK_KERNELS[name])
+        if module.supports(q, k) and module.load() is not None:
+            return module.row_stats
+    return None

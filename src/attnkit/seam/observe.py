@@ -180,6 +180,11 @@ def _fused_rows(call: AttentionCall, q_src: Tensor, k_src: Tensor, rows: Tensor,
     h_kv, K = k_src.shape[1], k_src.shape[2]
     groups = h // h_kv  # query heads per key head in k_src (1 when k_src has every head)
     contiguous = rows.numel() == Q  # every row, in order: chunks are slices, q needs no copy
+    kernel = fused.qk_kernel(q_src, k_src)  # a single-pass kernel from q and k (C++), or the chunks below
+    if kernel is not None:
+        lo, hi = (t if t.shape[-1] == 1 else t[..., rows] for t in intervals)
+        q_rows = q_src if contiguous else q_src[:, :, rows]
+        return kernel(q_rows, k_src, call.scale, lo, hi, (rows + (K - Q)).view(1, 1, -1))
 
     def one(chunk: tuple[Tensor, int]) -> fused.RowStats:
         r, k_len = chunk

@@ -1,0 +1,204 @@
+"""Per-row attention statistics straight from queries and keys: a C++ kernel, built once per machine.
+
+``row_stats`` of ``metrics.fused`` reads scores q.k that a matmul wrote out, then makes a handful
+of passes over them (max, min, exp, sums): about 2 ns a score on a CPU against ~1.4 ns for all
+of SDPA's flash kernel. The kernel here (``qk_stats.cpp``) does what a flash-attention kernel
+does instead: for a tile of query rows it loops over tiles of keys, computes each tile's scores
+into a buffer that stays in cache, and folds them at once into each row's running sums, kept
+relative to the row's running max and rescaled when it grows (the online softmax), over the
+row's visible interval of keys only. Nothing (rows, keys) is written out; q and k are read in
+place (any strides); grouped-query keys are read per key head, never expanded; one parallel
+region packs the keys, one computes every row (tiles handed out one at a time, largest first).
+Each row's fields are finished in double from its float32 sums, the same formulas as
+``fused.row_stats``; a sharp row's e = 1 at its max is counted apart from the float32 lanes,
+which would otherwise swallow its tail.
+
+Scores are float32 dot products of the inputs' values (float32, bfloat16 or float16), as
+flash-attention kernels accumulate them; the eager path instead rounds q.k to the model's dtype
+in its matmul, which moves a bf16 score by up to 2^-9 of itself. Rows whose scores are not all
+finite in the model's dtype (a NaN, an inf, a float16 q.k beyond 65504) are rare and get their
+extremes and counts from the dtype's own matmul, as the eager path reports them. float64 inputs
+take the eager path.
+
+Built with ``torch.utils.cpp_extension.load`` (g++, ninja) on first use, ``-O3 -march=native``:
+it runs where it is built, so it uses that machine's vector width (AVX-512, AVX2, or none). The
+build (~10 s of CPU) is cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``); later
+processes load it in under a second. Where it cannot be built or loaded, ``load`` returns None
+after one RuntimeWarning, and callers use the eager path. ``ATTNKIT_STATS_KERNEL=eager`` turns
+it off (``fused.qk_kernel``).
+
+Pure tensor functions, no model knowledge.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("qk_stats.cpp")
+# float64 inputs stay on the eager path: the kernel accumulates in float32.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float16's largest finite value: a q.k beyond it is inf in the model's float16 matmul.
+FP16_MAX = 65504.0
+
+_module = None
+_failed: str | None = None
+_lock = threading.Lock()
+
+
+FLAGS = ["-O3", "-march=native"]
+
+
+def _build_name() -> str:
+    """The build's name: a digest of what the binary depends on (the source, the flags, torch,
+    Python, and this CPU, as ``-march=native`` targets it), so that a cached build is only reused
+    where it was made for."""
+    import hashlib
+    import platform
+    import sys
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux: the model and its instruction sets
+            cpu = "".join(line for line in f.read(1 << 16).splitlines(True)
+                          if line.startswith(("model name", "flags")))[:8192]
+    except OSError:
+        pass
+    key = "\n".join([SOURCE.read_text(encoding="utf-8"), " ".join(FLAGS), torch.__version__, sys.version,
+                     platform.machine(), cpu])
+    return "attnkit_qk_stats_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _build_dir(name: str) -> Path:
+    """Where the build lives: under ``TORCH_EXTENSIONS_DIR`` (torch's own setting), else ~/.cache/torch_extensions."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    return Path(base) / name
+
+
+def load():
+    """``torch.ops.attnkit`` with the kernel, building it on first use; None (after one warning) where it cannot be.
+
+    A build made before is loaded directly (torch's extension builder, whose import alone costs a
+    cold process ~4 MiB and a fraction of a second, is only imported to build)."""
+    global _module, _failed
+    if _module is not None or _failed is not None:
+        return _module
+    with _lock:
+        if _module is None and _failed is None:
+            try:
+                name = _build_name()
+                directory = _build_dir(name)
+                built = directory / f"{name}.so"
+                if built.is_file():
+                    torch.ops.load_library(str(built))
+                else:
+                    from torch.utils import cpp_extension
+
+                    directory.mkdir(parents=True, exist_ok=True)
+                    cpp_extension.load(
+                        name=name,
+                        sources=[str(SOURCE)],
+                        extra_cflags=FLAGS,
+                        build_directory=str(directory),
+                        is_python_module=False,  # registers torch.ops.attnkit (no pybind11: a faster build)
+                        verbose=bool(os.environ.get("ATTNKIT_KERNEL_VERBOSE")),
+                    )
+                _module = torch.ops.attnkit
+            except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: stay eager
+                _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                warnings.warn(f"attnkit: the C++ statistics kernel is unavailable ({_failed}); using the eager kernel",
+                              RuntimeWarning, stacklevel=2)
+    return _module
+
+
+def failure() -> str | None:
+    """Why the kernel could not be built or loaded, once ``load`` has tried; else None."""
+    return _failed
+
+
+def supports(q: Tensor, k: Tensor) -> bool:
+    """Whether the kernel takes these queries and keys (CPU, float32/bf16/fp16, matching shapes)."""
+    return (q.device.type == "cpu" and k.device.type == "cpu" and q.dtype in DTYPES and k.dtype == q.dtype
+            and q.dim() == 4 and k.dim() == 4 and q.shape[1] % k.shape[1] == 0 and q.shape[-1] == k.shape[-1])
+
+
+# The rows of the kernel's result, in its order (qk_stats.cpp's Field).
+FIELDS = ("n_visible", "logit_max", "logit_min", "qk_absmax", "entropy", "max_prob", "sum_sq", "sink_mass",
+          "diagonal_mass", "mean_distance", "suspect")
+
+
+def kernel_fields(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor) -> dict[str, Tensor]:
+    """The kernel's per-row results: q (B, H, R, D), k (B, Hkv, K, D) with Hkv dividing H (query
+    head h reads key head h // (H // Hkv)); lo, hi, pos broadcastable to (B, H, R).
+
+    Returns a (B, H, R) float32 tensor per name of ``FIELDS``: the ``RowStats`` fields of that name
+    (computed in double from the float32 sums) and ``suspect``, 1 where the row's scores may not
+    all be finite in the model's dtype (``row_stats`` redoes those rows).
+    """
+    B, H, R, _ = q.shape
+    idx = lambda t: torch.as_tensor(t).to(torch.int64).expand(B, H, R)  # noqa: E731 - a view: no copy
+    max_finite = FP16_MAX if q.dtype == torch.float16 else math.inf
+    out = load().qk_row_stats(q, k, float(scale), idx(lo), idx(hi), idx(pos), max_finite)  # (FIELDS, N)
+    return {name: t.view(B, H, R) for name, t in zip(FIELDS, out.unbind(0))}
+
+
+def exact_extremes(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, rows: Tensor,
+                   budget: int = 1 << 22) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For the flat rows ``rows`` (indices into (B, H, R)): x_max, x_min of raw q.k as the model's
+    dtype computes it (a matmul in that dtype: float16 overflow shows as inf), and the counts of
+    non-finite and of NaN logits raw * scale over each row's visible keys. lo, hi: (N,) int64.
+    For the rare rows that are not finite; a matmul per (batch, head) of them."""
+    B, H, R, D = q.shape
+    G = H // k.shape[1]
+    x_max = torch.empty(rows.numel(), dtype=torch.float32)
+    x_min, nonfinite, nans = torch.empty_like(x_max), torch.empty(rows.numel(), dtype=torch.int64), None
+    nans = torch.empty_like(nonfinite)
+    bh = rows // R
+    for head in torch.unique(bh).tolist():
+        where = (bh == head).nonzero().squeeze(-1)
+        b, h = divmod(head, H)
+        keys = k[b, h // G]  # (K, D)
+        step = max(1, budget // max(1, keys.shape[0]))
+        for s in range(0, where.numel(), step):
+            idx = where[s : s + step]
+            r = rows[idx] % R
+            raw = q[b, h, r] @ keys.T  # (n, K) in the model's dtype
+            j = torch.arange(raw.shape[-1])
+            vis = (j >= lo[rows[idx], None]) & (j < hi[rows[idx], None])
+            x = raw.float()
+            x_max[idx] = torch.where(vis, x, -math.inf).amax(-1)
+            x_min[idx] = torch.where(vis, x, math.inf).amin(-1)
+            logits = x * scale
+            nonfinite[idx] = (vis & ~torch.isfinite(logits)).sum(-1)
+            nans[idx] = (vis & torch.isnan(logits)).sum(-1)
+    return x_max, x_min, nonfinite, nans
+
+
+def row_stats(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, pos: Tensor):
+    """``fused.RowStats`` of every row of q (B, H, R, D) against keys k (B, Hkv, K, D): the row
+    sees keys lo <= j < hi and sits at key ``pos`` (each broadcastable to (B, H, R)); logits are
+    q.k * scale, scale > 0. The same statistics ``fused.row_stats`` gives for the raw scores."""
+    from attnkit.metrics.fused import RowStats
+
+    B, H, R, _ = q.shape
+    fields = kernel_fields(q, k, scale, lo, hi, pos)
+    n_visible = fields["n_visible"].to(torch.int64)
+    nonfinite = nans = None
+    suspect = fields.pop("suspect").view(-1)
+    if bool(suspect.any()):  # rare: redo the extremes and counts in the model's dtype
+        rows = suspect.nonzero().squeeze(-1)
+        f = lambda t: torch.as_tensor(t).to(torch.int64).expand(B, H, R).reshape(-1)  # noqa: E731
+        mx, mn, nf, nn = exact_extremes(q, k, scale, f(lo), f(hi), rows)
+        for name, value in (("logit_max", mx * scale), ("logit_min", mn * scale),
+                            ("qk_absmax", torch.maximum(mx, -mn).clamp_min(0.0).abs())):
+            fields[name] = fields[name].reshape(-1).index_put((rows,), value).view(B, H, R)
+        nonfinite = torch.zeros(B * H * R, dtype=torch.int64).index_put((rows,), nf).view(B, H, R)
+        nans = torch.zeros(B * H * R, dtype=torch.int64).index_put((rows,), nn).view(B, H, R)
+    del fields["n_visible"]
+    return RowStats(n_visible=n_visible, nonfinite_logits=nonfinite, nan_logits=nans, **fields)
