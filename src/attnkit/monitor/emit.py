@@ -297,6 +297,8 @@ class WandbEmitter(Emitter):
                  **init_kwargs) -> None:
         self._own = run is None
         if run is None:
+            # wandb writes under dir/wandb; older releases fall back to ./wandb when dir does not exist yet
+            Path(log_dir, "wandb").mkdir(parents=True, exist_ok=True)
             run = require("wandb", "the monitor's Weights & Biases output").init(dir=str(log_dir), mode=mode,
                                                                                 **init_kwargs)
         self.run = run
