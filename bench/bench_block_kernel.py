@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
 from bench_sparse import build, steps  # noqa: E402
-from results import command_line, markers, write_block  # noqa: E402
+from results import command_line, markers, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_HEADING = "## Block-sparse kernel against dense SDPA (`bench/bench_block_kernel.py`)"
@@ -62,6 +62,20 @@ def summarise(measured: tuple[dict, dict], base: str) -> dict:
                 "rounds": ts, "cpu_median_s": statistics.median(cpu[n]),
                 "cpu_ratio": statistics.median(a / b for a, b in zip(cpu[n], cpu[base])), "cpu_rounds": cpu[n]}
             for n, ts in times.items()}
+
+
+def attention_step(fn, q, k, v, w, train: bool):
+    """One timed call of the attention op ``fn(q, k, v)``: a forward under ``no_grad``, or with
+    ``train`` a forward and the backward of ``(out * w).sum()`` from fresh leaves."""
+    import torch
+
+    def run():
+        if not train:
+            with torch.no_grad():
+                return fn(q, k, v)
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        (fn(qq, kk, vv) * w).sum().backward()
+    return run
 
 
 def kernel_part(model, length: int, args) -> dict:
@@ -93,13 +107,7 @@ def kernel_part(model, length: int, args) -> dict:
         return lambda q, k, v: fn(q, k, v, sel.indices, sel.valid, sel.geometry, scale=D ** -0.5)
 
     def step(fn, train: bool):
-        def run():
-            if not train:
-                with torch.no_grad():
-                    return fn(q, k, v)
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            (fn(qq, kk, vv) * w).sum().backward()
-        return run
+        return attention_step(fn, q, k, v, w, train)
 
     model_density = 0.25 if args.model_density is None else args.model_density
     if model_density not in selections:
@@ -177,12 +185,7 @@ def main() -> None:
             for c in ("dense-sdpa", sparse)}
     doc["load"] = load
     doc["args"] = {k: v for k, v in vars(args).items() if k not in ("worker", "length", "density_list")}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=1))
-    block = render(doc, args, p, started, sparse)
-    print(block)
-    if not args.no_write:
-        write_block(ROOT / "BENCHMARKS.md", args.block, block, BLOCK_HEADING)
+    publish(doc, args.json, render(doc, args, p, started, sparse), args.block, BLOCK_HEADING, not args.no_write)
 
 
 def render(doc: dict, args, parser, started, sparse: str) -> str:

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import command_line, markers, write_block  # noqa: E402
+from results import command_line, markers, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_HEADING = "## Decoding with a KV cache: sparse against dense SDPA (`bench/bench_decode.py`)"
@@ -254,12 +254,7 @@ def main() -> None:
     load.append(os.getloadavg())
     doc["load"] = load
     doc["args"] = vars(args)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=1))
-    block = render(doc, args, p, started, sparse)
-    print(block)
-    if not args.no_write:
-        write_block(ROOT / "BENCHMARKS.md", args.block, block, BLOCK_HEADING)
+    publish(doc, args.json, render(doc, args, p, started, sparse), args.block, BLOCK_HEADING, not args.no_write)
 
 
 def render(doc: dict, args, parser, started, sparse: str) -> str:

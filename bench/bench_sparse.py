@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
-from results import command_line, markers, write_block  # noqa: E402
+from results import command_line, markers, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = ("dense-sdpa", "dense-eager")
@@ -191,13 +191,9 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     doc = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "length")}, "memory": mem,
            "timing": timing, "load": [load_before, load_after], "started": started.isoformat()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=1))
-    block = render(doc, args, p, started)
-    print(block)
+    publish(doc, args.json, render(doc, args, p, started), args.block,
+            "## Block-sparse attention: memory and time (`bench/bench_sparse.py`)", not args.no_write)
     if not args.no_write:
-        write_block(ROOT / "BENCHMARKS.md", args.block, block,
-                    "## Block-sparse attention: memory and time (`bench/bench_sparse.py`)")
         plot(doc, Path(args.json).with_suffix(""))
 
 

@@ -232,6 +232,7 @@ def bench_sparse_at(length: int, shape: dict, args) -> dict:
     from attnkit.seam.kernels.flex_block import flex_block_attention
     from attnkit.sparse import SparseConfig
     from attnkit.sparse.attention import choose_blocks
+    from bench_block_kernel import attention_step
 
     device = _device(args)
     dtype = getattr(torch, shape["dtype"])
@@ -252,13 +253,7 @@ def bench_sparse_at(length: int, shape: dict, args) -> dict:
         return lambda q, k, v: flex_block_attention(q, k, v, sel, scale=D ** -0.5)
 
     def step(fn, train: bool):
-        def run():
-            if not train:
-                with torch.no_grad():
-                    return fn(q, k, v)
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            (fn(qq, kk, vv) * w).sum().backward()
-        return run
+        return attention_step(fn, q, k, v, w, train)
 
     names = ["sdpa", *(f"flex@{d:g}" for d in densities)]
     out = {"length": length, "heads": H, "kv_heads": Hk, "head_dim": D, "block_size": block, "dtype": shape["dtype"],

@@ -8,8 +8,11 @@ section heading when one is given. The file is written whole (a temporary file, 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Iterable
 from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def command_line(script: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
@@ -23,6 +26,16 @@ def command_line(script: str, args: argparse.Namespace, parser: argparse.Argumen
 
 def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def publish(doc: dict, json_path: str | Path, block: str, name: str, heading: str | None, write: bool) -> None:
+    """A run's end: its raw figures ``doc`` as JSON at ``json_path``, its rendered ``block`` printed,
+    and with ``write`` the block put in BENCHMARKS.md as ``name`` (under ``heading``)."""
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(doc, indent=1))
+    print(block)
+    if write:
+        write_block(BENCHMARKS, name, block, heading)
 
 
 def write_block(path: Path, name: str, block: str, heading: str | None = None) -> None:
