@@ -60,6 +60,8 @@ from pathlib import Path
 
 import torch
 
+from attnkit.monitor.snapshots import _nbytes  # the monitor's own count of a snapshot's bytes
+
 # ---------------------------------------------------------------- the failure rule (see the docstring)
 NONFINITE_STREAK = 10
 TAIL = 20
@@ -212,16 +214,6 @@ class SpikeRollback:
         if not spike and step % self.every == 0:
             self.snaps = (self.snaps + [(step, self._state())])[-2:]
             self.nbytes = max(self.nbytes, sum(_nbytes(st) for _, st in self.snaps))
-
-
-def _nbytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
 
 
 ARMS = ("plain", "monitor", "clip", "spike_rollback", "zloss", "qknorm", "half_lr")  # and monitor_<policy>
