@@ -154,10 +154,13 @@ def exact_extremes(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, r
     dtype computes it (a matmul in that dtype: float16 overflow shows as inf), and the counts of
     non-finite and of NaN logits raw * scale over each row's visible keys. lo, hi: (N,) int64.
     For the rare rows that are not finite; a matmul per (batch, head) of them."""
+    from attnkit.metrics.fused import count_nonfinite
+
     B, H, R, D = q.shape
     G = H // k.shape[1]
     x_max = torch.empty(rows.numel(), dtype=torch.float32)
-    x_min, nonfinite, nans = torch.empty_like(x_max), torch.empty(rows.numel(), dtype=torch.int64), None
+    x_min = torch.empty_like(x_max)
+    nonfinite = torch.empty(rows.numel(), dtype=torch.int64)
     nans = torch.empty_like(nonfinite)
     bh = rows // R
     for head in torch.unique(bh).tolist():
@@ -169,14 +172,13 @@ def exact_extremes(q: Tensor, k: Tensor, scale: float, lo: Tensor, hi: Tensor, r
             idx = where[s : s + step]
             r = rows[idx] % R
             raw = q[b, h, r] @ keys.T  # (n, K) in the model's dtype
+            row_lo, row_hi = lo[rows[idx]], hi[rows[idx]]
             j = torch.arange(raw.shape[-1])
-            vis = (j >= lo[rows[idx], None]) & (j < hi[rows[idx], None])
+            vis = (j >= row_lo[:, None]) & (j < row_hi[:, None])
             x = raw.float()
             x_max[idx] = torch.where(vis, x, -math.inf).amax(-1)
             x_min[idx] = torch.where(vis, x, math.inf).amin(-1)
-            logits = x * scale
-            nonfinite[idx] = (vis & ~torch.isfinite(logits)).sum(-1)
-            nans[idx] = (vis & torch.isnan(logits)).sum(-1)
+            nonfinite[idx], nans[idx] = count_nonfinite(raw, scale, row_lo, row_hi)
     return x_max, x_min, nonfinite, nans
 
 
