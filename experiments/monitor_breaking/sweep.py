@@ -35,6 +35,18 @@ THE FAILURE RULE (fixed before any predictor was tuned; ``label``):
   Every other run is HEALTHY. The loss tested is every loss the loop logged, in order (a
   rollback's jump back counts).
 
+THE FAILURE RULE, VERSION 2 (``label_v2``; written 2026-12-07 09:55 UTC, after the second round and
+before any run of seeds 3 and 4, and before the predictor's third-round tuning): rules (a) and (b)
+above, and
+  (c) stalled on non-finite gradients (fp16 with a GradScaler only): the GradScaler skipped the
+      update (its gradients were non-finite) at ≥ 50 % of the last 50 steps; failure step = the first
+      skipped update of the first 20 steps s … s + 19 of which ≥ 80 % were skipped; kind ``stalled``.
+  A run whose every update is skipped has stopped training as surely as one whose loss is NaN; the
+  first rule called such runs healthy because their loss stays finite (the GradScaler throws the
+  non-finite gradients away). ``skipped`` is recorded per step: the scale went down at that step's
+  ``scaler.update()``. Both labels are kept in ``runs.jsonl`` (``kind``/``failed_at`` by the first
+  rule, ``kind_v2``/``failed_at_v2`` by this one).
+
     experiments/monitor_breaking/run_plain.sh    # the plain runs (the grid as run; see README.md)
     experiments/monitor_breaking/run_arms.sh     # half-LR, monitor and baseline arms on the held-out seed
     python experiments/monitor_breaking/sweep.py --out runs/x --archs gpt2 --precisions fp16 --lrs 0.2 --seeds 0
@@ -104,6 +116,26 @@ def label(losses: list[float], warmup: int) -> tuple[str | None, int | None]:
                 start -= 1
             return "spike", start
     return None, None
+
+
+STALL_TAIL = 50
+STALL_TAIL_SHARE = 0.5
+STALL_WINDOW = 20
+STALL_WINDOW_SHARE = 0.8
+
+
+def label_v2(losses: list[float], warmup: int, skipped: list[bool] | None) -> tuple[str | None, int | None]:
+    """(kind, failure step) by the second failure rule: the first rule, then (c) stalled."""
+    kind, at = label(losses, warmup)
+    if kind is not None or not skipped:
+        return kind, at
+    tail = skipped[-STALL_TAIL:]
+    if len(tail) < STALL_TAIL or sum(tail) < STALL_TAIL_SHARE * STALL_TAIL:
+        return None, None
+    for s in range(len(skipped) - STALL_WINDOW + 1):
+        if sum(skipped[s:s + STALL_WINDOW]) >= STALL_WINDOW_SHARE * STALL_WINDOW:
+            return "stalled", s + skipped[s:].index(True)
+    return "stalled", len(skipped) - STALL_TAIL  # ≥ 50 % of the tail skipped, never 80 % of 20 in a row
 
 
 # ---------------------------------------------------------------- configurations
@@ -252,6 +284,7 @@ def train(cfg: Config, ids: torch.Tensor, val: torch.Tensor, vocab: int, shape: 
     rollback = SpikeRollback(model, opt, sched) if cfg.arm == "spike_rollback" else None
     losses, warnings, t0 = [], [], time.time()
     snapshot_bytes, streak = 0, 0
+    skipped: list[bool] = []  # fp16: the GradScaler skipped this step's update (non-finite gradients)
     with monitor if monitor is not None else nullcontext():
         for step, x in enumerate(batches(ids, shape.steps, shape.batch, shape.context, cfg.seed)):
             with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
@@ -264,8 +297,11 @@ def train(cfg: Config, ids: torch.Tensor, val: torch.Tensor, vocab: int, shape: 
             if cfg.arm == "clip":
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(opt)  # skipped (and the scale lowered) on non-finite gradients, as users' loops do
             scaler.update()
+            if scale_before is not None:
+                skipped.append(bool(scaler.get_scale() < scale_before))
             sched.step()
             opt.zero_grad(set_to_none=True)
             value = float(output.loss.detach())
@@ -282,9 +318,11 @@ def train(cfg: Config, ids: torch.Tensor, val: torch.Tensor, vocab: int, shape: 
             if streak >= NONFINITE_STREAK:
                 break
     kind, failed_at = label(losses, cfg.warmup)
+    kind_v2, failed_at_v2 = label_v2(losses, cfg.warmup, skipped or None)
     interventions = list(monitor.interventions) if monitor is not None else []
     return {
         **asdict(cfg), "name": cfg.name, "steps": len(losses), "losses": losses, "kind": kind, "failed_at": failed_at,
+        "kind_v2": kind_v2, "failed_at_v2": failed_at_v2, "skipped": skipped or None,
         "first_nonfinite": next((i for i, x in enumerate(losses) if not math.isfinite(x)), None),
         "final_loss": evaluate(model, val, cfg.precision), "train_tail": statistics.fmean(losses[-TAIL:]),
         "warnings": warnings[:300], "interventions": [i for i in interventions if not i.get("quiet")][:100],
