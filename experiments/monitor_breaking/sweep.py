@@ -35,7 +35,7 @@ THE FAILURE RULE (fixed before any predictor was tuned; ``label``):
   Every other run is HEALTHY. The loss tested is every loss the loop logged, in order (a
   rollback's jump back counts).
 
-THE FAILURE RULE, VERSION 2 (``label_v2``; written 2026-12-07 09:55 UTC, after the second round and
+THE FAILURE RULE, VERSION 2 (``label_v2``; written 2026-12-07 09:45 UTC, after the second round and
 before any run of seeds 3 and 4, and before the predictor's third-round tuning): rules (a) and (b)
 above, and
   (c) stalled on non-finite gradients (fp16 with a GradScaler only): the GradScaler skipped the
