@@ -220,6 +220,27 @@ def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_eager_path(monke
         assert fused.qk_kernel(q, k) is None  # once: no second warning
 
 
+def test_a_run_knows_beforehand_whether_it_will_build_the_kernel(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    assert fused.qk_kernels_to_build("cpu") == []  # this suite's build exists (or was tried): nothing to build
+    monkeypatch.setattr(qk_stats, "_module", None)
+    monkeypatch.setattr(qk_stats, "_failed", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a machine with no build yet
+    assert fused.qk_kernels_to_build("cpu") == ["cpp"]
+    assert fused.qk_kernels_to_build(torch.device("meta")) == []  # a device the kernel does not serve
+    monkeypatch.setenv("ATTNKIT_STATS_KERNEL", "eager")
+    assert fused.qk_kernels_to_build("cpu") == []
+    monkeypatch.setenv("ATTNKIT_STATS_KERNEL", "auto")
+    builds = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: builds.append(kw["name"]) or (_ for _ in ()).throw(
+        RuntimeError("no compiler")))
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        fused.build_qk_kernels(fused.qk_kernels_to_build("cpu"))
+    assert builds == [qk_stats._build_name()]
+    assert fused.qk_kernels_to_build("cpu") == []  # tried once: not again
+
+
 def test_a_build_is_reused_only_for_the_same_source_and_machine(monkeypatch, tmp_path):
     name = qk_stats._build_name()
     assert name == qk_stats._build_name() and name.startswith("attnkit_qk_stats_")

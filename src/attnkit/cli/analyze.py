@@ -7,8 +7,8 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
-from attnkit.cli.common import (load_options, add_model_argument, check_outputs, check_positive, model_flags,
-                                parse_int_list, read_text)
+from attnkit.cli.common import (add_model_argument, build_stats_kernels, check_outputs, check_positive, load_options,
+                                model_flags, parse_int_list, read_text)
 
 
 def add_parser(sub) -> None:
@@ -78,6 +78,7 @@ def _run(args: argparse.Namespace, env, text: str | None, layers, heads) -> int:
             loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, **load_options(args))
         if loaded.tokenizer is None:
             raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
+        build_stats_kernels(loaded.model, enabled=env.is_main)
         return loaded, texts
 
     loaded, texts = agree(env, prepare)

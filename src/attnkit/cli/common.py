@@ -142,3 +142,17 @@ def check_positive(value: int | None, option: str, minimum: int = 1) -> None:
 def offline_by_default() -> None:
     """No hub is reachable on most machines attnkit runs on: fail fast instead of retrying a network."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def build_stats_kernels(model, enabled: bool = True) -> None:
+    """Build the single-pass statistics kernel for this machine before a run of ``model`` that uses
+    it, under a spinner that says so (once per machine and CPU; afterwards the build is loaded)."""
+    from attnkit.common.progress import stderr_status
+    from attnkit.metrics.fused import build_qk_kernels, qk_kernels_to_build
+
+    device = next((p.device for p in model.parameters()), "cpu")
+    names = qk_kernels_to_build(device)
+    if names:
+        with stderr_status("building the statistics kernel for this CPU (once per machine, about 10 s)",
+                           enabled=enabled):
+            build_qk_kernels(names)

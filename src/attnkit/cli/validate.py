@@ -104,7 +104,7 @@ def _run(args: argparse.Namespace, env) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from attnkit.cli.common import check_outputs, load_options
+    from attnkit.cli.common import build_stats_kernels, check_outputs, load_options
     from attnkit.common.distributed import agree
     from attnkit.common.loading.registry import load_model
     from attnkit.common.progress import stderr_status, step_progress
@@ -123,6 +123,7 @@ def _run(args: argparse.Namespace, env) -> int:
             loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, **load_options(args))
         if loaded.tokenizer is None:
             raise UserError(f"{args.model} has no tokenizer to turn text into tokens")
+        build_stats_kernels(loaded.model, enabled=env.is_main)
         return documents, source, loaded
 
     documents, source, loaded = agree(env, prepare)

@@ -164,7 +164,7 @@ def compile_mode() -> str:
 
 def _kernel(raw: Tensor, work: int):
     """The compiled ``_row_sums`` when compiling is wanted, works here, and pays; else the eager one."""
-    global _compiled, _compile_failed
+    global _compiled
     mode = compile_mode()
     if mode == "0" or _compile_failed is not None or raw.device.type not in COMPILE_DEVICES:
         return _row_sums
@@ -465,7 +465,8 @@ def mask_intervals(allowed: Tensor) -> tuple[Tensor, Tensor] | None:
 
 # ---------------------------------------------------------------------------- kernels from q and k
 # Per-row statistics straight from queries and keys, one pass, nothing (rows, keys) written out:
-# name -> a module with ``supports(q, k)``, ``load()`` and ``row_stats(q, k, scale, lo, hi, pos)``.
+# name -> a module with ``DEVICES``, ``supports(q, k)``, ``needs_build()``, ``load()`` and
+# ``row_stats(q, k, scale, lo, hi, pos)``.
 # Where none applies, callers compute q.k chunk by chunk and call ``row_stats`` above (eager).
 QK_KERNELS = {"cpp": "attnkit.metrics.qk_stats"}
 
@@ -476,6 +477,26 @@ def stats_kernel_choice() -> str:
     if choice not in ("auto", "eager", *QK_KERNELS):
         raise ValueError(f"ATTNKIT_STATS_KERNEL must be auto, eager or one of {sorted(QK_KERNELS)}, not {choice!r}")
     return choice
+
+
+def qk_kernels_to_build(device: torch.device | str) -> list[str]:
+    """The single-pass kernels that a run on ``device`` would build on first use (none built yet)."""
+    import importlib
+
+    choice = stats_kernel_choice()
+    if choice == "eager":
+        return []
+    names = [n for n in (QK_KERNELS if choice == "auto" else (choice,))
+             if torch.device(device).type in importlib.import_module(QK_KERNELS[n]).DEVICES]
+    return [n for n in names if importlib.import_module(QK_KERNELS[n]).needs_build()]
+
+
+def build_qk_kernels(names: list[str]) -> None:
+    """Build (or load) these single-pass kernels now rather than inside the first statistics call."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(QK_KERNELS[name]).load()
 
 
 def qk_kernel(q: Tensor, k: Tensor):

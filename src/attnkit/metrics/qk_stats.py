@@ -44,6 +44,7 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("qk_stats.cpp")
 # float64 inputs stay on the eager path: the kernel accumulates in float32.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEVICES = ("cpu",)
 # float16's largest finite value: a q.k beyond it is inf in the model's float16 matmul.
 FP16_MAX = 65504.0
 
@@ -117,6 +118,14 @@ def load():
     return _module
 
 
+def needs_build() -> bool:
+    """Whether ``load`` would build the kernel (no build for this machine yet, nothing tried)."""
+    if _module is not None or _failed is not None:
+        return False
+    name = _build_name()
+    return not (_build_dir(name) / f"{name}.so").is_file()
+
+
 def failure() -> str | None:
     """Why the kernel could not be built or loaded, once ``load`` has tried; else None."""
     return _failed
@@ -124,7 +133,7 @@ def failure() -> str | None:
 
 def supports(q: Tensor, k: Tensor) -> bool:
     """Whether the kernel takes these queries and keys (CPU, float32/bf16/fp16, matching shapes)."""
-    return (q.device.type == "cpu" and k.device.type == "cpu" and q.dtype in DTYPES and k.dtype == q.dtype
+    return (q.device.type in DEVICES and k.device.type == q.device.type and q.dtype in DTYPES and k.dtype == q.dtype
             and q.dim() == 4 and k.dim() == 4 and q.shape[1] % k.shape[1] == 0 and q.shape[-1] == k.shape[-1])
 
 
