@@ -410,7 +410,7 @@ def _common_sums(x: Tensor, x_max: Tensor, x_min: Tensor, scale: float, pos: Ten
         d = torch.add(m.neg(), x, alpha=scale, out=x)
     else:
         d = torch.add(m.neg(), x.float(), alpha=scale)
-    e = torch.exp(d)  # (N, W)
+    e = torch.exp(d.clamp_min_(EXP_FLOOR))  # (N, W); the floor keeps exp off its slow path (``_left_sums``)
     z = e.sum(-1)
     s2 = torch.linalg.vector_norm(e, dim=-1).square()
     j = torch.arange(a, b, device=x.device, dtype=e.dtype)
