@@ -139,6 +139,19 @@ THRESHOLDS: dict[str, Threshold] = {
         "monitor: format_overflow and activation_overflow fire only when their test holds at 2 consecutive "
         "observed steps: one observation's jump is noise, two are a trend. On the breaking sweep's design "
         "seed one observation warned 4 of 12 healthy runs, two none, with the same 17 of 18 failures.")),
+    "near_limit_every": Threshold(1, "steps", (
+        "monitor: while any head's q·kᵀ product or the largest module output is within overflow_floor_bits of "
+        "its number format's largest value (the band where the overflow detectors project), the monitor "
+        "observes one step in this many instead of one in `every`: a product climbing 1-2 bits a step crosses "
+        "the last 5 bits between two observations 4 steps apart. NEAR_LIMIT_REASON")),
+    "scaler_window": Threshold(20, "steps", (
+        "monitor: grad_scaler_stall counts the GradScaler's skipped updates (its scale lowered: the scaled "
+        "gradients were non-finite) over the last 20 steps. SCALER_REASON")),
+    "scaler_skip_share": Threshold(0.8, "share of steps", (
+        "monitor: grad_scaler_stall reports a run whose GradScaler skipped at least 80 % of the last "
+        "scaler_window updates (16 of 20): its loss stays finite but its weights no longer move. A GradScaler "
+        "skips one update when its scale is too high and then halves it, so a run that trains skips a few in a "
+        "row at most. SHARE_REASON")),
     # ----------------------------------------------------------------------------- number formats (check)
     "distortion_tolerance": Threshold(0.10, "relative weight change", (
         "check: an attention weight may change by at most 10 % (factor e^err - 1 <= 0.10) from rounding the "
