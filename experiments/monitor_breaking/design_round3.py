@@ -35,7 +35,7 @@ GRID = {
     "overflow_horizon": (4.0, 8.0, 16.0),
     "overflow_floor_bits": (3.0, 5.0, 6.0, 8.0),
     "overflow_headroom_bits": (0.0,),
-    "overflow_confirm": (1, 2),
+    "overflow_confirm": (1, 2, 3),
 }
 # one threshold at a time around the best setting of GRID
 AROUND = [("overflow_window", 2), ("overflow_window", 4), ("observe_first", 0), ("observe_first", 32),
