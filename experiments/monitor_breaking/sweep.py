@@ -395,6 +395,8 @@ def main() -> None:
                    help="a sweep directory: run the arms only for configurations whose plain run failed there")
     p.add_argument("--skip-failed-from", default=None,
                    help="a sweep directory: run the arms only for configurations whose plain run there was healthy")
+    p.add_argument("--only-finite-ref", action="store_true",
+                   help="with --only-failed-from: configurations whose half-LR run there ended with a finite loss")
     p.add_argument("--rule", choices=("v1", "v2"), default="v1",
                    help="the failure rule --only-failed-from / --skip-failed-from select by (v2: label_v2)")
     p.add_argument("--only-warned", action="store_true",
@@ -433,6 +435,10 @@ def main() -> None:
             if r.get(kind_key) or (args.only_warned and predicted_first(r, source) is not None):
                 keep.append(c)
         configs = keep
+        if args.only_finite_ref:
+            refs = {r["name"].removesuffix("_half_lr"): r for r in load_runs(source) if r["arm"] == "half_lr"}
+            configs = [c for c in configs if (ref := refs.get(Config(*c.key()).name.removesuffix("_plain"))) is not None
+                       and math.isfinite(ref["final_loss"])]
     if args.skip_failed_from:
         from analyze import load_runs
 
