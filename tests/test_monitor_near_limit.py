@@ -54,12 +54,13 @@ def _product(model) -> float:
 
 
 def planted_run(log_dir, steps: int, start_bits: float, every: int, near_limit_every, growth: float = 2.0):
-    """Head 0's W_q multiplied so its q·kᵀ product starts ``start_bits`` below fp16's limit, then × growth
+    """Head 0's W_q and W_k multiplied so its q·kᵀ product starts ``start_bits`` below fp16's limit, then × growth
     after every step (1 bit a step at 2.0), forwards in fp16 autocast. Returns the monitor's new
     predictor warnings, the observed steps, and the step the product passes the limit (from the weights)."""
     model = gpt2().eval()
     layout = qk_layout(model.transformer.h[0].attn)
-    layout.scale_query(0, LIMIT / 2.0 ** start_bits / _product(model))
+    grow = lambda factor: (layout.scale_query(0, factor ** 0.5), layout.scale_key(0, factor ** 0.5))  # noqa: E731
+    grow(LIMIT / 2.0 ** start_bits / _product(model))  # q and k alike: no module output nears the limit
     crossed, warned = None, []
     with AttentionMonitor(model, every=every, near_limit_every=near_limit_every, log_dir=log_dir, emit=(),
                           detectors=PREDICTORS, trace_nonfinite=False) as monitor:
@@ -70,14 +71,14 @@ def planted_run(log_dir, steps: int, start_bits: float, every: int, near_limit_e
                 model(input_ids=X)
             d = monitor.on_step(step)
             warned += d.new if d else []
-            layout.scale_query(0, growth)
+            grow(growth)
     observed = [json.loads(line)["step"] for line in (log_dir / "monitor.jsonl").read_text().splitlines()
                 if '"type": "step"' in line]
     return warned, observed, crossed
 
 
 def test_a_growth_crossing_between_sparse_observations_is_warned_only_with_dense_observation_near_the_limit(tmp_path):
-    # 1 bit a step from 11.5 bits below 65,504: observed at 4 (7.5 bits below: under the 5-bit floor) and 8
+    # 1 bit a step from 11.5 bits below 65,504: observed at 4 (7.5 bits below: under the 6-bit floor) and 8
     # (3.5 bits below); the product passes the limit at step 12 - between two observations 4 steps apart
     sparse, seen_sparse, crossed = planted_run(tmp_path / "sparse", 14, 11.5, every=4, near_limit_every=None)
     assert crossed == 12 and seen_sparse == [0, 4, 8, 12]
@@ -86,7 +87,7 @@ def test_a_growth_crossing_between_sparse_observations_is_warned_only_with_dense
     assert seen_dense[:3] == [0, 4, 8] and {9, 10, 11} <= set(seen_dense)  # every step once within the floor
     warning = next(i for i in dense if i.type == "format_overflow")
     assert warning.head == 0 and warning.step < crossed
-    assert Thresholds().overflow_floor_bits == 5  # the band the test is laid out on
+    assert Thresholds().overflow_floor_bits == 6  # the band the test is laid out on
 
 
 def test_replay_of_an_every_step_recording_gives_the_near_limit_schedule_s_warnings(tmp_path):
