@@ -3,6 +3,7 @@
 #   STAGE=design_ref       half-LR references for every design failure (seeds 0-2)
 #   STAGE=design_policies  clip_lr and the two new variants (policies.py) on the design failures with a
 #                          finite half-LR reference (the only ones the plain rescue test can score)
+#   STAGE=heldout_ref      seeds 3 and 4: the half-LR references alone (they do not depend on the policy)
 #   STAGE=heldout          seeds 3 and 4: half-LR references and the chosen policy on every failure,
 #                          then the chosen policy on every healthy run
 #   STAGE=baselines        seeds 3 and 4: gradient clipping, loss-spike rollback, z-loss, QK-norm on every failure
@@ -22,6 +23,7 @@ case $STAGE in
   design_ref) $RUN --seeds 0,1,2 --arms half_lr --only-failed-from $OUT ;;
   design_policies) $RUN $SCHEDULE --seeds 0,1,2 --only-failed-from $OUT --only-finite-ref \
       --arms monitor_clip_lr,monitor_clip_lr_release,monitor_rollback_lr_noclip ;;
+  heldout_ref) $RUN --seeds 3,4 --arms half_lr --only-failed-from $OUT ;;
   heldout)
     $RUN $SCHEDULE --seeds 3,4 --arms half_lr,monitor_$POLICY --only-failed-from $OUT
     $RUN $SCHEDULE --seeds 3,4 --arms monitor_$POLICY --skip-failed-from $OUT ;;
@@ -29,5 +31,5 @@ case $STAGE in
   baseline_costs) nice -n 5 python3 sweep.py --out $OUT --jobs 2 --archs gpt2,llama --precisions fp16 \
       --temperatures 0.25,1,4 --lrs 0.05 --warmups 10 --seeds 3 --arms clip,spike_rollback,zloss,qknorm \
       --skip-failed-from $OUT --rule v2 ;;
-  *) echo "STAGE must be design_ref, design_policies, heldout, baselines or baseline_costs" >&2; exit 2 ;;
+  *) echo "STAGE must be design_ref, design_policies, heldout_ref, heldout, baselines or baseline_costs" >&2; exit 2 ;;
 esac
