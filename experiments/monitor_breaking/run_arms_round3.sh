@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 export PYTHONPATH="$(cd ../.. && pwd)/src:." HF_HUB_OFFLINE=1
 OUT=${OUT:-../../runs/breaking4}
 NEAR=${NEAR:?set NEAR to policies.NEAR_LIMIT_EVERY}
-POLICY=${POLICY:-clip_lr}
+POLICY=${POLICY:-rollback_lr_noclip}  # chosen on the design seeds (policies.DEFAULT_POLICY)
 GRID="--archs gpt2,llama --precisions fp16 --temperatures 0.25,1,4 --lrs 0.05,0.1,0.2,0.4 --warmups 10,50"
 SCHEDULE="--every 4 --observe-first 16 --near-limit-every $NEAR"
 RUN="nice -n 5 python3 sweep.py --out $OUT --jobs 2 $GRID --rule v2"
