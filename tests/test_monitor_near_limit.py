@@ -186,3 +186,39 @@ def test_the_trainer_callback_hands_accelerate_s_grad_scaler_to_the_monitor(tmp_
             assert callback.monitor.grad_scaler is want
         finally:
             callback.monitor.close()
+
+
+@pytest.mark.parametrize("snapshots, action", [(True, "rollback+reduce_lr"), (False, "qk_clip+reduce_lr")])
+def test_the_default_policy_rolls_back_and_halves_the_rate_where_the_monitor_keeps_snapshots(snapshots, action, tmp_path):
+    """``Policy()`` takes its monitor's defaults: with snapshots a product heading for fp16's limit is
+    answered by a rollback to the newest snapshot and the rate halved (``ROLLBACK_RULES``), without them
+    by QK-clip and the rate halved (``DEFAULT_RULES``). The planted head's product, from the weights,
+    is back at the restored step's value after the rollback."""
+    from attnkit.monitor import Policy, Snapshots
+
+    model = gpt2().eval()
+    layout = qk_layout(model.transformer.h[0].attn)
+    grow = lambda factor: (layout.scale_query(0, factor ** 0.5), layout.scale_key(0, factor ** 0.5))  # noqa: E731
+    grow(LIMIT / 2.0 ** 12 / _product(model))  # 12 bits below the limit, then 1 bit a step
+    products = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # no backward: the optimizer never moves a weight
+    with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=(), optimizer=opt, policy=Policy(),
+                          snapshots=Snapshots(every=2, keep=3) if snapshots else None, detectors=PREDICTORS,
+                          trace_nonfinite=False) as monitor:
+        for step in range(12):
+            products.append(_product(model))
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+                model(input_ids=X)
+            monitor.on_step(step)
+            if monitor.interventions:
+                break
+            grow(2.0)
+    (entry,) = monitor.interventions
+    assert entry["action"] == action and entry["reason"].startswith("format_overflow")
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    if snapshots:
+        assert 0 < entry["undone_steps"] and entry["restored_step"] == step - entry["undone_steps"]
+        assert entry["restored_step"] >= 0  # a snapshot of step s holds the weights that step observed
+        assert _product(model) == pytest.approx(products[entry["restored_step"]], rel=1e-5)
+    else:
+        assert _product(model) < LIMIT / 8  # clipped 3 bits below the limit

@@ -258,6 +258,8 @@ class AttentionMonitor:
         self.history_size, self.loss_history, self.sample_rows = history, loss_history, sample_rows
         self.trace_nonfinite = trace_nonfinite
         self.snapshots = snapshots
+        if callable(getattr(policy, "bind", None)):
+            policy.bind(self)  # a Policy without rules of its own takes this monitor's defaults
         self.meta = dict(meta or {})
         self.stats = StatsCollector()
         self.grads = GradNorms()
