@@ -5,7 +5,9 @@ largest value of the number format it is computed in within ``overflow_horizon``
 ``activation_overflow`` (the same test on the largest module output in that format). The other
 detectors are not counted as predictions. Thresholds: the library's (``THRESHOLDS`` and the
 per-format ``DTYPE_THRESHOLDS``), whose overflow numbers were chosen on the design seed
-(``design.py``); the schedule: every step for the first ``OBSERVE_FIRST`` steps, then 1 in 4.
+(``design.py``; third round ``design_round3.py``); the schedule: every step for the first
+``OBSERVE_FIRST`` steps, then 1 in 4, and 1 in ``NEAR_LIMIT_EVERY`` while a figure is within the overflow
+floor of its format's limit.
 
 Rescue policies (the ``monitor`` arm and its variants ``monitor_<name>``), from the first prediction:
 
