@@ -127,6 +127,12 @@ class _Activations:
     def collect(self) -> dict[str, float]:
         out = {fmt: float(v) for fmt, v in self.largest.items()}
         self.largest = {}
+        dist = _dist()
+        if dist:  # the largest over the ranks: every rank judges (and schedules its observations) alike
+            names = sorted(set(_FORMAT_NAMES.values()))
+            top = torch.tensor([out.get(f, -1.0) for f in names], dtype=torch.float64)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            out = {f: v for f, v in zip(names, top.tolist()) if v >= 0 or math.isnan(v)}
         return out
 
 
