@@ -71,7 +71,7 @@ def test_format_overflow_judges_the_product_against_its_format(fmt):
     # head 3: flat above the floor, one x8 jump at the last observation only: not yet a trend (confirm)
     jump = np.full(steps, floor * 2.0)
     jump[-1] *= 8.0
-    rows = np.stack([np.full(steps, limit * 0.99), floor * 12.0 * ramp, floor * 0.5 * ramp, jump], 1)
+    rows = np.stack([np.full(steps, limit * 0.99), limit * 0.375 * ramp, floor * 0.5 * ramp, jump], 1)
     found = DETECTORS["format_overflow"](_trends(rows, [fmt] * 4, scale))
     assert {i.head for i in found} == {1}
     for i in found:

@@ -132,3 +132,30 @@ def test_wandb_offline(tmp_path, monkeypatch):
     runs = list(tmp_path.rglob("*.wandb"))
     assert runs and runs[0].stat().st_size > 0
     assert wandb.run is None  # finished
+
+
+def test_lightning_16_mixed_hands_its_grad_scaler_to_the_monitor(tmp_path):
+    """Under ``precision="16-mixed"`` the precision plugin's GradScaler reaches the monitor, which records
+    its scale at every observed step (the scaler's own value after that step's update)."""
+    pytest.importorskip("lightning")
+    import json
+
+    import lightning.pytorch as pl
+
+    from attnkit.monitor.integrations.lightning import AttnkitLightningCallback
+
+    g = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(torch.randint(0, V, (4, T), generator=g), batch_size=2)
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    callback = AttnkitLightningCallback(every=1, emit=(), log_dir=tmp_path)
+    # the plugin given explicitly: precision="16-mixed" alone falls back to bf16 on a CPU
+    trainer = pl.Trainer(max_steps=2, logger=False, callbacks=[callback], plugins=[MixedPrecision("16-mixed", "cpu")],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1)
+    trainer.fit(_LitGPT2.make(), loader)
+    scaler = trainer.precision_plugin.scaler
+    assert scaler is not None and callback.monitor.grad_scaler is scaler
+    steps = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines() if '"step"' in line]
+    scales = [r["grad_scale"] for r in steps if r["type"] == "step"]
+    assert scales and scales[-1] == scaler.get_scale()

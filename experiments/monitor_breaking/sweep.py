@@ -171,6 +171,7 @@ class Shape:
     steps: int = 150
     every: int = 4  # the monitor observes one step in this many
     observe_first: int = 0  # ... and every one of the first this many steps
+    near_limit_every: int | None = None  # ... and one in this many while a figure is near its format's limit
 
 
 def build_model(arch: str, seed: int, vocab: int, shape: Shape, temperature: float) -> torch.nn.Module:
@@ -277,9 +278,11 @@ def train(cfg: Config, ids: torch.Tensor, val: torch.Tensor, vocab: int, shape: 
         policy, snapshots, thresholds = (monitor_policy(cfg) if cfg.arm != "plain" else (None, None, None))
         from policies import thresholds_for
 
-        monitor = AttentionMonitor(model, every=shape.every, observe_first=shape.observe_first, log_dir=out / cfg.name, emit=(), optimizer=opt,
+        monitor = AttentionMonitor(model, every=shape.every, observe_first=shape.observe_first,
+                                   near_limit_every=shape.near_limit_every, log_dir=out / cfg.name, emit=(), optimizer=opt,
                                    scheduler=sched, policy=policy, snapshots=snapshots,
                                    thresholds=thresholds or thresholds_for(cfg), trace_nonfinite=False,
+                                   grad_scaler=scaler if cfg.arm != "plain" and scaler.is_enabled() else None,
                                    meta={**asdict(cfg), "name": cfg.name})
     rollback = SpikeRollback(model, opt, sched) if cfg.arm == "spike_rollback" else None
     losses, warnings, t0 = [], [], time.time()
@@ -392,6 +395,10 @@ def main() -> None:
                    help="a sweep directory: run the arms only for configurations whose plain run failed there")
     p.add_argument("--skip-failed-from", default=None,
                    help="a sweep directory: run the arms only for configurations whose plain run there was healthy")
+    p.add_argument("--only-finite-ref", action="store_true",
+                   help="with --only-failed-from: configurations whose half-LR run there ended with a finite loss")
+    p.add_argument("--rule", choices=("v1", "v2"), default="v1",
+                   help="the failure rule --only-failed-from / --skip-failed-from select by (v2: label_v2)")
     p.add_argument("--only-warned", action="store_true",
                    help="with --only-failed-from: configurations whose plain run had a predictor warning, too")
     p.add_argument("--steps", type=int, default=Shape.steps)
@@ -400,10 +407,14 @@ def main() -> None:
     p.add_argument("--every", type=int, default=Shape.every,
                    help="the monitor observes one step in this many (1: every step, which the replay can thin "
                         "to any schedule, see analyze.py --observe)")
+    p.add_argument("--near-limit-every", type=int, default=None,
+                   help="the monitor observes one step in this many while a figure is near its format's limit")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    shape = Shape(steps=args.steps, every=args.every, observe_first=args.observe_first)
+    shape = Shape(steps=args.steps, every=args.every, observe_first=args.observe_first,
+                  near_limit_every=args.near_limit_every)
+    kind_key = "kind_v2" if args.rule == "v2" else "kind"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "runs.jsonl"
@@ -421,16 +432,20 @@ def main() -> None:
             r = plain.get(Config(*c.key()[:2], c.temperature, c.lr, c.warmup, c.seed).name.removesuffix("_plain"))
             if r is None:
                 continue
-            if r.get("kind") or (args.only_warned and predicted_first(r, source) is not None):
+            if r.get(kind_key) or (args.only_warned and predicted_first(r, source) is not None):
                 keep.append(c)
         configs = keep
+        if args.only_finite_ref:
+            refs = {r["name"].removesuffix("_half_lr"): r for r in load_runs(source) if r["arm"] == "half_lr"}
+            configs = [c for c in configs if (ref := refs.get(Config(*c.key()).name.removesuffix("_plain"))) is not None
+                       and math.isfinite(ref["final_loss"])]
     if args.skip_failed_from:
         from analyze import load_runs
 
         plain = {r["name"].removesuffix("_plain"): r for r in load_runs(Path(args.skip_failed_from)) if r["arm"] == "plain"}
         configs = [c for c in configs if (r := plain.get(
             Config(*c.key()[:2], c.temperature, c.lr, c.warmup, c.seed).name.removesuffix("_plain"))) is not None
-            and not r["kind"]]
+            and not r[kind_key]]
     print(f"{len(configs)} runs to do ({len(done)} done)", flush=True)
     load_data(shape)
     torch.set_num_threads(args.threads)

@@ -17,8 +17,8 @@ per head, warning and intervention markers) and ``report.py`` (figures from the 
 from attnkit.monitor.detectors import DETECTORS, Thresholds
 from attnkit.monitor.emit import EMITTERS, Emitter, StepRecord
 from attnkit.monitor.interventions import (
-    DEFAULT_RULES, INTERVENTIONS, AttentionDropout, Chain, GradClip, LRBackoff, LRToRate, Policy, QKClip, ReduceLR,
-    Rollback, qk_clip_layout, soft_cap, temperature,
+    DEFAULT_RULES, INTERVENTIONS, ROLLBACK_RULES, AttentionDropout, Chain, GradClip, LRBackoff, LRToRate, Policy, QKClip,
+    ReduceLR, Rollback, qk_clip_layout, soft_cap, temperature,
 )
 from attnkit.common.findings import Finding as Issue  # the one finding type, by the name monitor users know
 from attnkit.monitor.issues import Diagnosis
@@ -29,7 +29,8 @@ from attnkit.monitor.snapshots import Snapshot, Snapshots
 __all__ = [
     "DEFAULT_EVERY", "DEFAULT_RULES", "DETECTORS", "EMITTERS", "INTERVENTIONS", "AttentionDropout", "AttentionMonitor",
     "Chain",
-    "Diagnosis", "Emitter", "GradClip", "Issue", "LRBackoff", "LRToRate", "Policy", "QKClip", "ReduceLR", "Rollback", "Snapshot", "Snapshots", "StepRecord",
+    "Diagnosis", "Emitter", "GradClip", "Issue", "LRBackoff", "LRToRate", "Policy", "QKClip", "ReduceLR", "ROLLBACK_RULES",
+    "Rollback", "Snapshot", "Snapshots", "StepRecord",
     "Thresholds",
     "TraceResult", "qk_clip_layout", "soft_cap", "temperature", "trace_nonfinite",
 ]

@@ -27,6 +27,9 @@ a name to it; ``AttentionMonitor(detectors=[...])`` picks some. What each looks 
 - ``activation_overflow``: the same test on the largest |output| of any module computed in that
   format (an MLP past fp16's range breaks a run outside attention; its attention only shows the NaN).
 - ``nonfinite``: NaN/Inf logits were observed in a head.
+- ``grad_scaler_stall``: the user's ``torch.amp.GradScaler`` skipped at least ``scaler_skip_share`` of
+  the last ``scaler_window`` updates (their fp16 gradients were non-finite): the loss stays finite,
+  but the weights no longer move. A diagnosis of the run as it is, not a prediction.
 
 ``Thresholds`` holds one run's numbers (a user may pass their own; the run's log records them);
 its defaults, and why each sits where it does, are ``attnkit.common.findings.THRESHOLDS``.
@@ -67,6 +70,8 @@ class Thresholds:
     overflow_horizon: float = threshold("overflow_horizon")  # steps
     overflow_window: int = int(threshold("overflow_window"))  # observed steps the projection is fitted on
     overflow_confirm: int = int(threshold("overflow_confirm"))  # consecutive observed steps that must agree
+    scaler_window: int = int(threshold("scaler_window"))  # steps whose GradScaler updates are counted
+    scaler_skip_share: float = threshold("scaler_skip_share")  # of them skipped: the run has stalled
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Trends:
     t: Thresholds
     formats: list[str | None] | None = None  # per series: the number format its q·kᵀ runs in (None: unknown)
     scales: list[float] | None = None  # per series: its softmax scale
+    grad_scale: Ring | None = None  # every step's GradScaler scale after its update (None: no scaler given)
 
     @property
     def step(self) -> int:
@@ -135,6 +141,14 @@ def _growth(tr: Trends, min_steps: int, horizon: float):
     now = logits[-1]
     hits = (slope > 0) & (r2 >= t.fit_r2) & grew & (projected <= horizon * span) & (now >= t.logit_floor)
     return hits, slope, projected, now
+
+
+def _nanmax(x: np.ndarray) -> np.ndarray:
+    """Column maxima of (n, s) ignoring NaN; NaN for a column with no number (``np.nanmax`` without its
+    RuntimeWarning: an fp16 run's gradient norms are NaN at every step whose update was skipped)."""
+    seen = ~np.isnan(x)
+    top = np.where(seen, x, -np.inf).max(axis=0, initial=-np.inf)
+    return np.where(seen.any(axis=0), top, np.nan)
 
 
 def _entropy_drop(tr: Trends, window: np.ndarray) -> np.ndarray:
@@ -266,7 +280,7 @@ def grad_spike(tr: Trends) -> list[Finding]:
     t, g = tr.t, tr.grad_norm
     if len(g) < 5 or len(tr.grad_steps) == 0 or tr.grad_steps[-1] != tr.step:
         return []
-    before = np.nanmax(g[-t.window - 1:-1], axis=0)
+    before = _nanmax(g[-t.window - 1:-1])
     out = []
     with np.errstate(invalid="ignore"):
         hits = (g[-1] >= t.grad_spike * before) | ~np.isfinite(g[-1])
@@ -380,6 +394,50 @@ def activation_overflow(tr: Trends) -> list[Finding]:
         projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0)]
 
 
+def near_limit(values: dict[str, np.ndarray], formats: list[str | None] | None, scales: list[float] | None,
+               floor_bits: float) -> bool:
+    """Whether one observed step's figures (metric -> one value per series) put any head's q·kᵀ product
+    or the largest module output within ``floor_bits`` of its number format's largest finite value: the
+    band where ``format_overflow`` and ``activation_overflow`` project, and where a figure can cross the
+    limit between two sparse observations."""
+    if formats is None:
+        return False
+    limits = np.array([dtype_threshold("qk_product_max", f) or np.inf for f in formats], dtype=float)
+    if not np.isfinite(limits).any():
+        return False
+    line = limits / 2.0 ** floor_bits
+    scale = np.asarray(scales if scales is not None else [1.0] * len(formats), dtype=float)
+    magnitude = logit_magnitude({m: np.asarray(values[m], dtype=float)[None] for m in ("logit_max", "logit_min")
+                                 if m in values})[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        near = magnitude / scale >= line  # NaN (nothing observed) is not near
+        if "activation_absmax" in values:
+            near |= np.asarray(values["activation_absmax"], dtype=float) >= line
+    return bool(near.any())
+
+
+def grad_scaler_stall(tr: Trends) -> list[Finding]:
+    """The GradScaler skipped at least ``scaler_skip_share`` of the last ``scaler_window`` updates (a
+    skipped update lowers its scale: the scaled gradients were non-finite). One finding for the model."""
+    if tr.grad_scale is None:
+        return []
+    t = tr.t
+    _, scale = tr.grad_scale.last(t.scaler_window + 1)
+    scale = scale[:, 0]
+    if len(scale) < t.scaler_window + 1:
+        return []
+    skipped = int((scale[1:] < scale[:-1]).sum())
+    if skipped < t.scaler_skip_share * t.scaler_window:
+        return []
+    now = float(scale[-1])
+    return [Finding(
+        type="grad_scaler_stall", severity="error", step=tr.step, value=skipped / t.scaler_window,
+        threshold=t.scaler_skip_share,
+        message=f"fp16 gradients overflowed at {skipped} of the last {t.scaler_window} steps; the GradScaler's "
+        f"scale is {now:.3g} and it skipped those updates: training has stopped (the loss stays finite because "
+        f"the weights no longer move)")]
+
+
 def nonfinite(tr: Trends) -> list[Finding]:
     bad = tr.metrics["nonfinite_logits"][-1]
     out = []
@@ -402,4 +460,5 @@ DETECTORS: dict[str, Callable[[Trends], list[Finding]]] = {
     "format_overflow": format_overflow,
     "activation_overflow": activation_overflow,
     "nonfinite": nonfinite,
+    "grad_scaler_stall": grad_scaler_stall,
 }

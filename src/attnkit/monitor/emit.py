@@ -50,6 +50,7 @@ class StepRecord:
     metrics: dict[str, list[float]]  # HEAD_METRICS (+ others) -> one value per series
     sites: list[Site]
     grad_norm: list[float] | None  # per site, query/key parameters
+    grad_scale: float | None = None  # the GradScaler's scale after this step's update (when the monitor has one)
 
     def head_metrics(self) -> dict[str, list[float]]:
         """HEAD_METRICS, the gates' where present, and ``logit_absmax`` (each head's largest |logit|)
@@ -70,6 +71,8 @@ class StepRecord:
         if self.grad_norm is not None:
             for site, v in zip(self.sites, self.grad_norm):
                 out[f"grad_norm/{series_name(site)}"] = v
+        if self.grad_scale is not None:
+            out["grad_scale"] = self.grad_scale
         return out
 
 
@@ -116,7 +119,8 @@ class JSONLEmitter(Emitter):
     def step(self, r: StepRecord) -> None:
         self._write({"type": "step", "step": r.step, "loss": _json_value(r.loss),
                      "metrics": {k: [_json_value(float(v)) for v in vs] for k, vs in r.metrics.items()},
-                     "grad_norm": None if r.grad_norm is None else [_json_value(float(v)) for v in r.grad_norm]})
+                     "grad_norm": None if r.grad_norm is None else [_json_value(float(v)) for v in r.grad_norm],
+                     **({} if r.grad_scale is None else {"grad_scale": _json_value(float(r.grad_scale))})})
 
     def issue(self, issue: Finding) -> None:
         d = issue.to_dict(ISSUE_KEYS)

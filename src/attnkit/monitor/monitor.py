@@ -41,16 +41,17 @@ import torch
 from torch import nn
 
 from attnkit.errors import UserError
-from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends
+from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit
 from attnkit.monitor.emit import EMITTERS, GATE_METRICS, HEAD_METRICS, Emitter, JSONLEmitter, StepRecord, series_name
 from attnkit.monitor.grads import GradNorms
 from attnkit.monitor.history import Ring
-from attnkit.common.findings import Finding
+from attnkit.common.findings import Finding, threshold
 from attnkit.monitor.issues import Diagnosis
 from attnkit.monitor.snapshots import Snapshots
 from attnkit.seam import ADAPTERS, AttentionCall, AttentionSession, NoAttentionError, Site, StatsCollector, Tap, attach, unwrap
 
 DEFAULT_EVERY = 16  # observed steps cost ~1.3 unobserved ones on the reference model: <= 5% at 1 in 16 (BENCHMARKS.md)
+NEAR_LIMIT_EVERY = int(threshold("near_limit_every"))  # one step in this many while a figure nears its format's limit
 # logit_min beside logit_max: a head's largest |logit| (what overflows a float16) is max(|max|, |min|)
 METRICS = (*HEAD_METRICS, "logit_min", "normalized_entropy", "log10_curvature_max", "nonfinite_logits")
 
@@ -126,6 +127,12 @@ class _Activations:
     def collect(self) -> dict[str, float]:
         out = {fmt: float(v) for fmt, v in self.largest.items()}
         self.largest = {}
+        dist = _dist()
+        if dist:  # the largest over the ranks: every rank judges (and schedules its observations) alike
+            names = sorted(set(_FORMAT_NAMES.values()))
+            top = torch.tensor([out.get(f, -1.0) for f in names], dtype=torch.float64)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            out = {f: v for f, v in zip(names, top.tolist()) if v >= 0 or math.isnan(v)}
         return out
 
 
@@ -146,20 +153,35 @@ def _check_log_dir(log_dir: Path) -> None:
         raise UserError(f"log directory {log_dir} is not writable")
 
 
-def check_every(every, observe_first: int = 0) -> int:
-    """``every`` as given, or a ``UserError`` before anything runs (``observe_first`` too)."""
+def check_every(every, observe_first: int = 0, near_limit_every: int | None = None) -> int:
+    """``every`` as given, or a ``UserError`` before anything runs (``observe_first`` and
+    ``near_limit_every`` too)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise UserError(f"every must be a whole number of steps >= 1, got {every!r}")
     if isinstance(observe_first, bool) or not isinstance(observe_first, int) or observe_first < 0:
         raise UserError(f"observe_first must be a whole number of steps >= 0, got {observe_first!r}")
+    if near_limit_every is not None and (isinstance(near_limit_every, bool) or not isinstance(near_limit_every, int)
+                                         or near_limit_every < 1):
+        raise UserError(f"near_limit_every must be a whole number of steps >= 1 or None, got {near_limit_every!r}")
     return every
 
 
-def observes(step: int, every: int, observe_first: int = 0) -> bool:
+def observes(step: int, every: int, observe_first: int = 0, near: bool = False,
+             near_limit_every: int | None = None) -> bool:
     """Whether the monitor observes the loop's ``step``: every step before ``observe_first``, then one
-    in ``every`` (steps 0, every, 2 every, ...; the first step the monitor sees is always observed).
-    Counted in the loop's own step numbers, so a resumed run does not observe densely again."""
-    return step < observe_first or step % every == 0
+    in ``every`` (steps 0, every, 2 every, ...; the first step the monitor sees is always observed),
+    and one in ``near_limit_every`` while ``near`` (the latest observed step put a figure within the
+    overflow floor of its format's limit: ``detectors.near_limit``). Counted in the loop's own step
+    numbers, so a resumed run does not observe densely again."""
+    return (step < observe_first or step % every == 0
+            or (near and near_limit_every is not None and step % near_limit_every == 0))
+
+
+def _scale_now(scaler) -> Any:
+    """A GradScaler's current scale without a device sync: its scale tensor copied where it has one
+    (``get_scale()`` reads it to the host, a sync every step), else ``get_scale()``."""
+    scale = getattr(scaler, "_scale", None)
+    return scale.detach().clone() if isinstance(scale, torch.Tensor) else float(scaler.get_scale())
 
 
 class AttentionMonitor:
@@ -167,7 +189,13 @@ class AttentionMonitor:
 
     every: observe one step in ``every`` (>= 1). observe_first: observe each of the loop's steps
     0 .. observe_first - 1, then one in ``every`` (early training is when the fastest runs break:
-    an fp16 run at a too-high learning rate can overflow within 10 steps). log_dir: where JSONL (and CSV, TensorBoard, W&B)
+    an fp16 run at a too-high learning rate can overflow within 10 steps). near_limit_every: while the
+    latest observed step put a head's q·kᵀ product or the largest module output within the overflow
+    floor (``Thresholds.overflow_floor_bits``) of its number format's largest value, observe one step
+    in this many (default ``NEAR_LIMIT_EVERY``; None: only ``every``): a figure that climbs a bit or two
+    a step crosses the last bits between two sparse observations. grad_scaler: the run's
+    ``torch.amp.GradScaler``: its scale is read every step (kept as a tensor until an observed step: no
+    device sync) and ``grad_scaler_stall`` reports a run whose updates it keeps skipping. log_dir: where JSONL (and CSV, TensorBoard, W&B)
     go. emit: sink names in ``attnkit.monitor.emit.EMITTERS`` or ``Emitter`` objects; JSONL is
     always added. optimizer / scheduler: needed only by interventions that change the learning
     rate or clip gradients. policy: an object with ``get_intervention(diagnosis)``; when given,
@@ -184,6 +212,7 @@ class AttentionMonitor:
         model: nn.Module,
         every: int = DEFAULT_EVERY,
         observe_first: int = 0,
+        near_limit_every: int | None = NEAR_LIMIT_EVERY,
         log_dir: str | os.PathLike = "runs/attnkit-monitor",
         emit: tuple = ("console",),
         optimizer: torch.optim.Optimizer | None = None,
@@ -197,8 +226,11 @@ class AttentionMonitor:
         trace_nonfinite: bool = True,
         meta: dict | None = None,
         snapshots: Snapshots | None = None,
+        grad_scaler: Any = None,
     ) -> None:
-        check_every(every, observe_first)
+        check_every(every, observe_first, near_limit_every)
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise UserError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         if snapshots is not None and not isinstance(snapshots, Snapshots):
             raise UserError(f"snapshots must be attnkit.monitor.Snapshots(every=..., keep=...), got {snapshots!r}")
         if history < 2 or loss_history < 2:
@@ -216,7 +248,11 @@ class AttentionMonitor:
             if isinstance(e, str) and e not in EMITTERS:
                 raise UserError(f"unknown emitter '{e}'; known: {', '.join(EMITTERS)}")
         self.model, self.every, self.optimizer, self.scheduler, self.policy = model, every, optimizer, scheduler, policy
-        self.observe_first = observe_first
+        self.observe_first, self.near_limit_every = observe_first, near_limit_every
+        self.near_limit = False  # the latest observation put a figure within the overflow floor of its limit
+        self.grad_scaler = grad_scaler
+        self.grad_scales = Ring(loss_history, 1)  # every step's GradScaler scale after its update
+        self._pending_scales: deque[tuple[int, Any]] = deque(maxlen=loss_history)
         self.log_dir = Path(log_dir)
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
@@ -228,6 +264,8 @@ class AttentionMonitor:
         self.history_size, self.loss_history, self.sample_rows = history, loss_history, sample_rows
         self.trace_nonfinite = trace_nonfinite
         self.snapshots = snapshots
+        if callable(getattr(policy, "bind", None)):
+            policy.bind(self)  # a Policy without rules of its own takes this monitor's defaults
         self.meta = dict(meta or {})
         self.stats = StatsCollector()
         self.grads = GradNorms()
@@ -316,17 +354,34 @@ class AttentionMonitor:
         self.step = step
         if loss is not None:
             self.add_loss(step, loss)
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            self._pending_scales.append((step, _scale_now(self.grad_scaler)))
         observed = self.sites_tap.calls > 0
         self.sites_tap.calls = 0
         diagnosis = self._observe(step) if observed else None
         if self.snapshots is not None:
             self.snapshots.after_step(self, step, diagnosis)
-        self.session.active = observes(step + 1, self.every, self.observe_first)
+        self.session.active = observes(step + 1, self.every, self.observe_first, self.near_limit, self.near_limit_every)
         return diagnosis
 
     def add_loss(self, step: int, loss: Any) -> None:
         """A loss known only later (the HF Trainer logs it every ``logging_steps``)."""
         self._pending.append((step, loss.detach() if isinstance(loss, torch.Tensor) else loss))
+
+    def _flush_scales(self) -> float | None:
+        """Move the pending GradScaler scales into their ring (one transfer); the latest, or None."""
+        if not self._pending_scales:
+            return None
+        values = torch.tensor([math.nan if isinstance(v, torch.Tensor) else float(v) for _, v in self._pending_scales],
+                              dtype=torch.float64)
+        tensors = [(i, v) for i, (_, v) in enumerate(self._pending_scales) if isinstance(v, torch.Tensor)]
+        if tensors:  # one transfer (one device sync) for all of them
+            values[[i for i, _ in tensors]] = torch.stack([v.double().reshape(()) for _, v in tensors]).cpu()
+        values = values.tolist()
+        for (s, _), v in zip(self._pending_scales, values):
+            self.grad_scales.append(s, [v])
+        self._pending_scales.clear()
+        return values[-1]
 
     def _flush_losses(self) -> int:
         if not self._pending:
@@ -360,7 +415,8 @@ class AttentionMonitor:
             self.rings = {m: Ring(self.history_size, len(self.series)) for m in self.metric_names}
             self.grad_ring = Ring(self.history_size, len(self.sites))
             for e in self.emitters:
-                e.start({"every": self.every, "observe_first": self.observe_first, "series": [series_name(s, h) for s, h in self.series],
+                e.start({"every": self.every, "observe_first": self.observe_first,
+                         "near_limit_every": self.near_limit_every, "series": [series_name(s, h) for s, h in self.series],
                          "heads": [{"layer": s.layer, "stack": s.stack, "kind": s.kind, "head": h,
                                     "format": self.sites_tap.formats.get(s), "scale": self.sites_tap.scales.get(s)}
                                    for s, h in self.series],
@@ -394,7 +450,12 @@ class AttentionMonitor:
             self.grad_ring.append(step, grad)
         new_losses = self._flush_losses()
         loss = float(self.losses.last(1)[1][0, 0]) if new_losses else None
-        record = StepRecord(step, loss, self.series, {m: values[m].tolist() for m in self.metric_names}, self.sites, grad)
+        scale = self._flush_scales()
+        formats = [self.sites_tap.formats.get(s) for s, _ in self.series]
+        self.near_limit = near_limit(values, formats, [self.sites_tap.scales.get(s, 1.0) for s, _ in self.series],
+                                     self.thresholds.overflow_floor_bits)
+        record = StepRecord(step, loss, self.series, {m: values[m].tolist() for m in self.metric_names}, self.sites, grad,
+                            grad_scale=scale)
         self.latest = record
         for e in self.emitters:
             e.step(record)
@@ -416,7 +477,8 @@ class AttentionMonitor:
         trends = Trends(self.series, self.sites, steps, {m: r.last()[1] for m, r in self.rings.items()},
                         gsteps, gvals, self.losses, new_losses, self.thresholds,
                         formats=[self.sites_tap.formats.get(s) for s, _ in self.series],
-                        scales=[self.sites_tap.scales.get(s, 1.0) for s, _ in self.series])
+                        scales=[self.sites_tap.scales.get(s, 1.0) for s, _ in self.series],
+                        grad_scale=self.grad_scales if self.grad_scaler is not None else None)
         issues: list[Finding] = [i for d in self.detectors for i in d(trends)]
         diagnosis = Diagnosis(step, issues)
         for issue in issues:

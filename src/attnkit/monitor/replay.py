@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from attnkit.errors import UserError
-from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends
+from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit
 from attnkit.monitor.history import Ring
 from attnkit.monitor.monitor import check_every, observes
 from attnkit.common.findings import Finding
@@ -27,13 +27,16 @@ from attnkit.seam.sites import Site
 
 def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detectors: tuple[str, ...] | None = None,
            history: int = 512, formats: list[str | None] | None = None,
-           scales: list[float] | None = None, every: int | None = None, observe_first: int = 0) -> list[Finding]:
+           scales: list[float] | None = None, every: int | None = None, observe_first: int = 0,
+           near_limit_every: int | None = None) -> list[Finding]:
     """The issues ``detectors`` raise on the recorded run, each (site, head, type) once, in order.
     ``formats`` / ``scales``: each series' number format and softmax scale where the recording lacks
     them (recorded by the monitor since it judges q·kᵀ against its format; see ``format_overflow``).
     ``every`` / ``observe_first``: replay as if the monitor had observed on that schedule
     (``monitor.observes``), keeping only those of the recorded steps: a run recorded at every=1 can
-    judge any schedule. None: every recorded step."""
+    judge any schedule. None: every recorded step. ``near_limit_every``: with ``every``, also one step in
+    this many while the latest kept step put a figure within the overflow floor of its format's limit
+    (``AttentionMonitor(near_limit_every=)``, decided as the live monitor decides it)."""
     names = tuple(detectors) if detectors is not None else tuple(DETECTORS)
     unknown = [d for d in names if d not in DETECTORS]
     if unknown:
@@ -51,10 +54,14 @@ def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detect
     loss_at = dict(run.losses)
     warned, out = set(), []
     if every is not None:
-        check_every(every, observe_first)
+        check_every(every, observe_first, near_limit_every)
+    formats = formats if formats is not None else [h.get("format") for h in meta["heads"]]
+    scales = scales if scales is not None else [h.get("scale") or 1.0 for h in meta["heads"]]
+    near = False  # the latest kept step's figures within the overflow floor of their limit
     for i, step in enumerate(run.steps):
-        if every is not None and not observes(step, every, observe_first):
+        if every is not None and not observes(step, every, observe_first, near, near_limit_every):
             continue
+        near = near_limit({m: values[i] for m, values in head_metrics.items()}, formats, scales, t.overflow_floor_bits)
         for m, values in head_metrics.items():
             rings[m].append(step, values[i])
         if grads is not None and len(grads) == len(run.steps):
@@ -65,9 +72,7 @@ def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detect
         steps, _ = rings["entropy"].last()
         gsteps, gvals = grad_ring.last()
         trends = Trends(series, sites, steps, {m: ring.last()[1] for m, ring in rings.items()}, gsteps, gvals,
-                        losses, new_losses, t,
-                        formats=formats if formats is not None else [h.get("format") for h in meta["heads"]],
-                        scales=scales if scales is not None else [h.get("scale") or 1.0 for h in meta["heads"]])
+                        losses, new_losses, t, formats=formats, scales=scales)
         for name in names:
             for issue in DETECTORS[name](trends):
                 if issue.key not in warned:

@@ -6,7 +6,8 @@
 Keyword arguments are ``AttentionMonitor``'s. When the trainer's logger is a TensorBoard logger
 the per-head scalars go to its own ``SummaryWriter`` (beside the module's metrics); ``log_dir``
 (JSONL) defaults to ``<trainer.log_dir>/attnkit``. The step's loss is read from the training
-step's output; steps are ``trainer.global_step``.
+step's output; steps are ``trainer.global_step``. Under ``precision="16-mixed"`` the precision plugin's
+``GradScaler`` is handed to the monitor (``grad_scaler_stall``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ pl = require("lightning.pytorch", "the Lightning callback")
 
 class AttnkitLightningCallback(pl.Callback):
     def __init__(self, **monitor_kwargs) -> None:
-        check_every(monitor_kwargs.get("every", 16))
+        check_every(monitor_kwargs.get("every", 16), monitor_kwargs.get("observe_first", 0),
+                    monitor_kwargs.get("near_limit_every"))
         self.kwargs = monitor_kwargs
         self.monitor: AttentionMonitor | None = None
 
@@ -34,6 +36,9 @@ class AttnkitLightningCallback(pl.Callback):
             emit.append(TensorBoardEmitter(writer=writer))
         kw.setdefault("log_dir", Path(trainer.log_dir or trainer.default_root_dir) / "attnkit")
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)  # precision="16-mixed"
+        if scaler is not None and callable(getattr(scaler, "get_scale", None)):
+            kw.setdefault("grad_scaler", scaler)
         self.monitor = AttentionMonitor(pl_module, optimizer=optimizer, emit=tuple(emit), **kw).start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
