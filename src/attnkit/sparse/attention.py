@@ -34,7 +34,7 @@ from attnkit.seam.plan import Mods
 from attnkit.seam.session import in_backward
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
-from attnkit.seam.kernels.paged_decode import is_decoding_step, select_step_pages
+from attnkit.seam.kernels.paged_decode import all_valid, is_decoding_step, select_step_pages, step_budget
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates
 from attnkit.sparse.page_stats import PageStats
@@ -53,7 +53,7 @@ class SparseHandle:
     block_bias: {Site: (B, Hkv, nQb, nKb)} the value the gate added to each kept block's scores in
         this forward (``gate_bias`` · log p under ``gate_grad="prior"``; absent when nothing is added),
         detached: sparse probabilities = softmax over the kept keys of scores + this.
-    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_decode", "flex", "split_sdpa",
+    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_cpu", "paged_decode", "flex", "split_sdpa",
         "gather_sdpa", "portable").
     """
 
@@ -252,6 +252,12 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     pattern = get_pattern(cfg.pattern)
     geo = BlockGeometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
     x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages)
+    if pattern.step_pages is not None and allowed is None and is_decoding_step(geo) and not pattern.learned:
+        kept, local, first = step_budget(geo.n_key_blocks, cfg.density, cfg.sink_blocks, cfg.local_blocks,
+                                         cfg.keeps_sinks)
+        pages = pattern.step_pages(x, kept, local, first)  # (B, Hkv, kept), or None where it cannot
+        if pages is not None:
+            return BlockSelection(indices=pages.unsqueeze(2), valid=all_valid(kept, q.device), geometry=geo)
     log_probs = None
     if pattern.learned:
         scores = pattern.score(x).float()
