@@ -123,7 +123,7 @@ def test_pool_pages_equal_pooled_keys(shape, dtype):
     k[0, 0, K // 2, 1] = float("nan")  # a NaN key: its page's max and min are NaN, as amax / amin
     n = math.ceil(K / bs)
     stats, marks = k.new_full((3, B, Hk, n + 2, 8), 7.0), k.new_full((B, Hk, n + 2, 8), 7.0)
-    paged_cpu.pool_pages(k, stats, marks, bs, 0)
+    assert paged_cpu.pool_pages(k, stats, marks, bs, 0) == 0
     mean, hi, lo = pooled_keys(k, BlockGeometry(bs, K, K, causal=False))
     torch.testing.assert_close(stats[0, :, :, :n], mean, equal_nan=True)
     assert torch.allclose(stats[1, :, :, :n], hi, equal_nan=True, rtol=0, atol=0)  # exactly, NaN where NaN
@@ -131,6 +131,12 @@ def test_pool_pages_equal_pooled_keys(shape, dtype):
     full = K // bs
     assert torch.equal(marks[:, :, :full], k[:, :, bs - 1: full * bs: bs])
     assert (stats[:, :, :, n:] == 7).all() and (marks[:, :, full:] == 7).all()  # nothing written past the pages
+    if full:  # the same keys: pooled from the page asked for; another key where a page ended: from page 0
+        assert paged_cpu.pool_pages(k, stats, marks, bs, full) == full
+        other = k.clone()
+        other[-1, -1, full * bs - 1, -1] += 1
+        assert paged_cpu.pool_pages(other, stats, marks, bs, full) == 0
+        assert paged_cpu.pool_pages(k, stats, marks, bs, 0) == 0
     if n > 1:  # from a page on: the pages before it are left as they were
         stats.fill_(7.0)
         paged_cpu.pool_pages(k, stats, marks, bs, n - 1)

@@ -86,19 +86,21 @@ class PageStats:
         bs = block_size
         n_pages = math.ceil(K / bs)
         entry = self._sites.get(site)
+        native = paged_cpu.supports(k) and paged_cpu.load() is not None
         start = 0  # the first page pooled from the keys
         if entry is not None and entry.fits(k, bs):
-            full = min(entry.keys, past) // bs  # pages wholly among keys seen before
-            # the same cache if the last of those pages still ends in the key it ended in
-            if full and torch.equal(k[:, :, full * bs - 1], entry.marks[:, :, full - 1]):
-                start = full
-        if start == 0:
+            start = min(entry.keys, past) // bs  # pages wholly among keys seen before
+            # the same cache if the last of those pages still ends in the key it ended in (the C++
+            # pooling looks itself)
+            if start and not native and not torch.equal(k[:, :, start * bs - 1], entry.marks[:, :, start - 1]):
+                start = 0
+        else:
             capacity = max(n_pages, 1) * 2
             entry = _SitePages(bs, 0, k.new_empty(3, B, Hk, capacity, D), k.new_empty(B, Hk, capacity, D))
             self._sites[site] = entry
         entry.reserve(n_pages)
-        if paged_cpu.supports(k) and paged_cpu.load() is not None:  # one C++ call (a step: one page)
-            paged_cpu.pool_pages(k, entry.stats, entry.marks, bs, start)
+        if native:  # one C++ call (a step: one page)
+            start = paged_cpu.pool_pages(k, entry.stats, entry.marks, bs, start)
         else:
             tail = k[:, :, start * bs:]
             length = tail.shape[2]

@@ -91,7 +91,7 @@ class BlockKernel:
 def _paged_cpu_supports(call: BlockCall, explicit: bool) -> bool:
     sel = call.selection
     return (call.plain and call.block_bias is None and paged_decode_supported(call.query, sel.geometry, None)
-            and bool(sel.valid.all()) and paged_cpu.supports(call.query, call.key, call.value)
+            and sel.all_valid and paged_cpu.supports(call.query, call.key, call.value)
             and paged_cpu.load() is not None)
 
 

@@ -41,10 +41,16 @@ def load():
 
 
 def supports(*tensors: Tensor) -> bool:
-    """Whether the kernel takes these tensors: on the CPU, one dtype of ``DTYPES``, no gradient asked for."""
+    """Whether the kernel takes these tensors: on the CPU, one dtype of ``DTYPES``, no gradient asked for.
+    (Called a few times a step: plain loops, no generator.)"""
     dtype = tensors[0].dtype
-    return (dtype in DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+    if dtype not in DTYPES:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if not t.is_cpu or t.dtype != dtype or (grad and t.requires_grad):
+            return False
+    return True
 
 
 def step_pages(q: Tensor, k_max: Tensor, k_min: Tensor, budget: int, local: int, first: int) -> Tensor:
@@ -53,11 +59,13 @@ def step_pages(q: Tensor, k_max: Tensor, k_min: Tensor, budget: int, local: int,
     return load().quest_step_pages(q.squeeze(2), k_max, k_min, budget, local, first)
 
 
-def pool_pages(k: Tensor, stats: Tensor, marks: Tensor, block_size: int, start: int) -> None:
+def pool_pages(k: Tensor, stats: Tensor, marks: Tensor, block_size: int, start: int) -> int:
     """Pages ``start`` on of k (B, Hkv, K, D), in place: their (mean, max, min) into stats (3, B, Hkv,
     capacity, D) (the mean summed in double), the last key of each full page into marks (B, Hkv,
-    capacity, D). A NaN key makes its page's max and min NaN, as ``amax`` / ``amin``."""
-    load().pool_pages(k, stats, marks, block_size, start)
+    capacity, D); every page instead when the key that ends page ``start - 1`` is not its mark
+    (another cache: a new prompt, reordered rows). Returns the first page pooled. A NaN key makes
+    its page's max and min NaN, as ``amax`` / ``amin``."""
+    return load().pool_pages(k, stats, marks, block_size, start)
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, pages: Tensor, block_size: int, scale: float) -> Tensor:

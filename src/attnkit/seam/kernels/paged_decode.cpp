@@ -6,9 +6,9 @@
 //   the group); the forced pages first (the last `local`, latest first; then the first `first`,
 //   latest first), then the best-scored free pages up to `budget`, ties to the later page, NaN
 //   last. The same order as paged_decode.py's select_step_pages.
-// pool_pages: the (mean, max, min) of each page of keys from a page on, into a buffer kept across
-//   steps (the mean summed in double), and the last key of each full page (what tells the same
-//   cache at the next step).
+// pool_pages: the (mean, max, min) of each page of keys from page `start` on, into a buffer kept
+//   across steps (the mean summed in double), and the last key of each full page (its mark); from
+//   page 0 instead when the key that ends page start - 1 is not its mark (another cache).
 // paged_attention: softmax(q k^T * scale) v over the kept pages only, read in place from the
 //   cache (any strides; no gather, no copy of the cache), the G query heads of a KV group against
 //   that group's pages, flash-style: one page of scores at a time, folded into each row's running
@@ -151,6 +151,17 @@ at::Tensor quest_step_pages(const at::Tensor& q, const at::Tensor& k_max, const 
   return out;
 }
 
+// Ask for the cache lines of keys [j0, j1) of k and v (rows ks2 / vs2 elements apart) ahead of use.
+template <typename T>
+inline void prefetch_page(const T* k, const T* v, int64_t j0, int64_t j1, int64_t ks2, int64_t vs2, int64_t D,
+                          int64_t Dv) {
+  constexpr int64_t line = 64 / sizeof(T);  // elements a cache line
+  for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t d = 0; d < D; d += line) __builtin_prefetch(k + j * ks2 + d);
+    for (int64_t d = 0; d < Dv; d += line) __builtin_prefetch(v + j * vs2 + d);
+  }
+}
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pages,
                            int64_t block_size, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && pages.dim() == 3,
@@ -174,6 +185,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2), ks3 = k.stride(3);
     const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), vs3 = v.stride(3);
     std::vector<A> qs(G * D), acc(G * Dv), m(G), l(G), s(G * bs), kbuf(D), vbuf(Dv);
+    std::vector<int64_t> order(S);
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t hk = 0; hk < Hk; ++hk) {
         for (int64_t g = 0; g < G; ++g) {  // the group's queries, scaled
@@ -185,10 +197,14 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
         std::fill(l.begin(), l.end(), A(0));
         const scalar_t* kh = kp + b * ks0 + hk * ks1;
         const scalar_t* vh = vp + b * vs0 + hk * vs1;
-        const int64_t* kept = pp + (b * Hk + hk) * S;
+        // the pages in cache order (the sum's order does not matter but for rounding): the reads go
+        // forward through memory, and the next page's keys and values are fetched while this one runs
+        order.assign(pp + (b * Hk + hk) * S, pp + (b * Hk + hk + 1) * S);
+        std::sort(order.begin(), order.end());
         for (int64_t i = 0; i < S; ++i) {
-          const int64_t j0 = kept[i] * bs, j1 = std::min(j0 + bs, K), n = j1 - j0;
-          TORCH_CHECK(kept[i] >= 0 && n > 0, "paged_attention: page ", kept[i], " is outside the cache");
+          const int64_t j0 = order[i] * bs, j1 = std::min(j0 + bs, K), n = j1 - j0;
+          TORCH_CHECK(order[i] >= 0 && n > 0, "paged_attention: page ", order[i], " is outside the cache");
+          if (i + 1 < S) prefetch_page(kh, vh, order[i + 1] * bs, std::min(order[i + 1] * bs + bs, K), ks2, vs2, D, Dv);
           for (int64_t jj = 0; jj < n; ++jj) {  // this page's scores, (G, n)
             const A* kr = row(kh + (j0 + jj) * ks2, ks3, D, kbuf.data());
             for (int64_t g = 0; g < G; ++g) s[g * bs + jj] = dot(qs.data() + g * D, kr, D);
@@ -219,7 +235,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   return out;
 }
 
-void pool_pages(const at::Tensor& k, at::Tensor& stats, at::Tensor& marks, int64_t block_size, int64_t start) {
+int64_t pool_pages(const at::Tensor& k, at::Tensor& stats, at::Tensor& marks, int64_t block_size, int64_t start) {
   TORCH_CHECK(k.dim() == 4 && stats.dim() == 5 && stats.size(0) == 3 && marks.dim() == 4,
               "pool_pages: k (B, Hkv, K, D), stats (3, B, Hkv, capacity, D), marks (B, Hkv, capacity, D)");
   const int64_t B = k.size(0), Hk = k.size(1), K = k.size(2), D = k.size(3), bs = block_size;
@@ -228,6 +244,7 @@ void pool_pages(const at::Tensor& k, at::Tensor& stats, at::Tensor& marks, int64
                   marks.size(0) == B && marks.size(1) == Hk && marks.size(2) >= pages && marks.size(3) == D && start >= 0,
               "pool_pages: shapes do not match");
   TORCH_CHECK(stats.scalar_type() == k.scalar_type() && marks.scalar_type() == k.scalar_type(), "pool_pages: one dtype");
+  TORCH_CHECK(start <= K / bs, "pool_pages: the pages before start must be full pages of k");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "pool_pages", [&] {
     const scalar_t* kp = k.const_data_ptr<scalar_t>();
     scalar_t* sp = stats.data_ptr<scalar_t>();
@@ -236,6 +253,18 @@ void pool_pages(const at::Tensor& k, at::Tensor& stats, at::Tensor& marks, int64
     const int64_t s0 = stats.stride(0), s1 = stats.stride(1), s2 = stats.stride(2), s3 = stats.stride(3),
                   s4 = stats.stride(4);
     const int64_t m0 = marks.stride(0), m1 = marks.stride(1), m2 = marks.stride(2), m3 = marks.stride(3);
+    // the same cache as before if the last page kept still ends in the key it ended in (bit for bit,
+    // as torch.equal); else every page is pooled again
+    for (int64_t b = 0; b < B && start > 0; ++b)
+      for (int64_t hk = 0; hk < Hk && start > 0; ++hk) {
+        const scalar_t* key = kp + b * k0 + hk * k1 + (start * bs - 1) * k2;
+        const scalar_t* mark = mp + b * m0 + hk * m1 + (start - 1) * m2;
+        for (int64_t d = 0; d < D; ++d)
+          if (!(key[d * k3] == mark[d * m3])) {
+            start = 0;
+            break;
+          }
+      }
     std::vector<double> sum(D);
     std::vector<scalar_t> hi(D), lo(D);
     for (int64_t b = 0; b < B; ++b) {
@@ -270,6 +299,7 @@ void pool_pages(const at::Tensor& k, at::Tensor& stats, at::Tensor& marks, int64
       }
     }
   });
+  return start;
 }
 
 }  // namespace
@@ -278,7 +308,7 @@ void pool_pages(const at::Tensor& k, at::Tensor& stats, at::Tensor& marks, int64
 TORCH_LIBRARY(attnkit_paged, m) {
   m.def("quest_step_pages(Tensor q, Tensor k_max, Tensor k_min, int budget, int local, int first) -> Tensor",
         &quest_step_pages);
-  m.def("pool_pages(Tensor k, Tensor(a!) stats, Tensor(b!) marks, int block_size, int start) -> ()", &pool_pages);
+  m.def("pool_pages(Tensor k, Tensor(a!) stats, Tensor(b!) marks, int block_size, int start) -> int", &pool_pages);
   m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor pages, int block_size, float scale) -> Tensor",
         &paged_attention);
 }

@@ -66,9 +66,10 @@ def select_step_pages(scores: Tensor, geo: BlockGeometry, density: float, sink_b
         free = torch.nan_to_num(scores.detach().float()[..., first: n - local], nan=-1e30).flip(-1)
         chosen = (n - local - 1) - free.sort(dim=-1, descending=True, stable=True).indices[..., :rest]
         forced = torch.cat([forced, chosen], -1)
-    return BlockSelection(indices=forced, valid=all_valid(k, scores.device), geometry=geo)
+    return BlockSelection(indices=forced, valid=all_valid(k, scores.device), geometry=geo, every_slot=True)
 
 
+@functools.lru_cache(maxsize=256)
 def step_budget(n: int, density: float, sink_blocks: int, local_blocks: int, sinks: bool) -> tuple[int, int, int]:
     """(kept, local, first) of a decoding step over n pages: how many pages it keeps (⌈density · n⌉,
     at least the sinks + local pages, as for every pattern), how many of the last are forced
