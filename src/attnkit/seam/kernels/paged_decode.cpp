@@ -151,17 +151,6 @@ at::Tensor quest_step_pages(const at::Tensor& q, const at::Tensor& k_max, const 
   return out;
 }
 
-// Ask for the cache lines of keys [j0, j1) of k and v (rows ks2 / vs2 elements apart) ahead of use.
-template <typename T>
-inline void prefetch_page(const T* k, const T* v, int64_t j0, int64_t j1, int64_t ks2, int64_t vs2, int64_t D,
-                          int64_t Dv) {
-  constexpr int64_t line = 64 / sizeof(T);  // elements a cache line
-  for (int64_t j = j0; j < j1; ++j) {
-    for (int64_t d = 0; d < D; d += line) __builtin_prefetch(k + j * ks2 + d);
-    for (int64_t d = 0; d < Dv; d += line) __builtin_prefetch(v + j * vs2 + d);
-  }
-}
-
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pages,
                            int64_t block_size, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && pages.dim() == 3,
@@ -185,7 +174,6 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2), ks3 = k.stride(3);
     const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), vs3 = v.stride(3);
     std::vector<A> qs(G * D), acc(G * Dv), m(G), l(G), s(G * bs), kbuf(D), vbuf(Dv);
-    std::vector<int64_t> order(S);
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t hk = 0; hk < Hk; ++hk) {
         for (int64_t g = 0; g < G; ++g) {  // the group's queries, scaled
@@ -197,14 +185,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
         std::fill(l.begin(), l.end(), A(0));
         const scalar_t* kh = kp + b * ks0 + hk * ks1;
         const scalar_t* vh = vp + b * vs0 + hk * vs1;
-        // the pages in cache order (the sum's order does not matter but for rounding): the reads go
-        // forward through memory, and the next page's keys and values are fetched while this one runs
-        order.assign(pp + (b * Hk + hk) * S, pp + (b * Hk + hk + 1) * S);
-        std::sort(order.begin(), order.end());
+        const int64_t* kept = pp + (b * Hk + hk) * S;
         for (int64_t i = 0; i < S; ++i) {
-          const int64_t j0 = order[i] * bs, j1 = std::min(j0 + bs, K), n = j1 - j0;
-          TORCH_CHECK(order[i] >= 0 && n > 0, "paged_attention: page ", order[i], " is outside the cache");
-          if (i + 1 < S) prefetch_page(kh, vh, order[i + 1] * bs, std::min(order[i + 1] * bs + bs, K), ks2, vs2, D, Dv);
+          const int64_t j0 = kept[i] * bs, j1 = std::min(j0 + bs, K), n = j1 - j0;
+          TORCH_CHECK(kept[i] >= 0 && n > 0, "paged_attention: page ", kept[i], " is outside the cache");
           for (int64_t jj = 0; jj < n; ++jj) {  // this page's scores, (G, n)
             const A* kr = row(kh + (j0 + jj) * ks2, ks3, D, kbuf.data());
             for (int64_t g = 0; g < G; ++g) s[g * bs + jj] = dot(qs.data() + g * D, kr, D);
