@@ -86,8 +86,8 @@ class NativeKernel:
                 except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: stay eager
                     last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
                     self._failed = f"{type(exc).__name__}: {last}"
-                    warnings.warn(f"attnkit: the C++ {self.what} is unavailable ({self._failed}); using the eager kernel",
-                                  RuntimeWarning, stacklevel=3)
+                    warnings.warn(f"attnkit: the C++ {self.what} is unavailable ({self._failed}); "
+                                  "using the eager kernel", RuntimeWarning, stacklevel=3)
         return self._ops
 
     def failure(self) -> str | None:
