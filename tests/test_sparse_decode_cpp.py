@@ -170,3 +170,27 @@ def test_auto_runs_a_plain_decoding_step_in_cpp_and_the_eager_step_where_it_cann
     assert choose_block_kernel(call).name == "paged_decode"
     with pytest.raises(ValueError, match="paged_cpu"):
         choose_block_kernel(call, "paged_cpu")
+
+
+def test_attention_on_several_threads_equals_one_and_rejects_a_page_outside_the_cache():
+    """Enough kept keys run one (batch row, KV head) per thread: the same result as one thread."""
+    B, H, Hk, K, bs = 2, 4, 2, 20000, 64
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(B, H, 1, 16, generator=g)
+    k, v = (torch.randn(B, Hk, K, 16, generator=g) for _ in range(2))
+    n = math.ceil(K / bs)
+    pages = torch.stack([torch.randperm(n, generator=g)[: n // 2] for _ in range(B * Hk)]).view(B, Hk, -1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = paged_cpu.paged_attention(q, k, v, pages, bs, 0.25)
+        torch.set_num_threads(2)
+        two = paged_cpu.paged_attention(q, k, v, pages, bs, 0.25)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert (two.double() - _reference(q, k, v, pages, bs, 0.25)).abs().max() < 2e-6
+    bad = pages.clone()
+    bad[1, 1, 3] = n  # past the last page
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        paged_cpu.paged_attention(q, k, v, bad, bs, 0.25)

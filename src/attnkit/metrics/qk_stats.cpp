@@ -188,17 +188,7 @@ inline void fold(RowState& st, const float* s, int a, int b, int k0, float scale
 
 }  // namespace
 
-// Runs worker() on `threads` threads (this one and threads - 1 more) and waits for them all. Not
-// at::parallel_for: its OpenMP form is a pragma in a header, which a build without -fopenmp
-// quietly runs on one thread, and linking a second OpenMP runtime beside torch's is worse. Two
-// thread starts a call (tens of microseconds) against a call's milliseconds to seconds.
-template <class F>
-void on_threads(int threads, const F& worker) {
-  std::vector<std::thread> others;
-  for (int i = 1; i < threads; ++i) others.emplace_back(worker);
-  worker();
-  for (auto& t : others) t.join();
-}
+using attnkit_vec::on_threads;
 
 // The rows of the result (each (B * H * R,) float32, rows in (b, h, r) order).
 enum Field { N_VISIBLE, LOGIT_MAX, LOGIT_MIN, QK_ABSMAX, ENTROPY, MAX_PROB, SUM_SQ, SINK, DIAGONAL, DISTANCE, SUSPECT, FIELDS };

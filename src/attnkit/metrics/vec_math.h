@@ -1,5 +1,6 @@
-// Vector math shared by attnkit's C++ kernels (qk_stats.cpp, seam/kernels/paged_decode.cpp): the
-// CPU_CAPABILITY of -march=native for ATen's Vectorized, and exp of non-positive arguments.
+// What attnkit's C++ kernels share (qk_stats.cpp, seam/kernels/paged_decode.cpp): the
+// CPU_CAPABILITY of -march=native for ATen's Vectorized, exp of non-positive arguments, the sum of
+// a vector's lanes, and running a worker on several threads.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
@@ -13,6 +14,9 @@
 #endif
 
 #include <ATen/cpu/vec/vec.h>
+
+#include <thread>
+#include <vector>
 
 namespace attnkit_vec {
 
@@ -66,6 +70,18 @@ inline float reduce_sum(Vec v) {
   for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
   return s;
 #endif
+}
+
+// Runs worker() on `threads` threads (this one and threads - 1 more) and waits for them all. Not
+// at::parallel_for: its OpenMP form is a pragma in a header, which a build without -fopenmp
+// quietly runs on one thread, and linking a second OpenMP runtime beside torch's is worse. A
+// thread start costs tens of microseconds: callers use one thread for small work.
+template <class F>
+void on_threads(int threads, const F& worker) {
+  std::vector<std::thread> others;
+  for (int i = 1; i < threads; ++i) others.emplace_back(worker);
+  worker();
+  for (auto& t : others) t.join();
 }
 
 }  // namespace attnkit_vec

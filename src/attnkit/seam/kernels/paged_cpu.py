@@ -13,7 +13,8 @@ arithmetic, set the step's time. Here it is three calls (the first where the cac
 ``step_pages`` scores every page by Quest's bound (Σ_d max(q_d·kmax_d, q_d·kmin_d), summed over a
 KV group's query heads, in double) and keeps the forced pages, then the best up to the budget,
 ties to the later page: ``select_step_pages``' order. ``paged_attention`` reads only the kept
-pages' keys and values, in place in the cache (any strides), with an online softmax over them.
+pages' keys and values, in place in the cache (any strides), with an online softmax over them
+(on torch's intra-op threads, a (batch row, KV head) each, when the kept keys are many).
 float32, bfloat16, float16 (accumulated in float32) and float64 (in double); no autograd (a
 decoding step under ``no_grad``).
 

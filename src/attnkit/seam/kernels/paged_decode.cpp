@@ -12,7 +12,8 @@
 // paged_attention: softmax(q k^T * scale) v over the kept pages only, read in place from the
 //   cache (any strides; no gather, no copy of the cache), the G query heads of a KV group against
 //   that group's pages, flash-style: one page of scores at a time, folded into each row's running
-//   max, sum and output (online softmax). float32 / bfloat16 / float16 inputs accumulate in
+//   max, sum and output (online softmax); one (batch row, KV head) per thread of torch's intra-op
+//   threads when the kept keys are many. float32 / bfloat16 / float16 inputs accumulate in
 //   float32 (the half types converted a page at a time), float64 in double.
 //
 // Built by torch.utils.cpp_extension on the machine it runs on (-O3 -march=native).
@@ -20,12 +21,14 @@
 #include "../../metrics/vec_math.h"  // first: CPU_CAPABILITY for ATen's Vectorized; exp_nonpositive
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/NumericUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -36,6 +39,9 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t VL = Vec::size();
+// Kept keys (over batch rows and KV heads) below which a step runs on one thread: starting a
+// thread costs tens of microseconds, about what 16k keys of attention cost.
+constexpr int64_t MIN_KEYS_THREADED = 1 << 14;
 
 // Accumulation type: double for double inputs, float otherwise.
 template <typename T>
@@ -166,6 +172,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   at::Tensor out = at::empty({B, H, Dv}, q.options());
   const at::Tensor pg = pages.contiguous();
   const int64_t* pp = pg.const_data_ptr<int64_t>();
+  // torch's intra-op threads (1 inside a parallel region), one (batch row, KV head) at a time each,
+  // where the kept keys are enough to pay for starting them
+  const int64_t items = B * Hk;
+  const int threads = (at::in_parallel_region() || items * S * bs < MIN_KEYS_THREADED)
+                          ? 1 : static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), items));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(),
@@ -173,22 +184,31 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2), ks3 = k.stride(3);
     const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), vs3 = v.stride(3);
-    std::vector<A> qs(G * D), acc(G * Dv), m(G), l(G), s(G * bs), kbuf(D), vbuf(Dv);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t hk = 0; hk < Hk; ++hk) {
+    const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> bad{false};
+    std::atomic<int64_t> bad_page{0};
+    attnkit_vec::on_threads(threads, [&]() {
+      std::vector<A> qs(G * D), acc(G * Dv), m(G), l(G), s(G * bs), kbuf(D), vbuf(Dv);
+      for (int64_t item = next++; item < items; item = next++) {
+        const int64_t b = item / Hk, hk = item % Hk;
         for (int64_t g = 0; g < G; ++g) {  // the group's queries, scaled
-          const scalar_t* qh = qp + b * q.stride(0) + (hk * G + g) * q.stride(1);
-          for (int64_t d = 0; d < D; ++d) qs[g * D + d] = static_cast<A>(qh[d * q.stride(2)]) * static_cast<A>(scale);
+          const scalar_t* qh = qp + b * qs0 + (hk * G + g) * qs1;
+          for (int64_t d = 0; d < D; ++d) qs[g * D + d] = static_cast<A>(qh[d * qs2]) * static_cast<A>(scale);
         }
         std::fill(acc.begin(), acc.end(), A(0));
         std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
         std::fill(l.begin(), l.end(), A(0));
         const scalar_t* kh = kp + b * ks0 + hk * ks1;
         const scalar_t* vh = vp + b * vs0 + hk * vs1;
-        const int64_t* kept = pp + (b * Hk + hk) * S;
+        const int64_t* kept = pp + item * S;
         for (int64_t i = 0; i < S; ++i) {
           const int64_t j0 = kept[i] * bs, j1 = std::min(j0 + bs, K), n = j1 - j0;
-          TORCH_CHECK(kept[i] >= 0 && n > 0, "paged_attention: page ", kept[i], " is outside the cache");
+          if (kept[i] < 0 || n <= 0) {  // reported after the threads are done (no throw inside one)
+            bad_page = kept[i];
+            bad = true;
+            break;
+          }
           for (int64_t jj = 0; jj < n; ++jj) {  // this page's scores, (G, n)
             const A* kr = row(kh + (j0 + jj) * ks2, ks3, D, kbuf.data());
             for (int64_t g = 0; g < G; ++g) s[g * bs + jj] = dot(qs.data() + g * D, kr, D);
@@ -214,7 +234,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
           for (int64_t d = 0; d < Dv; ++d) oh[d] = static_cast<scalar_t>(acc[g * Dv + d] / l[g]);
         }
       }
-    }
+    });
+    TORCH_CHECK(!bad.load(), "paged_attention: page ", bad_page.load(), " is outside the cache");
   });
   return out;
 }
