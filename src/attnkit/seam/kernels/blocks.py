@@ -158,9 +158,9 @@ def select_blocks(scores: Tensor, geo: BlockGeometry, forced: Tensor, density: f
     candidates up to the row's budget (``BlockGeometry.budget``; ``floor``: its minimum per row,
     by default the forced blocks' count). Ties go to the more recent block (so a constant score
     is a sliding window), which also makes the choice deterministic."""
-    scores = scores.detach().float()
-    scores = scores.masked_fill(~geo.candidates, -math.inf).masked_fill(forced, math.inf)
-    scores = torch.nan_to_num(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
+    # one copy of the scores (they may be a pattern's output, or an expanded view), then in place
+    scores = scores.detach().float().masked_fill(~geo.candidates, -math.inf).masked_fill_(forced, math.inf)
+    torch.nan_to_num_(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
     k = geo.budget(density, forced.sum(-1) if floor is None else torch.maximum(floor, forced.sum(-1)))  # (nQb,)
     S = int(k.max())
     nK = geo.n_key_blocks
