@@ -4,8 +4,9 @@ Two parts, each in one process, in interleaved rounds (every configuration once 
 of the per-round ratios to dense measured in the same round:
 
   model      the model (default ``reference-long``'s architecture with its positions raised to fit the
-             longest cache; its weights loaded: they do not change the cost), batch 1, fp32, with each
-             of Hugging Face's caches in ``--caches`` (dense and sparse always with the same one):
+             longest cache; its weights loaded: they do not change the cost), fp32, at each batch size
+             of ``--batches``, with each of Hugging Face's caches in ``--caches`` (dense and sparse
+             always with the same one):
              ``DynamicCache`` (grows by a new tensor of the whole cache per layer and step) and
              ``StaticCache`` (preallocated to the cached length + the decoded tokens, written in
              place; the model's SDPA then reads every slot under a mask). Each cached length is
@@ -14,22 +15,24 @@ of the per-round ratios to dense measured in the same round:
              length (crops a DynamicCache; a StaticCache's slots are written over):
                dense          the model's own SDPA attention
                PATTERN@D      ``sparse_attention`` with the pattern at the density: page statistics
-                              kept across steps, the ``paged_decode`` kernel; one untimed step first
-                              (the statistics of a cache prefilled outside the session)
+                              kept across steps, the block kernel ``auto`` picks (on the CPU the C++
+                              step, ``paged_cpu``); one untimed step first (the statistics of a
+                              cache prefilled outside the session)
   attention  the attention op alone on the model's shapes (query / KV heads, head dim) with a cache
              of that length: dense ``F.scaled_dot_product_attention`` (as transformers calls it for a
              decoding step: ``enable_gqa``, no mask) against the sparse step's whole work (the last
-             page's statistics, the pattern's selection, the kernel), and the kernel alone with
-             each way of fetching the kept pages (``paged_decode.GATHERS``); and what ``DynamicCache``
-             does per layer and step (a new tensor of the whole cache plus the new key, for K and V).
-             Then one more round of dense steps under the profiler: the shares of SDPA and of the
-             cache's append in a dense step.
+             page's statistics, the pattern's selection, the kernel ``auto`` picks), and the kernels
+             alone: the C++ step (``cpp``) and the eager one with each way of fetching the kept pages
+             (``paged_decode.GATHERS``); and what ``DynamicCache`` does per layer and step (a new
+             tensor of the whole cache plus the new key, for K and V). Then one more round of dense
+             steps under the profiler: the shares of SDPA and of the cache's append in a dense step,
+             and the ceiling they set (attention at no cost: 1 / (1 - SDPA's share)).
 
 Times are wall-clock and the process's CPU time; on a shared machine the CPU time's ratio is the
 less disturbed one (other processes do not count in it).
 
     python bench/bench_decode.py                                   # writes its block of BENCHMARKS.md
-    python bench/bench_decode.py --lengths 4096 --rounds 2 --steps 4 --no-write
+    python bench/bench_decode.py --lengths 4096 --batches 1 --rounds 2 --steps 4 --no-write
     python bench/bench_decode.py --caches static      # one cache only
 """
 
@@ -101,16 +104,16 @@ def new_cache(model, kind: str, max_length: int):
     return DynamicCache(config=model.config)
 
 
-def model_part(model, length: int, args, kind: str) -> dict:
+def model_part(model, length: int, args, kind: str, batch: int) -> dict:
     import torch
 
     from attnkit.sparse import SparseConfig, sparse_attention
 
     g = torch.Generator().manual_seed(length)
-    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
     with torch.no_grad():  # room for the timed steps and the sparse configuration's untimed one
         cache = new_cache(model, kind, length + args.steps + 1)
-        out = model(input_ids=ids, cache=cache, use_cache=True, cache_position=torch.arange(length))
+        out = model(input_ids=ids, cache=cache, use_cache=True, cache_position=torch.arange(length), logits_to_keep=1)
     cache, first = out.past_key_values, out.logits[:, -1:].argmax(-1)
     cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size)
     kernels: dict = {}
@@ -120,7 +123,7 @@ def model_part(model, length: int, args, kind: str) -> dict:
         for i in range(steps):
             position = torch.tensor([length + i])
             tok = model(input_ids=tok, cache=cache, use_cache=True, cache_position=position).logits[:, -1:].argmax(-1)
-            toks.append(int(tok))
+            toks.append(tok.flatten().tolist())
         if kind == "dynamic":
             cache.crop(-steps)
         else:  # the next decode writes over the same slots
@@ -167,10 +170,12 @@ def dense_profile(decode) -> dict:
             "cat_s": own.get("aten::cat", 0.0), "index_copy_s": own.get("aten::index_copy_", 0.0)}
 
 
-def attention_part(model, length: int, args) -> dict:
+def attention_part(model, length: int, args, batch: int) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from attnkit.seam.kernels import paged_cpu
+    from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
     from attnkit.seam.kernels.paged_decode import GATHERS, paged_decode_attention
     from attnkit.seam.sites import Site
     from attnkit.sparse import SparseConfig
@@ -181,8 +186,8 @@ def attention_part(model, length: int, args) -> dict:
     H, Hk = c.num_attention_heads, c.num_key_value_heads
     D = getattr(c, "head_dim", None) or c.hidden_size // H
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, H, 1, D, generator=g)
-    k, v = (torch.randn(1, Hk, length, D, generator=g) for _ in range(2))
+    q = torch.randn(batch, H, 1, D, generator=g)
+    k, v = (torch.randn(batch, Hk, length, D, generator=g) for _ in range(2))
     cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size)
     pages, site, scale = PageStats(), Site(0), D ** -0.5
     pages.update(site, k, args.block_size, past=0)
@@ -192,9 +197,9 @@ def attention_part(model, length: int, args) -> dict:
 
     sel = choose_blocks(q, k, cfg, key_pages=page_stats)
 
-    def sparse_step():
-        s = choose_blocks(q, k, cfg, key_pages=page_stats)
-        return paged_decode_attention(q, k, v, s.indices, s.valid, s.geometry, scale=scale)
+    def sparse_step():  # what sparse_attention runs for a layer's decoding step, without the seam
+        call = BlockCall(q, k, v, choose_blocks(q, k, cfg, key_pages=page_stats), scale)
+        return choose_block_kernel(call).run(call)
 
     def kernel(gather: str):
         return lambda: paged_decode_attention(q, k, v, sel.indices, sel.valid, sel.geometry, scale=scale, gather=gather)
@@ -206,12 +211,15 @@ def attention_part(model, length: int, args) -> dict:
                     fn()
         return run
 
-    new_k, new_v = torch.randn(1, Hk, 1, D, generator=g), torch.randn(1, Hk, 1, D, generator=g)
+    new_k, new_v = torch.randn(batch, Hk, 1, D, generator=g), torch.randn(batch, Hk, 1, D, generator=g)
+    native = {}
+    if paged_cpu.load() is not None:
+        native["kernel/cpp"] = lambda: paged_cpu.paged_attention(q, k, v, sel.indices, args.block_size, scale)
     fns = {"dense_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=H != Hk),
            "cache_append": lambda: (torch.cat([k, new_k], 2), torch.cat([v, new_v], 2)),  # DynamicCache.update's work
-           "sparse_step": sparse_step, **{f"kernel/{name}": kernel(name) for name in GATHERS}}
+           "sparse_step": sparse_step, **native, **{f"kernel/{name}": kernel(name) for name in GATHERS}}
     out = summarise(interleave({n: repeat(f) for n, f in fns.items()}, args.rounds), "dense_sdpa")
-    out["kept"] = sel.kept_blocks() / sel.candidate_blocks()
+    out["kept"] = sel.kept_blocks() / (batch * Hk * sel.geometry.n_key_blocks)  # every page is a candidate
     return out
 
 
@@ -221,8 +229,9 @@ def main() -> None:
     p.add_argument("--pattern", default="quest")
     p.add_argument("--density", type=float, default=0.25)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--lengths", default="4096,8192,16384,32768", help="cached tokens")
+    p.add_argument("--lengths", default="4096,16384,32768", help="cached tokens")
     p.add_argument("--caches", default="dynamic,static", help="Hugging Face caches: dynamic, static")
+    p.add_argument("--batches", default="1,4", help="batch sizes (sequences decoded at once)")
     p.add_argument("--steps", type=int, default=16, help="decoded tokens per configuration and round")
     p.add_argument("--op-repeats", type=int, default=20, help="calls of the attention op per round")
     p.add_argument("--rounds", type=int, default=7)
@@ -241,20 +250,28 @@ def main() -> None:
     caches = args.caches.split(",")
     if not set(caches) <= {"dynamic", "static"}:
         p.error(f"--caches: dynamic and/or static, got {args.caches}")
-    doc = {"model": {c: {} for c in caches}, "attention": {}, "layers": model.config.num_hidden_layers}
+    batches = [int(x) for x in args.batches.split(",")]
+    doc = {"model": {f"{c}/{b}": {} for b in batches for c in caches}, "attention": {f"{b}": {} for b in batches},
+           "layers": model.config.num_hidden_layers}
     sparse = f"{args.pattern}@{args.density:g}"
-    for n in lengths:
-        doc["attention"][n] = attention_part(model, n, args)
-        a = doc["attention"][n]["sparse_step"]
-        for kind in caches:
-            doc["model"][kind][n] = model_part(model, n, args, kind)
-            m = doc["model"][kind][n][sparse]
-            print(f"{n} {kind}: model {m['wall']['speedup']:.2f}x (cpu {m['cpu']['speedup']:.2f}x), attention "
-                  f"{a['wall']['speedup']:.2f}x (cpu {a['cpu']['speedup']:.2f}x)", file=sys.stderr, flush=True)
+    for b in batches:
+        for n in lengths:
+            doc["attention"][f"{b}"][n] = attention_part(model, n, args, b)
+            a = doc["attention"][f"{b}"][n]["sparse_step"]
+            for kind in caches:
+                doc["model"][f"{kind}/{b}"][n] = model_part(model, n, args, kind, b)
+                m = doc["model"][f"{kind}/{b}"][n][sparse]
+                print(f"batch {b} {n} {kind}: model {m['wall']['speedup']:.2f}x (cpu {m['cpu']['speedup']:.2f}x), "
+                      f"attention {a['wall']['speedup']:.2f}x (cpu {a['cpu']['speedup']:.2f}x)", file=sys.stderr, flush=True)
     load.append(os.getloadavg())
     doc["load"] = load
     doc["args"] = vars(args)
     publish(doc, args.json, render(doc, args, p, started, sparse), args.block, BLOCK_HEADING, not args.no_write)
+
+
+def kernels_seen(doc: dict) -> set:
+    """The block kernels the sparse runs used."""
+    return {k for rs in doc["model"].values() for r in rs.values() for k in r.get("kernels", {})}
 
 
 def render(doc: dict, args, parser, started, sparse: str) -> str:
@@ -269,40 +286,49 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
              f"threads {args.threads}, Python {platform.python_version()}",
              f"- load average (1, 5, 15 min) before {b1:.2f}, {b5:.2f}, {b15:.2f}; after {a1:.2f}, {a5:.2f}, {a15:.2f} "
              "(ratios come from interleaved rounds, each against dense in the same round)",
-             f"- model: `{args.model}`'s architecture (positions raised to the longest cache), batch 1, fp32, "
-             f"dense and sparse with the same Hugging Face cache; `{sparse}` is `sparse_attention` with block (page) size {args.block_size}; "
-             f"{args.steps} greedy tokens per configuration and round; medians of {args.rounds} rounds", "",
-             "**Model** (tokens per second of the whole decoding step; × dense = dense time / sparse time, "
-             "median of the per-round ratios)", "",
-             f"| cache | cached tokens | dense tok/s (wall) | {sparse} tok/s (wall) | × dense (wall) | dense tok/s (CPU) "
-             f"| {sparse} tok/s (CPU) | × dense (CPU time) | rounds (wall) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for kind, n, r in ((kind, n, r) for kind, rs in doc["model"].items() for n, r in rs.items()):
-        d, s = r["dense"], r[sparse]
+             f"- model: `{args.model}`'s architecture (positions raised to the longest cache), batch {args.batches}, fp32, "
+             f"dense and sparse with the same Hugging Face cache; `{sparse}` is `sparse_attention` with block (page) size {args.block_size} "
+             f"(kernels: {', '.join(sorted(kernels_seen(doc)))}); "
+             f"{args.steps} greedy tokens per sequence, configuration and round; medians of {args.rounds} rounds", "",
+             "**Model** (tokens per second of the whole decoding step, all sequences of the batch; × dense = dense "
+             "time / sparse time, median of the per-round ratios; ceiling = what attention at no cost would give, "
+             "1 / (1 − SDPA's share of a dense step), from the profile below)", "",
+             f"| cache | batch | cached tokens | dense tok/s (wall) | {sparse} tok/s (wall) | × dense (wall) | dense tok/s (CPU) "
+             f"| {sparse} tok/s (CPU) | × dense (CPU time) | ceiling | rounds (wall) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for key, n, r in ((key, n, r) for key, rs in doc["model"].items() for n, r in rs.items()):
+        kind, batch = key.split("/")
+        d, s, tokens = r["dense"], r[sparse], args.steps * int(batch)
         rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(s["wall"]["rounds"], d["wall"]["rounds"]))
-        lines.append(f"| {kind} | {n} | {args.steps / d['wall']['median_s']:.1f} | {args.steps / s['wall']['median_s']:.1f} "
-                     f"| **{s['wall']['speedup']:.2f}** | {args.steps / d['cpu']['median_s']:.1f} "
-                     f"| {args.steps / s['cpu']['median_s']:.1f} | **{s['cpu']['speedup']:.2f}** | {rounds} |")
+        p = r["dense_profile"]
+        lines.append(f"| {kind} | {batch} | {n} | {tokens / d['wall']['median_s']:.1f} | {tokens / s['wall']['median_s']:.1f} "
+                     f"| **{s['wall']['speedup']:.2f}** | {tokens / d['cpu']['median_s']:.1f} "
+                     f"| {tokens / s['cpu']['median_s']:.1f} | **{s['cpu']['speedup']:.2f}** "
+                     f"| {1 / max(1e-9, 1 - p['sdpa_s'] / p['wall_s']):.2f} | {rounds} |")
     lines += ["", "**Attention alone** (one decoding step's attention op of one layer on the model's shapes; "
-              "sparse step = the last page's statistics + the selection + the kernel; kept = share of the pages kept)", "",
-              "| cached tokens | configuration | kept | ms (CPU time) | × dense (CPU time) | × dense (wall) |",
-              "|---:|---|---:|---:|---:|---:|"]
-    for n, r in doc["attention"].items():
-        for c, t in r.items():
-            if c == "kept":
-                continue
-            kept = {"dense_sdpa": "1", "cache_append": ""}.get(c, f"{r['kept']:.3f}")
-            lines.append(f"| {n} | {c} | {kept} | {t['cpu']['median_s'] / args.op_repeats * 1e3:.3f} "
-                         f"| {t['cpu']['speedup']:.2f} | {t['wall']['speedup']:.2f} |")
+              "sparse step = the last page's statistics + the selection + the kernel `auto` picks; kernel/cpp = the C++ "
+              "step's attention; kernel/pages, kernel/tokens = the eager step's two ways of copying the kept pages; "
+              "kept = share of the pages kept)", "",
+              "| batch | cached tokens | configuration | kept | ms (CPU time) | × dense (CPU time) | × dense (wall) |",
+              "|---:|---:|---|---:|---:|---:|---:|"]
+    for batch, rs in doc["attention"].items():
+        for n, r in rs.items():
+            for c, t in r.items():
+                if c == "kept":
+                    continue
+                kept = {"dense_sdpa": "1", "cache_append": ""}.get(c, f"{r['kept']:.3f}")
+                lines.append(f"| {batch} | {n} | {c} | {kept} | {t['cpu']['median_s'] / args.op_repeats * 1e3:.3f} "
+                             f"| {t['cpu']['speedup']:.2f} | {t['wall']['speedup']:.2f} |")
     lines += ["", "**Where a dense step's time goes** (the dense steps of one more round under the profiler: the self "
               "time of SDPA's kernel and of the cache's append — `torch.cat` for `DynamicCache`, `index_copy_` for "
               "`StaticCache` — as shares of the steps' wall time; the rest: projections, MLP, norms, rotary, the LM "
               "head and Python)", "",
-              "| cache | cached tokens | attention (SDPA) | cache append | the rest |", "|---|---:|---:|---:|---:|"]
-    for kind, n, r in ((kind, n, r) for kind, rs in doc["model"].items() for n, r in rs.items()):
+              "| cache | batch | cached tokens | attention (SDPA) | cache append | the rest |", "|---|---:|---:|---:|---:|---:|"]
+    for key, n, r in ((key, n, r) for key, rs in doc["model"].items() for n, r in rs.items()):
+        kind, batch = key.split("/")
         p = r["dense_profile"]
         attn, append = p["sdpa_s"] / p["wall_s"], (p["cat_s"] + p["index_copy_s"]) / p["wall_s"]
-        lines.append(f"| {kind} | {n} | {attn:.0%} | {append:.0%} | {1 - attn - append:.0%} |")
+        lines.append(f"| {kind} | {batch} | {n} | {attn:.0%} | {append:.0%} | {1 - attn - append:.0%} |")
     lines += ["", "<details><summary>raw (JSON)</summary>", "", "```json",
               json.dumps({k: doc[k] for k in ("model", "attention", "load")}), "```", "</details>", end]
     return "\n".join(lines)

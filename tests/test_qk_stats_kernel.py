@@ -206,8 +206,10 @@ def test_float64_and_other_devices_take_the_eager_path(monkeypatch):
 def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_eager_path(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
-    monkeypatch.setattr(qk_stats, "_module", None)
-    monkeypatch.setattr(qk_stats, "_failed", None)
+    from attnkit.metrics.native import NativeKernel
+
+    monkeypatch.setattr(qk_stats, "KERNEL", NativeKernel("qk_stats", qk_stats.SOURCE, "attnkit", "statistics kernel",
+                                                           headers=qk_stats.KERNEL.headers))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no build made before: it must build
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: (_ for _ in ()).throw(RuntimeError("no compiler")))
     q, k = _inputs(1, torch.float32, 1, 2, 1, 4, 8, 8)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.block_kernels import BLOCK_KERNELS, BlockCall, choose_block_kernel
 from attnkit.sparse import BlockGeometry, dense_reference, select_blocks
 from sparse_helpers import random_qkv as _qkv, random_selection
@@ -190,14 +191,18 @@ def _plain_call(**extras):
 
 
 def test_auto_takes_an_sdpa_kernel_on_the_cpu_for_a_plain_call():
-    """Causal calls of several query blocks: split_sdpa; bidirectional ones: gather_sdpa; a decoding step: paged_decode."""
+    """Causal calls of several query blocks: split_sdpa; bidirectional ones: gather_sdpa; a decoding step: paged_cpu
+    (paged_decode with a gradient)."""
     call, _, _ = _plain_call()
     assert choose_block_kernel(call).name == "split_sdpa"
-    assert list(BLOCK_KERNELS) == ["paged_decode", "flex", "split_sdpa", "gather_sdpa", "portable"]
-    for Q, causal, expected in ((20, False, "gather_sdpa"), (1, True, "paged_decode")):
+    assert list(BLOCK_KERNELS) == ["paged_cpu", "paged_decode", "flex", "split_sdpa", "gather_sdpa", "portable"]
+    for Q, causal, expected in ((20, False, "gather_sdpa"), (1, True, "paged_decode")):  # with a gradient
         sel, _ = _selection(1, 2, Q, 20, 4, 0.5, causal=causal)
         q, k, v = _qkv(1, 4, 2, Q, 20, 3)
         assert choose_block_kernel(BlockCall(q, k, v, sel, 0.5)).name == expected
+    with torch.no_grad():  # a decoding step without one: the C++ step where it builds
+        assert choose_block_kernel(BlockCall(q, k, v, sel, 0.5)).name == (
+            "paged_cpu" if paged_cpu.load() is not None else "paged_decode")
 
 
 @pytest.mark.parametrize("extra", ["allowed", "bias", "softcap", "sinks", "dropout", "mods", "gate_gradient"])

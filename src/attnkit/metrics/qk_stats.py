@@ -20,11 +20,9 @@ finite in the model's dtype (a NaN, an inf, a float16 q.k beyond 65504) are rare
 extremes and counts from the dtype's own matmul, as the eager path reports them. float64 inputs
 take the eager path.
 
-Built with ``torch.utils.cpp_extension.load`` (g++, ninja) on first use, ``-O3 -march=native``:
-it runs where it is built, so it uses that machine's vector width (AVX-512, AVX2, or none). The
-build (~10 s of CPU) is cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``); later
-processes load it in under a second. Where it cannot be built or loaded, ``load`` returns None
-after one RuntimeWarning, and callers use the eager path. ``ATTNKIT_STATS_KERNEL=eager`` turns
+Built once per machine and cached (``attnkit.metrics.native``: g++, ninja, ``-O3 -march=native``);
+where it cannot be built or loaded, ``load`` returns None after one RuntimeWarning, and callers
+use the eager path. ``ATTNKIT_STATS_KERNEL=eager`` turns
 it off (``fused.qk_kernel``).
 
 Pure tensor functions, no model knowledge.
@@ -33,13 +31,12 @@ Pure tensor functions, no model knowledge.
 from __future__ import annotations
 
 import math
-import os
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from attnkit.metrics.native import VEC_MATH, NativeKernel, build_dir
 
 SOURCE = Path(__file__).with_name("qk_stats.cpp")
 # float64 inputs stay on the eager path: the kernel accumulates in float32.
@@ -48,74 +45,21 @@ DEVICES = ("cpu",)
 # float16's largest finite value: a q.k beyond it is inf in the model's float16 matmul.
 FP16_MAX = 65504.0
 
-_module = None
-_failed: str | None = None
-_lock = threading.Lock()
-
-
-FLAGS = ["-O3", "-march=native"]
+KERNEL = NativeKernel("qk_stats", SOURCE, "attnkit", "statistics kernel", headers=(VEC_MATH,))  # torch.ops.attnkit.qk_row_stats
 
 
 def _build_name() -> str:
-    """The build's name: a digest of what the binary depends on (the source, the flags, torch,
-    Python, and this CPU, as ``-march=native`` targets it), so that a cached build is only reused
-    where it was made for."""
-    import hashlib
-    import platform
-    import sys
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux: the model and its instruction sets
-            cpu = "".join(line for line in f.read(1 << 16).splitlines(True)
-                          if line.startswith(("model name", "flags")))[:8192]
-    except OSError:
-        pass
-    key = "\n".join([SOURCE.read_text(encoding="utf-8"), " ".join(FLAGS), torch.__version__, sys.version,
-                     platform.machine(), cpu])
-    return "attnkit_qk_stats_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    """The build's name (``NativeKernel.build_name`` of the current ``SOURCE``)."""
+    return NativeKernel("qk_stats", SOURCE, "attnkit", "statistics kernel", headers=(VEC_MATH,)).build_name()
 
 
 def _build_dir(name: str) -> Path:
-    """Where the build lives: under ``TORCH_EXTENSIONS_DIR`` (torch's own setting), else ~/.cache/torch_extensions."""
-    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    return Path(base) / name
+    return build_dir(name)
 
 
 def load():
-    """``torch.ops.attnkit`` with the kernel, building it on first use; None (after one warning) where it cannot be.
-
-    A build made before is loaded directly (torch's extension builder, whose import alone costs a
-    cold process ~4 MiB and a fraction of a second, is only imported to build)."""
-    global _module, _failed
-    if _module is not None or _failed is not None:
-        return _module
-    with _lock:
-        if _module is None and _failed is None:
-            try:
-                name = _build_name()
-                directory = _build_dir(name)
-                built = directory / f"{name}.so"
-                if built.is_file():
-                    torch.ops.load_library(str(built))
-                else:
-                    from torch.utils import cpp_extension
-
-                    directory.mkdir(parents=True, exist_ok=True)
-                    cpp_extension.load(
-                        name=name,
-                        sources=[str(SOURCE)],
-                        extra_cflags=FLAGS,
-                        build_directory=str(directory),
-                        is_python_module=False,  # registers torch.ops.attnkit (no pybind11: a faster build)
-                        verbose=bool(os.environ.get("ATTNKIT_KERNEL_VERBOSE")),
-                    )
-                _module = torch.ops.attnkit
-            except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: stay eager
-                _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-                warnings.warn(f"attnkit: the C++ statistics kernel is unavailable ({_failed}); using the eager kernel",
-                              RuntimeWarning, stacklevel=2)
-    return _module
+    """``torch.ops.attnkit`` with the kernel, building it on first use; None (after one warning) where it cannot be."""
+    return KERNEL.load()
 
 
 def needs_build() -> bool:
@@ -128,7 +72,7 @@ def needs_build() -> bool:
 
 def failure() -> str | None:
     """Why the kernel could not be built or loaded, once ``load`` has tried; else None."""
-    return _failed
+    return KERNEL.failure()
 
 
 def supports(q: Tensor, k: Tensor) -> bool:

@@ -19,7 +19,7 @@ model is exactly as it was: ``attach``'s contract.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -34,7 +34,7 @@ from attnkit.seam.plan import Mods
 from attnkit.seam.session import in_backward
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
-from attnkit.seam.kernels.paged_decode import is_decoding_step, select_step_pages
+from attnkit.seam.kernels.paged_decode import all_valid, is_decoding_step, select_step_pages, step_budget
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates
 from attnkit.sparse.page_stats import PageStats
@@ -53,31 +53,30 @@ class SparseHandle:
     block_bias: {Site: (B, Hkv, nQb, nKb)} the value the gate added to each kept block's scores in
         this forward (``gate_bias`` · log p under ``gate_grad="prior"``; absent when nothing is added),
         detached: sparse probabilities = softmax over the kept keys of scores + this.
-    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_decode", "flex", "split_sdpa",
+    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_cpu", "paged_decode", "flex", "split_sdpa",
         "gather_sdpa", "portable").
     """
 
     def __init__(self, cfg: SparseConfig, gates: SparseGates | None) -> None:
         self.cfg, self.gates = cfg, gates
         self.gate_log_probs: dict[Site, Tensor] = {}
-        self.block_masks: dict[Site, Tensor] = {}
+        self.block_masks: BlockMasks = BlockMasks()
         self.block_bias: dict[Site, Tensor] = {}
         self.kernels: Counter = Counter()
         self._kept: Counter = Counter()
         self._candidates: Counter = Counter()
 
     def start_forward(self) -> None:
-        self.gate_log_probs, self.block_masks, self.block_bias = {}, {}, {}
+        self.gate_log_probs, self.block_masks, self.block_bias = {}, BlockMasks(), {}
 
-    def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None,
-               block_mask: Tensor | None = None) -> None:
-        """Count the call's blocks and keep its selection; ``block_mask``: ``sel.block_mask()`` if already made."""
+    def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None) -> None:
+        """Count the call's blocks and keep its selection (its block mask is made when asked for)."""
         self._kept[site] += sel.kept_blocks()
         if is_decoding_step(sel.geometry):  # every page is a candidate: counted without the (1, nKb) table
             self._candidates[site] += sel.indices.shape[0] * sel.indices.shape[1] * sel.geometry.n_key_blocks
         else:
             self._candidates[site] += sel.candidate_blocks()
-        self.block_masks[site] = sel.block_mask() if block_mask is None else block_mask
+        self.block_masks[site] = sel
         if sel.log_probs is not None:
             self.gate_log_probs[site] = sel.log_probs
         if bias is not None:
@@ -104,6 +103,29 @@ class SparseHandle:
         self.kernels.clear()
 
 
+class BlockMasks(Mapping):
+    """{Site: (B, Hkv, nQb, nKb) bool} the blocks kept at each site, each made from its call's
+    selection when first read (a decoding step makes none it is not asked for)."""
+
+    def __init__(self) -> None:
+        self._by_site: dict[Site, Tensor | BlockSelection] = {}
+
+    def __setitem__(self, site: Site, sel: BlockSelection) -> None:
+        self._by_site[site] = sel
+
+    def __getitem__(self, site: Site) -> Tensor:
+        mask = self._by_site[site]
+        if isinstance(mask, BlockSelection):
+            mask = self._by_site[site] = mask.block_mask()
+        return mask
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self._by_site)
+
+    def __len__(self) -> int:
+        return len(self._by_site)
+
+
 class SparseSession(AttentionSession):
     """An attention session whose calls run block-sparse; it tells its handle when a forward starts."""
 
@@ -127,20 +149,32 @@ class SparseSelector:
     def __init__(self, cfg: SparseConfig, gates: SparseGates | None, handle: SparseHandle) -> None:
         self.cfg, self.gates, self.handle = cfg, gates, handle
         self.pattern = get_pattern(cfg.pattern)
-        self._last: tuple[Tensor, BlockGeometry, int] | None = None
+        self._last: tuple[BlockSelection, int] | None = None  # the call's selection, its KV groups
         self._last_bias: Tensor | None = None  # (B, Hkv, nQb, nKb) gate_bias · log p, detached
         self.__name__ = f"sparse_{cfg.pattern}_{cfg.density:g}"
         self.gate_bias = GateBias(self)
         self._fresh = False  # the selection in _last is this call's (set by run, cleared as a call starts)
         self.pages = PageStats()  # each site's key-page statistics, kept across the steps of a KV cache
+        self._written: tuple | None = None  # _written_keys' last mask and answer
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if self._last is None or not self._fresh:
             raise RuntimeError("the sparse selection is made by the block_sparse kernel, but another kernel runs this "
                                "call (a session stacked on it asks for kernel=...): leave that session's kernel 'auto'")
-        blocks, geo, groups = self._last
+        sel, groups = self._last
+        geo = sel.geometry
         qb = (q_idx // geo.block_size - geo.first_block).clamp(0, geo.n_query_blocks - 1)
-        return blocks[b, h // groups, qb, kv_idx // geo.block_size]
+        return sel.block_mask()[b, h // groups, qb, kv_idx // geo.block_size]
+
+    def _written_keys(self, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """k, v (B, Hkv, K, D) and the mask up to the last written key (views; ``_written_extent``),
+        the mask None where it hides none of them. The extent is reused while the mask is the same
+        tensor, unchanged, over as many keys: the layers of a decoding step share the model's mask."""
+        seen, K = self._written, k.shape[2]
+        if seen is None or seen[0] is not allowed or seen[1] != allowed._version or seen[2] != K:
+            self._written = seen = (allowed, allowed._version, K, *_written_extent(allowed, K))
+        end, masked = seen[3], seen[4]
+        return k[:, :, :end], v[:, :, :end], allowed[..., :end] if masked else None
 
     def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
         """The call's selection, its per-KV-group key and value (B, Hkv, K, D) and its mask (True =
@@ -165,7 +199,7 @@ class SparseSelector:
         if causal and call.query_length == 1 and allowed is not None:
             # a preallocated cache (StaticCache) passes every slot, the unwritten ones hidden: the
             # step's query is the last key its mask shows, and the pages end there
-            k, v, allowed = _to_written_keys(k, v, allowed)
+            k, v, allowed = self._written_keys(k, v, allowed)
         pages = None
         if causal and k.shape[2] > call.query_length:
             # the queries follow a cache's keys: the pages' statistics are kept across calls (a call
@@ -198,11 +232,11 @@ class SparseSelector:
         except ValueError as e:
             raise UserError(str(e)) from None
         out = kernel.run(block_call)
-        self._last = (sel.block_mask(), sel.geometry, call.kv_groups)
+        self._last = (sel, call.kv_groups)
         self._fresh = True
         self._last_bias = None if block_bias is None or straight else full_bias.detach()
         if not in_backward():  # a checkpoint recompute is not a new call
-            self.handle.record(call.site, sel, kernel.name, self._last_bias, block_mask=self._last[0])
+            self.handle.record(call.site, sel, kernel.name, self._last_bias)
         return out
 
 
@@ -232,7 +266,8 @@ class GateBias:
         bias, last = self.selector._last_bias, self.selector._last
         if bias is None or last is None:
             return score
-        _, geo, groups = last
+        sel, groups = last
+        geo = sel.geometry
         qb = (q_idx // geo.block_size - geo.first_block).clamp(0, geo.n_query_blocks - 1)
         kb = (kv_idx // geo.block_size).clamp(max=geo.n_key_blocks - 1)
         term = bias[b, h // groups, qb, kb]
@@ -252,6 +287,13 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     pattern = get_pattern(cfg.pattern)
     geo = BlockGeometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
     x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages)
+    if pattern.step_pages is not None and allowed is None and is_decoding_step(geo) and not pattern.learned:
+        kept, local, first = step_budget(geo.n_key_blocks, cfg.density, cfg.sink_blocks, cfg.local_blocks,
+                                         cfg.keeps_sinks)
+        pages = pattern.step_pages(x, kept, local, first)  # (B, Hkv, kept), or None where it cannot
+        if pages is not None:
+            return BlockSelection(indices=pages.unsqueeze(2), valid=all_valid(kept, q.device), geometry=geo,
+                                  every_slot=True)
     log_probs = None
     if pattern.learned:
         scores = pattern.score(x).float()
@@ -274,19 +316,14 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     return sel
 
 
-def _to_written_keys(k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """k, v (B, Hkv, K, D) and a decoding step's mask ``allowed`` (B|1, H|1, 1, K' >= K) up to the last
-    key any row may see (views, no copy): the slots of a preallocated cache not yet written are cut
-    off, so that the step's query is at the end of its keys, as the page selection assumes; the mask
-    itself is dropped (None) when it hides none of the keys left."""
-    K = k.shape[2]
+def _written_extent(allowed: Tensor, K: int) -> tuple[int, bool]:
+    """(end, masked) for a decoding step's mask ``allowed`` (B|1, H|1, 1, K' >= K) over K keys: the
+    keys up to the last one any row may see (the slots of a preallocated cache not yet written are
+    cut off, so that the step's query is at the end of its keys, as the page selection assumes), and
+    whether the mask hides any of those (False: no padding, no mask to apply)."""
     rows = allowed[..., :K].reshape(-1, K)  # (rows, K)
     end = K - int(rows.any(0).flip(0).int().argmax())  # K when the last key is seen, or none is
-    if end < K:
-        k, v, allowed = k[:, :, :end], v[:, :, :end], allowed[..., :end]
-    if bool(rows[:, :end].all()):  # nothing hidden among the written keys (no padding): no mask to apply
-        allowed = None
-    return k, v, allowed
+    return end, not bool(rows[:, :end].all())
 
 
 def visible_blocks(allowed: Tensor, geo: BlockGeometry) -> Tensor:

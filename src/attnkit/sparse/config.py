@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 from attnkit.errors import UserError
 
-KERNEL_CHOICES = ("auto", "paged_decode", "flex", "split_sdpa", "gather_sdpa", "portable")  # "auto" and ``BLOCK_KERNELS``
+KERNEL_CHOICES = ("auto", "paged_cpu", "paged_decode", "flex", "split_sdpa", "gather_sdpa", "portable")  # "auto" and ``BLOCK_KERNELS``
 GATE_GRADS = ("prior", "straight_through")
 GATE_INITS = ("uniform", "moba")
 
@@ -30,9 +30,10 @@ class SparseConfig:
     sinks: None = the pattern's own choice (see ``Pattern.sinks``); True / False to override.
     causal: None = from each call (its causal flag, or a mask that hides every future key);
         True / False to say so (False: every key block is a candidate, as in BERT/MiniLM).
-    kernel: "auto" (the first that can run a call: a decoding step's paged kernel, FlexAttention on CUDA,
+    kernel: "auto" (the first that can run a call: a decoding step's paged kernel — in C++ on the CPU
+        where it builds —, FlexAttention on CUDA,
         SDPA's fused kernel on the kept blocks on the CPU — split_sdpa for causal calls, gather_sdpa
-        otherwise —, else the portable gather kernel), or one of them: "paged_decode", "flex",
+        otherwise —, else the portable gather kernel), or one of them: "paged_cpu", "paged_decode", "flex",
         "split_sdpa", "gather_sdpa", "portable".
     checkpoint: recompute each query chunk in backward (only the chunk's inputs are kept), as the
         seam's dense kernel does; False keeps the chunk's block logits (still O(T·k·block)).

@@ -18,8 +18,10 @@ before the crop): one small comparison instead of reading every key. The rest ar
 the keys. A change the check misses (a
 row edited in place between its first and last page) can only make the selection stale, never
 the attention: the kernel reads the cache's keys themselves.
-What comes back equals ``pooled_keys`` of the whole cache exactly (the same reduction of the same
-keys per page). Statistics are in the keys' dtype, without gradient.
+What comes back equals ``pooled_keys`` of the whole cache: the max and min exactly, the mean to
+its rounding (on the CPU one C++ call pools the pages, ``paged_cpu.pool_pages``, summing in
+double; elsewhere ``pooled_keys``' own reductions). Statistics are in the keys' dtype, without
+gradient.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys
 from attnkit.seam.sites import Site
 
@@ -83,28 +86,33 @@ class PageStats:
         bs = block_size
         n_pages = math.ceil(K / bs)
         entry = self._sites.get(site)
+        native = paged_cpu.supports(k) and paged_cpu.load() is not None
         start = 0  # the first page pooled from the keys
         if entry is not None and entry.fits(k, bs):
-            full = min(entry.keys, past) // bs  # pages wholly among keys seen before
-            # the same cache if the last of those pages still ends in the key it ended in
-            if full and torch.equal(k[:, :, full * bs - 1], entry.marks[:, :, full - 1]):
-                start = full
-        if start == 0:
+            start = min(entry.keys, past) // bs  # pages wholly among keys seen before
+            # the same cache if the last of those pages still ends in the key it ended in (the C++
+            # pooling looks itself)
+            if start and not native and not torch.equal(k[:, :, start * bs - 1], entry.marks[:, :, start - 1]):
+                start = 0
+        else:
             capacity = max(n_pages, 1) * 2
             entry = _SitePages(bs, 0, k.new_empty(3, B, Hk, capacity, D), k.new_empty(B, Hk, capacity, D))
             self._sites[site] = entry
         entry.reserve(n_pages)
-        tail = k[:, :, start * bs:]
-        length = tail.shape[2]
-        if 0 < length <= bs:  # one page (a decoding step): pooled_keys' reductions, without its padding
-            entry.stats[:, :, :, start] = torch.stack([tail.sum(2) / length, tail.amax(2), tail.amin(2)])
-        elif length:
-            geo = BlockGeometry(bs, length, length, causal=False, device=k.device)
-            for i, t in enumerate(pooled_keys(tail, geo)):
-                entry.stats[i, :, :, start:n_pages] = t
-        full_pages = K // bs
-        if full_pages > start:
-            entry.marks[:, :, start:full_pages] = k[:, :, start * bs + bs - 1: full_pages * bs: bs]
+        if native:  # one C++ call (a step: one page)
+            start = paged_cpu.pool_pages(k, entry.stats, entry.marks, bs, start)
+        else:
+            tail = k[:, :, start * bs:]
+            length = tail.shape[2]
+            if 0 < length <= bs:  # one page (a decoding step): pooled_keys' reductions, without its padding
+                entry.stats[:, :, :, start] = torch.stack([tail.sum(2) / length, tail.amax(2), tail.amin(2)])
+            elif length:
+                geo = BlockGeometry(bs, length, length, causal=False, device=k.device)
+                for i, t in enumerate(pooled_keys(tail, geo)):
+                    entry.stats[i, :, :, start:n_pages] = t
+            full_pages = K // bs
+            if full_pages > start:
+                entry.marks[:, :, start:full_pages] = k[:, :, start * bs + bs - 1: full_pages * bs: bs]
         self.pages_pooled += n_pages - start
         entry.keys = K
         mean, hi, lo = entry.stats[:, :, :, :n_pages].unbind(0)

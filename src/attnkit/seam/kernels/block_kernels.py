@@ -3,6 +3,9 @@
 Each is a registry entry with ``supports(call, explicit)`` and ``run(call)``; ``choose_block_kernel``
 takes the one asked for, or in ``auto`` the first that supports the call, in this order:
 
+- ``paged_cpu``: a decoding step on the CPU without a gradient, the model's mask or the gate's
+  term: the kept pages' keys and values read in place from the cache by one C++ call
+  (``paged_cpu.py``), where that kernel builds.
 - ``paged_decode``: a decoding step (one query per head): only the kept pages' keys and values are
   read from the cache (``paged_decode.py``); any device, with autograd.
 - ``flex``: compiled FlexAttention with a ``BlockMask`` from the selection (in ``auto`` on CUDA
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.block_attention import block_sparse_attention
 from attnkit.seam.kernels.blocks import BlockSelection
 from attnkit.seam.kernels.flex_block import flex_available, flex_block_attention
@@ -82,6 +86,18 @@ class BlockKernel:
     supports: Callable[[BlockCall, bool], bool]  # (call, chosen explicitly)
     run: Callable[[BlockCall], Tensor]  # -> (B, H, Q, Dv)
     cannot: str  # what it cannot run, for the error when it is asked for and cannot
+
+
+def _paged_cpu_supports(call: BlockCall, explicit: bool) -> bool:
+    sel = call.selection
+    return (call.plain and call.block_bias is None and paged_decode_supported(call.query, sel.geometry, None)
+            and sel.all_valid and paged_cpu.supports(call.query, call.key, call.value)
+            and paged_cpu.load() is not None)
+
+
+def _paged_cpu_run(c: BlockCall) -> Tensor:
+    sel = c.selection
+    return paged_cpu.paged_attention(c.query, c.key, c.value, sel.indices, sel.geometry.block_size, c.scale)
 
 
 def _paged_decode_supports(call: BlockCall, explicit: bool) -> bool:
@@ -166,6 +182,10 @@ def _portable_run(c: BlockCall) -> Tensor:
 BLOCK_KERNELS: dict[str, BlockKernel] = {
     k.name: k
     for k in (
+        BlockKernel("paged_cpu", _paged_cpu_supports, _paged_cpu_run,
+                    "it takes a decoding step on the CPU (float32, bfloat16, float16, float64) without a gradient, "
+                    "the model's mask, the gate's term, a bias, soft-cap, sinks, dropout or other modifiers, where its "
+                    "C++ kernel builds"),
         BlockKernel("paged_decode", _paged_decode_supports, _paged_decode_run,
                     "it takes one query per head (a decoding step) without a bias, soft-cap, sinks, dropout, other "
                     "modifiers or a mask that differs between heads"),

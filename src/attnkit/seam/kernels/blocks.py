@@ -16,7 +16,7 @@ blocks is kept at a density whatever the pattern, the forced blocks (sinks, loca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -112,25 +112,38 @@ class BlockSelection:
     valid: (B|1, Hkv|1, nQb, S) bool.
     log_probs: (B, Hkv, nQb, nKb) the gate's log-probability of each key block (-inf where not a
         candidate), for learned patterns; None otherwise.
+    every_slot: every slot of every row is used (``valid`` all True), known without looking (a
+        decoding step's selection).
     """
 
     indices: Tensor
     valid: Tensor
     geometry: BlockGeometry
     log_probs: Tensor | None = None
+    every_slot: bool = False
+    _mask: Tensor | None = field(default=None, init=False, repr=False, compare=False)  # block_mask(), once made
+
+    @property
+    def all_valid(self) -> bool:
+        """Whether every slot of every row is used."""
+        return self.every_slot or bool(self.valid.all())
 
     @property
     def slots(self) -> int:
         return self.indices.shape[-1]
 
     def block_mask(self) -> Tensor:
-        """(B, Hkv, nQb, nKb) bool: True where the key block is kept."""
-        B, Hk, nQ, S = self.indices.shape
-        mask = torch.zeros(B, Hk, nQ, self.geometry.n_key_blocks, dtype=torch.bool, device=self.indices.device)
-        return mask.scatter_(-1, self.indices, self.valid.expand(B, Hk, nQ, S))
+        """(B, Hkv, nQb, nKb) bool: True where the key block is kept (made once, on first use)."""
+        if self._mask is None:
+            B, Hk, nQ, S = self.indices.shape
+            mask = torch.zeros(B, Hk, nQ, self.geometry.n_key_blocks, dtype=torch.bool, device=self.indices.device)
+            self._mask = mask.scatter_(-1, self.indices, self.valid.expand(B, Hk, nQ, S))
+        return self._mask
 
     def kept_blocks(self) -> int:
         """Kept (query block, key block) pairs, over batch and KV heads."""
+        if self.every_slot:
+            return self.indices.numel()
         B, Hk = self.indices.shape[:2]
         return int(self.valid.expand(B, Hk, -1, -1).sum())
 
@@ -145,9 +158,9 @@ def select_blocks(scores: Tensor, geo: BlockGeometry, forced: Tensor, density: f
     candidates up to the row's budget (``BlockGeometry.budget``; ``floor``: its minimum per row,
     by default the forced blocks' count). Ties go to the more recent block (so a constant score
     is a sliding window), which also makes the choice deterministic."""
-    scores = scores.detach().float()
-    scores = scores.masked_fill(~geo.candidates, -math.inf).masked_fill(forced, math.inf)
-    scores = torch.nan_to_num(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
+    # one copy of the scores (they may be a pattern's output, or an expanded view), then in place
+    scores = scores.detach().float().masked_fill(~geo.candidates, -math.inf).masked_fill_(forced, math.inf)
+    torch.nan_to_num_(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
     k = geo.budget(density, forced.sum(-1) if floor is None else torch.maximum(floor, forced.sum(-1)))  # (nQb,)
     S = int(k.max())
     nK = geo.n_key_blocks

@@ -57,15 +57,7 @@ def select_step_pages(scores: Tensor, geo: BlockGeometry, density: float, sink_b
     more recent page, in ``select_blocks``' order (forced first, latest first; then by score).
     scores: (B, Hkv, 1, nKb). The same selection as ``select_blocks`` (tested)."""
     n = geo.n_key_blocks
-    local = min(local_blocks, n)
-    first = min(sink_blocks if sinks else 0, n - local)  # forced sinks that are not local pages
-
-    def count(a: int, b: int) -> int:  # pages in [0, a) ∪ [n - b, n)
-        a, b = min(a, n), min(b, n)
-        return a + b - max(0, a - (n - b))
-
-    k = math.ceil(n * density - 1e-9)  # BlockGeometry.budget's arithmetic, in Python's doubles
-    k = max(1, min(max(k, count(sink_blocks, local_blocks), local + first), n))
+    k, local, first = step_budget(n, density, sink_blocks, local_blocks, sinks)
     B, Hk = scores.shape[:2]
     forced = _forced_pages(n, local, first, scores.device).expand(B, Hk, 1, -1)
     rest = k - forced.shape[-1]
@@ -74,7 +66,23 @@ def select_step_pages(scores: Tensor, geo: BlockGeometry, density: float, sink_b
         free = torch.nan_to_num(scores.detach().float()[..., first: n - local], nan=-1e30).flip(-1)
         chosen = (n - local - 1) - free.sort(dim=-1, descending=True, stable=True).indices[..., :rest]
         forced = torch.cat([forced, chosen], -1)
-    return BlockSelection(indices=forced, valid=_all_valid(k, scores.device), geometry=geo)
+    return BlockSelection(indices=forced, valid=all_valid(k, scores.device), geometry=geo, every_slot=True)
+
+
+@functools.lru_cache(maxsize=256)
+def step_budget(n: int, density: float, sink_blocks: int, local_blocks: int, sinks: bool) -> tuple[int, int, int]:
+    """(kept, local, first) of a decoding step over n pages: how many pages it keeps (⌈density · n⌉,
+    at least the sinks + local pages, as for every pattern), how many of the last are forced
+    (local) and how many of the first (forced sinks that are not local pages)."""
+    local = min(local_blocks, n)
+    first = min(sink_blocks if sinks else 0, n - local)
+
+    def count(a: int, b: int) -> int:  # pages in [0, a) ∪ [n - b, n)
+        a, b = min(a, n), min(b, n)
+        return a + b - max(0, a - (n - b))
+
+    k = math.ceil(n * density - 1e-9)  # BlockGeometry.budget's arithmetic, in Python's doubles
+    return max(1, min(max(k, count(sink_blocks, local_blocks), local + first), n)), local, first
 
 
 @functools.lru_cache(maxsize=64)
@@ -85,7 +93,8 @@ def _forced_pages(n: int, local: int, first: int, device: torch.device) -> Tenso
 
 
 @functools.lru_cache(maxsize=64)
-def _all_valid(k: int, device: torch.device) -> Tensor:
+def all_valid(k: int, device: torch.device) -> Tensor:
+    """(1, 1, 1, k) True: every slot of a decoding step's selection is used (cached: one tensor a size)."""
     return torch.ones(1, 1, 1, k, dtype=torch.bool, device=device)
 
 
@@ -191,5 +200,5 @@ def paged_decode_supported(q: Tensor, geo: BlockGeometry, allowed: Tensor | None
     return allowed is None or (allowed.dim() == 4 and allowed.shape[1] == 1 and allowed.shape[2] == 1)
 
 
-__all__ = ["GATHERS", "gather_pages", "gather_tokens", "is_decoding_step", "paged_decode_attention",
-           "paged_decode_supported", "select_step_pages"]
+__all__ = ["GATHERS", "all_valid", "gather_pages", "gather_tokens", "is_decoding_step", "paged_decode_attention",
+           "paged_decode_supported", "select_step_pages", "step_budget"]

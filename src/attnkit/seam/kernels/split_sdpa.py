@@ -204,11 +204,12 @@ class _SplitAttention(torch.autograd.Function):
             kg = torch.index_select(kflat, 0, b.blocks, out=kbuf[:n]).view(m, 1, -1, D)
             vg = torch.index_select(vflat, 0, b.blocks, out=vbuf[:n]).view(m, 1, -1, Dv)
             o2, l2 = _forward(qb, kg, vg, 0.0, False, attn_mask=b.mask, scale=scale)
-            # merge into the own part's rows: l = logaddexp(l1, l2), o = e^(l1-l)·o1 + e^(l2-l)·o2
+            # merge into the own part's rows: l = logaddexp(l1, l2), o = e^(l1-l)·o1 + e^(l2-l)·o2; the
+            # weights overwrite l1 (then l) and l2 in place: one small temporary a bucket, not three
             o1, l1 = o5[b.i0: b.i1], lse5[b.i0: b.i1]
             l2 = l2.view(l1.shape)
             merged = torch.logaddexp(l1, l2)
-            w1, w2 = (l1 - merged).exp_()[..., None], (l2 - merged).exp_()[..., None]
+            w1, w2 = l1.sub_(merged).exp_()[..., None], l2.sub_(merged).exp_()[..., None]
             o2 = o2.view(o1.shape)
             if o1.dtype == w1.dtype:
                 o1.mul_(w1).add_(o2.mul_(w2))

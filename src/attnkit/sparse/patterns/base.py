@@ -65,17 +65,22 @@ class BlockInputs:
 
 
 Score = Callable[[BlockInputs], Tensor]  # -> (B|1, Hkv|1, nQb, nKb), higher = keep first
+# A decoding step's kept pages straight from the inputs (a compiled kernel), (B, Hkv, kept) int64 in
+# ``select_step_pages``' order, given (kept, local, first) of ``step_budget``; None where it cannot.
+StepPages = Callable[[BlockInputs, int, int, int], "Tensor | None"]
 
 
 @dataclass(frozen=True)
 class Pattern:
     """name: registry key; score: see ``Score``; sinks: keeps the first ``sink_blocks`` key
-    blocks by default; learned: scores come from a trainable gate (``make_gates``)."""
+    blocks by default; learned: scores come from a trainable gate (``make_gates``); step_pages: a
+    faster way to the same selection for a decoding step (see ``StepPages``), or None."""
 
     name: str
     score: Score
     sinks: bool = False
     learned: bool = False
+    step_pages: StepPages | None = None
 
 
 PATTERNS: dict[str, Pattern] = {}

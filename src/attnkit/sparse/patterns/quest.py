@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
 from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
@@ -32,4 +33,14 @@ def quest_score(x: BlockInputs) -> Tensor:
     return torch.matmul(up, k_max.transpose(-1, -2)).add_(torch.matmul(down, k_min.transpose(-1, -2)))  # (B, Hkv, nQb, nKb)
 
 
-PATTERN = Pattern("quest", quest_score, sinks=False)
+def quest_step_pages(x: BlockInputs, kept: int, local: int, first: int) -> Tensor | None:
+    """A decoding step's pages by the same bound, in one C++ call (``paged_cpu.step_pages``: the
+    scores in double, where ``quest_score`` sums in float32, so two pages whose bounds differ by
+    float32 rounding only may be kept in the other order); None where the kernel does not run."""
+    _, k_max, k_min = x.key_stats
+    if not paged_cpu.supports(x.q, k_max, k_min) or paged_cpu.load() is None:
+        return None
+    return paged_cpu.step_pages(x.q, k_max, k_min, kept, local, first)
+
+
+PATTERN = Pattern("quest", quest_score, sinks=False, step_pages=quest_step_pages)

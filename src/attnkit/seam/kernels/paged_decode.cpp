@@ -1,0 +1,319 @@
+// One decoding step of block-sparse attention over a KV cache's pages (key blocks), on the CPU.
+//
+// quest_step_pages: the pages a step keeps, from the pages' element-wise key max and min (Quest):
+//   per KV head, up = sum over the group's query heads of max(q, 0), down = sum of min(q, 0), and
+//   page p's score = up . kmax_p + down . kmin_p (the upper bound of q.k over the page, summed over
+//   the group); the forced pages first (the last `local`, latest first; then the first `first`,
+//   latest first), then the best-scored free pages up to `budget`, ties to the later page, NaN
+//   last. The same order as paged_decode.py's select_step_pages.
+// pool_pages: the (mean, max, min) of each page of keys from page `start` on, into a buffer kept
+//   across steps (the mean summed in double), and the last key of each full page (its mark); from
+//   page 0 instead when the key that ends page start - 1 is not its mark (another cache).
+// paged_attention: softmax(q k^T * scale) v over the kept pages only, read in place from the
+//   cache (any strides; no gather, no copy of the cache), the G query heads of a KV group against
+//   that group's pages, flash-style: one page of scores at a time, folded into each row's running
+//   max, sum and output (online softmax); one (batch row, KV head) per thread of torch's intra-op
+//   threads when the kept keys are many. float32 / bfloat16 / float16 inputs accumulate in
+//   float32 (the half types converted a page at a time), float64 in double.
+//
+// Built by torch.utils.cpp_extension on the machine it runs on (-O3 -march=native).
+
+#include "../../metrics/vec_math.h"  // first: CPU_CAPABILITY for ATen's Vectorized; exp_nonpositive
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/NumericUtils.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VL = Vec::size();
+// Kept keys (over batch rows and KV heads) below which a step runs on one thread: starting a
+// thread costs tens of microseconds, about what 16k keys of attention cost.
+constexpr int64_t MIN_KEYS_THREADED = 1 << 14;
+
+// Accumulation type: double for double inputs, float otherwise.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t d = 0;
+  float s = 0.0f;
+  if (n >= VL) {
+    Vec acc(0.0f);
+    for (; d + VL <= n; d += VL) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
+    s = attnkit_vec::reduce_sum(acc);
+  }
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+inline double dot(const double* a, const double* b, int64_t n) {
+  double s = 0.0;
+  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// x[i] = exp(x[i] - m) for x[i] <= m, returning their sum.
+inline float exp_sum(float* x, int64_t n, float m) {
+  int64_t i = 0;
+  Vec sum(0.0f);
+  for (; i + VL <= n; i += VL) {
+    Vec e = attnkit_vec::exp_nonpositive(Vec::loadu(x + i) - Vec(m));
+    e.store(x + i);
+    sum = sum + e;
+  }
+  float s = attnkit_vec::reduce_sum(sum);
+  for (; i < n; ++i) s += (x[i] = std::exp(x[i] - m));
+  return s;
+}
+
+inline double exp_sum(double* x, int64_t n, double m) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - m));
+  return s;
+}
+
+template <typename A>
+inline void axpy(A* y, A alpha, const A* x, int64_t n) {  // y += alpha x
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+}
+
+// A row of n values of t (element stride `stride`) as accumulation-type values: the row itself
+// when it already is one (contiguous, same type), else converted into `buf`.
+template <typename T, typename A = acc_t<T>>
+inline const A* row(const T* t, int64_t stride, int64_t n, A* buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (stride == 1) return t;
+  }
+  for (int64_t d = 0; d < n; ++d) buf[d] = static_cast<A>(t[d * stride]);
+  return buf;
+}
+
+at::Tensor quest_step_pages(const at::Tensor& q, const at::Tensor& k_max, const at::Tensor& k_min, int64_t budget,
+                            int64_t local, int64_t first) {
+  TORCH_CHECK(q.dim() == 3 && k_max.dim() == 4 && k_min.sizes() == k_max.sizes(),
+              "quest_step_pages: q (B, H, D), k_max and k_min (B, Hkv, P, D)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hk = k_max.size(1), P = k_max.size(2);
+  TORCH_CHECK(k_max.size(0) == B && k_max.size(3) == D && H % Hk == 0, "quest_step_pages: shapes do not match");
+  TORCH_CHECK(0 <= local && 0 <= first && first + local <= P && first + local <= budget && budget <= P,
+              "quest_step_pages: need first + local <= budget <= pages");
+  const int64_t G = H / Hk, rest = budget - local - first;
+  at::Tensor out = at::empty({B, Hk, budget}, q.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "quest_step_pages", [&] {
+    TORCH_CHECK(k_max.scalar_type() == q.scalar_type() && k_min.scalar_type() == q.scalar_type(),
+                "quest_step_pages: q, k_max and k_min of one dtype");
+    const scalar_t *qp = q.const_data_ptr<scalar_t>(), *hp = k_max.const_data_ptr<scalar_t>(),
+                   *lp = k_min.const_data_ptr<scalar_t>();
+    const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+    const int64_t hs0 = k_max.stride(0), hs1 = k_max.stride(1), hs2 = k_max.stride(2), hs3 = k_max.stride(3);
+    const int64_t ls0 = k_min.stride(0), ls1 = k_min.stride(1), ls2 = k_min.stride(2), ls3 = k_min.stride(3);
+    std::vector<double> up(D), down(D), score(P);
+    std::vector<int64_t> order(P);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t hk = 0; hk < Hk; ++hk) {
+        int64_t* dst = o + (b * Hk + hk) * budget;
+        for (int64_t i = 0; i < local; ++i) *dst++ = P - 1 - i;  // forced: the latest pages, latest first
+        for (int64_t i = 0; i < first; ++i) *dst++ = first - 1 - i;  // then the sinks, latest first
+        if (rest == 0) continue;
+        std::fill(up.begin(), up.end(), 0.0);
+        std::fill(down.begin(), down.end(), 0.0);
+        for (int64_t g = 0; g < G; ++g) {
+          const scalar_t* qh = qp + b * qs0 + (hk * G + g) * qs1;
+          for (int64_t d = 0; d < D; ++d) {
+            const double x = static_cast<double>(qh[d * qs2]);
+            (x > 0 ? up : down)[d] += x;
+          }
+        }
+        const int64_t lo = first, hi = P - local;  // the free pages
+        for (int64_t p = lo; p < hi; ++p) {
+          const scalar_t* mx = hp + b * hs0 + hk * hs1 + p * hs2;
+          const scalar_t* mn = lp + b * ls0 + hk * ls1 + p * ls2;
+          double s = 0.0;
+          for (int64_t d = 0; d < D; ++d)
+            s += up[d] * static_cast<double>(mx[d * hs3]) + down[d] * static_cast<double>(mn[d * ls3]);
+          score[p] = std::isnan(s) ? -1e30 : s;
+        }
+        std::iota(order.begin() + lo, order.begin() + hi, lo);
+        // best first; of two equal scores the later page first
+        std::partial_sort(order.begin() + lo, order.begin() + lo + rest, order.begin() + hi,
+                          [&](int64_t a, int64_t c) { return score[a] > score[c] || (score[a] == score[c] && a > c); });
+        for (int64_t i = 0; i < rest; ++i) *dst++ = order[lo + i];
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pages,
+                           int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && pages.dim() == 3,
+              "paged_attention: q (B, H, D), k and v (B, Hkv, K, D|Dv), pages (B, Hkv, S)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hk = k.size(1), K = k.size(2), Dv = v.size(3);
+  const int64_t S = pages.size(2), bs = block_size;
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && v.size(2) == K && k.size(3) == D && H % Hk == 0 &&
+                  pages.size(0) == B && pages.size(1) == Hk && bs > 0,
+              "paged_attention: shapes do not match");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "paged_attention: one dtype");
+  TORCH_CHECK(pages.scalar_type() == at::kLong, "paged_attention: pages are int64");
+  const int64_t G = H / Hk;
+  at::Tensor out = at::empty({B, H, Dv}, q.options());
+  const at::Tensor pg = pages.contiguous();
+  const int64_t* pp = pg.const_data_ptr<int64_t>();
+  // torch's intra-op threads (1 inside a parallel region), one (batch row, KV head) at a time each,
+  // where the kept keys are enough to pay for starting them
+  const int64_t items = B * Hk;
+  const int threads = (at::in_parallel_region() || items * S * bs < MIN_KEYS_THREADED)
+                          ? 1 : static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), items));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(),
+                   *vp = v.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2), ks3 = k.stride(3);
+    const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), vs3 = v.stride(3);
+    const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> bad{false};
+    std::atomic<int64_t> bad_page{0};
+    attnkit_vec::on_threads(threads, [&]() {
+      std::vector<A> qs(G * D), acc(G * Dv), m(G), l(G), s(G * bs), kbuf(D), vbuf(Dv);
+      for (int64_t item = next++; item < items; item = next++) {
+        const int64_t b = item / Hk, hk = item % Hk;
+        for (int64_t g = 0; g < G; ++g) {  // the group's queries, scaled
+          const scalar_t* qh = qp + b * qs0 + (hk * G + g) * qs1;
+          for (int64_t d = 0; d < D; ++d) qs[g * D + d] = static_cast<A>(qh[d * qs2]) * static_cast<A>(scale);
+        }
+        std::fill(acc.begin(), acc.end(), A(0));
+        std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
+        std::fill(l.begin(), l.end(), A(0));
+        const scalar_t* kh = kp + b * ks0 + hk * ks1;
+        const scalar_t* vh = vp + b * vs0 + hk * vs1;
+        const int64_t* kept = pp + item * S;
+        for (int64_t i = 0; i < S; ++i) {
+          const int64_t j0 = kept[i] * bs, j1 = std::min(j0 + bs, K), n = j1 - j0;
+          if (kept[i] < 0 || n <= 0) {  // reported after the threads are done (no throw inside one)
+            bad_page = kept[i];
+            bad = true;
+            break;
+          }
+          for (int64_t jj = 0; jj < n; ++jj) {  // this page's scores, (G, n)
+            const A* kr = row(kh + (j0 + jj) * ks2, ks3, D, kbuf.data());
+            for (int64_t g = 0; g < G; ++g) s[g * bs + jj] = dot(qs.data() + g * D, kr, D);
+          }
+          for (int64_t g = 0; g < G; ++g) {  // fold into the running max and sum
+            A* sg = s.data() + g * bs;
+            const A page_max = *std::max_element(sg, sg + n);
+            if (page_max > m[g]) {
+              const A c = std::exp(m[g] - page_max);  // 0 on the first page
+              l[g] *= c;
+              for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] *= c;
+              m[g] = page_max;
+            }
+            l[g] += exp_sum(sg, n, m[g]);
+          }
+          for (int64_t jj = 0; jj < n; ++jj) {
+            const A* vr = row(vh + (j0 + jj) * vs2, vs3, Dv, vbuf.data());
+            for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * Dv, s[g * bs + jj], vr, Dv);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          scalar_t* oh = op + (b * H + hk * G + g) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) oh[d] = static_cast<scalar_t>(acc[g * Dv + d] / l[g]);
+        }
+      }
+    });
+    TORCH_CHECK(!bad.load(), "paged_attention: page ", bad_page.load(), " is outside the cache");
+  });
+  return out;
+}
+
+int64_t pool_pages(const at::Tensor& k, at::Tensor& stats, at::Tensor& marks, int64_t block_size, int64_t start) {
+  TORCH_CHECK(k.dim() == 4 && stats.dim() == 5 && stats.size(0) == 3 && marks.dim() == 4,
+              "pool_pages: k (B, Hkv, K, D), stats (3, B, Hkv, capacity, D), marks (B, Hkv, capacity, D)");
+  const int64_t B = k.size(0), Hk = k.size(1), K = k.size(2), D = k.size(3), bs = block_size;
+  const int64_t pages = (K + bs - 1) / bs;
+  TORCH_CHECK(stats.size(1) == B && stats.size(2) == Hk && stats.size(4) == D && stats.size(3) >= pages &&
+                  marks.size(0) == B && marks.size(1) == Hk && marks.size(2) >= pages && marks.size(3) == D && start >= 0,
+              "pool_pages: shapes do not match");
+  TORCH_CHECK(stats.scalar_type() == k.scalar_type() && marks.scalar_type() == k.scalar_type(), "pool_pages: one dtype");
+  TORCH_CHECK(start <= K / bs, "pool_pages: the pages before start must be full pages of k");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "pool_pages", [&] {
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    scalar_t* sp = stats.data_ptr<scalar_t>();
+    scalar_t* mp = marks.data_ptr<scalar_t>();
+    const int64_t k0 = k.stride(0), k1 = k.stride(1), k2 = k.stride(2), k3 = k.stride(3);
+    const int64_t s0 = stats.stride(0), s1 = stats.stride(1), s2 = stats.stride(2), s3 = stats.stride(3),
+                  s4 = stats.stride(4);
+    const int64_t m0 = marks.stride(0), m1 = marks.stride(1), m2 = marks.stride(2), m3 = marks.stride(3);
+    // the same cache as before if the last page kept still ends in the key it ended in (bit for bit,
+    // as torch.equal); else every page is pooled again
+    for (int64_t b = 0; b < B && start > 0; ++b)
+      for (int64_t hk = 0; hk < Hk && start > 0; ++hk) {
+        const scalar_t* key = kp + b * k0 + hk * k1 + (start * bs - 1) * k2;
+        const scalar_t* mark = mp + b * m0 + hk * m1 + (start - 1) * m2;
+        for (int64_t d = 0; d < D; ++d)
+          if (!(key[d * k3] == mark[d * m3])) {
+            start = 0;
+            break;
+          }
+      }
+    std::vector<double> sum(D);
+    std::vector<scalar_t> hi(D), lo(D);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t hk = 0; hk < Hk; ++hk) {
+        const scalar_t* kh = kp + b * k0 + hk * k1;
+        for (int64_t p = start; p < pages; ++p) {
+          const int64_t j0 = p * bs, j1 = std::min(j0 + bs, K);
+          for (int64_t d = 0; d < D; ++d) {
+            const scalar_t x = kh[j0 * k2 + d * k3];
+            sum[d] = static_cast<double>(x), hi[d] = x, lo[d] = x;
+          }
+          for (int64_t j = j0 + 1; j < j1; ++j) {
+            const scalar_t* kj = kh + j * k2;
+            for (int64_t d = 0; d < D; ++d) {  // a NaN key makes its page's max and min NaN, as amax / amin
+              const scalar_t x = kj[d * k3];
+              sum[d] += static_cast<double>(x);
+              if (x > hi[d] || at::_isnan(x)) hi[d] = at::_isnan(hi[d]) ? hi[d] : x;
+              if (x < lo[d] || at::_isnan(x)) lo[d] = at::_isnan(lo[d]) ? lo[d] : x;
+            }
+          }
+          scalar_t* out = sp + b * s1 + hk * s2 + p * s3;
+          for (int64_t d = 0; d < D; ++d) {
+            out[d * s4] = static_cast<scalar_t>(sum[d] / static_cast<double>(j1 - j0));
+            out[s0 + d * s4] = hi[d];
+            out[2 * s0 + d * s4] = lo[d];
+          }
+          if (j1 - j0 == bs) {  // a full page: its last key marks it
+            scalar_t* mark = mp + b * m0 + hk * m1 + p * m2;
+            for (int64_t d = 0; d < D; ++d) mark[d * m3] = kh[(j1 - 1) * k2 + d * k3];
+          }
+        }
+      }
+    }
+  });
+  return start;
+}
+
+}  // namespace
+
+// torch.ops.attnkit_paged.quest_step_pages / paged_attention
+TORCH_LIBRARY(attnkit_paged, m) {
+  m.def("quest_step_pages(Tensor q, Tensor k_max, Tensor k_min, int budget, int local, int first) -> Tensor",
+        &quest_step_pages);
+  m.def("pool_pages(Tensor k, Tensor(a!) stats, Tensor(b!) marks, int block_size, int start) -> int", &pool_pages);
+  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor pages, int block_size, float scale) -> Tensor",
+        &paged_attention);
+}

@@ -1,0 +1,196 @@
+"""The C++ decoding step (``attnkit.seam.kernels.paged_cpu``) against independent references.
+
+By category: grouped-query and multi-head, batch 1 and > 1, a page size that does not divide the
+cache (a partial last page), a cache shorter than a page, a preallocated cache's written part (a
+strided view), float64 / float32 / bfloat16.
+
+- ``paged_attention`` equals dense attention restricted to the kept pages (float64 softmax over
+  the kept keys; to 1e-12 in float64, to the dtype's tolerance otherwise);
+- ``step_pages`` equals ``select_step_pages`` on float64 Quest bounds computed from scratch,
+  ties (equal bounds) to the later page, NaN bounds last;
+- ``pool_pages`` equals ``pooled_keys`` (max and min exactly, the mean to rounding);
+- a plain decoding step under ``sparse_attention`` runs on it, and where it cannot be built the
+  eager step takes over with the same result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnkit.seam.kernels import paged_cpu
+from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
+from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys
+from attnkit.seam.kernels.paged_decode import select_step_pages, step_budget
+
+if paged_cpu.load() is None:
+    pytest.skip(f"the C++ paged decoding kernel does not build here ({paged_cpu.KERNEL.failure()})",
+                allow_module_level=True)
+
+# (B, H, Hkv, K, bs): GQA batch 1 with a partial last page, MHA batch 2 page-aligned, GQA one KV
+# head batch 2 partial, a cache shorter than a page, many pages
+SHAPES = [(1, 4, 2, 37, 4), (2, 3, 3, 40, 8), (2, 4, 1, 29, 4), (1, 2, 1, 3, 4), (1, 4, 2, 1000, 64)]
+DTYPES = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
+ID = lambda s: "x".join(map(str, s))  # noqa: E731
+
+
+def _reference(q, k, v, pages, bs, scale):
+    """Float64 softmax attention of q (B, H, 1, D) over the keys of pages (B, Hkv, S) only."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, _, D = q.shape
+    Hk, K = k.shape[1], k.shape[2]
+    G = H // Hk
+    kept = torch.zeros(B, Hk, math.ceil(K / bs) * bs, dtype=torch.bool)
+    kept.view(B, Hk, -1, bs)[torch.arange(B)[:, None, None], torch.arange(Hk)[None, :, None], pages] = True
+    kept = kept[..., :K].repeat_interleave(G, 1)[:, :, None]  # (B, H, 1, K)
+    scores = (q @ k.repeat_interleave(G, 1).transpose(-1, -2) * scale).masked_fill(~kept, -math.inf)
+    return torch.softmax(scores, -1) @ v.repeat_interleave(G, 1)
+
+
+def _bounds(q, hi, lo):
+    """(B, Hkv, 1, P) float64 Quest bounds: Σ_d max(q_d·max_d, q_d·min_d), summed over a group's heads."""
+    B, H, _, D = q.shape
+    Hk = hi.shape[1]
+    qg = q.double()[:, :, 0].view(B, Hk, H // Hk, 1, D)
+    return torch.maximum(qg * hi.double()[:, :, None], qg * lo.double()[:, :, None]).sum(-1).sum(2)[:, :, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=ID)
+def test_attention_equals_dense_attention_over_the_kept_pages(shape, dtype):
+    B, H, Hk, K, bs = shape
+    D = 16
+    g = torch.Generator().manual_seed(K)
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hk, K, D, generator=g).to(dtype) for _ in range(2))
+    n = math.ceil(K / bs)
+    pages = torch.stack([torch.randperm(n, generator=g)[: max(1, n // 3)] for _ in range(B * Hk)]).view(B, Hk, -1)
+    out = paged_cpu.paged_attention(q, k, v, pages, bs, 0.3)
+    assert out.dtype == dtype and out.shape == (B, H, 1, D)
+    assert (out.double() - _reference(q, k, v, pages, bs, 0.3)).abs().max() < DTYPES[dtype]
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=ID)
+def test_attention_reads_a_preallocated_caches_written_part_in_place(shape):
+    """A StaticCache's keys are the first K slots of a longer buffer; keys may also be non-contiguous in D."""
+    B, H, Hk, K, bs = shape
+    D = 8
+    g = torch.Generator().manual_seed(K + 1)
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    buffers = torch.randn(2, B, Hk, K + 9, D, generator=g, dtype=torch.float64)
+    k, v = buffers[0, :, :, :K], buffers[1, :, :, :K]
+    pages = torch.arange(math.ceil(K / bs)).flip(0)[:3].expand(B, Hk, -1)
+    want = _reference(q, k, v, pages, bs, 0.5)
+    assert (paged_cpu.paged_attention(q, k, v, pages, bs, 0.5) - want).abs().max() < 1e-12
+    k_t = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # D strided
+    assert (paged_cpu.paged_attention(q, k_t, v, pages, bs, 0.5) - want).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=ID)
+@pytest.mark.parametrize("sinks", [False, True])
+def test_step_pages_equal_the_eager_selection_on_float64_bounds(shape, sinks, dtype):
+    B, H, Hk, K, bs = shape
+    g = torch.Generator().manual_seed(K + 2)
+    q = torch.randn(B, H, 1, 8, generator=g).to(dtype)
+    k = torch.randn(B, Hk, K, 8, generator=g).to(dtype)
+    geo = BlockGeometry(bs, 1, K, causal=True)
+    _, hi, lo = pooled_keys(k, geo)
+    for density in (0.1, 0.3, 1.0):
+        kept, local, first = step_budget(geo.n_key_blocks, density, 1, 1, sinks)
+        got = paged_cpu.step_pages(q, hi, lo, kept, local, first)
+        want = select_step_pages(_bounds(q, hi, lo), geo, density, 1, 1, sinks)
+        assert torch.equal(got, want.indices[:, :, 0]), density
+
+
+def test_step_pages_break_ties_to_the_later_page_and_put_nan_last():
+    q = torch.ones(1, 2, 1, 4)  # bounds: the sum of each page's max
+    hi = torch.tensor([3.0, 1.0, 3.0, 2.0, float("nan"), 3.0, 0.0, 5.0]).view(1, 1, 8, 1).expand(1, 1, 8, 4)
+    lo = torch.zeros_like(hi)
+    got = paged_cpu.step_pages(q, hi.contiguous(), lo, 6, 1, 0)[0, 0].tolist()
+    assert got == [7, 5, 2, 0, 3, 1]  # the local page, then 3.0 x3 (later first), 2.0, 1.0; NaN and 0.0 out
+    want = select_step_pages(_bounds(q, hi, lo), BlockGeometry(1, 1, 8, causal=True), 6 / 8, 0, 1, False)
+    assert want.indices[0, 0, 0].tolist() == got
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=ID)
+def test_pool_pages_equal_pooled_keys(shape, dtype):
+    B, _, Hk, K, bs = shape
+    k = torch.randn(B, Hk, K, 8, generator=torch.Generator().manual_seed(K)).to(dtype)
+    k[0, 0, K // 2, 1] = float("nan")  # a NaN key: its page's max and min are NaN, as amax / amin
+    n = math.ceil(K / bs)
+    stats, marks = k.new_full((3, B, Hk, n + 2, 8), 7.0), k.new_full((B, Hk, n + 2, 8), 7.0)
+    assert paged_cpu.pool_pages(k, stats, marks, bs, 0) == 0
+    mean, hi, lo = pooled_keys(k, BlockGeometry(bs, K, K, causal=False))
+    torch.testing.assert_close(stats[0, :, :, :n], mean, equal_nan=True)
+    assert torch.allclose(stats[1, :, :, :n], hi, equal_nan=True, rtol=0, atol=0)  # exactly, NaN where NaN
+    assert torch.allclose(stats[2, :, :, :n], lo, equal_nan=True, rtol=0, atol=0)
+    full = K // bs
+    assert torch.equal(marks[:, :, :full], k[:, :, bs - 1: full * bs: bs])
+    assert (stats[:, :, :, n:] == 7).all() and (marks[:, :, full:] == 7).all()  # nothing written past the pages
+    if full:  # the same keys: pooled from the page asked for; another key where a page ended: from page 0
+        assert paged_cpu.pool_pages(k, stats, marks, bs, full) == full
+        other = k.clone()
+        other[-1, -1, full * bs - 1, -1] += 1
+        assert paged_cpu.pool_pages(other, stats, marks, bs, full) == 0
+        assert paged_cpu.pool_pages(k, stats, marks, bs, 0) == 0
+    if n > 1:  # from a page on: the pages before it are left as they were
+        stats.fill_(7.0)
+        paged_cpu.pool_pages(k, stats, marks, bs, n - 1)
+        assert (stats[:, :, :, : n - 1] == 7).all()
+        assert torch.allclose(stats[1, :, :, n - 1], hi[:, :, n - 1], equal_nan=True, rtol=0, atol=0)
+
+
+def _decode_call(dtype=torch.float32, grad=False):
+    B, H, Hk, K, bs = 2, 4, 2, 37, 4
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H, 1, 8, generator=g, dtype=dtype, requires_grad=grad)
+    k, v = (torch.randn(B, Hk, K, 8, generator=g, dtype=dtype) for _ in range(2))
+    geo = BlockGeometry(bs, 1, K, causal=True)
+    _, hi, lo = pooled_keys(k, geo)
+    sel = select_step_pages(_bounds(q, hi, lo), geo, 0.3, 1, 1, False)
+    return BlockCall(q, k, v, sel, 0.35)
+
+
+def test_auto_runs_a_plain_decoding_step_in_cpp_and_the_eager_step_where_it_cannot(monkeypatch):
+    call = _decode_call()
+    assert choose_block_kernel(call).name == "paged_cpu"
+    got = choose_block_kernel(call).run(call)
+    want = choose_block_kernel(call, "paged_decode").run(call)
+    assert (got - want).abs().max() < 1e-6
+    with torch.enable_grad():  # a gradient: the eager step (ordinary autograd)
+        assert choose_block_kernel(_decode_call(grad=True)).name == "paged_decode"
+    masked = BlockCall(call.query, call.key, call.value, call.selection, 0.35,
+                       allowed=torch.ones(2, 1, 1, 37, dtype=torch.bool))
+    assert choose_block_kernel(masked).name == "paged_decode"  # the model's own mask
+    monkeypatch.setattr(paged_cpu.KERNEL, "load", lambda: None)  # no compiler: the eager step
+    assert choose_block_kernel(call).name == "paged_decode"
+    with pytest.raises(ValueError, match="paged_cpu"):
+        choose_block_kernel(call, "paged_cpu")
+
+
+def test_attention_on_several_threads_equals_one_and_rejects_a_page_outside_the_cache():
+    """Enough kept keys run one (batch row, KV head) per thread: the same result as one thread."""
+    B, H, Hk, K, bs = 2, 4, 2, 20000, 64
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(B, H, 1, 16, generator=g)
+    k, v = (torch.randn(B, Hk, K, 16, generator=g) for _ in range(2))
+    n = math.ceil(K / bs)
+    pages = torch.stack([torch.randperm(n, generator=g)[: n // 2] for _ in range(B * Hk)]).view(B, Hk, -1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = paged_cpu.paged_attention(q, k, v, pages, bs, 0.25)
+        torch.set_num_threads(2)
+        two = paged_cpu.paged_attention(q, k, v, pages, bs, 0.25)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert (two.double() - _reference(q, k, v, pages, bs, 0.25)).abs().max() < 2e-6
+    bad = pages.clone()
+    bad[1, 1, 3] = n  # past the last page
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        paged_cpu.paged_attention(q, k, v, bad, bs, 0.25)
