@@ -225,9 +225,11 @@ def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_eager_path(monke
 def test_a_run_knows_beforehand_whether_it_will_build_the_kernel(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
+    from attnkit.metrics.native import NativeKernel
+
     assert fused.qk_kernels_to_build("cpu") == []  # this suite's build exists (or was tried): nothing to build
-    monkeypatch.setattr(qk_stats, "_module", None)
-    monkeypatch.setattr(qk_stats, "_failed", None)
+    monkeypatch.setattr(qk_stats, "KERNEL", NativeKernel("qk_stats", qk_stats.SOURCE, "attnkit", "statistics kernel",
+                                                           headers=qk_stats.KERNEL.headers))  # nothing tried yet
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a machine with no build yet
     assert fused.qk_kernels_to_build("cpu") == ["cpp"]
     assert fused.qk_kernels_to_build(torch.device("meta")) == []  # a device the kernel does not serve

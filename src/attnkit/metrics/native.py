@@ -94,6 +94,13 @@ class NativeKernel:
         """Why the kernel could not be built or loaded, once ``load`` has tried; else None."""
         return self._failed
 
+    def needs_build(self) -> bool:
+        """Whether ``load`` would build the kernel: nothing loaded or tried yet, no build for this machine."""
+        if self._ops is not None or self._failed is not None:
+            return False
+        name = self.build_name()
+        return not (build_dir(name) / f"{name}.so").is_file()
+
 
 def build_dir(name: str) -> Path:
     """Where a build lives: under ``TORCH_EXTENSIONS_DIR`` (torch's own setting), else ~/.cache/torch_extensions."""

@@ -64,10 +64,7 @@ def load():
 
 def needs_build() -> bool:
     """Whether ``load`` would build the kernel (no build for this machine yet, nothing tried)."""
-    if _module is not None or _failed is not None:
-        return False
-    name = _build_name()
-    return not (_build_dir(name) / f"{name}.so").is_file()
+    return KERNEL.needs_build()
 
 
 def failure() -> str | None:
