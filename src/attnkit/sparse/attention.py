@@ -156,6 +156,7 @@ class SparseSelector:
         self._fresh = False  # the selection in _last is this call's (set by run, cleared as a call starts)
         self.pages = PageStats()  # each site's key-page statistics, kept across the steps of a KV cache
         self._written: tuple | None = None  # _written_keys' last mask and answer
+        self._prefix: tuple | None = None  # _written_prefix's last mask and answer
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if self._last is None or not self._fresh:
@@ -175,6 +176,19 @@ class SparseSelector:
             self._written = seen = (allowed, allowed._version, K, *_written_extent(allowed, K))
         end, masked = seen[3], seen[4]
         return k[:, :, :end], v[:, :, :end], allowed[..., :end] if masked else None
+
+    def _written_prefix(self, k: Tensor, v: Tensor, allowed: Tensor, Q: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """k, v (B, Hkv, K, D) and the mask of a prompt of Q queries: the written keys only (views)
+        and no mask where the mask is exactly causal over them and hides every slot after them (a
+        preallocated cache's prefill: ``_causal_prefix``); else all three as they came. Reused while
+        the mask is the same tensor, unchanged: the layers of a forward share the model's mask."""
+        seen, K = self._prefix, k.shape[2]
+        if seen is None or seen[0] is not allowed or seen[1] != allowed._version or seen[2] != (K, Q):
+            self._prefix = seen = (allowed, allowed._version, (K, Q), _causal_prefix(allowed, K, Q))
+        end = seen[3]
+        if end is None:
+            return k, v, allowed
+        return k[:, :, :end], v[:, :, :end], None
 
     def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
         """The call's selection, its per-KV-group key and value (B, Hkv, K, D) and its mask (True =
@@ -200,6 +214,11 @@ class SparseSelector:
             # a preallocated cache (StaticCache) passes every slot, the unwritten ones hidden: the
             # step's query is the last key its mask shows, and the pages end there
             k, v, allowed = self._written_keys(k, v, allowed)
+        elif causal and allowed is not None:
+            # a prompt into a preallocated cache: the model's mask is the causal one over the written
+            # keys with the unwritten slots hidden; over the written keys alone the call needs no mask
+            # (and runs on the SDPA kernels). Any other mask (padding, a window) is kept as it is.
+            k, v, allowed = self._written_prefix(k, v, allowed, call.query_length)
         pages = None
         if causal and k.shape[2] > call.query_length:
             # the queries follow a cache's keys: the pages' statistics are kept across calls (a call
@@ -324,6 +343,22 @@ def _written_extent(allowed: Tensor, K: int) -> tuple[int, bool]:
     rows = allowed[..., :K].reshape(-1, K)  # (rows, K)
     end = K - int(rows.any(0).flip(0).int().argmax())  # K when the last key is seen, or none is
     return end, not bool(rows[:, :end].all())
+
+
+def _causal_prefix(allowed: Tensor, K: int, Q: int) -> int | None:
+    """The number of written keys ``end`` < K when the mask ``allowed`` (B|1, H|1, Q, K' >= K) of Q
+    queries over K keys is exactly the causal one over keys 0..end-1 (query i sees keys 0..end-Q+i,
+    every row, batch row and head alike) and hides keys end..K-1: a prompt written into the first
+    ``end`` slots of a preallocated cache. None for any other mask (padding, a sliding window, a
+    per-row pattern) or one that hides no slot at the end."""
+    if allowed.shape[-2] != Q:
+        return None
+    mask = allowed[..., :K]
+    end = K - int(mask.reshape(-1, K).any(0).flip(0).int().argmax())  # K when the last key is seen, or none is
+    if not Q <= end < K:
+        return None
+    written = mask[..., :end]
+    return end if torch.equal(written, causal_allowed(Q, end, mask.device).expand(written.shape)) else None
 
 
 def visible_blocks(allowed: Tensor, geo: BlockGeometry) -> Tensor:

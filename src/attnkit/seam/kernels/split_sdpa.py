@@ -164,6 +164,30 @@ def _blocks(t: Tensor, geo: BlockGeometry) -> Tensor:
     return t.reshape(-1, geo.n_key_blocks, geo.block_size, t.shape[-1])
 
 
+def _flat_blocks(blocks: Tensor) -> tuple[Tensor, int]:
+    """(N, bs, D) a view in which key block j of row r of ``blocks`` (B·Hkv, nKb, bs, D) is block
+    r·P + j, and that P: nKb for keys laid out whole, more for the written keys of a longer buffer
+    (a preallocated cache's first slots) whose rows lie whole blocks apart; a copy (P = nKb) where
+    neither holds."""
+    R, nK, bs, D = blocks.shape
+    try:
+        return blocks.view(-1, bs, D), nK
+    except RuntimeError:
+        pass
+    row, size = blocks.stride(0), bs * D
+    if blocks.stride()[1:] == (size, D, 1) and row % size == 0:
+        P = row // size
+        end = blocks.storage_offset() + R * P * size
+        if end * blocks.element_size() <= blocks.untyped_storage().nbytes():
+            return blocks.as_strided((R * P, bs, D), (size, D, 1)), P
+    return blocks.reshape(-1, bs, D), nK
+
+
+def _in_flat(blocks: Tensor, n_key_blocks: int, P: int) -> Tensor:
+    """Block numbers r·nKb + j as r·P + j (``_flat_blocks``)."""
+    return blocks if P == n_key_blocks else blocks + blocks.div(n_key_blocks, rounding_mode="floor") * (P - n_key_blocks)
+
+
 def _diagonal(blocks: Tensor, geo: BlockGeometry) -> Tensor:
     """(nQb, B·Hkv, bs, D) each query block's own key block, a strided view of ``blocks``."""
     return blocks[:, geo.first_block: geo.first_block + geo.n_query_blocks].transpose(0, 1)
@@ -186,7 +210,7 @@ class _SplitAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SplitPlan, scale: float, geo: BlockGeometry) -> Tensor:
         B, H, L, D = q.shape
         Hk, Dv = k.shape[1], v.shape[-1]
-        G, bs, nQ = H // Hk, geo.block_size, geo.n_query_blocks
+        G, bs, nQ, nK = H // Hk, geo.block_size, geo.n_query_blocks, geo.n_key_blocks
         kb, vb = _blocks(k, geo), _blocks(v, geo)  # (B·Hkv, nKb, bs, D|Dv)
         # every query block against its own key block: o (nQb, B·H, bs, Dv) laid out (nQb, bs, B·H, Dv)
         o, lse = _forward(_by_block(q, bs), _diagonal(kb, geo), _diagonal(vb, geo), 0.0, True, scale=scale)
@@ -194,15 +218,15 @@ class _SplitAttention(torch.autograd.Function):
         if plan.own_bias is not None:  # a constant on every score of the part shifts its log-sum-exp
             lse.view(nQ, B * Hk, G, bs).add_(plan.own_bias.to(lse.dtype)[:, :, None, None])
         o5, lse5 = o.view(nQ, B * Hk, G, bs, Dv), lse.view(nQ, B * Hk, G, bs)
-        kflat, vflat = kb.view(-1, bs, D), vb.view(-1, bs, Dv)
+        (kflat, kP), (vflat, vP) = _flat_blocks(kb), _flat_blocks(vb)
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
         qv = q.view(B, Hk, G, nQ, bs, D)
         for b in plan.buckets:
             n = b.blocks.shape[0]
             qb = qv[:, :, :, b.i0: b.i1].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)  # (m, 1, G·bs, D)
             m = qb.shape[0]
-            kg = torch.index_select(kflat, 0, b.blocks, out=kbuf[:n]).view(m, 1, -1, D)
-            vg = torch.index_select(vflat, 0, b.blocks, out=vbuf[:n]).view(m, 1, -1, Dv)
+            kg = torch.index_select(kflat, 0, _in_flat(b.blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
+            vg = torch.index_select(vflat, 0, _in_flat(b.blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
             o2, l2 = _forward(qb, kg, vg, 0.0, False, attn_mask=b.mask, scale=scale)
             # merge into the own part's rows: l = logaddexp(l1, l2), o = e^(l1-l)·o1 + e^(l2-l)·o2; the
             # weights overwrite l1 (then l) and l2 in place: one small temporary a bucket, not three
@@ -229,7 +253,7 @@ class _SplitAttention(torch.autograd.Function):
         plan, scale, geo = ctx.plan, ctx.scale, ctx.geo
         B, H, L, D = q.shape
         Hk, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
-        G, bs, nQ = H // Hk, geo.block_size, geo.n_query_blocks
+        G, bs, nQ, nK = H // Hk, geo.block_size, geo.n_query_blocks, geo.n_key_blocks
         kb, vb = _blocks(k, geo), _blocks(v, geo)
         g_own, o_own = _by_block(grad_out, bs), _by_block(out, bs)  # (nQb, B·H, bs, Dv)
         lse_own = lse
@@ -247,7 +271,7 @@ class _SplitAttention(torch.autograd.Function):
         del dk_own, dv_own
         dq5 = dq.view(nQ, B * Hk, G, bs, D)
         lse5 = lse.view(nQ, B * Hk, G, bs)
-        kflat, vflat = kb.view(-1, bs, D), vb.view(-1, bs, Dv)
+        (kflat, kP), (vflat, vP) = _flat_blocks(kb), _flat_blocks(vb)
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
         qv = q.view(B, Hk, G, nQ, bs, D)
         g5, o5 = g_own.view(nQ, B * Hk, G, bs, Dv), o_own.view(nQ, B * Hk, G, bs, Dv)
@@ -257,8 +281,8 @@ class _SplitAttention(torch.autograd.Function):
             n, r = b.blocks.shape[0], slice(b.i0, b.i1)
             qb = qv[:, :, :, r].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)
             m = qb.shape[0]
-            kg = torch.index_select(kflat, 0, b.blocks, out=kbuf[:n]).view(m, 1, -1, D)
-            vg = torch.index_select(vflat, 0, b.blocks, out=vbuf[:n]).view(m, 1, -1, Dv)
+            kg = torch.index_select(kflat, 0, _in_flat(b.blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
+            vg = torch.index_select(vflat, 0, _in_flat(b.blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
             gq, gk, gv = _backward(
                 g5[r].reshape(m, 1, G * bs, Dv), qb, kg, vg, o5[r].reshape(m, 1, G * bs, Dv),
                 lse5[r].reshape(m, 1, G * bs), 0.0, False, attn_mask=b.mask, scale=scale)
