@@ -18,9 +18,12 @@ from transformers import StaticCache
 
 from attnkit.seam.call import causal_allowed
 from attnkit.seam.kernels import paged_cpu
+from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
+from attnkit.sparse import dense_reference
 from attnkit.sparse import SparseConfig, sparse_attention
 from attnkit.sparse.attention import _causal_prefix
 from conftest import VOCAB, gpt2, llama, mistral
+from sparse_helpers import random_qkv, random_selection
 
 MODELS = {"gpt2-mha": gpt2, "llama-gqa": llama}
 BS = 4
@@ -74,8 +77,8 @@ def test_static_cache_passed_in_and_a_second_prompt_chunk():
     for kernel in ("auto", "portable"):
         cache = StaticCache(config=model.config, max_cache_len=40)
         with torch.no_grad(), sparse_attention(model, replace(cfg, kernel=kernel)) as handle:
-            first = model(ids[:, :12], past_key_values=cache, use_cache=True).logits
-            second = model(ids[:, 12:], past_key_values=cache, use_cache=True).logits
+            first = model(ids[:, :12], cache=cache, use_cache=True).logits
+            second = model(ids[:, 12:], cache=cache, use_cache=True).logits
         logits[kernel] = torch.cat([first, second], 1)
         if kernel == "auto":
             assert dict(handle.kernels) == {"split_sdpa": 2 * model.config.num_hidden_layers}
@@ -128,4 +131,41 @@ def _mask(kind: str, Q: int = 8, end: int = 11, K: int = 16) -> torch.Tensor:
 def test_only_the_causal_written_prefix_is_cut(kind):
     assert _causal_prefix(_mask("causal"), 16, 8) == 11
     assert _causal_prefix(_mask("causal")[:1], 16, 8) == 11  # one mask for the batch
+    assert _causal_prefix(_mask("causal")[0, 0], 16, 8) == 11  # (Q, K): the one the adapter builds without a mask
     assert _causal_prefix(_mask(kind), 16, 8) is None
+
+
+# (B, H, Hkv, written keys = queries, cache slots, block)
+BUFFERS = {
+    "gqa-slots-whole-blocks": (2, 4, 2, 24, 40, 4),  # gathered in place from the buffer
+    "mha-slots-not-whole-blocks": (2, 3, 3, 24, 37, 4),  # gathered from a copy
+    "gqa-written-partial-block": (1, 4, 2, 22, 32, 4),  # padded to whole blocks
+}
+
+
+@pytest.mark.parametrize("kernel", ["split_sdpa", "gather_sdpa"])
+@pytest.mark.parametrize("shape", BUFFERS)
+def test_kernels_read_the_written_prefix_of_a_longer_buffer(kernel, shape):
+    """Keys and values as a StaticCache hands them over once cut to the written slots: the first
+    T slots of a longer (B, Hkv, slots, D) buffer, a strided view. Forward and backward in float64
+    against dense attention restricted to the kept blocks."""
+    B, H, Hk, T, slots, bs = BUFFERS[shape]
+    D = 5
+    sel, _ = random_selection(B, Hk, T, bs, 0.4, seed=2, causal=True, Q=T)
+    q, k, v = random_qkv(B, H, Hk, T, T, D)
+    k_buffer = torch.randn(B, Hk, slots, D, dtype=torch.float64)
+    v_buffer = torch.randn(B, Hk, slots, D, dtype=torch.float64)
+    with torch.no_grad():
+        k_buffer[:, :, :T], v_buffer[:, :, :T] = k, v
+    k_buffer.requires_grad_(True), v_buffer.requires_grad_(True)
+    call = BlockCall(q, k_buffer[:, :, :T], v_buffer[:, :, :T], sel, D ** -0.5)
+    assert choose_block_kernel(call, kernel).name == kernel
+    out = choose_block_kernel(call, kernel).run(call)
+    ref = dense_reference(q, k, v, sel.block_mask(), sel.geometry, scale=D ** -0.5)
+    assert torch.allclose(out, ref, atol=1e-12)
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), (q, k_buffer, v_buffer))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert torch.allclose(got[0], want[0], atol=1e-12)
+    for g, r in zip(got[1:], want[1:]):
+        assert torch.allclose(g[:, :, :T], r, atol=1e-12) and not g[:, :, T:].any()

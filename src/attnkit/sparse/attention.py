@@ -358,7 +358,7 @@ def _causal_prefix(allowed: Tensor, K: int, Q: int) -> int | None:
     if not Q <= end < K:
         return None
     written = mask[..., :end]
-    return end if torch.equal(written, causal_allowed(Q, end, mask.device).expand(written.shape)) else None
+    return end if torch.equal(written, causal_allowed(Q, end, mask.device)[0, 0].expand(written.shape)) else None
 
 
 def visible_blocks(allowed: Tensor, geo: BlockGeometry) -> Tensor:
