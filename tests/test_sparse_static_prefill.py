@@ -132,7 +132,8 @@ def test_only_the_causal_written_prefix_is_cut(kind):
     assert _causal_prefix(_mask("causal"), 16, 8) == 11
     assert _causal_prefix(_mask("causal")[:1], 16, 8) == 11  # one mask for the batch
     assert _causal_prefix(_mask("causal")[0, 0], 16, 8) == 11  # (Q, K): the one the adapter builds without a mask
-    assert _causal_prefix(_mask(kind), 16, 8) is None
+    mask = _mask(kind)
+    assert _causal_prefix(mask, mask.shape[-1], 8) is None
 
 
 # (B, H, Hkv, written keys = queries, cache slots, block)

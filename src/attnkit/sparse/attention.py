@@ -157,6 +157,7 @@ class SparseSelector:
         self.pages = PageStats()  # each site's key-page statistics, kept across the steps of a KV cache
         self._written: tuple | None = None  # _written_keys' last mask and answer
         self._prefix: tuple | None = None  # _written_prefix's last mask and answer
+        self._causal: Tensor | None = None  # _causal_pattern's last pattern
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if self._last is None or not self._fresh:
@@ -177,18 +178,21 @@ class SparseSelector:
         end, masked = seen[3], seen[4]
         return k[:, :, :end], v[:, :, :end], allowed[..., :end] if masked else None
 
-    def _written_prefix(self, k: Tensor, v: Tensor, allowed: Tensor, Q: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """k, v (B, Hkv, K, D) and the mask of a prompt of Q queries: the written keys only (views)
-        and no mask where the mask is exactly causal over them and hides every slot after them (a
-        preallocated cache's prefill: ``_causal_prefix``); else all three as they came. Reused while
+    def _written_prefix(self, Q: int, K: int, allowed: Tensor) -> int | None:
+        """The written keys of a prompt of Q queries over K slots whose mask ``allowed`` is exactly
+        causal over them and hides every slot after them (``_causal_prefix``), or None. Reused while
         the mask is the same tensor, unchanged: the layers of a forward share the model's mask."""
-        seen, K = self._prefix, k.shape[2]
+        seen = self._prefix
         if seen is None or seen[0] is not allowed or seen[1] != allowed._version or seen[2] != (K, Q):
-            self._prefix = seen = (allowed, allowed._version, (K, Q), _causal_prefix(allowed, K, Q))
-        end = seen[3]
-        if end is None:
-            return k, v, allowed
-        return k[:, :, :end], v[:, :, :end], None
+            self._prefix = seen = (allowed, allowed._version, (K, Q), _causal_prefix(allowed, K, Q, self._causal_pattern))
+        return seen[3]
+
+    def _causal_pattern(self, Q: int, end: int, device: torch.device) -> Tensor:
+        """(Q, end) bool, ``causal_allowed``: kept for the next layer's check (the same shape)."""
+        pattern = self._causal
+        if pattern is None or pattern.shape != (Q, end) or pattern.device != device:
+            pattern = self._causal = causal_allowed(Q, end, device)[0, 0]
+        return pattern
 
     def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
         """The call's selection, its per-KV-group key and value (B, Hkv, K, D) and its mask (True =
@@ -207,18 +211,21 @@ class SparseSelector:
             if (gate.num_kv_heads, gate.groups, gate.head_dim) != shape:
                 raise UserError(f"the gate of {call.site} was made for (KV heads, group size, head dim) "
                                 f"{(gate.num_kv_heads, gate.groups, gate.head_dim)}, the call has {shape}")
-        causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
         cfg = self.cfg.at_layer(call.site.layer)  # the layer's own density under layer_shares
-        allowed = call.allowed
+        allowed, prefix = call.allowed, None
+        if self.cfg.causal is not False and allowed is not None and call.query_length > 1:
+            # a prompt into a preallocated cache: the model's mask is the causal one over the written
+            # keys with the unwritten slots hidden; over the written keys alone the call is causal and
+            # needs no mask (and runs on the SDPA kernels). Any other mask (padding, a window) is kept.
+            prefix = self._written_prefix(call.query_length, k.shape[2], allowed)
+        if prefix is not None:
+            causal, k, v, allowed = True, k[:, :, :prefix], v[:, :, :prefix], None
+        else:
+            causal = is_causal_call(call) if self.cfg.causal is None else self.cfg.causal
         if causal and call.query_length == 1 and allowed is not None:
             # a preallocated cache (StaticCache) passes every slot, the unwritten ones hidden: the
             # step's query is the last key its mask shows, and the pages end there
             k, v, allowed = self._written_keys(k, v, allowed)
-        elif causal and allowed is not None:
-            # a prompt into a preallocated cache: the model's mask is the causal one over the written
-            # keys with the unwritten slots hidden; over the written keys alone the call needs no mask
-            # (and runs on the SDPA kernels). Any other mask (padding, a window) is kept as it is.
-            k, v, allowed = self._written_prefix(k, v, allowed, call.query_length)
         pages = None
         if causal and k.shape[2] > call.query_length:
             # the queries follow a cache's keys: the pages' statistics are kept across calls (a call
@@ -345,20 +352,23 @@ def _written_extent(allowed: Tensor, K: int) -> tuple[int, bool]:
     return end, not bool(rows[:, :end].all())
 
 
-def _causal_prefix(allowed: Tensor, K: int, Q: int) -> int | None:
+def _causal_prefix(allowed: Tensor, K: int, Q: int, causal=None) -> int | None:
     """The number of written keys ``end`` < K when the mask ``allowed`` (B|1, H|1, Q, K' >= K) of Q
     queries over K keys is exactly the causal one over keys 0..end-1 (query i sees keys 0..end-Q+i,
-    every row, batch row and head alike) and hides keys end..K-1: a prompt written into the first
-    ``end`` slots of a preallocated cache. None for any other mask (padding, a sliding window, a
-    per-row pattern) or one that hides no slot at the end."""
+    every batch row and head alike) and hides keys end..K-1: a prompt written into the first ``end``
+    slots of a preallocated cache. None for any other mask (padding, a sliding window, a per-row
+    pattern) or one that hides no slot at the end. ``causal(Q, end, device)``: the (Q, end) pattern
+    (``causal_allowed``'s, made here when not given)."""
     if allowed.shape[-2] != Q:
         return None
     mask = allowed[..., :K]
-    end = K - int(mask.reshape(-1, K).any(0).flip(0).int().argmax())  # K when the last key is seen, or none is
-    if not Q <= end < K:
+    last = mask[..., -1, :].reshape(-1, K)  # the last query's row of every batch row and head
+    end = K - int(last.any(0).flip(0).int().argmax())  # a causal mask's last row ends at the last written key
+    if not Q <= end < K or bool(mask[..., end:].any()):
         return None
     written = mask[..., :end]
-    return end if torch.equal(written, causal_allowed(Q, end, mask.device)[0, 0].expand(written.shape)) else None
+    pattern = causal(Q, end, mask.device) if causal is not None else causal_allowed(Q, end, mask.device)[0, 0]
+    return end if torch.equal(written, pattern.expand(written.shape)) else None
 
 
 def visible_blocks(allowed: Tensor, geo: BlockGeometry) -> Tensor:
