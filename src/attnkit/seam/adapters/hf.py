@@ -81,17 +81,18 @@ def attnkit_attention(
     site = attachment.sites.site_of(module, count=not recompute)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    mask = attention_mask
+    mask, is_causal = attention_mask, attention_mask is None and bool(causal)
     if mask is None and causal and 1 < query.shape[2] < key.shape[2]:
         # SDPA's is_causal puts the diagonal top-left: the keys past the queries (a preallocated
-        # cache's unwritten slots, which transformers leaves unmasked in its prefill) are hidden
-        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        # cache's unwritten slots, which transformers leaves unmasked in its prefill) are hidden;
+        # the mask is causal itself
+        mask, is_causal = _top_left_causal(query.shape[2], key.shape[2], query.device), False
     call = build_call(
         module, site, query, key, value,
         mask=mask,
         scale=scaling,
         # The rule transformers' SDPA path applies when no mask was built.
-        is_causal=attention_mask is None and bool(causal),
+        is_causal=is_causal,
         dropout=dropout,
         softcap=kwargs.get("softcap"),
         # A relative position bias (T5, wav2vec2-conformer, Inkling) is added to the scores next
@@ -102,6 +103,21 @@ def attnkit_attention(
     )
     out = run_call(call, attachment.sessions, recompute)
     return out.transpose(1, 2).contiguous(), None
+
+
+_top_left: tuple[weakref.ref, int] | None = None  # _top_left_causal's last mask, its version
+
+
+def _top_left_causal(Q: int, K: int, device: torch.device) -> Tensor:
+    """(Q, K) bool: query i sees keys 0..i. The last one made is reused, unchanged, while anything
+    still holds it (a session keeping the call's mask): the layers of a forward then share one, as
+    they share the mask a model makes, and what is derived from it is computed once."""
+    global _top_left
+    mask = _top_left[0]() if _top_left is not None else None
+    if (mask is None or mask._version != _top_left[1] or mask.shape != (Q, K) or mask.device != device):
+        mask = torch.ones(Q, K, dtype=torch.bool, device=device).tril()
+        _top_left = (weakref.ref(mask), mask._version)
+    return mask
 
 
 def _learned_sinks(kwargs: dict) -> Tensor | None:
