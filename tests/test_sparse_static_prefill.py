@@ -16,12 +16,14 @@ import pytest
 import torch
 from transformers import StaticCache
 
+from attnkit.seam import AttentionSession, attach
 from attnkit.seam.call import causal_allowed
 from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.sparse import dense_reference
 from attnkit.sparse import SparseConfig, sparse_attention
 from attnkit.sparse.attention import _causal_prefix
+from attnkit.seam.taps import Tap
 from conftest import VOCAB, gpt2, llama, mistral
 from sparse_helpers import random_qkv, random_selection
 
@@ -170,3 +172,31 @@ def test_kernels_read_the_written_prefix_of_a_longer_buffer(kernel, shape):
     assert torch.allclose(got[0], want[0], atol=1e-12)
     for g, r in zip(got[1:], want[1:]):
         assert torch.allclose(g[:, :, :T], r, atol=1e-12) and not g[:, :, T:].any()
+
+
+class _Masks(Tap):
+    """Each call's mask (True = may attend), as the seam hands it to sessions."""
+
+    wants_call, wants_chunks = True, False
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor | None] = []
+
+    def on_call(self, call) -> None:
+        self.masks.append(call.allowed)
+
+
+def test_prompt_into_a_static_cache_without_a_mask_is_top_left_causal():
+    """Without the model's mask the adapter hides the unwritten slots itself: one (1, 1, Q, K)
+    top-left causal mask, shared by the layers (what the written-keys cut is decided on once per
+    forward), and the model's own output through the seam."""
+    model = llama("sdpa")
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids, cache=StaticCache(config=model.config, max_cache_len=20), use_cache=True).logits
+        tap = _Masks()
+        with attach(model, AttentionSession(taps=[tap])):
+            got = model(ids, cache=StaticCache(config=model.config, max_cache_len=20), use_cache=True).logits
+    assert (got - want).abs().max() < 1e-5
+    assert len(tap.masks) == model.config.num_hidden_layers and all(m is tap.masks[0] for m in tap.masks)
+    assert torch.equal(tap.masks[0], torch.ones(1, 1, 12, 20, dtype=torch.bool).tril())

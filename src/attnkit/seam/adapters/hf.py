@@ -109,13 +109,13 @@ _top_left: tuple[weakref.ref, int] | None = None  # _top_left_causal's last mask
 
 
 def _top_left_causal(Q: int, K: int, device: torch.device) -> Tensor:
-    """(Q, K) bool: query i sees keys 0..i. The last one made is reused, unchanged, while anything
+    """(1, 1, Q, K) bool: query i sees keys 0..i. The last one made is reused, unchanged, while anything
     still holds it (a session keeping the call's mask): the layers of a forward then share one, as
     they share the mask a model makes, and what is derived from it is computed once."""
     global _top_left
     mask = _top_left[0]() if _top_left is not None else None
-    if (mask is None or mask._version != _top_left[1] or mask.shape != (Q, K) or mask.device != device):
-        mask = torch.ones(Q, K, dtype=torch.bool, device=device).tril()
+    if mask is None or mask._version != _top_left[1] or mask.shape != (1, 1, Q, K) or mask.device != device:
+        mask = torch.ones(1, 1, Q, K, dtype=torch.bool, device=device).tril()
         _top_left = (weakref.ref(mask), mask._version)
     return mask
 
