@@ -17,7 +17,9 @@ takes the one asked for, or in ``auto`` the first that supports the call, in thi
 - ``gather_sdpa``: SDPA's fused CPU kernel on the gathered kept blocks, rows bucketed by how many
   blocks they keep, the own block masked; bidirectional calls and a decoding step's lone query
   block. Both SDPA kernels: cost that falls with density (forward and backward); calls without
-  the model's own mask, bias, soft-cap, sinks, dropout or other modifiers, on the CPU.
+  the model's own mask, bias, soft-cap, sinks, dropout or other modifiers, on the CPU (a prompt
+  into a preallocated cache comes without its mask: ``sparse_attention`` cuts the call to the
+  written keys when the mask is exactly causal over them).
 - ``portable``: attnkit's gather kernel, any call, any device, with a backward (the reference
   the others are tested against).
 

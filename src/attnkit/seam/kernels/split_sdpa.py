@@ -157,8 +157,9 @@ def split_sdpa_attention(
 
 
 def _blocks(t: Tensor, geo: BlockGeometry) -> Tensor:
-    """(B·Hkv, nKb, bs, D) every key (value) block of t (B, Hkv, K, D): a view, a copy only to pad
-    a partial last block (or of keys not laid out (B, Hkv, K, D))."""
+    """(B·Hkv, nKb, bs, D) every key (value) block of t (B, Hkv, K, D): a view (also of the written
+    first K slots of a longer buffer), a copy only to pad a partial last block (or of keys not laid
+    out (B, Hkv, K, D))."""
     if geo.padded_keys != t.shape[2]:
         t = F.pad(t, (0, 0, 0, geo.padded_keys - t.shape[2]))
     return t.reshape(-1, geo.n_key_blocks, geo.block_size, t.shape[-1])
