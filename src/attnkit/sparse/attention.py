@@ -157,7 +157,6 @@ class SparseSelector:
         self.pages = PageStats()  # each site's key-page statistics, kept across the steps of a KV cache
         self._written: tuple | None = None  # _written_keys' last mask and answer
         self._prefix: tuple | None = None  # _written_prefix's last mask and answer
-        self._causal: Tensor | None = None  # _causal_pattern's last pattern
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if self._last is None or not self._fresh:
@@ -184,15 +183,8 @@ class SparseSelector:
         the mask is the same tensor, unchanged: the layers of a forward share the model's mask."""
         seen = self._prefix
         if seen is None or seen[0] is not allowed or seen[1] != allowed._version or seen[2] != (K, Q):
-            self._prefix = seen = (allowed, allowed._version, (K, Q), _causal_prefix(allowed, K, Q, self._causal_pattern))
+            self._prefix = seen = (allowed, allowed._version, (K, Q), _causal_prefix(allowed, K, Q))
         return seen[3]
-
-    def _causal_pattern(self, Q: int, end: int, device: torch.device) -> Tensor:
-        """(Q, end) bool, ``causal_allowed``: kept for the next layer's check (the same shape)."""
-        pattern = self._causal
-        if pattern is None or pattern.shape != (Q, end) or pattern.device != device:
-            pattern = self._causal = causal_allowed(Q, end, device)[0, 0]
-        return pattern
 
     def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
         """The call's selection, its per-KV-group key and value (B, Hkv, K, D) and its mask (True =
@@ -352,13 +344,12 @@ def _written_extent(allowed: Tensor, K: int) -> tuple[int, bool]:
     return end, not bool(rows[:, :end].all())
 
 
-def _causal_prefix(allowed: Tensor, K: int, Q: int, causal=None) -> int | None:
+def _causal_prefix(allowed: Tensor, K: int, Q: int) -> int | None:
     """The number of written keys ``end`` < K when the mask ``allowed`` (B|1, H|1, Q, K' >= K) of Q
     queries over K keys is exactly the causal one over keys 0..end-1 (query i sees keys 0..end-Q+i,
     every batch row and head alike) and hides keys end..K-1: a prompt written into the first ``end``
     slots of a preallocated cache. None for any other mask (padding, a sliding window, a per-row
-    pattern) or one that hides no slot at the end. ``causal(Q, end, device)``: the (Q, end) pattern
-    (``causal_allowed``'s, made here when not given)."""
+    pattern) or one that hides no slot at the end."""
     if allowed.shape[-2] != Q:
         return None
     mask = allowed[..., :K]
@@ -367,8 +358,7 @@ def _causal_prefix(allowed: Tensor, K: int, Q: int, causal=None) -> int | None:
     if not Q <= end < K or bool(mask[..., end:].any()):
         return None
     written = mask[..., :end]
-    pattern = causal(Q, end, mask.device) if causal is not None else causal_allowed(Q, end, mask.device)[0, 0]
-    return end if torch.equal(written, pattern.expand(written.shape)) else None
+    return end if torch.equal(written, causal_allowed(Q, end, mask.device)[0, 0].expand(written.shape)) else None
 
 
 def visible_blocks(allowed: Tensor, geo: BlockGeometry) -> Tensor:
