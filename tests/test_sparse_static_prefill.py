@@ -68,6 +68,35 @@ def test_static_prompt_runs_on_the_sdpa_kernel(name, pattern):
     assert (logits - d_logits).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("given_mask", [False, True], ids=["no_mask", "model_mask"])
+def test_a_prompt_mask_is_shared_by_the_layers_and_dies_with_the_forward(given_mask):
+    """The layers of one prompt forward share its (Q, K) mask and what is derived from it (one check
+    a forward); once the forward returns, the session keeps neither (it would hold Q x K bytes)."""
+    import gc
+    import weakref
+
+    from attnkit.sparse import attention as sparse_module
+
+    model = llama("sdpa")
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    cfg = SparseConfig(pattern="quest", density=0.5, block_size=BS)
+    checks, seen = [], []
+    real = sparse_module._causal_prefix
+    with torch.no_grad(), sparse_attention(model, cfg) as handle:
+        sparse_module._causal_prefix = lambda allowed, K, Q: (checks.append(1), seen.append(weakref.ref(allowed)),
+                                                              real(allowed, K, Q))[-1]
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=40)
+            mask = torch.ones(1, 12, dtype=torch.long) if given_mask else None
+            model(ids, attention_mask=mask, cache=cache, use_cache=True)
+        finally:
+            sparse_module._causal_prefix = real
+        assert dict(handle.kernels) == {"split_sdpa": model.config.num_hidden_layers}
+        assert len(checks) == 1  # one check for the forward, shared by its layers
+        gc.collect()
+        assert seen[0]() is None  # the forward's mask is gone while the session is still open
+
+
 def test_static_cache_passed_in_and_a_second_prompt_chunk():
     """A StaticCache object given to the model, filled by two prompt chunks: the second chunk's
     queries follow the first's keys, causal over both, the rest of the cache hidden."""

@@ -167,6 +167,10 @@ class SparseSelector:
         qb = (q_idx // geo.block_size - geo.first_block).clamp(0, geo.n_query_blocks - 1)
         return sel.block_mask()[b, h // groups, qb, kv_idx // geo.block_size]
 
+    def forget_masks(self) -> None:
+        """Drop the model's masks kept to share work between the layers of one forward."""
+        self._written = self._prefix = None
+
     def _written_keys(self, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """k, v (B, Hkv, K, D) and the mask up to the last written key (views; ``_written_extent``),
         the mask None where it hides none of them. The extent is reused while the mask is the same
@@ -420,4 +424,10 @@ def sparse_attention(
     selector = SparseSelector(cfg, gates, handle)
     session = SparseSession(selector, handle, layers=layers, chunk_elements=cfg.chunk_elements)
     with attach(model, session):
-        yield handle
+        # the masks the layers of one forward share are dropped when it returns (a prompt's (Q, K)
+        # mask is 67 MB at 8k tokens): nothing of a forward outlives it in the selector
+        forget = model.register_forward_hook(lambda module, args, output: selector.forget_masks())
+        try:
+            yield handle
+        finally:
+            forget.remove()
