@@ -32,6 +32,14 @@ STEPS = 4
 DECODE_KERNEL = "paged_cpu" if paged_cpu.load() is not None else "paged_decode"
 
 
+def _cache(model, cache) -> dict:
+    """``cache`` as the keyword this transformers takes it by: ``cache`` from 5.2x on (the old name
+    warns there), ``past_key_values`` before (where ``cache=`` would be ignored)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def _generate(model, ids, cfg, cache, attention_mask=None, steps=STEPS):
     """(tokens, logits (B, steps, V), the kernels' call counts) of greedy generation under ``cfg``
     (dense where None) with Hugging Face's ``cache`` implementation ("static" or "dynamic")."""
@@ -88,7 +96,7 @@ def test_a_prompt_mask_is_shared_by_the_layers_and_dies_with_the_forward(given_m
         try:
             cache = StaticCache(config=model.config, max_cache_len=40)
             mask = torch.ones(1, 12, dtype=torch.long) if given_mask else None
-            model(ids, attention_mask=mask, cache=cache, use_cache=True)
+            model(ids, attention_mask=mask, use_cache=True, **_cache(model, cache))
         finally:
             sparse_module._causal_prefix = real
         assert dict(handle.kernels) == {"split_sdpa": model.config.num_hidden_layers}
@@ -107,8 +115,8 @@ def test_static_cache_passed_in_and_a_second_prompt_chunk():
     for kernel in ("auto", "portable"):
         cache = StaticCache(config=model.config, max_cache_len=40)
         with torch.no_grad(), sparse_attention(model, replace(cfg, kernel=kernel)) as handle:
-            first = model(ids[:, :12], cache=cache, use_cache=True).logits
-            second = model(ids[:, 12:], cache=cache, use_cache=True).logits
+            first = model(ids[:, :12], use_cache=True, **_cache(model, cache)).logits
+            second = model(ids[:, 12:], use_cache=True, **_cache(model, cache)).logits
         logits[kernel] = torch.cat([first, second], 1)
         if kernel == "auto":
             assert dict(handle.kernels) == {"split_sdpa": 2 * model.config.num_hidden_layers}
@@ -221,10 +229,10 @@ def test_prompt_into_a_static_cache_without_a_mask_is_top_left_causal():
     model = llama("sdpa")
     ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        want = model(ids, cache=StaticCache(config=model.config, max_cache_len=20), use_cache=True).logits
+        want = model(ids, use_cache=True, **_cache(model, StaticCache(config=model.config, max_cache_len=20))).logits
         tap = _Masks()
         with attach(model, AttentionSession(taps=[tap])):
-            got = model(ids, cache=StaticCache(config=model.config, max_cache_len=20), use_cache=True).logits
+            got = model(ids, use_cache=True, **_cache(model, StaticCache(config=model.config, max_cache_len=20))).logits
     assert (got - want).abs().max() < 1e-5
     assert len(tap.masks) == model.config.num_hidden_layers and all(m is tap.masks[0] for m in tap.masks)
     assert torch.equal(tap.masks[0], torch.ones(1, 1, 12, 20, dtype=torch.bool).tril())
