@@ -251,7 +251,7 @@ def test_a_build_is_reused_only_for_the_same_source_and_machine(monkeypatch, tmp
     assert qk_stats._build_dir(name).joinpath(f"{name}.so").is_file()  # the build this suite loaded
     source = tmp_path / "qk_stats.cpp"
     source.write_text(qk_stats.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(qk_stats, "SOURCE", source)
+    monkeypatch.setattr(qk_stats.KERNEL, "source", source)
     assert qk_stats._build_name() != name  # another source: another build
 
 

@@ -49,8 +49,8 @@ KERNEL = NativeKernel("qk_stats", SOURCE, "attnkit", "statistics kernel", header
 
 
 def _build_name() -> str:
-    """The build's name (``NativeKernel.build_name`` of the current ``SOURCE``)."""
-    return NativeKernel("qk_stats", SOURCE, "attnkit", "statistics kernel", headers=(VEC_MATH,)).build_name()
+    """The build's name (``NativeKernel.build_name``: a digest of the source, headers, flags and machine)."""
+    return KERNEL.build_name()
 
 
 def _build_dir(name: str) -> Path:

@@ -322,7 +322,7 @@ def format_overflow(tr: Trends) -> list[Finding]:
     if tr.formats is None or len(tr.steps) < 2:
         return []
     scales = np.asarray(tr.scales if tr.scales is not None else [1.0] * len(tr.series), dtype=float)
-    hits, now, limits, projected = _near_limit(tr, logit_magnitude(tr.metrics) / scales)
+    hits, now, limits, projected = _overflow_hits(tr, logit_magnitude(tr.metrics) / scales)
     out = []
     for s in np.flatnonzero(hits):
         site, head = tr.series[s]
@@ -337,14 +337,19 @@ def format_overflow(tr: Trends) -> list[Finding]:
     return out
 
 
-def _near_limit(tr: Trends, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _format_limits(formats: list[str | None]) -> np.ndarray:
+    """Each series' number format's largest finite value (``qk_product_max``; inf where unknown)."""
+    return np.array([dtype_threshold("qk_product_max", f) or np.inf for f in formats], dtype=float)
+
+
+def _overflow_hits(tr: Trends, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For (n, series) figures in each series' number format: (hits, latest, limit, projected steps).
     A hit: at each of the last ``overflow_confirm`` observed steps (one figure's jump is no trend),
     the figure within ``overflow_headroom_bits`` of the format's largest finite value, or, from
     ``overflow_floor_bits`` below it, its log-linear trend over the ``overflow_window`` observed steps
     up to there reaching it within ``overflow_horizon`` steps."""
     t = tr.t
-    limits = np.array([dtype_threshold("qk_product_max", f) or np.inf for f in tr.formats], dtype=float)
+    limits = _format_limits(tr.formats)
     confirm = max(1, int(t.overflow_confirm))
     hits = np.ones(values.shape[1], dtype=bool)
     now, projected = values[-1], np.full(values.shape[1], np.inf)
@@ -352,15 +357,15 @@ def _near_limit(tr: Trends, values: np.ndarray) -> tuple[np.ndarray, np.ndarray,
         end = len(values) - back
         if end < 1:
             return np.zeros_like(hits), now, limits, projected
-        h, p = _near_limit_at(tr.steps[:end], values[:end], limits, t)
+        h, p = _overflow_hits_at(tr.steps[:end], values[:end], limits, t)
         hits &= h
         if back == 0:
             projected = p
     return hits, now, limits, projected
 
 
-def _near_limit_at(steps: np.ndarray, values: np.ndarray, limits: np.ndarray, t: Thresholds) -> tuple[np.ndarray, np.ndarray]:
-    """``_near_limit``'s test at the last of ``steps``: (hits, projected steps to the limit)."""
+def _overflow_hits_at(steps: np.ndarray, values: np.ndarray, limits: np.ndarray, t: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """``_overflow_hits``'s test at the last of ``steps``: (hits, projected steps to the limit)."""
     steps, values = steps[-t.overflow_window:], values[-t.overflow_window:]
     now = values[-1]
     projected = np.full(len(now), np.inf)
@@ -382,7 +387,7 @@ def activation_overflow(tr: Trends) -> list[Finding]:
     there, and the next layer's attention only shows its NaN. One finding for the model."""
     if tr.formats is None or "activation_absmax" not in tr.metrics or len(tr.steps) < 2:
         return []
-    hits, now, limits, projected = _near_limit(tr, tr.metrics["activation_absmax"])
+    hits, now, limits, projected = _overflow_hits(tr, tr.metrics["activation_absmax"])
     if not hits.any():
         return []
     s = int(np.flatnonzero(hits)[np.argmax(now[hits] / limits[hits])])
@@ -402,7 +407,7 @@ def near_limit(values: dict[str, np.ndarray], formats: list[str | None] | None, 
     limit between two sparse observations."""
     if formats is None:
         return False
-    limits = np.array([dtype_threshold("qk_product_max", f) or np.inf for f in formats], dtype=float)
+    limits = _format_limits(formats)
     if not np.isfinite(limits).any():
         return False
     line = limits / 2.0 ** floor_bits

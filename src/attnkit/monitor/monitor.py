@@ -451,15 +451,14 @@ class AttentionMonitor:
         new_losses = self._flush_losses()
         loss = float(self.losses.last(1)[1][0, 0]) if new_losses else None
         scale = self._flush_scales()
-        formats = [self.sites_tap.formats.get(s) for s, _ in self.series]
-        self.near_limit = near_limit(values, formats, [self.sites_tap.scales.get(s, 1.0) for s, _ in self.series],
-                                     self.thresholds.overflow_floor_bits)
+        formats, scales = self._series_formats()
+        self.near_limit = near_limit(values, formats, scales, self.thresholds.overflow_floor_bits)
         record = StepRecord(step, loss, self.series, {m: values[m].tolist() for m in self.metric_names}, self.sites, grad,
                             grad_scale=scale)
         self.latest = record
         for e in self.emitters:
             e.step(record)
-        diagnosis = self._diagnose(step, new_losses)
+        diagnosis = self._diagnose(step, new_losses, formats, scales)
         self.stats.reset()
         if self.trace_nonfinite and (diagnosis.of_type("nonfinite") or (loss is not None and not math.isfinite(loss))):
             self._trace(step)
@@ -471,13 +470,16 @@ class AttentionMonitor:
                 self.apply(intervention, diagnosis)
         return diagnosis
 
-    def _diagnose(self, step: int, new_losses: int) -> Diagnosis:
+    def _series_formats(self) -> tuple[list[str | None], list[float]]:
+        """Each series' number format (None: unknown) and softmax scale, as the seam recorded them."""
+        return ([self.sites_tap.formats.get(s) for s, _ in self.series],
+                [self.sites_tap.scales.get(s, 1.0) for s, _ in self.series])
+
+    def _diagnose(self, step: int, new_losses: int, formats: list[str | None], scales: list[float]) -> Diagnosis:
         steps, _ = self.rings["entropy"].last()
         gsteps, gvals = self.grad_ring.last()
         trends = Trends(self.series, self.sites, steps, {m: r.last()[1] for m, r in self.rings.items()},
-                        gsteps, gvals, self.losses, new_losses, self.thresholds,
-                        formats=[self.sites_tap.formats.get(s) for s, _ in self.series],
-                        scales=[self.sites_tap.scales.get(s, 1.0) for s, _ in self.series],
+                        gsteps, gvals, self.losses, new_losses, self.thresholds, formats=formats, scales=scales,
                         grad_scale=self.grad_scales if self.grad_scaler is not None else None)
         issues: list[Finding] = [i for d in self.detectors for i in d(trends)]
         diagnosis = Diagnosis(step, issues)
