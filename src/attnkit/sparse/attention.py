@@ -155,8 +155,7 @@ class SparseSelector:
         self.gate_bias = GateBias(self)
         self._fresh = False  # the selection in _last is this call's (set by run, cleared as a call starts)
         self.pages = PageStats()  # each site's key-page statistics, kept across the steps of a KV cache
-        self._written: tuple | None = None  # _written_keys' last mask and answer
-        self._prefix: tuple | None = None  # _written_prefix's last mask and answer
+        self._per_mask: dict[str, tuple] = {}  # _from_mask's last mask and answer, by question
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if self._last is None or not self._fresh:
@@ -169,26 +168,29 @@ class SparseSelector:
 
     def forget_masks(self) -> None:
         """Drop the model's masks kept to share work between the layers of one forward."""
-        self._written = self._prefix = None
+        self._per_mask.clear()
+
+    def _from_mask(self, question: str, allowed: Tensor, shape: tuple, answer):
+        """``answer()`` for the model's mask ``allowed`` over ``shape``, reused while the mask is the
+        same tensor, unchanged: the layers of a forward share the model's mask."""
+        seen = self._per_mask.get(question)
+        if seen is None or seen[0] is not allowed or seen[1] != allowed._version or seen[2] != shape:
+            seen = self._per_mask[question] = (allowed, allowed._version, shape, answer())
+        return seen[3]
 
     def _written_keys(self, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """k, v (B, Hkv, K, D) and the mask up to the last written key (views; ``_written_extent``),
         the mask None where it hides none of them. The extent is reused while the mask is the same
         tensor, unchanged, over as many keys: the layers of a decoding step share the model's mask."""
-        seen, K = self._written, k.shape[2]
-        if seen is None or seen[0] is not allowed or seen[1] != allowed._version or seen[2] != K:
-            self._written = seen = (allowed, allowed._version, K, *_written_extent(allowed, K))
-        end, masked = seen[3], seen[4]
+        K = k.shape[2]
+        end, masked = self._from_mask("written", allowed, (K,), lambda: _written_extent(allowed, K))
         return k[:, :, :end], v[:, :, :end], allowed[..., :end] if masked else None
 
     def _written_prefix(self, Q: int, K: int, allowed: Tensor) -> int | None:
         """The written keys of a prompt of Q queries over K slots whose mask ``allowed`` is exactly
         causal over them and hides every slot after them (``_causal_prefix``), or None. Reused while
         the mask is the same tensor, unchanged: the layers of a forward share the model's mask."""
-        seen = self._prefix
-        if seen is None or seen[0] is not allowed or seen[1] != allowed._version or seen[2] != (K, Q):
-            self._prefix = seen = (allowed, allowed._version, (K, Q), _causal_prefix(allowed, K, Q))
-        return seen[3]
+        return self._from_mask("prefix", allowed, (K, Q), lambda: _causal_prefix(allowed, K, Q))
 
     def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
         """The call's selection, its per-KV-group key and value (B, Hkv, K, D) and its mask (True =
