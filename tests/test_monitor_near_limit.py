@@ -222,3 +222,42 @@ def test_the_default_policy_rolls_back_and_halves_the_rate_where_the_monitor_kee
         assert _product(model) == pytest.approx(products[entry["restored_step"]], rel=1e-5)
     else:
         assert _product(model) < LIMIT / 8  # clipped 3 bits below the limit
+
+
+def test_a_product_growing_again_after_a_rollback_is_warned_sooner_when_the_trend_is_kept(tmp_path):
+    """The planted head's product keeps growing 1 bit a step after the rollback (the growth is planted, not
+    trained): the warning says where the run-up began (the first observed step within the 6-bit floor,
+    from the weights), and the second warning comes on fewer observations when the rollback keeps the
+    restored run's own past (``Rollback(keep_trend=True)``) than when it forgets it."""
+    from attnkit.monitor import Chain, Policy, ReduceLR, Rollback, Snapshots
+
+    def run(keep_trend: bool, log_dir):
+        model = gpt2().eval()
+        layout = qk_layout(model.transformer.h[0].attn)
+        grow = lambda factor: (layout.scale_query(0, factor ** 0.5), layout.scale_key(0, factor ** 0.5))  # noqa: E731
+        grow(LIMIT / 2.0 ** 12.5 / _product(model))  # 12.5 bits below the limit, then 1 bit a step
+        rule = lambda issue: Chain((Rollback(times=3, keep_trend=keep_trend), ReduceLR(0.5)))  # noqa: E731
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        products, warned = [], []
+        with AttentionMonitor(model, every=1, log_dir=log_dir, emit=(), optimizer=opt, detectors=PREDICTORS,
+                              policy=Policy(rules={"format_overflow": rule, "activation_overflow": rule}),
+                              snapshots=Snapshots(every=2, keep=3), trace_nonfinite=False) as monitor:
+            for step in range(40):
+                products.append(_product(model))
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+                    model(input_ids=X)
+                d = monitor.on_step(step)
+                warned += [i for i in (d.new if d else []) if i.type == "format_overflow"]
+                if len(monitor.interventions) == 2:
+                    break
+                grow(2.0)
+        return products, warned, monitor.interventions
+
+    products, warned, acted = run(False, tmp_path / "forget")
+    floor = LIMIT / 2.0 ** Thresholds().overflow_floor_bits
+    assert warned[0].started == next(s for s, p in enumerate(products) if p >= floor) == 7
+    first, second = acted
+    forget_gap = second["step"] - first["step"]
+    _, warned_keep, (first_keep, second_keep) = run(True, tmp_path / "keep")
+    assert first_keep["step"] == first["step"] and warned_keep[0].started == 7  # the same run up to the rollback
+    assert second_keep["step"] - first_keep["step"] < forget_gap

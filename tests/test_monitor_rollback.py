@@ -221,3 +221,29 @@ def test_a_closed_monitor_with_snapshots_keeps_nothing_alive(tmp_path):
         assert alive() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("keep_trend", [False, True], ids=["forget", "keep_trend"])
+def test_a_rollback_keeps_the_restored_runs_own_observations_only_when_asked(tmp_path, keep_trend):
+    model = gpt2()
+    opt, sched = setup(model)
+    with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=(), optimizer=opt, scheduler=sched,
+                          snapshots=Snapshots(every=3, keep=2)) as monitor:
+        for i in range(10):
+            monitor.on_step(i, loss=step(model, opt, sched, i))
+        steps, values = monitor.rings["logit_max"].last()
+        before = dict(zip(steps.tolist(), values.copy()))  # step -> that step's max logits, recorded independently
+        entry = monitor.apply(Rollback(before=8, keep_trend=keep_trend))
+        restored = entry["restored_step"]
+        assert monitor.step == 9 and restored == 6
+        kept_steps, kept_values = monitor.rings["logit_max"].last()
+        if not keep_trend:
+            assert len(kept_steps) == 0 and len(monitor.losses) == 0
+        else:
+            shift = 9 - restored
+            # the restored run's past: every observation up to the snapshot, ending just before the next step
+            assert kept_steps.tolist() == [s + shift for s in sorted(before) if s <= restored]
+            for s, row in zip(kept_steps.tolist(), kept_values):
+                assert row == pytest.approx(before[s - shift], nan_ok=True)
+            assert kept_steps[-1] == monitor.step and monitor.losses.last()[0].tolist() == kept_steps.tolist()
+        assert not monitor.warned

@@ -30,6 +30,20 @@ of the run cost 0.24 and 0.32 nats against the half-LR run on two GPT-2 runs):
 - ``rollback_lr_noclip``: either prediction → roll back to the newest snapshot and halve the LR (at most
   3 times), no QK-clip.
 
+Fourth round (aimed at the third round's runs that rolled back once and diverged later with no second
+warning: the restored run started with an empty history):
+
+- ``rollback_lr_keep``: ``rollback_lr_noclip``, but the rollback keeps the observations up to the restored
+  snapshot (``Rollback(keep_trend=True)``), so a regrowth is fitted on them and warned within a few
+  observations.
+- ``rollback_trend_lr_keep``: the same, restoring the newest snapshot from before the warned trend's start
+  (``Rollback(before=issue.started)``; the oldest kept when none is that old).
+
+Fourth round's choice (README "Fourth round", written before its runs): on the design seeds 0-4's failures
+by rule v2 over 200 steps with a finite half-LR reference, among ``rollback_lr_noclip``,
+``rollback_lr_keep`` and ``rollback_trend_lr_keep``: the most rescued by the plain test; ties → more ended
+healthy and finite; then fewer undone steps; still tied → ``rollback_lr_noclip`` stays.
+
 THE CHOICE (written before any third-round policy run): on the design seeds' failures by rule v2,
 the policy that rescues the most by the plain test (finite, healthy by rule v2, final loss within 0.1
 nats of the half-LR run, among failures with a finite half-LR reference); ties → more runs ended
@@ -93,10 +107,19 @@ def _rules(name: str) -> dict:
     if name == "rollback_lr_gradclip":
         return {"format_overflow": lambda issue: Chain((roll(), ReduceLR(0.5), _clip(issue), GradClip(1.0))),
                 "activation_overflow": lambda issue: Chain((roll(), ReduceLR(0.5), GradClip(1.0)))}
+    if name == "rollback_lr_keep":
+        keep = lambda: Rollback(times=3, keep_trend=True)  # noqa: E731
+        return {"format_overflow": lambda issue: Chain((keep(), ReduceLR(0.5))),
+                "activation_overflow": lambda issue: Chain((keep(), ReduceLR(0.5)))}
+    if name == "rollback_trend_lr_keep":
+        trend = lambda issue: Rollback(before=issue.started, times=3, keep_trend=True)  # noqa: E731
+        return {"format_overflow": lambda issue: Chain((trend(issue), ReduceLR(0.5))),
+                "activation_overflow": lambda issue: Chain((trend(issue), ReduceLR(0.5)))}
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
 
 
-POLICIES = ("clip", "clip_lr", "rollback_lr", "rollback_lr_gradclip", "clip_lr_release", "rollback_lr_noclip")
+POLICIES = ("clip", "clip_lr", "rollback_lr", "rollback_lr_gradclip", "clip_lr_release", "rollback_lr_noclip",
+            "rollback_lr_keep", "rollback_trend_lr_keep")
 DEFAULT_POLICY = "rollback_lr_noclip"
 # third round, by THE CHOICE above on the design seeds 0-2 (results/analyze_round3_design.md), 28 failures with a
 # finite half-LR reference: rollback_lr_noclip 19/28 rescued, 27/28 ended healthy and finite, 17.0 steps undone;

@@ -322,7 +322,8 @@ def format_overflow(tr: Trends) -> list[Finding]:
     if tr.formats is None or len(tr.steps) < 2:
         return []
     scales = np.asarray(tr.scales if tr.scales is not None else [1.0] * len(tr.series), dtype=float)
-    hits, now, limits, projected = _overflow_hits(tr, logit_magnitude(tr.metrics) / scales)
+    values = logit_magnitude(tr.metrics) / scales
+    hits, now, limits, projected = _overflow_hits(tr, values)
     out = []
     for s in np.flatnonzero(hits):
         site, head = tr.series[s]
@@ -333,8 +334,19 @@ def format_overflow(tr: Trends) -> list[Finding]:
             message=f"q·kᵀ {now[s]:.4g} is {now[s] / limits[s]:.0%} of {fmt}'s largest value {limits[s]:g}"
             + (f", ~{max(float(projected[s]), 0.0):.0f} steps from it at its current growth" if np.isfinite(projected[s]) else "")
             + f" (max |logit| {now[s] * scales[s]:.4g} at scale {scales[s]:.3g})",
-            site=site, head=head, projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0))
+            site=site, head=head, started=_above_floor_since(tr, values[:, s], limits[s]),
+            projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0))
     return out
+
+
+def _above_floor_since(tr: Trends, values: np.ndarray, limit: float) -> int:
+    """The first observed step of the latest unbroken stretch of ``values`` (one series, oldest first)
+    at or above ``overflow_floor_bits`` below ``limit``: where the run-up to the limit began."""
+    above = np.isfinite(values) & (values >= limit / 2.0 ** tr.t.overflow_floor_bits)
+    i = len(values) - 1
+    while i > 0 and above[i - 1]:
+        i -= 1
+    return int(tr.steps[i])
 
 
 def _format_limits(formats: list[str | None]) -> np.ndarray:
@@ -394,6 +406,7 @@ def activation_overflow(tr: Trends) -> list[Finding]:
     fmt = tr.formats[s]
     return [Finding(
         type="activation_overflow", severity="error", step=tr.step, value=float(now[s]), threshold=float(limits[s]),
+        started=_above_floor_since(tr, tr.metrics["activation_absmax"][:, s], limits[s]),
         message=f"a module's output reached {now[s]:.4g}, {now[s] / limits[s]:.0%} of {fmt}'s largest value {limits[s]:g}"
         + (f", ~{max(float(projected[s]), 0.0):.0f} steps from it at its current growth" if np.isfinite(projected[s]) else ""),
         projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0)]

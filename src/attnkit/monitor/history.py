@@ -34,6 +34,16 @@ class Ring:
         idx = (np.arange(self.count - k, self.count) % self.capacity) if k else np.zeros(0, dtype=np.int64)
         return self.steps[idx], self.values[idx]
 
+    def rewound(self, until: int, shift: int) -> "Ring":
+        """A new ring with the rows up to step ``until``, their steps moved by ``shift`` (a rollback to
+        the state after step ``until``, continued at step ``until + shift + 1``)."""
+        steps, values = self.last()
+        ring = Ring(self.capacity, self.width)
+        for s, row in zip(steps, values):
+            if s <= until:
+                ring.append(int(s) + shift, row)
+        return ring
+
     @property
     def nbytes(self) -> int:
         return self.steps.nbytes + self.values.nbytes

@@ -342,10 +342,14 @@ class LRToRate:
 class Rollback:
     """Restore the newest snapshot taken before step ``before`` (the warned trend's start; None: the
     newest snapshot), in place, and forget the history of the undone steps (see the module docstring).
-    First in a ``Chain``, so the actions after it (QK-clip, LR back-off) act on the restored run."""
+    First in a ``Chain``, so the actions after it (QK-clip, LR back-off) act on the restored run.
+    ``keep_trend``: keep the observations up to the restored snapshot (the restored run's own past), so
+    a product that grows again is warned within a few observations; False: the restored run starts with
+    an empty history and needs new observations before a trend can be fitted."""
 
     before: int | None = None
     times: int = 3  # how often a Policy may apply it in one run (bounded retries)
+    keep_trend: bool = False
     reason: str = ""
     name: str = "rollback"
     fields: dict = field(default_factory=dict, repr=False)
@@ -359,7 +363,7 @@ class Rollback:
             raise UserError("rollback needs snapshots: AttentionMonitor(..., snapshots=Snapshots(every=..., keep=...))")
         snap, before_trend = monitor.snapshots.choose(self.before)
         monitor.snapshots.restore(monitor, snap, monitor.step)
-        monitor.forget_history()
+        monitor.forget_history(keep_until=snap.step if self.keep_trend else None)
         undone = monitor.step - snap.step
         self.fields = {"restored_step": snap.step, "trend_started": self.before, "undone_steps": undone}
         where = (f"the newest before the trend's start (step {self.before})" if self.before is not None and before_trend

@@ -511,13 +511,23 @@ class AttentionMonitor:
         replace the old ones instead of stacking on them)."""
         self.persistent = [p for p in self.persistent if type(p) is not type(intervention)] + [intervention]
 
-    def forget_history(self) -> None:
-        """Drop every observation, loss and warning (after a rollback they describe a trajectory that
-        no longer exists): the detectors judge the restored run afresh and may warn again."""
-        if self.series is not None:
-            self.rings = {m: Ring(self.history_size, len(self.series)) for m in self.metric_names}
-            self.grad_ring = Ring(self.history_size, len(self.sites))
-        self.losses = Ring(self.loss_history, 1)
+    def forget_history(self, keep_until: int | None = None) -> None:
+        """Drop the observations, losses and warnings of the steps a rollback undid (they describe a
+        trajectory that no longer exists): the detectors judge the restored run afresh and may warn
+        again. ``keep_until``: the restored snapshot's step; the observations up to it are the restored
+        run's own past and stay, moved to end just before the loop's next step, so a trend that resumes
+        after the rollback is judged on them at once (None: drop every observation)."""
+        if keep_until is None or keep_until > self.step:
+            if self.series is not None:
+                self.rings = {m: Ring(self.history_size, len(self.series)) for m in self.metric_names}
+                self.grad_ring = Ring(self.history_size, len(self.sites))
+            self.losses = Ring(self.loss_history, 1)
+        else:
+            shift = self.step - keep_until
+            self.rings = {m: r.rewound(keep_until, shift) for m, r in self.rings.items()}
+            if self.grad_ring is not None:
+                self.grad_ring = self.grad_ring.rewound(keep_until, shift)
+            self.losses = self.losses.rewound(keep_until, shift)
         self._pending.clear()
         self.warned.clear()
         self.latest = None
