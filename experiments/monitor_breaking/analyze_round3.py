@@ -84,11 +84,17 @@ def main() -> None:
             f"{healthy[k]['name']} (warned at {warn[k]}; final {fmt_loss(healthy[k]['final_loss'])}, GradScaler scale "
             f"{healthy[k]['grad_scale']:.3g})" for k in fa) or "none"))
 
-    # ---------------------------------------------------------------- rescue by the plain test (rule v2 failures)
     kind, at = RULES["v2"]
-    failed = {k: r for k, r in plain.items() if r[kind]}
-    healthy = {k: r for k, r in plain.items() if not r[kind]}
-    arms = sorted({a for arms_ in by.values() for a in arms_ if a not in ("plain", "half_lr")},
+    rescue_and_costs(by, {k: r for k, r in plain.items() if r[kind]}, {k: r for k, r in plain.items() if not r[kind]},
+                     warn, args.rows)
+
+
+def rescue_and_costs(by: dict, failed: dict, healthy: dict, warn: dict, rows: bool) -> None:
+    """The rescue table by the plain test over ``failed`` (config key -> plain run) for every arm that ran
+    on them, per-run rows when ``rows``, and each arm's cost on ``healthy`` runs (``warn``: key -> the
+    plain run's first predictor warning, for the acted-on false alarms)."""
+    # ---------------------------------------------------------------- rescue by the plain test (rule v2 failures)
+    arms = sorted({a for k in failed.keys() | healthy.keys() for a in by[k] if a not in ("plain", "half_lr")},
                   key=lambda a: (not a.startswith("monitor"), a))
     refs = {k: by[k].get("half_lr") for k in failed}
     have_ref = [k for k in failed if refs[k] is not None]
@@ -102,7 +108,7 @@ def main() -> None:
         ran = [k for k in failed if arm in by[k]]
         if not ran:
             continue
-        rows, done, tried = [], 0, 0
+        arm_rows, done, tried = [], 0, 0
         for k in ran:
             a, ref = by[k][arm], refs[k]
             ok = None
@@ -110,17 +116,17 @@ def main() -> None:
                 tried += 1
                 ok = healthy_end(a) and a["final_loss"] <= ref["final_loss"] + RESCUE_NATS
                 done += ok
-            rows.append((failed[k]["name"], a, ref, ok))
-        rows_by_arm[arm] = rows
-        undone = [a.get("undone_steps", 0) for _, a, _, _ in rows]
-        snap = max((a.get("snapshot_bytes", 0) for _, a, _, _ in rows), default=0)
-        print(f"| {arm} | **{pct(done, tried)}** | {len(ran)} | {sum(ok is None for *_, ok in rows)} | "
-              f"{sum(healthy_end(a) for _, a, _, _ in rows)}/{len(ran)} | {statistics.fmean(undone):.1f} | "
+            arm_rows.append((failed[k]["name"], a, ref, ok))
+        rows_by_arm[arm] = arm_rows
+        undone = [a.get("undone_steps", 0) for _, a, _, _ in arm_rows]
+        snap = max((a.get("snapshot_bytes", 0) for _, a, _, _ in arm_rows), default=0)
+        print(f"| {arm} | **{pct(done, tried)}** | {len(ran)} | {sum(ok is None for *_, ok in arm_rows)} | "
+              f"{sum(healthy_end(a) for _, a, _, _ in arm_rows)}/{len(ran)} | {statistics.fmean(undone):.1f} | "
               f"{snap / 2 ** 20:.1f} MiB |")
-    if args.rows:
-        for arm, rows in rows_by_arm.items():
+    if rows:
+        for arm, arm_rows in rows_by_arm.items():
             print(f"\n{arm}:\n")
-            for name, a, ref, ok in rows:
+            for name, a, ref, ok in arm_rows:
                 verdict = "no half-LR run" if ref is None else "no finite reference" if ok is None else \
                     "rescued" if ok else "not rescued"
                 print(f"- {name}: {a.get('kind_v2') or 'healthy'}, final {fmt_loss(a['final_loss'])} vs half-LR "
