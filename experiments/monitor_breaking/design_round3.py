@@ -62,7 +62,8 @@ def observed_share(r: dict, out: Path, setting: dict, t: Thresholds) -> float:
     return seen / max(len(run.steps), 1)
 
 
-def evaluate(runs: list[dict], out: Path, setting: dict, rule: str = "v2") -> dict:
+def evaluate(runs: list[dict], out: Path, setting: dict, rule: str = "v2", scored_before: int | None = None) -> dict:
+    """``scored_before``: a healthy run is a false alarm only when warned at a step below it (None: any)."""
     kind, at = ("kind_v2", "failed_at_v2") if rule == "v2" else ("kind", "failed_at")
     t = replace(Thresholds(), **{k: v for k, v in setting.items() if k not in ("observe_first", "near_limit_every")})
     failed = [r for r in runs if r[kind]]
@@ -74,7 +75,8 @@ def evaluate(runs: list[dict], out: Path, setting: dict, rule: str = "v2") -> di
         warned[r["name"]] = replay_mod.first_step(issues, PREDICTORS)
     hit = [r for r in failed if warned[r["name"]] is not None and warned[r["name"]] < r[at]]
     leads = sorted(r[at] - warned[r["name"]] for r in hit)
-    fa = [r for r in healthy if warned[r["name"]] is not None]
+    fa = [r for r in healthy if warned[r["name"]] is not None
+          and (scored_before is None or warned[r["name"]] < scored_before)]
     return {"setting": setting, "predicted": len(hit), "failed": len(failed), "false_alarms": len(fa),
             "healthy": len(healthy), "lead_median": statistics.median(leads) if leads else None,
             "lead_min": leads[0] if leads else None, "leads": leads,

@@ -1,0 +1,84 @@
+"""Fourth-round tables of the breaking sweep (README "Fourth round"): outcomes labelled over all of a
+run's steps (200), warnings scored on steps 0-149 for false alarms; beside it, the third round's protocol
+on the same runs (losses and skipped updates cut at 150 steps, labelled there). Rescue by the plain test
+per arm and costs on healthy runs as in the third round (``analyze_round3.rescue_and_costs``).
+
+    PYTHONPATH=src:experiments/monitor_breaking python3 experiments/monitor_breaking/analyze_round4.py \\
+        --out runs/breaking5 --seeds 0,1,2,3,4 --title "design seeds 0-4"
+    ... --seeds 5,6 --title "held out"        # once, after the policy was fixed
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from analyze import fmt_loss, key, load_runs, pct, quantiles
+from analyze_round3 import first_warning, rescue_and_costs
+from sweep import label_v2
+
+SCORED_WARNINGS = 150  # a healthy run warned at a step below this is a false alarm
+BINS = ((1, 3), (4, 7), (8, 15), (16, 31), (32, 10 ** 9))
+
+
+def outcome(r: dict, steps: int | None) -> tuple[str | None, int | None]:
+    """Rule v2 on the run's first ``steps`` steps (None: all of them)."""
+    losses, skipped = r["losses"][:steps], (r.get("skipped") or [])[:steps]
+    return label_v2(losses, r["warmup"], skipped or None)
+
+
+def prediction_row(title: str, plain: dict, warn: dict, labels: dict) -> tuple[dict, dict, set, set]:
+    failed = {k: r for k, r in plain.items() if labels[k][0]}
+    healthy = {k: r for k, r in plain.items() if not labels[k][0]}
+    hit = {k for k in failed if warn[k] is not None and warn[k] < labels[k][1]}
+    leads = sorted(labels[k][1] - warn[k] for k in hit)
+    fa = {k for k in healthy if warn[k] is not None and warn[k] < SCORED_WARNINGS}
+    kinds = defaultdict(int)
+    for k in failed:
+        kinds[labels[k][0]] += 1
+    print(f"| {title} | {len(failed)} ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}) | "
+          f"**{pct(len(hit), len(failed))}** | {quantiles(leads)} | "
+          f"{' / '.join(str(sum(lo <= x <= hi for x in leads)) for lo, hi in BINS)} | **{pct(len(fa), len(healthy))}** |")
+    return failed, healthy, hit, fa
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="runs/breaking5")
+    p.add_argument("--seeds", required=True)
+    p.add_argument("--title", default="")
+    p.add_argument("--rows", action="store_true", help="per-run rescue rows")
+    args = p.parse_args()
+    out = Path(args.out)
+    seeds = {int(s) for s in args.seeds.split(",")}
+    by = defaultdict(dict)  # config key -> arm -> run
+    for r in load_runs(out):
+        if r["seed"] in seeds:
+            by[key(r)][r["arm"]] = r
+    plain = {k: a["plain"] for k, a in by.items() if "plain" in a}
+    warn = {k: first_warning(r, out) for k, r in plain.items()}
+    steps = sorted({r["steps"] for r in plain.values()})
+    print(f"## {args.title or 'seeds ' + args.seeds}: {len(plain)} plain runs (seeds {args.seeds}; steps run: {steps})\n")
+    print("| protocol | failed (kinds) | warned before the failure step | lead, steps | lead 1-3 / 4-7 / 8-15 / 16-31 / 32+ "
+          "| false alarms (healthy runs warned at steps 0-149) |\n|---|---|---|---|---|---|")
+    horizon = {k: outcome(r, None) for k, r in plain.items()}
+    cut = {k: outcome(r, SCORED_WARNINGS) for k, r in plain.items()}
+    failed, healthy, hit, fa = prediction_row("**outcome over all steps** (this round's)", plain, warn, horizon)
+    _, healthy150, _, fa150 = prediction_row("outcome over steps 0-149 (the third round's)", plain, warn, cut)
+    print(f"\n- missed: " + ("; ".join(f"{failed[k]['name']} ({horizon[k][0]} at {horizon[k][1]}; first warning {warn[k]})"
+                                       for k in failed if k not in hit) or "none"))
+    print("- false alarms: " + ("; ".join(f"{healthy[k]['name']} (warned at {warn[k]}; final "
+                                          f"{fmt_loss(healthy[k]['final_loss'])}, GradScaler scale {healthy[k]['grad_scale']:.3g})"
+                                          for k in sorted(fa)) or "none"))
+    late = sorted((horizon[k][1], k) for k in failed if horizon[k][1] >= SCORED_WARNINGS)
+    print(f"- failures at steps {SCORED_WARNINGS}+ (healthy by the 150-step protocol): "
+          + ("; ".join(f"{plain[k]['name']} ({horizon[k][0]} at {at}; first warning {warn[k]})" for at, k in late) or "none"))
+    print(f"- 150-step protocol's false alarms: " + ("; ".join(
+        f"{healthy150[k]['name']} (warned at {warn[k]}; over all steps: {horizon[k][0] or 'healthy'}"
+        + (f" at {horizon[k][1]}" if horizon[k][0] else "") + ")" for k in sorted(fa150)) or "none"))
+    rescue_and_costs(by, failed, healthy, warn, args.rows)
+
+
+if __name__ == "__main__":
+    main()
