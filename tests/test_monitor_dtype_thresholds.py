@@ -45,6 +45,11 @@ def test_the_monitor_records_the_format_and_scale_of_each_call(autocast, want, t
         assert monitor.sites_tap.scales[site] == pytest.approx(2.0 * model.transformer.h[0].attn.head_dim ** -0.5)
 
 
+# the thresholds these cases are laid out on (the trend confirmed at 2 observations, projected from 6 bits
+# below the limit, no absolute headroom rule): each case is built to sit on one side of one of them
+LAYOUT = Thresholds(overflow_confirm=2, overflow_floor_bits=6.0, overflow_headroom_bits=0.0)
+
+
 def _trends(product: np.ndarray, formats, scale: float, t: Thresholds | None = None) -> Trends:
     """Trends whose heads' largest |logit| is ``product`` × scale (the most negative logit the larger)."""
     n, s = product.shape
@@ -52,15 +57,14 @@ def _trends(product: np.ndarray, formats, scale: float, t: Thresholds | None = N
     metrics["logit_max"] = 0.5 * product * scale
     metrics["logit_min"] = -product * scale
     return Trends([(Site(0), h) for h in range(s)], [Site(0)], np.arange(0, 4 * n, 4), metrics, np.zeros(0, dtype=int),
-                  np.zeros((0, 1)), Ring(8, 1), 0, t or Thresholds(), formats=formats, scales=[scale] * s)
+                  np.zeros((0, 1)), Ring(8, 1), 0, t or LAYOUT, formats=formats, scales=[scale] * s)
 
 
 @pytest.mark.parametrize("fmt", sorted(DTYPE_THRESHOLDS))
 def test_format_overflow_judges_the_product_against_its_format(fmt):
     limit = DTYPE_THRESHOLDS[fmt]["qk_product_max"].value
     scale = 0.125
-    t = Thresholds()
-    assert t.overflow_confirm == 2 and t.overflow_headroom_bits == 0  # the defaults this test is built on
+    t = LAYOUT
     steps = 8
     floor = limit / 2 ** t.overflow_floor_bits
     ramp = 4.0 ** (np.arange(steps) - steps + 1)  # x4 every observation (4 steps), ending at 1
@@ -129,7 +133,7 @@ def test_activation_overflow_sees_an_mlp_near_the_format_limit(autocast, fires, 
 
     hooks = [m.register_forward_hook(keep) for m in model.modules() if next(m.children(), None) is None]
     try:
-        with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=()) as monitor:
+        with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=(), thresholds=LAYOUT) as monitor:
             found = []
             for step in range(3):
                 if step:  # x1.5 a step: 1 step from 65,504 at the last, the test held at the two last steps

@@ -27,6 +27,9 @@ from attnkit.seam.layouts import qk_layout
 V, T = 64, 16
 LIMIT = dtype_threshold("qk_product_max", "fp16")  # 65,504
 PREDICTORS = ("format_overflow", "activation_overflow")
+# the thresholds the planted runs below are laid out on: the projection from 6 bits below the limit, confirmed
+# at 2 observations, no absolute headroom rule (so that only the schedule decides whether a crossing is seen)
+LAYOUT = Thresholds(overflow_floor_bits=6.0, overflow_confirm=2, overflow_headroom_bits=0.0)
 
 
 def gpt2(layers: int = 1):
@@ -63,7 +66,7 @@ def planted_run(log_dir, steps: int, start_bits: float, every: int, near_limit_e
     grow(LIMIT / 2.0 ** start_bits / _product(model))  # q and k alike: no module output nears the limit
     crossed, warned = None, []
     with AttentionMonitor(model, every=every, near_limit_every=near_limit_every, log_dir=log_dir, emit=(),
-                          detectors=PREDICTORS, trace_nonfinite=False) as monitor:
+                          detectors=PREDICTORS, trace_nonfinite=False, thresholds=LAYOUT) as monitor:
         for step in range(steps):
             if crossed is None and _product(model) > LIMIT:
                 crossed = step
@@ -87,7 +90,6 @@ def test_a_growth_crossing_between_sparse_observations_is_warned_only_with_dense
     assert seen_dense[:3] == [0, 4, 8] and {9, 10, 11} <= set(seen_dense)  # every step once within the floor
     warning = next(i for i in dense if i.type == "format_overflow")
     assert warning.head == 0 and warning.step < crossed
-    assert Thresholds().overflow_floor_bits == 6  # the band the test is laid out on
 
 
 def test_replay_of_an_every_step_recording_gives_the_near_limit_schedule_s_warnings(tmp_path):
@@ -95,11 +97,11 @@ def test_replay_of_an_every_step_recording_gives_the_near_limit_schedule_s_warni
     step: the same warnings (type, step, head), decided on the same observed steps."""
     live, seen, _ = planted_run(tmp_path / "live", 16, 14.0, every=4, near_limit_every=1, growth=1.6)
     planted_run(tmp_path / "every", 16, 14.0, every=1, near_limit_every=None, growth=1.6)
-    replayed = replay(tmp_path / "every", detectors=PREDICTORS, every=4, near_limit_every=1)
+    replayed = replay(tmp_path / "every", LAYOUT, detectors=PREDICTORS, every=4, near_limit_every=1)
     key = lambda i: (i.type, i.step, i.site, i.head)  # noqa: E731
     assert live and sorted(map(key, replayed)) == sorted(map(key, live))
     assert len(seen) > len(range(0, 16, 4))  # the schedule went dense somewhere
-    sparse = replay(tmp_path / "every", detectors=PREDICTORS, every=4)
+    sparse = replay(tmp_path / "every", LAYOUT, detectors=PREDICTORS, every=4)
     assert sorted(map(key, sparse)) != sorted(map(key, live))
 
 
@@ -241,7 +243,7 @@ def test_a_product_growing_again_after_a_rollback_is_warned_sooner_when_the_tren
         products, warned = [], []
         with AttentionMonitor(model, every=1, log_dir=log_dir, emit=(), optimizer=opt, detectors=PREDICTORS,
                               policy=Policy(rules={"format_overflow": rule, "activation_overflow": rule}),
-                              snapshots=Snapshots(every=2, keep=3), trace_nonfinite=False) as monitor:
+                              snapshots=Snapshots(every=2, keep=3), trace_nonfinite=False, thresholds=LAYOUT) as monitor:
             for step in range(40):
                 products.append(_product(model))
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
@@ -254,7 +256,7 @@ def test_a_product_growing_again_after_a_rollback_is_warned_sooner_when_the_tren
         return products, warned, monitor.interventions
 
     products, warned, acted = run(False, tmp_path / "forget")
-    floor = LIMIT / 2.0 ** Thresholds().overflow_floor_bits
+    floor = LIMIT / 2.0 ** LAYOUT.overflow_floor_bits
     assert warned[0].started == next(s for s, p in enumerate(products) if p >= floor) == 7
     first, second = acted
     forget_gap = second["step"] - first["step"]

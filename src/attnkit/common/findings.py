@@ -112,23 +112,23 @@ THRESHOLDS: dict[str, Threshold] = {
     "loss_spike_nats": Threshold(1.0, "nats", (
         "monitor: a step's loss 1 nat above the median of the steps before (e-fold worse perplexity) is a "
         "spike; smaller jumps are ordinary batch noise.")),
-    "overflow_headroom_bits": Threshold(0.0, "bits", (
-        "monitor: format_overflow also fires when a head's q·kᵀ product is within this many bits of its number "
-        "format's largest finite value (DTYPE_THRESHOLDS) whatever its trend; 0 turns that rule off, so a "
-        "product that stopped growing is not called doomed. On the breaking sweep's design seed "
-        "(experiments/monitor_breaking) healthy fp16 runs sat at 0.02-0.4 bits below 65,504 for a hundred steps "
-        "and survived: with the other overflow thresholds as chosen, 1 bit warned 5 of 12 healthy runs and "
-        "0.25 bits 1 (both 18 of 18 failures), the projection alone none (17 of 18 failures). Re-checked on 90 "
-        "fp16 design runs with the near-limit observation: 0.25 bits warned 3 of 27 healthy runs, 1 bit 13, none "
-        "1 (63 of 63 failures each).")),
-    "overflow_floor_bits": Threshold(6.0, "bits", (
-        "monitor: format_overflow projects a product's trend only from 6 bits (1/64) below the format's "
+    "overflow_headroom_bits": Threshold(0.5, "bits", (
+        "monitor: format_overflow and activation_overflow also fire when a figure is within this many bits of its "
+        "number format's largest finite value (DTYPE_THRESHOLDS) at overflow_confirm observed steps in a row, "
+        "whatever its trend: a figure that drifts into the limit at ~1 % a step is never projected to reach it "
+        "within the horizon. Chosen on 150 fp16 design runs of the breaking sweep (experiments/monitor_breaking, "
+        "outcomes over 200 steps; 0, 0.1, 0.25 and 0.5 tried): 0.5 bits with 3 observations warned 119 of 123 "
+        "failures and none of 27 healthy runs, the projection alone (0) with 2 observations 121 and 1. Runs that sat "
+        "within 0.4 bits of 65,504 for a hundred steps without failing in 150 steps went non-finite by step 200.")),
+    "overflow_floor_bits": Threshold(8.0, "bits", (
+        "monitor: format_overflow projects a figure's trend only from 8 bits (1/256) below the format's "
         "largest value, and the monitor observes densely there (near_limit_every): in the first steps of "
         "training products grow from ~0 by 10x in a few steps, a rate that projects to anything and means "
-        "nothing. fp16 runs about to overflow climbed 1-2 bits a step from 5-8 bits below. Chosen on 90 fp16 "
-        "design runs of the breaking sweep (experiments/monitor_breaking, 3, 5, 6 and 8 tried with the "
-        "near-limit observation): 6 warned 63 of 63 failures and 1 of 27 healthy runs, 5 one failure fewer, "
-        "8 (with 2 observations) 4 healthy runs, 3 ten failures fewer; an earlier sweep of 30 runs had chosen 5.")),
+        "nothing. fp16 runs about to overflow climbed 1-2 bits a step from 5-8 bits below. Chosen on 150 fp16 "
+        "design runs of the breaking sweep (experiments/monitor_breaking, outcomes over 200 steps; 6 and 8 tried "
+        "with every headroom, horizon and confirm setting): 8 with 0.5 bits of headroom and 3 observations warned "
+        "119 of 123 failures and no healthy run, 6 with the same 118; earlier sweeps had chosen 5 and 6 with no "
+        "headroom rule.")),
     "overflow_window": Threshold(3, "observed steps", (
         "monitor: format_overflow and activation_overflow fit the growth rate (log of the figure against the "
         "step) over the last 3 observations: the current rate. Over the detectors' full window the first "
@@ -139,14 +139,14 @@ THRESHOLDS: dict[str, Threshold] = {
         "monitor: format_overflow's and activation_overflow's projection: the current rate reaches the "
         "format's largest value within 8 steps. Chosen on the breaking sweep's design seed (4, 6, 8, 16 tried): "
         "4 warned one failure fewer, a median 3.5 steps ahead instead of 8; 16 warned 5 of 12 healthy runs, "
-        "whose products creep toward 65,504 over a hundred steps. Re-checked on 90 fp16 design runs with the "
-        "near-limit observation: 4 warned 51 of 63 failures, 8 all 63 (1 of 27 healthy runs), 16 15 healthy runs.")),
-    "overflow_confirm": Threshold(2, "observed steps", (
-        "monitor: format_overflow and activation_overflow fire only when their test holds at 2 consecutive "
-        "observed steps: one observation's jump is noise, two are a trend. On the breaking sweep's design "
-        "seed one observation warned 4 of 12 healthy runs, two none, with the same 17 of 18 failures; on 90 fp16 "
-        "design runs with the near-limit observation one warned 7 of 27 healthy runs, two 1, three 0 but "
-        "missed 5 of 63 failures.")),
+        "whose products creep toward 65,504 over a hundred steps. Re-checked on 150 fp16 design runs with 200-step "
+        "outcomes (8, 16, 32): 16 and 32 warned 6 or more of 27 healthy runs under every other setting.")),
+    "overflow_confirm": Threshold(3, "observed steps", (
+        "monitor: format_overflow and activation_overflow fire only when their test holds at 3 consecutive "
+        "observed steps: one observation's jump is noise. On 90 fp16 design runs (150-step outcomes, no headroom "
+        "rule) one observation warned 7 of 27 healthy runs, two 1, three 0 but missed 5 of 63 failures; on 150 "
+        "design runs with 200-step outcomes and 0.5 bits of headroom, three warned 119 of 123 failures and no "
+        "healthy run, two 122 and 2 healthy runs.")),
     "near_limit_every": Threshold(2, "steps", (
         "monitor: while any head's q·kᵀ product or the largest module output is within overflow_floor_bits of "
         "its number format's largest value (the band where the overflow detectors project), the monitor "
