@@ -120,7 +120,10 @@ def _rules(name: str) -> dict:
 
 POLICIES = ("clip", "clip_lr", "rollback_lr", "rollback_lr_gradclip", "clip_lr_release", "rollback_lr_noclip",
             "rollback_lr_keep", "rollback_trend_lr_keep")
-DEFAULT_POLICY = "rollback_lr_noclip"
+DEFAULT_POLICY = "rollback_trend_lr_keep"
+# fourth round, by its choice on the design seeds 0-4 (results/analyze_round4_design.md), 40 failures (rule v2 over
+# 200 steps) with a finite half-LR reference: rollback_trend_lr_keep 19/40 rescued, 39/40 ended healthy and finite,
+# 31.7 steps undone; rollback_lr_noclip 15/40, 34/40, 16.5; rollback_lr_keep 13/40, 31/40, 18.7
 # third round, by THE CHOICE above on the design seeds 0-2 (results/analyze_round3_design.md), 28 failures with a
 # finite half-LR reference: rollback_lr_noclip 19/28 rescued, 27/28 ended healthy and finite, 17.0 steps undone;
 # clip_lr_release 19/28, 26/28, 3.7; clip_lr (the second round's choice) 16/28, 24/28, 4.0
