@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from analyze import fmt_loss, key, load_runs, pct, quantiles
-from analyze_round3 import first_warning, rescue_and_costs
+from analyze_round3 import RESCUE_NATS, first_warning, rescue_and_costs
 from sweep import label_v2
 
 SCORED_WARNINGS = 150  # a healthy run warned at a step below this is a false alarm
@@ -78,6 +78,34 @@ def main() -> None:
         f"{healthy150[k]['name']} (warned at {warn[k]}; over all steps: {horizon[k][0] or 'healthy'}"
         + (f" at {horizon[k][1]}" if horizon[k][0] else "") + ")" for k in sorted(fa150)) or "none"))
     rescue_and_costs(by, failed, healthy, warn, args.rows)
+    behind_at_warning(by, failed, warn)
+
+
+def behind_at_warning(by: dict, failed: dict, warn: dict, window: int = 20) -> None:
+    """How far each scoreable failure's plain run already trailed its half-LR run before the first warning
+    (mean training loss over the ``window`` steps before it): a rescue acting at the warning starts there."""
+    import math
+    import statistics
+
+    rows = []
+    for k, r in failed.items():
+        ref = by[k].get("half_lr")
+        if ref is None or not math.isfinite(ref["final_loss"]):
+            continue
+        at = warn[k] if warn[k] is not None else r["failed_at_v2"]
+        lo = max(0, at - window)
+        mean = lambda xs: statistics.fmean([x for x in xs[lo:at] if math.isfinite(x)] or [math.nan])  # noqa: E731
+        rows.append((r["name"], at, mean(r["losses"]) - mean(ref["losses"])))
+    if not rows:
+        return
+    late = [x for x in rows if x[1] >= 50]  # past the first steps, where the loss falls by nats and any gap is noise
+    behind = [x for x in late if x[2] > RESCUE_NATS]
+    print(f"\n### Behind the half-LR run before the first warning (training loss, mean of the {window} steps before it)\n")
+    print(f"- of the {len(late)} scoreable failures first warned at step 50 or later, {len(behind)} already trailed their "
+          f"half-LR run by more than {RESCUE_NATS} nats before that warning (a rescue acting at the warning starts behind); "
+          f"{len(rows) - len(late)} were warned in the first 50 steps.")
+    for name, at, gap in sorted(rows, key=lambda x: x[1]):
+        print(f"  - {name}: first warning {at}, {gap:+.3f} nats")
 
 
 if __name__ == "__main__":
