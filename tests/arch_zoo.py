@@ -577,3 +577,12 @@ PARTLY_DISPATCHED = {
     "bigbird_pegasus_block_sparse": (_variant("bigbird_pegasus", attention_type="block_sparse", block_size=1,
                                               num_random_blocks=1), "BigBirdPegasusBlockSparseAttention"),
 }
+
+
+def enable_checkpointing(model, use_reentrant: bool) -> None:
+    """Activation checkpointing by the name this transformers knows (5.25 renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``; the old name warns)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})

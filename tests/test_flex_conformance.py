@@ -37,6 +37,7 @@ from attnkit.seam.mods import soft_cap, temperature
 from attnkit.seam import Mods, Site, attach, build_call
 from attnkit.sparse.attention import SparseHandle, SparseSelector, sparse_attention
 from attnkit.sparse.config import SparseConfig
+from attnkit.paths.decode import _cache_keyword
 from attnkit.seam.taps import MapCapture, StatsCollector
 from conftest import _ids, gpt2
 
@@ -480,7 +481,7 @@ def _forward(model, ids, kernel, score_mods, mask_mods, cache: bool):
         if not cache:
             return model(ids).logits
         past = model(ids[:, :5], use_cache=True).past_key_values
-        return model(ids[:, 5:], past_key_values=past).logits
+        return model(ids[:, 5:], **{_cache_keyword(model): past}).logits
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["no_cache", "kv_cache"])

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from attnkit.seam.mods import soft_cap
 from attnkit.seam import MapCapture, Site, StatsCollector, Tap, attach
 from attnkit.seam.adapters.protocol import attention
+from arch_zoo import enable_checkpointing
 from conftest import _ids, gpt2, llama
 
 CAP = 0.7  # small enough that soft-capping changes the logits of these peaked models a lot
@@ -158,7 +159,7 @@ def _hf_reference(model):
 
 
 def _hf_checkpoint(model, reentrant):
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(model, reentrant)
 
 
 def _mha_reference(model):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from arch_zoo import LLAMA_LIKE, VOCAB
+from arch_zoo import LLAMA_LIKE, VOCAB, enable_checkpointing
 from attnkit.errors import UserError
 from attnkit.seam import Site, attach
 from attnkit.sparse import PATTERNS, SparseConfig, make_gates, sparse_attention
@@ -156,7 +156,7 @@ def test_gate_gradient_under_gradient_checkpointing_matches():
     results = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, use_reentrant=False)
         gates.zero_grad()
         with sparse_attention(model, cfg, gates=gates) as handle:
             model(**x, labels=x["input_ids"]).loss.backward()
