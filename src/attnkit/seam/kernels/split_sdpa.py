@@ -65,7 +65,10 @@ class _Bucket:
 
 @dataclass
 class SplitPlan:
-    """The buckets of the other kept blocks (each row's own block is its diagonal one)."""
+    """The buckets of the other kept blocks (each row's own block is its diagonal one), the ones
+    keeping the most blocks first: SDPA's working buffers (and the bucket's temporaries) then shrink
+    call after call, each fitting in the memory the call before freed; growing, each would take
+    fresh heap that stays resident after the call."""
 
     own_bias: Tensor | None  # (nQb, B·Hkv) the gate's term of each row's own block, or None
     buckets: list[_Bucket]
@@ -130,7 +133,7 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
             buckets.append(_Bucket(i0, i0 + n, others[at: at + n * R * c], mask))
             at += n * R * c
         i0 += n
-    return SplitPlan(own_bias, buckets)
+    return SplitPlan(own_bias, buckets[::-1])  # a query block keeps no fewer than the one before
 
 
 def split_sdpa_attention(
