@@ -88,6 +88,11 @@ class BlockGeometry:
             return torch.ones(self.n_query_blocks, self.n_key_blocks, dtype=torch.bool, device=self.device)
         return kb[None, :] <= self.query_block_ids[:, None]
 
+    @cached_property
+    def n_candidates(self) -> int:
+        """How many (query block, key block) pairs are candidates."""
+        return int(self.candidates.sum())
+
     def forced(self, sink_blocks: int, local_blocks: int, sinks: bool) -> Tensor:
         """(nQb, nKb) bool: blocks always kept: the ``local_blocks`` (>= 1) ending at the query's
         own block (around it, when not causal), and the first ``sink_blocks`` when ``sinks``: the
@@ -185,11 +190,12 @@ class BlockSelection:
         if self.every_slot:
             return self.indices.numel()
         B, Hk = self.indices.shape[:2]
-        return int(self.valid.expand(B, Hk, -1, -1).sum())
+        b, h = self.valid.shape[:2]  # valid is broadcast over the batch / KV heads where 1
+        return int(self.valid.sum()) * (B // b) * (Hk // h)
 
     def candidate_blocks(self) -> int:
         B, Hk = self.indices.shape[:2]
-        return int(self.geometry.candidates.sum()) * B * Hk
+        return self.geometry.n_candidates * B * Hk
 
 
 def select_blocks(scores: Tensor, geo: BlockGeometry, forced: Tensor, density: float,
