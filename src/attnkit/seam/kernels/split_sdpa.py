@@ -226,11 +226,11 @@ class _SplitAttention(torch.autograd.Function):
         G, bs, nQ, nK = H // Hk, geo.block_size, geo.n_query_blocks, geo.n_key_blocks
         kb, vb = _blocks(k, geo), _blocks(v, geo)  # (B·Hkv, nKb, bs, D|Dv)
         # every query block against its own key block: o (nQb, B·H, bs, Dv) laid out (nQb, bs, B·H, Dv)
+        # lse (nQb, B·H, bs) laid out (nQb, bs, B·H), SDPA's own layout: kept so (no copy), read by views
         o, lse = _forward(_by_block(q, bs), _diagonal(kb, geo), _diagonal(vb, geo), 0.0, True, scale=scale)
-        lse = lse.contiguous()  # (nQb, B·H, bs)
+        o5, lse5 = o.view(nQ, B * Hk, G, bs, Dv), lse.unflatten(1, (B * Hk, G))
         if plan.own_bias is not None:  # a constant on every score of the part shifts its log-sum-exp
-            lse.view(nQ, B * Hk, G, bs).add_(plan.own_bias.to(lse.dtype)[:, :, None, None])
-        o5, lse5 = o.view(nQ, B * Hk, G, bs, Dv), lse.view(nQ, B * Hk, G, bs)
+            lse5.add_(plan.own_bias.to(lse.dtype)[:, :, None, None])
         (kflat, kP), (vflat, vP) = _flat_blocks(kb), _flat_blocks(vb)
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
         qv = q.view(B, Hk, G, nQ, bs, D)
@@ -271,7 +271,7 @@ class _SplitAttention(torch.autograd.Function):
         g_own, o_own = _by_block(grad_out, bs), _by_block(out, bs)  # (nQb, B·H, bs, Dv)
         lse_own = lse
         if plan.own_bias is not None:
-            lse_own = (lse.view(nQ, B * Hk, G, bs) - plan.own_bias.to(lse.dtype)[:, :, None, None]).view_as(lse)
+            lse_own = (lse.unflatten(1, (B * Hk, G)) - plan.own_bias.to(lse.dtype)[:, :, None, None]).flatten(1, 2)
         dq, dk_own, dv_own = _backward(g_own, _by_block(q, bs), _diagonal(kb, geo), _diagonal(vb, geo), o_own,
                                        lse_own, 0.0, True, scale=scale)  # (nQb, B·H|B·Hkv, bs, D|Dv)
         del lse_own
@@ -283,7 +283,7 @@ class _SplitAttention(torch.autograd.Function):
         _diagonal(dv, geo).add_(dv_own)
         del dk_own, dv_own
         dq5 = dq.view(nQ, B * Hk, G, bs, D)
-        lse5 = lse.view(nQ, B * Hk, G, bs)
+        lse5 = lse.unflatten(1, (B * Hk, G))
         (kflat, kP), (vflat, vP) = _flat_blocks(kb), _flat_blocks(vb)
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
         qv = q.view(B, Hk, G, nQ, bs, D)
