@@ -325,6 +325,7 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     else:
         with torch.no_grad():
             scores = pattern.score(x)
+    del x  # its pooled queries and keys: freed before the selection's own temporaries are made
     scores = scores.expand(k.shape[0], k.shape[1], geo.n_query_blocks, geo.n_key_blocks)  # (B, Hkv, nQb, nKb)
     if allowed is not None:  # below every visible block, above the non-candidates (-inf)
         scores = scores.detach().float().masked_fill(~visible_blocks(allowed, geo), torch.finfo(torch.float32).min)
