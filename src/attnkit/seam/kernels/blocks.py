@@ -134,12 +134,13 @@ class BlockGeometry:
         return (start + torch.arange(self.padded_queries, device=self.device)).view(self.n_query_blocks, self.block_size)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=4)
 def block_geometry(block_size: int, query_length: int, key_length: int, causal: bool = True,
                    device: torch.device = torch.device("cpu")) -> BlockGeometry:
-    """The ``BlockGeometry`` of a layout, one object per layout in this process: the calls that
-    share it (a model's layers, the steps of a training run) share its tables rather than each
-    making them again."""
+    """The ``BlockGeometry`` of a layout, one object per layout in this process (the last few
+    layouts): the calls that share it (a model's layers, the steps of a training run) share its
+    tables rather than each making them again. A few, as a layout's tables grow with the square of
+    its blocks (2 MiB at 128k tokens in blocks of 128)."""
     return BlockGeometry(block_size, query_length, key_length, causal, device)
 
 
