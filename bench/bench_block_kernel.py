@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
 from bench_sparse import build, steps  # noqa: E402
 from results import command_line, markers, publish  # noqa: E402
+from sparse_options import add_sparse_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_HEADING = "## Block-sparse kernel against dense SDPA (`bench/bench_block_kernel.py`)"
@@ -140,13 +141,11 @@ def memory_worker(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="reference-long")
-    p.add_argument("--pattern", default="moba")
+    add_sparse_options(p, pattern="moba", density="0.125,0.25,0.5", several=("density",),
+                       density_help="densities of the kernel part")
     p.add_argument("--lengths", default="8192,16384", help="prefill and kernel lengths")
     p.add_argument("--train-lengths", default="8192", help="lengths of the model's training step (time and peak memory)")
-    p.add_argument("--densities", default="0.125,0.25,0.5", help="densities of the kernel part")
     p.add_argument("--model-density", type=float, default=None, help="density of the model part (default 0.25)")
-    p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(ROOT / "runs" / "bench_block_kernel.json"))

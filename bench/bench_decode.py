@@ -50,6 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import command_line, markers, publish  # noqa: E402
+from sparse_options import add_sparse_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_HEADING = "## Decoding with a KV cache: sparse against dense SDPA (`bench/bench_decode.py`)"
@@ -225,10 +226,7 @@ def attention_part(model, length: int, args, batch: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="reference-long")
-    p.add_argument("--pattern", default="quest")
-    p.add_argument("--density", type=float, default=0.25)
-    p.add_argument("--block-size", type=int, default=64)
+    add_sparse_options(p)
     p.add_argument("--lengths", default="4096,16384,32768", help="cached tokens")
     p.add_argument("--caches", default="dynamic,static", help="Hugging Face caches: dynamic, static")
     p.add_argument("--batches", default="1,4", help="batch sizes (sequences decoded at once)")

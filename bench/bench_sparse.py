@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
 from results import command_line, markers, publish  # noqa: E402
+from sparse_options import add_sparse_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = ("dense-sdpa", "dense-eager")
@@ -162,11 +163,8 @@ def time_interleaved(length: int, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="reference-long")
+    add_sparse_options(p, pattern="moba,learned_gate", density="0.125,0.25,0.5", several=("pattern", "density"))
     p.add_argument("--lengths", default="512,1024,2048,4096")
-    p.add_argument("--patterns", default="moba,learned_gate")
-    p.add_argument("--densities", default="0.125,0.25,0.5")
-    p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--flex", default="", help="PATTERN@DENSITY,... also run by compiled FlexAttention (inference)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--mem-repeats", type=int, default=2)

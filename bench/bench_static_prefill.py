@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import build, interleave, new_cache, summarise  # noqa: E402
+from sparse_options import add_sparse_options  # noqa: E402
 
 
 def prefill_part(model, length: int, args) -> dict:
@@ -73,10 +74,7 @@ def prefill_part(model, length: int, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="reference-long")
-    p.add_argument("--pattern", default="quest")
-    p.add_argument("--density", type=float, default=0.25)
-    p.add_argument("--block-size", type=int, default=64)
+    add_sparse_options(p)
     p.add_argument("--lengths", default="8192", help="prompt tokens")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--room", type=int, default=32, help="StaticCache slots after the prompt (tokens to decode)")

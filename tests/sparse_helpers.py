@@ -22,3 +22,12 @@ def random_qkv(B, H, Hk, Q, T, D, dtype=torch.float64, seed=1):
     k = torch.randn(B, Hk, T, D, generator=g, dtype=dtype, requires_grad=True)
     v = torch.randn(B, Hk, T, D, generator=g, dtype=dtype, requires_grad=True)
     return q, k, v
+
+
+def written_part_of_buffers(g: torch.Generator, B, H, Hk, K, D, room):
+    """A decoding step's query (B, H, 1, D) and its keys and values (B, Hkv, K, D) as a preallocated
+    cache (StaticCache) hands them over: the first K slots of buffers ``room`` slots longer, views
+    whose heads lie K + room slots apart. Float64, drawn from ``g``."""
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    buffers = torch.randn(2, B, Hk, K + room, D, generator=g, dtype=torch.float64)
+    return q, buffers[0, :, :, :K], buffers[1, :, :, :K]

@@ -27,6 +27,7 @@ from attnkit.seam.taps import Tap
 from attnkit.sparse import PATTERNS, SparseConfig, make_gates, sparse_attention
 from attnkit.sparse.page_stats import PageStats
 from conftest import VOCAB, gpt2, llama, mistral
+from sparse_helpers import written_part_of_buffers
 
 MODELS = {"llama-gqa": llama, "gpt2-mha": gpt2, "mistral-window": mistral}
 # a plain decoding step's kernel: the C++ one where it builds, else the eager one
@@ -262,9 +263,7 @@ def test_kernel_reads_the_written_part_of_a_preallocated_cache(shape):
     B, H, Hk, K, bs = shape
     D = 5
     g = torch.Generator().manual_seed(K + 1)
-    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
-    buffers = torch.randn(2, B, Hk, K + 7, D, generator=g, dtype=torch.float64)
-    k, v = buffers[0, :, :, :K], buffers[1, :, :, :K]
+    q, k, v = written_part_of_buffers(g, B, H, Hk, K, D, room=7)
     geo = BlockGeometry(bs, 1, K, causal=True)
     sel = select_step_pages(torch.randn(B, Hk, 1, geo.n_key_blocks, generator=g), geo, 0.4, 1, 1, True)
     kept = sel.block_mask()[:, :, 0].repeat_interleave(bs, -1)[..., :K]

@@ -24,6 +24,7 @@ from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys
 from attnkit.seam.kernels.paged_decode import select_step_pages, step_budget
+from sparse_helpers import written_part_of_buffers
 
 if paged_cpu.load() is None:
     pytest.skip(f"the C++ paged decoding kernel does not build here ({paged_cpu.KERNEL.failure()})",
@@ -78,9 +79,7 @@ def test_attention_reads_a_preallocated_caches_written_part_in_place(shape):
     B, H, Hk, K, bs = shape
     D = 8
     g = torch.Generator().manual_seed(K + 1)
-    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
-    buffers = torch.randn(2, B, Hk, K + 9, D, generator=g, dtype=torch.float64)
-    k, v = buffers[0, :, :, :K], buffers[1, :, :, :K]
+    q, k, v = written_part_of_buffers(g, B, H, Hk, K, D, room=9)
     pages = torch.arange(math.ceil(K / bs)).flip(0)[:3].expand(B, Hk, -1)
     want = _reference(q, k, v, pages, bs, 0.5)
     assert (paged_cpu.paged_attention(q, k, v, pages, bs, 0.5) - want).abs().max() < 1e-12

@@ -492,11 +492,12 @@ def qk_kernels_to_build(device: torch.device | str) -> list[str]:
 
 
 def build_qk_kernels(names: list[str]) -> None:
-    """Build (or load) these single-pass kernels now rather than inside the first statistics call."""
+    """Build (or load) these single-pass kernels now rather than inside the first statistics call
+    (the caller says so: no ``KernelBuildNotice``)."""
     import importlib
 
     for name in names:
-        importlib.import_module(QK_KERNELS[name]).load()
+        importlib.import_module(QK_KERNELS[name]).load(announce=False)
 
 
 def qk_kernel(q: Tensor, k: Tensor):

@@ -10,7 +10,8 @@ it runs where it is built, so it uses that machine's vector width (AVX-512, AVX2
 build (~10 s of CPU) is cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``) under a
 name that digests the source, the flags, torch, Python and the CPU; later processes load it in
 under a second. Where it cannot be built or loaded, ``load`` returns None after one RuntimeWarning
-and callers take their eager path.
+and callers take their eager path. A build started by ``load`` is announced first by one
+``KernelBuildNotice`` (a warning; the CLI shows a status line instead, ``load(announce=False)``).
 """
 
 from __future__ import annotations
@@ -29,12 +30,19 @@ FLAGS = ["-O3", "-march=native"]
 VEC_MATH = Path(__file__).with_name("vec_math.h")  # the vector math the kernels share (included by relative path)
 
 
+class KernelBuildNotice(UserWarning):
+    """attnkit is building one of its C++ kernels for this machine: once, later runs load the build."""
+
+
 class NativeKernel:
     """One C++ source file and its operators under ``torch.ops.<namespace>``, built on first use."""
 
-    def __init__(self, name: str, source: Path, namespace: str, what: str, headers: tuple[Path, ...] = ()) -> None:
-        # headers: the files the source includes by relative path (part of the build's digest)
+    def __init__(self, name: str, source: Path, namespace: str, what: str, headers: tuple[Path, ...] = (),
+                 build_seconds: int = 10) -> None:
+        # headers: the files the source includes by relative path (part of the build's digest);
+        # build_seconds: about how long a build takes (what the notice of a build says)
         self.name, self.source, self.namespace, self.what, self.headers = name, source, namespace, what, headers
+        self.build_seconds = build_seconds
         self._ops = None
         self._failed: str | None = None
         self._lock = threading.Lock()
@@ -55,11 +63,11 @@ class NativeKernel:
                          platform.machine(), cpu])
         return f"attnkit_{self.name}_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
-    def load(self):
-        """``torch.ops.<namespace>`` with the kernel's operators, building it on first use; None
-        (after one warning) where it cannot be. A build made before is loaded directly (torch's
-        extension builder, whose import alone costs a cold process ~4 MiB and a fraction of a
-        second, is only imported to build)."""
+    def load(self, announce: bool = True):
+        """``torch.ops.<namespace>`` with the kernel's operators, building it on first use (after a
+        ``KernelBuildNotice`` when ``announce``); None (after one warning) where it cannot be. A
+        build made before is loaded directly (torch's extension builder, whose import alone costs
+        a cold process ~4 MiB and a fraction of a second, is only imported to build)."""
         if self._ops is not None or self._failed is not None:
             return self._ops
         with self._lock:
@@ -71,6 +79,9 @@ class NativeKernel:
                     if built.is_file():
                         torch.ops.load_library(str(built))
                     else:
+                        if announce:  # a build takes seconds, inside whatever call first needs the kernel
+                            warnings.warn(f"attnkit: building the C++ {self.what} for this CPU (once per machine, "
+                                          f"about {self.build_seconds} s)", KernelBuildNotice, stacklevel=3)
                         from torch.utils import cpp_extension
 
                         directory.mkdir(parents=True, exist_ok=True)
@@ -108,4 +119,4 @@ def build_dir(name: str) -> Path:
     return Path(base) / name
 
 
-__all__ = ["FLAGS", "NativeKernel", "build_dir"]
+__all__ = ["FLAGS", "KernelBuildNotice", "NativeKernel", "build_dir"]

@@ -57,9 +57,10 @@ def _build_dir(name: str) -> Path:
     return build_dir(name)
 
 
-def load():
-    """``torch.ops.attnkit`` with the kernel, building it on first use; None (after one warning) where it cannot be."""
-    return KERNEL.load()
+def load(announce: bool = True):
+    """``torch.ops.attnkit`` with the kernel, building it on first use (``NativeKernel.load``); None
+    (after one warning) where it cannot be."""
+    return KERNEL.load(announce)
 
 
 def needs_build() -> bool:

@@ -33,7 +33,7 @@ from attnkit.seam.call import AttentionCall, causal_allowed
 from attnkit.seam.plan import Mods
 from attnkit.seam.session import in_backward
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
-from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, select_blocks
+from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, block_geometry, keep_best
 from attnkit.seam.kernels.paged_decode import all_valid, is_decoding_step, select_step_pages, step_budget
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates
@@ -309,7 +309,7 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     sliding window) is chosen only after every block it does not hide. ``key_pages``: a function
     giving the (mean, max, min) of each key block when they are kept elsewhere (``PageStats``)."""
     pattern = get_pattern(cfg.pattern)
-    geo = BlockGeometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
+    geo = block_geometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
     x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages)
     if pattern.step_pages is not None and allowed is None and is_decoding_step(geo) and not pattern.learned:
         kept, local, first = step_budget(geo.n_key_blocks, cfg.density, cfg.sink_blocks, cfg.local_blocks,
@@ -325,17 +325,15 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     else:
         with torch.no_grad():
             scores = pattern.score(x)
+    del x  # its pooled queries and keys: freed before the selection's own temporaries are made
     scores = scores.expand(k.shape[0], k.shape[1], geo.n_query_blocks, geo.n_key_blocks)  # (B, Hkv, nQb, nKb)
     if allowed is not None:  # below every visible block, above the non-candidates (-inf)
         scores = scores.detach().float().masked_fill(~visible_blocks(allowed, geo), torch.finfo(torch.float32).min)
     if is_decoding_step(geo):  # one query row: the same selection in a few ops
         sel = select_step_pages(scores, geo, cfg.density, cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
     else:
-        forced = geo.forced(cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
-        # the budget's minimum is the sinks + local blocks for every pattern, whether it forces the
-        # sinks or not: at one density every pattern keeps the same number of blocks
-        floor = geo.forced(cfg.sink_blocks, cfg.local_blocks, sinks=True).sum(-1)
-        sel = select_blocks(scores, geo, forced, cfg.density, floor=floor)
+        forced, _, valid = geo.selection_budget(cfg.density, cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
+        sel = keep_best(scores, geo, forced, valid)
     sel.log_probs = log_probs
     return sel
 

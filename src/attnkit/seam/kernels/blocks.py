@@ -16,8 +16,9 @@ blocks is kept at a density whatever the pattern, the forced blocks (sinks, loca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,13 @@ class BlockGeometry:
     key_length: int
     causal: bool = True
     device: torch.device = torch.device("cpu")
+    # the tables below, made once per geometry and shared (never modified in place)
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def _table(self, key: tuple, make: Callable[[], object]):
+        if key not in self._tables:
+            self._tables[key] = make()
+        return self._tables[key]
 
     @property
     def offset(self) -> int:
@@ -80,15 +88,23 @@ class BlockGeometry:
             return torch.ones(self.n_query_blocks, self.n_key_blocks, dtype=torch.bool, device=self.device)
         return kb[None, :] <= self.query_block_ids[:, None]
 
+    @cached_property
+    def n_candidates(self) -> int:
+        """How many (query block, key block) pairs are candidates."""
+        return int(self.candidates.sum())
+
     def forced(self, sink_blocks: int, local_blocks: int, sinks: bool) -> Tensor:
         """(nQb, nKb) bool: blocks always kept: the ``local_blocks`` (>= 1) ending at the query's
         own block (around it, when not causal), and the first ``sink_blocks`` when ``sinks``: the
         window mask modifiers of ``attnkit.seam.mods.mask.window`` on block numbers, within the
-        candidates."""
-        kb = torch.arange(self.n_key_blocks, device=self.device)[None, :]
-        qb = self.query_block_ids[:, None]
-        kept = sink_window(sink_blocks, local_blocks - 1) if sinks else local_window(local_blocks - 1)
-        return kept(None, None, qb, kb) & self.candidates  # causal: the candidates drop the future half
+        candidates. Made once per geometry (shared: not to be modified)."""
+        def make() -> Tensor:
+            kb = torch.arange(self.n_key_blocks, device=self.device)[None, :]
+            qb = self.query_block_ids[:, None]
+            kept = sink_window(sink_blocks, local_blocks - 1) if sinks else local_window(local_blocks - 1)
+            return kept(None, None, qb, kb) & self.candidates  # causal: the candidates drop the future half
+
+        return self._table(("forced", sink_blocks, local_blocks, sinks), make)
 
     def budget(self, density: float, floor: Tensor) -> Tensor:
         """(nQb,) long: blocks each query block keeps: ⌈density · candidates⌉, at least ``floor``
@@ -97,10 +113,40 @@ class BlockGeometry:
         k = torch.ceil(n.double() * density - 1e-9).long()
         return torch.minimum(torch.maximum(k, floor), n).clamp(min=1)
 
+    def selection_budget(self, density: float, sink_blocks: int, local_blocks: int,
+                         sinks: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(forced (nQb, nKb) bool, budget (nQb,) long, valid (1, 1, nQb, S) bool) of a pattern at
+        ``density``: the blocks it always keeps (``forced``), how many each query block keeps (at
+        least the sinks and local blocks, whether the pattern forces the sinks or not: at one
+        density every pattern keeps as many), and which of S = the most any keeps are used. Made
+        once per geometry (shared: not to be modified)."""
+        def make() -> tuple[Tensor, Tensor, Tensor]:
+            forced = self.forced(sink_blocks, local_blocks, sinks)
+            floor = self.forced(sink_blocks, local_blocks, sinks=True).sum(-1)
+            budget = self.budget(density, torch.maximum(floor, forced.sum(-1)))
+            return forced, budget, _used_slots(budget)
+
+        return self._table(("budget", density, sink_blocks, local_blocks, sinks), make)
+
     def query_positions(self) -> Tensor:
         """(nQb, bs) each padded query row's position among the keys."""
         start = self.first_block * self.block_size
         return (start + torch.arange(self.padded_queries, device=self.device)).view(self.n_query_blocks, self.block_size)
+
+
+@lru_cache(maxsize=4)
+def block_geometry(block_size: int, query_length: int, key_length: int, causal: bool = True,
+                   device: torch.device = torch.device("cpu")) -> BlockGeometry:
+    """The ``BlockGeometry`` of a layout, one object per layout in this process (the last few
+    layouts): the calls that share it (a model's layers, the steps of a training run) share its
+    tables rather than each making them again. A few, as a layout's tables grow with the square of
+    its blocks (2 MiB at 128k tokens in blocks of 128)."""
+    return BlockGeometry(block_size, query_length, key_length, causal, device)
+
+
+def _used_slots(budget: Tensor) -> Tensor:
+    """(1, 1, nQb, S) bool: slot s of query block i is used when s < budget[i]; S = the largest budget."""
+    return (torch.arange(int(budget.max()), device=budget.device) < budget[:, None])[None, None]
 
 
 @dataclass
@@ -145,11 +191,12 @@ class BlockSelection:
         if self.every_slot:
             return self.indices.numel()
         B, Hk = self.indices.shape[:2]
-        return int(self.valid.expand(B, Hk, -1, -1).sum())
+        b, h = self.valid.shape[:2]  # valid is broadcast over the batch / KV heads where 1
+        return int(self.valid.sum()) * (B // b) * (Hk // h)
 
     def candidate_blocks(self) -> int:
         B, Hk = self.indices.shape[:2]
-        return int(self.geometry.candidates.sum()) * B * Hk
+        return self.geometry.n_candidates * B * Hk
 
 
 def select_blocks(scores: Tensor, geo: BlockGeometry, forced: Tensor, density: float,
@@ -158,16 +205,21 @@ def select_blocks(scores: Tensor, geo: BlockGeometry, forced: Tensor, density: f
     candidates up to the row's budget (``BlockGeometry.budget``; ``floor``: its minimum per row,
     by default the forced blocks' count). Ties go to the more recent block (so a constant score
     is a sliding window), which also makes the choice deterministic."""
+    budget = geo.budget(density, forced.sum(-1) if floor is None else torch.maximum(floor, forced.sum(-1)))
+    return keep_best(scores, geo, forced, _used_slots(budget))
+
+
+def keep_best(scores: Tensor, geo: BlockGeometry, forced: Tensor, valid: Tensor) -> BlockSelection:
+    """``select_blocks`` with its budget as the used slots ``valid`` (1, 1, nQb, S) (one of
+    ``BlockGeometry.selection_budget``'s tables)."""
     # one copy of the scores (they may be a pattern's output, or an expanded view), then in place
-    scores = scores.detach().float().masked_fill(~geo.candidates, -math.inf).masked_fill_(forced, math.inf)
+    scores = torch.where(geo.candidates, scores.detach().float(), -math.inf).masked_fill_(forced, math.inf)
     torch.nan_to_num_(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
-    k = geo.budget(density, forced.sum(-1) if floor is None else torch.maximum(floor, forced.sum(-1)))  # (nQb,)
-    S = int(k.max())
-    nK = geo.n_key_blocks
-    # flip so that a stable descending sort puts the later of two equal blocks first
-    order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :S]
-    indices = (nK - 1) - order
-    valid = (torch.arange(S, device=scores.device)[None, :] < k[:, None])[None, None]  # (1, 1, nQb, S)
+    # best first, the later of two equal blocks first: a stable ascending sort read backwards (the
+    # sorted values overwrite the copy: no second one)
+    _, order = torch.sort(scores, dim=-1, stable=True, out=(scores, torch.empty(scores.shape, dtype=torch.long,
+                                                                                device=scores.device)))
+    indices = order[..., -valid.shape[-1]:].flip(-1)
     return BlockSelection(indices=indices, valid=valid, geometry=geo)
 
 
@@ -178,7 +230,7 @@ def pooled_queries(q: Tensor, geo: BlockGeometry) -> Tensor:
     B, H, Q, D = q.shape
     bs = geo.block_size
     if geo.front == 0 and geo.padded_queries == Q:  # whole blocks: a view, no padded copy
-        return q.reshape(B, H, -1, bs, D).sum(3) / bs
+        return q.reshape(B, H, -1, bs, D).sum(3).div_(bs)
     padded = F.pad(q, (0, 0, geo.front, geo.padded_queries - geo.front - Q))
     rows = torch.zeros(geo.padded_queries, device=q.device, dtype=q.dtype)
     rows[geo.front: geo.front + Q] = 1
@@ -192,7 +244,7 @@ def pooled_key_means(k: Tensor, geo: BlockGeometry) -> Tensor:
     bs = geo.block_size
     pad = geo.padded_keys - K
     if pad == 0:  # whole blocks: a view, no padded copy
-        return k.reshape(B, H, -1, bs, D).sum(3) / bs
+        return k.reshape(B, H, -1, bs, D).sum(3).div_(bs)
     count = torch.full((geo.n_key_blocks,), float(bs), device=k.device, dtype=k.dtype)
     count[-1] = bs - pad
     return F.pad(k, (0, 0, 0, pad)).view(B, H, -1, bs, D).sum(3) / count[:, None]

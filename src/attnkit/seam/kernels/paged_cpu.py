@@ -32,7 +32,7 @@ from torch import Tensor
 from attnkit.metrics.native import VEC_MATH, NativeKernel
 
 KERNEL = NativeKernel("paged_decode", Path(__file__).with_name("paged_decode.cpp"), "attnkit_paged",
-                      "paged decoding kernel", headers=(VEC_MATH,))
+                      "paged decoding kernel", headers=(VEC_MATH,), build_seconds=20)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 

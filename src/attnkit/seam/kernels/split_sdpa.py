@@ -59,21 +59,33 @@ class _Bucket:
 
     i0: int
     i1: int
-    blocks: Tensor  # (m·c,) long: their other kept key blocks among B·Hkv·nKb, rows (query block, batch, KV head)
+    at: int  # their other kept key blocks are ``SplitPlan.others[at: at + n]``, n = m·c
+    n: int
     mask: Tensor | None  # (m, 1, 1, c·bs) the gate's term of each kept block, or None; m = (i1 - i0)·B·Hkv
 
 
 @dataclass
 class SplitPlan:
-    """The buckets of the other kept blocks (each row's own block is its diagonal one)."""
+    """The buckets of the other kept blocks (each row's own block is its diagonal one), the ones
+    keeping the most blocks first: SDPA's working buffers (and the bucket's temporaries) then shrink
+    call after call, each fitting in the memory the call before freed; growing, each would take
+    fresh heap that stays resident after the call."""
 
     own_bias: Tensor | None  # (nQb, B·Hkv) the gate's term of each row's own block, or None
     buckets: list[_Bucket]
+    # (Σ kept - N,) int32: every row's other kept key blocks among B·Hkv·nKb, row after row (rows
+    # numbered (query block, batch, KV head)): one small tensor kept for the backward, the buckets'
+    # parts of it sliced when used
+    others: Tensor
 
     @property
     def widest(self) -> int:
         """The most key blocks one bucket gathers (the gather buffers' size)."""
-        return max((b.blocks.shape[0] for b in self.buckets), default=0)
+        return max((b.n for b in self.buckets), default=0)
+
+    def blocks(self, b: _Bucket) -> Tensor:
+        """(n,) the other kept key blocks of bucket ``b``."""
+        return self.others[b.at: b.at + b.n]
 
 
 def kept_per_query_block(valid: Tensor) -> Tensor | None:
@@ -119,7 +131,7 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
         own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, B * Hk)
     # every row's other blocks, row after row, in one tensor: each bucket's are a slice of it (one
     # allocation kept for the backward rather than one per bucket)
-    others = blocks[torch.arange(S, device=indices.device) < (count - 1)[:, None]]  # (Σ kept - N,)
+    others = blocks[torch.arange(S, device=indices.device) < (count - 1)[:, None]].int()  # (Σ kept - N,)
     kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
     buckets, i0, at, R = [], 0, 0, B * Hk
     for c, n in zip(kinds.tolist(), sizes.tolist()):
@@ -127,10 +139,10 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
             mask = None
             if bias is not None:  # (m, 1, 1, c·bs): the gate's term on every key of the slot's block
                 mask = bias[i0 * R: (i0 + n) * R, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
-            buckets.append(_Bucket(i0, i0 + n, others[at: at + n * R * c], mask))
+            buckets.append(_Bucket(i0, i0 + n, at, n * R * c, mask))
             at += n * R * c
         i0 += n
-    return SplitPlan(own_bias, buckets)
+    return SplitPlan(own_bias, buckets[::-1], others)  # a query block keeps no fewer than the one before
 
 
 def split_sdpa_attention(
@@ -214,20 +226,20 @@ class _SplitAttention(torch.autograd.Function):
         G, bs, nQ, nK = H // Hk, geo.block_size, geo.n_query_blocks, geo.n_key_blocks
         kb, vb = _blocks(k, geo), _blocks(v, geo)  # (B·Hkv, nKb, bs, D|Dv)
         # every query block against its own key block: o (nQb, B·H, bs, Dv) laid out (nQb, bs, B·H, Dv)
+        # lse (nQb, B·H, bs) laid out (nQb, bs, B·H), SDPA's own layout: kept so (no copy), read by views
         o, lse = _forward(_by_block(q, bs), _diagonal(kb, geo), _diagonal(vb, geo), 0.0, True, scale=scale)
-        lse = lse.contiguous()  # (nQb, B·H, bs)
+        o5, lse5 = o.view(nQ, B * Hk, G, bs, Dv), lse.unflatten(1, (B * Hk, G))
         if plan.own_bias is not None:  # a constant on every score of the part shifts its log-sum-exp
-            lse.view(nQ, B * Hk, G, bs).add_(plan.own_bias.to(lse.dtype)[:, :, None, None])
-        o5, lse5 = o.view(nQ, B * Hk, G, bs, Dv), lse.view(nQ, B * Hk, G, bs)
+            lse5.add_(plan.own_bias.to(lse.dtype)[:, :, None, None])
         (kflat, kP), (vflat, vP) = _flat_blocks(kb), _flat_blocks(vb)
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
         qv = q.view(B, Hk, G, nQ, bs, D)
         for b in plan.buckets:
-            n = b.blocks.shape[0]
+            n, blocks = b.n, plan.blocks(b)
             qb = qv[:, :, :, b.i0: b.i1].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)  # (m, 1, G·bs, D)
             m = qb.shape[0]
-            kg = torch.index_select(kflat, 0, _in_flat(b.blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
-            vg = torch.index_select(vflat, 0, _in_flat(b.blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
+            kg = torch.index_select(kflat, 0, _in_flat(blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
+            vg = torch.index_select(vflat, 0, _in_flat(blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
             o2, l2 = _forward(qb, kg, vg, 0.0, False, attn_mask=b.mask, scale=scale)
             # merge into the own part's rows: l = logaddexp(l1, l2), o = e^(l1-l)·o1 + e^(l2-l)·o2; the
             # weights overwrite l1 (then l) and l2 in place: one small temporary a bucket, not three
@@ -259,7 +271,7 @@ class _SplitAttention(torch.autograd.Function):
         g_own, o_own = _by_block(grad_out, bs), _by_block(out, bs)  # (nQb, B·H, bs, Dv)
         lse_own = lse
         if plan.own_bias is not None:
-            lse_own = (lse.view(nQ, B * Hk, G, bs) - plan.own_bias.to(lse.dtype)[:, :, None, None]).view_as(lse)
+            lse_own = (lse.unflatten(1, (B * Hk, G)) - plan.own_bias.to(lse.dtype)[:, :, None, None]).flatten(1, 2)
         dq, dk_own, dv_own = _backward(g_own, _by_block(q, bs), _diagonal(kb, geo), _diagonal(vb, geo), o_own,
                                        lse_own, 0.0, True, scale=scale)  # (nQb, B·H|B·Hkv, bs, D|Dv)
         del lse_own
@@ -271,7 +283,7 @@ class _SplitAttention(torch.autograd.Function):
         _diagonal(dv, geo).add_(dv_own)
         del dk_own, dv_own
         dq5 = dq.view(nQ, B * Hk, G, bs, D)
-        lse5 = lse.view(nQ, B * Hk, G, bs)
+        lse5 = lse.unflatten(1, (B * Hk, G))
         (kflat, kP), (vflat, vP) = _flat_blocks(kb), _flat_blocks(vb)
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
         qv = q.view(B, Hk, G, nQ, bs, D)
@@ -279,17 +291,17 @@ class _SplitAttention(torch.autograd.Function):
         for b in plan.buckets:
             # The G heads of a group as G·bs query rows of one head: the keys' gradient comes back
             # summed over the group.
-            n, r = b.blocks.shape[0], slice(b.i0, b.i1)
+            n, r, blocks = b.n, slice(b.i0, b.i1), plan.blocks(b)
             qb = qv[:, :, :, r].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)
             m = qb.shape[0]
-            kg = torch.index_select(kflat, 0, _in_flat(b.blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
-            vg = torch.index_select(vflat, 0, _in_flat(b.blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
+            kg = torch.index_select(kflat, 0, _in_flat(blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
+            vg = torch.index_select(vflat, 0, _in_flat(blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
             gq, gk, gv = _backward(
                 g5[r].reshape(m, 1, G * bs, Dv), qb, kg, vg, o5[r].reshape(m, 1, G * bs, Dv),
                 lse5[r].reshape(m, 1, G * bs), 0.0, False, attn_mask=b.mask, scale=scale)
             dq5[r] += gq.view(dq5[r].shape)
-            dk.view(-1, bs, D).index_add_(0, b.blocks, gk.view(n, bs, D).to(acc_dtype))
-            dv.view(-1, bs, Dv).index_add_(0, b.blocks, gv.view(n, bs, Dv).to(acc_dtype))
+            dk.view(-1, bs, D).index_add_(0, blocks, gk.view(n, bs, D).to(acc_dtype))
+            dv.view(-1, bs, Dv).index_add_(0, blocks, gv.view(n, bs, Dv).to(acc_dtype))
         dq = dq.view(nQ, B, H, bs, D).permute(1, 2, 0, 3, 4).reshape(B, H, L, D)
         dk = dk.view(B, Hk, -1, D)[:, :, :K].to(k.dtype)
         dv = dv.view(B, Hk, -1, Dv)[:, :, :K].to(v.dtype)
