@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import StaticCache
 
+from attnkit.paths.decode import _cache_keyword, _cache_of
 from attnkit.seam import AttentionSession, attach
 from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys, select_blocks
@@ -136,8 +137,8 @@ def test_kept_pages_equal_quest_from_scratch_every_step(name, cache):
         tok = ids
         for _ in range(9):  # steps across page boundaries (keys 30 .. 38)
             positions = torch.arange(written, written + tok.shape[1])
-            out = model(input_ids=tok, past_key_values=past, use_cache=True, cache_position=positions)
-            past, tok, written = out.past_key_values, out.logits[:, -1:].argmax(-1), written + tok.shape[1]
+            out = model(input_ids=tok, **{_cache_keyword(model): past}, use_cache=True, cache_position=positions)
+            past, tok, written = _cache_of(out), out.logits[:, -1:].argmax(-1), written + tok.shape[1]
             kept.append(dict(handle.block_masks))
     steps = [c for c in calls.calls if c[1].shape[2] == 1]
     assert len(steps) == 8 * model.config.num_hidden_layers
