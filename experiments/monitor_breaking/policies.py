@@ -39,6 +39,11 @@ warning: the restored run started with an empty history):
 - ``rollback_trend_lr_keep``: the same, restoring the newest snapshot from before the warned trend's start
   (``Rollback(before=issue.started)``; the oldest kept when none is that old).
 
+After the fourth round (design seeds only, for the next round; not a library rule):
+
+- ``rollback_escalate_lr_keep``: the first warning rolls back to the newest snapshot, a repeated one to
+  before the run-up (fewer undone steps where one rollback is enough), history kept, LR halved each time.
+
 Fourth round's choice (README "Fourth round", written before its runs): on the design seeds 0-4's failures
 by rule v2 over 200 steps with a finite half-LR reference, among ``rollback_lr_noclip``,
 ``rollback_lr_keep`` and ``rollback_trend_lr_keep``: the most rescued by the plain test; ties → more ended
@@ -115,11 +120,20 @@ def _rules(name: str) -> dict:
         trend = lambda issue: Rollback(before=issue.started, times=3, keep_trend=True)  # noqa: E731
         return {"format_overflow": lambda issue: Chain((trend(issue), ReduceLR(0.5))),
                 "activation_overflow": lambda issue: Chain((trend(issue), ReduceLR(0.5)))}
+    if name == "rollback_escalate_lr_keep":
+        rollbacks = [0]  # per run: POLICY builds the rules afresh for each
+
+        def escalate(issue):
+            rollbacks[0] += 1  # the first to the newest snapshot, a repeated warning to before the run-up
+            before = None if rollbacks[0] == 1 else issue.started
+            return Chain((Rollback(before=before, times=3, keep_trend=True), ReduceLR(0.5)))
+
+        return {"format_overflow": escalate, "activation_overflow": escalate}
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
 
 
 POLICIES = ("clip", "clip_lr", "rollback_lr", "rollback_lr_gradclip", "clip_lr_release", "rollback_lr_noclip",
-            "rollback_lr_keep", "rollback_trend_lr_keep")
+            "rollback_lr_keep", "rollback_trend_lr_keep", "rollback_escalate_lr_keep")
 DEFAULT_POLICY = "rollback_trend_lr_keep"
 # fourth round, by its choice on the design seeds 0-4 (results/analyze_round4_design.md), 40 failures (rule v2 over
 # 200 steps) with a finite half-LR reference: rollback_trend_lr_keep 19/40 rescued, 39/40 ended healthy and finite,
