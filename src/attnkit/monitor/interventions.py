@@ -26,8 +26,8 @@ maps a name to its class:
   logit): the rate at which the detectors would stop calling it growth (see ``LRToRate``).
 - ``rollback``: restore, in place, the newest in-memory snapshot (``attnkit.monitor.Snapshots``:
   model, optimizer and scheduler state, on CPU) taken before the step the warned trend started,
-  and forget the monitor's history of the undone steps; the learning rates the interventions set
-  stay. The loop goes on with its next batches (nothing is replayed; the step budget is the same,
+  and forget the monitor's history of the undone steps (``keep_trend``: keep the observations up to the
+  restored snapshot, the restored run's own past); the learning rates the interventions set stay. The loop goes on with its next batches (nothing is replayed; the step budget is the same,
   so the undone steps are lost compute). PaLM's and OPT's practice for loss spikes. ``times``: how
   often a ``Policy`` may roll back (a second warning on the restored run rolls back again).
 - ``chain``: several interventions applied together as one action.
@@ -423,7 +423,8 @@ class Policy:
     learning rate; a module output heading for it → halve the learning rate; logit growth or overflow
     → QK-clip at τ; entropy collapse → attention dropout; loss or gradient spike → halve the learning
     rate. ``ROLLBACK_RULES``: the same, but a product or module output heading for its format's limit →
-    roll back to the newest snapshot and halve the learning rate (at most 3 times)."""
+    roll back to the newest snapshot from before its run-up began, keeping the restored run's own
+    observations, and halve the learning rate (at most 3 times; ``format_rollback_rule``)."""
 
     rules: dict[str, Callable[[Finding], object]] | None = None
     once: bool = True
