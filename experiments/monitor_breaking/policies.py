@@ -43,6 +43,7 @@ After the fourth round (design seeds only, for the next round; not a library rul
 
 - ``rollback_escalate_lr_keep``: the first warning rolls back to the newest snapshot, a repeated one to
   before the run-up (fewer undone steps where one rollback is enough), history kept, LR halved each time.
+- ``rollback_trend_lr_age``: ``rollback_trend_lr_keep``, but a warning after step 50 cuts the rate to a quarter.
 
 Fourth round's choice (README "Fourth round", written before its runs): on the design seeds 0-4's failures
 by rule v2 over 200 steps with a finite half-LR reference, among ``rollback_lr_noclip``,
@@ -129,11 +130,17 @@ def _rules(name: str) -> dict:
             return Chain((Rollback(before=before, times=3, keep_trend=True), ReduceLR(0.5)))
 
         return {"format_overflow": escalate, "activation_overflow": escalate}
+    if name == "rollback_trend_lr_age":
+        def by_age(issue):  # a warning after the first 50 steps: a rate too high for the whole run, cut deeper
+            return Chain((Rollback(before=issue.started, times=3, keep_trend=True),
+                          ReduceLR(0.5 if (issue.step or 0) < 50 else 0.25)))
+
+        return {"format_overflow": by_age, "activation_overflow": by_age}
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
 
 
 POLICIES = ("clip", "clip_lr", "rollback_lr", "rollback_lr_gradclip", "clip_lr_release", "rollback_lr_noclip",
-            "rollback_lr_keep", "rollback_trend_lr_keep", "rollback_escalate_lr_keep")
+            "rollback_lr_keep", "rollback_trend_lr_keep", "rollback_escalate_lr_keep", "rollback_trend_lr_age")
 DEFAULT_POLICY = "rollback_trend_lr_keep"
 # fourth round, by its choice on the design seeds 0-4 (results/analyze_round4_design.md), 40 failures (rule v2 over
 # 200 steps) with a finite half-LR reference: rollback_trend_lr_keep 19/40 rescued, 39/40 ended healthy and finite,
