@@ -41,6 +41,17 @@ def healthy_end(a: dict) -> bool:
     return not a.get("kind_v2", a["kind"]) and math.isfinite(a["final_loss"])
 
 
+def config_runs(out: Path, seeds: set[int]) -> tuple[dict, dict, dict]:
+    """The runs of these seeds under ``out``: (config key -> arm -> run, config key -> plain run,
+    config key -> the plain run's first predictor warning, replayed)."""
+    by = defaultdict(dict)
+    for r in load_runs(out):
+        if r["seed"] in seeds:
+            by[key(r)][r["arm"]] = r
+    plain = {k: a["plain"] for k, a in by.items() if "plain" in a}
+    return by, plain, {k: first_warning(r, out) for k, r in plain.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/breaking4")
@@ -49,13 +60,7 @@ def main() -> None:
     p.add_argument("--rows", action="store_true", help="per-run rescue rows")
     args = p.parse_args()
     out = Path(args.out)
-    seeds = {int(s) for s in args.seeds.split(",")}
-    by = defaultdict(dict)  # config key -> arm -> run
-    for r in load_runs(out):
-        if r["seed"] in seeds:
-            by[key(r)][r["arm"]] = r
-    plain = {k: a["plain"] for k, a in by.items() if "plain" in a}
-    warn = {k: first_warning(r, out) for k, r in plain.items()}
+    by, plain, warn = config_runs(out, {int(s) for s in args.seeds.split(",")})
     print(f"## {args.title or 'seeds ' + args.seeds}: {len(plain)} plain runs (seeds {args.seeds})\n")
 
     # ---------------------------------------------------------------- prediction, both rules

@@ -14,8 +14,8 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-from analyze import fmt_loss, key, load_runs, pct, quantiles
-from analyze_round3 import RESCUE_NATS, first_warning, rescue_and_costs
+from analyze import fmt_loss, pct, quantiles
+from analyze_round3 import RESCUE_NATS, config_runs, rescue_and_costs
 from sweep import label_v2
 
 SCORED_WARNINGS = 150  # a healthy run warned at a step below this is a false alarm
@@ -51,13 +51,7 @@ def main() -> None:
     p.add_argument("--rows", action="store_true", help="per-run rescue rows")
     args = p.parse_args()
     out = Path(args.out)
-    seeds = {int(s) for s in args.seeds.split(",")}
-    by = defaultdict(dict)  # config key -> arm -> run
-    for r in load_runs(out):
-        if r["seed"] in seeds:
-            by[key(r)][r["arm"]] = r
-    plain = {k: a["plain"] for k, a in by.items() if "plain" in a}
-    warn = {k: first_warning(r, out) for k, r in plain.items()}
+    by, plain, warn = config_runs(out, {int(s) for s in args.seeds.split(",")})
     steps = sorted({r["steps"] for r in plain.values()})
     print(f"## {args.title or 'seeds ' + args.seeds}: {len(plain)} plain runs (seeds {args.seeds}; steps run: {steps})\n")
     print("| protocol | failed (kinds) | warned before the failure step | lead, steps | lead 1-3 / 4-7 / 8-15 / 16-31 / 32+ "
