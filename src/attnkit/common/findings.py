@@ -127,8 +127,7 @@ THRESHOLDS: dict[str, Threshold] = {
         "nothing. fp16 runs about to overflow climbed 1-2 bits a step from 5-8 bits below. Chosen on 150 fp16 "
         "design runs of the breaking sweep (experiments/monitor_breaking, outcomes over 200 steps; 6 and 8 tried "
         "with every headroom, horizon and confirm setting): 8 with 0.5 bits of headroom and 3 observations warned "
-        "119 of 123 failures and no healthy run, 6 with the same 118; earlier sweeps had chosen 5 and 6 with no "
-        "headroom rule.")),
+        "119 of 123 failures and no healthy run, 6 with the same 118.")),
     "overflow_window": Threshold(3, "observed steps", (
         "monitor: format_overflow and activation_overflow fit the growth rate (log of the figure against the "
         "step) over the last 3 observations: the current rate. Over the detectors' full window the first "
