@@ -45,6 +45,13 @@ After the fourth round (design seeds only, for the next round; not a library rul
   before the run-up (fewer undone steps where one rollback is enough), history kept, LR halved each time.
 - ``rollback_trend_lr_age``: ``rollback_trend_lr_keep``, but a warning after step 50 cuts the rate to a quarter.
 
+Sixth round (README "Sixth round"; cuts that name no step):
+
+- ``rollback_trend_lr_quarter``: ``rollback_trend_lr_keep`` with the rate cut to a quarter at every warning.
+- ``rollback_trend_lr_eighth``: the same with the rate cut to an eighth.
+- ``library``: the library's own rules for the two predictions (``ROLLBACK_RULES``, whatever they are at the
+  commit that runs it), so a held-out figure is the library's rule and not a copy of it.
+
 Fourth round's choice (README "Fourth round", written before its runs): on the design seeds 0-4's failures
 by rule v2 over 200 steps with a finite half-LR reference, among ``rollback_lr_noclip``,
 ``rollback_lr_keep`` and ``rollback_trend_lr_keep``: the most rescued by the plain test; ties → more ended
@@ -61,7 +68,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnkit.monitor import Chain, GradClip, Policy, QKClip, ReduceLR, Rollback, Snapshots, Thresholds
+from attnkit.monitor import ROLLBACK_RULES, Chain, GradClip, Policy, QKClip, ReduceLR, Rollback, Snapshots, Thresholds
+from attnkit.monitor.interventions import format_rollback_rule
 
 PREDICTORS = ("format_overflow", "activation_overflow")
 EVERY = 4
@@ -136,11 +144,20 @@ def _rules(name: str) -> dict:
                           ReduceLR(0.5 if (issue.step or 0) < 50 else 0.25)))
 
         return {"format_overflow": by_age, "activation_overflow": by_age}
+    if name == "rollback_trend_lr_quarter":
+        rule = format_rollback_rule(lr_factor=0.25)
+        return {"format_overflow": rule, "activation_overflow": rule}
+    if name == "rollback_trend_lr_eighth":
+        rule = format_rollback_rule(lr_factor=0.125)
+        return {"format_overflow": rule, "activation_overflow": rule}
+    if name == "library":
+        return {kind: ROLLBACK_RULES[kind] for kind in PREDICTORS}
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
 
 
 POLICIES = ("clip", "clip_lr", "rollback_lr", "rollback_lr_gradclip", "clip_lr_release", "rollback_lr_noclip",
-            "rollback_lr_keep", "rollback_trend_lr_keep", "rollback_escalate_lr_keep", "rollback_trend_lr_age")
+            "rollback_lr_keep", "rollback_trend_lr_keep", "rollback_escalate_lr_keep", "rollback_trend_lr_age",
+            "rollback_trend_lr_quarter", "rollback_trend_lr_eighth", "library")
 DEFAULT_POLICY = "rollback_trend_lr_keep"
 # fourth round, by its choice on the design seeds 0-4 (results/analyze_round4_design.md), 40 failures (rule v2 over
 # 200 steps) with a finite half-LR reference: rollback_trend_lr_keep 19/40 rescued, 39/40 ended healthy and finite,
