@@ -6,6 +6,7 @@ per arm and costs on healthy runs as in the third round (``analyze_round3.rescue
     PYTHONPATH=src:experiments/monitor_breaking python3 experiments/monitor_breaking/analyze_round4.py \\
         --out runs/breaking5 --seeds 0,1,2,3,4 --title "design seeds 0-4"
     ... --seeds 5,6 --title "held out"        # once, after the policy was fixed
+    ... --seeds 0,1,2,3,4 --near-limit-every 1   # the warnings with every step observed near the limit (off: none)
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def main() -> None:
     p.add_argument("--seeds", required=True)
     p.add_argument("--title", default="")
     p.add_argument("--rows", action="store_true", help="per-run rescue rows")
+    p.add_argument("--near-limit-every", default=None,
+                   help="replay the warnings with this near-limit schedule (an integer, or 'off') instead of policies'")
     args = p.parse_args()
+    if args.near_limit_every is not None:
+        import policies
+
+        policies.NEAR_LIMIT_EVERY = None if args.near_limit_every == "off" else int(args.near_limit_every)
     out = Path(args.out)
     by, plain, warn = config_runs(out, {int(s) for s in args.seeds.split(",")})
     steps = sorted({r["steps"] for r in plain.values()})
