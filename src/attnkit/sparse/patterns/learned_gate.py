@@ -8,6 +8,9 @@ and the local block always kept; ``attnkit.sparse.gates.BlockGate`` holds the we
 ``sinks_window`` keeps (ties go to recent blocks) and the output is exactly block-sparse
 attention over those blocks; training moves it.
 
+    >>> import torch
+    >>> from attnkit.sparse import BlockGate, BlockGeometry, BlockInputs
+    >>> from attnkit.sparse.patterns.learned_gate import learned_gate_score
     >>> geo = BlockGeometry(block_size=2, query_length=6, key_length=6)
     >>> gate = BlockGate(num_kv_heads=1, groups=1, head_dim=4, gate_dim=8)
     >>> x = BlockInputs(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4), geo, groups=1, gate=gate)

@@ -5,6 +5,9 @@ block always. Here the query is the query block's mean (one selection per query 
 kept K/V blocks are gathered once per block) and the score is summed over the query heads of a
 KV group (the group shares its blocks).
 
+    >>> import torch
+    >>> from attnkit.sparse import BlockGeometry, BlockInputs, select_blocks
+    >>> from attnkit.sparse.patterns.moba import moba_score
     >>> geo = BlockGeometry(block_size=2, query_length=6, key_length=6)
     >>> q = torch.ones(1, 1, 6, 1); k = torch.tensor([5., 5., -1., -1., 0., 0.]).view(1, 1, 6, 1)
     >>> x = BlockInputs(q, k, geo, groups=1)
@@ -19,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.seam.kernels.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
 from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 

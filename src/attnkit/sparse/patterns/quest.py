@@ -7,6 +7,9 @@ max(q·a, q·b) = relu(q)·a + min(q, 0)·b for a ≥ b, so the bound is two mat
 linear in relu(q) and min(q, 0): a group's sum over its heads is the bound of the heads' summed
 parts, one row per query block (a decoding step: one row per KV group) against the pages.
 
+    >>> import torch
+    >>> from attnkit.sparse import BlockGeometry, BlockInputs, select_blocks
+    >>> from attnkit.sparse.patterns.quest import quest_score
     >>> geo = BlockGeometry(block_size=2, query_length=6, key_length=6)
     >>> q = torch.ones(1, 1, 6, 1); k = torch.tensor([0., 0., 9., -9., 1., 1.]).view(1, 1, 6, 1)
     >>> x = BlockInputs(q, k, geo, groups=1)
@@ -22,7 +25,6 @@ import torch
 from torch import Tensor
 
 from attnkit.seam.kernels import paged_cpu
-from attnkit.seam.kernels.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
 from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 

@@ -6,6 +6,9 @@ sink tokens); keeping them restores it. The forced blocks are the one window's
 (``BlockGeometry.forced``). At density d the budget ⌈d·(i+1)⌉ is the sinks plus the most recent
 blocks (below: 2 of 4 blocks for the last query block, the sink and its own).
 
+    >>> import torch
+    >>> from attnkit.sparse import BlockGeometry, BlockInputs, select_blocks
+    >>> from attnkit.sparse.patterns.sinks_window import sinks_window_score
     >>> geo = BlockGeometry(block_size=2, query_length=8, key_length=8)
     >>> x = BlockInputs(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), geo, groups=1)
     >>> select_blocks(sinks_window_score(x), geo, geo.forced(1, 1, sinks=True), 0.5).block_mask()[0, 0].int()
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attnkit.seam.kernels.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
 from attnkit.sparse.patterns.base import BlockInputs, Pattern
 from attnkit.sparse.patterns.window import window_score
 

@@ -4,6 +4,9 @@ At density d a query block keeps its ⌈d·(i+1)⌉ most recent key blocks: a sl
 blocks with no sink (StreamingLLM shows what losing the first tokens costs). Recency is the one
 window's ``key_distance`` (``attnkit.seam.mods.mask.window``) evaluated on block numbers.
 
+    >>> import torch
+    >>> from attnkit.sparse import BlockGeometry, BlockInputs, select_blocks
+    >>> from attnkit.sparse.patterns.window import window_score
     >>> geo = BlockGeometry(block_size=2, query_length=8, key_length=8)
     >>> x = BlockInputs(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), geo, groups=1)
     >>> select_blocks(window_score(x), geo, geo.forced(1, 1, sinks=False), 0.5).block_mask()[0, 0].int()
@@ -18,7 +21,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from attnkit.seam.mods.mask.window import key_distance
-from attnkit.seam.kernels.blocks import BlockGeometry, select_blocks  # noqa: F401  (the example)
 from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 
