@@ -190,12 +190,12 @@ def test_the_trainer_callback_hands_accelerate_s_grad_scaler_to_the_monitor(tmp_
             callback.monitor.close()
 
 
-@pytest.mark.parametrize("snapshots, action", [(True, "rollback+reduce_lr"), (False, "qk_clip+reduce_lr")])
-def test_the_default_policy_rolls_back_and_halves_the_rate_where_the_monitor_keeps_snapshots(snapshots, action, tmp_path):
+@pytest.mark.parametrize("snapshots, action, lr", [(True, "rollback+reduce_lr", 0.025), (False, "qk_clip+reduce_lr", 0.05)])
+def test_the_default_policy_rolls_back_and_cuts_the_rate_where_the_monitor_keeps_snapshots(snapshots, action, lr, tmp_path):
     """``Policy()`` takes its monitor's defaults: with snapshots a product heading for fp16's limit is
-    answered by a rollback to the newest snapshot and the rate halved (``ROLLBACK_RULES``), without them
-    by QK-clip and the rate halved (``DEFAULT_RULES``). The planted head's product, from the weights,
-    is back at the restored step's value after the rollback."""
+    answered by a rollback to the newest snapshot from before its run-up and the rate cut to a quarter
+    (``ROLLBACK_RULES``), without them by QK-clip and the rate halved (``DEFAULT_RULES``). The planted
+    head's product, from the weights, is back at the restored step's value after the rollback."""
     from attnkit.monitor import Policy, Snapshots
 
     model = gpt2().eval()
@@ -217,7 +217,7 @@ def test_the_default_policy_rolls_back_and_halves_the_rate_where_the_monitor_kee
             grow(2.0)
     (entry,) = monitor.interventions
     assert entry["action"] == action and entry["reason"].startswith("format_overflow")
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr)
     if snapshots:
         assert 0 < entry["undone_steps"] and entry["restored_step"] == step - entry["undone_steps"]
         assert entry["restored_step"] >= 0  # a snapshot of step s holds the weights that step observed

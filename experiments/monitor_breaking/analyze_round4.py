@@ -16,7 +16,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from analyze import fmt_loss, pct, quantiles
-from analyze_round3 import RESCUE_NATS, config_runs, rescue_and_costs
+import math
+import statistics
+
+from analyze_round3 import RESCUE_NATS, config_runs, healthy_end, rescue_and_costs
 from sweep import label_v2
 
 SCORED_WARNINGS = 150  # a healthy run warned at a step below this is a false alarm
@@ -42,6 +45,22 @@ def prediction_row(title: str, plain: dict, warn: dict, labels: dict) -> tuple[d
           f"**{pct(len(hit), len(failed))}** | {quantiles(leads)} | "
           f"{' / '.join(str(sum(lo <= x <= hi for x in leads)) for lo, hi in BINS)} | **{pct(len(fa), len(healthy))}** |")
     return failed, healthy, hit, fa
+
+
+def same_failures_table(by: dict, failed: dict) -> None:
+    """The monitor arms that ran on every failure with a finite half-LR reference, compared on exactly those."""
+    scoreable = [k for k in failed if (ref := by[k].get("half_lr")) is not None and math.isfinite(ref["final_loss"])]
+    arms = sorted(a for a in {a for k in scoreable for a in by[k]} if a.startswith("monitor")
+                  and all(a in by[k] for k in scoreable))
+    if not scoreable or not arms:
+        return
+    print(f"\n### The monitor arms on the same {len(scoreable)} failures with a finite half-LR reference\n")
+    print("| arm | rescued (plain test) | ended healthy and finite | undone steps (mean) |\n|---|---|---|---|")
+    for arm in arms:
+        runs = [(by[k][arm], by[k]["half_lr"]) for k in scoreable]
+        rescued = sum(healthy_end(a) and a["final_loss"] <= ref["final_loss"] + RESCUE_NATS for a, ref in runs)
+        print(f"| {arm} | **{pct(rescued, len(runs))}** | {sum(healthy_end(a) for a, _ in runs)}/{len(runs)} | "
+              f"{statistics.fmean(a.get('undone_steps', 0) for a, _ in runs):.1f} |")
 
 
 def main() -> None:
@@ -79,6 +98,7 @@ def main() -> None:
         f"{healthy150[k]['name']} (warned at {warn[k]}; over all steps: {horizon[k][0] or 'healthy'}"
         + (f" at {horizon[k][1]}" if horizon[k][0] else "") + ")" for k in sorted(fa150)) or "none"))
     rescue_and_costs(by, failed, healthy, warn, args.rows)
+    same_failures_table(by, failed)
     behind_at_warning(by, failed, warn)
 
 

@@ -158,7 +158,7 @@ def _rules(name: str) -> dict:
 POLICIES = ("clip", "clip_lr", "rollback_lr", "rollback_lr_gradclip", "clip_lr_release", "rollback_lr_noclip",
             "rollback_lr_keep", "rollback_trend_lr_keep", "rollback_escalate_lr_keep", "rollback_trend_lr_age",
             "rollback_trend_lr_quarter", "rollback_trend_lr_eighth", "library")
-DEFAULT_POLICY = "rollback_trend_lr_keep"
+DEFAULT_POLICY = "library"  # the library's own ROLLBACK_RULES (sixth round: the rate cut to a quarter)
 # fourth round, by its choice on the design seeds 0-4 (results/analyze_round4_design.md), 40 failures (rule v2 over
 # 200 steps) with a finite half-LR reference: rollback_trend_lr_keep 19/40 rescued, 39/40 ended healthy and finite,
 # 31.7 steps undone; rollback_lr_noclip 15/40, 34/40, 16.5; rollback_lr_keep 13/40, 31/40, 18.7
