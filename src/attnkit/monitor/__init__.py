@@ -18,7 +18,7 @@ from attnkit.monitor.detectors import DETECTORS, Thresholds
 from attnkit.monitor.emit import EMITTERS, Emitter, StepRecord
 from attnkit.monitor.interventions import (
     DEFAULT_RULES, INTERVENTIONS, ROLLBACK_RULES, AttentionDropout, Chain, GradClip, LRBackoff, LRToRate, Policy, QKClip,
-    ReduceLR, Rollback, qk_clip_layout, soft_cap, temperature,
+    ReduceLR, Rollback, format_clip_rule, format_rollback_rule, qk_clip_layout, soft_cap, temperature,
 )
 from attnkit.common.findings import Finding as Issue  # the one finding type, by the name monitor users know
 from attnkit.monitor.issues import Diagnosis
@@ -32,5 +32,6 @@ __all__ = [
     "Diagnosis", "Emitter", "GradClip", "Issue", "LRBackoff", "LRToRate", "Policy", "QKClip", "ReduceLR", "ROLLBACK_RULES",
     "Rollback", "Snapshot", "Snapshots", "StepRecord",
     "Thresholds",
-    "TraceResult", "qk_clip_layout", "soft_cap", "temperature", "trace_nonfinite",
+    "TraceResult", "format_clip_rule", "format_rollback_rule", "qk_clip_layout", "soft_cap", "temperature",
+    "trace_nonfinite",
 ]
