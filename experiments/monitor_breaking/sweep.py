@@ -23,6 +23,8 @@ Each configuration runs in one of several **arms** (``ARMS``):
 - ``qknorm``: the same configuration with QK-norm from the start (Llama → Qwen3 attention; GPT-2
   has no QK-norm variant in transformers: not run).
 - ``half_lr``: the plain run at half the learning rate (the rescue test's reference).
+- ``cut<f>_at<n>`` (e.g. ``cut0.25_at25``): the plain run with its learning rate × f from step n on, no
+  monitor — what a warning at step n acted on by that cut could give at best (no rollback, no steps undone).
 
 THE FAILURE RULE (fixed before any predictor was tuned; ``label``):
   a run FAILED when
@@ -63,6 +65,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -252,6 +255,12 @@ class SpikeRollback:
 ARMS = ("plain", "monitor", "clip", "spike_rollback", "zloss", "qknorm", "half_lr")  # and monitor_<policy>
 
 
+def _cut(arm: str) -> tuple[float, int]:
+    """``cut<f>_at<n>`` -> (f, n); any other arm: no cut."""
+    m = re.fullmatch(r"cut([0-9.]+)_at([0-9]+)", arm)
+    return (float(m[1]), int(m[2])) if m else (1.0, 10 ** 9)
+
+
 # ---------------------------------------------------------------- one run
 def evaluate(model, val: torch.Tensor, precision: str) -> float:
     dtype = AUTOCAST[precision]
@@ -270,7 +279,9 @@ def train(cfg: Config, ids: torch.Tensor, val: torch.Tensor, vocab: int, shape: 
         lr = cfg.lr / 2
     model = build_model(arch, cfg.seed, vocab, shape, cfg.temperature).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    cut, cut_at = _cut(cfg.arm)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * (cut if s >= cut_at else 1.0))
     dtype = AUTOCAST[cfg.precision]
     scaler = torch.amp.GradScaler("cpu", enabled=cfg.precision == "fp16")
     monitor = None
@@ -399,6 +410,9 @@ def main() -> None:
                    help="with --only-failed-from: configurations whose half-LR run there ended with a finite loss")
     p.add_argument("--rule", choices=("v1", "v2"), default="v1",
                    help="the failure rule --only-failed-from / --skip-failed-from select by (v2: label_v2)")
+    p.add_argument("--only-warned-after", type=int, default=None,
+                   help="with --only-failed-from: configurations whose plain run's first predictor warning (replayed "
+                        "as analyze_round3 does) came at this step or later")
     p.add_argument("--only-warned", action="store_true",
                    help="with --only-failed-from: configurations whose plain run had a predictor warning, too")
     p.add_argument("--steps", type=int, default=Shape.steps)
@@ -439,6 +453,12 @@ def main() -> None:
             refs = {r["name"].removesuffix("_half_lr"): r for r in load_runs(source) if r["arm"] == "half_lr"}
             configs = [c for c in configs if (ref := refs.get(Config(*c.key()).name.removesuffix("_plain"))) is not None
                        and math.isfinite(ref["final_loss"])]
+    if args.only_failed_from and args.only_warned_after is not None:
+        from analyze_round3 import config_runs
+
+        _, _, warn = config_runs(Path(args.only_failed_from), {c.seed for c in configs})
+        configs = [c for c in configs if (w := warn.get(c.key())) is not None
+                   and w >= args.only_warned_after]
     if args.skip_failed_from:
         from analyze import load_runs
 
