@@ -288,11 +288,21 @@ class GateBias:
     With ``SparseSelector`` as the mask, taps see exactly the probabilities the kernel used."""
 
     def __init__(self, selector: SparseSelector) -> None:
-        self.selector = selector
+        # the selector owns this term: a weak reference back, so that the two are no reference
+        # cycle and a session's last selection is freed when the session is (not by the collector)
+        self._selector = weakref.ref(selector)
         self.__name__ = "sparse_gate_bias"
 
+    @property
+    def selector(self) -> SparseSelector:
+        selector = self._selector()
+        if selector is None:
+            raise RuntimeError("the sparse session of this gate term has ended")
+        return selector
+
     def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        bias, last = self.selector._last_bias, self.selector._last
+        selector = self.selector
+        bias, last = selector._last_bias, selector._last
         if bias is None or last is None:
             return score
         sel, groups = last
