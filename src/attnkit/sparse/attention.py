@@ -149,9 +149,11 @@ class SparseSelector:
     """
 
     def __init__(self, cfg: SparseConfig, gates: SparseGates | None, handle: SparseHandle,
-                 workspace: Workspace | None = None) -> None:
+                 workspace_bytes: dict[Site, int] | None = None) -> None:
         self.cfg, self.gates, self.handle = cfg, gates, handle
-        self.workspace = workspace  # the selection's and the kernels' temporaries (one per model)
+        # each site's last call's workspace size: a call's temporaries are carved from one
+        # allocation of that size (``Workspace``), dropped when the call returns
+        self.workspace_bytes = {} if workspace_bytes is None else workspace_bytes
         self.pattern = get_pattern(cfg.pattern)
         self._last: tuple[BlockSelection, int] | None = None  # the call's selection, its KV groups
         self._last_bias: Tensor | None = None  # (B, Hkv, nQb, nKb) gate_bias · log p, detached
@@ -196,9 +198,11 @@ class SparseSelector:
         the mask is the same tensor, unchanged: the layers of a forward share the model's mask."""
         return self._from_mask("prefix", allowed, (K, Q), lambda: _causal_prefix(allowed, K, Q))
 
-    def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
+    def select(self, call: AttentionCall, workspace: Workspace | None = None,
+               ) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
         """The call's selection, its per-KV-group key and value (B, Hkv, K, D) and its mask (True =
-        may attend, or None), the keys a decoding step's mask never shows at the end cut off."""
+        may attend, or None), the keys a decoding step's mask never shows at the end cut off.
+        ``workspace``: where the selection's temporaries are carved from."""
         groups = call.kv_groups
         k, v = call.key_heads, call.value_heads  # the model's own KV heads
         gate = None
@@ -236,11 +240,12 @@ class SparseSelector:
             def pages():
                 return self.pages.update(call.site, k, self.cfg.block_size, past=k.shape[2] - call.query_length)
         sel = choose_blocks(call.query, k, cfg, gate=gate, causal=causal, allowed=allowed, key_pages=pages,
-                            workspace=self.workspace)
+                            workspace=workspace)
         return sel, k, v, allowed
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
-        sel, k, v, allowed = self.select(call)
+        workspace = Workspace(self.workspace_bytes.get(call.site, 0))
+        sel, k, v, allowed = self.select(call, workspace)
         block_bias = full_bias = None
         log_probs = sel.log_probs
         straight = self.cfg.gate_grad == "straight_through"
@@ -254,13 +259,14 @@ class SparseSelector:
             call.query, k, v, sel, call.scale, block_bias=block_bias, full_bias=full_bias, allowed=allowed,
             bias=None if call.bias is None else call.bias[..., : k.shape[2]], softcap=call.softcap, sinks=call.sinks,
             dropout_p=call.dropout_p, mods=others or None,
-            chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint, workspace=self.workspace,
+            chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint, workspace=workspace,
         )  # the causal triangle is applied inside the kernels
         try:
             kernel = choose_block_kernel(block_call, self.cfg.kernel)
         except ValueError as e:
             raise UserError(str(e)) from None
         out = kernel.run(block_call)
+        self.workspace_bytes[call.site] = workspace.used
         self._last = (sel, call.kv_groups)
         self._fresh = True
         self._last_bias = None if block_bias is None or straight else full_bias.detach()
@@ -427,18 +433,18 @@ def _run(call: AttentionCall, mods: Mods, chunk_elements: int) -> Tensor:
 
 KERNELS.setdefault(KERNEL_NAME, Kernel(KERNEL_NAME, _supports, _run))
 
-# one workspace per model, kept while the model lives: the temporaries of its sparse calls take no
-# new memory after the first call of a shape, also across ``sparse_attention`` blocks (a training
-# loop that enters one per step)
-_WORKSPACES: "weakref.WeakKeyDictionary[nn.Module, Workspace]" = weakref.WeakKeyDictionary()
+# the workspace each site of a model needed at its last call (bytes): the next call's workspace
+# is made that large at once, kept while the model lives (a few numbers; the workspaces themselves
+# last one call)
+_WORKSPACE_BYTES: "weakref.WeakKeyDictionary[nn.Module, dict[Site, int]]" = weakref.WeakKeyDictionary()
 
 
-def workspace_of(model: nn.Module) -> Workspace:
-    """The ``Workspace`` the sparse calls of ``model`` write their temporaries into (made on first use)."""
-    workspace = _WORKSPACES.get(model)
-    if workspace is None:
-        workspace = _WORKSPACES[model] = Workspace()
-    return workspace
+def workspace_bytes(model: nn.Module) -> dict[Site, int]:
+    """{Site: bytes} the workspace of each site's last sparse call of ``model`` needed (``Workspace``)."""
+    sizes = _WORKSPACE_BYTES.get(model)
+    if sizes is None:
+        sizes = _WORKSPACE_BYTES[model] = {}
+    return sizes
 
 
 @contextmanager
@@ -452,7 +458,7 @@ def sparse_attention(
     if pattern.learned and gates is None:
         raise UserError(f"the {cfg.pattern} pattern needs gates: sparse_attention(model, cfg, gates=make_gates(model, cfg))")
     handle = SparseHandle(cfg, gates)
-    selector = SparseSelector(cfg, gates, handle, workspace_of(model))
+    selector = SparseSelector(cfg, gates, handle, workspace_bytes(model))
     session = SparseSession(selector, handle, layers=layers, chunk_elements=cfg.chunk_elements)
     with attach(model, session):
         # the masks the layers of one forward share are dropped when it returns (a prompt's (Q, K)

@@ -217,12 +217,12 @@ def keep_best(scores: Tensor, geo: BlockGeometry, forced: Tensor, valid: Tensor,
     sort order are written (fresh tensors without one); the selection itself is always fresh."""
     scores = scores.detach().float()  # (B, Hkv, nQb, nKb), maybe an expanded view
     # one copy of the scores (they may be a pattern's output, or an expanded view), then in place
-    copy = take_or_new(workspace, "select.scores", tuple(scores.shape), torch.float32, scores.device)
+    copy = take_or_new(workspace, tuple(scores.shape), torch.float32, scores.device)
     torch.where(geo.candidates, scores, scores.new_full((), -math.inf), out=copy).masked_fill_(forced, math.inf)
     torch.nan_to_num_(copy, nan=-1e30, posinf=math.inf, neginf=-math.inf)
     # best first, the later of two equal blocks first: a stable ascending sort read backwards (the
     # sorted values overwrite the copy: no second one)
-    order = take_or_new(workspace, "select.order", tuple(copy.shape), torch.long, copy.device)
+    order = take_or_new(workspace, tuple(copy.shape), torch.long, copy.device)
     torch.sort(copy, dim=-1, stable=True, out=(copy, order))
     indices = order[..., -valid.shape[-1]:].flip(-1)  # a copy: the selection outlives the workspace's views
     return BlockSelection(indices=indices, valid=valid, geometry=geo)

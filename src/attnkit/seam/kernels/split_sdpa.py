@@ -112,9 +112,8 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
     bs, nK, R = geo.block_size, geo.n_key_blocks, B * Hk
     device = indices.device
 
-    def rows(t: Tensor, name: str) -> Tensor:  # (B, Hk, nQb, S) -> (N, S) rows numbered (query block, batch, KV head)
-        out = take_or_new(workspace, name, (nQ, B, Hk, S), t.dtype, device)
-        return out.copy_(t.permute(2, 0, 1, 3)).view(R * nQ, S)
+    def rows(t: Tensor, dtype: torch.dtype) -> Tensor:  # (B, Hk, nQb, S) -> (N, S) rows numbered (query block, batch, KV head)
+        return take_or_new(workspace, (nQ, B, Hk, S), dtype, device).copy_(t.permute(2, 0, 1, 3)).view(R * nQ, S)
 
     valid = valid.expand(B, Hk, nQ, S)
     per_block = kept_per_query_block(valid)  # (nQb,)
@@ -122,34 +121,39 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
         return None
     count = per_block.repeat_interleave(R)  # (N,) kept blocks of each row
     # sorted kept blocks, the unused slots (numbered nK) last: the own block is a causal row's largest
-    unsorted = take_or_new(workspace, "plan.unsorted", (B, Hk, nQ, S), indices.dtype, device)
+    unsorted = take_or_new(workspace, (B, Hk, nQ, S), indices.dtype, device)
     unsorted.copy_(indices).masked_fill_(~valid, nK)
-    slot = take_or_new(workspace, "plan.slot", (B, Hk, nQ, S), torch.long, device)
+    slot = take_or_new(workspace, (B, Hk, nQ, S), torch.long, device)
     blocks, slot = torch.sort(unsorted, -1, out=(unsorted, slot))
-    blocks = rows(blocks, "plan.blocks")  # (N, S)
+    blocks = rows(blocks, torch.int32)  # (N, S); block numbers below 2^31 (they index a tensor of blocks)
     last = blocks.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]  # (N,)
     diagonal = (torch.arange(nQ, device=device) + geo.first_block).repeat_interleave(R)
     if not bool(((count > 0) & (last == diagonal)).all()):
         return None
-    base = torch.arange(R, device=device).repeat(nQ) * nK  # (N,) first block of the row's head
-    blocks.add_(base[:, None])
+    blocks.add_((torch.arange(R, device=device, dtype=torch.int32) * nK).repeat(nQ)[:, None])  # the row's head's first block
     bias = own_bias = None
     if block_bias is not None:
-        bias = rows(block_bias.detach().expand(B, Hk, nQ, S), "plan.bias").gather(1, rows(slot, "plan.rows_slot"))
+        bias = rows(block_bias.detach().expand(B, Hk, nQ, S), block_bias.dtype).gather(1, rows(slot, torch.long))
         own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, R)  # (N, S) in sorted order
-    # every row's other blocks, row after row, in one tensor: each bucket's are a slice of it (one
-    # allocation kept for the backward rather than one per bucket)
-    others = blocks[torch.arange(S, device=device) < (count - 1)[:, None]].int()  # (Σ kept - N,)
     kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
-    buckets, i0, at = [], 0, 0
+    spans, i0 = [], 0
     for c, n in zip(kinds.tolist(), sizes.tolist()):
         if c > 0:  # (query blocks keeping their own block only need no bucket)
-            mask = None
-            if bias is not None:  # (m, 1, 1, c·bs): the gate's term on every key of the slot's block
-                mask = bias[i0 * R: (i0 + n) * R, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
-            buckets.append(_Bucket(i0, i0 + n, at, n * R * c, mask))
-            at += n * R * c
+            spans.append((i0, n, c))
         i0 += n
+    # every row's other blocks, row after row, in one tensor: each bucket's are a slice of it (one
+    # allocation kept for the backward rather than one per bucket); a bucket's rows keep c blocks
+    # besides their own, the first c of their sorted row
+    others = torch.empty(sum(n * R * c for _, n, c in spans), dtype=torch.int32, device=device)  # (Σ kept - N,)
+    buckets, at = [], 0
+    for i0, n, c in spans:
+        m = n * R
+        others[at: at + m * c].view(m, c).copy_(blocks[i0 * R: (i0 + n) * R, :c])
+        mask = None
+        if bias is not None:  # (m, 1, 1, c·bs): the gate's term on every key of the slot's block
+            mask = bias[i0 * R: (i0 + n) * R, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
+        buckets.append(_Bucket(i0, i0 + n, at, m * c, mask))
+        at += m * c
     return SplitPlan(own_bias, buckets[::-1], others)  # a query block keeps no fewer than the one before
 
 

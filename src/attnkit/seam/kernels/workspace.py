@@ -1,19 +1,22 @@
-"""Scratch tensors a block-sparse call writes its temporaries into, kept from call to call.
+"""One allocation that a block-sparse call's small temporaries are carved from.
 
-A block-sparse call makes many small temporaries besides its attention: the selection's copy of
-the block scores and its sort order, the split kernel's plan (the kept blocks sorted per row, in
-row order). Made fresh on every call, each comes from the allocator's heap (they are small), and
-the heap pages they touch stay resident after they are freed: a training step's resident set
-grows by them. Written into a ``Workspace`` instead (``out=`` and in-place ops), they take no
-memory after the first call of a shape: a named buffer per kind of temporary, grown to the
-largest shape asked for, handed out as a view of its first elements.
+A block-sparse call makes many small temporaries besides its attention: the pattern's pooled
+means and block scores, the selection's copy of the scores and their sort order, the split
+kernel's plan (the kept blocks sorted per row, in row order). Made one by one, each comes from the
+allocator's heap (they are small), and the heap pages they touch stay resident after they are
+freed, below whatever the call keeps: a training step's resident set grows by them. Carved from
+one ``Workspace`` instead (``out=`` and in-place ops into its views), they are one allocation,
+handed back whole when the call drops the workspace (an allocation this large is its own mapping
+for the allocator), and no temporary shares memory with another or with a later call.
 
-Only temporaries go in: what a call returns, records or keeps for its backward is never a view of
-a workspace (the next call overwrites it). One workspace serves the calls of one model one after
-another (``sparse_attention`` keeps one per model): not two calls at once.
+A workspace is made for one call with the capacity the calls before it needed (``used``); what does
+not fit is a fresh tensor. Only temporaries go in: what a call returns, records or keeps for its
+backward is never a view of a workspace.
 
-    ws = Workspace()
-    order = ws.take("order", (B, Hkv, nQb, nKb), torch.long, scores.device)  # a view, overwritten next call
+    ws = Workspace(capacity)
+    order = ws.take((B, Hkv, nQb, nKb), torch.long, scores.device)   # a view of the arena
+    ...
+    capacity = max(capacity, ws.used)                                # for the next call
 """
 
 from __future__ import annotations
@@ -23,38 +26,33 @@ import math
 import torch
 from torch import Tensor
 
+_ALIGN = 64  # bytes: every view starts on a cache line
+
 
 class Workspace:
-    """Named scratch buffers, one per (name, dtype, device), each grown to the largest size asked for."""
+    """A bump allocator over one byte tensor of ``capacity`` bytes (made on the first ``take``)."""
 
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self.used = 0  # bytes asked for so far, in the arena or not: the capacity a next call needs
+        self._arena: Tensor | None = None
 
-    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A tensor of ``shape`` and ``dtype`` on ``device`` with unspecified contents: ``name``'s
-        buffer (made or grown here), valid until the next ``take`` of that name. Two temporaries
-        alive at once need two names."""
-        n = math.prod(shape)
-        key = (name, dtype, torch.device(device))
-        flat = self._buffers.get(key)
-        # a buffer made under inference mode cannot be written outside it: made again
-        if flat is None or flat.numel() < n or (flat.is_inference() and not torch.is_inference_mode_enabled()):
-            flat = self._buffers[key] = torch.empty(n, dtype=dtype, device=device)
-        return flat[:n].view(shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the buffers hold."""
-        return sum(t.numel() * t.element_size() for t in self._buffers.values())
-
-    def clear(self) -> None:
-        """Drop every buffer (the next ``take`` of each makes it again)."""
-        self._buffers.clear()
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor of ``shape`` and ``dtype`` on ``device`` that shares memory with no
+        other ``take``: a view of the arena while it has room, else a fresh tensor."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        start, self.used = self.used, self.used + -(-nbytes // _ALIGN) * _ALIGN
+        if self._arena is None and self.capacity:
+            self._arena = torch.empty(self.capacity, dtype=torch.uint8, device=device)
+        arena = self._arena
+        if arena is None or self.used > arena.numel() or arena.device != torch.device(device):
+            return torch.empty(shape, dtype=dtype, device=device)
+        return arena[start: start + nbytes].view(dtype).view(shape)
 
 
-def take_or_new(workspace: Workspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+def take_or_new(workspace: Workspace | None, shape: tuple[int, ...], dtype: torch.dtype,
                 device: torch.device) -> Tensor:
     """``workspace.take(...)``, or a fresh tensor without a workspace."""
     if workspace is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    return workspace.take(name, shape, dtype, device)
+    return workspace.take(shape, dtype, device)

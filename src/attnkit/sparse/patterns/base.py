@@ -27,8 +27,9 @@ class BlockInputs:
     key_pages: gives the (mean, max, min) of each key block when they are kept elsewhere (a KV
         cache's, across decoding steps: ``attnkit.sparse.page_stats``); None = pooled from k.
         Called only by patterns that read ``key_stats``.
-    workspace: where the pooled means and a pattern's scores may be written (``scratch``), for
-        patterns that keep nothing of them (training-free ones); None = fresh tensors.
+    workspace: the call's workspace, which the pooled means and a pattern's scores may be carved
+        from (``scratch``), for patterns that keep nothing of them (training-free ones); None =
+        fresh tensors.
     """
 
     q: Tensor
@@ -39,10 +40,9 @@ class BlockInputs:
     key_pages: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None
     workspace: Workspace | None = None
 
-    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """A temporary of ``shape``: the workspace's ``name`` buffer (overwritten by the next call),
-        or a fresh tensor."""
-        return take_or_new(self.workspace, f"pattern.{name}", shape, dtype, self.k.device)
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """An uninitialised temporary of ``shape``, carved from the call's workspace when there is one."""
+        return take_or_new(self.workspace, shape, dtype, self.k.device)
 
     @cached_property
     def query_means(self) -> Tensor:
@@ -50,7 +50,7 @@ class BlockInputs:
         B, H, Q, D = self.q.shape
         if Q == 1 and self.geometry.n_query_blocks == 1:  # a decoding step: the block's mean is its one query
             return self.q.view(B, H // self.groups, self.groups, 1, D)
-        out = self.scratch("query_means", (B, H, self.geometry.n_query_blocks, D), self.q.dtype)
+        out = self.scratch((B, H, self.geometry.n_query_blocks, D), self.q.dtype)
         return pooled_queries(self.q, self.geometry, out=out).view(B, H // self.groups, self.groups, -1, D)
 
     @cached_property
@@ -64,7 +64,7 @@ class BlockInputs:
         if self.key_pages is not None or "key_stats" in self.__dict__:
             return self.key_stats[0]
         B, Hk, _, D = self.k.shape
-        out = self.scratch("key_means", (B, Hk, self.geometry.n_key_blocks, D), self.k.dtype)
+        out = self.scratch((B, Hk, self.geometry.n_key_blocks, D), self.k.dtype)
         return pooled_key_means(self.k, self.geometry, out=out)
 
     def key_blocks(self) -> Tensor:

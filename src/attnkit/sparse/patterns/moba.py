@@ -26,9 +26,9 @@ from attnkit.sparse.patterns.base import BlockInputs, Pattern
 def moba_score(x: BlockInputs) -> Tensor:
     means = x.query_means.float()  # (B, Hkv, G, nQb, D)
     B, Hk, _, nQ, D = means.shape
-    q = torch.sum(means, 2, out=x.scratch("moba.query", (B, Hk, nQ, D), torch.float32))  # the group's heads summed
+    q = torch.sum(means, 2, out=x.scratch((B, Hk, nQ, D), torch.float32))  # the group's heads summed
     k_mean = x.key_means.float()  # (B, Hkv, nKb, D)
-    scores = x.scratch("moba.scores", (B, Hk, nQ, k_mean.shape[2]), torch.float32)
+    scores = x.scratch((B, Hk, nQ, k_mean.shape[2]), torch.float32)
     return torch.matmul(q, k_mean.transpose(-1, -2), out=scores)  # (B, Hkv, nQb, nKb)
 
 
