@@ -187,3 +187,16 @@ def test_a_sessions_selection_is_freed_without_the_cycle_collector():
         assert all(s() is None for s in selections)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("key_blocks,dtype", [(10, torch.int16), (40_000, torch.int32)])
+def test_a_compact_selection_has_the_same_block_mask(key_blocks, dtype):
+    from attnkit.seam.kernels.blocks import BlockSelection
+
+    geo = BlockGeometry(1, 1, key_blocks)  # one query at the end of key_blocks keys, blocks of one
+    indices = torch.tensor([[[[key_blocks - 1, 0, key_blocks // 2]]], [[[3, key_blocks - 2, 1]]]])  # (2, 1, 1, 3)
+    valid = torch.tensor([True, True, False]).view(1, 1, 1, 3)
+    sel = BlockSelection(indices, valid, geo)
+    small = sel.compact()
+    assert small.indices.dtype == dtype and torch.equal(small.indices.long(), indices)
+    assert torch.equal(small.block_mask(), sel.block_mask()) and small.kept_blocks() == sel.kept_blocks() == 4

@@ -267,6 +267,8 @@ class SparseSelector:
             raise UserError(str(e)) from None
         out = kernel.run(block_call)
         self.workspace_bytes[call.site] = workspace.used
+        if not is_decoding_step(sel.geometry):  # what is kept of the call until the next: its block numbers, small
+            sel = sel.compact()
         self._last = (sel, call.kv_groups)
         self._fresh = True
         self._last_bias = None if block_bias is None or straight else full_bias.detach()

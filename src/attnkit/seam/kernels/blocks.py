@@ -184,8 +184,17 @@ class BlockSelection:
         if self._mask is None:
             B, Hk, nQ, S = self.indices.shape
             mask = torch.zeros(B, Hk, nQ, self.geometry.n_key_blocks, dtype=torch.bool, device=self.indices.device)
-            self._mask = mask.scatter_(-1, self.indices, self.valid.expand(B, Hk, nQ, S))
+            self._mask = mask.scatter_(-1, self.indices.long(), self.valid.expand(B, Hk, nQ, S))
         return self._mask
+
+    def compact(self) -> BlockSelection:
+        """The same selection with its block numbers in the smallest integer type that holds them
+        (int16 below 32,768 key blocks, a quarter of int64's memory): what is kept of a call after
+        it returns (a record for ``block_mask``), not what kernels take."""
+        small = torch.int16 if self.geometry.n_key_blocks <= torch.iinfo(torch.int16).max else torch.int32
+        out = BlockSelection(self.indices.to(small), self.valid, self.geometry, self.log_probs, self.every_slot)
+        out._mask = self._mask
+        return out
 
     def kept_blocks(self) -> int:
         """Kept (query block, key block) pairs, over batch and KV heads."""
