@@ -44,7 +44,7 @@ SHAPES = [(1, 4, 2, 45, 45, 8), (2, 3, 3, 37, 37, 4), (1, 4, 2, 20, 41, 4), (2, 
 
 
 @pytest.mark.parametrize("pattern", ["moba", "quest", "sinks_window", "window"])
-def test_selection_with_a_shared_workspace_equals_a_fresh_one(pattern):
+def test_selection_with_a_workspace_equals_a_fresh_call(pattern):
     """Calls of every shape in turn, each with a workspace of the size the call before needed
     (larger and smaller shapes between): each selection equals the one made without a workspace,
     and a later call leaves an earlier selection unchanged."""
@@ -83,7 +83,7 @@ def _plan_record(plan):
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "gate-term"])
-def test_split_plan_with_a_shared_workspace_equals_a_fresh_one(with_bias):
+def test_split_plan_with_a_workspace_equals_a_fresh_call(with_bias):
     plans, capacity = [], 0
     for i, (B, H, Hk, Q, T, bs) in enumerate(SHAPES * 2):
         sel, geo = random_selection(B, Hk, T, bs, 0.3, seed=i, Q=Q)

@@ -112,7 +112,8 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
     bs, nK, R = geo.block_size, geo.n_key_blocks, B * Hk
     device = indices.device
 
-    def rows(t: Tensor, dtype: torch.dtype) -> Tensor:  # (B, Hk, nQb, S) -> (N, S) rows numbered (query block, batch, KV head)
+    def rows(t: Tensor, dtype: torch.dtype) -> Tensor:
+        """(B, Hk, nQb, S) -> (N, S) in ``dtype``, rows numbered (query block, batch, KV head)."""
         return take_or_new(workspace, (nQ, B, Hk, S), dtype, device).copy_(t.permute(2, 0, 1, 3)).view(R * nQ, S)
 
     valid = valid.expand(B, Hk, nQ, S)
@@ -130,7 +131,8 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
     diagonal = (torch.arange(nQ, device=device) + geo.first_block).repeat_interleave(R)
     if not bool(((count > 0) & (last == diagonal)).all()):
         return None
-    blocks.add_((torch.arange(R, device=device, dtype=torch.int32) * nK).repeat(nQ)[:, None])  # the row's head's first block
+    # block numbers among B·Hkv·nKb: plus the first block of the row's head
+    blocks.add_((torch.arange(R, device=device, dtype=torch.int32) * nK).repeat(nQ)[:, None])
     bias = own_bias = None
     if block_bias is not None:
         bias = rows(block_bias.detach().expand(B, Hk, nQ, S), block_bias.dtype).gather(1, rows(slot, torch.long))

@@ -40,7 +40,7 @@ class Workspace:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised tensor of ``shape`` and ``dtype`` on ``device`` that shares memory with no
         other ``take``: a view of the arena while it has room, else a fresh tensor."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         start, self.used = self.used, self.used + -(-nbytes // _ALIGN) * _ALIGN
         if self._arena is None and self.capacity:
             self._arena = torch.empty(self.capacity, dtype=torch.uint8, device=device)
