@@ -8,7 +8,10 @@ warm-up step, ``--rounds`` measured steps give:
                 step's start;
   fwd_live      the same after ``malloc_trim`` there: the freed heap pages handed back, what is
                 left is live (tensors and objects);
-  peak_trimmed  the step's peak when that trim is done (a separate step).
+  peak_trimmed  the step's peak when that trim is done (a separate step);
+  between       the process's whole resident set between steps (after ``gc.collect`` and
+                ``malloc_trim``, as a step starts): what stays held from step to step (the
+                model, its gradients, and whatever a configuration keeps across steps).
 
 fwd_rss - fwd_live is what glibc keeps resident of the forward's freed small allocations (those
 under the mmap threshold come from its heap, and its free pages stay until trimmed).
@@ -19,6 +22,7 @@ under the mmap threshold come from its heap, and its free pages stay until trimm
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -48,12 +52,14 @@ def worker(args) -> None:
         return backward(self, *a, **k)
 
     torch.Tensor.backward = at_backward
-    out: dict = {"peak": [], "fwd_rss": [], "fwd_live": [], "peak_trimmed": []}
+    out: dict = {"peak": [], "fwd_rss": [], "fwd_live": [], "peak_trimmed": [], "between": []}
 
     def step(trim: bool) -> None:
         seen["trim"] = trim
+        gc.collect()
         rss.trim()
         seen["base"] = rss.status()["VmRSS"]
+        out["between"].append(seen["base"])
         out["peak_trimmed" if trim else "peak"].append(rss.peak_of(train))
         out["fwd_live" if trim else "fwd_rss"].append(seen["fwd_live" if trim else "fwd_rss"])
 

@@ -18,6 +18,7 @@ model is exactly as it was: ``attach``'s contract.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from attnkit.seam.session import in_backward
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, block_geometry, keep_best
 from attnkit.seam.kernels.paged_decode import all_valid, is_decoding_step, select_step_pages, step_budget
+from attnkit.seam.kernels.workspace import Workspace
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates
 from attnkit.sparse.page_stats import PageStats
@@ -146,8 +148,12 @@ class SparseSelector:
     ``__call__(b, h, q_idx, kv_idx)`` answers whether that key is in a kept block of that query.
     """
 
-    def __init__(self, cfg: SparseConfig, gates: SparseGates | None, handle: SparseHandle) -> None:
+    def __init__(self, cfg: SparseConfig, gates: SparseGates | None, handle: SparseHandle,
+                 workspace_bytes: dict[Site, int] | None = None) -> None:
         self.cfg, self.gates, self.handle = cfg, gates, handle
+        # each site's last call's workspace size: a call's temporaries are carved from one
+        # allocation of that size (``Workspace``), dropped when the call returns
+        self.workspace_bytes = {} if workspace_bytes is None else workspace_bytes
         self.pattern = get_pattern(cfg.pattern)
         self._last: tuple[BlockSelection, int] | None = None  # the call's selection, its KV groups
         self._last_bias: Tensor | None = None  # (B, Hkv, nQb, nKb) gate_bias · log p, detached
@@ -192,9 +198,11 @@ class SparseSelector:
         the mask is the same tensor, unchanged: the layers of a forward share the model's mask."""
         return self._from_mask("prefix", allowed, (K, Q), lambda: _causal_prefix(allowed, K, Q))
 
-    def select(self, call: AttentionCall) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
+    def select(self, call: AttentionCall, workspace: Workspace | None = None,
+               ) -> tuple[BlockSelection, Tensor, Tensor, Tensor | None]:
         """The call's selection, its per-KV-group key and value (B, Hkv, K, D) and its mask (True =
-        may attend, or None), the keys a decoding step's mask never shows at the end cut off."""
+        may attend, or None), the keys a decoding step's mask never shows at the end cut off.
+        ``workspace``: where the selection's temporaries are carved from."""
         groups = call.kv_groups
         k, v = call.key_heads, call.value_heads  # the model's own KV heads
         gate = None
@@ -231,11 +239,13 @@ class SparseSelector:
             # nothing; a first decoding step after it pools the cache once and keeps that)
             def pages():
                 return self.pages.update(call.site, k, self.cfg.block_size, past=k.shape[2] - call.query_length)
-        sel = choose_blocks(call.query, k, cfg, gate=gate, causal=causal, allowed=allowed, key_pages=pages)
+        sel = choose_blocks(call.query, k, cfg, gate=gate, causal=causal, allowed=allowed, key_pages=pages,
+                            workspace=workspace)
         return sel, k, v, allowed
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
-        sel, k, v, allowed = self.select(call)
+        workspace = Workspace(self.workspace_bytes.get(call.site, 0))
+        sel, k, v, allowed = self.select(call, workspace)
         block_bias = full_bias = None
         log_probs = sel.log_probs
         straight = self.cfg.gate_grad == "straight_through"
@@ -249,13 +259,16 @@ class SparseSelector:
             call.query, k, v, sel, call.scale, block_bias=block_bias, full_bias=full_bias, allowed=allowed,
             bias=None if call.bias is None else call.bias[..., : k.shape[2]], softcap=call.softcap, sinks=call.sinks,
             dropout_p=call.dropout_p, mods=others or None,
-            chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint,
+            chunk_elements=self.cfg.chunk_elements, checkpoint=self.cfg.checkpoint, workspace=workspace,
         )  # the causal triangle is applied inside the kernels
         try:
             kernel = choose_block_kernel(block_call, self.cfg.kernel)
         except ValueError as e:
             raise UserError(str(e)) from None
         out = kernel.run(block_call)
+        self.workspace_bytes[call.site] = workspace.used
+        if not is_decoding_step(sel.geometry):  # what is kept of the call until the next: its block numbers, small
+            sel = sel.compact()
         self._last = (sel, call.kv_groups)
         self._fresh = True
         self._last_bias = None if block_bias is None or straight else full_bias.detach()
@@ -283,11 +296,21 @@ class GateBias:
     With ``SparseSelector`` as the mask, taps see exactly the probabilities the kernel used."""
 
     def __init__(self, selector: SparseSelector) -> None:
-        self.selector = selector
+        # the selector owns this term: a weak reference back, so that the two are no reference
+        # cycle and a session's last selection is freed when the session is (not by the collector)
+        self._selector = weakref.ref(selector)
         self.__name__ = "sparse_gate_bias"
 
+    @property
+    def selector(self) -> SparseSelector:
+        selector = self._selector()
+        if selector is None:
+            raise RuntimeError("the sparse session of this gate term has ended")
+        return selector
+
     def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        bias, last = self.selector._last_bias, self.selector._last
+        selector = self.selector
+        bias, last = selector._last_bias, selector._last
         if bias is None or last is None:
             return score
         sel, groups = last
@@ -299,7 +322,7 @@ class GateBias:
 
 
 def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bool = True,
-                  allowed: Tensor | None = None, key_pages=None) -> BlockSelection:
+                  allowed: Tensor | None = None, key_pages=None, workspace: Workspace | None = None) -> BlockSelection:
     """The key blocks ``cfg``'s pattern keeps for queries q (B, H, Q, D) at the end of keys
     k (B, Hkv, K, D): forced blocks, then the best-scored up to the density's budget. A learned
     pattern's ``gate`` (a ``BlockGate``) scores with gradient; its log-probabilities over the
@@ -307,10 +330,13 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     the model's queries and keys but does not push them. ``allowed``: the call's own mask (True =
     may attend, broadcastable to (B, H, Q, K)); a block it hides entirely (padding, outside a
     sliding window) is chosen only after every block it does not hide. ``key_pages``: a function
-    giving the (mean, max, min) of each key block when they are kept elsewhere (``PageStats``)."""
+    giving the (mean, max, min) of each key block when they are kept elsewhere (``PageStats``).
+    ``workspace``: where the selection's temporaries are written (``seam.kernels.workspace``)."""
     pattern = get_pattern(cfg.pattern)
     geo = block_geometry(cfg.block_size, q.shape[2], k.shape[2], causal, q.device)
-    x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages)
+    # a learned gate may keep its inputs for its backward: its pooled means are never scratch
+    x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages,
+                    None if pattern.learned else workspace)
     if pattern.step_pages is not None and allowed is None and is_decoding_step(geo) and not pattern.learned:
         kept, local, first = step_budget(geo.n_key_blocks, cfg.density, cfg.sink_blocks, cfg.local_blocks,
                                          cfg.keeps_sinks)
@@ -333,7 +359,7 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
         sel = select_step_pages(scores, geo, cfg.density, cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
     else:
         forced, _, valid = geo.selection_budget(cfg.density, cfg.sink_blocks, cfg.local_blocks, cfg.keeps_sinks)
-        sel = keep_best(scores, geo, forced, valid)
+        sel = keep_best(scores, geo, forced, valid, workspace)
     sel.log_probs = log_probs
     return sel
 
@@ -409,6 +435,19 @@ def _run(call: AttentionCall, mods: Mods, chunk_elements: int) -> Tensor:
 
 KERNELS.setdefault(KERNEL_NAME, Kernel(KERNEL_NAME, _supports, _run))
 
+# the workspace each site of a model needed at its last call (bytes): the next call's workspace
+# is made that large at once, kept while the model lives (a few numbers; the workspaces themselves
+# last one call)
+_WORKSPACE_BYTES: "weakref.WeakKeyDictionary[nn.Module, dict[Site, int]]" = weakref.WeakKeyDictionary()
+
+
+def workspace_bytes(model: nn.Module) -> dict[Site, int]:
+    """{Site: bytes} the workspace of each site's last sparse call of ``model`` needed (``Workspace``)."""
+    sizes = _WORKSPACE_BYTES.get(model)
+    if sizes is None:
+        sizes = _WORKSPACE_BYTES[model] = {}
+    return sizes
+
 
 @contextmanager
 def sparse_attention(
@@ -421,7 +460,7 @@ def sparse_attention(
     if pattern.learned and gates is None:
         raise UserError(f"the {cfg.pattern} pattern needs gates: sparse_attention(model, cfg, gates=make_gates(model, cfg))")
     handle = SparseHandle(cfg, gates)
-    selector = SparseSelector(cfg, gates, handle)
+    selector = SparseSelector(cfg, gates, handle, workspace_bytes(model))
     session = SparseSession(selector, handle, layers=layers, chunk_elements=cfg.chunk_elements)
     with attach(model, session):
         # the masks the layers of one forward share are dropped when it returns (a prompt's (Q, K)

@@ -42,6 +42,7 @@ from attnkit.seam.kernels.flex_block import flex_available, flex_block_attention
 from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention, sdpa_fused_cpu_available
 from attnkit.seam.kernels.paged_decode import paged_decode_attention, paged_decode_supported
 from attnkit.seam.kernels.split_sdpa import kept_per_query_block, split_sdpa_attention
+from attnkit.seam.kernels.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class BlockCall:
     mods: object | None = None  # attnkit.seam.plan.Mods, or None
     chunk_elements: int = 1 << 21
     checkpoint: bool = True
+    workspace: Workspace | None = None  # where a kernel may write its temporaries (``workspace.py``)
 
     @property
     def needs_grad(self) -> bool:
@@ -158,7 +160,7 @@ def _split_sdpa_supports(call: BlockCall, explicit: bool) -> bool:
 def _split_sdpa_run(c: BlockCall) -> Tensor:
     sel = c.selection
     return split_sdpa_attention(c.query, c.key, c.value, sel.indices, sel.valid, sel.geometry, scale=c.scale,
-                                block_bias=c.block_bias)
+                                block_bias=c.block_bias, workspace=c.workspace)
 
 
 def _gather_sdpa_supports(call: BlockCall, explicit: bool) -> bool:

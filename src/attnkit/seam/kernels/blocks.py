@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.seam.kernels.workspace import Workspace, take_or_new
 from attnkit.seam.mods.mask.window import local_window, sink_window
 
 
@@ -183,8 +184,17 @@ class BlockSelection:
         if self._mask is None:
             B, Hk, nQ, S = self.indices.shape
             mask = torch.zeros(B, Hk, nQ, self.geometry.n_key_blocks, dtype=torch.bool, device=self.indices.device)
-            self._mask = mask.scatter_(-1, self.indices, self.valid.expand(B, Hk, nQ, S))
+            self._mask = mask.scatter_(-1, self.indices.long(), self.valid.expand(B, Hk, nQ, S))
         return self._mask
+
+    def compact(self) -> BlockSelection:
+        """The same selection with its block numbers in the smallest integer type that holds them
+        (int16 below 32,768 key blocks, a quarter of int64's memory): what is kept of a call after
+        it returns (a record for ``block_mask``), not what kernels take."""
+        small = torch.int16 if self.geometry.n_key_blocks <= torch.iinfo(torch.int16).max else torch.int32
+        out = BlockSelection(self.indices.to(small), self.valid, self.geometry, self.log_probs, self.every_slot)
+        out._mask = self._mask
+        return out
 
     def kept_blocks(self) -> int:
         """Kept (query block, key block) pairs, over batch and KV heads."""
@@ -209,28 +219,33 @@ def select_blocks(scores: Tensor, geo: BlockGeometry, forced: Tensor, density: f
     return keep_best(scores, geo, forced, _used_slots(budget))
 
 
-def keep_best(scores: Tensor, geo: BlockGeometry, forced: Tensor, valid: Tensor) -> BlockSelection:
+def keep_best(scores: Tensor, geo: BlockGeometry, forced: Tensor, valid: Tensor,
+              workspace: Workspace | None = None) -> BlockSelection:
     """``select_blocks`` with its budget as the used slots ``valid`` (1, 1, nQb, S) (one of
-    ``BlockGeometry.selection_budget``'s tables)."""
+    ``BlockGeometry.selection_budget``'s tables). ``workspace``: where the scores' copy and their
+    sort order are written (fresh tensors without one); the selection itself is always fresh."""
+    scores = scores.detach().float()  # (B, Hkv, nQb, nKb), maybe an expanded view
     # one copy of the scores (they may be a pattern's output, or an expanded view), then in place
-    scores = torch.where(geo.candidates, scores.detach().float(), -math.inf).masked_fill_(forced, math.inf)
-    torch.nan_to_num_(scores, nan=-1e30, posinf=math.inf, neginf=-math.inf)
+    copy = take_or_new(workspace, tuple(scores.shape), torch.float32, scores.device)
+    torch.where(geo.candidates, scores, scores.new_full((), -math.inf), out=copy).masked_fill_(forced, math.inf)
+    torch.nan_to_num_(copy, nan=-1e30, posinf=math.inf, neginf=-math.inf)
     # best first, the later of two equal blocks first: a stable ascending sort read backwards (the
     # sorted values overwrite the copy: no second one)
-    _, order = torch.sort(scores, dim=-1, stable=True, out=(scores, torch.empty(scores.shape, dtype=torch.long,
-                                                                                device=scores.device)))
-    indices = order[..., -valid.shape[-1]:].flip(-1)
+    order = take_or_new(workspace, tuple(copy.shape), torch.long, copy.device)
+    torch.sort(copy, dim=-1, stable=True, out=(copy, order))
+    indices = order[..., -valid.shape[-1]:].flip(-1)  # a copy: the selection outlives the workspace's views
     return BlockSelection(indices=indices, valid=valid, geometry=geo)
 
 
 # --- pooling: one vector (or three) per block ---------------------------------------------------
 
-def pooled_queries(q: Tensor, geo: BlockGeometry) -> Tensor:
-    """(B, H, nQb, D) mean query of each query block, over its real (unpadded) rows."""
+def pooled_queries(q: Tensor, geo: BlockGeometry, out: Tensor | None = None) -> Tensor:
+    """(B, H, nQb, D) mean query of each query block, over its real (unpadded) rows; written into
+    ``out`` (of that shape and q's dtype) when given and the queries fill whole blocks."""
     B, H, Q, D = q.shape
     bs = geo.block_size
     if geo.front == 0 and geo.padded_queries == Q:  # whole blocks: a view, no padded copy
-        return q.reshape(B, H, -1, bs, D).sum(3).div_(bs)
+        return torch.sum(q.reshape(B, H, -1, bs, D), 3, out=out).div_(bs)
     padded = F.pad(q, (0, 0, geo.front, geo.padded_queries - geo.front - Q))
     rows = torch.zeros(geo.padded_queries, device=q.device, dtype=q.dtype)
     rows[geo.front: geo.front + Q] = 1
@@ -238,13 +253,14 @@ def pooled_queries(q: Tensor, geo: BlockGeometry) -> Tensor:
     return padded.view(B, H, -1, bs, D).sum(3) / count[:, None]
 
 
-def pooled_key_means(k: Tensor, geo: BlockGeometry) -> Tensor:
-    """(B, Hkv, nKb, D) mean of each key block's real keys (``pooled_keys``' first part alone)."""
+def pooled_key_means(k: Tensor, geo: BlockGeometry, out: Tensor | None = None) -> Tensor:
+    """(B, Hkv, nKb, D) mean of each key block's real keys (``pooled_keys``' first part alone);
+    written into ``out`` (of that shape and k's dtype) when given and the keys fill whole blocks."""
     B, H, K, D = k.shape
     bs = geo.block_size
     pad = geo.padded_keys - K
     if pad == 0:  # whole blocks: a view, no padded copy
-        return k.reshape(B, H, -1, bs, D).sum(3).div_(bs)
+        return torch.sum(k.reshape(B, H, -1, bs, D), 3, out=out).div_(bs)
     count = torch.full((geo.n_key_blocks,), float(bs), device=k.device, dtype=k.dtype)
     count[-1] = bs - pad
     return F.pad(k, (0, 0, 0, pad)).view(B, H, -1, bs, D).sum(3) / count[:, None]

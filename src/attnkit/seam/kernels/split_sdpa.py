@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.seam.kernels.blocks import BlockGeometry
+from attnkit.seam.kernels.workspace import Workspace, take_or_new
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -99,66 +100,80 @@ def kept_per_query_block(valid: Tensor) -> Tensor | None:
 
 
 def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: torch.dtype,
-                    block_bias: Tensor | None = None) -> SplitPlan | None:
+                    block_bias: Tensor | None = None, workspace: Workspace | None = None) -> SplitPlan | None:
     """The plan of a selection (B, Hkv, nQb, S), or None where this kernel cannot run it: not causal,
     a single query block, a row that does not keep its own block, or the rows of a query block
-    keeping different numbers of blocks, or fewer than those of the query block before."""
+    keeping different numbers of blocks, or fewer than those of the query block before.
+    ``workspace``: where its temporaries are written (fresh tensors without one); the plan itself
+    is always fresh."""
     B, Hk, nQ, S = indices.shape
     if not geo.causal or nQ == 1:
         return None
-    bs, nK = geo.block_size, geo.n_key_blocks
+    bs, nK, R = geo.block_size, geo.n_key_blocks, B * Hk
+    device = indices.device
 
-    def rows(t: Tensor) -> Tensor:  # (B, Hk, nQb, ...) -> (N, ...) rows numbered (query block, batch, KV head)
-        return t.movedim(2, 0).reshape(B * Hk * nQ, *t.shape[3:])
+    def rows(t: Tensor, dtype: torch.dtype) -> Tensor:
+        """(B, Hk, nQb, S) -> (N, S) in ``dtype``, rows numbered (query block, batch, KV head)."""
+        return take_or_new(workspace, (nQ, B, Hk, S), dtype, device).copy_(t.permute(2, 0, 1, 3)).view(R * nQ, S)
 
     valid = valid.expand(B, Hk, nQ, S)
     per_block = kept_per_query_block(valid)  # (nQb,)
     if per_block is None:
         return None
-    count = per_block.repeat_interleave(B * Hk)  # (N,) kept blocks of each row
+    count = per_block.repeat_interleave(R)  # (N,) kept blocks of each row
     # sorted kept blocks, the unused slots (numbered nK) last: the own block is a causal row's largest
-    blocks, slot = indices.masked_fill(~valid, nK).sort(-1)
-    blocks, slot = rows(blocks), rows(slot)
+    unsorted = take_or_new(workspace, (B, Hk, nQ, S), indices.dtype, device)
+    unsorted.copy_(indices).masked_fill_(~valid, nK)
+    slot = take_or_new(workspace, (B, Hk, nQ, S), torch.long, device)
+    blocks, slot = torch.sort(unsorted, -1, out=(unsorted, slot))
+    blocks = rows(blocks, torch.int32)  # (N, S); block numbers below 2^31 (they index a tensor of blocks)
     last = blocks.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]  # (N,)
-    diagonal = (torch.arange(nQ, device=indices.device) + geo.first_block).repeat_interleave(B * Hk)
+    diagonal = (torch.arange(nQ, device=device) + geo.first_block).repeat_interleave(R)
     if not bool(((count > 0) & (last == diagonal)).all()):
         return None
-    base = torch.arange(B * Hk, device=indices.device).repeat(nQ) * nK  # (N,) first block of the row's head
-    blocks = blocks + base[:, None]
+    # block numbers among B·Hkv·nKb: plus the first block of the row's head
+    blocks.add_((torch.arange(R, device=device, dtype=torch.int32) * nK).repeat(nQ)[:, None])
     bias = own_bias = None
     if block_bias is not None:
-        bias = rows(block_bias.detach().expand(B, Hk, nQ, S)).gather(1, slot)  # (N, S) in sorted order
-        own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, B * Hk)
-    # every row's other blocks, row after row, in one tensor: each bucket's are a slice of it (one
-    # allocation kept for the backward rather than one per bucket)
-    others = blocks[torch.arange(S, device=indices.device) < (count - 1)[:, None]].int()  # (Σ kept - N,)
+        bias = rows(block_bias.detach().expand(B, Hk, nQ, S), block_bias.dtype).gather(1, rows(slot, torch.long))
+        own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, R)  # (N, S) in sorted order
     kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
-    buckets, i0, at, R = [], 0, 0, B * Hk
+    spans, i0 = [], 0
     for c, n in zip(kinds.tolist(), sizes.tolist()):
         if c > 0:  # (query blocks keeping their own block only need no bucket)
-            mask = None
-            if bias is not None:  # (m, 1, 1, c·bs): the gate's term on every key of the slot's block
-                mask = bias[i0 * R: (i0 + n) * R, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
-            buckets.append(_Bucket(i0, i0 + n, at, n * R * c, mask))
-            at += n * R * c
+            spans.append((i0, n, c))
         i0 += n
+    # every row's other blocks, row after row, in one tensor: each bucket's are a slice of it (one
+    # allocation kept for the backward rather than one per bucket); a bucket's rows keep c blocks
+    # besides their own, the first c of their sorted row
+    others = torch.empty(sum(n * R * c for _, n, c in spans), dtype=torch.int32, device=device)  # (Σ kept - N,)
+    buckets, at = [], 0
+    for i0, n, c in spans:
+        m = n * R
+        others[at: at + m * c].view(m, c).copy_(blocks[i0 * R: (i0 + n) * R, :c])
+        mask = None
+        if bias is not None:  # (m, 1, 1, c·bs): the gate's term on every key of the slot's block
+            mask = bias[i0 * R: (i0 + n) * R, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
+        buckets.append(_Bucket(i0, i0 + n, at, m * c, mask))
+        at += m * c
     return SplitPlan(own_bias, buckets[::-1], others)  # a query block keeps no fewer than the one before
 
 
 def split_sdpa_attention(
     q: Tensor, k: Tensor, v: Tensor, indices: Tensor, valid: Tensor, geo: BlockGeometry, *,
-    scale: float, block_bias: Tensor | None = None,
+    scale: float, block_bias: Tensor | None = None, workspace: Workspace | None = None,
 ) -> Tensor:
     """(B, H, Q, Dv) attention of q over the kept key blocks (see the module's docstring).
 
     q: (B, H, Q, D); k: (B, Hkv, K, D); v: (B, Hkv, K, Dv), H a multiple of Hkv.
     indices: (B, Hkv, nQb, S) long kept key blocks; valid: bool broadcastable to it (valid first).
     block_bias: (B, Hkv, nQb, S) added to every score of the slot's block, without gradient.
+    workspace: where the plan's temporaries are written (``split_sdpa_plan``).
     Raises ValueError for a selection it cannot run (``split_sdpa_plan`` returns None).
     """
     Q = q.shape[2]
     nQ, bs, front = geo.n_query_blocks, geo.block_size, geo.front
-    plan = split_sdpa_plan(indices, valid, geo, q.dtype, block_bias)
+    plan = split_sdpa_plan(indices, valid, geo, q.dtype, block_bias, workspace)
     if plan is None:
         raise ValueError("not causal, a single query block, a row without its own block, or rows of a query "
                          "block keeping different numbers of blocks")

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from attnkit.errors import UserError
 from attnkit.seam.kernels.blocks import BlockGeometry, pooled_key_means, pooled_keys, pooled_queries
+from attnkit.seam.kernels.workspace import Workspace, take_or_new
 
 if TYPE_CHECKING:
     from attnkit.sparse.gates import BlockGate
@@ -26,6 +27,9 @@ class BlockInputs:
     key_pages: gives the (mean, max, min) of each key block when they are kept elsewhere (a KV
         cache's, across decoding steps: ``attnkit.sparse.page_stats``); None = pooled from k.
         Called only by patterns that read ``key_stats``.
+    workspace: the call's workspace, which the pooled means and a pattern's scores may be carved
+        from (``scratch``), for patterns that keep nothing of them (training-free ones); None =
+        fresh tensors.
     """
 
     q: Tensor
@@ -34,6 +38,11 @@ class BlockInputs:
     groups: int
     gate: "BlockGate | None" = None
     key_pages: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None
+    workspace: Workspace | None = None
+
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """An uninitialised temporary of ``shape``, carved from the call's workspace when there is one."""
+        return take_or_new(self.workspace, shape, dtype, self.k.device)
 
     @cached_property
     def query_means(self) -> Tensor:
@@ -41,7 +50,8 @@ class BlockInputs:
         B, H, Q, D = self.q.shape
         if Q == 1 and self.geometry.n_query_blocks == 1:  # a decoding step: the block's mean is its one query
             return self.q.view(B, H // self.groups, self.groups, 1, D)
-        return pooled_queries(self.q, self.geometry).view(B, H // self.groups, self.groups, -1, D)
+        out = self.scratch((B, H, self.geometry.n_query_blocks, D), self.q.dtype)
+        return pooled_queries(self.q, self.geometry, out=out).view(B, H // self.groups, self.groups, -1, D)
 
     @cached_property
     def key_stats(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,7 +63,9 @@ class BlockInputs:
         """(B, Hkv, nKb, D) mean of each key block (without the max and min, when pooled from k)."""
         if self.key_pages is not None or "key_stats" in self.__dict__:
             return self.key_stats[0]
-        return pooled_key_means(self.k, self.geometry)
+        B, Hk, _, D = self.k.shape
+        out = self.scratch((B, Hk, self.geometry.n_key_blocks, D), self.k.dtype)
+        return pooled_key_means(self.k, self.geometry, out=out)
 
     def key_blocks(self) -> Tensor:
         """(1, 1, 1, nKb) key-block numbers."""

@@ -26,9 +26,12 @@ from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 
 def moba_score(x: BlockInputs) -> Tensor:
-    q = x.query_means.float().sum(2)  # (B, Hkv, nQb, D): the group's heads summed
+    means = x.query_means.float()  # (B, Hkv, G, nQb, D)
+    B, Hk, _, nQ, D = means.shape
+    q = torch.sum(means, 2, out=x.scratch((B, Hk, nQ, D), torch.float32))  # the group's heads summed
     k_mean = x.key_means.float()  # (B, Hkv, nKb, D)
-    return torch.matmul(q, k_mean.transpose(-1, -2))  # (B, Hkv, nQb, nKb)
+    scores = x.scratch((B, Hk, nQ, k_mean.shape[2]), torch.float32)
+    return torch.matmul(q, k_mean.transpose(-1, -2), out=scores)  # (B, Hkv, nQb, nKb)
 
 
 PATTERN = Pattern("moba", moba_score, sinks=False)
