@@ -190,28 +190,37 @@ def test_the_trainer_callback_hands_accelerate_s_grad_scaler_to_the_monitor(tmp_
             callback.monitor.close()
 
 
-@pytest.mark.parametrize("snapshots, action, lr", [(True, "rollback+reduce_lr", 0.025), (False, "qk_clip+reduce_lr", 0.05)])
-def test_the_default_policy_rolls_back_and_cuts_the_rate_where_the_monitor_keeps_snapshots(snapshots, action, lr, tmp_path):
+@pytest.mark.parametrize("snapshots, rules, action, lr", [
+    (True, "defaults", "rollback+reduce_lr", 0.025), (False, "defaults", "qk_clip+reduce_lr", 0.05),
+    (True, "halve", "rollback+reduce_lr", 0.05)])
+def test_the_default_policy_rolls_back_and_cuts_the_rate_where_the_monitor_keeps_snapshots(
+        snapshots, rules, action, lr, tmp_path):
     """``Policy()`` takes its monitor's defaults: with snapshots a product heading for fp16's limit is
     answered by a rollback to the newest snapshot from before its run-up and the rate cut to a quarter
-    (``ROLLBACK_RULES``), without them by QK-clip and the rate halved (``DEFAULT_RULES``). The planted
-    head's product, from the weights, is back at the restored step's value after the rollback."""
-    from attnkit.monitor import Policy, Snapshots
+    (``ROLLBACK_RULES``), without them by QK-clip and the rate halved (``DEFAULT_RULES``); the guide's
+    recipe with ``format_rollback_rule(lr_factor=0.5)`` does the same rollback and halves. The planted
+    head's product, from the weights, is back at the restored step's value after the rollback, and that
+    step is no later than the one the warning says the run-up began at."""
+    from attnkit.monitor import ROLLBACK_RULES, Policy, Snapshots, format_rollback_rule
 
+    halve = format_rollback_rule(lr_factor=0.5)
+    policy = Policy() if rules == "defaults" else Policy(
+        rules={**ROLLBACK_RULES, "format_overflow": halve, "activation_overflow": halve})
     model = gpt2().eval()
     layout = qk_layout(model.transformer.h[0].attn)
     grow = lambda factor: (layout.scale_query(0, factor ** 0.5), layout.scale_key(0, factor ** 0.5))  # noqa: E731
     grow(LIMIT / 2.0 ** 12 / _product(model))  # 12 bits below the limit, then 1 bit a step
-    products = []
+    products, warned = [], []
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # no backward: the optimizer never moves a weight
-    with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=(), optimizer=opt, policy=Policy(),
+    with AttentionMonitor(model, every=1, log_dir=tmp_path, emit=(), optimizer=opt, policy=policy,
                           snapshots=Snapshots(every=2, keep=3) if snapshots else None, detectors=PREDICTORS,
                           trace_nonfinite=False) as monitor:
         for step in range(12):
             products.append(_product(model))
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
                 model(input_ids=X)
-            monitor.on_step(step)
+            d = monitor.on_step(step)
+            warned += [i for i in (d.new if d else []) if i.type == "format_overflow"]
             if monitor.interventions:
                 break
             grow(2.0)
@@ -220,7 +229,7 @@ def test_the_default_policy_rolls_back_and_cuts_the_rate_where_the_monitor_keeps
     assert opt.param_groups[0]["lr"] == pytest.approx(lr)
     if snapshots:
         assert 0 < entry["undone_steps"] and entry["restored_step"] == step - entry["undone_steps"]
-        assert entry["restored_step"] >= 0  # a snapshot of step s holds the weights that step observed
+        assert 0 <= entry["restored_step"] <= warned[0].started  # a snapshot of step s holds the weights step s observed
         assert _product(model) == pytest.approx(products[entry["restored_step"]], rel=1e-5)
     else:
         assert _product(model) < LIMIT / 8  # clipped 3 bits below the limit

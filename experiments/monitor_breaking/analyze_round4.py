@@ -12,13 +12,12 @@ per arm and costs on healthy runs as in the third round (``analyze_round3.rescue
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from analyze import fmt_loss, pct, quantiles
-import math
-import statistics
-
 from analyze_round3 import RESCUE_NATS, config_runs, healthy_end, rescue_and_costs
 from sweep import label_v2
 
@@ -105,15 +104,15 @@ def main() -> None:
 def behind_at_warning(by: dict, failed: dict, warn: dict, window: int = 20) -> None:
     """How far each scoreable failure's plain run already trailed its half-LR run before the first warning
     (mean training loss over the ``window`` steps before it): a rescue acting at the warning starts there."""
-    import math
-    import statistics
-
-    rows = []
+    rows, unwarned = [], []
     for k, r in failed.items():
         ref = by[k].get("half_lr")
         if ref is None or not math.isfinite(ref["final_loss"]):
             continue
-        at = warn[k] if warn[k] is not None else r["failed_at_v2"]
+        if warn[k] is None:
+            unwarned.append(r["name"])
+            continue
+        at = warn[k]
         lo = max(0, at - window)
         mean = lambda xs: statistics.fmean([x for x in xs[lo:at] if math.isfinite(x)] or [math.nan])  # noqa: E731
         rows.append((r["name"], at, mean(r["losses"]) - mean(ref["losses"])))
@@ -124,7 +123,8 @@ def behind_at_warning(by: dict, failed: dict, warn: dict, window: int = 20) -> N
     print(f"\n### Behind the half-LR run before the first warning (training loss, mean of the {window} steps before it)\n")
     print(f"- of the {len(late)} scoreable failures first warned at step 50 or later, {len(behind)} already trailed their "
           f"half-LR run by more than {RESCUE_NATS} nats before that warning (a rescue acting at the warning starts behind); "
-          f"{len(rows) - len(late)} were warned in the first 50 steps.")
+          f"{len(rows) - len(late)} were warned in the first 50 steps"
+          + (f"; never warned (not counted): {', '.join(unwarned)}." if unwarned else "."))
     for name, at, gap in sorted(rows, key=lambda x: x[1]):
         print(f"  - {name}: first warning {at}, {gap:+.3f} nats")
 

@@ -68,8 +68,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnkit.monitor import ROLLBACK_RULES, Chain, GradClip, Policy, QKClip, ReduceLR, Rollback, Snapshots, Thresholds
-from attnkit.monitor.interventions import format_rollback_rule
+from attnkit.monitor import (
+    ROLLBACK_RULES, Chain, GradClip, Policy, QKClip, ReduceLR, Rollback, Snapshots, Thresholds, format_rollback_rule,
+)
 
 PREDICTORS = ("format_overflow", "activation_overflow")
 EVERY = 4
@@ -158,7 +159,12 @@ def _rules(name: str) -> dict:
 POLICIES = ("clip", "clip_lr", "rollback_lr", "rollback_lr_gradclip", "clip_lr_release", "rollback_lr_noclip",
             "rollback_lr_keep", "rollback_trend_lr_keep", "rollback_escalate_lr_keep", "rollback_trend_lr_age",
             "rollback_trend_lr_quarter", "rollback_trend_lr_eighth", "library")
-DEFAULT_POLICY = "library"  # the library's own ROLLBACK_RULES (sixth round: the rate cut to a quarter)
+DEFAULT_POLICY = "library"  # the bare ``monitor`` arm: the library's own ROLLBACK_RULES, whatever they are at the
+# commit that runs it (so rerunning an older round's ``monitor`` arm runs today's rule, not that round's)
+# sixth round, by its choice on the design seeds 0-8 (results/analyze_round6_design.md), 68 failures with a finite
+# half-LR reference: the quarter (rollback_trend_lr_quarter, now the library's rule) 43/68 rescued, 67/68 ended
+# healthy and finite, 20.1 steps undone; an eighth 41/68, 67/68, 15.6; halving (rollback_trend_lr_keep) 36/68, 65/68, 30.0
+# the earlier choices, for the record (the bare ``monitor`` arm then ran them):
 # fourth round, by its choice on the design seeds 0-4 (results/analyze_round4_design.md), 40 failures (rule v2 over
 # 200 steps) with a finite half-LR reference: rollback_trend_lr_keep 19/40 rescued, 39/40 ended healthy and finite,
 # 31.7 steps undone; rollback_lr_noclip 15/40, 34/40, 16.5; rollback_lr_keep 13/40, 31/40, 18.7

@@ -252,7 +252,17 @@ class SpikeRollback:
             self.nbytes = max(self.nbytes, sum(_nbytes(st) for _, st in self.snaps))
 
 
-ARMS = ("plain", "monitor", "clip", "spike_rollback", "zloss", "qknorm", "half_lr")  # and monitor_<policy>
+ARMS = ("plain", "monitor", "clip", "spike_rollback", "zloss", "qknorm", "half_lr")  # and monitor_<policy>, cut<f>_at<n>
+
+
+def check_arm(arm: str) -> str:
+    """``arm`` if it names an arm this sweep runs, else a ValueError (a typo would otherwise run a plain run)."""
+    from policies import POLICIES
+
+    if arm in ARMS or arm.removeprefix("monitor_") in POLICIES or re.fullmatch(r"cut([0-9.]+)_at([0-9]+)", arm):
+        return arm
+    raise ValueError(f"unknown arm {arm!r}: one of {', '.join(ARMS)}, monitor_<policy> ({', '.join(POLICIES)}) "
+                     f"or cut<factor>_at<step>")
 
 
 def _cut(arm: str) -> tuple[float, int]:
@@ -385,7 +395,7 @@ def grid(args) -> list[Config]:
     out = []
     for arch, prec, t, lr, w, seed, arm in itertools.product(
             args.archs.split(","), args.precisions.split(","), floats(args.temperatures), floats(args.lrs),
-            ints(args.warmups), ints(args.seeds), args.arms.split(",")):
+            ints(args.warmups), ints(args.seeds), [check_arm(a) for a in args.arms.split(",")]):
         if arm == "qknorm" and arch != "llama":
             continue
         out.append(Config(arch, prec, t, lr, w, seed, arm))
@@ -453,6 +463,8 @@ def main() -> None:
             refs = {r["name"].removesuffix("_half_lr"): r for r in load_runs(source) if r["arm"] == "half_lr"}
             configs = [c for c in configs if (ref := refs.get(Config(*c.key()).name.removesuffix("_plain"))) is not None
                        and math.isfinite(ref["final_loss"])]
+    if args.only_warned_after is not None and not args.only_failed_from:
+        p.error("--only-warned-after needs --only-failed-from")
     if args.only_failed_from and args.only_warned_after is not None:
         from analyze_round3 import config_runs
 
