@@ -22,7 +22,22 @@ from attnkit.seam.kernels.split_sdpa import split_sdpa_attention, split_sdpa_pla
 from attnkit.seam.kernels.workspace import Workspace
 from attnkit.sparse import BlockGeometry, SparseConfig, dense_reference, sparse_attention
 from attnkit.sparse.attention import choose_blocks, workspace_bytes
+from arch_zoo import VOCAB
 from sparse_helpers import random_qkv, random_selection
+
+
+def test_a_release_hands_the_arena_back_and_later_takes_get_the_room_left():
+    ws = Workspace(1024)
+    a = ws.take((16,), torch.float32, torch.device("cpu"))  # 64 bytes
+    ws.release()
+    b = ws.take((16,), torch.float32, torch.device("cpu"))  # a new arena of the 960 bytes left
+    assert b.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+    assert b.untyped_storage().nbytes() == 1024 - 64
+    c = ws.take((200,), torch.float32, torch.device("cpu"))  # 800 more: still fits
+    assert c.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    a.fill_(1.0), b.fill_(2.0), c.fill_(3.0)
+    assert float(a.sum()) == 16 and float(b.sum()) == 32 and float(c.sum()) == 600  # no overlap
+    assert ws.take((100,), torch.float32, torch.device("cpu")).untyped_storage().nbytes() == 400  # past it: fresh
 
 
 def test_takes_share_no_memory_and_what_does_not_fit_is_fresh():
@@ -70,7 +85,8 @@ def test_keep_best_with_ties_and_non_finite_scores_equals_a_fresh_call():
     _, _, valid = geo.selection_budget(0.4, 1, 1, True)
     g = torch.Generator().manual_seed(0)
     for scores in (torch.randint(0, 3, (2, 2, 10, 10), generator=g).float(),  # many ties
-                   torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0]).repeat(2, 2, 10, 2)):
+                   torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0]).repeat(2, 2, 10, 2),
+                   torch.randn(1, 1, 1, 10, generator=g)):  # one row for every query block: broadcast
         fresh = keep_best(scores, geo, forced, valid)
         shared = keep_best(scores, geo, forced, valid, Workspace(1 << 16))
         assert torch.equal(shared.indices, fresh.indices)
@@ -103,7 +119,7 @@ def test_split_kernel_forwards_of_different_shapes_then_their_backwards():
     every backward: each output and gradient equals dense attention restricted to its kept blocks
     (float64)."""
     runs, capacity = [], 0
-    for i, (B, H, Hk, Q, T, bs) in enumerate(SHAPES[:2] + SHAPES[3:]):
+    for i, (B, H, Hk, Q, T, bs) in enumerate(SHAPES):
         sel, geo = random_selection(B, Hk, T, bs, 0.3, seed=i, Q=Q)
         q, k, v = random_qkv(B, H, Hk, Q, T, 5, seed=i)
         ws = Workspace(capacity)
@@ -132,7 +148,7 @@ def _llama(seed: int, layers: int = 2):
 def test_workspace_sizes_are_kept_per_model_and_site_and_freed_with_the_model():
     a, b = _llama(0), _llama(1)
     assert workspace_bytes(a) is workspace_bytes(a) and workspace_bytes(a) is not workspace_bytes(b)
-    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
     cfg = SparseConfig(pattern="moba", density=0.3, block_size=8)
     with torch.no_grad(), sparse_attention(a, cfg):
         a(input_ids=ids)
@@ -155,7 +171,7 @@ def test_two_forwards_of_different_lengths_before_one_backward_equal_the_portabl
     workspace."""
     model = _llama(0)
     g = torch.Generator().manual_seed(0)
-    first, second = torch.randint(3, 100, (2, 45), generator=g), torch.randint(3, 100, (1, 61), generator=g)
+    first, second = torch.randint(3, VOCAB, (2, 45), generator=g), torch.randint(3, VOCAB, (1, 61), generator=g)
     results = {}
     for kernel in ("auto", "portable"):
         cfg = SparseConfig(pattern="moba", density=0.3, block_size=8, kernel=kernel)
@@ -175,7 +191,7 @@ def test_two_forwards_of_different_lengths_before_one_backward_equal_the_portabl
 
 def test_a_sessions_selection_is_freed_without_the_cycle_collector():
     model = _llama(0)
-    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
     gc.collect()
     gc.disable()
     try:
@@ -200,3 +216,67 @@ def test_a_compact_selection_has_the_same_block_mask(key_blocks, dtype):
     small = sel.compact()
     assert small.indices.dtype == dtype and torch.equal(small.indices.long(), indices)
     assert torch.equal(small.block_mask(), sel.block_mask()) and small.kept_blocks() == sel.kept_blocks() == 4
+
+
+@pytest.mark.parametrize("pattern,kernel", [("moba", "auto"), ("moba", "portable"), ("quest", "auto"),
+                                            ("learned_gate", "auto")])
+def test_no_arena_outlives_its_call(pattern, kernel, monkeypatch):
+    """Every arena the forwards made (a first one sizes the sites' workspaces, the training forward uses
+    them) is gone when the forward returns, and already when the split kernel's attention runs: the
+    attention and the backward never hold one; the step's gradients are those of the same step with no
+    workspace."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from attnkit.sparse import make_gates
+
+    arenas, real_take = [], Workspace.take
+
+    def take(self, shape, dtype, device):
+        out = real_take(self, shape, dtype, device)
+        if self._arena is not None:
+            arenas.append(StorageWeakRef(self._arena.untyped_storage()))
+        return out
+
+    import attnkit.seam.kernels.split_sdpa as split
+
+    real_apply, attended = split._SplitAttention.apply, []
+
+    def apply(*args):  # the split kernel's attention: the selection's and plan's arenas handed back
+        attended.append(all(ref.expired() for ref in arenas))
+        return real_apply(*args)
+
+    monkeypatch.setattr(split._SplitAttention, "apply", apply)
+    model = _llama(0)
+    ids = torch.randint(3, VOCAB, (1, 48), generator=torch.Generator().manual_seed(0))
+    cfg = SparseConfig(pattern=pattern, density=0.3, block_size=8, kernel=kernel)
+    gates = make_gates(model, cfg) if pattern == "learned_gate" else None
+    grads = []
+    for with_workspace in (True, False):
+        if not with_workspace:
+            monkeypatch.setattr("attnkit.sparse.attention.Workspace", lambda capacity: None)
+        else:
+            monkeypatch.setattr(Workspace, "take", take)
+        model.zero_grad(set_to_none=True)
+        with sparse_attention(model, cfg, gates=gates):
+            with torch.no_grad():
+                model(input_ids=ids)  # sizes each site's workspace for the next call
+            loss = model(input_ids=ids, labels=ids).loss
+            if with_workspace:
+                assert arenas and all(ref.expired() for ref in arenas)
+            loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert all(attended) and bool(attended) == (kernel == "auto")
+
+
+def test_a_gate_term_whose_session_has_ended_says_so():
+    from attnkit.sparse.attention import GateBias, SparseSelector
+
+    selector = SparseSelector(SparseConfig(pattern="learned_gate"), None, None)
+    term = GateBias(selector)
+    assert term.selector is selector
+    del selector
+    gc.collect()
+    with pytest.raises(RuntimeError, match="session of this gate term has ended"):
+        term.selector

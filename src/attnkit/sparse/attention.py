@@ -244,7 +244,9 @@ class SparseSelector:
         return sel, k, v, allowed
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
-        workspace = Workspace(self.workspace_bytes.get(call.site, 0))
+        # a decoding step's temporaries are a few bytes: no workspace, and its size does not replace
+        # the prompt's at the site
+        workspace = None if call.query_length == 1 else Workspace(self.workspace_bytes.get(call.site, 0))
         sel, k, v, allowed = self.select(call, workspace)
         block_bias = full_bias = None
         log_probs = sel.log_probs
@@ -265,8 +267,11 @@ class SparseSelector:
             kernel = choose_block_kernel(block_call, self.cfg.kernel)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if workspace is not None and not kernel.takes_workspace:
+            workspace.release()  # the selection's temporaries are done and the kernel carves none
         out = kernel.run(block_call)
-        self.workspace_bytes[call.site] = workspace.used
+        if workspace is not None:
+            self.workspace_bytes[call.site] = workspace.used
         if not is_decoding_step(sel.geometry):  # what is kept of the call until the next: its block numbers, small
             sel = sel.compact()
         self._last = (sel, call.kv_groups)

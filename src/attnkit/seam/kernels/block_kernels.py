@@ -90,6 +90,9 @@ class BlockKernel:
     supports: Callable[[BlockCall, bool], bool]  # (call, chosen explicitly)
     run: Callable[[BlockCall], Tensor]  # -> (B, H, Q, Dv)
     cannot: str  # what it cannot run, for the error when it is asked for and cannot
+    # carves temporaries of its own from the call's workspace (and releases it before its attention);
+    # the caller releases the workspace before running a kernel that does not
+    takes_workspace: bool = False
 
 
 def _paged_cpu_supports(call: BlockCall, explicit: bool) -> bool:
@@ -199,7 +202,7 @@ BLOCK_KERNELS: dict[str, BlockKernel] = {
         BlockKernel("split_sdpa", _split_sdpa_supports, _split_sdpa_run,
                     "not on the CPU, not causal, a single query block, or the call has the model's own mask, a bias, "
                     "soft-cap, sinks, dropout, other modifiers or a gate gradient, or a causal row without its own block, "
-                    "or the rows of a query block keep different numbers of blocks"),
+                    "or the rows of a query block keep different numbers of blocks", takes_workspace=True),
         BlockKernel("gather_sdpa", _gather_sdpa_supports, _gather_sdpa_run,
                     "not on the CPU, or the call has the model's own mask, a bias, soft-cap, sinks, dropout, other "
                     "modifiers or a gate gradient, or a causal row without its own block"),

@@ -154,8 +154,9 @@ def _used_slots(budget: Tensor) -> Tensor:
 class BlockSelection:
     """The key blocks each (batch, KV head, query block) keeps.
 
-    indices: (B, Hkv, nQb, S) long key-block numbers, S = the most any row keeps; slot s of a row
-        is used when ``valid`` (the first ``kept`` slots, forced blocks first, then by score).
+    indices: (B, Hkv, nQb, S) key-block numbers (long; int16/int32 in a ``compact`` record), S = the
+        most any row keeps; slot s of a row is used when ``valid`` (the first ``kept`` slots, forced
+        blocks first, then by score).
     valid: (B|1, Hkv|1, nQb, S) bool.
     log_probs: (B, Hkv, nQb, nKb) the gate's log-probability of each key block (-inf where not a
         candidate), for learned patterns; None otherwise.
@@ -226,7 +227,8 @@ def keep_best(scores: Tensor, geo: BlockGeometry, forced: Tensor, valid: Tensor,
     sort order are written (fresh tensors without one); the selection itself is always fresh."""
     scores = scores.detach().float()  # (B, Hkv, nQb, nKb), maybe an expanded view
     # one copy of the scores (they may be a pattern's output, or an expanded view), then in place
-    copy = take_or_new(workspace, tuple(scores.shape), torch.float32, scores.device)
+    shape = tuple(torch.broadcast_shapes(scores.shape, geo.candidates.shape))  # where= writes this shape
+    copy = take_or_new(workspace, shape, torch.float32, scores.device)
     torch.where(geo.candidates, scores, scores.new_full((), -math.inf), out=copy).masked_fill_(forced, math.inf)
     torch.nan_to_num_(copy, nan=-1e30, posinf=math.inf, neginf=-math.inf)
     # best first, the later of two equal blocks first: a stable ascending sort read backwards (the

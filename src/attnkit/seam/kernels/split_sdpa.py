@@ -174,6 +174,8 @@ def split_sdpa_attention(
     Q = q.shape[2]
     nQ, bs, front = geo.n_query_blocks, geo.block_size, geo.front
     plan = split_sdpa_plan(indices, valid, geo, q.dtype, block_bias, workspace)
+    if workspace is not None:
+        workspace.release()  # the plan's temporaries are done: the attention runs without them
     if plan is None:
         raise ValueError("not causal, a single query block, a row without its own block, or rows of a query "
                          "block keeping different numbers of blocks")
