@@ -8,6 +8,7 @@ than a block, a KV cache, gradient checkpointing, FlexAttention on CPU inference
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import ExitStack
 
 import pytest
@@ -165,6 +166,28 @@ def test_gate_gradient_under_gradient_checkpointing_matches():
     assert d0 == d1 and n0 == n1 == model.config.num_hidden_layers
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
     assert any(a.abs().sum() > 0 for a in g0)
+
+
+def test_leaving_the_block_before_a_checkpointed_backward_warns():
+    """Under activation checkpointing the backward recomputes the layers: run after the block, it would
+    recompute them with the model's own attention (torch stops with a CheckpointError). Leaving the
+    block before that backward warns and says where to run it; a backward inside the block, or a forward
+    without gradients, does not."""
+    model = build("llama").train()
+    enable_checkpointing(model, use_reentrant=False)
+    x = inputs(pad=0)
+    cfg = SparseConfig(pattern="moba", density=0.3, block_size=BS)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="sparse_attention")
+        with sparse_attention(model, cfg):
+            model(**x, labels=x["input_ids"]).loss.backward()
+        with torch.no_grad(), sparse_attention(model, cfg):
+            model(**x)
+    with pytest.warns(UserWarning, match="Run backward inside"):
+        with sparse_attention(model, cfg):
+            loss = model(**x, labels=x["input_ids"]).loss
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):  # what the warning is about
+        loss.backward()
 
 
 def _state(model):

@@ -18,6 +18,7 @@ model is exactly as it was: ``attach``'s contract.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -467,11 +468,48 @@ def sparse_attention(
     handle = SparseHandle(cfg, gates)
     selector = SparseSelector(cfg, gates, handle, workspace_bytes(model))
     session = SparseSession(selector, handle, layers=layers, chunk_elements=cfg.chunk_elements)
-    with attach(model, session):
+    awaiting_backward: list[list[bool]] = []  # per checkpointed forward with gradients: [its backward not yet run]
+
+    def after_forward(module, args, output) -> None:
         # the masks the layers of one forward share are dropped when it returns (a prompt's (Q, K)
         # mask is 67 MB at 8k tokens): nothing of a forward outlives it in the selector
-        forget = model.register_forward_hook(lambda module, args, output: selector.forget_masks())
+        selector.forget_masks()
+        if torch.is_grad_enabled() and _checkpointing(model):
+            watched = _output_tensor(output)
+            if watched is not None and watched.requires_grad:
+                waiting = [True]
+                awaiting_backward.append(waiting)
+                watched.register_hook(lambda grad: waiting.__setitem__(0, False))
+
+    with attach(model, session):
+        hook = model.register_forward_hook(after_forward)
         try:
             yield handle
         finally:
-            forget.remove()
+            hook.remove()
+    if any(waiting[0] for waiting in awaiting_backward):
+        warnings.warn(
+            "sparse_attention: a forward with gradients ran inside the block and its backward has not: the model "
+            "recomputes activations in the backward (gradient checkpointing), and outside the block it recomputes "
+            "them with its own attention, which torch stops with a CheckpointError. Run backward inside the "
+            "`with sparse_attention(...)` block.", UserWarning, stacklevel=3)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model recomputes its layers in the backward, by either name transformers
+    gives it (``is_activation_checkpointing``; ``is_gradient_checkpointing`` in older releases)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _output_tensor(output) -> Tensor | None:
+    """The tensor of a model's output a backward of it reaches: the logits, else the first tensor."""
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, Tensor):
+        return output
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return next((v for v in values if isinstance(v, Tensor)), None)
