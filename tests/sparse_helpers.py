@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.sparse import BlockGeometry, select_blocks
+from attnkit.sparse import BlockGeometry, SparseConfig, select_blocks, sparse_attention
 
 
 def random_selection(B, Hk, T, bs, density, seed=0, causal=True, Q=None, sinks=True):
@@ -31,3 +31,18 @@ def written_part_of_buffers(g: torch.Generator, B, H, Hk, K, D, room):
     q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
     buffers = torch.randn(2, B, Hk, K + room, D, generator=g, dtype=torch.float64)
     return q, buffers[0, :, :, :K], buffers[1, :, :, :K]
+
+
+def runs_by_kernel(model, batches, kernels=("auto", "portable"), **cfg):
+    """{kernel: (logits of each batch, every parameter's gradient, {kernel that ran: calls})}: the
+    batches' forwards under ``sparse_attention(model, SparseConfig(kernel=kernel, **cfg))``, then one
+    backward of their summed losses."""
+    results = {}
+    for kernel in kernels:
+        model.zero_grad(set_to_none=True)
+        with sparse_attention(model, SparseConfig(kernel=kernel, **cfg)) as handle:
+            outs = [model(input_ids=ids, labels=ids) for ids in batches]
+            sum(out.loss for out in outs).backward()
+        results[kernel] = ([out.logits.detach() for out in outs], [p.grad.clone() for p in model.parameters()],
+                           dict(handle.kernels))
+    return results

@@ -248,22 +248,16 @@ def test_sparse_attention_runs_split_sdpa_by_default_and_equals_portable():
 
     from arch_zoo import LLAMA_LIKE, VOCAB
     from attnkit.sparse import SparseConfig, sparse_attention
+    from sparse_helpers import runs_by_kernel
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(
         transformers.LlamaConfig(**dict(LLAMA_LIKE, max_position_embeddings=128)), attn_implementation="sdpa")
     ids = torch.randint(3, VOCAB, (2, 45), generator=torch.Generator().manual_seed(0))
-    results = {}
-    for kernel in ("auto", "portable"):
-        cfg = SparseConfig(pattern="moba", density=0.3, block_size=8, kernel=kernel)
-        model.zero_grad(set_to_none=True)
-        with sparse_attention(model, cfg) as handle:
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-        results[kernel] = (out.logits.detach(), [p.grad.clone() for p in model.parameters()], dict(handle.kernels))
+    results = runs_by_kernel(model, [ids], pattern="moba", density=0.3, block_size=8)
     layers = model.config.num_hidden_layers
     assert results["auto"][2] == {"split_sdpa": layers} and results["portable"][2] == {"portable": layers}
-    assert (results["auto"][0] - results["portable"][0]).abs().max() < 1e-5
+    assert (results["auto"][0][0] - results["portable"][0][0]).abs().max() < 1e-5
     for a, b in zip(results["auto"][1], results["portable"][1]):
         assert (a - b).abs().max() < 1e-5
     mask = torch.ones_like(ids)

@@ -23,7 +23,7 @@ from attnkit.seam.kernels.workspace import Workspace
 from attnkit.sparse import BlockGeometry, SparseConfig, dense_reference, sparse_attention
 from attnkit.sparse.attention import choose_blocks, workspace_bytes
 from arch_zoo import VOCAB
-from sparse_helpers import random_qkv, random_selection
+from sparse_helpers import random_qkv, random_selection, runs_by_kernel
 
 
 def test_a_release_hands_the_arena_back_and_later_takes_get_the_room_left():
@@ -172,20 +172,11 @@ def test_two_forwards_of_different_lengths_before_one_backward_equal_the_portabl
     model = _llama(0)
     g = torch.Generator().manual_seed(0)
     first, second = torch.randint(3, VOCAB, (2, 45), generator=g), torch.randint(3, VOCAB, (1, 61), generator=g)
-    results = {}
-    for kernel in ("auto", "portable"):
-        cfg = SparseConfig(pattern="moba", density=0.3, block_size=8, kernel=kernel)
-        model.zero_grad(set_to_none=True)
-        with sparse_attention(model, cfg) as handle:
-            out1 = model(input_ids=first, labels=first)
-            out2 = model(input_ids=second, labels=second)
-            (out1.loss + out2.loss).backward()
-        results[kernel] = (out1.logits.detach(), out2.logits.detach(), [p.grad.clone() for p in model.parameters()],
-                           dict(handle.kernels))
-    assert results["auto"][3] == {"split_sdpa": 4}
-    for a, b in zip(results["auto"][:2], results["portable"][:2]):
+    results = runs_by_kernel(model, [first, second], pattern="moba", density=0.3, block_size=8)
+    assert results["auto"][2] == {"split_sdpa": 4}
+    for a, b in zip(results["auto"][0], results["portable"][0]):
         assert (a - b).abs().max() < 1e-5
-    for a, b in zip(results["auto"][2], results["portable"][2]):
+    for a, b in zip(results["auto"][1], results["portable"][1]):
         assert (a - b).abs().max() < 1e-5
 
 

@@ -153,7 +153,7 @@ class SparseSelector:
                  workspace_bytes: dict[Site, int] | None = None) -> None:
         self.cfg, self.gates, self.handle = cfg, gates, handle
         # each site's last call's workspace size: a call's temporaries are carved from one
-        # allocation of that size (``Workspace``), dropped when the call returns
+        # allocation of that size (``Workspace``), released before the call's attention runs
         self.workspace_bytes = {} if workspace_bytes is None else workspace_bytes
         self.pattern = get_pattern(cfg.pattern)
         self._last: tuple[BlockSelection, int] | None = None  # the call's selection, its KV groups

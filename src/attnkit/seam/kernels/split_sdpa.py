@@ -135,8 +135,9 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
     blocks.add_((torch.arange(R, device=device, dtype=torch.int32) * nK).repeat(nQ)[:, None])
     bias = own_bias = None
     if block_bias is not None:
+        # (N, S) in sorted order
         bias = rows(block_bias.detach().expand(B, Hk, nQ, S), block_bias.dtype).gather(1, rows(slot, torch.long))
-        own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, R)  # (N, S) in sorted order
+        own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, R)
     kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
     spans, i0 = [], 0
     for c, n in zip(kinds.tolist(), sizes.tolist()):
