@@ -253,13 +253,14 @@ class SpikeRollback:
 
 
 ARMS = ("plain", "monitor", "clip", "spike_rollback", "zloss", "qknorm", "half_lr")  # and monitor_<policy>, cut<f>_at<n>
+CUT_ARM = re.compile(r"cut([0-9.]+)_at([0-9]+)")
 
 
 def check_arm(arm: str) -> str:
     """``arm`` if it names an arm this sweep runs, else a ValueError (a typo would otherwise run a plain run)."""
     from policies import POLICIES
 
-    if arm in ARMS or arm.removeprefix("monitor_") in POLICIES or re.fullmatch(r"cut([0-9.]+)_at([0-9]+)", arm):
+    if arm in ARMS or arm.removeprefix("monitor_") in POLICIES or CUT_ARM.fullmatch(arm):
         return arm
     raise ValueError(f"unknown arm {arm!r}: one of {', '.join(ARMS)}, monitor_<policy> ({', '.join(POLICIES)}) "
                      f"or cut<factor>_at<step>")
@@ -267,7 +268,7 @@ def check_arm(arm: str) -> str:
 
 def _cut(arm: str) -> tuple[float, int]:
     """``cut<f>_at<n>`` -> (f, n); any other arm: no cut."""
-    m = re.fullmatch(r"cut([0-9.]+)_at([0-9]+)", arm)
+    m = CUT_ARM.fullmatch(arm)
     return (float(m[1]), int(m[2])) if m else (1.0, 10 ** 9)
 
 
