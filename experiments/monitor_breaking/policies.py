@@ -72,7 +72,7 @@ from attnkit.monitor import (
     ROLLBACK_RULES, Chain, GradClip, Policy, QKClip, ReduceLR, Rollback, Snapshots, Thresholds, format_rollback_rule,
 )
 
-PREDICTORS = ("format_overflow", "activation_overflow")
+PREDICTORS = ("format_overflow", "activation_overflow", "warmup_headroom")  # warmup_headroom: seventh round
 EVERY = 4
 OBSERVE_FIRST = 16  # chosen on the design seed (design.py: 16, 32, 48 tied; 0 warned 10 of 18); the library default is 0
 NEAR_LIMIT_EVERY: int | None = 2  # third round, design_round3.py on seeds 0-2: 63/63 warned, 1/27 false alarms (off: 58/63, 0/27)

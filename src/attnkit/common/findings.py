@@ -156,6 +156,16 @@ THRESHOLDS: dict[str, Threshold] = {
         "within a bit of the limit for a hundred steps in runs that survive, and a fit over 3 observations one "
         "step apart reads their noise as growth). The cost: on those runs the share of steps observed rose "
         "from 50 % to 66 %, each observed step costing ~1.3 plain ones; runs far from the limit pay nothing.")),
+    "warmup_headroom_bits": Threshold(7.3, "bits", (
+        "monitor: warmup_headroom fires when, at the first observed step after the learning rate stopped "
+        "rising (the end of its warm-up), a head's q·kᵀ product or the largest module output is within 7.3 bits "
+        "(1/160) of its number format's largest finite value: the warm-up alone used up nearly all of the "
+        "format's range and the run goes on at its peak rate. Chosen on 330 fp16 runs of the breaking sweep "
+        "(experiments/monitor_breaking, seeds 0-10, outcomes over 200 steps) as the widest margin at which it "
+        "and the overflow predictors together warn at most 10 % of the healthy runs (6 of 62; 7.0 bits: 4, "
+        "7.4: 9). Within one configuration the first steps do not tell the seeds that will fail from those that "
+        "will not; across configurations they tell a rate too high for the model, whose failures come a hundred "
+        "steps later, after the run has fallen behind the same run at a lower rate.")),
     "scaler_window": Threshold(20, "steps", (
         "monitor: grad_scaler_stall counts the GradScaler's skipped updates (its scale lowered: the scaled "
         "gradients were non-finite) over the last 20 steps: the window of the breaking sweep's failure rule for stalled runs "

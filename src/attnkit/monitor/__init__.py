@@ -18,7 +18,7 @@ from attnkit.monitor.detectors import DETECTORS, Thresholds
 from attnkit.monitor.emit import EMITTERS, Emitter, StepRecord
 from attnkit.monitor.interventions import (
     DEFAULT_RULES, INTERVENTIONS, ROLLBACK_RULES, AttentionDropout, Chain, GradClip, LRBackoff, LRToRate, Policy, QKClip,
-    ReduceLR, Rollback, format_clip_rule, format_rollback_rule, qk_clip_layout, soft_cap, temperature,
+    ReduceLR, Rollback, format_clip_rule, format_rollback_rule, qk_clip_layout, soft_cap, temperature, warmup_rate_rule,
 )
 from attnkit.common.findings import Finding as Issue  # the one finding type, by the name monitor users know
 from attnkit.monitor.issues import Diagnosis
@@ -33,5 +33,5 @@ __all__ = [
     "Rollback", "Snapshot", "Snapshots", "StepRecord",
     "Thresholds",
     "TraceResult", "format_clip_rule", "format_rollback_rule", "qk_clip_layout", "soft_cap", "temperature",
-    "trace_nonfinite",
+    "trace_nonfinite", "warmup_rate_rule",
 ]

@@ -26,6 +26,11 @@ a name to it; ``AttentionMonitor(detectors=[...])`` picks some. What each looks 
   steps. The divergence predictor of mixed-precision runs (experiments/monitor_breaking).
 - ``activation_overflow``: the same test on the largest |output| of any module computed in that
   format (an MLP past fp16's range breaks a run outside attention; its attention only shows the NaN).
+- ``warmup_headroom``: at the first observed step after the optimizer's learning rate stopped rising (the end
+  of its warm-up), a head's q·kᵀ product or the largest module output within ``warmup_headroom_bits`` of its
+  number format's largest finite value: the warm-up alone used up nearly all of the format's range, and the
+  run goes on at the peak rate. Read from the ``learning_rate`` the monitor records when it has the optimizer;
+  silent without it and for a schedule with no warm-up. One finding for the run.
 - ``nonfinite``: NaN/Inf logits were observed in a head.
 - ``grad_scaler_stall``: the user's ``torch.amp.GradScaler`` skipped at least ``scaler_skip_share`` of
   the last ``scaler_window`` updates (their fp16 gradients were non-finite): the loss stays finite,
@@ -70,6 +75,7 @@ class Thresholds:
     overflow_horizon: float = threshold("overflow_horizon")  # steps
     overflow_window: int = int(threshold("overflow_window"))  # observed steps the projection is fitted on
     overflow_confirm: int = int(threshold("overflow_confirm"))  # consecutive observed steps that must agree
+    warmup_headroom_bits: float = threshold("warmup_headroom_bits")
     scaler_window: int = int(threshold("scaler_window"))  # steps whose GradScaler updates are counted
     scaler_skip_share: float = threshold("scaler_skip_share")  # of them skipped: the run has stalled
 
@@ -412,6 +418,50 @@ def activation_overflow(tr: Trends) -> list[Finding]:
         projected_steps=max(float(projected[s]), 0.0) if np.isfinite(projected[s]) else 0.0)]
 
 
+def warmup_ended_now(lrs: np.ndarray) -> bool:
+    """Whether the newest of the observed steps' learning rates (oldest first) is the first at which the rate,
+    having risen, no longer rose: the end of a warm-up, once per run (a later decay or cut is not a second end,
+    since the first one is still in the history; a schedule that never rose has no warm-up)."""
+    if len(lrs) < 2 or not np.isfinite(lrs).all():
+        return False
+    ended = (lrs[1:] <= lrs[:-1]) & (lrs[:-1] > lrs[0])
+    return bool(ended[-1] and not ended[:-1].any())
+
+
+def warmup_headroom(tr: Trends) -> list[Finding]:
+    """At the end of the learning-rate warm-up (``warmup_ended_now``), the figure nearest its number format's
+    largest finite value — any head's q·kᵀ product (max |logit| / its scale) or the largest module output in
+    that format — within ``warmup_headroom_bits`` of it. One finding for the run; the value and threshold are
+    the figure and the line, in the figure's own units."""
+    if tr.formats is None or "learning_rate" not in tr.metrics or not warmup_ended_now(tr.metrics["learning_rate"][:, 0]):
+        return []
+    limits = _format_limits(tr.formats)
+    scales = np.asarray(tr.scales if tr.scales is not None else [1.0] * len(tr.series), dtype=float)
+    figures = {"q·kᵀ": logit_magnitude({m: v[-1:] for m, v in tr.metrics.items()})[0] / scales}
+    if "activation_absmax" in tr.metrics:
+        figures["a module's output"] = tr.metrics["activation_absmax"][-1]
+    best = None  # (bits below the limit, what, series)
+    for what, values in figures.items():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bits = np.log2(limits / values)
+        bits = np.where(np.isfinite(bits), bits, np.inf)
+        s = int(np.argmin(bits))
+        if best is None or bits[s] < best[0]:
+            best = (float(bits[s]), what, s)
+    bits, what, s = best
+    if bits > tr.t.warmup_headroom_bits:
+        return []
+    site, head = tr.series[s] if what == "q·kᵀ" else (None, None)
+    value = float(figures[what][s])
+    lr = float(tr.metrics["learning_rate"][-1, 0])
+    return [Finding(
+        type="warmup_headroom", severity="warning", step=tr.step, value=value, threshold=float(limits[s]),
+        site=site, head=head,
+        message=f"the learning-rate warm-up ended (lr {lr:.3g}) with {what} at {value:.4g}, {bits:.1f} bits below "
+        f"{tr.formats[s]}'s largest value {limits[s]:g}: the warm-up used up nearly all of the format's range "
+        f"and the run goes on at its peak rate")]
+
+
 def near_limit(values: dict[str, np.ndarray], formats: list[str | None] | None, scales: list[float] | None,
                floor_bits: float) -> bool:
     """Whether one observed step's figures (metric -> one value per series) put any head's q·kᵀ product
@@ -479,4 +529,5 @@ DETECTORS: dict[str, Callable[[Trends], list[Finding]]] = {
     "activation_overflow": activation_overflow,
     "nonfinite": nonfinite,
     "grad_scaler_stall": grad_scaler_stall,
+    "warmup_headroom": warmup_headroom,
 }

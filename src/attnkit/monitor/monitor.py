@@ -275,7 +275,9 @@ class AttentionMonitor:
         # gate statistics through the seam, on the same observed calls, when the model has attnkit gates
         self.gate_tap = GateTap(root) if gate_owners(root) else None
         # activation_absmax: per series, the largest |output| of any leaf module in that head's number format
-        self.metric_names = METRICS + ("activation_absmax",) + (GATE_METRICS if self.gate_tap else ())
+        # learning_rate: the optimizer's (first group's) rate for the next step, the same in every series (NaN
+        # without the optimizer): warmup_headroom reads where its warm-up ended, and a replay reads it back
+        self.metric_names = METRICS + ("activation_absmax", "learning_rate") + (GATE_METRICS if self.gate_tap else ())
         taps = [self.stats, self.sites_tap] + ([self.gate_tap] if self.gate_tap else [])
         self.session = AttentionSession(taps=taps, sample_rows=sample_rows)
         self.activations = _Activations(self.session)
@@ -438,6 +440,8 @@ class AttentionMonitor:
         largest = self.activations.collect()
         for i, (site, _) in enumerate(self.series):
             values["activation_absmax"][i] = largest.get(self.sites_tap.formats.get(site), math.nan)
+        if self.optimizer is not None and self.optimizer.param_groups:
+            values["learning_rate"][:] = float(self.optimizer.param_groups[0]["lr"])
         for m in self.metric_names:
             self.rings[m].append(step, values[m])
         grad = self.grads.collect(self.sites)
