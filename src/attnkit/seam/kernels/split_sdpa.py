@@ -75,9 +75,9 @@ class SplitPlan:
 
     What autograd keeps of it for the backward is ``saved()``: the kept blocks (block numbers in
     int16 where they fit, half of the int32 the kernels index with, which a bucket makes of its part
-    when it runs), the gate's terms of them (or None) and the buckets' bounds; the backward rebuilds
-    the plan from these (``from_saved``). A bucket's additive mask of the gate's term is made when its
-    SDPA call runs, forward or backward, never kept."""
+    when it runs) and the gate's terms of them (or None); the backward rebuilds the plan from these
+    and the selection's ``valid`` (the buckets' bounds: ``from_saved``). A bucket's additive mask of
+    the gate's term is made when its SDPA call runs, forward or backward, never kept."""
 
     own_bias: Tensor | None  # (nQb, B·Hkv) the gate's term of each row's own block, or None
     buckets: tuple[_Bucket, ...]
@@ -105,16 +105,30 @@ class SplitPlan:
         bias = self.others_bias[b.at: b.at + b.n].view(-1, b.c)
         return bias.to(dtype).repeat_interleave(self.block_size, -1)[:, None, None, :]
 
-    def saved(self) -> tuple[tuple[Tensor | None, ...], tuple]:
-        """(tensors, bounds): what rebuilds the plan (``from_saved``): its tensors, for
-        ``save_for_backward``, and the buckets' bounds and the block size (a few integers)."""
-        return (self.others, self.others_bias, self.own_bias), (self.buckets, self.block_size)
+    def saved(self) -> tuple[Tensor | None, ...]:
+        """Its tensors, for ``save_for_backward``: with the selection's ``valid`` they rebuild the
+        plan (``from_saved``)."""
+        return self.others, self.others_bias, self.own_bias
 
     @classmethod
-    def from_saved(cls, tensors: tuple[Tensor | None, ...], bounds: tuple) -> SplitPlan:
+    def from_saved(cls, tensors: tuple[Tensor | None, ...], valid: Tensor, rows: int, block_size: int) -> SplitPlan:
+        """The plan whose ``saved()`` are ``tensors``, of a selection with ``valid`` (B|1, Hkv|1, nQb, S)
+        over ``rows`` = B·Hkv rows per query block."""
         others, others_bias, own_bias = tensors
-        buckets, block_size = bounds
-        return cls(own_bias, buckets, others, others_bias, block_size)
+        return cls(own_bias, _buckets(kept_per_query_block(valid), rows), others, others_bias, block_size)
+
+
+def _buckets(per_block: Tensor, rows: int) -> tuple[_Bucket, ...]:
+    """The buckets of query blocks keeping ``per_block`` (nQb,) blocks each (``rows`` rows a query
+    block), widest first; their other kept blocks lie one bucket after another, narrowest first."""
+    kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
+    buckets, i0, at = [], 0, 0
+    for c, n in zip(kinds.tolist(), sizes.tolist()):
+        if c > 0:  # (query blocks keeping their own block only need no bucket)
+            buckets.append(_Bucket(i0, i0 + n, at, n * rows * c, c))
+            at += n * rows * c
+        i0 += n
+    return tuple(buckets[::-1])  # a query block keeps no fewer than the one before: the widest is the last
 
 
 def kept_per_query_block(valid: Tensor) -> Tensor | None:
@@ -166,29 +180,20 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, block_bi
         # (N, S) in sorted order
         bias = rows(block_bias.detach().expand(B, Hk, nQ, S), block_bias.dtype).gather(1, rows(slot, torch.long))
         own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, R)
-    kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
-    spans, i0 = [], 0
-    for c, n in zip(kinds.tolist(), sizes.tolist()):
-        if c > 0:  # (query blocks keeping their own block only need no bucket)
-            spans.append((i0, n, c))
-        i0 += n
+    buckets = _buckets(per_block, R)
     # every row's other blocks, row after row, in one tensor: each bucket's are a slice of it (one
     # allocation kept for the backward rather than one per bucket); a bucket's rows keep c blocks
     # besides their own, the first c of their sorted row
     small = torch.int16 if R * nK <= torch.iinfo(torch.int16).max else torch.int32
-    total = sum(n * R * c for _, n, c in spans)
+    total = sum(b.n for b in buckets)
     others = torch.empty(total, dtype=small, device=device)  # (Σ kept - N,)
     others_bias = None if bias is None else torch.empty(total, dtype=bias.dtype, device=device)
-    buckets, at = [], 0
-    for i0, n, c in spans:
-        m = n * R
-        others[at: at + m * c].view(m, c).copy_(blocks[i0 * R: (i0 + n) * R, :c])
+    for b in buckets:
+        rows_of_bucket = slice(b.i0 * R, b.i1 * R)
+        others[b.at: b.at + b.n].view(-1, b.c).copy_(blocks[rows_of_bucket, :b.c])
         if bias is not None:  # the gate's term of each of them, in the same order
-            others_bias[at: at + m * c].view(m, c).copy_(bias[i0 * R: (i0 + n) * R, :c])
-        buckets.append(_Bucket(i0, i0 + n, at, m * c, c))
-        at += m * c
-    # a query block keeps no fewer than the one before: the widest bucket is the last
-    return SplitPlan(own_bias, tuple(buckets[::-1]), others, others_bias, bs)
+            others_bias[b.at: b.at + b.n].view(-1, b.c).copy_(bias[rows_of_bucket, :b.c])
+    return SplitPlan(own_bias, buckets, others, others_bias, bs)
 
 
 def split_sdpa_attention(
@@ -213,7 +218,7 @@ def split_sdpa_attention(
                          "block keeping different numbers of blocks")
     if front or nQ * bs != Q:  # queries aligned to whole blocks
         q = F.pad(q, (0, 0, front, nQ * bs - front - Q))
-    out = _SplitAttention.apply(q, k, v, plan, scale, geo)  # (B, H, nQb·bs, Dv)
+    out = _SplitAttention.apply(q, k, v, plan, valid, scale, geo)  # (B, H, nQb·bs, Dv)
     return out[:, :, front: front + Q]
 
 
@@ -269,7 +274,8 @@ class _SplitAttention(torch.autograd.Function):
     allocations cost page faults on every call)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SplitPlan, scale: float, geo: BlockGeometry) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SplitPlan, valid: Tensor, scale: float,
+                geo: BlockGeometry) -> Tensor:
         B, H, L, D = q.shape
         Hk, Dv = k.shape[1], v.shape[-1]
         G, bs, nQ, nK = H // Hk, geo.block_size, geo.n_query_blocks, geo.n_key_blocks
@@ -306,18 +312,18 @@ class _SplitAttention(torch.autograd.Function):
         # model's transpose + reshape for its output projection is then a view of it.
         out = o.view(nQ, B, H, bs, Dv).permute(1, 0, 3, 2, 4).contiguous().view(B, L, H, Dv).transpose(1, 2)
         # the plan is not kept: its tensors (the kept blocks in int16, a few KiB a call) and the
-        # buckets' bounds rebuild it in the backward
-        tensors, ctx.plan_bounds = plan.saved()
-        ctx.save_for_backward(q, k, v, out, lse, *tensors)
-        ctx.scale, ctx.geo = scale, geo
+        # selection's valid slots (a geometry's shared table) rebuild it in the backward
+        ctx.save_for_backward(q, k, v, out, lse, *plan.saved())
+        ctx.valid, ctx.scale, ctx.geo = valid, scale, geo
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
-        plan, scale, geo = SplitPlan.from_saved(tuple(tensors), ctx.plan_bounds), ctx.scale, ctx.geo
+        scale, geo = ctx.scale, ctx.geo
         B, H, L, D = q.shape
         Hk, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        plan = SplitPlan.from_saved(tuple(tensors), ctx.valid, B * Hk, geo.block_size)
         G, bs, nQ, nK = H // Hk, geo.block_size, geo.n_query_blocks, geo.n_key_blocks
         kb, vb = _blocks(k, geo), _blocks(v, geo)
         g_own, o_own = _by_block(grad_out, bs), _by_block(out, bs)  # (nQb, B·H, bs, Dv)
@@ -357,4 +363,4 @@ class _SplitAttention(torch.autograd.Function):
         dq = dq.view(nQ, B, H, bs, D).permute(1, 2, 0, 3, 4).reshape(B, H, L, D)
         dk = dk.view(B, Hk, -1, D)[:, :, :K].to(k.dtype)
         dv = dv.view(B, Hk, -1, Dv)[:, :, :K].to(v.dtype)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
