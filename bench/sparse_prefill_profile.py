@@ -14,10 +14,12 @@ around attnkit's functions by this script, nothing changed in the library):
     gathers         the gathers of the buckets' keys and values (``index_select``)
     merge + rest    the rest of the kernel: the log-sum-exp merge, the output's layout, Python
     call's rest     the rest of the sparse call (the selection's checks, the kernel's choice, ...)
-  rest of model     everything else (projections, RoPE, MLP, norms, LM head, the seam)
+  rest of model     everything else in the forward (projections, RoPE, MLP, norms, LM head; for
+                    sparse also the seam's call and entering the ``sparse_attention`` block)
 
-Dense SDPA: ``aten::scaled_dot_product_attention`` and the rest. Times are the profiler's (CPU
-time of the ranges, in ms), medians over the rounds; shares are of the dense forward's total.
+Dense SDPA: ``aten::scaled_dot_product_attention`` and the rest. Times are the profiler's (the
+wall time of each range on the thread, Python included, in ms: CPU time with one thread on an idle
+core), medians over the rounds; shares are of the dense forward's.
 
     python bench/sparse_prefill_profile.py --rounds 3
 """
@@ -90,10 +92,18 @@ def attribute(events) -> dict[str, float]:
             p = p.cpu_parent
         return False
 
-    def top_level(e):
-        return e.cpu_parent is None
-
-    out = {"forward": sum(e.cpu_time_total for e in events if top_level(e)) / 1e3}
+    out = {"forward": total("model forward")}
+    attention = "sparse attention" if any(e.name == "sparse attention" for e in events) else "aten::scaled_dot_product_attention"
+    ops: dict = {"kernel's other ops": {}, "rest of model's ops": {}}
+    for e in events:  # self time by op: of the split kernel's other work, and of the rest of the model
+        if e.name.startswith("aten::") or e.name.startswith("_"):
+            if under(e, "split kernel") and not (under(e, "own blocks") or under(e, "buckets' SDPA")):
+                part = "kernel's other ops"
+            elif not under(e, attention) and e.name != attention:
+                part = "rest of model's ops"
+            else:
+                continue
+            ops[part][e.name] = ops[part].get(e.name, 0.0) + e.self_cpu_time_total / 1e3
     if any(e.name == "sparse attention" for e in events):
         gathers = sum(e.cpu_time_total for e in events if e.name == "aten::index_select"
                       and under(e, "split kernel") and not under(e, "buckets' SDPA")) / 1e3
@@ -105,7 +115,7 @@ def attribute(events) -> dict[str, float]:
     else:
         out["attention"] = total("aten::scaled_dot_product_attention")
     out["rest of model"] = out["forward"] - out["attention"]
-    return out
+    return out, ops
 
 
 def main() -> None:
@@ -116,7 +126,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch = instrument()
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from bench_sparse import build
     from attnkit.sparse import SparseConfig, sparse_attention
@@ -128,7 +138,7 @@ def main() -> None:
     sparse_name = f"{args.pattern}@{args.density:g}"
 
     def prefill(sparse: bool):
-        with torch.no_grad():
+        with torch.no_grad(), record_function("model forward"):
             if not sparse:
                 return model(input_ids=ids).logits
             with sparse_attention(model, cfg) as handle:
@@ -140,6 +150,7 @@ def main() -> None:
         prefill(sparse)
     plain: dict = {c: {"wall": [], "cpu": []} for c in ("dense-sdpa", sparse_name)}
     parts: dict = {c: [] for c in plain}
+    ops: dict = {c: {} for c in plain}
     load = [os.getloadavg()]
     for _ in range(args.rounds):
         for config, sparse in (("dense-sdpa", False), (sparse_name, True)):
@@ -150,7 +161,11 @@ def main() -> None:
         for config, sparse in (("dense-sdpa", False), (sparse_name, True)):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 prefill(sparse)
-            parts[config].append(attribute(prof.events()))
+            split, by_op = attribute(prof.events())
+            parts[config].append(split)
+            for part, times in by_op.items():
+                for name, ms in times.items():
+                    ops[config].setdefault(part, {}).setdefault(name, []).append(ms)
     load.append(os.getloadavg())
     med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in parts.items()}
     dense_total = med["dense-sdpa"]["forward"]
@@ -159,10 +174,14 @@ def main() -> None:
     print(f"unprofiled {sparse_name} / dense SDPA, medians of {args.rounds} rounds: wall {ratios['wall']:.3f}, "
           f"CPU {ratios['cpu']:.3f}; load {load[0][0]:.1f} -> {load[1][0]:.1f}")
     for config, m in med.items():
-        print(f"{config} (profiled, ms of CPU; share of dense SDPA's forward):")
+        print(f"{config} (profiled, ms; share of dense SDPA's forward):")
         for k, v in m.items():
             print(f"  {k:>14}: {v:9.1f}  {v / dense_total:6.3f}")
-    print(json.dumps({"plain": plain, "parts": parts, "load": load}))
+        for part, times in ops[config].items():
+            top = sorted(((sum(t) / args.rounds, n) for n, t in times.items()), reverse=True)[:10]
+            print(f"  {part} (self ms, mean of the rounds): "
+                  + ", ".join(f"{n.removeprefix('aten::')} {ms:.1f}" for ms, n in top))
+    print(json.dumps({"plain": plain, "parts": parts, "ops": ops, "load": load}))
 
 
 if __name__ == "__main__":
