@@ -28,6 +28,25 @@ def status() -> dict[str, int]:
     return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_in_use() -> int:
+    """Bytes the process holds in live ``malloc`` allocations (glibc's ``mallinfo2``: in-use heap
+    chunks plus mapped blocks), 0 where glibc has no ``mallinfo2``: live memory to the byte,
+    whatever pages it touches (torch's CPU tensors and CPython's larger objects; CPython's small
+    objects come from its own arenas and are not counted)."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 def trim() -> None:
     """Hand freed heap pages back to the kernel (glibc)."""
     try:
@@ -46,6 +65,16 @@ def peak_of(step: Callable[[], object]) -> int:
     peak = status()["VmHWM"] - base
     del result
     return peak
+
+
+def unit(metric: str) -> int:
+    """What a worker's figure ``metric`` is shown in: MiB, KiB for the byte-exact live ``malloc``
+    figures (``fwd_malloc``), 1 for counts (``..._blocks``)."""
+    return 1 if metric.endswith("_blocks") else 2**10 if metric.endswith("_malloc") else 2**20
+
+
+def unit_name(metric: str) -> str:
+    return {1: "", 2**10: "KiB", 2**20: "MiB"}[unit(metric)]
 
 
 def report(result: dict) -> None:

@@ -99,10 +99,12 @@ def main() -> None:
 
 
 def summary(results: dict, sparse: str, what: str) -> dict:
-    """memory: MiB medians over processes (each the median of its steps); time: medians over every
-    round of sparse / dense, and after / before of those medians."""
+    """memory: MiB medians over processes, each the median of its steps (KiB for ``fwd_malloc``,
+    counts for ``fwd_blocks``); time: medians over every round of sparse / dense, and after /
+    before of those medians."""
     if what == "memory":
-        return {k: {m: round(statistics.median(r[m] for r in rs) / 2**20, 2) for m in rs[0]} for k, rs in results.items()}
+        return {k: {m: round(statistics.median(r[m] for r in rs) / rss.unit(m), 2) for m in rs[0]}
+                for k, rs in results.items()}
     out: dict = {}
     for tree, runs in results.items():
         for m in ("prefill", "train"):

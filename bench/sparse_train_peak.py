@@ -9,6 +9,10 @@ warm-up step, ``--rounds`` measured steps give:
   fwd_live      the same after ``malloc_trim`` there: the freed heap pages handed back, what is
                 left is live (tensors and objects);
   peak_trimmed  the step's peak when that trim is done (a separate step);
+  fwd_malloc    bytes in live ``malloc`` allocations at the end of the forward above the step's
+                start (``rss.malloc_in_use``): live memory to the byte, whatever pages it touches;
+  fwd_blocks    CPython's allocated memory blocks there above the step's start (its small
+                objects, which come from its own arenas and ``fwd_malloc`` does not count);
   between       the process's whole resident set between steps (after ``gc.collect`` and
                 ``malloc_trim``, as a step starts): what stays held from step to step (the
                 model, its gradients, and whatever a configuration keeps across steps).
@@ -45,6 +49,8 @@ def worker(args) -> None:
     backward = torch.Tensor.backward
 
     def at_backward(self, *a, **k):  # the loss's backward: the forward is over
+        seen["fwd_malloc"] = rss.malloc_in_use() - seen["malloc"]
+        seen["fwd_blocks"] = sys.getallocatedblocks() - seen["blocks"]
         seen["fwd_rss"] = rss.status()["VmRSS"] - seen["base"]
         if seen["trim"]:
             rss.trim()
@@ -52,16 +58,21 @@ def worker(args) -> None:
         return backward(self, *a, **k)
 
     torch.Tensor.backward = at_backward
-    out: dict = {"peak": [], "fwd_rss": [], "fwd_live": [], "peak_trimmed": [], "between": []}
+    out: dict = {"peak": [], "fwd_rss": [], "fwd_live": [], "peak_trimmed": [], "between": [], "fwd_malloc": [],
+                 "fwd_blocks": []}
 
     def step(trim: bool) -> None:
         seen["trim"] = trim
         gc.collect()
         rss.trim()
         seen["base"] = rss.status()["VmRSS"]
+        seen["malloc"], seen["blocks"] = rss.malloc_in_use(), sys.getallocatedblocks()
         out["between"].append(seen["base"])
         out["peak_trimmed" if trim else "peak"].append(rss.peak_of(train))
         out["fwd_live" if trim else "fwd_rss"].append(seen["fwd_live" if trim else "fwd_rss"])
+        if not trim:
+            out["fwd_malloc"].append(seen["fwd_malloc"])
+            out["fwd_blocks"].append(seen["fwd_blocks"])
 
     for _ in range(args.rounds):
         step(False)
@@ -88,9 +99,10 @@ def main() -> None:
                 [sys.executable, __file__, "--worker", c, "--model", args.model, "--length", str(args.length),
                  "--block-size", str(args.block_size), "--rounds", str(args.rounds)], c))
     base = args.configs.split(",")[0]
-    summary = {c: {k: statistics.median(r[k] for r in rs) / 2**20 for k in rs[0]} for c, rs in results.items()}
+    summary = {c: {k: statistics.median(r[k] for r in rs) / rss.unit(k) for k in rs[0]} for c, rs in results.items()}
     for c, s in summary.items():
-        print(f"{c:>12}: " + ", ".join(f"{k} {v:.2f} MiB ({v - summary[base][k]:+.2f})" for k, v in s.items()))
+        print(f"{c:>12}: " + ", ".join(f"{k} {v:.2f} {rss.unit_name(k)} ({v - summary[base][k]:+.2f})"
+                                       for k, v in s.items()))
     print(json.dumps(results))
 
 

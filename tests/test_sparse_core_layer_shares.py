@@ -47,13 +47,13 @@ def test_each_layer_keeps_what_a_uniform_config_at_its_density_keeps(pattern):
     shares = (0.5, 4.0, 1.5)  # layer 1 asks for more than every block: it runs dense
     cfg = SparseConfig(pattern=pattern, density=0.25, block_size=BS, layer_shares=shares)
     gates = _gates(model, cfg)
-    with torch.no_grad(), sparse_attention(model, cfg, gates=gates) as handle:
+    with torch.no_grad(), sparse_attention(model, cfg, gates=gates, keep_masks=True) as handle:
         model(input_ids=IDS)
         masks = dict(handle.block_masks)
     assert [cfg.density_of_layer(i) for i in range(3)] == [0.125, 1.0, 0.375]
     for layer in range(3):
         alone = SparseConfig(pattern=pattern, density=cfg.density_of_layer(layer), block_size=BS)
-        with torch.no_grad(), sparse_attention(model, alone, gates=gates) as h:
+        with torch.no_grad(), sparse_attention(model, alone, gates=gates, keep_masks=True) as h:
             model(input_ids=IDS)
         # the same blocks as the uniform config at that density, in that layer (its input differs
         # only where earlier layers ran at other densities: compare the counts, and layer 0 exactly)

@@ -90,7 +90,7 @@ def test_sparse_equals_dense_kernel_on_the_kept_blocks(arch, pattern):
     model = build(arch)
     x = inputs()
     cfg = SparseConfig(pattern=pattern, density=0.3, block_size=BS)
-    with torch.no_grad(), sparse_attention(model, cfg) as handle:
+    with torch.no_grad(), sparse_attention(model, cfg, keep_masks=True) as handle:
         out = model(**x).logits
     masks = handle.block_masks
     assert set(masks) == {Site(i) for i in range(model.config.num_hidden_layers)}
@@ -122,7 +122,7 @@ def test_learned_gate_trains_from_the_next_token_loss(arch):
     cfg = SparseConfig(pattern="learned_gate", density=0.3, block_size=BS)
     gates = make_gates(model, cfg)
     assert len(gates) == model.config.num_hidden_layers
-    with sparse_attention(model, cfg, gates=gates) as handle:
+    with sparse_attention(model, cfg, gates=gates, keep_masks=True) as handle:
         loss = model(**x, labels=labels).loss
         loss.backward()
     assert set(handle.gate_log_probs) == set(gates.sites)
@@ -287,7 +287,8 @@ def test_bidirectional_encoder():
         ref = model(**x).last_hidden_state
         with sparse_attention(model, SparseConfig(pattern="moba", density=1.0, block_size=BS)):
             full = model(**x).last_hidden_state
-        with sparse_attention(model, SparseConfig(pattern="moba", density=0.4, block_size=BS)) as handle:
+        with sparse_attention(model, SparseConfig(pattern="moba", density=0.4, block_size=BS),
+                              keep_masks=True) as handle:
             model(**x)
     assert (real(full, x) - real(ref, x)).abs().max() < 1e-5
     blocks = handle.block_masks[Site(0)]
@@ -300,7 +301,8 @@ def test_taps_see_the_sparse_probabilities():
     model = build("llama")
     x = inputs(pad=0)
     capture = MapCapture()
-    with torch.no_grad(), sparse_attention(model, SparseConfig(pattern="moba", density=0.3, block_size=BS)) as handle:
+    with torch.no_grad(), sparse_attention(model, SparseConfig(pattern="moba", density=0.3, block_size=BS),
+                                           keep_masks=True) as handle:
         with attach(model, taps=[capture]):
             model(**x)
     probs = capture.maps[Site(1)]  # (B, H, T, T)
@@ -422,7 +424,8 @@ def test_stacks_with_another_sessions_modifiers():
     model = build("qwen2")
     x = inputs()
     cfg = SparseConfig(pattern="moba", density=0.4, block_size=BS)
-    with torch.no_grad(), attach(model, score_mods=[temperature(0.5)]), sparse_attention(model, cfg) as handle:
+    with (torch.no_grad(), attach(model, score_mods=[temperature(0.5)]),
+          sparse_attention(model, cfg, keep_masks=True) as handle):
         out = model(**x).logits
     groups = kv_groups(model, cfg)
     with attach(model, score_mods=[temperature(0.5)], kernel="dense"):
@@ -434,7 +437,7 @@ def test_only_the_chosen_layers():
     model = build("llama")
     x = inputs()
     cfg = SparseConfig(pattern="moba", density=0.3, block_size=BS)
-    with torch.no_grad(), sparse_attention(model, cfg, layers=[1]) as handle:
+    with torch.no_grad(), sparse_attention(model, cfg, layers=[1], keep_masks=True) as handle:
         out = model(**x).logits
     assert set(handle.block_masks) == {Site(1)}
     ref = dense_on_kept_blocks(model, handle.block_masks, x, kv_groups(model, cfg))
@@ -483,7 +486,7 @@ def test_trained_gate_at_density_one():
         with torch.no_grad():
             for p in gates.parameters():
                 p.normal_(0, 0.5)
-        with sparse_attention(model, cfg, gates=gates) as handle:
+        with sparse_attention(model, cfg, gates=gates, keep_masks=True) as handle:
             out = model(**x).logits
             ((out - ref) ** 2).mean().backward()  # any loss: the gate gets its gradient through the term
             bias = handle.block_bias

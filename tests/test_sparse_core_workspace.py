@@ -93,9 +93,10 @@ def test_keep_best_with_ties_and_non_finite_scores_equals_a_fresh_call():
 
 
 def _plan_record(plan):
-    return (plan.others.tolist(), [(b.i0, b.i1, b.at, b.n) for b in plan.buckets],
+    return (plan.others.tolist(), [(b.i0, b.i1, b.at, b.n, b.c) for b in plan.buckets],
             None if plan.own_bias is None else plan.own_bias.tolist(),
-            [None if b.mask is None else b.mask.tolist() for b in plan.buckets])
+            [None if plan.mask(b, torch.float32) is None else plan.mask(b, torch.float32).tolist()
+             for b in plan.buckets])
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "gate-term"])
@@ -104,9 +105,9 @@ def test_split_plan_with_a_workspace_equals_a_fresh_call(with_bias):
     for i, (B, H, Hk, Q, T, bs) in enumerate(SHAPES * 2):
         sel, geo = random_selection(B, Hk, T, bs, 0.3, seed=i, Q=Q)
         bias = torch.randn(sel.indices.shape, generator=torch.Generator().manual_seed(i)) if with_bias else None
-        fresh = split_sdpa_plan(sel.indices, sel.valid, geo, torch.float32, bias)
+        fresh = split_sdpa_plan(sel.indices, sel.valid, geo, bias)
         ws = Workspace(capacity)
-        shared = split_sdpa_plan(sel.indices, sel.valid, geo, torch.float32, bias, workspace=ws)
+        shared = split_sdpa_plan(sel.indices, sel.valid, geo, bias, workspace=ws)
         capacity = ws.used
         assert _plan_record(shared) == _plan_record(fresh)
         plans.append((shared, _plan_record(shared)))
@@ -186,7 +187,8 @@ def test_a_sessions_selection_is_freed_without_the_cycle_collector():
     gc.collect()
     gc.disable()
     try:
-        with torch.no_grad(), sparse_attention(model, SparseConfig(pattern="moba", density=0.3, block_size=8)) as handle:
+        with torch.no_grad(), sparse_attention(model, SparseConfig(pattern="moba", density=0.3, block_size=8),
+                                               keep_masks=True) as handle:
             model(input_ids=ids)
         selections = [weakref.ref(s) for s in handle.block_masks._by_site.values()]
         assert len(selections) == 2 and all(s() is not None for s in selections)

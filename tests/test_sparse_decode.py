@@ -133,7 +133,8 @@ def test_kept_pages_equal_quest_from_scratch_every_step(name, cache):
     cfg = SparseConfig(pattern="quest", density=0.3, block_size=BS)
     kept, written = [], 0
     past = StaticCache(config=model.config, max_cache_len=47) if cache == "static" else None
-    with torch.no_grad(), sparse_attention(model, cfg) as handle, attach(model, AttentionSession(taps=[calls])):
+    with (torch.no_grad(), sparse_attention(model, cfg, keep_masks=True) as handle,
+          attach(model, AttentionSession(taps=[calls]))):
         tok = ids
         for _ in range(9):  # steps across page boundaries (keys 30 .. 38)
             positions = torch.arange(written, written + tok.shape[1])

@@ -53,7 +53,7 @@ def test_measured_sparse_probabilities_are_the_kernels(pattern, length):
         got = p_sparse @ call.value.detach().double()
         checked.append(float((got - want).abs().max()))
 
-    with torch.no_grad(), sparse_attention(model, cfg, gates=gates) as handle:
+    with torch.no_grad(), sparse_attention(model, cfg, gates=gates, keep_masks=True) as handle:
         tap = ProbErrorTap(handle)
         tap.check = check
         with attach(model, AttentionSession(taps=[tap])):
@@ -74,7 +74,7 @@ def test_padding_rows_do_not_count_and_all_padding_rows_are_finite():
     ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(2, 32, dtype=torch.long)
     mask[1, 12:] = 0  # right padding
-    with torch.no_grad(), sparse_attention(model, cfg) as handle:
+    with torch.no_grad(), sparse_attention(model, cfg, keep_masks=True) as handle:
         tap = ProbErrorTap(handle)
         tap.query_mask = mask.bool()
         with attach(model, AttentionSession(taps=[tap])):
@@ -150,7 +150,7 @@ def test_measured_probabilities_follow_the_gate_grad_mode(gate_grad):
     def check(call, rows, p_sparse, out):
         checked.append(float((p_sparse @ call.value.detach().double() - out[:, :, rows].double()).abs().max()))
 
-    with torch.no_grad(), sparse_attention(model, cfg, gates=gates) as handle:
+    with torch.no_grad(), sparse_attention(model, cfg, gates=gates, keep_masks=True) as handle:
         tap = ProbErrorTap(handle)
         tap.check = check
         with attach(model, AttentionSession(taps=[tap])):

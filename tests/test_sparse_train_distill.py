@@ -187,9 +187,9 @@ def test_a_moba_initialised_gate_selects_what_moba_selects():
     moba_init(gates)
     ids = TOKENS[:80].view(2, 40)
     with torch.no_grad():
-        with sparse_attention(model, cfg, gates=gates) as learned:
+        with sparse_attention(model, cfg, gates=gates, keep_masks=True) as learned:
             model(input_ids=ids)
-        with sparse_attention(model, SparseConfig(pattern="moba", density=0.4, block_size=8)) as moba:
+        with sparse_attention(model, SparseConfig(pattern="moba", density=0.4, block_size=8), keep_masks=True) as moba:
             model(input_ids=ids)
     for site, mask in moba.block_masks.items():
         assert torch.equal(learned.block_masks[site], mask), site

@@ -48,7 +48,7 @@ def main() -> None:
                 if pattern == "learned_gate":
                     trained = load_trained(model, a.gates, density=d)  # what attnkit sparse eval runs
                     cfg, gates = trained.cfg, trained.gates
-                with torch.no_grad(), sparse_attention(model, cfg, gates=gates) as handle:
+                with torch.no_grad(), sparse_attention(model, cfg, gates=gates, keep_masks=True) as handle:
                     model(input_ids=ids)
                     kept = handle.kept_blocks  # {Site: (B, Hkv, nQb, nKb)}
                 dropped = total = 0

@@ -4,6 +4,9 @@
     with sparse_attention(model, cfg) as handle:
         model(input_ids=ids).loss.backward()
     handle.density()                     # the share of candidate key blocks kept, measured
+    with sparse_attention(model, cfg, keep_masks=True) as handle:
+        model(input_ids=ids)
+    handle.block_masks                   # {Site: (B, Hkv, nQb, nKb) bool} the blocks this forward kept
 
 How it reaches the calls: a session (``attach``) whose mask modifier is a ``SparseSelector``
 and whose kernel is ``block_sparse``, an entry of attnkit's kernel registry. For each call the
@@ -52,44 +55,67 @@ class SparseHandle:
 
     gate_log_probs: {Site: (B, Hkv, nQb, nKb)} the gate's log-softmax over candidate key blocks
         (-inf elsewhere) of this forward, with gradient (learned patterns; empty otherwise).
+    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_cpu",
+        "paged_decode", "flex", "split_sdpa", "gather_sdpa", "portable").
+
+    With ``keep_masks`` (``sparse_attention(..., keep_masks=True)``), also what each forward kept,
+    held until the next forward starts (without it, reading them is an error: a training step
+    then holds nothing of its selections but what its backward needs):
+
     block_masks: {Site: (B, Hkv, nQb, nKb) bool} the blocks kept at each site in this forward.
     block_bias: {Site: (B, Hkv, nQb, nKb)} the value the gate added to each kept block's scores in
         this forward (``gate_bias`` · log p under ``gate_grad="prior"``; absent when nothing is added),
         detached: sparse probabilities = softmax over the kept keys of scores + this.
-    kernels: how many calls ran on each block-sparse kernel (``BLOCK_KERNELS``: "paged_cpu", "paged_decode", "flex", "split_sdpa",
-        "gather_sdpa", "portable").
     """
 
-    def __init__(self, cfg: SparseConfig, gates: SparseGates | None) -> None:
-        self.cfg, self.gates = cfg, gates
+    def __init__(self, cfg: SparseConfig, gates: SparseGates | None, keep_masks: bool = False) -> None:
+        self.cfg, self.gates, self.keep_masks = cfg, gates, keep_masks
         self.gate_log_probs: dict[Site, Tensor] = {}
-        self.block_masks: BlockMasks = BlockMasks()
-        self.block_bias: dict[Site, Tensor] = {}
+        self._block_masks: BlockMasks = BlockMasks()
+        self._block_bias: dict[Site, Tensor] = {}
         self.kernels: Counter = Counter()
         self._kept: Counter = Counter()
         self._candidates: Counter = Counter()
 
     def start_forward(self) -> None:
-        self.gate_log_probs, self.block_masks, self.block_bias = {}, BlockMasks(), {}
+        self.gate_log_probs, self._block_masks, self._block_bias = {}, BlockMasks(), {}
 
     def record(self, site: Site, sel: BlockSelection, kernel: str, bias: Tensor | None = None) -> None:
-        """Count the call's blocks and keep its selection (its block mask is made when asked for)."""
+        """Count the call's blocks and, with ``keep_masks``, keep its selection (its block mask is
+        made when asked for) and the gate's term."""
         self._kept[site] += sel.kept_blocks()
         if is_decoding_step(sel.geometry):  # every page is a candidate: counted without the (1, nKb) table
             self._candidates[site] += sel.indices.shape[0] * sel.indices.shape[1] * sel.geometry.n_key_blocks
         else:
             self._candidates[site] += sel.candidate_blocks()
-        self.block_masks[site] = sel
         if sel.log_probs is not None:
             self.gate_log_probs[site] = sel.log_probs
-        if bias is not None:
-            self.block_bias[site] = bias
+        if self.keep_masks:
+            self._block_masks[site] = sel
+            if bias is not None:
+                self._block_bias[site] = bias
         self.kernels[kernel] += 1
 
+    def _kept_record(self, name: str):
+        if not self.keep_masks:
+            raise UserError(f"handle.{name}: the blocks each forward kept are held only when asked for: "
+                            "sparse_attention(model, cfg, keep_masks=True)")
+        return self._block_bias if name == "block_bias" else self._block_masks
+
     @property
-    def kept_blocks(self) -> dict[Site, Tensor]:
+    def block_masks(self) -> Mapping[Site, Tensor]:
+        """{Site: (B, Hkv, nQb, nKb) bool} the blocks kept at each site in the last forward (``keep_masks``)."""
+        return self._kept_record("block_masks")
+
+    @property
+    def kept_blocks(self) -> Mapping[Site, Tensor]:
         """``block_masks`` by another name: {Site: (B, Hkv, nQb, nKb) bool} of the last forward."""
-        return self.block_masks
+        return self._kept_record("kept_blocks")
+
+    @property
+    def block_bias(self) -> dict[Site, Tensor]:
+        """{Site: (B, Hkv, nQb, nKb)} the gate's term on each kept block in the last forward (``keep_masks``)."""
+        return self._kept_record("block_bias")
 
     def density(self, site: Site | None = None) -> float:
         """Kept / candidate key blocks over every call seen (of ``site``, or of all sites)."""
@@ -174,8 +200,10 @@ class SparseSelector:
         return sel.block_mask()[b, h // groups, qb, kv_idx // geo.block_size]
 
     def forget_masks(self) -> None:
-        """Drop the model's masks kept to share work between the layers of one forward."""
+        """Drop the model's masks kept to share work between the layers of one forward, and the last
+        call's selection and gate term (read by taps during that call only)."""
         self._per_mask.clear()
+        self._last = self._last_bias = None
 
     def _from_mask(self, question: str, allowed: Tensor, shape: tuple, answer):
         """``answer()`` for the model's mask ``allowed`` over ``shape``, reused while the mask is the
@@ -458,21 +486,25 @@ def workspace_bytes(model: nn.Module) -> dict[Site, int]:
 @contextmanager
 def sparse_attention(
     model: nn.Module, cfg: SparseConfig, gates: SparseGates | None = None, layers: Sequence[int | Site] | None = None,
+    *, keep_masks: bool = False,
 ) -> Iterator[SparseHandle]:
     """Inside the ``with`` block every attention call of ``model`` (of ``layers``, if given) runs
     block-sparse as ``cfg`` says; gradients reach the gates and whatever of the model requires
-    grad. The model is left exactly as found, also on an exception."""
+    grad. The model is left exactly as found, also on an exception. ``keep_masks``: the handle
+    keeps the blocks each forward kept (``SparseHandle.block_masks``, ``block_bias``) until the
+    next forward; off, a step holds nothing of its selections but what its backward needs."""
     pattern = get_pattern(cfg.pattern)
     if pattern.learned and gates is None:
         raise UserError(f"the {cfg.pattern} pattern needs gates: sparse_attention(model, cfg, gates=make_gates(model, cfg))")
-    handle = SparseHandle(cfg, gates)
+    handle = SparseHandle(cfg, gates, keep_masks)
     selector = SparseSelector(cfg, gates, handle, workspace_bytes(model))
     session = SparseSession(selector, handle, layers=layers, chunk_elements=cfg.chunk_elements)
     awaiting_backward: list[list[bool]] = []  # per checkpointed forward with gradients: [its backward not yet run]
 
     def after_forward(module, args, output) -> None:
         # the masks the layers of one forward share are dropped when it returns (a prompt's (Q, K)
-        # mask is 67 MB at 8k tokens): nothing of a forward outlives it in the selector
+        # mask is 67 MB at 8k tokens), and the last call's selection: nothing of a forward outlives
+        # it in the selector (what a backward needs, its autograd graph keeps)
         selector.forget_masks()
         if torch.is_grad_enabled() and _checkpointing(model):
             watched = _output_tensor(output)

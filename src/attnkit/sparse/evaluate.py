@@ -81,8 +81,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 # --- the attention-probability error, measured on the sparse forward ---------------------------
 
 class ProbErrorTap(Tap):
-    """Beside a ``sparse_attention`` session: for each call, dense vs sparse probabilities on the
-    call's own queries and keys, chunk by chunk of query rows, summed into ``errors[site]``.
+    """Beside a ``sparse_attention`` session that keeps its masks (``keep_masks=True``): for each
+    call, dense vs sparse probabilities on the call's own queries and keys, chunk by chunk of query
+    rows, summed into ``errors[site]``.
 
     The sparse probabilities are the kernel's: softmax over the allowed keys of the kept blocks of
     the logits plus the gate's prior (``gate_bias`` · log p of the block, learned patterns).
@@ -93,6 +94,8 @@ class ProbErrorTap(Tap):
     wants_output = True
 
     def __init__(self, handle: SparseHandle, chunk_elements: int = 1 << 22) -> None:
+        if not handle.keep_masks:
+            raise UserError("ProbErrorTap reads the blocks each call kept: sparse_attention(model, cfg, keep_masks=True)")
         self.handle = handle
         self.chunk_elements = chunk_elements
         self.errors: dict[Site, ProbError] = {}
@@ -223,7 +226,7 @@ def evaluate_pattern(model: nn.Module, cfg: SparseConfig, gates: SparseGates | N
     densities = []
     with torch.no_grad():
         for w in base.ids:
-            with sparse_attention(model, cfg, gates=gates) as handle:
+            with sparse_attention(model, cfg, gates=gates, keep_masks=True) as handle:
                 tap = ProbErrorTap(handle)
                 with attach(model, AttentionSession(taps=[tap])):
                     logits.append(model(input_ids=w[None]).logits.float())
@@ -309,7 +312,7 @@ def embedding_fidelity(model: nn.Module, batch: dict, cfg: SparseConfig) -> dict
     padded), attention replaced with no fine-tuning."""
     valid = batch["attention_mask"].bool()
     dense = mean_pool(model(**batch).last_hidden_state.float(), valid)
-    with sparse_attention(model, cfg) as handle:
+    with sparse_attention(model, cfg, keep_masks=True) as handle:
         tap = ProbErrorTap(handle)
         tap.query_mask = valid
         with attach(model, AttentionSession(taps=[tap])):

@@ -27,7 +27,8 @@ row and KV head of a query block and grows with it), so its queries, outputs and
 slices, merged in place; only a bucket's queries (and in backward its output and the output's
 gradient) are copied, into the (rows, G·bs) layout of its call, one bucket at a time. The output is
 SDPA's own (B, tokens, H, Dv) layout. Autograd keeps what dense SDPA keeps: the model's own q, k and
-v (no copy of them when they fill whole blocks), the output and one log-sum-exp per row.
+v (no copy of them when they fill whole blocks), the output and one log-sum-exp per row; and of the
+plan only its list of kept blocks, 2 bytes a block below 32,768 blocks (``SplitPlan.saved``).
 
 What it computes is what ``block_attention.block_sparse_attention`` computes for the calls it
 takes (``split_sdpa_plan``): causal, more than one query block (a decoding step's lone query
@@ -54,15 +55,15 @@ _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Bucket:
     """Query blocks i0..i1-1 keep ``c`` blocks besides their own (every batch row and KV head): one SDPA call."""
 
     i0: int
     i1: int
-    at: int  # their other kept key blocks are ``SplitPlan.others[at: at + n]``, n = m·c
-    n: int
-    mask: Tensor | None  # (m, 1, 1, c·bs) the gate's term of each kept block, or None; m = (i1 - i0)·B·Hkv
+    at: int  # their other kept key blocks are ``SplitPlan.others[at: at + n]``
+    n: int  # m·c, m = (i1 - i0)·B·Hkv rows
+    c: int
 
 
 @dataclass
@@ -70,14 +71,22 @@ class SplitPlan:
     """The buckets of the other kept blocks (each row's own block is its diagonal one), the ones
     keeping the most blocks first: SDPA's working buffers (and the bucket's temporaries) then shrink
     call after call, each fitting in the memory the call before freed; growing, each would take
-    fresh heap that stays resident after the call."""
+    fresh heap that stays resident after the call.
+
+    What autograd keeps of it for the backward is ``saved()``: the kept blocks (block numbers in
+    int16 where they fit, half of the int32 the kernels index with, which a bucket makes of its part
+    when it runs) and the gate's terms of them (or None); the backward rebuilds the plan from these
+    and the selection's ``valid`` (the buckets' bounds: ``from_saved``). A bucket's additive mask of
+    the gate's term is made when its SDPA call runs, forward or backward, never kept."""
 
     own_bias: Tensor | None  # (nQb, B·Hkv) the gate's term of each row's own block, or None
-    buckets: list[_Bucket]
-    # (Σ kept - N,) int32: every row's other kept key blocks among B·Hkv·nKb, row after row (rows
-    # numbered (query block, batch, KV head)): one small tensor kept for the backward, the buckets'
-    # parts of it sliced when used
+    buckets: tuple[_Bucket, ...]
+    # (Σ kept - N,) every row's other kept key blocks among B·Hkv·nKb, row after row (rows numbered
+    # (query block, batch, KV head)), int16 below 32,768 blocks, int32 above: one small tensor, the
+    # buckets' parts of it sliced when used
     others: Tensor
+    others_bias: Tensor | None  # (Σ kept - N,) the gate's term of each of ``others``, or None
+    block_size: int
 
     @property
     def widest(self) -> int:
@@ -85,8 +94,41 @@ class SplitPlan:
         return max((b.n for b in self.buckets), default=0)
 
     def blocks(self, b: _Bucket) -> Tensor:
-        """(n,) the other kept key blocks of bucket ``b``."""
-        return self.others[b.at: b.at + b.n]
+        """(n,) int32 the other kept key blocks of bucket ``b``."""
+        return self.others[b.at: b.at + b.n].to(torch.int32)
+
+    def mask(self, b: _Bucket, dtype: torch.dtype) -> Tensor | None:
+        """(m, 1, 1, c·bs) the gate's term on every key of each kept slot's block of bucket ``b``, in
+        ``dtype`` (an additive mask of its SDPA call), or None; made when used, not kept."""
+        if self.others_bias is None:
+            return None
+        bias = self.others_bias[b.at: b.at + b.n].view(-1, b.c)
+        return bias.to(dtype).repeat_interleave(self.block_size, -1)[:, None, None, :]
+
+    def saved(self) -> tuple[Tensor | None, ...]:
+        """Its tensors, for ``save_for_backward``: with the selection's ``valid`` they rebuild the
+        plan (``from_saved``)."""
+        return self.others, self.others_bias, self.own_bias
+
+    @classmethod
+    def from_saved(cls, tensors: tuple[Tensor | None, ...], valid: Tensor, rows: int, block_size: int) -> SplitPlan:
+        """The plan whose ``saved()`` are ``tensors``, of a selection with ``valid`` (B|1, Hkv|1, nQb, S)
+        over ``rows`` = B·Hkv rows per query block."""
+        others, others_bias, own_bias = tensors
+        return cls(own_bias, _buckets(kept_per_query_block(valid), rows), others, others_bias, block_size)
+
+
+def _buckets(per_block: Tensor, rows: int) -> tuple[_Bucket, ...]:
+    """The buckets of query blocks keeping ``per_block`` (nQb,) blocks each (``rows`` rows a query
+    block), widest first; their other kept blocks lie one bucket after another, narrowest first."""
+    kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
+    buckets, i0, at = [], 0, 0
+    for c, n in zip(kinds.tolist(), sizes.tolist()):
+        if c > 0:  # (query blocks keeping their own block only need no bucket)
+            buckets.append(_Bucket(i0, i0 + n, at, n * rows * c, c))
+            at += n * rows * c
+        i0 += n
+    return tuple(buckets[::-1])  # a query block keeps no fewer than the one before: the widest is the last
 
 
 def kept_per_query_block(valid: Tensor) -> Tensor | None:
@@ -99,8 +141,8 @@ def kept_per_query_block(valid: Tensor) -> Tensor | None:
     return per_block
 
 
-def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: torch.dtype,
-                    block_bias: Tensor | None = None, workspace: Workspace | None = None) -> SplitPlan | None:
+def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, block_bias: Tensor | None = None,
+                    workspace: Workspace | None = None) -> SplitPlan | None:
     """The plan of a selection (B, Hkv, nQb, S), or None where this kernel cannot run it: not causal,
     a single query block, a row that does not keep its own block, or the rows of a query block
     keeping different numbers of blocks, or fewer than those of the query block before.
@@ -138,26 +180,20 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, dtype: t
         # (N, S) in sorted order
         bias = rows(block_bias.detach().expand(B, Hk, nQ, S), block_bias.dtype).gather(1, rows(slot, torch.long))
         own_bias = bias.gather(1, (count - 1)[:, None])[:, 0].view(nQ, R)
-    kinds, sizes = (per_block - 1).unique_consecutive(return_counts=True)
-    spans, i0 = [], 0
-    for c, n in zip(kinds.tolist(), sizes.tolist()):
-        if c > 0:  # (query blocks keeping their own block only need no bucket)
-            spans.append((i0, n, c))
-        i0 += n
+    buckets = _buckets(per_block, R)
     # every row's other blocks, row after row, in one tensor: each bucket's are a slice of it (one
     # allocation kept for the backward rather than one per bucket); a bucket's rows keep c blocks
     # besides their own, the first c of their sorted row
-    others = torch.empty(sum(n * R * c for _, n, c in spans), dtype=torch.int32, device=device)  # (Σ kept - N,)
-    buckets, at = [], 0
-    for i0, n, c in spans:
-        m = n * R
-        others[at: at + m * c].view(m, c).copy_(blocks[i0 * R: (i0 + n) * R, :c])
-        mask = None
-        if bias is not None:  # (m, 1, 1, c·bs): the gate's term on every key of the slot's block
-            mask = bias[i0 * R: (i0 + n) * R, :c].to(dtype).repeat_interleave(bs, -1)[:, None, None, :]
-        buckets.append(_Bucket(i0, i0 + n, at, m * c, mask))
-        at += m * c
-    return SplitPlan(own_bias, buckets[::-1], others)  # a query block keeps no fewer than the one before
+    small = torch.int16 if R * nK <= torch.iinfo(torch.int16).max else torch.int32
+    total = sum(b.n for b in buckets)
+    others = torch.empty(total, dtype=small, device=device)  # (Σ kept - N,)
+    others_bias = None if bias is None else torch.empty(total, dtype=bias.dtype, device=device)
+    for b in buckets:
+        rows_of_bucket = slice(b.i0 * R, b.i1 * R)
+        others[b.at: b.at + b.n].view(-1, b.c).copy_(blocks[rows_of_bucket, :b.c])
+        if bias is not None:  # the gate's term of each of them, in the same order
+            others_bias[b.at: b.at + b.n].view(-1, b.c).copy_(bias[rows_of_bucket, :b.c])
+    return SplitPlan(own_bias, buckets, others, others_bias, bs)
 
 
 def split_sdpa_attention(
@@ -174,7 +210,7 @@ def split_sdpa_attention(
     """
     Q = q.shape[2]
     nQ, bs, front = geo.n_query_blocks, geo.block_size, geo.front
-    plan = split_sdpa_plan(indices, valid, geo, q.dtype, block_bias, workspace)
+    plan = split_sdpa_plan(indices, valid, geo, block_bias, workspace)
     if workspace is not None:
         workspace.release()  # the plan's temporaries are done: the attention runs without them
     if plan is None:
@@ -182,7 +218,7 @@ def split_sdpa_attention(
                          "block keeping different numbers of blocks")
     if front or nQ * bs != Q:  # queries aligned to whole blocks
         q = F.pad(q, (0, 0, front, nQ * bs - front - Q))
-    out = _SplitAttention.apply(q, k, v, plan, scale, geo)  # (B, H, nQb·bs, Dv)
+    out = _SplitAttention.apply(q, k, v, plan, valid, scale, geo)  # (B, H, nQb·bs, Dv)
     return out[:, :, front: front + Q]
 
 
@@ -238,7 +274,8 @@ class _SplitAttention(torch.autograd.Function):
     allocations cost page faults on every call)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SplitPlan, scale: float, geo: BlockGeometry) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SplitPlan, valid: Tensor, scale: float,
+                geo: BlockGeometry) -> Tensor:
         B, H, L, D = q.shape
         Hk, Dv = k.shape[1], v.shape[-1]
         G, bs, nQ, nK = H // Hk, geo.block_size, geo.n_query_blocks, geo.n_key_blocks
@@ -258,7 +295,7 @@ class _SplitAttention(torch.autograd.Function):
             m = qb.shape[0]
             kg = torch.index_select(kflat, 0, _in_flat(blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
             vg = torch.index_select(vflat, 0, _in_flat(blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
-            o2, l2 = _forward(qb, kg, vg, 0.0, False, attn_mask=b.mask, scale=scale)
+            o2, l2 = _forward(qb, kg, vg, 0.0, False, attn_mask=plan.mask(b, q.dtype), scale=scale)
             # merge into the own part's rows: l = logaddexp(l1, l2), o = e^(l1-l)·o1 + e^(l2-l)·o2; the
             # weights overwrite l1 (then l) and l2 in place: one small temporary a bucket, not three
             o1, l1 = o5[b.i0: b.i1], lse5[b.i0: b.i1]
@@ -274,16 +311,19 @@ class _SplitAttention(torch.autograd.Function):
         # The output lies as (B, tokens, H, Dv), as SDPA's own does (already so when B = 1): the
         # model's transpose + reshape for its output projection is then a view of it.
         out = o.view(nQ, B, H, bs, Dv).permute(1, 0, 3, 2, 4).contiguous().view(B, L, H, Dv).transpose(1, 2)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale, ctx.geo = plan, scale, geo
+        # the plan is not kept: its tensors (the kept blocks in int16, a few KiB a call) and the
+        # selection's valid slots (a geometry's shared table) rebuild it in the backward
+        ctx.save_for_backward(q, k, v, out, lse, *plan.saved())
+        ctx.valid, ctx.scale, ctx.geo = valid, scale, geo
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        plan, scale, geo = ctx.plan, ctx.scale, ctx.geo
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        scale, geo = ctx.scale, ctx.geo
         B, H, L, D = q.shape
         Hk, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        plan = SplitPlan.from_saved(tuple(tensors), ctx.valid, B * Hk, geo.block_size)
         G, bs, nQ, nK = H // Hk, geo.block_size, geo.n_query_blocks, geo.n_key_blocks
         kb, vb = _blocks(k, geo), _blocks(v, geo)
         g_own, o_own = _by_block(grad_out, bs), _by_block(out, bs)  # (nQb, B·H, bs, Dv)
@@ -316,11 +356,11 @@ class _SplitAttention(torch.autograd.Function):
             vg = torch.index_select(vflat, 0, _in_flat(blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
             gq, gk, gv = _backward(
                 g5[r].reshape(m, 1, G * bs, Dv), qb, kg, vg, o5[r].reshape(m, 1, G * bs, Dv),
-                lse5[r].reshape(m, 1, G * bs), 0.0, False, attn_mask=b.mask, scale=scale)
+                lse5[r].reshape(m, 1, G * bs), 0.0, False, attn_mask=plan.mask(b, q.dtype), scale=scale)
             dq5[r] += gq.view(dq5[r].shape)
             dk.view(-1, bs, D).index_add_(0, blocks, gk.view(n, bs, D).to(acc_dtype))
             dv.view(-1, bs, Dv).index_add_(0, blocks, gv.view(n, bs, Dv).to(acc_dtype))
         dq = dq.view(nQ, B, H, bs, D).permute(1, 2, 0, 3, 4).reshape(B, H, L, D)
         dk = dk.view(B, Hk, -1, D)[:, :, :K].to(k.dtype)
         dv = dv.view(B, Hk, -1, Dv)[:, :, :K].to(v.dtype)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
