@@ -266,8 +266,8 @@ class SparseSelector:
             # the queries follow a cache's keys: the pages' statistics are kept across calls (a call
             # without keys before its queries, a prompt or a training step, pools its keys and keeps
             # nothing; a first decoding step after it pools the cache once and keeps that)
-            def pages():
-                return self.pages.update(call.site, k, self.cfg.block_size, past=k.shape[2] - call.query_length)
+            past = k.shape[2] - call.query_length
+            pages = lambda: self.pages.update(call.site, k, self.cfg.block_size, past=past)  # noqa: E731
         sel = choose_blocks(call.query, k, cfg, gate=gate, causal=causal, allowed=allowed, key_pages=pages,
                             workspace=workspace)
         return sel, k, v, allowed
