@@ -105,6 +105,31 @@ def test_lightning_run_writes_per_head_scalars_to_its_tensorboard_logger(tmp_pat
     assert (Path(logger.log_dir) / "attnkit" / "monitor.jsonl").exists()
 
 
+def test_lightning_hands_its_optimizer_and_scheduler_to_the_monitor(tmp_path):
+    """An action on the learning rate scales the schedule's base rates too (or the schedule's next step
+    would undo it): the callback gives the monitor the module's first scheduler."""
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+
+    from attnkit.monitor.integrations.lightning import AttnkitLightningCallback
+
+    lit = _LitGPT2.make()
+
+    def configure_optimizers():
+        opt = torch.optim.AdamW(lit.parameters(), lr=1e-3)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))}
+
+    lit.configure_optimizers = configure_optimizers
+    loader = torch.utils.data.DataLoader(torch.randint(0, V, (4, T), generator=torch.Generator().manual_seed(0)),
+                                         batch_size=2)
+    callback = AttnkitLightningCallback(every=1, emit=(), log_dir=tmp_path)
+    trainer = pl.Trainer(max_steps=2, logger=False, callbacks=[callback], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(lit, loader)
+    assert callback.monitor.optimizer is trainer.optimizers[0]
+    assert callback.monitor.scheduler is trainer.lr_scheduler_configs[0].scheduler
+
+
 def test_bad_every_fails_when_the_callback_is_made():
     from attnkit.monitor.integrations.hf_trainer import AttnkitCallback
 

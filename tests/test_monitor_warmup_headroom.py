@@ -6,6 +6,7 @@ from the optimizer; a replay of the recording finds the same finding at the same
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -99,31 +100,37 @@ def _gpt2():
     return GPT2LMHeadModel._from_config(cfg, attn_implementation="eager")
 
 
-def _train(log_dir, bits: float, steps: int = 6, warmup: int = 3):
-    """A tiny GPT-2 in fp16 autocast with a linear warm-up over ``warmup`` steps and the default policy; the
-    threshold ``bits`` decides whether its (far from the limit) figures count as near it. Returns the rates
-    used at each step, the monitor's interventions and the scheduler's base rate at the end."""
+def _train(log_dir, bits: float, steps: int = 6, warmup: int = 3, every: int = 1, dtype=torch.float16,
+           before_step=None):
+    """A tiny GPT-2 in autocast (fp16 by default) with a linear warm-up over ``warmup`` steps and the default
+    policy; the threshold ``bits`` decides whether its (far from the limit) figures count as near it.
+    ``before_step(step, monitor, sched)``: a hook run before each step. Returns the rates used at each step,
+    the monitor's interventions, the scheduler's base rate at the end and the observed steps."""
     model = _gpt2()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
     used = []
-    with AttentionMonitor(model, every=1, log_dir=log_dir, emit=("jsonl",), optimizer=opt, scheduler=sched,
+    with AttentionMonitor(model, every=every, log_dir=log_dir, emit=("jsonl",), optimizer=opt, scheduler=sched,
                           policy=Policy(), thresholds=Thresholds(warmup_headroom_bits=bits)) as monitor:
         for step in range(steps):
+            if before_step is not None:
+                before_step(step, monitor, sched)
             used.append(opt.param_groups[0]["lr"])
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
                 loss = model(input_ids=x, labels=x).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
             sched.step()
             monitor.on_step(step, loss=loss)
-        return used, list(monitor.interventions), sched.base_lrs[0]
+    observed = [json.loads(line)["step"] for line in (log_dir / "monitor.jsonl").read_text().splitlines()
+                if '"type": "step"' in line]
+    return used, list(monitor.interventions), sched.base_lrs[0], observed
 
 
 def test_a_run_that_ends_its_warm_up_near_the_limit_trains_on_at_a_quarter_of_the_rate(tmp_path):
-    used, interventions, base = _train(tmp_path, bits=40.0)  # 40 bits: any fp16 figure counts as near
+    used, interventions, base, _ = _train(tmp_path, bits=40.0)  # 40 bits: any fp16 figure counts as near
     # rates read after steps 0, 1, 2: 2/3, 1, 1 of the peak: the warm-up ended at step 2, acted on there
     assert [i["step"] for i in interventions] == [2]
     assert interventions[0]["action"] == "warmup_rate_cut"
@@ -136,6 +143,49 @@ def test_a_run_that_ends_its_warm_up_near_the_limit_trains_on_at_a_quarter_of_th
 
 
 def test_a_run_with_room_left_is_not_touched(tmp_path):
-    used, interventions, _ = _train(tmp_path, bits=1.0)
+    used, interventions, _, _ = _train(tmp_path, bits=1.0)
     assert interventions == []
     assert used == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])
+
+
+def test_in_fp16_the_monitor_observes_every_step_of_the_warm_up_so_its_end_is_judged_where_it_happens(tmp_path):
+    # one step in 16 otherwise: the warm-up's steps 1 and 2 are observed because the rate is still rising
+    _, interventions, _, observed = _train(tmp_path, bits=40.0, steps=6, every=16)
+    assert observed == [0, 1, 2]
+    assert [(i["step"], i["action"]) for i in interventions] == [(2, "warmup_rate_cut")]
+
+
+def test_in_bf16_the_warm_up_is_not_observed_densely(tmp_path):
+    # bf16's limit is out of any run's reach: nothing to judge, no extra observations
+    _, interventions, _, observed = _train(tmp_path / "bf16", bits=40.0, steps=6, every=16, dtype=torch.bfloat16)
+    assert observed == [0] and interventions == []
+
+
+def _issues(log_dir, kind: str = "warmup_headroom") -> list[int]:
+    return [r["step"] for r in map(json.loads, (log_dir / "monitor.jsonl").read_text().splitlines())
+            if r["type"] == "issue" and r["issue"] == kind]
+
+
+def test_a_cut_during_the_warm_up_is_not_its_end(tmp_path):
+    from attnkit.monitor import ReduceLR
+
+    def cut_at_2(step, monitor, sched):
+        if step == 2:  # the rate falls while the schedule still rises: not the end of the warm-up
+            monitor.apply(ReduceLR(0.5))
+    _, interventions, _, _ = _train(tmp_path, bits=40.0, warmup=5, before_step=cut_at_2)
+    assert [i["action"] for i in interventions] == ["reduce_lr"]
+    assert _issues(tmp_path) == []
+
+
+def test_a_rollback_that_replays_the_warm_up_does_not_judge_it_again(tmp_path):
+    state = {}
+
+    def replay_warm_up_at_4(step, monitor, sched):
+        if step == 0:
+            state["sched"] = sched.state_dict()
+        if step == 4:  # what a rollback to the start does: the schedule restored, the monitor's history dropped
+            sched.load_state_dict(state["sched"])
+            monitor.forget_history()
+    _, interventions, _, _ = _train(tmp_path, bits=40.0, steps=9, before_step=replay_warm_up_at_4)
+    assert [(i["step"], i["action"]) for i in interventions] == [(2, "warmup_rate_cut")]
+    assert _issues(tmp_path) == [2]  # warned once: the replayed warm-up's end is not a second one

@@ -29,8 +29,11 @@ a name to it; ``AttentionMonitor(detectors=[...])`` picks some. What each looks 
 - ``warmup_headroom``: at the first observed step after the optimizer's learning rate stopped rising (the end
   of its warm-up), a head's q·kᵀ product or the largest module output within ``warmup_headroom_bits`` of its
   number format's largest finite value: the warm-up alone used up nearly all of the format's range, and the
-  run goes on at the peak rate. Read from the ``learning_rate`` the monitor records when it has the optimizer;
-  silent without it and for a schedule with no warm-up. One finding for the run.
+  run goes on at the peak rate. Read from the ``learning_rate`` the monitor records when it has the optimizer
+  (in a format whose limit a run can reach, fp16, the monitor observes every step while the rate rises, so the
+  end is judged where it happens); silent without it and for a schedule with no warm-up. Judged once a run: not
+  again after a rollback replays the warm-up, and not at all once the monitor has changed the rate (a cut
+  during the warm-up is not its end).
 - ``nonfinite``: NaN/Inf logits were observed in a head.
 - ``grad_scaler_stall``: the user's ``torch.amp.GradScaler`` skipped at least ``scaler_skip_share`` of
   the last ``scaler_window`` updates (their fp16 gradients were non-finite): the loss stays finite,
@@ -96,6 +99,7 @@ class Trends:
     formats: list[str | None] | None = None  # per series: the number format its q·kᵀ runs in (None: unknown)
     scales: list[float] | None = None  # per series: its softmax scale
     grad_scale: Ring | None = None  # every step's GradScaler scale after its update (None: no scaler given)
+    warmup_judged: bool = False  # the end of the warm-up was already judged, or the monitor changed the rate
 
     @property
     def step(self) -> int:
@@ -433,7 +437,8 @@ def warmup_headroom(tr: Trends) -> list[Finding]:
     largest finite value — any head's q·kᵀ product (max |logit| / its scale) or the largest module output in
     that format — within ``warmup_headroom_bits`` of it. One finding for the run; the value and threshold are
     the figure and the line, in the figure's own units."""
-    if tr.formats is None or "learning_rate" not in tr.metrics or not warmup_ended_now(tr.metrics["learning_rate"][:, 0]):
+    if (tr.warmup_judged or tr.formats is None or "learning_rate" not in tr.metrics
+            or not warmup_ended_now(tr.metrics["learning_rate"][:, 0])):
         return []
     limits = _format_limits(tr.formats)
     scales = np.asarray(tr.scales if tr.scales is not None else [1.0] * len(tr.series), dtype=float)
@@ -460,6 +465,12 @@ def warmup_headroom(tr: Trends) -> list[Finding]:
         message=f"the learning-rate warm-up ended (lr {lr:.3g}) with {what} at {value:.4g}, {bits:.1f} bits below "
         f"{tr.formats[s]}'s largest value {limits[s]:g}: the warm-up used up nearly all of the format's range "
         f"and the run goes on at its peak rate")]
+
+
+def reachable_format(formats: list[str | None] | None) -> bool:
+    """Whether any series runs in a number format whose largest value a training run can reach (fp16's
+    65,504; not bf16's or fp32's ~10^38)."""
+    return formats is not None and any((dtype_threshold("qk_product_max", f) or np.inf) < 1e30 for f in formats)
 
 
 def near_limit(values: dict[str, np.ndarray], formats: list[str | None] | None, scales: list[float] | None,

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from attnkit.errors import UserError
-from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit
+from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit, reachable_format, warmup_ended_now
 from attnkit.monitor.emit import EMITTERS, GATE_METRICS, HEAD_METRICS, Emitter, JSONLEmitter, StepRecord, series_name
 from attnkit.monitor.grads import GradNorms
 from attnkit.monitor.history import Ring
@@ -167,13 +167,15 @@ def check_every(every, observe_first: int = 0, near_limit_every: int | None = No
 
 
 def observes(step: int, every: int, observe_first: int = 0, near: bool = False,
-             near_limit_every: int | None = None) -> bool:
+             near_limit_every: int | None = None, warming_up: bool = False) -> bool:
     """Whether the monitor observes the loop's ``step``: every step before ``observe_first``, then one
     in ``every`` (steps 0, every, 2 every, ...; the first step the monitor sees is always observed),
     and one in ``near_limit_every`` while ``near`` (the latest observed step put a figure within the
-    overflow floor of its format's limit: ``detectors.near_limit``). Counted in the loop's own step
-    numbers, so a resumed run does not observe densely again."""
-    return (step < observe_first or step % every == 0
+    overflow floor of its format's limit: ``detectors.near_limit``), and every step while ``warming_up``
+    (the optimizer's rate still rising in a run whose format's limit is reachable: ``warmup_headroom``
+    judges the warm-up where it ends). Counted in the loop's own step numbers, so a resumed run does not
+    observe densely again."""
+    return (step < observe_first or step % every == 0 or warming_up
             or (near and near_limit_every is not None and step % near_limit_every == 0))
 
 
@@ -289,6 +291,8 @@ class AttentionMonitor:
         self.losses = Ring(loss_history, 1)
         self._pending: deque[tuple[int, Any]] = deque(maxlen=loss_history)  # losses not read yet
         self.warned: set[tuple] = set()
+        self.warmup_judged = False  # warmup_headroom looked at the end of the warm-up, or an action changed the rate
+        self._last_rate: float | None = None  # the optimizer's rate read at the previous step
         self.interventions: deque[dict] = deque(maxlen=1024)  # the latest (bounded, as all state)
         self.persistent: list[Any] = []  # interventions re-applied on every observed step (QK-clip)
         self.latest: StepRecord | None = None
@@ -301,6 +305,7 @@ class AttentionMonitor:
     def start(self) -> "AttentionMonitor":
         if self._stack is not None:
             return self
+        self._last_rate = self._rate()  # the first step's rate: a warm-up's second step is observed too
         stack = ExitStack()
         try:
             if self.gate_tap is not None:
@@ -363,8 +368,22 @@ class AttentionMonitor:
         diagnosis = self._observe(step) if observed else None
         if self.snapshots is not None:
             self.snapshots.after_step(self, step, diagnosis)
-        self.session.active = observes(step + 1, self.every, self.observe_first, self.near_limit, self.near_limit_every)
+        self.session.active = observes(step + 1, self.every, self.observe_first, self.near_limit, self.near_limit_every,
+                                       self._warming_up())
         return diagnosis
+
+    def _rate(self) -> float | None:
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None and self.optimizer.param_groups else None
+
+    def _warming_up(self) -> bool:
+        """The optimizer's rate for the next step is above the rate of this one, in a run whose number format's
+        limit a run can reach, and the warm-up is not judged yet: observe that step (``warmup_headroom`` judges
+        the end of a warm-up at the step it happens, not at the next scheduled observation)."""
+        rate = self._rate()
+        rising = rate is not None and self._last_rate is not None and rate > self._last_rate
+        self._last_rate = rate
+        return (rising and not self.warmup_judged and self.series is not None
+                and reachable_format(self._series_formats()[0]))
 
     def add_loss(self, step: int, loss: Any) -> None:
         """A loss known only later (the HF Trainer logs it every ``logging_steps``)."""
@@ -484,8 +503,11 @@ class AttentionMonitor:
         gsteps, gvals = self.grad_ring.last()
         trends = Trends(self.series, self.sites, steps, {m: r.last()[1] for m, r in self.rings.items()},
                         gsteps, gvals, self.losses, new_losses, self.thresholds, formats=formats, scales=scales,
-                        grad_scale=self.grad_scales if self.grad_scaler is not None else None)
+                        grad_scale=self.grad_scales if self.grad_scaler is not None else None,
+                        warmup_judged=self.warmup_judged)
         issues: list[Finding] = [i for d in self.detectors for i in d(trends)]
+        if not self.warmup_judged and warmup_ended_now(trends.metrics["learning_rate"][:, 0]):
+            self.warmup_judged = True  # once a run: a rollback that replays the warm-up does not re-judge it
         diagnosis = Diagnosis(step, issues)
         for issue in issues:
             if issue.key not in self.warned:
@@ -502,7 +524,11 @@ class AttentionMonitor:
 
     def apply(self, intervention, diagnosis: Diagnosis | None = None) -> dict:
         """Apply an intervention now and log it (step, action, what it did, why)."""
+        rate = self._rate()
         detail = intervention.apply(self)
+        if self._rate() != rate:
+            self.warmup_judged = True  # the rate is the monitor's now: a cut is not the end of a warm-up
+            self._last_rate = self._rate()
         entry = {"step": self.step, "action": intervention.name, "detail": detail,
                  "reason": getattr(intervention, "reason", "") or "requested",
                  **getattr(intervention, "fields", {})}  # structured extras (a rollback's restored step)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from attnkit.errors import UserError
-from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit
+from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit, reachable_format, warmup_ended_now
 from attnkit.monitor.history import Ring
 from attnkit.monitor.monitor import check_every, observes
 from attnkit.common.findings import Finding
@@ -58,8 +58,13 @@ def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detect
     formats = formats if formats is not None else [h.get("format") for h in meta["heads"]]
     scales = scales if scales is not None else [h.get("scale") or 1.0 for h in meta["heads"]]
     near = False  # the latest kept step's figures within the overflow floor of their limit
+    rates = run.metrics.get("learning_rate")  # the optimizer's rate read after each recorded step (None: not recorded)
+    judged = False  # the end of the warm-up was judged (once a run, as the live monitor)
     for i, step in enumerate(run.steps):
-        if every is not None and not observes(step, every, observe_first, near, near_limit_every):
+        # the live monitor observes every step while the rate rises, in a format whose limit is reachable
+        warming_up = (rates is not None and i >= 2 and not judged and reachable_format(formats)
+                      and rates[i - 1][0] is not None and rates[i - 2][0] is not None and rates[i - 1][0] > rates[i - 2][0])
+        if every is not None and not observes(step, every, observe_first, near, near_limit_every, warming_up):
             continue
         near = near_limit({m: values[i] for m, values in head_metrics.items()}, formats, scales, t.overflow_floor_bits)
         for m, values in head_metrics.items():
@@ -72,12 +77,14 @@ def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detect
         steps, _ = rings["entropy"].last()
         gsteps, gvals = grad_ring.last()
         trends = Trends(series, sites, steps, {m: ring.last()[1] for m, ring in rings.items()}, gsteps, gvals,
-                        losses, new_losses, t, formats=formats, scales=scales)
+                        losses, new_losses, t, formats=formats, scales=scales, warmup_judged=judged)
         for name in names:
             for issue in DETECTORS[name](trends):
                 if issue.key not in warned:
                     warned.add(issue.key)
                     out.append(issue)
+        if "learning_rate" in trends.metrics and warmup_ended_now(trends.metrics["learning_rate"][:, 0]):
+            judged = True
     return out
 
 

@@ -6,8 +6,9 @@
 Keyword arguments are ``AttentionMonitor``'s. When the trainer's logger is a TensorBoard logger
 the per-head scalars go to its own ``SummaryWriter`` (beside the module's metrics); ``log_dir``
 (JSONL) defaults to ``<trainer.log_dir>/attnkit``. The step's loss is read from the training
-step's output; steps are ``trainer.global_step``. Under ``precision="16-mixed"`` the precision plugin's
-``GradScaler`` is handed to the monitor (``grad_scaler_stall``).
+step's output; steps are ``trainer.global_step``. The first optimizer and its first scheduler are handed to
+the monitor (actions on the learning rate, ``warmup_headroom``). Under ``precision="16-mixed"`` the precision
+plugin's ``GradScaler`` is handed to the monitor (``grad_scaler_stall``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class AttnkitLightningCallback(pl.Callback):
             emit.append(TensorBoardEmitter(writer=writer))
         kw.setdefault("log_dir", Path(trainer.log_dir or trainer.default_root_dir) / "attnkit")
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        schedulers = getattr(trainer, "lr_scheduler_configs", None) or []
+        if schedulers:  # an action on the rate scales the schedule's base rates too, or its next step undoes it
+            kw.setdefault("scheduler", schedulers[0].scheduler)
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)  # precision="16-mixed"
         if scaler is not None and callable(getattr(scaler, "get_scale", None)):
             kw.setdefault("grad_scaler", scaler)
