@@ -49,8 +49,10 @@ Sixth round (README "Sixth round"; cuts that name no step):
 
 - ``rollback_trend_lr_quarter``: ``rollback_trend_lr_keep`` with the rate cut to a quarter at every warning.
 - ``rollback_trend_lr_eighth``: the same with the rate cut to an eighth.
-- ``library``: the library's own rules for the two predictions (``ROLLBACK_RULES``, whatever they are at the
-  commit that runs it), so a held-out figure is the library's rule and not a copy of it.
+- ``library``: the library's own rules for the predictions (``ROLLBACK_RULES`` restricted to ``PREDICTORS``,
+  whatever they are at the commit that runs it), so a held-out figure is the library's rule and not a copy of it.
+  A full ``Policy()`` also acts on the other detectors (loss and gradient spikes, entropy collapse), which this
+  sweep does not judge.
 
 Fourth round's choice (README "Fourth round", written before its runs): on the design seeds 0-4's failures
 by rule v2 over 200 steps with a finite half-LR reference, among ``rollback_lr_noclip``,
