@@ -130,6 +130,26 @@ def test_lightning_hands_its_optimizer_and_scheduler_to_the_monitor(tmp_path):
     assert callback.monitor.scheduler is trainer.lr_scheduler_configs[0].scheduler
 
 
+def test_lightning_with_gradient_accumulation_reports_each_optimizer_step_once(tmp_path):
+    pytest.importorskip("lightning")
+    import json
+
+    import lightning.pytorch as pl
+
+    from attnkit.monitor.integrations.lightning import AttnkitLightningCallback
+
+    loader = torch.utils.data.DataLoader(torch.randint(0, V, (8, T), generator=torch.Generator().manual_seed(0)),
+                                         batch_size=2)
+    callback = AttnkitLightningCallback(every=1, emit=(), log_dir=tmp_path)
+    trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=2, logger=False, callbacks=[callback],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1)
+    trainer.fit(_LitGPT2.make(), loader)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "monitor.jsonl").read_text().splitlines()
+             if '"type": "step"' in line]
+    assert steps == [1, 2]  # one record per optimizer step, none per micro-batch
+
+
 def test_bad_every_fails_when_the_callback_is_made():
     from attnkit.monitor.integrations.hf_trainer import AttnkitCallback
 

@@ -6,7 +6,8 @@
 Keyword arguments are ``AttentionMonitor``'s. When the trainer's logger is a TensorBoard logger
 the per-head scalars go to its own ``SummaryWriter`` (beside the module's metrics); ``log_dir``
 (JSONL) defaults to ``<trainer.log_dir>/attnkit``. The step's loss is read from the training
-step's output; steps are ``trainer.global_step``. The first optimizer and its first scheduler are handed to
+step's output; steps are ``trainer.global_step``, reported once per optimizer step (under
+``accumulate_grad_batches`` the last micro-batch's loss; the statistics cover every micro-batch). The first optimizer and its first scheduler are handed to
 the monitor (actions on the learning rate, ``warmup_headroom``). Under ``precision="16-mixed"`` the precision
 plugin's ``GradScaler`` is handed to the monitor (``grad_scaler_stall``).
 """
@@ -28,6 +29,7 @@ class AttnkitLightningCallback(pl.Callback):
                     monitor_kwargs.get("near_limit_every"))
         self.kwargs = monitor_kwargs
         self.monitor: AttentionMonitor | None = None
+        self._reported: int | None = None  # the global step last reported to the monitor
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         kw = dict(self.kwargs)
@@ -44,10 +46,14 @@ class AttnkitLightningCallback(pl.Callback):
         if scaler is not None and callable(getattr(scaler, "get_scale", None)):
             kw.setdefault("grad_scaler", scaler)
         self.monitor = AttentionMonitor(pl_module, optimizer=optimizer, emit=tuple(emit), **kw).start()
+        self._reported = trainer.global_step  # the step the run starts from (0, or a resumed checkpoint's)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is None:
             return
+        if trainer.global_step == self._reported:
+            return  # a micro-batch of gradient accumulation: no optimizer step yet, one report per step
+        self._reported = trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self.monitor.on_step(trainer.global_step, loss=loss)
 
