@@ -467,6 +467,21 @@ def warmup_headroom(tr: Trends) -> list[Finding]:
         f"and the run goes on at its peak rate")]
 
 
+def warmup_observing(previous_rate: float | None, rate: float | None, judged: bool,
+                     formats: list[str | None] | None) -> bool:
+    """Whether the monitor observes the next step for ``warmup_headroom``: the optimizer's rate still rising
+    (``rate`` for the next step above ``previous_rate``), the warm-up not judged yet, in a run whose number
+    format's limit is reachable (the live monitor and the replay decide it alike)."""
+    rising = rate is not None and previous_rate is not None and rate > previous_rate
+    return rising and not judged and reachable_format(formats)
+
+
+def warmup_judged_after(tr: Trends) -> bool:
+    """Whether the warm-up counts as judged once the detectors have seen ``tr``: it was already, or its end
+    is the newest observed step (once a run: a rollback that replays the warm-up does not judge it again)."""
+    return tr.warmup_judged or ("learning_rate" in tr.metrics and warmup_ended_now(tr.metrics["learning_rate"][:, 0]))
+
+
 def reachable_format(formats: list[str | None] | None) -> bool:
     """Whether any series runs in a number format whose largest value a training run can reach (fp16's
     65,504; not bf16's or fp32's ~10^38)."""

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from attnkit.errors import UserError
-from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit, reachable_format, warmup_ended_now
+from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit, warmup_judged_after, warmup_observing
 from attnkit.monitor.emit import EMITTERS, GATE_METRICS, HEAD_METRICS, Emitter, JSONLEmitter, StepRecord, series_name
 from attnkit.monitor.grads import GradNorms
 from attnkit.monitor.history import Ring
@@ -380,10 +380,8 @@ class AttentionMonitor:
         limit a run can reach, and the warm-up is not judged yet: observe that step (``warmup_headroom`` judges
         the end of a warm-up at the step it happens, not at the next scheduled observation)."""
         rate = self._rate()
-        rising = rate is not None and self._last_rate is not None and rate > self._last_rate
-        self._last_rate = rate
-        return (rising and not self.warmup_judged and self.series is not None
-                and reachable_format(self._series_formats()[0]))
+        previous, self._last_rate = self._last_rate, rate
+        return self.series is not None and warmup_observing(previous, rate, self.warmup_judged, self._series_formats()[0])
 
     def add_loss(self, step: int, loss: Any) -> None:
         """A loss known only later (the HF Trainer logs it every ``logging_steps``)."""
@@ -459,8 +457,8 @@ class AttentionMonitor:
         largest = self.activations.collect()
         for i, (site, _) in enumerate(self.series):
             values["activation_absmax"][i] = largest.get(self.sites_tap.formats.get(site), math.nan)
-        if self.optimizer is not None and self.optimizer.param_groups:
-            values["learning_rate"][:] = float(self.optimizer.param_groups[0]["lr"])
+        if (rate := self._rate()) is not None:
+            values["learning_rate"][:] = rate
         for m in self.metric_names:
             self.rings[m].append(step, values[m])
         grad = self.grads.collect(self.sites)
@@ -506,8 +504,7 @@ class AttentionMonitor:
                         grad_scale=self.grad_scales if self.grad_scaler is not None else None,
                         warmup_judged=self.warmup_judged)
         issues: list[Finding] = [i for d in self.detectors for i in d(trends)]
-        if not self.warmup_judged and warmup_ended_now(trends.metrics["learning_rate"][:, 0]):
-            self.warmup_judged = True  # once a run: a rollback that replays the warm-up does not re-judge it
+        self.warmup_judged = warmup_judged_after(trends)
         diagnosis = Diagnosis(step, issues)
         for issue in issues:
             if issue.key not in self.warned:

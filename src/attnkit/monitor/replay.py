@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from attnkit.errors import UserError
-from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit, reachable_format, warmup_ended_now
+from attnkit.monitor.detectors import DETECTORS, Thresholds, Trends, near_limit, warmup_judged_after, warmup_observing
 from attnkit.monitor.history import Ring
 from attnkit.monitor.monitor import check_every, observes
 from attnkit.common.findings import Finding
@@ -62,8 +62,7 @@ def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detect
     judged = False  # the end of the warm-up was judged (once a run, as the live monitor)
     for i, step in enumerate(run.steps):
         # the live monitor observes every step while the rate rises, in a format whose limit is reachable
-        warming_up = (rates is not None and i >= 2 and not judged and reachable_format(formats)
-                      and rates[i - 1][0] is not None and rates[i - 2][0] is not None and rates[i - 1][0] > rates[i - 2][0])
+        warming_up = rates is not None and i >= 2 and warmup_observing(rates[i - 2][0], rates[i - 1][0], judged, formats)
         if every is not None and not observes(step, every, observe_first, near, near_limit_every, warming_up):
             continue
         near = near_limit({m: values[i] for m, values in head_metrics.items()}, formats, scales, t.overflow_floor_bits)
@@ -83,8 +82,7 @@ def replay(path: str | os.PathLike, thresholds: Thresholds | None = None, detect
                 if issue.key not in warned:
                     warned.add(issue.key)
                     out.append(issue)
-        if "learning_rate" in trends.metrics and warmup_ended_now(trends.metrics["learning_rate"][:, 0]):
-            judged = True
+        judged = warmup_judged_after(trends)
     return out
 
 

@@ -150,6 +150,12 @@ def _used_slots(budget: Tensor) -> Tensor:
     return (torch.arange(int(budget.max()), device=budget.device) < budget[:, None])[None, None]
 
 
+def block_number_dtype(count: int) -> torch.dtype:
+    """The smallest integer type that holds block numbers 0 … count - 1 (int16 below 32,768, else int32):
+    what is kept of a selection between calls, not what kernels index with."""
+    return torch.int16 if count <= torch.iinfo(torch.int16).max else torch.int32
+
+
 @dataclass
 class BlockSelection:
     """The key blocks each (batch, KV head, query block) keeps.
@@ -192,8 +198,8 @@ class BlockSelection:
         """The same selection with its block numbers in the smallest integer type that holds them
         (int16 below 32,768 key blocks, a quarter of int64's memory): what is kept of a call after
         it returns (a record for ``block_mask``), not what kernels take."""
-        small = torch.int16 if self.geometry.n_key_blocks <= torch.iinfo(torch.int16).max else torch.int32
-        out = BlockSelection(self.indices.to(small), self.valid, self.geometry, self.log_probs, self.every_slot)
+        out = BlockSelection(self.indices.to(block_number_dtype(self.geometry.n_key_blocks)), self.valid, self.geometry,
+                             self.log_probs, self.every_slot)
         out._mask = self._mask
         return out
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.seam.kernels.blocks import BlockGeometry
+from attnkit.seam.kernels.blocks import BlockGeometry, block_number_dtype
 from attnkit.seam.kernels.workspace import Workspace, take_or_new
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -184,7 +184,7 @@ def split_sdpa_plan(indices: Tensor, valid: Tensor, geo: BlockGeometry, block_bi
     # every row's other blocks, row after row, in one tensor: each bucket's are a slice of it (one
     # allocation kept for the backward rather than one per bucket); a bucket's rows keep c blocks
     # besides their own, the first c of their sorted row
-    small = torch.int16 if R * nK <= torch.iinfo(torch.int16).max else torch.int32
+    small = block_number_dtype(R * nK)
     total = sum(b.n for b in buckets)
     others = torch.empty(total, dtype=small, device=device)  # (Σ kept - N,)
     others_bias = None if bias is None else torch.empty(total, dtype=bias.dtype, device=device)
