@@ -16,15 +16,7 @@ if [ "$STAGE" = design ]; then
     $RUN $MON --arms $ARMS --skip-failed-from $OUT
   done
 elif [ "$STAGE" = heldout ]; then
-  for seed in 9 10; do
-    nice -n 5 python3 sweep.py --out $OUT --every 1 --jobs 2 --precisions fp16 --steps 200 --seeds $seed --lrs 0.05,0.1,0.2,0.4 --warmups 10
-    nice -n 5 python3 sweep.py --out $OUT --every 1 --jobs 2 --precisions fp16 --steps 200 --seeds $seed --lrs 0.2 --warmups 50
-  done
-  for part in "--lrs 0.05,0.1,0.2,0.4 --warmups 10" "--lrs 0.2 --warmups 50"; do
-    RUN="nice -n 5 python3 sweep.py --out $OUT --jobs 2 --archs gpt2,llama --precisions fp16 --temperatures 0.25,1,4 $part --rule v2 --steps 200 --seeds 9,10"
-    $RUN --arms half_lr --only-failed-from $OUT
-    $RUN $MON --arms monitor_library,monitor_rollback_trend_lr_keep
-  done
+  SEEDS="9 10" ARMS=monitor_library,monitor_rollback_trend_lr_keep exec ./run_heldout.sh
 else
   echo "STAGE=design or STAGE=heldout" >&2; exit 2
 fi
