@@ -84,7 +84,7 @@ def test_warmup_headroom_fires_at_the_end_of_the_warm_up_near_the_formats_limit(
         assert f"{bits:.1f} bits below fp16's largest value" in f.message
 
 
-def test_the_default_policies_cut_the_rate_to_a_quarter_once():
+def test_the_default_policies_cut_the_rate_to_a_quarter():
     for rules in (DEFAULT_RULES, ROLLBACK_RULES):
         (f,) = warmup_headroom(_trends(6.0, None, WARMED))
         action = rules["warmup_headroom"](f)
@@ -101,9 +101,9 @@ def _gpt2():
 
 
 def _train(log_dir, bits: float, steps: int = 6, warmup: int = 3, every: int = 1, dtype=torch.float16,
-           before_step=None):
+           before_step=None, act: bool = True):
     """A tiny GPT-2 in autocast (fp16 by default) with a linear warm-up over ``warmup`` steps and the default
-    policy; the threshold ``bits`` decides whether its (far from the limit) figures count as near it.
+    policy (none without ``act``); the threshold ``bits`` decides whether its (far from the limit) figures count as near it.
     ``before_step(step, monitor, sched)``: a hook run before each step. Returns the rates used at each step,
     the monitor's interventions, the scheduler's base rate at the end and the observed steps."""
     model = _gpt2()
@@ -112,7 +112,7 @@ def _train(log_dir, bits: float, steps: int = 6, warmup: int = 3, every: int = 1
     x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
     used = []
     with AttentionMonitor(model, every=every, log_dir=log_dir, emit=("jsonl",), optimizer=opt, scheduler=sched,
-                          policy=Policy(), thresholds=Thresholds(warmup_headroom_bits=bits)) as monitor:
+                          policy=Policy() if act else None, thresholds=Thresholds(warmup_headroom_bits=bits)) as monitor:
         for step in range(steps):
             if before_step is not None:
                 before_step(step, monitor, sched)
@@ -186,6 +186,8 @@ def test_a_rollback_that_replays_the_warm_up_does_not_judge_it_again(tmp_path):
         if step == 4:  # what a rollback to the start does: the schedule restored, the monitor's history dropped
             sched.load_state_dict(state["sched"])
             monitor.forget_history()
-    _, interventions, _, _ = _train(tmp_path, bits=40.0, steps=9, before_step=replay_warm_up_at_4)
-    assert [(i["step"], i["action"]) for i in interventions] == [(2, "warmup_rate_cut")]
-    assert _issues(tmp_path) == [2]  # warned once: the replayed warm-up's end is not a second one
+    for act in (True, False):  # with the cut (the rate the monitor set) and without any action
+        log_dir = tmp_path / str(act)
+        _, interventions, _, _ = _train(log_dir, bits=40.0, steps=9, before_step=replay_warm_up_at_4, act=act)
+        assert [(i["step"], i["action"]) for i in interventions] == ([(2, "warmup_rate_cut")] if act else [])
+        assert _issues(log_dir) == [2]  # warned once: the replayed warm-up's end is not a second one
