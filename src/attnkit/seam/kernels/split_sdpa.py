@@ -93,9 +93,10 @@ class SplitPlan:
         """The most key blocks one bucket gathers (the gather buffers' size)."""
         return max((b.n for b in self.buckets), default=0)
 
-    def blocks(self, b: _Bucket) -> Tensor:
-        """(n,) int32 the other kept key blocks of bucket ``b``."""
-        return self.others[b.at: b.at + b.n].to(torch.int32)
+    def kept_blocks(self) -> Tensor:
+        """(Σ kept - N,) int32 every row's other kept key blocks (``others``, widened once a call):
+        bucket ``b``'s are ``[b.at: b.at + b.n]``."""
+        return self.others.to(torch.int32)
 
     def mask(self, b: _Bucket, dtype: torch.dtype) -> Tensor | None:
         """(m, 1, 1, c·bs) the gate's term on every key of each kept slot's block of bucket ``b``, in
@@ -289,25 +290,26 @@ class _SplitAttention(torch.autograd.Function):
         (kflat, kP), (vflat, vP) = _flat_blocks(kb), _flat_blocks(vb)
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
         qv = q.view(B, Hk, G, nQ, bs, D)
+        kept = plan.kept_blocks()
         for b in plan.buckets:
-            n, blocks = b.n, plan.blocks(b)
+            n, blocks = b.n, kept[b.at: b.at + b.n]
             qb = qv[:, :, :, b.i0: b.i1].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)  # (m, 1, G·bs, D)
             m = qb.shape[0]
             kg = torch.index_select(kflat, 0, _in_flat(blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
             vg = torch.index_select(vflat, 0, _in_flat(blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
             o2, l2 = _forward(qb, kg, vg, 0.0, False, attn_mask=plan.mask(b, q.dtype), scale=scale)
-            # merge into the own part's rows: l = logaddexp(l1, l2), o = e^(l1-l)·o1 + e^(l2-l)·o2; the
-            # weights overwrite l1 (then l) and l2 in place: one small temporary a bucket, not three
+            # merge into the own part's rows: with l = logaddexp(l1, l2) the gathered part's share of
+            # the softmax is w = e^(l2-l) = sigmoid(l2 - l1), and o = o1 + w·(o2 - o1): four ops a
+            # bucket (a lerp, not two scalings and a sum)
             o1, l1 = o5[b.i0: b.i1], lse5[b.i0: b.i1]
             l2 = l2.view(l1.shape)
-            merged = torch.logaddexp(l1, l2)
-            w1, w2 = l1.sub_(merged).exp_()[..., None], l2.sub_(merged).exp_()[..., None]
+            w = torch.sub(l2, l1).sigmoid_()[..., None]
+            torch.logaddexp(l1, l2, out=l1)
             o2 = o2.view(o1.shape)
-            if o1.dtype == w1.dtype:
-                o1.mul_(w1).add_(o2.mul_(w2))
+            if o1.dtype == w.dtype:
+                o1.lerp_(o2, w)
             else:  # half precision: merged in float32 (the log-sum-exp's dtype), then rounded once
-                o1.copy_(o1.to(w1.dtype) * w1 + o2.to(w1.dtype) * w2)
-            l1.copy_(merged)
+                o1.copy_(torch.lerp(o1.to(w.dtype), o2.to(w.dtype), w))
         # The output lies as (B, tokens, H, Dv), as SDPA's own does (already so when B = 1): the
         # model's transpose + reshape for its output projection is then a view of it.
         out = o.view(nQ, B, H, bs, Dv).permute(1, 0, 3, 2, 4).contiguous().view(B, L, H, Dv).transpose(1, 2)
@@ -346,10 +348,11 @@ class _SplitAttention(torch.autograd.Function):
         kbuf, vbuf = kb.new_empty(plan.widest, bs, D), vb.new_empty(plan.widest, bs, Dv)
         qv = q.view(B, Hk, G, nQ, bs, D)
         g5, o5 = g_own.view(nQ, B * Hk, G, bs, Dv), o_own.view(nQ, B * Hk, G, bs, Dv)
+        kept = plan.kept_blocks()
         for b in plan.buckets:
             # The G heads of a group as G·bs query rows of one head: the keys' gradient comes back
             # summed over the group.
-            n, r, blocks = b.n, slice(b.i0, b.i1), plan.blocks(b)
+            n, r, blocks = b.n, slice(b.i0, b.i1), kept[b.at: b.at + b.n]
             qb = qv[:, :, :, r].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)
             m = qb.shape[0]
             kg = torch.index_select(kflat, 0, _in_flat(blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
