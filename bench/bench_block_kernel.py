@@ -122,11 +122,50 @@ def kernel_part(model, length: int, args) -> dict:
     return out
 
 
+def attention_share(step) -> float:
+    """The share of one step's wall time spent in SDPA's CPU kernel (its forward and backward ops),
+    from one run under ``torch.profiler``: the profiler's cost falls on the many small ops of the
+    rest of the model, so the share is, if anything, underestimated."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t
+    sdpa = sum(e.cpu_time_total for e in prof.key_averages()
+               if e.key.startswith("aten::_scaled_dot_product_flash_attention_for_cpu"))
+    return sdpa / 1e6 / wall
+
+
+def kept_share(model, length: int, density: float, args) -> float:
+    """The share of the candidate key blocks the pattern keeps at ``length`` tokens (every pattern's
+    budget is a number of blocks per query block, the same whatever the scores)."""
+    import torch
+
+    from attnkit.sparse import SparseConfig
+    from attnkit.sparse.attention import choose_blocks
+
+    c = model.config
+    H, Hk = c.num_attention_heads, c.num_key_value_heads
+    D = getattr(c, "head_dim", None) or c.hidden_size // H
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, H, length, D, generator=g), torch.randn(1, Hk, length, D, generator=g)
+    sel = choose_blocks(q, k, SparseConfig(pattern=args.pattern, density=density, block_size=args.block_size))
+    return sel.kept_blocks() / sel.candidate_blocks()
+
+
 def model_part(model, length: int, train: bool, args) -> dict:
-    sparse = f"{args.pattern}@0.25" if args.model_density is None else f"{args.pattern}@{args.model_density:g}"
+    """Dense SDPA against the pattern in the model, interleaved; beside them the ratio's floor: with
+    a the share of dense SDPA's step spent in SDPA and kept the share of blocks the pattern keeps,
+    a sparse attention costing exactly kept × dense attention would give (1 - a) + a·kept."""
+    density = 0.25 if args.model_density is None else args.model_density
+    sparse = f"{args.pattern}@{density:g}"
     names = ["dense-sdpa", sparse]
     fns = {n: steps(model, n, length, args)[1 if train else 0] for n in names}
-    return summarise(interleave(fns, args.rounds), "dense-sdpa")
+    out = summarise(interleave(fns, args.rounds), "dense-sdpa")
+    share, kept = attention_share(fns["dense-sdpa"]), kept_share(model, length, density, args)
+    out["floor"] = {"attention_share": share, "kept": kept, "ratio": (1 - share) + share * kept}
+    return out
 
 
 def memory_worker(args) -> None:
@@ -203,18 +242,25 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
              "`sparse_attention` with its default CPU kernel (`split_sdpa`), selection included; "
              f"medians of {args.rounds} rounds", "",
              "**Model** (prefill = forward under `no_grad`; train = forward + backward of the LM loss, every "
-             "parameter requiring grad; peak = bytes above what was live before the step, fresh process)", "",
-             "| tokens | step | dense SDPA s | sparse s | × SDPA | rounds (× SDPA) | × SDPA, CPU time | rounds (CPU) |",
-             "|---:|---|---:|---:|---:|---|---:|---|"]
+             "parameter requiring grad; peak = bytes above what was live before the step, fresh process; "
+             "floor = (1 - a) + a·kept, what a sparse attention costing exactly kept × dense attention would "
+             "give, a = SDPA's share of the dense step from one profiled step)", "",
+             "| tokens | step | dense SDPA s | sparse s | × SDPA | rounds (× SDPA) | × SDPA, CPU time | rounds (CPU) "
+             "| SDPA's share of dense | kept | floor |",
+             "|---:|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
     for step in ("prefill", "train"):
         for n, r in doc[step].items():
             ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(r[sparse]["rounds"], r["dense-sdpa"]["rounds"]))
             cpu = ", ".join(f"{a / b:.2f}" for a, b in zip(r[sparse]["cpu_rounds"], r["dense-sdpa"]["cpu_rounds"]))
+            floor = r.get("floor")
+            floor = (f"{floor['attention_share']:.2f} | {floor['kept']:.3f} | {floor['ratio']:.2f}" if floor
+                     else "| |")
             lines.append(f"| {n} | {step} | {r['dense-sdpa']['median_s']:.2f} | {r[sparse]['median_s']:.2f} "
-                         f"| **{r[sparse]['ratio']:.2f}** | {ratios} | **{r[sparse]['cpu_ratio']:.2f}** | {cpu} |")
+                         f"| **{r[sparse]['ratio']:.2f}** | {ratios} | **{r[sparse]['cpu_ratio']:.2f}** | {cpu} "
+                         f"| {floor} |")
     for n, m in doc["train_memory"].items():
         lines.append(f"| {n} | train peak MiB | {m['dense-sdpa'] / 2**20:,.1f} | {m[sparse] / 2**20:,.1f} "
-                     f"| **{m[sparse] / m['dense-sdpa']:.3f}** | | | |")
+                     f"| **{m[sparse] / m['dense-sdpa']:.3f}** | | | | | | |")
     lines += ["", "**Kernel alone** (the attention op on the model's shapes; kept = share of the candidate "
               "key blocks the selection keeps, the ideal ratio's floor)", "",
               "| tokens | configuration | kept | infer s | × SDPA | × SDPA, CPU | train s | × SDPA | × SDPA, CPU |",
