@@ -13,7 +13,10 @@ of the per-round ratios to dense SDPA measured in the same round:
            at the density (the default kernel: ``split_sdpa`` on the CPU), selection included.
            Prefill (forward under ``no_grad``) at ``--lengths``; a training step (forward + backward
            of the LM loss, every parameter requiring grad) at ``--train-lengths``, with its peak
-           memory measured in a fresh process per configuration (``bench/rss.py``).
+           memory measured in a fresh process per configuration (``bench/rss.py``). In the same
+           rounds the model with a stand-in attention at next to no cost: its time is the rest of
+           the model, which gives the sparse attention's cost in the model against dense
+           attention's, and the floor of the ratio at the pattern's share of kept blocks.
 
     python bench/bench_block_kernel.py                       # writes its block of BENCHMARKS.md
     python bench/bench_block_kernel.py --lengths 2048 --train-lengths 2048 --rounds 1 --no-write
@@ -122,19 +125,15 @@ def kernel_part(model, length: int, args) -> dict:
     return out
 
 
-def attention_share(step) -> float:
-    """The share of one step's wall time spent in SDPA's CPU kernel (its forward and backward ops),
-    from one run under ``torch.profiler``: the profiler's cost falls on the many small ops of the
-    rest of the model, so the share is, if anything, underestimated."""
-    from torch.profiler import ProfilerActivity, profile
+NO_ATTENTION = "bench_no_attention"
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        step()
-        wall = time.perf_counter() - t
-    sdpa = sum(e.cpu_time_total for e in prof.key_averages()
-               if e.key.startswith("aten::_scaled_dot_product_flash_attention_for_cpu"))
-    return sdpa / 1e6 / wall
+
+def no_attention(module, query, key, value, attention_mask, **kwargs):
+    """A stand-in for the model's attention at next to no cost, (B, T, H, Dv): the query, with the
+    keys and values added at zero weight so that the backward still reaches every projection. A
+    step with it is the rest of the model's time (and a few elementwise ops)."""
+    G = query.shape[1] // key.shape[1]
+    return (query + 0.0 * (key + value).repeat_interleave(G, 1)).transpose(1, 2), None
 
 
 def kept_share(model, length: int, density: float, args) -> float:
@@ -155,16 +154,24 @@ def kept_share(model, length: int, density: float, args) -> float:
 
 
 def model_part(model, length: int, train: bool, args) -> dict:
-    """Dense SDPA against the pattern in the model, interleaved; beside them the ratio's floor: with
-    a the share of dense SDPA's step spent in SDPA and kept the share of blocks the pattern keeps,
-    a sparse attention costing exactly kept × dense attention would give (1 - a) + a·kept."""
+    """Dense SDPA against the pattern in the model, interleaved, and in the same rounds the model
+    with no attention (``no_attention``): its time r is the rest of the model, so a round gives
+    dense attention d - r and sparse attention s - r; their ratio, the sparse attention's cost in
+    the model against dense attention's, beside the share of blocks kept; and the floor, what a
+    sparse attention costing exactly kept × dense attention would give: (r + kept·(d - r)) / d."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NO_ATTENTION, no_attention)
     density = 0.25 if args.model_density is None else args.model_density
     sparse = f"{args.pattern}@{density:g}"
-    names = ["dense-sdpa", sparse]
+    names = ["dense-sdpa", sparse, f"dense-{NO_ATTENTION}"]
     fns = {n: steps(model, n, length, args)[1 if train else 0] for n in names}
     out = summarise(interleave(fns, args.rounds), "dense-sdpa")
-    share, kept = attention_share(fns["dense-sdpa"]), kept_share(model, length, density, args)
-    out["floor"] = {"attention_share": share, "kept": kept, "ratio": (1 - share) + share * kept}
+    kept = kept_share(model, length, density, args)
+    d, s_, r = (out[n]["rounds"] for n in names)
+    out["floor"] = {"kept": kept, "rest_share": statistics.median(c / a for a, c in zip(d, r)),
+                    "attention_ratio": statistics.median((b - c) / (a - c) for a, b, c in zip(d, s_, r)),
+                    "ratio": statistics.median((c + kept * (a - c)) / a for a, c in zip(d, r))}
     return out
 
 
@@ -243,24 +250,26 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
              f"medians of {args.rounds} rounds", "",
              "**Model** (prefill = forward under `no_grad`; train = forward + backward of the LM loss, every "
              "parameter requiring grad; peak = bytes above what was live before the step, fresh process; "
-             "floor = (1 - a) + a·kept, what a sparse attention costing exactly kept × dense attention would "
-             "give, a = SDPA's share of the dense step from one profiled step)", "",
+             "rest of the model = the step with a stand-in attention at next to no cost, as a share of dense's "
+             "(same rounds); sparse / dense attention = (sparse − rest) / (dense − rest), the sparse "
+             "attention's cost in the model against dense attention's; floor = what a sparse attention "
+             "costing exactly kept × dense attention would give; medians of the rounds)", "",
              "| tokens | step | dense SDPA s | sparse s | × SDPA | rounds (× SDPA) | × SDPA, CPU time | rounds (CPU) "
-             "| SDPA's share of dense | kept | floor |",
-             "|---:|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
+             "| rest of the model | kept | sparse / dense attention | floor |",
+             "|---:|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|"]
     for step in ("prefill", "train"):
         for n, r in doc[step].items():
             ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(r[sparse]["rounds"], r["dense-sdpa"]["rounds"]))
             cpu = ", ".join(f"{a / b:.2f}" for a, b in zip(r[sparse]["cpu_rounds"], r["dense-sdpa"]["cpu_rounds"]))
             floor = r.get("floor")
-            floor = (f"{floor['attention_share']:.2f} | {floor['kept']:.3f} | {floor['ratio']:.2f}" if floor
-                     else "| |")
+            floor = (f"{floor['rest_share']:.2f} | {floor['kept']:.3f} | {floor['attention_ratio']:.2f} "
+                     f"| {floor['ratio']:.2f}" if floor else "| | |")
             lines.append(f"| {n} | {step} | {r['dense-sdpa']['median_s']:.2f} | {r[sparse]['median_s']:.2f} "
                          f"| **{r[sparse]['ratio']:.2f}** | {ratios} | **{r[sparse]['cpu_ratio']:.2f}** | {cpu} "
                          f"| {floor} |")
     for n, m in doc["train_memory"].items():
         lines.append(f"| {n} | train peak MiB | {m['dense-sdpa'] / 2**20:,.1f} | {m[sparse] / 2**20:,.1f} "
-                     f"| **{m[sparse] / m['dense-sdpa']:.3f}** | | | | | | |")
+                     f"| **{m[sparse] / m['dense-sdpa']:.3f}** | | | | | | | |")
     lines += ["", "**Kernel alone** (the attention op on the model's shapes; kept = share of the candidate "
               "key blocks the selection keeps, the ideal ratio's floor)", "",
               "| tokens | configuration | kept | infer s | × SDPA | × SDPA, CPU | train s | × SDPA | × SDPA, CPU |",

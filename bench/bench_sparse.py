@@ -71,8 +71,8 @@ def steps(model, config: str, length: int, args) -> tuple:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
     gates = None
-    if config in DENSE:
-        impl = config.split("-")[1]
+    if config.startswith("dense-"):  # the model's own attention: dense-sdpa, dense-eager, dense-<registered>
+        impl = config.split("-", 1)[1]
 
         def context():
             return nullcontext()
