@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
 from bench_sparse import build, steps  # noqa: E402
+from no_attention import NO_ATTENTION, register  # noqa: E402
 from results import command_line, markers, publish  # noqa: E402
 from sparse_options import add_sparse_options  # noqa: E402
 
@@ -125,17 +126,6 @@ def kernel_part(model, length: int, args) -> dict:
     return out
 
 
-NO_ATTENTION = "bench_no_attention"
-
-
-def no_attention(module, query, key, value, attention_mask, **kwargs):
-    """A stand-in for the model's attention at next to no cost, (B, T, H, Dv): the query, with the
-    keys and values added at zero weight so that the backward still reaches every projection. A
-    step with it is the rest of the model's time (and a few elementwise ops)."""
-    G = query.shape[1] // key.shape[1]
-    return (query + 0.0 * (key + value).repeat_interleave(G, 1)).transpose(1, 2), None
-
-
 def kept_share(model, length: int, density: float, args) -> float:
     """The share of the candidate key blocks the pattern keeps at ``length`` tokens (every pattern's
     budget is a number of blocks per query block, the same whatever the scores)."""
@@ -155,13 +145,11 @@ def kept_share(model, length: int, density: float, args) -> float:
 
 def model_part(model, length: int, train: bool, args) -> dict:
     """Dense SDPA against the pattern in the model, interleaved, and in the same rounds the model
-    with no attention (``no_attention``): its time r is the rest of the model, so a round gives
+    with no attention (``bench/no_attention.py``): its time r is the rest of the model, so a round gives
     dense attention d - r and sparse attention s - r; their ratio, the sparse attention's cost in
     the model against dense attention's, beside the share of blocks kept; and the floor, what a
     sparse attention costing exactly kept × dense attention would give: (r + kept·(d - r)) / d."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(NO_ATTENTION, no_attention)
+    register()
     density = 0.25 if args.model_density is None else args.model_density
     sparse = f"{args.pattern}@{density:g}"
     names = ["dense-sdpa", sparse, f"dense-{NO_ATTENTION}"]

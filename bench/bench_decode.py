@@ -25,8 +25,10 @@ of the per-round ratios to dense measured in the same round:
              alone: the C++ step (``cpp``) and the eager one with each way of fetching the kept pages
              (``paged_decode.GATHERS``); and what ``DynamicCache`` does per layer and step (a new
              tensor of the whole cache plus the new key, for K and V). Then one more round of dense
-             steps under the profiler: the shares of SDPA and of the cache's append in a dense step,
-             and the ceiling they set (attention at no cost: 1 / (1 - SDPA's share)).
+             steps under the profiler: the shares of SDPA and of the cache's append in a dense step.
+  In the model part's rounds a third configuration, the model with a stand-in attention at next
+  to no cost (``bench/no_attention.py``), gives the ceiling (what attention at no cost would give)
+  and the sparse attention's time in the model against dense attention's.
 
 Times are wall-clock and the process's CPU time; on a shared machine the CPU time's ratio is the
 less disturbed one (other processes do not count in it).
@@ -49,6 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from no_attention import NO_ATTENTION, register  # noqa: E402
 from results import command_line, markers, publish  # noqa: E402
 from sparse_options import add_sparse_options  # noqa: E402
 
@@ -148,8 +151,16 @@ def model_part(model, length: int, args, kind: str, batch: int) -> dict:
         kernels.update(handle.kernels)
         return own
 
+    def no_attention():
+        model.set_attn_implementation(register())
+        try:
+            with torch.no_grad():
+                return timed(args.steps)
+        finally:
+            model.set_attn_implementation("sdpa")
+
     name = f"{args.pattern}@{args.density:g}"
-    result = summarise(interleave({"dense": dense, name: sparse}, args.rounds), "dense")
+    result = summarise(interleave({"dense": dense, name: sparse, NO_ATTENTION: no_attention}, args.rounds), "dense")
     result["kernels"] = dict(kernels)
     result["dense_profile"] = dense_profile(lambda: decode(args.steps))
     return result
@@ -289,20 +300,23 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
              f"(kernels: {', '.join(sorted(kernels_seen(doc)))}); "
              f"{args.steps} greedy tokens per sequence, configuration and round; medians of {args.rounds} rounds", "",
              "**Model** (tokens per second of the whole decoding step, all sequences of the batch; × dense = dense "
-             "time / sparse time, median of the per-round ratios; ceiling = what attention at no cost would give, "
-             "1 / (1 − SDPA's share of a dense step), from the profile below)", "",
+             "time / sparse time, median of the per-round ratios; ceiling = what attention at no cost gives: the "
+             "model with a stand-in attention that costs next to nothing, timed in the same rounds (CPU time); "
+             "attention × dense = dense attention's time in the model over the sparse attention's, each the step "
+             "less the stand-in's)", "",
              f"| cache | batch | cached tokens | dense tok/s (wall) | {sparse} tok/s (wall) | × dense (wall) | dense tok/s (CPU) "
-             f"| {sparse} tok/s (CPU) | × dense (CPU time) | ceiling | rounds (wall) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"| {sparse} tok/s (CPU) | × dense (CPU time) | ceiling | attention × dense | rounds (wall) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key, n, r in ((key, n, r) for key, rs in doc["model"].items() for n, r in rs.items()):
         kind, batch = key.split("/")
         d, s, tokens = r["dense"], r[sparse], args.steps * int(batch)
         rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(s["wall"]["rounds"], d["wall"]["rounds"]))
-        p = r["dense_profile"]
+        rest = r[NO_ATTENTION]["cpu"]["rounds"]
+        attention = statistics.median((a - c) / (b - c) for a, b, c in zip(d["cpu"]["rounds"], s["cpu"]["rounds"], rest))
         lines.append(f"| {kind} | {batch} | {n} | {tokens / d['wall']['median_s']:.1f} | {tokens / s['wall']['median_s']:.1f} "
                      f"| **{s['wall']['speedup']:.2f}** | {tokens / d['cpu']['median_s']:.1f} "
                      f"| {tokens / s['cpu']['median_s']:.1f} | **{s['cpu']['speedup']:.2f}** "
-                     f"| {1 / max(1e-9, 1 - p['sdpa_s'] / p['wall_s']):.2f} | {rounds} |")
+                     f"| {r[NO_ATTENTION]['cpu']['speedup']:.2f} | {attention:.2f} | {rounds} |")
     lines += ["", "**Attention alone** (one decoding step's attention op of one layer on the model's shapes; "
               "sparse step = the last page's statistics + the selection + the kernel `auto` picks; kernel/cpp = the C++ "
               "step's attention; kernel/pages, kernel/tokens = the eager step's two ways of copying the kept pages; "

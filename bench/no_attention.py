@@ -1,0 +1,30 @@
+"""A stand-in for a model's attention at next to no cost, for the floors and ceilings of the
+sparse benchmarks: a step with it is the rest of the model's time (projections, MLP, norms,
+rotary, the LM head, the cache's update, Python), timed in the same rounds as the real ones.
+
+    from no_attention import NO_ATTENTION, register
+    register(); model.set_attn_implementation(NO_ATTENTION)
+"""
+
+from __future__ import annotations
+
+NO_ATTENTION = "bench_no_attention"
+
+
+def no_attention(module, query, key, value, attention_mask, **kwargs):
+    """(B, T, H, Dv): the query itself; where autograd records, with the keys and values added at
+    zero weight so that the backward still reaches every projection."""
+    import torch
+
+    out = query
+    if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+        out = query + 0.0 * (key + value).repeat_interleave(query.shape[1] // key.shape[1], 1)
+    return out.transpose(1, 2), None
+
+
+def register() -> str:
+    """Register the stand-in with transformers' attention functions; its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NO_ATTENTION, no_attention)
+    return NO_ATTENTION
