@@ -12,8 +12,9 @@ NO_ATTENTION = "bench_no_attention"
 
 
 def no_attention(module, query, key, value, attention_mask, **kwargs):
-    """(B, T, H, Dv): the query itself; where autograd records, with the keys and values added at
-    zero weight so that the backward still reaches every projection."""
+    """(B, T, H, D): the query itself (its head width: the model's value width where the two are
+    equal); where autograd records, with the keys and values added at zero weight so that the
+    backward still reaches every projection."""
     import torch
 
     out = query
@@ -23,8 +24,12 @@ def no_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def register() -> str:
-    """Register the stand-in with transformers' attention functions; its name."""
-    from transformers import AttentionInterface
+    """Register the stand-in with transformers' attention functions, and SDPA's mask function under
+    its name (the model then builds the mask it builds for SDPA: making it is the rest of the
+    model's work, not attention's); its name."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(NO_ATTENTION, no_attention)
+    AttentionMaskInterface.register(NO_ATTENTION, sdpa_mask)
     return NO_ATTENTION
