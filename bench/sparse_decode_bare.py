@@ -1,0 +1,161 @@
+"""How much of a sparse decoding step is the Python around its three C++ calls.
+
+Three ways to run the same model's decoding steps, in interleaved rounds (CPU time per step):
+
+  dense    the model's own SDPA
+  sparse   ``sparse_attention`` with Quest at density 0.25, pages of 64
+  bare     an attention function registered with transformers that calls the same three C++ ops
+           (pool the new key's page, Quest's scores and top-k, attention over the kept pages) with
+           the same selection rule and nothing else: no seam, no selection plumbing, no handle.
+           It decodes the same tokens as ``sparse`` (checked before the rounds).
+
+``reference-long``'s architecture (positions raised to fit the cache), batch 1, fp32, one thread.
+
+    python bench/sparse_decode_bare.py --length 16384 --cache static
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STEPS, PAGE = 16, 64
+
+
+class BareQuest:
+    """A decoding step's attention as the three C++ calls alone; the pages' statistics per layer."""
+
+    name = "bench_bare_quest"
+
+    def __init__(self, density: float) -> None:
+        from attnkit.seam.kernels import paged_cpu
+        from attnkit.sparse import SparseConfig
+
+        self.cfg = SparseConfig(pattern="quest", density=density, block_size=PAGE)
+        self.ops = paged_cpu.load()
+        self.stats: dict[int, tuple] = {}  # layer -> (stats (3, B, Hkv, capacity, D), marks)
+        self.written: tuple[int, int] | None = None  # (id of the step's mask, written keys)
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        import torch
+
+        from attnkit.sparse.attention import step_budget
+
+        if attention_mask is not None:  # a StaticCache: the written keys end at the last slot the mask shows
+            if self.written is None or self.written[0] != id(attention_mask):
+                self.written = (id(attention_mask), int(attention_mask[0, 0, 0].nonzero()[-1]) + 1)
+            key, value = key[:, :, : self.written[1]], value[:, :, : self.written[1]]
+        B, Hk, K, D = key.shape
+        pages = -(-K // PAGE)
+        held = self.stats.get(module.layer_idx)
+        if held is None or held[0].shape[3] < pages:
+            held = (torch.zeros(3, B, Hk, pages + 64, D, dtype=key.dtype),
+                    torch.zeros(B, Hk, pages + 64, D, dtype=key.dtype))
+            self.stats[module.layer_idx] = held
+            start = 0
+        else:
+            start = (K - 1) // PAGE
+        stats, marks = held
+        self.ops.pool_pages(key, stats, marks, PAGE, start)
+        kept, local, first = step_budget(pages, self.cfg.density, self.cfg.sink_blocks, self.cfg.local_blocks,
+                                         self.cfg.keeps_sinks)
+        q = query.squeeze(2)  # (B, H, D)
+        chosen = self.ops.quest_step_pages(q, stats[1, :, :, :pages], stats[2, :, :, :pages], kept, local, first)
+        out = self.ops.paged_attention(q, key, value, chosen, PAGE, float(scaling))  # (B, H, Dv)
+        return out.unsqueeze(1), None  # (B, 1, H, Dv)
+
+    def register(self) -> str:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register(self.name, self)
+        AttentionMaskInterface.register(self.name, sdpa_mask)
+        return self.name
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--length", type=int, default=16384, help="cached tokens")
+    p.add_argument("--cache", choices=("dynamic", "static"), default="static")
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args()
+
+    import torch
+
+    from bench_decode import build, new_cache
+
+    from attnkit.sparse import sparse_attention
+
+    torch.set_num_threads(1)
+    L = args.length
+    bare = BareQuest(0.25)
+    model = build(types.SimpleNamespace(model="reference-long"), L + 64)
+    ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = new_cache(model, args.cache, L + STEPS + 2)
+        out = model(input_ids=ids, cache=cache, use_cache=True, cache_position=torch.arange(L), logits_to_keep=1)
+    first = out.logits[:, -1:].argmax(-1)
+
+    def decode(n: int) -> list[int]:
+        tok, tokens = first, []
+        for i in range(n):
+            logits = model(input_ids=tok, cache=cache, use_cache=True, cache_position=torch.tensor([L + i])).logits
+            tok = logits[:, -1:].argmax(-1)
+            tokens.append(int(tok))
+        if args.cache == "dynamic":
+            cache.crop(-n)
+        else:  # the next decode writes over the same slots
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(L)
+        return tokens
+
+    def timed() -> float:
+        start = time.process_time()
+        decode(STEPS)
+        return (time.process_time() - start) / STEPS
+
+    def dense() -> float:
+        return timed()
+
+    def sparse() -> float:
+        with sparse_attention(model, bare.cfg):
+            decode(1)  # the statistics of the pages prefilled outside the session
+            return timed()
+
+    def bare_step() -> float:
+        bare.stats.clear()
+        model.set_attn_implementation(bare.register())
+        try:
+            decode(1)
+            return timed()
+        finally:
+            model.set_attn_implementation("sdpa")
+
+    with torch.no_grad():
+        with sparse_attention(model, bare.cfg):
+            expected = decode(8)
+        bare.stats.clear()
+        model.set_attn_implementation(bare.register())
+        same = decode(8) == expected
+        model.set_attn_implementation("sdpa")
+        fns = {"dense": dense, "sparse": sparse, "bare": bare_step}
+        for fn in fns.values():
+            fn()
+        rounds = {n: [] for n in fns}
+        for _ in range(args.rounds):
+            for n, fn in fns.items():
+                rounds[n].append(fn())
+    ms = {n: round(statistics.median(r) * 1e3, 3) for n, r in rounds.items()}
+    speed = {n: round(statistics.median(d / x for d, x in zip(rounds["dense"], r)), 2) for n, r in rounds.items()}
+    print(f"{L} cached tokens, {args.cache} cache, batch 1: ms a step {ms}; x dense tokens/s {speed}; "
+          f"bare decodes the same tokens as sparse: {same}")
+
+
+if __name__ == "__main__":
+    main()
