@@ -83,25 +83,38 @@ def attention_step(fn, q, k, v, w, train: bool):
     return run
 
 
-def kernel_part(model, length: int, args) -> dict:
-    """The attention op alone on the model's shapes: SDPA against split_sdpa at each density (and
-    gather_sdpa at the model's density)."""
+def attention_inputs(model, length: int) -> tuple:
+    """Random q (1, H, length, D), k and v (1, Hkv, length, D) on the model's shapes, and a weight w
+    like q for a training step's loss (seed 0)."""
     import torch
-    import torch.nn.functional as F
-
-    from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention
-    from attnkit.seam.kernels.split_sdpa import split_sdpa_attention
-    from attnkit.sparse import SparseConfig
-    from attnkit.sparse.attention import choose_blocks
 
     c = model.config
     H, Hk = c.num_attention_heads, c.num_key_value_heads
     D = getattr(c, "head_dim", None) or c.hidden_size // H
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, length, D, generator=g) for h in (H, Hk, Hk))
-    w = torch.randn(1, H, length, D, generator=g)
-    selections = {d: choose_blocks(q, k, SparseConfig(pattern=args.pattern, density=d, block_size=args.block_size))
-                  for d in args.density_list}
+    return q, k, v, torch.randn(1, H, length, D, generator=g)
+
+
+def select(q, k, density: float, args):
+    """The pattern's selection at ``density`` for q and k."""
+    from attnkit.sparse import SparseConfig
+    from attnkit.sparse.attention import choose_blocks
+
+    return choose_blocks(q, k, SparseConfig(pattern=args.pattern, density=density, block_size=args.block_size))
+
+
+def kernel_part(model, length: int, args) -> dict:
+    """The attention op alone on the model's shapes: SDPA against split_sdpa at each density (and
+    gather_sdpa at the model's density)."""
+    import torch.nn.functional as F
+
+    from attnkit.seam.kernels.gather_sdpa import gather_sdpa_attention
+    from attnkit.seam.kernels.split_sdpa import split_sdpa_attention
+
+    q, k, v, w = attention_inputs(model, length)
+    H, Hk, D = q.shape[1], k.shape[1], q.shape[-1]
+    selections = {d: select(q, k, d, args) for d in args.density_list}
 
     def attention(name: str):
         if name == "sdpa":
@@ -116,8 +129,7 @@ def kernel_part(model, length: int, args) -> dict:
 
     model_density = 0.25 if args.model_density is None else args.model_density
     if model_density not in selections:
-        selections[model_density] = choose_blocks(q, k, SparseConfig(pattern=args.pattern, density=model_density,
-                                                                     block_size=args.block_size))
+        selections[model_density] = select(q, k, model_density, args)
     names = ["sdpa", *(f"split_sdpa@{d:g}" for d in args.density_list), f"gather_sdpa@{model_density:g}"]
     out = {"kept": {n: selections[float(n.split("@")[1])].kept_blocks() / selections[float(n.split("@")[1])].candidate_blocks()
                     for n in names[1:]}}
@@ -129,17 +141,8 @@ def kernel_part(model, length: int, args) -> dict:
 def kept_share(model, length: int, density: float, args) -> float:
     """The share of the candidate key blocks the pattern keeps at ``length`` tokens (every pattern's
     budget is a number of blocks per query block, the same whatever the scores)."""
-    import torch
-
-    from attnkit.sparse import SparseConfig
-    from attnkit.sparse.attention import choose_blocks
-
-    c = model.config
-    H, Hk = c.num_attention_heads, c.num_key_value_heads
-    D = getattr(c, "head_dim", None) or c.hidden_size // H
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, H, length, D, generator=g), torch.randn(1, Hk, length, D, generator=g)
-    sel = choose_blocks(q, k, SparseConfig(pattern=args.pattern, density=density, block_size=args.block_size))
+    q, k, _, _ = attention_inputs(model, length)
+    sel = select(q, k, density, args)
     return sel.kept_blocks() / sel.candidate_blocks()
 
 
