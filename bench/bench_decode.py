@@ -108,32 +108,44 @@ def new_cache(model, kind: str, max_length: int):
     return DynamicCache(config=model.config)
 
 
+def decoder(model, kind: str, length: int, batch: int, steps: int):
+    """``decode(n)``: n greedy tokens per sequence (a list of per-step lists) from a cache of ``kind``
+    prefilled once with ``length`` random tokens (dense SDPA, not timed; seed ``length``), then back to
+    the cached length (a DynamicCache cropped, a StaticCache's slots written over next time); room
+    for ``steps`` tokens and one more."""
+    import torch
+
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
+    with torch.no_grad():
+        cache = new_cache(model, kind, length + steps + 1)
+        out = model(input_ids=ids, cache=cache, use_cache=True, cache_position=torch.arange(length), logits_to_keep=1)
+    cache, first = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def decode(n: int) -> list:
+        tok, toks = first, []
+        for i in range(n):
+            position = torch.tensor([length + i])
+            tok = model(input_ids=tok, cache=cache, use_cache=True, cache_position=position).logits[:, -1:].argmax(-1)
+            toks.append(tok.flatten().tolist())
+        if kind == "dynamic":
+            cache.crop(-n)
+        else:  # the next decode writes over the same slots
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(length)
+        return toks
+    return decode
+
+
 def model_part(model, length: int, args, kind: str, batch: int) -> dict:
     import torch
 
     from attnkit.sparse import SparseConfig, sparse_attention
 
-    g = torch.Generator().manual_seed(length)
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
-    with torch.no_grad():  # room for the timed steps and the sparse configuration's untimed one
-        cache = new_cache(model, kind, length + args.steps + 1)
-        out = model(input_ids=ids, cache=cache, use_cache=True, cache_position=torch.arange(length), logits_to_keep=1)
-    cache, first = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    # room for the timed steps and the sparse configuration's untimed one
+    decode = decoder(model, kind, length, batch, args.steps)
     cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size)
     kernels: dict = {}
-
-    def decode(steps: int) -> list:
-        tok, toks = first, []
-        for i in range(steps):
-            position = torch.tensor([length + i])
-            tok = model(input_ids=tok, cache=cache, use_cache=True, cache_position=position).logits[:, -1:].argmax(-1)
-            toks.append(tok.flatten().tolist())
-        if kind == "dynamic":
-            cache.crop(-steps)
-        else:  # the next decode writes over the same slots
-            for layer in cache.layers:
-                layer.cumulative_length.fill_(length)
-        return toks
 
     def timed(steps: int) -> tuple[float, float]:
         w, c = time.perf_counter(), time.process_time()

@@ -23,13 +23,18 @@ def no_attention(module, query, key, value, attention_mask, **kwargs):
     return out.transpose(1, 2), None
 
 
-def register() -> str:
-    """Register the stand-in with transformers' attention functions, and SDPA's mask function under
-    its name (the model then builds the mask it builds for SDPA: making it is the rest of the
-    model's work, not attention's); its name."""
+def register_attention(name: str, function) -> str:
+    """Register ``function`` with transformers' attention functions as ``name``, and SDPA's mask
+    function under the same name (the model then builds the mask it builds for SDPA: making it is
+    the rest of the model's work, not the attention's); ``name``."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(NO_ATTENTION, no_attention)
-    AttentionMaskInterface.register(NO_ATTENTION, sdpa_mask)
-    return NO_ATTENTION
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def register() -> str:
+    """Register the stand-in (``register_attention``); its name."""
+    return register_attention(NO_ATTENTION, no_attention)

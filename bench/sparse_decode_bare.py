@@ -71,12 +71,9 @@ class BareQuest:
         return out.unsqueeze(1), None  # (B, 1, H, Dv)
 
     def register(self) -> str:
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
+        from no_attention import register_attention
 
-        AttentionInterface.register(self.name, self)
-        AttentionMaskInterface.register(self.name, sdpa_mask)
-        return self.name
+        return register_attention(self.name, self)
 
 
 def main() -> None:
@@ -88,7 +85,7 @@ def main() -> None:
 
     import torch
 
-    from bench_decode import build, new_cache
+    from bench_decode import build, decoder
 
     from attnkit.sparse import sparse_attention
 
@@ -96,24 +93,7 @@ def main() -> None:
     L = args.length
     bare = BareQuest(0.25)
     model = build(types.SimpleNamespace(model="reference-long"), L + 64)
-    ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        cache = new_cache(model, args.cache, L + STEPS + 2)
-        out = model(input_ids=ids, cache=cache, use_cache=True, cache_position=torch.arange(L), logits_to_keep=1)
-    first = out.logits[:, -1:].argmax(-1)
-
-    def decode(n: int) -> list[int]:
-        tok, tokens = first, []
-        for i in range(n):
-            logits = model(input_ids=tok, cache=cache, use_cache=True, cache_position=torch.tensor([L + i])).logits
-            tok = logits[:, -1:].argmax(-1)
-            tokens.append(int(tok))
-        if args.cache == "dynamic":
-            cache.crop(-n)
-        else:  # the next decode writes over the same slots
-            for layer in cache.layers:
-                layer.cumulative_length.fill_(L)
-        return tokens
+    decode = decoder(model, args.cache, L, 1, STEPS)
 
     def timed() -> float:
         start = time.process_time()
