@@ -523,9 +523,9 @@ class AttentionMonitor:
         """Apply an intervention now and log it (step, action, what it did, why)."""
         rate = self._rate()
         detail = intervention.apply(self)
-        if self._rate() != rate:
+        if (after := self._rate()) != rate:
             self.warmup_judged = True  # the rate is the monitor's now: a cut is not the end of a warm-up
-            self._last_rate = self._rate()
+            self._last_rate = after
         entry = {"step": self.step, "action": intervention.name, "detail": detail,
                  "reason": getattr(intervention, "reason", "") or "requested",
                  **getattr(intervention, "fields", {})}  # structured extras (a rollback's restored step)
