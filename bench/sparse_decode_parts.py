@@ -1,6 +1,8 @@
 """Where a sparse decoding step's attention call spends its time, per layer and step: ``perf_counter``
-around attnkit's functions on the call's path (the seam's adapter, the selector's ``run`` and
-``select``, ``choose_blocks``, the page statistics' upkeep, the kernel's choice, the handle's record)
+around attnkit's functions on the call's path (the seam's adapter; the selector's ``paged_step``, the
+route a step takes when ``sparse_attention`` is alone on the model, or its ``run`` and ``select``,
+``choose_blocks`` and the kernel's choice on the general path; the written keys' cut, the page
+statistics' upkeep, the handle's record)
 and around the three C++ calls (page pooling, Quest's scores and top-k, attention over the kept
 pages), in this process only (nothing changes in the library). Each wrapper adds about a
 microsecond. ``reference-long``'s architecture (positions raised to fit the cache), batch 1, fp32,
@@ -46,7 +48,9 @@ def instrument(spent: Counter) -> None:
                                 (paged_cpu, "step_pages", "C++ Quest scores and top-k"),
                                 (paged_cpu, "paged_attention", "C++ attention over the kept pages")):
         setattr(module, name, timed(spent, label, getattr(module, name)))
-    for cls, name, label in ((attention.SparseSelector, "run", "SparseSelector.run"),
+    for cls, name, label in ((attention.SparseSelector, "paged_step", "SparseSelector.paged_step"),
+                             (attention.SparseSelector, "_written_keys", "the written keys' cut"),
+                             (attention.SparseSelector, "run", "SparseSelector.run"),
                              (attention.SparseSelector, "select", "SparseSelector.select"),
                              (attention.SparseHandle, "record", "the handle's record"),
                              (page_stats.PageStats, "update", "PageStats.update")):

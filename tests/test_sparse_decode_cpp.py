@@ -10,7 +10,12 @@ strided view), float64 / float32 / bfloat16.
   ties (equal bounds) to the later page, NaN bounds last;
 - ``pool_pages`` equals ``pooled_keys`` (max and min exactly, the mean to rounding);
 - a plain decoding step under ``sparse_attention`` runs on it, and where it cannot be built the
-  eager step takes over with the same result.
+  eager step takes over with the same result;
+- a decoding step of a model with ``sparse_attention`` alone on it goes straight to the pattern's
+  page choice and this kernel (``SparseSelector.paged_step``) with the general path's tokens, logits,
+  kept pages and record bit for bit (Llama GQA, GPT-2 MHA, Mistral's sliding-window cache,
+  DynamicCache and StaticCache, batch 2); where the model's mask hides keys (left padding) the
+  general path runs.
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ import math
 import pytest
 import torch
 
+from attnkit.seam import AttentionSession, Tap, attach
 from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys
 from attnkit.seam.kernels.paged_decode import select_step_pages, step_budget
+from attnkit.sparse import SparseConfig, sparse_attention
+from attnkit.sparse.attention import SparseSelector
+from conftest import VOCAB, gpt2, llama, mistral
 from sparse_helpers import written_part_of_buffers
 
 if paged_cpu.load() is None:
@@ -193,3 +202,45 @@ def test_attention_on_several_threads_equals_one_and_rejects_a_page_outside_the_
     bad[1, 1, 3] = n  # past the last page
     with pytest.raises(RuntimeError, match="outside the cache"):
         paged_cpu.paged_attention(q, k, v, bad, bs, 0.25)
+
+
+class _Alongside(Tap):
+    """A tap that wants nothing: attached beside ``sparse_attention`` it makes every call take the general path."""
+
+    wants_call = wants_chunks = False
+
+
+def _decode(model, ids, mask, cache, alongside: bool, monkeypatch):
+    """(tokens, logits, handle, query lengths ``SparseSelector.run`` saw, last step's kept pages)."""
+    cfg = SparseConfig(pattern="quest", density=0.3, block_size=4)
+    seen: list[int] = []
+    run = SparseSelector.run
+    monkeypatch.setattr(SparseSelector, "run", lambda self, call, *a: seen.append(call.query_length) or run(self, call, *a))
+    with torch.no_grad(), sparse_attention(model, cfg, keep_masks=True) as handle:
+        with attach(model, AttentionSession(taps=[_Alongside()])) if alongside else torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 pad_token_id=2, output_logits=True, return_dict_in_generate=True,
+                                 cache_implementation="static" if cache == "static" else None)
+        kept = {site: m.clone() for site, m in handle.block_masks.items()}
+    monkeypatch.setattr(SparseSelector, "run", run)
+    return out.sequences, torch.stack(out.logits, 1), handle, seen, kept
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("case", ["llama-gqa", "gpt2-mha", "mistral-window", "left-padded"])
+def test_a_decoding_step_alone_on_the_model_goes_straight_to_the_kernel(case, cache, monkeypatch):
+    model = {"gpt2-mha": gpt2, "mistral-window": mistral}.get(case, llama)("sdpa")
+    ids = torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    if case == "left-padded":
+        ids[1, :5], mask[1, :5] = 2, 0
+    general = _decode(model, ids, mask, cache, True, monkeypatch)
+    straight = _decode(model, ids, mask, cache, False, monkeypatch)
+    assert torch.equal(general[0], straight[0]) and torch.equal(general[1], straight[1])
+    assert general[2].kernels == straight[2].kernels and general[2].densities() == straight[2].densities()
+    assert general[4].keys() == straight[4].keys()
+    assert all(torch.equal(general[4][s], straight[4][s]) for s in general[4])
+    layers = model.config.num_hidden_layers
+    assert general[3].count(1) == 7 * layers  # the general path sees every step after the first token
+    # the mask hides keys (the padding): those steps need the general path
+    assert straight[3].count(1) == (7 * layers if case == "left-padded" else 0)

@@ -14,6 +14,10 @@ call:
 
 Calls made while autograd recomputes a checkpointed segment (inside backward) get the same
 kernel and modifiers but no taps, so a row is counted once.
+
+One shortcut: a session alone on a module may compute a plain call itself before any of this
+(``AttentionSession.answer_plain``, asked by ``answer_alone``): a sparse decoding step is three C++
+calls, and the general path's Python would cost as much as they do at batch 1.
 """
 
 from __future__ import annotations
@@ -81,6 +85,19 @@ class AttentionSession:
         """Whether this forward's calls are shown to the taps (``every``; ``active``)."""
         return self.active and bool(self.taps) and (self.forwards - 1) % self.plan.every == 0
 
+    def answer_plain(self, module: nn.Module, site: Site, query: Tensor, key: Tensor, value: Tensor,
+                     mask: Tensor | None, scale: float) -> Tensor | None:
+        """The output (B, H, Q, Dv) of a plain call that this session computes on its own, or None
+        (the default): the call then takes the general path (plan, kernel, taps).
+
+        The seam asks before it builds the call (``answer_alone``), and only when this session is
+        the only one on the module, active, on every head of a site it touches, outside a
+        checkpoint's recompute, for a call with no bias, soft-cap, sinks or dropout. query: (B, H,
+        Q, D); key, value: the model's own KV heads (B, Hkv, K, D|Dv); mask: the model's, as its
+        attention function got it. A session whose whole work on some calls is one kernel (a
+        sparse decoding step) answers them here without the general path's cost per call."""
+        return None
+
 
 class Dispatch:
     """What the attached sessions do with one call: the modifiers (of every session, confined to
@@ -130,6 +147,22 @@ class Dispatch:
         grad_taps = [t for s, _ in self.observers for t in s.taps if t.wants_grad_output]
         if grad_taps and out is not None and out.requires_grad:
             out.register_hook(_grad_hook(call, grad_taps))
+
+
+def answer_alone(sessions: Sequence[AttentionSession], module: nn.Module, site: Site, query: Tensor, key: Tensor,
+                 value: Tensor, mask: Tensor | None, scale: float) -> Tensor | None:
+    """The output (B, H, Q, Dv) of a plain call, when the only session attached answers it on its
+    own (``AttentionSession.answer_plain``); None: the call takes ``run_call``. The caller has
+    checked that the call is plain (no bias, soft-cap, sinks or dropout) and no recompute."""
+    if len(sessions) != 1:
+        return None
+    session = sessions[0]
+    if not session.active or session.plan.heads is not None or not session.plan.touches(site):
+        return None
+    out = session.answer_plain(module, site, query, key, value, mask, scale)
+    if out is not None:
+        session.sites_seen.add(site)
+    return out
 
 
 @eager_under_compile  # attnkit's Python runs eagerly; torch.compile graph-breaks around it

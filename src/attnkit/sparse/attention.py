@@ -38,6 +38,7 @@ from attnkit.seam.call import AttentionCall, causal_allowed
 from attnkit.seam.plan import Mods
 from attnkit.seam.session import in_backward
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
+from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, block_geometry, keep_best
 from attnkit.seam.kernels.paged_decode import all_valid, is_decoding_step, select_step_pages, step_budget
 from attnkit.seam.kernels.workspace import Workspace
@@ -162,6 +163,11 @@ class SparseSession(AttentionSession):
         super().__init__(taps=[_CallMarker(selector)], mask_mods=[selector], score_mods=[selector.gate_bias],
                          kernel=KERNEL_NAME, layers=layers, chunk_elements=chunk_elements)
         self.handle = handle
+        self.selector = selector
+
+    def answer_plain(self, module: nn.Module, site: Site, query: Tensor, key: Tensor, value: Tensor,
+                     mask: Tensor | None, scale: float) -> Tensor | None:
+        return self.selector.paged_step(module, site, query, key, value, mask, scale)
 
     def start_forward(self) -> None:
         super().start_forward()
@@ -188,6 +194,12 @@ class SparseSelector:
         self.gate_bias = GateBias(self)
         self._fresh = False  # the selection in _last is this call's (set by run, cleared as a call starts)
         self.pages = PageStats()  # each site's key-page statistics, kept across the steps of a KV cache
+        # a decoding step may go straight to the pattern's page choice and the C++ paged kernel
+        # (``paged_step``): a training-free pattern that chooses a step's pages itself, causal calls,
+        # the kernel auto-chosen or that one
+        self._steps_by_pages = (self.pattern.step_pages is not None and not self.pattern.learned
+                                and cfg.causal is not False and cfg.kernel in ("auto", "paged_cpu"))
+        self._keeps_sinks = cfg.keeps_sinks
         self._per_mask: dict[str, tuple] = {}  # _from_mask's last mask and answer, by question
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -271,6 +283,45 @@ class SparseSelector:
         sel = choose_blocks(call.query, k, cfg, gate=gate, causal=causal, allowed=allowed, key_pages=pages,
                             workspace=workspace)
         return sel, k, v, allowed
+
+    def paged_step(self, module: nn.Module, site: Site, query: Tensor, key: Tensor, value: Tensor,
+                   mask: Tensor | None, scale: float) -> Tensor | None:
+        """A decoding step's output (B, H, 1, Dv) computed as ``run`` computes it with the kernel it
+        would choose (the pattern's own page choice, then ``paged_cpu``'s C++ attention over the kept
+        pages), for a call the seam hands over whole (``AttentionSession.answer_plain``): the same
+        selection, output and record, without the general path's plumbing, whose Python costs as much
+        as the step's attention at batch 1. None where ``run`` must see the call: not one query of a
+        causal model, a mask that hides any written key (padding), a learned pattern or one without
+        a step's page choice, another kernel asked for, a gradient, no C++ kernel."""
+        if query.shape[2] != 1 or not self._steps_by_pages:
+            return None
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                return None
+            # a preallocated cache: its unwritten slots cut off, as ``select`` cuts them
+            key, value, mask = self._written_keys(key, value, mask)
+            if mask is not None:
+                return None
+        elif self.cfg.causal is None and not getattr(module, "is_causal", True):  # ``is_causal_call``'s rule
+            return None
+        K, H, Hk = key.shape[2], query.shape[1], key.shape[1]
+        if K < 2 or H % Hk or not paged_cpu.supports(query, key, value) or paged_cpu.load() is None:
+            return None
+        cfg = self.cfg.at_layer(site.layer)
+        bs = cfg.block_size
+        geo = block_geometry(bs, 1, K, True, query.device)
+        pages = lambda: self.pages.update(site, key, bs, past=K - 1)  # noqa: E731
+        kept, local, first = step_budget(geo.n_key_blocks, cfg.density, cfg.sink_blocks, cfg.local_blocks,
+                                         self._keeps_sinks)
+        chosen = self.pattern.step_pages(BlockInputs(query, key, geo, H // Hk, key_pages=pages), kept, local, first)
+        if chosen is None:
+            return None
+        out = paged_cpu.paged_attention(query, key, value, chosen, bs, scale)
+        sel = BlockSelection(indices=chosen.unsqueeze(2), valid=all_valid(kept, query.device), geometry=geo,
+                             every_slot=True)
+        self._last, self._fresh, self._last_bias = (sel, H // Hk), True, None
+        self.handle.record(site, sel, "paged_cpu")
+        return out
 
     def run(self, call: AttentionCall, others: Mods, chunk_elements: int) -> Tensor:
         # a decoding step's temporaries are a few bytes: no workspace, and its size does not replace
@@ -404,8 +455,12 @@ def _written_extent(allowed: Tensor, K: int) -> tuple[int, bool]:
     cut off, so that the step's query is at the end of its keys, as the page selection assumes), and
     whether the mask hides any of those (False: no padding, no mask to apply)."""
     rows = allowed[..., :K].reshape(-1, K)  # (rows, K)
-    end = K - int(rows.any(0).flip(0).int().argmax())  # K when the last key is seen, or none is
-    return end, not bool(rows[:, :end].all())
+    shown = (rows[0] if rows.shape[0] == 1 else rows.any(0)).nonzero()  # (n, 1) the keys some row sees
+    if not len(shown):
+        return K, True
+    end = int(shown[-1]) + 1
+    # one row: it hides a written key when it sees fewer than ``end``
+    return end, len(shown) != end if rows.shape[0] == 1 else not bool(rows[:, :end].all())
 
 
 def _causal_prefix(allowed: Tensor, K: int, Q: int) -> int | None:

@@ -45,6 +45,7 @@ class _SitePages:
     keys: int  # how many keys the filled pages summarise
     stats: Tensor  # (3, B, Hkv, capacity, D): mean, max, min of each page
     marks: Tensor  # (B, Hkv, capacity, D): the last key of each full page, to tell the same cache
+    views: tuple[int, tuple[Tensor, Tensor, Tensor]] | None = None  # (pages, the first pages' mean, max, min)
 
     def fits(self, k: Tensor, block_size: int) -> bool:
         B, Hk, _, D = k.shape
@@ -64,7 +65,7 @@ class _SitePages:
         marks = self.marks.new_empty(*self.marks.shape[:2], grow, self.marks.shape[-1])
         stats[:, :, :, : self.capacity] = self.stats
         marks[:, :, : self.capacity] = self.marks
-        self.stats, self.marks = stats, marks
+        self.stats, self.marks, self.views = stats, marks, None
 
 
 class PageStats:
@@ -77,11 +78,16 @@ class PageStats:
     def clear(self) -> None:
         self._sites.clear()
 
-    @torch.no_grad()
     def update(self, site: Site, k: Tensor, block_size: int, past: int) -> tuple[Tensor, Tensor, Tensor]:
         """(mean, max, min) of each page of k (B, Hkv, K, D), each (B, Hkv, ceil(K / block_size), D),
         the pages before the first one touched since the site's last call reused. ``past``: keys
         that were in the cache before this call."""
+        if torch.is_grad_enabled():  # (a decoding step runs without: no context to enter, a step's µs)
+            with torch.no_grad():
+                return self._update(site, k, block_size, past)
+        return self._update(site, k, block_size, past)
+
+    def _update(self, site: Site, k: Tensor, block_size: int, past: int) -> tuple[Tensor, Tensor, Tensor]:
         B, Hk, K, D = k.shape
         bs = block_size
         n_pages = math.ceil(K / bs)
@@ -115,5 +121,6 @@ class PageStats:
                 entry.marks[:, :, start:full_pages] = k[:, :, start * bs + bs - 1: full_pages * bs: bs]
         self.pages_pooled += n_pages - start
         entry.keys = K
-        mean, hi, lo = entry.stats[:, :, :, :n_pages].unbind(0)
-        return mean, hi, lo
+        if entry.views is None or entry.views[0] != n_pages:  # views into the buffers, made when the pages grow
+            entry.views = (n_pages, tuple(entry.stats.narrow(3, 0, n_pages).unbind(0)))
+        return entry.views[1]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from attnkit.seam.eager import eager_under_compile
 from attnkit.seam.call import build_call
-from attnkit.seam.session import attachment_of, in_backward, run_call
+from attnkit.seam.session import answer_alone, attachment_of, in_backward, run_call
 
 NAME = "attnkit"
 # Implementations whose kernel and mask attnkit reproduces exactly; any other runs as SDPA.
@@ -69,16 +69,22 @@ def attnkit_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[Tensor, None]:
+    attachment = attachment_of(module)
+    recompute = in_backward()
+    site = attachment.sites.site_of(module, count=not recompute) if attachment is not None else None
+    if site is not None and not recompute and _plain(module, dropout, kwargs):
+        # a call the one session attached computes on its own (a sparse decoding step)
+        out = answer_alone(attachment.sessions, module, site, query, key, value, attention_mask,
+                           scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     function = _native_function(module)
 
     def native(scale: float) -> Tensor:  # (B, H, Q, D)
         return function(module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs)[0].transpose(1, 2)
 
-    attachment = attachment_of(module)
     if attachment is None:  # a model switched to "attnkit" outside a session behaves as before
         return native(scaling if scaling is not None else query.shape[-1] ** -0.5).transpose(1, 2), None
-    recompute = in_backward()
-    site = attachment.sites.site_of(module, count=not recompute)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     mask, is_causal = attention_mask, attention_mask is None and bool(causal)
@@ -118,6 +124,13 @@ def _top_left_causal(Q: int, K: int, device: torch.device) -> Tensor:
         mask = torch.ones(1, 1, Q, K, dtype=torch.bool, device=device).tril()
         _top_left = (weakref.ref(mask), mask._version)
     return mask
+
+
+def _plain(module: nn.Module, dropout: float, kwargs: dict) -> bool:
+    """Whether the call has nothing beyond its mask and scale: no soft-cap, position bias, sinks, or
+    dropout in force."""
+    return ((not dropout or not module.training) and kwargs.get("softcap") is None
+            and kwargs.get("position_bias") is None and _learned_sinks(kwargs) is None)
 
 
 def _learned_sinks(kwargs: dict) -> Tensor | None:

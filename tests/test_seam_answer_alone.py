@@ -1,0 +1,97 @@
+"""A session that computes some calls on its own (``AttentionSession.answer_plain``), asked by the seam
+before it builds the call, only when the answer cannot differ from the general path's:
+
+- alone on the model, active, on every head of a site it touches, for a plain call: asked at every
+  site, and its output is the attention's output;
+- another session on the model, inactive, a site outside its layers, some heads only, or a call with
+  dropout in force: never asked, and the model computes exactly what it computes unattached.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.seam import AttentionSession, Site, Tap, attach
+from conftest import _ids, gpt2, llama
+
+
+class Answering(AttentionSession):
+    """Answers every call it is asked with a zero output, and notes where it was asked."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.asked: list[Site] = []
+
+    def answer_plain(self, module, site, query, key, value, mask, scale):
+        self.asked.append(site)
+        B, H, Q, _ = query.shape
+        return query.new_zeros(B, H, Q, value.shape[-1])
+
+
+class _Nothing(Tap):
+    wants_call = wants_chunks = False
+
+
+def _logits(model, ids, *sessions):
+    with torch.no_grad():
+        if not sessions:
+            return model(input_ids=ids).logits
+        with attach(model, sessions[0]):
+            if len(sessions) == 1:
+                return model(input_ids=ids).logits
+            with attach(model, sessions[1]):
+                return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("make", [llama, gpt2], ids=["llama-gqa", "gpt2-mha"])
+def test_a_session_alone_answers_every_plain_call(make):
+    model = make("sdpa")
+    ids = _ids(2, 9)
+    plain = _logits(model, ids)
+    session = Answering()
+    answered = _logits(model, ids, session)
+    layers = model.config.num_hidden_layers
+    assert session.asked == [Site(i) for i in range(layers)]
+    assert session.sites_seen == set(session.asked)
+    assert not torch.allclose(answered, plain)  # attention's output was the answer's zeros
+    # the same as a model whose attention outputs zeros: every layer's attention output dropped
+    assert torch.equal(_logits(model, ids, Answering(layers=range(layers))), answered)
+
+
+@pytest.mark.parametrize("why", ["another session", "inactive", "outside its layers", "some heads"])
+def test_a_session_is_not_asked_where_the_general_path_must_run(why):
+    model = llama("sdpa")
+    ids = _ids(1, 7)
+    plain = _logits(model, ids)
+    kwargs = {"layers": [1]} if why == "outside its layers" else {"heads": [0]} if why == "some heads" else {}
+    session = Answering(**kwargs)
+    if why == "inactive":
+        session.active = False
+    others = (AttentionSession(taps=[_Nothing()]),) if why == "another session" else ()
+    got = _logits(model, ids, session, *others)
+    if why == "outside its layers":
+        assert session.asked == [Site(1)]  # layer 1 answered, layer 0 left to the model
+        return
+    assert session.asked == []
+    assert torch.equal(got, plain)
+
+
+def test_a_call_with_dropout_in_force_is_not_plain():
+    model = gpt2("sdpa")
+    model.config.attn_pdrop = 0.5
+    for block in model.transformer.h:
+        block.attn.attn_dropout.p = 0.5
+        block.attn.attn_dropout.train()
+    ids = _ids(1, 7)
+    session = Answering()
+    model.train()
+    try:
+        with attach(model, session), torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        model.eval()
+    assert session.asked == []  # dropout applies: the general path, with its dropout
+    with attach(model, session), torch.no_grad():
+        model(input_ids=ids)
+    assert len(session.asked) == model.config.num_hidden_layers  # in eval mode the same call is plain
