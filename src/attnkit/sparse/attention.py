@@ -455,6 +455,9 @@ def _written_extent(allowed: Tensor, K: int) -> tuple[int, bool]:
     cut off, so that the step's query is at the end of its keys, as the page selection assumes), and
     whether the mask hides any of those (False: no padding, no mask to apply)."""
     rows = allowed[..., :K].reshape(-1, K)  # (rows, K)
+    seen = int(rows.sum(-1).max())
+    if seen and bool(rows[:, :seen].all()):  # every row sees the first keys and nothing after them
+        return seen, False
     shown = (rows[0] if rows.shape[0] == 1 else rows.any(0)).nonzero()  # (n, 1) the keys some row sees
     if not len(shown):
         return K, True
