@@ -1,17 +1,21 @@
 """How much of a sparse decoding step is the Python around its three C++ calls.
 
-Three ways to run the same model's decoding steps, in interleaved rounds (CPU time per step):
+Four ways to run the same model's decoding steps, in interleaved rounds (CPU time per step):
 
   dense    the model's own SDPA
-  sparse   ``sparse_attention`` with Quest at density 0.25, pages of 64
-  bare     an attention function registered with transformers that calls the same three C++ ops
-           (pool the new key's page, Quest's scores and top-k, attention over the kept pages) with
-           the same selection rule and nothing else: no seam, no selection plumbing, no handle.
-           It decodes the same tokens as ``sparse`` (checked before the rounds).
+  sparse   ``sparse_attention`` with ``--pattern`` (Quest) at density 0.25, pages of 64: alone on the
+           model, a step goes straight to the pattern's pages and the C++ kernel (``paged_step``)
+  general  the same with a session that observes nothing attached beside it: every step takes the
+           seam's general path (the call built, dispatched, the kernel chosen), same tokens
+  bare     (Quest only) an attention function registered with transformers that calls the same
+           three C++ ops (pool the new key's page, Quest's scores and top-k, attention over the kept
+           pages) with the same selection rule and nothing else: no seam, no selection plumbing, no
+           handle. It decodes the same tokens as ``sparse`` (checked before the rounds).
 
 ``reference-long``'s architecture (positions raised to fit the cache), batch 1, fp32, one thread.
 
     python bench/sparse_decode_bare.py --length 16384 --cache static
+    python bench/sparse_decode_bare.py --length 4096 --cache static --pattern moba
 """
 
 from __future__ import annotations
@@ -81,17 +85,23 @@ def main() -> None:
     p.add_argument("--length", type=int, default=16384, help="cached tokens")
     p.add_argument("--cache", choices=("dynamic", "static"), default="static")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--pattern", default="quest", help="a training-free pattern (bare runs for quest only)")
     args = p.parse_args()
 
     import torch
 
     from bench_decode import build, decoder
 
-    from attnkit.sparse import sparse_attention
+    from attnkit.seam import AttentionSession, Tap, attach
+    from attnkit.sparse import SparseConfig, sparse_attention
+
+    class Nothing(Tap):  # beside sparse_attention it makes every call take the general path
+        wants_call = wants_chunks = False
 
     torch.set_num_threads(1)
     L = args.length
     bare = BareQuest(0.25)
+    cfg = SparseConfig(pattern=args.pattern, density=0.25, block_size=PAGE)
     model = build(types.SimpleNamespace(model="reference-long"), L + 64)
     decode = decoder(model, args.cache, L, 1, STEPS)
 
@@ -104,8 +114,13 @@ def main() -> None:
         return timed()
 
     def sparse() -> float:
-        with sparse_attention(model, bare.cfg):
+        with sparse_attention(model, cfg):
             decode(1)  # the statistics of the pages prefilled outside the session
+            return timed()
+
+    def general() -> float:
+        with sparse_attention(model, cfg), attach(model, AttentionSession(taps=[Nothing()])):
+            decode(1)
             return timed()
 
     def bare_step() -> float:
@@ -118,13 +133,17 @@ def main() -> None:
             model.set_attn_implementation("sdpa")
 
     with torch.no_grad():
-        with sparse_attention(model, bare.cfg):
+        with sparse_attention(model, cfg):
             expected = decode(8)
-        bare.stats.clear()
-        model.set_attn_implementation(bare.register())
-        same = decode(8) == expected
-        model.set_attn_implementation("sdpa")
-        fns = {"dense": dense, "sparse": sparse, "bare": bare_step}
+        with sparse_attention(model, cfg), attach(model, AttentionSession(taps=[Nothing()])):
+            same = {"general": decode(8) == expected}
+        fns = {"dense": dense, "sparse": sparse, "general": general}
+        if args.pattern == "quest":
+            bare.stats.clear()
+            model.set_attn_implementation(bare.register())
+            same["bare"] = decode(8) == expected
+            model.set_attn_implementation("sdpa")
+            fns["bare"] = bare_step
         for fn in fns.values():
             fn()
         rounds = {n: [] for n in fns}
@@ -133,8 +152,8 @@ def main() -> None:
                 rounds[n].append(fn())
     ms = {n: round(statistics.median(r) * 1e3, 3) for n, r in rounds.items()}
     speed = {n: round(statistics.median(d / x for d, x in zip(rounds["dense"], r)), 2) for n, r in rounds.items()}
-    print(f"{L} cached tokens, {args.cache} cache, batch 1: ms a step {ms}; x dense tokens/s {speed}; "
-          f"bare decodes the same tokens as sparse: {same}")
+    print(f"{L} cached tokens, {args.cache} cache, batch 1, {args.pattern}: ms a step {ms}; x dense tokens/s {speed}; "
+          f"the same tokens as sparse: {same}")
 
 
 if __name__ == "__main__":

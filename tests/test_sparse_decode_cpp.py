@@ -30,7 +30,7 @@ from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels.blocks import BlockGeometry, pooled_keys
 from attnkit.seam.kernels.paged_decode import select_step_pages, step_budget
-from attnkit.sparse import SparseConfig, sparse_attention
+from attnkit.sparse import PATTERNS, SparseConfig, sparse_attention
 from attnkit.sparse.attention import SparseSelector
 from conftest import VOCAB, gpt2, llama, mistral
 from sparse_helpers import written_part_of_buffers
@@ -210,9 +210,9 @@ class _Alongside(Tap):
     wants_call = wants_chunks = False
 
 
-def _decode(model, ids, mask, cache, alongside: bool, monkeypatch):
+def _decode(model, ids, mask, cache, alongside: bool, monkeypatch, pattern: str = "quest"):
     """(tokens, logits, handle, query lengths ``SparseSelector.run`` saw, last step's kept pages)."""
-    cfg = SparseConfig(pattern="quest", density=0.3, block_size=4)
+    cfg = SparseConfig(pattern=pattern, density=0.3, block_size=4)
     seen: list[int] = []
     run = SparseSelector.run
     monkeypatch.setattr(SparseSelector, "run", lambda self, call, *a: seen.append(call.query_length) or run(self, call, *a))
@@ -244,3 +244,17 @@ def test_a_decoding_step_alone_on_the_model_goes_straight_to_the_kernel(case, ca
     assert general[3].count(1) == 7 * layers  # the general path sees every step after the first token
     # the mask hides keys (the padding): those steps need the general path
     assert straight[3].count(1) == (7 * layers if case == "left-padded" else 0)
+
+
+@pytest.mark.parametrize("pattern", sorted(p for p in PATTERNS if not PATTERNS[p].learned))
+def test_every_training_free_pattern_decodes_straight_to_the_kernel_as_on_the_general_path(pattern, monkeypatch):
+    model = llama("sdpa")
+    ids = torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    general = _decode(model, ids, mask, "static", True, monkeypatch, pattern)
+    straight = _decode(model, ids, mask, "static", False, monkeypatch, pattern)
+    assert torch.equal(general[0], straight[0]) and torch.equal(general[1], straight[1])
+    assert general[2].kernels == straight[2].kernels
+    assert straight[2].kernels["paged_cpu"] == 7 * model.config.num_hidden_layers  # every step after the first token
+    assert all(torch.equal(general[4][s], straight[4][s]) for s in general[4])
+    assert straight[3].count(1) == 0

@@ -194,12 +194,10 @@ class SparseSelector:
         self.gate_bias = GateBias(self)
         self._fresh = False  # the selection in _last is this call's (set by run, cleared as a call starts)
         self.pages = PageStats()  # each site's key-page statistics, kept across the steps of a KV cache
-        # a decoding step may go straight to the pattern's page choice and the C++ paged kernel
-        # (``paged_step``): a training-free pattern that chooses a step's pages itself, causal calls,
-        # the kernel auto-chosen or that one
-        self._steps_by_pages = (self.pattern.step_pages is not None and not self.pattern.learned
-                                and cfg.causal is not False and cfg.kernel in ("auto", "paged_cpu"))
-        self._keeps_sinks = cfg.keeps_sinks
+        # a decoding step may go straight to the pattern's pages and the C++ paged kernel
+        # (``paged_step``): a training-free pattern, causal calls, the kernel auto-chosen or that one
+        self._straight_steps = (not self.pattern.learned and cfg.causal is not False
+                                and cfg.kernel in ("auto", "paged_cpu"))
         self._per_mask: dict[str, tuple] = {}  # _from_mask's last mask and answer, by question
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -287,13 +285,13 @@ class SparseSelector:
     def paged_step(self, module: nn.Module, site: Site, query: Tensor, key: Tensor, value: Tensor,
                    mask: Tensor | None, scale: float) -> Tensor | None:
         """A decoding step's output (B, H, 1, Dv) computed as ``run`` computes it with the kernel it
-        would choose (the pattern's own page choice, then ``paged_cpu``'s C++ attention over the kept
-        pages), for a call the seam hands over whole (``AttentionSession.answer_plain``): the same
-        selection, output and record, without the general path's plumbing, whose Python costs as much
-        as the step's attention at batch 1. None where ``run`` must see the call: not one query of a
-        causal model, a mask that hides any written key (padding), a learned pattern or one without
-        a step's page choice, another kernel asked for, a gradient, no C++ kernel."""
-        if query.shape[2] != 1 or not self._steps_by_pages:
+        would choose (the pattern's pages, then ``paged_cpu``'s C++ attention over them), for a call
+        the seam hands over whole (``AttentionSession.answer_plain``): the same selection, output and
+        record, without the general path's plumbing, whose Python costs as much as the step's
+        attention at batch 1. None where ``run`` must see the call: not one query of a causal model, a
+        mask that hides any written key (padding), a learned pattern, another kernel asked for, a
+        gradient, no C++ kernel."""
+        if query.shape[2] != 1 or not self._straight_steps:
             return None
         if mask is not None:
             if mask.dtype != torch.bool:
@@ -304,22 +302,14 @@ class SparseSelector:
                 return None
         elif self.cfg.causal is None and not getattr(module, "is_causal", True):  # ``is_causal_call``'s rule
             return None
-        K, H, Hk = key.shape[2], query.shape[1], key.shape[1]
-        if K < 2 or H % Hk or not paged_cpu.supports(query, key, value) or paged_cpu.load() is None:
+        K = key.shape[2]
+        if K < 2 or query.shape[1] % key.shape[1] or not paged_cpu.supports(query, key, value) or paged_cpu.load() is None:
             return None
         cfg = self.cfg.at_layer(site.layer)
-        bs = cfg.block_size
-        geo = block_geometry(bs, 1, K, True, query.device)
-        pages = lambda: self.pages.update(site, key, bs, past=K - 1)  # noqa: E731
-        kept, local, first = step_budget(geo.n_key_blocks, cfg.density, cfg.sink_blocks, cfg.local_blocks,
-                                         self._keeps_sinks)
-        chosen = self.pattern.step_pages(BlockInputs(query, key, geo, H // Hk, key_pages=pages), kept, local, first)
-        if chosen is None:
-            return None
-        out = paged_cpu.paged_attention(query, key, value, chosen, bs, scale)
-        sel = BlockSelection(indices=chosen.unsqueeze(2), valid=all_valid(kept, query.device), geometry=geo,
-                             every_slot=True)
-        self._last, self._fresh, self._last_bias = (sel, H // Hk), True, None
+        pages = lambda: self.pages.update(site, key, cfg.block_size, past=K - 1)  # noqa: E731
+        sel = choose_blocks(query, key, cfg, causal=True, key_pages=pages)
+        out = paged_cpu.paged_attention(query, key, value, sel.indices, cfg.block_size, scale)
+        self._last, self._fresh, self._last_bias = (sel, query.shape[1] // key.shape[1]), True, None
         self.handle.record(site, sel, "paged_cpu")
         return out
 
