@@ -268,6 +268,22 @@ def _by_block(t: Tensor, bs: int) -> Tensor:
     return t.reshape(B * H, L // bs, bs, D).transpose(0, 1)
 
 
+def _bucket_inputs(b: _Bucket, qv: Tensor, kept: Tensor, keys: tuple, values: tuple, n_key_blocks: int,
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A bucket's queries (m, 1, G·bs, D), the G heads of a KV group as G·bs rows of one head (qv:
+    (B, Hkv, G, nQb, bs, D)); its kept key blocks' keys and values gathered into the buffers,
+    (m, 1, S·bs, D|Dv); and the kept block numbers (in the flat (B·Hkv·nKb) numbering). keys /
+    values: (flat blocks, their strides, the buffer) of ``_flat_blocks`` and the call's buffer."""
+    (kflat, kP, kbuf), (vflat, vP, vbuf) = keys, values
+    G, bs, D = qv.shape[2], qv.shape[4], qv.shape[5]
+    blocks = kept[b.at: b.at + b.n]
+    qb = qv[:, :, :, b.i0: b.i1].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)
+    m = qb.shape[0]
+    kg = torch.index_select(kflat, 0, _in_flat(blocks, n_key_blocks, kP), out=kbuf[:b.n]).view(m, 1, -1, D)
+    vg = torch.index_select(vflat, 0, _in_flat(blocks, n_key_blocks, vP), out=vbuf[:b.n]).view(m, 1, -1, vbuf.shape[-1])
+    return qb, kg, vg, blocks
+
+
 class _SplitAttention(torch.autograd.Function):
     """Own blocks (causal, in place) + gathered other blocks (no mask), merged by log-sum-exp; the
     backward runs SDPA's fused backward on each part with the merged output and log-sum-exp.
@@ -292,11 +308,7 @@ class _SplitAttention(torch.autograd.Function):
         qv = q.view(B, Hk, G, nQ, bs, D)
         kept = plan.kept_blocks()
         for b in plan.buckets:
-            n, blocks = b.n, kept[b.at: b.at + b.n]
-            qb = qv[:, :, :, b.i0: b.i1].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)  # (m, 1, G·bs, D)
-            m = qb.shape[0]
-            kg = torch.index_select(kflat, 0, _in_flat(blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
-            vg = torch.index_select(vflat, 0, _in_flat(blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
+            qb, kg, vg, _ = _bucket_inputs(b, qv, kept, (kflat, kP, kbuf), (vflat, vP, vbuf), nK)
             o2, l2 = _forward(qb, kg, vg, 0.0, False, attn_mask=plan.mask(b, q.dtype), scale=scale)
             # merge into the own part's rows: with l = logaddexp(l1, l2) the gathered part's share of
             # the softmax is w = e^(l2-l) = sigmoid(l2 - l1), and o = o1 + w·(o2 - o1): four ops a
@@ -350,13 +362,10 @@ class _SplitAttention(torch.autograd.Function):
         g5, o5 = g_own.view(nQ, B * Hk, G, bs, Dv), o_own.view(nQ, B * Hk, G, bs, Dv)
         kept = plan.kept_blocks()
         for b in plan.buckets:
-            # The G heads of a group as G·bs query rows of one head: the keys' gradient comes back
-            # summed over the group.
-            n, r, blocks = b.n, slice(b.i0, b.i1), kept[b.at: b.at + b.n]
-            qb = qv[:, :, :, r].permute(3, 0, 1, 2, 4, 5).reshape(-1, 1, G * bs, D)
+            # the keys' gradient comes back summed over the group's G heads (rows of one head here)
+            n, r = b.n, slice(b.i0, b.i1)
+            qb, kg, vg, blocks = _bucket_inputs(b, qv, kept, (kflat, kP, kbuf), (vflat, vP, vbuf), nK)
             m = qb.shape[0]
-            kg = torch.index_select(kflat, 0, _in_flat(blocks, nK, kP), out=kbuf[:n]).view(m, 1, -1, D)
-            vg = torch.index_select(vflat, 0, _in_flat(blocks, nK, vP), out=vbuf[:n]).view(m, 1, -1, Dv)
             gq, gk, gv = _backward(
                 g5[r].reshape(m, 1, G * bs, Dv), qb, kg, vg, o5[r].reshape(m, 1, G * bs, Dv),
                 lse5[r].reshape(m, 1, G * bs), 0.0, False, attn_mask=plan.mask(b, q.dtype), scale=scale)
