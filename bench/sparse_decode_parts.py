@@ -81,7 +81,8 @@ def main() -> None:
         decode(STEPS)
         step = (time.perf_counter() - start) / STEPS
     calls = STEPS * model.config.num_hidden_layers
-    print(f"{args.length} cached tokens, {args.cache} cache: a step {step * 1e3:.2f} ms; per layer and step (µs):")
+    print(f"{args.length} cached tokens, {args.cache} cache: a step {step * 1e3:.2f} ms; per layer and step (µs; "
+          "nested: a function's time includes the calls it makes, so the lines do not add up):")
     for label, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {label:>36}: {seconds / calls * 1e6:7.1f}")
 

@@ -3,8 +3,9 @@ before it builds the call, only when the answer cannot differ from the general p
 
 - alone on the model, active, on every head of a site it touches, for a plain call: asked at every
   site, and its output is the attention's output;
-- another session on the model, inactive, a site outside its layers, some heads only, or a call with
-  dropout in force: never asked, and the model computes exactly what it computes unattached.
+- another session on the model, inactive, a site outside its layers, some heads only, a call with
+  dropout in force, a soft-cap, a position bias or sinks, or a checkpoint's recompute: never asked,
+  and the model computes exactly what it computes unattached.
 """
 
 from __future__ import annotations
@@ -12,21 +13,34 @@ from __future__ import annotations
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from attnkit.seam import AttentionSession, Site, Tap, attach
+from attnkit.seam.adapters.hf import attnkit_attention
+from arch_zoo import enable_checkpointing
 from conftest import _ids, gpt2, llama
 
 
 class Answering(AttentionSession):
-    """Answers every call it is asked with a zero output, and notes where it was asked."""
+    """Answers every call it is asked with a zero output (or, ``causal``, with causal SDPA over its
+    keys), and notes where it was asked."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, causal: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.asked: list[Site] = []
+        self.causal = causal
 
     def answer_plain(self, module, site, query, key, value, mask, scale):
         self.asked.append(site)
+        if self.causal:
+            return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
         B, H, Q, _ = query.shape
         return query.new_zeros(B, H, Q, value.shape[-1])
+
+
+def _zero_attention(module, query, key, value, attention_mask, **kwargs):
+    B, H, Q, _ = query.shape
+    return query.new_zeros(B, Q, H, value.shape[-1]), None
 
 
 class _Nothing(Tap):
@@ -55,8 +69,18 @@ def test_a_session_alone_answers_every_plain_call(make):
     assert session.asked == [Site(i) for i in range(layers)]
     assert session.sites_seen == set(session.asked)
     assert not torch.allclose(answered, plain)  # attention's output was the answer's zeros
-    # the same as a model whose attention outputs zeros: every layer's attention output dropped
-    assert torch.equal(_logits(model, ids, Answering(layers=range(layers))), answered)
+    # the same as the model with an attention function of its own that outputs zeros
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("test_zero_attention", _zero_attention)
+    AttentionMaskInterface.register("test_zero_attention", sdpa_mask)
+    model.set_attn_implementation("test_zero_attention")
+    try:
+        zeros = _logits(model, ids)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(zeros, answered)
 
 
 @pytest.mark.parametrize("why", ["another session", "inactive", "outside its layers", "some heads"])
@@ -95,3 +119,33 @@ def test_a_call_with_dropout_in_force_is_not_plain():
     with attach(model, session), torch.no_grad():
         model(input_ids=ids)
     assert len(session.asked) == model.config.num_hidden_layers  # in eval mode the same call is plain
+
+
+@pytest.mark.parametrize("extra", ["softcap", "position_bias", "s_aux", "sinks"])
+def test_a_call_with_a_soft_cap_bias_or_sinks_is_not_plain(extra):
+    model = llama("eager")  # its own kernel takes (and ignores) them, where SDPA refuses a soft-cap
+    module = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    value = {"softcap": 30.0, "position_bias": torch.zeros(1, 4, 5, 5), "s_aux": torch.zeros(4),
+             "sinks": torch.zeros(1, 4, 5, 1)}[extra]
+    session = Answering()
+    with attach(model, session), torch.no_grad():
+        attnkit_attention(module, q, k, v, None, scaling=0.35, **{extra: value})
+        assert session.asked == []
+        attnkit_attention(module, q, k, v, None, scaling=0.35)
+    assert session.asked == [Site(0)]
+
+
+def test_a_checkpoint_recompute_is_not_asked():
+    model = llama("sdpa")
+    enable_checkpointing(model, use_reentrant=False)
+    model.train()
+    ids = _ids(1, 7)
+    session = Answering(causal=True)  # what the model computes: the recompute matches the forward
+    try:
+        with attach(model, session):
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        model.eval()
+    assert session.asked == [Site(0), Site(1)]  # the forward's calls only

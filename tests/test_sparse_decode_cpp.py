@@ -13,9 +13,10 @@ strided view), float64 / float32 / bfloat16.
   eager step takes over with the same result;
 - a decoding step of a model with ``sparse_attention`` alone on it goes straight to the pattern's
   page choice and this kernel (``SparseSelector.paged_step``) with the general path's tokens, logits,
-  kept pages and record bit for bit (Llama GQA, GPT-2 MHA, Mistral's sliding-window cache,
-  DynamicCache and StaticCache, batch 2); where the model's mask hides keys (left padding) the
-  general path runs.
+  kept pages and record bit for bit (Llama GQA, GPT-2 MHA, Mistral's sliding-window cache, every
+  training-free pattern, layer shares, sinks, an eager model's additive mask, DynamicCache and
+  StaticCache, batch 2); where the general path would run otherwise (left padding, another kernel
+  asked for, a non-causal session, BART's cross-attention) it runs.
 """
 
 from __future__ import annotations
@@ -210,9 +211,9 @@ class _Alongside(Tap):
     wants_call = wants_chunks = False
 
 
-def _decode(model, ids, mask, cache, alongside: bool, monkeypatch, pattern: str = "quest"):
+def _decode(model, ids, mask, cache, alongside: bool, monkeypatch, **options):
     """(tokens, logits, handle, query lengths ``SparseSelector.run`` saw, last step's kept pages)."""
-    cfg = SparseConfig(pattern=pattern, density=0.3, block_size=4)
+    cfg = SparseConfig(**{"pattern": "quest", "density": 0.3, "block_size": 4, **options})
     seen: list[int] = []
     run = SparseSelector.run
     monkeypatch.setattr(SparseSelector, "run", lambda self, call, *a: seen.append(call.query_length) or run(self, call, *a))
@@ -234,8 +235,10 @@ def test_a_decoding_step_alone_on_the_model_goes_straight_to_the_kernel(case, ca
     mask = torch.ones_like(ids)
     if case == "left-padded":
         ids[1, :5], mask[1, :5] = 2, 0
-    general = _decode(model, ids, mask, cache, True, monkeypatch)
-    straight = _decode(model, ids, mask, cache, False, monkeypatch)
+    # Mistral's cache holds its window of 4 keys: pages of 1 key, so that there is a choice
+    options = {"block_size": 1} if case == "mistral-window" else {}
+    general = _decode(model, ids, mask, cache, True, monkeypatch, **options)
+    straight = _decode(model, ids, mask, cache, False, monkeypatch, **options)
     assert torch.equal(general[0], straight[0]) and torch.equal(general[1], straight[1])
     assert general[2].kernels == straight[2].kernels and general[2].densities() == straight[2].densities()
     assert general[4].keys() == straight[4].keys()
@@ -246,15 +249,64 @@ def test_a_decoding_step_alone_on_the_model_goes_straight_to_the_kernel(case, ca
     assert straight[3].count(1) == (7 * layers if case == "left-padded" else 0)
 
 
+def _same(general, straight) -> None:
+    assert torch.equal(general[0], straight[0]) and torch.equal(general[1], straight[1])
+    assert general[2].kernels == straight[2].kernels and general[2].densities() == straight[2].densities()
+    assert general[4].keys() == straight[4].keys()
+    assert all(torch.equal(general[4][s], straight[4][s]) for s in general[4])
+
+
 @pytest.mark.parametrize("pattern", sorted(p for p in PATTERNS if not PATTERNS[p].learned))
 def test_every_training_free_pattern_decodes_straight_to_the_kernel_as_on_the_general_path(pattern, monkeypatch):
     model = llama("sdpa")
     ids = torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
-    general = _decode(model, ids, mask, "static", True, monkeypatch, pattern)
-    straight = _decode(model, ids, mask, "static", False, monkeypatch, pattern)
-    assert torch.equal(general[0], straight[0]) and torch.equal(general[1], straight[1])
-    assert general[2].kernels == straight[2].kernels
+    general = _decode(model, ids, mask, "static", True, monkeypatch, pattern=pattern)
+    straight = _decode(model, ids, mask, "static", False, monkeypatch, pattern=pattern)
+    _same(general, straight)
     assert straight[2].kernels["paged_cpu"] == 7 * model.config.num_hidden_layers  # every step after the first token
-    assert all(torch.equal(general[4][s], straight[4][s]) for s in general[4])
     assert straight[3].count(1) == 0
+
+
+# options of the session, and an eager model (its additive mask): whether a step goes straight
+OPTIONS = {
+    "layer shares": ({"layer_shares": (0.3, 3.0)}, "sdpa", True),
+    "sinks": ({"sinks": True, "sink_blocks": 2, "local_blocks": 2}, "sdpa", True),
+    "causal=True": ({"causal": True}, "sdpa", True),
+    "eager model": ({}, "eager", True),
+    "portable kernel": ({"kernel": "portable"}, "sdpa", False),
+    "causal=False": ({"causal": False}, "sdpa", False),
+}
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("option", OPTIONS)
+def test_a_step_goes_straight_only_where_the_general_path_would_run_the_same(option, cache, monkeypatch):
+    options, attn, goes_straight = OPTIONS[option]
+    model = llama(attn)
+    ids = torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    general = _decode(model, ids, mask, cache, True, monkeypatch, **options)
+    straight = _decode(model, ids, mask, cache, False, monkeypatch, **options)
+    _same(general, straight)
+    assert straight[3].count(1) == (0 if goes_straight else 7 * model.config.num_hidden_layers)
+
+
+def test_cross_attention_of_an_encoder_decoder_takes_the_general_path(monkeypatch):
+    """BART: the decoder's self-attention steps go straight, its cross-attention (not causal, no mask) does not."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                     init_std=0.2, pad_token_id=2, bos_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                     dropout=0.0, attention_dropout=0.0, forced_eos_token_id=None)
+    model = BartForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    general = _decode(model, ids, mask, None, True, monkeypatch)
+    straight = _decode(model, ids, mask, None, False, monkeypatch)
+    _same(general, straight)
+    # 8 decoder steps a layer: cross-attention's 8 and self-attention's first (a single key) on the general path
+    assert general[3].count(1) == 2 * 8 * 2
+    assert straight[3].count(1) == 2 * (8 + 1)

@@ -92,10 +92,12 @@ class AttentionSession:
 
         The seam asks before it builds the call (``answer_alone``), and only when this session is
         the only one on the module, active, on every head of a site it touches, outside a
-        checkpoint's recompute, for a call with no bias, soft-cap, sinks or dropout. query: (B, H,
-        Q, D); key, value: the model's own KV heads (B, Hkv, K, D|Dv); mask: the model's, as its
-        attention function got it. A session whose whole work on some calls is one kernel (a
-        sparse decoding step) answers them here without the general path's cost per call."""
+        checkpoint's recompute, for a call with no position bias, soft-cap, sinks or dropout.
+        query: (B, H, Q, D); key, value: the model's own KV heads (B, Hkv, K, D|Dv); mask: the
+        model's, as its attention function got it (None, bool, or additive: one that may carry a
+        bias is the session's to split or to decline). A session whose whole work on some calls is
+        one kernel (a sparse decoding step) answers them here without the general path's cost per
+        call; it returns None for any call it cannot compute exactly as the general path would."""
         return None
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from attnkit.errors import UserError
 from attnkit.seam.kernels import KERNELS, Kernel
 from attnkit.seam import AttentionSession, Site, attach
-from attnkit.seam.call import AttentionCall, causal_allowed
+from attnkit.seam.call import AttentionCall, causal_allowed, split_mask
 from attnkit.seam.plan import Mods
 from attnkit.seam.session import in_backward
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
@@ -288,14 +288,19 @@ class SparseSelector:
         would choose (the pattern's pages, then ``paged_cpu``'s C++ attention over them), for a call
         the seam hands over whole (``AttentionSession.answer_plain``): the same selection, output and
         record, without the general path's plumbing, whose Python costs as much as the step's
-        attention at batch 1. None where ``run`` must see the call: not one query of a causal model, a
-        mask that hides any written key (padding), a learned pattern, another kernel asked for, a
-        gradient, no C++ kernel."""
+        attention at batch 1. It runs for one query at the end of its keys (K >= 2), a causal call as
+        ``is_causal_call`` says (with a mask, any one-query call; without one, a module not marked
+        ``is_causal = False``, or ``causal=True``), a mask (bool, or additive without a bias where it
+        shows) that hides none of the written keys, a training-free pattern, the ``auto`` or
+        ``paged_cpu`` kernel, and tensors the C++ kernel takes (the CPU, one dtype, no gradient); None
+        otherwise: ``run`` sees the call."""
         if query.shape[2] != 1 or not self._straight_steps:
             return None
         if mask is not None:
-            if mask.dtype != torch.bool:
-                return None
+            if mask.dtype != torch.bool:  # an additive mask (an eager model's): the same split as ``build_call``'s
+                mask, bias = self._from_mask("split", mask, (), lambda: split_mask(mask))
+                if bias is not None:
+                    return None
             # a preallocated cache: its unwritten slots cut off, as ``select`` cuts them
             key, value, mask = self._written_keys(key, value, mask)
             if mask is not None:
@@ -445,6 +450,8 @@ def _written_extent(allowed: Tensor, K: int) -> tuple[int, bool]:
     cut off, so that the step's query is at the end of its keys, as the page selection assumes), and
     whether the mask hides any of those (False: no padding, no mask to apply)."""
     rows = allowed[..., :K].reshape(-1, K)  # (rows, K)
+    if not rows.shape[0]:  # an empty batch: nothing to cut
+        return K, False
     seen = int(rows.sum(-1).max())
     if seen and bool(rows[:, :seen].all()):  # every row sees the first keys and nothing after them
         return seen, False
