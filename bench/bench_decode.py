@@ -36,6 +36,7 @@ less disturbed one (other processes do not count in it).
     python bench/bench_decode.py                                   # writes its block of BENCHMARKS.md
     python bench/bench_decode.py --lengths 4096 --batches 1 --rounds 2 --steps 4 --no-write
     python bench/bench_decode.py --caches static      # one cache only
+    python bench/bench_decode.py --batches 4 --lengths 4096,16384 --left-padding 256 --block bench_decode_padded
 """
 
 from __future__ import annotations
@@ -108,25 +109,37 @@ def new_cache(model, kind: str, max_length: int):
     return DynamicCache(config=model.config)
 
 
-def decoder(model, kind: str, length: int, batch: int, steps: int):
+def decoder(model, kind: str, length: int, batch: int, steps: int, left_padding: int = 0):
     """``decode(n)``: n greedy tokens per sequence (a list of per-step lists) from a cache of ``kind``
     prefilled once with ``length`` random tokens (dense SDPA, not timed; seed ``length``), then back to
     the cached length (a DynamicCache cropped, a StaticCache's slots written over next time); room
-    for ``steps`` tokens and one more."""
+    for ``steps`` tokens and one more. ``left_padding``: the batch's last sequence starts with that
+    many padding tokens, hidden by the attention mask the model gets at every step."""
     import torch
 
     g = torch.Generator().manual_seed(length)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
+    mask = None
+    if left_padding:
+        mask = torch.ones(batch, length + steps + 1, dtype=torch.long)
+        mask[-1, :left_padding] = 0
+        ids[-1, :left_padding] = model.config.pad_token_id or 0
+
+    def mask_to(end: int):
+        return None if mask is None else mask[:, :end]
+
     with torch.no_grad():
         cache = new_cache(model, kind, length + steps + 1)
-        out = model(input_ids=ids, cache=cache, use_cache=True, cache_position=torch.arange(length), logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask_to(length), cache=cache, use_cache=True,
+                    cache_position=torch.arange(length), logits_to_keep=1)
     cache, first = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
     def decode(n: int) -> list:
         tok, toks = first, []
         for i in range(n):
             position = torch.tensor([length + i])
-            tok = model(input_ids=tok, cache=cache, use_cache=True, cache_position=position).logits[:, -1:].argmax(-1)
+            tok = model(input_ids=tok, attention_mask=mask_to(length + i + 1), cache=cache, use_cache=True,
+                        cache_position=position).logits[:, -1:].argmax(-1)
             toks.append(tok.flatten().tolist())
         if kind == "dynamic":
             cache.crop(-n)
@@ -143,7 +156,7 @@ def model_part(model, length: int, args, kind: str, batch: int) -> dict:
     from attnkit.sparse import SparseConfig, sparse_attention
 
     # room for the timed steps and the sparse configuration's untimed one
-    decode = decoder(model, kind, length, batch, args.steps)
+    decode = decoder(model, kind, length, batch, args.steps, args.left_padding)
     cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size)
     kernels: dict = {}
 
@@ -257,6 +270,8 @@ def main() -> None:
     p.add_argument("--op-repeats", type=int, default=20, help="calls of the attention op per round")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--left-padding", type=int, default=0,
+                   help="the last sequence of each batch starts with this many padding tokens (a padding mask)")
     p.add_argument("--json", default=str(ROOT / "runs" / "bench_decode.json"))
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--block", default="bench_decode", help="name of the BENCHMARKS.md block this run replaces")
@@ -308,6 +323,8 @@ def render(doc: dict, args, parser, started, sparse: str) -> str:
              f"- load average (1, 5, 15 min) before {b1:.2f}, {b5:.2f}, {b15:.2f}; after {a1:.2f}, {a5:.2f}, {a15:.2f} "
              "(ratios come from interleaved rounds, each against dense in the same round)",
              f"- model: `{args.model}`'s architecture (positions raised to the longest cache), batch {args.batches}, fp32, "
+             + (f"the last sequence of each batch left-padded by {args.left_padding} tokens (the model's padding mask "
+                "reaches attention at every step; the attention-alone part has no mask), " if args.left_padding else "") +
              f"dense and sparse with the same Hugging Face cache; `{sparse}` is `sparse_attention` with block (page) size {args.block_size} "
              f"(kernels: {', '.join(sorted(kernels_seen(doc)))}); "
              f"{args.steps} greedy tokens per sequence, configuration and round; medians of {args.rounds} rounds", "",

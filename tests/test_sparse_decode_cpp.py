@@ -9,14 +9,15 @@ strided view), float64 / float32 / bfloat16.
 - ``step_pages`` equals ``select_step_pages`` on float64 Quest bounds computed from scratch,
   ties (equal bounds) to the later page, NaN bounds last;
 - ``pool_pages`` equals ``pooled_keys`` (max and min exactly, the mean to rounding);
+- ``paged_attention`` leaves out the keys a padding mask hides (a row that sees none is zero);
 - a plain decoding step under ``sparse_attention`` runs on it, and where it cannot be built the
   eager step takes over with the same result;
 - a decoding step of a model with ``sparse_attention`` alone on it goes straight to the pattern's
   page choice and this kernel (``SparseSelector.paged_step``) with the general path's tokens, logits,
   kept pages and record bit for bit (Llama GQA, GPT-2 MHA, Mistral's sliding-window cache, every
   training-free pattern, layer shares, sinks, an eager model's additive mask, DynamicCache and
-  StaticCache, batch 2); where the general path would run otherwise (left padding, another kernel
-  asked for, a non-causal session, BART's cross-attention) it runs.
+  StaticCache, batch 2, a left-padded batch); where the general path would run otherwise (another
+  kernel asked for, a non-causal session, BART's cross-attention, a mask per head) it runs.
 """
 
 from __future__ import annotations
@@ -47,17 +48,21 @@ DTYPES = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
 ID = lambda s: "x".join(map(str, s))  # noqa: E731
 
 
-def _reference(q, k, v, pages, bs, scale):
-    """Float64 softmax attention of q (B, H, 1, D) over the keys of pages (B, Hkv, S) only."""
+def _reference(q, k, v, pages, bs, scale, allowed=None):
+    """Float64 softmax attention of q (B, H, 1, D) over the keys of pages (B, Hkv, S) only (and of
+    them the keys ``allowed`` (B|1, 1, 1, K' >= K) shows; a row that sees none is zero)."""
     q, k, v = q.double(), k.double(), v.double()
     B, H, _, D = q.shape
     Hk, K = k.shape[1], k.shape[2]
     G = H // Hk
     kept = torch.zeros(B, Hk, math.ceil(K / bs) * bs, dtype=torch.bool)
     kept.view(B, Hk, -1, bs)[torch.arange(B)[:, None, None], torch.arange(Hk)[None, :, None], pages] = True
-    kept = kept[..., :K].repeat_interleave(G, 1)[:, :, None]  # (B, H, 1, K)
+    kept = kept[..., :K]
+    if allowed is not None:
+        kept = kept & allowed[:, 0, :, :K]
+    kept = kept.repeat_interleave(G, 1)[:, :, None]  # (B, H, 1, K)
     scores = (q @ k.repeat_interleave(G, 1).transpose(-1, -2) * scale).masked_fill(~kept, -math.inf)
-    return torch.softmax(scores, -1) @ v.repeat_interleave(G, 1)
+    return (torch.softmax(scores, -1) @ v.repeat_interleave(G, 1)).nan_to_num(0.0)
 
 
 def _bounds(q, hi, lo):
@@ -97,6 +102,30 @@ def test_attention_reads_a_preallocated_caches_written_part_in_place(shape):
     assert (paged_cpu.paged_attention(q, k_t, v, pages, bs, 0.5) - want).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=ID)
+def test_attention_leaves_out_the_keys_a_padding_mask_hides(shape, dtype):
+    """Left padding on one row (its first page hidden whole), a row that sees no key (zero), and one
+    mask row for the whole batch."""
+    B, H, Hk, K, bs = shape
+    g = torch.Generator().manual_seed(K + 1)
+    q = torch.randn(B, H, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hk, K, 16, generator=g).to(dtype) for _ in range(2))
+    n = math.ceil(K / bs)
+    pages = torch.stack([torch.randperm(n, generator=g)[: max(1, (n + 1) // 2)] for _ in range(B * Hk)]).view(B, Hk, -1)
+    allowed = torch.ones(B, 1, 1, K + 2, dtype=torch.bool)
+    allowed[0, ..., : min(K - 1, bs + 1)] = False  # left padding: the first page and a key of the next
+    if B > 1:
+        allowed[1] = False  # sees nothing
+    for mask in (allowed, allowed[:1]):
+        got = paged_cpu.paged_attention(q, k, v, pages, bs, 0.3, allowed=mask)
+        want = _reference(q, k, v, pages, bs, 0.3, mask.expand(B, 1, 1, K + 2))
+        assert (got.double() - want).abs().max() < DTYPES[dtype]
+    if B > 1:
+        assert torch.equal(paged_cpu.paged_attention(q, k, v, pages, bs, 0.3, allowed=allowed)[1],
+                           torch.zeros(H, 1, 16, dtype=dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=ID)
 @pytest.mark.parametrize("sinks", [False, True])
@@ -111,6 +140,30 @@ def test_step_pages_equal_the_eager_selection_on_float64_bounds(shape, sinks, dt
         kept, local, first = step_budget(geo.n_key_blocks, density, 1, 1, sinks)
         got = paged_cpu.step_pages(q, hi, lo, kept, local, first)
         want = select_step_pages(_bounds(q, hi, lo), geo, density, 1, 1, sinks)
+        assert torch.equal(got, want.indices[:, :, 0]), density
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=ID)
+def test_step_pages_rank_the_pages_a_padding_mask_hides_last_as_the_eager_selection(shape):
+    """The eager selection's rule (``choose_blocks`` with the call's mask): a page the mask hides
+    whole scores below every page it does not (``visible_blocks``), ties to the later page."""
+    from attnkit.sparse.attention import visible_blocks
+
+    B, H, Hk, K, bs = shape
+    g = torch.Generator().manual_seed(K + 3)
+    q = torch.randn(B, H, 1, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hk, K, 8, generator=g, dtype=torch.float64)
+    geo = BlockGeometry(bs, 1, K, causal=True)
+    _, hi, lo = pooled_keys(k, geo)
+    allowed = torch.ones(B, 1, 1, K, dtype=torch.bool)
+    allowed[0, ..., : (K * 2) // 3] = False  # left padding over most pages of the first row
+    if B > 1:
+        allowed[1, ..., 1: K // 2] = False  # a hole after the first key
+    scores = _bounds(q, hi, lo).masked_fill(~visible_blocks(allowed, geo), torch.finfo(torch.float32).min)
+    for density in (0.3, 0.6, 1.0):
+        kept, local, first = step_budget(geo.n_key_blocks, density, 1, 1, True)
+        got = paged_cpu.step_pages(q, hi, lo, kept, local, first, allowed, bs)
+        want = select_step_pages(scores, geo, density, 1, 1, True)
         assert torch.equal(got, want.indices[:, :, 0]), density
 
 
@@ -172,9 +225,12 @@ def test_auto_runs_a_plain_decoding_step_in_cpp_and_the_eager_step_where_it_cann
     assert (got - want).abs().max() < 1e-6
     with torch.enable_grad():  # a gradient: the eager step (ordinary autograd)
         assert choose_block_kernel(_decode_call(grad=True)).name == "paged_decode"
-    masked = BlockCall(call.query, call.key, call.value, call.selection, 0.35,
+    padded = BlockCall(call.query, call.key, call.value, call.selection, 0.35,
                        allowed=torch.ones(2, 1, 1, 37, dtype=torch.bool))
-    assert choose_block_kernel(masked).name == "paged_decode"  # the model's own mask
+    assert choose_block_kernel(padded).name == "paged_cpu"  # a padding mask: left out in C++
+    per_head = BlockCall(call.query, call.key, call.value, call.selection, 0.35,
+                         allowed=torch.ones(2, 4, 1, 37, dtype=torch.bool))
+    assert choose_block_kernel(per_head).name not in ("paged_cpu", "paged_decode")  # a mask per head
     monkeypatch.setattr(paged_cpu.KERNEL, "load", lambda: None)  # no compiler: the eager step
     assert choose_block_kernel(call).name == "paged_decode"
     with pytest.raises(ValueError, match="paged_cpu"):
@@ -245,8 +301,7 @@ def test_a_decoding_step_alone_on_the_model_goes_straight_to_the_kernel(case, ca
     assert all(torch.equal(general[4][s], straight[4][s]) for s in general[4])
     layers = model.config.num_hidden_layers
     assert general[3].count(1) == 7 * layers  # the general path sees every step after the first token
-    # the mask hides keys (the padding): those steps need the general path
-    assert straight[3].count(1) == (7 * layers if case == "left-padded" else 0)
+    assert straight[3].count(1) == 0  # every step straight, the padded batch's too
 
 
 def _same(general, straight) -> None:
@@ -310,3 +365,22 @@ def test_cross_attention_of_an_encoder_decoder_takes_the_general_path(monkeypatc
     # 8 decoder steps a layer: cross-attention's 8 and self-attention's first (a single key) on the general path
     assert general[3].count(1) == 2 * 8 * 2
     assert straight[3].count(1) == 2 * (8 + 1)
+
+
+def test_a_mask_per_head_takes_the_general_path(monkeypatch):
+    from attnkit.seam.adapters.hf import attnkit_attention
+
+    model = llama("sdpa")
+    module = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g)
+    per_head = torch.ones(1, 4, 1, 9, dtype=torch.bool)
+    per_head[0, 1, 0, :3] = False
+    seen: list[int] = []
+    run = SparseSelector.run
+    monkeypatch.setattr(SparseSelector, "run", lambda self, call, *a: seen.append(call.query_length) or run(self, call, *a))
+    with torch.no_grad(), sparse_attention(model, SparseConfig(pattern="quest", density=0.5, block_size=2)):
+        attnkit_attention(module, q, k, v, per_head, scaling=0.35)
+        assert seen == [1]
+        attnkit_attention(module, q, k, v, per_head[:, :1], scaling=0.35)  # one row for every head: straight
+        assert seen == [1]

@@ -291,7 +291,7 @@ class SparseSelector:
         attention at batch 1. It runs for one query at the end of its keys (K >= 2), a causal call as
         ``is_causal_call`` says (with a mask, any one-query call; without one, a module not marked
         ``is_causal = False``, or ``causal=True``), a mask (bool, or additive without a bias where it
-        shows) that hides none of the written keys, a training-free pattern, the ``auto`` or
+        shows) that hides at most padding (one row per batch row), a training-free pattern, the ``auto`` or
         ``paged_cpu`` kernel, and tensors the C++ kernel takes (the CPU, one dtype, no gradient); None
         otherwise: ``run`` sees the call."""
         if query.shape[2] != 1 or not self._straight_steps:
@@ -301,9 +301,10 @@ class SparseSelector:
                 mask, bias = self._from_mask("split", mask, (), lambda: split_mask(mask))
                 if bias is not None:
                     return None
-            # a preallocated cache: its unwritten slots cut off, as ``select`` cuts them
+            # a preallocated cache: its unwritten slots cut off, as ``select`` cuts them; what is left
+            # of the mask hides padding (one row per batch row, for every head), or the call is declined
             key, value, mask = self._written_keys(key, value, mask)
-            if mask is not None:
+            if mask is not None and not (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1):
                 return None
         elif self.cfg.causal is None and not getattr(module, "is_causal", True):  # ``is_causal_call``'s rule
             return None
@@ -312,8 +313,8 @@ class SparseSelector:
             return None
         cfg = self.cfg.at_layer(site.layer)
         pages = lambda: self.pages.update(site, key, cfg.block_size, past=K - 1)  # noqa: E731
-        sel = choose_blocks(query, key, cfg, causal=True, key_pages=pages)
-        out = paged_cpu.paged_attention(query, key, value, sel.indices, cfg.block_size, scale)
+        sel = choose_blocks(query, key, cfg, causal=True, allowed=mask, key_pages=pages)
+        out = paged_cpu.paged_attention(query, key, value, sel.indices, cfg.block_size, scale, allowed=mask)
         self._last, self._fresh, self._last_bias = (sel, query.shape[1] // key.shape[1]), True, None
         self.handle.record(site, sel, "paged_cpu")
         return out
@@ -417,10 +418,10 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     # a learned gate may keep its inputs for its backward: its pooled means are never scratch
     x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages,
                     None if pattern.learned else workspace)
-    if pattern.step_pages is not None and allowed is None and is_decoding_step(geo) and not pattern.learned:
+    if pattern.step_pages is not None and is_decoding_step(geo) and not pattern.learned:
         kept, local, first = step_budget(geo.n_key_blocks, cfg.density, cfg.sink_blocks, cfg.local_blocks,
                                          cfg.keeps_sinks)
-        pages = pattern.step_pages(x, kept, local, first)  # (B, Hkv, kept), or None where it cannot
+        pages = pattern.step_pages(x, kept, local, first, allowed)  # (B, Hkv, kept), or None where it cannot
         if pages is not None:
             return BlockSelection(indices=pages.unsqueeze(2), valid=all_valid(kept, q.device), geometry=geo,
                                   every_slot=True)

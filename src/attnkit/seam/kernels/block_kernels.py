@@ -3,9 +3,9 @@
 Each is a registry entry with ``supports(call, explicit)`` and ``run(call)``; ``choose_block_kernel``
 takes the one asked for, or in ``auto`` the first that supports the call, in this order:
 
-- ``paged_cpu``: a decoding step on the CPU without a gradient, the model's mask or the gate's
-  term: the kept pages' keys and values read in place from the cache by one C++ call
-  (``paged_cpu.py``), where that kernel builds.
+- ``paged_cpu``: a decoding step on the CPU without a gradient or the gate's term, the model's
+  mask (if any) a padding mask: the kept pages' keys and values read in place from the cache by
+  one C++ call (``paged_cpu.py``), where that kernel builds.
 - ``paged_decode``: a decoding step (one query per head): only the kept pages' keys and values are
   read from the cache (``paged_decode.py``); any device, with autograd.
 - ``flex``: compiled FlexAttention with a ``BlockMask`` from the selection (in ``auto`` on CUDA
@@ -97,14 +97,17 @@ class BlockKernel:
 
 def _paged_cpu_supports(call: BlockCall, explicit: bool) -> bool:
     sel = call.selection
-    return (call.plain and call.block_bias is None and paged_decode_supported(call.query, sel.geometry, None)
-            and sel.all_valid and paged_cpu.supports(call.query, call.key, call.value)
-            and paged_cpu.load() is not None)
+    padding_only = call.allowed is None or call.allowed.dtype == torch.bool  # (its shape: paged_decode_supported)
+    return (padding_only and call.bias is None and call.softcap is None and call.sinks is None and not call.dropout_p
+            and not call.mods and call.block_bias is None
+            and paged_decode_supported(call.query, sel.geometry, call.allowed) and sel.all_valid
+            and paged_cpu.supports(call.query, call.key, call.value) and paged_cpu.load() is not None)
 
 
 def _paged_cpu_run(c: BlockCall) -> Tensor:
     sel = c.selection
-    return paged_cpu.paged_attention(c.query, c.key, c.value, sel.indices, sel.geometry.block_size, c.scale)
+    return paged_cpu.paged_attention(c.query, c.key, c.value, sel.indices, sel.geometry.block_size, c.scale,
+                                     allowed=c.allowed)
 
 
 def _paged_decode_supports(call: BlockCall, explicit: bool) -> bool:

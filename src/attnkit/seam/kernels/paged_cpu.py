@@ -8,7 +8,7 @@ arithmetic, set the step's time. Here it is three calls (the first where the cac
     pool_pages(k, stats, marks, block_size, start)             # the pages' (mean, max, min) from page start on
 
     pages = step_pages(q, k_max, k_min, budget, local, first)   # (B, Hkv, budget) int64, forced first
-    out = paged_attention(q, k, v, pages, block_size, scale)    # (B, H, 1, Dv)
+    out = paged_attention(q, k, v, pages, block_size, scale)    # (B, H, 1, Dv); allowed= a padding mask
 
 ``step_pages`` scores every page by Quest's bound (Σ_d max(q_d·kmax_d, q_d·kmin_d), summed over a
 KV group's query heads, in double) and keeps the forced pages, then the best up to the budget,
@@ -54,10 +54,14 @@ def supports(*tensors: Tensor) -> bool:
     return True
 
 
-def step_pages(q: Tensor, k_max: Tensor, k_min: Tensor, budget: int, local: int, first: int) -> Tensor:
+def step_pages(q: Tensor, k_max: Tensor, k_min: Tensor, budget: int, local: int, first: int,
+               allowed: Tensor | None = None, block_size: int = 0) -> Tensor:
     """(B, Hkv, budget) int64 pages a decoding step keeps: the last ``local`` and the first ``first``
-    (forced), then the best by Quest's bound. q: (B, H, 1, D); k_max, k_min: (B, Hkv, P, D)."""
-    return load().quest_step_pages(q.squeeze(2), k_max, k_min, budget, local, first)
+    (forced), then the best by Quest's bound. q: (B, H, 1, D); k_max, k_min: (B, Hkv, P, D).
+    allowed: the model's padding mask, bool (B|1, 1, 1, K) over the K keys of the P pages of
+    ``block_size``, or None: a page it hides whole is kept only after every page it does not."""
+    seen = None if allowed is None else allowed[:, 0, 0].expand(q.shape[0], allowed.shape[-1])
+    return load().quest_step_pages(q.squeeze(2), k_max, k_min, budget, local, first, seen, block_size)
 
 
 def pool_pages(k: Tensor, stats: Tensor, marks: Tensor, block_size: int, start: int) -> int:
@@ -69,11 +73,16 @@ def pool_pages(k: Tensor, stats: Tensor, marks: Tensor, block_size: int, start: 
     return load().pool_pages(k, stats, marks, block_size, start)
 
 
-def paged_attention(q: Tensor, k: Tensor, v: Tensor, pages: Tensor, block_size: int, scale: float) -> Tensor:
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, pages: Tensor, block_size: int, scale: float,
+                    allowed: Tensor | None = None) -> Tensor:
     """(B, H, 1, Dv) attention of one query per head over the keys of ``pages`` (B, Hkv, S) only.
-    q: (B, H, 1, D); k, v: (B, Hkv, K, D|Dv), a page = ``block_size`` keys (the last may be partial)."""
+    q: (B, H, 1, D); k, v: (B, Hkv, K, D|Dv), a page = ``block_size`` keys (the last may be partial).
+    allowed: the model's padding mask, bool (B|1, 1, 1, K' >= K), True = may attend, or None: a key it
+    hides is left out (a row that sees no key is zero)."""
     B, H = q.shape[:2]
-    out = load().paged_attention(q.squeeze(2), k, v, pages.reshape(B, k.shape[1], -1), block_size, float(scale))
+    K = k.shape[2]
+    seen = None if allowed is None else allowed[:, 0, 0, :K].expand(B, K)
+    out = load().paged_attention(q.squeeze(2), k, v, pages.reshape(B, k.shape[1], -1), block_size, float(scale), seen)
     return out.view(B, H, 1, -1)
 
 

@@ -9,7 +9,8 @@
 // pool_pages: the (mean, max, min) of each page of keys from page `start` on, into a buffer kept
 //   across steps (the mean summed in double), and the last key of each full page (its mark); from
 //   page 0 instead when the key that ends page start - 1 is not its mark (another cache).
-// paged_attention: softmax(q k^T * scale) v over the kept pages only, read in place from the
+// paged_attention: softmax(q k^T * scale) v over the kept pages only (and of them, with a padding
+//   mask `seen`, the keys the batch row may see; a row that sees none is zero), read in place from the
 //   cache (any strides; no gather, no copy of the cache), the G query heads of a KV group against
 //   that group's pages, flash-style: one page of scores at a time, folded into each row's running
 //   max, sum and output (online softmax); one (batch row, KV head) per thread of torch's intra-op
@@ -32,6 +33,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -102,11 +104,19 @@ inline const A* row(const T* t, int64_t stride, int64_t n, A* buf) {
 }
 
 at::Tensor quest_step_pages(const at::Tensor& q, const at::Tensor& k_max, const at::Tensor& k_min, int64_t budget,
-                            int64_t local, int64_t first) {
+                            int64_t local, int64_t first, const std::optional<at::Tensor>& seen, int64_t block_size) {
   TORCH_CHECK(q.dim() == 3 && k_max.dim() == 4 && k_min.sizes() == k_max.sizes(),
               "quest_step_pages: q (B, H, D), k_max and k_min (B, Hkv, P, D)");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hk = k_max.size(1), P = k_max.size(2);
   TORCH_CHECK(k_max.size(0) == B && k_max.size(3) == D && H % Hk == 0, "quest_step_pages: shapes do not match");
+  // seen: (B, K) bool, the keys each batch row may see (a padding mask), pages of block_size keys: a
+  // page it hides whole ranks below every other (below NaN bounds too), as ``visible_blocks`` ranks it
+  TORCH_CHECK(!seen.has_value() || (seen->dim() == 2 && seen->size(0) == B && seen->scalar_type() == at::kBool &&
+                                    block_size > 0 && (seen->size(1) + block_size - 1) / block_size == P),
+              "quest_step_pages: seen is (B, K) bool over the pages' keys");
+  const bool* sp = seen.has_value() ? seen->const_data_ptr<bool>() : nullptr;
+  const int64_t ss0 = seen.has_value() ? seen->stride(0) : 0, ss1 = seen.has_value() ? seen->stride(1) : 0;
+  const int64_t K = seen.has_value() ? seen->size(1) : 0;
   TORCH_CHECK(0 <= local && 0 <= first && first + local <= P && first + local <= budget && budget <= P,
               "quest_step_pages: need first + local <= budget <= pages");
   const int64_t G = H / Hk, rest = budget - local - first;
@@ -139,6 +149,15 @@ at::Tensor quest_step_pages(const at::Tensor& q, const at::Tensor& k_max, const 
         }
         const int64_t lo = first, hi = P - local;  // the free pages
         for (int64_t p = lo; p < hi; ++p) {
+          if (sp != nullptr) {
+            bool shown = false;
+            for (int64_t j = p * block_size, j1 = std::min(j + block_size, K); j < j1 && !shown; ++j)
+              shown = sp[b * ss0 + j * ss1];
+            if (!shown) {
+              score[p] = -std::numeric_limits<double>::infinity();
+              continue;
+            }
+          }
           const scalar_t* mx = hp + b * hs0 + hk * hs1 + p * hs2;
           const scalar_t* mn = lp + b * ls0 + hk * ls1 + p * ls2;
           double s = 0.0;
@@ -158,7 +177,7 @@ at::Tensor quest_step_pages(const at::Tensor& q, const at::Tensor& k_max, const 
 }
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pages,
-                           int64_t block_size, double scale) {
+                           int64_t block_size, double scale, const std::optional<at::Tensor>& seen) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && pages.dim() == 3,
               "paged_attention: q (B, H, D), k and v (B, Hkv, K, D|Dv), pages (B, Hkv, S)");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hk = k.size(1), K = k.size(2), Dv = v.size(3);
@@ -166,6 +185,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && v.size(2) == K && k.size(3) == D && H % Hk == 0 &&
                   pages.size(0) == B && pages.size(1) == Hk && bs > 0,
               "paged_attention: shapes do not match");
+  // seen: (B, K) bool, the keys each batch row may see (a padding mask; any strides), or none = all
+  TORCH_CHECK(!seen.has_value() || (seen->dim() == 2 && seen->size(0) == B && seen->size(1) == K &&
+                                    seen->scalar_type() == at::kBool),
+              "paged_attention: seen is (B, K) bool");
+  const bool* sp = seen.has_value() ? seen->const_data_ptr<bool>() : nullptr;
+  const int64_t ss0 = seen.has_value() ? seen->stride(0) : 0, ss1 = seen.has_value() ? seen->stride(1) : 0;
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "paged_attention: one dtype");
   TORCH_CHECK(pages.scalar_type() == at::kLong, "paged_attention: pages are int64");
   const int64_t G = H / Hk;
@@ -190,6 +215,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     std::atomic<int64_t> bad_page{0};
     attnkit_vec::on_threads(threads, [&]() {
       std::vector<A> qs(G * D), acc(G * Dv), m(G), l(G), s(G * bs), kbuf(D), vbuf(Dv);
+      std::vector<int64_t> shown(bs);  // a page's keys the row may see
       for (int64_t item = next++; item < items; item = next++) {
         const int64_t b = item / Hk, hk = item % Hk;
         for (int64_t g = 0; g < G; ++g) {  // the group's queries, scaled
@@ -202,15 +228,20 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
         const scalar_t* kh = kp + b * ks0 + hk * ks1;
         const scalar_t* vh = vp + b * vs0 + hk * vs1;
         const int64_t* kept = pp + item * S;
+        const bool* sr = sp == nullptr ? nullptr : sp + b * ss0;
         for (int64_t i = 0; i < S; ++i) {
-          const int64_t j0 = kept[i] * bs, j1 = std::min(j0 + bs, K), n = j1 - j0;
-          if (kept[i] < 0 || n <= 0) {  // reported after the threads are done (no throw inside one)
+          const int64_t j0 = kept[i] * bs, j1 = std::min(j0 + bs, K);
+          if (kept[i] < 0 || j1 <= j0) {  // reported after the threads are done (no throw inside one)
             bad_page = kept[i];
             bad = true;
             break;
           }
-          for (int64_t jj = 0; jj < n; ++jj) {  // this page's scores, (G, n)
-            const A* kr = row(kh + (j0 + jj) * ks2, ks3, D, kbuf.data());
+          int64_t n = 0;  // the page's keys the row may see: their positions, then their scores (G, n)
+          for (int64_t j = j0; j < j1; ++j)
+            if (sr == nullptr || sr[j * ss1]) shown[n++] = j;
+          if (n == 0) continue;  // a page the mask hides whole
+          for (int64_t jj = 0; jj < n; ++jj) {
+            const A* kr = row(kh + shown[jj] * ks2, ks3, D, kbuf.data());
             for (int64_t g = 0; g < G; ++g) s[g * bs + jj] = dot(qs.data() + g * D, kr, D);
           }
           for (int64_t g = 0; g < G; ++g) {  // fold into the running max and sum
@@ -225,13 +256,13 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
             l[g] += exp_sum(sg, n, m[g]);
           }
           for (int64_t jj = 0; jj < n; ++jj) {
-            const A* vr = row(vh + (j0 + jj) * vs2, vs3, Dv, vbuf.data());
+            const A* vr = row(vh + shown[jj] * vs2, vs3, Dv, vbuf.data());
             for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * Dv, s[g * bs + jj], vr, Dv);
           }
         }
-        for (int64_t g = 0; g < G; ++g) {
+        for (int64_t g = 0; g < G; ++g) {  // a row that sees no key is zero (l = 0), not NaN
           scalar_t* oh = op + (b * H + hk * G + g) * Dv;
-          for (int64_t d = 0; d < Dv; ++d) oh[d] = static_cast<scalar_t>(acc[g * Dv + d] / l[g]);
+          for (int64_t d = 0; d < Dv; ++d) oh[d] = static_cast<scalar_t>(l[g] > A(0) ? acc[g * Dv + d] / l[g] : A(0));
         }
       }
     });
@@ -311,9 +342,11 @@ int64_t pool_pages(const at::Tensor& k, at::Tensor& stats, at::Tensor& marks, in
 
 // torch.ops.attnkit_paged.quest_step_pages / paged_attention
 TORCH_LIBRARY(attnkit_paged, m) {
-  m.def("quest_step_pages(Tensor q, Tensor k_max, Tensor k_min, int budget, int local, int first) -> Tensor",
+  m.def("quest_step_pages(Tensor q, Tensor k_max, Tensor k_min, int budget, int local, int first, Tensor? seen=None, "
+        "int block_size=0) -> Tensor",
         &quest_step_pages);
   m.def("pool_pages(Tensor k, Tensor(a!) stats, Tensor(b!) marks, int block_size, int start) -> int", &pool_pages);
-  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor pages, int block_size, float scale) -> Tensor",
+  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor pages, int block_size, float scale, Tensor? seen=None) "
+        "-> Tensor",
         &paged_attention);
 }

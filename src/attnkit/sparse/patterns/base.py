@@ -78,8 +78,10 @@ class BlockInputs:
 
 Score = Callable[[BlockInputs], Tensor]  # -> (B|1, Hkv|1, nQb, nKb), higher = keep first
 # A decoding step's kept pages straight from the inputs (a compiled kernel), (B, Hkv, kept) int64 in
-# ``select_step_pages``' order, given (kept, local, first) of ``step_budget``; None where it cannot.
-StepPages = Callable[[BlockInputs, int, int, int], "Tensor | None"]
+# ``select_step_pages``' order, given (kept, local, first) of ``step_budget`` and the call's mask
+# (None, or a padding mask (B|1, 1, 1, K' >= K): pages it hides whole come after every other page,
+# as ``visible_blocks`` ranks them); None where it cannot.
+StepPages = Callable[[BlockInputs, int, int, int, "Tensor | None"], "Tensor | None"]
 
 
 @dataclass(frozen=True)

@@ -35,14 +35,21 @@ def quest_score(x: BlockInputs) -> Tensor:
     return torch.matmul(up, k_max.transpose(-1, -2)).add_(torch.matmul(down, k_min.transpose(-1, -2)))  # (B, Hkv, nQb, nKb)
 
 
-def quest_step_pages(x: BlockInputs, kept: int, local: int, first: int) -> Tensor | None:
+def quest_step_pages(x: BlockInputs, kept: int, local: int, first: int, allowed: Tensor | None = None) -> Tensor | None:
     """A decoding step's pages by the same bound, in one C++ call (``paged_cpu.step_pages``: the
     scores in double, where ``quest_score`` sums in float32, so two pages whose bounds differ by
-    float32 rounding only may be kept in the other order); None where the kernel does not run."""
+    float32 rounding only may be kept in the other order), a padding mask ``allowed`` (B|1, 1, 1,
+    K' >= K) ranking the pages it hides whole last; None where the kernel does not run (or the mask
+    is not one row per batch row)."""
+    if allowed is not None and not (allowed.dim() == 4 and allowed.shape[1] == 1 and allowed.shape[2] == 1
+                                    and allowed.dtype == torch.bool):
+        return None
     _, k_max, k_min = x.key_stats
     if not paged_cpu.supports(x.q, k_max, k_min) or paged_cpu.load() is None:
         return None
-    return paged_cpu.step_pages(x.q, k_max, k_min, kept, local, first)
+    K = x.k.shape[2]
+    return paged_cpu.step_pages(x.q, k_max, k_min, kept, local, first,
+                                None if allowed is None else allowed[..., :K], x.geometry.block_size)
 
 
 PATTERN = Pattern("quest", quest_score, sinks=False, step_pages=quest_step_pages)
