@@ -242,10 +242,13 @@ def test_kernel_equals_dense_attention_over_the_kept_pages(shape, gather):
          sel.indices[:, :, 0, :, None] * bs + torch.arange(bs)), bias[:, :, 0, :, None].expand(B, Hk, -1, bs))[..., :K]
     allowed = torch.ones(B, 1, 1, K, dtype=torch.bool)
     allowed[0, ..., : K // 3] = False  # a left-padded row
+    holes = allowed.clone()
+    holes[-1, ..., K - 2] = False  # a key of the last page hidden (partial: its window starts earlier)
     for extras, kept_tokens, token_bias in (
         ({}, kept, None),
         ({"block_bias": bias}, kept, bias_tokens),
         ({"allowed": allowed}, kept & allowed[:, 0, 0, None], None),
+        ({"allowed": holes}, kept & holes[:, 0, 0, None], None),
     ):
         out = paged_decode_attention(q, k, v, sel.indices, sel.valid, geo, scale=0.4, gather=gather, **extras)
         ref = _masked_reference(q, k, v, kept_tokens, 0.4, token_bias)
@@ -273,3 +276,41 @@ def test_kernel_reads_the_written_part_of_a_preallocated_cache(shape):
     for gather in GATHERS:
         out = paged_decode_attention(q, k, v, sel.indices, sel.valid, geo, scale=0.4, gather=gather)
         assert (out - ref).abs().max() < 1e-12, gather
+
+
+def test_a_pattern_whose_step_pages_takes_no_mask_scores_a_masked_step():
+    """A pattern registered with a ``step_pages`` of four arguments (no ``masked_steps``): a padded
+    step's pages come from its ``score``, as the same pattern without ``step_pages`` chooses them."""
+    from dataclasses import replace
+
+    from attnkit.sparse.attention import choose_blocks
+    from attnkit.sparse.patterns import register_pattern
+
+    quest = PATTERNS["quest"]
+    calls = []
+
+    def four(x, kept, local, first):
+        calls.append(kept)
+        return quest.step_pages(x, kept, local, first)
+
+    try:
+        register_pattern(replace(quest, name="quest_four_args", step_pages=four, masked_steps=False))
+        register_pattern(replace(quest, name="quest_scored", step_pages=None, masked_steps=False))
+        g = torch.Generator().manual_seed(11)
+        q = torch.randint(-3, 4, (2, 4, 1, 8), generator=g).float()  # integers: float32 and double bounds agree
+        k = torch.randint(-3, 4, (2, 2, 41, 8), generator=g).float()
+        allowed = torch.ones(2, 1, 1, 41, dtype=torch.bool)
+        allowed[1, ..., :17] = False
+        with torch.no_grad():
+            got = choose_blocks(q, k, SparseConfig(pattern="quest_four_args", density=0.4, block_size=4), allowed=allowed)
+            want = choose_blocks(q, k, SparseConfig(pattern="quest_scored", density=0.4, block_size=4), allowed=allowed)
+            shipped = choose_blocks(q, k, SparseConfig(pattern="quest", density=0.4, block_size=4), allowed=allowed)
+            assert calls == []  # not asked with a mask it cannot take
+            choose_blocks(q, k, SparseConfig(pattern="quest_four_args", density=0.4, block_size=4))
+            assert len(calls) == 1  # asked without one
+    finally:
+        PATTERNS.pop("quest_four_args", None)
+        PATTERNS.pop("quest_scored", None)
+    assert torch.equal(got.indices, want.indices)
+    # Quest as shipped: the C++ page choice with the mask, the same pages as the scored selection
+    assert torch.equal(shipped.indices, want.indices)

@@ -121,6 +121,7 @@ def test_attention_leaves_out_the_keys_a_padding_mask_hides(shape, dtype):
         got = paged_cpu.paged_attention(q, k, v, pages, bs, 0.3, allowed=mask)
         want = _reference(q, k, v, pages, bs, 0.3, mask.expand(B, 1, 1, K + 2))
         assert (got.double() - want).abs().max() < DTYPES[dtype]
+        assert torch.equal(got.isnan(), want.isnan())
     if B > 1:
         assert torch.equal(paged_cpu.paged_attention(q, k, v, pages, bs, 0.3, allowed=allowed)[1],
                            torch.zeros(H, 1, 16, dtype=dtype))
@@ -155,16 +156,67 @@ def test_step_pages_rank_the_pages_a_padding_mask_hides_last_as_the_eager_select
     k = torch.randn(B, Hk, K, 8, generator=g, dtype=torch.float64)
     geo = BlockGeometry(bs, 1, K, causal=True)
     _, hi, lo = pooled_keys(k, geo)
-    allowed = torch.ones(B, 1, 1, K, dtype=torch.bool)
+    allowed = torch.ones(B, 1, 1, K + 3, dtype=torch.bool)[..., :K]  # a cut of a longer mask (a view)
     allowed[0, ..., : (K * 2) // 3] = False  # left padding over most pages of the first row
+    masks = [allowed, allowed[:1]]  # one row per batch row; one row for the batch
     if B > 1:
         allowed[1, ..., 1: K // 2] = False  # a hole after the first key
-    scores = _bounds(q, hi, lo).masked_fill(~visible_blocks(allowed, geo), torch.finfo(torch.float32).min)
-    for density in (0.3, 0.6, 1.0):
-        kept, local, first = step_budget(geo.n_key_blocks, density, 1, 1, True)
-        got = paged_cpu.step_pages(q, hi, lo, kept, local, first, allowed, bs)
-        want = select_step_pages(scores, geo, density, 1, 1, True)
-        assert torch.equal(got, want.indices[:, :, 0]), density
+        blind = allowed.clone()
+        blind[-1] = False  # a row that sees nothing
+        masks.append(blind)
+    for mask in masks:
+        scores = _bounds(q, hi, lo).masked_fill(~visible_blocks(mask, geo), torch.finfo(torch.float32).min)
+        for density in (0.3, 0.6, 1.0):
+            kept, local, first = step_budget(geo.n_key_blocks, density, 1, 1, True)
+            got = paged_cpu.step_pages(q, hi, lo, kept, local, first, mask, bs)
+            want = select_step_pages(scores, geo, density, 1, 1, True)
+            assert torch.equal(got, want.indices[:, :, 0]), density
+
+
+def test_a_nan_key_gives_nan_as_the_eager_step_and_a_row_that_sees_nothing_zero():
+    from attnkit.seam.kernels.paged_decode import paged_decode_attention
+
+    B, H, Hk, K, bs = 2, 4, 2, 13, 4
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(B, H, 1, 8, generator=g)
+    k, v = (torch.randn(B, Hk, K, 8, generator=g) for _ in range(2))
+    k[0, 0, 5] = float("nan")  # in a kept page of row 0, KV head 0
+    v[1, 1, 9, 2] = float("nan")
+    pages = torch.tensor([[[1, 3], [1, 3]], [[2, 0], [2, 0]]])
+    geo = BlockGeometry(bs, 1, K, causal=True)
+    valid = torch.ones(1, 1, 1, 2, dtype=torch.bool)
+    allowed = torch.ones(B, 1, 1, K, dtype=torch.bool)
+    allowed[1, ..., :12] = False  # row 1 sees key 12 only, which neither of its pages holds
+    for mask in (None, allowed):
+        got = paged_cpu.paged_attention(q, k, v, pages, bs, 0.3, allowed=mask)
+        eager = paged_decode_attention(q, k, v, pages[:, :, None], valid, geo, scale=0.3, allowed=mask)
+        assert torch.equal(got.isnan(), eager.isnan()), mask is None
+        assert got[0, :2].isnan().all() and not got[0, 2:].isnan().any()  # the NaN key's group only
+        assert torch.allclose(got.nan_to_num(7.0), eager.nan_to_num(7.0), atol=1e-6)
+    assert torch.equal(got[1], torch.zeros(H, 1, 8))  # sees nothing: zero, though a value is NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_with_a_padding_mask_on_several_threads_equals_one(dtype):
+    B, H, Hk, K, bs = 2, 4, 2, 20000, 64
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(B, H, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hk, K, 16, generator=g).to(dtype) for _ in range(2))
+    n = math.ceil(K / bs)
+    pages = torch.stack([torch.randperm(n, generator=g)[: n // 2] for _ in range(B * Hk)]).view(B, Hk, -1)
+    allowed = torch.ones(1, 1, 1, K + 5, dtype=torch.bool).repeat(B, 1, 1, 1)[..., :K]  # a cut of a longer mask
+    allowed[1, ..., :3000] = False
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = paged_cpu.paged_attention(q, k, v, pages, bs, 0.25, allowed=allowed)
+        torch.set_num_threads(2)
+        two = paged_cpu.paged_attention(q, k, v, pages, bs, 0.25, allowed=allowed)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    tolerance = 2e-6 if dtype == torch.float32 else 2e-3
+    assert (two.double() - _reference(q, k, v, pages, bs, 0.25, allowed)).abs().max() < tolerance
 
 
 def test_step_pages_break_ties_to_the_later_page_and_put_nan_last():
@@ -382,5 +434,5 @@ def test_a_mask_per_head_takes_the_general_path(monkeypatch):
     with torch.no_grad(), sparse_attention(model, SparseConfig(pattern="quest", density=0.5, block_size=2)):
         attnkit_attention(module, q, k, v, per_head, scaling=0.35)
         assert seen == [1]
-        attnkit_attention(module, q, k, v, per_head[:, :1], scaling=0.35)  # one row for every head: straight
+        attnkit_attention(module, q, k, v, per_head[:, 1:2], scaling=0.35)  # one row for every head: straight
         assert seen == [1]

@@ -40,7 +40,8 @@ from attnkit.seam.session import in_backward
 from attnkit.seam.kernels.block_kernels import BlockCall, choose_block_kernel
 from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.blocks import BlockGeometry, BlockSelection, block_geometry, keep_best
-from attnkit.seam.kernels.paged_decode import all_valid, is_decoding_step, select_step_pages, step_budget
+from attnkit.seam.kernels.paged_decode import (all_valid, is_decoding_step, is_padding_mask, select_step_pages,
+                                               step_budget)
 from attnkit.seam.kernels.workspace import Workspace
 from attnkit.sparse.config import SparseConfig
 from attnkit.sparse.gates import SparseGates
@@ -304,7 +305,7 @@ class SparseSelector:
             # a preallocated cache: its unwritten slots cut off, as ``select`` cuts them; what is left
             # of the mask hides padding (one row per batch row, for every head), or the call is declined
             key, value, mask = self._written_keys(key, value, mask)
-            if mask is not None and not (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1):
+            if mask is not None and not is_padding_mask(mask, key.shape[2]):
                 return None
         elif self.cfg.causal is None and not getattr(module, "is_causal", True):  # ``is_causal_call``'s rule
             return None
@@ -418,10 +419,12 @@ def choose_blocks(q: Tensor, k: Tensor, cfg: SparseConfig, gate=None, causal: bo
     # a learned gate may keep its inputs for its backward: its pooled means are never scratch
     x = BlockInputs(q.detach(), k.detach(), geo, q.shape[1] // k.shape[1], gate, key_pages,
                     None if pattern.learned else workspace)
-    if pattern.step_pages is not None and is_decoding_step(geo) and not pattern.learned:
+    if (pattern.step_pages is not None and is_decoding_step(geo) and not pattern.learned
+            and (allowed is None or pattern.masked_steps)):
         kept, local, first = step_budget(geo.n_key_blocks, cfg.density, cfg.sink_blocks, cfg.local_blocks,
                                          cfg.keeps_sinks)
-        pages = pattern.step_pages(x, kept, local, first, allowed)  # (B, Hkv, kept), or None where it cannot
+        masked = {"allowed": allowed} if allowed is not None else {}
+        pages = pattern.step_pages(x, kept, local, first, **masked)  # (B, Hkv, kept), or None where it cannot
         if pages is not None:
             return BlockSelection(indices=pages.unsqueeze(2), valid=all_valid(kept, q.device), geometry=geo,
                                   every_slot=True)

@@ -112,8 +112,8 @@ at::Tensor quest_step_pages(const at::Tensor& q, const at::Tensor& k_max, const 
   // seen: (B, K) bool, the keys each batch row may see (a padding mask), pages of block_size keys: a
   // page it hides whole ranks below every other (below NaN bounds too), as ``visible_blocks`` ranks it
   TORCH_CHECK(!seen.has_value() || (seen->dim() == 2 && seen->size(0) == B && seen->scalar_type() == at::kBool &&
-                                    block_size > 0 && (seen->size(1) + block_size - 1) / block_size == P),
-              "quest_step_pages: seen is (B, K) bool over the pages' keys");
+                                    seen->is_cpu() && block_size > 0 && (seen->size(1) + block_size - 1) / block_size == P),
+              "quest_step_pages: seen is (B, K) bool over the pages' keys, on the CPU");
   const bool* sp = seen.has_value() ? seen->const_data_ptr<bool>() : nullptr;
   const int64_t ss0 = seen.has_value() ? seen->stride(0) : 0, ss1 = seen.has_value() ? seen->stride(1) : 0;
   const int64_t K = seen.has_value() ? seen->size(1) : 0;
@@ -187,8 +187,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
               "paged_attention: shapes do not match");
   // seen: (B, K) bool, the keys each batch row may see (a padding mask; any strides), or none = all
   TORCH_CHECK(!seen.has_value() || (seen->dim() == 2 && seen->size(0) == B && seen->size(1) == K &&
-                                    seen->scalar_type() == at::kBool),
-              "paged_attention: seen is (B, K) bool");
+                                    seen->scalar_type() == at::kBool && seen->is_cpu()),
+              "paged_attention: seen is (B, K) bool, on the CPU");
   const bool* sp = seen.has_value() ? seen->const_data_ptr<bool>() : nullptr;
   const int64_t ss0 = seen.has_value() ? seen->stride(0) : 0, ss1 = seen.has_value() ? seen->stride(1) : 0;
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "paged_attention: one dtype");
@@ -229,6 +229,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
         const scalar_t* vh = vp + b * vs0 + hk * vs1;
         const int64_t* kept = pp + item * S;
         const bool* sr = sp == nullptr ? nullptr : sp + b * ss0;
+        bool any_shown = false;  // the row sees some key (else its output is zero)
         for (int64_t i = 0; i < S; ++i) {
           const int64_t j0 = kept[i] * bs, j1 = std::min(j0 + bs, K);
           if (kept[i] < 0 || j1 <= j0) {  // reported after the threads are done (no throw inside one)
@@ -240,6 +241,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
           for (int64_t j = j0; j < j1; ++j)
             if (sr == nullptr || sr[j * ss1]) shown[n++] = j;
           if (n == 0) continue;  // a page the mask hides whole
+          any_shown = true;
           for (int64_t jj = 0; jj < n; ++jj) {
             const A* kr = row(kh + shown[jj] * ks2, ks3, D, kbuf.data());
             for (int64_t g = 0; g < G; ++g) s[g * bs + jj] = dot(qs.data() + g * D, kr, D);
@@ -260,9 +262,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
             for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * Dv, s[g * bs + jj], vr, Dv);
           }
         }
-        for (int64_t g = 0; g < G; ++g) {  // a row that sees no key is zero (l = 0), not NaN
+        for (int64_t g = 0; g < G; ++g) {  // a row that sees no key is zero, not NaN (a NaN key still gives NaN)
           scalar_t* oh = op + (b * H + hk * G + g) * Dv;
-          for (int64_t d = 0; d < Dv; ++d) oh[d] = static_cast<scalar_t>(l[g] > A(0) ? acc[g * Dv + d] / l[g] : A(0));
+          for (int64_t d = 0; d < Dv; ++d) oh[d] = static_cast<scalar_t>(any_shown ? acc[g * Dv + d] / l[g] : A(0));
         }
       }
     });

@@ -98,15 +98,17 @@ def all_valid(k: int, device: torch.device) -> Tensor:
     return torch.ones(1, 1, 1, k, dtype=torch.bool, device=device)
 
 
-def gather_tokens(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(B, Hkv, S·bs, D|Dv) the keys and values (k, v: (B, Hkv, K, D|Dv)) of the pages (B, Hkv, S),
-    and which of them to hide, (B, Hkv, S·bs) bool or None: the positions past K of a partial last page."""
+def gather_tokens(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(B, Hkv, S·bs, D|Dv) the keys and values (k, v: (B, Hkv, K, D|Dv)) of the pages (B, Hkv, S);
+    which of them to hide, (B, Hkv, S·bs) bool or None: the positions past K of a partial last page;
+    and each gathered key's position among the K keys, (B, Hkv, S·bs) long (where a mask is read)."""
     B, Hk, K, _ = k.shape
     tokens = (pages[..., None] * bs + torch.arange(bs, device=k.device)).flatten(-2)  # (B, Hkv, S·bs)
     hidden = tokens >= K if K % bs else None
-    rows = (tokens.clamp(max=K - 1) + (torch.arange(B * Hk, device=k.device) * K).view(B, Hk, 1)).flatten()
+    tokens = tokens.clamp(max=K - 1)
+    rows = (tokens + (torch.arange(B * Hk, device=k.device) * K).view(B, Hk, 1)).flatten()
     kg, vg = (t.reshape(B * Hk * K, t.shape[-1]).index_select(0, rows).view(B, Hk, -1, t.shape[-1]) for t in (k, v))
-    return kg, vg, hidden
+    return kg, vg, hidden, tokens
 
 
 def _head_rows(t: Tensor) -> int | None:
@@ -120,7 +122,7 @@ def _head_rows(t: Tensor) -> int | None:
     return (s1 if Hk > 1 else s0) // D
 
 
-def gather_pages(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor | None]:
+def gather_pages(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """What ``gather_tokens`` gives, copied a whole page at a time (see the module's docstring)."""
     B, Hk, K, _ = k.shape
     if K < bs or _head_rows(k) is None or _head_rows(v) is None:
@@ -136,10 +138,11 @@ def gather_pages(k: Tensor, v: Tensor, pages: Tensor, bs: int) -> tuple[Tensor, 
     hidden = None
     if K % bs:  # the partial last page's window begins with keys of the page before: hide them
         hidden = ((pages == K // bs)[..., None] & (torch.arange(bs, device=k.device) < bs - K % bs)).flatten(-2)
-    return windows(k), windows(v), hidden
+    tokens = (first[..., None] + torch.arange(bs, device=k.device)).flatten(-2)  # the windows' own keys
+    return windows(k), windows(v), hidden, tokens
 
 
-GATHERS: dict[str, Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor | None]]] = {
+GATHERS: dict[str, Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor | None, Tensor]]] = {
     "pages": gather_pages, "tokens": gather_tokens}
 
 
@@ -162,12 +165,11 @@ def paged_decode_attention(
         raise ValueError(f"paged_decode_attention takes one query per head, got {Q}")
     S = indices.shape[-1]
     pages = indices.reshape(B, Hk, S)
-    kg, vg, hidden = GATHERS[gather](k, v, pages, bs)  # (B, Hkv, S·bs, D|Dv)
+    kg, vg, hidden, tokens = GATHERS[gather](k, v, pages, bs)  # (B, Hkv, S·bs, D|Dv), positions (B, Hkv, S·bs)
     if not bool(valid.all()):  # slots a row does not use
         unused = (~valid.expand(B, Hk, 1, S).reshape(B, Hk, S))[..., None].expand(B, Hk, S, bs).flatten(-2)
         hidden = unused if hidden is None else hidden | unused
     if allowed is not None:  # the model's own mask, at the gathered keys' positions
-        tokens = (pages[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2).clamp(max=K - 1)
         seen = allowed[..., :K].expand(B, 1, 1, K).reshape(B, 1, K).expand(B, Hk, K).gather(-1, tokens)
         hidden = ~seen if hidden is None else hidden | ~seen
     mask = None  # (B|1, Hkv|1, 1, S·bs) additive, shared by the group's query rows
@@ -181,8 +183,9 @@ def paged_decode_attention(
         out = _softmax_attention(qg, kg, vg, mask, scale)  # the gate's gradient through its term
     else:
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)  # (B, Hkv, G, Dv)
-    if allowed is not None:  # a row that sees no key is zero, not NaN
-        out = out.nan_to_num(0.0)
+    if allowed is not None:  # a row that sees no key is zero, not NaN (a NaN key or value stays NaN)
+        blind = hidden.all(-1)  # (B, Hkv): the row's kept keys are all hidden
+        out = out.masked_fill(blind[:, :, None, None], 0.0)
     return out.reshape(B, H, 1, Dv)
 
 
@@ -194,11 +197,18 @@ def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
 
 def paged_decode_supported(q: Tensor, geo: BlockGeometry, allowed: Tensor | None) -> bool:
     """Whether the call is one this kernel computes: one query per head, and the model's mask (if
-    any) one row shared by every head."""
+    any) one row shared by every head, over (at least) every key."""
     if q.shape[2] != 1 or geo.n_query_blocks != 1:
         return False
-    return allowed is None or (allowed.dim() == 4 and allowed.shape[1] == 1 and allowed.shape[2] == 1)
+    return allowed is None or is_padding_mask(allowed, geo.key_length)
 
 
-__all__ = ["GATHERS", "all_valid", "gather_pages", "gather_tokens", "is_decoding_step", "paged_decode_attention",
+def is_padding_mask(allowed: Tensor, key_length: int) -> bool:
+    """Whether a decoding step's mask ``allowed`` is one row per batch row shared by every head,
+    (B|1, 1, 1, K' >= key_length): what the paged kernels and a pattern's ``step_pages`` take."""
+    return allowed.dim() == 4 and allowed.shape[1] == 1 and allowed.shape[2] == 1 and allowed.shape[3] >= key_length
+
+
+__all__ = ["GATHERS", "all_valid", "gather_pages", "gather_tokens", "is_decoding_step", "is_padding_mask",
+           "paged_decode_attention",
            "paged_decode_supported", "select_step_pages", "step_budget"]

@@ -78,23 +78,26 @@ class BlockInputs:
 
 Score = Callable[[BlockInputs], Tensor]  # -> (B|1, Hkv|1, nQb, nKb), higher = keep first
 # A decoding step's kept pages straight from the inputs (a compiled kernel), (B, Hkv, kept) int64 in
-# ``select_step_pages``' order, given (kept, local, first) of ``step_budget`` and the call's mask
-# (None, or a padding mask (B|1, 1, 1, K' >= K): pages it hides whole come after every other page,
-# as ``visible_blocks`` ranks them); None where it cannot.
-StepPages = Callable[[BlockInputs, int, int, int, "Tensor | None"], "Tensor | None"]
+# ``select_step_pages``' order, given (kept, local, first) of ``step_budget``; None where it cannot.
+# A pattern with ``masked_steps`` takes the call's padding mask too, as ``allowed=`` ((B|1, 1, 1,
+# K' >= K) bool): the pages it hides whole come after every other page, as ``visible_blocks`` ranks them.
+StepPages = Callable[..., "Tensor | None"]
 
 
 @dataclass(frozen=True)
 class Pattern:
     """name: registry key; score: see ``Score``; sinks: keeps the first ``sink_blocks`` key
     blocks by default; learned: scores come from a trainable gate (``make_gates``); step_pages: a
-    faster way to the same selection for a decoding step (see ``StepPages``), or None."""
+    faster way to the same selection for a decoding step (see ``StepPages``), or None;
+    masked_steps: its ``step_pages`` takes a padding mask (``allowed=``); without, a masked step's
+    pages come from ``score``."""
 
     name: str
     score: Score
     sinks: bool = False
     learned: bool = False
     step_pages: StepPages | None = None
+    masked_steps: bool = False
 
 
 PATTERNS: dict[str, Pattern] = {}

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from attnkit.seam.kernels import paged_cpu
+from attnkit.seam.kernels.paged_decode import is_padding_mask
 from attnkit.sparse.patterns.base import BlockInputs, Pattern
 
 
@@ -41,15 +42,14 @@ def quest_step_pages(x: BlockInputs, kept: int, local: int, first: int, allowed:
     float32 rounding only may be kept in the other order), a padding mask ``allowed`` (B|1, 1, 1,
     K' >= K) ranking the pages it hides whole last; None where the kernel does not run (or the mask
     is not one row per batch row)."""
-    if allowed is not None and not (allowed.dim() == 4 and allowed.shape[1] == 1 and allowed.shape[2] == 1
-                                    and allowed.dtype == torch.bool):
+    K = x.k.shape[2]
+    if allowed is not None and not (allowed.dtype == torch.bool and is_padding_mask(allowed, K)):
         return None
     _, k_max, k_min = x.key_stats
     if not paged_cpu.supports(x.q, k_max, k_min) or paged_cpu.load() is None:
         return None
-    K = x.k.shape[2]
     return paged_cpu.step_pages(x.q, k_max, k_min, kept, local, first,
                                 None if allowed is None else allowed[..., :K], x.geometry.block_size)
 
 
-PATTERN = Pattern("quest", quest_score, sinks=False, step_pages=quest_step_pages)
+PATTERN = Pattern("quest", quest_score, sinks=False, step_pages=quest_step_pages, masked_steps=True)
