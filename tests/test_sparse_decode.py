@@ -314,3 +314,32 @@ def test_a_pattern_whose_step_pages_takes_no_mask_scores_a_masked_step():
     assert torch.equal(got.indices, want.indices)
     # Quest as shipped: the C++ page choice with the mask, the same pages as the scored selection
     assert torch.equal(shipped.indices, want.indices)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "padding"])
+@pytest.mark.parametrize("pattern", sorted(p for p in PATTERNS if PATTERNS[p].step_pages is not None))
+def test_a_patterns_step_pages_choose_what_its_score_chooses(pattern, masked):
+    """Each pattern's C++ page choice against the same pattern scored in tensor ops (``select_step_pages``
+    over ``score``), on integer inputs where float32 and double scores agree exactly."""
+    from dataclasses import replace
+
+    from attnkit.sparse.attention import choose_blocks
+    from attnkit.sparse.patterns import register_pattern
+
+    scored = f"{pattern}_scored"
+    register_pattern(replace(PATTERNS[pattern], name=scored, step_pages=None, masked_steps=False))
+    try:
+        g = torch.Generator().manual_seed(12)
+        q = torch.randint(-3, 4, (2, 4, 1, 8), generator=g).float()
+        k = torch.randint(-3, 4, (2, 2, 53, 8), generator=g).float()
+        allowed = None
+        if masked:
+            allowed = torch.ones(2, 1, 1, 53, dtype=torch.bool)
+            allowed[0, ..., :21] = False
+        for density in (0.2, 0.5):
+            with torch.no_grad():
+                got = choose_blocks(q, k, SparseConfig(pattern=pattern, density=density, block_size=4), allowed=allowed)
+                want = choose_blocks(q, k, SparseConfig(pattern=scored, density=density, block_size=4), allowed=allowed)
+            assert torch.equal(got.indices, want.indices), density
+    finally:
+        PATTERNS.pop(scored, None)

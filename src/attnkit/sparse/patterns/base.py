@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from attnkit.errors import UserError
+from attnkit.seam.kernels import paged_cpu
 from attnkit.seam.kernels.blocks import BlockGeometry, pooled_key_means, pooled_keys, pooled_queries
+from attnkit.seam.kernels.paged_decode import is_padding_mask
 from attnkit.seam.kernels.workspace import Workspace, take_or_new
 
 if TYPE_CHECKING:
@@ -82,6 +84,23 @@ Score = Callable[[BlockInputs], Tensor]  # -> (B|1, Hkv|1, nQb, nKb), higher = k
 # A pattern with ``masked_steps`` takes the call's padding mask too, as ``allowed=`` ((B|1, 1, 1,
 # K' >= K) bool): the pages it hides whole come after every other page, as ``visible_blocks`` ranks them.
 StepPages = Callable[..., "Tensor | None"]
+
+
+def bound_step_pages(x: BlockInputs, upper: Tensor, lower: Tensor, kept: int, local: int, first: int,
+                     allowed: Tensor | None = None) -> Tensor | None:
+    """A decoding step's pages in one C++ call (``paged_cpu.step_pages``): each free page scored by
+    Σ_d max(q_d·upper_d, q_d·lower_d) (upper, lower: (B, Hkv, nKb, D) per page; Quest's bound with the
+    pages' max and min, MoBA's q·mean with the mean as both), summed over a KV group's query heads, in
+    double; the forced pages first, then the best, ties to the later page; a padding mask ``allowed``
+    (B|1, 1, 1, K' >= K) ranks the pages it hides whole last. None where the kernel does not run or
+    the mask is not one row per batch row."""
+    K = x.k.shape[2]
+    if allowed is not None and not (allowed.dtype == torch.bool and is_padding_mask(allowed, K)):
+        return None
+    if not paged_cpu.supports(x.q, upper, lower) or paged_cpu.load() is None:
+        return None
+    return paged_cpu.step_pages(x.q, upper, lower, kept, local, first,
+                                None if allowed is None else allowed[..., :K], x.geometry.block_size)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.sparse.patterns.base import BlockInputs, Pattern
+from attnkit.sparse.patterns.base import BlockInputs, Pattern, bound_step_pages
 
 
 def moba_score(x: BlockInputs) -> Tensor:
@@ -34,4 +34,13 @@ def moba_score(x: BlockInputs) -> Tensor:
     return torch.matmul(q, k_mean.transpose(-1, -2), out=scores)  # (B, Hkv, nQb, nKb)
 
 
-PATTERN = Pattern("moba", moba_score, sinks=False)
+def moba_step_pages(x: BlockInputs, kept: int, local: int, first: int, allowed: Tensor | None = None) -> Tensor | None:
+    """A decoding step's pages by the same score in one C++ call: Quest's bound with each page's mean
+    key as both its max and min is Σ_d q_d·mean_d (``bound_step_pages``, in double where
+    ``moba_score`` sums in float32: two pages whose scores differ by float32 rounding only may be kept
+    in the other order)."""
+    mean, _, _ = x.key_stats
+    return bound_step_pages(x, mean, mean, kept, local, first, allowed)
+
+
+PATTERN = Pattern("moba", moba_score, sinks=False, step_pages=moba_step_pages, masked_steps=True)

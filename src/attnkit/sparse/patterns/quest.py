@@ -24,9 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.seam.kernels import paged_cpu
-from attnkit.seam.kernels.paged_decode import is_padding_mask
-from attnkit.sparse.patterns.base import BlockInputs, Pattern
+from attnkit.sparse.patterns.base import BlockInputs, Pattern, bound_step_pages
 
 
 def quest_score(x: BlockInputs) -> Tensor:
@@ -37,19 +35,11 @@ def quest_score(x: BlockInputs) -> Tensor:
 
 
 def quest_step_pages(x: BlockInputs, kept: int, local: int, first: int, allowed: Tensor | None = None) -> Tensor | None:
-    """A decoding step's pages by the same bound, in one C++ call (``paged_cpu.step_pages``: the
-    scores in double, where ``quest_score`` sums in float32, so two pages whose bounds differ by
-    float32 rounding only may be kept in the other order), a padding mask ``allowed`` (B|1, 1, 1,
-    K' >= K) ranking the pages it hides whole last; None where the kernel does not run (or the mask
-    is not one row per batch row)."""
-    K = x.k.shape[2]
-    if allowed is not None and not (allowed.dtype == torch.bool and is_padding_mask(allowed, K)):
-        return None
+    """A decoding step's pages by the same bound, in one C++ call (``bound_step_pages``: the scores
+    in double, where ``quest_score`` sums in float32, so two pages whose bounds differ by float32
+    rounding only may be kept in the other order)."""
     _, k_max, k_min = x.key_stats
-    if not paged_cpu.supports(x.q, k_max, k_min) or paged_cpu.load() is None:
-        return None
-    return paged_cpu.step_pages(x.q, k_max, k_min, kept, local, first,
-                                None if allowed is None else allowed[..., :K], x.geometry.block_size)
+    return bound_step_pages(x, k_max, k_min, kept, local, first, allowed)
 
 
 PATTERN = Pattern("quest", quest_score, sinks=False, step_pages=quest_step_pages, masked_steps=True)
