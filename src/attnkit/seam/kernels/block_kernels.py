@@ -3,11 +3,13 @@
 Each is a registry entry with ``supports(call, explicit)`` and ``run(call)``; ``choose_block_kernel``
 takes the one asked for, or in ``auto`` the first that supports the call, in this order:
 
-- ``paged_cpu``: a decoding step on the CPU without a gradient or the gate's term, the model's
-  mask (if any) a padding mask: the kept pages' keys and values read in place from the cache by
-  one C++ call (``paged_cpu.py``), where that kernel builds.
-- ``paged_decode``: a decoding step (one query per head): only the kept pages' keys and values are
-  read from the cache (``paged_decode.py``); any device, with autograd.
+- ``paged_cpu``: a decoding step on the CPU without a gradient, the gate's term, a bias, soft-cap,
+  sinks, dropout or other modifiers, the model's mask (if any) a bool padding mask over every key:
+  the kept pages' keys and values read in place from the cache by one C++ call (``paged_cpu.py``),
+  where that kernel builds.
+- ``paged_decode``: a decoding step (one query per head; the model's mask, if any, one row per batch
+  row over every key; no bias, soft-cap, sinks, dropout or other modifiers): only the kept pages' keys
+  and values are read from the cache (``paged_decode.py``); any device, with autograd.
 - ``flex``: compiled FlexAttention with a ``BlockMask`` from the selection (in ``auto`` on CUDA
   only; asked for, also CPU inference: PyTorch has no CPU backward for it).
 - ``split_sdpa``: causal calls of several query blocks: each query block against its own key block

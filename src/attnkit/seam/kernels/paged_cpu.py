@@ -7,13 +7,16 @@ arithmetic, set the step's time. Here it is three calls (the first where the cac
 
     pool_pages(k, stats, marks, block_size, start)             # the pages' (mean, max, min) from page start on
 
-    pages = step_pages(q, k_max, k_min, budget, local, first)   # (B, Hkv, budget) int64, forced first
+        pages = step_pages(q, k_max, k_min, budget, local, first)   # (B, Hkv, budget) int64, forced first;
+                                                                # allowed=, block_size= a padding mask
     out = paged_attention(q, k, v, pages, block_size, scale)    # (B, H, 1, Dv); allowed= a padding mask
 
-``step_pages`` scores every page by Quest's bound (Σ_d max(q_d·kmax_d, q_d·kmin_d), summed over a
-KV group's query heads, in double) and keeps the forced pages, then the best up to the budget,
-ties to the later page: ``select_step_pages``' order. ``paged_attention`` reads only the kept
-pages' keys and values, in place in the cache (any strides), with an online softmax over them
+``step_pages`` scores every free page by Quest's bound (Σ_d max(q_d·kmax_d, q_d·kmin_d), summed over a
+KV group's query heads, in double; MoBA passes each page's mean as both max and min) and keeps the
+forced pages, then the best up to the budget, ties to the later page, a page a padding mask hides
+whole below every other (NaN bounds too): ``select_step_pages``' order. ``paged_attention`` reads
+only the kept pages' keys and values (of them, with a padding mask, the keys the row may see; a row
+that sees none is zero), in place in the cache (any strides), with an online softmax over them
 (on torch's intra-op threads, a (batch row, KV head) each, when the kept keys are many).
 float32, bfloat16, float16 (accumulated in float32) and float64 (in double); no autograd (a
 decoding step under ``no_grad``).

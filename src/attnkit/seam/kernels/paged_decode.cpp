@@ -5,7 +5,8 @@
 //   page p's score = up . kmax_p + down . kmin_p (the upper bound of q.k over the page, summed over
 //   the group); the forced pages first (the last `local`, latest first; then the first `first`,
 //   latest first), then the best-scored free pages up to `budget`, ties to the later page, NaN
-//   last. The same order as paged_decode.py's select_step_pages.
+//   last; with a padding mask `seen` (B, K), a page it hides whole below NaN too. The same order as
+//   paged_decode.py's select_step_pages. MoBA calls it with each page's mean as both max and min.
 // pool_pages: the (mean, max, min) of each page of keys from page `start` on, into a buffer kept
 //   across steps (the mean summed in double), and the last key of each full page (its mark); from
 //   page 0 instead when the key that ends page start - 1 is not its mark (another cache).
