@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 import types
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,7 +91,7 @@ def main() -> None:
 
     import torch
 
-    from bench_decode import build, decoder
+    from bench_decode import build, decoder, interleave
 
     from attnkit.seam import AttentionSession, Tap, attach
     from attnkit.sparse import SparseConfig, sparse_attention
@@ -105,51 +106,45 @@ def main() -> None:
     model = build(types.SimpleNamespace(model="reference-long"), L + 64)
     decode = decoder(model, args.cache, L, 1, STEPS)
 
-    def timed() -> float:
-        start = time.process_time()
-        decode(STEPS)
-        return (time.process_time() - start) / STEPS
-
-    def dense() -> float:
-        return timed()
-
-    def sparse() -> float:
-        with sparse_attention(model, cfg):
-            decode(1)  # the statistics of the pages prefilled outside the session
-            return timed()
-
-    def general() -> float:
+    @contextmanager
+    def general():
         with sparse_attention(model, cfg), attach(model, AttentionSession(taps=[Nothing()])):
-            decode(1)
-            return timed()
+            yield
 
-    def bare_step() -> float:
+    @contextmanager
+    def bare_function():
         bare.stats.clear()
         model.set_attn_implementation(bare.register())
         try:
-            decode(1)
-            return timed()
+            yield
         finally:
             model.set_attn_implementation("sdpa")
+
+    configurations = {"dense": nullcontext, "sparse": lambda: sparse_attention(model, cfg), "general": general}
+    if args.pattern == "quest":
+        configurations["bare"] = bare_function
+
+    def step(configuration):
+        """(wall, CPU) seconds a step of ``configuration``, after one untimed step (the statistics of
+        the pages prefilled outside a sparse session)."""
+        def run():
+            with configuration():
+                decode(1)
+                w, c = time.perf_counter(), time.process_time()
+                decode(STEPS)
+                return (time.perf_counter() - w) / STEPS, (time.process_time() - c) / STEPS
+        return run
 
     with torch.no_grad():
         with sparse_attention(model, cfg):
             expected = decode(8)
-        with sparse_attention(model, cfg), attach(model, AttentionSession(taps=[Nothing()])):
-            same = {"general": decode(8) == expected}
-        fns = {"dense": dense, "sparse": sparse, "general": general}
-        if args.pattern == "quest":
-            bare.stats.clear()
-            model.set_attn_implementation(bare.register())
-            same["bare"] = decode(8) == expected
-            model.set_attn_implementation("sdpa")
-            fns["bare"] = bare_step
-        for fn in fns.values():
-            fn()
-        rounds = {n: [] for n in fns}
-        for _ in range(args.rounds):
-            for n, fn in fns.items():
-                rounds[n].append(fn())
+        same = {}
+        for name in ("general", "bare"):
+            if name in configurations:
+                with configurations[name]():
+                    same[name] = decode(8) == expected
+        times = interleave({n: step(c) for n, c in configurations.items()}, args.rounds)
+    rounds = {n: t["cpu"] for n, t in times.items()}
     ms = {n: round(statistics.median(r) * 1e3, 3) for n, r in rounds.items()}
     speed = {n: round(statistics.median(d / x for d, x in zip(rounds["dense"], r)), 2) for n, r in rounds.items()}
     print(f"{L} cached tokens, {args.cache} cache, batch 1, {args.pattern}: ms a step {ms}; x dense tokens/s {speed}; "

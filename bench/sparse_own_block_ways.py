@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_block_kernel import interleave  # noqa: E402
 
 
 def main() -> None:
@@ -89,23 +93,12 @@ def main() -> None:
         with torch.no_grad():
             assert torch.allclose(whole["flex"](), whole["split_sdpa"](), atol=1e-5)
 
-    def rounds(fns: dict) -> dict:
-        for fn in fns.values():
-            fn()
-        out = {n: [] for n in fns}
-        for _ in range(args.rounds):
-            for n, fn in fns.items():
-                start = time.process_time()
-                fn()
-                out[n].append(time.process_time() - start)
-        return out
-
     with torch.no_grad():
         for title, fns, base in (("own blocks", {"strided": strided, "folded": folded, "matmul": matmul,
                                                    "copied": copied}, "strided"),
                                  (f"whole attention, moba@0.25 (kept {sel.kept_blocks() / sel.candidate_blocks():.3f})",
                                   whole, "sdpa")):
-            r = rounds(fns)
+            _, r = interleave(fns, args.rounds)  # CPU time
             print(f"{title}, {T} tokens, blocks of {bs}, {args.rounds} rounds (CPU time):")
             for n, ts in r.items():
                 ratio = statistics.median(a / b for a, b in zip(ts, r[base]))

@@ -18,8 +18,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_block_kernel import interleave  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "src/attnkit/seam/kernels/split_sdpa.py"
@@ -83,15 +85,7 @@ def main() -> None:
     print(f"largest difference, forward {(out_b - out_a).abs().max().item():.2e}, gradients "
           f"{max((x - y).abs().max().item() for x, y in zip(grads_b, grads_a)):.2e}")
     for mode, train in (("inference", False), ("training", True)):
-        fns = {n: step(n, train) for n in ("sdpa", "before", "after")}
-        for fn in fns.values():
-            fn()
-        times = {n: [] for n in fns}
-        for _ in range(args.rounds):
-            for n, fn in fns.items():
-                start = time.process_time()
-                fn()
-                times[n].append(time.process_time() - start)
+        _, times = interleave({n: step(n, train) for n in ("sdpa", "before", "after")}, args.rounds)  # CPU time
         ratio = {n: statistics.median(a / b for a, b in zip(ts, times["sdpa"])) for n, ts in times.items()}
         change = statistics.median(a / b for a, b in zip(times["after"], times["before"]))
         print(f"{mode}, {T} tokens, blocks of {args.block_size}, {args.rounds} rounds (CPU time): "
