@@ -99,6 +99,12 @@ def add_parser(sub) -> None:
     e.add_argument("--speed-rounds", type=int, default=3, metavar="N",
                    help="time and peak memory of a forward of each pattern and density against dense on this machine, "
                    "N interleaved rounds on one window per length (encoders: one batch of passages) (0: skip)")
+    e.add_argument("--layer-budget", action="store_true",
+                   help="also run each pattern and density with its density moved between layers: the layers' shares "
+                   "calibrated on text of --calibration-split, the same kept share in total (causal LMs)")
+    e.add_argument("--calibration-windows", type=int, default=4, metavar="N",
+                   help="--layer-budget: random windows of each length the shares are calibrated on")
+    e.add_argument("--calibration-split", default="train", help="--layer-budget: the split calibrated on")
     e.add_argument("--out", required=True, metavar="DIR", help="directory for eval.json and the figures")
     e.set_defaults(run=run_eval)
     for parser in (t, e):
@@ -234,6 +240,7 @@ def run_eval(args: argparse.Namespace) -> int:
         check_positive(value, option)
     check_positive(args.grad_windows, "--grad-windows", 0)
     check_positive(args.speed_rounds, "--speed-rounds", 0)
+    check_positive(args.calibration_windows, "--calibration-windows")
     densities = _floats(args.densities, "--densities")
     for d in densities:
         SparseConfig(density=d)  # (0, 1]: the config's own check
@@ -252,8 +259,12 @@ def run_eval(args: argparse.Namespace) -> int:
     out = _check_out_dir(args.out, reuse=True)
     plan = EvalPlan(patterns=patterns, densities=densities, seq_lens=seq_lens, block_size=args.block_size,
                     tokens=args.tokens, grad_windows=args.grad_windows, corpus=args.corpus, split=args.split,
-                    gates=gates, sentences=args.sentences, max_length=args.max_length, speed_rounds=args.speed_rounds)
+                    gates=gates, sentences=args.sentences, max_length=args.max_length, speed_rounds=args.speed_rounds,
+                    layer_budget=args.layer_budget, calibration_windows=args.calibration_windows,
+                    calibration_split=args.calibration_split)
     loaded = _load(args)
+    if args.layer_budget and loaded.kind != "causal-lm":
+        raise UserError(f"--layer-budget calibrates on next-token KL: {args.model} is not a causal language model")
     with step_progress("sparse eval") as update:
         doc = evaluate(loaded.model, loaded.tokenizer, loaded.kind, plan, update)
     doc["model"] = args.model
@@ -296,7 +307,7 @@ def _results_table(doc: dict):
         table.add_column(name, justify="left" if name == "pattern" else "right")
     base = {b["seq_len"]: b for b in doc["baselines"]}
     for r in results:
-        row = [str(r["seq_len"]), r["pattern"], f"{r['density']:g}", f"{r['kl']:.3e}",
+        row = [str(r["seq_len"]), r["series"], f"{r['density']:g}", f"{r['kl']:.3e}",
                f"{r['perplexity']:.3f} ({base[r['seq_len']]['perplexity']:.3f})", f"{r['top1_agreement']:.3f}",
                f"{r['prob_mse']:.2e}"]
         if grads:

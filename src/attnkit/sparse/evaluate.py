@@ -53,7 +53,8 @@ from attnkit.seam.plan import Mods
 from attnkit.seam.sites import Site
 from attnkit.sparse.attention import SparseHandle, is_causal_call, sparse_attention
 from attnkit.sparse.config import SparseConfig
-from attnkit.sparse.distill import PROJECTIONS_FILE, SUMMARY_FILE, attention_modules, load_trained
+from attnkit.sparse.distill import (PROJECTIONS_FILE, SUMMARY_FILE, attention_modules, calibrate_layer_shares,
+                                    load_trained)
 from attnkit.sparse.gates import SparseGates
 from attnkit.seam.taps import Tap
 
@@ -241,8 +242,8 @@ def evaluate_pattern(model: nn.Module, cfg: SparseConfig, gates: SparseGates | N
     acc = top1_accuracy(sparse, base.ids)
     ppl = perplexity(sparse, base.ids)
     result = {
-        "pattern": cfg.pattern, "density": cfg.density, "seq_len": base.seq_len, "block_size": cfg.block_size,
-        "measured_density": sum(densities) / len(densities),
+        "pattern": cfg.pattern, "series": cfg.pattern, "density": cfg.density, "seq_len": base.seq_len,
+        "block_size": cfg.block_size, "measured_density": sum(densities) / len(densities),
         "kl": float(next_token_kl(dense, sparse)),
         "perplexity": ppl, "perplexity_ratio": ppl / base.perplexity,
         "top1_accuracy": acc, "top1_accuracy_ratio": acc / base.top1_accuracy if base.top1_accuracy else float("nan"),
@@ -286,14 +287,22 @@ def attach_costs(model: nn.Module, inputs: dict[str, Tensor],
                      "dense_peak_bytes": dense["peak_bytes"], "memory_ratio": c["memory_ratio"]}
 
 
+def series_of(result: dict) -> str:
+    """The series a result row is a point of: its pattern (``moba``), or the pattern with its layer
+    budget (``moba + budget``); a row without ``series`` (written before budgets existed) is its
+    pattern's."""
+    return result.get("series", result["pattern"])
+
+
 def smallest_densities(results: Sequence[dict], targets: dict[str, Target] = TARGETS) -> dict:
-    """{seq_len: {pattern: {target: smallest density meeting it, or None}}}."""
+    """{seq_len: {series: {target: smallest density meeting it, or None}}}, a series being a pattern
+    (``moba``) or a pattern with its layer budget (``moba + budget``)."""
     out: dict = {}
     for r in results:
-        out.setdefault(str(r["seq_len"]), {}).setdefault(r["pattern"], {})
+        out.setdefault(str(r["seq_len"]), {}).setdefault(series_of(r), {})
     for length, by_pattern in out.items():
         for pattern in by_pattern:
-            rows = [r for r in results if str(r["seq_len"]) == length and r["pattern"] == pattern]
+            rows = [r for r in results if str(r["seq_len"]) == length and series_of(r) == pattern]
             for name, t in targets.items():
                 pts = [(r["density"], r[t.metric]) for r in rows if t.metric in r and not _nan(r[t.metric])]
                 by_pattern[pattern][name] = smallest_density(pts, t.holds) if pts else None
@@ -349,7 +358,10 @@ class EvalPlan:
     wrote (their learned gates join as pattern ``learned_gate``, run at every density, the
     directory trained at that density preferred). Encoders: ``sentences`` passages of at most
     ``max_length`` tokens, batched by 8 with padding. ``speed_rounds``: interleaved timing rounds of
-    every configuration against dense (0: no time and memory columns)."""
+    every configuration against dense (0: no time and memory columns). ``layer_budget``: beside each
+    pattern at each density, the same pattern with its density moved between layers
+    (``calibrate_layer_shares`` on ``calibration_windows`` random windows of the length from the
+    ``calibration_split``, never the evaluated one; causal LMs)."""
 
     patterns: list[str]
     densities: list[float]
@@ -363,6 +375,33 @@ class EvalPlan:
     sentences: int = 32
     max_length: int = 256
     speed_rounds: int = 3
+    layer_budget: bool = False
+    calibration_windows: int = 4
+    calibration_split: str = "train"
+
+
+def calibrate(model: nn.Module, cfg: SparseConfig, gates: SparseGates | None, ids: Tensor, plan: EvalPlan,
+              ) -> tuple[SparseConfig, dict]:
+    """``cfg`` with the layer shares ``calibrate_layer_shares`` chooses on ``ids`` (calibration
+    windows), and what it measured (a result's ``layer_budget`` entry)."""
+    from dataclasses import replace
+
+    cal = calibrate_layer_shares(model, cfg, gates, ids)
+    record = {"shares": list(cal.shares), "densities": {str(k): v for k, v in cal.densities.items()},
+              "budget": cal.budget, "windows": int(ids.shape[0]), "split": plan.calibration_split,
+              "kl_alone": {str(layer): {f"{d:g}": v for d, v in by.items()} for layer, by in cal.kl.items()}}
+    return replace(cfg, layer_shares=cal.shares), record
+
+
+def calibration_windows(tokenizer, seq_len: int, plan: EvalPlan, stream: Tensor) -> Tensor:
+    """(calibration_windows, seq_len) windows at random offsets of ``stream`` (the calibration
+    split's tokens), the same ones for every pattern and density (seed 0)."""
+    from attnkit.common.data import random_blocks
+
+    if stream.numel() <= seq_len:
+        raise UserError(f"the {plan.calibration_split} split of {plan.corpus} has {stream.numel()} tokens: too few "
+                        f"for a {seq_len}-token calibration window")
+    return random_blocks(stream, seq_len, plan.calibration_windows, torch.Generator().manual_seed(0))
 
 
 def _learned_for(model: nn.Module, plan: EvalPlan, density: float):
@@ -398,11 +437,19 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
         doc["embedding"] = run_embedding_eval(model, tokenizer, plan, update)
         return doc
 
-    stream = encode_documents(tokenizer, load_corpus(plan.corpus).split(plan.split))
+    corpus = load_corpus(plan.corpus)
+    stream = encode_documents(tokenizer, corpus.split(plan.split))
     patterns = list(plan.patterns)
     if "learned_gate" in patterns and not plan.gates:
         raise UserError("the learned_gate pattern needs trained gates: give --gates DIR (what attnkit sparse train wrote)")
-    total = len(plan.seq_lens) * (1 + len(patterns) * len(plan.densities))
+    calibration_stream = None
+    if plan.layer_budget:
+        if plan.calibration_split == plan.split:
+            raise UserError(f"the layer budget is calibrated on other text than the evaluation's: the calibration "
+                            f"split and the evaluated split are both '{plan.split}'")
+        calibration_stream = encode_documents(tokenizer, corpus.split(plan.calibration_split))
+    variants = 2 if plan.layer_budget else 1
+    total = len(plan.seq_lens) * (1 + len(patterns) * len(plan.densities) * variants)
     done, results, baselines = 0, [], []
     device = next(model.parameters()).device
     for seq_len in plan.seq_lens:
@@ -412,6 +459,8 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
         baselines.append(base.as_dict())
         done += 1
         runs = []  # (result, model, config, gates) of this length, for the cost columns
+        calibration = None if calibration_stream is None else \
+            calibration_windows(tokenizer, seq_len, plan, calibration_stream).to(device)
         for pattern in patterns:
             for density in plan.densities:
                 update(done, total, f"{pattern} at {density:g}, {seq_len} tokens")
@@ -420,12 +469,19 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
                 else:
                     student, cfg, gates, source = model, SparseConfig(pattern=pattern, density=density,
                                                                       block_size=plan.block_size), None, None
-                r = evaluate_pattern(student, cfg, gates, base, plan.grad_windows)
-                if source is not None:
-                    r["gates"] = source
-                results.append(r)
-                runs.append((r, student, cfg, gates))
-                done += 1
+                measured = [(evaluate_pattern(student, cfg, gates, base, plan.grad_windows), cfg)]
+                if calibration is not None:
+                    update(done + 1, total, f"{pattern} at {density:g}, {seq_len} tokens: calibrating the layer budget")
+                    budget_cfg, budget = calibrate(student, cfg, gates, calibration, plan)
+                    r = evaluate_pattern(student, budget_cfg, gates, base, plan.grad_windows)
+                    r.update(series=f"{pattern} + budget", layer_budget=budget)
+                    measured.append((r, budget_cfg))
+                for r, run_cfg in measured:
+                    if source is not None:
+                        r["gates"] = source
+                    results.append(r)
+                    runs.append((r, student, run_cfg, gates))
+                    done += 1
         if plan.speed_rounds and runs:
             update(done, total, f"time and memory against dense, {seq_len} tokens")
             attach_costs(model, {"input_ids": ids[:1]}, runs, plan.speed_rounds)

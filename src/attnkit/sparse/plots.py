@@ -6,6 +6,7 @@ import io
 from collections.abc import Sequence
 
 from attnkit.common.io import write_atomic
+from attnkit.sparse.evaluate import series_of
 
 # (result key, axis label, log scale, the fidelity target's line or None)
 PANELS = (
@@ -17,7 +18,8 @@ PANELS = (
 
 
 def density_curves_png(results: Sequence[dict], seq_len: int, title: str = "") -> bytes:
-    """One panel per metric of ``PANELS``; in each, a line per pattern over the densities measured."""
+    """One panel per metric of ``PANELS``; in each, a line per series (a pattern, or a pattern with its
+    layer budget: ``series`` of each result) over the densities measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,15 +28,19 @@ def density_curves_png(results: Sequence[dict], seq_len: int, title: str = "") -
     rows = [r for r in results if r["seq_len"] == seq_len]
     panels = [p for p in PANELS if any(p[0] in r for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    # a line per series: a pattern in its own colour, solid; the same pattern with a layer budget dashed
     patterns = sorted({r["pattern"] for r in rows}, key=lambda p: (p == "learned_gate", p))
+    colour = {p: f"C{i % 10}" for i, p in enumerate(patterns)}
+    series = sorted({(r["pattern"], series_of(r)) for r in rows}, key=lambda ps: (patterns.index(ps[0]), ps[1]))
     for ax, (key, label, log, target) in zip(axes[0], panels):
-        for pattern in patterns:
-            pts = sorted((r["density"], r[key]) for r in rows if r["pattern"] == pattern and key in r)
+        for pattern, name in series:
+            pts = sorted((r["density"], r[key]) for r in rows if series_of(r) == name and key in r)
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            ax.plot(xs, [max(y, 1e-12) for y in ys] if log else ys, marker="o",
-                    linewidth=2.4 if pattern == "learned_gate" else 1.4, label=pattern)
+            ax.plot(xs, [max(y, 1e-12) for y in ys] if log else ys, marker="o", color=colour[pattern],
+                    linestyle="-" if name == pattern else "--",
+                    linewidth=2.4 if pattern == "learned_gate" else 1.4, label=name)
         if target is not None:
             ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
         ax.set_xscale("log", base=2)
