@@ -297,6 +297,8 @@ class SparseSelector:
         otherwise: ``run`` sees the call."""
         if query.shape[2] != 1 or not self._straight_steps:
             return None
+        if self.cfg.causal is None and not is_causal_step(module, masked=mask is not None):
+            return None
         if mask is not None:
             if mask.dtype != torch.bool:  # an additive mask (an eager model's): the same split as ``build_call``'s
                 mask, bias = self._from_mask("split", mask, (), lambda: split_mask(mask))
@@ -307,8 +309,6 @@ class SparseSelector:
             key, value, mask = self._written_keys(key, value, mask)
             if mask is not None and not is_padding_mask(mask, key.shape[2]):
                 return None
-        elif self.cfg.causal is None and not getattr(module, "is_causal", True):  # ``is_causal_call``'s rule
-            return None
         K = key.shape[2]
         if K < 2 or query.shape[1] % key.shape[1] or not paged_cpu.supports(query, key, value) or paged_cpu.load() is None:
             return None
@@ -500,19 +500,23 @@ def is_causal_call(call: AttentionCall) -> bool:
     """Whether the call's mask hides every future key (then blocks after the query's are never candidates)."""
     if call.is_causal:
         return True
-    if call.allowed is None:
-        # one query and no mask: a decoding step of a causal model (the query is the last key),
-        # unless the module says it is not causal (an encoder, cross-attention)
-        return call.query_length == 1 and bool(getattr(call.module, "is_causal", True))
-    if call.query_length > call.key_length:
+    if call.query_length == 1:
+        return is_causal_step(call.module, masked=call.allowed is not None)
+    if call.allowed is None or call.query_length > call.key_length:
         return False
-    if call.query_length == 1:  # one query at the end of its keys: no key is in its future, whatever the mask
-        return True
     allowed = call.allowed[..., : call.key_length]
     if allowed.shape[-2] == 1 and call.query_length > 1:
         return False
     future = ~causal_allowed(call.query_length, call.key_length, allowed.device)
     return not bool((allowed & future).any())
+
+
+def is_causal_step(module: nn.Module, masked: bool) -> bool:
+    """Whether a call of one query at the end of its keys is causal: with a mask, always (no key is
+    in its future, whatever the mask); without one, it is a decoding step of a causal model unless
+    the module says it is not causal (an encoder, cross-attention). ``is_causal_call``'s rule for
+    one query, and ``SparseSelector.paged_step``'s before any call is built."""
+    return masked or bool(getattr(module, "is_causal", True))
 
 
 def _supports(call: AttentionCall, mods: Mods, explicit: bool) -> bool:
