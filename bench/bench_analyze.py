@@ -60,7 +60,7 @@ CONFIGS = ("sdpa", "eager", "transformerlens", "attnkit-all", "attnkit-sampled")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
-from results import markers, write_block  # noqa: E402
+from results import OwnTime, interleave, markers, write_block  # noqa: E402
 
 MARK_START, MARK_END = markers("bench_analyze")
 
@@ -149,30 +149,29 @@ def _other_load() -> list[str]:
 
 def interleaved_rounds(fns: dict, configs, ids, rounds: int, label: str, load: list[float]):
     """One warm-up round (compiles, caches, first-touch of buffers), then ``rounds`` rounds that run
-    every configuration once in a fixed order under ``torch.no_grad()``: (wall times, process CPU
-    times, warm-up times), each {config: ...}. The 1-minute load is appended to ``load`` each round."""
+    every configuration once in a fixed order under ``torch.no_grad()``, a ``gc.collect`` before each
+    and its result freed outside its time: (wall times, process CPU times, warm-up times), each
+    {config: ...}. The 1-minute load is appended to ``load`` after each round."""
     import torch
 
-    times = {c: [] for c in configs}
-    cpu = {c: [] for c in configs}  # process CPU time (all threads): less sensitive to other load
-    warm = {}
+    def call(c: str):
+        def run() -> OwnTime:
+            wall, cpu = time.perf_counter(), time.process_time()
+            res = fns[c](ids)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            del res
+            return OwnTime(wall, cpu)
+        return run
+
+    def progress(i: int, times: dict) -> None:
+        load.append(os.getloadavg()[0])
+        line = "  ".join(f"{c} {times[c]['wall'][-1]:.2f}" for c in configs)
+        print(f"{label} round {i + 1}/{rounds}: {line}  (load {load[-1]:.2f})", flush=True)
+
     with torch.no_grad():
-        for c in configs:
-            t0 = time.perf_counter()
-            fns[c](ids)
-            warm[c] = time.perf_counter() - t0
-        for rnd in range(rounds):
-            load.append(os.getloadavg()[0])
-            for c in configs:
-                gc.collect()
-                t0, c0 = time.perf_counter(), time.process_time()
-                res = fns[c](ids)
-                times[c].append(time.perf_counter() - t0)
-                cpu[c].append(time.process_time() - c0)
-                del res
-            line = "  ".join(f"{c} {times[c][-1]:.2f}" for c in configs)
-            print(f"{label} round {rnd + 1}/{rounds}: {line}  (load {os.getloadavg()[0]:.2f})", flush=True)
-    return times, cpu, warm
+        measured = interleave({c: call(c) for c in configs}, rounds, before=gc.collect, after_round=progress)
+    return ({c: measured[c]["wall"] for c in configs}, {c: measured[c]["cpu"] for c in configs},
+            {c: measured[c]["warmup"][0] for c in configs})
 
 
 def time_interleaved(lengths: list[int], configs: list[str], args: argparse.Namespace) -> dict:

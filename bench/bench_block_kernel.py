@@ -31,42 +31,25 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
 from bench_sparse import build, steps  # noqa: E402
 from no_attention import NO_ATTENTION, register  # noqa: E402
-from results import command_line, markers, publish  # noqa: E402
+from results import command_line, interleave, markers, median_ratio, publish  # noqa: E402
 from sparse_options import add_sparse_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_HEADING = "## Block-sparse kernel against dense SDPA (`bench/bench_block_kernel.py`)"
 
 
-def interleave(fns: dict, rounds: int) -> tuple[dict, dict]:
-    """({name: [wall seconds per round]}, {name: [CPU seconds of this process per round]}) of each
-    closure run once a round, after one warm-up round. On a shared machine the process's CPU time
-    is what the step costs; the wall clock adds the time other jobs held the cores."""
-    for fn in fns.values():
-        fn()
-    times, cpu = {n: [] for n in fns}, {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, fn in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            times[n].append(time.perf_counter() - t)
-            cpu[n].append(time.process_time() - c)
-    return times, cpu
-
-
-def summarise(measured: tuple[dict, dict], base: str) -> dict:
-    times, cpu = measured
-    return {n: {"median_s": statistics.median(ts), "ratio": statistics.median(a / b for a, b in zip(ts, times[base])),
-                "rounds": ts, "cpu_median_s": statistics.median(cpu[n]),
-                "cpu_ratio": statistics.median(a / b for a, b in zip(cpu[n], cpu[base])), "cpu_rounds": cpu[n]}
-            for n, ts in times.items()}
+def summarise(measured: dict, base: str) -> dict:
+    """Medians and median per-round ratios against ``base`` of ``interleave``'s times, wall and CPU."""
+    return {n: {"median_s": statistics.median(t["wall"]), "ratio": median_ratio(t["wall"], measured[base]["wall"]),
+                "rounds": t["wall"], "cpu_median_s": statistics.median(t["cpu"]),
+                "cpu_ratio": median_ratio(t["cpu"], measured[base]["cpu"]), "cpu_rounds": t["cpu"]}
+            for n, t in measured.items()}
 
 
 def attention_step(fn, q, k, v, w, train: bool):

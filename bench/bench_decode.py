@@ -53,29 +53,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from no_attention import NO_ATTENTION, register  # noqa: E402
-from results import command_line, markers, publish  # noqa: E402
+from results import OwnTime, command_line, interleave, markers, median_ratio, publish  # noqa: E402
 from sparse_options import add_sparse_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_HEADING = "## Decoding with a KV cache: sparse against dense SDPA (`bench/bench_decode.py`)"
-
-
-def interleave(fns: dict, rounds: int) -> dict:
-    """{name: {"wall": [s], "cpu": [s]}} of each closure once a round, after one warm-up round.
-    A closure may return its own (wall, cpu) seconds (the part of it that is timed)."""
-    for fn in fns.values():
-        fn()
-    times = {n: {"wall": [], "cpu": []} for n in fns}
-    for _ in range(rounds):
-        for n, fn in fns.items():
-            w, c = time.perf_counter(), time.process_time()
-            own = fn()
-            w, c = time.perf_counter() - w, time.process_time() - c
-            if isinstance(own, tuple):
-                w, c = own
-            times[n]["wall"].append(w)
-            times[n]["cpu"].append(c)
-    return times
 
 
 def summarise(times: dict, base: str) -> dict:
@@ -83,7 +65,7 @@ def summarise(times: dict, base: str) -> dict:
     out = {}
     for n, t in times.items():
         out[n] = {k: {"median_s": statistics.median(t[k]), "rounds": t[k],
-                      "speedup": statistics.median(b / a for a, b in zip(t[k], times[base][k]))} for k in ("wall", "cpu")}
+                      "speedup": median_ratio(times[base][k], t[k])} for k in ("wall", "cpu")}
     return out
 
 
@@ -160,10 +142,10 @@ def model_part(model, length: int, args, kind: str, batch: int) -> dict:
     cfg = SparseConfig(pattern=args.pattern, density=args.density, block_size=args.block_size)
     kernels: dict = {}
 
-    def timed(steps: int) -> tuple[float, float]:
+    def timed(steps: int) -> OwnTime:
         w, c = time.perf_counter(), time.process_time()
         decode(steps)
-        return time.perf_counter() - w, time.process_time() - c
+        return OwnTime(time.perf_counter() - w, time.process_time() - c)
 
     def dense():
         with torch.no_grad():

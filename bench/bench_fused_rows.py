@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import sys
 import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from attnkit.seam import observe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import interleave, median_ratio  # noqa: E402
 
 
 def main() -> None:
@@ -44,18 +48,10 @@ def main() -> None:
     def sdpa():
         F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def timed(fn):
-        c0, w0 = time.process_time(), time.perf_counter()
-        fn()
-        return time.perf_counter() - w0, time.process_time() - c0
-
-    for _ in range(2):  # warm-up
-        timed(sdpa), timed(stats)
-    pairs = [(timed(sdpa), timed(stats)) for _ in range(args.rounds)]
-    med = statistics.median
-    for i, what in ((1, "cpu"), (0, "wall")):
-        s, a = med(x[0][i] for x in pairs), med(x[1][i] for x in pairs)
-        ratio = med(x[1][i] / x[0][i] for x in pairs)
+    times = interleave({"sdpa": sdpa, "statistics": stats}, args.rounds, warmup=2)
+    for what in ("cpu", "wall"):
+        s, a = (statistics.median(times[n][what]) for n in ("sdpa", "statistics"))
+        ratio = median_ratio(times["statistics"][what], times["sdpa"][what])
         print(f"{what}: sdpa {s:.3f} s, statistics {a:.3f} s, ratio {ratio:.2f} (median of per-round ratios)")
     print(f"{N} tokens, {H} heads of {D}, {args.threads} threads, load {os.getloadavg()[0]:.1f}")
 

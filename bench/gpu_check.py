@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 sys.path.insert(0, str(ROOT / "tests"))
-from results import markers, write_block  # noqa: E402
+from results import interleave, markers, median_ratio, write_block  # noqa: E402
 
 BLOCK = "gpu_check"
 HEADING = "## GPU: checks and benchmarks (`bench/gpu_check.py`)"
@@ -122,8 +122,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleave(fns: dict[str, Callable[[], object]], rounds: int, device, baseline: str) -> dict:
-    """Each closure once a round after a warm-up round: {name: {median_ms, ratio, warmup_ms, peak_mib, error}}."""
+def measure(fns: dict[str, Callable[[], object]], rounds: int, device, baseline: str) -> dict:
+    """Each closure once a round after a warm-up round (``results.interleave``, the device synchronised
+    around each call): {name: {median_ms, ratio, warmup_ms, peak_mib, error}}; a closure whose warm-up
+    fails (out of memory, a backend that is not there) is recorded with its error and left out of the rounds."""
     import torch
 
     out: dict[str, dict] = {}
@@ -146,18 +148,16 @@ def interleave(fns: dict[str, Callable[[], object]], rounds: int, device, baseli
             out[name] = {"error": _one_line(exc)}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    times: dict[str, list[float]] = {n: [] for n in live}
-    for _ in range(rounds):
-        for name, fn in live.items():
-            _sync(device)
-            t = time.perf_counter()
+    def discard(fn):  # what a closure returns is not timing information
+        def run():
             fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
-    for name, ts in times.items():
-        out[name]["median_ms"] = 1e3 * statistics.median(ts)
+        return run
+
+    times = interleave({n: discard(fn) for n, fn in live.items()}, rounds, warmup=0, sync=lambda: _sync(device))
+    for name, t in times.items():
+        out[name]["median_ms"] = 1e3 * statistics.median(t["wall"])
         if baseline in times:
-            out[name]["ratio"] = statistics.median(a / b for a, b in zip(ts, times[baseline]))
+            out[name]["ratio"] = median_ratio(t["wall"], times[baseline]["wall"])
         if baseline in out and "peak_mib" in out[name] and out[baseline].get("peak_mib"):
             out[name]["peak_ratio"] = out[name]["peak_mib"] / out[baseline]["peak_mib"]
     return out
@@ -210,7 +210,7 @@ def bench_stats_at(length: int, shape: dict, args) -> dict:
     def stats():
         return attnkit.analyze(model, {"input_ids": ids, "use_cache": False})
 
-    result = interleave({"sdpa": sdpa, "flash": flash, "attnkit-stats": stats}, shape["rounds"], device, "sdpa")
+    result = measure({"sdpa": sdpa, "flash": flash, "attnkit-stats": stats}, shape["rounds"], device, "sdpa")
     from attnkit.metrics import fused
 
     return {"length": length, "model": {k: v for k, v in shape.items() if k not in ("lengths", "rounds")},
@@ -260,7 +260,7 @@ def bench_sparse_at(length: int, shape: dict, args) -> dict:
            "kept": {f"flex@{d:g}": s.kept_blocks() / s.candidate_blocks() for d, s in selections.items()}}
     modes = (("forward", False), ("train", True)) if device.type == "cuda" else (("forward", False),)
     for mode, train in modes:
-        out[mode] = interleave({n: step(attention(n), train) for n in names}, shape["rounds"], device, "sdpa")
+        out[mode] = measure({n: step(attention(n), train) for n in names}, shape["rounds"], device, "sdpa")
     return out
 
 

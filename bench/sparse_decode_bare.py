@@ -91,7 +91,8 @@ def main() -> None:
 
     import torch
 
-    from bench_decode import build, decoder, interleave
+    from bench_decode import build, decoder
+    from results import OwnTime, interleave
 
     from attnkit.seam import AttentionSession, Tap, attach
     from attnkit.sparse import SparseConfig, sparse_attention
@@ -132,7 +133,7 @@ def main() -> None:
                 decode(1)
                 w, c = time.perf_counter(), time.process_time()
                 decode(STEPS)
-                return (time.perf_counter() - w) / STEPS, (time.process_time() - c) / STEPS
+                return OwnTime((time.perf_counter() - w) / STEPS, (time.process_time() - c) / STEPS)
         return run
 
     with torch.no_grad():

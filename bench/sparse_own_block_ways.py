@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_block_kernel import interleave  # noqa: E402
+from results import interleave  # noqa: E402
 
 
 def main() -> None:
@@ -98,7 +98,7 @@ def main() -> None:
                                                    "copied": copied}, "strided"),
                                  (f"whole attention, moba@0.25 (kept {sel.kept_blocks() / sel.candidate_blocks():.3f})",
                                   whole, "sdpa")):
-            _, r = interleave(fns, args.rounds)  # CPU time
+            r = {n: t["cpu"] for n, t in interleave(fns, args.rounds).items()}
             print(f"{title}, {T} tokens, blocks of {bs}, {args.rounds} rounds (CPU time):")
             for n, ts in r.items():
                 ratio = statistics.median(a / b for a, b in zip(ts, r[base]))

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_block_kernel import interleave  # noqa: E402
+from results import interleave  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "src/attnkit/seam/kernels/split_sdpa.py"
@@ -85,7 +85,8 @@ def main() -> None:
     print(f"largest difference, forward {(out_b - out_a).abs().max().item():.2e}, gradients "
           f"{max((x - y).abs().max().item() for x, y in zip(grads_b, grads_a)):.2e}")
     for mode, train in (("inference", False), ("training", True)):
-        _, times = interleave({n: step(n, train) for n in ("sdpa", "before", "after")}, args.rounds)  # CPU time
+        times = {n: t["cpu"] for n, t in interleave({n: step(n, train) for n in ("sdpa", "before", "after")},
+                                                      args.rounds).items()}
         ratio = {n: statistics.median(a / b for a, b in zip(ts, times["sdpa"])) for n, ts in times.items()}
         change = statistics.median(a / b for a, b in zip(times["after"], times["before"]))
         print(f"{mode}, {T} tokens, blocks of {args.block_size}, {args.rounds} rounds (CPU time): "
