@@ -88,9 +88,28 @@ inline double exp_sum(double* x, int64_t n, double m) {
   return s;
 }
 
-template <typename A>
-inline void axpy(A* y, A alpha, const A* x, int64_t n) {  // y += alpha x
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+// y += sum over j < n of w[j] x_j (the rows x_j of length m): each chunk of y held in a register
+// over all n rows (read and written once a page, not once a key)
+inline void add_weighted_rows(float* y, const float* w, const float* const* x, int64_t n, int64_t m) {
+  int64_t d = 0;
+  for (; d + VL <= m; d += VL) {
+    Vec a = Vec::loadu(y + d);
+    for (int64_t j = 0; j < n; ++j) a = at::vec::fmadd(Vec(w[j]), Vec::loadu(x[j] + d), a);
+    a.store(y + d);
+  }
+  for (; d < m; ++d) {
+    float a = y[d];
+    for (int64_t j = 0; j < n; ++j) a += w[j] * x[j][d];
+    y[d] = a;
+  }
+}
+
+inline void add_weighted_rows(double* y, const double* w, const double* const* x, int64_t n, int64_t m) {
+  for (int64_t d = 0; d < m; ++d) {
+    double a = y[d];
+    for (int64_t j = 0; j < n; ++j) a += w[j] * x[j][d];
+    y[d] = a;
+  }
 }
 
 // A row of n values of t (element stride `stride`) as accumulation-type values: the row itself
@@ -215,8 +234,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     std::atomic<bool> bad{false};
     std::atomic<int64_t> bad_page{0};
     attnkit_vec::on_threads(threads, [&]() {
-      std::vector<A> qs(G * D), acc(G * Dv), m(G), l(G), s(G * bs), kbuf(D), vbuf(Dv);
+      std::vector<A> qs(G * D), acc(G * Dv), m(G), l(G), s(G * bs), kbuf(D), vbuf(bs * Dv);
       std::vector<int64_t> shown(bs);  // a page's keys the row may see
+      std::vector<const A*> vrows(bs);  // their value rows (in the cache, or converted into vbuf)
       for (int64_t item = next++; item < items; item = next++) {
         const int64_t b = item / Hk, hk = item % Hk;
         for (int64_t g = 0; g < G; ++g) {  // the group's queries, scaled
@@ -258,10 +278,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
             }
             l[g] += exp_sum(sg, n, m[g]);
           }
-          for (int64_t jj = 0; jj < n; ++jj) {
-            const A* vr = row(vh + shown[jj] * vs2, vs3, Dv, vbuf.data());
-            for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * Dv, s[g * bs + jj], vr, Dv);
-          }
+          for (int64_t jj = 0; jj < n; ++jj) vrows[jj] = row(vh + shown[jj] * vs2, vs3, Dv, vbuf.data() + jj * Dv);
+          for (int64_t g = 0; g < G; ++g) add_weighted_rows(acc.data() + g * Dv, s.data() + g * bs, vrows.data(), n, Dv);
         }
         for (int64_t g = 0; g < G; ++g) {  // a row that sees no key is zero, not NaN (a NaN key still gives NaN)
           scalar_t* oh = op + (b * H + hk * G + g) * Dv;
