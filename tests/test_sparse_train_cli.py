@@ -86,6 +86,8 @@ def test_resume_after_a_kill_ends_with_the_same_gates(tmp_path, corpus, capsys):
     (["train", "reference", "--steps", "2", "--grad-clip", "-1", "--out", "{d}/o"], "--grad-clip"),
     (["train", "reference", "--steps", "2", "--map-loss", "-1", "--out", "{d}/o"], "map-loss weight"),
     (["train", "reference", "--steps", "2", "--gate-bias", "0", "--out", "{d}/o"], "give --map-loss"),
+    (["train", "reference", "--steps", "2", "--pattern", "moba", "--train-projections", "--map-loss", "1",
+      "--seq-len", "64", "--out", "{d}/o"], "--map-loss needs a learned pattern"),
     (["train", "no-such-model", "--steps", "2", "--out", "{d}/o"], "cannot find model"),
     (["eval", "reference", "--densities", "a,b", "--out", "{d}/o"], "cannot read --densities"),
     (["eval", "reference", "--densities", "0", "--out", "{d}/o"], "density must be in (0, 1]"),

@@ -73,6 +73,11 @@ def add_parser(sub) -> None:
     t.add_argument("--gate-init", choices=["uniform", "moba"], default="uniform",
                    help="uniform: the gate starts keeping what sinks_window keeps; moba: it starts scoring blocks as "
                    "moba does (needs --gate-dim = the head dimension)")
+    t.add_argument("--layer-budget", action="store_true",
+                   help="after training, move the density between layers (the same kept share in total), calibrated "
+                   "on windows of the training text; the gates are written with these layer shares")
+    t.add_argument("--calibration-windows", type=int, default=4, metavar="N",
+                   help="--layer-budget: windows of --seq-len tokens the shares are calibrated on")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (a line every 50 steps on stderr)")
     t.set_defaults(run=run_train)
 
@@ -185,6 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
         check_positive(value, option)
     check_positive(args.checkpoint_every, "--checkpoint-every", 0)
     check_positive(args.warmup_steps, "--warmup-steps", 0)
+    check_positive(args.calibration_windows, "--calibration-windows")
     if args.grad_clip < 0:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
     out = _check_out_dir(args.out, resume=args.resume)
@@ -207,13 +213,22 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model} is not a causal language model: distillation matches next-token "
                         f"distributions (an encoder's attention is replaced with no fine-tuning: attnkit sparse eval)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = distill(loaded.model, loaded.tokenizer, cfg, settings, train_cfg, out)
+    result = distill(loaded.model, loaded.tokenizer, cfg, settings, train_cfg, out,
+                     calibration_windows=args.calibration_windows if args.layer_budget else 0)
     if result.env.is_main:
         last = result.history[-10:]
         kl = sum(h["kl"] for h in last) / max(1, len(last))
         start = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
+        budget = ""
+        if args.layer_budget:
+            import json
+
+            from attnkit.sparse.distill import SUMMARY_FILE
+
+            shares = json.loads((out / SUMMARY_FILE).read_text())["calibration"]["shares"]
+            budget = f", layer shares {', '.join(f'{x:g}' for x in shares)}"
         Console().print(f"distilled {cfg.pattern} at density {cfg.density:g} on {args.model}: {result.steps} steps"
-                        f"{start}, KL over the last {len(last)} steps {kl:.4g} nats; gates and summary in {out}",
+                        f"{start}, KL over the last {len(last)} steps {kl:.4g} nats{budget}; gates and summary in {out}",
                         highlight=False, markup=False, soft_wrap=True)
     if result.env.initialized_here:
         from attnkit.common.training.distributed import leave_group

