@@ -151,7 +151,7 @@ def interleaved_rounds(fns: dict, configs, ids, rounds: int, label: str, load: l
     """One warm-up round (compiles, caches, first-touch of buffers), then ``rounds`` rounds that run
     every configuration once in a fixed order under ``torch.no_grad()``, a ``gc.collect`` before each
     and its result freed outside its time: (wall times, process CPU times, warm-up times), each
-    {config: ...}. The 1-minute load is appended to ``load`` after each round."""
+    {config: ...}. The 1-minute load is appended to ``load`` before the rounds and after each."""
     import torch
 
     def call(c: str):
@@ -168,6 +168,7 @@ def interleaved_rounds(fns: dict, configs, ids, rounds: int, label: str, load: l
         line = "  ".join(f"{c} {times[c]['wall'][-1]:.2f}" for c in configs)
         print(f"{label} round {i + 1}/{rounds}: {line}  (load {load[-1]:.2f})", flush=True)
 
+    load.append(os.getloadavg()[0])  # with one after each round: the load at every round's start and end
     with torch.no_grad():
         measured = interleave({c: call(c) for c in configs}, rounds, before=gc.collect, after_round=progress)
     return ({c: measured[c]["wall"] for c in configs}, {c: measured[c]["cpu"] for c in configs},

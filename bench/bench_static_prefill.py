@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import build, interleave, new_cache, summarise  # noqa: E402
+from bench_decode import build, new_cache, summarise  # noqa: E402
+from results import interleave  # noqa: E402
 from sparse_options import add_sparse_options  # noqa: E402
 
 

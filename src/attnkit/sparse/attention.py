@@ -500,9 +500,11 @@ def is_causal_call(call: AttentionCall) -> bool:
     """Whether the call's mask hides every future key (then blocks after the query's are never candidates)."""
     if call.is_causal:
         return True
+    if call.allowed is not None and call.query_length > call.key_length:
+        return False
     if call.query_length == 1:
         return is_causal_step(call.module, masked=call.allowed is not None)
-    if call.allowed is None or call.query_length > call.key_length:
+    if call.allowed is None:
         return False
     allowed = call.allowed[..., : call.key_length]
     if allowed.shape[-2] == 1 and call.query_length > 1:
