@@ -149,3 +149,27 @@ def test_a_checkpoint_recompute_is_not_asked():
     finally:
         model.eval()
     assert session.asked == [Site(0), Site(1)]  # the forward's calls only
+
+
+@pytest.mark.parametrize("masked,module_causal,queries,keys,want", [
+    (False, True, 1, 8, True),    # a decoding step of a causal model
+    (False, False, 1, 8, False),  # an encoder's or cross-attention's one query
+    (True, False, 1, 8, True),    # with a mask, no key is in the last query's future
+    (True, True, 1, 0, False),    # a masked query over no keys: more queries than keys
+    (False, True, 4, 8, False),   # several queries and no mask: not known to be causal
+    (True, True, 4, 2, False),    # more queries than keys
+], ids=["step", "not-causal-module", "masked-step", "no-keys", "prompt-no-mask", "more-queries"])
+def test_one_rule_for_a_calls_causality(masked, module_causal, queries, keys, want):
+    from torch import nn
+
+    from attnkit.seam.call import AttentionCall
+    from attnkit.seam.sites import Site
+    from attnkit.sparse.attention import is_causal_call, is_causal_step
+
+    module = nn.Module()
+    module.is_causal = module_causal
+    q, k = torch.randn(1, 2, queries, 8), torch.randn(1, 2, keys, 8)
+    allowed = torch.ones(1, 1, queries, keys, dtype=torch.bool) if masked else None
+    assert is_causal_call(AttentionCall(module, Site(0), q, k, k, 1.0, allowed=allowed)) is want
+    if queries == 1 and keys:  # the rule paged_step asks before any call is built
+        assert is_causal_step(module, masked) is want
