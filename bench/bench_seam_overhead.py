@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import command_line, markers, write_block  # noqa: E402
+from results import OwnTime, command_line, interleave, markers, median_ratio, write_block  # noqa: E402
 
 MARK_START, MARK_END = markers("bench_seam_overhead")
 CONFIGS = ("plain", "inactive", "unobserved", "observed")
@@ -62,30 +62,24 @@ def main() -> None:
     sparse = AttentionSession(taps=[StatsCollector()], every=2)  # forwards alternate: observed, unobserved
     full = AttentionSession(taps=[StatsCollector()])
 
-    def plain():
-        t = time.perf_counter()
+    def timed_step() -> OwnTime:
+        wall, cpu = time.perf_counter(), time.process_time()
         step()
-        return time.perf_counter() - t
+        return OwnTime(time.perf_counter() - wall, time.process_time() - cpu)
 
     def with_session(session, skip_first: bool = False):
-        def run():
-            with attach(model, session):
+        def run() -> OwnTime:
+            with attach(model, session):  # attaching and leaving happen once per run, outside the timing
                 if skip_first:  # this session observes forwards 0, 2, 4, ...: spend the observed one untimed
                     step()
-                t = time.perf_counter()
-                step()
-                return time.perf_counter() - t
+                return timed_step()
         return run
 
-    runs = {"plain": plain, "inactive": with_session(inactive), "unobserved": with_session(sparse, skip_first=True),
-            "observed": with_session(full)}
-    times = {c: [] for c in CONFIGS}
-    for warm in range(args.rounds + 1):
-        for c in CONFIGS:
-            elapsed = runs[c]()  # the step alone: attaching and leaving happen once per run, outside the timing
-            if warm:
-                times[c].append(elapsed)
-    ratio = {c: statistics.median(a / b for a, b in zip(times[c], times["plain"])) for c in CONFIGS}
+    runs = {"plain": timed_step, "inactive": with_session(inactive),
+            "unobserved": with_session(sparse, skip_first=True), "observed": with_session(full)}
+    measured = interleave({c: runs[c] for c in CONFIGS}, args.rounds)  # after a warm-up round
+    times = {c: measured[c]["wall"] for c in CONFIGS}
+    ratio = {c: median_ratio(times[c], times["plain"]) for c in CONFIGS}
     med = {c: statistics.median(times[c]) for c in CONFIGS}
     every = 50
     mix = (ratio["observed"] + (every - 1) * ratio["unobserved"]) / every

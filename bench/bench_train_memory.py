@@ -28,13 +28,12 @@ import os
 import platform
 import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rss  # noqa: E402
-from results import command_line, markers, write_block  # noqa: E402
+from results import command_line, interleave, markers, median_ratio, write_block  # noqa: E402
 
 CONFIGS = ("sdpa", "eager-softcap", "attnkit-softcap", "attnkit-nockpt")
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,15 +133,9 @@ def time_interleaved(args) -> dict:
 
     torch.set_num_threads(args.threads)
     fns = steps(build(args), args)
-    for name in CONFIGS:  # warm-up round
-        fns[name]()
-    times = {name: [] for name in CONFIGS}
-    for _ in range(args.rounds):
-        for name in CONFIGS:
-            t = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t)
-    ratios = {name: statistics.median(a / b for a, b in zip(times[name], times["sdpa"])) for name in CONFIGS}
+    measured = interleave({name: fns[name] for name in CONFIGS}, args.rounds)  # after a warm-up round
+    times = {name: measured[name]["wall"] for name in CONFIGS}
+    ratios = {name: median_ratio(times[name], times["sdpa"]) for name in CONFIGS}
     return {"times": times, "median": {n: statistics.median(t) for n, t in times.items()}, "ratio": ratios}
 
 
