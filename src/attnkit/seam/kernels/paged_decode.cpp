@@ -230,6 +230,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2), ks3 = k.stride(3);
     const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), vs3 = v.stride(3);
     const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+    // rows of keys and values each in one piece (a cache's layout): the next page is prefetched
+    const bool rows_contiguous = ks3 == 1 && vs3 == 1;
+    const int64_t key_bytes = D * static_cast<int64_t>(sizeof(scalar_t)), value_bytes = Dv * static_cast<int64_t>(sizeof(scalar_t));
     std::atomic<int64_t> next{0};
     std::atomic<bool> bad{false};
     std::atomic<int64_t> bad_page{0};
@@ -257,6 +260,17 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
             bad_page = kept[i];
             bad = true;
             break;
+          }
+          if (rows_contiguous && i + 1 < S && kept[i + 1] >= 0 && kept[i + 1] * bs < K) {
+            // the next kept page lies elsewhere in the cache: ask for its keys and values now, so that
+            // they arrive while this page is computed (the hardware prefetcher follows a page, not the jump)
+            const int64_t p0 = kept[i + 1] * bs, p1 = std::min(p0 + bs, K);
+            for (int64_t j = p0; j < p1; ++j) {
+              const char* kr = reinterpret_cast<const char*>(kh + j * ks2);
+              const char* vr = reinterpret_cast<const char*>(vh + j * vs2);
+              for (int64_t b = 0; b < key_bytes; b += 64) __builtin_prefetch(kr + b);
+              for (int64_t b = 0; b < value_bytes; b += 64) __builtin_prefetch(vr + b);
+            }
           }
           int64_t n = 0;  // the page's keys the row may see: their positions, then their scores (G, n)
           for (int64_t j = j0; j < j1; ++j)
