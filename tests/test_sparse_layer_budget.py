@@ -163,6 +163,11 @@ def test_an_encoder_is_refused(tmp_path, capsys):
     assert "not a causal language model" in capsys.readouterr().err
 
 
+def _flat(kl: dict) -> dict:
+    """{(layer, density): KL} of a calibration's {layer: {density: KL}}."""
+    return {(layer, d): v for layer, by in kl.items() for d, v in by.items()}
+
+
 @pytest.mark.parametrize("extra", [["--map-loss", "0.5"], ["--pattern", "moba", "--train-projections"]],
                          ids=["gate", "projections"])
 def test_train_writes_the_gates_with_the_shares_calibration_chooses(tmp_path, corpus, reference, capsys, extra):
@@ -179,12 +184,25 @@ def test_train_writes_the_gates_with_the_shares_calibration_chooses(tmp_path, co
     student = copy.deepcopy(reference.model)  # trained projections, if any, are loaded into it
     trained = load_trained(student, out)
     assert list(trained.cfg.layer_shares) == shares == summary["sparse"]["layer_shares"]
-    # the same calibration, run by hand on the same windows of the training text with the trained student
+    # the same calibration, run by hand on the same windows of the training text with the trained
+    # student, against the base model's dense attention
     ids = training_tokens(reference.tokenizer, DistillSettings(seq_len=64, corpus=corpus))
+    windows = calibration_ids(ids, 64, 2, seed=0)
     uniform = SparseConfig.from_dict({**trained.cfg.to_dict(), "layer_shares": None})
-    want = calibrate_layer_shares(student, uniform, trained.gates, calibration_ids(ids, 64, 2, seed=0))
+    want = calibrate_layer_shares(student, uniform, trained.gates, windows, reference=reference.model)
     assert list(want.shares) == shares and summary["calibration"]["budget"] == pytest.approx(want.budget)
-    assert any(x != 1.0 for x in shares)
+    got_kl = {(int(layer), float(d)): v for layer, by in summary["calibration"]["kl"].items() for d, v in by.items()}
+    assert got_kl == pytest.approx(_flat(want.kl))
+    # what the calibration measured is the trained student's: untrained gates or the untrained
+    # projections give other KLs
+    if trained.gates is not None:
+        from attnkit.sparse.gates import make_gates
+
+        untrained = calibrate_layer_shares(student, uniform, make_gates(student, uniform), windows,
+                                           reference=reference.model)
+    else:
+        untrained = calibrate_layer_shares(reference.model, uniform, None, windows)
+    assert _flat(untrained.kl) != pytest.approx(_flat(want.kl))
     after = reference.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base model is left as found
 
@@ -194,3 +212,27 @@ def test_train_refuses_no_calibration_windows(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--calibration-windows must be at least 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_runs_gates_written_with_a_budget_both_ways_at_their_density(tmp_path, corpus, capsys):
+    gates = tmp_path / "gates"
+    assert main(["sparse", "train", "reference", "--density", "0.25", "--block-size", "4", "--seq-len", "64",
+                 "--batch-size", "2", "--steps", "2", "--map-loss", "0.5", "--lr", "0.01", "--corpus", corpus,
+                 "--no-progress", "--layer-budget", "--calibration-windows", "2", "--out", str(gates)]) == 0
+    shares = json.loads((gates / SUMMARY_FILE).read_text())["calibration"]["shares"]
+    out = tmp_path / "eval"
+    assert main(["sparse", "eval", "reference", "--patterns", "learned_gate", "--gates", str(gates), "--block-size",
+                 "4", "--seq-lens", "64", "--densities", "0.25,0.5", "--tokens", "64", "--grad-windows", "0",
+                 "--corpus", corpus, "--speed-rounds", "0", "--out", str(out)]) == 0
+    rows = json.loads((out / "eval.json").read_text())["results"]
+    # uniform at both densities; with the gates' own shares only at the density they were calibrated at
+    assert [(r["series"], r["density"]) for r in rows] == [
+        ("learned_gate", 0.25), ("learned_gate + budget", 0.25), ("learned_gate", 0.5)]
+    assert rows[1]["layer_budget"] == {"shares": shares, "source": "gates"}
+    assert "learned_gate + budget" in capsys.readouterr().out
+    # the uniform row keeps what any uniform config keeps (every pattern keeps the same number of blocks)
+    assert main(["sparse", "eval", "reference", "--patterns", "moba", "--block-size", "4", "--seq-lens", "64",
+                 "--densities", "0.25", "--tokens", "64", "--grad-windows", "0", "--corpus", corpus,
+                 "--speed-rounds", "0", "--out", str(tmp_path / "moba")]) == 0
+    moba = json.loads((tmp_path / "moba" / "eval.json").read_text())["results"][0]
+    assert rows[0]["measured_density"] == pytest.approx(moba["measured_density"])

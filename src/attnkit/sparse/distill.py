@@ -248,7 +248,7 @@ def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSet
             calibration = None
             if calibration_windows:
                 calib_ids = calibration_ids(ids, settings.seq_len, calibration_windows, train_cfg.seed)
-                cal = calibrate_layer_shares(student, cfg, gates, calib_ids)
+                cal = calibrate_layer_shares(student, cfg, gates, calib_ids, reference=model)
                 cfg = replace(cfg, layer_shares=cal.shares)
                 calibration = {**cal.as_dict(), "windows": calibration_windows, "seq_len": settings.seq_len,
                                "split": settings.split}
@@ -259,8 +259,13 @@ def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSet
 
 def calibration_ids(ids: Tensor, seq_len: int, windows: int, seed: int) -> Tensor:
     """(windows, seq_len) windows at random offsets of the training tokens ``ids`` that the layer
-    budget is calibrated on after training (drawn from ``seed``, apart from the training batches' draws)."""
-    return random_blocks(ids, seq_len, windows, torch.Generator().manual_seed(seed + 1_000_003))
+    budget is calibrated on after training: drawn from a generator of their own, seeded from ``seed``
+    through a hash (a step's batch generator is seeded seed · 1,000,003 + step: no arithmetic relation
+    to it)."""
+    import hashlib
+
+    stream = int.from_bytes(hashlib.sha256(f"layer budget calibration {seed}".encode()).digest()[:7], "little")
+    return random_blocks(ids, seq_len, windows, torch.Generator().manual_seed(stream))
 
 
 def _seeded_gates(model: nn.Module, cfg: SparseConfig, seed: int) -> SparseGates | None:
@@ -361,10 +366,12 @@ class LayerCalibration:
 
 @torch.no_grad()
 def calibrate_layer_shares(model: nn.Module, cfg: SparseConfig, gates: SparseGates | None, ids: Tensor,
-                           grid: tuple[float, ...] = CALIBRATION_DENSITIES) -> LayerCalibration:
+                           grid: tuple[float, ...] = CALIBRATION_DENSITIES,
+                           reference: nn.Module | None = None) -> LayerCalibration:
     """Per-layer densities for ``cfg`` that keep, on average over layers, the blocks the uniform
     config keeps, chosen to lose the least next-token KL on ``ids`` (N, T) (calibration text, not
-    the evaluation's).
+    the evaluation's) against the dense ``reference`` (default: ``model`` itself; the base model
+    when ``model`` is a student with trained projections).
 
     Each layer is run sparse alone (the others dense) at every density of ``grid``; its KL against
     the dense model is taken as that layer's cost, the costs as adding up. Greedy: every layer
@@ -377,7 +384,7 @@ def calibrate_layer_shares(model: nn.Module, cfg: SparseConfig, gates: SparseGat
     cfg = replace(cfg, layer_shares=None)
     layers = sorted({site.layer for site in attention_modules(model)})
     grid = tuple(sorted(set(grid) | {cfg.density}))
-    dense = [model(input_ids=w[None]).logits.float() for w in ids]
+    dense = [(reference if reference is not None else model)(input_ids=w[None]).logits.float() for w in ids]
     kl: dict[int, dict[float, float]] = {}
     kept: dict[int, dict[float, float]] = {}
     for layer in layers:

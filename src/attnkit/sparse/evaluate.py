@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -356,7 +356,9 @@ class EvalPlan:
     """patterns × densities × seq_lens, on ``tokens`` held-out tokens per length (windows of the
     length, from the start of the corpus split); ``gates``: directories ``attnkit sparse train``
     wrote (their learned gates join as pattern ``learned_gate``, run at every density, the
-    directory trained at that density preferred). Encoders: ``sentences`` passages of at most
+    directory trained at that density preferred; gates written with layer shares run uniform as
+    ``learned_gate`` and, at the density they were calibrated at, with their shares as
+    ``learned_gate + budget``). Encoders: ``sentences`` passages of at most
     ``max_length`` tokens, batched by 8 with padding. ``speed_rounds``: interleaved timing rounds of
     every configuration against dense (0: no time and memory columns). ``layer_budget``: beside each
     pattern at each density, the same pattern with its density moved between layers
@@ -381,12 +383,11 @@ class EvalPlan:
 
 
 def calibrate(model: nn.Module, cfg: SparseConfig, gates: SparseGates | None, ids: Tensor, plan: EvalPlan,
-              ) -> tuple[SparseConfig, dict]:
+              reference: nn.Module | None = None) -> tuple[SparseConfig, dict]:
     """``cfg`` with the layer shares ``calibrate_layer_shares`` chooses on ``ids`` (calibration
-    windows), and what it measured (a result's ``layer_budget`` entry)."""
-    from dataclasses import replace
-
-    cal = calibrate_layer_shares(model, cfg, gates, ids)
+    windows) against the dense ``reference`` (default ``model``), and what it measured (a result's
+    ``layer_budget`` entry)."""
+    cal = calibrate_layer_shares(model, cfg, gates, ids, reference=reference)
     record = {"shares": list(cal.shares), "densities": {str(k): v for k, v in cal.densities.items()},
               "budget": cal.budget, "windows": int(ids.shape[0]), "split": plan.calibration_split,
               "kl_alone": {str(layer): {f"{d:g}": v for d, v in by.items()} for layer, by in cal.kl.items()}}
@@ -405,11 +406,12 @@ def calibration_windows(tokenizer, seq_len: int, plan: EvalPlan, stream: Tensor)
 
 
 def _learned_for(model: nn.Module, plan: EvalPlan, density: float):
-    """(model to run, SparseConfig, gates, directory) of the trained gates to use at ``density``."""
+    """(model to run, uniform SparseConfig, gates, directory, layer shares) of the trained gates to use
+    at ``density``; the shares are those the gates were written with (``sparse train --layer-budget``),
+    at the density they were calibrated at only, else None."""
     import copy
     import json
     from pathlib import Path
-
 
     def trained_density(d: str) -> float:
         try:
@@ -423,7 +425,8 @@ def _learned_for(model: nn.Module, plan: EvalPlan, density: float):
     if trained.cfg.block_size != plan.block_size:
         raise UserError(f"the gates in {best} were trained with block size {trained.cfg.block_size}; "
                         f"evaluate with --block-size {trained.cfg.block_size}")
-    return student, trained.cfg, trained.gates, best
+    shares = trained.cfg.layer_shares if trained_density(best) == density else None
+    return student, replace(trained.cfg, layer_shares=None), trained.gates, best, shares
 
 
 def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=None) -> dict:
@@ -464,15 +467,22 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
         for pattern in patterns:
             for density in plan.densities:
                 update(done, total, f"{pattern} at {density:g}, {seq_len} tokens")
+                own_shares = None  # the shares trained gates were written with
                 if pattern == "learned_gate":
-                    student, cfg, gates, source = _learned_for(model, plan, density)
+                    student, cfg, gates, source, own_shares = _learned_for(model, plan, density)
                 else:
                     student, cfg, gates, source = model, SparseConfig(pattern=pattern, density=density,
                                                                       block_size=plan.block_size), None, None
                 measured = [(evaluate_pattern(student, cfg, gates, base, plan.grad_windows), cfg)]
+                budget_cfg = None
                 if calibration is not None:
                     update(done + 1, total, f"{pattern} at {density:g}, {seq_len} tokens: calibrating the layer budget")
-                    budget_cfg, budget = calibrate(student, cfg, gates, calibration, plan)
+                    budget_cfg, budget = calibrate(student, cfg, gates, calibration, plan, reference=model)
+                elif own_shares is not None:
+                    total += 1  # a row the plan did not count: the gates' own budget beside the uniform gate
+                    budget_cfg = replace(cfg, layer_shares=own_shares)
+                    budget = {"shares": list(own_shares), "source": "gates"}
+                if budget_cfg is not None:
                     r = evaluate_pattern(student, budget_cfg, gates, base, plan.grad_windows)
                     r.update(series=f"{pattern} + budget", layer_budget=budget)
                     measured.append((r, budget_cfg))

@@ -268,8 +268,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
             for (int64_t j = p0; j < p1; ++j) {
               const char* kr = reinterpret_cast<const char*>(kh + j * ks2);
               const char* vr = reinterpret_cast<const char*>(vh + j * vs2);
-              for (int64_t b = 0; b < key_bytes; b += 64) __builtin_prefetch(kr + b);
-              for (int64_t b = 0; b < value_bytes; b += 64) __builtin_prefetch(vr + b);
+              for (int64_t byte = 0; byte < key_bytes; byte += 64) __builtin_prefetch(kr + byte);
+              for (int64_t byte = 0; byte < value_bytes; byte += 64) __builtin_prefetch(vr + byte);
             }
           }
           int64_t n = 0;  // the page's keys the row may see: their positions, then their scores (G, n)
