@@ -142,3 +142,16 @@ def cannot_create_in(directory: str) -> bool:
     os.unlink(name)
     return False
 
+
+# A corpus folder with a train and a test split (the test split reads differently from the train
+# split), for the commands that take --corpus: attnkit sparse train and eval.
+GENESIS = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+           "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. ")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "train.txt").write_text(GENESIS * 40)
+    (d / "test.txt").write_text(GENESIS[::-1] * 10 + GENESIS * 10)
+    return str(d)

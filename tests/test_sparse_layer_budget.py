@@ -13,7 +13,6 @@ chooses on the same windows of the training text. Bad input is one line and exit
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -25,17 +24,8 @@ from attnkit.sparse import SparseConfig
 from attnkit.sparse.distill import (SUMMARY_FILE, DistillSettings, calibrate_layer_shares, calibration_ids,
                                     load_trained, training_tokens)
 from attnkit.sparse.evaluate import EvalPlan, calibration_windows, dense_baseline, eval_windows, evaluate_pattern, run_eval
+from conftest import GENESIS
 
-TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
-        "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. ")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "train.txt").write_text(TEXT * 40)
-    (d / "test.txt").write_text(TEXT[::-1] * 10 + TEXT * 10)
-    return str(d)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +136,7 @@ def test_bad_budget_input_is_one_line_and_exit_2(tmp_path, corpus, capsys, extra
     short = tmp_path / "short"  # a train split of a few tokens
     short.mkdir()
     (short / "train.txt").write_text("In the beginning.")
-    (short / "test.txt").write_text(TEXT * 10)
+    (short / "test.txt").write_text(GENESIS * 10)
     extra = [a.replace("{short}", str(short)) for a in extra]
     argv = ["sparse", "eval", "reference", "--patterns", "moba", "--block-size", "16", "--seq-lens", "64",
             "--densities", "0.5", "--tokens", "64", "--grad-windows", "0", "--speed-rounds", "0", "--corpus", corpus,

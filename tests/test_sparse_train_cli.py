@@ -13,16 +13,6 @@ from safetensors.torch import load_file
 
 from attnkit.cli.main import main
 
-TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
-        "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. ")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "train.txt").write_text(TEXT * 40)
-    (d / "test.txt").write_text(TEXT[::-1] * 10 + TEXT * 10)
-    return str(d)
 
 
 def _train(out, corpus, *extra) -> int:
