@@ -58,7 +58,7 @@ def test_each_pattern_and_density_gets_a_budget_row_beside_its_uniform_one(evalu
 def test_the_shares_are_what_calibration_chooses_on_the_train_split(evaluated, reference, corpus):
     plan, doc = evaluated
     stream = encode_documents(reference.tokenizer, load_corpus(corpus).split("train"))
-    ids = calibration_windows(reference.tokenizer, 64, plan, stream)
+    ids = calibration_windows(stream, 64, plan)
     assert ids.shape == (2, 64)
     moved = 0
     for r in doc["results"]:

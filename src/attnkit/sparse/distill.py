@@ -214,10 +214,11 @@ def distill(model: nn.Module, tokenizer, cfg: SparseConfig, settings: DistillSet
     ``calibration_windows`` > 0: after training, the trained student's density is moved between layers
     (``calibrate_layer_shares`` on that many windows of the training text, ``calibration_ids``) and
     the gates are written with those ``layer_shares``, the calibration in the summary."""
-    if not get_pattern(cfg.pattern).learned and not settings.train_projections:
+    learned = get_pattern(cfg.pattern).learned
+    if not learned and not settings.train_projections:
         raise UserError(f"the {cfg.pattern} pattern has nothing to train; use a learned pattern (learned_gate) "
                         f"or --train-projections")
-    if not get_pattern(cfg.pattern).learned and settings.map_weight:
+    if not learned and settings.map_weight:
         raise UserError(f"the map loss trains a gate's block scores and the {cfg.pattern} pattern has none: "
                         f"--map-loss needs a learned pattern (learned_gate)")
     check_length(model, settings.seq_len)

@@ -388,13 +388,11 @@ def calibrate(model: nn.Module, cfg: SparseConfig, gates: SparseGates | None, id
     windows) against the dense ``reference`` (default ``model``), and what it measured (a result's
     ``layer_budget`` entry)."""
     cal = calibrate_layer_shares(model, cfg, gates, ids, reference=reference)
-    record = {"shares": list(cal.shares), "densities": {str(k): v for k, v in cal.densities.items()},
-              "budget": cal.budget, "windows": int(ids.shape[0]), "split": plan.calibration_split,
-              "kl_alone": {str(layer): {f"{d:g}": v for d, v in by.items()} for layer, by in cal.kl.items()}}
+    record = {**cal.as_dict(), "windows": int(ids.shape[0]), "split": plan.calibration_split}
     return replace(cfg, layer_shares=cal.shares), record
 
 
-def calibration_windows(tokenizer, seq_len: int, plan: EvalPlan, stream: Tensor) -> Tensor:
+def calibration_windows(stream: Tensor, seq_len: int, plan: EvalPlan) -> Tensor:
     """(calibration_windows, seq_len) windows at random offsets of ``stream`` (the calibration
     split's tokens), the same ones for every pattern and density (seed 0)."""
     from attnkit.common.data import random_blocks
@@ -463,7 +461,7 @@ def run_eval(model: nn.Module, tokenizer, kind: str, plan: EvalPlan, progress=No
         done += 1
         runs = []  # (result, model, config, gates) of this length, for the cost columns
         calibration = None if calibration_stream is None else \
-            calibration_windows(tokenizer, seq_len, plan, calibration_stream).to(device)
+            calibration_windows(calibration_stream, seq_len, plan).to(device)
         for pattern in patterns:
             for density in plan.densities:
                 update(done, total, f"{pattern} at {density:g}, {seq_len} tokens")

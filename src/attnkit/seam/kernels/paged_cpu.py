@@ -7,7 +7,7 @@ arithmetic, set the step's time. Here it is three calls (the first where the cac
 
     pool_pages(k, stats, marks, block_size, start)             # the pages' (mean, max, min) from page start on
 
-        pages = step_pages(q, k_max, k_min, budget, local, first)   # (B, Hkv, budget) int64, forced first;
+    pages = step_pages(q, k_max, k_min, budget, local, first)   # (B, Hkv, budget) int64, forced first;
                                                                 # allowed=, block_size= a padding mask
     out = paged_attention(q, k, v, pages, block_size, scale)    # (B, H, 1, Dv); allowed= a padding mask
 
