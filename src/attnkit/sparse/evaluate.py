@@ -289,8 +289,7 @@ def attach_costs(model: nn.Module, inputs: dict[str, Tensor],
 
 def series_of(result: dict) -> str:
     """The series a result row is a point of: its pattern (``moba``), or the pattern with its layer
-    budget (``moba + budget``); a row without ``series`` (written before budgets existed) is its
-    pattern's."""
+    budget (``moba + budget``); a row without ``series`` is its pattern's."""
     return result.get("series", result["pattern"])
 
 
